@@ -1,0 +1,80 @@
+"""Runtime settings, read from the environment in one place.
+
+Precedence is: an explicit argument to :meth:`Settings.from_env`, then the process
+environment, then the default below. The handlers never know whether they run on AWS or
+in the local runtime: AWS endpoints come from the standard variables (``AWS_ENDPOINT_URL``
+and friends, read by boto3 itself), and the file-system root from ``EFS_ROOT``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+from shared.errors import BatonError
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """Parse a boolean setting strictly: only true/false, 1/0, yes/no are accepted."""
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no", ""):
+        return False
+    raise BatonError(f"invalid boolean for {name}: {raw!r}; use true or false")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Names and paths a handler needs.
+
+    Attributes
+    ----------
+    efs_root : str
+        Mount point of the shared file system (``/mnt/efs`` on Lambda, a folder locally).
+    jobs_queue_name, tasks_queue_name, aggregate_queue_name : str
+        SQS queue names. URLs are looked up lazily with ``GetQueueUrl``.
+    state_table_name : str
+        DynamoDB table holding job and round state.
+    allowed_data_roots : str
+        Comma-separated folders under ``efs_root`` that job data paths may point into.
+        Empty means anywhere under ``efs_root``.
+    keep_checkpoints : int
+        How many past rounds' folders are kept on EFS; older ones are pruned.
+    faults_enabled : bool
+        Whether the fault injector reads ``BATON_FAULTS``. Tests only.
+    """
+
+    efs_root: str = "/mnt/efs"
+    jobs_queue_name: str = "baton-dev-jobs"
+    tasks_queue_name: str = "baton-dev-tasks"
+    aggregate_queue_name: str = "baton-dev-aggregate"
+    state_table_name: str = "baton-dev-state"
+    allowed_data_roots: str = ""
+    keep_checkpoints: int = 3
+    faults_enabled: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from ``overrides``, then ``environ``, then the defaults."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            env_name = "BATON_FAULTS_ENABLED" if field.name == "faults_enabled" else field.name.upper()
+            if field.name in overrides:
+                values[field.name] = overrides[field.name]
+                continue
+            raw = environ.get(env_name)
+            if raw is None:
+                continue
+            if field.type == "bool":
+                values[field.name] = parse_bool(env_name, raw)
+            elif field.type == "int":
+                try:
+                    values[field.name] = int(raw)
+                except ValueError as error:
+                    raise BatonError(f"invalid integer for {env_name}: {raw!r}") from error
+            else:
+                values[field.name] = raw
+        return cls(**values)

@@ -1,0 +1,55 @@
+"""Exceptions raised by Baton.
+
+Every error derives from :class:`BatonError`. The split that matters to a handler is
+whether a retry can help: :class:`PermanentError` and its subclasses mean the input is
+wrong, so the job is marked failed and the message is dropped; anything else is treated as
+transient and the message goes back to its queue.
+"""
+
+
+class BatonError(Exception):
+    """Base class of every error Baton raises on purpose."""
+
+
+class PermanentError(BatonError):
+    """An error that a retry cannot fix: the job fails and the message is not retried."""
+
+
+class JobSpecError(PermanentError):
+    """A job spec is malformed: a field is missing, unknown, of the wrong type or out of range.
+
+    Parameters
+    ----------
+    field : str
+        Dotted path of the offending field, for example ``"optimizer.learning_rate"``.
+    problem : str
+        What is wrong with it and how to fix it.
+    """
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"invalid job spec field '{field}': {problem}")
+
+
+class DataError(PermanentError):
+    """A data set is missing, empty, malformed or does not fit the model."""
+
+
+class DivergenceError(PermanentError):
+    """Training produced a NaN or infinite loss or weight."""
+
+
+class JobConflictError(PermanentError):
+    """A job id is already taken by a job with a different spec."""
+
+
+class StaleMessageError(BatonError):
+    """A message refers to a round or job state that has already moved on.
+
+    Handlers drop such messages after logging them; they are not failures.
+    """
+
+
+class InjectedFault(BatonError):
+    """A fault raised on purpose by the fault injector in tests."""
