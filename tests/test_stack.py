@@ -1,0 +1,345 @@
+"""Static checks of serverless.yml: the contracts between the stack and the code.
+
+These tests read the file with PyYAML and resolve the few Serverless variables the file
+uses, so they need neither npm nor the network. scripts/check-stack.sh runs the real
+framework and cfn-lint on the generated template.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVERLESS_YML = REPO_ROOT / "serverless.yml"
+REQUIREMENTS_LAMBDA = REPO_ROOT / "requirements-lambda.txt"
+
+# AWS advises a queue visibility timeout of at least six times the timeout of the
+# function that the queue triggers.
+MIN_VISIBILITY_TO_TIMEOUT_RATIO = 6
+
+# The names each handler reads from its environment (see shared/config.py).
+REQUIRED_ENVIRONMENT = {
+    "EFS_ROOT",
+    "JOBS_QUEUE_NAME",
+    "TASKS_QUEUE_NAME",
+    "AGGREGATE_QUEUE_NAME",
+    "STATE_TABLE_NAME",
+    "POWERTOOLS_SERVICE_NAME",
+}
+
+VARIABLE_PATTERN = re.compile(r"\$\{([^${}]+)\}")
+
+
+class CloudFormationLoader(yaml.SafeLoader):
+    """SafeLoader that turns CloudFormation short tags into their long form.
+
+    ``!GetAtt A.B`` becomes ``{"Fn::GetAtt": ["A", "B"]}``, ``!Ref X`` becomes
+    ``{"Ref": "X"}`` and any other ``!Name value`` becomes ``{"Fn::Name": value}``.
+    """
+
+
+def _construct_cloudformation_tag(loader: yaml.SafeLoader, tag_suffix: str, node: yaml.Node):
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+
+    if tag_suffix == "Ref":
+        return {"Ref": value}
+    if tag_suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {f"Fn::{tag_suffix}": value}
+
+
+CloudFormationLoader.add_multi_constructor("!", _construct_cloudformation_tag)
+
+
+def resolve_variables(value, config: dict, stage: str):
+    """Resolve the Serverless variables this file uses, innermost first.
+
+    Supported sources are ``self:``, ``sls:stage``, ``param:`` (default params only) and
+    ``env:NAME, 'fallback'`` (always the fallback, so the result does not depend on the
+    shell). Any other source raises ``ValueError`` so that a new kind of variable is
+    noticed here instead of being compared as raw text.
+    """
+    if isinstance(value, dict):
+        return {key: resolve_variables(item, config, stage) for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve_variables(item, config, stage) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    while True:
+        match = VARIABLE_PATTERN.search(value)
+        if match is None:
+            return value
+        replacement = _lookup_variable(match.group(1).strip(), config, stage)
+        if match.span() == (0, len(value)):
+            # A variable that is the whole value keeps the type of what it points to.
+            value = replacement
+            if not isinstance(value, str):
+                return resolve_variables(value, config, stage)
+        else:
+            value = value[: match.start()] + str(replacement) + value[match.end():]
+
+
+def _lookup_variable(expression: str, config: dict, stage: str):
+    if expression == "sls:stage":
+        return stage
+    if expression.startswith("self:"):
+        node = config
+        for part in expression[len("self:"):].split("."):
+            node = node[part]
+        return node
+    if expression.startswith("param:"):
+        return config["params"]["default"][expression[len("param:"):]]
+    if expression.startswith("env:"):
+        _, _, fallback = expression.partition(",")
+        if not fallback:
+            raise ValueError(f"${{{expression}}} has no fallback value; give it one so packaging works offline")
+        return yaml.safe_load(fallback.strip())
+    raise ValueError(f"unsupported Serverless variable ${{{expression}}} in serverless.yml")
+
+
+@pytest.fixture(scope="module")
+def raw_config() -> dict:
+    with SERVERLESS_YML.open(encoding="utf-8") as handle:
+        return yaml.load(handle, Loader=CloudFormationLoader)
+
+
+@pytest.fixture(scope="module")
+def config(raw_config) -> dict:
+    return resolve_variables(raw_config, raw_config, raw_config["provider"]["stage"])
+
+
+@pytest.fixture(scope="module")
+def resources(config) -> dict:
+    return config["resources"]["Resources"]
+
+
+def _queues(resources: dict) -> dict:
+    return {name: body for name, body in resources.items() if body["Type"] == "AWS::SQS::Queue"}
+
+
+def _dead_letter_queue_names(resources: dict) -> set[str]:
+    names = set()
+    for body in _queues(resources).values():
+        redrive = body["Properties"].get("RedrivePolicy")
+        if redrive is not None:
+            names.add(redrive["deadLetterTargetArn"]["Fn::GetAtt"][0])
+    return names
+
+
+def _sqs_events(function: dict) -> list[dict]:
+    return [event["sqs"] for event in function.get("events", []) if "sqs" in event]
+
+
+def _queue_of(sqs_event: dict) -> str:
+    """Return the logical id of the queue an sqs event reads, from its ``!GetAtt Q.Arn``."""
+    arn = sqs_event["arn"]
+    assert isinstance(arn, dict) and "Fn::GetAtt" in arn, f"expected !GetAtt <Queue>.Arn, got {arn!r}"
+    logical_id, attribute = arn["Fn::GetAtt"]
+    assert attribute == "Arn", f"expected the Arn attribute of {logical_id}, got {attribute!r}"
+    return logical_id
+
+
+def _function_logical_id(function_name: str) -> str:
+    # The framework names a function's resource <Name>LambdaFunction, first letter upper.
+    return function_name[0].upper() + function_name[1:] + "LambdaFunction"
+
+
+def test_service_and_resource_names(config, resources):
+    names = config["custom"]["names"]
+    assert config["service"] == "baton"
+    assert names["jobsQueue"] == "baton-dev-jobs"
+    assert names["tasksQueue"] == "baton-dev-tasks"
+    assert names["aggregateQueue"] == "baton-dev-aggregate"
+    assert names["stateTable"] == "baton-dev-state"
+    assert resources["JobsQueue"]["Properties"]["QueueName"] == names["jobsQueue"]
+    assert resources["TasksQueue"]["Properties"]["QueueName"] == names["tasksQueue"]
+    assert resources["AggregateQueue"]["Properties"]["QueueName"] == names["aggregateQueue"]
+    assert resources["StateTable"]["Properties"]["TableName"] == names["stateTable"]
+
+
+def test_every_queue_has_dead_letter_redrive(config, resources):
+    dead_letter_queues = _dead_letter_queue_names(resources)
+    source_queues = set(_queues(resources)) - dead_letter_queues
+
+    assert source_queues == {"JobsQueue", "TasksQueue", "AggregateQueue"}
+    for name in sorted(source_queues):
+        redrive = resources[name]["Properties"].get("RedrivePolicy")
+        assert redrive is not None, f"{name} has no RedrivePolicy"
+        target = redrive["deadLetterTargetArn"]["Fn::GetAtt"][0]
+        assert resources[target]["Type"] == "AWS::SQS::Queue", f"{name} redrives to {target}, not a queue"
+        assert redrive["maxReceiveCount"] == config["custom"]["maxReceiveCount"], name
+
+
+def test_dead_letter_queues_keep_messages_14_days(resources):
+    for name in sorted(_dead_letter_queue_names(resources)):
+        assert resources[name]["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600, name
+        assert "RedrivePolicy" not in resources[name]["Properties"], f"{name} must not redrive further"
+
+
+def test_every_queue_is_encrypted(resources):
+    for name, body in sorted(_queues(resources).items()):
+        assert body["Properties"].get("SqsManagedSseEnabled") is True, name
+
+
+def test_visibility_timeout_covers_function_timeout(config, resources):
+    checked_queues = set()
+    for function_name, function in config["functions"].items():
+        timeout_seconds = function.get("timeout", config["provider"].get("timeout", 6))
+        for sqs_event in _sqs_events(function):
+            queue = _queue_of(sqs_event)
+            visibility_seconds = resources[queue]["Properties"]["VisibilityTimeout"]
+            assert visibility_seconds >= MIN_VISIBILITY_TO_TIMEOUT_RATIO * timeout_seconds, (
+                f"{queue} VisibilityTimeout {visibility_seconds} s is below "
+                f"{MIN_VISIBILITY_TO_TIMEOUT_RATIO} x {function_name} timeout {timeout_seconds} s"
+            )
+            checked_queues.add(queue)
+    assert checked_queues == {"JobsQueue", "TasksQueue", "AggregateQueue"}
+
+
+def test_functions_handlers_and_timeouts(config):
+    functions = config["functions"]
+    assert set(functions) == {"starter", "worker", "aggregator"}
+    for name, function in functions.items():
+        assert function["handler"] == f"functions/{name}.handler"
+    assert functions["starter"]["timeout"] == 900
+    assert functions["worker"]["timeout"] == 300
+    assert functions["aggregator"]["timeout"] == 300
+
+
+def test_function_queues(config):
+    expected_queue = {"starter": "JobsQueue", "worker": "TasksQueue", "aggregator": "AggregateQueue"}
+    for name, function in config["functions"].items():
+        queues = [_queue_of(sqs_event) for sqs_event in _sqs_events(function)]
+        assert queues == [expected_queue[name]], name
+
+
+def test_sqs_events_report_batch_item_failures(config):
+    for name, function in config["functions"].items():
+        for sqs_event in _sqs_events(function):
+            assert sqs_event.get("functionResponseType") == "ReportBatchItemFailures", name
+
+
+def test_sqs_events_cap_concurrency(config):
+    for name, function in config["functions"].items():
+        for sqs_event in _sqs_events(function):
+            maximum_concurrency = sqs_event.get("maximumConcurrency")
+            assert isinstance(maximum_concurrency, int), f"{name} sqs event has no maximumConcurrency"
+            # AWS accepts 2 to 1000 for an SQS event source mapping.
+            assert 2 <= maximum_concurrency <= 1000, name
+
+
+def test_environment_values_are_plain_strings(raw_config, config):
+    # `serverless invoke local` resolves !Ref/!GetAtt by querying CloudFormation, which
+    # fails offline, so every value must be a string after variable resolution.
+    scopes = {"provider": raw_config["provider"].get("environment", {})}
+    for name, function in raw_config["functions"].items():
+        scopes[name] = function.get("environment", {})
+
+    for scope, environment in scopes.items():
+        for key, raw_value in environment.items():
+            assert isinstance(raw_value, str), f"{scope} {key} is {raw_value!r}, not a string"
+            value = resolve_variables(raw_value, raw_config, config["provider"]["stage"])
+            assert isinstance(value, str), f"{scope} {key} resolves to {value!r}, not a string"
+
+
+def test_environment_names_match_resources(config, resources):
+    environment = config["provider"]["environment"]
+    assert REQUIRED_ENVIRONMENT <= set(environment)
+    assert environment["EFS_ROOT"] == config["custom"]["efsMountPath"]
+    assert environment["JOBS_QUEUE_NAME"] == resources["JobsQueue"]["Properties"]["QueueName"]
+    assert environment["TASKS_QUEUE_NAME"] == resources["TasksQueue"]["Properties"]["QueueName"]
+    assert environment["AGGREGATE_QUEUE_NAME"] == resources["AggregateQueue"]["Properties"]["QueueName"]
+    assert environment["STATE_TABLE_NAME"] == resources["StateTable"]["Properties"]["TableName"]
+
+
+def test_functions_mount_efs_after_mount_targets(config, resources):
+    mount_targets = {name for name, body in resources.items() if body["Type"] == "AWS::EFS::MountTarget"}
+    extensions = config["resources"]["extensions"]
+
+    assert len(mount_targets) == 2
+    for name, function in config["functions"].items():
+        file_system = function["fileSystemConfig"]
+        assert file_system["localMountPath"] == config["provider"]["environment"]["EFS_ROOT"], name
+        assert "Fn::Join" in file_system["arn"], f"{name} fileSystemConfig.arn must be built with Fn::Join"
+        depends_on = set(extensions[_function_logical_id(name)]["DependsOn"])
+        assert mount_targets <= depends_on, f"{name} does not depend on {sorted(mount_targets - depends_on)}"
+
+
+def test_access_point_fixes_owner_and_root(resources):
+    access_point = resources["EfsAccessPoint"]["Properties"]
+    assert access_point["PosixUser"] == {"Uid": "1000", "Gid": "1000"}
+    assert access_point["RootDirectory"]["Path"] == "/baton"
+    assert access_point["RootDirectory"]["CreationInfo"] == {
+        "OwnerUid": "1000",
+        "OwnerGid": "1000",
+        "Permissions": "0750",
+    }
+
+
+def test_file_system_is_encrypted(resources):
+    assert resources["EfsFileSystem"]["Properties"]["Encrypted"] is True
+
+
+def test_dead_letter_queues_have_alarms(resources):
+    alarmed_queues = set()
+    for body in resources.values():
+        if body["Type"] != "AWS::CloudWatch::Alarm":
+            continue
+        properties = body["Properties"]
+        assert properties["MetricName"] == "ApproximateNumberOfMessagesVisible"
+        assert properties["ComparisonOperator"] == "GreaterThanThreshold"
+        assert properties["Threshold"] == 0
+        for dimension in properties["Dimensions"]:
+            if dimension["Name"] == "QueueName":
+                alarmed_queues.add(dimension["Value"]["Fn::GetAtt"][0])
+    assert alarmed_queues == _dead_letter_queue_names(resources)
+
+
+def test_state_table_is_recoverable(resources):
+    properties = resources["StateTable"]["Properties"]
+    assert properties["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+    assert properties["SSESpecification"]["SSEEnabled"] is True
+
+
+def test_package_excludes_local_only_code(config):
+    patterns = config["package"]["patterns"]
+    assert patterns[0] == "!**", "the package must start from nothing and add only what Lambda runs"
+    for included in ("functions/**", "shared/**"):
+        assert included in patterns
+    for excluded in ("!shared/local/**", "!shared/cli.py"):
+        assert excluded in patterns
+
+
+def test_requirements_plugin_settings(config):
+    settings = config["custom"]["pythonRequirements"]
+    assert settings["fileName"] == REQUIREMENTS_LAMBDA.name
+    assert settings["dockerizePip"] is False
+    # strip: true corrupts numpy's bundled OpenBLAS, so numpy fails to import.
+    assert settings["slim"] is True
+    assert settings["strip"] is False
+    # Unquoted in YAML, --only-binary=:all: parses as a mapping and the plugin crashes.
+    assert "--only-binary=:all:" in settings["pipCmdExtraArgs"]
+    architecture = config["provider"]["architecture"]
+    wheel_architecture = {"x86_64": "x86_64", "arm64": "aarch64"}[architecture]
+    assert f"--platform=manylinux2014_{wheel_architecture}" in settings["pipCmdExtraArgs"]
+
+
+def test_lambda_requirements_leave_out_scikit_learn():
+    lines = REQUIREMENTS_LAMBDA.read_text(encoding="utf-8").splitlines()
+    packages = {re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0].lower() for line in lines}
+    packages.discard("")
+    packages = {name for name in packages if not name.startswith("#")}
+
+    assert {"numpy", "scipy", "aws-lambda-powertools"} <= packages
+    assert "scikit-learn" not in packages
+    assert "boto3" not in packages, "boto3 is part of the Lambda runtime"
