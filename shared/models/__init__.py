@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from shared.models.base import Model
+from shared.models.base import Model, compute_class_weights
+from shared.models.kmeans import KMeans
+from shared.models.linear_regression import LinearRegression
 from shared.models.logistic import LogisticRegression
+from shared.models.mlp import MLPClassifier, MLPRegressor
+from shared.models.softmax import SoftmaxRegression
+from shared.models.svm import LinearSVM
 
 MODELS: dict[str, type[Model]] = {
-    LogisticRegression.name: LogisticRegression,
+    cls.name: cls
+    for cls in (LogisticRegression, SoftmaxRegression, LinearSVM, LinearRegression, MLPClassifier, MLPRegressor,
+                KMeans)
 }
 
 
@@ -15,4 +22,16 @@ def get_model_class(name: str) -> type[Model]:
     return MODELS[name]
 
 
-__all__ = ["MODELS", "Model", "get_model_class", "LogisticRegression"]
+__all__ = [
+    "MODELS",
+    "Model",
+    "compute_class_weights",
+    "get_model_class",
+    "KMeans",
+    "LinearRegression",
+    "LinearSVM",
+    "LogisticRegression",
+    "MLPClassifier",
+    "MLPRegressor",
+    "SoftmaxRegression",
+]

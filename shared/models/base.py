@@ -6,16 +6,25 @@ on their mini-batch and return sums, not means: the aggregator adds the sums in 
 order and divides once by the total sample count, which keeps the result independent of
 how rows were split between workers. The regularisation penalty is applied once per round,
 by the aggregator, through :meth:`Model.penalty_grad`.
+
+Two kinds of model exist. Gradient models (``training_mode = "gradient"``) are trained by
+an optimizer on the summed gradients. Statistics models (``training_mode = "statistics"``,
+for example k-means) instead return sufficient statistics from
+:meth:`Model.partial_statistics`, and the aggregator turns the statistics of all workers
+into the next parameters with :meth:`Model.combine_statistics`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 
-from shared.errors import DataError
+from shared.errors import DataError, JobSpecError
 
 
 class Model(ABC):
@@ -24,23 +33,36 @@ class Model(ABC):
     Parameters
     ----------
     n_features : int
-        Number of input columns.
+        Number of input columns, >= 1.
     n_classes : int, default=2
-        Number of classes for classifiers; ignored by regressors.
+        Number of classes for classifiers. Regressors and clustering models ignore it.
     alpha : float, default=0.0
-        Strength of the L2 penalty ``alpha / 2 * ||w||^2`` on the weights (never the bias).
+        Strength of the L2 penalty ``alpha / 2 * ||w||^2`` on the weights (never the bias),
+        >= 0. Subclasses document any other penalty they apply.
+    **hyperparameters : dict
+        Hyperparameters this model does not use. They are stored in ``hyperparameters``
+        and otherwise ignored, so one flat model section of a job spec can configure
+        every model.
     """
 
     #: Name used in job specs, for example ``"logistic_regression"``.
     name: ClassVar[str]
     #: ``"binary"``, ``"multiclass"``, ``"regression"`` or ``"clustering"``.
     task: ClassVar[str]
+    #: ``"gradient"`` for models trained by an optimizer on :meth:`loss_grad`, or
+    #: ``"statistics"`` for models updated by :meth:`combine_statistics`.
+    training_mode: ClassVar[str] = "gradient"
 
     def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0, **hyperparameters):
         self.n_features = int(n_features)
         self.n_classes = int(n_classes)
         self.alpha = float(alpha)
         self.hyperparameters = hyperparameters
+
+        if self.n_features < 1:
+            raise DataError(f"model '{self.name}' needs at least 1 feature, got n_features={n_features!r}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0.0):
+            raise JobSpecError("model.alpha", f"got {alpha!r}; expected a finite number >= 0")
 
     @property
     @abstractmethod
@@ -52,40 +74,143 @@ class Model(ABC):
         """Return the initial parameter vector, shape ``(n_params,)``, float64."""
 
     @abstractmethod
-    def loss_grad(self, params: np.ndarray, X, y: np.ndarray) -> tuple[float, np.ndarray]:
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         """Return the summed data loss over the rows of ``X`` and its gradient.
 
         Parameters
         ----------
         params : ndarray of shape (n_params,)
         X : ndarray or scipy.sparse.csr_matrix of shape (n_samples, n_features)
+            Dense input may be float32, for example a memory map, but sums are taken
+            in float64. Sparse input is never densified.
         y : ndarray of shape (n_samples,)
             Encoded targets, as returned by :meth:`encode_targets`.
+        sample_weight : ndarray of shape (n_samples,), default=None
+            Non-negative weight of each row's loss. None weighs every row 1. Use
+            :func:`compute_class_weights` to build class-based weights.
 
         Returns
         -------
         loss_sum : float
-            Sum of the per-row losses, without the penalty.
+            Weighted sum of the per-row losses, without the penalty.
         grad_sum : ndarray of shape (n_params,)
             Gradient of ``loss_sum`` with respect to ``params``.
         """
 
     @abstractmethod
     def decision_function(self, params: np.ndarray, X) -> np.ndarray:
-        """Return raw scores for the rows of ``X``."""
+        """Return raw scores for the rows of ``X``.
+
+        The shape is ``(n_samples,)`` for binary classifiers and regressors, and
+        ``(n_samples, n_outputs)`` for models with one score per class or cluster.
+        """
 
     @abstractmethod
     def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
-        """Return evaluation metrics on ``(X, y)``: always ``loss``, plus ``accuracy`` or ``r2``."""
+        """Return evaluation metrics on ``(X, y)``: always ``loss``, plus ``accuracy`` or ``r2``.
+
+        ``loss`` is the mean per-row data loss, without the penalty and without sample
+        weights. Subclasses may add further metrics.
+        """
+
+    def predict(self, params: np.ndarray, X) -> np.ndarray:
+        """Return the predicted target of each row, in the encoding of :meth:`encode_targets`.
+
+        Classifiers return int64 class indices, regressors float64 values.
+        """
+        scores = self.decision_function(params, X)
+        if self.task == "regression":
+            return scores
+        if scores.ndim == 1:
+            return (scores > 0).astype(np.int64)
+        return np.argmax(scores, axis=1).astype(np.int64)
 
     def penalty_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         """Return the regularisation penalty and its gradient; zero by default."""
         return 0.0, np.zeros_like(params)
 
+    def proximal(self, params: np.ndarray, step: float) -> np.ndarray:
+        """Apply the proximal operator of the non-smooth part of the penalty.
+
+        An optimizer loop that does proximal gradient descent calls this after each
+        gradient step, with ``step`` the learning rate of that step. Models whose whole
+        penalty goes through :meth:`penalty_grad` return ``params`` unchanged, which is
+        the default.
+
+        Parameters
+        ----------
+        params : ndarray of shape (n_params,)
+        step : float
+            Learning rate of the gradient step just taken, >= 0.
+
+        Returns
+        -------
+        params : ndarray of shape (n_params,)
+        """
+        return params
+
+    def init_params_from_data(self, X, rng: np.random.Generator) -> np.ndarray:
+        """Return initial parameters that may depend on a sample of the training rows.
+
+        The default ignores ``X`` and calls :meth:`init_params`. Models whose start
+        depends on the data, such as k-means, override it.
+
+        Parameters
+        ----------
+        X : ndarray or scipy.sparse.csr_matrix of shape (n_samples, n_features)
+            A sample of training rows.
+        rng : numpy.random.Generator
+        """
+        return self.init_params(rng)
+
+    def partial_statistics(self, params: np.ndarray, X,
+                           sample_weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Return the sufficient statistics of the rows of ``X`` for a statistics model.
+
+        Only models with ``training_mode == "statistics"`` implement this.
+
+        Returns
+        -------
+        statistics : dict of str to ndarray
+            Arrays that :meth:`combine_statistics` sums across workers. Every value is
+            an ndarray, so the dictionary can be stored with ``numpy.savez``.
+
+        Raises
+        ------
+        NotImplementedError
+            For gradient models.
+        """
+        raise NotImplementedError(f"model '{self.name}' is trained by gradients; call loss_grad instead")
+
+    def combine_statistics(self, statistics: Sequence[Mapping[str, np.ndarray]],
+                           params: np.ndarray) -> np.ndarray:
+        """Return the next parameters from the statistics of all workers of a round.
+
+        Parameters
+        ----------
+        statistics : sequence of dict of str to ndarray
+            The outputs of :meth:`partial_statistics`, one per worker, in any order.
+        params : ndarray of shape (n_params,)
+            The parameters the statistics were computed with.
+
+        Raises
+        ------
+        NotImplementedError
+            For gradient models.
+        """
+        raise NotImplementedError(f"model '{self.name}' is trained by gradients; use an optimizer step instead")
+
     def encode_targets(self, y_raw: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-        """Map raw labels to the model's encoding; regressors return floats unchanged."""
+        """Map raw labels to the model's encoding.
+
+        Classifiers map each label to its index in ``classes``. Regressors return the
+        targets as float64. Clustering models ignore targets and return zeros.
+        """
         if self.task == "regression":
             return np.asarray(y_raw, dtype=np.float64)
+        if self.task == "clustering":
+            return np.zeros(len(y_raw), dtype=np.int64)
         lookup = {value: index for index, value in enumerate(classes.tolist())}
         try:
             return np.fromiter((lookup[value] for value in y_raw.tolist()), dtype=np.int64, count=len(y_raw))
@@ -104,3 +229,124 @@ class Model(ABC):
             )
         if self.task == "multiclass" and len(classes) < 2:
             raise DataError(f"model '{self.name}' needs at least 2 distinct labels, found {classes.tolist()}")
+
+    # Input checks shared by the subclasses.
+
+    def _check_params(self, params: np.ndarray) -> np.ndarray:
+        params = np.asarray(params, dtype=np.float64)
+        if params.shape != (self.n_params,):
+            raise ValueError(
+                f"model '{self.name}' expects a parameter vector of shape ({self.n_params},), "
+                f"got {params.shape}; check that the checkpoint belongs to this model and data set"
+            )
+        return params
+
+    def _check_X(self, X):
+        """Return ``X`` as float64 rows: a dense ndarray or a CSR matrix, never densified."""
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise DataError(
+                f"model '{self.name}' was built for {self.n_features} features, got input of shape {X.shape}; "
+                "set data.n_features to the width of the training data"
+            )
+        if sp.issparse(X):
+            X = X.tocsr()
+            return X if X.dtype == np.float64 else X.astype(np.float64)
+        # NOTE: this copies a float32 batch (such as a memory-mapped shard) into float64,
+        # so a worker needs memory for one float64 copy of its mini-batch.
+        return np.asarray(X, dtype=np.float64)
+
+    @staticmethod
+    def _check_sample_weight(sample_weight: np.ndarray | None, n_samples: int) -> np.ndarray | None:
+        if sample_weight is None:
+            return None
+        sample_weight = np.asarray(sample_weight, dtype=np.float64)
+        if sample_weight.shape != (n_samples,):
+            raise ValueError(f"sample_weight must have shape ({n_samples},), got {sample_weight.shape}")
+        if not np.all(np.isfinite(sample_weight)) or np.any(sample_weight < 0):
+            raise ValueError("sample_weight must contain finite values >= 0")
+        return sample_weight
+
+
+def compute_class_weights(y_encoded: np.ndarray, n_classes: int,
+                          class_weight: str | Mapping | Sequence | None) -> np.ndarray:
+    """Compute one weight per class from the training labels.
+
+    Multiply each row's loss by the weight of its class, by passing
+    ``sample_weight=weights[y]`` to :meth:`Model.loss_grad`, to give rare classes more
+    influence.
+
+    Parameters
+    ----------
+    y_encoded : ndarray of shape (n_samples,)
+        Encoded labels in ``0 .. n_classes - 1``, normally the whole training set so that
+        every worker uses the same weights.
+    n_classes : int
+        Number of classes, >= 2.
+    class_weight : {"balanced"}, dict, list or None
+        - None: every class weighs 1.
+        - ``"balanced"``: class ``k`` weighs ``n_samples / (n_classes * count_k)``, so that
+          every class contributes the same total weight. This is the rule of
+          scikit-learn's ``compute_class_weight`` (checked against version 1.9.1).
+        - dict: maps encoded class indices, as int or as decimal string (JSON object keys
+          are strings), to weights. Classes not in the dict weigh 1.
+        - list of length ``n_classes``: the weight of each class in index order.
+
+    Returns
+    -------
+    class_weights : ndarray of shape (n_classes,), float64
+
+    Raises
+    ------
+    JobSpecError
+        If ``class_weight`` is malformed, names an unknown class or gives a weight that
+        is negative or not finite.
+    DataError
+        If ``class_weight="balanced"`` and a class has no rows, or a label is out of range.
+    """
+    y_encoded = np.asarray(y_encoded)
+    if y_encoded.size and (y_encoded.min() < 0 or y_encoded.max() >= n_classes):
+        raise DataError(
+            f"encoded labels must lie in 0..{n_classes - 1}, got values from {y_encoded.min()} to {y_encoded.max()}")
+
+    if class_weight is None:
+        return np.ones(n_classes, dtype=np.float64)
+
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise JobSpecError("model.class_weight",
+                               f"got {class_weight!r}; expected 'balanced', an object of class weights or null")
+        counts = np.bincount(y_encoded.astype(np.int64), minlength=n_classes)
+        missing = np.flatnonzero(counts == 0)
+        if missing.size:
+            raise DataError(
+                f"class_weight='balanced' needs every class in the training labels, but classes "
+                f"{missing.tolist()} have no rows; give explicit class weights instead")
+        return len(y_encoded) / (n_classes * counts.astype(np.float64))
+
+    weights = np.ones(n_classes, dtype=np.float64)
+    if isinstance(class_weight, Mapping):
+        for key, value in class_weight.items():
+            try:
+                index = int(key)
+            except (TypeError, ValueError):
+                raise JobSpecError("model.class_weight",
+                                   f"key {key!r} is not a class index; use indices 0..{n_classes - 1}") from None
+            if not 0 <= index < n_classes:
+                raise JobSpecError("model.class_weight",
+                                   f"class index {index} is out of range; use indices 0..{n_classes - 1}")
+            weights[index] = _parse_weight(value)
+    else:
+        if len(class_weight) != n_classes:
+            raise JobSpecError("model.class_weight",
+                               f"got a list of {len(class_weight)} weights; expected one per class ({n_classes})")
+        weights[:] = [_parse_weight(value) for value in class_weight]
+
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise JobSpecError("model.class_weight", f"got weights {weights.tolist()}; every weight must be finite and >= 0")
+    return weights
+
+
+def _parse_weight(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise JobSpecError("model.class_weight", f"got weight {value!r}; expected a number")
+    return float(value)

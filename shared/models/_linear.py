@@ -1,0 +1,77 @@
+"""The base of models that score a row by ``x . w + b``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.models._penalty import ElasticNetPenalty
+from shared.models.base import Model
+
+
+class LinearModel(Model):
+    """A model whose score is ``x . w + b``, with parameters ``[w_1, ..., w_n_features, b]``.
+
+    Parameters
+    ----------
+    n_features : int
+        Number of input columns, >= 1.
+    n_classes : int, default=2
+        Ignored, because a linear model has one score per row.
+    alpha : float, default=0.0
+        Strength of the penalty on ``w``, >= 0. The bias ``b`` is never penalised.
+    penalty : {"l2", "l1", "elasticnet"}, default="l2"
+        Penalty ``alpha * (r * ||w||_1 + (1 - r) / 2 * ||w||^2)`` with ``r`` = 0 for
+        ``"l2"``, 1 for ``"l1"`` and ``l1_ratio`` for ``"elasticnet"``.
+    l1_ratio : float, default=0.15
+        Share of the L1 term for ``penalty="elasticnet"``, in [0, 1].
+    l1_method : {"subgradient", "proximal"}, default="subgradient"
+        ``"subgradient"`` puts ``alpha * r * sign(w)`` into :meth:`penalty_grad`.
+        ``"proximal"`` leaves it out and soft-thresholds ``w`` in :meth:`proximal`
+        instead, which gives exact zeros but needs a training loop that calls
+        :meth:`proximal` after every step.
+    """
+
+    def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0, penalty: str = "l2",
+                 l1_ratio: float = 0.15, l1_method: str = "subgradient", **hyperparameters):
+        super().__init__(n_features, n_classes, alpha, **hyperparameters)
+        self.penalty = penalty
+        self.l1_ratio = l1_ratio
+        self.l1_method = l1_method
+        self._penalty = ElasticNetPenalty(self.alpha, penalty, l1_ratio, l1_method)
+
+    @property
+    def n_params(self) -> int:
+        return self.n_features + 1
+
+    def init_params(self, rng: np.random.Generator) -> np.ndarray:
+        # Every linear loss here is convex, so zeros are a fine and reproducible start.
+        return np.zeros(self.n_params, dtype=np.float64)
+
+    def decision_function(self, params: np.ndarray, X) -> np.ndarray:
+        """Return ``X @ w + b``, shape ``(n_samples,)``."""
+        return self._scores(self._check_params(params), self._check_X(X))
+
+    def penalty_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
+        value, weights_grad = self._penalty.value_grad(params[:-1])
+        grad = np.zeros_like(params)
+        grad[:-1] = weights_grad
+        return value, grad
+
+    def proximal(self, params: np.ndarray, step: float) -> np.ndarray:
+        """Soft-threshold ``w`` when ``l1_method="proximal"``, leaving the bias as it is."""
+        if self._penalty.l1_method != "proximal":
+            return params
+        result = params.copy()
+        result[:-1] = self._penalty.proximal(params[:-1], step)
+        return result
+
+    def _scores(self, params: np.ndarray, X) -> np.ndarray:
+        # X is already float64 here, so the product is accumulated in float64.
+        return np.asarray(X @ params[:-1]).ravel() + params[-1]
+
+    def _gradient_from_residuals(self, X, residuals: np.ndarray) -> np.ndarray:
+        """Return the parameter gradient given ``d loss / d score`` of every row."""
+        grad = np.empty(self.n_params, dtype=np.float64)
+        grad[:-1] = np.asarray(X.T @ residuals).ravel()
+        grad[-1] = residuals.sum()
+        return grad

@@ -1,0 +1,35 @@
+"""Loss functions shared by several models, stable for scores of any finite size."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_softmax
+
+
+def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the per-row cross-entropy of class scores and its gradient with respect to them.
+
+    Parameters
+    ----------
+    scores : ndarray of shape (n_samples, n_classes)
+        Unnormalised log-probabilities (logits).
+    y : ndarray of shape (n_samples,)
+        Class indices in ``0 .. n_classes - 1``.
+
+    Returns
+    -------
+    losses : ndarray of shape (n_samples,)
+        ``-log softmax(scores)[i, y_i]``, finite and >= 0 for any finite scores.
+    scores_grad : ndarray of shape (n_samples, n_classes)
+        ``softmax(scores) - onehot(y)``.
+    """
+    # log_softmax subtracts the row maximum first, so no exp() can overflow and a
+    # probability that underflows to 0 still has a finite log.
+    log_probabilities = log_softmax(scores, axis=1)
+    rows = np.arange(len(y))
+    losses = -log_probabilities[rows, y]
+
+    scores_grad = np.exp(log_probabilities)
+    scores_grad[rows, y] -= 1.0
+    return losses, scores_grad
+
