@@ -79,7 +79,7 @@ class ConstantSchedule(LearningRateSchedule):
 
     name = "constant"
 
-    def __call__(self, step_index):
+    def __call__(self, step_index: int) -> float:
         return self.learning_rate
 
 
@@ -105,7 +105,7 @@ class StepSchedule(LearningRateSchedule):
         self.step_size = _check_integer("step_size", step_size, minimum=1)
         self.gamma = _check_number("gamma", gamma, minimum=0.0, maximum=1.0, exclusive_minimum=True)
 
-    def __call__(self, step_index):
+    def __call__(self, step_index: int) -> float:
         return self.learning_rate * self.gamma ** (step_index // self.step_size)
 
 
@@ -129,7 +129,7 @@ class InverseScalingSchedule(LearningRateSchedule):
         self.decay = _check_number("decay", decay, minimum=0.0)
         self.power = _check_number("power", power, minimum=0.0)
 
-    def __call__(self, step_index):
+    def __call__(self, step_index: int) -> float:
         return self.learning_rate / (1.0 + self.decay * step_index) ** self.power
 
 
@@ -162,7 +162,7 @@ class CosineSchedule(LearningRateSchedule):
         self.min_learning_rate = _check_number("min_learning_rate", min_learning_rate,
                                                minimum=0.0, maximum=self.learning_rate)
 
-    def __call__(self, step_index):
+    def __call__(self, step_index: int) -> float:
         progress = min(step_index, self.total_steps) / self.total_steps
         cosine_factor = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_learning_rate + (self.learning_rate - self.min_learning_rate) * cosine_factor
@@ -292,7 +292,8 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def _update(self, params, grad, state, learning_rate, step_index):
+    def _update(self, params: np.ndarray, grad: np.ndarray, state: OptimizerState, learning_rate: float,
+                step_index: int) -> tuple[np.ndarray, OptimizerState]:
         return params - learning_rate * grad, {}
 
 
@@ -315,10 +316,11 @@ class Momentum(Optimizer):
         super().__init__(learning_rate, **hyperparameters)
         self.momentum = _check_number("momentum", momentum, minimum=0.0, maximum=1.0, exclusive_maximum=True)
 
-    def init_state(self, params):
+    def init_state(self, params: np.ndarray) -> OptimizerState:
         return {"velocity": np.zeros_like(params, dtype=np.float64)}
 
-    def _update(self, params, grad, state, learning_rate, step_index):
+    def _update(self, params: np.ndarray, grad: np.ndarray, state: OptimizerState, learning_rate: float,
+                step_index: int) -> tuple[np.ndarray, OptimizerState]:
         velocity = self.momentum * state["velocity"] + grad
         return params - learning_rate * velocity, {"velocity": velocity}
 
@@ -342,7 +344,8 @@ class Nesterov(Momentum):
 
     name = "nesterov"
 
-    def _update(self, params, grad, state, learning_rate, step_index):
+    def _update(self, params: np.ndarray, grad: np.ndarray, state: OptimizerState, learning_rate: float,
+                step_index: int) -> tuple[np.ndarray, OptimizerState]:
         velocity = self.momentum * state["velocity"] + grad
         return params - learning_rate * (grad + self.momentum * velocity), {"velocity": velocity}
 
@@ -384,11 +387,12 @@ class Adam(Optimizer):
         self.beta_2 = _check_number("beta_2", beta_2, minimum=0.0, maximum=1.0, exclusive_maximum=True)
         self.epsilon = _check_number("epsilon", epsilon, minimum=0.0, exclusive_minimum=True)
 
-    def init_state(self, params):
+    def init_state(self, params: np.ndarray) -> OptimizerState:
         return {"first_moment": np.zeros_like(params, dtype=np.float64),
                 "second_moment": np.zeros_like(params, dtype=np.float64)}
 
-    def _update(self, params, grad, state, learning_rate, step_index):
+    def _update(self, params: np.ndarray, grad: np.ndarray, state: OptimizerState, learning_rate: float,
+                step_index: int) -> tuple[np.ndarray, OptimizerState]:
         first_moment = self.beta_1 * state["first_moment"] + (1.0 - self.beta_1) * grad
         second_moment = self.beta_2 * state["second_moment"] + (1.0 - self.beta_2) * grad * grad
 
@@ -425,10 +429,11 @@ class Adagrad(Optimizer):
         self.initial_accumulator_value = _check_number("initial_accumulator_value", initial_accumulator_value,
                                                        minimum=0.0)
 
-    def init_state(self, params):
+    def init_state(self, params: np.ndarray) -> OptimizerState:
         return {"sum_of_squares": np.full_like(params, self.initial_accumulator_value, dtype=np.float64)}
 
-    def _update(self, params, grad, state, learning_rate, step_index):
+    def _update(self, params: np.ndarray, grad: np.ndarray, state: OptimizerState, learning_rate: float,
+                step_index: int) -> tuple[np.ndarray, OptimizerState]:
         sum_of_squares = state["sum_of_squares"] + grad * grad
         new_params = params - learning_rate * grad / (np.sqrt(sum_of_squares) + self.epsilon)
         return new_params, {"sum_of_squares": sum_of_squares}

@@ -26,6 +26,7 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray
     # log_softmax subtracts the row maximum first, so no exp() can overflow and a
     # probability that underflows to 0 still has a finite log.
     log_probabilities = log_softmax(scores, axis=1)
+    y = np.asarray(y).astype(np.int64, copy=False)
     rows = np.arange(len(y))
     losses = -log_probabilities[rows, y]
 

@@ -127,7 +127,7 @@ class KMeans(Model):
         """Return a view of ``params`` as the centroid matrix, shape ``(n_clusters, n_features)``."""
         return params.reshape(self.n_clusters, self.n_features)
 
-    def decision_function(self, params, X):
+    def decision_function(self, params: np.ndarray, X) -> np.ndarray:
         """Return minus the squared distance of each row to each centroid, shape ``(n_samples, n_clusters)``.
 
         The largest score of a row is its nearest centroid, as :meth:`predict` returns.
@@ -136,11 +136,12 @@ class KMeans(Model):
         X = self._check_X(X)
         return -_squared_distances(X, _squared_row_norms(X), self.centroids(params))
 
-    def predict(self, params, X):
+    def predict(self, params: np.ndarray, X) -> np.ndarray:
         """Return the index of the nearest centroid of each row, int64."""
         return np.argmax(self.decision_function(params, X), axis=1).astype(np.int64)
 
-    def partial_statistics(self, params, X, sample_weight=None):
+    def partial_statistics(self, params: np.ndarray, X,
+                           sample_weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Return the Lloyd statistics of the rows of ``X`` under the centroids ``params``.
 
         Returns
@@ -172,7 +173,7 @@ class KMeans(Model):
             "inertia": np.array([float(weights @ nearest)]),
         }
 
-    def combine_statistics(self, statistics: Sequence[Mapping[str, np.ndarray]], params):
+    def combine_statistics(self, statistics: Sequence[Mapping[str, np.ndarray]], params: np.ndarray) -> np.ndarray:
         """Return the Lloyd update: each centroid moves to the mean of its rows.
 
         A centroid that no row chose (an empty cluster) keeps its old position.
@@ -188,14 +189,15 @@ class KMeans(Model):
         centroids[filled] = sums[filled] / counts[filled, np.newaxis]
         return centroids.ravel()
 
-    def loss_grad(self, params, X, y=None, sample_weight=None):
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray | None = None,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         """Return the inertia of the rows of ``X`` and its gradient, ignoring ``y``."""
         statistics = self.partial_statistics(params, X, sample_weight)
         centroids = self.centroids(self._check_params(params))
         grad = 2.0 * (statistics["counts"][:, np.newaxis] * centroids - statistics["sums"])
         return float(statistics["inertia"][0]), grad.ravel()
 
-    def metrics(self, params, X, y=None):
+    def metrics(self, params: np.ndarray, X, y: np.ndarray | None = None) -> dict[str, float]:
         """Return ``loss`` (the mean squared distance to the nearest centroid) and ``inertia``."""
         inertia = float(self.partial_statistics(params, X)["inertia"][0])
         return {"loss": inertia / X.shape[0], "inertia": inertia}

@@ -45,7 +45,8 @@ class LinearRegression(LinearModel):
     name = "linear_regression"
     task = "regression"
 
-    def loss_grad(self, params, X, y, sample_weight=None):
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         params = self._check_params(params)
         X = self._check_X(X)
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
@@ -56,7 +57,7 @@ class LinearRegression(LinearModel):
             residuals = residuals * sample_weight
         return float(losses.sum()), self._gradient_from_residuals(X, residuals)
 
-    def metrics(self, params, X, y):
+    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
         return regression_metrics(self.predict(params, X), y)
 
 

@@ -22,7 +22,8 @@ class LogisticRegression(LinearModel):
     name = "logistic_regression"
     task = "binary"
 
-    def loss_grad(self, params, X, y, sample_weight=None):
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         params = self._check_params(params)
         X = self._check_X(X)
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
@@ -44,7 +45,7 @@ class LogisticRegression(LinearModel):
         """Return ``p(y = classes[1] | x)`` for each row, shape ``(n_samples,)``."""
         return expit(self.decision_function(params, X))
 
-    def metrics(self, params, X, y):
+    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
         n_samples = X.shape[0]
         loss_sum, _ = self.loss_grad(params, X, y)
         predicted = self.predict(params, X)

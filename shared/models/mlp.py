@@ -93,7 +93,7 @@ class _MultiLayerPerceptron(Model):
                                                           self.layer_sizes[1:])
         ]
 
-    def decision_function(self, params, X):
+    def decision_function(self, params: np.ndarray, X) -> np.ndarray:
         """Return the output layer's values: class scores or the regression prediction."""
         outputs = self._forward(self._check_params(params), self._check_X(X))[-1]
         return self._format_outputs(outputs)
@@ -101,7 +101,7 @@ class _MultiLayerPerceptron(Model):
     def _format_outputs(self, outputs: np.ndarray) -> np.ndarray:
         return outputs
 
-    def penalty_grad(self, params):
+    def penalty_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         grad = np.zeros_like(params)
         value = 0.0
         for weights, _ in self._layer_slices:
@@ -113,7 +113,8 @@ class _MultiLayerPerceptron(Model):
         """Return per-row losses and their gradient with respect to ``outputs``."""
         raise NotImplementedError
 
-    def loss_grad(self, params, X, y, sample_weight=None):
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         params = self._check_params(params)
         X = self._check_X(X)
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
@@ -174,14 +175,14 @@ class MLPClassifier(_MultiLayerPerceptron):
             raise DataError(f"model '{self.name}' needs at least 2 classes, got n_classes={self.n_classes}")
         return self.n_classes
 
-    def _output_loss(self, outputs, y):
+    def _output_loss(self, outputs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return softmax_cross_entropy(outputs, y)
 
     def predict_proba(self, params: np.ndarray, X) -> np.ndarray:
         """Return class probabilities, shape ``(n_samples, n_classes)``."""
         return softmax(self.decision_function(params, X), axis=1)
 
-    def metrics(self, params, X, y):
+    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
         n_samples = X.shape[0]
         loss_sum, _ = self.loss_grad(params, X, y)
         predicted = self.predict(params, X)
@@ -201,12 +202,12 @@ class MLPRegressor(_MultiLayerPerceptron):
     def _n_outputs(self) -> int:
         return 1
 
-    def _format_outputs(self, outputs):
+    def _format_outputs(self, outputs: np.ndarray) -> np.ndarray:
         return outputs[:, 0]
 
-    def _output_loss(self, outputs, y):
+    def _output_loss(self, outputs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         residuals = outputs[:, 0] - y
         return 0.5 * residuals * residuals, residuals[:, np.newaxis]
 
-    def metrics(self, params, X, y):
+    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
         return regression_metrics(self.predict(params, X), y)

@@ -66,7 +66,7 @@ class SoftmaxRegression(Model):
         weights = params[:self._n_weights].reshape(self.n_features, self.n_classes)
         return weights, params[self._n_weights:]
 
-    def decision_function(self, params, X):
+    def decision_function(self, params: np.ndarray, X) -> np.ndarray:
         """Return the class scores ``X W + b``, shape ``(n_samples, n_classes)``."""
         return self._scores(self._check_params(params), self._check_X(X))
 
@@ -74,7 +74,8 @@ class SoftmaxRegression(Model):
         """Return class probabilities, shape ``(n_samples, n_classes)``."""
         return softmax(self.decision_function(params, X), axis=1)
 
-    def loss_grad(self, params, X, y, sample_weight=None):
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         params = self._check_params(params)
         X = self._check_X(X)
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
@@ -89,13 +90,13 @@ class SoftmaxRegression(Model):
         grad[self._n_weights:] = scores_grad.sum(axis=0)
         return float(losses.sum()), grad
 
-    def penalty_grad(self, params):
+    def penalty_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         value, weights_grad = self._penalty.value_grad(params[:self._n_weights])
         grad = np.zeros_like(params)
         grad[:self._n_weights] = weights_grad
         return value, grad
 
-    def proximal(self, params, step):
+    def proximal(self, params: np.ndarray, step: float) -> np.ndarray:
         """Soft-threshold ``W`` when ``l1_method="proximal"``, leaving the biases as they are."""
         if self._penalty.l1_method != "proximal":
             return params
@@ -103,7 +104,7 @@ class SoftmaxRegression(Model):
         result[:self._n_weights] = self._penalty.proximal(params[:self._n_weights], step)
         return result
 
-    def metrics(self, params, X, y):
+    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
         n_samples = X.shape[0]
         loss_sum, _ = self.loss_grad(params, X, y)
         predicted = self.predict(params, X)

@@ -45,7 +45,8 @@ class LinearSVM(LinearModel):
             raise JobSpecError("model.loss", f"got {loss!r}; expected one of {', '.join(map(repr, SVM_LOSSES))}")
         self.loss = loss
 
-    def loss_grad(self, params, X, y, sample_weight=None):
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         params = self._check_params(params)
         X = self._check_X(X)
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
@@ -64,7 +65,7 @@ class LinearSVM(LinearModel):
             residuals = residuals * sample_weight
         return float(losses.sum()), self._gradient_from_residuals(X, residuals)
 
-    def metrics(self, params, X, y):
+    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
         n_samples = X.shape[0]
         loss_sum, _ = self.loss_grad(params, X, y)
         predicted = self.predict(params, X)
