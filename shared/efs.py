@@ -1,0 +1,155 @@
+"""Files on the shared file system: the job folder layout and atomic writes.
+
+Every write goes to a temporary name in the destination folder, is flushed and fsynced,
+then renamed over the final name. A reader therefore sees either the old file or the whole
+new one, never a half-written file, even over NFS, where a rename inside one folder is
+atomic. Writers of the same path always produce the same bytes (the training is
+deterministic), so two duplicate invocations racing on one file are harmless.
+
+Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
+
+    spec.json                      the validated job spec
+    data/manifest.json             shapes, classes and shard sizes; written last
+    data/shard-<w>/X*.npy, y.npy   one memory-mappable shard per worker
+    data/validation/X*.npy, y.npy  held-out rows
+    rounds/<r>/state.npz           parameters and optimizer state at the start of round r
+    rounds/<r>/result-<w>.npz      worker w's gradient sum, loss sum and row count
+    metrics/<r>.json               metrics of round r, never pruned
+    model/params.npy, model.json   the final model
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# A fixed timestamp makes .npz archives byte-identical for identical arrays.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Return a deterministic uncompressed .npz archive of ``arrays``, keys in sorted order."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            with archive.open(member, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asarray(arrays[name]), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """Return ``array`` in .npy format."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+class EfsStore:
+    """Reads and writes one Baton file tree.
+
+    Parameters
+    ----------
+    root : str or Path
+        Mount point of the file system (``/mnt/efs`` on Lambda, a folder locally).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # Paths -------------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def spec_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "spec.json"
+
+    def data_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "data"
+
+    def round_dir(self, job_id: str, round_index: int) -> Path:
+        return self.job_dir(job_id) / "rounds" / str(round_index)
+
+    def state_path(self, job_id: str, round_index: int) -> Path:
+        return self.round_dir(job_id, round_index) / "state.npz"
+
+    def result_path(self, job_id: str, round_index: int, worker: int) -> Path:
+        return self.round_dir(job_id, round_index) / f"result-{worker}.npz"
+
+    def metrics_path(self, job_id: str, round_index: int) -> Path:
+        return self.job_dir(job_id) / "metrics" / f"{round_index}.json"
+
+    def model_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "model"
+
+    def resolve_data_path(self, relative: str) -> Path:
+        """Return the absolute path of a data file given relative to the root."""
+        return self.root / relative
+
+    # Reads and writes --------------------------------------------------------------------
+
+    def write_json(self, path: Path, value: Any) -> None:
+        write_bytes_atomic(path, json.dumps(value, sort_keys=True, indent=1).encode())
+
+    def read_json(self, path: Path) -> Any:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read())
+
+    def write_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        write_bytes_atomic(path, encode_arrays(arrays))
+
+    def read_arrays(self, path: Path) -> dict[str, np.ndarray]:
+        # Read the whole file first so no descriptor stays open behind a lazy NpzFile.
+        with open(path, "rb") as handle:
+            payload = handle.read()
+        with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+
+    def write_npy(self, path: Path, array: np.ndarray) -> None:
+        write_bytes_atomic(path, encode_npy(array))
+
+    def read_npy(self, path: Path, mmap: bool = True) -> np.ndarray:
+        """Load a .npy file, memory-mapped read-only by default."""
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    # Housekeeping ------------------------------------------------------------------------
+
+    def prune_rounds(self, job_id: str, current_round: int, keep: int) -> list[int]:
+        """Delete round folders older than the last ``keep`` before ``current_round``.
+
+        Returns the pruned round numbers. Missing folders are skipped, so a repeated call
+        is harmless.
+        """
+        rounds_dir = self.job_dir(job_id) / "rounds"
+        if not rounds_dir.is_dir():
+            return []
+        pruned = []
+        for entry in rounds_dir.iterdir():
+            if entry.name.isdigit() and int(entry.name) < current_round - keep:
+                shutil.rmtree(entry, ignore_errors=True)
+                pruned.append(int(entry.name))
+        return sorted(pruned)

@@ -1,0 +1,110 @@
+"""The part every Lambda handler shares: SQS batch processing, logging and error routing.
+
+Each record is processed on its own, and only failed records are reported back, so one bad
+record never returns its neighbours to the queue. What happens to an error depends on
+whether a retry can help:
+
+====================  ==========================================  ===========
+error                 effect                                      retried
+====================  ==========================================  ===========
+PermanentError        job marked FAILED with the message          no
+StaleMessageError     logged and dropped                          no
+anything else         record reported as failed; on its last      yes, until
+                      allowed receive the job is marked FAILED    dead-lettered
+====================  ==========================================  ===========
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from shared.errors import PermanentError, StaleMessageError
+from shared.service import Services
+
+logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
+# The service layer logs through the standard library; give its loggers the same JSON
+# formatter, so their lines carry the job, round and worker keys appended per record.
+copy_config_to_registered_loggers(source_logger=logger, include={"shared"})
+
+# Must match custom.maxReceiveCount in serverless.yml: the receive on which a failure
+# sends the message to its dead-letter queue.
+DEFAULT_MAX_RECEIVE_COUNT = 5
+
+_services: Services | None = None
+
+
+def get_services() -> Services:
+    """Return the process-wide adapters, built on first use so imports stay free of AWS calls."""
+    global _services
+    if _services is None:
+        _services = Services()
+    return _services
+
+
+def set_services(services: Services | None) -> None:
+    """Replace the process-wide adapters; for tests."""
+    global _services
+    _services = services
+
+
+def _message_ids(body: str) -> dict[str, Any]:
+    """Return the ids a log line or a failure needs, from a body that may be malformed."""
+    try:
+        message = json.loads(body)
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    if not isinstance(message, dict):
+        return {}
+    return {key: message[key] for key in ("job_id", "round", "worker") if key in message}
+
+
+def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord], Any]) -> Callable:
+    """Build a Lambda handler that runs ``step`` on each SQS record of a batch.
+
+    Parameters
+    ----------
+    function_name : str
+        Name used in logs, for example ``"worker"``.
+    step : callable
+        ``step(services, record)``; its exceptions are routed as the module docstring says.
+    """
+    max_receive_count = int(os.environ.get("MAX_RECEIVE_COUNT", DEFAULT_MAX_RECEIVE_COUNT))
+
+    def record_handler(record: SQSRecord) -> None:
+        services = get_services()
+        ids = _message_ids(record.body)
+        logger.append_keys(function=function_name, message_id=record.message_id, **ids)
+        job_id = ids.get("job_id")
+        try:
+            step(services, record)
+        except StaleMessageError as error:
+            logger.info("dropped stale message", extra={"reason": str(error)})
+        except PermanentError as error:
+            logger.error("job failed", extra={"error": str(error), "error_type": type(error).__name__})
+            if job_id is not None or function_name == "starter":
+                services.state.fail_job(job_id or f"job-{record.message_id[:18]}", str(error))
+        except Exception as error:
+            receive_count = int(record.attributes.approximate_receive_count or 1)
+            logger.exception("record failed; it will be retried", extra={"receive_count": receive_count})
+            if job_id is not None and receive_count >= max_receive_count:
+                services.state.fail_job(
+                    job_id, f"{function_name} failed {receive_count} times on message {record.message_id}: "
+                            f"{type(error).__name__}: {error}; the message is now in the dead-letter queue")
+            raise
+        finally:
+            logger.remove_keys(["function", "message_id", "job_id", "round", "worker"])
+
+    def handler(event: dict, context: Any) -> dict:
+        processor = BatchProcessor(event_type=EventType.SQS)
+        return process_partial_response(event=event, record_handler=record_handler, processor=processor,
+                                        context=context)
+
+    handler.__name__ = f"{function_name}_handler"
+    return handler

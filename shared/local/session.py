@@ -1,0 +1,176 @@
+"""A whole Baton stack on one machine: moto's server, the queues and table, the handlers.
+
+Used by ``baton run`` and by the end-to-end tests::
+
+    with LocalStack(efs_root) as stack:
+        job_id = stack.submit(spec)
+        record = stack.wait(job_id)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+from shared.config import Settings
+from shared.local.runtime import LocalRuntime
+from shared.local.stack import StackDefinition, create_stack, load_stack_definition
+from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
+
+logger = logging.getLogger(__name__)
+
+DUMMY_AWS_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+# Settings a caller may pass through to the containers, for fault-injection tests.
+PASSTHROUGH_VARIABLES = ("BATON_FAULTS_ENABLED", "BATON_FAULTS", "BATON_FAULTS_DIR")
+
+
+class LocalStack:
+    """Start moto's server on 127.0.0.1, create the stack on it and run the handlers.
+
+    Parameters
+    ----------
+    efs_root : str or Path
+        Folder standing in for the EFS mount.
+    concurrency : dict of str to int, optional
+        Containers per function; the worker default is 4.
+    timeout_seconds : dict of str to float, optional
+        Per-function timeout overrides.
+    extra_environment : dict, optional
+        More variables for the containers (fault injection in tests).
+    endpoint_url : str, optional
+        Use an already running moto server instead of starting one.
+    """
+
+    def __init__(self, efs_root: str | os.PathLike, concurrency: dict[str, int] | None = None,
+                 timeout_seconds: dict[str, float] | None = None, extra_environment: dict | None = None,
+                 endpoint_url: str | None = None, retry_delay_seconds: float = 1.0, stage: str = "local"):
+        self.efs_root = Path(efs_root).resolve()
+        self.definition: StackDefinition = load_stack_definition(stage=stage)
+        self.concurrency = {"worker": 4, "starter": 1, "aggregator": 1, **(concurrency or {})}
+        self.timeout_seconds = timeout_seconds
+        self.extra_environment = extra_environment or {}
+        self.endpoint_url = endpoint_url
+        self.retry_delay_seconds = retry_delay_seconds
+        self._server: ThreadedMotoServer | None = None
+        self.runtime: LocalRuntime | None = None
+
+    # Lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "LocalStack":
+        if self.endpoint_url is None:
+            # moto's server logs every request through werkzeug; keep only errors.
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            self._server.start()
+            host, port = self._server.get_host_and_port()
+            self.endpoint_url = f"http://{host}:{port}"
+
+        self.efs_root.mkdir(parents=True, exist_ok=True)
+        self.sqs = self.client("sqs")
+        self.dynamodb = self.client("dynamodb")
+        queue_urls = create_stack(self.definition, self.sqs, self.dynamodb)
+        self.queue_urls = queue_urls
+        self.settings: Settings = self.definition.settings(str(self.efs_root))
+        self.state = StateStore(self.dynamodb, self.settings.state_table_name)
+
+        environment = {
+            **self.definition.environment,
+            **DUMMY_AWS_ENVIRONMENT,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "EFS_ROOT": str(self.efs_root),
+            "MAX_RECEIVE_COUNT": str(self.definition.max_receive_count),
+            "POWERTOOLS_METRICS_NAMESPACE": "Baton",
+            **{name: os.environ[name] for name in PASSTHROUGH_VARIABLES if name in os.environ},
+            **self.extra_environment,
+        }
+        self.runtime = LocalRuntime(
+            self.definition.functions, queue_urls, self.sqs, environment,
+            log_dir=self.efs_root.parent / "logs", concurrency=self.concurrency,
+            timeout_seconds=self.timeout_seconds, retry_delay_seconds=self.retry_delay_seconds,
+        ).start()
+        return self
+
+    def stop(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
+        if self._server is not None:
+            self._server.stop()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def client(self, service: str):
+        """Return a boto3 client aimed at this stack's endpoint with dummy credentials."""
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=DUMMY_AWS_ENVIRONMENT["AWS_DEFAULT_REGION"],
+            aws_access_key_id=DUMMY_AWS_ENVIRONMENT["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=DUMMY_AWS_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    # Jobs --------------------------------------------------------------------------------
+
+    def import_data(self, source: str | os.PathLike, destination: str) -> Path:
+        """Copy a file or folder into the EFS folder at ``destination`` (relative)."""
+        source, target = Path(source), self.efs_root / destination
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(source, target)
+        return target
+
+    def submit(self, spec: dict | str) -> str:
+        """Send a job spec to the jobs queue; return its message id."""
+        body = spec if isinstance(spec, str) else json.dumps(spec)
+        response = self.sqs.send_message(QueueUrl=self.queue_urls["JobsQueue"], MessageBody=body)
+        return response["MessageId"]
+
+    def follow(self, job_id: str, poll_seconds: float = 0.1, timeout_seconds: float = 3600) -> Iterator[dict | JobRecord]:
+        """Yield each round's metrics as the job records them, then the final job record."""
+        deadline = time.monotonic() + timeout_seconds
+        next_round = 0
+        while True:
+            record = self.state.get_job(job_id)
+            metrics_ready = record is not None and (record.round if record.status not in TERMINAL_STATUSES
+                                                    else record.round)
+            while record is not None and next_round < metrics_ready:
+                path = self.efs_root / "jobs" / job_id / "metrics" / f"{next_round}.json"
+                if not path.exists():
+                    break
+                yield json.loads(path.read_text())
+                next_round += 1
+            if record is not None and record.status in TERMINAL_STATUSES:
+                yield record
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout_seconds} s; "
+                                   f"logs are in {self.efs_root.parent / 'logs'}")
+            time.sleep(poll_seconds)
+
+    def wait(self, job_id: str, timeout_seconds: float = 3600, on_round: Callable[[dict], None] | None = None) -> JobRecord:
+        """Block until the job succeeds or fails; return its final record."""
+        for update in self.follow(job_id, timeout_seconds=timeout_seconds):
+            if isinstance(update, JobRecord):
+                return update
+            if on_round is not None:
+                on_round(update)
+        raise AssertionError("follow() ended without a job record")

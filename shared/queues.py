@@ -1,0 +1,106 @@
+"""Messages between Baton's functions.
+
+Every message is a small JSON object; arrays always live on EFS.
+
+=============  ==========================================  =====================
+queue          body                                        consumer
+=============  ==========================================  =====================
+jobs           the job spec                                starter
+tasks          ``{"job_id", "round", "worker"}``             worker
+aggregate      ``{"job_id", "round"}``                       aggregator
+=============  ==========================================  =====================
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypedDict
+
+from shared.config import Settings
+from shared.errors import JobSpecError
+
+# SendMessageBatch takes at most 10 entries.
+SQS_BATCH_LIMIT = 10
+
+
+class TaskMessage(TypedDict):
+    job_id: str
+    round: int
+    worker: int
+
+
+class AggregateMessage(TypedDict):
+    job_id: str
+    round: int
+
+
+def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
+    try:
+        message = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise JobSpecError("<message>", f"body is not valid JSON: {error.msg}") from None
+    if not isinstance(message, dict):
+        raise JobSpecError("<message>", f"expected a JSON object, got {type(message).__name__}")
+    for name, kind in required.items():
+        value = message.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise JobSpecError(name, f"expected {kind.__name__} in the message, got {value!r}")
+    return message
+
+
+def parse_task(body: str) -> TaskMessage:
+    """Decode a tasks-queue message body."""
+    return _parse(body, {"job_id": str, "round": int, "worker": int})  # type: ignore[return-value]
+
+
+def parse_aggregate(body: str) -> AggregateMessage:
+    """Decode an aggregate-queue message body."""
+    return _parse(body, {"job_id": str, "round": int})  # type: ignore[return-value]
+
+
+class QueueClient:
+    """Sends Baton's messages. Queue URLs are looked up on first use and cached.
+
+    Parameters
+    ----------
+    client : botocore SQS client
+    settings : Settings
+    """
+
+    def __init__(self, client, settings: Settings):
+        self.client = client
+        self.settings = settings
+        self._urls: dict[str, str] = {}
+
+    def url(self, queue_name: str) -> str:
+        if queue_name not in self._urls:
+            self._urls[queue_name] = self.client.get_queue_url(QueueName=queue_name)["QueueUrl"]
+        return self._urls[queue_name]
+
+    def send_job(self, spec: dict) -> str:
+        """Send a job spec to the jobs queue; return the message id."""
+        response = self.client.send_message(
+            QueueUrl=self.url(self.settings.jobs_queue_name), MessageBody=json.dumps(spec))
+        return response["MessageId"]
+
+    def send_tasks(self, job_id: str, round_index: int, workers: list[int]) -> None:
+        """Send one task message per worker for round ``round_index``."""
+        bodies = [json.dumps({"job_id": job_id, "round": round_index, "worker": worker}) for worker in workers]
+        self._send_batch(self.settings.tasks_queue_name, bodies)
+
+    def send_aggregate(self, job_id: str, round_index: int) -> None:
+        """Ask the aggregator to combine round ``round_index``."""
+        self.client.send_message(
+            QueueUrl=self.url(self.settings.aggregate_queue_name),
+            MessageBody=json.dumps({"job_id": job_id, "round": round_index}))
+
+    def _send_batch(self, queue_name: str, bodies: list[str]) -> None:
+        url = self.url(queue_name)
+        for start in range(0, len(bodies), SQS_BATCH_LIMIT):
+            chunk = bodies[start:start + SQS_BATCH_LIMIT]
+            entries = [{"Id": str(index), "MessageBody": body} for index, body in enumerate(chunk)]
+            response = self.client.send_message_batch(QueueUrl=url, Entries=entries)
+            failed = response.get("Failed", [])
+            if failed:
+                # Raising makes the caller's message come back, and re-sending is idempotent.
+                raise RuntimeError(f"SQS rejected {len(failed)} of {len(entries)} messages to {queue_name}: {failed[0]}")
