@@ -31,11 +31,10 @@ from shared.config import Settings
 from shared.efs import EfsStore
 from shared.errors import PermanentError, StaleMessageError
 from shared.queues import AggregateMessage, QueueClient, TaskMessage
-from shared.sampling import batch_indices, epoch_of_round, rounds_per_epoch, total_rounds
+from shared.sampling import epoch_of_round, total_rounds
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, StateStore
-from shared.training import (WorkerResult, apply_round, build_model, build_model_for_preparation,
-                             build_optimizer, compute_worker_result)
+from shared.training import build_model, build_model_for_preparation, build_optimizer, get_training_mode
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +162,11 @@ def _check_round_is_current(services: Services, job_id: str, round_index: int):
     return record
 
 
-def run_task(services: Services, task: TaskMessage) -> WorkerResult | None:
+def run_task(services: Services, task: TaskMessage) -> dict[str, np.ndarray]:
     """Compute one worker's contribution to one round and record it.
 
-    Returns the result, or None when the result was already recorded by an earlier
-    delivery of the same task.
+    Returns the result arrays. A redelivered task computes and writes the same bytes again,
+    and finds its worker already recorded.
     """
     job_id, round_index, worker = task["job_id"], task["round"], task["worker"]
     record = _check_round_is_current(services, job_id, round_index)
@@ -183,12 +182,10 @@ def run_task(services: Services, task: TaskMessage) -> WorkerResult | None:
     shard = context.shards[worker]
 
     params, _ = read_round_state(store, job_id, round_index)
-    per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
-    rows = batch_indices(spec.training.seed, round_index, worker, shard.n_rows, per_epoch, spec.training.batch_size)
     model = build_model(spec, manifest)
-    result = compute_worker_result(model, params, shard.X[rows], np.asarray(shard.y[rows]))
+    result = get_training_mode(spec, model).worker_result(spec, manifest, model, params, shard, round_index, worker)
 
-    store.write_arrays(store.result_path(job_id, round_index, worker), result.to_arrays())
+    store.write_arrays(store.result_path(job_id, round_index, worker), result)
     faults.maybe_fail("worker.after_write", job_id=job_id, round=round_index, worker=worker)
 
     newly_added, done = services.state.record_worker_done(job_id, round_index, worker)
@@ -236,9 +233,8 @@ def aggregate_round(services: Services, message: AggregateMessage) -> dict | Non
     model, optimizer = build_model(spec, manifest), build_optimizer(spec)
 
     params, optimizer_state = read_round_state(store, job_id, round_index)
-    results = [WorkerResult.from_arrays(store.read_arrays(store.result_path(job_id, round_index, worker)))
-               for worker in range(record.n_workers)]
-    update = apply_round(model, optimizer, params, optimizer_state, results, round_index)
+    results = [store.read_arrays(store.result_path(job_id, round_index, worker)) for worker in range(record.n_workers)]
+    update = get_training_mode(spec, model).combine(spec, model, optimizer, params, optimizer_state, results, round_index)
 
     next_round = round_index + 1
     write_round_state(store, job_id, next_round, update.params, update.optimizer_state)

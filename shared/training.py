@@ -1,14 +1,22 @@
-"""Training maths shared by the worker and the aggregator, free of any AWS code."""
+"""Training maths shared by the worker and the aggregator, free of any AWS code.
+
+A :class:`TrainingMode` decides what a worker computes in a round and how the aggregator
+combines the workers' results. The service layer only moves the results between EFS and
+the mode, so a new mode plugs in here without touching the message flow.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 
 from shared.errors import DivergenceError
 from shared.models import Model, get_model_class
-from shared.optim import OPTIMIZERS, Optimizer, OptimizerState
+from shared.optim import Optimizer, OptimizerState
+from shared.optim import build_optimizer as build_optimizer_by_name
+from shared.sampling import batch_indices, rounds_per_epoch
 from shared.spec import JobSpec
 
 
@@ -28,7 +36,7 @@ def build_model_for_preparation(spec: JobSpec) -> Model:
 def build_optimizer(spec: JobSpec) -> Optimizer:
     """Return the optimizer a job uses."""
     hyperparameters = {key: value for key, value in vars(spec.optimizer).items() if key != "name"}
-    return OPTIMIZERS[spec.optimizer.name](**hyperparameters)
+    return build_optimizer_by_name(spec.optimizer.name, **hyperparameters)
 
 
 @dataclass(frozen=True)
@@ -101,3 +109,100 @@ def apply_round(model: Model, optimizer: Optimizer, params: np.ndarray, optimize
             f"training diverged in round {round_index}: the loss or a weight became NaN or infinite "
             f"(training loss {train_loss!r}); lower optimizer.learning_rate and start a new job")
     return RoundUpdate(params=new_params, optimizer_state=new_state, train_loss=train_loss, n_samples=n_samples)
+
+
+class TrainingMode(ABC):
+    """What workers compute in a round and how the aggregator combines it.
+
+    A worker's share of a round is processed as a sequence of steps over a ``progress``
+    dictionary of arrays: :meth:`begin` creates it, each :meth:`advance` does one bounded
+    piece of work (a chunk of rows, or one local step), and :meth:`finish` turns it into
+    the result the aggregator reads. The arithmetic depends only on the step boundaries
+    the mode chooses, never on how many steps fit in one invocation, so a worker that
+    saves ``progress`` and continues in a new invocation produces identical bytes.
+    """
+
+    name: str
+
+    @abstractmethod
+    def begin(self, spec: JobSpec, manifest: dict, model: Model, params: np.ndarray, shard,
+              round_index: int, worker: int) -> dict[str, np.ndarray]:
+        """Return the progress of worker ``worker`` before its first step of the round."""
+
+    @abstractmethod
+    def advance(self, spec: JobSpec, manifest: dict, model: Model, params: np.ndarray, shard,
+                round_index: int, worker: int, progress: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+        """Do one step; return the new progress and whether the worker's share is complete."""
+
+    @abstractmethod
+    def finish(self, progress: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return the worker's result arrays from its completed progress."""
+
+    @abstractmethod
+    def combine(self, spec: JobSpec, model: Model, optimizer: Optimizer, params: np.ndarray,
+                optimizer_state: OptimizerState, results: list[dict[str, np.ndarray]], round_index: int) -> RoundUpdate:
+        """Combine the workers' results, given in worker order, into the next parameters."""
+
+    def worker_result(self, spec: JobSpec, manifest: dict, model: Model, params: np.ndarray, shard,
+                      round_index: int, worker: int) -> dict[str, np.ndarray]:
+        """Run every step of a worker's share in one go; for the reference and for tests."""
+        progress = self.begin(spec, manifest, model, params, shard, round_index, worker)
+        done = False
+        while not done:
+            progress, done = self.advance(spec, manifest, model, params, shard, round_index, worker, progress)
+        return self.finish(progress)
+
+
+# Rows per step of a gradient computation. A constant, not a setting of the machine, so
+# that results are bitwise identical however a worker's share is split into invocations.
+GRADIENT_CHUNK_ROWS = 4096
+
+
+class GradientAveraging(TrainingMode):
+    """Each worker returns the summed gradient of one mini-batch; the aggregator takes one step.
+
+    The batch is processed in chunks of :data:`GRADIENT_CHUNK_ROWS` rows, summed in order.
+    """
+
+    name = "gradient_average"
+
+    def _batch_rows(self, spec, manifest, shard, round_index, worker) -> np.ndarray:
+        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
+        return batch_indices(spec.training.seed, round_index, worker, shard.n_rows, per_epoch, spec.training.batch_size)
+
+    def begin(self, spec, manifest, model, params, shard, round_index, worker):
+        return {
+            "position": np.int64(0),
+            "grad_sum": np.zeros(model.n_params, dtype=np.float64),
+            "loss_sum": np.float64(0.0),
+            "n_samples": np.int64(0),
+        }
+
+    def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
+        rows = self._batch_rows(spec, manifest, shard, round_index, worker)
+        position = int(progress["position"])
+        chunk = rows[position:position + GRADIENT_CHUNK_ROWS]
+        part = compute_worker_result(model, params, shard.X[chunk], np.asarray(shard.y[chunk]))
+        new_progress = {
+            "position": np.int64(position + len(chunk)),
+            "grad_sum": progress["grad_sum"] + part.grad_sum,
+            "loss_sum": np.float64(float(progress["loss_sum"]) + part.loss_sum),
+            "n_samples": np.int64(int(progress["n_samples"]) + part.n_samples),
+        }
+        return new_progress, position + len(chunk) >= len(rows)
+
+    def finish(self, progress):
+        return WorkerResult(grad_sum=progress["grad_sum"], loss_sum=float(progress["loss_sum"]),
+                            n_samples=int(progress["n_samples"])).to_arrays()
+
+    def combine(self, spec, model, optimizer, params, optimizer_state, results, round_index):
+        worker_results = [WorkerResult.from_arrays(arrays) for arrays in results]
+        return apply_round(model, optimizer, params, optimizer_state, worker_results, round_index)
+
+
+TRAINING_MODES: dict[str, TrainingMode] = {mode.name: mode for mode in (GradientAveraging(),)}
+
+
+def get_training_mode(spec: JobSpec, model: Model) -> TrainingMode:
+    """Return the training mode a job uses."""
+    return TRAINING_MODES[GradientAveraging.name]

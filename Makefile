@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check-stack clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Train logistic regression on a9a with 4 workers through the local runtime.
+demo: $(STAMP)
+	$(BIN)/baton run examples/a9a.json --fresh --import examples/data/a9a:datasets/a9a
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+# Package the stack offline and lint the CloudFormation template (needs Node.js and npm).
+check-stack:
+	bash scripts/check-stack.sh
+
+clean:
+	rm -rf $(VENV) .baton .serverless
