@@ -1,0 +1,62 @@
+"""A one-process reference of Baton's gradient-averaging training, for tests and benchmarks.
+
+It runs the same algorithm as the distributed pipeline (same shards, same batches, same
+order of summation over workers, same optimizer) as a plain loop with no queues, tables or
+messages, so any difference from a distributed run points at the message flow. It reads
+the shards the starter prepared for the job on EFS, so data preparation is shared and
+tested on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shared.data import load_shard
+from shared.efs import EfsStore
+from shared.sampling import batch_indices, rounds_per_epoch, total_rounds
+from shared.spec import JobSpec
+from shared.training import build_model, build_optimizer
+
+
+def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, list[float]]:
+    """Train ``spec`` in one process on the shards prepared for it under ``efs_root``.
+
+    Returns
+    -------
+    params : ndarray of shape (n_params,)
+        The final parameters.
+    train_losses : list of float
+        The training loss of every round.
+    """
+    store = EfsStore(efs_root)
+    manifest = store.read_json(store.data_dir(spec.job_id) / "manifest.json")
+    shards = [load_shard(store, spec.job_id, manifest, worker) for worker in range(spec.training.n_workers)]
+    shard_rows = [shard.n_rows for shard in shards]
+
+    model = build_model(spec, manifest)
+    optimizer = build_optimizer(spec)
+    params = model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
+    state = optimizer.init_state(params)
+
+    batch_size = spec.training.batch_size
+    per_epoch = rounds_per_epoch(shard_rows, batch_size)
+    losses = []
+    for round_index in range(total_rounds(shard_rows, batch_size, spec.training.max_epochs, spec.training.max_rounds)):
+        grad_sum = np.zeros_like(params)
+        loss_sum = 0.0
+        n_samples = 0
+        for worker, shard in enumerate(shards):
+            rows = batch_indices(spec.training.seed, round_index, worker, shard.n_rows, per_epoch, batch_size)
+            if len(rows) == 0:
+                continue
+            loss, grad = model.loss_grad(params, shard.X[rows], np.asarray(shard.y[rows]))
+            grad_sum += grad
+            loss_sum += loss
+            n_samples += len(rows)
+
+        penalty, penalty_grad = model.penalty_grad(params)
+        losses.append(loss_sum / n_samples + penalty)
+        params, state = optimizer.step(params, grad_sum / n_samples + penalty_grad, state, round_index)
+    return params, losses

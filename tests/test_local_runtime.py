@@ -1,0 +1,103 @@
+"""End to end through the local runtime: moto's server on 127.0.0.1, handlers in their own
+processes, EFS as a folder, exactly as `baton run` and `make demo` use them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from shared.cli import main
+from shared.local.session import LocalStack
+from shared.reference import train_reference
+from shared.spec import parse_job_spec
+from shared.state import FAILED, SUCCEEDED
+from tests.conftest import A9A_DIR
+
+
+def a9a_spec(job_id: str) -> dict:
+    return {
+        "job_id": job_id,
+        "model": {"name": "logistic_regression", "alpha": 1e-5},
+        "optimizer": {"name": "momentum", "learning_rate": 0.5, "momentum": 0.9},
+        "data": {"path": "datasets/a9a/a9a", "format": "libsvm", "n_features": 123,
+                 "validation_path": "datasets/a9a/a9a.t"},
+        "training": {"n_workers": 4, "batch_size": 128, "max_rounds": 15, "seed": 11},
+    }
+
+
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local") / "efs"
+    with LocalStack(root, retry_delay_seconds=0) as stack:
+        stack.import_data(A9A_DIR, "datasets/a9a")
+        yield stack
+
+
+def test_distributed_run_equals_reference(local_stack):
+    spec = a9a_spec("runtime-equals-reference")
+    local_stack.submit(spec)
+    rounds = []
+    record = local_stack.wait(spec["job_id"], timeout_seconds=240, on_round=rounds.append)
+
+    assert record.status == SUCCEEDED, record.error
+    assert [entry["round"] for entry in rounds] == list(range(15))
+
+    expected, expected_losses = train_reference(parse_job_spec(spec), local_stack.efs_root)
+    trained = np.load(local_stack.efs_root / "jobs" / spec["job_id"] / "model" / "params.npy")
+    np.testing.assert_allclose(trained, expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose([entry["train_loss"] for entry in rounds], expected_losses, rtol=1e-12)
+
+
+def test_handlers_ran_in_separate_processes(local_stack):
+    runtime = local_stack.runtime
+    worker_invocations = runtime.lanes["worker"].invocations
+    assert worker_invocations, "no worker invocation was recorded"
+    assert all(invocation.outcome == "ok" for invocation in worker_invocations)
+    assert (local_stack.efs_root.parent / "logs" / "worker.log").stat().st_size > 0
+
+
+def test_invalid_job_fails_without_retry(local_stack):
+    spec = a9a_spec("runtime-invalid")
+    spec["training"]["n_workers"] = 0
+    local_stack.submit(spec)
+    record = local_stack.wait("runtime-invalid", timeout_seconds=60)
+
+    assert record.status == FAILED
+    assert "training.n_workers" in record.error
+    starter_invocations = [i for i in local_stack.runtime.lanes["starter"].invocations]
+    assert all(invocation.outcome == "ok" for invocation in starter_invocations)
+
+
+def test_cli_run_trains_and_reports(tmp_path):
+    spec = a9a_spec("cli-run")
+    spec["training"]["max_rounds"] = 4
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec))
+
+    result = CliRunner().invoke(main, [
+        "run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
+        "--import", f"{A9A_DIR}:datasets/a9a", "--timeout", "240",
+    ])
+
+    assert result.exit_code == 0, result.output
+    assert "round     3" in result.output
+    assert "val acc" in result.output
+    assert "job cli-run SUCCEEDED after 4 rounds" in result.output
+    assert (tmp_path / "baton" / "efs" / "jobs" / "cli-run" / "model" / "params.npy").is_file()
+
+
+def test_cli_run_rejects_invalid_spec_file(tmp_path):
+    spec = a9a_spec("cli-invalid")
+    spec["optimizer"]["learning_rate"] = -1
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec))
+
+    result = CliRunner().invoke(main, ["run", str(spec_file), "--local-dir", str(tmp_path / "baton")])
+
+    assert result.exit_code != 0
+    assert "optimizer.learning_rate" in result.output
+    shutil.rmtree(tmp_path / "baton", ignore_errors=True)

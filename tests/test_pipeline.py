@@ -1,0 +1,163 @@
+"""The core pipeline: a job through the real handlers equals the one-process reference,
+and at-least-once delivery (duplicates, stale rounds) cannot change the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from shared.reference import train_reference
+from shared.spec import parse_job_spec
+from shared.state import FAILED, SUCCEEDED
+
+
+def a9a_spec(job_id: str = "a9a-small", **training) -> dict:
+    return {
+        "job_id": job_id,
+        "model": {"name": "logistic_regression", "alpha": 1e-4},
+        "optimizer": {"name": "momentum", "learning_rate": 0.5, "momentum": 0.9},
+        "data": {"path": "datasets/a9a/a9a", "format": "libsvm", "n_features": 123,
+                 "validation_path": "datasets/a9a/a9a.t"},
+        "training": {"n_workers": 4, "batch_size": 64, "max_rounds": 12, "seed": 3, **training},
+    }
+
+
+def final_params(efs_root, job_id: str) -> np.ndarray:
+    return np.load(efs_root / "jobs" / job_id / "model" / "params.npy")
+
+
+def test_inprocess_run_matches_reference(inprocess_stack, efs_root):
+    spec = a9a_spec()
+    inprocess_stack.submit(spec)
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert record.round == 12
+
+    expected, _ = train_reference(parse_job_spec(spec), efs_root)
+    np.testing.assert_allclose(final_params(efs_root, "a9a-small"), expected, rtol=0, atol=1e-12)
+
+
+def test_round_metrics_recorded(inprocess_stack, efs_root):
+    inprocess_stack.submit(a9a_spec(max_rounds=5))
+    inprocess_stack.run()
+
+    metrics = inprocess_stack.services.state.list_round_metrics("a9a-small")
+    assert [entry["round"] for entry in metrics] == [0, 1, 2, 3, 4]
+    for entry in metrics:
+        assert 0.0 < entry["train_loss"] < 1.0
+        assert 0.0 <= entry["validation_accuracy"] <= 1.0
+    on_efs = json.loads((efs_root / "jobs" / "a9a-small" / "metrics" / "4.json").read_text())
+    assert on_efs["validation_loss"] == pytest.approx(metrics[-1]["validation_loss"])
+
+
+def test_duplicate_task_leaves_weights_unchanged(inprocess_stack, efs_root):
+
+    def duplicate_round_three_tasks(stack):
+        # Every task of round 3 is delivered twice: once now, once normally.
+        if not getattr(stack, "duplicated", False):
+            record = stack.services.state.get_job("a9a-small")
+            if record is not None and record.round == 3:
+                for worker in range(4):
+                    stack.send("TasksQueue", {"job_id": "a9a-small", "round": 3, "worker": worker})
+                stack.duplicated = True
+
+    inprocess_stack.submit(a9a_spec())
+    inprocess_stack.run(before_step=duplicate_round_three_tasks)
+
+    assert inprocess_stack.duplicated
+    assert inprocess_stack.services.state.get_job("a9a-small").status == SUCCEEDED
+    reference, _ = train_reference(parse_job_spec(a9a_spec()), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
+def test_duplicate_aggregate_leaves_weights_unchanged(inprocess_stack, efs_root):
+    sent = []
+
+    def duplicate_aggregates(stack):
+        # Replay the aggregate message of every finished round once, after the fact.
+        record = stack.services.state.get_job("a9a-small")
+        if record is not None and record.round > 0 and record.round - 1 not in sent:
+            stack.send("AggregateQueue", {"job_id": "a9a-small", "round": record.round - 1})
+            sent.append(record.round - 1)
+
+    inprocess_stack.submit(a9a_spec())
+    inprocess_stack.run(before_step=duplicate_aggregates)
+
+    assert len(sent) >= 10
+    assert inprocess_stack.services.state.get_job("a9a-small").status == SUCCEEDED
+    reference, _ = train_reference(parse_job_spec(a9a_spec()), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
+def test_stale_task_leaves_weights_unchanged(inprocess_stack, efs_root):
+
+    def replay_round_zero(stack):
+        # A task of round 0 arriving while the job is several rounds further on.
+        if not getattr(stack, "replayed", False):
+            record = stack.services.state.get_job("a9a-small")
+            if record is not None and record.round == 6:
+                stack.send("TasksQueue", {"job_id": "a9a-small", "round": 0, "worker": 2})
+                stack.replayed = True
+
+    inprocess_stack.submit(a9a_spec())
+    inprocess_stack.run(before_step=replay_round_zero)
+
+    assert inprocess_stack.replayed
+    assert inprocess_stack.services.state.get_job("a9a-small").status == SUCCEEDED
+    reference, _ = train_reference(parse_job_spec(a9a_spec()), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
+def test_duplicate_job_message_starts_job_once(inprocess_stack, efs_root):
+    spec = a9a_spec(max_rounds=3)
+    inprocess_stack.submit(spec)
+    inprocess_stack.submit(spec)
+    inprocess_stack.run()
+
+    assert inprocess_stack.services.state.get_job("a9a-small").status == SUCCEEDED
+    task_deliveries = [d for d in inprocess_stack.deliveries if d.queue == "TasksQueue"]
+    # A second start would send a second set of round 0 tasks, at most 4 more.
+    assert len(task_deliveries) <= 3 * 4 + 4
+
+
+@pytest.mark.parametrize("change, field, words", [
+    (lambda spec: spec["data"].pop("path"), "data.path", "missing required field"),
+    (lambda spec: spec["optimizer"].update(learning_rate=-0.1), "optimizer.learning_rate", "greater than 0"),
+    (lambda spec: spec["training"].update(n_workers=0), "training.n_workers", "at least 1"),
+    (lambda spec: spec["training"].update(batch_size="big"), "training.batch_size", "expected an integer"),
+    (lambda spec: spec["model"].update(name="forest"), "model.name", "expected one of"),
+    (lambda spec: spec.update(job_id="../escape"), "job_id", "letters, digits"),
+])
+def test_malformed_spec_fails_job_once(inprocess_stack, change, field, words):
+    spec = a9a_spec(job_id="bad-job")
+    change(spec)
+    inprocess_stack.submit(spec)
+    inprocess_stack.run()
+
+    jobs = inprocess_stack.services.state.list_jobs()
+    assert len(jobs) == 1
+    record = jobs[0]
+    assert record.status == FAILED
+    assert field in record.error
+    assert words in record.error
+
+    # Handled once, not returned to the queue, and no work started.
+    assert [d.queue for d in inprocess_stack.deliveries] == ["JobsQueue"]
+    assert not inprocess_stack.deliveries[0].failed
+    assert inprocess_stack.queue_depth("JobsQueue") == 0
+
+
+def test_missing_data_file_fails_job(inprocess_stack):
+    spec = a9a_spec(job_id="no-data")
+    spec["data"]["path"] = "datasets/nowhere/train.svm"
+    inprocess_stack.submit(spec)
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("no-data")
+    assert record.status == FAILED
+    assert "datasets/nowhere/train.svm" in record.error
+    assert "not found" in record.error
