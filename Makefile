@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check-stack clean
+.PHONY: demo test bench check-stack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
+
+# Measure speed and memory; rewrites docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
 
 # Package the stack offline and lint the CloudFormation template (needs Node.js and npm).
 check-stack:
