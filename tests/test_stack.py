@@ -31,7 +31,18 @@ REQUIRED_ENVIRONMENT = {
     "POWERTOOLS_SERVICE_NAME",
 }
 
-VARIABLE_PATTERN = re.compile(r"\$\{([^${}]+)\}")
+# A Serverless variable has a source prefix (self:, sls:, param:, env:, ...). Placeholders
+# without one, such as ${AWS::Region} or ${RoleArn} in !Sub strings, are CloudFormation's.
+# The queue each function reads, None for a function without an SQS trigger.
+QUEUE_OF_FUNCTION = {"starter": "JobsQueue", "worker": "TasksQueue", "aggregator": "AggregateQueue", "watchdog": None}
+EFS_FUNCTIONS = {"starter", "worker", "aggregator"}
+
+VARIABLE_PATTERN = re.compile(r"\$\{([a-z]+:[^${}]*)\}")
+
+# The stages whose params serverless.yml declares, each checked in full.
+STAGES = ("dev", "prod")
+
+LAMBDA_ARCHITECTURES = {"x86_64": "x86_64", "arm64": "aarch64"}
 
 
 class CloudFormationLoader(yaml.SafeLoader):
@@ -63,7 +74,8 @@ CloudFormationLoader.add_multi_constructor("!", _construct_cloudformation_tag)
 def resolve_variables(value, config: dict, stage: str):
     """Resolve the Serverless variables this file uses, innermost first.
 
-    Supported sources are ``self:``, ``sls:stage``, ``param:`` (default params only) and
+    Supported sources are ``self:``, ``sls:stage``, ``param:`` (the stage's params, then
+    the defaults) and
     ``env:NAME, 'fallback'`` (always the fallback, so the result does not depend on the
     shell). Any other source raises ``ValueError`` so that a new kind of variable is
     noticed here instead of being compared as raw text.
@@ -98,7 +110,11 @@ def _lookup_variable(expression: str, config: dict, stage: str):
             node = node[part]
         return node
     if expression.startswith("param:"):
-        return config["params"]["default"][expression[len("param:"):]]
+        name = expression[len("param:"):]
+        for scope in (stage, "default"):
+            if name in config["params"].get(scope, {}):
+                return config["params"][scope][name]
+        raise ValueError(f"${{{expression}}} is defined neither for stage {stage!r} nor by default")
     if expression.startswith("env:"):
         _, _, fallback = expression.partition(",")
         if not fallback:
@@ -113,9 +129,11 @@ def raw_config() -> dict:
         return yaml.load(handle, Loader=CloudFormationLoader)
 
 
-@pytest.fixture(scope="module")
-def config(raw_config) -> dict:
-    return resolve_variables(raw_config, raw_config, raw_config["provider"]["stage"])
+@pytest.fixture(scope="module", params=STAGES)
+def config(request, raw_config) -> dict:
+    resolved = resolve_variables(raw_config, raw_config, request.param)
+    resolved["provider"]["stage"] = request.param
+    return resolved
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +174,12 @@ def _function_logical_id(function_name: str) -> str:
 
 def test_service_and_resource_names(config, resources):
     names = config["custom"]["names"]
+    stage = config["provider"]["stage"]
     assert config["service"] == "baton"
-    assert names["jobsQueue"] == "baton-dev-jobs"
-    assert names["tasksQueue"] == "baton-dev-tasks"
-    assert names["aggregateQueue"] == "baton-dev-aggregate"
-    assert names["stateTable"] == "baton-dev-state"
+    assert names["jobsQueue"] == f"baton-{stage}-jobs"
+    assert names["tasksQueue"] == f"baton-{stage}-tasks"
+    assert names["aggregateQueue"] == f"baton-{stage}-aggregate"
+    assert names["stateTable"] == f"baton-{stage}-state"
     assert resources["JobsQueue"]["Properties"]["QueueName"] == names["jobsQueue"]
     assert resources["TasksQueue"]["Properties"]["QueueName"] == names["tasksQueue"]
     assert resources["AggregateQueue"]["Properties"]["QueueName"] == names["aggregateQueue"]
@@ -191,6 +210,10 @@ def test_every_queue_is_encrypted(resources):
         assert body["Properties"].get("SqsManagedSseEnabled") is True, name
 
 
+def _stage_params(config: dict) -> dict:
+    return {**config["params"].get("default", {}), **config["params"].get(config["provider"]["stage"], {})}
+
+
 def test_visibility_timeout_covers_function_timeout(config, resources):
     checked_queues = set()
     for function_name, function in config["functions"].items():
@@ -208,19 +231,26 @@ def test_visibility_timeout_covers_function_timeout(config, resources):
 
 def test_functions_handlers_and_timeouts(config):
     functions = config["functions"]
-    assert set(functions) == {"starter", "worker", "aggregator"}
+    params = _stage_params(config)
+    assert set(functions) == set(QUEUE_OF_FUNCTION)
     for name, function in functions.items():
         assert function["handler"] == f"functions/{name}.handler"
-    assert functions["starter"]["timeout"] == 900
-    assert functions["worker"]["timeout"] == 300
-    assert functions["aggregator"]["timeout"] == 300
+        assert function["timeout"] == params[f"{name}Timeout"], name
+        assert function["memorySize"] == params[f"{name}Memory"], name
+
+
+def test_memory_and_timeout_in_lambda_range(config):
+    for name, function in config["functions"].items():
+        assert isinstance(function["memorySize"], int), name
+        assert 128 <= function["memorySize"] <= 10240, f"{name} memory {function['memorySize']} MB"
+        assert 1 <= function["timeout"] <= 900, f"{name} timeout {function['timeout']} s"
 
 
 def test_function_queues(config):
-    expected_queue = {"starter": "JobsQueue", "worker": "TasksQueue", "aggregator": "AggregateQueue"}
     for name, function in config["functions"].items():
         queues = [_queue_of(sqs_event) for sqs_event in _sqs_events(function)]
-        assert queues == [expected_queue[name]], name
+        expected = [] if QUEUE_OF_FUNCTION[name] is None else [QUEUE_OF_FUNCTION[name]]
+        assert queues == expected, name
 
 
 def test_sqs_events_report_batch_item_failures(config):
@@ -268,6 +298,9 @@ def test_functions_mount_efs_after_mount_targets(config, resources):
 
     assert len(mount_targets) == 2
     for name, function in config["functions"].items():
+        if name not in EFS_FUNCTIONS:
+            assert "fileSystemConfig" not in function, f"{name} is not expected to mount EFS"
+            continue
         file_system = function["fileSystemConfig"]
         assert file_system["localMountPath"] == config["provider"]["environment"]["EFS_ROOT"], name
         assert "Fn::Join" in file_system["arn"], f"{name} fileSystemConfig.arn must be built with Fn::Join"
@@ -330,8 +363,87 @@ def test_requirements_plugin_settings(config):
     # Unquoted in YAML, --only-binary=:all: parses as a mapping and the plugin crashes.
     assert "--only-binary=:all:" in settings["pipCmdExtraArgs"]
     architecture = config["provider"]["architecture"]
-    wheel_architecture = {"x86_64": "x86_64", "arm64": "aarch64"}[architecture]
-    assert f"--platform=manylinux2014_{wheel_architecture}" in settings["pipCmdExtraArgs"]
+    assert architecture in LAMBDA_ARCHITECTURES
+    wheel_architecture = LAMBDA_ARCHITECTURES[architecture]
+    platforms = [argument for argument in settings["pipCmdExtraArgs"] if argument.startswith("--platform=")]
+    assert platforms, "pip needs a --platform for the Lambda architecture"
+    for platform in platforms:
+        assert platform.endswith(f"_{wheel_architecture}"), f"{platform} does not match architecture {architecture}"
+
+
+def test_architecture_is_a_stage_param(raw_config):
+    assert raw_config["provider"]["architecture"] == "${param:architecture}"
+    for name, function in raw_config["functions"].items():
+        assert "architecture" not in function, f"{name} overrides the stage's architecture"
+
+
+def test_one_role_per_function(config, resources):
+    roles = {}
+    for name, function in config["functions"].items():
+        role = function.get("role")
+        assert role is not None, f"{name} has no role of its own"
+        substitution, variables = role["Fn::Sub"]
+        assert substitution == "${RoleArn}", name
+        logical_id, attribute = variables["RoleArn"]["Fn::GetAtt"]
+        assert attribute == "Arn", name
+        assert resources[logical_id]["Type"] == "AWS::IAM::Role", name
+        roles[name] = logical_id
+    assert len(set(roles.values())) == len(roles), f"functions share roles: {roles}"
+    assert "iam" not in config["provider"], "provider.iam would add a shared role"
+
+
+def _statements(resources: dict, role: str) -> list[dict]:
+    statements = []
+    for policy in resources[role]["Properties"]["Policies"]:
+        statements.extend(policy["PolicyDocument"]["Statement"])
+    return statements
+
+
+def _queues_with_action(statements: list[dict], action: str) -> set[str]:
+    queues = set()
+    for statement in statements:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        if action in actions:
+            queues.update(target["Fn::GetAtt"][0] for target in targets
+                          if isinstance(target, dict) and "Fn::GetAtt" in target and target["Fn::GetAtt"][0].endswith("Queue"))
+    return queues
+
+
+def test_roles_receive_only_from_own_queue(config, resources):
+    for name, function in config["functions"].items():
+        role = function["role"]["Fn::Sub"][1]["RoleArn"]["Fn::GetAtt"][0]
+        received = _queues_with_action(_statements(resources, role), "sqs:ReceiveMessage")
+        if QUEUE_OF_FUNCTION[name] is not None:
+            assert received == {QUEUE_OF_FUNCTION[name]}, f"{name} may receive from {sorted(received)}"
+
+
+def test_roles_allow_no_wildcard_except_network_interfaces(resources):
+    for logical_id, body in resources.items():
+        if body["Type"] != "AWS::IAM::Role":
+            continue
+        for statement in _statements(resources, logical_id):
+            if statement["Resource"] == "*":
+                assert all(action.startswith("ec2:") for action in statement["Action"]), (
+                    f"{logical_id} grants {statement['Action']} on every resource")
+
+
+def test_network_is_created_only_without_vpc_id(raw_config, resources):
+    assert raw_config["resources"]["Conditions"]["CreateNetwork"] == {
+        "Fn::Equals": [{"Ref": "ExistingVpcId"}, ""]}
+    for logical_id in ("Vpc", "PrivateSubnetA", "PrivateSubnetB", "PrivateRouteTable",
+                       "DynamoDbGatewayEndpoint", "SqsInterfaceEndpoint"):
+        assert resources[logical_id].get("Condition") == "CreateNetwork", logical_id
+    parameters = {entry["ParameterKey"]: entry["ParameterValue"] for entry in raw_config["provider"]["stackParameters"]}
+    assert parameters == {"ExistingVpcId": "${param:vpcId}", "ExistingSubnetAId": "${param:subnetAId}",
+                          "ExistingSubnetBId": "${param:subnetBId}"}
+    assert set(parameters) == set(raw_config["resources"]["Parameters"])
+
+
+def test_max_receive_count_reaches_handlers(config):
+    from shared.handlers import DEFAULT_MAX_RECEIVE_COUNT
+
+    assert config["custom"]["maxReceiveCount"] == DEFAULT_MAX_RECEIVE_COUNT
 
 
 def test_lambda_requirements_leave_out_scikit_learn():
