@@ -133,5 +133,10 @@ def status(job_id: str, stage: str) -> None:
                           indent=2, sort_keys=True, default=str))
 
 
+# NOTE: imported here so that the export command is registered; sklearn loads only when it runs.
+from shared.export import export_command  # noqa: E402
+
+main.add_command(export_command)
+
 if __name__ == "__main__":
     sys.exit(main())

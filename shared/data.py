@@ -3,6 +3,11 @@
 Sparse data stays sparse end to end: libsvm files are parsed into CSR matrices and stored
 as three memory-mappable arrays per shard. Features are stored as float32 to halve what a
 worker reads from EFS; models accumulate in float64.
+
+The readers here parse one part of a source: a byte range of a text file, a row range of
+a ``.npy`` matrix, or a whole file. :mod:`shared.preparation` chains the parts into a
+preparation that no single invocation has to hold in memory; :func:`prepare_data` runs
+that chain in one process.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from shared.spec import JobSpec
 logger = logging.getLogger(__name__)
 
 VALIDATION = "validation"
+COMPRESSED_SUFFIXES = (".gz", ".bz2")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -35,6 +41,64 @@ def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".bz2":
         return bz2.open(path, "rt", encoding="utf-8")
     return open(path, "rt", encoding="utf-8")
+
+
+def parse_libsvm_lines(lines, source: str, first_line_number: int = 1) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Parse libsvm/svmlight lines into a CSR matrix as wide as its highest index, and labels.
+
+    Empty lines and ``#`` comments are skipped; ``qid:`` tokens are ignored.
+
+    Raises
+    ------
+    DataError
+        On a malformed line, naming ``source`` and the line number.
+    """
+    labels: list[float] = []
+    indices: list[int] = []
+    values: list[float] = []
+    indptr = [0]
+
+    for line_number, line in enumerate(lines, start=first_line_number):
+        content = line.split("#", 1)[0].strip()
+        if not content:
+            continue
+        tokens = content.split()
+        try:
+            labels.append(float(tokens[0]))
+            previous_index = 0
+            for token in tokens[1:]:
+                if token.startswith("qid:"):
+                    continue
+                index_text, value_text = token.split(":", 1)
+                index = int(index_text)
+                if index <= previous_index:
+                    raise ValueError(f"index {index} is not above the previous index {previous_index}")
+                previous_index = index
+                indices.append(index - 1)
+                values.append(float(value_text))
+        except ValueError as error:
+            raise DataError(
+                f"malformed libsvm line {line_number} in '{source}': {error}; "
+                "expected '<label> <index>:<value> ...' with increasing 1-based indices"
+            ) from None
+        indptr.append(len(indices))
+
+    width = max(indices, default=-1) + 1
+    X = sp.csr_matrix(
+        (np.asarray(values, dtype=np.float32), np.asarray(indices, dtype=np.int32), np.asarray(indptr, dtype=np.int64)),
+        shape=(len(labels), width))
+    return X, np.asarray(labels, dtype=np.float64)
+
+
+def _widen(X: sp.csr_matrix, n_features: int | None, source: str) -> sp.csr_matrix:
+    """Return ``X`` with ``n_features`` columns, or as parsed when None."""
+    if n_features is None:
+        return X
+    if X.shape[1] > n_features:
+        raise DataError(
+            f"'{source}' uses feature index {X.shape[1]} but data.n_features is {n_features}; "
+            f"raise data.n_features to at least {X.shape[1]}")
+    return sp.csr_matrix((X.data, X.indices, X.indptr), shape=(X.shape[0], n_features))
 
 
 def read_libsvm(path: Path, n_features: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -58,66 +122,73 @@ def read_libsvm(path: Path, n_features: int | None = None) -> tuple[sp.csr_matri
         On a missing or empty file, a malformed line (with its line number), an index out
         of range, or a non-finite value.
     """
-    labels: list[float] = []
-    indices: list[int] = []
-    values: list[float] = []
-    indptr = [0]
-
     with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            content = line.split("#", 1)[0].strip()
-            if not content:
-                continue
-            tokens = content.split()
-            try:
-                labels.append(float(tokens[0]))
-                previous_index = 0
-                for token in tokens[1:]:
-                    if token.startswith("qid:"):
-                        continue
-                    index_text, value_text = token.split(":", 1)
-                    index = int(index_text)
-                    if index <= previous_index:
-                        raise ValueError(f"index {index} is not above the previous index {previous_index}")
-                    previous_index = index
-                    indices.append(index - 1)
-                    values.append(float(value_text))
-            except ValueError as error:
-                raise DataError(
-                    f"malformed libsvm line {line_number} in '{path}': {error}; "
-                    "expected '<label> <index>:<value> ...' with increasing 1-based indices"
-                ) from None
-            indptr.append(len(indices))
-
-    if not labels:
+        X, y = parse_libsvm_lines(handle, str(path))
+    if len(y) == 0:
         raise DataError(f"data file '{path}' has no rows; check that it is the right file and not empty")
-
-    highest_index = max(indices, default=-1) + 1
-    if n_features is None:
-        n_features = highest_index
-    elif highest_index > n_features:
-        raise DataError(
-            f"'{path}' uses feature index {highest_index} but data.n_features is {n_features}; "
-            f"raise data.n_features to at least {highest_index}")
-
-    X = sp.csr_matrix(
-        (np.asarray(values, dtype=np.float32), np.asarray(indices, dtype=np.int32), np.asarray(indptr, dtype=np.int64)),
-        shape=(len(labels), n_features))
-    return X, np.asarray(labels, dtype=np.float64)
+    return _widen(X, n_features, str(path)), y
 
 
-def read_csv(path: Path, label_column: int = -1, skip_rows: int = 0, delimiter: str = ",") -> tuple[np.ndarray, np.ndarray]:
-    """Parse a numeric CSV file into a dense feature matrix and a label vector.
+def csv_delimiter(delimiter: str) -> str | None:
+    """Return the ``numpy.loadtxt`` delimiter for a ``data.delimiter`` setting."""
+    return None if delimiter == "whitespace" else delimiter
+
+
+def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int | None,
+                   source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse numeric delimited text (no header) into float32 features and float64 labels.
+
+    ``label_index`` is a non-negative column index. ``n_columns``, when given, is the
+    width every row must have.
+    """
+    if not text.strip():
+        width = 0 if n_columns is None else n_columns - 1
+        return np.zeros((0, width), dtype=np.float32), np.zeros(0, dtype=np.float64)
+    try:
+        table = np.loadtxt(io.StringIO(text, newline=None), delimiter=csv_delimiter(delimiter), ndmin=2,
+                           dtype=np.float64, comments=None)
+    except ValueError as error:
+        raise DataError(f"malformed CSV file '{source}': {error}; check data.delimiter, data.header and "
+                        "data.skip_rows") from None
+    if n_columns is not None and table.shape[1] != n_columns:
+        raise DataError(f"'{source}' has rows of {table.shape[1]} columns where {n_columns} are expected")
+    if not 0 <= label_index < table.shape[1] or table.shape[1] < 2:
+        raise DataError(f"data.label_column points at column {label_index} but '{source}' has "
+                        f"{table.shape[1]} columns")
+    y = table[:, label_index].copy()
+    X = np.delete(table, label_index, axis=1).astype(np.float32)
+    return X, y
+
+
+def resolve_label_column(label_column: int | str, header: list[str] | None, n_columns: int, source: str) -> int:
+    """Return the non-negative index of the label column, given by index or by header name."""
+    if isinstance(label_column, str):
+        names = [name.strip().strip('"') for name in header or []]
+        if label_column not in names:
+            raise DataError(f"data.label_column is {label_column!r} but the header of '{source}' names the "
+                            f"columns {names}; use one of those names")
+        return names.index(label_column)
+    if not -n_columns <= label_column < n_columns:
+        raise DataError(f"data.label_column is {label_column} but '{source}' has {n_columns} columns")
+    return label_column % n_columns
+
+
+def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delimiter: str = ",",
+             header: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a numeric delimited text file into a dense feature matrix and a label vector.
 
     Parameters
     ----------
     path : Path
         Text file, optionally ``.gz`` or ``.bz2``.
-    label_column : int, default=-1
-        Index of the label column; negative counts from the end.
+    label_column : int or str, default=-1
+        Index of the label column (negative counts from the end), or its name in the header.
     skip_rows : int, default=0
-        Lines to skip before the first row, for example a header.
+        Lines to skip before the header or the first row.
     delimiter : str, default=","
+        Field separator, or ``"whitespace"`` for runs of spaces and tabs.
+    header : bool, default=False
+        Whether the first line after ``skip_rows`` names the columns.
 
     Returns
     -------
@@ -125,43 +196,106 @@ def read_csv(path: Path, label_column: int = -1, skip_rows: int = 0, delimiter: 
     y : ndarray of shape (n_samples,), float64
     """
     with _open_text(path) as handle:
-        try:
-            table = np.loadtxt(handle, delimiter=delimiter, skiprows=skip_rows, ndmin=2, dtype=np.float64)
-        except ValueError as error:
-            raise DataError(f"malformed CSV file '{path}': {error}; check data.delimiter and data.skip_rows") from None
-
-    if table.shape[0] == 0:
+        for _ in range(skip_rows):
+            handle.readline()
+        names = _split_header(handle.readline(), delimiter) if header else None
+        text = handle.read()
+    n_columns = len(names) if names is not None else _count_columns(text, delimiter)
+    label_index = resolve_label_column(label_column, names, n_columns, str(path))
+    X, y = parse_csv_text(text, delimiter, label_index, n_columns if names is not None else None, str(path))
+    if len(y) == 0:
         raise DataError(f"data file '{path}' has no rows; check that it is the right file and not empty")
-    n_columns = table.shape[1]
-    if not -n_columns <= label_column < n_columns or n_columns < 2:
-        raise DataError(f"data.label_column is {label_column} but '{path}' has {n_columns} columns")
-
-    label_index = label_column % n_columns
-    y = table[:, label_index].copy()
-    X = np.delete(table, label_index, axis=1).astype(np.float32)
     return X, y
 
 
-def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features: int | None):
-    """Read one data file named in ``spec`` and check its values are finite."""
-    path = store.resolve_data_path(relative_path)
-    if spec.data.format == "libsvm":
-        X, y = read_libsvm(path, n_features)
-        feature_values = X.data
-    else:
-        X, y = read_csv(path, spec.data.label_column, spec.data.skip_rows, spec.data.delimiter)
-        if n_features is not None and X.shape[1] != n_features:
-            raise DataError(f"'{path}' has {X.shape[1]} feature columns but {n_features} are expected; "
-                            "check data.n_features and that training and validation files match")
-        feature_values = X
+def _split_header(line: str, delimiter: str) -> list[str]:
+    return line.rstrip("\r\n").split(csv_delimiter(delimiter))
 
-    if not np.all(np.isfinite(feature_values)):
-        row = int(np.argwhere(~np.isfinite(X.toarray() if sp.issparse(X) else X))[0][0])
-        raise DataError(f"'{path}' has a NaN or infinite feature value in data row {row + 1}; "
+
+def _count_columns(text: str, delimiter: str) -> int:
+    for line in text.splitlines():
+        if line.strip():
+            return len(line.strip().split(csv_delimiter(delimiter)))
+    return 0
+
+
+def read_npy_rows(path: Path, label_column: int, start: int = 0, stop: int | None = None,
+                  source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read rows ``start:stop`` of a 2-D ``.npy`` matrix whose column ``label_column`` holds the labels.
+
+    The file is memory-mapped, so only the requested rows are read.
+    """
+    source = source or str(path)
+    table = _load_npy(path)
+    if table.ndim != 2 or table.shape[1] < 2:
+        raise DataError(f"'{source}' holds an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
+                        "with the labels in data.label_column, or use format 'npz' with arrays X and y")
+    label_index = resolve_label_column(label_column, None, table.shape[1], source)
+    rows = np.asarray(table[start:stop], dtype=np.float64)
+    return np.delete(rows, label_index, axis=1).astype(np.float32), rows[:, label_index].copy()
+
+
+def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read arrays ``X`` (2-D) and ``y`` (1-D) from a ``.npz`` archive."""
+    source = source or str(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"X", "y"} - set(archive.files)
+            if missing:
+                raise DataError(f"'{source}' has arrays {archive.files}; format 'npz' needs arrays named X and y")
+            X, y = archive["X"], archive["y"]
+    except (ValueError, OSError) as error:
+        raise DataError(f"'{source}' is not a readable .npz archive: {error}") from None
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise DataError(f"'{source}' has X of shape {X.shape} and y of shape {y.shape}; expected X of shape "
+                        "(n_samples, n_features) and y of shape (n_samples,)")
+    return np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"data file not found: '{path}'; check data.path and that the file was copied onto EFS")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise DataError(f"'{path}' is not a readable .npy file: {error}") from None
+
+
+def check_finite(X, y: np.ndarray, source: str, first_row: int = 0) -> None:
+    """Raise :class:`DataError` naming the first row with a NaN or infinite feature or label."""
+    values = X.data if sp.issparse(X) else X
+    if not np.all(np.isfinite(values)):
+        dense_rows = X.toarray() if sp.issparse(X) else X
+        row = int(np.argwhere(~np.isfinite(dense_rows))[0][0])
+        raise DataError(f"'{source}' has a NaN or infinite feature value in data row {first_row + row + 1}; "
                         "clean or impute the data before training")
     if not np.all(np.isfinite(y)):
         row = int(np.argwhere(~np.isfinite(y))[0][0])
-        raise DataError(f"'{path}' has a NaN or infinite label in data row {row + 1}")
+        raise DataError(f"'{source}' has a NaN or infinite label in data row {first_row + row + 1}")
+
+
+def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features: int | None):
+    """Read one whole data file named in ``spec`` and check its values are finite.
+
+    For tests and the one-process reference; the pipeline reads sources in parts.
+    """
+    path = store.resolve_data_path(relative_path)
+    data = spec.data
+    if data.format == "libsvm":
+        X, y = read_libsvm(path, n_features)
+    else:
+        if data.format == "csv":
+            X, y = read_csv(path, data.label_column, data.skip_rows, data.delimiter, data.header)
+        elif data.format == "npy":
+            X, y = read_npy_rows(path, data.label_column)
+        else:
+            X, y = read_npz(path)
+        if n_features is not None and X.shape[1] != n_features:
+            raise DataError(f"'{path}' has {X.shape[1]} feature columns but {n_features} are expected; "
+                            "check data.n_features and that training and validation files match")
+    check_finite(X, y, str(path))
     return X, y
 
 
@@ -177,27 +311,82 @@ class Shard:
         return self.X.shape[0]
 
 
-def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Shuffle row indices with ``seed`` and split them into worker shards and a held-out part.
+def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int,
+               labels: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Split row indices, shuffled with ``seed``, into worker shards and a held-out part.
 
-    Returns the row indices of each shard (sizes differ by at most one) and of the
+    Returns the sorted row indices of each shard (sizes differ by at most one) and of the
     validation part, which is empty when ``validation_rows`` is 0.
+
+    Without ``labels`` the first ``validation_rows`` of a seeded permutation are held out
+    and the rest is cut into ``n_workers`` contiguous pieces. With ``labels`` (encoded
+    classes) the split is stratified. Rows are ordered by their rank within their class
+    divided by the class size, so every prefix of that order holds each class in
+    proportion, and the held-out part is such a prefix. The remaining rows are dealt out
+    class by class, round-robin over the workers, each class starting where the previous
+    one stopped, so each shard's count of a class is within one of every other shard's,
+    and so are the shard sizes.
     """
     order = np.random.default_rng([seed, 0x5EED]).permutation(n_rows)
-    validation = np.sort(order[:validation_rows])
-    shards = [np.sort(part) for part in np.array_split(order[validation_rows:], n_workers)]
+    if labels is None:
+        validation = np.sort(order[:validation_rows])
+        shards = [np.sort(part) for part in np.array_split(order[validation_rows:], n_workers)]
+        return shards, validation
+
+    labels = np.asarray(labels, dtype=np.int64)[order]
+    counts = np.bincount(labels)
+    # Rank of each row among the rows of its class, in permutation order.
+    by_class = np.argsort(labels, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    ranks = np.empty(n_rows, dtype=np.int64)
+    ranks[by_class] = np.arange(n_rows) - np.repeat(starts, counts)
+    spread = (ranks + 0.5) / counts[labels]
+    stratified = order[np.argsort(spread, kind="stable")]
+
+    validation = np.sort(stratified[:validation_rows])
+    rest = stratified[validation_rows:]
+    # A stable sort by class keeps each class's rows in permutation order.
+    row_labels = np.empty_like(labels)
+    row_labels[order] = labels
+    rest = rest[np.argsort(row_labels[rest], kind="stable")]
+    shards = [np.sort(rest[worker::n_workers]) for worker in range(n_workers)]
     return shards, validation
 
 
-def _write_matrix(store: EfsStore, folder: Path, X, y: np.ndarray) -> None:
+def standardization_scale(variance: np.ndarray) -> np.ndarray:
+    """Return the standard deviation of each feature, with 1 for constant features.
+
+    This is what scikit-learn's ``StandardScaler`` does, so a constant feature is left
+    as it is instead of being divided by zero.
+    """
+    scale = np.sqrt(np.maximum(variance, 0.0))
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
+    return scale
+
+
+def standardize_rows(X, mean: np.ndarray | None, scale: np.ndarray):
+    """Return ``(X - mean) / scale`` in float64, or ``X / scale`` for sparse ``X`` (``mean`` None)."""
     if sp.issparse(X):
-        X = X.tocsr()
-        store.write_npy(folder / "X-data.npy", X.data.astype(np.float32))
-        store.write_npy(folder / "X-indices.npy", X.indices.astype(np.int32))
-        store.write_npy(folder / "X-indptr.npy", X.indptr.astype(np.int64))
-    else:
-        store.write_npy(folder / "X.npy", np.ascontiguousarray(X, dtype=np.float32))
-    store.write_npy(folder / "y.npy", np.asarray(y))
+        return sp.csr_matrix(X.astype(np.float64).multiply(1.0 / scale).tocsr())
+    return (np.asarray(X, dtype=np.float64) - mean) / scale
+
+
+@dataclass
+class Shard:
+    """The rows one worker trains on, memory-mapped from EFS."""
+
+    X: Any
+    y: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return self.X.shape[0]
+
+
+def shard_folder(store: EfsStore, job_id: str, destination: int | str) -> Path:
+    """Return the folder of shard ``destination`` (a worker index) or of the validation rows."""
+    name = VALIDATION if destination == VALIDATION else f"shard-{destination}"
+    return store.data_dir(job_id) / name
 
 
 def _read_matrix(store: EfsStore, folder: Path, manifest: dict) -> Shard:
@@ -212,73 +401,52 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict) -> Shard:
     return Shard(X=X, y=y)
 
 
-def prepare_data(store: EfsStore, spec: JobSpec, model) -> dict:
-    """Read the job's data, split it into shards and store them on EFS.
+def prepare_data(store: EfsStore, spec: JobSpec, model, s3_client=None) -> dict:
+    """Read the job's data, split it into shards and store them on EFS, all in this process.
 
-    The manifest is written last, so its presence means every shard is complete; a
-    repeated call returns the existing manifest without reading the source again.
+    Runs every step of :mod:`shared.preparation` in order; the starter instead runs one
+    step per invocation when the source has several parts. A repeated call returns the
+    existing manifest without reading the source again.
 
     Returns
     -------
     manifest : dict
-        ``n_features``, ``classes``, ``sparse``, ``shard_rows`` (one count per worker) and
-        ``validation_rows``.
+        ``n_features``, ``classes``, ``class_counts``, ``sparse``, ``shard_rows`` (one
+        count per worker), ``validation_rows`` and ``standardized``.
     """
-    manifest_path = store.data_dir(spec.job_id) / "manifest.json"
-    if manifest_path.exists():
-        return store.read_json(manifest_path)
+    from shared.preparation import run_preparation
 
-    X, y_raw = read_dataset(store, spec, spec.data.path, spec.data.n_features)
-    n_features = X.shape[1]
-    n_workers = spec.training.n_workers
-
-    classes = None
-    if model.task in ("binary", "multiclass"):
-        classes = np.unique(y_raw)
-        model.check_classes(classes)
-    y = model.encode_targets(y_raw, classes)
-
-    if spec.data.validation_path is not None:
-        validation_rows = 0
-        X_validation, y_validation_raw = read_dataset(store, spec, spec.data.validation_path, n_features)
-        y_validation = model.encode_targets(y_validation_raw, classes)
-    else:
-        validation_rows = int(round(spec.data.validation_fraction * X.shape[0]))
-
-    if X.shape[0] - validation_rows < n_workers:
-        raise DataError(
-            f"training.n_workers is {n_workers} but only {X.shape[0] - validation_rows} training rows remain; "
-            "use fewer workers or more data")
-
-    shard_indices, validation_indices = split_rows(X.shape[0], n_workers, validation_rows, spec.training.seed)
-    if spec.data.validation_path is None:
-        X_validation, y_validation = X[validation_indices], y[validation_indices]
-
-    data_dir = store.data_dir(spec.job_id)
-    for worker, rows in enumerate(shard_indices):
-        _write_matrix(store, data_dir / f"shard-{worker}", X[rows], y[rows])
-    if X_validation.shape[0] > 0:
-        _write_matrix(store, data_dir / VALIDATION, X_validation, y_validation)
-
-    manifest = {
-        "n_features": int(n_features),
-        "classes": None if classes is None else classes.tolist(),
-        "sparse": bool(sp.issparse(X)),
-        "shard_rows": [int(len(rows)) for rows in shard_indices],
-        "validation_rows": int(X_validation.shape[0]),
-    }
-    store.write_json(manifest_path, manifest)
-    logger.info("prepared data", extra={"job_id": spec.job_id, "n_rows": int(X.shape[0]), "n_features": n_features})
-    return manifest
+    outcome = run_preparation(store, spec, model, step=None, one_step_per_invocation=False, s3_client=s3_client)
+    return outcome.manifest
 
 
 def load_shard(store: EfsStore, job_id: str, manifest: dict, worker: int) -> Shard:
     """Memory-map worker ``worker``'s shard."""
-    return _read_matrix(store, store.data_dir(job_id) / f"shard-{worker}", manifest)
+    return _read_matrix(store, shard_folder(store, job_id, worker), manifest)
 
 
 def load_validation(store: EfsStore, job_id: str, manifest: dict) -> Shard | None:
     """Memory-map the validation rows, or return None if the job has none."""
     if manifest["validation_rows"] == 0:
         return None
-    return _read_matrix(store, store.data_dir(job_id) / VALIDATION, manifest)
+    return _read_matrix(store, shard_folder(store, job_id, VALIDATION), manifest)
+
+
+def load_training_sample(store: EfsStore, job_id: str, manifest: dict, max_rows: int) -> Any:
+    """Return up to ``max_rows`` training rows taken evenly from every shard, in float64.
+
+    Each shard contributes rows in proportion to its size, picked at evenly spaced
+    positions, so the sample is deterministic and reads no shard whole.
+    """
+    total = sum(manifest["shard_rows"])
+    parts = []
+    for worker, rows in enumerate(manifest["shard_rows"]):
+        take = min(rows, max(1, round(max_rows * rows / total))) if rows else 0
+        if take == 0:
+            continue
+        shard = load_shard(store, job_id, manifest, worker)
+        positions = np.linspace(0, rows - 1, take).round().astype(np.int64)
+        parts.append(shard.X[np.unique(positions)])
+    if manifest["sparse"]:
+        return sp.vstack(parts, format="csr").astype(np.float64)
+    return np.concatenate(parts).astype(np.float64)

@@ -266,7 +266,7 @@ class Optimizer(ABC):
         return self.schedule(step_index)
 
     def step(self, params: np.ndarray, grad: np.ndarray, state: OptimizerState,
-             step_index: int) -> tuple[np.ndarray, OptimizerState]:
+             step_index: int, schedule_index: int | None = None) -> tuple[np.ndarray, OptimizerState]:
         """Return the new parameters and state after one step on ``grad``.
 
         Parameters
@@ -276,10 +276,15 @@ class Optimizer(ABC):
         state : dict of str to ndarray
             State returned by the previous step or by :meth:`init_state`. Not modified.
         step_index : int
-            Zero-based index of this step, for schedules and bias corrections.
+            Zero-based index of this step since ``state`` was initialised, for bias
+            corrections, and for the schedule unless ``schedule_index`` is given.
+        schedule_index : int, default=None
+            Step index at which to read the learning-rate schedule, for a loop that
+            restarts its state but not its schedule (local steps of model averaging).
         """
         grad = clip_by_global_norm(np.asarray(grad, dtype=np.float64), self.clip_norm)
-        return self._update(params, grad, state, self.learning_rate_at(step_index), step_index)
+        learning_rate = self.learning_rate_at(step_index if schedule_index is None else schedule_index)
+        return self._update(params, grad, state, learning_rate, step_index)
 
     @abstractmethod
     def _update(self, params: np.ndarray, grad: np.ndarray, state: OptimizerState, learning_rate: float,

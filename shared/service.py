@@ -16,6 +16,7 @@ aggregate_round
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -30,8 +31,9 @@ from shared import faults
 from shared.config import Settings
 from shared.efs import EfsStore
 from shared.errors import PermanentError, StaleMessageError
+from shared.preparation import PreparationStep, StaleStepError, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage
-from shared.sampling import epoch_of_round, total_rounds
+from shared.sampling import epoch_of_round
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, StateStore
 from shared.training import build_model, build_model_for_preparation, build_optimizer, get_training_mode
@@ -107,13 +109,27 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     """Validate a job message, prepare its data and send its first round of tasks.
 
     Returns the job id. A message without a ``job_id`` gets one derived from its SQS
-    message id, which stays the same across redeliveries.
+    message id, which stays the same across redeliveries. A message
+    ``{"job_id", "prepare": {...}}`` is one step of a preparation split over several
+    invocations (see :mod:`shared.preparation`); the step that completes the data
+    starts round 0.
 
     Raises
     ------
     JobSpecError, DataError, JobConflictError
         Permanent: the caller marks the job failed and drops the message.
     """
+    step_message = _preparation_step_message(body)
+    if step_message is not None:
+        job_id = step_message["job_id"]
+        record = services.state.get_job(job_id)
+        if record is None or record.status != "PREPARING":
+            raise StaleMessageError(f"preparation message for job {job_id}, which is "
+                                    f"{'missing' if record is None else record.status}")
+        spec = parse_job_spec(services.store.read_json(services.store.spec_path(job_id)))
+        _prepare_and_start(services, spec, PreparationStep.from_message(step_message))
+        return job_id
+
     spec = load_job_message(body, default_job_id=f"job-{message_id[:18]}")
     faults.maybe_fail("starter.validated", job_id=spec.job_id)
 
@@ -124,16 +140,46 @@ def start_job(services: Services, body: str, message_id: str) -> str:
 
     store = services.store
     store.write_json(store.spec_path(spec.job_id), spec.to_dict())
-    manifest = datasets.prepare_data(store, spec, build_model_for_preparation(spec))
+    _prepare_and_start(services, spec, None)
+    return spec.job_id
+
+
+def _preparation_step_message(body: str) -> dict | None:
+    """Return the decoded body if it is a preparation step message, else None."""
+    try:
+        message = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(message, dict) and "prepare" in message and isinstance(message.get("job_id"), str):
+        return message
+    return None
+
+
+def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep | None) -> None:
+    """Run preparation from ``step``; once the data is ready, write round 0 and send its tasks."""
+    store = services.store
+    try:
+        outcome = run_preparation(store, spec, build_model_for_preparation(spec), step)
+    except StaleStepError as error:
+        raise StaleMessageError(str(error)) from None
+    if outcome.manifest is None:
+        # Sent before it is recorded: a crash in between makes this step run again, while
+        # recording first could leave the chain with no message at all.
+        services.queues.send_job(outcome.next_step.to_message(spec.job_id))
+        record_sent(store, spec.job_id, outcome.next_step)
+        logger.info("preparation continues", extra={"job_id": spec.job_id, "next_step": str(outcome.next_step)})
+        return
+    manifest = outcome.manifest
     faults.maybe_fail("starter.prepared", job_id=spec.job_id)
 
     model = build_model(spec, manifest)
     optimizer = build_optimizer(spec)
-    params = model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
+    mode = get_training_mode(spec, model)
+    params = mode.initial_params(
+        spec, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
 
-    rounds = total_rounds(manifest["shard_rows"], spec.training.batch_size, spec.training.max_epochs,
-                          spec.training.max_rounds)
+    rounds = mode.total_rounds(spec, manifest)
     services.state.start_job(spec.job_id, rounds)
     faults.maybe_fail("starter.started", job_id=spec.job_id)
 
@@ -142,7 +188,6 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     services.queues.send_tasks(spec.job_id, 0, list(range(spec.training.n_workers)))
     logger.info("job started", extra={"job_id": spec.job_id, "total_rounds": rounds,
                                       "n_workers": spec.training.n_workers})
-    return spec.job_id
 
 
 # Worker ----------------------------------------------------------------------------------

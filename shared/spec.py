@@ -15,68 +15,170 @@ import math
 import posixpath
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 from shared.errors import JobSpecError
+from shared.models import MODELS
+from shared.models._penalty import L1_METHODS, PENALTIES
+from shared.models.mlp import ACTIVATIONS
+from shared.models.svm import SVM_LOSSES
+from shared.optim import OPTIMIZERS, SCHEDULES
+from shared.training import SELECTABLE_TRAINING_MODES
+
+DATA_FORMATS = ("libsvm", "csv", "npy", "npz")
+S3_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(\S+)$")
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_SPEC_BYTES = 64 * 1024
 
 
 def spec_field(default: Any = MISSING, *, help: str, minimum: float | None = None,
-               maximum: float | None = None, exclusive_minimum: bool = False,
-               choices: tuple | None = None, nullable: bool = False):
-    """Declare a spec field with its default, valid range and one-line meaning."""
+               maximum: float | None = None, exclusive_minimum: bool = False, exclusive_maximum: bool = False,
+               choices: tuple | None = None, nullable: bool = False, min_length: int | None = None,
+               max_length: int | None = None, validator: Callable[[str, Any], Any] | None = None):
+    """Declare a spec field with its default, valid range and one-line meaning.
+
+    For list fields, ``minimum`` and ``maximum`` bound every element and ``min_length``
+    and ``max_length`` bound the length. ``validator(path, value)`` replaces the type
+    check of a field whose type the generic checks do not cover; it returns the
+    normalised value or raises :class:`JobSpecError`.
+    """
     metadata = {
         "help": help,
         "minimum": minimum,
         "maximum": maximum,
         "exclusive_minimum": exclusive_minimum,
+        "exclusive_maximum": exclusive_maximum,
         "choices": choices,
         "nullable": nullable,
+        "min_length": min_length,
+        "max_length": max_length,
+        "validator": validator,
     }
     return field(default=default, metadata=metadata)
 
 
+def _check_class_weight(path: str, value: Any) -> Any:
+    """Accept ``"balanced"`` or an object mapping class labels to weights >= 0."""
+    if value == "balanced":
+        return value
+    if not isinstance(value, dict) or not value:
+        raise JobSpecError(path, f"got {value!r}; expected 'balanced', null, or an object such as {{\"1\": 5.0}} "
+                                 "mapping class labels to weights")
+    checked = {}
+    for label, weight in value.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise JobSpecError(path, f"class {label!r} has weight {weight!r}; expected a finite number >= 0")
+        checked[str(label)] = float(weight)
+    return checked
+
+
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = spec_field(help="Model to train.", choices=("logistic_regression",))
-    alpha: float = spec_field(0.0, help="L2 penalty strength on the weights (not the bias).", minimum=0.0)
+    name: str = spec_field(help="Model to train.", choices=tuple(MODELS))
+    alpha: float = spec_field(0.0, help="Penalty strength on the weights (never the biases).", minimum=0.0)
+    penalty: str = spec_field("l2", help="Linear and softmax models: penalty on the weights.", choices=PENALTIES)
+    l1_ratio: float = spec_field(0.15, help="Share of the L1 term for penalty 'elasticnet'.", minimum=0.0, maximum=1.0)
+    l1_method: str = spec_field(
+        "subgradient", help="How the L1 term is applied: in the gradient, or by soft-thresholding after each step "
+                            "(exact zeros).", choices=L1_METHODS)
+    loss: str = spec_field("hinge", help="linear_svm: per-row loss.", choices=SVM_LOSSES)
+    hidden_layer_sizes: tuple[int, ...] = spec_field(
+        (100,), help="MLP models: width of each hidden layer, for example [64, 32].", minimum=1, maximum=100_000,
+        max_length=64)
+    activation: str = spec_field("relu", help="MLP models: activation of the hidden layers.", choices=ACTIVATIONS)
+    n_clusters: int = spec_field(8, help="kmeans: number of centroids.", minimum=1, maximum=100_000)
+    class_weight: str | dict | None = spec_field(
+        None, help="Classifiers: weight of each class in the loss; 'balanced' weighs class k by "
+                   "n_rows / (n_classes * count_k); an object maps class labels as written in the data to weights.",
+        nullable=True, validator=_check_class_weight)
 
 
 @dataclass(frozen=True)
 class OptimizerSection:
-    name: str = spec_field("momentum", help="Update rule.", choices=("sgd", "momentum"))
-    learning_rate: float = spec_field(0.1, help="Step size.", minimum=0.0, exclusive_minimum=True, maximum=1e3)
-    momentum: float = spec_field(0.9, help="Velocity decay for 'momentum'.", minimum=0.0, maximum=0.999)
+    name: str = spec_field("momentum", help="Update rule.", choices=tuple(OPTIMIZERS))
+    learning_rate: float = spec_field(0.1, help="Initial step size.", minimum=0.0, exclusive_minimum=True, maximum=1e3)
+    momentum: float = spec_field(0.9, help="momentum and nesterov: velocity decay.", minimum=0.0, maximum=0.999)
+    schedule: str = spec_field("constant", help="How the learning rate changes with the step index.",
+                               choices=tuple(SCHEDULES))
+    step_size: int = spec_field(100, help="Schedule 'step': steps between two decays.", minimum=1)
+    gamma: float = spec_field(0.5, help="Schedule 'step': decay factor.", minimum=0.0, exclusive_minimum=True,
+                              maximum=1.0)
+    decay: float = spec_field(0.01, help="Schedule 'inverse_scaling': decay per step.", minimum=0.0)
+    power: float = spec_field(0.5, help="Schedule 'inverse_scaling': exponent.", minimum=0.0)
+    total_steps: int | None = spec_field(None, help="Schedule 'cosine', required there: steps to anneal over.",
+                                         minimum=1, nullable=True)
+    min_learning_rate: float = spec_field(0.0, help="Schedule 'cosine': final learning rate.", minimum=0.0)
+    clip_norm: float | None = spec_field(None, help="Largest Euclidean norm of a gradient; longer ones are scaled "
+                                                    "down. Null disables clipping.", minimum=0.0,
+                                         exclusive_minimum=True, nullable=True)
+    betas: tuple[float, ...] = spec_field((0.9, 0.999), help="adam: decay of the first and second moment estimates.",
+                                          minimum=0.0, maximum=1.0, exclusive_maximum=True, min_length=2,
+                                          max_length=2)
+    epsilon: float = spec_field(1e-8, help="adam and adagrad: added to the denominator.", minimum=0.0,
+                                exclusive_minimum=True)
+    initial_accumulator_value: float = spec_field(0.0, help="adagrad: start value of the squared-gradient sums.",
+                                                  minimum=0.0)
 
 
 @dataclass(frozen=True)
 class DataSection:
-    path: str = spec_field(help="Training file, relative to the EFS root.")
-    format: str = spec_field("libsvm", help="File format.", choices=("libsvm", "csv"))
+    path: str = spec_field(help="Training file, relative to the EFS root, or an s3://bucket/key URI.")
+    format: str = spec_field("libsvm", help="File format: libsvm text, delimited text, a .npy matrix whose "
+                                            "label_column holds the labels, or a .npz archive with arrays X and y.",
+                             choices=DATA_FORMATS)
     n_features: int | None = spec_field(
         None, help="Number of features; for libsvm, inferred from the highest index when null.", minimum=1, nullable=True)
     validation_path: str | None = spec_field(
-        None, help="Held-out file, relative to the EFS root; when null a fraction of the training rows is held out.",
+        None, help="Held-out file, like path; when null a fraction of the training rows is held out.",
         nullable=True)
     validation_fraction: float = spec_field(
         0.1, help="Share of training rows held out when validation_path is null.", minimum=0.0, maximum=0.5)
-    label_column: int = spec_field(-1, help="CSV: index of the label column; negative counts from the end.")
-    skip_rows: int = spec_field(0, help="CSV: lines to skip before the first row.", minimum=0)
-    delimiter: str = spec_field(",", help="CSV: field separator.", choices=(",", ";", "\t", " "))
+    label_column: int | str = spec_field(
+        -1, help="csv and npy: index of the label column (negative counts from the end), or for csv with "
+                 "header=true its name.")
+    header: bool = spec_field(False, help="csv: the first line after skip_rows names the columns.")
+    skip_rows: int = spec_field(0, help="csv: lines to skip before the header or the first row.", minimum=0)
+    delimiter: str = spec_field(",", help="csv: field separator; 'whitespace' means any run of spaces and tabs.",
+                                choices=(",", ";", "\t", " ", "whitespace"))
+    standardize: bool = spec_field(
+        False, help="Scale every feature to zero mean and unit variance, with statistics of the training shards "
+                    "only; sparse data is scaled but not centred.")
+    stratify: bool | None = spec_field(
+        None, help="Keep each class's share equal across shards and the held-out rows; null means true for "
+                   "classifiers.", nullable=True)
+    part_bytes: int = spec_field(
+        64 * 1024 * 1024, help="Uncompressed text and .npy sources are prepared in parts of about this many bytes, "
+                               "one part per invocation when there are several.", minimum=4096)
 
 
 @dataclass(frozen=True)
 class TrainingSection:
     n_workers: int = spec_field(4, help="Parallel workers, one data shard each.", minimum=1, maximum=1000)
-    batch_size: int = spec_field(128, help="Rows per worker per round.", minimum=1, maximum=1_000_000)
+    batch_size: int = spec_field(128, help="Rows per worker per mini-batch step.", minimum=1, maximum=1_000_000)
     max_epochs: float = spec_field(5.0, help="Stop after this many passes over the training rows.",
                                    minimum=0.0, exclusive_minimum=True, maximum=10_000)
     max_rounds: int | None = spec_field(None, help="Stop after this many rounds, whichever comes first.",
                                         minimum=1, maximum=10_000_000, nullable=True)
+    mode: str = spec_field(
+        "gradient_average", help="gradient_average: each round takes one step on the workers' mean gradient. "
+                                 "model_average: each worker takes several local steps and the models are averaged.",
+        choices=SELECTABLE_TRAINING_MODES)
+    local_steps: int = spec_field(1, help="model_average: local mini-batch steps per worker per round.",
+                                  minimum=1, maximum=100_000)
+    local_epoch: bool = spec_field(False, help="model_average: each round is one pass over the worker's shard "
+                                               "instead of local_steps steps.")
     target_validation_loss: float | None = spec_field(
         None, help="Stop as soon as the validation loss is at or below this value.", minimum=0.0, nullable=True)
+    target_validation_accuracy: float | None = spec_field(
+        None, help="Stop as soon as the validation accuracy is at or above this value.", minimum=0.0,
+        exclusive_minimum=True, maximum=1.0, nullable=True)
+    early_stopping_patience: int | None = spec_field(
+        None, help="Stop after this many rounds in a row without a new lowest validation loss.", minimum=1,
+        nullable=True)
+    budget_usd: float | None = spec_field(
+        None, help="Stop, keeping the model, once the estimated AWS cost in US dollars reaches this value.",
+        minimum=0.0, exclusive_minimum=True, nullable=True)
     seed: int = spec_field(0, help="Seed for shuffling, sharding, initialisation and batches.",
                            minimum=0, maximum=2**32 - 1)
 
@@ -116,39 +218,83 @@ def _type_name(annotation: str) -> str:
     return annotation.replace(" | None", "")
 
 
-def _check_value(section: str, name: str, annotation: str, meta: dict, value: Any) -> Any:
-    path = f"{section}.{name}"
-    if value is None:
-        if meta["nullable"]:
-            return None
-        raise JobSpecError(path, "must not be null")
-
-    expected = _type_name(annotation)
+def _check_number(path: str, expected: str, value: Any) -> int | float:
     if expected == "int":
         # JSON has one number type; accept 4.0 for 4 but never a bool.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or float(value) != int(value):
             raise JobSpecError(path, f"expected an integer, got {value!r}")
-        value = int(value)
-    elif expected == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise JobSpecError(path, f"expected a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise JobSpecError(path, f"expected a finite number, got {value!r}")
-    elif expected == "str":
-        if not isinstance(value, str) or not value:
-            raise JobSpecError(path, f"expected a non-empty string, got {value!r}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobSpecError(path, f"expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise JobSpecError(path, f"expected a finite number, got {value!r}")
+    return float(value)
 
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise JobSpecError(path, f"got {value!r}; expected one of {', '.join(map(repr, meta['choices']))}")
+
+def _check_range(path: str, meta: dict, value: int | float) -> None:
     minimum, maximum = meta["minimum"], meta["maximum"]
     if minimum is not None:
         if meta["exclusive_minimum"] and not value > minimum:
             raise JobSpecError(path, f"got {value!r}; must be greater than {minimum}")
         if not meta["exclusive_minimum"] and value < minimum:
             raise JobSpecError(path, f"got {value!r}; must be at least {minimum}")
-    if maximum is not None and value > maximum:
-        raise JobSpecError(path, f"got {value!r}; must be at most {maximum}")
+    if maximum is not None:
+        if meta["exclusive_maximum"] and not value < maximum:
+            raise JobSpecError(path, f"got {value!r}; must be less than {maximum}")
+        if not meta["exclusive_maximum"] and value > maximum:
+            raise JobSpecError(path, f"got {value!r}; must be at most {maximum}")
+
+
+def _check_list(path: str, element_type: str, meta: dict, value: Any) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise JobSpecError(path, f"expected a list of {element_type} values, got {value!r}")
+    if meta["min_length"] is not None and len(value) < meta["min_length"]:
+        raise JobSpecError(path, f"got {len(value)} values; expected at least {meta['min_length']}")
+    if meta["max_length"] is not None and len(value) > meta["max_length"]:
+        raise JobSpecError(path, f"got {len(value)} values; expected at most {meta['max_length']}")
+    checked = []
+    for index, element in enumerate(value):
+        element_path = f"{path}[{index}]"
+        element = _check_number(element_path, element_type, element)
+        _check_range(element_path, meta, element)
+        checked.append(element)
+    return tuple(checked)
+
+
+def _check_value(section: str, name: str, annotation: str, meta: dict, value: Any) -> Any:
+    path = f"{section}.{name}"
+    if value is None:
+        if meta["nullable"]:
+            return None
+        raise JobSpecError(path, "must not be null")
+    if meta["validator"] is not None:
+        return meta["validator"](path, value)
+
+    expected = _type_name(annotation)
+    if expected.startswith("tuple["):
+        return _check_list(path, expected[len("tuple["):].split(",")[0], meta, value)
+    if expected in ("int", "float"):
+        value = _check_number(path, expected, value)
+    elif expected == "bool":
+        if not isinstance(value, bool):
+            raise JobSpecError(path, f"expected true or false, got {value!r}")
+    elif expected == "str":
+        if not isinstance(value, str) or not value:
+            raise JobSpecError(path, f"expected a non-empty string, got {value!r}")
+    elif expected == "int | str":
+        if isinstance(value, str):
+            if not value:
+                raise JobSpecError(path, "expected an integer or a non-empty string, got ''")
+            return value
+        value = _check_number(path, "int", value)
+    else:
+        raise TypeError(f"spec field {path} has annotation {annotation!r}, which _check_value does not handle")
+
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise JobSpecError(path, f"got {value!r}; expected one of {', '.join(map(repr, meta['choices']))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_range(path, meta, value)
     return value
 
 
@@ -182,6 +328,49 @@ def check_relative_path(field_path: str, value: str) -> str:
     if ".." in parts:
         raise JobSpecError(field_path, f"got {value!r}; '..' is not allowed, the path must stay under the EFS root")
     return posixpath.normpath(value)
+
+
+def check_data_path(field_path: str, value: str) -> str:
+    """Return a data path checked as an ``s3://bucket/key`` URI or as a path relative to the EFS root."""
+    if value.startswith("s3://"):
+        match = S3_URI_PATTERN.match(value)
+        if match is None or ".." in match.group(2).split("/") or match.group(2).endswith("/"):
+            raise JobSpecError(field_path, f"got {value!r}; expected s3://<bucket>/<key> naming one object")
+        return value
+    if "://" in value:
+        raise JobSpecError(field_path, f"got {value!r}; only s3:// URIs and paths relative to the EFS root are "
+                                       "supported")
+    return check_relative_path(field_path, value)
+
+
+def _check_combinations(sections: dict[str, Any]) -> None:
+    """Raise :class:`JobSpecError` for fields that are valid alone but not together."""
+    model, optimizer, data, training = (sections[name] for name in ("model", "optimizer", "data", "training"))
+    model_class = MODELS[model.name]
+
+    if training.mode != "gradient_average" and model_class.training_mode == "statistics":
+        raise JobSpecError("training.mode", f"got {training.mode!r}, but model '{model.name}' is trained by "
+                                            "statistics, not by an optimizer; remove training.mode")
+    if training.mode == "gradient_average" and (training.local_steps != 1 or training.local_epoch):
+        raise JobSpecError("training.local_steps", "local_steps and local_epoch apply only to training.mode "
+                                                   "'model_average'; set the mode or remove them")
+    if model.class_weight is not None and model_class.task not in ("binary", "multiclass"):
+        raise JobSpecError("model.class_weight", f"model '{model.name}' is not a classifier; remove class_weight")
+    if training.target_validation_accuracy is not None and model_class.task not in ("binary", "multiclass"):
+        raise JobSpecError("training.target_validation_accuracy",
+                           f"model '{model.name}' reports no accuracy; use target_validation_loss instead")
+    if data.stratify and model_class.task not in ("binary", "multiclass"):
+        raise JobSpecError("data.stratify", f"model '{model.name}' has no classes to stratify by; set it to "
+                                            "false or null")
+    if isinstance(data.label_column, str) and not (data.format == "csv" and data.header):
+        raise JobSpecError("data.label_column", f"got the name {data.label_column!r}; a column name needs "
+                                                "format 'csv' with header true, otherwise give an index")
+    if optimizer.schedule == "cosine" and optimizer.total_steps is None:
+        raise JobSpecError("optimizer.total_steps", "missing; schedule 'cosine' needs the number of steps to "
+                                                    "anneal over, usually the job's number of optimizer steps")
+    if optimizer.min_learning_rate > optimizer.learning_rate:
+        raise JobSpecError("optimizer.min_learning_rate", f"got {optimizer.min_learning_rate!r}; must be at most "
+                                                          f"learning_rate ({optimizer.learning_rate!r})")
 
 
 def parse_job_spec(raw: Any, default_job_id: str | None = None) -> JobSpec:
@@ -222,10 +411,11 @@ def parse_job_spec(raw: Any, default_job_id: str | None = None) -> JobSpec:
     sections = {name: _parse_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
 
     data = sections["data"]
-    normalised_paths = {"path": check_relative_path("data.path", data.path)}
+    normalised_paths = {"path": check_data_path("data.path", data.path)}
     if data.validation_path is not None:
-        normalised_paths["validation_path"] = check_relative_path("data.validation_path", data.validation_path)
+        normalised_paths["validation_path"] = check_data_path("data.validation_path", data.validation_path)
     sections["data"] = DataSection(**{**asdict(data), **normalised_paths})
+    _check_combinations(sections)
 
     return JobSpec(job_id=job_id, **sections)
 

@@ -7,24 +7,37 @@ the mode, so a new mode plugs in here without touching the message flow.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.errors import DivergenceError
-from shared.models import Model, get_model_class
+from shared.errors import DataError, DivergenceError, JobSpecError
+from shared.models import Model, compute_class_weights, get_model_class
 from shared.optim import Optimizer, OptimizerState
 from shared.optim import build_optimizer as build_optimizer_by_name
 from shared.sampling import batch_indices, rounds_per_epoch
-from shared.spec import JobSpec
+
+if TYPE_CHECKING:
+    # shared.spec imports this module for the mode names, so JobSpec is for type checkers only.
+    from shared.spec import JobSpec
+
+#: Modes a job spec may choose in ``training.mode``. Statistics models such as k-means
+#: always train in :class:`StatisticsMode`, whatever the spec says.
+SELECTABLE_TRAINING_MODES = ("gradient_average", "model_average")
+
+# Spec fields of the model section that are not constructor arguments of a model.
+_NON_MODEL_FIELDS = ("name", "class_weight")
 
 
 def build_model(spec: JobSpec, manifest: dict) -> Model:
     """Return the model a job trains, sized from its data manifest."""
     model_class = get_model_class(spec.model.name)
     n_classes = len(manifest["classes"]) if manifest.get("classes") else 2
-    hyperparameters = {key: value for key, value in vars(spec.model).items() if key not in ("name",)}
+    hyperparameters = {key: value for key, value in vars(spec.model).items() if key not in _NON_MODEL_FIELDS}
     return model_class(n_features=manifest["n_features"], n_classes=n_classes, **hyperparameters)
 
 
@@ -35,8 +48,67 @@ def build_model_for_preparation(spec: JobSpec) -> Model:
 
 def build_optimizer(spec: JobSpec) -> Optimizer:
     """Return the optimizer a job uses."""
-    hyperparameters = {key: value for key, value in vars(spec.optimizer).items() if key != "name"}
-    return build_optimizer_by_name(spec.optimizer.name, **hyperparameters)
+    hyperparameters = {key: value for key, value in vars(spec.optimizer).items() if key not in ("name", "betas")}
+    beta_1, beta_2 = spec.optimizer.betas
+    return build_optimizer_by_name(spec.optimizer.name, beta_1=beta_1, beta_2=beta_2, **hyperparameters)
+
+
+def class_weights(spec: JobSpec, manifest: dict) -> np.ndarray | None:
+    """Return the loss weight of each encoded class, or None when every class weighs 1.
+
+    ``model.class_weight`` names classes by their label in the data, for example
+    ``{"1": 5.0}`` for the label 1; this translates the labels to class indices.
+    ``"balanced"`` uses the class counts of the training shards, recorded in the manifest.
+
+    Raises
+    ------
+    JobSpecError
+        If the mapping names a label that is not among the training classes.
+    """
+    setting = spec.model.class_weight
+    if setting is None:
+        return None
+    classes = manifest["classes"]
+    counts = np.asarray(manifest["class_counts"], dtype=np.int64)
+    if setting == "balanced":
+        y_encoded = np.repeat(np.arange(len(classes)), counts)
+        return compute_class_weights(y_encoded, len(classes), "balanced")
+
+    by_index = {}
+    for label, weight in setting.items():
+        matches = [index for index, value in enumerate(classes) if _label_matches(label, value)]
+        if not matches:
+            raise JobSpecError("model.class_weight", f"label {label!r} is not one of the training classes {classes}; "
+                                                     "use the labels as they are written in the data")
+        by_index[matches[0]] = weight
+    return compute_class_weights(np.zeros(0, dtype=np.int64), len(classes), by_index)
+
+
+def _label_matches(label: str, value) -> bool:
+    try:
+        return float(label) == float(value)
+    except (TypeError, ValueError):
+        return str(label) == str(value)
+
+
+def _sample_weight(weights: np.ndarray | None, y: np.ndarray) -> np.ndarray | None:
+    return None if weights is None else weights[np.asarray(y, dtype=np.int64)]
+
+
+# Weights beyond this magnitude count as diverged: squaring one in a loss or a metric
+# would overflow float64 (whose maximum is about 1.8e308).
+MAX_WEIGHT_MAGNITUDE = 1e100
+
+
+def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> None:
+    with np.errstate(invalid="ignore"):
+        too_large = not np.all(np.abs(params) <= MAX_WEIGHT_MAGNITUDE)
+    if not math.isfinite(train_loss) or too_large:
+        raise DivergenceError(
+            f"training diverged in round {round_index}: the loss or a weight became NaN, infinite or above "
+            f"{MAX_WEIGHT_MAGNITUDE:g} in magnitude "
+            f"(training loss {train_loss!r}); lower optimizer.learning_rate (or set optimizer.clip_norm) "
+            "and start a new job")
 
 
 @dataclass(frozen=True)
@@ -59,11 +131,12 @@ class WorkerResult:
         return cls(grad_sum=arrays["grad_sum"], loss_sum=float(arrays["loss_sum"]), n_samples=int(arrays["n_samples"]))
 
 
-def compute_worker_result(model: Model, params: np.ndarray, X, y: np.ndarray) -> WorkerResult:
-    """Return the summed loss and gradient of ``model`` on one mini-batch."""
+def compute_worker_result(model: Model, params: np.ndarray, X, y: np.ndarray,
+                          sample_weight: np.ndarray | None = None) -> WorkerResult:
+    """Return the summed (optionally weighted) loss and gradient of ``model`` on one mini-batch."""
     if X.shape[0] == 0:
         return WorkerResult(grad_sum=np.zeros_like(params), loss_sum=0.0, n_samples=0)
-    loss_sum, grad_sum = model.loss_grad(params, X, y)
+    loss_sum, grad_sum = model.loss_grad(params, X, y, sample_weight)
     return WorkerResult(grad_sum=grad_sum, loss_sum=loss_sum, n_samples=int(X.shape[0]))
 
 
@@ -82,7 +155,9 @@ def apply_round(model: Model, optimizer: Optimizer, params: np.ndarray, optimize
     """Combine the workers' results in worker order and take one optimizer step.
 
     The mean gradient is ``sum(grad_sum) / sum(n_samples)`` plus the penalty's gradient,
-    so the step does not depend on how rows were split between workers.
+    so the step does not depend on how rows were split between workers. A model with an
+    L1 term applied by soft-thresholding (``l1_method="proximal"``) is thresholded after
+    the step with that step's learning rate.
 
     Raises
     ------
@@ -104,10 +179,8 @@ def apply_round(model: Model, optimizer: Optimizer, params: np.ndarray, optimize
     train_loss = loss_total / n_samples + penalty
 
     new_params, new_state = optimizer.step(params, grad, optimizer_state, round_index)
-    if not np.isfinite(train_loss) or not np.all(np.isfinite(new_params)):
-        raise DivergenceError(
-            f"training diverged in round {round_index}: the loss or a weight became NaN or infinite "
-            f"(training loss {train_loss!r}); lower optimizer.learning_rate and start a new job")
+    new_params = model.proximal(new_params, optimizer.learning_rate_at(round_index))
+    _check_finite(round_index, train_loss, new_params)
     return RoundUpdate(params=new_params, optimizer_state=new_state, train_loss=train_loss, n_samples=n_samples)
 
 
@@ -141,7 +214,14 @@ class TrainingMode(ABC):
     @abstractmethod
     def combine(self, spec: JobSpec, model: Model, optimizer: Optimizer, params: np.ndarray,
                 optimizer_state: OptimizerState, results: list[dict[str, np.ndarray]], round_index: int) -> RoundUpdate:
-        """Combine the workers' results, given in worker order, into the next parameters."""
+        """Combine the workers' results, given in worker order, into the next parameters.
+
+        Raises
+        ------
+        DivergenceError
+            If the new parameters or the training loss are NaN or infinite; the message
+            names the round.
+        """
 
     def worker_result(self, spec: JobSpec, manifest: dict, model: Model, params: np.ndarray, shard,
                       round_index: int, worker: int) -> dict[str, np.ndarray]:
@@ -151,6 +231,30 @@ class TrainingMode(ABC):
         while not done:
             progress, done = self.advance(spec, manifest, model, params, shard, round_index, worker, progress)
         return self.finish(progress)
+
+    def batches_per_round(self, spec: JobSpec, manifest: dict) -> int:
+        """Return how many mini-batches of ``training.batch_size`` rows a worker processes per round."""
+        return 1
+
+    def total_rounds(self, spec: JobSpec, manifest: dict) -> int:
+        """Return the number of rounds after which the job stops, at most ``training.max_rounds``."""
+        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
+        batches = max(1, math.ceil(spec.training.max_epochs * per_epoch))
+        rounds = math.ceil(batches / self.batches_per_round(spec, manifest))
+        return rounds if spec.training.max_rounds is None else min(rounds, spec.training.max_rounds)
+
+    def epochs_after_round(self, spec: JobSpec, manifest: dict, round_index: int) -> float:
+        """Return the passes over the training rows completed once round ``round_index`` is done."""
+        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
+        return (round_index + 1) * self.batches_per_round(spec, manifest) / per_epoch
+
+    def initial_params(self, spec: JobSpec, model: Model, load_sample: Callable[[int], object]) -> np.ndarray:
+        """Return the parameters of round 0.
+
+        ``load_sample(max_rows)`` returns up to ``max_rows`` training rows; it is called
+        only by models whose start depends on the data.
+        """
+        return model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
 
 
 # Rows per step of a gradient computation. A constant, not a setting of the machine, so
@@ -162,6 +266,7 @@ class GradientAveraging(TrainingMode):
     """Each worker returns the summed gradient of one mini-batch; the aggregator takes one step.
 
     The batch is processed in chunks of :data:`GRADIENT_CHUNK_ROWS` rows, summed in order.
+    Class weights enter as per-row sample weights; the mean still divides by the row count.
     """
 
     name = "gradient_average"
@@ -182,7 +287,9 @@ class GradientAveraging(TrainingMode):
         rows = self._batch_rows(spec, manifest, shard, round_index, worker)
         position = int(progress["position"])
         chunk = rows[position:position + GRADIENT_CHUNK_ROWS]
-        part = compute_worker_result(model, params, shard.X[chunk], np.asarray(shard.y[chunk]))
+        y_chunk = np.asarray(shard.y[chunk])
+        part = compute_worker_result(model, params, shard.X[chunk], y_chunk,
+                                     _sample_weight(class_weights(spec, manifest), y_chunk))
         new_progress = {
             "position": np.int64(position + len(chunk)),
             "grad_sum": progress["grad_sum"] + part.grad_sum,
@@ -200,9 +307,225 @@ class GradientAveraging(TrainingMode):
         return apply_round(model, optimizer, params, optimizer_state, worker_results, round_index)
 
 
-TRAINING_MODES: dict[str, TrainingMode] = {mode.name: mode for mode in (GradientAveraging(),)}
+OPTIMIZER_PROGRESS_PREFIX = "optimizer."
+
+
+class ModelAveraging(TrainingMode):
+    """Each worker takes several optimizer steps from the round's parameters; the aggregator averages the models.
+
+    In round ``r`` a worker starts from the round's parameters and a fresh optimizer
+    state and takes ``k`` steps, one per mini-batch, where ``k`` is
+    ``training.local_steps``, or the batches in one pass over the shard when
+    ``training.local_epoch`` is true. Local step ``j`` uses the batch that gradient
+    averaging would use in round ``r * k + j``, so the workers walk through their shards
+    at the same pace in both modes, and the learning-rate schedule is read at that same
+    global step index. The aggregator averages the workers' final parameters weighted by
+    the rows each one processed. One :meth:`advance` is one local step.
+
+    Notes
+    -----
+    Momentum, Adam moments and Adagrad sums restart from zero every round, because a
+    worker reads only the round's parameters, and Adam's bias correction counts the
+    local steps. The aggregator stores no optimizer state of its own.
+    """
+
+    name = "model_average"
+
+    def batches_per_round(self, spec, manifest):
+        if spec.training.local_epoch:
+            return rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
+        return spec.training.local_steps
+
+    def begin(self, spec, manifest, model, params, shard, round_index, worker):
+        optimizer_state = build_optimizer(spec).init_state(params)
+        return {
+            "step": np.int64(0),
+            "params": np.array(params, dtype=np.float64),
+            "loss_sum": np.float64(0.0),
+            "n_samples": np.int64(0),
+            **{OPTIMIZER_PROGRESS_PREFIX + key: value for key, value in optimizer_state.items()},
+        }
+
+    def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
+        optimizer = build_optimizer(spec)
+        steps = self.batches_per_round(spec, manifest)
+        step = int(progress["step"])
+        global_step = round_index * steps + step
+        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
+        rows = batch_indices(spec.training.seed, global_step, worker, shard.n_rows, per_epoch,
+                             spec.training.batch_size)
+
+        local_params = progress["params"]
+        state = {key[len(OPTIMIZER_PROGRESS_PREFIX):]: value for key, value in progress.items()
+                 if key.startswith(OPTIMIZER_PROGRESS_PREFIX)}
+        loss_sum, n_samples = float(progress["loss_sum"]), int(progress["n_samples"])
+
+        # A shard one row shorter than the largest can draw an empty last batch; it skips the step.
+        # A worker whose weights already overflowed stops stepping, and the aggregator reports it.
+        if len(rows) > 0 and np.all(np.isfinite(local_params)):
+            y_batch = np.asarray(shard.y[rows])
+            part = compute_worker_result(model, local_params, shard.X[rows], y_batch,
+                                         _sample_weight(class_weights(spec, manifest), y_batch))
+            _, penalty_grad = model.penalty_grad(local_params)
+            grad = part.grad_sum / part.n_samples + penalty_grad
+            with np.errstate(over="ignore", invalid="ignore"):
+                local_params, state = optimizer.step(local_params, grad, state, step, schedule_index=global_step)
+            local_params = model.proximal(local_params, optimizer.learning_rate_at(global_step))
+            loss_sum += part.loss_sum
+            n_samples += part.n_samples
+
+        new_progress = {
+            "step": np.int64(step + 1),
+            "params": local_params,
+            "loss_sum": np.float64(loss_sum),
+            "n_samples": np.int64(n_samples),
+            **{OPTIMIZER_PROGRESS_PREFIX + key: value for key, value in state.items()},
+        }
+        return new_progress, step + 1 >= steps
+
+    def finish(self, progress):
+        return {"params": progress["params"], "loss_sum": progress["loss_sum"], "n_samples": progress["n_samples"]}
+
+    def combine(self, spec, model, optimizer, params, optimizer_state, results, round_index):
+        total = np.zeros_like(params)
+        loss_sum, n_samples = 0.0, 0
+        for result in results:
+            rows = int(result["n_samples"])
+            if rows == 0:
+                continue
+            total += rows * np.asarray(result["params"], dtype=np.float64)
+            loss_sum += float(result["loss_sum"])
+            n_samples += rows
+        if n_samples == 0:
+            raise DivergenceError(f"round {round_index} drew no rows from any worker; increase training.batch_size")
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_params = total / n_samples
+        penalty, _ = model.penalty_grad(new_params) if np.all(np.isfinite(new_params)) else (math.inf, None)
+        train_loss = loss_sum / n_samples + penalty
+        _check_finite(round_index, train_loss, new_params)
+        return RoundUpdate(params=new_params, optimizer_state=optimizer_state, train_loss=train_loss,
+                           n_samples=n_samples)
+
+
+# Rows that k-means++ initialisation reads at job start, at most.
+KMEANS_INIT_SAMPLE_ROWS = 20_000
+
+
+class StatisticsMode(TrainingMode):
+    """Each worker sums a model's statistics over its whole shard; the aggregator combines them.
+
+    For k-means a round is one Lloyd iteration over every training row: the workers
+    return per-centroid row sums and counts, and the aggregator moves every centroid to
+    the mean of its rows. One :meth:`advance` handles :data:`GRADIENT_CHUNK_ROWS` rows.
+    Round 0 starts from k-means++ on a sample of at most :data:`KMEANS_INIT_SAMPLE_ROWS`
+    training rows taken evenly from the shards.
+    """
+
+    name = "statistics"
+
+    def batches_per_round(self, spec, manifest):
+        return rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
+
+    def initial_params(self, spec, model, load_sample):
+        sample = load_sample(KMEANS_INIT_SAMPLE_ROWS)
+        return model.init_params_from_data(sample, np.random.default_rng([spec.training.seed, 0x1417]))
+
+    def begin(self, spec, manifest, model, params, shard, round_index, worker):
+        empty = model.partial_statistics(params, shard.X[:0])
+        return {"position": np.int64(0), "n_samples": np.int64(0),
+                **{name: np.zeros_like(value) for name, value in empty.items()}}
+
+    def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
+        position = int(progress["position"])
+        stop = min(position + GRADIENT_CHUNK_ROWS, shard.n_rows)
+        new_progress = dict(progress)
+        if stop > position:
+            part = model.partial_statistics(params, shard.X[position:stop])
+            for name, value in part.items():
+                new_progress[name] = progress[name] + value
+        new_progress["position"] = np.int64(stop)
+        new_progress["n_samples"] = np.int64(int(progress["n_samples"]) + stop - position)
+        return new_progress, stop >= shard.n_rows
+
+    def finish(self, progress):
+        return {name: value for name, value in progress.items() if name != "position"}
+
+    def combine(self, spec, model, optimizer, params, optimizer_state, results, round_index):
+        n_samples = sum(int(result["n_samples"]) for result in results)
+        if n_samples == 0:
+            raise DataError(f"round {round_index} saw no training rows; check the data set")
+        new_params = model.combine_statistics(results, params)
+        train_loss = sum(float(result["inertia"][0]) for result in results) / n_samples
+        _check_finite(round_index, train_loss, new_params)
+        return RoundUpdate(params=new_params, optimizer_state=optimizer_state, train_loss=train_loss,
+                           n_samples=n_samples)
+
+
+TRAINING_MODES: dict[str, TrainingMode] = {
+    mode.name: mode for mode in (GradientAveraging(), ModelAveraging(), StatisticsMode())}
 
 
 def get_training_mode(spec: JobSpec, model: Model) -> TrainingMode:
-    """Return the training mode a job uses."""
-    return TRAINING_MODES[GradientAveraging.name]
+    """Return the training mode a job uses: statistics for models such as k-means, else ``training.mode``."""
+    if model.training_mode == "statistics":
+        return TRAINING_MODES[StatisticsMode.name]
+    return TRAINING_MODES[spec.training.mode]
+
+
+# Stopping rules ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoppingState:
+    """The best validation loss so far and the round that reached it, carried from round to round."""
+
+    best_validation_loss: float | None = None
+    best_round: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"best_validation_loss": self.best_validation_loss, "best_round": self.best_round}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "StoppingState":
+        values = values or {}
+        return cls(values.get("best_validation_loss"), values.get("best_round"))
+
+
+def check_stopping(spec: JobSpec, metrics: dict, state: StoppingState) -> tuple[StoppingState, str | None]:
+    """Apply the spec's stopping rules to the metrics of one aggregated round.
+
+    Parameters
+    ----------
+    spec : JobSpec
+    metrics : dict
+        The round's metrics: ``round`` and, when the job has validation rows,
+        ``validation_loss`` and ``validation_accuracy``.
+    state : StoppingState
+        The state returned for the previous round; ``StoppingState()`` for round 0.
+
+    Returns
+    -------
+    state : StoppingState
+        To pass in with the next round's metrics.
+    reason : str or None
+        ``"target_loss"``, ``"target_accuracy"`` or ``"early_stopping"`` when the job
+        should stop after this round, else None. The round limit is not checked here.
+    """
+    training = spec.training
+    round_index = int(metrics["round"])
+    loss = metrics.get("validation_loss")
+    accuracy = metrics.get("validation_accuracy")
+
+    if loss is not None and (state.best_validation_loss is None or loss < state.best_validation_loss):
+        state = StoppingState(best_validation_loss=float(loss), best_round=round_index)
+
+    if training.target_validation_loss is not None and loss is not None and loss <= training.target_validation_loss:
+        return state, "target_loss"
+    if (training.target_validation_accuracy is not None and accuracy is not None
+            and accuracy >= training.target_validation_accuracy):
+        return state, "target_accuracy"
+    if (training.early_stopping_patience is not None and state.best_round is not None
+            and round_index - state.best_round >= training.early_stopping_patience):
+        return state, "early_stopping"
+    return state, None

@@ -1,0 +1,266 @@
+"""Turning a finished job's model into a fitted scikit-learn estimator.
+
+A job ends with ``model/params.npy`` and ``model/model.json`` on EFS, next to the job's
+``spec.json`` and ``data/manifest.json`` (and ``data/standardize.npz`` when the data was
+standardised). scikit-learn is too large for the Lambda package, so the estimator is
+built where the CLI runs, from those files:
+
+=====================  ==============================================================
+Baton model            scikit-learn estimator
+=====================  ==============================================================
+logistic_regression    ``LogisticRegression``
+softmax_regression     ``LogisticRegression`` (multinomial)
+linear_svm             ``LinearSVC`` for an L2 penalty, else ``SGDClassifier``
+linear_regression      ``Ridge``, ``Lasso`` or ``ElasticNet``, after ``model.penalty``
+mlp_classifier         ``MLPClassifier``
+mlp_regressor          ``MLPRegressor``
+kmeans                 ``KMeans``
+=====================  ==============================================================
+
+The fitted attributes are set from Baton's parameters, and the hyperparameters are set
+so that refitting the estimator minimises the same objective. When the data was
+standardised, the estimator is a ``Pipeline`` whose first step is a ``StandardScaler``
+holding the training statistics, so it takes raw features, as Baton's prediction does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from shared.efs import EfsStore
+from shared.errors import BatonError
+from shared.models import Model
+from shared.preparation import read_scaling
+from shared.spec import JobSpec, parse_job_spec
+from shared.training import build_model
+
+
+class ExportError(BatonError):
+    """A job's model files are missing or cannot be turned into an estimator."""
+
+
+@dataclass
+class TrainedModel:
+    """A finished job's model as stored on EFS."""
+
+    spec: JobSpec
+    manifest: dict
+    model: Model
+    params: np.ndarray
+    scaling: tuple[np.ndarray | None, np.ndarray] | None
+
+    @property
+    def classes(self) -> np.ndarray | None:
+        classes = self.manifest.get("classes")
+        return None if classes is None else np.asarray(classes)
+
+    @property
+    def n_training_rows(self) -> int:
+        return int(sum(self.manifest["shard_rows"]))
+
+    def predict(self, X) -> np.ndarray:
+        """Return Baton's predictions for raw feature rows: class labels, values or cluster indices."""
+        from shared.data import standardize_rows
+
+        if self.scaling is not None:
+            X = standardize_rows(X, *self.scaling)
+        predicted = self.model.predict(self.params, X)
+        return self.classes[predicted] if self.model.task in ("binary", "multiclass") else predicted
+
+
+def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
+    """Read a finished job's spec, manifest, scaling statistics and final parameters.
+
+    Raises
+    ------
+    ExportError
+        If the job folder or its final model is missing.
+    """
+    store = EfsStore(efs_root)
+    params_path = store.model_dir(job_id) / "params.npy"
+    if not store.job_dir(job_id).is_dir():
+        raise ExportError(f"no job folder {store.job_dir(job_id)}; check the job id and --local-dir or --efs-root")
+    if not params_path.exists():
+        raise ExportError(f"job {job_id} has no final model at {params_path}; export a job once it has SUCCEEDED")
+
+    spec = parse_job_spec(store.read_json(store.spec_path(job_id)))
+    manifest = store.read_json(store.data_dir(job_id) / "manifest.json")
+    model = build_model(spec, manifest)
+    params = store.read_npy(params_path, mmap=False)
+    return TrainedModel(spec, manifest, model, params, read_scaling(store, job_id))
+
+
+def build_estimator(trained: TrainedModel):
+    """Return a fitted scikit-learn estimator that predicts as ``trained`` does."""
+    builders = {
+        "logistic_regression": _logistic_regression,
+        "softmax_regression": _softmax_regression,
+        "linear_svm": _linear_svm,
+        "linear_regression": _linear_regression,
+        "mlp_classifier": _mlp,
+        "mlp_regressor": _mlp,
+        "kmeans": _kmeans,
+    }
+    estimator = builders[trained.spec.model.name](trained)
+    estimator.n_features_in_ = trained.model.n_features
+    if trained.scaling is None:
+        return estimator
+
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mean, scale = trained.scaling
+    scaler = StandardScaler(with_mean=mean is not None)
+    scaler.mean_ = mean
+    scaler.scale_ = scale
+    scaler.var_ = scale ** 2
+    scaler.n_features_in_ = trained.model.n_features
+    scaler.n_samples_seen_ = trained.n_training_rows
+    return Pipeline([("standardize", scaler), ("model", estimator)])
+
+
+def _inverse_regularisation(trained: TrainedModel) -> float:
+    """Return scikit-learn's ``C``: Baton's mean loss plus ``alpha`` penalty equals C = 1 / (alpha * n)."""
+    alpha = trained.spec.model.alpha
+    return np.inf if alpha == 0 else 1.0 / (alpha * trained.n_training_rows)
+
+
+def _l1_share(trained: TrainedModel) -> float:
+    section = trained.spec.model
+    return {"l2": 0.0, "l1": 1.0, "elasticnet": section.l1_ratio}[section.penalty]
+
+
+def _set_linear(estimator, trained: TrainedModel, coef: np.ndarray, intercept: np.ndarray):
+    estimator.coef_ = np.ascontiguousarray(coef, dtype=np.float64)
+    estimator.intercept_ = np.asarray(intercept, dtype=np.float64)
+    if trained.classes is not None:
+        estimator.classes_ = trained.classes
+    return estimator
+
+
+def _logistic_regression(trained: TrainedModel):
+    from sklearn.linear_model import LogisticRegression
+
+    share = _l1_share(trained)
+    estimator = LogisticRegression(C=_inverse_regularisation(trained), l1_ratio=share,
+                                   solver="saga" if share > 0 else "lbfgs", max_iter=1000)
+    return _set_linear(estimator, trained, trained.params[:-1][np.newaxis, :], trained.params[-1:])
+
+
+def _softmax_regression(trained: TrainedModel):
+    from sklearn.linear_model import LogisticRegression
+
+    share = _l1_share(trained)
+    estimator = LogisticRegression(C=_inverse_regularisation(trained), l1_ratio=share,
+                                   solver="saga" if share > 0 else "lbfgs", max_iter=1000)
+    weights, biases = trained.model.unpack(trained.params)
+    if weights.shape[1] == 2:
+        # scikit-learn keeps one score for two classes; the softmax of two scores only
+        # depends on their difference.
+        return _set_linear(estimator, trained, (weights[:, 1] - weights[:, 0])[np.newaxis, :],
+                           biases[1:] - biases[:1])
+    return _set_linear(estimator, trained, weights.T, biases)
+
+
+def _linear_svm(trained: TrainedModel):
+    section = trained.spec.model
+    if section.penalty == "l2":
+        from sklearn.svm import LinearSVC
+
+        estimator = LinearSVC(C=_inverse_regularisation(trained), loss=section.loss)
+    else:
+        from sklearn.linear_model import SGDClassifier
+
+        estimator = SGDClassifier(loss=section.loss, penalty=section.penalty, alpha=section.alpha,
+                                  l1_ratio=section.l1_ratio)
+    return _set_linear(estimator, trained, trained.params[:-1][np.newaxis, :], trained.params[-1:])
+
+
+def _linear_regression(trained: TrainedModel):
+    from sklearn.linear_model import ElasticNet, Lasso, Ridge
+
+    section = trained.spec.model
+    if section.penalty == "l1":
+        estimator = Lasso(alpha=section.alpha)
+    elif section.penalty == "elasticnet":
+        estimator = ElasticNet(alpha=section.alpha, l1_ratio=section.l1_ratio)
+    else:
+        # Baton's objective is the mean half squared error; Ridge's is the summed squared error.
+        estimator = Ridge(alpha=section.alpha * trained.n_training_rows)
+    return _set_linear(estimator, trained, trained.params[:-1], trained.params[-1])
+
+
+def _mlp(trained: TrainedModel):
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.preprocessing import LabelBinarizer
+
+    section = trained.spec.model
+    layers = [(weights.copy(), biases.copy()) for weights, biases in trained.model.unpack(trained.params)]
+    # scikit-learn divides its L2 term by the row count; Baton does not.
+    options = {"hidden_layer_sizes": tuple(section.hidden_layer_sizes), "activation": section.activation,
+               "alpha": section.alpha * trained.n_training_rows}
+
+    if trained.model.task == "regression":
+        estimator = MLPRegressor(**options)
+        estimator.out_activation_ = "identity"
+    else:
+        estimator = MLPClassifier(**options)
+        estimator.classes_ = trained.classes
+        estimator._label_binarizer = LabelBinarizer().fit(trained.classes)
+        if len(trained.classes) == 2:
+            weights, biases = layers[-1]
+            layers[-1] = ((weights[:, 1] - weights[:, 0])[:, np.newaxis], biases[1:] - biases[:1])
+            estimator.out_activation_ = "logistic"
+        else:
+            estimator.out_activation_ = "softmax"
+
+    estimator.coefs_ = [weights for weights, _ in layers]
+    estimator.intercepts_ = [biases for _, biases in layers]
+    estimator.n_layers_ = len(layers) + 1
+    estimator.n_outputs_ = layers[-1][0].shape[1]
+    return estimator
+
+
+def _kmeans(trained: TrainedModel):
+    from sklearn.cluster import KMeans
+
+    estimator = KMeans(n_clusters=trained.spec.model.n_clusters, n_init=1)
+    estimator.cluster_centers_ = trained.model.centroids(trained.params).copy()
+    estimator._n_threads = 1
+    return estimator
+
+
+def export_estimator(efs_root: str | Path, job_id: str, output: str | Path) -> tuple[object, Path]:
+    """Build the estimator of ``job_id`` and save it with joblib at ``output``; return both."""
+    import joblib
+
+    estimator = build_estimator(load_trained_model(efs_root, job_id))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(estimator, output)
+    return estimator, output
+
+
+@click.command("export")
+@click.argument("job_id")
+@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".baton"),
+              show_default=True, help="Folder of a local run; the job is read from its efs/ folder.")
+@click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="EFS root to read instead of LOCAL_DIR/efs, for example a copy of the deployed file system.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="File to write the fitted scikit-learn estimator to, with joblib.")
+def export_command(job_id: str, local_dir: Path, efs_root: Path | None, output: Path) -> None:
+    """Save the final model of JOB_ID as a fitted scikit-learn estimator.
+
+    Load it with joblib.load(OUTPUT); it predicts from raw features as Baton does.
+    """
+    try:
+        estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output)
+    except BatonError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)}))

@@ -1,0 +1,758 @@
+"""Preparing a job's data in bounded steps, so no invocation reads or holds a whole large source.
+
+A source is cut into parts: byte ranges of an uncompressed text file, aligned to line
+boundaries, or row ranges of a ``.npy`` matrix, each about ``data.part_bytes`` long. A
+compressed file or a ``.npz`` archive cannot be entered in the middle and is one part.
+The steps, in order, each write their output atomically under ``jobs/<id>/prepare/``:
+
+==========  =====================================================================
+layout      copy ``s3://`` sources onto EFS, read CSV headers, cut the parts
+parse p     parse part p into arrays (float32 features, float64 labels)
+split       read every part's labels (and row lengths, for sparse data); pick the
+            classes, assign each row to a shard or the validation rows; create the
+            shard files at their final size under temporary names
+stats b     ``data.standardize`` only: add training rows ``b*65536 ...`` to the
+            running mean and variance (one file per block, so a retry cannot count
+            a block twice)
+distribute  write part p's rows, standardised, into their places in the shard files
+finalize    rename the shard files, write the scaling statistics and, last, the
+            manifest, whose presence means the data is ready
+==========  =====================================================================
+
+A source of one part is prepared in the invocation that received the job. With several
+parts, each step runs in its own invocation: the starter sends itself a message
+``{"job_id", "prepare": {"step", "index"}}`` for the next step before it records the
+step as done in ``prepare/progress.json``. A message for a step before the recorded one
+is a duplicate and is dropped; one for a later step arrived before the record and is
+retried. Every step computes the same bytes whenever it runs, so the shards are
+identical however the steps are spread over invocations.
+
+Limitations
+-----------
+The split step holds every row's label, shard and position in memory (about 24 bytes a
+row). A compressed text file, a ``.npz`` archive and an ``s3://`` download are read
+whole by one invocation; store large sources uncompressed on EFS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from shared import data as datasets
+from shared.efs import EfsStore
+from shared.errors import DataError
+from shared.spec import S3_URI_PATTERN, JobSpec
+
+logger = logging.getLogger(__name__)
+
+STEP_ORDER = ("layout", "parse", "split", "stats", "distribute", "finalize")
+# Rows per block of the standardisation statistics. Fixed, so that the sums do not
+# depend on how the source was cut into parts.
+STATS_BLOCK_ROWS = 65536
+ALLOWED_S3_BUCKETS_VARIABLE = "BATON_ALLOWED_S3_BUCKETS"
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True, order=True)
+class PreparationStep:
+    """One step of a preparation: its position in :data:`STEP_ORDER` and its part or block index."""
+
+    order: int
+    index: int = 0
+
+    @classmethod
+    def named(cls, kind: str, index: int = 0) -> "PreparationStep":
+        return cls(STEP_ORDER.index(kind), index)
+
+    @property
+    def kind(self) -> str:
+        return STEP_ORDER[self.order]
+
+    def to_message(self, job_id: str) -> dict:
+        return {"job_id": job_id, "prepare": {"step": self.kind, "index": self.index}}
+
+    @classmethod
+    def from_message(cls, message: dict) -> "PreparationStep":
+        step = message.get("prepare")
+        if not isinstance(step, dict) or step.get("step") not in STEP_ORDER or not isinstance(step.get("index"), int):
+            raise DataError(f"malformed preparation message {message!r}; expected "
+                            "{'job_id': ..., 'prepare': {'step': <name>, 'index': <int>}}")
+        return cls.named(step["step"], step["index"])
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.index}"
+
+
+@dataclass
+class PreparationOutcome:
+    """What a call to :func:`run_preparation` achieved: the manifest, or the step to run next elsewhere."""
+
+    manifest: dict | None = None
+    next_step: PreparationStep | None = None
+
+
+class PreparationFiles:
+    """Paths of one job's preparation files under ``jobs/<id>/prepare/``."""
+
+    def __init__(self, store: EfsStore, job_id: str):
+        self.store = store
+        self.job_id = job_id
+        self.root = store.job_dir(job_id) / "prepare"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
+    def layout(self) -> Path:
+        return self.root / "layout.json"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def split_arrays(self) -> Path:
+        return self.root / "split.npz"
+
+    @property
+    def manifest(self) -> Path:
+        return self.store.data_dir(self.job_id) / "manifest.json"
+
+    def part(self, index: int) -> Path:
+        return self.root / "parts" / str(index)
+
+    def stats(self, block: int) -> Path:
+        return self.root / "stats" / f"{block}.npz"
+
+    def source_copy(self, role: str, uri: str) -> Path:
+        return self.root / "sources" / f"{role}-{uri.rsplit('/', 1)[-1]}"
+
+
+# Driver --------------------------------------------------------------------------------
+
+
+def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep | None,
+                    one_step_per_invocation: bool = True, s3_client=None) -> PreparationOutcome:
+    """Run preparation steps from ``step`` (None: from the start, for a new job message).
+
+    Parameters
+    ----------
+    store : EfsStore
+    spec : JobSpec
+    model : Model
+        Checks and encodes the labels; its size is irrelevant.
+    step : PreparationStep or None
+        The step a continuation message names, or None for the job message itself.
+    one_step_per_invocation : bool, default=True
+        When the source has several parts, stop after each step and return the next
+        one, for the caller to send. False runs every step here.
+    s3_client : botocore S3 client, optional
+        Used to copy ``s3://`` sources; built on first use.
+
+    Returns
+    -------
+    PreparationOutcome
+        With ``manifest`` once the data is ready, else with ``next_step``.
+
+    Raises
+    ------
+    DataError
+        If the data is missing, malformed or does not fit the spec.
+    StaleStepError
+        If ``step`` is already done, or not yet due.
+    """
+    files = PreparationFiles(store, spec.job_id)
+    if files.manifest.exists():
+        return PreparationOutcome(manifest=store.read_json(files.manifest))
+
+    recorded = _read_progress(files)
+    if step is None:
+        if files.progress.exists():
+            raise StaleStepError(f"the preparation of job {spec.job_id} continues in its own messages "
+                                 f"(next step {recorded}); dropping a redelivered job message")
+        step = recorded
+    elif step < recorded:
+        raise StaleStepError(f"preparation step {step} of job {spec.job_id} is done; dropping a duplicate")
+    elif step > recorded:
+        raise RuntimeError(f"preparation step {step} of job {spec.job_id} arrived before step {recorded} was "
+                           "recorded; retrying")
+
+    while True:
+        _run_step(files, spec, model, step, s3_client)
+        following = _next_step(files, spec, step)
+        if following is None:
+            manifest = store.read_json(files.manifest)
+            shutil.rmtree(files.root / "parts", ignore_errors=True)
+            return PreparationOutcome(manifest=manifest)
+        several_parts = len(store.read_json(files.layout)["parts"]) > 1
+        if one_step_per_invocation and several_parts:
+            return PreparationOutcome(next_step=following)
+        # No progress is recorded inside one invocation: a redelivery starts over, and
+        # every step writes the same bytes again.
+        step = following
+
+
+def record_sent(store: EfsStore, job_id: str, step: PreparationStep) -> None:
+    """Record that the message for ``step`` was sent, so earlier steps' duplicates are dropped."""
+    _record_progress(PreparationFiles(store, job_id), step)
+
+
+class StaleStepError(Exception):
+    """A preparation message names a step that is already done."""
+
+
+def _read_progress(files: PreparationFiles) -> PreparationStep:
+    if not files.progress.exists():
+        return PreparationStep.named("layout")
+    saved = files.store.read_json(files.progress)
+    return PreparationStep(saved["order"], saved["index"])
+
+
+def _record_progress(files: PreparationFiles, step: PreparationStep) -> None:
+    files.store.write_json(files.progress, {"order": step.order, "index": step.index, "step": step.kind})
+
+
+def _next_step(files: PreparationFiles, spec: JobSpec, step: PreparationStep) -> PreparationStep | None:
+    n_parts = len(files.store.read_json(files.layout)["parts"])
+    kind = step.kind
+    if kind == "layout":
+        return PreparationStep.named("parse", 0)
+    if kind == "parse":
+        return PreparationStep.named("parse", step.index + 1) if step.index + 1 < n_parts \
+            else PreparationStep.named("split")
+    if kind in ("split", "stats"):
+        n_blocks = files.store.read_json(files.split)["n_stats_blocks"]
+        following = 0 if kind == "split" else step.index + 1
+        return PreparationStep.named("stats", following) if following < n_blocks \
+            else PreparationStep.named("distribute", 0)
+    if kind == "distribute":
+        return PreparationStep.named("distribute", step.index + 1) if step.index + 1 < n_parts \
+            else PreparationStep.named("finalize")
+    return None
+
+
+def _run_step(files: PreparationFiles, spec: JobSpec, model, step: PreparationStep, s3_client) -> None:
+    logger.info("preparation step", extra={"job_id": spec.job_id, "step": step.kind, "index": step.index})
+    if step.kind == "layout":
+        _layout(files, spec, s3_client)
+    elif step.kind == "parse":
+        _parse(files, spec, step.index)
+    elif step.kind == "split":
+        _split(files, spec, model)
+    elif step.kind == "stats":
+        _stats(files, step.index)
+    elif step.kind == "distribute":
+        _distribute(files, spec, step.index)
+    else:
+        _finalize(files, spec)
+
+
+# Layout --------------------------------------------------------------------------------
+
+
+def allowed_s3_buckets(environ=None) -> set[str]:
+    """Return the buckets named in ``BATON_ALLOWED_S3_BUCKETS`` (comma-separated); empty allows none."""
+    raw = (os.environ if environ is None else environ).get(ALLOWED_S3_BUCKETS_VARIABLE, "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def copy_from_s3(uri: str, target: Path, s3_client=None, environ=None) -> Path:
+    """Copy the object at ``uri`` to ``target`` through a temporary file and a rename.
+
+    Raises
+    ------
+    DataError
+        If the bucket is not allowed, or the object is missing or not readable.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, key = S3_URI_PATTERN.match(uri).groups()
+    allowed = allowed_s3_buckets(environ)
+    if bucket not in allowed:
+        raise DataError(f"data path {uri} is in bucket '{bucket}', which is not allowed; add it to "
+                        f"{ALLOWED_S3_BUCKETS_VARIABLE} (allowed now: {sorted(allowed) or 'none'})")
+    if target.exists():
+        return target
+    if s3_client is None:
+        import boto3
+
+        s3_client = boto3.client("s3")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            s3_client.download_fileobj(bucket, key, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied"):
+            raise DataError(f"cannot read {uri}: {code}; check the URI and that the functions' role may read "
+                            "the object") from error
+        raise
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    logger.info("copied data from S3", extra={"uri": uri, "bytes": target.stat().st_size})
+    return target
+
+
+def _source_path(files: PreparationFiles, role: str, path: str, s3_client) -> Path:
+    if path.startswith("s3://"):
+        return copy_from_s3(path, files.source_copy(role, path), s3_client)
+    return files.store.resolve_data_path(path)
+
+
+def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
+    sources = [("train", spec.data.path)]
+    if spec.data.validation_path is not None:
+        sources.append(("validation", spec.data.validation_path))
+
+    parts = []
+    for role, path in sources:
+        local = _source_path(files, role, path, s3_client)
+        if not local.is_file():
+            raise DataError(f"data file not found: '{local}'; check data.{'path' if role == 'train' else 'validation_path'}"
+                            " and that the file was copied onto EFS")
+        parts.extend(_cut_parts(spec, role, local))
+    files.store.write_json(files.layout, {"parts": parts})
+
+
+def _cut_parts(spec: JobSpec, role: str, path: Path) -> list[dict]:
+    """Return the parts of one source, in row order."""
+    data = spec.data
+    base = {"role": role, "path": str(path)}
+    compressed = path.suffix in datasets.COMPRESSED_SUFFIXES
+
+    if data.format == "npz":
+        return [{**base, "kind": "whole"}]
+    if data.format == "npy":
+        n_rows, n_columns = _npy_shape(path)
+        rows_per_part = max(1, data.part_bytes // max(1, n_columns * 8))
+        return [{**base, "kind": "rows", "start": start, "stop": min(start + rows_per_part, n_rows)}
+                for start in range(0, max(n_rows, 1), rows_per_part)]
+
+    csv_layout = _csv_layout(spec, path) if data.format == "csv" else {}
+    if compressed:
+        return [{**base, **csv_layout, "kind": "whole"}]
+    data_start = csv_layout.get("data_start", 0)
+    size = path.stat().st_size
+    n_parts = max(1, math.ceil((size - data_start) / data.part_bytes))
+    bounds = [data_start + index * data.part_bytes for index in range(n_parts)] + [size]
+    return [{**base, **csv_layout, "kind": "text", "start": bounds[index], "stop": bounds[index + 1]}
+            for index in range(n_parts)]
+
+
+def _npy_shape(path: Path) -> tuple[int, int]:
+    table = datasets._load_npy(path)
+    if table.ndim != 2 or table.shape[1] < 2:
+        raise DataError(f"'{path}' holds an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
+                        "with the labels in data.label_column")
+    return table.shape
+
+
+def _csv_layout(spec: JobSpec, path: Path) -> dict:
+    """Return where the data rows of a CSV file start, its column count and its label column index.
+
+    ``data_start`` is a byte offset, used for uncompressed files; ``skip_lines`` is the
+    number of lines before the data, used for compressed ones.
+    """
+    data = spec.data
+    skip_lines = data.skip_rows + (1 if data.header else 0)
+    with datasets._open_text(path) as handle:
+        lines = [handle.readline() for _ in range(skip_lines + 1)]
+    header = lines[data.skip_rows] if data.header else None
+    first_row = lines[skip_lines]
+
+    names = datasets._split_header(header, data.delimiter) if header is not None else None
+    n_columns = len(names) if names is not None else len(first_row.strip().split(datasets.csv_delimiter(data.delimiter)))
+    if n_columns < 2:
+        raise DataError(f"'{path}' has {n_columns} column(s); a CSV data set needs features and a label column; "
+                        "check data.delimiter")
+    data_start = 0
+    if path.suffix not in datasets.COMPRESSED_SUFFIXES:
+        with open(path, "rb") as handle:
+            for _ in range(skip_lines):
+                handle.readline()
+            data_start = handle.tell()
+    label_index = datasets.resolve_label_column(data.label_column, names, n_columns, str(path))
+    return {"data_start": data_start, "skip_lines": skip_lines, "n_columns": n_columns, "label_index": label_index}
+
+
+# Parse ---------------------------------------------------------------------------------
+
+
+def _read_text_range(path: Path, start: int, stop: int, data_start: int) -> bytes:
+    """Return the lines whose first byte lies in ``[start, stop)``."""
+    with open(path, "rb") as handle:
+        if start > data_start:
+            # The line holding byte start - 1 belongs to the previous part.
+            handle.seek(start - 1)
+            handle.readline()
+        else:
+            handle.seek(start)
+        first = handle.tell()
+        handle.seek(max(stop - 1, first))
+        if stop > first:
+            handle.readline()
+        last = handle.tell() if stop > first else first
+        handle.seek(first)
+        return handle.read(last - first)
+
+
+def read_part(spec: JobSpec, part: dict) -> tuple[object, np.ndarray]:
+    """Parse one part into ``(X, y)``: CSR as wide as its highest index for libsvm, else dense."""
+    path = Path(part["path"])
+    data = spec.data
+    source = f"{path} (bytes {part['start']}-{part['stop']})" if part["kind"] == "text" else str(path)
+
+    if data.format == "npz":
+        return datasets.read_npz(path)
+    if data.format == "npy":
+        return datasets.read_npy_rows(path, data.label_column, part["start"], part["stop"], source)
+
+    if part["kind"] == "text":
+        text = _read_text_range(path, part["start"], part["stop"], part.get("data_start", 0)).decode("utf-8")
+    else:
+        with datasets._open_text(path) as handle:
+            for _ in range(part.get("skip_lines", 0)):
+                handle.readline()
+            text = handle.read()
+
+    if data.format == "libsvm":
+        return datasets.parse_libsvm_lines(text.splitlines(), source)
+    return datasets.parse_csv_text(text, data.delimiter, part["label_index"], part["n_columns"], source)
+
+
+def _parse(files: PreparationFiles, spec: JobSpec, index: int) -> None:
+    part = files.store.read_json(files.layout)["parts"][index]
+    X, y = read_part(spec, part)
+    datasets.check_finite(X, y, part["path"])
+
+    folder = files.part(index)
+    store = files.store
+    if sp.issparse(X):
+        store.write_npy(folder / "X-data.npy", X.data.astype(np.float32))
+        store.write_npy(folder / "X-indices.npy", X.indices.astype(np.int32))
+        store.write_npy(folder / "X-indptr.npy", X.indptr.astype(np.int64))
+    else:
+        store.write_npy(folder / "X.npy", np.ascontiguousarray(X, dtype=np.float32))
+    store.write_npy(folder / "y.npy", y)
+    store.write_json(folder / "meta.json", {"n_rows": int(X.shape[0]), "width": int(X.shape[1]),
+                                            "sparse": bool(sp.issparse(X))})
+
+
+def _load_part(files: PreparationFiles, index: int, n_features: int | None = None):
+    folder = files.part(index)
+    store = files.store
+    meta = store.read_json(folder / "meta.json")
+    y = store.read_npy(folder / "y.npy", mmap=False)
+    if meta["sparse"]:
+        X = sp.csr_matrix((store.read_npy(folder / "X-data.npy"), store.read_npy(folder / "X-indices.npy"),
+                           store.read_npy(folder / "X-indptr.npy")),
+                          shape=(meta["n_rows"], n_features or meta["width"]))
+    else:
+        X = store.read_npy(folder / "X.npy")
+    return X, y
+
+
+# Split ---------------------------------------------------------------------------------
+
+
+def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
+    store = files.store
+    parts = store.read_json(files.layout)["parts"]
+    metas = [store.read_json(files.part(index) / "meta.json") for index in range(len(parts))]
+    is_train = np.array([part["role"] == "train" for part in parts])
+    rows_per_part = np.array([meta["n_rows"] for meta in metas], dtype=np.int64)
+    n_train = int(rows_per_part[is_train].sum())
+    n_total = int(rows_per_part.sum())
+    if n_train == 0:
+        raise DataError(f"data file '{spec.data.path}' has no rows; check that it is the right file and not empty")
+    if spec.data.validation_path is not None and n_total == n_train:
+        raise DataError(f"validation file '{spec.data.validation_path}' has no rows; check data.validation_path")
+
+    sparse = metas[0]["sparse"]
+    n_features = _check_widths(spec, parts, metas)
+    y_raw = np.concatenate([store.read_npy(files.part(index) / "y.npy", mmap=False) for index in range(len(parts))])
+
+    classes = None
+    if model.task in ("binary", "multiclass"):
+        classes = np.unique(y_raw[:n_train])
+        model.check_classes(classes)
+    y = model.encode_targets(y_raw, classes)
+
+    n_workers = spec.training.n_workers
+    validation_rows = 0 if spec.data.validation_path is not None \
+        else int(round(spec.data.validation_fraction * n_train))
+    if n_train - validation_rows < n_workers:
+        raise DataError(f"training.n_workers is {n_workers} but only {n_train - validation_rows} training rows "
+                        "remain; use fewer workers or more data")
+    stratify = spec.data.stratify if spec.data.stratify is not None else classes is not None
+    shards, validation = datasets.split_rows(n_train, n_workers, validation_rows, spec.training.seed,
+                                             labels=y[:n_train] if stratify else None)
+
+    # Destination n_workers is the validation set; rows of a validation file all go there.
+    destination = np.full(n_total, n_workers, dtype=np.int32)
+    for worker, rows in enumerate(shards):
+        destination[rows] = worker
+    position = np.zeros(n_total, dtype=np.int64)
+    offset = np.zeros(n_total, dtype=np.int64)
+    row_nnz = np.concatenate([np.diff(store.read_npy(files.part(index) / "X-indptr.npy", mmap=False))
+                              for index in range(len(parts))]) if sparse else None
+    destination_rows, destination_nnz = [], []
+    for target in range(n_workers + 1):
+        members = np.flatnonzero(destination == target)
+        position[members] = np.arange(len(members))
+        destination_rows.append(int(len(members)))
+        if sparse:
+            lengths = row_nnz[members]
+            offset[members] = np.cumsum(lengths) - lengths
+            destination_nnz.append(int(lengths.sum()))
+    store.write_arrays(files.split_arrays, {"destination": destination, "position": position, "offset": offset,
+                                            "y": y})
+
+    for target in range(n_workers + 1):
+        if destination_rows[target]:
+            _create_partial_files(files, target, n_workers, destination_rows[target],
+                                  destination_nnz[target] if sparse else None, n_features, y.dtype)
+
+    class_counts = None if classes is None else np.bincount(
+        y[:n_train][destination[:n_train] < n_workers], minlength=len(classes)).tolist()
+    n_blocks = math.ceil(n_train / STATS_BLOCK_ROWS) if spec.data.standardize else 0
+    store.write_json(files.split, {
+        "n_features": n_features,
+        "sparse": sparse,
+        "classes": None if classes is None else classes.tolist(),
+        "class_counts": class_counts,
+        "destination_rows": destination_rows,
+        "part_row_starts": np.concatenate(([0], np.cumsum(rows_per_part))).tolist(),
+        "n_train_rows": n_train,
+        "n_stats_blocks": n_blocks,
+    })
+
+
+def _check_widths(spec: JobSpec, parts: list[dict], metas: list[dict]) -> int:
+    """Return the feature count and check every part fits it."""
+    widths = [meta["width"] for meta, part in zip(metas, parts) if meta["n_rows"] > 0 or not meta["sparse"]]
+    if metas[0]["sparse"]:
+        highest = max(widths, default=0)
+        n_features = spec.data.n_features or highest
+        if highest > n_features:
+            raise DataError(f"'{spec.data.path}' uses feature index {highest} but data.n_features is {n_features}; "
+                            f"raise data.n_features to at least {highest}")
+        return max(n_features, 1)
+
+    train_width = next(meta["width"] for meta, part in zip(metas, parts) if part["role"] == "train")
+    for meta, part in zip(metas, parts):
+        if meta["n_rows"] and meta["width"] != train_width:
+            raise DataError(f"'{part['path']}' has {meta['width']} feature columns but the training file has "
+                            f"{train_width}; check that training and validation files match")
+    if spec.data.n_features is not None and spec.data.n_features != train_width:
+        raise DataError(f"'{spec.data.path}' has {train_width} feature columns but data.n_features is "
+                        f"{spec.data.n_features}; correct data.n_features or remove it")
+    return train_width
+
+
+def _partial_paths(files: PreparationFiles, target: int, n_workers: int) -> dict[str, Path]:
+    folder = datasets.shard_folder(files.store, files.job_id, datasets.VALIDATION if target == n_workers else target)
+    names = ("X-data", "X-indices", "X-indptr", "X", "y")
+    return {name: folder / f"{name}.npy{PARTIAL_SUFFIX}" for name in names}
+
+
+def _create_npy_once(path: Path, dtype, shape: tuple) -> None:
+    """Create a zero-filled .npy file of ``shape`` unless it exists, through a temporary name."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
+    array.flush()
+    del array
+    os.replace(temporary, path)
+
+
+def _create_partial_files(files, target, n_workers, n_rows, nnz, n_features, y_dtype) -> None:
+    paths = _partial_paths(files, target, n_workers)
+    if nnz is not None:
+        _create_npy_once(paths["X-data"], np.float32, (nnz,))
+        _create_npy_once(paths["X-indices"], np.int32, (nnz,))
+        _create_npy_once(paths["X-indptr"], np.int64, (n_rows + 1,))
+    else:
+        _create_npy_once(paths["X"], np.float32, (n_rows, n_features))
+    _create_npy_once(paths["y"], y_dtype, (n_rows,))
+
+
+# Standardisation statistics -------------------------------------------------------------
+
+
+def _training_rows(files: PreparationFiles, split: dict, start: int, stop: int):
+    """Return training-source rows ``start:stop`` gathered from the parts, as float64."""
+    starts = split["part_row_starts"]
+    pieces = []
+    for index in range(len(starts) - 1):
+        low, high = max(start, starts[index]), min(stop, starts[index + 1])
+        if low < high:
+            X, _ = _load_part(files, index, split["n_features"])
+            pieces.append(X[low - starts[index]:high - starts[index]])
+    if split["sparse"]:
+        return sp.vstack(pieces, format="csr").astype(np.float64)
+    return np.concatenate(pieces).astype(np.float64)
+
+
+def _stats(files: PreparationFiles, block: int) -> None:
+    store = files.store
+    split = store.read_json(files.split)
+    start = block * STATS_BLOCK_ROWS
+    stop = min(start + STATS_BLOCK_ROWS, split["n_train_rows"])
+    X = _training_rows(files, split, start, stop)
+    destination = store.read_arrays(files.split_arrays)["destination"][start:stop]
+    X = X[destination < len(split["destination_rows"]) - 1]
+
+    previous = _empty_stats(split["n_features"]) if block == 0 else store.read_arrays(files.stats(block - 1))
+    store.write_arrays(files.stats(block), _combine_stats(previous, X))
+
+
+def _empty_stats(n_features: int) -> dict[str, np.ndarray]:
+    return {"count": np.float64(0.0), "mean": np.zeros(n_features), "m2": np.zeros(n_features)}
+
+
+def _combine_stats(previous: dict[str, np.ndarray], X) -> dict[str, np.ndarray]:
+    """Merge a block's mean and sum of squared deviations into the running ones (Chan et al., 1979)."""
+    n_block = X.shape[0]
+    if n_block == 0:
+        return previous
+    if sp.issparse(X):
+        mean_block = np.asarray(X.mean(axis=0)).ravel()
+        m2_block = np.asarray(X.multiply(X).sum(axis=0)).ravel() - n_block * mean_block ** 2
+    else:
+        mean_block = X.mean(axis=0)
+        m2_block = ((X - mean_block) ** 2).sum(axis=0)
+
+    n_previous = float(previous["count"])
+    n_total = n_previous + n_block
+    delta = mean_block - previous["mean"]
+    return {
+        "count": np.float64(n_total),
+        "mean": previous["mean"] + delta * (n_block / n_total),
+        "m2": previous["m2"] + np.maximum(m2_block, 0.0) + delta ** 2 * (n_previous * n_block / n_total),
+    }
+
+
+def _scaling(files: PreparationFiles, split: dict) -> tuple[np.ndarray | None, np.ndarray] | None:
+    """Return ``(mean, scale)`` for standardisation, ``mean`` None for sparse data; None if off."""
+    if split["n_stats_blocks"] == 0:
+        return None
+    stats = files.store.read_arrays(files.stats(split["n_stats_blocks"] - 1))
+    scale = datasets.standardization_scale(stats["m2"] / float(stats["count"]))
+    return (None if split["sparse"] else stats["mean"]), scale
+
+
+# Distribute and finalize ----------------------------------------------------------------
+
+
+def _distribute(files: PreparationFiles, spec: JobSpec, index: int) -> None:
+    store = files.store
+    split = store.read_json(files.split)
+    n_workers = len(split["destination_rows"]) - 1
+    X, _ = _load_part(files, index, split["n_features"])
+    low, high = split["part_row_starts"][index], split["part_row_starts"][index + 1]
+    arrays = store.read_arrays(files.split_arrays)
+    destination, position = arrays["destination"][low:high], arrays["position"][low:high]
+    offset, y = arrays["offset"][low:high], arrays["y"][low:high]
+
+    scaling = _scaling(files, split)
+    if scaling is not None:
+        X = _apply_scaling(X, *scaling)
+
+    for target in np.unique(destination):
+        rows = np.flatnonzero(destination == target)
+        paths = _partial_paths(files, int(target), n_workers)
+        # Rows of one destination are consecutive there, because parts are contiguous.
+        first = int(position[rows[0]])
+        count = len(rows)
+        _write_slice(paths["y"], slice(first, first + count), y[rows])
+        if sp.issparse(X):
+            selected = X[rows]
+            start = int(offset[rows[0]])
+            _write_slice(paths["X-data"], slice(start, start + selected.nnz), selected.data.astype(np.float32))
+            _write_slice(paths["X-indices"], slice(start, start + selected.nnz), selected.indices.astype(np.int32))
+            _write_slice(paths["X-indptr"], slice(first + 1, first + 1 + count), start + selected.indptr[1:])
+        else:
+            _write_slice(paths["X"], slice(first, first + count), np.asarray(X[rows], dtype=np.float32))
+
+
+def _apply_scaling(X, mean: np.ndarray | None, scale: np.ndarray):
+    if sp.issparse(X):
+        # Scale the stored values in place of X.multiply, which may drop explicit zeros
+        # and so move the data offsets computed in the split step.
+        data = X.data.astype(np.float64) / scale[X.indices]
+        return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
+    return datasets.standardize_rows(X, mean, scale)
+
+
+def _write_slice(path: Path, where: slice, values: np.ndarray) -> None:
+    array = np.load(path, mmap_mode="r+", allow_pickle=False)
+    array[where] = values
+    array.flush()
+    del array
+
+
+def _finalize(files: PreparationFiles, spec: JobSpec) -> None:
+    store = files.store
+    split = store.read_json(files.split)
+    n_workers = len(split["destination_rows"]) - 1
+    for target in range(n_workers + 1):
+        for path in _partial_paths(files, target, n_workers).values():
+            final = path.with_name(path.name[:-len(PARTIAL_SUFFIX)])
+            if path.exists():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(path, final)
+
+    scaling = _scaling(files, split)
+    if scaling is not None:
+        mean, scale = scaling
+        store.write_arrays(store.data_dir(spec.job_id) / "standardize.npz",
+                           {"mean": np.zeros_like(scale) if mean is None else mean, "scale": scale,
+                            "centered": np.bool_(mean is not None)})
+
+    manifest = {
+        "n_features": int(split["n_features"]),
+        "classes": split["classes"],
+        "class_counts": split["class_counts"],
+        "sparse": bool(split["sparse"]),
+        "shard_rows": split["destination_rows"][:n_workers],
+        "validation_rows": int(split["destination_rows"][n_workers]),
+        "standardized": scaling is not None,
+    }
+    store.write_json(files.manifest, manifest)
+    logger.info("prepared data", extra={"job_id": spec.job_id, "n_rows": split["n_train_rows"],
+                                        "n_features": manifest["n_features"]})
+
+
+def read_scaling(store: EfsStore, job_id: str) -> tuple[np.ndarray | None, np.ndarray] | None:
+    """Return the ``(mean, scale)`` a job's data was standardised with, ``mean`` None if not centred; None if off."""
+    path = store.data_dir(job_id) / "standardize.npz"
+    if not path.exists():
+        return None
+    arrays = store.read_arrays(path)
+    return (arrays["mean"] if bool(arrays["centered"]) else None), arrays["scale"]
+
+
+def layout_summary(store: EfsStore, job_id: str) -> dict:
+    """Return the parts the preparation cut, for logs and tests."""
+    return json.loads((PreparationFiles(store, job_id).layout).read_text())

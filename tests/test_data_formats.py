@@ -1,0 +1,206 @@
+"""Data formats, S3 sources, standardisation, stratification and preparation in parts."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import boto3
+import numpy as np
+import pytest
+
+from shared import data as datasets
+from shared.efs import EfsStore
+from shared.preparation import ALLOWED_S3_BUCKETS_VARIABLE, layout_summary
+from shared.spec import parse_job_spec
+from shared.state import FAILED, SUCCEEDED
+from tests.baton_jobs import breast_cancer_spec, run_job
+
+
+def data_files(efs_root, job_id: str) -> dict[str, str]:
+    folder = efs_root / "jobs" / job_id / "data"
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def load_breast_cancer(efs_root):
+    table = np.loadtxt(efs_root / "datasets" / "breast_cancer.csv", delimiter=",", skiprows=1)
+    return table[:, :-1], table[:, -1]
+
+
+def write_formats(efs_root):
+    """Write breast_cancer as CSV with a named header, whitespace text, .npy and .npz."""
+    X, y = load_breast_cancer(efs_root)
+    names = [f"f{index}" for index in range(X.shape[1])]
+    table = np.column_stack([y, X])
+    header = ",".join(["diagnosis", *names])
+    np.savetxt(efs_root / "datasets" / "named.csv", table, delimiter=",", header=header, comments="", fmt="%.6g")
+    np.savetxt(efs_root / "datasets" / "spaced.txt", table, delimiter="   ", fmt="%.6g")
+    np.save(efs_root / "datasets" / "table.npy", np.loadtxt(efs_root / "datasets" / "named.csv", delimiter=",",
+                                                              skiprows=1))
+    reloaded = np.load(efs_root / "datasets" / "table.npy")
+    np.savez(efs_root / "datasets" / "table.npz", X=reloaded[:, 1:], y=reloaded[:, 0])
+
+
+FORMAT_CASES = {
+    "csv_by_name": {"path": "datasets/named.csv", "format": "csv", "header": True, "label_column": "diagnosis"},
+    "whitespace": {"path": "datasets/spaced.txt", "format": "csv", "delimiter": "whitespace", "label_column": 0},
+    "npy": {"path": "datasets/table.npy", "format": "npy", "label_column": 0},
+    "npz": {"path": "datasets/table.npz", "format": "npz"},
+}
+
+
+def test_formats_give_same_shards(inprocess_stack, efs_root):
+    write_formats(efs_root)
+    prepared = {}
+    for case, data in FORMAT_CASES.items():
+        job_id = f"format-{case.replace('_', '-')}"
+        spec = breast_cancer_spec(job_id, data={"skip_rows": 0, **data}, training={"max_rounds": 1})
+        record = run_job(inprocess_stack, spec)
+        assert record.status == SUCCEEDED, (case, record.error)
+        prepared[case] = data_files(efs_root, job_id)
+
+    reference = prepared.pop("csv_by_name")
+    for case, files in prepared.items():
+        assert files == reference, case
+
+
+def test_label_name_needs_header():
+    raw = breast_cancer_spec("no-header", data={"label_column": "diagnosis"})
+    with pytest.raises(Exception, match="header true"):
+        parse_job_spec(raw)
+
+
+@pytest.mark.parametrize("part_bytes", [4096, 9001])
+def test_text_parts_cover_every_line(tmp_path, part_bytes):
+    lines = [f"{index % 3} 1:{index} {index % 7 + 2}:0.5" for index in range(2000)]
+    lines[10] = ""
+    text = "\r\n".join(lines)  # CRLF line ends and no final newline
+    path = tmp_path / "rows.libsvm"
+    path.write_bytes(text.encode())
+    spec = parse_job_spec({"job_id": "parts", "model": {"name": "softmax_regression"},
+                           "data": {"path": "rows.libsvm", "part_bytes": part_bytes}})
+    from shared.preparation import _cut_parts, read_part
+
+    parts = _cut_parts(spec, "train", path)
+    labels = np.concatenate([read_part(spec, part)[1] for part in parts])
+
+    whole_X, whole_y = datasets.read_libsvm(path)
+    assert len(parts) > 1
+    np.testing.assert_array_equal(labels, whole_y)
+    assert len(whole_y) == 1999
+
+
+@pytest.mark.parametrize("data", [
+    {"standardize": True},
+    {"standardize": True, "validation_fraction": 0.2},
+])
+def test_parts_equal_one_shot(inprocess_stack, efs_root, data):
+    one_shot = breast_cancer_spec("one-shot", data=data, training={"max_rounds": 1})
+    in_parts = breast_cancer_spec("in-parts", data={**data, "part_bytes": 8192}, training={"max_rounds": 1})
+
+    assert run_job(inprocess_stack, one_shot).status == SUCCEEDED
+    assert run_job(inprocess_stack, in_parts).status == SUCCEEDED
+
+    store = EfsStore(efs_root)
+    assert len(layout_summary(store, "one-shot")["parts"]) == 1
+    assert len(layout_summary(store, "in-parts")["parts"]) > 10
+    starter_deliveries = [delivery for delivery in inprocess_stack.deliveries if delivery.queue == "JobsQueue"]
+    assert len(starter_deliveries) > 20
+    assert data_files(efs_root, "one-shot") == data_files(efs_root, "in-parts")
+
+
+def test_libsvm_parts_equal_one_shot(inprocess_stack, efs_root):
+    base = {"job_id": "a9a-whole", "model": {"name": "logistic_regression"},
+            "data": {"path": "datasets/a9a/a9a.t", "n_features": 123, "standardize": True},
+            "training": {"n_workers": 2, "max_rounds": 1}}
+    parts = {**base, "job_id": "a9a-parts", "data": {**base["data"], "part_bytes": 200_000}}
+
+    assert run_job(inprocess_stack, base).status == SUCCEEDED
+    assert run_job(inprocess_stack, parts).status == SUCCEEDED
+    assert data_files(efs_root, "a9a-whole") == data_files(efs_root, "a9a-parts")
+
+
+def test_standardize_uses_training_rows_only(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("scaled", data={"validation_fraction": 0.3}, training={"max_rounds": 1})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+
+    store = EfsStore(efs_root)
+    manifest = store.read_json(store.data_dir("scaled") / "manifest.json")
+    training_X = np.concatenate([np.asarray(datasets.load_shard(store, "scaled", manifest, worker).X, dtype=np.float64)
+                                 for worker in range(3)])
+    validation_X = np.asarray(datasets.load_validation(store, "scaled", manifest).X, dtype=np.float64)
+
+    np.testing.assert_allclose(training_X.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(training_X.std(axis=0), 1.0, atol=1e-5)
+    assert np.abs(validation_X.mean(axis=0)).max() > 1e-3
+
+
+def test_stratified_shards_keep_class_shares(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("strata", data={"validation_fraction": 0.2}, training={"n_workers": 4, "max_rounds": 1})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+
+    store = EfsStore(efs_root)
+    manifest = store.read_json(store.data_dir("strata") / "manifest.json")
+    positives = [int(np.sum(datasets.load_shard(store, "strata", manifest, worker).y)) for worker in range(4)]
+    validation_y = np.asarray(datasets.load_validation(store, "strata", manifest).y)
+
+    assert max(positives) - min(positives) <= 1
+    assert abs(validation_y.mean() - 357 / 569) < 0.01
+    assert manifest["class_counts"][1] == sum(positives)
+
+
+def test_split_rows_stratified_balance():
+    labels = np.repeat([0, 1, 2], [500, 120, 30])
+    shards, validation = datasets.split_rows(len(labels), 5, 65, seed=3, labels=labels)
+
+    assert sorted(np.concatenate([*shards, validation]).tolist()) == list(range(len(labels)))
+    for cls, count in enumerate((500, 120, 30)):
+        per_shard = [int(np.sum(labels[rows] == cls)) for rows in shards]
+        assert max(per_shard) - min(per_shard) <= 1
+        assert abs(int(np.sum(labels[validation] == cls)) - count * 0.1) <= 1
+
+
+@pytest.fixture
+def s3_bucket(inprocess_stack, efs_root, monkeypatch):
+    bucket = f"baton-data-{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(efs_root / "datasets" / "breast_cancer.csv"), bucket, "sets/breast_cancer.csv")
+    monkeypatch.setenv(ALLOWED_S3_BUCKETS_VARIABLE, f"other,{bucket}")
+    return bucket
+
+
+def test_s3_source_copied_to_efs(inprocess_stack, efs_root, s3_bucket):
+    from_s3 = breast_cancer_spec("from-s3", data={"path": f"s3://{s3_bucket}/sets/breast_cancer.csv"},
+                                 training={"max_rounds": 1})
+    from_efs = breast_cancer_spec("from-efs", training={"max_rounds": 1})
+
+    assert run_job(inprocess_stack, from_s3).status == SUCCEEDED
+    assert run_job(inprocess_stack, from_efs).status == SUCCEEDED
+    assert data_files(efs_root, "from-s3") == data_files(efs_root, "from-efs")
+    assert (efs_root / "jobs" / "from-s3" / "prepare" / "sources" / "train-breast_cancer.csv").is_file()
+
+
+def test_s3_bucket_not_allowed(inprocess_stack, s3_bucket, monkeypatch):
+    monkeypatch.setenv(ALLOWED_S3_BUCKETS_VARIABLE, "other")
+    spec = breast_cancer_spec("denied", data={"path": f"s3://{s3_bucket}/sets/breast_cancer.csv"})
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert ALLOWED_S3_BUCKETS_VARIABLE in record.error
+    assert s3_bucket in record.error
+
+
+def test_s3_object_missing(inprocess_stack, s3_bucket):
+    record = run_job(inprocess_stack, breast_cancer_spec("missing", data={"path": f"s3://{s3_bucket}/nope.csv"}))
+
+    assert record.status == FAILED
+    assert "cannot read" in record.error
+
+
+@pytest.mark.parametrize("path", ["s3://", "s3://Bad_Bucket/key", "s3://bucket/", "https://host/file.csv"])
+def test_bad_data_uri_rejected(path):
+    with pytest.raises(Exception, match="data.path"):
+        parse_job_spec(breast_cancer_spec("uri", data={"path": path}))

@@ -1,0 +1,96 @@
+"""Export: a job's final model as a fitted scikit-learn estimator that predicts as Baton does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from shared import data as datasets
+from shared.cli import main
+from shared.export import load_trained_model
+from shared.state import SUCCEEDED
+from tests.baton_jobs import breast_cancer_spec, run_job
+from tests.conftest import PROJECT_ROOT
+
+EXPORT_CASES = {
+    "logistic": ({"name": "logistic_regression", "class_weight": "balanced"}, {}, "LogisticRegression"),
+    "logistic-l1": ({"name": "logistic_regression", "penalty": "elasticnet", "l1_method": "proximal"}, {},
+                    "LogisticRegression"),
+    "softmax": ({"name": "softmax_regression"}, {}, "LogisticRegression"),
+    "svm": ({"name": "linear_svm", "loss": "squared_hinge"}, {}, "LinearSVC"),
+    "svm-l1": ({"name": "linear_svm", "penalty": "l1"}, {}, "SGDClassifier"),
+    "ridge": ({"name": "linear_regression", "alpha": 1e-3}, {"stratify": False}, "Ridge"),
+    "lasso": ({"name": "linear_regression", "penalty": "l1", "alpha": 1e-3}, {"stratify": False}, "Lasso"),
+    "mlp": ({"name": "mlp_classifier", "hidden_layer_sizes": [6, 4], "activation": "tanh"}, {}, "MLPClassifier"),
+    "mlp-regressor": ({"name": "mlp_regressor", "hidden_layer_sizes": [5]}, {"stratify": False}, "MLPRegressor"),
+    "kmeans": ({"name": "kmeans", "n_clusters": 3}, {"stratify": False}, "KMeans"),
+}
+
+# Run in a new interpreter, so the estimator is read back from the file alone.
+PREDICT_SCRIPT = """
+import json, sys, joblib, numpy as np
+X = np.load(sys.argv[1])
+paths = json.loads(sys.argv[2])
+out = {name: joblib.load(path).predict(X).tolist() for name, path in paths.items()}
+print(json.dumps(out))
+"""
+
+
+def test_exported_estimators_predict_like_baton(inprocess_stack, efs_root, tmp_path):
+    X_raw, _ = datasets.read_csv(efs_root / "datasets" / "breast_cancer.csv", skip_rows=1)
+    X_test = np.asarray(X_raw[::3], dtype=np.float64)
+    np.save(tmp_path / "X.npy", X_test)
+
+    paths, expected, names = {}, {}, {}
+    for case, (model, data, estimator_name) in EXPORT_CASES.items():
+        spec = breast_cancer_spec(f"export-{case}", model=model, data=data, training={"max_rounds": 8})
+        record = run_job(inprocess_stack, spec)
+        assert record.status == SUCCEEDED, (case, record.error)
+
+        output = tmp_path / f"{case}.joblib"
+        result = CliRunner().invoke(main, ["export", spec["job_id"], "--efs-root", str(efs_root),
+                                           "--output", str(output)])
+        assert result.exit_code == 0, result.output
+        names[case] = json.loads(result.output)["estimator"]
+        paths[case] = str(output)
+        expected[case] = load_trained_model(efs_root, spec["job_id"]).predict(X_test)
+
+    completed = subprocess.run([sys.executable, "-c", PREDICT_SCRIPT, str(tmp_path / "X.npy"), json.dumps(paths)],
+                               capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    predicted = json.loads(completed.stdout)
+
+    for case, (_, _, estimator_name) in EXPORT_CASES.items():
+        assert names[case] == "Pipeline", case  # the data was standardised
+        pipeline_model = __import__("joblib").load(paths[case]).named_steps["model"]
+        assert type(pipeline_model).__name__ == estimator_name, case
+        if case in ("ridge", "lasso", "mlp-regressor"):
+            np.testing.assert_allclose(predicted[case], expected[case], rtol=1e-9, err_msg=case)
+        else:
+            np.testing.assert_array_equal(predicted[case], expected[case], err_msg=case)
+
+
+def test_export_of_unknown_job_fails(tmp_path):
+    result = CliRunner().invoke(main, ["export", "nope", "--efs-root", str(tmp_path), "--output",
+                                       str(tmp_path / "m.joblib")])
+
+    assert result.exit_code != 0
+    assert "no job folder" in result.output
+
+
+def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tmp_path):
+    spec = breast_cancer_spec("plain-export", data={"standardize": False}, optimizer={"learning_rate": 1e-6},
+                              training={"max_rounds": 3})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+
+    result = CliRunner().invoke(main, ["export", "plain-export", "--efs-root", str(efs_root), "--output",
+                                       str(tmp_path / "plain.joblib")])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["estimator"] == "LogisticRegression"
+
+

@@ -1,0 +1,111 @@
+"""Job spec fields: registries, lists, class weights and fields that must agree."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.errors import JobSpecError
+from shared.models import MODELS
+from shared.optim import OPTIMIZERS, SCHEDULES
+from shared.spec import ModelSection, OptimizerSection, TrainingSection, parse_job_spec
+from shared.training import SELECTABLE_TRAINING_MODES, TRAINING_MODES, build_optimizer
+from tests.conftest import PROJECT_ROOT
+
+
+def spec_with(**sections) -> dict:
+    raw = {"job_id": "spec-test", "model": {"name": "logistic_regression"}, "data": {"path": "d.csv"}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+def choices(section, name):
+    return next(field.metadata["choices"] for field in section.__dataclass_fields__.values() if field.name == name)
+
+
+def test_choices_follow_registries():
+    assert set(choices(ModelSection, "name")) == set(MODELS)
+    assert set(choices(OptimizerSection, "name")) == set(OPTIMIZERS)
+    assert set(choices(OptimizerSection, "schedule")) == set(SCHEDULES)
+    assert set(choices(TrainingSection, "mode")) == set(SELECTABLE_TRAINING_MODES)
+    assert set(SELECTABLE_TRAINING_MODES) <= set(TRAINING_MODES)
+
+
+def test_every_field_has_help():
+    for section in (ModelSection, OptimizerSection, TrainingSection):
+        for field in section.__dataclass_fields__.values():
+            assert field.metadata["help"], field.name
+
+
+def test_example_specs_parse():
+    for path in sorted((PROJECT_ROOT / "examples").glob("*.json")):
+        parse_job_spec(json.loads(path.read_text()))
+
+
+def test_hidden_layer_sizes_list():
+    spec = parse_job_spec(spec_with(model={"name": "mlp_classifier", "hidden_layer_sizes": [64, 32.0]}))
+    assert spec.model.hidden_layer_sizes == (64, 32)
+    assert json.loads(spec.canonical_json())["model"]["hidden_layer_sizes"] == [64, 32]
+
+
+@pytest.mark.parametrize("value, message", [
+    (64, "expected a list"),
+    ([64, 0], r"hidden_layer_sizes\[1\]"),
+    ([1.5], "expected an integer"),
+    ([True], "expected an integer"),
+])
+def test_hidden_layer_sizes_rejected(value, message):
+    with pytest.raises(JobSpecError, match=message):
+        parse_job_spec(spec_with(model={"name": "mlp_classifier", "hidden_layer_sizes": value}))
+
+
+def test_betas_reach_adam():
+    spec = parse_job_spec(spec_with(optimizer={"name": "adam", "betas": [0.8, 0.99], "learning_rate": 0.01}))
+    optimizer = build_optimizer(spec)
+    assert (optimizer.beta_1, optimizer.beta_2) == (0.8, 0.99)
+    with pytest.raises(JobSpecError, match="at most 2"):
+        parse_job_spec(spec_with(optimizer={"betas": [0.9, 0.9, 0.9]}))
+    with pytest.raises(JobSpecError, match="less than 1.0"):
+        parse_job_spec(spec_with(optimizer={"betas": [0.9, 1.0]}))
+
+
+@pytest.mark.parametrize("value", ["balanced", {"1": 3.0, "-1": 0.5}, None])
+def test_class_weight_accepted(value):
+    assert parse_job_spec(spec_with(model={"class_weight": value})).model.class_weight == value
+
+
+@pytest.mark.parametrize("value", ["heavy", {"1": -1}, {"1": "x"}, {}, [1, 2]])
+def test_class_weight_rejected(value):
+    with pytest.raises(JobSpecError, match="model.class_weight"):
+        parse_job_spec(spec_with(model={"class_weight": value}))
+
+
+@pytest.mark.parametrize("sections, field", [
+    ({"model": {"name": "kmeans"}, "training": {"mode": "model_average"}, "data": {"stratify": False}},
+     "training.mode"),
+    ({"training": {"local_steps": 4}}, "training.local_steps"),
+    ({"model": {"name": "linear_regression", "class_weight": "balanced"}}, "model.class_weight"),
+    ({"model": {"name": "linear_regression"}, "training": {"target_validation_accuracy": 0.9}},
+     "training.target_validation_accuracy"),
+    ({"model": {"name": "linear_regression"}, "data": {"stratify": True}}, "data.stratify"),
+    ({"optimizer": {"schedule": "cosine"}}, "optimizer.total_steps"),
+    ({"optimizer": {"learning_rate": 0.1, "min_learning_rate": 0.5}}, "optimizer.min_learning_rate"),
+    ({"data": {"label_column": "target"}}, "data.label_column"),
+    ({"data": {"format": "parquet"}}, "data.format"),
+    ({"data": {"header": "yes"}}, "data.header"),
+    ({"training": {"mode": "async"}}, "training.mode"),
+])
+def test_invalid_combinations(sections, field):
+    with pytest.raises(JobSpecError) as raised:
+        parse_job_spec(spec_with(**sections))
+    assert raised.value.field == field
+
+
+def test_defaults_filled():
+    spec = parse_job_spec(spec_with())
+    assert spec.training.mode == "gradient_average"
+    assert spec.data.stratify is None
+    assert spec.optimizer.betas == (0.9, 0.999)
+    assert spec.model.class_weight is None

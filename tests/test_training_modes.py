@@ -1,0 +1,237 @@
+"""Training modes: gradient averaging, model averaging and k-means statistics.
+
+Each mode run through the real handlers must equal a naive one-process loop of the same
+algorithm, give the same weights whatever order worker results arrive in, and stop with a
+clear message when training diverges.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from shared import data as datasets
+from shared.efs import EfsStore, encode_arrays
+from shared.errors import DivergenceError
+from shared.models import get_model_class
+from shared.sampling import batch_indices, rounds_per_epoch
+from shared.spec import parse_job_spec
+from shared.state import FAILED, SUCCEEDED
+from shared.training import (
+    KMEANS_INIT_SAMPLE_ROWS, GradientAveraging, ModelAveraging, StatisticsMode, StoppingState, build_model,
+    build_optimizer, check_stopping, class_weights, get_training_mode)
+from tests.baton_jobs import breast_cancer_spec, final_params, run_job, run_job_with_shuffled_tasks
+
+MODE_SPECS = {
+    "gradient_average": {"model": {"class_weight": "balanced", "penalty": "l1", "l1_method": "proximal"},
+                         "optimizer": {"name": "momentum", "learning_rate": 0.2}},
+    "model_average": {"model": {"name": "softmax_regression", "class_weight": {"1": 2.0}},
+                      "optimizer": {"name": "adam", "learning_rate": 0.05, "schedule": "step", "step_size": 4},
+                      "training": {"mode": "model_average", "local_steps": 3}},
+    "model_average_epoch": {"model": {"name": "mlp_classifier", "hidden_layer_sizes": [8], "alpha": 1e-4},
+                            "optimizer": {"name": "nesterov", "learning_rate": 0.05, "clip_norm": 5.0},
+                            "training": {"mode": "model_average", "local_epoch": True, "max_rounds": 3}},
+    "statistics": {"model": {"name": "kmeans", "n_clusters": 4}, "data": {"stratify": False},
+                   "training": {"max_epochs": 5}},
+}
+
+
+def mode_spec(job_id: str, case: str) -> dict:
+    overrides = MODE_SPECS[case]
+    return breast_cancer_spec(job_id, overrides.get("model"), overrides.get("optimizer"), overrides.get("data"),
+                              overrides.get("training"))
+
+
+def load_job_inputs(efs_root, raw_spec):
+    """Return the spec, manifest, model and prepared shards of a finished job."""
+    spec = parse_job_spec(raw_spec)
+    store = EfsStore(efs_root)
+    manifest = store.read_json(store.data_dir(spec.job_id) / "manifest.json")
+    shards = [datasets.load_shard(store, spec.job_id, manifest, worker) for worker in range(spec.training.n_workers)]
+    return spec, manifest, build_model(spec, manifest), shards
+
+
+def reference_training(efs_root, raw_spec) -> np.ndarray:
+    """Train with plain loops over the prepared shards, sharing no code with the training modes."""
+    spec, manifest, model, shards = load_job_inputs(efs_root, raw_spec)
+    training = spec.training
+    optimizer = build_optimizer(spec)
+    weights = class_weights(spec, manifest)
+    per_epoch = rounds_per_epoch(manifest["shard_rows"], training.batch_size)
+
+    def batch_loss_grad(params, shard, rows):
+        X, y = np.asarray(shard.X[rows].toarray() if sp.issparse(shard.X) else shard.X[rows], dtype=np.float64), \
+            np.asarray(shard.y[rows])
+        sample_weight = None if weights is None else weights[y]
+        return model.loss_grad(params, X, y, sample_weight)
+
+    if model.training_mode == "statistics":
+        store = EfsStore(efs_root)
+        sample = datasets.load_training_sample(store, spec.job_id, manifest, KMEANS_INIT_SAMPLE_ROWS)
+        params = model.init_params_from_data(sample, np.random.default_rng([training.seed, 0x1417]))
+        X_all = np.concatenate([np.asarray(shard.X, dtype=np.float64) for shard in shards])
+        for _ in range(int(np.ceil(training.max_epochs))):
+            centroids = params.reshape(model.n_clusters, -1)
+            nearest = np.argmin(((X_all[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2), axis=1)
+            updated = centroids.copy()
+            for cluster in range(model.n_clusters):
+                if np.any(nearest == cluster):
+                    updated[cluster] = X_all[nearest == cluster].mean(axis=0)
+            params = updated.ravel()
+        return params
+
+    params = model.init_params(np.random.default_rng([training.seed, 0x1417]))
+    if training.mode == "gradient_average":
+        state = optimizer.init_state(params)
+        rounds = min(training.max_rounds, int(np.ceil(training.max_epochs * per_epoch)))
+        for round_index in range(rounds):
+            grad_sum, n_rows = np.zeros_like(params), 0
+            for worker, shard in enumerate(shards):
+                rows = batch_indices(training.seed, round_index, worker, shard.n_rows, per_epoch, training.batch_size)
+                if len(rows):
+                    grad_sum += batch_loss_grad(params, shard, rows)[1]
+                    n_rows += len(rows)
+            grad = grad_sum / n_rows + model.penalty_grad(params)[1]
+            params, state = optimizer.step(params, grad, state, round_index)
+            params = model.proximal(params, optimizer.learning_rate_at(round_index))
+        return params
+
+    steps = per_epoch if training.local_epoch else training.local_steps
+    rounds = min(training.max_rounds, int(np.ceil(np.ceil(training.max_epochs * per_epoch) / steps)))
+    for round_index in range(rounds):
+        weighted_sum, n_rows = np.zeros_like(params), 0
+        for worker, shard in enumerate(shards):
+            local, state, worker_rows = params.copy(), optimizer.init_state(params), 0
+            for step in range(steps):
+                global_step = round_index * steps + step
+                rows = batch_indices(training.seed, global_step, worker, shard.n_rows, per_epoch,
+                                     training.batch_size)
+                if not len(rows):
+                    continue
+                grad = batch_loss_grad(local, shard, rows)[1] / len(rows) + model.penalty_grad(local)[1]
+                local, state = optimizer.step(local, grad, state, step, schedule_index=global_step)
+                local = model.proximal(local, optimizer.learning_rate_at(global_step))
+                worker_rows += len(rows)
+            weighted_sum += worker_rows * local
+            n_rows += worker_rows
+        params = weighted_sum / n_rows
+    return params
+
+
+@pytest.mark.parametrize("case", sorted(MODE_SPECS))
+def test_mode_matches_reference(inprocess_stack, efs_root, case):
+    spec = mode_spec(f"ref-{case.replace('_', '-')}", case)
+    record = run_job(inprocess_stack, spec)
+    assert record.status == SUCCEEDED, record.error
+
+    expected = reference_training(efs_root, spec)
+    np.testing.assert_allclose(final_params(efs_root, spec["job_id"]), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["gradient_average", "model_average", "statistics"])
+def test_result_order_keeps_weights(inprocess_stack, efs_root, case):
+    in_order = mode_spec(f"order-{case.replace('_', '-')}", case)
+    shuffled = {**mode_spec(f"shuffled-{case.replace('_', '-')}", case)}
+
+    assert run_job(inprocess_stack, in_order).status == SUCCEEDED
+    assert run_job_with_shuffled_tasks(inprocess_stack, shuffled, seed=5).status == SUCCEEDED
+    np.testing.assert_array_equal(final_params(efs_root, in_order["job_id"]),
+                                  final_params(efs_root, shuffled["job_id"]))
+
+
+@pytest.mark.parametrize("case", ["gradient_average", "model_average"])
+def test_diverging_rate_fails_job(inprocess_stack, case):
+    spec = breast_cancer_spec(
+        f"diverge-{case.replace('_', '-')}", model={"name": "linear_regression", "alpha": 0.0},
+        optimizer={"name": "sgd", "learning_rate": 50.0}, data={"standardize": False},
+        training={"max_rounds": 400, **({"mode": case, "local_steps": 4} if case == "model_average" else {})})
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert "diverged in round" in record.error
+    assert "lower optimizer.learning_rate" in record.error
+
+
+def test_mode_chosen_by_spec_and_model():
+    spec = parse_job_spec(breast_cancer_spec("modes", training={"mode": "model_average", "local_steps": 2}))
+    manifest = {"n_features": 3, "classes": [0.0, 1.0], "shard_rows": [100, 99, 99]}
+
+    assert isinstance(get_training_mode(spec, build_model(spec, manifest)), ModelAveraging)
+    kmeans_spec = parse_job_spec(breast_cancer_spec("kmeans", model={"name": "kmeans"}, data={"stratify": False}))
+    assert isinstance(get_training_mode(kmeans_spec, build_model(kmeans_spec, manifest)), StatisticsMode)
+    plain = parse_job_spec(breast_cancer_spec("plain"))
+    assert isinstance(get_training_mode(plain, build_model(plain, manifest)), GradientAveraging)
+
+
+def test_model_average_round_count():
+    raw = breast_cancer_spec("rounds", training={"mode": "model_average", "local_steps": 3, "max_rounds": None,
+                                                "max_epochs": 2, "batch_size": 10})
+    spec = parse_job_spec(raw)
+    manifest = {"n_features": 3, "classes": [0.0, 1.0], "shard_rows": [100, 99, 99]}
+    mode = get_training_mode(spec, build_model(spec, manifest))
+
+    # 10 batches per epoch, 20 batches in all, 3 per round.
+    assert mode.total_rounds(spec, manifest) == 7
+    assert mode.epochs_after_round(spec, manifest, 0) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("case", ["gradient_average", "model_average", "statistics"])
+def test_saved_progress_gives_same_bytes(efs_root, inprocess_stack, case):
+    spec_dict = mode_spec(f"resume-{case.replace('_', '-')}", case)
+    spec_dict["training"]["max_rounds"] = 1
+    assert run_job(inprocess_stack, spec_dict).status == SUCCEEDED
+    spec, manifest, model, shards = load_job_inputs(efs_root, spec_dict)
+    mode = get_training_mode(spec, model)
+    params = model.init_params(np.random.default_rng(1))
+
+    straight = mode.worker_result(spec, manifest, model, params, shards[0], 2, 0)
+
+    # Save and reload the progress between every step, as a continuation would.
+    progress, done = mode.begin(spec, manifest, model, params, shards[0], 2, 0), False
+    while not done:
+        progress, done = mode.advance(spec, manifest, model, params, shards[0], 2, 0, progress)
+        with np.load(io.BytesIO(encode_arrays(progress))) as archive:
+            progress = {name: archive[name] for name in archive.files}
+    assert encode_arrays(mode.finish(progress)) == encode_arrays(straight)
+
+
+@pytest.mark.parametrize("name", ["logistic_regression", "softmax_regression", "linear_svm", "mlp_classifier"])
+def test_huge_scores_keep_loss_finite(name):
+    model = get_model_class(name)(n_features=2, n_classes=2, hidden_layer_sizes=(4,))
+    params = np.full(model.n_params, 1e6)
+    X = np.array([[1e6, -1e6], [-1e6, 1e6], [3e5, 2e5]])
+    y = np.array([0, 1, 1])
+
+    loss, grad = model.loss_grad(params, X, y)
+
+    assert np.isfinite(loss)
+    assert np.all(np.isfinite(grad))
+
+
+def test_model_average_reports_overflow():
+    spec = parse_job_spec(breast_cancer_spec("overflow", training={"mode": "model_average", "local_steps": 2}))
+    model = build_model(spec, {"n_features": 2, "classes": [0.0, 1.0]})
+    results = [{"params": np.array([np.inf, 0.0, 0.0]), "loss_sum": np.float64(1.0), "n_samples": np.int64(4)}]
+
+    with pytest.raises(DivergenceError, match="diverged in round 7"):
+        ModelAveraging().combine(spec, model, build_optimizer(spec), np.zeros(3), {}, results, 7)
+
+
+def test_stopping_rules():
+    spec = parse_job_spec(breast_cancer_spec("stops", training={"target_validation_accuracy": 0.9,
+                                                                 "early_stopping_patience": 2}))
+    state = StoppingState()
+
+    state, reason = check_stopping(spec, {"round": 0, "validation_loss": 0.5, "validation_accuracy": 0.8}, state)
+    assert reason is None
+    state, reason = check_stopping(spec, {"round": 1, "validation_loss": 0.6, "validation_accuracy": 0.8}, state)
+    assert reason is None
+    state, reason = check_stopping(spec, {"round": 2, "validation_loss": 0.7, "validation_accuracy": 0.8}, state)
+    assert reason == "early_stopping"
+    assert state == StoppingState.from_dict({"best_validation_loss": 0.5, "best_round": 0})
+    _, reason = check_stopping(spec, {"round": 3, "validation_loss": 0.4, "validation_accuracy": 0.95}, state)
+    assert reason == "target_accuracy"
