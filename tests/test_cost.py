@@ -1,0 +1,136 @@
+"""Cost estimates against hand-computed figures, and the budget stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared import cost
+from shared.state import SUCCEEDED
+
+
+def breast_cancer_spec(job_id: str = "costed", **training) -> dict:
+    return {
+        "job_id": job_id,
+        "model": {"name": "logistic_regression", "alpha": 1e-4},
+        "optimizer": {"name": "momentum", "learning_rate": 0.1, "momentum": 0.9},
+        "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1, "validation_fraction": 0.2},
+        "training": {"n_workers": 2, "batch_size": 16, "max_rounds": 6, "seed": 5, **training},
+    }
+
+
+def test_round_cost_matches_hand_computation():
+    usage = cost.RoundUsage(
+        architecture="x86_64", lambda_gb_seconds=100.0, lambda_requests=5, sqs_requests=20,
+        dynamodb_read_units=10, dynamodb_write_units=8, efs_bytes_read=2**30, efs_bytes_written=2**29,
+        efs_stored_bytes=2 * 2**30, round_seconds=730 * 3600)
+
+    estimate = cost.estimate_round_cost(usage)
+
+    # 100 GB-s x $0.0000166667 + 5 x $0.0000002
+    assert estimate.lambda_usd == pytest.approx(0.00166667 + 0.000001, rel=1e-9)
+    # 20 x $0.0000004
+    assert estimate.sqs_usd == pytest.approx(0.000008, rel=1e-9)
+    # 10 x $0.000000125 + 8 x $0.000000625
+    assert estimate.dynamodb_usd == pytest.approx(0.00000625, rel=1e-9)
+    # 2 GB for one month x $0.30 + 1 GB read x $0.03 + 0.5 GB written x $0.06
+    assert estimate.efs_usd == pytest.approx(0.66, rel=1e-9)
+    # 0.66 + 0.00166767 + 0.000008 + 0.00000625
+    assert estimate.total_usd == pytest.approx(0.66168192, rel=1e-9)
+    assert estimate.to_dict()["total_usd"] == estimate.total_usd
+
+
+def test_arm64_compute_is_cheaper():
+    usage = dict(lambda_gb_seconds=1000.0, lambda_requests=0, sqs_requests=0, dynamodb_read_units=0,
+                 dynamodb_write_units=0, efs_bytes_read=0, efs_bytes_written=0, efs_stored_bytes=0, round_seconds=0)
+    x86 = cost.estimate_round_cost(cost.RoundUsage(architecture="x86_64", **usage))
+    arm = cost.estimate_round_cost(cost.RoundUsage(architecture="arm64", **usage))
+    assert x86.total_usd == pytest.approx(0.0166667)
+    assert arm.total_usd == pytest.approx(0.0133334)
+
+
+def test_unknown_architecture_rejected():
+    with pytest.raises(ValueError, match="unknown Lambda architecture 'sparc'"):
+        cost.PRICES.lambda_gb_second("sparc")
+
+
+@pytest.mark.parametrize("n_workers, job_item_bytes, expected", [
+    # Workers: 2 SQS each + 1 aggregate send; reads 1 + 1 each; 1 write each.
+    # Aggregator: 2 SQS + ceil(n / 10) batches; reads 1 + 1; writes 1 + ceil(job / 1 KB).
+    (4, 3000, cost.RequestCounts(sqs_requests=9 + 3, dynamodb_read_units=8 + 2, dynamodb_write_units=4 + 4)),
+    (25, 1000, cost.RequestCounts(sqs_requests=51 + 5, dynamodb_read_units=50 + 2, dynamodb_write_units=25 + 2)),
+    (1, 5000, cost.RequestCounts(sqs_requests=3 + 3, dynamodb_read_units=3 + 3, dynamodb_write_units=1 + 6)),
+])
+def test_round_requests_counted(n_workers, job_item_bytes, expected):
+    assert cost.count_round_requests(n_workers, job_item_bytes) == expected
+
+
+def test_round_requests_reject_zero_workers():
+    with pytest.raises(ValueError, match="n_workers must be at least 1, got 0"):
+        cost.count_round_requests(0, 1000)
+
+
+def test_gb_seconds_use_lambda_memory(monkeypatch):
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+    assert cost.gb_seconds(3.0) == pytest.approx(6.0)
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+    assert cost.gb_seconds(1.0) == pytest.approx(cost.DEFAULT_MEMORY_MB / 1024)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "lots")
+    with pytest.raises(ValueError, match="invalid AWS_LAMBDA_FUNCTION_MEMORY_SIZE 'lots'"):
+        cost.gb_seconds(1.0)
+
+
+def test_worker_usage_counted_once(inprocess_stack):
+    state = inprocess_stack.services.state
+    usage = {"worker_seconds": 1.5, "worker_gb_seconds": 3.0}
+
+    first, _ = state.record_worker_done("usage-job", 0, 1, usage)
+    again, done = state.record_worker_done("usage-job", 0, 1, usage)
+    state.record_worker_done("usage-job", 0, 2, {"worker_seconds": 0.5, "worker_gb_seconds": 1.0})
+
+    assert first is True
+    assert again is False
+    assert done == [1]
+    assert state.get_round_usage("usage-job", 0) == {"worker_seconds": 2.0, "worker_gb_seconds": 4.0}
+
+
+def test_job_total_is_sum_of_rounds(inprocess_stack):
+    inprocess_stack.submit(breast_cancer_spec())
+    inprocess_stack.run()
+
+    state = inprocess_stack.services.state
+    record = state.get_job("costed")
+    rounds = state.list_round_metrics("costed")
+    assert record.status == SUCCEEDED, record.error
+    assert len(rounds) == 6
+    for entry in rounds:
+        assert entry["cost_usd"] > 0
+        assert entry["efs_bytes_read"] > 0
+        assert entry["efs_bytes_written"] > 0
+        assert entry["worker_seconds"] > 0
+    assert record.attributes["cost_usd"] == pytest.approx(sum(entry["cost_usd"] for entry in rounds))
+    assert rounds[-1]["total_cost_usd"] == pytest.approx(record.attributes["cost_usd"])
+
+
+def test_budget_stops_job_with_model(inprocess_stack, efs_root):
+    # Any round costs more than a billionth of a dollar, so round 0 reaches the budget.
+    inprocess_stack.submit(breast_cancer_spec("budgeted", budget_usd=1e-9))
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("budgeted")
+    assert record.status == SUCCEEDED, record.error
+    assert record.attributes["stop_reason"] == "budget"
+    assert record.round == 1
+    assert record.attributes["cost_usd"] >= 1e-9
+    model_dir = efs_root / "jobs" / "budgeted" / "model"
+    assert (model_dir / "params.npy").is_file()
+    assert json.loads((model_dir / "model.json").read_text())["rounds"] == 1
+
+
+def test_budget_must_be_positive():
+    from shared.errors import JobSpecError
+    from shared.spec import parse_job_spec
+
+    with pytest.raises(JobSpecError, match="training.budget_usd"):
+        parse_job_spec(breast_cancer_spec(budget_usd=0))
