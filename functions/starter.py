@@ -3,4 +3,4 @@
 from shared.handlers import sqs_handler
 from shared.service import start_job
 
-handler = sqs_handler("starter", lambda services, record: start_job(services, record.body, record.message_id))
+handler = sqs_handler("starter", lambda services, record, invocation: start_job(services, record.body, record.message_id))

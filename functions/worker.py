@@ -4,4 +4,7 @@ from shared.handlers import sqs_handler
 from shared.queues import parse_task
 from shared.service import run_task
 
-handler = sqs_handler("worker", lambda services, record: run_task(services, parse_task(record.body)))
+handler = sqs_handler(
+    "worker",
+    lambda services, record, invocation: run_task(
+        services, parse_task(record.body), invocation.message_id, invocation.remaining_millis))

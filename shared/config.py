@@ -44,6 +44,18 @@ class Settings:
         How many past rounds' folders are kept on EFS; older ones are pruned.
     faults_enabled : bool
         Whether the fault injector reads ``BATON_FAULTS``. Tests only.
+    continuation_margin_seconds : float
+        A worker or aggregator with less time left than this saves its progress and
+        continues in a new invocation. Capped at a quarter of the time an invocation
+        starts with, so short local timeouts still leave room for work.
+    max_steps_per_invocation : int
+        Upper bound on training-mode steps per invocation; 0 means no bound. Tests set it
+        to force continuations.
+    stall_seconds : float
+        The watchdog treats a running round with no recorded progress for this long as
+        stalled. Must exceed the worker and aggregator timeouts.
+    watchdog_max_attempts : int
+        Re-sends the watchdog tries on one stalled round before it marks the job failed.
     """
 
     efs_root: str = "/mnt/efs"
@@ -54,6 +66,10 @@ class Settings:
     allowed_data_roots: str = ""
     keep_checkpoints: int = 3
     faults_enabled: bool = False
+    continuation_margin_seconds: float = 30.0
+    max_steps_per_invocation: int = 0
+    stall_seconds: float = 900.0
+    watchdog_max_attempts: int = 3
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -75,6 +91,11 @@ class Settings:
                     values[field.name] = int(raw)
                 except ValueError as error:
                     raise BatonError(f"invalid integer for {env_name}: {raw!r}") from error
+            elif field.type == "float":
+                try:
+                    values[field.name] = float(raw)
+                except ValueError as error:
+                    raise BatonError(f"invalid number for {env_name}: {raw!r}") from error
             else:
                 values[field.name] = raw
         return cls(**values)

@@ -44,6 +44,14 @@ class JobConflictError(PermanentError):
     """A job id is already taken by a job with a different spec."""
 
 
+class EfsNotWritableError(BatonError):
+    """The EFS mount is missing or not writable by this function's user.
+
+    Not permanent: the message is retried, so jobs continue once the mount is fixed. A
+    message that keeps failing is dead-lettered and its job marked failed with this text.
+    """
+
+
 class StaleMessageError(BatonError):
     """A message refers to a round or job state that has already moved on.
 

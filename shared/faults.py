@@ -1,35 +1,92 @@
-"""Fault injection for tests: make a handler fail at a named step.
+"""Fault injection for tests: make a handler fail at a named step, or a delivery misbehave.
 
-Off unless the process environment sets ``BATON_FAULTS_ENABLED=true``; a job message
-cannot switch it on. ``BATON_FAULTS`` is a JSON list of rules::
+Off unless the process environment sets ``BATON_FAULTS_ENABLED=true``. The rules come only
+from the environment (``BATON_FAULTS``), never from a message, so no job spec or task can
+switch a fault on. ``BATON_FAULTS`` is a JSON list of rules::
 
     [{"step": "worker.after_write", "kind": "raise", "times": 1, "round": 2, "worker": 1}]
 
-``step`` names a point in :mod:`shared.service`; ``kind`` is ``raise`` (an exception the
-handler reports as a failed record) or ``exit`` (the process dies, as a Lambda that runs
-out of memory or time would); ``times`` bounds how often the rule fires across all
-processes; the remaining keys (``job_id``, ``round``, ``worker``) must all match. The
-firing count is kept in files under ``BATON_FAULTS_DIR`` so it holds across processes.
+Step faults fire inside :mod:`shared.service` at the points listed in :data:`STEPS`:
+
+``raise``
+    An exception that the handler reports as a failed record.
+``exit``
+    The process dies at once, as a Lambda that runs out of memory would.
+``hang``
+    The step sleeps for ``seconds`` (default one hour), so the invocation times out.
+
+Delivery faults are applied by the local runtime's lanes (:mod:`shared.local.runtime`)
+to messages of the function named by ``function``, before the handler sees them:
+
+``duplicate``
+    The record is delivered twice. With ``delay_seconds`` the copy is sent back to the
+    queue instead and arrives that much later, usually after the job has moved on.
+``delay``
+    The first delivery is held back for ``delay_seconds``, so later messages overtake it.
+``reorder``
+    The lane receives up to ten messages and runs them in reverse order, one per
+    invocation.
+
+``times`` bounds how often a rule fires across all processes (default 1). The keys
+``job_id``, ``round`` and ``worker`` must all match when a rule gives them. Firings are
+claimed with files under ``BATON_FAULTS_DIR`` so that the count holds across processes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+from typing import Any, Mapping
 
 from shared.errors import InjectedFault
 
+STEPS = (
+    "starter.validated",
+    "starter.prepared",
+    "starter.started",
+    "worker.before_read",
+    "worker.after_progress",
+    "worker.after_write",
+    "worker.after_record",
+    "aggregator.before_read",
+    "aggregator.after_write",
+    "aggregator.after_progress",
+    "aggregator.after_metrics",
+    "aggregator.before_finish",
+    "aggregator.after_advance",
+    "watchdog.before_resend",
+)
+STEP_KINDS = ("raise", "exit", "hang")
+DELIVERY_KINDS = ("duplicate", "delay", "reorder")
+
 _MATCH_KEYS = ("job_id", "round", "worker")
+# Exit status of a process killed by an injected fault, so logs can tell it apart.
+EXIT_STATUS = 70
 
 
-def _enabled() -> bool:
-    return os.environ.get("BATON_FAULTS_ENABLED", "").lower() == "true"
+def enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether the environment (the process's by default) switches fault injection on."""
+    environ = os.environ if environ is None else environ
+    return environ.get("BATON_FAULTS_ENABLED", "").lower() == "true"
 
 
-def _claim(rule_index: int, times: int) -> bool:
+def load_rules(environ: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Return the rules in ``BATON_FAULTS``, or none when injection is off."""
+    environ = os.environ if environ is None else environ
+    if not enabled(environ):
+        return []
+    rules = json.loads(environ.get("BATON_FAULTS", "[]"))
+    if not isinstance(rules, list):
+        raise ValueError(f"BATON_FAULTS must be a JSON list of rules, got {type(rules).__name__}")
+    return rules
+
+
+def _claim(rule_index: int, times: int, environ: Mapping[str, str] | None = None) -> bool:
     """Take one of the rule's ``times`` firings; False when all are used."""
-    folder = Path(os.environ.get("BATON_FAULTS_DIR", "/tmp/baton-faults"))
+    environ = os.environ if environ is None else environ
+    folder = Path(environ.get("BATON_FAULTS_DIR", "/tmp/baton-faults"))
     folder.mkdir(parents=True, exist_ok=True)
     for firing in range(times):
         try:
@@ -41,18 +98,43 @@ def _claim(rule_index: int, times: int) -> bool:
     return False
 
 
+def _matches(rule: dict, ids: dict) -> bool:
+    return all(rule[key] == ids.get(key) for key in _MATCH_KEYS if key in rule)
+
+
 def maybe_fail(step: str, **ids) -> None:
-    """Raise or exit if an enabled rule matches ``step`` and ``ids``."""
-    if not _enabled():
-        return
-    rules = json.loads(os.environ.get("BATON_FAULTS", "[]"))
-    for index, rule in enumerate(rules):
-        if rule.get("step") != step:
-            continue
-        if any(key in rule and rule[key] != ids.get(key) for key in _MATCH_KEYS):
+    """Raise, exit or hang if an enabled rule matches ``step`` and ``ids``."""
+    for index, rule in enumerate(load_rules()):
+        if rule.get("step") != step or not _matches(rule, ids):
             continue
         if not _claim(index, int(rule.get("times", 1))):
             continue
-        if rule.get("kind", "raise") == "exit":
-            os._exit(70)
+        kind = rule.get("kind", "raise")
+        if kind == "exit":
+            os._exit(EXIT_STATUS)
+        if kind == "hang":
+            time.sleep(float(rule.get("seconds", 3600)))
+            return
         raise InjectedFault(f"injected fault at {step} ({ids})")
+
+
+def claim_delivery_fault(function: str, ids: dict, kinds: tuple[str, ...] = DELIVERY_KINDS,
+                         environ: Mapping[str, str] | None = None) -> dict | None:
+    """Return the delivery rule of one of ``kinds`` that fires for a message of ``function``.
+
+    Used by the local runtime's lanes with the containers' environment; a returned rule
+    has used up one of its firings.
+    """
+    for index, rule in enumerate(load_rules(environ)):
+        if rule.get("kind") not in kinds or rule.get("function") != function:
+            continue
+        if not _matches(rule, ids):
+            continue
+        if _claim(index, int(rule.get("times", 1)), environ):
+            return rule
+    return None
+
+
+def has_delivery_rule(function: str, kind: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether any rule of ``kind`` targets ``function``."""
+    return any(rule.get("kind") == kind and rule.get("function") == function for rule in load_rules(environ))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from aws_lambda_powertools import Logger
@@ -25,7 +26,7 @@ from aws_lambda_powertools.logging.utils import copy_config_to_registered_logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from shared.errors import PermanentError, StaleMessageError
+from shared.errors import JobConflictError, PermanentError, StaleMessageError
 from shared.service import Services
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
@@ -65,7 +66,16 @@ def _message_ids(body: str) -> dict[str, Any]:
     return {key: message[key] for key in ("job_id", "round", "worker") if key in message}
 
 
-def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord], Any]) -> Callable:
+@dataclass(frozen=True)
+class Invocation:
+    """What a step may know about the Lambda invocation running it."""
+
+    message_id: str
+    # The context's get_remaining_time_in_millis, or None without a context.
+    remaining_millis: Callable[[], int] | None
+
+
+def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocation], Any]) -> Callable:
     """Build a Lambda handler that runs ``step`` on each SQS record of a batch.
 
     Parameters
@@ -73,23 +83,36 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord], Any]) 
     function_name : str
         Name used in logs, for example ``"worker"``.
     step : callable
-        ``step(services, record)``; its exceptions are routed as the module docstring says.
+        ``step(services, record, invocation)``; its exceptions are routed as the module
+        docstring says.
     """
     max_receive_count = int(os.environ.get("MAX_RECEIVE_COUNT", DEFAULT_MAX_RECEIVE_COUNT))
 
-    def record_handler(record: SQSRecord) -> None:
+    def run_record(record: SQSRecord, context: Any) -> None:
         services = get_services()
         ids = _message_ids(record.body)
+        if function_name == "starter" and not isinstance(ids.get("job_id"), str):
+            # The starter names a job without a usable job_id after its message id, as
+            # start_job does.
+            ids["job_id"] = f"job-{record.message_id[:18]}"
         logger.append_keys(function=function_name, message_id=record.message_id, **ids)
         job_id = ids.get("job_id")
+        remaining_millis = getattr(context, "get_remaining_time_in_millis", None)
         try:
-            step(services, record)
+            step(services, record, Invocation(record.message_id, remaining_millis))
         except StaleMessageError as error:
             logger.info("dropped stale message", extra={"reason": str(error)})
+        except JobConflictError as error:
+            # The job id belongs to another job, which must not be touched: the rejected
+            # message is recorded under the id derived from its message id.
+            rejected_id = f"job-{record.message_id[:18]}"
+            logger.error("job rejected", extra={"error": str(error), "error_type": type(error).__name__,
+                                                "rejected_job_id": rejected_id})
+            services.state.fail_job(rejected_id, str(error))
         except PermanentError as error:
             logger.error("job failed", extra={"error": str(error), "error_type": type(error).__name__})
-            if job_id is not None or function_name == "starter":
-                services.state.fail_job(job_id or f"job-{record.message_id[:18]}", str(error))
+            if job_id is not None:
+                services.state.fail_job(job_id, str(error))
         except Exception as error:
             receive_count = int(record.attributes.approximate_receive_count or 1)
             logger.exception("record failed; it will be retried", extra={"receive_count": receive_count})
@@ -103,8 +126,8 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord], Any]) 
 
     def handler(event: dict, context: Any) -> dict:
         processor = BatchProcessor(event_type=EventType.SQS)
-        return process_partial_response(event=event, record_handler=record_handler, processor=processor,
-                                        context=context)
+        return process_partial_response(event=event, record_handler=lambda record: run_record(record, context),
+                                        processor=processor, context=context)
 
     handler.__name__ = f"{function_name}_handler"
     return handler

@@ -9,12 +9,15 @@ jobs           the job spec                                starter
 tasks          ``{"job_id", "round", "worker"}``             worker
 aggregate      ``{"job_id", "round"}``                       aggregator
 =============  ==========================================  =====================
+
+A task or aggregate message may also carry ``"continuation": n`` (n >= 1): the n-th link
+of a chain of invocations that share one round's work (see :mod:`shared.service`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from shared.config import Settings
 from shared.errors import JobSpecError
@@ -23,15 +26,21 @@ from shared.errors import JobSpecError
 SQS_BATCH_LIMIT = 10
 
 
+# Bodies of task and aggregate messages stay far below this; arrays travel through EFS.
+MAX_MESSAGE_BYTES = 1024
+
+
 class TaskMessage(TypedDict):
     job_id: str
     round: int
     worker: int
+    continuation: NotRequired[int]
 
 
 class AggregateMessage(TypedDict):
     job_id: str
     round: int
+    continuation: NotRequired[int]
 
 
 def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
@@ -45,7 +54,23 @@ def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
         value = message.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise JobSpecError(name, f"expected {kind.__name__} in the message, got {value!r}")
+    if "continuation" in message:
+        value = message["continuation"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise JobSpecError("continuation", f"expected a positive integer in the message, got {value!r}")
     return message
+
+
+def _body(job_id: str, round_index: int, worker: int | None = None, continuation: int | None = None) -> str:
+    message: dict[str, Any] = {"job_id": job_id, "round": round_index}
+    if worker is not None:
+        message["worker"] = worker
+    if continuation is not None:
+        message["continuation"] = continuation
+    body = json.dumps(message)
+    if len(body.encode()) >= MAX_MESSAGE_BYTES:
+        raise ValueError(f"message body is {len(body.encode())} bytes, over the {MAX_MESSAGE_BYTES}-byte budget: {body[:80]}")
+    return body
 
 
 def parse_task(body: str) -> TaskMessage:
@@ -85,14 +110,18 @@ class QueueClient:
 
     def send_tasks(self, job_id: str, round_index: int, workers: list[int]) -> None:
         """Send one task message per worker for round ``round_index``."""
-        bodies = [json.dumps({"job_id": job_id, "round": round_index, "worker": worker}) for worker in workers]
+        bodies = [_body(job_id, round_index, worker) for worker in workers]
         self._send_batch(self.settings.tasks_queue_name, bodies)
 
-    def send_aggregate(self, job_id: str, round_index: int) -> None:
-        """Ask the aggregator to combine round ``round_index``."""
-        self.client.send_message(
-            QueueUrl=self.url(self.settings.aggregate_queue_name),
-            MessageBody=json.dumps({"job_id": job_id, "round": round_index}))
+    def send_task(self, job_id: str, round_index: int, worker: int, continuation: int | None = None) -> None:
+        """Send one task message, for example the next link of a worker's continuation chain."""
+        self.client.send_message(QueueUrl=self.url(self.settings.tasks_queue_name),
+                                 MessageBody=_body(job_id, round_index, worker, continuation))
+
+    def send_aggregate(self, job_id: str, round_index: int, continuation: int | None = None) -> None:
+        """Ask the aggregator to combine round ``round_index``, or to continue doing so."""
+        self.client.send_message(QueueUrl=self.url(self.settings.aggregate_queue_name),
+                                 MessageBody=_body(job_id, round_index, continuation=continuation))
 
     def _send_batch(self, queue_name: str, bodies: list[str]) -> None:
         url = self.url(queue_name)

@@ -18,19 +18,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import Callable
 
 import boto3
 import numpy as np
 
+from shared import cost
 from shared import data as datasets
 from shared import faults
 from shared.config import Settings
 from shared.efs import EfsStore
-from shared.errors import PermanentError, StaleMessageError
+from shared.metrics import publish_round_metrics
+from shared.errors import EfsNotWritableError, PermanentError, StaleMessageError
 from shared.preparation import PreparationStep, StaleStepError, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage
 from shared.sampling import epoch_of_round
@@ -63,7 +69,9 @@ class Services:
 
     @cached_property
     def store(self) -> EfsStore:
-        return EfsStore(self.settings.efs_root)
+        store = EfsStore(self.settings.efs_root)
+        check_efs_writable(store.root)
+        return store
 
     @cached_property
     def state(self) -> StateStore:
@@ -86,6 +94,26 @@ class Services:
         while len(self._jobs) > 4:
             self._jobs.popitem(last=False)
         return context
+
+
+def check_efs_writable(root: Path) -> None:
+    """Write and delete a probe file under ``root``, so a bad mount fails on first use.
+
+    Raises
+    ------
+    EfsNotWritableError
+        If the folder is missing or this process cannot create a file in it.
+    """
+    probe = root / f".write-check-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise EfsNotWritableError(
+            f"EFS root '{root}' is not writable by uid {os.getuid()} gid {os.getgid()} ({error.strerror}); "
+            "the access point's RootDirectory.CreationInfo OwnerUid/OwnerGid must equal its PosixUser Uid/Gid "
+            "(EfsAccessPoint in serverless.yml), or chown the folder to that user; locally, check EFS_ROOT") from error
 
 
 def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np.ndarray, dict]:
@@ -190,6 +218,90 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
                                       "n_workers": spec.training.n_workers})
 
 
+# Continuation ----------------------------------------------------------------------------
+#
+# A worker or aggregator does its share as a sequence of bounded steps. Before each step
+# after the first it asks its InvocationBudget whether time is running out; if so it saves
+# its progress atomically on EFS and sends a continuation message naming the next link of
+# the chain. Timeline of one link:
+#
+#   start ── step ── step ── ... ── remaining < margin ── save progress ── send {continuation: n+1}
+#   (at least one step per link, so a chain always moves forward)
+#
+# A progress file records which link should run next (``next``) and the SQS message id of
+# the link that wrote it (``writer``). A continuation message ``c`` then runs if
+# ``next == c``, or if ``next == c + 1`` and the file was written by this very message (a
+# retry after the save). Any message with ``c < next`` otherwise is a duplicate of an old
+# link and is dropped, which merges duplicated chains back into one. A message without a
+# ``continuation`` (the first task, or a re-send by the watchdog or resume) adopts whatever
+# progress is on EFS.
+
+
+class InvocationBudget:
+    """Decides when an invocation should stop and continue in a new one.
+
+    Parameters
+    ----------
+    remaining_millis : callable or None
+        The Lambda context's ``get_remaining_time_in_millis``; None means unbounded.
+    settings : Settings
+        ``continuation_margin_seconds`` and ``max_steps_per_invocation``.
+    """
+
+    def __init__(self, remaining_millis: Callable[[], int] | None, settings: Settings):
+        self._remaining_millis = remaining_millis
+        self.max_steps = settings.max_steps_per_invocation
+        self.steps = 0
+        self.margin_millis = 0.0
+        if remaining_millis is not None:
+            # A quarter of the starting time at most, so a short timeout still leaves
+            # three quarters of it for work.
+            self.margin_millis = min(settings.continuation_margin_seconds * 1000.0, remaining_millis() / 4.0)
+
+    def count_step(self) -> None:
+        self.steps += 1
+
+    def exhausted(self) -> bool:
+        """Return whether the invocation should save its progress now."""
+        if self.steps == 0:
+            return False
+        if self.max_steps and self.steps >= self.max_steps:
+            return True
+        return self._remaining_millis is not None and self._remaining_millis() < self.margin_millis
+
+
+def _progress_path(store: EfsStore, job_id: str, round_index: int, worker: int | None) -> Path:
+    name = "aggregate-progress.json" if worker is None else f"progress-{worker}.npz"
+    return store.round_dir(job_id, round_index) / name
+
+
+def _chain_position(saved_next: int, saved_writer: str, continuation: int | None, message_id: str) -> int | None:
+    """Return the link number this message runs as, or None if it is a stale duplicate."""
+    if continuation is None:
+        return saved_next
+    if saved_next == continuation:
+        return continuation
+    if saved_next == continuation + 1 and saved_writer == message_id:
+        return continuation
+    if saved_next > continuation:
+        return None
+    # A slower twin chain overwrote newer progress with older; the steps are deterministic,
+    # so continuing from the older progress gives the same bytes.
+    return continuation
+
+
+def _load_worker_progress(store: EfsStore, path: Path, continuation: int | None,
+                          message_id: str) -> tuple[dict[str, np.ndarray] | None, int]:
+    """Return the saved progress (None to begin afresh) and this link's number."""
+    if not path.exists():
+        return None, continuation or 0
+    arrays = store.read_arrays(path)
+    link = _chain_position(int(arrays.pop("_next")), str(arrays.pop("_writer")), continuation, message_id)
+    if link is None:
+        raise StaleMessageError(f"continuation {continuation} is a duplicate of an earlier link; dropped")
+    return arrays, link
+
+
 # Worker ----------------------------------------------------------------------------------
 
 
@@ -207,57 +319,93 @@ def _check_round_is_current(services: Services, job_id: str, round_index: int):
     return record
 
 
-def run_task(services: Services, task: TaskMessage) -> dict[str, np.ndarray]:
+def run_task(services: Services, task: TaskMessage, message_id: str = "",
+             remaining_millis: Callable[[], int] | None = None) -> dict[str, np.ndarray] | None:
     """Compute one worker's contribution to one round and record it.
 
-    Returns the result arrays. A redelivered task computes and writes the same bytes again,
-    and finds its worker already recorded.
+    Returns the result arrays, or None when this invocation saved its progress and sent a
+    continuation, or found its result already recorded. A redelivered task either finds
+    its worker recorded or computes and writes the same bytes again.
+
+    Raises
+    ------
+    StaleMessageError
+        The job is not running, the round is over, or the message is an old link of a
+        continuation chain.
     """
     job_id, round_index, worker = task["job_id"], task["round"], task["worker"]
+    ids = {"job_id": job_id, "round": round_index, "worker": worker}
+    task_started = time.monotonic()
     record = _check_round_is_current(services, job_id, round_index)
     if not 0 <= worker < record.n_workers:
         raise PermanentError(f"task names worker {worker} but job {job_id} has {record.n_workers} workers")
+    faults.maybe_fail("worker.before_read", **ids)
 
-    faults.maybe_fail("worker.before_read", job_id=job_id, round=round_index, worker=worker)
+    # The result is on EFS before the worker is recorded, so a recorded worker is done.
+    # Its aggregate message may not have been sent, though: send it again.
+    done = services.state.get_done_workers(job_id, round_index)
+    if worker in done:
+        if len(done) == record.n_workers:
+            services.queues.send_aggregate(job_id, round_index)
+        logger.info("task already recorded", extra={**ids, "workers_done": len(done)})
+        return None
+
     context = services.job_context(job_id)
     spec, manifest, store = context.spec, context.manifest, services.store
-
     if worker not in context.shards:
         context.shards[worker] = datasets.load_shard(store, job_id, manifest, worker)
     shard = context.shards[worker]
-
     params, _ = read_round_state(store, job_id, round_index)
     model = build_model(spec, manifest)
-    result = get_training_mode(spec, model).worker_result(spec, manifest, model, params, shard, round_index, worker)
+    mode = get_training_mode(spec, model)
+
+    progress_path = _progress_path(store, job_id, round_index, worker)
+    progress, link = _load_worker_progress(store, progress_path, task.get("continuation"), message_id)
+    if progress is None:
+        progress = mode.begin(spec, manifest, model, params, shard, round_index, worker)
+
+    budget = InvocationBudget(remaining_millis, services.settings)
+    finished = False
+    while not finished:
+        if budget.exhausted():
+            store.write_arrays(progress_path, {**progress, "_next": np.int64(link + 1), "_writer": np.str_(message_id)})
+            faults.maybe_fail("worker.after_progress", **ids)
+            services.queues.send_task(job_id, round_index, worker, continuation=link + 1)
+            services.state.record_progress(job_id, round_index)
+            logger.info("task continues", extra={**ids, "continuation": link + 1, "steps": budget.steps})
+            return None
+        progress, finished = mode.advance(spec, manifest, model, params, shard, round_index, worker, progress)
+        budget.count_step()
+    result = mode.finish(progress)
 
     store.write_arrays(store.result_path(job_id, round_index, worker), result)
-    faults.maybe_fail("worker.after_write", job_id=job_id, round=round_index, worker=worker)
+    faults.maybe_fail("worker.after_write", **ids)
 
-    newly_added, done = services.state.record_worker_done(job_id, round_index, worker)
-    faults.maybe_fail("worker.after_record", job_id=job_id, round=round_index, worker=worker)
+    # The worker's time, for the round's cost estimate (shared/cost.py).
+    task_seconds = time.monotonic() - task_started
+    usage = {"worker_seconds": task_seconds, "worker_gb_seconds": cost.gb_seconds(task_seconds)}
+    newly_added, done = services.state.record_worker_done(job_id, round_index, worker, usage)
+    faults.maybe_fail("worker.after_record", **ids)
 
-    # The delivery that completed the set sends the aggregate message. A redelivery that
-    # finds the set already complete sends it again, covering a crash between the record
+    # The delivery that completed the set sends the aggregate message. A retry that finds
+    # the set already complete sends it again above, covering a crash between the record
     # and the send; the aggregator drops the duplicate.
     if len(done) == record.n_workers:
         services.queues.send_aggregate(job_id, round_index)
-    logger.info("task done", extra={"job_id": job_id, "round": round_index, "worker": worker,
-                                    "newly_recorded": newly_added, "workers_done": len(done)})
+    logger.info("task done", extra={**ids, "newly_recorded": newly_added, "workers_done": len(done),
+                                    "continuations": link})
     return result
 
 
 # Aggregator ------------------------------------------------------------------------------
 
+# Validation rows evaluated per aggregator step. A constant, like the gradient chunk size,
+# so the metrics do not depend on where an invocation happened to stop.
+VALIDATION_CHUNK_ROWS = 65536
 
-def aggregate_round(services: Services, message: AggregateMessage) -> dict | None:
-    """Combine a complete round, update the weights, and start the next round or finish.
 
-    Returns the round's metrics, or None for a duplicate whose round already moved on.
-    """
-    job_id, round_index = message["job_id"], message["round"]
-    store, state = services.store, services.state
-
-    record = state.get_job(job_id)
+def _check_aggregate_is_current(services: Services, job_id: str, round_index: int):
+    record = services.state.get_job(job_id)
     if record is None or record.status != RUNNING:
         raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status}")
     if record.round == round_index + 1:
@@ -267,59 +415,144 @@ def aggregate_round(services: Services, message: AggregateMessage) -> dict | Non
         raise StaleMessageError(f"round {round_index} of job {job_id} was already aggregated; re-sent round {record.round} tasks")
     if record.round != round_index:
         raise StaleMessageError(f"round {round_index} of job {job_id} is not current (job at round {record.round})")
-
-    done = state.get_done_workers(job_id, round_index)
+    done = services.state.get_done_workers(job_id, round_index)
     if len(done) != record.n_workers:
         raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; retrying")
+    return record
+
+
+def _load_aggregate_progress(store: EfsStore, path: Path, continuation: int | None, message_id: str) -> tuple[dict, int]:
+    """Return the aggregator's saved progress of a round (empty to begin) and this link's number."""
+    if not path.exists():
+        return {}, continuation or 0
+    saved = store.read_json(path)
+    link = _chain_position(saved.pop("next"), saved.pop("writer"), continuation, message_id)
+    if link is None:
+        raise StaleMessageError(f"aggregate continuation {continuation} is a duplicate of an earlier link; dropped")
+    return saved, link
+
+
+def _combine_metrics(partials: list[dict]) -> dict[str, float]:
+    """Return validation metrics from per-chunk metrics, weighting each chunk by its rows."""
+    if len(partials) == 1:
+        return dict(partials[0]["metrics"])
+    total_rows = sum(partial["rows"] for partial in partials)
+    # NOTE: a row-weighted mean is exact for mean metrics (loss, accuracy) but only an
+    # approximation of r2 when the validation set spans several chunks.
+    names = partials[0]["metrics"].keys()
+    return {name: sum(partial["metrics"][name] * partial["rows"] for partial in partials) / total_rows for name in names}
+
+
+def aggregate_round(services: Services, message: AggregateMessage, message_id: str = "",
+                    remaining_millis: Callable[[], int] | None = None) -> dict | None:
+    """Combine a complete round, update the weights, and start the next round or finish.
+
+    The work runs as steps that each leave a checkpoint on EFS: combining the results
+    (writes the next round's state), evaluating each chunk of validation rows, and the
+    commit (metrics, then advance or finish). Between steps the aggregator may save its
+    progress and continue in a new invocation.
+
+    Returns the round's metrics, or None when the invocation continues in another one.
+    """
+    job_id, round_index = message["job_id"], message["round"]
+    ids = {"job_id": job_id, "round": round_index}
+    store, state = services.store, services.state
+    record = _check_aggregate_is_current(services, job_id, round_index)
+    faults.maybe_fail("aggregator.before_read", **ids)
 
     started = time.monotonic()
     context = services.job_context(job_id)
     spec, manifest = context.spec, context.manifest
     model, optimizer = build_model(spec, manifest), build_optimizer(spec)
-
-    params, optimizer_state = read_round_state(store, job_id, round_index)
-    results = [store.read_arrays(store.result_path(job_id, round_index, worker)) for worker in range(record.n_workers)]
-    update = get_training_mode(spec, model).combine(spec, model, optimizer, params, optimizer_state, results, round_index)
-
     next_round = round_index + 1
-    write_round_state(store, job_id, next_round, update.params, update.optimizer_state)
-    faults.maybe_fail("aggregator.after_write", job_id=job_id, round=round_index)
 
+    progress_path = _progress_path(store, job_id, round_index, None)
+    progress, link = _load_aggregate_progress(store, progress_path, message.get("continuation"), message_id)
+    validation = datasets.load_validation(store, job_id, manifest)
+    n_chunks = 0 if validation is None else -(-validation.n_rows // VALIDATION_CHUNK_ROWS)
+    progress.setdefault("partials", [])
+    budget = InvocationBudget(remaining_millis, services.settings)
+
+    def continue_later() -> None:
+        store.write_json(progress_path, {**progress, "next": link + 1, "writer": message_id})
+        faults.maybe_fail("aggregator.after_progress", **ids)
+        services.queues.send_aggregate(job_id, round_index, continuation=link + 1)
+        state.record_progress(job_id, round_index)
+        logger.info("aggregation continues", extra={**ids, "continuation": link + 1, "steps": budget.steps})
+
+    # Step 1: combine the results into the next round's state.
+    if "train_loss" not in progress:
+        params, optimizer_state = read_round_state(store, job_id, round_index)
+        results = [store.read_arrays(store.result_path(job_id, round_index, worker)) for worker in range(record.n_workers)]
+        mode = get_training_mode(spec, model)
+        update = mode.combine(spec, model, optimizer, params, optimizer_state, results, round_index)
+        write_round_state(store, job_id, next_round, update.params, update.optimizer_state)
+        faults.maybe_fail("aggregator.after_write", **ids)
+        progress["train_loss"], progress["n_samples"] = float(update.train_loss), int(update.n_samples)
+        budget.count_step()
+
+    # Step 2: evaluate the new parameters on the validation rows, one chunk per step.
+    if len(progress["partials"]) < n_chunks:
+        new_params, _ = read_round_state(store, job_id, next_round)
+        while len(progress["partials"]) < n_chunks:
+            if budget.exhausted():
+                continue_later()
+                return None
+            start = len(progress["partials"]) * VALIDATION_CHUNK_ROWS
+            stop = min(start + VALIDATION_CHUNK_ROWS, validation.n_rows)
+            chunk_metrics = model.metrics(new_params, validation.X[start:stop], np.asarray(validation.y[start:stop]))
+            progress["partials"].append({"rows": stop - start,
+                                         "metrics": {name: float(value) for name, value in chunk_metrics.items()}})
+            budget.count_step()
+
+    if budget.exhausted():
+        continue_later()
+        return None
+
+    # Step 3: commit the round.
     metrics = {
         "round": round_index,
         "epoch": epoch_of_round(round_index, manifest["shard_rows"], spec.training.batch_size),
-        "train_loss": update.train_loss,
-        "n_samples": update.n_samples,
+        "train_loss": progress["train_loss"],
+        "n_samples": progress["n_samples"],
     }
-    validation = datasets.load_validation(store, job_id, manifest)
-    if validation is not None:
-        for name, value in model.metrics(update.params, validation.X, np.asarray(validation.y)).items():
+    if progress["partials"]:
+        for name, value in _combine_metrics(progress["partials"]).items():
             metrics[f"validation_{name}"] = value
-    metrics["loss"] = metrics.get("validation_loss", update.train_loss)
+    metrics["loss"] = metrics.get("validation_loss", progress["train_loss"])
     metrics["aggregate_seconds"] = time.monotonic() - started
-
+    metrics.update(cost.account_round(
+        store, state, record, round_index, spec.training.batch_size, manifest["n_features"],
+        validation_bytes=0 if validation is None else cost.array_bytes(validation.X),
+        aggregate_seconds=metrics["aggregate_seconds"]))
     store.write_json(store.metrics_path(job_id, round_index), metrics)
     state.put_round_metrics(job_id, round_index, metrics)
+    faults.maybe_fail("aggregator.after_metrics", **ids)
 
     reached_target = (spec.training.target_validation_loss is not None and "validation_loss" in metrics
                       and metrics["validation_loss"] <= spec.training.target_validation_loss)
-    summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"]}
+    over_budget = spec.training.budget_usd is not None and metrics["total_cost_usd"] >= spec.training.budget_usd
+    summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"], "cost_usd": metrics["total_cost_usd"]}
     for name in ("validation_loss", "validation_accuracy"):
         if name in metrics:
             summary[name] = metrics[name]
+    publish_round_metrics(job_id, round_index, metrics)
 
-    if next_round >= record.total_rounds or reached_target:
-        write_final_model(services, job_id, model, update.params, next_round, metrics)
-        if state.finish_job(job_id, round_index, {**summary, "stop_reason": "target" if reached_target else "max_rounds"}):
-            logger.info("job succeeded", extra={"job_id": job_id, "round": round_index, **summary})
+    if next_round >= record.total_rounds or reached_target or over_budget:
+        new_params, _ = read_round_state(store, job_id, next_round)
+        write_final_model(services, job_id, model, new_params, next_round, metrics)
+        faults.maybe_fail("aggregator.before_finish", **ids)
+        stop_reason = "target" if reached_target else "max_rounds" if next_round >= record.total_rounds else "budget"
+        if state.finish_job(job_id, round_index, {**summary, "stop_reason": stop_reason}):
+            logger.info("job succeeded", extra={**ids, **summary})
         return metrics
 
     advanced = state.advance_round(job_id, round_index, summary)
-    faults.maybe_fail("aggregator.after_advance", job_id=job_id, round=round_index)
+    faults.maybe_fail("aggregator.after_advance", **ids)
     if advanced:
         services.queues.send_tasks(job_id, next_round, list(range(record.n_workers)))
         store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
-    logger.info("round aggregated", extra={"job_id": job_id, "round": round_index, "advanced": advanced, **summary})
+    logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link, **summary})
     return metrics
 
 

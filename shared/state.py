@@ -5,10 +5,21 @@ Items, all under the partition key ``pk = "JOB#<job_id>"``:
 ``sk = "JOB"``
     The job: ``status``, ``round`` (the round now running), ``n_workers``,
     ``total_rounds``, ``fingerprint`` (hash of the spec), ``spec`` (its JSON), ``error``,
-    the latest metrics, and timestamps.
+    the latest metrics, ``watchdog_attempts`` (re-sends the watchdog made in the current
+    round), and timestamps.
 ``sk = "ROUND#<r, 8 digits>"``
-    Round ``r``: ``done``, the number set of workers whose result is on EFS, and, once the
-    round is aggregated, its metrics.
+    Round ``r``: ``done``, the number set of workers whose result is on EFS, ``updated_at``
+    (the last recorded progress: a worker done or a continuation), and, once the round is
+    aggregated, its metrics.
+
+Job statuses::
+
+    PREPARING ──> RUNNING ──> SUCCEEDED
+        │           │  ^
+        │           v  │ resume
+        │         PAUSED
+        └───────────┴──────> FAILED ──(resume)──> RUNNING, or PREPARING if it never ran
+    any status but SUCCEEDED ──(cancel)──> CANCELLED
 
 Every state change is a conditional write, so at-least-once delivery cannot double-count
 a worker or advance a round twice.
@@ -33,7 +44,9 @@ PREPARING = "PREPARING"
 RUNNING = "RUNNING"
 SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
-TERMINAL_STATUSES = (SUCCEEDED, FAILED)
+PAUSED = "PAUSED"
+CANCELLED = "CANCELLED"
+TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 
 
 def _job_key(job_id: str) -> dict:
@@ -176,12 +189,14 @@ class StateStore:
             raise
         return True
 
-    def record_worker_done(self, job_id: str, round_index: int, worker: int) -> tuple[bool, list[int]]:
+    def record_worker_done(self, job_id: str, round_index: int, worker: int,
+                           usage: dict[str, float] | None = None) -> tuple[bool, list[int]]:
         """Add ``worker`` to round ``round_index``'s set of finished workers.
 
         Adding to a set is idempotent, unlike incrementing a counter. The add is also
         conditional on the worker's absence, so exactly one delivery of a worker's task
-        sees ``newly_added`` True.
+        sees ``newly_added`` True. ``usage`` (for example ``{"worker_seconds": 1.5}``) is
+        added to the round item's totals in the same update, so it too counts once.
 
         Returns
         -------
@@ -189,24 +204,40 @@ class StateStore:
         done : list of int
             The workers recorded so far, sorted.
         """
+        # Usage totals are numbers that ADD increments; their names go through placeholders.
+        names = {f"#u{index}": name for index, name in enumerate(sorted(usage or {}))}
+        values = {
+            ":worker": {"NS": [str(worker)]},
+            ":worker_number": {"N": str(worker)},
+            ":now": {"N": repr(time.time())},
+        }
+        increments = ""
+        for placeholder, name in names.items():
+            values[":" + placeholder[1:]] = _to_attribute(float(usage[name]))
+            increments += f", {placeholder} :{placeholder[1:]}"
+        optional = {"ExpressionAttributeNames": names} if names else {}
         try:
             response = self.client.update_item(
                 TableName=self.table_name,
                 Key=_round_key(job_id, round_index),
-                UpdateExpression="ADD done :worker SET updated_at = :now",
+                UpdateExpression=f"ADD done :worker{increments} SET updated_at = :now",
                 ConditionExpression="attribute_not_exists(done) OR NOT contains(done, :worker_number)",
-                ExpressionAttributeValues={
-                    ":worker": {"NS": [str(worker)]},
-                    ":worker_number": {"N": str(worker)},
-                    ":now": {"N": repr(time.time())},
-                },
+                ExpressionAttributeValues=values,
                 ReturnValues="ALL_NEW",
+                **optional,
             )
         except ClientError as error:
             if not _is_condition_failure(error):
                 raise
             return False, self.get_done_workers(job_id, round_index)
         return True, _from_attribute(response["Attributes"]["done"])
+
+    def get_round_usage(self, job_id: str, round_index: int) -> dict[str, float]:
+        """Return the usage totals the workers added to round ``round_index`` (see record_worker_done)."""
+        response = self.client.get_item(
+            TableName=self.table_name, Key=_round_key(job_id, round_index), ConsistentRead=True)
+        item = response.get("Item", {})
+        return {name: float(_from_attribute(item[name])) for name in item if name.startswith("worker_")}
 
     def get_done_workers(self, job_id: str, round_index: int) -> list[int]:
         """Return the sorted workers recorded as done in round ``round_index``."""
@@ -228,14 +259,23 @@ class StateStore:
             ExpressionAttributeValues=values,
         )
 
-    def list_round_metrics(self, job_id: str) -> list[dict[str, Any]]:
-        """Return the metrics of every aggregated round, in round order."""
+    def list_round_metrics(self, job_id: str, first_round: int = 0) -> list[dict[str, Any]]:
+        """Return the metrics of every aggregated round from ``first_round`` on, in round order.
+
+        A poller passes the round after the last one it has, so each poll reads only new
+        round items instead of the whole job.
+        """
         rounds = []
         paginator = self.client.get_paginator("query")
         pages = paginator.paginate(
             TableName=self.table_name,
-            KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
-            ExpressionAttributeValues={":pk": {"S": f"JOB#{job_id}"}, ":prefix": {"S": "ROUND#"}},
+            # Round keys sort in round order (8 digits), and "ROUND$" sorts after all of them.
+            KeyConditionExpression="pk = :pk AND sk BETWEEN :first AND :end",
+            ExpressionAttributeValues={
+                ":pk": {"S": f"JOB#{job_id}"},
+                ":first": _round_key(job_id, max(0, first_round))["sk"],
+                ":end": {"S": "ROUND$"},
+            },
             ConsistentRead=True,
         )
         for page in pages:
@@ -254,7 +294,7 @@ class StateStore:
         return self._conditional_job_update(
             job_id,
             from_round,
-            sets={"round": from_round + 1, **summary},
+            sets={"round": from_round + 1, "watchdog_attempts": 0, **summary},
         )
 
     def finish_job(self, job_id: str, from_round: int, summary: dict[str, Any]) -> bool:
@@ -266,7 +306,7 @@ class StateStore:
         """Mark the job FAILED with ``message`` unless it already finished.
 
         Creates the item when the job never got one, for example when its spec was
-        rejected. Returns False if the job had already succeeded or failed.
+        rejected. Returns False if the job had already succeeded, failed or been cancelled.
         """
         try:
             self.client.update_item(
@@ -275,15 +315,87 @@ class StateStore:
                 UpdateExpression=(
                     "SET #status = :failed, #error = :message, updated_at = :now, "
                     "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero)"),
-                ConditionExpression="attribute_not_exists(#status) OR NOT #status IN (:succeeded, :failed)",
+                ConditionExpression=(
+                    "attribute_not_exists(#status) OR NOT #status IN (:succeeded, :failed, :cancelled)"),
                 ExpressionAttributeNames={"#status": "status", "#error": "error", "#round": "round"},
                 ExpressionAttributeValues={
                     ":failed": {"S": FAILED},
                     ":succeeded": {"S": SUCCEEDED},
+                    ":cancelled": {"S": CANCELLED},
                     ":message": {"S": message},
                     ":now": {"N": repr(time.time())},
                     ":zero": {"N": "0"},
                 },
+            )
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return False
+            raise
+        return True
+
+    def record_progress(self, job_id: str, round_index: int) -> None:
+        """Stamp round ``round_index`` with the current time; the watchdog reads it."""
+        self.client.update_item(
+            TableName=self.table_name,
+            Key=_round_key(job_id, round_index),
+            UpdateExpression="SET updated_at = :now",
+            ExpressionAttributeValues={":now": {"N": repr(time.time())}},
+        )
+
+    def round_updated_at(self, job_id: str, round_index: int) -> float | None:
+        """Return when round ``round_index`` last recorded progress, or None if never."""
+        response = self.client.get_item(
+            TableName=self.table_name, Key=_round_key(job_id, round_index), ConsistentRead=True)
+        value = response.get("Item", {}).get("updated_at")
+        return None if value is None else float(value["N"])
+
+    def count_watchdog_attempt(self, job_id: str, round_index: int) -> int | None:
+        """Add one to the watchdog's re-send count of a RUNNING job still at ``round_index``.
+
+        Returns the new count, or None when the job is no longer running at that round.
+        """
+        try:
+            response = self.client.update_item(
+                TableName=self.table_name,
+                Key=_job_key(job_id),
+                UpdateExpression="SET watchdog_attempts = if_not_exists(watchdog_attempts, :zero) + :one, "
+                                 "updated_at = :now",
+                ConditionExpression="#status = :running AND #round = :round",
+                ExpressionAttributeNames={"#status": "status", "#round": "round"},
+                ExpressionAttributeValues={
+                    ":zero": {"N": "0"}, ":one": {"N": "1"}, ":running": {"S": RUNNING},
+                    ":round": {"N": str(round_index)}, ":now": {"N": repr(time.time())},
+                },
+                ReturnValues="UPDATED_NEW",
+            )
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return None
+            raise
+        return int(response["Attributes"]["watchdog_attempts"]["N"])
+
+    def set_status(self, job_id: str, to_status: str, from_statuses: tuple[str, ...], clear_error: bool = False) -> bool:
+        """Move the job to ``to_status`` if its status is one of ``from_statuses``.
+
+        Returns False when the job does not exist or is in another status. Pause, cancel and
+        resume are built on this, so a command racing a round's end cannot undo a finish.
+        """
+        names = {"#status": "status"}
+        values = {":to": {"S": to_status}, ":now": {"N": repr(time.time())}, ":zero": {"N": "0"}}
+        for index, status in enumerate(from_statuses):
+            values[f":from{index}"] = {"S": status}
+        expression = "SET #status = :to, updated_at = :now, status_changed_at = :now, watchdog_attempts = :zero"
+        if clear_error:
+            expression += " REMOVE #error"
+            names["#error"] = "error"
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=_job_key(job_id),
+                UpdateExpression=expression,
+                ConditionExpression=f"#status IN ({', '.join(f':from{i}' for i in range(len(from_statuses)))})",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
             )
         except ClientError as error:
             if _is_condition_failure(error):

@@ -10,7 +10,14 @@ then deletes the records that succeeded.
 Failed records are made visible again after ``retry_delay_seconds`` rather than after the
 queue's full visibility timeout, so a local job does not wait half an hour for a retry.
 A container that overruns the function's timeout is killed, as Lambda would, and its whole
-batch is retried; the next invocation starts a fresh (cold) container.
+batch is retried; the next invocation starts a fresh (cold) container. As on Lambda, a
+container's start (its imports) does not count towards the invocation's timeout.
+
+A function with a schedule event instead of an SQS event gets one lane that invokes it
+every ``schedule_seconds`` with a scheduled-event payload.
+
+When fault injection is on (:mod:`shared.faults`), the lanes also apply the delivery
+faults: duplicated, delayed and reordered deliveries.
 
 Timeline of one invocation::
 
@@ -21,6 +28,7 @@ Timeline of one invocation::
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -32,6 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from shared import faults
 from shared.local.stack import FunctionDefinition
 
 logger = logging.getLogger(__name__)
@@ -68,6 +77,7 @@ def _container_main(connection: Connection, handler_path: str, function: dict, e
     sys.stdout = sys.stderr = log_file
     module_path, handler_name = handler_path.rsplit(".", 1)
     handler = getattr(importlib.import_module(module_path.replace("/", ".")), handler_name)
+    connection.send(("ready", None))
 
     while True:
         try:
@@ -107,10 +117,12 @@ class FunctionLanes:
     """The lanes of one function and their counters."""
 
     definition: FunctionDefinition
-    queue_url: str
+    queue_url: str | None
     concurrency: int
     threads: list[threading.Thread] = field(default_factory=list)
     invocations: list[InvocationRecord] = field(default_factory=list)
+    # Every message body a lane received, in order; tests check sizes and continuations.
+    bodies: list[str] = field(default_factory=list)
 
 
 class LocalRuntime:
@@ -133,22 +145,30 @@ class LocalRuntime:
         Per-function timeout overrides, for tests of timeouts.
     retry_delay_seconds : float, default=1.0
         Delay before a failed record is received again.
+    poll_wait_seconds : int, default=1
+        Long-poll wait of each receive.
+    schedule_seconds : dict of str to float, optional
+        Per-function interval overrides for scheduled functions, for tests.
     """
 
     def __init__(self, functions: dict[str, FunctionDefinition], queue_urls: dict[str, str], sqs, environment: dict,
                  log_dir: Path, concurrency: dict[str, int] | None = None,
                  timeout_seconds: dict[str, float] | None = None, retry_delay_seconds: float = 1.0,
-                 poll_wait_seconds: int = 1):
+                 poll_wait_seconds: int = 1, schedule_seconds: dict[str, float] | None = None):
         self.sqs = sqs
         self.environment = environment
         self.log_dir = Path(log_dir)
         self.retry_delay_seconds = retry_delay_seconds
         self.poll_wait_seconds = poll_wait_seconds
         self.timeouts = timeout_seconds or {}
+        self.schedule_seconds = schedule_seconds or {}
         self._stop = threading.Event()
         self._mp = multiprocessing.get_context("spawn")
         self.lanes: dict[str, FunctionLanes] = {}
         for name, definition in functions.items():
+            if definition.queue_logical_id is None:
+                self.lanes[name] = FunctionLanes(definition, None, 1)
+                continue
             lanes = (concurrency or {}).get(name) or definition.max_concurrency or 1
             self.lanes[name] = FunctionLanes(definition, queue_urls[definition.queue_logical_id], int(lanes))
 
@@ -157,8 +177,9 @@ class LocalRuntime:
     def start(self) -> "LocalRuntime":
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name, lanes in self.lanes.items():
+            target = self._run_lane if lanes.queue_url is not None else self._run_schedule
             for index in range(lanes.concurrency):
-                thread = threading.Thread(target=self._run_lane, args=(lanes,), name=f"{name}-lane-{index}", daemon=True)
+                thread = threading.Thread(target=target, args=(lanes,), name=f"{name}-lane-{index}", daemon=True)
                 lanes.threads.append(thread)
                 thread.start()
         return self
@@ -192,6 +213,10 @@ class LocalRuntime:
         )
         process.start()
         child_end.close()
+        # Wait for the imports, which Lambda counts as the init phase, not the invocation.
+        if not parent_end.poll(120) or parent_end.recv()[0] != "ready":
+            process.kill()
+            raise RuntimeError(f"the {definition.name} container did not start; see {self.log_dir}")
         return Container(process=process, connection=parent_end)
 
     @staticmethod
@@ -204,33 +229,135 @@ class LocalRuntime:
 
     def _run_lane(self, lanes: FunctionLanes) -> None:
         definition = lanes.definition
-        container: Container | None = None
         timeout = self.timeouts.get(definition.name, definition.timeout_seconds)
+        reorder = faults.has_delivery_rule(definition.name, "reorder", self.environment)
+        container: Container | None = None
         try:
             while not self._stop.is_set():
                 messages = self.sqs.receive_message(
                     QueueUrl=lanes.queue_url,
-                    MaxNumberOfMessages=min(definition.batch_size, 10),
+                    # To reorder, take more than a batch and run it back to front.
+                    MaxNumberOfMessages=10 if reorder else min(definition.batch_size, 10),
                     WaitTimeSeconds=self.poll_wait_seconds,
                     AttributeNames=["All"],
                     MessageAttributeNames=["All"],
                 ).get("Messages", [])
                 if not messages:
                     continue
+                lanes.bodies.extend(message["Body"] for message in messages)
+                if reorder and len(messages) > 1 and self._claim_delivery(definition.name, messages[0], "reorder"):
+                    messages.reverse()
 
-                if container is None or not container.process.is_alive():
-                    container = self._start_container(definition)
-                started = time.monotonic()
-                outcome, failed_ids = self._invoke(container, lanes, messages, timeout)
-                if outcome in ("timeout", "crashed"):
-                    self._kill(container)
-                    container = None
-                lanes.invocations.append(InvocationRecord(definition.name, len(messages), outcome,
-                                                          time.monotonic() - started))
-                self._settle(lanes.queue_url, messages, failed_ids)
+                for start in range(0, len(messages), definition.batch_size):
+                    try:
+                        batch = self._apply_delivery_faults(lanes, messages[start:start + definition.batch_size])
+                        if batch:
+                            container = self._invoke_batch(lanes, container, batch, timeout)
+                    except Exception:
+                        # The lane must outlive a failed start or SQS call, as an event source
+                        # mapping does; the messages come back after their visibility timeout.
+                        logger.exception("%s lane failed to deliver a batch", definition.name)
+                        container = None
+                        self._stop.wait(self.retry_delay_seconds)
         finally:
             if container is not None:
                 self._kill(container)
+
+    def _invoke_batch(self, lanes: FunctionLanes, container: Container | None, messages: list[dict],
+                      timeout: float, settle: bool = True) -> Container | None:
+        """Invoke the function on one batch and settle it; return the container to reuse."""
+        if container is None or not container.process.is_alive():
+            container = self._start_container(lanes.definition)
+        started = time.monotonic()
+        outcome, failed_ids = self._invoke(container, lanes, messages, timeout)
+        if outcome in ("timeout", "crashed"):
+            self._kill(container)
+            container = None
+        lanes.invocations.append(InvocationRecord(lanes.definition.name, len(messages), outcome,
+                                                  time.monotonic() - started))
+        if settle:
+            self._settle(lanes.queue_url, messages, failed_ids)
+        return container
+
+    # Delivery faults -----------------------------------------------------------------------
+
+    @staticmethod
+    def _message_ids(message: dict) -> dict:
+        try:
+            body = json.loads(message["Body"])
+        except json.JSONDecodeError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _claim_delivery(self, function: str, message: dict, kind: str) -> dict | None:
+        return faults.claim_delivery_fault(function, self._message_ids(message), kinds=(kind,), environ=self.environment)
+
+    def _apply_delivery_faults(self, lanes: FunctionLanes, messages: list[dict]) -> list[dict]:
+        """Apply duplicate and delay rules to a batch; return the messages to invoke now."""
+        if not faults.enabled(self.environment):
+            return messages
+        kept = []
+        for message in messages:
+            rule = faults.claim_delivery_fault(lanes.definition.name, self._message_ids(message),
+                                               kinds=("duplicate", "delay"), environ=self.environment)
+            kind = None if rule is None else rule["kind"]
+            delay_seconds = 0 if rule is None else int(rule.get("delay_seconds", 0))
+            if kind == "delay":
+                # Held back: visible again only after the delay, so later messages overtake it.
+                self.sqs.change_message_visibility(QueueUrl=lanes.queue_url, ReceiptHandle=message["ReceiptHandle"],
+                                                   VisibilityTimeout=max(1, delay_seconds))
+                logger.warning("fault: delayed %s message by %d s", lanes.definition.name, delay_seconds)
+                continue
+            if kind == "duplicate" and delay_seconds > 0:
+                self.sqs.send_message(QueueUrl=lanes.queue_url, MessageBody=message["Body"],
+                                      DelaySeconds=min(delay_seconds, 900))
+                logger.warning("fault: a copy of a %s message arrives in %d s", lanes.definition.name, delay_seconds)
+            elif kind == "duplicate":
+                # The same record delivered in two invocations, as at-least-once delivery may.
+                timeout = self.timeouts.get(lanes.definition.name, lanes.definition.timeout_seconds)
+                container = self._invoke_batch(lanes, None, [message], timeout, settle=False)
+                if container is not None:
+                    self._kill(container)
+                logger.warning("fault: delivered a %s message twice", lanes.definition.name)
+            kept.append(message)
+        return kept
+
+    # Scheduled functions -------------------------------------------------------------------
+
+    def _run_schedule(self, lanes: FunctionLanes) -> None:
+        definition = lanes.definition
+        interval = self.schedule_seconds.get(definition.name, definition.schedule_seconds or 60)
+        timeout = self.timeouts.get(definition.name, definition.timeout_seconds)
+        container: Container | None = None
+        try:
+            while not self._stop.wait(interval):
+                if container is None or not container.process.is_alive():
+                    try:
+                        container = self._start_container(definition)
+                    except RuntimeError:
+                        logger.exception("%s container did not start; trying at the next interval", definition.name)
+                        continue
+                event = {"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}
+                started = time.monotonic()
+                outcome = self._send_event(container, definition.name, event, timeout)
+                if outcome in ("timeout", "crashed"):
+                    self._kill(container)
+                    container = None
+                lanes.invocations.append(InvocationRecord(definition.name, 0, outcome, time.monotonic() - started))
+        finally:
+            if container is not None:
+                self._kill(container)
+
+    def _send_event(self, container: Container, function: str, event: dict, timeout: float) -> str:
+        try:
+            container.connection.send(event)
+            if not container.connection.poll(timeout):
+                logger.warning("%s timed out after %.1f s; killing its container", function, timeout)
+                return "timeout"
+            status, _ = container.connection.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            return "crashed"
+        return "ok" if status == "ok" else "error"
 
     def _invoke(self, container: Container, lanes: FunctionLanes, messages: list[dict], timeout: float) -> tuple[str, set[str]]:
         """Send one event to ``container``; return the outcome and the ids of failed records."""

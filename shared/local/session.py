@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import socket
+import subprocess
+import sys
+
 import boto3
-from moto.server import ThreadedMotoServer
 
 from shared.config import Settings
 from shared.local.runtime import LocalRuntime
@@ -38,6 +41,37 @@ DUMMY_AWS_ENVIRONMENT = {
 PASSTHROUGH_VARIABLES = ("BATON_FAULTS_ENABLED", "BATON_FAULTS", "BATON_FAULTS_DIR")
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_moto_server(log_path: Path, timeout_seconds: float = 30) -> tuple[subprocess.Popen, str]:
+    """Start moto's server in its own process on 127.0.0.1; return it and its endpoint URL.
+
+    A separate process keeps each stack's state apart (moto's backends are global to a
+    process) and keeps the server's work off the caller's interpreter lock.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "shared.local.moto_server", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **DUMMY_AWS_ENVIRONMENT, "MOTO_PORT": str(port)})
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto's server exited with code {process.returncode}; see {log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError(f"moto's server did not listen on 127.0.0.1:{port} within {timeout_seconds} s; see {log_path}")
+
+
 class LocalStack:
     """Start moto's server on 127.0.0.1, create the stack on it and run the handlers.
 
@@ -53,11 +87,17 @@ class LocalStack:
         More variables for the containers (fault injection in tests).
     endpoint_url : str, optional
         Use an already running moto server instead of starting one.
+    retry_delay_seconds : float, default=1.0
+        Delay before a failed record is received again.
+    schedule_seconds : dict of str to float, optional
+        Interval overrides for scheduled functions, such as ``{"watchdog": 2}``; by
+        default they run at their serverless.yml rate.
     """
 
     def __init__(self, efs_root: str | os.PathLike, concurrency: dict[str, int] | None = None,
                  timeout_seconds: dict[str, float] | None = None, extra_environment: dict | None = None,
-                 endpoint_url: str | None = None, retry_delay_seconds: float = 1.0, stage: str = "local"):
+                 endpoint_url: str | None = None, retry_delay_seconds: float = 1.0, stage: str = "local",
+                 schedule_seconds: dict[str, float] | None = None):
         self.efs_root = Path(efs_root).resolve()
         self.definition: StackDefinition = load_stack_definition(stage=stage)
         self.concurrency = {"worker": 4, "starter": 1, "aggregator": 1, **(concurrency or {})}
@@ -65,19 +105,15 @@ class LocalStack:
         self.extra_environment = extra_environment or {}
         self.endpoint_url = endpoint_url
         self.retry_delay_seconds = retry_delay_seconds
-        self._server: ThreadedMotoServer | None = None
+        self.schedule_seconds = schedule_seconds
+        self._server: subprocess.Popen | None = None
         self.runtime: LocalRuntime | None = None
 
     # Lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "LocalStack":
         if self.endpoint_url is None:
-            # moto's server logs every request through werkzeug; keep only errors.
-            logging.getLogger("werkzeug").setLevel(logging.ERROR)
-            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            self._server.start()
-            host, port = self._server.get_host_and_port()
-            self.endpoint_url = f"http://{host}:{port}"
+            self._server, self.endpoint_url = start_moto_server(self.efs_root.parent / "logs" / "moto.log")
 
         self.efs_root.mkdir(parents=True, exist_ok=True)
         self.sqs = self.client("sqs")
@@ -101,6 +137,7 @@ class LocalStack:
             self.definition.functions, queue_urls, self.sqs, environment,
             log_dir=self.efs_root.parent / "logs", concurrency=self.concurrency,
             timeout_seconds=self.timeout_seconds, retry_delay_seconds=self.retry_delay_seconds,
+            schedule_seconds=self.schedule_seconds,
         ).start()
         return self
 
@@ -108,7 +145,9 @@ class LocalStack:
         if self.runtime is not None:
             self.runtime.stop()
         if self._server is not None:
-            self._server.stop()
+            self._server.terminate()
+            self._server.wait(timeout=10)
+            self._server = None
 
     def __enter__(self) -> "LocalStack":
         return self.start()

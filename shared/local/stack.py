@@ -105,9 +105,33 @@ class FunctionDefinition:
     handler: str
     timeout_seconds: int
     memory_mb: int
-    queue_logical_id: str
+    # The queue an sqs event reads, or None for a scheduled function.
+    queue_logical_id: str | None
     batch_size: int
     max_concurrency: int | None
+    # Interval of a schedule event, for a function without an sqs event.
+    schedule_seconds: float | None = None
+
+
+_RATE = re.compile(r"^rate\((\d+) (minute|minutes|hour|hours|day|days)\)$")
+_RATE_UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+def parse_rate(expression: str) -> float:
+    """Return the interval in seconds of a ``rate(...)`` schedule expression."""
+    match = _RATE.match(expression.strip())
+    if match is None:
+        raise BatonError(f"the local runtime supports only rate(N minutes|hours|days) schedules, got {expression!r}")
+    return int(match.group(1)) * _RATE_UNIT_SECONDS[match.group(2).rstrip("s")]
+
+
+def _schedule_rate(event: object) -> str | None:
+    if isinstance(event, str):
+        return event
+    if isinstance(event, dict):
+        rate = event.get("rate")
+        return rate[0] if isinstance(rate, list) else rate
+    return None
 
 
 @dataclass(frozen=True)
@@ -160,8 +184,20 @@ def load_stack_definition(path: Path = SERVERLESS_FILE, stage: str | None = None
         function = resolve({key: function[key] for key in ("handler", "timeout", "memorySize", "events")
                             if key in function})
         sqs_events = [event["sqs"] for event in function.get("events", []) if "sqs" in event]
+        schedules = [_schedule_rate(event["schedule"]) for event in function.get("events", []) if "schedule" in event]
+        if not sqs_events and len(schedules) == 1 and schedules[0] is not None:
+            functions[name] = FunctionDefinition(
+                name=name,
+                handler=function["handler"],
+                timeout_seconds=int(function.get("timeout", resolve(provider.get("timeout", 6)))),
+                memory_mb=int(function.get("memorySize", resolve(provider.get("memorySize", 1024)))),
+                queue_logical_id=None, batch_size=1, max_concurrency=1,
+                schedule_seconds=parse_rate(schedules[0]),
+            )
+            continue
         if len(sqs_events) != 1:
-            raise BatonError(f"function '{name}' in serverless.yml must have exactly one sqs event")
+            raise BatonError(f"function '{name}' in serverless.yml must have exactly one sqs event "
+                             "or exactly one schedule event")
         event = sqs_events[0]
         arn = event["arn"]
         if not (isinstance(arn, dict) and "Fn::GetAtt" in arn):
@@ -176,6 +212,7 @@ def load_stack_definition(path: Path = SERVERLESS_FILE, stage: str | None = None
             max_concurrency=event.get("maximumConcurrency"),
         )
 
+    check_visibility_timeouts(resources, functions)
     return StackDefinition(
         stage=stage,
         resources=resources,
@@ -183,6 +220,25 @@ def load_stack_definition(path: Path = SERVERLESS_FILE, stage: str | None = None
         environment={key: str(value) for key, value in resolve(provider.get("environment", {})).items()},
         max_receive_count=int(resolve(config.get("custom", {}).get("maxReceiveCount", 5))),
     )
+
+
+def check_visibility_timeouts(resources: dict[str, dict], functions: dict[str, FunctionDefinition]) -> None:
+    """Reject a queue whose visibility timeout is shorter than its function's timeout.
+
+    Such a queue makes a message visible again while its first invocation still runs, so
+    a second invocation works on it at the same time.
+    """
+    for function in functions.values():
+        if function.queue_logical_id is None:
+            continue
+        properties = resources[function.queue_logical_id]["Properties"]
+        visibility_seconds = int(properties.get("VisibilityTimeout", 30))
+        if visibility_seconds < function.timeout_seconds:
+            raise BatonError(
+                f"queue {function.queue_logical_id} has VisibilityTimeout {visibility_seconds} s, below the "
+                f"{function.timeout_seconds} s timeout of function '{function.name}'; a message would be delivered "
+                f"again while its first invocation still runs. Set VisibilityTimeout to at least "
+                f"{6 * function.timeout_seconds} s (six times the timeout, as AWS advises)")
 
 
 def _queue_attributes(properties: dict, arns: dict[str, str]) -> dict[str, str]:

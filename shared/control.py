@@ -1,0 +1,219 @@
+"""Job control outside the message flow: pause, cancel, resume, and the stall watchdog.
+
+Every command is a conditional status change in DynamoDB followed, for resume, by
+re-sending what the job's current round still needs. Nothing on EFS is deleted, so a
+resumed job continues from the state file of its current round, which the aggregator wrote
+before it advanced the round.
+
+The watchdog runs on a schedule. It turns messages found in the dead-letter queues into
+job failures, and re-sends the missing messages of a RUNNING round that recorded no
+progress for ``stall_seconds``; after ``watchdog_max_attempts`` re-sends of one round it
+marks the job failed with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from shared import faults
+from shared.errors import BatonError
+from shared.queues import QueueClient
+from shared.service import Services
+from shared.state import CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore
+
+logger = logging.getLogger(__name__)
+
+# Dead-letter queue messages handled per queue in one watchdog run, so a flood cannot
+# keep one invocation busy past its timeout; the rest wait for the next run.
+MAX_DEAD_LETTERS_PER_RUN = 100
+
+
+class JobControlError(BatonError):
+    """A pause, cancel or resume does not apply to the job in its current status."""
+
+
+def _require_job(state: StateStore, job_id: str) -> JobRecord:
+    record = state.get_job(job_id)
+    if record is None:
+        raise JobControlError(f"no job '{job_id}' in table {state.table_name}; check the job id and --stage")
+    return record
+
+
+def pause_job(state: StateStore, job_id: str) -> JobRecord:
+    """Pause a RUNNING job: messages that arrive while it is paused are dropped.
+
+    Raises
+    ------
+    JobControlError
+        If the job does not exist or is not RUNNING.
+    """
+    record = _require_job(state, job_id)
+    if not state.set_status(job_id, PAUSED, (RUNNING,)):
+        record = _require_job(state, job_id)
+        raise JobControlError(f"job '{job_id}' is {record.status}; only a RUNNING job can be paused")
+    logger.info("job paused", extra={"job_id": job_id, "round": record.round})
+    return _require_job(state, job_id)
+
+
+def cancel_job(state: StateStore, job_id: str) -> JobRecord:
+    """Cancel a job for good; its files stay on EFS.
+
+    Raises
+    ------
+    JobControlError
+        If the job does not exist, already succeeded or is already cancelled.
+    """
+    _require_job(state, job_id)
+    if not state.set_status(job_id, CANCELLED, (PREPARING, RUNNING, PAUSED, FAILED)):
+        record = _require_job(state, job_id)
+        raise JobControlError(f"job '{job_id}' is {record.status}; it cannot be cancelled")
+    logger.info("job cancelled", extra={"job_id": job_id})
+    return _require_job(state, job_id)
+
+
+def kick_round(state: StateStore, queues: QueueClient, record: JobRecord) -> str:
+    """Re-send what the job's current round is missing; return what was sent.
+
+    Workers not yet recorded get a task without a continuation number, so each adopts the
+    progress it saved on EFS. When every worker is recorded, the aggregate message is sent.
+    Duplicates of either are dropped by the handlers.
+    """
+    done = set(state.get_done_workers(record.job_id, record.round))
+    missing = [worker for worker in range(record.n_workers) if worker not in done]
+    if not missing:
+        queues.send_aggregate(record.job_id, record.round)
+        return "aggregate"
+    queues.send_tasks(record.job_id, record.round, missing)
+    return f"tasks for workers {missing}"
+
+
+def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord:
+    """Resume a PAUSED or FAILED job from its current round.
+
+    A job that failed before its first round (for example on a missing data file) is
+    started again from its stored spec, so fix the cause first.
+
+    Raises
+    ------
+    JobControlError
+        If the job does not exist, is not PAUSED or FAILED, or has no stored spec.
+    """
+    record = _require_job(state, job_id)
+    if record.status == FAILED and record.total_rounds == 0:
+        spec = json.loads(record.spec_json)
+        if not spec:
+            raise JobControlError(f"job '{job_id}' was rejected before it had a valid spec; submit a corrected spec "
+                                  "under a new job id")
+        if not state.set_status(job_id, PREPARING, (FAILED,), clear_error=True):
+            raise JobControlError(f"job '{job_id}' changed status while resuming; check it and retry")
+        queues.send_job(spec)
+        logger.info("job restarted from its spec", extra={"job_id": job_id})
+        return _require_job(state, job_id)
+
+    if record.status not in (PAUSED, FAILED):
+        raise JobControlError(f"job '{job_id}' is {record.status}; only a PAUSED or FAILED job can be resumed")
+    if not state.set_status(job_id, RUNNING, (record.status,), clear_error=True):
+        raise JobControlError(f"job '{job_id}' changed status while resuming; check it and retry")
+    sent = kick_round(state, queues, record)
+    logger.info("job resumed", extra={"job_id": job_id, "round": record.round, "sent": sent})
+    return _require_job(state, job_id)
+
+
+def drain_dead_letters(services: Services) -> int:
+    """Mark the job of every dead-lettered message FAILED, then delete the message.
+
+    A job that its handler already marked failed on the last receive keeps that error.
+    Returns the number of messages handled.
+    """
+    settings, state, sqs = services.settings, services.state, services.queues.client
+    handled = 0
+    for queue_name in (settings.jobs_queue_name, settings.tasks_queue_name, settings.aggregate_queue_name):
+        url = services.queues.url(f"{queue_name}-dlq")
+        for _ in range(MAX_DEAD_LETTERS_PER_RUN // 10):
+            messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                           AttributeNames=["All"]).get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                job_id = _dead_letter_job_id(message)
+                if job_id is not None and _superseded(state.get_job(job_id), message):
+                    logger.info("dead-lettered message predates the job's resume; deleted",
+                                extra={"job_id": job_id, "queue": queue_name})
+                elif job_id is not None:
+                    receive_count = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
+                    newly_failed = state.fail_job(
+                        job_id, f"a {queue_name} message ({message['MessageId']}) reached the dead-letter queue after "
+                                f"{receive_count} receives; see the function's logs for its error, fix the cause, "
+                                f"then run `baton resume {job_id}`")
+                    logger.error("dead-lettered message", extra={"job_id": job_id, "queue": queue_name,
+                                                                 "body": message["Body"][:200],
+                                                                 "newly_failed": newly_failed})
+                else:
+                    logger.error("dead-lettered message without a job id", extra={"queue": queue_name,
+                                                                                  "body": message["Body"][:200]})
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+                handled += 1
+    return handled
+
+
+def _superseded(record: JobRecord | None, message: dict) -> bool:
+    """Return whether ``message`` was sent before the job's last resume or restart."""
+    if record is None or record.status not in (RUNNING, PREPARING, PAUSED):
+        return False
+    changed_at = record.attributes.get("status_changed_at")
+    sent_millis = message.get("Attributes", {}).get("SentTimestamp")
+    return changed_at is not None and sent_millis is not None and int(sent_millis) / 1000 < float(changed_at)
+
+
+def _dead_letter_job_id(message: dict) -> str | None:
+    try:
+        body = json.loads(message["Body"])
+    except json.JSONDecodeError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("job_id"), str):
+        return body["job_id"]
+    # A job message without a usable job_id names its job after its message id, which
+    # SQS keeps when it moves the message to the dead-letter queue.
+    return f"job-{message['MessageId'][:18]}" if isinstance(body, dict) else None
+
+
+def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]:
+    """Drain the dead-letter queues, then re-send the messages of stalled rounds.
+
+    Returns counts of what was done, for logs and tests.
+    """
+    now = time.time() if now is None else now
+    settings, state = services.settings, services.state
+    counts = {"dead_letters": drain_dead_letters(services), "resent": 0, "failed": 0}
+
+    # NOTE: list_jobs scans the whole table; with very many finished jobs a status index
+    # would be cheaper.
+    for record in state.list_jobs():
+        if record.status != RUNNING:
+            continue
+        last_progress = max(float(record.attributes.get("updated_at", 0)),
+                            state.round_updated_at(record.job_id, record.round) or 0.0)
+        if now - last_progress < settings.stall_seconds:
+            continue
+
+        attempts = state.count_watchdog_attempt(record.job_id, record.round)
+        if attempts is None:
+            continue
+        ids = {"job_id": record.job_id, "round": record.round}
+        if attempts > settings.watchdog_max_attempts:
+            reason = (f"round {record.round} made no progress for {settings.stall_seconds:.0f} s after "
+                      f"{settings.watchdog_max_attempts} re-sends by the watchdog; check the worker and aggregator "
+                      f"logs, fix the cause, then run `baton resume {record.job_id}`")
+            if state.fail_job(record.job_id, reason):
+                counts["failed"] += 1
+                logger.error("job failed by the watchdog", extra={**ids, "reason": reason})
+            continue
+
+        faults.maybe_fail("watchdog.before_resend", **ids)
+        sent = kick_round(state, services.queues, record)
+        counts["resent"] += 1
+        logger.warning("stalled round re-sent", extra={**ids, "attempt": attempts, "sent": sent,
+                                                        "stalled_seconds": round(now - last_progress, 1)})
+    return counts

@@ -1,0 +1,245 @@
+"""The bad input catalogue: each malformed job fails at once, says why, and touches nothing else.
+
+Every case goes end to end through the starter's Lambda handler on moto's in-process mock:
+the handler must report no batch item failure (so SQS does not retry), the job must be
+FAILED with a message that names the offending value and the fix, the log line must carry
+the job id, and a job already running must be left as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import shutil
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from functions import starter
+from shared.handlers import logger as handler_logger
+from shared.handlers import get_services, set_services
+from shared.local.stack import create_stack, load_stack_definition
+from shared.service import Services
+from tests.reliability_support import BREAST_CANCER_CSV, write_a9a_subset
+
+GOOD_CSV = {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1}
+
+
+def spec(job_id: str, data: dict | None = None, **sections) -> dict:
+    base = {
+        "job_id": job_id,
+        "model": {"name": "logistic_regression"},
+        "optimizer": {"name": "sgd", "learning_rate": 1e-6},
+        "data": data or dict(GOOD_CSV),
+        "training": {"n_workers": 2, "batch_size": 32, "max_rounds": 2},
+    }
+    for name, value in sections.items():
+        base[name] = value
+    return base
+
+
+def with_training(job_id: str, **training) -> dict:
+    return spec(job_id, training={"n_workers": 2, "batch_size": 32, "max_rounds": 2, **training})
+
+
+def csv_data(path: str, **extra) -> dict:
+    return {"path": path, "format": "csv", **extra}
+
+
+def libsvm_data(path: str, **extra) -> dict:
+    return {"path": path, "format": "libsvm", **extra}
+
+
+# (case id, message body, job id the failure is recorded under, words the error must contain)
+CASES = [
+    ("body-not-json", "{not json", None, ["not valid JSON"]),
+    ("body-json-array", json.dumps([1, 2]), None, ["expected a JSON object"]),
+    ("missing-model", json.dumps({k: v for k, v in spec("no-model").items() if k != "model"}), "no-model", ["model", "missing"]),
+    ("missing-data", json.dumps({k: v for k, v in spec("no-data").items() if k != "data"}), "no-data", ["data", "missing"]),
+    ("missing-data-path", json.dumps(spec("no-path", data={"format": "csv"})), "no-path", ["data.path", "missing"]),
+    ("unknown-top-field", json.dumps({**spec("top-typo"), "trainig": {}}), "top-typo", ["trainig", "unknown"]),
+    ("unknown-training-field", json.dumps(with_training("train-typo", n_wrokers=2)), "train-typo", ["n_wrokers", "unknown"]),
+    ("workers-wrong-type", json.dumps(with_training("workers-str", n_workers="four")), "workers-str", ["n_workers", "'four'"]),
+    ("batch-not-integer", json.dumps(with_training("batch-float", batch_size=1.5)), "batch-float", ["batch_size", "1.5"]),
+    ("rate-is-bool", json.dumps(spec("rate-bool", optimizer={"name": "sgd", "learning_rate": True})), "rate-bool",
+     ["learning_rate", "True"]),
+    ("rate-zero", json.dumps(spec("rate-zero", optimizer={"name": "sgd", "learning_rate": 0})), "rate-zero",
+     ["learning_rate", "greater than 0"]),
+    ("workers-zero", json.dumps(with_training("workers-zero", n_workers=0)), "workers-zero", ["n_workers", "at least 1"]),
+    ("seed-negative", json.dumps(with_training("seed-negative", seed=-1)), "seed-negative", ["seed", "-1"]),
+    ("epochs-zero", json.dumps(with_training("epochs-zero", max_epochs=0)), "epochs-zero", ["max_epochs", "0"]),
+    ("validation-fraction-high", json.dumps(spec("fraction-high", data={**GOOD_CSV, "validation_fraction": 0.9})),
+     "fraction-high", ["validation_fraction", "0.9"]),
+    ("unknown-model", json.dumps(spec("model-unknown", model={"name": "no_such_model"})), "model-unknown",
+     ["model.name", "no_such_model"]),
+    ("unknown-optimizer", json.dumps(spec("optimizer-unknown", optimizer={"name": "no_such_optimizer"})),
+     "optimizer-unknown", ["optimizer.name", "no_such_optimizer"]),
+    ("more-workers-than-rows", json.dumps(with_training("too-many-workers", n_workers=1000)), "too-many-workers",
+     ["n_workers", "1000", "fewer workers"]),
+    ("oversized-message", json.dumps({**spec("too-big"), "padding": "x" * 70_000}), "too-big", ["bytes", "at most"]),
+    ("job-id-dot-dot", json.dumps(spec("../escape")), "../escape", ["job_id", "'../escape'"]),
+    ("job-id-too-long", json.dumps(spec("j" * 65)), "j" * 65, ["job_id", "64"]),
+    ("data-path-dot-dot", json.dumps(spec("path-escape", data=csv_data("../outside.csv"))), "path-escape",
+     ["data.path", "'..'"]),
+    ("data-path-absolute", json.dumps(spec("path-absolute", data=csv_data("/etc/passwd"))), "path-absolute",
+     ["data.path", "relative"]),
+    ("validation-path-dot-dot", json.dumps(spec("val-escape", data={**GOOD_CSV, "validation_path": "a/../../b"})),
+     "val-escape", ["validation_path", "'..'"]),
+    ("missing-file", json.dumps(spec("file-missing", data=csv_data("datasets/nope.csv"))), "file-missing",
+     ["not found", "nope.csv", "data.path"]),
+    ("empty-file", json.dumps(spec("file-empty", data=libsvm_data("datasets/empty.libsvm"))), "file-empty",
+     ["empty.libsvm", "no rows"]),
+    ("corrupt-libsvm-line", json.dumps(spec("libsvm-corrupt", data=libsvm_data("datasets/corrupt.libsvm"))),
+     "libsvm-corrupt", ["line 3", "corrupt.libsvm"]),
+    ("libsvm-index-too-high", json.dumps(spec("libsvm-index", data=libsvm_data("datasets/a9a-300", n_features=10))),
+     "libsvm-index", ["n_features", "10"]),
+    ("labels-misfit-model", json.dumps(spec("labels-three", data=csv_data("datasets/three-classes.csv"))),
+     "labels-three", ["class"]),
+    ("nan-feature", json.dumps(spec("feature-nan", data=csv_data("datasets/nan.csv"))), "feature-nan",
+     ["NaN", "row 2"]),
+    ("inf-feature-libsvm", json.dumps(spec("feature-inf", data=libsvm_data("datasets/inf.libsvm"))), "feature-inf",
+     ["infinite", "row 2"]),
+    ("train-validation-mismatch", json.dumps(spec("columns-mismatch", data=csv_data(
+        "datasets/four-columns.csv", validation_path="datasets/three-columns.csv"))), "columns-mismatch",
+     ["feature columns", "three-columns.csv"]),
+    ("csv-label-column-out-of-range", json.dumps(spec("label-column", data={**GOOD_CSV, "label_column": 40})),
+     "label-column", ["label_column", "40"]),
+    # NOTE: S3 URIs are not supported yet; until the data module reads them, an s3:// path
+    # is a path under the EFS root that does not exist.
+    ("s3-uri-unsupported", json.dumps(spec("s3-outside", data=csv_data("s3://other-bucket/data.csv"))), "s3-outside",
+     ["s3://other-bucket/data.csv"]),
+]
+
+# A different spec under the running job's id: rejected without touching the running job.
+CONFLICT_CASE = ("duplicate-job-id", "running-job")
+
+
+def write_data_files(efs_root):
+    datasets = efs_root / "datasets"
+    datasets.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BREAST_CANCER_CSV, datasets / "breast_cancer.csv")
+    write_a9a_subset(efs_root, 300, "a9a-300")
+    (datasets / "empty.libsvm").write_text("")
+    (datasets / "corrupt.libsvm").write_text("1 1:0.5 2:1\n-1 3:1\n1 4:x\n")
+    (datasets / "three-classes.csv").write_text("1,2,0\n2,3,1\n3,4,2\n4,5,0\n5,6,1\n6,7,2\n")
+    (datasets / "nan.csv").write_text("1,2,0\nnan,3,1\n3,4,0\n4,5,1\n")
+    (datasets / "inf.libsvm").write_text("1 1:0.5\n-1 2:inf\n1 1:1\n-1 2:2\n")
+    (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
+    (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
+
+
+@pytest.fixture
+def stack(tmp_path):
+    efs_root = tmp_path / "efs"
+    write_data_files(efs_root)
+    with mock_aws():
+        definition = load_stack_definition(stage="test")
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        dynamodb = boto3.client("dynamodb", region_name="us-east-1")
+        create_stack(definition, sqs, dynamodb)
+        services = Services(definition.settings(str(efs_root)), dynamodb=dynamodb, sqs=sqs)
+        set_services(services)
+        try:
+            yield services
+        finally:
+            set_services(None)
+
+
+def deliver(body: str, message_id: str) -> dict:
+    """Run the starter on one message, then on the continuations it queues; return the first response."""
+    response = invoke_starter(body, message_id)
+    services = get_services()
+    url = services.queues.url(services.settings.jobs_queue_name)
+    while True:
+        messages = services.queues.client.receive_message(QueueUrl=url, MaxNumberOfMessages=1).get("Messages", [])
+        if not messages:
+            return response
+        services.queues.client.delete_message(QueueUrl=url, ReceiptHandle=messages[0]["ReceiptHandle"])
+        assert invoke_starter(messages[0]["Body"], messages[0]["MessageId"])["batchItemFailures"] == []
+
+
+def invoke_starter(body: str, message_id: str) -> dict:
+    event = {"Records": [{
+        "messageId": message_id, "receiptHandle": "handle", "body": body,
+        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0", "SenderId": "test",
+                       "ApproximateFirstReceiveTimestamp": "0"},
+        "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:baton-test-jobs", "awsRegion": "us-east-1",
+    }]}
+    return starter.handler(event, None)
+
+
+def start_running_job(services: Services) -> None:
+    response = deliver(json.dumps(spec("running-job")), "11111111-2222-3333-4444-555555555555")
+    assert response["batchItemFailures"] == []
+    assert services.state.get_job("running-job").status == "RUNNING"
+
+
+@pytest.fixture
+def handler_log():
+    """The handlers' JSON log lines, as Lambda would send them to CloudWatch."""
+    stream = io.StringIO()
+    capture = logging.StreamHandler(stream)
+    capture.setFormatter(handler_logger.registered_formatter)
+    std_logger = logging.getLogger(handler_logger.name)
+    std_logger.addHandler(capture)
+    try:
+        yield stream
+    finally:
+        std_logger.removeHandler(capture)
+
+
+def log_lines(captured: str) -> list[dict]:
+    lines = []
+    for line in captured.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+@pytest.mark.parametrize("body,job_id,words", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_fails_job_once(stack, handler_log, body, job_id, words):
+    start_running_job(stack)
+    message_id = "abcdef01-2345-6789-abcd-ef0123456789"
+    expected_job_id = job_id or f"job-{message_id[:18]}"
+
+    response = deliver(body, message_id)
+
+    assert response["batchItemFailures"] == [], "a bad input must not be retried"
+    record = stack.state.get_job(expected_job_id)
+    assert record is not None, f"no job item for {expected_job_id!r}"
+    assert record.status == "FAILED"
+    for word in words:
+        assert word in record.error
+    failures = [line for line in log_lines(handler_log.getvalue()) if line.get("message") == "job failed"]
+    assert failures and failures[-1].get("job_id") == expected_job_id
+    running = stack.state.get_job("running-job")
+    assert running.status == "RUNNING"
+    assert running.error is None
+
+
+def test_conflicting_job_id_leaves_running_job(stack):
+    start_running_job(stack)
+    message_id = "fedcba98-7654-3210-fedc-ba9876543210"
+    conflicting = with_training("running-job", n_workers=3)
+
+    response = deliver(json.dumps(conflicting), message_id)
+
+    assert response["batchItemFailures"] == []
+    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    assert rejected.status == "FAILED"
+    assert "running-job" in rejected.error
+    assert "new job_id" in rejected.error
+    running = stack.state.get_job("running-job")
+    assert running.status == "RUNNING"
+    assert running.n_workers == 2
+
+
+def test_catalogue_has_at_least_25_cases():
+    assert len(CASES) + 1 >= 25
+    assert not math.isnan(len(CASES))
