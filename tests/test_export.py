@@ -94,3 +94,33 @@ def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tm
     assert json.loads(result.output)["estimator"] == "LogisticRegression"
 
 
+
+
+def test_multiclass_export_predicts_like_baton(inprocess_stack, efs_root, tmp_path):
+    rng = np.random.default_rng(4)
+    centres = rng.normal(scale=3.0, size=(3, 5))
+    labels = rng.integers(3, size=300)
+    X = centres[labels] + rng.normal(size=(300, 5))
+    np.savetxt(efs_root / "datasets" / "three.csv", np.column_stack([X, labels * 2 + 1]), delimiter=",")
+    X_test = X[::4]
+    np.save(tmp_path / "X.npy", X_test)
+
+    paths, expected = {}, {}
+    for name, model in {"softmax": {"name": "softmax_regression"},
+                        "mlp": {"name": "mlp_classifier", "hidden_layer_sizes": [7]}}.items():
+        spec = breast_cancer_spec(f"three-{name}", model=model, data={"path": "datasets/three.csv", "skip_rows": 0},
+                                  training={"max_rounds": 10})
+        assert run_job(inprocess_stack, spec).status == SUCCEEDED
+        paths[name] = str(tmp_path / f"{name}.joblib")
+        result = CliRunner().invoke(main, ["export", spec["job_id"], "--efs-root", str(efs_root), "--output",
+                                           paths[name]])
+        assert result.exit_code == 0, result.output
+        expected[name] = load_trained_model(efs_root, spec["job_id"]).predict(X_test)
+
+    completed = subprocess.run([sys.executable, "-c", PREDICT_SCRIPT, str(tmp_path / "X.npy"), json.dumps(paths)],
+                               capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    predicted = json.loads(completed.stdout)
+
+    for name in paths:
+        assert set(expected[name]) <= {1.0, 3.0, 5.0}
+        np.testing.assert_array_equal(predicted[name], expected[name], err_msg=name)
