@@ -118,7 +118,9 @@ def _role_statements(iam, role_arn: str) -> list[dict]:
             # moto 5.2 returns the document of a CloudFormation-created inline policy as
             # the repr of a Python dict, where AWS returns URL-encoded JSON.
             document = json.loads(document) if document.startswith('{"') else ast.literal_eval(document)
-        statements.extend(document["Statement"])
+        # moto 5.2 keeps an Fn::If that chose AWS::NoValue as an empty entry, where AWS
+        # drops it from the list.
+        statements.extend(statement for statement in document["Statement"] if isinstance(statement, dict))
     return statements
 
 
@@ -161,6 +163,10 @@ def check_functions(check: Checker, lambda_client, iam, service: str, stage: str
             may_send = "sqs:SendMessage" in _actions_on(statements, arn)
             check.equal(f"{name} role may send to {short_name}", may_send, short_name in SEND_TARGETS[function])
         check.equal(f"{name} role DynamoDB actions", _actions_on(statements, table_arn), DYNAMODB_ACTIONS[function])
+        s3_actions = {action for statement in statements for action in _as_list(statement["Action"])
+                      if action.startswith("s3:")}
+        may_read_data = function == "starter" and bool(params["dataBucket"])
+        check.equal(f"{name} role S3 actions", s3_actions, {"s3:GetObject"} if may_read_data else set())
 
     check.equal("one role per function", len(set(roles.values())), len(FUNCTIONS))
 
@@ -240,6 +246,7 @@ def main() -> int:
         "TASKS_QUEUE_NAME": f"{service}-{stage}-tasks",
         "AGGREGATE_QUEUE_NAME": f"{service}-{stage}-aggregate",
         "STATE_TABLE_NAME": f"{service}-{stage}-state",
+        "BATON_ALLOWED_S3_BUCKETS": params["dataBucket"],
     }
 
     check = Checker()

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -117,20 +118,166 @@ def submit(spec_file: Path, stage: str, queue_url: str | None) -> None:
     click.echo(f"job {spec['job_id']} sent to {queue_url} (message {message_id})")
 
 
+# Following jobs: list, status, watch, fetch, plot ------------------------------------------
+# These read DynamoDB only (shared/monitor.py), so they work against AWS and against the
+# local stack alike.
+
+
+def _stack_options(command: Callable) -> Callable:
+    """Add the options that select a stack: --stage, --endpoint-url and --region."""
+    command = click.option("--region", default=None,
+                           help="AWS region of the stack; defaults to the standard AWS configuration.")(command)
+    command = click.option("--endpoint-url", default=None, metavar="URL",
+                           help="Send AWS requests to this endpoint instead, such as the local stack's moto "
+                                "server (printed by `baton run`).")(command)
+    command = click.option("--stage", default="dev", show_default=True,
+                           help="Stage the stack was deployed with; `baton run` uses 'local'.")(command)
+    return command
+
+
+def _store(stage: str, endpoint_url: str | None, region: str | None):
+    from shared.monitor import make_state_store
+
+    return make_state_store(stage, endpoint_url=endpoint_url, region=region)
+
+
+def _require_job(store, job_id: str):
+    from shared.monitor import JobNotFoundError, require_job
+
+    try:
+        return require_job(store, job_id)
+    except JobNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command("list")
+@_stack_options
+@click.option("--status", "status_filter", default=None, help="Show only jobs in this status, e.g. RUNNING.")
+def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_filter: str | None) -> None:
+    """List the jobs in a stack's state table, oldest first."""
+    from datetime import datetime, timezone
+
+    jobs = _store(stage, endpoint_url, region).list_jobs()
+    if status_filter is not None:
+        jobs = [job for job in jobs if job.status == status_filter.upper()]
+    if not jobs:
+        click.echo("no jobs")
+        return
+    click.echo(f"{'JOB ID':<32} {'STATUS':<10} {'ROUND':>13} {'COST USD':>10} {'VAL LOSS':>9}  CREATED (UTC)")
+    for job in jobs:
+        attributes = job.attributes
+        created = datetime.fromtimestamp(float(attributes.get("created_at", 0)), tz=timezone.utc)
+        validation_loss = attributes.get("validation_loss")
+        click.echo(f"{job.job_id:<32} {job.status:<10} {f'{job.round}/{job.total_rounds}':>13} "
+                   f"{float(attributes.get('cost_usd', 0.0)):>10.4f} "
+                   f"{'-' if validation_loss is None else f'{validation_loss:.4f}':>9}  {created:%Y-%m-%d %H:%M:%S}")
+
+
 @main.command()
 @click.argument("job_id")
-@click.option("--stage", default="dev", show_default=True, help="Stage the stack was deployed with.")
-def status(job_id: str, stage: str) -> None:
-    """Show the state of JOB_ID in a deployed stack."""
-    import boto3
+@_stack_options
+@click.option("--json", "as_json", is_flag=True, help="Print the job item as JSON.")
+def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None, as_json: bool) -> None:
+    """Show the state of JOB_ID: status, round, latest metrics and estimated cost."""
+    from shared.monitor import job_summary
 
-    from shared.state import StateStore
+    record = _require_job(_store(stage, endpoint_url, region), job_id)
+    summary = job_summary(record)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(f"job {job_id}: {record.status}, round {record.round} of {record.total_rounds}, "
+               f"{record.n_workers} workers")
+    for key in ("stop_reason", "error", "epoch", "train_loss", "validation_loss", "validation_accuracy", "cost_usd"):
+        if summary.get(key) is not None:
+            value = summary[key]
+            click.echo(f"  {key:<20} {value:.6g}" if isinstance(value, float) else f"  {key:<20} {value}")
 
-    record = StateStore(boto3.client("dynamodb"), f"baton-{stage}-state").get_job(job_id)
-    if record is None:
-        raise click.ClickException(f"no job {job_id!r} in table baton-{stage}-state")
-    click.echo(json.dumps({key: value for key, value in record.attributes.items() if key not in ("pk", "sk", "spec")},
-                          indent=2, sort_keys=True, default=str))
+
+@main.command()
+@click.argument("job_id")
+@_stack_options
+@click.option("--interval", "interval_seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between two reads of the table.")
+@click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=1), default=None,
+              help="Stop watching after this many seconds; by default watch until the job ends.")
+def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None, interval_seconds: float,
+          timeout_seconds: float | None) -> None:
+    """Show a live progress bar of JOB_ID until it succeeds, fails or is cancelled.
+
+    The bar shows the round, epoch, training loss, validation metric, seconds per round,
+    rounds left and the estimated cost so far. Exits with status 1 unless the job
+    succeeds.
+    """
+    from shared.monitor import JobNotFoundError, watch_job
+
+    try:
+        record = watch_job(_store(stage, endpoint_url, region), job_id, interval_seconds=interval_seconds,
+                           timeout_seconds=timeout_seconds)
+    except (JobNotFoundError, TimeoutError) as error:
+        raise click.ClickException(str(error)) from None
+    cost_usd = float(record.attributes.get("cost_usd", 0.0))
+    if record.status != "SUCCEEDED":
+        raise click.ClickException(f"job {job_id} {record.status}: {record.error or 'no error recorded'}")
+    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds "
+               f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost ${cost_usd:.4f})")
+
+
+@main.command()
+@click.argument("job_id")
+@_stack_options
+@click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write into; defaults to ./<JOB_ID>.")
+@click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local EFS folder to copy the model from, such as .baton/efs for `baton run`.")
+def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_dir: Path | None,
+          efs_root: Path | None) -> None:
+    """Save JOB_ID's summary, spec and per-round metrics, and its model when reachable.
+
+    Metrics come from DynamoDB. The model is on EFS, which only the stack's VPC can reach,
+    so it is copied only with --efs-root. docs/deployment.md shows how to copy it out of
+    a deployed stack.
+    """
+    from shared.monitor import JobNotFoundError, fetch_job
+
+    output_dir = output_dir or Path(job_id)
+    try:
+        written = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
+    except (JobNotFoundError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    for path in written:
+        click.echo(str(path))
+    if efs_root is None:
+        click.echo(f"model not copied: it is on EFS under jobs/{job_id}/model/; pass --efs-root for a local "
+                   "stack, or copy it out of AWS with DataSync (docs/deployment.md)", err=True)
+
+
+@main.command()
+@click.argument("job_id")
+@_stack_options
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG file to write; defaults to ./<JOB_ID>.png.")
+@click.option("--width", "width_inches", type=click.FloatRange(min=2, max=40), default=12.0, show_default=True,
+              help="Figure width in inches.")
+@click.option("--height", "height_inches", type=click.FloatRange(min=2, max=40), default=8.0, show_default=True,
+              help="Figure height in inches.")
+@click.option("--dpi", type=click.IntRange(min=30, max=600), default=100, show_default=True,
+              help="Pixels per inch; the image is width x dpi by height x dpi pixels.")
+def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_path: Path | None,
+         width_inches: float, height_inches: float, dpi: int) -> None:
+    """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
+    from shared.monitor import plot_job
+
+    store = _store(stage, endpoint_url, region)
+    record = _require_job(store, job_id)
+    rounds = store.list_round_metrics(job_id)
+    output_path = output_path or Path(f"{job_id}.png")
+    try:
+        plot_job(rounds, output_path, title=f"{job_id} ({record.status}, {len(rounds)} rounds)",
+                 width_inches=width_inches, height_inches=height_inches, dpi=dpi)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(str(output_path))
 
 
 # NOTE: imported here so that the export command is registered; sklearn loads only when it runs.

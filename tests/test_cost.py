@@ -15,7 +15,8 @@ def breast_cancer_spec(job_id: str = "costed", **training) -> dict:
         "job_id": job_id,
         "model": {"name": "logistic_regression", "alpha": 1e-4},
         "optimizer": {"name": "momentum", "learning_rate": 0.1, "momentum": 0.9},
-        "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1, "validation_fraction": 0.2},
+        "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1, "validation_fraction": 0.2,
+                 "standardize": True},
         "training": {"n_workers": 2, "batch_size": 16, "max_rounds": 6, "seed": 5, **training},
     }
 

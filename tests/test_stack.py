@@ -399,9 +399,15 @@ def _statements(resources: dict, role: str) -> list[dict]:
     return statements
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def _queues_with_action(statements: list[dict], action: str) -> set[str]:
     queues = set()
     for statement in statements:
+        if "Fn::If" in statement:
+            continue
         actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
         targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
         if action in actions:
@@ -423,6 +429,8 @@ def test_roles_allow_no_wildcard_except_network_interfaces(resources):
         if body["Type"] != "AWS::IAM::Role":
             continue
         for statement in _statements(resources, logical_id):
+            if "Fn::If" in statement:
+                statement = statement["Fn::If"][1]
             if statement["Resource"] == "*":
                 assert all(action.startswith("ec2:") for action in statement["Action"]), (
                     f"{logical_id} grants {statement['Action']} on every resource")
@@ -436,8 +444,27 @@ def test_network_is_created_only_without_vpc_id(raw_config, resources):
         assert resources[logical_id].get("Condition") == "CreateNetwork", logical_id
     parameters = {entry["ParameterKey"]: entry["ParameterValue"] for entry in raw_config["provider"]["stackParameters"]}
     assert parameters == {"ExistingVpcId": "${param:vpcId}", "ExistingSubnetAId": "${param:subnetAId}",
-                          "ExistingSubnetBId": "${param:subnetBId}"}
+                          "ExistingSubnetBId": "${param:subnetBId}", "DataBucketName": "${param:dataBucket}"}
     assert set(parameters) == set(raw_config["resources"]["Parameters"])
+
+
+def test_data_bucket_readable_only_by_starter(raw_config, resources):
+    assert raw_config["resources"]["Conditions"]["HasDataBucket"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "DataBucketName"}, ""]}]}
+    assert raw_config["provider"]["environment"]["BATON_ALLOWED_S3_BUCKETS"] == "${param:dataBucket}"
+    readers = set()
+    for logical_id, body in resources.items():
+        if body["Type"] != "AWS::IAM::Role":
+            continue
+        for statement in _statements(resources, logical_id):
+            if "Fn::If" in statement:
+                condition, statement, otherwise = statement["Fn::If"]
+                assert condition == "HasDataBucket", logical_id
+                assert otherwise == {"Ref": "AWS::NoValue"}, logical_id
+            if any(str(action).startswith("s3:") for action in _as_list(statement["Action"])):
+                assert _as_list(statement["Action"]) == ["s3:GetObject"], logical_id
+                readers.add(logical_id)
+    assert readers == {"StarterRole"}
 
 
 def test_max_receive_count_reaches_handlers(config):

@@ -1,0 +1,293 @@
+"""Follow, fetch and plot jobs from outside the stack, for the ``baton`` command line.
+
+Everything here reads the job and round items in DynamoDB, which a laptop can reach both
+for a deployed stack (the standard credential chain) and for the local stack (its moto
+endpoint). The aggregator stores every round's metrics and cost estimate on the round
+item, so progress, curves and metrics need no access to EFS.
+
+Limitations
+-----------
+The final model is only on EFS. A deployed stack's file system is reachable only from its
+VPC, so :func:`fetch_job` copies the model only when given a local EFS folder (the local
+stack's, or a copy made with DataSync as docs/deployment.md describes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from shared.errors import BatonError
+from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
+
+# Round-item keys shown as "the" validation metric, first match wins.
+VALIDATION_METRICS = ("validation_accuracy", "validation_r2", "validation_loss")
+# Job-item keys that describe the job itself; everything else is a progress field.
+HIDDEN_JOB_KEYS = ("pk", "sk", "spec")
+
+
+class JobNotFoundError(BatonError):
+    """No job item with the requested id exists in the table."""
+
+
+def state_table_name(stage: str) -> str:
+    """Return the state table's name for ``stage`` (see custom.names in serverless.yml)."""
+    return f"baton-{stage}-state"
+
+
+def make_state_store(stage: str, endpoint_url: str | None = None, region: str | None = None) -> StateStore:
+    """Return a state store for ``stage``, through the standard AWS credential chain.
+
+    ``endpoint_url`` aims the client at another endpoint, such as the local stack's moto
+    server; when None, boto3 also honours ``AWS_ENDPOINT_URL``.
+    """
+    import boto3
+
+    client = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name=region)
+    return StateStore(client, state_table_name(stage))
+
+
+def require_job(store: StateStore, job_id: str) -> JobRecord:
+    """Return the job's record, or raise :class:`JobNotFoundError` naming the table."""
+    record = store.get_job(job_id)
+    if record is None:
+        raise JobNotFoundError(f"no job '{job_id}' in table {store.table_name}; "
+                               "check the job id, --stage and --endpoint-url")
+    return record
+
+
+def validation_metric(entry: dict[str, Any]) -> tuple[str, float] | None:
+    """Return the name and value of the round's headline validation metric, if any."""
+    for name in VALIDATION_METRICS:
+        if isinstance(entry.get(name), (int, float)):
+            return name, float(entry[name])
+    return None
+
+
+def job_summary(record: JobRecord) -> dict[str, Any]:
+    """Return the job item without its key and spec, for display."""
+    return {key: value for key, value in record.attributes.items() if key not in HIDDEN_JOB_KEYS}
+
+
+# Watch -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundFollower:
+    """Reads the rounds of one job that are new since the previous poll.
+
+    Attributes
+    ----------
+    rounds : list of dict
+        Every round read so far, in round order.
+    """
+
+    store: StateStore
+    job_id: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def poll(self) -> tuple[JobRecord | None, list[dict[str, Any]]]:
+        """Return the job's record and the rounds aggregated since the last poll."""
+        record = self.store.get_job(self.job_id)
+        first_round = self.rounds[-1]["round"] + 1 if self.rounds else 0
+        new_rounds = self.store.list_round_metrics(self.job_id, first_round=first_round)
+        self.rounds.extend(new_rounds)
+        return record, new_rounds
+
+
+def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: int = 10) -> dict[str, str]:
+    """Return the fields a progress bar shows after the bar, from the job and its rounds.
+
+    ``s/round`` is the mean ``round_seconds`` of the last ``recent`` rounds.
+    """
+    postfix: dict[str, str] = {"status": record.status}
+    if rounds:
+        last = rounds[-1]
+        postfix["round"] = str(last["round"])
+        postfix["epoch"] = f"{last.get('epoch', 0.0):.2f}"
+        postfix["loss"] = f"{last.get('train_loss', float('nan')):.4g}"
+        metric = validation_metric(last)
+        if metric is not None:
+            postfix[metric[0].removeprefix("validation_")] = f"{metric[1]:.4g}"
+        durations = [entry["round_seconds"] for entry in rounds[-recent:] if "round_seconds" in entry]
+        if durations:
+            postfix["s/round"] = f"{sum(durations) / len(durations):.2f}"
+    if record.total_rounds:
+        postfix["left"] = str(max(0, record.total_rounds - len(rounds)))
+    postfix["cost"] = f"${float(record.attributes.get('cost_usd', 0.0)):.6f}"
+    return postfix
+
+
+def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, timeout_seconds: float | None = None,
+              stream: TextIO | None = None, wait_for_job_seconds: float = 60.0,
+              sleep: Callable[[float], None] = time.sleep) -> JobRecord:
+    """Show a live progress bar of a job until it reaches a terminal status.
+
+    Polls the job item and the new round items every ``interval_seconds``. Returns the
+    final record.
+
+    Raises
+    ------
+    JobNotFoundError
+        If the job item does not appear within ``wait_for_job_seconds``.
+    TimeoutError
+        If the job is still running after ``timeout_seconds``.
+    """
+    from tqdm import tqdm
+
+    follower = RoundFollower(store, job_id)
+    started = time.monotonic()
+    record, _ = follower.poll()
+    while record is None:
+        if time.monotonic() - started > wait_for_job_seconds:
+            raise JobNotFoundError(f"no job '{job_id}' in table {store.table_name} after {wait_for_job_seconds:.0f} s; "
+                                   "check the job id, --stage and --endpoint-url")
+        sleep(interval_seconds)
+        record, _ = follower.poll()
+
+    bar = tqdm(total=record.total_rounds or None, initial=len(follower.rounds), desc=job_id, unit="round",
+               file=stream, dynamic_ncols=True)
+    try:
+        while True:
+            if record.total_rounds and bar.total != record.total_rounds:
+                # The starter sets total_rounds when the job leaves PREPARING.
+                bar.total = record.total_rounds
+            bar.n = len(follower.rounds)
+            bar.set_postfix(progress_postfix(record, follower.rounds), refresh=False)
+            bar.refresh()
+            if record.status in TERMINAL_STATUSES:
+                return record
+            if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
+                raise TimeoutError(f"job '{job_id}' is still {record.status} after {timeout_seconds:.0f} s")
+            sleep(interval_seconds)
+            polled, _ = follower.poll()
+            record = polled or record
+    finally:
+        bar.close()
+
+
+# Fetch -------------------------------------------------------------------------------------
+
+
+def write_metrics_csv(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Write one row per round, with the union of the rounds' keys as columns."""
+    columns = ["round"] + sorted({key for entry in rounds for key in entry} - {"round"})
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for entry in rounds:
+            writer.writerow(entry)
+
+
+def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path | None = None) -> list[Path]:
+    """Save a job's summary, spec and per-round metrics, and its model when reachable.
+
+    Writes ``job.json``, ``spec.json``, ``metrics.csv`` and ``metrics.jsonl`` from
+    DynamoDB. With ``efs_root`` (a local EFS folder), also copies ``jobs/<job_id>/model/``
+    to ``model/``. Returns the paths written.
+
+    Raises
+    ------
+    JobNotFoundError
+        If the job does not exist.
+    FileNotFoundError
+        If ``efs_root`` is given but contains no model for the job (it has not finished).
+    """
+    record = require_job(store, job_id)
+    rounds = store.list_round_metrics(job_id)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    job_path = output_dir / "job.json"
+    job_path.write_text(json.dumps(job_summary(record), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    spec_path = output_dir / "spec.json"
+    spec_path.write_text(json.dumps(json.loads(record.spec_json), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    written += [job_path, spec_path]
+
+    csv_path = output_dir / "metrics.csv"
+    write_metrics_csv(rounds, csv_path)
+    jsonl_path = output_dir / "metrics.jsonl"
+    jsonl_path.write_text("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in rounds), encoding="utf-8")
+    written += [csv_path, jsonl_path]
+
+    if efs_root is not None:
+        model_dir = Path(efs_root) / "jobs" / job_id / "model"
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir} does not exist; job '{job_id}' is {record.status} and "
+                                    "writes its model when it succeeds")
+        target = output_dir / "model"
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+        written += sorted(path for path in target.rglob("*") if path.is_file())
+    return written
+
+
+# Plot --------------------------------------------------------------------------------------
+
+
+def wall_seconds(rounds: list[dict[str, Any]]) -> list[float]:
+    """Return the elapsed seconds at the end of each round: the running sum of ``round_seconds``."""
+    elapsed, total = [], 0.0
+    for entry in rounds:
+        total += float(entry.get("round_seconds", 0.0))
+        elapsed.append(total)
+    return elapsed
+
+
+def plot_job(rounds: list[dict[str, Any]], path: Path, title: str, width_inches: float = 12.0,
+             height_inches: float = 8.0, dpi: int = 100) -> Path:
+    """Draw loss and the validation metric against round and wall time into a PNG file.
+
+    The figure is ``width_inches * dpi`` by ``height_inches * dpi`` pixels, in four
+    panels: training and validation loss, then the validation metric, each against the
+    round number (left) and the elapsed time (right).
+
+    Raises
+    ------
+    ValueError
+        If ``rounds`` is empty: there is nothing to plot yet.
+    """
+    if not rounds:
+        raise ValueError(f"{title}: no aggregated rounds yet, so there is nothing to plot")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    round_numbers = [entry["round"] for entry in rounds]
+    elapsed = wall_seconds(rounds)
+    metric_name = next((name for name in VALIDATION_METRICS[:-1] if any(name in entry for entry in rounds)), None)
+
+    figure, axes = plt.subplots(2, 2, figsize=(width_inches, height_inches), dpi=dpi, sharey="row")
+    try:
+        for column, (x_values, x_label) in enumerate(((round_numbers, "round"), (elapsed, "wall time (s)"))):
+            loss_axes, metric_axes = axes[0][column], axes[1][column]
+            loss_axes.plot(x_values, [entry.get("train_loss") for entry in rounds], label="train loss")
+            if any("validation_loss" in entry for entry in rounds):
+                loss_axes.plot(x_values, [entry.get("validation_loss") for entry in rounds], label="validation loss")
+            loss_axes.set_xlabel(x_label)
+            loss_axes.set_ylabel("loss")
+            loss_axes.legend()
+            loss_axes.grid(True, alpha=0.3)
+
+            if metric_name is not None:
+                metric_axes.plot(x_values, [entry.get(metric_name) for entry in rounds], color="tab:green")
+                metric_axes.set_ylabel(metric_name.replace("_", " "))
+            else:
+                metric_axes.text(0.5, 0.5, "no validation metric", ha="center", va="center",
+                                 transform=metric_axes.transAxes)
+            metric_axes.set_xlabel(x_label)
+            metric_axes.grid(True, alpha=0.3)
+
+        figure.suptitle(title)
+        # Not bbox_inches="tight", which would change the pixel size.
+        figure.tight_layout()
+        figure.savefig(path, format="png", dpi=dpi)
+    finally:
+        plt.close(figure)
+    return path

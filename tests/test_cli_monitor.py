@@ -1,0 +1,113 @@
+"""`baton list/status/watch/fetch/plot` on a job running in the local stack.
+
+The local stack is moto's server on 127.0.0.1 with the handlers in subprocesses, so the
+commands read DynamoDB through an endpoint exactly as they would read AWS.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from shared.cli import main
+
+JOB_ID = "watched"
+N_ROUNDS = 8
+
+
+def breast_cancer_spec() -> dict:
+    return {
+        "job_id": JOB_ID,
+        "model": {"name": "logistic_regression", "alpha": 1e-4},
+        "optimizer": {"name": "momentum", "learning_rate": 0.1, "momentum": 0.9},
+        "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1, "validation_fraction": 0.2,
+                 "standardize": True},
+        "training": {"n_workers": 2, "batch_size": 16, "max_rounds": N_ROUNDS, "seed": 11},
+    }
+
+
+def png_size(path) -> tuple[int, int]:
+    """Return (width, height) from a PNG file's IHDR chunk."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG file"
+    assert header[12:16] == b"IHDR"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """Run one job in the local stack while `baton watch` follows it; yield what watch saw."""
+    from shared.local.session import LocalStack
+    from tests.conftest import BREAST_CANCER_CSV
+
+    efs_root = tmp_path_factory.mktemp("local") / "efs"
+    with LocalStack(efs_root, concurrency={"worker": 2}) as stack:
+        stack.import_data(BREAST_CANCER_CSV, "datasets/breast_cancer.csv")
+        stack.submit(breast_cancer_spec())
+        arguments = ["--stage", "local", "--endpoint-url", stack.endpoint_url]
+        watched = CliRunner().invoke(main, ["watch", JOB_ID, *arguments, "--interval", "0.2", "--timeout", "300"])
+        yield {"stack": stack, "arguments": arguments, "watched": watched, "efs_root": efs_root}
+
+
+def test_watch_follows_job_to_success(finished_job):
+    watched = finished_job["watched"]
+    assert watched.exit_code == 0, watched.output
+    assert f"job {JOB_ID} SUCCEEDED after {N_ROUNDS} rounds" in watched.output
+    assert "stop reason max_rounds" in watched.output
+    # tqdm's bar: the rounds done and the postfix fields.
+    assert f"{N_ROUNDS}/{N_ROUNDS}" in watched.output
+    for field in ("epoch=", "loss=", "accuracy=", "s/round=", "left=0", "cost=$"):
+        assert field in watched.output, field
+
+
+def test_plot_writes_png_of_requested_size(finished_job, tmp_path):
+    output = tmp_path / "curves.png"
+    result = CliRunner().invoke(main, ["plot", JOB_ID, *finished_job["arguments"], "--output", str(output),
+                                       "--width", "8", "--height", "5", "--dpi", "50"])
+    assert result.exit_code == 0, result.output
+    assert output.is_file()
+    assert png_size(output) == (400, 250)
+
+
+def test_fetch_saves_metrics_and_model(finished_job, tmp_path):
+    output = tmp_path / "fetched"
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(output),
+                                       "--efs-root", str(finished_job["efs_root"])])
+    assert result.exit_code == 0, result.output
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == list(range(N_ROUNDS))
+    assert (output / "metrics.csv").read_text().startswith("round,")
+    assert json.loads((output / "job.json").read_text())["status"] == "SUCCEEDED"
+    assert json.loads((output / "spec.json").read_text())["job_id"] == JOB_ID
+    assert (output / "model" / "params.npy").is_file()
+
+
+def test_fetch_without_efs_explains_model(finished_job, tmp_path):
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "model not copied" in result.output
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_list_and_status_show_job(finished_job):
+    listed = CliRunner().invoke(main, ["list", *finished_job["arguments"]])
+    assert listed.exit_code == 0, listed.output
+    assert JOB_ID in listed.output
+    assert f"{N_ROUNDS}/{N_ROUNDS}" in listed.output
+
+    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+    assert shown.exit_code == 0, shown.output
+    assert f"job {JOB_ID}: SUCCEEDED, round {N_ROUNDS} of {N_ROUNDS}" in shown.output
+    assert "cost_usd" in shown.output
+
+    as_json = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"], "--json"])
+    assert json.loads(as_json.output)["cost_usd"] > 0
+
+
+def test_status_of_unknown_job_fails(finished_job):
+    result = CliRunner().invoke(main, ["status", "no-such-job", *finished_job["arguments"]])
+    assert result.exit_code == 1
+    assert "no job 'no-such-job' in table baton-local-state" in result.output
