@@ -32,6 +32,14 @@ class JobSpecError(PermanentError):
         super().__init__(f"invalid job spec field '{field}': {problem}")
 
 
+class InvalidMessageError(PermanentError):
+    """A task or aggregate message is malformed.
+
+    Baton's own functions never send such a message, so it is dropped and logged, and the
+    job it names is left alone: a stray message must not fail a running job.
+    """
+
+
 class DataError(PermanentError):
     """A data set is missing, empty, malformed or does not fit the model."""
 

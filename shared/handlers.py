@@ -26,7 +26,7 @@ from aws_lambda_powertools.logging.utils import copy_config_to_registered_logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from shared.errors import JobConflictError, PermanentError, StaleMessageError
+from shared.errors import InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
 from shared.service import Services
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
@@ -102,6 +102,8 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
             step(services, record, Invocation(record.message_id, remaining_millis))
         except StaleMessageError as error:
             logger.info("dropped stale message", extra={"reason": str(error)})
+        except InvalidMessageError as error:
+            logger.error("dropped invalid message", extra={"error": str(error), "body": record.body[:512]})
         except JobConflictError as error:
             # The job id belongs to another job, which must not be touched: the rejected
             # message is recorded under the id derived from its message id.

@@ -20,7 +20,7 @@ import json
 from typing import Any, NotRequired, TypedDict
 
 from shared.config import Settings
-from shared.errors import JobSpecError
+from shared.errors import InvalidMessageError
 
 # SendMessageBatch takes at most 10 entries.
 SQS_BATCH_LIMIT = 10
@@ -47,17 +47,17 @@ def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
     try:
         message = json.loads(body)
     except json.JSONDecodeError as error:
-        raise JobSpecError("<message>", f"body is not valid JSON: {error.msg}") from None
+        raise InvalidMessageError(f"message body is not valid JSON: {error.msg}") from None
     if not isinstance(message, dict):
-        raise JobSpecError("<message>", f"expected a JSON object, got {type(message).__name__}")
+        raise InvalidMessageError(f"message body must be a JSON object, got {type(message).__name__}")
     for name, kind in required.items():
         value = message.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise JobSpecError(name, f"expected {kind.__name__} in the message, got {value!r}")
+            raise InvalidMessageError(f"message field '{name}' must be {kind.__name__}, got {value!r}")
     if "continuation" in message:
         value = message["continuation"]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise JobSpecError("continuation", f"expected a positive integer in the message, got {value!r}")
+            raise InvalidMessageError(f"message field 'continuation' must be a positive integer, got {value!r}")
     return message
 
 

@@ -36,13 +36,13 @@ from shared import faults
 from shared.config import Settings
 from shared.efs import EfsStore
 from shared.metrics import publish_round_metrics
-from shared.errors import EfsNotWritableError, PermanentError, StaleMessageError
+from shared.errors import DataError, EfsNotWritableError, PermanentError, StaleMessageError
 from shared.preparation import PreparationStep, StaleStepError, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage
-from shared.sampling import epoch_of_round
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, StateStore
-from shared.training import build_model, build_model_for_preparation, build_optimizer, get_training_mode
+from shared.training import (StoppingState, build_model, build_model_for_preparation, build_optimizer,
+                             check_stopping, get_training_mode)
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +162,40 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     faults.maybe_fail("starter.validated", job_id=spec.job_id)
 
     record = services.state.create_job(spec.job_id, spec.fingerprint(), spec.canonical_json(), spec.training.n_workers)
+    if record.status == RUNNING and record.round == 0:
+        # A redelivery after a crash between starting the job and sending round 0 would
+        # otherwise leave the job waiting. Workers drop the tasks that already ran.
+        services.queues.send_tasks(spec.job_id, 0, list(range(record.n_workers)))
+        raise StaleMessageError(f"job {spec.job_id} is already RUNNING; re-sent its round 0 tasks")
     if record.status != "PREPARING":
         # A redelivered job message for a job that is already running or finished.
         raise StaleMessageError(f"job {spec.job_id} is already {record.status}")
 
     store = services.store
+    _check_no_foreign_files(store, spec)
     store.write_json(store.spec_path(spec.job_id), spec.to_dict())
     _prepare_and_start(services, spec, None)
     return spec.job_id
+
+
+def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
+    """Raise if EFS holds files of an earlier job with this id but a different spec.
+
+    This happens when a state table was replaced (a redeployed stack, a new local run) but
+    the file system kept its folders. Baton does not delete them, because they may hold a
+    trained model.
+    """
+    path = store.spec_path(spec.job_id)
+    if not path.exists():
+        return
+    try:
+        same = parse_job_spec(store.read_json(path)).fingerprint() == spec.fingerprint()
+    except (ValueError, PermanentError):
+        same = False
+    if not same:
+        raise DataError(
+            f"EFS already holds files of an earlier job '{spec.job_id}' with a different spec in "
+            f"'{store.job_dir(spec.job_id)}'; choose a new job_id, or delete that folder if it is no longer needed")
 
 
 def _preparation_step_message(body: str) -> dict | None:
@@ -314,8 +340,9 @@ def _check_round_is_current(services: Services, job_id: str, round_index: int):
     if round_index < record.round:
         raise StaleMessageError(f"round {round_index} of job {job_id} is over; the job is at round {record.round}")
     if round_index > record.round:
-        # Tasks are only sent after the round advanced, so this is a read racing ahead.
-        raise RuntimeError(f"round {round_index} of job {job_id} is ahead of the job's round {record.round}; retrying")
+        # Tasks are sent only after the round advanced, and the job item is read
+        # consistently, so Baton never sends such a message: drop it.
+        raise StaleMessageError(f"round {round_index} of job {job_id} is ahead of the job's round {record.round}")
     return record
 
 
@@ -512,7 +539,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     # Step 3: commit the round.
     metrics = {
         "round": round_index,
-        "epoch": epoch_of_round(round_index, manifest["shard_rows"], spec.training.batch_size),
+        "epoch": get_training_mode(spec, model).epochs_after_round(spec, manifest, round_index),
         "train_loss": progress["train_loss"],
         "n_samples": progress["n_samples"],
     }
@@ -529,8 +556,12 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     state.put_round_metrics(job_id, round_index, metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
 
-    reached_target = (spec.training.target_validation_loss is not None and "validation_loss" in metrics
-                      and metrics["validation_loss"] <= spec.training.target_validation_loss)
+    # The stopping state (best validation loss and its round) travels with the round
+    # folders, so a retried or resumed aggregation sees the same history.
+    stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
+    previous = StoppingState.from_dict(store.read_json(stopping_path) if stopping_path.exists() else None)
+    stopping, stop_rule = check_stopping(spec, metrics, previous)
+    store.write_json(store.round_dir(job_id, next_round) / "stopping.json", stopping.to_dict())
     over_budget = spec.training.budget_usd is not None and metrics["total_cost_usd"] >= spec.training.budget_usd
     summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"], "cost_usd": metrics["total_cost_usd"]}
     for name in ("validation_loss", "validation_accuracy"):
@@ -538,11 +569,16 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
             summary[name] = metrics[name]
     publish_round_metrics(job_id, round_index, metrics)
 
-    if next_round >= record.total_rounds or reached_target or over_budget:
+    if next_round >= record.total_rounds or stop_rule is not None or over_budget:
         new_params, _ = read_round_state(store, job_id, next_round)
         write_final_model(services, job_id, model, new_params, next_round, metrics)
         faults.maybe_fail("aggregator.before_finish", **ids)
-        stop_reason = "target" if reached_target else "max_rounds" if next_round >= record.total_rounds else "budget"
+        if stop_rule is not None:
+            stop_reason = stop_rule
+        elif next_round >= record.total_rounds:
+            stop_reason = "max_rounds"
+        else:
+            stop_reason = "budget"
         if state.finish_job(job_id, round_index, {**summary, "stop_reason": stop_reason}):
             logger.info("job succeeded", extra={**ids, **summary})
         return metrics

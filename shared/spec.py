@@ -221,12 +221,16 @@ def _type_name(annotation: str) -> str:
 def _check_number(path: str, expected: str, value: Any) -> int | float:
     if expected == "int":
         # JSON has one number type; accept 4.0 for 4 but never a bool.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or float(value) != int(value):
+        # A huge JSON integer stays a Python int, so compare ints without going through float.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JobSpecError(path, f"expected an integer, got {value!r}")
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             raise JobSpecError(path, f"expected an integer, got {value!r}")
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise JobSpecError(path, f"expected a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > 1e300:
+        raise JobSpecError(path, f"got an integer with {len(str(abs(value)))} digits; expected a finite number")
     if not math.isfinite(value):
         raise JobSpecError(path, f"expected a finite number, got {value!r}")
     return float(value)

@@ -161,3 +161,90 @@ def test_missing_data_file_fails_job(inprocess_stack):
     assert record.status == FAILED
     assert "datasets/nowhere/train.svm" in record.error
     assert "not found" in record.error
+
+
+def test_stray_messages_leave_job_running(inprocess_stack, efs_root):
+    strays = [
+        ("TasksQueue", {"job_id": "a9a-small", "round": 2}),
+        ("TasksQueue", {"job_id": "a9a-small", "round": 40, "worker": 1}),
+        ("TasksQueue", {"job_id": "a9a-small", "round": "2", "worker": 0}),
+        ("AggregateQueue", {"job_id": "a9a-small", "round": 40}),
+        ("AggregateQueue", {"job_id": "a9a-small"}),
+    ]
+
+    def send_strays(stack):
+        # Malformed and future-round messages while the job is at round 2.
+        if not getattr(stack, "strays_sent", False):
+            record = stack.services.state.get_job("a9a-small")
+            if record is not None and record.round == 2:
+                for queue, body in strays:
+                    stack.send(queue, body)
+                stack.strays_sent = True
+
+    inprocess_stack.submit(a9a_spec())
+    inprocess_stack.run(before_step=send_strays)
+
+    assert inprocess_stack.strays_sent
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert not any(delivery.failed for delivery in inprocess_stack.deliveries)
+    reference, _ = train_reference(parse_job_spec(a9a_spec()), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
+def test_target_accuracy_stops_job(inprocess_stack):
+    inprocess_stack.submit(a9a_spec(max_rounds=200, target_validation_accuracy=0.8))
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert record.attributes["stop_reason"] == "target_accuracy"
+    assert record.round < 200
+    metrics = inprocess_stack.services.state.list_round_metrics("a9a-small")
+    assert metrics[-1]["validation_accuracy"] >= 0.8
+    assert all(entry["validation_accuracy"] < 0.8 for entry in metrics[:-1])
+
+
+def test_early_stopping_after_patience(inprocess_stack):
+    inprocess_stack.submit(a9a_spec(max_rounds=200, early_stopping_patience=2))
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert record.attributes["stop_reason"] == "early_stopping"
+    losses = [entry["validation_loss"] for entry in inprocess_stack.services.state.list_round_metrics("a9a-small")]
+    best_round = int(np.argmin(losses))
+    assert len(losses) == best_round + 3
+    assert min(losses[best_round + 1:]) >= losses[best_round]
+
+
+def test_leftover_files_of_other_spec_fail_job(inprocess_stack, efs_root):
+    # Files left on EFS by an earlier job with the same id, from a state table since replaced.
+    old_spec = a9a_spec(max_rounds=2)
+    (efs_root / "jobs" / "a9a-small").mkdir(parents=True)
+    (efs_root / "jobs" / "a9a-small" / "spec.json").write_text(json.dumps(parse_job_spec(old_spec).to_dict()))
+
+    inprocess_stack.submit(a9a_spec(max_rounds=3))
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == FAILED
+    assert "different spec" in record.error
+    assert "new job_id" in record.error
+    assert (efs_root / "jobs" / "a9a-small" / "spec.json").is_file()
+
+
+def test_job_message_resent_while_running_resends_round_zero(inprocess_stack, efs_root):
+    spec = a9a_spec(max_rounds=3)
+    inprocess_stack.submit(spec)
+    inprocess_stack.step("JobsQueue")
+    # Lose the round 0 tasks, as a starter crash before sending them would.
+    inprocess_stack.sqs.purge_queue(QueueUrl=inprocess_stack.queue_urls["TasksQueue"])
+
+    inprocess_stack.submit(spec)
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    reference, _ = train_reference(parse_job_spec(spec), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
