@@ -5,10 +5,11 @@ Run by scripts/check-stack.sh after `serverless deploy` into a moto server:
     AWS_ENDPOINT_URL=http://127.0.0.1:PORT python scripts/verify_deployment.py --stage dev
 
 It compares what the AWS APIs report (queues, table, functions, event source mappings,
-roles, EFS file system, mount targets and access point) with the settings that
-serverless.yml declares for the stage. It prints one line per failed check and exits 1
-if any failed. With --remove-mappings it then disables and deletes the stack's event source
-mappings, because moto would otherwise try to run the functions in Docker.
+roles, schedule, dashboard, EFS file system, mount targets and access point) with the
+settings that serverless.yml declares for the stage. It prints one line per failed check
+and exits 1 if any failed. With --remove-mappings it then disables and deletes the
+stack's event source mappings, because moto would otherwise try to run the functions in
+Docker.
 
 Only the endpoint in AWS_ENDPOINT_URL is contacted, and only on 127.0.0.1: the script
 refuses any other endpoint, so it cannot touch a real account.
@@ -199,6 +200,18 @@ def check_schedule(check: Checker, events, service: str, stage: str) -> None:
         check.equal(f"{name} rule state", rule.get("State"), "ENABLED")
 
 
+def check_dashboard(check: Checker, cloudwatch, service: str, stage: str) -> None:
+    """Check that the stage's dashboard exists and graphs the round metrics."""
+    name = f"{service}-{stage}"
+    try:
+        body = json.loads(cloudwatch.get_dashboard(DashboardName=name)["DashboardBody"])
+    except cloudwatch.exceptions.ResourceNotFound:
+        check.true(f"dashboard {name} exists", False)
+        return
+    namespaces = {widget["properties"]["metrics"][0][0] for widget in body["widgets"]}
+    check.equal(f"dashboard {name} namespaces", namespaces, {"Baton", "AWS/SQS", "AWS/Lambda"})
+
+
 def check_file_system(check: Checker, efs, service: str, stage: str) -> None:
     systems = [system for system in efs.describe_file_systems()["FileSystems"]
                if system.get("Name") == f"{service}-{stage}"]
@@ -256,6 +269,7 @@ def main() -> int:
     mapping_ids = check_functions(check, lambda_client, boto3.client("iam"), service, stage, params, environment,
                                   queue_arns, table_arn)
     check_schedule(check, boto3.client("events"), service, stage)
+    check_dashboard(check, boto3.client("cloudwatch"), service, stage)
     check_file_system(check, boto3.client("efs"), service, stage)
 
     if arguments.remove_mappings:

@@ -7,6 +7,7 @@ framework and cfn-lint on the generated template.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -482,3 +483,24 @@ def test_lambda_requirements_leave_out_scikit_learn():
     assert {"numpy", "scipy", "aws-lambda-powertools"} <= packages
     assert "scikit-learn" not in packages
     assert "boto3" not in packages, "boto3 is part of the Lambda runtime"
+
+
+def test_dashboard_shows_published_metrics(resources):
+    from shared.metrics import ROUND_METRICS
+
+    body = resources["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    dashboard = json.loads(body.replace("${AWS::Region}", "us-east-1"))
+    shown = set()
+    for widget in dashboard["widgets"]:
+        previous = None
+        for metric in widget["properties"]["metrics"]:
+            # "." repeats the entry above it, and "..." all of them up to the last one.
+            if metric[0] == "...":
+                metric = previous[:-1] + metric[1:]
+            metric = [previous[index] if item == "." else item for index, item in enumerate(metric)]
+            if metric[0] == "Baton":
+                shown.add(metric[1])
+            previous = metric
+    published = {name for name, _ in ROUND_METRICS.values()}
+    assert shown <= published, f"the dashboard shows metrics nothing publishes: {sorted(shown - published)}"
+    assert {"RoundDuration", "TrainLoss", "ValidationLoss", "RoundCostUSD"} <= shown
