@@ -103,9 +103,8 @@ fi
 
 oversized=0
 for archive in "$package_dir"/*.zip; do
-  # The last line of `unzip -l` is "<total bytes> <n> files".
-  unzipped_bytes="$(unzip -l "$archive" | tail -n 1 | awk '{print $1}')"
-  zipped_bytes="$(stat -c %s "$archive")"
+  unzipped_bytes="$("$python_bin" -c 'import sys, zipfile; print(sum(entry.file_size for entry in zipfile.ZipFile(sys.argv[1]).infolist()))' "$archive")"
+  zipped_bytes="$("$python_bin" -c 'import os, sys; print(os.path.getsize(sys.argv[1]))' "$archive")"
   echo "check-stack: $(basename "$archive"): $((unzipped_bytes / 1048576)) MiB unzipped" \
        "($unzipped_bytes bytes), $((zipped_bytes / 1048576)) MiB zipped"
   if (( unzipped_bytes > max_unzipped_bytes )); then
