@@ -285,5 +285,70 @@ from shared.export import export_command  # noqa: E402
 
 main.add_command(export_command)
 
+# Controlling jobs: pause, resume, cancel ------------------------------------------------------
+# Each is a conditional status change in DynamoDB (shared/control.py); resume also sends
+# what the job's current round still needs to its queues.
+
+
+def _control_clients(stage: str, endpoint_url: str | None, region: str | None):
+    import boto3
+
+    from shared.config import Settings
+    from shared.queues import QueueClient
+
+    store = _store(stage, endpoint_url, region)
+    prefix = f"baton-{stage}"
+    settings = Settings.from_env(environ={}, jobs_queue_name=f"{prefix}-jobs", tasks_queue_name=f"{prefix}-tasks",
+                                 aggregate_queue_name=f"{prefix}-aggregate", state_table_name=store.table_name)
+    return store, QueueClient(boto3.client("sqs", endpoint_url=endpoint_url, region_name=region), settings)
+
+
+def _run_control(action: Callable[[], object]) -> None:
+    from shared.control import JobControlError
+
+    try:
+        record = action()
+    except JobControlError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"job {record.job_id} is now {record.status} at round {record.round}")
+
+
+@main.command()
+@click.argument("job_id")
+@_stack_options
+def pause(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
+    """Pause the RUNNING job JOB_ID; `baton resume` continues it from its current round."""
+    from shared.control import pause_job
+
+    store, _ = _control_clients(stage, endpoint_url, region)
+    _run_control(lambda: pause_job(store, job_id))
+
+
+@main.command()
+@click.argument("job_id")
+@_stack_options
+def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
+    """Resume the PAUSED or FAILED job JOB_ID from its current round.
+
+    Fix the cause of a failure first. A job that failed before its first round is
+    prepared again from its stored spec.
+    """
+    from shared.control import resume_job
+
+    store, queues = _control_clients(stage, endpoint_url, region)
+    _run_control(lambda: resume_job(store, queues, job_id))
+
+
+@main.command()
+@click.argument("job_id")
+@_stack_options
+def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
+    """Cancel JOB_ID for good. Its files stay on EFS; a cancelled job cannot be resumed."""
+    from shared.control import cancel_job
+
+    store, _ = _control_clients(stage, endpoint_url, region)
+    _run_control(lambda: cancel_job(store, job_id))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,130 @@
+"""Pause, resume and cancel from the CLI, dead letters, and resume after a fixed failure.
+
+One local stack serves every test; each job equals a fault-free job of the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from shared.cli import main
+from shared.local.session import LocalStack
+from tests.reliability_support import FAST_RETRY_SECONDS, a9a_spec, params_digest, wait_all, write_a9a_subset
+
+SPEC = {"n_workers": 2, "batch_size": 256, "max_rounds": 30, "max_epochs": 30, "seed": 2}
+# The rule fires on every allowed receive of one task (maxReceiveCount is 5), so the task
+# is dead-lettered; after that the rule is used up, which stands for fixing the cause.
+FAILING_RULE = {"step": "worker.before_read", "kind": "raise", "job_id": "fails-then-resumes", "round": 2,
+                "worker": 0, "times": 5}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("control")
+    efs_root = work_dir / "efs"
+    environment = {"BATON_FAULTS_ENABLED": "true", "BATON_FAULTS": json.dumps([FAILING_RULE]),
+                   "BATON_FAULTS_DIR": str(work_dir / "faults")}
+    with LocalStack(efs_root, extra_environment=environment, retry_delay_seconds=FAST_RETRY_SECONDS,
+                    schedule_seconds={"watchdog": 2}) as stack:
+        stack.data_path = write_a9a_subset(efs_root, 3000)
+        stack.submit(a9a_spec("reference", stack.data_path, **SPEC))
+        wait_all(stack, ["reference"], timeout_seconds=120)
+        yield stack
+
+
+def cli(stack, *args: str):
+    return CliRunner().invoke(main, [*args, "--stage", "local", "--endpoint-url", stack.endpoint_url])
+
+
+def wait_for_round(stack, job_id: str, round_index: int, timeout_seconds: float = 60) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        record = stack.state.get_job(job_id)
+        if record is not None and record.round >= round_index:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not reach round {round_index}")
+
+
+def test_pause_holds_and_resume_finishes(stack):
+    stack.submit(a9a_spec("paused", stack.data_path, **SPEC))
+    wait_for_round(stack, "paused", 3)
+
+    paused = cli(stack, "pause", "paused")
+    assert paused.exit_code == 0, paused.output
+    time.sleep(1.5)
+    held_round = stack.state.get_job("paused").round
+    time.sleep(1.5)
+    assert stack.state.get_job("paused").status == "PAUSED"
+    assert stack.state.get_job("paused").round == held_round
+
+    resumed = cli(stack, "resume", "paused")
+    assert resumed.exit_code == 0, resumed.output
+    record = wait_all(stack, ["paused"], timeout_seconds=120)["paused"]
+    assert record.status == "SUCCEEDED", record.error
+    assert params_digest(stack.efs_root, "paused") == params_digest(stack.efs_root, "reference")
+
+
+def test_cancel_stops_job(stack):
+    stack.submit(a9a_spec("cancelled", stack.data_path, **SPEC))
+    wait_for_round(stack, "cancelled", 2)
+
+    result = cli(stack, "cancel", "cancelled")
+
+    assert result.exit_code == 0, result.output
+    time.sleep(1.5)
+    record = stack.state.get_job("cancelled")
+    assert record.status == "CANCELLED"
+    assert record.round < SPEC["max_rounds"]
+    assert cli(stack, "resume", "cancelled").exit_code != 0
+
+
+def test_pause_of_finished_job_is_rejected(stack):
+    result = cli(stack, "pause", "reference")
+    assert result.exit_code != 0
+    assert "only a RUNNING job can be paused" in result.output
+
+
+def test_dead_letter_fails_job_then_resume_finishes(stack):
+    stack.submit(a9a_spec("fails-then-resumes", stack.data_path, **SPEC))
+    record = wait_all(stack, ["fails-then-resumes"], timeout_seconds=120)["fails-then-resumes"]
+    assert record.status == "FAILED"
+    assert "dead-letter queue" in record.error
+    assert record.round == 2
+
+    resumed = cli(stack, "resume", "fails-then-resumes")
+    assert resumed.exit_code == 0, resumed.output
+    record = wait_all(stack, ["fails-then-resumes"], timeout_seconds=120)["fails-then-resumes"]
+    assert record.status == "SUCCEEDED", record.error
+    assert params_digest(stack.efs_root, "fails-then-resumes") == params_digest(stack.efs_root, "reference")
+
+
+def test_watchdog_drains_dead_letter_queue(stack):
+    deadline = time.monotonic() + 30
+    url = stack.queue_urls["TasksDeadLetterQueue"]
+    while time.monotonic() < deadline:
+        attributes = stack.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+        if attributes["Attributes"]["ApproximateNumberOfMessages"] == "0":
+            break
+        time.sleep(0.5)
+    assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "0"
+    assert any(invocation.outcome == "ok" for invocation in stack.runtime.lanes["watchdog"].invocations)
+
+
+def test_resume_after_missing_data_is_fixed(stack):
+    spec = a9a_spec("data-later", "datasets/arrives-later", **SPEC)
+    stack.submit(spec)
+    record = wait_all(stack, ["data-later"], timeout_seconds=60)["data-later"]
+    assert record.status == "FAILED"
+    assert "arrives-later" in record.error
+
+    write_a9a_subset(stack.efs_root, 3000, "arrives-later")
+    resumed = cli(stack, "resume", "data-later")
+    assert resumed.exit_code == 0, resumed.output
+    record = wait_all(stack, ["data-later"], timeout_seconds=120)["data-later"]
+    assert record.status == "SUCCEEDED", record.error
+    assert params_digest(stack.efs_root, "data-later") == params_digest(stack.efs_root, "reference")
