@@ -141,15 +141,15 @@ skipped_checks=(
   # functions are invoked synchronously by SQS, and each queue redrives to its own
   # dead-letter queue after maxReceiveCount receives.
   CKV_AWS_116
-  # The table is encrypted at rest with the AWS managed key (SSESpecification). It holds
+  # The table is encrypted at rest with the AWS managed key (SSESpecification). It contains
   # job state and metrics, and a customer managed key would add cost and a key policy.
   CKV_AWS_119
   # CloudWatch Logs encrypts log data at rest by default. The logs hold ids and metrics.
   CKV_AWS_158
-  # The environment holds resource names and settings, no secrets. Lambda encrypts it at
+  # The environment contains resource names and settings, no secrets. Lambda encrypts it at
   # rest with its own key.
   CKV_AWS_173
-  # The framework's deployment bucket holds only deployment artifacts. Access logging
+  # The framework's deployment bucket contains only deployment artifacts. Access logging
   # would need a second bucket.
   CKV_AWS_18
   # CloudWatch alarms cannot publish to a topic encrypted with the AWS managed SNS key,
