@@ -23,7 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-# Package the stack offline and lint the CloudFormation template (needs Node.js and npm).
+# Package the stack offline, lint and scan the template, and rehearse a deploy into moto
+# (needs Node.js and npm).
 check-stack:
 	bash scripts/check-stack.sh
 

@@ -10,19 +10,26 @@ from typing import Callable
 
 import click
 
-from shared.spec import load_job_message
+from shared.errors import JobSpecError
+from shared.spec import check_relative_path, load_job_message
 
 DEFAULT_LOCAL_DIR = Path(".baton")
 
 
 def _read_spec(spec_file: Path) -> dict:
-    """Read and validate a job spec file, exiting with the validation message if it is invalid."""
+    """Read and validate a job spec file, exiting with the validation message if it is invalid.
+
+    A spec without a ``job_id`` gets one from the file name and the current time.
+    """
     body = spec_file.read_text(encoding="utf-8")
+    default_job_id = f"{spec_file.stem}-{int(time.time())}"
     try:
-        load_job_message(body)
+        load_job_message(body, default_job_id=default_job_id)
     except Exception as error:  # the CLI shows any validation error and exits
         raise click.ClickException(f"{spec_file}: {error}") from None
-    return json.loads(body)
+    spec = json.loads(body)
+    spec.setdefault("job_id", default_job_id)
+    return spec
 
 
 def _format_round(metrics: dict) -> str:
@@ -62,7 +69,6 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
     from shared.local.session import LocalStack
 
     spec = _read_spec(spec_file)
-    spec.setdefault("job_id", f"{spec_file.stem}-{int(time.time())}")
     job_id = spec["job_id"]
     efs_root = local_dir / "efs"
     if fresh:
@@ -77,6 +83,12 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
             source, separator, destination = mapping.partition(":")
             if not separator or not destination:
                 raise click.BadParameter(f"expected SOURCE:DEST, got {mapping!r}", param_hint="--import")
+            if not Path(source).exists():
+                raise click.BadParameter(f"source {source!r} does not exist", param_hint="--import")
+            try:
+                destination = check_relative_path("--import DEST", destination)
+            except JobSpecError as error:
+                raise click.BadParameter(error.problem, param_hint="--import") from None
             stack.import_data(source, destination)
 
         click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
@@ -84,7 +96,11 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
         click.echo(f"job {job_id} sent with {n_workers} workers")
 
         started = time.monotonic()
-        record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)))
+        try:
+            record = stack.wait(job_id, timeout_seconds=timeout_seconds,
+                                on_round=lambda m: click.echo(_format_round(m)))
+        except TimeoutError as error:
+            raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
         elapsed = time.monotonic() - started
 
     click.echo("")
@@ -110,7 +126,6 @@ def submit(spec_file: Path, stage: str, queue_url: str | None) -> None:
     import boto3
 
     spec = _read_spec(spec_file)
-    spec.setdefault("job_id", f"{spec_file.stem}-{int(time.time())}")
     sqs = boto3.client("sqs")
     if queue_url is None:
         queue_url = sqs.get_queue_url(QueueName=f"baton-{stage}-jobs")["QueueUrl"]

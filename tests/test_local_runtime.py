@@ -101,3 +101,37 @@ def test_cli_run_rejects_invalid_spec_file(tmp_path):
     assert result.exit_code != 0
     assert "optimizer.learning_rate" in result.output
     shutil.rmtree(tmp_path / "baton", ignore_errors=True)
+
+
+def test_cli_run_names_job_without_id(tmp_path):
+    spec = a9a_spec("unused")
+    del spec["job_id"]
+    spec["training"]["max_rounds"] = 2
+    spec_file = tmp_path / "nameless.json"
+    spec_file.write_text(json.dumps(spec))
+
+    result = CliRunner().invoke(main, [
+        "run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
+        "--import", f"{A9A_DIR}:datasets/a9a", "--timeout", "240",
+    ])
+
+    assert result.exit_code == 0, result.output
+    assert "job nameless-" in result.output
+    assert "SUCCEEDED after 2 rounds" in result.output
+
+
+@pytest.mark.parametrize("mapping, words", [
+    (f"{A9A_DIR}:../outside", "'..' is not allowed"),
+    (f"{A9A_DIR}:/etc/baton", "relative to the EFS root"),
+    ("/no/such/folder:datasets/x", "does not exist"),
+])
+def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(a9a_spec("bad-import")))
+
+    result = CliRunner().invoke(main, ["run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
+                                       "--import", mapping])
+
+    assert result.exit_code != 0
+    assert words in result.output
+    assert not (tmp_path / "outside").exists()
