@@ -25,7 +25,8 @@ from shared.models import MODELS, compute_class_weights, get_model_class
 from shared.optim import SGD
 
 TESTS_DATA = Path(__file__).parent / "data"
-DATASETS_DIR = Path(os.environ.get("BATON_DATASETS_DIR", "/work/shared/datasets"))
+# The reference data sets sit in a folder named shared/ beside the checkout.
+DATASETS_DIR = Path(os.environ.get("BATON_DATASETS_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 # Model name and hyperparameters of every case the generic tests run.
 MODEL_CASES = [
