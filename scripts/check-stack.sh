@@ -116,6 +116,9 @@ if (( oversized )); then
   exit 1
 fi
 
+# numpy and scipy wheels built for the wrong machine would fail at import inside Lambda.
+"$python_bin" scripts/check_package_platform.py "$template" "$package_dir"/*.zip
+
 # 2. Lint --------------------------------------------------------------------------------
 
 echo "check-stack: running $("$cfn_lint" --version) on the template"
