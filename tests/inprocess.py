@@ -67,6 +67,7 @@ class InProcessStack:
 
     efs_root: Path
     deliveries: list[Delivery] = field(default_factory=list)
+    batches: list[list[dict]] = field(default_factory=list)
 
     def __post_init__(self):
         self.definition = load_stack_definition(stage="test")
@@ -88,25 +89,39 @@ class InProcessStack:
         """Put a message on a queue by hand, for example a duplicate."""
         self.sqs.send_message(QueueUrl=self.queue_urls[logical_id], MessageBody=json.dumps(body))
 
-    def step(self, logical_id: str) -> Delivery | None:
-        """Receive one message from a queue and run its handler; None if the queue is empty."""
+    def step(self, logical_id: str, batch_size: int = 1) -> Delivery | None:
+        """Receive up to ``batch_size`` messages from a queue and run its handler on them as one batch.
+
+        Returns the last delivery, or None if the queue is empty.
+        """
         url = self.queue_urls[logical_id]
-        messages = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, AttributeNames=["All"]).get("Messages", [])
+        messages = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=batch_size,
+                                            AttributeNames=["All"]).get("Messages", [])
         if not messages:
             return None
         response = HANDLERS[logical_id](sqs_event(messages, url.rsplit("/", 1)[-1]), FakeContext())
-        failed = bool(response["batchItemFailures"])
-        if failed:
-            self.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=messages[0]["ReceiptHandle"],
-                                               VisibilityTimeout=0)
-        else:
-            self.sqs.delete_message(QueueUrl=url, ReceiptHandle=messages[0]["ReceiptHandle"])
-        delivery = Delivery(logical_id, json.loads(messages[0]["Body"]) if not failed else {"raw": messages[0]["Body"]},
-                            failed)
-        self.deliveries.append(delivery)
+        failed_ids = {failure["itemIdentifier"] for failure in response["batchItemFailures"]}
+
+        delivery = None
+        batch = []
+        for message in messages:
+            failed = message["MessageId"] in failed_ids
+            if failed:
+                self.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"],
+                                                   VisibilityTimeout=0)
+            else:
+                self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            try:
+                body = json.loads(message["Body"])
+            except json.JSONDecodeError:
+                body = {"raw": message["Body"]}
+            delivery = Delivery(logical_id, body if isinstance(body, dict) else {"raw": body}, failed)
+            self.deliveries.append(delivery)
+            batch.append(delivery.body)
+        self.batches.append(batch)
         return delivery
 
-    def run(self, max_steps: int = 100_000, before_step=None) -> int:
+    def run(self, max_steps: int = 100_000, before_step=None, batch_size: int = 1) -> int:
         """Deliver messages until every queue is empty; return the number of deliveries.
 
         ``before_step(stack)`` runs before each delivery, so a test can inject messages.
@@ -117,7 +132,7 @@ class InProcessStack:
                 before_step(self)
             progressed = False
             for logical_id in ("JobsQueue", "TasksQueue", "AggregateQueue"):
-                if self.step(logical_id) is not None:
+                if self.step(logical_id, batch_size) is not None:
                     progressed = True
                     steps += 1
             if not progressed:

@@ -248,3 +248,30 @@ def test_job_message_resent_while_running_resends_round_zero(inprocess_stack, ef
     assert record.status == SUCCEEDED, record.error
     reference, _ = train_reference(parse_job_spec(spec), efs_root)
     np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
+def test_batches_mixing_jobs_and_rounds(inprocess_stack, efs_root):
+    specs = [a9a_spec(job_id="mixed-a", max_rounds=6), a9a_spec(job_id="mixed-b", max_rounds=4, seed=5)]
+    for spec in specs:
+        inprocess_stack.submit(spec)
+
+    def replay_old_round(stack):
+        # Stale tasks of an earlier round land in the same batches as current ones.
+        record = stack.services.state.get_job("mixed-a")
+        if record is not None and record.round >= 2 and not getattr(stack, "replayed", False):
+            stack.send("TasksQueue", {"job_id": "mixed-a", "round": 0, "worker": 1})
+            stack.send("TasksQueue", {"job_id": "mixed-a", "round": 1, "worker": 3})
+            stack.replayed = True
+
+    inprocess_stack.run(before_step=replay_old_round, batch_size=10)
+
+    for spec in specs:
+        record = inprocess_stack.services.state.get_job(spec["job_id"])
+        assert record.status == SUCCEEDED, record.error
+        reference, _ = train_reference(parse_job_spec(spec), efs_root)
+        np.testing.assert_array_equal(final_params(efs_root, spec["job_id"]), reference)
+    mixed_jobs = [batch for batch in inprocess_stack.batches if len({body.get("job_id") for body in batch}) > 1]
+    mixed_rounds = [batch for batch in inprocess_stack.batches
+                    if len({(body.get("job_id"), body.get("round")) for body in batch}) > 2]
+    assert mixed_jobs, "no batch held tasks of both jobs"
+    assert mixed_rounds, "no batch held several rounds"
