@@ -53,6 +53,11 @@ def test_distributed_run_equals_reference(local_stack):
 
 
 def test_handlers_ran_in_separate_processes(local_stack):
+    spec = a9a_spec("runtime-processes")
+    spec["training"]["max_rounds"] = 2
+    local_stack.submit(spec)
+    assert local_stack.wait(spec["job_id"], timeout_seconds=120).status == SUCCEEDED
+
     runtime = local_stack.runtime
     worker_invocations = runtime.lanes["worker"].invocations
     assert worker_invocations, "no worker invocation was recorded"
