@@ -1,7 +1,8 @@
 """Drive Baton's real handlers in the test process against moto's in-process mock.
 
-The driver plays the part of Lambda's event source mappings one message at a time, in a
-deterministic order, and lets a test duplicate, hold back or replay messages between steps.
+The driver plays the part of Lambda's event source mappings one batch at a time (one message
+by default), in a deterministic order, and lets a test duplicate, hold back or replay
+messages between steps.
 """
 
 from __future__ import annotations
