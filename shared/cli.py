@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,9 @@ def _read_spec(spec_file: Path) -> dict:
     A spec without a ``job_id`` gets one from the file name and the current time.
     """
     body = spec_file.read_text(encoding="utf-8")
-    default_job_id = f"{spec_file.stem}-{int(time.time())}"
+    # Job ids allow letters, digits, '-' and '_' only, so other characters of the name become '-'.
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", spec_file.stem).strip("-_")[:40] or "job"
+    default_job_id = f"{stem}-{int(time.time())}"
     try:
         load_job_message(body, default_job_id=default_job_id)
     except Exception as error:  # the CLI shows any validation error and exits
@@ -30,6 +34,10 @@ def _read_spec(spec_file: Path) -> dict:
     spec = json.loads(body)
     spec.setdefault("job_id", default_job_id)
     return spec
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _format_round(metrics: dict) -> str:
@@ -43,7 +51,41 @@ def _format_round(metrics: dict) -> str:
     return "  ".join(parts)
 
 
-@click.group()
+def _aws_error_message(error: Exception) -> str | None:
+    """Return a one-line explanation of a common AWS client error, or None for other errors."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
+
+    if isinstance(error, NoRegionError):
+        return "no AWS region is configured; pass --region or set AWS_DEFAULT_REGION"
+    if isinstance(error, NoCredentialsError):
+        return ("no AWS credentials were found; configure them (aws configure, AWS_PROFILE), or for a local "
+                "stack set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to any value")
+    if isinstance(error, EndpointConnectionError):
+        return (f"cannot reach {error.kwargs.get('endpoint_url', 'the endpoint')}; for a local stack, "
+                "check that its `baton run` is still running")
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("ResourceNotFoundException", "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+            return (f"{error.response['Error'].get('Message', code)}; check --stage "
+                    "(a local stack started by `baton run` uses --stage local) and --region")
+        return f"AWS request failed: {code}: {error.response.get('Error', {}).get('Message', '')}"
+    return None
+
+
+class BatonGroup(click.Group):
+    """A command group that turns common AWS client errors into one-line messages."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as error:
+            message = _aws_error_message(error)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=BatonGroup)
 @click.version_option(package_name="baton")
 def main() -> None:
     """Baton: data-parallel training on AWS Lambda, chained through SQS and EFS."""
@@ -67,6 +109,10 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
     SQS and DynamoDB are served by moto on 127.0.0.1 and EFS is a local folder.
     """
     from shared.local.session import LocalStack
+
+    # SIGTERM (from `timeout`, a CI runner or systemd) unwinds like Ctrl-C, so the local
+    # stack stops its moto server and containers instead of leaving them behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     spec = _read_spec(spec_file)
     job_id = spec["job_id"]
@@ -92,6 +138,7 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
             stack.import_data(source, destination)
 
         click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
+        click.echo(f"while this runs, other baton commands reach it with: --stage local --endpoint-url {stack.endpoint_url}")
         stack.submit(spec)
         click.echo(f"job {job_id} sent with {n_workers} workers")
 
@@ -104,11 +151,14 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
         elapsed = time.monotonic() - started
 
     click.echo("")
+    if record.status == "CANCELLED":
+        raise click.ClickException(f"job {job_id} was cancelled at round {record.round}; its files remain in "
+                                   f"{efs_root / 'jobs' / job_id}")
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error}")
     summary = record.attributes
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s")
-    for name in ("train_loss", "validation_loss", "validation_accuracy"):
+    for name in ("train_loss", "validation_loss", "validation_accuracy", "validation_r2"):
         if name in summary:
             click.echo(f"  {name:<20} {summary[name]:.5f}")
     click.echo(f"  model                {efs_root / 'jobs' / job_id / 'model'}")

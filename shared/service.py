@@ -564,7 +564,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     store.write_json(store.round_dir(job_id, next_round) / "stopping.json", stopping.to_dict())
     over_budget = spec.training.budget_usd is not None and metrics["total_cost_usd"] >= spec.training.budget_usd
     summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"], "cost_usd": metrics["total_cost_usd"]}
-    for name in ("validation_loss", "validation_accuracy"):
+    for name in ("validation_loss", "validation_accuracy", "validation_r2"):
         if name in metrics:
             summary[name] = metrics[name]
     publish_round_metrics(job_id, round_index, metrics)

@@ -140,3 +140,79 @@ def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
     assert result.exit_code != 0
     assert words in result.output
     assert not (tmp_path / "outside").exists()
+
+
+def test_cli_run_names_job_from_awkward_file_name(tmp_path):
+    spec = a9a_spec("unused")
+    del spec["job_id"]
+    spec["training"]["max_rounds"] = 1
+    spec_file = tmp_path / "my spec (copy).json"
+    spec_file.write_text(json.dumps(spec))
+
+    result = CliRunner().invoke(main, [
+        "run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
+        "--import", f"{A9A_DIR}:datasets/a9a", "--timeout", "240",
+    ])
+
+    assert result.exit_code == 0, result.output
+    assert "job my-spec-copy-" in result.output
+
+
+def test_cli_status_explains_missing_table(local_stack):
+    result = CliRunner().invoke(main, ["status", "any-job", "--stage", "nosuchstage",
+                                       "--endpoint-url", local_stack.endpoint_url, "--region", "us-east-1"])
+
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert "--stage local" in result.output
+
+
+def test_cli_status_explains_unreachable_endpoint():
+    # Port 9 (discard) on the loopback interface has no listener here.
+    result = CliRunner().invoke(main, ["status", "any-job", "--stage", "local",
+                                       "--endpoint-url", "http://127.0.0.1:9", "--region", "us-east-1"])
+
+    assert result.exit_code != 0
+    assert "cannot reach" in result.output
+    assert "baton run" in result.output
+
+
+def test_sigterm_stops_local_stack(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = a9a_spec("sigterm")
+    spec["training"]["max_rounds"] = 100000
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec))
+    local_dir = tmp_path / "baton"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "run", str(spec_file), "--local-dir", str(local_dir),
+         "--import", f"{A9A_DIR}:datasets/a9a"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics_dir = local_dir / "efs" / "jobs" / "sigterm" / "metrics"
+        deadline = time.monotonic() + 120
+        while not (metrics_dir.is_dir() and any(metrics_dir.iterdir())):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the job never finished a round"
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "baton run started no child processes"
+
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    time.sleep(1)
+    survivors = [child for child in children
+                 if os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z"]
+    for child in survivors:
+        # End what the failed shutdown left behind, so a failing test leaks nothing.
+        os.kill(int(child), signal.SIGKILL)
+    assert survivors == []
