@@ -366,11 +366,13 @@ class LocalRuntime:
         try:
             container.connection.send(event)
             if not container.connection.poll(timeout):
-                logger.warning("%s timed out after %.1f s; killing its container", lanes.definition.name, timeout)
+                logger.warning("%s container (pid %d) timed out after %.1f s; killing it and retrying messages %s",
+                               lanes.definition.name, container.process.pid, timeout, sorted(all_ids))
                 return "timeout", all_ids
             status, response = container.connection.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            logger.warning("%s container exited during an invocation", lanes.definition.name)
+            logger.warning("%s container (pid %d, exit code %s) exited during an invocation; retrying messages %s",
+                           lanes.definition.name, container.process.pid, container.process.exitcode, sorted(all_ids))
             return "crashed", all_ids
 
         if status != "ok":
