@@ -371,18 +371,6 @@ def standardize_rows(X, mean: np.ndarray | None, scale: np.ndarray):
     return (np.asarray(X, dtype=np.float64) - mean) / scale
 
 
-@dataclass
-class Shard:
-    """The rows one worker trains on, memory-mapped from EFS."""
-
-    X: Any
-    y: np.ndarray
-
-    @property
-    def n_rows(self) -> int:
-        return self.X.shape[0]
-
-
 def shard_folder(store: EfsStore, job_id: str, destination: int | str) -> Path:
     """Return the folder of shard ``destination`` (a worker index) or of the validation rows."""
     name = VALIDATION if destination == VALIDATION else f"shard-{destination}"
