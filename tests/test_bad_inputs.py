@@ -107,10 +107,9 @@ CASES = [
      ["feature columns", "three-columns.csv"]),
     ("csv-label-column-out-of-range", json.dumps(spec("label-column", data={**GOOD_CSV, "label_column": 40})),
      "label-column", ["label_column", "40"]),
-    # NOTE: S3 URIs are not supported yet; until the data module reads them, an s3:// path
-    # is a path under the EFS root that does not exist.
-    ("s3-uri-unsupported", json.dumps(spec("s3-outside", data=csv_data("s3://other-bucket/data.csv"))), "s3-outside",
-     ["s3://other-bucket/data.csv"]),
+    # No bucket is listed in BATON_ALLOWED_S3_BUCKETS here, so every s3:// path is outside them.
+    ("s3-uri-outside-buckets", json.dumps(spec("s3-outside", data=csv_data("s3://other-bucket/data.csv"))),
+     "s3-outside", ["s3://other-bucket/data.csv", "not allowed", "BATON_ALLOWED_S3_BUCKETS"]),
 ]
 
 # A different spec under the running job's id: rejected without touching the running job.
