@@ -68,7 +68,7 @@ def _message_ids(body: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Invocation:
-    """What a step may know about the Lambda invocation running it."""
+    """The Lambda invocation running a step: its message id and remaining time."""
 
     message_id: str
     # The context's get_remaining_time_in_millis, or None without a context.

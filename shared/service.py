@@ -51,7 +51,7 @@ OPTIMIZER_PREFIX = "optimizer."
 
 @dataclass
 class JobContext:
-    """What a warm process caches about one job: its spec, data manifest and model."""
+    """The spec, data manifest and open shards of one job, cached by a warm process."""
 
     spec: JobSpec
     manifest: dict
@@ -179,7 +179,7 @@ def start_job(services: Services, body: str, message_id: str) -> str:
 
 
 def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
-    """Raise if EFS holds files of an earlier job with this id but a different spec.
+    """Raise if EFS contains files of an earlier job with this id but a different spec.
 
     This happens when a state table was replaced (a redeployed stack, a new local run) but
     the file system kept its folders. Baton does not delete them, because they may hold a
@@ -194,7 +194,7 @@ def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
         same = False
     if not same:
         raise DataError(
-            f"EFS already holds files of an earlier job '{spec.job_id}' with a different spec in "
+            f"EFS already contains files of an earlier job '{spec.job_id}' with a different spec in "
             f"'{store.job_dir(spec.job_id)}'; choose a new job_id, or delete that folder if it is no longer needed")
 
 
@@ -556,8 +556,8 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     state.put_round_metrics(job_id, round_index, metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
 
-    # The stopping state (best validation loss and its round) travels with the round
-    # folders, so a retried or resumed aggregation sees the same history.
+    # The stopping state (best validation loss and its round) is stored in the round
+    # folders, so a retried or resumed aggregation reads the same history.
     stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
     previous = StoppingState.from_dict(store.read_json(stopping_path) if stopping_path.exists() else None)
     stopping, stop_rule = check_stopping(spec, metrics, previous)

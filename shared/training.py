@@ -113,7 +113,7 @@ def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> No
 
 @dataclass(frozen=True)
 class WorkerResult:
-    """What one worker contributes to a round."""
+    """One worker's contribution to a round: gradient sum, loss sum and row count."""
 
     grad_sum: np.ndarray
     loss_sum: float
@@ -142,7 +142,7 @@ def compute_worker_result(model: Model, params: np.ndarray, X, y: np.ndarray,
 
 @dataclass(frozen=True)
 class RoundUpdate:
-    """The outcome of combining one round."""
+    """New parameters, optimizer state and training loss after combining one round."""
 
     params: np.ndarray
     optimizer_state: OptimizerState

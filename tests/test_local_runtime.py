@@ -108,11 +108,15 @@ def test_cli_run_rejects_invalid_spec_file(tmp_path):
     shutil.rmtree(tmp_path / "baton", ignore_errors=True)
 
 
-def test_cli_run_names_job_without_id(tmp_path):
+@pytest.mark.parametrize("file_name, max_rounds, expected_lines", [
+    ("nameless.json", 2, ["job nameless-", "SUCCEEDED after 2 rounds"]),
+    ("my spec (copy).json", 1, ["job my-spec-copy-"]),
+])
+def test_cli_run_names_job_without_id(tmp_path, file_name, max_rounds, expected_lines):
     spec = a9a_spec("unused")
     del spec["job_id"]
-    spec["training"]["max_rounds"] = 2
-    spec_file = tmp_path / "nameless.json"
+    spec["training"]["max_rounds"] = max_rounds
+    spec_file = tmp_path / file_name
     spec_file.write_text(json.dumps(spec))
 
     result = CliRunner().invoke(main, [
@@ -121,8 +125,8 @@ def test_cli_run_names_job_without_id(tmp_path):
     ])
 
     assert result.exit_code == 0, result.output
-    assert "job nameless-" in result.output
-    assert "SUCCEEDED after 2 rounds" in result.output
+    for line in expected_lines:
+        assert line in result.output
 
 
 @pytest.mark.parametrize("mapping, words", [
@@ -140,22 +144,6 @@ def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
     assert result.exit_code != 0
     assert words in result.output
     assert not (tmp_path / "outside").exists()
-
-
-def test_cli_run_names_job_from_awkward_file_name(tmp_path):
-    spec = a9a_spec("unused")
-    del spec["job_id"]
-    spec["training"]["max_rounds"] = 1
-    spec_file = tmp_path / "my spec (copy).json"
-    spec_file.write_text(json.dumps(spec))
-
-    result = CliRunner().invoke(main, [
-        "run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
-        "--import", f"{A9A_DIR}:datasets/a9a", "--timeout", "240",
-    ])
-
-    assert result.exit_code == 0, result.output
-    assert "job my-spec-copy-" in result.output
 
 
 def test_cli_status_explains_missing_table(local_stack):

@@ -99,7 +99,7 @@ def _resolve(value: Any, config: dict, stage: str, depth: int) -> Any:
 
 @dataclass(frozen=True)
 class FunctionDefinition:
-    """What the local runtime needs to know about one function."""
+    """A function as the local runtime runs it: handler, timeout, memory and queue."""
 
     name: str
     handler: str
