@@ -84,7 +84,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         Name used in logs, for example ``"worker"``.
     step : callable
         ``step(services, record, invocation)``; its exceptions are routed as the module
-        docstring says.
+        docstring describes.
     """
     max_receive_count = int(os.environ.get("MAX_RECEIVE_COUNT", DEFAULT_MAX_RECEIVE_COUNT))
 
