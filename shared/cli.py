@@ -14,6 +14,7 @@ import click
 
 from shared.errors import JobSpecError
 from shared.spec import check_relative_path, load_job_message
+from shared.state import JOB_STATUSES
 
 DEFAULT_LOCAL_DIR = Path(".baton")
 
@@ -41,7 +42,8 @@ def _exit_on_sigterm(signum: int, frame) -> None:
 
 
 def _format_round(metrics: dict) -> str:
-    parts = [f"round {metrics['round']:>5}", f"epoch {metrics['epoch']:7.3f}", f"train loss {metrics['train_loss']:.5f}"]
+    # Rounds are stored from 0; people count them from 1, as `status` and `watch` do.
+    parts = [f"round {metrics['round'] + 1:>5}", f"epoch {metrics['epoch']:7.3f}", f"train loss {metrics['train_loss']:.5f}"]
     if "validation_loss" in metrics:
         parts.append(f"val loss {metrics['validation_loss']:.5f}")
     if "validation_accuracy" in metrics:
@@ -217,7 +219,8 @@ def _require_job(store, job_id: str):
 
 @main.command("list")
 @_stack_options
-@click.option("--status", "status_filter", default=None, help="Show only jobs in this status, e.g. RUNNING.")
+@click.option("--status", "status_filter", default=None, type=click.Choice(JOB_STATUSES, case_sensitive=False),
+              help="Show only jobs in this status.")
 def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_filter: str | None) -> None:
     """List the jobs in a stack's state table, oldest first."""
     from datetime import datetime, timezone
@@ -251,7 +254,7 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
         return
-    click.echo(f"job {job_id}: {record.status}, round {record.round} of {record.total_rounds}, "
+    click.echo(f"job {job_id}: {record.status}, {record.round} of {record.total_rounds} rounds done, "
                f"{record.n_workers} workers")
     for key in ("stop_reason", "error", "epoch", "train_loss", "validation_loss", "validation_accuracy", "cost_usd"):
         if summary.get(key) is not None:

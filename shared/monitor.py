@@ -108,7 +108,7 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
     postfix: dict[str, str] = {"status": record.status}
     if rounds:
         last = rounds[-1]
-        postfix["round"] = str(last["round"])
+        postfix["round"] = str(last["round"] + 1)
         postfix["epoch"] = f"{last.get('epoch', 0.0):.2f}"
         postfix["loss"] = f"{last.get('train_loss', float('nan')):.4g}"
         metric = validation_metric(last)

@@ -100,7 +100,7 @@ def test_list_and_status_show_job(finished_job):
 
     shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
     assert shown.exit_code == 0, shown.output
-    assert f"job {JOB_ID}: SUCCEEDED, round {N_ROUNDS} of {N_ROUNDS}" in shown.output
+    assert f"job {JOB_ID}: SUCCEEDED, {N_ROUNDS} of {N_ROUNDS} rounds done" in shown.output
     assert "cost_usd" in shown.output
 
     as_json = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"], "--json"])
@@ -111,3 +111,29 @@ def test_status_of_unknown_job_fails(finished_job):
     result = CliRunner().invoke(main, ["status", "no-such-job", *finished_job["arguments"]])
     assert result.exit_code == 1
     assert "no job 'no-such-job' in table baton-local-state" in result.output
+
+
+def test_list_filters_by_status(finished_job):
+    succeeded = CliRunner().invoke(main, ["list", *finished_job["arguments"], "--status", "succeeded"])
+    assert succeeded.exit_code == 0, succeeded.output
+    assert JOB_ID in succeeded.output
+
+    running = CliRunner().invoke(main, ["list", *finished_job["arguments"], "--status", "RUNNING"])
+    assert running.exit_code == 0, running.output
+    assert "no jobs" in running.output
+
+
+def test_list_rejects_unknown_status(finished_job):
+    result = CliRunner().invoke(main, ["list", *finished_job["arguments"], "--status", "DONE"])
+    assert result.exit_code == 2
+    assert "'DONE' is not one of" in result.output
+
+
+def test_watch_counts_rounds_from_one(finished_job):
+    from shared.monitor import progress_postfix
+
+    store = finished_job["stack"].state
+    record = store.get_job(JOB_ID)
+    postfix = progress_postfix(record, store.list_round_metrics(JOB_ID))
+    assert postfix["round"] == str(N_ROUNDS)
+    assert postfix["left"] == "0"
