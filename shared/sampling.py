@@ -13,6 +13,7 @@ import functools
 import math
 
 import numpy as np
+import scipy.sparse as sp
 
 # A batch larger than this share of the shard is sorted through a boolean mask of the
 # shard's rows, which takes linear time, instead of by a comparison sort.
@@ -81,6 +82,13 @@ def take_rows(X, rows: np.ndarray):
     contiguous run of the shard, such as every chunk of a whole-shard batch, is read in
     place instead of copied by fancy indexing. The values are the same either way.
     """
-    if len(rows) > 0 and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
-        return X[int(rows[0]):int(rows[-1]) + 1]
-    return X[rows]
+    if len(rows) == 0 or int(rows[-1]) - int(rows[0]) != len(rows) - 1:
+        return X[rows]
+    first, stop = int(rows[0]), int(rows[-1]) + 1
+    if not sp.issparse(X):
+        return X[first:stop]
+    # scipy's row slicing copies the chunk's values and column indices; views of the
+    # shard's arrays do not.
+    begin, end = int(X.indptr[first]), int(X.indptr[stop])
+    return sp.csr_matrix((X.data[begin:end], X.indices[begin:end], X.indptr[first:stop + 1] - begin),
+                         shape=(stop - first, X.shape[1]), copy=False)
