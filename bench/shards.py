@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import DATASETS
-from shared.data import load_shard, prepare_data, shard_folder
+from shared.data import prepare_data, shard_folder
 from shared.efs import EfsStore
 from shared.service import write_round_state
 from shared.spec import parse_job_spec
@@ -66,11 +66,6 @@ def prepare_source(efs_root: Path, source: SourceSet) -> str:
     return job_id
 
 
-def _repeat_rows(source_rows: int, n_rows: int) -> tuple[int, int]:
-    whole, rest = divmod(n_rows, source_rows)
-    return whole, rest
-
-
 def _write_npy(path: Path, parts: list[np.ndarray]) -> None:
     total = sum(len(part) for part in parts)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=parts[0].dtype, shape=(total, *parts[0].shape[1:]))
@@ -94,24 +89,23 @@ def tile_job(efs_root: Path, source_job: str, job_id: str, n_rows: int, batch_si
     raw["training"]["batch_size"] = batch_size
     spec = parse_job_spec(raw)
     manifest = store.read_json(store.data_dir(source_job) / "manifest.json")
-    source = load_shard(store, source_job, manifest, 0)
-    whole, rest = _repeat_rows(source.n_rows, n_rows)
-
+    source_folder = shard_folder(store, source_job, 0)
     folder = shard_folder(store, job_id, 0)
     folder.mkdir(parents=True, exist_ok=True)
-    y = np.asarray(source.y)
+
+    # The source files are read as stored, so the tiled ones keep their dtypes.
+    y = np.load(source_folder / "y.npy")
+    whole, rest = divmod(n_rows, len(y))
     _write_npy(folder / "y.npy", [y] * whole + [y[:rest]])
     if manifest["sparse"]:
-        X = source.X
-        nnz = X.indptr[-1]
-        head = X.indptr[rest]
-        _write_npy(folder / "X-data.npy", [np.asarray(X.data)] * whole + [np.asarray(X.data[:head])])
-        _write_npy(folder / "X-indices.npy", [np.asarray(X.indices)] * whole + [np.asarray(X.indices[:head])])
-        offsets = [np.asarray(X.indptr[:-1]) + copy * nnz for copy in range(whole)]
-        offsets.append(np.asarray(X.indptr[:rest + 1]) + whole * nnz)
-        _write_npy(folder / "X-indptr.npy", offsets)
+        data, indices, indptr = (np.load(source_folder / f"X-{name}.npy") for name in ("data", "indices", "indptr"))
+        nnz, head = indptr[-1], indptr[rest]
+        _write_npy(folder / "X-data.npy", [data] * whole + [data[:head]])
+        _write_npy(folder / "X-indices.npy", [indices] * whole + [indices[:head]])
+        _write_npy(folder / "X-indptr.npy", [indptr[:-1] + copy * nnz for copy in range(whole)]
+                   + [indptr[:rest + 1] + whole * nnz])
     else:
-        X = np.asarray(source.X)
+        X = np.load(source_folder / "X.npy")
         _write_npy(folder / "X.npy", [X] * whole + [X[:rest]])
 
     tiled_manifest = {**manifest, "shard_rows": [n_rows], "validation_rows": 0}

@@ -55,10 +55,15 @@ def logistic_loss(margins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sigmoid_of_negated : ndarray of shape (n_samples,)
         ``sigmoid(-m)``, so that ``d loss / d m = -sigmoid(-m)``.
     """
-    decay = np.exp(-np.abs(margins))
+    # In-place steps: a chunk of a few thousand rows keeps its temporaries in cache.
+    decay = np.abs(margins)
+    np.negative(decay, out=decay)
+    np.exp(decay, out=decay)
     losses = np.log1p(decay)
-    losses += np.maximum(-margins, 0.0)
-    numerator = np.where(margins > 0.0, decay, 1.0)
+    positive_part = np.negative(margins)
+    np.maximum(positive_part, 0.0, out=positive_part)
+    losses += positive_part
+    sigmoid_of_negated = np.where(margins > 0.0, decay, 1.0)
     decay += 1.0
-    numerator /= decay
-    return losses, numerator
+    sigmoid_of_negated /= decay
+    return losses, sigmoid_of_negated

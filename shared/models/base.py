@@ -248,7 +248,7 @@ class Model(ABC):
                 f"model '{self.name}' was built for {self.n_features} features, got input of shape {X.shape}; "
                 "set data.n_features to the width of the training data"
             )
-        if sp.issparse(X):
+        if not isinstance(X, np.ndarray) and sp.issparse(X):
             X = X.tocsr()
             if X.dtype == np.float64:
                 return X
