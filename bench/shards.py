@@ -28,7 +28,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @dataclass(frozen=True)
 class SourceSet:
-    """A real data set, the example spec that reads it, and the model trained on it."""
+    """A real data set under the shared data sets folder, and the example spec that reads it."""
 
     name: str
     example: str
@@ -38,7 +38,6 @@ class SourceSet:
 # higgs_7k: 7,000 dense rows of 28 features; a9a: 32,561 sparse rows of 123 features.
 HIGGS = SourceSet("higgs_7k", "higgs_7k.json", ("binary.train", "binary.test"))
 A9A = SourceSet("a9a", "a9a.json", ("a9a", "a9a.t"))
-MNIST = SourceSet("mnist_5k", "mnist_5k.json", ("mnist_5k.csv.gz",))
 
 
 def _link_source(efs_root: Path, source: SourceSet) -> None:
