@@ -378,14 +378,16 @@ def shard_folder(store: EfsStore, job_id: str, destination: int | str) -> Path:
 
 
 def _read_matrix(store: EfsStore, folder: Path, manifest: dict) -> Shard:
-    y = store.read_npy(folder / "y.npy")
+    # numpy.asarray turns a memory map into a plain ndarray over the same mapped pages,
+    # without copying; indexing one skips numpy.memmap's Python-level __getitem__.
+    y = np.asarray(store.read_npy(folder / "y.npy"))
     if manifest["sparse"]:
         data = store.read_npy(folder / "X-data.npy")
         indices = store.read_npy(folder / "X-indices.npy")
         indptr = store.read_npy(folder / "X-indptr.npy")
         X = sp.csr_matrix((data, indices, indptr), shape=(len(y), manifest["n_features"]), copy=False)
     else:
-        X = store.read_npy(folder / "X.npy")
+        X = np.asarray(store.read_npy(folder / "X.npy"))
     return Shard(X=X, y=y)
 
 

@@ -9,9 +9,15 @@ exactly the same rows.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
+import scipy.sparse as sp
+
+# A batch larger than this share of the shard is sorted through a boolean mask of the
+# shard's rows, which takes linear time, instead of by a comparison sort.
+_MASK_SORT_SHARE = 1 / 16
 
 
 def rounds_per_epoch(shard_rows: list[int], batch_size: int) -> int:
@@ -30,12 +36,60 @@ def epoch_of_round(round_index: int, shard_rows: list[int], batch_size: int) -> 
     return (round_index + 1) / rounds_per_epoch(shard_rows, batch_size)
 
 
+# A worker draws the same epoch order in every round of the epoch, and its training mode
+# requests the same batch once per chunk of rows, so both are kept for a few calls. Two
+# entries hold at most two arrays of n_rows int64 each.
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, worker: int, epoch: int, n_rows: int) -> np.ndarray:
+    order = np.random.default_rng([seed, worker, epoch]).permutation(n_rows)
+    order.flags.writeable = False
+    return order
+
+
+def _sorted_rows(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """Return the distinct row indices ``rows`` in increasing order."""
+    if len(rows) <= n_rows * _MASK_SORT_SHARE:
+        return np.sort(rows)
+    selected = np.zeros(n_rows, dtype=bool)
+    selected[rows] = True
+    return np.flatnonzero(selected)
+
+
+@functools.lru_cache(maxsize=2)
 def batch_indices(seed: int, round_index: int, worker: int, n_rows: int, per_epoch: int, batch_size: int) -> np.ndarray:
     """Return the sorted row indices of worker ``worker``'s batch in round ``round_index``.
 
     The last batch of an epoch may be shorter, or empty for a shard one row smaller than
-    the largest.
+    the largest. The returned array is read-only, because repeated calls with the same
+    arguments return the same array.
     """
     epoch, position = divmod(round_index, per_epoch)
-    order = np.random.default_rng([seed, worker, epoch]).permutation(n_rows)
-    return np.sort(order[position * batch_size:(position + 1) * batch_size])
+    start = min(position * batch_size, n_rows)
+    stop = min(start + batch_size, n_rows)
+    if start == 0 and stop == n_rows:
+        # The sorted whole of any permutation is every row in order.
+        rows = np.arange(n_rows, dtype=np.int64)
+    else:
+        rows = _sorted_rows(_epoch_order(seed, worker, epoch, n_rows)[start:stop], n_rows)
+    rows.flags.writeable = False
+    return rows
+
+
+def take_rows(X, rows: np.ndarray):
+    """Return the rows ``rows`` (sorted and distinct) of ``X``, as a slice when they are contiguous.
+
+    A slice of a dense memory-mapped array is a view, so a chunk of a batch that covers a
+    contiguous run of the shard, such as every chunk of a whole-shard batch, is read in
+    place instead of copied by fancy indexing. The values are the same either way.
+    """
+    if len(rows) == 0 or int(rows[-1]) - int(rows[0]) != len(rows) - 1:
+        return X[rows]
+    first, stop = int(rows[0]), int(rows[-1]) + 1
+    if not sp.issparse(X):
+        return X[first:stop]
+    # Built from slices of the shard's arrays, which is faster than scipy's row slicing.
+    # NOTE: scipy (checked with 1.17) still copies the two slices, because its
+    # constructor copies a view that is less than half of its base array.
+    begin, end = int(X.indptr[first]), int(X.indptr[stop])
+    return sp.csr_matrix((X.data[begin:end], X.indices[begin:end], X.indptr[first:stop + 1] - begin),
+                         shape=(stop - first, X.shape[1]), copy=False)

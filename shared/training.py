@@ -19,7 +19,7 @@ from shared.errors import DataError, DivergenceError, JobSpecError
 from shared.models import Model, compute_class_weights, get_model_class
 from shared.optim import Optimizer, OptimizerState
 from shared.optim import build_optimizer as build_optimizer_by_name
-from shared.sampling import batch_indices, rounds_per_epoch
+from shared.sampling import batch_indices, rounds_per_epoch, take_rows
 
 if TYPE_CHECKING:
     # shared.spec imports this module for the mode names, so JobSpec is for type checkers only.
@@ -287,8 +287,8 @@ class GradientAveraging(TrainingMode):
         rows = self._batch_rows(spec, manifest, shard, round_index, worker)
         position = int(progress["position"])
         chunk = rows[position:position + GRADIENT_CHUNK_ROWS]
-        y_chunk = np.asarray(shard.y[chunk])
-        part = compute_worker_result(model, params, shard.X[chunk], y_chunk,
+        y_chunk = np.asarray(take_rows(shard.y, chunk))
+        part = compute_worker_result(model, params, take_rows(shard.X, chunk), y_chunk,
                                      _sample_weight(class_weights(spec, manifest), y_chunk))
         new_progress = {
             "position": np.int64(position + len(chunk)),

@@ -34,3 +34,36 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray
     scores_grad[rows, y] -= 1.0
     return losses, scores_grad
 
+
+
+def logistic_loss(margins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``log(1 + exp(-m))`` of every margin ``m`` and its negated derivative ``sigmoid(-m)``.
+
+    Both come from one ``exp(-|m|)``, so neither can overflow for any finite margin. The
+    loss is ``max(-m, 0) + log1p(exp(-|m|))``, the formula of ``numpy.logaddexp(0, -m)``,
+    and ``sigmoid(-m)`` is ``exp(-m) / (1 + exp(-m))`` for ``m > 0`` and
+    ``1 / (1 + exp(m))`` otherwise, the two branches of ``scipy.special.expit``.
+
+    Parameters
+    ----------
+    margins : ndarray of shape (n_samples,)
+        Signed scores ``s * z`` with ``s`` in {-1, 1}.
+
+    Returns
+    -------
+    losses : ndarray of shape (n_samples,)
+    sigmoid_of_negated : ndarray of shape (n_samples,)
+        ``sigmoid(-m)``, so that ``d loss / d m = -sigmoid(-m)``.
+    """
+    # In-place steps: a chunk of a few thousand rows keeps its temporaries in cache.
+    decay = np.abs(margins)
+    np.negative(decay, out=decay)
+    np.exp(decay, out=decay)
+    losses = np.log1p(decay)
+    positive_part = np.negative(margins)
+    np.maximum(positive_part, 0.0, out=positive_part)
+    losses += positive_part
+    sigmoid_of_negated = np.where(margins > 0.0, decay, 1.0)
+    decay += 1.0
+    sigmoid_of_negated /= decay
+    return losses, sigmoid_of_negated

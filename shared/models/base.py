@@ -248,9 +248,13 @@ class Model(ABC):
                 f"model '{self.name}' was built for {self.n_features} features, got input of shape {X.shape}; "
                 "set data.n_features to the width of the training data"
             )
-        if sp.issparse(X):
+        if not isinstance(X, np.ndarray) and sp.issparse(X):
             X = X.tocsr()
-            return X if X.dtype == np.float64 else X.astype(np.float64)
+            if X.dtype == np.float64:
+                return X
+            # Only the values change type; the float64 matrix shares the column indices
+            # and row pointers, which ``astype`` would copy.
+            return sp.csr_matrix((X.data.astype(np.float64), X.indices, X.indptr), shape=X.shape, copy=False)
         # NOTE: this copies a float32 batch (such as a memory-mapped shard) into float64,
         # so a worker needs memory for one float64 copy of its mini-batch.
         return np.asarray(X, dtype=np.float64)

@@ -6,6 +6,7 @@ import numpy as np
 from scipy.special import expit
 
 from shared.models._linear import LinearModel
+from shared.models._losses import logistic_loss
 
 
 class LogisticRegression(LinearModel):
@@ -30,12 +31,9 @@ class LogisticRegression(LinearModel):
         scores = self._scores(params, X)
         signs = 2.0 * y - 1.0
 
-        # log(1 + exp(-m)) through logaddexp stays finite for any margin m.
-        margins = signs * scores
-        losses = np.logaddexp(0.0, -margins)
-
-        # d/dz log(1 + exp(-s z)) = -s * sigmoid(-s z); expit never overflows.
-        residuals = -signs * expit(-margins)
+        # d/dz log(1 + exp(-s z)) = -s * sigmoid(-s z).
+        losses, sigmoid_of_negated = logistic_loss(signs * scores)
+        residuals = -signs * sigmoid_of_negated
         if sample_weight is not None:
             losses = losses * sample_weight
             residuals = residuals * sample_weight
