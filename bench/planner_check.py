@@ -11,6 +11,7 @@ docs/planner.md also contains.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -85,18 +86,46 @@ def measure_local_profile(work_dir: Path, quick: bool) -> planner.LocalProfile:
                                 invocation_overhead_seconds=0.0, compute=compute, **files)
 
 
-def metrics_round_seconds(metrics_dir: Path) -> float:
-    """Return the mean time per round from the metrics files' modification times, after warm-up."""
-    times = sorted(path.stat().st_mtime for path in metrics_dir.glob("*.json"))
-    times = times[WARMUP_ROUNDS:]
-    if len(times) < 3:
+def read_run_timings(metrics_dir: Path, workers: int) -> dict[str, float]:
+    """Return medians over the timed rounds of one run, from its metrics files.
+
+    ``round_seconds`` is the gap between consecutive metrics files' modification times;
+    ``worker_seconds`` the mean of the workers' own task times (``worker_seconds`` in the
+    metrics is their sum); ``aggregate_seconds`` the aggregator's own time.
+    """
+    paths = sorted(metrics_dir.glob("*.json"), key=lambda path: int(path.stem))[WARMUP_ROUNDS:]
+    if len(paths) < 3:
         raise RuntimeError(f"too few rounds in {metrics_dir} to time; run more rounds")
-    return (times[-1] - times[0]) / (len(times) - 1)
+    times = [path.stat().st_mtime for path in paths]
+    metrics = [json.loads(path.read_text()) for path in paths]
+    return {
+        # The median resists the slow rounds that other processes on the machine cause.
+        "round_seconds": statistics.median(later - earlier for earlier, later in zip(times, times[1:])),
+        "worker_seconds": statistics.median(entry["worker_seconds"] / workers for entry in metrics),
+        "aggregate_seconds": statistics.median(entry["aggregate_seconds"] for entry in metrics),
+    }
+
+
+def comparable_parts(estimate: planner.RoundEstimate, profile: planner.LocalProfile) -> tuple[float, float]:
+    """Return the predicted parts of a round that the metrics files time.
+
+    A worker times its task from the job check to before it records itself: two DynamoDB
+    reads, the file reads, the compute and the result write. The aggregator times its step
+    from after its first two reads to before it writes the metrics: the reads, the combine,
+    the validation, the state write and the cost accounting with its one DynamoDB read.
+    """
+    phases = estimate.phases
+    worker_task = (2 * profile.request_seconds + phases["worker: read weights"] + phases["worker: read batch"]
+                   + phases["worker: compute"] + phases["worker: write result"])
+    aggregator_step = (phases["aggregator: read results"] + phases["aggregator: combine and step"]
+                       + phases.get("aggregator: validation", 0.0) + phases["aggregator: bookkeeping"]
+                       + 3 * profile.write_op_seconds + profile.request_seconds)
+    return worker_task, aggregator_step
 
 
 def run_case(work_dir: Path, workers: int, batch_size: int, rounds: int, profile: planner.LocalProfile | None,
-             quick: bool) -> tuple[float, planner.LocalProfile | None]:
-    """Run one a9a job locally; return its measured time per round and the profile with overhead."""
+             quick: bool) -> tuple[dict[str, float], planner.LocalProfile | None]:
+    """Run one a9a job locally; return its timings and the profile with the invocation overhead."""
     job_id = f"planner-{workers}w-{batch_size}b"
     efs_root = work_dir / f"efs-{workers}-{batch_size}"
     with LocalStack(efs_root, concurrency={"worker": workers}) as stack:
@@ -108,7 +137,7 @@ def run_case(work_dir: Path, workers: int, batch_size: int, rounds: int, profile
         record = stack.wait(job_id, timeout_seconds=600)
         if record.status != "SUCCEEDED":
             raise RuntimeError(f"local job {job_id} ended {record.status}: {record.attributes.get('error')}")
-    return metrics_round_seconds(efs_root / "jobs" / job_id / "metrics"), profile
+    return read_run_timings(efs_root / "jobs" / job_id / "metrics", workers), profile
 
 
 def measure(quick: bool) -> Section:
@@ -121,15 +150,18 @@ def measure(quick: bool) -> Section:
         rows = []
         errors = []
         for workers, batch_size in cases:
-            measured, calibrated = run_case(work_dir, workers, batch_size, rounds, profile, quick)
+            timings, calibrated = run_case(work_dir, workers, batch_size, rounds, profile, quick)
             profile = calibrated or profile
             estimate = planner.predict_local_round(a9a_workload(batch_size, rounds), workers, profile,
                                                    rounds_done=rounds // 2)
+            measured = timings["round_seconds"]
             error = estimate.seconds / measured - 1
             errors.append(abs(error))
-            top = sorted(estimate.phases.items(), key=lambda item: -item[1])[:2]
+            worker_task, aggregator_step = comparable_parts(estimate, profile)
             rows.append([workers, batch_size, f"{estimate.seconds * 1000:.0f}", f"{measured * 1000:.0f}",
-                         f"{error:+.0%}", ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in top)])
+                         f"{error:+.0%}", f"{worker_task * 1000:.0f}", f"{timings['worker_seconds'] * 1000:.0f}",
+                         f"{aggregator_step * 1000:.1f}", f"{timings['aggregate_seconds'] * 1000:.1f}"])
+        load = os.getloadavg()[0]
 
     worst = max(errors)
     profile_rows = [
@@ -155,7 +187,16 @@ def measure(quick: bool) -> Section:
         markdown_table(["measured cost", "value"], profile_rows),
         "",
         markdown_table(["workers", "batch per worker", "predicted ms per round", "measured ms", "error",
-                        "largest predicted phases (ms)"], rows),
+                        "worker task, predicted ms", "measured", "aggregator step, predicted ms", "measured"],
+                       rows),
+        "",
+        "Measured times are medians over the timed rounds. The worker task and the aggregator step are",
+        "the parts that the metrics files time (`worker_seconds`, `aggregate_seconds`): the worker from its",
+        "job check to before it records itself, the aggregator from after its first two reads to before",
+        "it writes the metrics. A worker task measured longer than predicted means it waited for a core",
+        "or for moto's server while other workers ran.",
+        f"The 1-minute load average at the end was {load:.1f} on {profile.cores} cores, so other",
+        "processes on the machine shared the cores with these runs.",
         "",
         "On this machine moto's server answers one request at a time, so a round costs about six",
         "requests per worker in sequence: the local time per round grows linearly with the workers,",

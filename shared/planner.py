@@ -71,10 +71,10 @@ class AwsAssumptions:
     # Estimate: speed of one Lambda vCPU relative to one core of the machine that measured
     # the ComputeProfile. AWS publishes no per-vCPU speed for Lambda.
     lambda_vcpu_speed: float = 1.0
-    # Estimate: init phase of a Python 3.12 function that imports numpy, scipy and
-    # aws-lambda-powertools from a 152 MiB package (docs/deployment.md), plus the VPC
-    # and EFS mount. The Lambda operator guide only says cold starts range from under
-    # 100 ms to over 1 s.
+    # Estimate: a cold start of a Python 3.12 function that imports numpy, scipy and
+    # aws-lambda-powertools from a 152 MiB package (docs/deployment.md). The Lambda
+    # operator guide lists what a cold start does (download the code, start the runtime,
+    # run the init code) but gives no figure for such a package.
     cold_start_seconds: float = 2.5
     # Estimate: handler overhead per invocation (event parsing, JSON logs, metrics flush).
     invocation_overhead_seconds: float = 0.010
@@ -647,6 +647,7 @@ class JobPlan:
     rounds: int
     rounds_per_epoch: int
     first_round: RoundEstimate
+    first_epoch_round: RoundEstimate
     round: RoundEstimate
     total_seconds: float
     cost_usd: dict[str, float]
@@ -789,14 +790,15 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
     later = estimate(False, 1, total_rate)
     first_epoch_rounds = min(rounds, per_epoch) - 1
     later_rounds = rounds - 1 - first_epoch_rounds
-    schedule = [(first, 1, True), (first_epoch, first_epoch_rounds, False), (later, later_rounds, False)]
+    # (round estimate, how many such rounds, cold, epoch index)
+    schedule = [(first, 1, True, 0), (first_epoch, first_epoch_rounds, False, 0), (later, later_rounds, False, 1)]
 
     if deployment.throughput_mode == "bursting":
         credits = aws.efs_bursting_initial_credit_bytes
         burst_rounds = 0.0
         new_schedule = []
         baseline_round = estimate(False, 1, baseline_rate)
-        for round_estimate, count, cold in schedule:
+        for round_estimate, count, cold, epoch_index in schedule:
             lasting = rounds_until_credits_run_out(round_estimate, baseline_rate, credits)
             at_burst = count if lasting >= count else math.floor(lasting)
             if at_burst < count:
@@ -805,9 +807,9 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
                 credits -= at_burst * (round_estimate.efs_bytes_read + round_estimate.efs_bytes_written
                                        - baseline_rate * round_estimate.seconds)
             burst_rounds += at_burst
-            new_schedule.append((round_estimate, at_burst, cold))
+            new_schedule.append((round_estimate, at_burst, cold, epoch_index))
             if count - at_burst:
-                new_schedule.append((estimate(cold, 1, baseline_rate), count - at_burst, cold))
+                new_schedule.append((estimate(cold, epoch_index, baseline_rate), count - at_burst, cold, epoch_index))
         schedule = new_schedule
         burst = BurstSummary(burst_bytes_per_second=burst_rate, baseline_bytes_per_second=baseline_rate,
                              initial_credit_bytes=aws.efs_bursting_initial_credit_bytes,
@@ -816,9 +818,9 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
             warnings.append(f"EFS burst credits run out after {burst.rounds_at_burst} of {rounds} rounds; later "
                             f"rounds get the {baseline_rate / MIB:.1f} MiB/s baseline. Elastic mode avoids this.")
 
-    total_seconds = sum(estimate_.seconds * count for estimate_, count, _ in schedule)
+    total_seconds = sum(round_estimate.seconds * count for round_estimate, count, _, _ in schedule)
     costs: dict[str, float] = {}
-    for round_estimate, count, cold in schedule:
+    for round_estimate, count, cold, _ in schedule:
         if count:
             _add_costs(costs, cost.estimate_round_cost(_round_usage(round_estimate, workload, deployment, cold, aws)), count)
 
@@ -834,7 +836,7 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
                         f"round runs in {math.ceil(n / deployment.max_concurrency)} waves")
 
     return JobPlan(workload=workload, deployment=deployment, rounds=rounds, rounds_per_epoch=per_epoch,
-                   first_round=first, round=later, total_seconds=total_seconds, cost_usd=costs,
+                   first_round=first, first_epoch_round=first_epoch, round=later, total_seconds=total_seconds, cost_usd=costs,
                    vm=estimate_vm(workload, n, rounds, profile, vm), burst=burst, baseline_round=baseline_round,
                    warnings=warnings)
 
@@ -1161,13 +1163,16 @@ def scaling_rows(fixed: str, workload: Workload = SCALING_WORKLOAD, workers: Ite
         job = replace(workload, batch_size=batch, epochs=1.0, rounds=None)
         deployment = Deployment(workers=count, memory_mb=memory_mb, max_concurrency=max(2, min(count, 1000)))
         plan = plan_job(job, deployment, profile, aws)
-        samples_per_second = batch * count / plan.round.seconds
+        # One epoch: every batch row comes from EFS once, so the first epoch's round applies.
+        round_estimate = plan.first_epoch_round
+        samples_per_second = batch * count / round_estimate.seconds
         rows.append({
             "workers": count,
             "batch_per_worker": batch,
-            "round_seconds": plan.round.seconds,
-            "compute_seconds": plan.round.phases["worker: compute"],
-            "read_batch_seconds": plan.round.phases["worker: read batch"],
+            "round_seconds": round_estimate.seconds,
+            "compute_seconds": round_estimate.phases["worker: compute"],
+            "read_batch_seconds": round_estimate.phases["worker: read batch"],
+            "bookkeeping_seconds": round_estimate.phases["aggregator: bookkeeping"],
             "samples_per_second": samples_per_second,
             "epoch_hours": plan.total_seconds / 3600,
             "epoch_cost_usd": plan.cost_usd["total_usd"],
@@ -1183,8 +1188,8 @@ def scaling_rows(fixed: str, workload: Workload = SCALING_WORKLOAD, workers: Ite
 def scaling_table_markdown(profile: ComputeProfile = ComputeProfile(), aws: AwsAssumptions = AWS) -> str:
     """Return the two scaling tables of docs/planner.md (tests check that the page matches)."""
     header = ("| workers | batch per worker | s per round | of which compute | of which batch reads | "
-              "samples/s | efficiency | hours per epoch | USD per epoch |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "of which bookkeeping | samples/s | efficiency | hours per epoch | USD per epoch | VM hours | VM USD |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     parts = []
     for fixed, title in (("global", f"Fixed global batch of {SCALING_GLOBAL_BATCH:,} rows"),
                          ("per-worker", f"Fixed batch of {SCALING_PER_WORKER_BATCH:,} rows per worker")):
@@ -1192,7 +1197,118 @@ def scaling_table_markdown(profile: ComputeProfile = ComputeProfile(), aws: AwsA
         for row in scaling_rows(fixed, profile=profile, aws=aws):
             lines.append(f"| {row['workers']} | {row['batch_per_worker']} | {row['round_seconds']:.2f} | "
                          f"{row['compute_seconds']:.3f} | {row['read_batch_seconds']:.2f} | "
-                         f"{row['samples_per_second']:,.0f} | {row['efficiency']:.0%} | {row['epoch_hours']:.2f} | "
-                         f"{row['epoch_cost_usd']:.2f} |")
+                         f"{row['bookkeeping_seconds']:.2f} | {row['samples_per_second']:,.0f} | "
+                         f"{row['efficiency']:.0%} | {row['epoch_hours']:.2f} | {row['epoch_cost_usd']:.2f} | "
+                         f"{row['vm_epoch_hours']:.2f} | {row['vm_epoch_cost_usd']:.2f} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+# Text output --------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds from "90", "90s", "45m", "2h" or "1.5d".
+
+    Raises
+    ------
+    PlanError
+        The text is not a positive number with an optional unit.
+    """
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value = text.strip().lower()
+    scale = units.get(value[-1:], None) if value else None
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise PlanError("--deadline", f"cannot read {text!r} as a duration; use seconds or a unit, such as 90m or 2h") \
+            from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise PlanError("--deadline", f"must be greater than 0, got {text!r}; pass a time such as 90m or 2h")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    """Return a duration for people: milliseconds, seconds, minutes or hours."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _format_bytes(count: float) -> str:
+    for unit, size in (("TiB", TIB), ("GiB", GIB), ("MiB", MIB)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 1024:.1f} KiB"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def format_plan(plan: JobPlan) -> str:
+    """Return the plan as a readable report with the round's breakdown as a table."""
+    workload, deployment = plan.workload, plan.deployment
+    kind = "dense" if not workload.sparse else f"sparse, {workload.density:.1%} nonzero"
+    lines = [
+        f"Plan: {_count(deployment.workers, 'worker')} x {deployment.memory_mb} MB ({deployment.architecture}), "
+        f"aggregator {deployment.aggregator_memory_mb} MB, EFS {deployment.throughput_mode} throughput",
+        f"data: {workload.rows:,} rows x {workload.features:,} features ({kind}), "
+        f"{_format_bytes(workload.total_data_bytes)}; {workload.n_params:,} parameters; "
+        f"batch {workload.batch_size:,} rows per worker",
+        f"rounds: {plan.rounds:,} ({plan.rounds_per_epoch:,} per epoch)",
+        "",
+        f"time per round (warm, after the first epoch): {format_seconds(plan.round.seconds)}",
+        "",
+        f"  {'phase':<50} {'ms':>10}",
+    ]
+    for name, seconds in plan.round.phases.items():
+        lines.append(f"  {name:<50} {seconds * 1000:>10.1f}")
+    lines += [
+        "",
+        f"first round (cold starts, first reads): {format_seconds(plan.first_round.seconds)}",
+        f"time to finish: {format_seconds(plan.total_seconds)}",
+        f"cost: ${plan.cost_usd['total_usd']:.4f} (Lambda ${plan.cost_usd['lambda_usd']:.4f}, "
+        f"SQS ${plan.cost_usd['sqs_usd']:.4f}, DynamoDB ${plan.cost_usd['dynamodb_usd']:.4f}, "
+        f"EFS ${plan.cost_usd['efs_usd']:.4f})",
+    ]
+    if plan.burst is not None:
+        lines.append(f"EFS bursting: {plan.burst.burst_bytes_per_second / MIB:.0f} MiB/s with credits for "
+                     f"{plan.burst.rounds_at_burst:,} rounds, then {plan.burst.baseline_bytes_per_second / MIB:.1f} "
+                     f"MiB/s for {plan.burst.rounds_at_baseline:,}")
+    vm = plan.vm
+    lines += [
+        "",
+        f"one VM instead: {vm.vm.name} ({vm.vm.vcpus} vCPUs, {vm.vm.memory_gib:.0f} GiB) at ${vm.vm.hourly_usd:.2f} "
+        "per hour On-Demand in us-east-1 (docs/planner.md gives the source)",
+        f"  time {format_seconds(vm.seconds)}, cost ${vm.cost_usd:.4f} (billed for at least 60 s)",
+        f"  estimated from {vm.method}",
+    ]
+    for warning in plan.warnings:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def format_recommendation(recommendation: Recommendation) -> str:
+    """Return the recommendation as a few readable lines."""
+    deadline = format_seconds(recommendation.deadline_seconds)
+    lines = ["", f"Cheapest configuration that finishes within {deadline}, at a global batch of "
+                 f"{recommendation.global_batch:,} rows ({recommendation.candidates} configurations checked):"]
+    if recommendation.best is not None:
+        best = recommendation.best
+        lines.append(f"  {_count(best.deployment.workers, 'worker')} x {best.deployment.memory_mb} MB, batch "
+                     f"{best.workload.batch_size:,} per worker, workerMaxConcurrency {best.deployment.max_concurrency}: "
+                     f"{format_seconds(best.total_seconds)}, ${best.cost_usd['total_usd']:.4f}")
+    else:
+        lines.append(f"  none meets the deadline of {deadline}.")
+        if recommendation.fastest is not None:
+            fastest = recommendation.fastest
+            lines.append(f"  the fastest is {_count(fastest.deployment.workers, 'worker')} x {fastest.deployment.memory_mb} MB: "
+                         f"{format_seconds(fastest.total_seconds)}, ${fastest.cost_usd['total_usd']:.4f}; "
+                         "extend the deadline, or train fewer epochs")
+    return "\n".join(lines)
