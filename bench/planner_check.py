@@ -1,8 +1,8 @@
 """Check the planner's round model against local runs of the local runtime.
 
-The section first measures the local profile (shared/planner.py ``LocalProfile``): the
-latency of SQS and DynamoDB calls to moto's server on 127.0.0.1, atomic writes, reads and
-stats in a local folder, Baton's gradient code per row, and the runtime's overhead per
+The section first measures the local profile (shared/planner.py ``LocalProfile``). That is
+the latency of SQS and DynamoDB calls to moto's server on 127.0.0.1, atomic writes, reads
+and stats in a local folder, Baton's gradient code per row, and the runtime's overhead per
 invocation. It then predicts the time per round of several a9a jobs from that profile
 alone, runs them through ``LocalStack`` with one worker container per worker (as
 ``baton run`` does), and compares. Last, it prints the planner's AWS scaling table, which
@@ -58,7 +58,7 @@ def measure_invocation_overhead(stack: LocalStack, count: int) -> float:
 
     Sends ``count`` malformed task messages, which the handler logs and drops without
     any AWS call, and reads the invocation times the worker lanes record: the event
-    through the pipe, the batch processing and its log line, and the answer back.
+    through the pipe, the batch processing and its log line, and the response back.
     """
     lanes = stack.runtime.lanes["worker"]
     before = len(lanes.invocations)
@@ -89,9 +89,9 @@ def measure_local_profile(work_dir: Path, quick: bool) -> planner.LocalProfile:
 def read_run_timings(metrics_dir: Path, workers: int) -> dict[str, float]:
     """Return medians over the timed rounds of one run, from its metrics files.
 
-    ``round_seconds`` is the gap between consecutive metrics files' modification times;
-    ``worker_seconds`` the mean of the workers' own task times (``worker_seconds`` in the
-    metrics is their sum); ``aggregate_seconds`` the aggregator's own time.
+    ``round_seconds`` is the gap between consecutive metrics files' modification times.
+    ``worker_seconds`` is the mean of the workers' own task times, because the metrics
+    store their sum. ``aggregate_seconds`` is the aggregator's own time.
     """
     paths = sorted(metrics_dir.glob("*.json"), key=lambda path: int(path.stem))[WARMUP_ROUNDS:]
     if len(paths) < 3:

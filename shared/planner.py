@@ -1,11 +1,11 @@
 """Predict the time and cost of a Baton job before running it, on AWS or on this machine.
 
-The model follows one round through the message flow of docs/architecture.md: the
-aggregator sends the tasks, the event source mapping starts the workers, each worker reads
-the weights and its batch from EFS, computes a gradient, writes its result and records
-itself in DynamoDB, and the last one sends the aggregate message. The aggregator then reads
-every result, takes the optimizer step, evaluates the validation rows, and does its
-bookkeeping before it sends the next round's tasks.
+The model follows one round through the message flow of docs/architecture.md. The
+aggregator sends the tasks, and the event source mapping starts the workers. Each worker
+reads the weights and its batch from EFS, computes a gradient, writes its result and
+records itself in DynamoDB. The last one sends the aggregate message. The aggregator then
+reads every result, takes the optimizer step, evaluates the validation rows and does its
+bookkeeping, then sends the next round's tasks.
 
 Every figure the model assumes about AWS sits in :class:`AwsAssumptions`, with its source;
 docs/planner.md lists them with links. Figures measured on this machine sit in
@@ -56,7 +56,7 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class AwsAssumptions:
-    """What the planner assumes about AWS, each with its source (docs/planner.md has links).
+    """Assumptions about AWS, each with its source (docs/planner.md has the links).
 
     Attributes marked "estimate" have no public figure behind them.
     """

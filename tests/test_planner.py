@@ -34,7 +34,7 @@ def simple_platform(**changes) -> planner.Platform:
     return planner.Platform(**values)
 
 
-def test_doubling_workers_halves_compute_at_fixed_global_batch():
+def test_compute_halves_at_fixed_global_batch():
     eight = planner.plan_job(replace(DENSE, batch_size=1024), planner.Deployment(workers=8), LINEAR_PROFILE)
     sixteen = planner.plan_job(replace(DENSE, batch_size=512), planner.Deployment(workers=16), LINEAR_PROFILE)
 
@@ -42,7 +42,7 @@ def test_doubling_workers_halves_compute_at_fixed_global_batch():
     assert sixteen.rounds == eight.rounds
 
 
-def test_doubling_workers_halves_rounds_at_fixed_per_worker_batch():
+def test_rounds_halve_at_fixed_worker_batch():
     four = planner.plan_job(DENSE, planner.Deployment(workers=4), LINEAR_PROFILE)
     eight = planner.plan_job(DENSE, planner.Deployment(workers=8), LINEAR_PROFILE)
 
