@@ -664,6 +664,7 @@ class JobPlan:
             "rounds": self.rounds,
             "rounds_per_epoch": self.rounds_per_epoch,
             "first_round_seconds": self.first_round.seconds,
+            "first_epoch_round_seconds": self.first_epoch_round.seconds,
             "round_seconds": self.round.seconds,
             "round_phases_seconds": dict(self.round.phases),
             "total_seconds": self.total_seconds,
