@@ -787,6 +787,12 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
         return estimate_round(workload, n, platform, profile, cold=cold, epoch_index=epoch_index, rounds_done=rounds_done)
 
     first = estimate(True, 0, total_rate)
+    # The pollers start at a few concurrent batches and add more per minute while messages
+    # wait. NOTE: later rounds assume the pollers stay scaled up between rounds, which AWS
+    # does not promise; it scales back "when traffic is low" without saying how fast.
+    concurrent = min(n, deployment.max_concurrency)
+    first.phases["event source mapping scale-up"] = (
+        max(0, concurrent - aws.esm_initial_concurrency) / aws.esm_added_concurrency_per_minute * 60)
     first_epoch = estimate(False, 0, total_rate)
     later = estimate(False, 1, total_rate)
     first_epoch_rounds = min(rounds, per_epoch) - 1
