@@ -1,0 +1,269 @@
+"""Tests of the planner's arithmetic, its recommendation and the `baton plan` command."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from shared import planner
+from shared.cli import main
+
+DOCS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "planner.md"
+
+# No fixed cost per gradient call, so compute is exactly proportional to rows.
+LINEAR_PROFILE = planner.ComputeProfile(seconds_per_dense_value=1e-9, seconds_per_sparse_value=5e-9,
+                                        seconds_per_row=1e-8, seconds_per_shuffled_row=0.0,
+                                        seconds_per_parameter=1e-9, seconds_per_call=0.0)
+DENSE = planner.Workload(rows=1_000_000, features=100, batch_size=1024, epochs=1.0)
+
+
+def simple_platform(**changes) -> planner.Platform:
+    """Return a platform with round numbers, for hand-worked cases."""
+    values = dict(queue_request_seconds=0.01, database_request_seconds=0.005, dispatch_seconds=0.1,
+                  invocation_overhead_seconds=0.0, read_op_seconds=0.001, write_op_seconds=0.002,
+                  metadata_op_seconds=0.0, client_read_bytes_per_second=100 * planner.MIB,
+                  client_write_bytes_per_second=100 * planner.MIB, total_read_bytes_per_second=math.inf,
+                  total_write_bytes_per_second=math.inf, worker_speed=1.0, aggregator_speed=1.0,
+                  cpu_slots=math.inf, max_concurrency=1000, straggler_cv=0.0)
+    values.update(changes)
+    return planner.Platform(**values)
+
+
+def test_compute_halves_at_fixed_global_batch():
+    eight = planner.plan_job(replace(DENSE, batch_size=1024), planner.Deployment(workers=8), LINEAR_PROFILE)
+    sixteen = planner.plan_job(replace(DENSE, batch_size=512), planner.Deployment(workers=16), LINEAR_PROFILE)
+
+    assert sixteen.round.phases["worker: compute"] == pytest.approx(eight.round.phases["worker: compute"] / 2)
+    assert sixteen.rounds == eight.rounds
+
+
+def test_rounds_halve_at_fixed_worker_batch():
+    four = planner.plan_job(DENSE, planner.Deployment(workers=4), LINEAR_PROFILE)
+    eight = planner.plan_job(DENSE, planner.Deployment(workers=8), LINEAR_PROFILE)
+
+    assert four.rounds == math.ceil(250_000 / 1024)
+    assert eight.rounds == math.ceil(125_000 / 1024)
+
+
+def test_round_phases_hand_worked():
+    workload = planner.Workload(rows=12_000, features=1023, batch_size=100, rounds=10, epochs=None, optimizer_slots=1)
+    estimate = planner.estimate_round(workload, 12, simple_platform(), LINEAR_PROFILE)
+
+    # Two SendMessageBatch calls for 12 tasks, then the dispatch.
+    assert estimate.phases["send tasks and dispatch"] == pytest.approx(2 * 0.01 + 0.1)
+    assert estimate.phases["worker: DynamoDB"] == pytest.approx(3 * 0.005)
+    # 1,024 parameters, float64, parameters and one momentum array: 16 KiB at 100 MiB/s.
+    assert estimate.phases["worker: read weights"] == pytest.approx(0.001 + 16384 / (100 * planner.MIB))
+    # 100 rows x (1e-8 + 1023 x 1e-9) seconds.
+    assert estimate.phases["worker: compute"] == pytest.approx(100 * (1e-8 + 1023e-9))
+    assert estimate.phases["worker: queueing for shared server and cores"] == 0.0
+    assert estimate.seconds == pytest.approx(sum(estimate.phases.values()))
+
+
+def test_waves_when_workers_exceed_concurrency():
+    workload = planner.Workload(rows=12_000, features=10, batch_size=10, rounds=1, epochs=None)
+    one_wave = planner.estimate_round(workload, 10, simple_platform(max_concurrency=10), LINEAR_PROFILE)
+    two_waves = planner.estimate_round(workload, 20, simple_platform(max_concurrency=10), LINEAR_PROFILE)
+
+    assert two_waves.phases["worker: DynamoDB"] == pytest.approx(2 * one_wave.phases["worker: DynamoDB"])
+
+
+def test_shared_request_server_queues_workers():
+    workload = planner.Workload(rows=12_000, features=10, batch_size=10, rounds=1, epochs=None)
+    platform = simple_platform(request_slots=1, request_service_seconds=0.004, poller_requests_per_invocation=2)
+    estimate = planner.estimate_round(workload, 8, platform, LINEAR_PROFILE)
+    path = sum(seconds for name, seconds in estimate.phases.items()
+               if name.startswith("worker:") and not name.startswith("worker: queueing"))
+
+    # Eight workers, five requests each, one at a time.
+    assert path + estimate.phases["worker: queueing for shared server and cores"] == pytest.approx(8 * 5 * 0.004)
+
+
+def test_lambda_speed_follows_memory():
+    sparse = replace(DENSE, density=0.1)
+
+    assert planner.lambda_speed(1769, DENSE) == pytest.approx(1.0)
+    assert planner.lambda_speed(1769 / 2, DENSE) == pytest.approx(0.5)
+    # Sparse gradients use one thread, so a second vCPU does not help.
+    assert planner.lambda_speed(2 * 1769, sparse) == pytest.approx(1.0)
+    # Dense: half the work threads over two vCPUs, 1 / (0.5 + 0.25).
+    assert planner.lambda_speed(2 * 1769, DENSE) == pytest.approx(4 / 3)
+
+
+def test_bursting_rates_hand_worked():
+    # 512 GiB of data is stored twice (the import and the shards): 1 TiB.
+    workload = replace(DENSE, rows=1, data_bytes=512 * planner.GIB)
+    burst, baseline = planner.bursting_rates(workload)
+
+    assert burst == pytest.approx(100 * planner.MIB, rel=1e-3)
+    assert baseline == pytest.approx(1024 * 50 * 1024, rel=1e-3)
+
+
+def test_exhausted_burst_credits_slow_later_rounds():
+    workload = planner.Workload(rows=2_000_000, features=2000, batch_size=2048, epochs=2.0)
+    deployment = planner.Deployment(workers=64, throughput_mode="bursting")
+    no_credits = replace(planner.AWS, efs_bursting_initial_credit_bytes=1.0)
+    plenty = replace(planner.AWS, efs_bursting_initial_credit_bytes=1e18)
+
+    starved = planner.plan_job(workload, deployment, LINEAR_PROFILE, no_credits)
+    bursting = planner.plan_job(workload, deployment, LINEAR_PROFILE, plenty)
+
+    assert bursting.burst.rounds_at_baseline == 0
+    assert starved.burst.rounds_at_baseline > 0
+    assert starved.baseline_round.seconds > bursting.round.seconds
+    assert starved.total_seconds > bursting.total_seconds
+    assert any("burst credits run out" in warning for warning in starved.warnings)
+
+
+def test_elastic_mode_has_no_burst_summary():
+    plan = planner.plan_job(DENSE, planner.Deployment(workers=8), LINEAR_PROFILE)
+
+    assert plan.burst is None
+    assert plan.cost_usd["total_usd"] == pytest.approx(
+        plan.cost_usd["lambda_usd"] + plan.cost_usd["sqs_usd"] + plan.cost_usd["dynamodb_usd"] + plan.cost_usd["efs_usd"])
+
+
+def test_recommend_picks_cheapest_meeting_deadline():
+    workload = replace(DENSE, epochs=0.2)
+    deployment = planner.Deployment(workers=8)
+    workers_grid, memory_grid = (4, 8, 16, 32), (1024, 1769, 3008)
+    everything = planner.recommend(workload, deployment, 1e9, LINEAR_PROFILE,
+                                   workers_grid=workers_grid, memory_grid=memory_grid)
+    slowest_needed = sorted(plan.total_seconds for plan in _all_plans(workload, deployment, workers_grid, memory_grid))
+    deadline = slowest_needed[len(slowest_needed) // 2]
+
+    recommendation = planner.recommend(workload, deployment, deadline, LINEAR_PROFILE,
+                                       workers_grid=workers_grid, memory_grid=memory_grid)
+    meeting = [plan for plan in _all_plans(workload, deployment, workers_grid, memory_grid)
+               if plan.total_seconds <= deadline]
+
+    assert everything.met
+    assert recommendation.met
+    assert recommendation.best.total_seconds <= deadline
+    assert recommendation.best.cost_usd["total_usd"] == pytest.approx(min(p.cost_usd["total_usd"] for p in meeting))
+    assert recommendation.best.workload.batch_size * recommendation.best.deployment.workers == 8 * 1024
+
+
+def _all_plans(workload, deployment, workers_grid, memory_grid):
+    for workers in workers_grid:
+        for memory in memory_grid:
+            candidate = replace(workload, batch_size=round(8 * 1024 / workers))
+            yield planner.plan_job(candidate, replace(deployment, workers=workers, memory_mb=memory,
+                                                      max_concurrency=max(100, workers)), LINEAR_PROFILE)
+
+
+def test_recommend_reports_unmet_deadline():
+    recommendation = planner.recommend(DENSE, planner.Deployment(workers=8), 0.001, LINEAR_PROFILE)
+
+    assert not recommendation.met
+    assert recommendation.best is None
+    assert recommendation.fastest is not None
+    assert "none meets the deadline" in planner.format_recommendation(recommendation)
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("45m", 2700), ("2h", 7200), ("1.5d", 129600)])
+def test_parse_duration_units(text, seconds):
+    assert planner.parse_duration(text) == seconds
+
+
+def test_scaling_table_matches_docs():
+    page = DOCS_PAGE.read_text(encoding="utf-8")
+
+    assert planner.scaling_table_markdown() in page
+
+
+def test_scaling_efficiency_starts_at_one():
+    rows = planner.scaling_rows("global")
+
+    assert [row["workers"] for row in rows] == list(planner.SCALING_WORKERS)
+    assert rows[0]["efficiency"] == pytest.approx(1.0)
+    assert [row["batch_per_worker"] * row["workers"] for row in rows] == [planner.SCALING_GLOBAL_BATCH] * 3
+
+
+# The command line ----------------------------------------------------------------------------
+
+BASE_ARGS = ["plan", "--workers", "4", "--rows", "32561", "--features", "123", "--density", "0.113",
+             "--batch-size", "256", "--epochs", "3", "--validation-rows", "16281"]
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_plan_prints_breakdown_and_vm():
+    result = run_cli(*BASE_ARGS)
+
+    assert result.exit_code == 0, result.output
+    assert "time per round" in result.output
+    assert "worker: compute" in result.output
+    assert "time to finish" in result.output
+    assert "cost: $" in result.output
+    assert "c5.4xlarge" in result.output
+    assert "rounds: 96 (32 per epoch)" in result.output
+
+
+def test_cli_plan_json():
+    result = run_cli(*BASE_ARGS, "--json", "--deadline", "2h")
+    document = json.loads(result.output)
+
+    assert result.exit_code == 0, result.output
+    assert document["rounds"] == 96
+    assert document["round_seconds"] == pytest.approx(sum(document["round_phases_seconds"].values()))
+    assert document["vm"]["name"] == "c5.4xlarge"
+    assert document["recommendation"]["met"] is True
+    assert document["recommendation"]["best"]["workers"] >= 1
+
+
+def test_cli_plan_deadline_recommendation():
+    result = run_cli(*BASE_ARGS, "--deadline", "30m")
+
+    assert result.exit_code == 0, result.output
+    assert "Cheapest configuration that finishes within 30.0 min" in result.output
+
+
+def test_cli_plan_unmet_deadline():
+    result = run_cli(*BASE_ARGS, "--deadline", "1s")
+
+    assert result.exit_code == 0, result.output
+    assert "none meets the deadline" in result.output
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--workers", "0", "must be at least 1"),
+    ("--rows", "-5", "must be at least 1"),
+    ("--features", "0", "pass the number of features per row"),
+    ("--batch-size", "-1", "pass rows per worker per round"),
+    ("--memory", "100", "use 128 to 10240 MB"),
+    ("--memory", "20000", "use 128 to 10240 MB"),
+    ("--aggregator-memory", "64", "use 128 to 10240 MB"),
+    ("--data-bytes", "-10", "must be greater than 0"),
+    ("--density", "1.5", "use 1 for dense data"),
+    ("--epochs", "-1", "must be greater than 0"),
+    ("--deadline", "soon", "use seconds or a unit, such as 90m or 2h"),
+    ("--deadline", "-5m", "must be greater than 0"),
+    ("--max-concurrency", "1", "must be 2 to 1000"),
+])
+def test_cli_plan_rejects_bad_input(option, value, expected):
+    args = [arg for arg in BASE_ARGS]
+    if option in args:
+        index = args.index(option)
+        args[index + 1] = value
+    else:
+        args += [option, value]
+    result = run_cli(*args)
+
+    assert result.exit_code == 2
+    assert option in result.output
+    assert expected in result.output
+
+
+def test_cli_plan_rejects_epochs_and_rounds():
+    result = run_cli(*BASE_ARGS, "--rounds", "10")
+
+    assert result.exit_code == 2
+    assert "give --epochs or --rounds, not both" in result.output
