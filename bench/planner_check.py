@@ -152,8 +152,7 @@ def measure(quick: bool) -> Section:
         for workers, batch_size in cases:
             timings, calibrated = run_case(work_dir, workers, batch_size, rounds, profile, quick)
             profile = calibrated or profile
-            estimate = planner.predict_local_round(a9a_workload(batch_size, rounds), workers, profile,
-                                                   rounds_done=rounds // 2)
+            estimate = planner.predict_local_round(a9a_workload(batch_size, rounds), workers, profile)
             measured = timings["round_seconds"]
             error = estimate.seconds / measured - 1
             errors.append(abs(error))

@@ -261,6 +261,42 @@ def file_bytes(path: Path) -> int:
         return 0
 
 
+# Bytes of each job's folders that stay fixed once its data is prepared (spec, data and
+# preparation files), measured once per process. Only a new preparation, after a resume,
+# changes them, and it also changes the data folder's modification time, part of the key.
+_prepared_bytes: dict[tuple[str, int], int] = {}
+
+# Folders of a job that change from round to round, and the final model.
+_ROUND_FOLDERS = ("rounds", "metrics", "model")
+
+
+def stored_job_bytes(store, job_id: str, round_index: int, round_folder_bytes: int) -> int:
+    """Estimate the bytes job ``job_id`` keeps on EFS while round ``round_index`` runs.
+
+    A walk of the whole job folder would take one file operation per file, and the files
+    grow with the workers and the rounds. So the prepared files are measured once per
+    process, each kept round folder (see ``EfsStore.prune_rounds``) is counted as
+    ``round_folder_bytes``, and the metrics folder as one file per finished round the size
+    of the latest one.
+    """
+    job_dir = store.job_dir(job_id)
+    try:
+        key = (str(job_dir), store.data_dir(job_id).stat().st_mtime_ns)
+    except FileNotFoundError:
+        key = (str(job_dir), 0)
+    if key not in _prepared_bytes:
+        total = 0
+        for entry in os.scandir(job_dir) if job_dir.is_dir() else ():
+            if entry.name in _ROUND_FOLDERS:
+                continue
+            total += folder_bytes(Path(entry.path)) if entry.is_dir() else file_bytes(Path(entry.path))
+        _prepared_bytes[key] = total
+
+    rounds_dir = job_dir / "rounds"
+    kept_rounds = len(os.listdir(rounds_dir)) if rounds_dir.is_dir() else 0
+    metrics_bytes = round_index * file_bytes(store.metrics_path(job_id, round_index - 1)) if round_index else 0
+    return _prepared_bytes[key] + kept_rounds * round_folder_bytes + metrics_bytes
+
 def account_round(store, state, record, round_index: int, batch_size: int, n_features: int,
                   validation_bytes: int, aggregate_seconds: float, prices: PriceTable = PRICES) -> dict[str, float]:
     """Measure and price round ``round_index`` of a job, for the aggregator's metrics.
@@ -311,7 +347,7 @@ def account_round(store, state, record, round_index: int, batch_size: int, n_fea
         dynamodb_write_units=requests.dynamodb_write_units,
         efs_bytes_read=bytes_read,
         efs_bytes_written=bytes_written,
-        efs_stored_bytes=folder_bytes(store.job_dir(job_id)),
+        efs_stored_bytes=stored_job_bytes(store, job_id, round_index, state_bytes + result_bytes),
         round_seconds=round_seconds,
     )
     round_cost = estimate_round_cost(usage, prices).total_usd

@@ -150,7 +150,8 @@ class ComputeProfile:
     seconds_per_row : float
         Fixed cost per batch row (gathering the row, the loss terms).
     seconds_per_shuffled_row : float
-        Drawing the epoch's order: ``batch_indices`` permutes the whole shard every round.
+        Drawing the epoch's order, a permutation of the whole shard, which a worker
+        process does once per epoch (``shared/sampling.py`` keeps it for the epoch).
     seconds_per_parameter : float
         Adding one worker result's parameter into the sum, and the optimizer step, per
         parameter.
@@ -516,7 +517,7 @@ def shard_pages_read(workload: Workload, workers: int, epoch_index: int, cache_s
 
 
 def estimate_round(workload: Workload, workers: int, platform: Platform, profile: ComputeProfile,
-                   cold: bool = False, epoch_index: int = 1, rounds_done: int = 0) -> RoundEstimate:
+                   cold: bool = False, epoch_index: int = 1) -> RoundEstimate:
     """Predict one round of gradient averaging on ``platform``.
 
     Parameters
@@ -530,9 +531,6 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
         Whether every function starts cold (the first round).
     epoch_index : int, default=1
         Which epoch the round falls in; epoch 0 reads every batch page from EFS.
-    rounds_done : int, default=0
-        Rounds before this one: the aggregator's cost accounting walks the job's folder,
-        whose metrics files grow by one per round.
     """
     n = workers
     rows = batch_rows(workload, n)
@@ -559,7 +557,9 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     pages = shard_pages_read(workload, n, epoch_index, platform.shard_cache_share)
     worker["read batch"] = pages * platform.read_op_seconds + _transfer_seconds(
         pages * PAGE_BYTES, concurrent, platform.client_read_bytes_per_second, platform.total_read_bytes_per_second)
-    compute = gradient_seconds(workload, rows, profile) + shard_rows * profile.seconds_per_shuffled_row
+    # A worker process draws its shard's order once per epoch and keeps it for the epoch.
+    shuffle = shard_rows * profile.seconds_per_shuffled_row / rounds_per_epoch(workload, n)
+    compute = gradient_seconds(workload, rows, profile) + shuffle
     worker["compute"] = compute / platform.worker_speed
     # Atomic write: create and write, fsync, rename.
     worker["write result"] = 3 * platform.write_op_seconds + _transfer_seconds(
@@ -595,10 +595,9 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     if workload.validation_rows:
         validation = gradient_seconds(workload, workload.validation_rows, profile)
         aggregator["validation"] = validation / platform.aggregator_speed
-    # Cost accounting stats every result and walks the job folder; pruning deletes the
-    # oldest round folder.
-    folder_files = 5 * n + platform_keep_files(n) + rounds_done
-    aggregator["bookkeeping"] = (folder_files + n + (n + 3)) * platform.metadata_op_seconds
+    # Cost accounting stats both states, every result and the latest metrics file and
+    # lists the round folders; pruning deletes the oldest round folder.
+    aggregator["bookkeeping"] = (n + 4 + (n + 3)) * platform.metadata_op_seconds
     aggregator_seconds = sum(aggregator.values())
     for name, seconds in aggregator.items():
         phases[f"aggregator: {name}"] = seconds
@@ -607,11 +606,6 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     bytes_written = n * workload.result_bytes + workload.state_bytes
     return RoundEstimate(phases=phases, worker_seconds=worker_seconds, aggregator_seconds=aggregator_seconds,
                          efs_bytes_read=bytes_read, efs_bytes_written=bytes_written)
-
-
-def platform_keep_files(workers: int, keep: int = AWS.keep_checkpoints) -> int:
-    """Return the files in the kept round folders: results, state and stopping file each."""
-    return keep * (workers + 2)
 
 
 # Whole job on AWS --------------------------------------------------------------------------
@@ -735,7 +729,8 @@ def estimate_vm(workload: Workload, workers: int, rounds: int, profile: ComputeP
     speed = vm.vcpus * vm.parallel_efficiency
     rows = batch_rows(workload, workers) * workers
     shard_rows = math.ceil(workload.rows / workers)
-    step = (gradient_seconds(workload, rows, profile) + workers * shard_rows * profile.seconds_per_shuffled_row) / speed
+    shuffle = workers * shard_rows * profile.seconds_per_shuffled_row / rounds_per_epoch(workload, workers)
+    step = (gradient_seconds(workload, rows, profile) + shuffle) / speed
     step += (3 + workload.optimizer_slots) * workload.n_params * profile.seconds_per_parameter + vm.step_overhead_seconds
     if workload.validation_rows:
         step += gradient_seconds(workload, workload.validation_rows, profile) / speed
@@ -772,7 +767,6 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
     n = deployment.workers
     rounds = total_rounds(workload, n)
     per_epoch = rounds_per_epoch(workload, n)
-    rounds_done = rounds // 2
     warnings: list[str] = []
 
     burst = None
@@ -784,7 +778,7 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
 
     def estimate(cold: bool, epoch_index: int, rate: float | None) -> RoundEstimate:
         platform = aws_platform(deployment, workload, aws, efs_total_bytes_per_second=rate)
-        return estimate_round(workload, n, platform, profile, cold=cold, epoch_index=epoch_index, rounds_done=rounds_done)
+        return estimate_round(workload, n, platform, profile, cold=cold, epoch_index=epoch_index)
 
     first = estimate(True, 0, total_rate)
     # The pollers start at a few concurrent batches and add more per minute while messages
@@ -987,16 +981,15 @@ def local_platform(profile: LocalProfile, lanes: int) -> Platform:
     )
 
 
-def predict_local_round(workload: Workload, workers: int, profile: LocalProfile, lanes: int | None = None,
-                        rounds_done: int = 0) -> RoundEstimate:
+def predict_local_round(workload: Workload, workers: int, profile: LocalProfile,
+                        lanes: int | None = None) -> RoundEstimate:
     """Predict a warm round of the local runtime (``baton run``), with ``lanes`` worker containers.
 
     The shard is a local file in the page cache, so batch rows cost no reads.
     """
     lanes = workers if lanes is None else lanes
     platform = local_platform(profile, lanes)
-    return estimate_round(workload, workers, platform, profile.compute, cold=False, epoch_index=1,
-                          rounds_done=rounds_done)
+    return estimate_round(workload, workers, platform, profile.compute, cold=False, epoch_index=1)
 
 
 # Measurement -------------------------------------------------------------------------------

@@ -135,3 +135,20 @@ def test_budget_must_be_positive():
 
     with pytest.raises(JobSpecError, match="training.budget_usd"):
         parse_job_spec(breast_cancer_spec(budget_usd=0))
+
+
+def test_stored_bytes_track_folder_walk(inprocess_stack, efs_root):
+    inprocess_stack.submit(breast_cancer_spec("stored"))
+    inprocess_stack.run()
+
+    store = inprocess_stack.services.store
+    record = inprocess_stack.services.state.get_job("stored")
+    assert record.status == SUCCEEDED, record.error
+    walked = cost.folder_bytes(store.job_dir("stored")) - cost.folder_bytes(store.model_dir("stored"))
+    last_round = record.round - 1
+    round_folder = cost.folder_bytes(store.round_dir("stored", last_round))
+    estimated = cost.stored_job_bytes(store, "stored", record.round, round_folder)
+
+    # Metrics files and round folders differ by a few bytes each; the rest is exact.
+    assert estimated == pytest.approx(walked, rel=0.05)
+    assert estimated > cost.folder_bytes(store.data_dir("stored"))
