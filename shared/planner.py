@@ -466,6 +466,9 @@ def aws_platform(deployment: Deployment, workload: Workload, aws: AwsAssumptions
     total_write = efs_total_bytes_per_second or aws.efs_elastic_write_bytes_per_second
     shard_bytes = workload.total_data_bytes / deployment.workers
     cache_bytes = max(0.0, (deployment.memory_mb - aws.base_process_mb) * MIB - 3 * workload.state_bytes)
+    # The event source mapping hands any task to any warm instance, so an instance caches
+    # pages of every shard it served: a batch row is cached with the chance that a row of
+    # the whole data set is.
     return Platform(
         queue_request_seconds=aws.sqs_request_seconds,
         database_request_seconds=aws.dynamodb_request_seconds,
@@ -484,7 +487,7 @@ def aws_platform(deployment: Deployment, workload: Workload, aws: AwsAssumptions
         max_concurrency=deployment.max_concurrency,
         straggler_cv=aws.straggler_cv,
         cold_start_seconds=aws.cold_start_seconds,
-        shard_cache_share=min(1.0, cache_bytes / shard_bytes) if shard_bytes > 0 else 1.0,
+        shard_cache_share=min(1.0, cache_bytes / workload.total_data_bytes) if shard_bytes > 0 else 1.0,
     )
 
 

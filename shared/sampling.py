@@ -59,6 +59,9 @@ def _sorted_rows(rows: np.ndarray, n_rows: int) -> np.ndarray:
 def batch_indices(seed: int, round_index: int, worker: int, n_rows: int, per_epoch: int, batch_size: int) -> np.ndarray:
     """Return the sorted row indices of worker ``worker``'s batch in round ``round_index``.
 
+    NOTE: the rows are spread over the shard, so on EFS a batch costs one page read per
+    row that is not cached (see docs/planner.md); contiguous batches would cost one read.
+
     The last batch of an epoch may be shorter, or empty for a shard one row smaller than
     the largest. The returned array is read-only, because repeated calls with the same
     arguments return the same array.
