@@ -13,7 +13,9 @@ Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
     data/shard-<w>/X*.npy, y.npy   one memory-mappable shard per worker
     data/validation/X*.npy, y.npy  held-out rows
     rounds/<r>/state.npz           parameters and optimizer state at the start of round r
-    rounds/<r>/result-<w>.npz      worker w's gradient sum, loss sum and row count
+    rounds/<r>/result-<w>.npy      worker w's parameter-sized result vector (its gradient sum)
+    rounds/<r>/result-<w>.npz      worker w's small result arrays (loss sum, row count)
+    rounds/<r>/reduced-<k>.npz     slice k of the round's sums, when training.reducers > 1
     metrics/<r>.json               metrics of round r, never pruned
     model/params.npy, model.json   the final model
 """
@@ -98,7 +100,16 @@ class EfsStore:
         return self.round_dir(job_id, round_index) / "state.npz"
 
     def result_path(self, job_id: str, round_index: int, worker: int) -> Path:
+        """Return the path of worker ``worker``'s small result arrays."""
         return self.round_dir(job_id, round_index) / f"result-{worker}.npz"
+
+    def result_vector_path(self, job_id: str, round_index: int, worker: int) -> Path:
+        """Return the path of worker ``worker``'s parameter-sized result vector, a flat float64 .npy."""
+        return self.round_dir(job_id, round_index) / f"result-{worker}.npy"
+
+    def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
+        """Return the path of reducer ``slice_index``'s sums."""
+        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npz"
 
     def metrics_path(self, job_id: str, round_index: int) -> Path:
         return self.job_dir(job_id) / "metrics" / f"{round_index}.json"
