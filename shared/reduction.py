@@ -5,9 +5,12 @@ slice of the large part without reading the whole file:
 
 ``result-<w>.npy``
     The mode's parameter-sized vector (:attr:`TrainingMode.vector_name`) as a flat
-    float64 array. Readers memory-map it, so they load only the pages of their slice.
-``result-<w>.npz``
-    The other, small arrays: loss sum, row count, k-means counts and inertia.
+    float64 array. Readers memory-map it, so they read the pages of their slice only.
+``result-<w>.json``
+    The other, small arrays (loss sum, row count, k-means counts and inertia) as JSON
+    with their dtype and shape. Python writes a float as the shortest text that reads
+    back to the same float64, so the values round-trip exactly. JSON because a reducer
+    reads this file of every worker, and decoding a small .npz costs ten times more.
 
 With ``training.reducers`` R = 1 the aggregator reduces parameters ``[0, d)`` itself.
 With R > 1, reducer k reduces parameters ``[k * d // R, (k + 1) * d // R)`` and writes
@@ -18,9 +21,15 @@ element in worker order, so the sums and the next parameters are the same bytes.
 
 from __future__ import annotations
 
+import io
+import json
+import mmap
+import os
+from pathlib import Path
+
 import numpy as np
 
-from shared.efs import EfsStore
+from shared.efs import EfsStore, write_bytes_atomic
 from shared.errors import JobSpecError
 from shared.training import Reduction, TrainingMode, accumulate_vectors, split_result
 
@@ -60,19 +69,50 @@ def write_worker_result(store: EfsStore, job_id: str, round_index: int, worker: 
     """
     vector, scalars = split_result(mode, arrays)
     store.write_npy(store.result_vector_path(job_id, round_index, worker), vector)
-    store.write_arrays(store.result_path(job_id, round_index, worker), scalars)
+    encoded = {name: {"dtype": np.asarray(value).dtype.str, "shape": list(np.shape(value)),
+                      "values": np.ravel(value).tolist()} for name, value in scalars.items()}
+    write_bytes_atomic(store.result_path(job_id, round_index, worker),
+                       json.dumps(encoded, sort_keys=True, separators=(",", ":")).encode())
 
 
-def _map_vector(store: EfsStore, job_id: str, round_index: int, worker: int, n_params: int) -> np.ndarray:
-    """Return worker ``worker``'s result vector memory-mapped read-only, checked against ``n_params``."""
-    path = store.result_vector_path(job_id, round_index, worker)
-    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-    if mapped.dtype != np.float64 or mapped.shape != (n_params,):
-        raise ValueError(f"result vector '{path}' holds {mapped.dtype} of shape {mapped.shape}, but the model has "
-                         f"{n_params} float64 parameters; the file is not from this job's round, so delete it "
-                         "and re-send the worker's task")
-    # A plain ndarray view: ufuncs on np.memmap views pay for the subclass on every call.
-    return np.asarray(mapped)
+def read_worker_scalars(store: EfsStore, job_id: str, round_index: int, worker: int) -> dict[str, np.ndarray]:
+    """Return a worker's small result arrays, as :func:`write_worker_result` stored them."""
+    with open(store.result_path(job_id, round_index, worker), "rb") as handle:
+        encoded = json.loads(handle.read())
+    return {name: np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
+            for name, entry in encoded.items()}
+
+
+def vector_header(n_params: int) -> bytes:
+    """Return the .npy header that :func:`write_worker_result` writes for ``n_params`` float64 values."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (n_params,)})
+    return buffer.getvalue()
+
+
+def map_worker_vector(path: Path, header: bytes, n_params: int) -> np.ndarray:
+    """Return a worker's result vector memory-mapped read-only; only the pages a caller touches are read.
+
+    The mapping holds no file descriptor and closes when the array is released.
+
+    Raises
+    ------
+    ValueError
+        If the file's header or size does not match ``n_params`` float64 values.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        prefix = os.pread(fd, len(header), 0)
+        size = os.fstat(fd).st_size
+        if prefix != header or size != len(header) + 8 * n_params:
+            raise ValueError(f"result vector '{path}' ({size} bytes, header {prefix[:70]!r}) does not hold the "
+                             f"model's {n_params} float64 parameters; it is not from this job's round, so delete "
+                             "it and re-send the worker's task")
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    # np.frombuffer gives a plain ndarray, cheaper per ufunc call than an np.memmap view.
+    return np.frombuffer(mapped, dtype=np.float64, count=n_params, offset=len(header))
 
 
 def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_workers: int, mode: TrainingMode,
@@ -82,8 +122,10 @@ def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_work
     Reads every worker's small arrays and, of its vector, only the pages of the slice.
     The running sum is the only array the size of the slice in memory.
     """
-    scalars = [store.read_arrays(store.result_path(job_id, round_index, worker)) for worker in range(n_workers)]
-    vectors = [_map_vector(store, job_id, round_index, worker, n_params)[start:stop] for worker in range(n_workers)]
+    scalars = [read_worker_scalars(store, job_id, round_index, worker) for worker in range(n_workers)]
+    header = vector_header(n_params)
+    vectors = [map_worker_vector(store.result_vector_path(job_id, round_index, worker), header, n_params)[start:stop]
+               for worker in range(n_workers)]
     total = np.zeros(stop - start, dtype=np.float64)
     accumulate_vectors(mode.vector_factors(scalars), vectors, total)
     return Reduction(vector=total, scalars=mode.reduce_scalars(scalars))
