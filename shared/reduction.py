@@ -63,7 +63,7 @@ def check_reducers(reducers: int, n_params: int) -> None:
 
 def write_worker_result(store: EfsStore, job_id: str, round_index: int, worker: int, mode: TrainingMode,
                         arrays: dict[str, np.ndarray]) -> None:
-    """Store a worker's result as its vector (.npy) and its small arrays (.npz), each written atomically.
+    """Store a worker's result as its vector (.npy) and its small arrays (.json), each written atomically.
 
     The same result gives the same bytes, so a repeated task rewrites identical files.
     """
