@@ -8,6 +8,7 @@ The reference is ``np.copyto`` over the same number of bytes.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -26,12 +27,11 @@ WORKERS = (4, 16, 64, 256)
 MODEL_MEGABYTES = (1, 10, 100)
 QUICK_WORKERS = (4, 16)
 QUICK_MODEL_MEGABYTES = (1,)
-# Cells whose N * d exceeds this are skipped: their files must stay in the page cache
-# next to the copy's buffers, other programs and the reduction, within a third of the
-# 24 GiB of the machine the figures were taken on.
-MAX_TOTAL_BYTES = 8 * 10**9
-# The copy reference moves at most this much per np.copyto and repeats it; far above the
-# CPU caches, so the throughput does not depend on the cap.
+# Cells whose N * d exceeds this share of the machine's RAM are skipped. Their files must
+# stay in the page cache beside the copy's buffers, the reduction and other programs.
+MAX_MEMORY_SHARE = 1 / 3
+# The copy reference moves at most this much per np.copyto and repeats it. That is far
+# above the CPU caches, so the throughput does not depend on the cap.
 COPY_CHUNK_BYTES = 2**30
 REDUCER_COUNTS = (1, 2, 4, 8, 16)
 QUICK_REDUCER_COUNTS = (1, 2, 4)
@@ -39,6 +39,11 @@ GOAL_RATIO = 0.5
 
 JOB_ID = "bench"
 MODE = TRAINING_MODES["gradient_average"]
+
+
+def max_total_bytes() -> int:
+    """Return the largest N * d the grid measures: a share of this machine's physical memory."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * MAX_MEMORY_SHARE)
 
 
 def last_level_cache_bytes() -> int:
@@ -128,7 +133,7 @@ def measure(quick: bool) -> Section:
         overhead = per_worker_overhead(store, max(workers), repeats)
         for megabytes in model_megabytes:
             n_params = megabytes * MEGABYTE // 8
-            fitting = [n_workers for n_workers in workers if n_workers * megabytes * MEGABYTE <= MAX_TOTAL_BYTES]
+            fitting = [n_workers for n_workers in workers if n_workers * megabytes * MEGABYTE <= max_total_bytes()]
             skipped += [(n_workers, megabytes) for n_workers in workers if n_workers not in fitting]
             if not fitting:
                 continue
@@ -176,8 +181,8 @@ Throughput is N × d divided by the median time over {repeats} runs; the goal is
 at least {GOAL_RATIO} of the copy's throughput.
 
 Grid: N in {', '.join(map(str, workers))} × d in {', '.join(f'{value} MB' for value in model_megabytes)}.
-Skipped, because N × d exceeds {MAX_TOTAL_BYTES / 1e9:.0f} GB, a third of this machine's RAM
-that the page cache must hold beside the copy's buffers: {skipped_text}.
+Skipped, because N × d exceeds {max_total_bytes() / 1e9:.1f} GB, a third of this machine's RAM,
+which the page cache must hold beside the copy's buffers: {skipped_text}.
 The last column is the share of the reduction's time that goes to the fixed cost per
 worker ({overhead * 1e6:.0f} µs: reading the JSON file, opening and mapping the vector
 file), measured with 1-parameter results.

@@ -15,7 +15,8 @@ Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
     rounds/<r>/state.npz           parameters and optimizer state at the start of round r
     rounds/<r>/result-<w>.npy      worker w's parameter-sized result vector (its gradient sum)
     rounds/<r>/result-<w>.json     worker w's small result arrays (loss sum, row count)
-    rounds/<r>/reduced-<k>.npz     slice k of the round's sums, when training.reducers > 1
+    rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors, when training.reducers > 1
+    rounds/<r>/reduced-<k>.json    the round's sums of the small arrays, beside each slice
     metrics/<r>.json               metrics of round r, never pruned
     model/params.npy, model.json   the final model
 """
@@ -109,8 +110,12 @@ class EfsStore:
         return self.round_dir(job_id, round_index) / f"result-{worker}.npy"
 
     def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
-        """Return the path of reducer ``slice_index``'s sums."""
-        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npz"
+        """Return the path of reducer ``slice_index``'s sums of the small result arrays."""
+        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.json"
+
+    def reduced_vector_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
+        """Return the path of reducer ``slice_index``'s slice of the summed vectors, a flat float64 .npy."""
+        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npy"
 
     def metrics_path(self, job_id: str, round_index: int) -> Path:
         return self.job_dir(job_id) / "metrics" / f"{round_index}.json"

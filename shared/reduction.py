@@ -14,7 +14,8 @@ slice of the large part without reading the whole file:
 
 With ``training.reducers`` R = 1 the aggregator reduces parameters ``[0, d)`` itself.
 With R > 1, reducer k reduces parameters ``[k * d // R, (k + 1) * d // R)`` and writes
-``reduced-<k>.npz``; the aggregator then concatenates the R slices. Both paths run
+``reduced-<k>.npy`` and ``reduced-<k>.json`` in the same two formats; the aggregator then
+joins the R slices. Both paths run
 :func:`shared.training.accumulate_vectors` and the mode's ``reduce_scalars``, element by
 element in worker order, so the sums and the next parameters are the same bytes.
 """
@@ -32,12 +33,6 @@ import numpy as np
 from shared.efs import EfsStore, write_bytes_atomic
 from shared.errors import JobSpecError
 from shared.training import Reduction, TrainingMode, accumulate_vectors, split_result
-
-# Key of the vector slice in a reduced-<k>.npz file; the small totals sit beside it
-# under this prefix.
-_VECTOR_KEY = "vector"
-_SCALAR_PREFIX = "scalar."
-
 
 def slice_bounds(n_params: int, reducers: int, slice_index: int) -> tuple[int, int]:
     """Return the parameters ``[start, stop)`` that reducer ``slice_index`` of ``reducers`` sums.
@@ -68,19 +63,28 @@ def write_worker_result(store: EfsStore, job_id: str, round_index: int, worker: 
     The same result gives the same bytes, so a repeated task rewrites identical files.
     """
     vector, scalars = split_result(mode, arrays)
-    store.write_npy(store.result_vector_path(job_id, round_index, worker), vector)
+    _write_vector_and_scalars(store, store.result_vector_path(job_id, round_index, worker),
+                              store.result_path(job_id, round_index, worker), vector, scalars)
+
+
+def _write_vector_and_scalars(store: EfsStore, vector_path: Path, scalars_path: Path, vector: np.ndarray,
+                              scalars: dict[str, np.ndarray]) -> None:
+    store.write_npy(vector_path, vector)
     encoded = {name: {"dtype": np.asarray(value).dtype.str, "shape": list(np.shape(value)),
                       "values": np.ravel(value).tolist()} for name, value in scalars.items()}
-    write_bytes_atomic(store.result_path(job_id, round_index, worker),
-                       json.dumps(encoded, sort_keys=True, separators=(",", ":")).encode())
+    write_bytes_atomic(scalars_path, json.dumps(encoded, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _read_scalars(path: Path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as handle:
+        encoded = json.loads(handle.read())
+    return {name: np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
+            for name, entry in encoded.items()}
 
 
 def read_worker_scalars(store: EfsStore, job_id: str, round_index: int, worker: int) -> dict[str, np.ndarray]:
     """Return a worker's small result arrays, as :func:`write_worker_result` stored them."""
-    with open(store.result_path(job_id, round_index, worker), "rb") as handle:
-        encoded = json.loads(handle.read())
-    return {name: np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
-            for name, entry in encoded.items()}
+    return _read_scalars(store.result_path(job_id, round_index, worker))
 
 
 def vector_header(n_params: int) -> bytes:
@@ -88,6 +92,22 @@ def vector_header(n_params: int) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (n_params,)})
     return buffer.getvalue()
+
+
+def _open_vector(path: Path, header: bytes, n_params: int) -> int:
+    """Open a float64 vector file and check its header and size; return the descriptor."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        prefix = os.pread(fd, len(header), 0)
+        size = os.fstat(fd).st_size
+        if prefix != header or size != len(header) + 8 * n_params:
+            raise ValueError(f"vector file '{path}' ({size} bytes, header {prefix[:70]!r}) does not hold "
+                             f"{n_params} float64 values; it is not from this job's round, so delete it and let the "
+                             "watchdog or `baton resume` re-send the round's messages")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def map_worker_vector(path: Path, header: bytes, n_params: int) -> np.ndarray:
@@ -100,19 +120,29 @@ def map_worker_vector(path: Path, header: bytes, n_params: int) -> np.ndarray:
     ValueError
         If the file's header or size does not match ``n_params`` float64 values.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_vector(path, header, n_params)
     try:
-        prefix = os.pread(fd, len(header), 0)
-        size = os.fstat(fd).st_size
-        if prefix != header or size != len(header) + 8 * n_params:
-            raise ValueError(f"result vector '{path}' ({size} bytes, header {prefix[:70]!r}) does not hold the "
-                             f"model's {n_params} float64 parameters; it is not from this job's round, so delete "
-                             "it and re-send the worker's task")
-        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fd, len(header) + 8 * n_params, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
     # np.frombuffer gives a plain ndarray, cheaper per ufunc call than an np.memmap view.
     return np.frombuffer(mapped, dtype=np.float64, count=n_params, offset=len(header))
+
+
+def _read_vector_into(path: Path, out: np.ndarray) -> None:
+    """Fill ``out`` from a float64 vector file of the same length, with one copy from the page cache."""
+    header = vector_header(len(out))
+    fd = _open_vector(path, header, len(out))
+    try:
+        view = memoryview(out).cast("B")
+        read = 0
+        while read < len(view):
+            count = os.preadv(fd, [view[read:]], len(header) + read)
+            if count == 0:
+                raise ValueError(f"vector file '{path}' ended after {read} of {len(view)} bytes")
+            read += count
+    finally:
+        os.close(fd)
 
 
 def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_workers: int, mode: TrainingMode,
@@ -133,29 +163,25 @@ def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_work
 
 def write_reduced_slice(store: EfsStore, job_id: str, round_index: int, slice_index: int,
                         reduction: Reduction) -> None:
-    """Store a reducer's slice of the sums and the round's small totals, atomically."""
-    arrays = {_VECTOR_KEY: reduction.vector,
-              **{_SCALAR_PREFIX + name: value for name, value in reduction.scalars.items()}}
-    store.write_arrays(store.reduced_path(job_id, round_index, slice_index), arrays)
+    """Store a reducer's slice of the summed vectors (.npy) and the round's small sums (.json), atomically."""
+    _write_vector_and_scalars(store, store.reduced_vector_path(job_id, round_index, slice_index),
+                              store.reduced_path(job_id, round_index, slice_index), reduction.vector,
+                              reduction.scalars)
 
 
 def read_reduced_round(store: EfsStore, job_id: str, round_index: int, reducers: int, n_params: int) -> Reduction:
-    """Return the whole round's reduction from the reducers' slices, concatenated in slice order.
+    """Return the whole round's reduction from the reducers' slices, joined in slice order.
 
-    Every reducer stores the same small totals; those of slice 0 are used.
+    Every reducer stores the same small sums; those of slice 0 are used.
+
+    Raises
+    ------
+    ValueError
+        If a slice file does not hold the slice's number of float64 values.
     """
     vector = np.empty(n_params, dtype=np.float64)
-    scalars: dict[str, np.ndarray] = {}
     for slice_index in range(reducers):
         start, stop = slice_bounds(n_params, reducers, slice_index)
-        path = store.reduced_path(job_id, round_index, slice_index)
-        arrays = store.read_arrays(path)
-        part = arrays.pop(_VECTOR_KEY)
-        if part.shape != (stop - start,):
-            raise ValueError(f"reduced slice '{path}' has shape {part.shape}, expected ({stop - start},) for "
-                             f"parameters [{start}, {stop}); delete it and let the watchdog re-send its reduce "
-                             "message")
-        vector[start:stop] = part
-        if slice_index == 0:
-            scalars = {name[len(_SCALAR_PREFIX):]: value for name, value in arrays.items()}
+        _read_vector_into(store.reduced_vector_path(job_id, round_index, slice_index), vector[start:stop])
+    scalars = _read_scalars(store.reduced_path(job_id, round_index, 0))
     return Reduction(vector=vector, scalars=scalars)

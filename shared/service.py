@@ -12,7 +12,7 @@ run_task
     training.reducers R > 1, the R reduce messages)
 reduce_slice (R > 1 only)
     check round is current and complete -> sum slice k of every result in worker order ->
-    write reduced-<k> -> add k to the round's reduced set -> if the set is complete, send
+    write reduced-<k> files -> add k to the round's reduced set -> if the set is complete, send
     the aggregate message
 aggregate_round
     check round is current (and, with R > 1, its reduced set complete) -> sum the results
@@ -442,8 +442,8 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     faults.maybe_fail("worker.after_record", **ids)
 
     # The delivery that completed the set sends the aggregate (or reduce) messages. A retry
-    # that finds the set already complete sends them again above, covering a crash between
-    # the record and the send; the aggregator and the reducers drop the duplicates.
+    # that finds the set already complete sends them again above, which covers a crash
+    # between the record and the send. The aggregator and the reducers drop the duplicates.
     if len(done) == record.n_workers:
         send_round_complete(services.state, services.queues, job_id, round_index, spec.training.reducers)
     logger.info("task done", extra={**ids, "newly_recorded": newly_added, "workers_done": len(done),
@@ -641,9 +641,9 @@ def reduce_slice(services: Services, message: AggregateMessage, message_id: str 
 
     Reducer ``k`` of ``training.reducers`` R reads parameters
     ``[k * d // R, (k + 1) * d // R)`` of every worker's result vector, in worker order,
-    writes ``reduced-<k>.npz``, and adds ``k`` to the round's reduced set. The delivery
+    writes ``reduced-<k>.npy`` and ``.json``, and adds ``k`` to the round's reduced set. The delivery
     that completes the set sends the aggregate message. A duplicate finds its slice
-    recorded and only re-sends the aggregate message when the set is complete; a retry
+    recorded and only re-sends the aggregate message when the set is complete. A retry
     after a crash before the record writes the same bytes again.
 
     Returns the slice's reduction, or None when the slice was already recorded.

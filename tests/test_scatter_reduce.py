@@ -100,8 +100,8 @@ def test_reducers_wrote_slices(inprocess_stack):
     assert record.status == SUCCEEDED, record.error
     assert inprocess_stack.services.state.get_reduced_slices("slices-written", 0) == [0, 1, 2]
     round_dir = inprocess_stack.efs_root / "jobs" / "slices-written" / "rounds" / "0"
-    assert sorted(path.name for path in round_dir.glob("reduced-*.npz")) == [
-        "reduced-0.npz", "reduced-1.npz", "reduced-2.npz"]
+    assert sorted(path.name for path in round_dir.glob("reduced-*")) == [
+        "reduced-0.json", "reduced-0.npy", "reduced-1.json", "reduced-1.npy", "reduced-2.json", "reduced-2.npy"]
     reduce_bodies = [delivery.body for delivery in inprocess_stack.deliveries if "reduce" in delivery.body]
     assert sorted(body["reduce"] for body in reduce_bodies) == [0, 1, 2]
 
@@ -287,7 +287,7 @@ def test_vector_of_wrong_length_is_rejected(tmp_path):
                                                    "n_samples": np.int64(2)})
     path = store.result_vector_path("job", 0, 0)
 
-    with pytest.raises(ValueError, match="result-0.npy.*12 float64 parameters"):
+    with pytest.raises(ValueError, match="result-0.npy.*12 float64 values"):
         map_worker_vector(path, vector_header(12), 12)
     assert np.array_equal(map_worker_vector(path, vector_header(10), 10), np.ones(10))
 
