@@ -84,6 +84,9 @@ def _read_scalars(path: Path) -> dict[str, np.ndarray]:
 
 def read_worker_scalars(store: EfsStore, job_id: str, round_index: int, worker: int) -> dict[str, np.ndarray]:
     """Return a worker's small result arrays, as :func:`write_worker_result` stored them."""
+    # NOTE: earlier versions wrote one result-<w>.npz per worker, which this does not read.
+    # A round whose workers ran before a stack update fails its aggregation with
+    # FileNotFoundError; let running jobs finish before deploying this format.
     return _read_scalars(store.result_path(job_id, round_index, worker))
 
 
