@@ -1,10 +1,10 @@
-"""Lambda handler for the aggregate queue: combine a round and start the next one."""
+"""Lambda handler for the aggregate queue: reduce a slice of a round, or combine a round and start the next."""
 
 from shared.handlers import sqs_handler
 from shared.queues import parse_aggregate
-from shared.service import aggregate_round
+from shared.service import handle_aggregate_message
 
 handler = sqs_handler(
     "aggregator",
-    lambda services, record, invocation: aggregate_round(
+    lambda services, record, invocation: handle_aggregate_message(
         services, parse_aggregate(record.body), invocation.message_id, invocation.remaining_millis))

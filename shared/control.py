@@ -20,7 +20,7 @@ import time
 from shared import faults
 from shared.errors import BatonError
 from shared.queues import QueueClient
-from shared.service import Services
+from shared.service import Services, send_round_complete
 from shared.state import CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore
 
 logger = logging.getLogger(__name__)
@@ -77,16 +77,21 @@ def kick_round(state: StateStore, queues: QueueClient, record: JobRecord) -> str
     """Re-send what the job's current round is missing; return what was sent.
 
     Workers not yet recorded get a task without a continuation number, so each adopts the
-    progress it saved on EFS. When every worker is recorded, the aggregate message is sent.
-    Duplicates of either are dropped by the handlers.
+    progress it saved on EFS. When every worker is recorded, the reduce messages of the
+    slices not yet reduced are sent (with ``training.reducers`` > 1), or else the
+    aggregate message. Duplicates of any of them are dropped by the handlers.
     """
     done = set(state.get_done_workers(record.job_id, record.round))
     missing = [worker for worker in range(record.n_workers) if worker not in done]
     if not missing:
-        queues.send_aggregate(record.job_id, record.round)
-        return "aggregate"
+        return send_round_complete(state, queues, record.job_id, record.round, _reducers(record))
     queues.send_tasks(record.job_id, record.round, missing)
     return f"tasks for workers {missing}"
+
+
+def _reducers(record: JobRecord) -> int:
+    """Return the job's ``training.reducers``; 1 for a spec stored before the field existed."""
+    return int(json.loads(record.spec_json).get("training", {}).get("reducers", 1))
 
 
 def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord:

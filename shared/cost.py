@@ -167,7 +167,8 @@ class RequestCounts:
     dynamodb_write_units: int
 
 
-def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: int = 1024) -> RequestCounts:
+def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: int = 1024,
+                         reducers: int = 1) -> RequestCounts:
     """Count the requests one round makes, from the message flow in shared/service.py.
 
     Parameters
@@ -179,6 +180,12 @@ def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: 
         costs one read unit per 4 KB, and a write one write unit per 1 KB of the item.
     round_item_bytes : int, default=1024
         Size of a round item: the done set and the round's metrics.
+    reducers : int, default=1
+        ``training.reducers``. Above 1 the last worker sends a reduce message per slice
+        (in batches of 10) instead of the aggregate message; each reducer is received and
+        deleted (2 SQS), reads the job item, the done set and the reduced set, and records
+        its slice (a write); the last one sends the aggregate message (1 SQS), and the
+        aggregator also reads the reduced set.
 
     Notes
     -----
@@ -204,10 +211,16 @@ def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: 
     aggregator_reads = job_read + round_read
     aggregator_writes = round_write + job_write
 
+    reducer_sqs = reducer_reads = reducer_writes = 0
+    if reducers > 1:
+        reducer_sqs = math.ceil(reducers / 10) - 1 + 2 * reducers + 1
+        reducer_reads = reducers * (job_read + 2 * round_read) + round_read
+        reducer_writes = reducers * round_write
+
     return RequestCounts(
-        sqs_requests=worker_sqs + aggregator_sqs,
-        dynamodb_read_units=worker_reads + aggregator_reads,
-        dynamodb_write_units=worker_writes + aggregator_writes,
+        sqs_requests=worker_sqs + aggregator_sqs + reducer_sqs,
+        dynamodb_read_units=worker_reads + aggregator_reads + reducer_reads,
+        dynamodb_write_units=worker_writes + aggregator_writes + reducer_writes,
     )
 
 
@@ -298,7 +311,8 @@ def stored_job_bytes(store, job_id: str, round_index: int, round_folder_bytes: i
     return _prepared_bytes[key] + kept_rounds * round_folder_bytes + metrics_bytes
 
 def account_round(store, state, record, round_index: int, batch_size: int, n_features: int,
-                  validation_bytes: int, aggregate_seconds: float, prices: PriceTable = PRICES) -> dict[str, float]:
+                  validation_bytes: int, aggregate_seconds: float, prices: PriceTable = PRICES,
+                  reducers: int = 1) -> dict[str, float]:
     """Measure and price round ``round_index`` of a job, for the aggregator's metrics.
 
     Parameters
@@ -315,6 +329,8 @@ def account_round(store, state, record, round_index: int, batch_size: int, n_fea
         Bytes of the validation rows the aggregator read.
     aggregate_seconds : float
         The aggregator's own time in this round.
+    reducers : int, default=1
+        ``training.reducers``; the reducers' time comes from the round item.
 
     Returns
     -------
@@ -329,19 +345,26 @@ def account_round(store, state, record, round_index: int, batch_size: int, n_fea
 
     usage_totals = state.get_round_usage(job_id, round_index)
     worker_gb_seconds = usage_totals.get("worker_gb_seconds", 0.0)
+    reducer_gb_seconds = usage_totals.get("reducer_gb_seconds", 0.0)
 
     state_bytes = file_bytes(store.state_path(job_id, round_index))
     next_state_bytes = file_bytes(store.state_path(job_id, round_index + 1))
-    result_bytes = sum(file_bytes(store.result_path(job_id, round_index, worker)) for worker in range(n_workers))
+    result_bytes = sum(file_bytes(store.result_path(job_id, round_index, worker))
+                       + file_bytes(store.result_vector_path(job_id, round_index, worker)) for worker in range(n_workers))
+    # Written by the reducers and read by the aggregator; none when the aggregator sums alone.
+    reduced_bytes = sum(file_bytes(store.reduced_path(job_id, round_index, index))
+                        + file_bytes(store.reduced_vector_path(job_id, round_index, index))
+                        for index in range(reducers)) if reducers > 1 else 0
     batch_bytes = batch_size * n_features * 8
-    bytes_read = n_workers * (state_bytes + batch_bytes) + state_bytes + result_bytes + validation_bytes
-    bytes_written = result_bytes + next_state_bytes
+    bytes_read = (n_workers * (state_bytes + batch_bytes) + state_bytes + result_bytes + validation_bytes
+                  + reduced_bytes)
+    bytes_written = result_bytes + next_state_bytes + reduced_bytes
 
-    requests = count_round_requests(n_workers, job_item_bytes=len(record.spec_json) + 512)
+    requests = count_round_requests(n_workers, job_item_bytes=len(record.spec_json) + 512, reducers=reducers)
     usage = RoundUsage(
         architecture=lambda_architecture(),
-        lambda_gb_seconds=worker_gb_seconds + gb_seconds(aggregate_seconds),
-        lambda_requests=n_workers + 1,
+        lambda_gb_seconds=worker_gb_seconds + reducer_gb_seconds + gb_seconds(aggregate_seconds),
+        lambda_requests=n_workers + 1 + (reducers if reducers > 1 else 0),
         sqs_requests=requests.sqs_requests,
         dynamodb_read_units=requests.dynamodb_read_units,
         dynamodb_write_units=requests.dynamodb_write_units,

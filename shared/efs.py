@@ -13,7 +13,10 @@ Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
     data/shard-<w>/X*.npy, y.npy   one memory-mappable shard per worker
     data/validation/X*.npy, y.npy  held-out rows
     rounds/<r>/state.npz           parameters and optimizer state at the start of round r
-    rounds/<r>/result-<w>.npz      worker w's gradient sum, loss sum and row count
+    rounds/<r>/result-<w>.npy      worker w's parameter-sized result vector (its gradient sum)
+    rounds/<r>/result-<w>.json     worker w's small result arrays (loss sum, row count)
+    rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors, when training.reducers > 1
+    rounds/<r>/reduced-<k>.json    the round's sums of the small arrays, beside each slice
     metrics/<r>.json               metrics of round r, never pruned
     model/params.npy, model.json   the final model
 """
@@ -83,7 +86,7 @@ class EfsStore:
     # Paths -------------------------------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
-        return self.root / "jobs" / job_id
+        return self.root.joinpath("jobs", job_id)
 
     def spec_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "spec.json"
@@ -92,13 +95,27 @@ class EfsStore:
         return self.job_dir(job_id) / "data"
 
     def round_dir(self, job_id: str, round_index: int) -> Path:
-        return self.job_dir(job_id) / "rounds" / str(round_index)
+        # One joinpath, not four "/" joins: a reduction builds two paths per worker.
+        return self.root.joinpath("jobs", job_id, "rounds", str(round_index))
 
     def state_path(self, job_id: str, round_index: int) -> Path:
         return self.round_dir(job_id, round_index) / "state.npz"
 
     def result_path(self, job_id: str, round_index: int, worker: int) -> Path:
-        return self.round_dir(job_id, round_index) / f"result-{worker}.npz"
+        """Return the path of worker ``worker``'s small result arrays."""
+        return self.round_dir(job_id, round_index) / f"result-{worker}.json"
+
+    def result_vector_path(self, job_id: str, round_index: int, worker: int) -> Path:
+        """Return the path of worker ``worker``'s parameter-sized result vector, a flat float64 .npy."""
+        return self.round_dir(job_id, round_index) / f"result-{worker}.npy"
+
+    def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
+        """Return the path of reducer ``slice_index``'s sums of the small result arrays."""
+        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.json"
+
+    def reduced_vector_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
+        """Return the path of reducer ``slice_index``'s slice of the summed vectors, a flat float64 .npy."""
+        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npy"
 
     def metrics_path(self, job_id: str, round_index: int) -> Path:
         return self.job_dir(job_id) / "metrics" / f"{round_index}.json"

@@ -28,7 +28,8 @@ to messages of the function named by ``function``, before the handler sees them:
     invocation.
 
 ``times`` bounds how often a rule fires across all processes (default 1). The keys
-``job_id``, ``round`` and ``worker`` must all match when a rule gives them. Firings are
+``job_id``, ``round``, ``worker`` and ``reduce`` (a reducer's slice) must all match when
+a rule gives them. Firings are
 claimed with files under ``BATON_FAULTS_DIR`` so that the count holds across processes.
 """
 
@@ -56,12 +57,15 @@ STEPS = (
     "aggregator.after_metrics",
     "aggregator.before_finish",
     "aggregator.after_advance",
+    "reducer.before_read",
+    "reducer.after_write",
+    "reducer.after_record",
     "watchdog.before_resend",
 )
 STEP_KINDS = ("raise", "exit", "hang")
 DELIVERY_KINDS = ("duplicate", "delay", "reorder")
 
-_MATCH_KEYS = ("job_id", "round", "worker")
+_MATCH_KEYS = ("job_id", "round", "worker", "reduce")
 # Exit status of a process killed by an injected fault, so logs can tell it apart.
 EXIT_STATUS = 70
 

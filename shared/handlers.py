@@ -63,7 +63,7 @@ def _message_ids(body: str) -> dict[str, Any]:
         return {}
     if not isinstance(message, dict):
         return {}
-    return {key: message[key] for key in ("job_id", "round", "worker") if key in message}
+    return {key: message[key] for key in ("job_id", "round", "worker", "reduce") if key in message}
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
                             f"{type(error).__name__}: {error}; the message is now in the dead-letter queue")
             raise
         finally:
-            logger.remove_keys(["function", "message_id", "job_id", "round", "worker"])
+            logger.remove_keys(["function", "message_id", "job_id", "round", "worker", "reduce"])
 
     def handler(event: dict, context: Any) -> dict:
         processor = BatchProcessor(event_type=EventType.SQS)

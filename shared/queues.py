@@ -8,10 +8,13 @@ queue          body                                        consumer
 jobs           the job spec                                starter
 tasks          ``{"job_id", "round", "worker"}``             worker
 aggregate      ``{"job_id", "round"}``                       aggregator
+aggregate      ``{"job_id", "round", "reduce"}``             aggregator, as reducer
 =============  ==========================================  =====================
 
 A task or aggregate message may also carry ``"continuation": n`` (n >= 1): the n-th link
-of a chain of invocations that share one round's work (see :mod:`shared.service`).
+of a chain of invocations that share one round's work (see :mod:`shared.service`). A
+reduce message (``"reduce": k``, 0 <= k < ``training.reducers``) asks for slice k of the
+round's sums; it never carries a continuation.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class AggregateMessage(TypedDict):
     job_id: str
     round: int
     continuation: NotRequired[int]
+    reduce: NotRequired[int]
 
 
 def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
@@ -61,10 +65,13 @@ def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
     return message
 
 
-def _body(job_id: str, round_index: int, worker: int | None = None, continuation: int | None = None) -> str:
+def _body(job_id: str, round_index: int, worker: int | None = None, continuation: int | None = None,
+          reduce: int | None = None) -> str:
     message: dict[str, Any] = {"job_id": job_id, "round": round_index}
     if worker is not None:
         message["worker"] = worker
+    if reduce is not None:
+        message["reduce"] = reduce
     if continuation is not None:
         message["continuation"] = continuation
     body = json.dumps(message)
@@ -79,8 +86,15 @@ def parse_task(body: str) -> TaskMessage:
 
 
 def parse_aggregate(body: str) -> AggregateMessage:
-    """Decode an aggregate-queue message body."""
-    return _parse(body, {"job_id": str, "round": int})  # type: ignore[return-value]
+    """Decode an aggregate-queue message body: an aggregate message or a reduce message."""
+    message = _parse(body, {"job_id": str, "round": int})
+    if "reduce" in message:
+        value = message["reduce"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidMessageError(f"message field 'reduce' must be a non-negative integer, got {value!r}")
+        if "continuation" in message:
+            raise InvalidMessageError("a reduce message never carries 'continuation'; got both")
+    return message  # type: ignore[return-value]
 
 
 class QueueClient:
@@ -122,6 +136,11 @@ class QueueClient:
         """Ask the aggregator to combine round ``round_index``, or to continue doing so."""
         self.client.send_message(QueueUrl=self.url(self.settings.aggregate_queue_name),
                                  MessageBody=_body(job_id, round_index, continuation=continuation))
+
+    def send_reduces(self, job_id: str, round_index: int, slices: list[int]) -> None:
+        """Ask reducers to sum the given slices of round ``round_index``, one message per slice."""
+        bodies = [_body(job_id, round_index, reduce=slice_index) for slice_index in slices]
+        self._send_batch(self.settings.aggregate_queue_name, bodies)
 
     def _send_batch(self, queue_name: str, bodies: list[str]) -> None:
         url = self.url(queue_name)

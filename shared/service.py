@@ -1,4 +1,4 @@
-"""The three steps Baton's Lambda handlers run: start a job, run a task, aggregate a round.
+"""The steps Baton's Lambda handlers run: start a job, run a task, reduce a slice, aggregate a round.
 
 Each step is idempotent. A step either completes its effects in an order that a retry
 can finish, or recognises that a message is stale and drops it:
@@ -7,10 +7,16 @@ start_job
     validate spec -> create job item (same spec: reuse) -> write spec.json -> prepare
     shards -> write round 0 state -> PREPARING to RUNNING -> send round 0 tasks
 run_task
-    check round is current -> read state and shard -> write result file -> add worker to
-    the round's done set -> if the set is complete, send the aggregate message
+    check round is current -> read state and shard -> write result files -> add worker to
+    the round's done set -> if the set is complete, send the aggregate message (or, with
+    training.reducers R > 1, the R reduce messages)
+reduce_slice (R > 1 only)
+    check round is current and complete -> sum slice k of every result in worker order ->
+    write reduced-<k> files -> add k to the round's reduced set -> if the set is complete, send
+    the aggregate message
 aggregate_round
-    check round is current -> read results in worker order -> write round r+1 state and
+    check round is current (and, with R > 1, its reduced set complete) -> sum the results
+    in worker order, or concatenate the reduced slices -> write round r+1 state and
     metrics -> advance the round (conditional) or finish the job -> send round r+1 tasks
 """
 
@@ -36,12 +42,14 @@ from shared import faults
 from shared.config import Settings
 from shared.efs import EfsStore
 from shared.metrics import publish_round_metrics
-from shared.errors import DataError, EfsNotWritableError, PermanentError, StaleMessageError
+from shared.errors import DataError, EfsNotWritableError, InvalidMessageError, PermanentError, StaleMessageError
 from shared.preparation import PreparationStep, StaleStepError, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage
+from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
+                              write_reduced_slice, write_worker_result)
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, StateStore
-from shared.training import (StoppingState, build_model, build_model_for_preparation, build_optimizer,
+from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
                              check_stopping, get_training_mode)
 
 logger = logging.getLogger(__name__)
@@ -227,6 +235,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     faults.maybe_fail("starter.prepared", job_id=spec.job_id)
 
     model = build_model(spec, manifest)
+    check_reducers(spec.training.reducers, model.n_params)
     optimizer = build_optimizer(spec)
     mode = get_training_mode(spec, model)
     params = mode.initial_params(
@@ -328,6 +337,24 @@ def _load_worker_progress(store: EfsStore, path: Path, continuation: int | None,
     return arrays, link
 
 
+def send_round_complete(state: StateStore, queues: QueueClient, job_id: str, round_index: int,
+                        reducers: int) -> str:
+    """Send what a round whose workers are all recorded needs next; return what was sent.
+
+    With one reducer that is the aggregate message. With ``reducers`` > 1 it is a reduce
+    message for every slice not yet in the round's reduced set, or the aggregate message
+    once the set is complete. Duplicates of either are dropped by their handlers.
+    """
+    if reducers > 1:
+        reduced = set(state.get_reduced_slices(job_id, round_index))
+        missing = [slice_index for slice_index in range(reducers) if slice_index not in reduced]
+        if missing:
+            queues.send_reduces(job_id, round_index, missing)
+            return f"reduce messages for slices {missing}"
+    queues.send_aggregate(job_id, round_index)
+    return "aggregate"
+
+
 # Worker ----------------------------------------------------------------------------------
 
 
@@ -370,15 +397,15 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
 
     # The result is on EFS before the worker is recorded, so a recorded worker is done.
     # Its aggregate message may not have been sent, though: send it again.
+    context = services.job_context(job_id)
+    spec, manifest, store = context.spec, context.manifest, services.store
     done = services.state.get_done_workers(job_id, round_index)
     if worker in done:
         if len(done) == record.n_workers:
-            services.queues.send_aggregate(job_id, round_index)
+            send_round_complete(services.state, services.queues, job_id, round_index, spec.training.reducers)
         logger.info("task already recorded", extra={**ids, "workers_done": len(done)})
         return None
 
-    context = services.job_context(job_id)
-    spec, manifest, store = context.spec, context.manifest, services.store
     if worker not in context.shards:
         context.shards[worker] = datasets.load_shard(store, job_id, manifest, worker)
     shard = context.shards[worker]
@@ -405,7 +432,7 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
         budget.count_step()
     result = mode.finish(progress)
 
-    store.write_arrays(store.result_path(job_id, round_index, worker), result)
+    write_worker_result(store, job_id, round_index, worker, mode, result)
     faults.maybe_fail("worker.after_write", **ids)
 
     # The worker's time, for the round's cost estimate (shared/cost.py).
@@ -414,11 +441,11 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     newly_added, done = services.state.record_worker_done(job_id, round_index, worker, usage)
     faults.maybe_fail("worker.after_record", **ids)
 
-    # The delivery that completed the set sends the aggregate message. A retry that finds
-    # the set already complete sends it again above, covering a crash between the record
-    # and the send; the aggregator drops the duplicate.
+    # The delivery that completed the set sends the aggregate (or reduce) messages. A retry
+    # that finds the set already complete sends them again above, which covers a crash
+    # between the record and the send. The aggregator and the reducers drop the duplicates.
     if len(done) == record.n_workers:
-        services.queues.send_aggregate(job_id, round_index)
+        send_round_complete(services.state, services.queues, job_id, round_index, spec.training.reducers)
     logger.info("task done", extra={**ids, "newly_recorded": newly_added, "workers_done": len(done),
                                     "continuations": link})
     return result
@@ -445,6 +472,15 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
     done = services.state.get_done_workers(job_id, round_index)
     if len(done) != record.n_workers:
         raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; retrying")
+    reducers = services.job_context(job_id).spec.training.reducers
+    if reducers > 1:
+        reduced = services.state.get_reduced_slices(job_id, round_index)
+        if len(reduced) != reducers:
+            # Only the reducer that completes the set sends the aggregate message, so this
+            # one came early (a resume, a stray copy): re-send what is missing and drop it.
+            sent = send_round_complete(services.state, services.queues, job_id, round_index, reducers)
+            raise StaleMessageError(f"round {round_index} of job {job_id} has {len(reduced)} of {reducers} reduced "
+                                    f"slices; re-sent {sent}, and the last reducer sends the aggregate message")
     return record
 
 
@@ -510,9 +546,14 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     # Step 1: combine the results into the next round's state.
     if "train_loss" not in progress:
         params, optimizer_state = read_round_state(store, job_id, round_index)
-        results = [store.read_arrays(store.result_path(job_id, round_index, worker)) for worker in range(record.n_workers)]
         mode = get_training_mode(spec, model)
-        update = mode.combine(spec, model, optimizer, params, optimizer_state, results, round_index)
+        reducers = spec.training.reducers
+        if reducers > 1:
+            reduction = read_reduced_round(store, job_id, round_index, reducers, model.n_params)
+        else:
+            reduction = reduce_worker_results(store, job_id, round_index, record.n_workers, mode, model.n_params,
+                                              0, model.n_params)
+        update = mode.step(spec, model, optimizer, params, optimizer_state, reduction, round_index)
         write_round_state(store, job_id, next_round, update.params, update.optimizer_state)
         faults.maybe_fail("aggregator.after_write", **ids)
         progress["train_loss"], progress["n_samples"] = float(update.train_loss), int(update.n_samples)
@@ -551,7 +592,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     metrics.update(cost.account_round(
         store, state, record, round_index, spec.training.batch_size, manifest["n_features"],
         validation_bytes=0 if validation is None else cost.array_bytes(validation.X),
-        aggregate_seconds=metrics["aggregate_seconds"]))
+        aggregate_seconds=metrics["aggregate_seconds"], reducers=spec.training.reducers))
     store.write_json(store.metrics_path(job_id, round_index), metrics)
     state.put_round_metrics(job_id, round_index, metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
@@ -590,6 +631,84 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
     logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link, **summary})
     return metrics
+
+
+# Reducer ---------------------------------------------------------------------------------
+
+
+def reduce_slice(services: Services, message: AggregateMessage, message_id: str = "") -> Reduction | None:
+    """Sum one slice of a complete round's worker results and record it (scatter-reduce).
+
+    Reducer ``k`` of ``training.reducers`` R reads parameters
+    ``[k * d // R, (k + 1) * d // R)`` of every worker's result vector, in worker order,
+    writes ``reduced-<k>.npy`` and ``.json``, and adds ``k`` to the round's reduced set. The delivery
+    that completes the set sends the aggregate message. A duplicate finds its slice
+    recorded and only re-sends the aggregate message when the set is complete. A retry
+    after a crash before the record writes the same bytes again.
+
+    Returns the slice's reduction, or None when the slice was already recorded.
+
+    Raises
+    ------
+    StaleMessageError
+        The job is not running or the round is not the current one.
+    InvalidMessageError
+        The slice index is outside ``[0, training.reducers)``.
+    """
+    job_id, round_index, slice_index = message["job_id"], message["round"], message["reduce"]
+    ids = {"job_id": job_id, "round": round_index, "reduce": slice_index}
+    started = time.monotonic()
+    store, state = services.store, services.state
+    record = _check_round_is_current(services, job_id, round_index)
+    context = services.job_context(job_id)
+    spec, manifest = context.spec, context.manifest
+    reducers = spec.training.reducers
+    if not 0 <= slice_index < reducers:
+        raise InvalidMessageError(f"reduce message names slice {slice_index} but job {job_id} has {reducers} reducers")
+    done = state.get_done_workers(job_id, round_index)
+    if len(done) != record.n_workers:
+        raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; "
+                           "retrying the reduce message")
+    faults.maybe_fail("reducer.before_read", **ids)
+
+    reduced = state.get_reduced_slices(job_id, round_index)
+    if slice_index in reduced:
+        if len(reduced) == reducers:
+            services.queues.send_aggregate(job_id, round_index)
+        logger.info("slice already reduced", extra={**ids, "slices_done": len(reduced)})
+        return None
+
+    model = build_model(spec, manifest)
+    mode = get_training_mode(spec, model)
+    start, stop = slice_bounds(model.n_params, reducers, slice_index)
+    # NOTE: a reducer runs as one step, without the continuation the other handlers have.
+    # It reads 1/R of what the single aggregator's combine step reads, and that step too
+    # runs whole in one invocation, so a reducer never needs more time than R = 1 does.
+    reduction = reduce_worker_results(store, job_id, round_index, record.n_workers, mode, model.n_params,
+                                      start, stop)
+    write_reduced_slice(store, job_id, round_index, slice_index, reduction)
+    faults.maybe_fail("reducer.after_write", **ids)
+
+    seconds = time.monotonic() - started
+    usage = {"reducer_seconds": seconds, "reducer_gb_seconds": cost.gb_seconds(seconds)}
+    newly_added, reduced = state.record_slice_reduced(job_id, round_index, slice_index, usage)
+    faults.maybe_fail("reducer.after_record", **ids)
+
+    # As with workers: the delivery that completes the set sends the aggregate message,
+    # and a retry that finds its slice recorded sends it again above.
+    if len(reduced) == reducers:
+        services.queues.send_aggregate(job_id, round_index)
+    logger.info("slice reduced", extra={**ids, "newly_recorded": newly_added, "slices_done": len(reduced),
+                                        "parameters": [start, stop], "seconds": round(seconds, 3)})
+    return reduction
+
+
+def handle_aggregate_message(services: Services, message: AggregateMessage, message_id: str = "",
+                             remaining_millis: Callable[[], int] | None = None):
+    """Run a message of the aggregate queue: a reduce message or an aggregate message."""
+    if "reduce" in message:
+        return reduce_slice(services, message, message_id)
+    return aggregate_round(services, message, message_id, remaining_millis)
 
 
 def write_final_model(services: Services, job_id: str, model, params: np.ndarray, rounds_done: int, metrics: dict) -> None:

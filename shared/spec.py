@@ -155,6 +155,10 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainingSection:
     n_workers: int = spec_field(4, help="Parallel workers, one data shard each.", minimum=1, maximum=1000)
+    reducers: int = spec_field(
+        1, help="Reducers that each sum one slice of the workers' results before the aggregator's step, so no one "
+                "function reads every result in full; 1 means the aggregator sums them itself. At most the model's "
+                "number of parameters.", minimum=1, maximum=1000)
     batch_size: int = spec_field(128, help="Rows per worker per mini-batch step.", minimum=1, maximum=1_000_000)
     max_epochs: float = spec_field(5.0, help="Stop after this many passes over the training rows.",
                                    minimum=0.0, exclusive_minimum=True, maximum=10_000)

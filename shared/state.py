@@ -8,9 +8,10 @@ Items, all under the partition key ``pk = "JOB#<job_id>"``:
     the latest metrics, ``watchdog_attempts`` (re-sends the watchdog made in the current
     round), and timestamps.
 ``sk = "ROUND#<r, 8 digits>"``
-    Round ``r``: ``done``, the number set of workers whose result is on EFS, ``updated_at``
-    (the last recorded progress: a worker done or a continuation), and, once the round is
-    aggregated, its metrics.
+    Round ``r``: ``done``, the number set of workers whose result is on EFS, ``reduced``,
+    the number set of reducers whose slice of the sums is on EFS (only when
+    ``training.reducers`` > 1), ``updated_at`` (the last recorded progress: a worker or
+    reducer done, or a continuation), and, once the round is aggregated, its metrics.
 
 Job statuses::
 
@@ -205,47 +206,73 @@ class StateStore:
         done : list of int
             The workers recorded so far, sorted.
         """
+        return self._add_to_round_set(job_id, round_index, "done", worker, usage)
+
+    def record_slice_reduced(self, job_id: str, round_index: int, slice_index: int,
+                             usage: dict[str, float] | None = None) -> tuple[bool, list[int]]:
+        """Add reducer ``slice_index`` to round ``round_index``'s set of reduced slices.
+
+        The same conditional set add as :meth:`record_worker_done`, on the attribute
+        ``reduced``; ``usage`` (``reducer_seconds``, ``reducer_gb_seconds``) counts once.
+
+        Returns
+        -------
+        newly_added : bool
+        reduced : list of int
+            The slices recorded so far, sorted.
+        """
+        return self._add_to_round_set(job_id, round_index, "reduced", slice_index, usage)
+
+    def _add_to_round_set(self, job_id: str, round_index: int, attribute: str, member: int,
+                          usage: dict[str, float] | None) -> tuple[bool, list[int]]:
         # Usage totals are numbers that ADD increments; their names go through placeholders.
-        names = {f"#u{index}": name for index, name in enumerate(sorted(usage or {}))}
+        usage_names = {f"#u{index}": name for index, name in enumerate(sorted(usage or {}))}
         values = {
-            ":worker": {"NS": [str(worker)]},
-            ":worker_number": {"N": str(worker)},
+            ":member": {"NS": [str(member)]},
+            ":member_number": {"N": str(member)},
             ":now": {"N": repr(time.time())},
         }
         increments = ""
-        for placeholder, name in names.items():
+        for placeholder, name in usage_names.items():
             values[":" + placeholder[1:]] = _to_attribute(float(usage[name]))
             increments += f", {placeholder} :{placeholder[1:]}"
-        optional = {"ExpressionAttributeNames": names} if names else {}
+        names = {**usage_names, "#set": attribute}
         try:
             response = self.client.update_item(
                 TableName=self.table_name,
                 Key=_round_key(job_id, round_index),
-                UpdateExpression=f"ADD done :worker{increments} SET updated_at = :now",
-                ConditionExpression="attribute_not_exists(done) OR NOT contains(done, :worker_number)",
+                UpdateExpression=f"ADD #set :member{increments} SET updated_at = :now",
+                ConditionExpression="attribute_not_exists(#set) OR NOT contains(#set, :member_number)",
+                ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
                 ReturnValues="ALL_NEW",
-                **optional,
             )
         except ClientError as error:
             if not _is_condition_failure(error):
                 raise
-            return False, self.get_done_workers(job_id, round_index)
-        return True, _from_attribute(response["Attributes"]["done"])
+            return False, self._get_round_set(job_id, round_index, attribute)
+        return True, _from_attribute(response["Attributes"][attribute])
 
     def get_round_usage(self, job_id: str, round_index: int) -> dict[str, float]:
-        """Return the usage totals the workers added to round ``round_index`` (see record_worker_done)."""
+        """Return the usage totals the workers and reducers added to round ``round_index``."""
         response = self.client.get_item(
             TableName=self.table_name, Key=_round_key(job_id, round_index), ConsistentRead=True)
         item = response.get("Item", {})
-        return {name: float(_from_attribute(item[name])) for name in item if name.startswith("worker_")}
+        return {name: float(_from_attribute(item[name])) for name in item if name.startswith(("worker_", "reducer_"))}
 
     def get_done_workers(self, job_id: str, round_index: int) -> list[int]:
         """Return the sorted workers recorded as done in round ``round_index``."""
+        return self._get_round_set(job_id, round_index, "done")
+
+    def get_reduced_slices(self, job_id: str, round_index: int) -> list[int]:
+        """Return the sorted slices recorded as reduced in round ``round_index``."""
+        return self._get_round_set(job_id, round_index, "reduced")
+
+    def _get_round_set(self, job_id: str, round_index: int, attribute: str) -> list[int]:
         response = self.client.get_item(
             TableName=self.table_name, Key=_round_key(job_id, round_index), ConsistentRead=True)
         item = response.get("Item", {})
-        return _from_attribute(item["done"]) if "done" in item else []
+        return _from_attribute(item[attribute]) if attribute in item else []
 
     def put_round_metrics(self, job_id: str, round_index: int, metrics: dict[str, float]) -> None:
         """Store round ``round_index``'s metrics on its round item; repeating it is harmless."""
@@ -283,7 +310,8 @@ class StateStore:
             for item in page["Items"]:
                 values = {name: _from_attribute(attribute) for name, attribute in item.items()}
                 if "loss" in values:
-                    rounds.append({key: value for key, value in values.items() if key not in ("pk", "sk", "done")})
+                    rounds.append({key: value for key, value in values.items()
+                                   if key not in ("pk", "sk", "done", "reduced")})
         return sorted(rounds, key=lambda entry: entry["round"])
 
     def advance_round(self, job_id: str, from_round: int, summary: dict[str, Any]) -> bool:

@@ -3,13 +3,20 @@
 A :class:`TrainingMode` decides what a worker computes in a round and how the aggregator
 combines the workers' results. The service layer only moves the results between EFS and
 the mode, so a new mode plugs in here without touching the message flow.
+
+Combining is two functions: a reduction that sums the workers' results in worker order
+(:func:`accumulate_vectors` and :meth:`TrainingMode.reduce_scalars`), and
+:meth:`TrainingMode.step`, which turns the sums into the next parameters. The reduction
+of the parameter-sized result array works element by element, so it can run on any slice
+of it. The single aggregator and the scatter-reduce reducers call the same functions,
+which is why both give the same bytes.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -154,34 +161,86 @@ def apply_round(model: Model, optimizer: Optimizer, params: np.ndarray, optimize
                 results: list[WorkerResult], round_index: int) -> RoundUpdate:
     """Combine the workers' results in worker order and take one optimizer step.
 
-    The mean gradient is ``sum(grad_sum) / sum(n_samples)`` plus the penalty's gradient,
-    so the step does not depend on how rows were split between workers. A model with an
-    L1 term applied by soft-thresholding (``l1_method="proximal"``) is thresholded after
-    the step with that step's learning rate.
+    The same reduction and step as :class:`GradientAveraging`; see its :meth:`~GradientAveraging.step`.
 
     Raises
     ------
     DivergenceError
         If the loss or the new parameters are NaN or infinite.
     """
-    grad_total = np.zeros_like(params)
-    loss_total = 0.0
-    n_samples = 0
-    for result in results:
-        grad_total += result.grad_sum
-        loss_total += result.loss_sum
-        n_samples += result.n_samples
-    if n_samples == 0:
-        raise DivergenceError(f"round {round_index} drew no rows from any worker; increase training.batch_size")
+    arrays = [result.to_arrays() for result in results]
+    return TRAINING_MODES[GradientAveraging.name].combine(None, model, optimizer, params, optimizer_state, arrays,
+                                                          round_index)
 
-    penalty, penalty_grad = model.penalty_grad(params)
-    grad = grad_total / n_samples + penalty_grad
-    train_loss = loss_total / n_samples + penalty
 
-    new_params, new_state = optimizer.step(params, grad, optimizer_state, round_index)
-    new_params = model.proximal(new_params, optimizer.learning_rate_at(round_index))
-    _check_finite(round_index, train_loss, new_params)
-    return RoundUpdate(params=new_params, optimizer_state=new_state, train_loss=train_loss, n_samples=n_samples)
+# Elements per block of a reduction. The block of the running total stays in the CPU cache
+# while every worker's block is added to it, so each worker's vector is read from memory
+# once. The block size does not change the sums: each element still adds the workers in
+# worker order.
+REDUCTION_BLOCK_ELEMENTS = 32768
+
+
+def accumulate_vectors(factors: Sequence[float | None], vectors: Sequence[np.ndarray], total: np.ndarray) -> None:
+    """Add ``factor * vector`` of every worker, in worker order, into ``total`` in place.
+
+    Parameters
+    ----------
+    factors : sequence of float or None
+        One per worker, from :meth:`TrainingMode.vector_factors`. 1.0 adds the vector as
+        it is; None skips the worker.
+    vectors : sequence of ndarray
+        One float64 array per worker, each as long as ``total``: the whole result vector
+        or one slice of it. Memory-mapped files work, and only the pages read are loaded.
+    total : ndarray of float64
+        The running sums, zeros before the first call. Element ``i`` ends as
+        ``((0 + f_0 * v_0[i]) + f_1 * v_1[i]) + ...``, whatever slice of the parameters
+        ``total`` stands for.
+    """
+    length = len(total)
+    scratch = np.empty(min(length, REDUCTION_BLOCK_ELEMENTS), dtype=np.float64)
+    # Overflow to inf is reported by the mode's step, with the round, as divergence.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, length, REDUCTION_BLOCK_ELEMENTS):
+            stop = min(start + REDUCTION_BLOCK_ELEMENTS, length)
+            block = total[start:stop]
+            for factor, vector in zip(factors, vectors):
+                if factor is None:
+                    continue
+                if factor == 1.0:
+                    np.add(block, vector[start:stop], out=block)
+                    continue
+                weighted = scratch[:stop - start]
+                np.multiply(vector[start:stop], factor, out=weighted)
+                np.add(block, weighted, out=block)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The sums over a round's workers: one slice of the result vector and the small totals.
+
+    ``vector`` covers parameters ``[start, start + len(vector))`` of the round. ``scalars``
+    are the mode's totals of the small result arrays (:meth:`TrainingMode.reduce_scalars`).
+    """
+
+    vector: np.ndarray
+    scalars: dict[str, np.ndarray]
+
+
+def split_result(mode: "TrainingMode", arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Return a worker result's vector as flat float64 and its other, small arrays."""
+    vector = np.ravel(np.asarray(arrays[mode.vector_name], dtype=np.float64))
+    scalars = {name: value for name, value in arrays.items() if name != mode.vector_name}
+    return vector, scalars
+
+
+def reduce_results(mode: "TrainingMode", results: Sequence[Mapping[str, np.ndarray]], start: int,
+                   stop: int) -> Reduction:
+    """Reduce in-memory worker results, given in worker order, over parameters ``[start, stop)``."""
+    parts = [split_result(mode, arrays) for arrays in results]
+    scalars = [part[1] for part in parts]
+    total = np.zeros(stop - start, dtype=np.float64)
+    accumulate_vectors(mode.vector_factors(scalars), [part[0][start:stop] for part in parts], total)
+    return Reduction(vector=total, scalars=mode.reduce_scalars(scalars))
 
 
 class TrainingMode(ABC):
@@ -211,10 +270,25 @@ class TrainingMode(ABC):
     def finish(self, progress: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Return the worker's result arrays from its completed progress."""
 
+    #: The result array with one value per parameter, which reducers split into slices.
+    #: Every other result array is small and is summed whole.
+    vector_name: str
+
+    def vector_factors(self, scalars: Sequence[Mapping[str, np.ndarray]]) -> list[float | None]:
+        """Return each worker's factor on its vector in the sum: 1.0 adds it unchanged, None skips it.
+
+        ``scalars`` are the workers' small result arrays, in worker order.
+        """
+        return [1.0] * len(scalars)
+
     @abstractmethod
-    def combine(self, spec: JobSpec, model: Model, optimizer: Optimizer, params: np.ndarray,
-                optimizer_state: OptimizerState, results: list[dict[str, np.ndarray]], round_index: int) -> RoundUpdate:
-        """Combine the workers' results, given in worker order, into the next parameters.
+    def reduce_scalars(self, scalars: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Return the sums over workers, in worker order, of the small result arrays."""
+
+    @abstractmethod
+    def step(self, spec: JobSpec, model: Model, optimizer: Optimizer, params: np.ndarray,
+             optimizer_state: OptimizerState, reduction: Reduction, round_index: int) -> RoundUpdate:
+        """Turn the reduction of a whole round (every parameter) into the next parameters.
 
         Raises
         ------
@@ -222,6 +296,21 @@ class TrainingMode(ABC):
             If the new parameters or the training loss are NaN or infinite; the message
             names the round.
         """
+
+    def combine(self, spec: JobSpec, model: Model, optimizer: Optimizer, params: np.ndarray,
+                optimizer_state: OptimizerState, results: list[dict[str, np.ndarray]], round_index: int) -> RoundUpdate:
+        """Combine the workers' results, given in worker order, into the next parameters.
+
+        :func:`reduce_results` over every parameter, then :meth:`step`.
+
+        Raises
+        ------
+        DivergenceError
+            If the new parameters or the training loss are NaN or infinite; the message
+            names the round.
+        """
+        reduction = reduce_results(self, results, 0, len(params))
+        return self.step(spec, model, optimizer, params, optimizer_state, reduction, round_index)
 
     def worker_result(self, spec: JobSpec, manifest: dict, model: Model, params: np.ndarray, shard,
                       round_index: int, worker: int) -> dict[str, np.ndarray]:
@@ -270,6 +359,7 @@ class GradientAveraging(TrainingMode):
     """
 
     name = "gradient_average"
+    vector_name = "grad_sum"
 
     def _batch_rows(self, spec, manifest, shard, round_index, worker) -> np.ndarray:
         per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
@@ -302,9 +392,34 @@ class GradientAveraging(TrainingMode):
         return WorkerResult(grad_sum=progress["grad_sum"], loss_sum=float(progress["loss_sum"]),
                             n_samples=int(progress["n_samples"])).to_arrays()
 
-    def combine(self, spec, model, optimizer, params, optimizer_state, results, round_index):
-        worker_results = [WorkerResult.from_arrays(arrays) for arrays in results]
-        return apply_round(model, optimizer, params, optimizer_state, worker_results, round_index)
+    def reduce_scalars(self, scalars):
+        loss_total = 0.0
+        n_samples = 0
+        for arrays in scalars:
+            loss_total += float(arrays["loss_sum"])
+            n_samples += int(arrays["n_samples"])
+        return {"loss_sum": np.float64(loss_total), "n_samples": np.int64(n_samples)}
+
+    def step(self, spec, model, optimizer, params, optimizer_state, reduction, round_index):
+        """Take one optimizer step on the mean gradient of the round.
+
+        The mean gradient is ``sum(grad_sum) / sum(n_samples)`` plus the penalty's
+        gradient, so the step does not depend on how rows were split between workers. A
+        model with an L1 term applied by soft-thresholding (``l1_method="proximal"``) is
+        thresholded after the step with that step's learning rate.
+        """
+        n_samples = int(reduction.scalars["n_samples"])
+        if n_samples == 0:
+            raise DivergenceError(f"round {round_index} drew no rows from any worker; increase training.batch_size")
+
+        penalty, penalty_grad = model.penalty_grad(params)
+        grad = reduction.vector / n_samples + penalty_grad
+        train_loss = float(reduction.scalars["loss_sum"]) / n_samples + penalty
+
+        new_params, new_state = optimizer.step(params, grad, optimizer_state, round_index)
+        new_params = model.proximal(new_params, optimizer.learning_rate_at(round_index))
+        _check_finite(round_index, train_loss, new_params)
+        return RoundUpdate(params=new_params, optimizer_state=new_state, train_loss=train_loss, n_samples=n_samples)
 
 
 OPTIMIZER_PROGRESS_PREFIX = "optimizer."
@@ -330,6 +445,7 @@ class ModelAveraging(TrainingMode):
     """
 
     name = "model_average"
+    vector_name = "params"
 
     def batches_per_round(self, spec, manifest):
         if spec.training.local_epoch:
@@ -386,23 +502,30 @@ class ModelAveraging(TrainingMode):
     def finish(self, progress):
         return {"params": progress["params"], "loss_sum": progress["loss_sum"], "n_samples": progress["n_samples"]}
 
-    def combine(self, spec, model, optimizer, params, optimizer_state, results, round_index):
-        total = np.zeros_like(params)
+    def vector_factors(self, scalars):
+        # Each model is weighted by its rows; a worker that drew no rows is left out.
+        return [None if int(arrays["n_samples"]) == 0 else float(int(arrays["n_samples"])) for arrays in scalars]
+
+    def reduce_scalars(self, scalars):
         loss_sum, n_samples = 0.0, 0
-        for result in results:
-            rows = int(result["n_samples"])
+        for arrays in scalars:
+            rows = int(arrays["n_samples"])
             if rows == 0:
                 continue
-            total += rows * np.asarray(result["params"], dtype=np.float64)
-            loss_sum += float(result["loss_sum"])
+            loss_sum += float(arrays["loss_sum"])
             n_samples += rows
+        return {"loss_sum": np.float64(loss_sum), "n_samples": np.int64(n_samples)}
+
+    def step(self, spec, model, optimizer, params, optimizer_state, reduction, round_index):
+        """Return the row-weighted mean of the workers' models."""
+        n_samples = int(reduction.scalars["n_samples"])
         if n_samples == 0:
             raise DivergenceError(f"round {round_index} drew no rows from any worker; increase training.batch_size")
 
         with np.errstate(over="ignore", invalid="ignore"):
-            new_params = total / n_samples
+            new_params = reduction.vector / n_samples
         penalty, _ = model.penalty_grad(new_params) if np.all(np.isfinite(new_params)) else (math.inf, None)
-        train_loss = loss_sum / n_samples + penalty
+        train_loss = float(reduction.scalars["loss_sum"]) / n_samples + penalty
         _check_finite(round_index, train_loss, new_params)
         return RoundUpdate(params=new_params, optimizer_state=optimizer_state, train_loss=train_loss,
                            n_samples=n_samples)
@@ -423,6 +546,7 @@ class StatisticsMode(TrainingMode):
     """
 
     name = "statistics"
+    vector_name = "sums"
 
     def batches_per_round(self, spec, manifest):
         return rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
@@ -451,12 +575,25 @@ class StatisticsMode(TrainingMode):
     def finish(self, progress):
         return {name: value for name, value in progress.items() if name != "position"}
 
-    def combine(self, spec, model, optimizer, params, optimizer_state, results, round_index):
-        n_samples = sum(int(result["n_samples"]) for result in results)
+    def reduce_scalars(self, scalars):
+        n_samples = 0
+        counts = np.zeros_like(np.asarray(scalars[0]["counts"], dtype=np.float64))
+        inertia = 0.0
+        for arrays in scalars:
+            n_samples += int(arrays["n_samples"])
+            np.add(counts, np.asarray(arrays["counts"], dtype=np.float64), out=counts)
+            inertia += float(arrays["inertia"][0])
+        return {"n_samples": np.int64(n_samples), "counts": counts, "inertia": np.array([inertia])}
+
+    def step(self, spec, model, optimizer, params, optimizer_state, reduction, round_index):
+        """Apply the model's update to the summed statistics, for k-means one Lloyd step."""
+        n_samples = int(reduction.scalars["n_samples"])
         if n_samples == 0:
             raise DataError(f"round {round_index} saw no training rows; check the data set")
-        new_params = model.combine_statistics(results, params)
-        train_loss = sum(float(result["inertia"][0]) for result in results) / n_samples
+        counts = reduction.scalars["counts"]
+        totals = {"sums": reduction.vector.reshape(len(counts), -1), "counts": counts}
+        new_params = model.combine_statistics([totals], params)
+        train_loss = float(reduction.scalars["inertia"][0]) / n_samples
         _check_finite(round_index, train_loss, new_params)
         return RoundUpdate(params=new_params, optimizer_state=optimizer_state, train_loss=train_loss,
                            n_samples=n_samples)

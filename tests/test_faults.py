@@ -23,18 +23,24 @@ from tests.reliability_support import (
 # so a worker needs two steps), the second worker.
 FAULT_ROUND = 2
 FAULT_WORKER = 1
+# Reducer cells train with this many reducers; their faults hit the second slice.
+REDUCERS = 3
+FAULT_SLICE = 1
 
 STEP_CELLS = [(step, kind) for step in (
     "starter.validated", "starter.prepared", "starter.started",
     "worker.before_read", "worker.after_progress", "worker.after_write", "worker.after_record",
     "aggregator.before_read", "aggregator.after_write", "aggregator.after_progress", "aggregator.after_metrics",
     "aggregator.before_finish", "aggregator.after_advance",
+    "reducer.before_read", "reducer.after_write", "reducer.after_record",
 ) for kind in STEP_KINDS]
 
 DELIVERY_CELLS = [
     ("starter", "duplicate", 0), ("starter", "duplicate", 2),
     ("worker", "duplicate", 0), ("worker", "duplicate", 3), ("worker", "delay", 2), ("worker", "reorder", 0),
     ("aggregator", "duplicate", 0), ("aggregator", "duplicate", 3), ("aggregator", "delay", 2),
+    # Reduce messages ride the aggregate queue, so the aggregator's lanes deliver them.
+    ("reducer", "duplicate", 0), ("reducer", "duplicate", 3), ("reducer", "delay", 2), ("reducer", "reorder", 0),
 ]
 
 # Timeouts short enough that a hung invocation is killed quickly, long enough for a step
@@ -61,6 +67,8 @@ def build_rules() -> tuple[list[dict], dict[str, int]]:
             rule["round"] = FAULT_ROUND
         if step.startswith("worker."):
             rule["worker"] = FAULT_WORKER
+        if step.startswith("reducer."):
+            rule["reduce"] = FAULT_SLICE
         index_of[rule["job_id"]] = len(rules)
         rules.append(rule)
     for function, kind, delay_seconds in DELIVERY_CELLS:
@@ -68,6 +76,11 @@ def build_rules() -> tuple[list[dict], dict[str, int]]:
         rule = {"function": function, "kind": kind, "job_id": job_id, "times": 1, "delay_seconds": delay_seconds}
         if function != "starter":
             rule["round"] = FAULT_ROUND
+        if function == "reducer":
+            rule["function"] = "aggregator"
+            # A reorder rule fires on the first message of a received group, whichever slice it is.
+            if kind != "reorder":
+                rule["reduce"] = FAULT_SLICE
         index_of[job_id] = len(rules)
         rules.append(rule)
     return rules, index_of
@@ -90,11 +103,14 @@ def run_matrix(work_dir: Path) -> dict:
         "STALL_SECONDS": "8",
     }
     job_ids = ["reference", *index_of]
+    reducer_jobs = {job_id for job_id in index_of if job_id.startswith("reducer-")}
     with LocalStack(efs_root, extra_environment=environment, retry_delay_seconds=FAST_RETRY_SECONDS,
                     timeout_seconds=TIMEOUTS, concurrency={"starter": 4, "worker": 6, "aggregator": 4},
                     schedule_seconds={"watchdog": 2}) as stack:
         for job_id in job_ids:
-            stack.submit(a9a_spec(job_id, data_path))
+            # Reducer cells must give the reference's bytes although the reference has one reducer.
+            training = {"reducers": REDUCERS} if job_id in reducer_jobs else {}
+            stack.submit(a9a_spec(job_id, data_path, **training))
         records = wait_all(stack, job_ids, timeout_seconds=400)
     fired = {job_id: (faults_dir / f"rule-{index}-0").exists() for job_id, index in index_of.items()}
     return {job_id: {"status": record.status, "error": record.error, "digest": params_digest(efs_root, job_id),
