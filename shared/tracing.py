@@ -58,6 +58,8 @@ BREAKDOWN_PHASES = ("compute", "efs_read", "efs_write", "state", "dispatch", "ag
 _ids: contextvars.ContextVar[dict] = contextvars.ContextVar("baton_trace_ids", default={})
 _local = threading.local()
 _tracer: "Tracer | None" = None
+# (owner, attribute, original) of every wrapped attribute, so that uninstall() can undo it.
+_patched: list[tuple[Any, str, Callable]] = []
 
 
 class Tracer:
@@ -145,6 +147,7 @@ def _wrap_attribute(owner: Any, attribute: str, phase: str) -> None:
     if original is None or getattr(original, "__baton_traced__", False):
         return
     label = f"{getattr(owner, '__name__', owner)}.{attribute}"
+    _patched.append((owner, attribute, original))
     setattr(owner, attribute, _timed(phase, original, label))
 
 
@@ -177,6 +180,7 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
     for name in ("run_task", "aggregate_round"):
         original = getattr(service, name)
         if not getattr(original, "__baton_traced__", False):
+            _patched.append((service, name, original))
             setattr(service, name, _traced_step(original, name, _message_ids))
     for name in ("read_json", "read_arrays", "read_npy"):
         _wrap_attribute(EfsStore, name, "efs_read")
@@ -198,6 +202,15 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
     for model in (Model, *_all_subclasses(Model)):
         _wrap_attribute(model, "metrics", "aggregation")
     return _tracer
+
+
+def uninstall() -> None:
+    """Restore every wrapped attribute and switch tracing off; for tests."""
+    global _tracer
+    while _patched:
+        owner, attribute, original = _patched.pop()
+        setattr(owner, attribute, original)
+    _tracer = None
 
 
 def install_from_environment(function: str, environ: dict | None = None) -> Tracer | None:
@@ -272,11 +285,12 @@ def _phase_sums(spans: list[dict], start: float, end: float, step_name: str) -> 
 def round_breakdown(spans: list[dict], job_id: str) -> list[RoundBreakdown]:
     """Split every complete round of ``job_id`` along its critical path.
 
-    A round's critical path is: the tasks' dispatch (from the end of the send to the start
-    of the worker's step, which includes the queue, the lane and the handler's start-up),
-    the step of the worker whose record completed the round (the one that sent the
-    aggregate message) up to the end of that send, the aggregate message's dispatch, and
-    the aggregator's step up to the end of its send of the next round's tasks. Within a
+    A round's critical path has four parts. The first is the tasks' dispatch: from the end
+    of their send to the start of the worker's step, which includes the queue, the lane and
+    the handler's start-up. Then comes the step of the worker whose record completed the
+    round, up to the end of its send of the aggregate message. The aggregate message's
+    dispatch follows, and last the aggregator's step up to the end of its send of the next
+    round's tasks. Within a
     step, time in no wrapped call counts as ``other``, and SQS send calls count as
     ``dispatch``, so the phases add up to the round time.
 
