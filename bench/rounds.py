@@ -73,7 +73,7 @@ def median_of_runs(runs: list[dict[str, float]]) -> dict[str, float]:
 def call_medians(spans: list[dict]) -> list[tuple[str, str, int, float]]:
     """Return (function, call, calls per round, median ms) for the DynamoDB and SQS calls."""
     by_call: dict[tuple[str, str], list[float]] = {}
-    rounds = {span.get("round") for span in spans if span["phase"] == "step"}
+    rounds = {(span["job_id"], span.get("round")) for span in spans if span["phase"] == "step"}
     for span in spans:
         if span["phase"] in ("state", "send"):
             by_call.setdefault((span["function"], span["name"]), []).append(span["end"] - span["start"])

@@ -61,7 +61,7 @@ JOB_SPECS = {
 
 @dataclass
 class Split:
-    """Training and test rows of one data set, as scikit-learn sees them."""
+    """Training and test rows of one data set, as scikit-learn fits and scores them."""
 
     X_train: object
     y_train: np.ndarray

@@ -135,7 +135,7 @@ class LocalStack:
             "EFS_ROOT": str(self.efs_root),
             "MAX_RECEIVE_COUNT": str(self.definition.max_receive_count),
             "POWERTOOLS_METRICS_NAMESPACE": "Baton",
-            # A local folder needs no fsync (shared/efs.py); about 8 ms a write on ext4.
+            # A local folder needs no fsync, which costs milliseconds a write (see shared/efs.py).
             "BATON_EFS_FSYNC": "false",
             **{name: os.environ[name] for name in PASSTHROUGH_VARIABLES if name in os.environ},
             **self.extra_environment,
