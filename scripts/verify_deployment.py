@@ -40,8 +40,8 @@ SEND_TARGETS = {"starter": {"tasks", "jobs"}, "worker": {"aggregate", "tasks"}, 
                 "watchdog": {"tasks", "aggregate"}}
 DYNAMODB_ACTIONS = {
     "starter": {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"},
-    "worker": {"dynamodb:GetItem", "dynamodb:UpdateItem"},
-    "aggregator": {"dynamodb:GetItem", "dynamodb:UpdateItem"},
+    "worker": {"dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"},
+    "aggregator": {"dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"},
     "watchdog": {"dynamodb:Scan", "dynamodb:GetItem", "dynamodb:UpdateItem"},
 }
 

@@ -37,6 +37,11 @@ import numpy as np
 # A fixed timestamp makes .npz archives byte-identical for identical arrays.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
+# fsync makes a write survive a crash of the machine. The local runtime's folder standing
+# in for EFS does not need that, so LocalStack sets BATON_EFS_FSYNC=false for its
+# containers; a killed handler loses no written data either way.
+FSYNC = os.environ.get("BATON_EFS_FSYNC", "true").lower() != "false"
+
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename."""
@@ -46,7 +51,8 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         with open(temporary, "wb") as handle:
             handle.write(payload)
             handle.flush()
-            os.fsync(handle.fileno())
+            if FSYNC:
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         if temporary.exists():

@@ -359,7 +359,8 @@ def send_round_complete(state: StateStore, queues: QueueClient, job_id: str, rou
 
 
 def _check_round_is_current(services: Services, job_id: str, round_index: int):
-    record = services.state.get_job(job_id)
+    """Return the job's item and the round's done workers; raise if the round is not current."""
+    record, done = services.state.get_job_and_done_workers(job_id, round_index)
     if record is None:
         raise StaleMessageError(f"job {job_id} does not exist")
     if record.status != RUNNING:
@@ -370,7 +371,7 @@ def _check_round_is_current(services: Services, job_id: str, round_index: int):
         # Tasks are sent only after the round advanced, and the job item is read
         # consistently, so Baton never sends such a message: drop it.
         raise StaleMessageError(f"round {round_index} of job {job_id} is ahead of the job's round {record.round}")
-    return record
+    return record, done
 
 
 def run_task(services: Services, task: TaskMessage, message_id: str = "",
@@ -390,7 +391,7 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     job_id, round_index, worker = task["job_id"], task["round"], task["worker"]
     ids = {"job_id": job_id, "round": round_index, "worker": worker}
     task_started = time.monotonic()
-    record = _check_round_is_current(services, job_id, round_index)
+    record, done = _check_round_is_current(services, job_id, round_index)
     if not 0 <= worker < record.n_workers:
         raise PermanentError(f"task names worker {worker} but job {job_id} has {record.n_workers} workers")
     faults.maybe_fail("worker.before_read", **ids)
@@ -399,7 +400,6 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     # Its aggregate message may not have been sent, though: send it again.
     context = services.job_context(job_id)
     spec, manifest, store = context.spec, context.manifest, services.store
-    done = services.state.get_done_workers(job_id, round_index)
     if worker in done:
         if len(done) == record.n_workers:
             send_round_complete(services.state, services.queues, job_id, round_index, spec.training.reducers)
@@ -459,7 +459,7 @@ VALIDATION_CHUNK_ROWS = 65536
 
 
 def _check_aggregate_is_current(services: Services, job_id: str, round_index: int):
-    record = services.state.get_job(job_id)
+    record, done = services.state.get_job_and_done_workers(job_id, round_index)
     if record is None or record.status != RUNNING:
         raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status}")
     if record.round == round_index + 1:
@@ -469,7 +469,6 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
         raise StaleMessageError(f"round {round_index} of job {job_id} was already aggregated; re-sent round {record.round} tasks")
     if record.round != round_index:
         raise StaleMessageError(f"round {round_index} of job {job_id} is not current (job at round {record.round})")
-    done = services.state.get_done_workers(job_id, round_index)
     if len(done) != record.n_workers:
         raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; retrying")
     reducers = services.job_context(job_id).spec.training.reducers
@@ -659,13 +658,12 @@ def reduce_slice(services: Services, message: AggregateMessage, message_id: str 
     ids = {"job_id": job_id, "round": round_index, "reduce": slice_index}
     started = time.monotonic()
     store, state = services.store, services.state
-    record = _check_round_is_current(services, job_id, round_index)
+    record, done = _check_round_is_current(services, job_id, round_index)
     context = services.job_context(job_id)
     spec, manifest = context.spec, context.manifest
     reducers = spec.training.reducers
     if not 0 <= slice_index < reducers:
         raise InvalidMessageError(f"reduce message names slice {slice_index} but job {job_id} has {reducers} reducers")
-    done = state.get_done_workers(job_id, round_index)
     if len(done) != record.n_workers:
         raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; "
                            "retrying the reduce message")

@@ -274,6 +274,22 @@ class StateStore:
         item = response.get("Item", {})
         return _from_attribute(item[attribute]) if attribute in item else []
 
+    def get_job_and_done_workers(self, job_id: str, round_index: int) -> tuple[JobRecord | None, list[int]]:
+        """Return the job's item and round ``round_index``'s done workers, both read consistently.
+
+        One BatchGetItem request in place of ``get_job`` and ``get_done_workers``, which
+        saves a request on every task and aggregation. Keys that DynamoDB leaves
+        unprocessed (under throttling) are read with GetItem.
+        """
+        keys = [_job_key(job_id), _round_key(job_id, round_index)]
+        response = self.client.batch_get_item(RequestItems={self.table_name: {"Keys": keys, "ConsistentRead": True}})
+        if response.get("UnprocessedKeys"):
+            return self.get_job(job_id), self.get_done_workers(job_id, round_index)
+        items = {item["sk"]["S"]: item for item in response["Responses"].get(self.table_name, [])}
+        job_item, round_item = items.get("JOB"), items.get(keys[1]["sk"]["S"], {})
+        record = None if job_item is None else JobRecord.from_item(job_item)
+        return record, _from_attribute(round_item["done"]) if "done" in round_item else []
+
     def put_round_metrics(self, job_id: str, round_index: int, metrics: dict[str, float]) -> None:
         """Store round ``round_index``'s metrics on its round item; repeating it is harmless."""
         names = {f"#m{i}": name for i, name in enumerate(metrics)}

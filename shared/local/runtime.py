@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from shared import faults
+from shared import faults, tracing
 from shared.local.stack import FunctionDefinition
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ def _container_main(connection: Connection, handler_path: str, function: dict, e
     import traceback
 
     sys.stdout = sys.stderr = log_file
+    # Before the handler's import, which binds the service steps that tracing wraps.
+    tracing.install_from_environment(function["name"])
     module_path, handler_name = handler_path.rsplit(".", 1)
     handler = getattr(importlib.import_module(module_path.replace("/", ".")), handler_name)
     connection.send(("ready", None))
@@ -84,13 +86,17 @@ def _container_main(connection: Connection, handler_path: str, function: dict, e
             event = connection.recv()
         except EOFError:
             return
+        started = time.monotonic()
         context = LocalContext(function["name"], function["memory_mb"], function["timeout_seconds"])
         try:
             response = handler(event, context)
+            tracing.record_invocation(event, started, time.monotonic())
             connection.send(("ok", response))
         except Exception as error:  # the handler itself crashed: Lambda reports a function error
             traceback.print_exc()
             connection.send(("error", f"{type(error).__name__}: {error}"))
+        # After the reply, so that writing the spans does not delay the lane.
+        tracing.flush()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from shared.config import Settings
 from shared.local.runtime import LocalRuntime
 from shared.local.stack import StackDefinition, create_stack, load_stack_definition
 from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
+from shared.tracing import TRACE_DIR_VARIABLE
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +93,15 @@ class LocalStack:
     schedule_seconds : dict of str to float, optional
         Interval overrides for scheduled functions, such as ``{"watchdog": 2}``; by
         default they run at their serverless.yml rate.
+    trace_dir : str or Path, optional
+        Folder for the containers' phase timings (:mod:`shared.tracing`); tracing is off
+        when None.
     """
 
     def __init__(self, efs_root: str | os.PathLike, concurrency: dict[str, int] | None = None,
                  timeout_seconds: dict[str, float] | None = None, extra_environment: dict | None = None,
                  endpoint_url: str | None = None, retry_delay_seconds: float = 1.0, stage: str = "local",
-                 schedule_seconds: dict[str, float] | None = None):
+                 schedule_seconds: dict[str, float] | None = None, trace_dir: str | os.PathLike | None = None):
         self.efs_root = Path(efs_root).resolve()
         self.definition: StackDefinition = load_stack_definition(stage=stage)
         self.concurrency = {"worker": 4, "starter": 1, "aggregator": 1, **(concurrency or {})}
@@ -106,6 +110,7 @@ class LocalStack:
         self.endpoint_url = endpoint_url
         self.retry_delay_seconds = retry_delay_seconds
         self.schedule_seconds = schedule_seconds
+        self.trace_dir = None if trace_dir is None else Path(trace_dir).resolve()
         self._server: subprocess.Popen | None = None
         self.runtime: LocalRuntime | None = None
 
@@ -130,9 +135,13 @@ class LocalStack:
             "EFS_ROOT": str(self.efs_root),
             "MAX_RECEIVE_COUNT": str(self.definition.max_receive_count),
             "POWERTOOLS_METRICS_NAMESPACE": "Baton",
+            # A local folder needs no fsync, which costs milliseconds a write (see shared/efs.py).
+            "BATON_EFS_FSYNC": "false",
             **{name: os.environ[name] for name in PASSTHROUGH_VARIABLES if name in os.environ},
             **self.extra_environment,
         }
+        if self.trace_dir is not None:
+            environment[TRACE_DIR_VARIABLE] = str(self.trace_dir)
         self.runtime = LocalRuntime(
             self.definition.functions, queue_urls, self.sqs, environment,
             log_dir=self.efs_root.parent / "logs", concurrency=self.concurrency,

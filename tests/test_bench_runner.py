@@ -1,0 +1,39 @@
+"""The benchmark runner's page: goals and their verdicts, sections in order."""
+
+from __future__ import annotations
+
+from bench.common import Goal, Section, markdown_table
+from bench.run import SECTIONS, render_page
+
+
+def test_goal_met_in_both_directions():
+    assert Goal("throughput ratio", measured=0.95, target=0.9, higher_is_better=True).met
+    assert not Goal("throughput ratio", measured=0.85, target=0.9, higher_is_better=True).met
+    assert Goal("overhead share", measured=0.15, target=0.2, higher_is_better=False).met
+    assert not Goal("overhead share", measured=0.25, target=0.2, higher_is_better=False).met
+
+
+def test_page_lists_goals_and_sections():
+    sections = [
+        Section("Kernel", "kernel body", [Goal("kernel vs numpy", 0.95, 0.9, True)]),
+        Section("Rounds", "rounds body", [Goal("overhead share", 0.6, 0.2, False, reason="SQS dispatch")]),
+    ]
+    page = render_page(sections, "make bench", seconds=120)
+
+    assert page.startswith("# Benchmarks\n")
+    assert "`make bench`" in page
+    assert "| kernel vs numpy | 0.95 | >= 0.9 | met |" in page
+    assert "| overhead share | 0.6 | <= 0.2 | missed: SQS dispatch |" in page
+    assert page.index("## Kernel") < page.index("## Rounds")
+
+
+def test_every_section_module_exists():
+    import importlib.util
+
+    missing = [name for name in SECTIONS if importlib.util.find_spec(f"bench.{name}") is None]
+    assert missing == []
+
+
+def test_markdown_table_shape():
+    table = markdown_table(["a", "b"], [[1, 2], [3, 4]])
+    assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |", "| 3 | 4 |"]

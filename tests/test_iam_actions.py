@@ -1,0 +1,80 @@
+"""Every AWS call a handler makes is allowed by its IAM role in serverless.yml.
+
+The in-process driver runs a whole job (with scatter-reduce, so every aggregator path
+runs) and the watchdog; a botocore hook records each call with the function that made
+it. moto does not enforce IAM, so without this check a new API call would pass every
+local test and fail with AccessDenied on AWS.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tests.inprocess as inprocess
+from shared.local.stack import load_serverless_config
+from tests.test_cost import breast_cancer_spec
+
+ROLE_OF_QUEUE = {"JobsQueue": "StarterRole", "TasksQueue": "WorkerRole", "AggregateQueue": "AggregatorRole"}
+# A permission that covers more than one API call of the same name.
+ACTION_OF_OPERATION = {"sqs:SendMessageBatch": "sqs:SendMessage", "sqs:DeleteMessageBatch": "sqs:DeleteMessage"}
+
+
+def role_actions(role: str) -> set[str]:
+    resources = load_serverless_config()["resources"]["Resources"]
+    actions = set()
+    for policy in resources[role]["Properties"]["Policies"]:
+        for statement in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in statement:
+                # A statement that only some stacks have (an S3 data bucket): take it.
+                statement = statement["Fn::If"][1]
+            listed = statement["Action"]
+            actions.update([listed] if isinstance(listed, str) else listed)
+    return actions
+
+
+@pytest.fixture
+def recorded_calls(inprocess_stack, monkeypatch):
+    """Record (role, action) for every SQS and DynamoDB call the handlers make."""
+    calls: set[tuple[str, str]] = set()
+    current = {"role": None}
+
+    def record(event_name, **kwargs):
+        if current["role"] is None:
+            return
+        service, operation = event_name.split(".")[1:3]
+        action = f"{'dynamodb' if service == 'dynamodb' else 'sqs'}:{operation}"
+        calls.add((current["role"], ACTION_OF_OPERATION.get(action, action)))
+
+    for client in (inprocess_stack.dynamodb, inprocess_stack.sqs):
+        client.meta.events.register("before-call.*.*", record)
+
+    def with_role(role, handler):
+        def run(event, context):
+            current["role"] = role
+            try:
+                return handler(event, context)
+            finally:
+                current["role"] = None
+        return run
+
+    for queue, role in ROLE_OF_QUEUE.items():
+        monkeypatch.setitem(inprocess.HANDLERS, queue, with_role(role, inprocess.HANDLERS[queue]))
+    return calls, current
+
+
+def test_handler_calls_allowed_by_roles(inprocess_stack, recorded_calls):
+    from shared.control import run_watchdog
+
+    calls, current = recorded_calls
+    inprocess_stack.submit(breast_cancer_spec("iam-checked", reducers=3))
+    inprocess_stack.run()
+    assert inprocess_stack.services.state.get_job("iam-checked").status == "SUCCEEDED"
+
+    current["role"] = "WatchdogRole"
+    run_watchdog(inprocess_stack.services)
+    current["role"] = None
+
+    roles_seen = {role for role, _ in calls}
+    assert roles_seen == {"StarterRole", "WorkerRole", "AggregatorRole", "WatchdogRole"}
+    for role, action in sorted(calls):
+        assert action in role_actions(role), f"{role} calls {action}, which serverless.yml does not allow"
