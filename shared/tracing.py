@@ -322,11 +322,15 @@ def round_breakdown(spans: list[dict], job_id: str) -> list[RoundBreakdown]:
     for round_index in sorted(aggregations):
         if round_index - 1 not in aggregations:
             continue
-        round_start = aggregations[round_index - 1][1]["end"]
+        previous_send = aggregations[round_index - 1][1]
+        round_start = previous_send["end"]
         aggregation, tasks_sent = aggregations[round_index]
         completing = [(step, send_in(step, "send_aggregate")) for step in steps
                       if step["name"] == "run_task" and step.get("round") == round_index]
-        completing = [(step, sent) for step, sent in completing if sent is not None and step["start"] >= round_start]
+        # A worker may start before the aggregator's send call has returned, so compare
+        # with the send's start.
+        completing = [(step, sent) for step, sent in completing
+                      if sent is not None and step["start"] >= previous_send["start"]]
         if not completing:
             continue
         worker_step, aggregate_sent = min(completing, key=lambda pair: pair[1]["end"])
