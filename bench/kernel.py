@@ -114,21 +114,27 @@ def _bare_rows(X, rows: np.ndarray):
                          shape=(stop - first, X.matrix.shape[1]), copy=False)
 
 
-def run_bare(X, y: np.ndarray, params: np.ndarray, order: np.ndarray, batch_size: int, n_batches: int) -> int:
-    """Compute the summed logistic loss and gradient of ``n_batches`` batches; return the rows.
+def sorted_batches(order: np.ndarray, batch_size: int, n_batches: int) -> list[np.ndarray]:
+    """Return batch ``b`` = the sorted slice ``b`` of the row order ``order``, for each batch."""
+    return [np.sort(order[batch * batch_size:(batch + 1) * batch_size]) for batch in range(n_batches)]
 
-    Batch ``b`` is the sorted slice ``b`` of the row order ``order``, drawn beforehand, so
-    the reference draws its rows as Baton does. Each batch is computed
-    in blocks of :data:`GRADIENT_CHUNK_ROWS` rows, as Baton's chunks are. ``X`` is a dense
-    memory map or the :class:`CsrArrays` of a sparse shard.
+
+def run_bare(X, y: np.ndarray, params: np.ndarray, batches: list[np.ndarray]) -> int:
+    """Compute the summed logistic loss and gradient of each batch in ``batches``; return the rows.
+
+    The batches are drawn beforehand (:func:`sorted_batches`), as a warm Baton worker has
+    its batches cached after its first call. Each batch is computed in blocks of
+    :data:`GRADIENT_CHUNK_ROWS` rows, as Baton's chunks are. ``X`` is a dense memory map
+    or the :class:`CsrArrays` of a sparse shard.
     """
     rows_done = 0
-    for batch in range(n_batches):
-        rows = np.sort(order[batch * batch_size:(batch + 1) * batch_size])
+    for rows in batches:
+        contiguous = len(rows) > 0 and rows[-1] - rows[0] == len(rows) - 1
         loss, grad = 0.0, np.zeros_like(params)
         for start in range(0, len(rows), GRADIENT_CHUNK_ROWS):
             block = rows[start:start + GRADIENT_CHUNK_ROWS]
-            block_loss, block_grad = _bare_block(_bare_rows(X, block), np.asarray(y[block]), params)
+            labels = y[block[0]:block[-1] + 1] if contiguous else y[block]
+            block_loss, block_grad = _bare_block(_bare_rows(X, block), labels, params)
             loss += block_loss
             grad += block_grad
         rows_done += len(rows)
@@ -139,10 +145,13 @@ def _bare_arrays(efs_root: Path, job_id: str):
     store = EfsStore(efs_root)
     manifest = store.read_json(store.data_dir(job_id) / "manifest.json")
     folder = store.data_dir(job_id) / "shard-0"
-    y = np.load(folder / "y.npy", mmap_mode="r")
+    # Plain ndarrays over the mapped pages, as the worker uses: numpy.memmap's own
+    # indexing and ufunc wrapping cost Python time on every block.
+    y = np.asarray(np.load(folder / "y.npy", mmap_mode="r"))
     if not manifest["sparse"]:
-        return np.load(folder / "X.npy", mmap_mode="r"), y
-    data, indices, indptr = (np.load(folder / f"X-{name}.npy", mmap_mode="r") for name in ("data", "indices", "indptr"))
+        return np.asarray(np.load(folder / "X.npy", mmap_mode="r")), y
+    data, indices, indptr = (np.asarray(np.load(folder / f"X-{name}.npy", mmap_mode="r"))
+                             for name in ("data", "indices", "indptr"))
     matrix = sp.csr_matrix((data, indices, indptr), shape=(len(y), manifest["n_features"]))
     return CsrArrays(data, indices, indptr, matrix), y
 
@@ -199,10 +208,10 @@ def measure_case(efs_root: Path, source: SourceSet, label: str, n_rows: int, rep
 
     X, y = _bare_arrays(efs_root, full_job)
     full = open_job(efs_root, full_job)
-    everything = np.arange(n_rows)
+    whole_shard = sorted_batches(np.arange(n_rows), n_rows, 1)
     full_times = interleaved_seconds({
         "baton": lambda: run_baton(full, range(1)),
-        "bare": lambda: run_bare(X, y, full.params, everything, n_rows, 1),
+        "bare": lambda: run_bare(X, y, full.params, whole_shard),
         "sum": bandwidth_array.sum,
     }, repeats)
     read_bandwidths = [bandwidth_array.nbytes / seconds for seconds in full_times["sum"]]
@@ -211,11 +220,12 @@ def measure_case(efs_root: Path, source: SourceSet, label: str, n_rows: int, rep
     X_batch, y_batch = _bare_arrays(efs_root, batch_job)
     batched = open_job(efs_root, batch_job)
     order = np.random.default_rng([batched.spec.training.seed, 0, 0]).permutation(n_rows)
+    batches = sorted_batches(order, DEFAULT_BATCH, batch_rounds)
     # Baton's untimed first call draws the epoch's order, which later rounds of the epoch
-    # reuse. The reference gets the same order drawn beforehand.
+    # reuse. The reference gets the same batches, drawn and sorted beforehand.
     batch_times = interleaved_seconds({
         "baton": lambda: run_baton(batched, range(batch_rounds)),
-        "bare": lambda: run_bare(X_batch, y_batch, batched.params, order, DEFAULT_BATCH, batch_rounds),
+        "bare": lambda: run_bare(X_batch, y_batch, batched.params, batches),
     }, repeats)
 
     started = time.perf_counter()
@@ -296,8 +306,8 @@ valid job. Baton's time covers the training mode's begin, advance and finish on 
 memory-mapped shard, as a warm worker runs them (shared/training.py). Bare numpy computes
 the same sums on the same memory-mapped arrays in blocks of {GRADIENT_CHUNK_ROWS} rows, with
 the same numerically stable formula (one `exp(-|m|)` per row for the loss and its
-derivative), on each batch's rows sorted beforehand. So the ratio is Baton's own overhead
-over the same arithmetic. The whole-shard batch reads every row once; the {DEFAULT_BATCH}-row case is the
+derivative), on plain arrays over the same mapped pages, with each batch's rows drawn
+and sorted beforehand. So the ratio is Baton's own overhead over the same arithmetic. The whole-shard batch reads every row once; the {DEFAULT_BATCH}-row case is the
 spec's default batch_size, timed over {batch_rounds} consecutive rounds.
 
 Memory bandwidth is the read rate of `numpy.sum` over
