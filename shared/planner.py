@@ -1088,6 +1088,214 @@ def measure_file_costs(folder, quick: bool = False) -> dict[str, float]:
 def measure_request_seconds(endpoint_url: str, quick: bool = False, clients: int = 4) -> tuple[float, float]:
     """Measure SQS and DynamoDB calls to the moto server at ``endpoint_url``.
 
+    The DynamoDB calls are the worker's own (:class:`shared.state.StateStore`): the
+    batched read of the job item and the round's done set, and the conditional update
+    that adds a worker with its usage, on a job item with an a9a job spec. moto's time
+    per call depends on the item and the expression, so a bare call would understate it.
+    Creates one queue and one table named ``planner-probe`` on that server. Returns the
+    median latency of one call with no other client, and the wall time per call while
+    ``clients`` threads call at once.
+    """
+    import json
+    import threading
+
+    import boto3
+
+    from shared.state import StateStore
+
+    options = {"endpoint_url": endpoint_url, "region_name": "us-east-1",
+               "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    sqs, dynamodb = boto3.client("sqs", **options), boto3.client("dynamodb", **options)
+    queue_url = sqs.create_queue(QueueName="planner-probe")["QueueUrl"]
+    dynamodb.create_table(TableName="planner-probe", BillingMode="PAY_PER_REQUEST",
+                          AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
+                                                {"AttributeName": "sk", "AttributeType": "S"}],
+                          KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
+                                     {"AttributeName": "sk", "KeyType": "RANGE"}])
+    spec_json = json.dumps({
+        "job_id": "probe", "model": {"name": "logistic_regression", "alpha": 1e-5},
+        "optimizer": {"name": "momentum", "learning_rate": 0.5, "momentum": 0.9},
+        "data": {"path": "datasets/a9a/a9a", "format": "libsvm", "n_features": 123,
+                 "validation_path": "datasets/a9a/a9a.t"},
+        "training": {"n_workers": clients, "batch_size": 256, "max_rounds": 96, "seed": 0},
+    })
+    StateStore(dynamodb, "planner-probe").create_job("probe", "probe", spec_json, clients)
+    rounds = iter(range(10**9))
+    repeats = 20 if quick else 60
+    usage = {"worker_seconds": 0.01, "worker_gb_seconds": 0.02}
+
+    def database_round_trip(state: StateStore, worker: int = 0) -> None:
+        round_index = next(rounds)
+        state.get_job_and_done_workers("probe", round_index)
+        state.record_worker_done("probe", round_index, worker, usage)
+
+    def queue_round_trip(client=sqs) -> None:
+        client.send_message(QueueUrl=queue_url, MessageBody='{"job_id": "probe", "round": 0, "worker": 0}')
+        message = client.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=1)["Messages"][0]
+        client.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    state = StateStore(dynamodb, "planner-probe")
+    database = _median_seconds(lambda: database_round_trip(state), repeats) / 2
+    queue = _median_seconds(queue_round_trip, repeats) / 3
+    latency = (database + queue) / 2
+
+    # Each thread has its own clients, as each container has; 5 calls per loop.
+    def client_loop(worker: int) -> None:
+        own_sqs, own_state = boto3.client("sqs", **options), StateStore(boto3.client("dynamodb", **options),
+                                                                          "planner-probe")
+        for _ in range(repeats // 2):
+            database_round_trip(own_state, worker)
+            queue_round_trip(own_sqs)
+
+    threads = [threading.Thread(target=client_loop, args=(worker,)) for worker in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    service = (time.perf_counter() - started) / (clients * (repeats // 2) * 5)
+    return latency, service
+
+
+def local_platform(profile: LocalProfile, lanes: int) -> Platform:
+    """Return the per-operation costs of the local runtime with ``lanes`` worker containers.
+
+    Every container, the lanes' polling threads and moto's server share ``profile.cores``
+    cores, so workers beyond the core count queue for CPU. moto's server answers one
+    request at a time, so the workers' requests queue there too.
+    """
+    return Platform(
+        queue_request_seconds=profile.request_seconds,
+        database_request_seconds=profile.request_seconds,
+        # The long-polling receive returns as soon as the message is sent.
+        dispatch_seconds=profile.request_seconds,
+        invocation_overhead_seconds=profile.invocation_overhead_seconds,
+        read_op_seconds=profile.read_op_seconds,
+        write_op_seconds=profile.write_op_seconds,
+        metadata_op_seconds=profile.metadata_op_seconds,
+        client_read_bytes_per_second=profile.read_bytes_per_second,
+        client_write_bytes_per_second=profile.write_bytes_per_second,
+        total_read_bytes_per_second=profile.read_bytes_per_second * profile.cores,
+        total_write_bytes_per_second=profile.write_bytes_per_second,
+        worker_speed=1.0,
+        aggregator_speed=1.0,
+        cpu_slots=profile.cores,
+        max_concurrency=lanes,
+        # Local runs show little spread between workers; the CPU queue is modelled above.
+        straggler_cv=0.0,
+        cold_start_seconds=0.0,
+        shard_cache_share=1.0,
+        # moto's server is one Python process, and it runs DynamoDB requests under a lock.
+        request_slots=1,
+        request_service_seconds=profile.request_service_seconds,
+        # Each lane receives the message and deletes it after the handler returns.
+        poller_requests_per_invocation=2,
+    )
+
+
+def predict_local_round(workload: Workload, workers: int, profile: LocalProfile,
+                        lanes: int | None = None) -> RoundEstimate:
+    """Predict a warm round of the local runtime (``baton run``), with ``lanes`` worker containers.
+
+    The shard is a local file in the page cache, so batch rows cost no reads.
+    """
+    lanes = workers if lanes is None else lanes
+    platform = local_platform(profile, lanes)
+    return estimate_round(workload, workers, platform, profile.compute, cold=False, epoch_index=1)
+
+
+# Measurement -------------------------------------------------------------------------------
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - started)
+    return float(np.median(timings))
+
+
+def measure_compute_profile(quick: bool = False) -> ComputeProfile:
+    """Measure :class:`ComputeProfile` on one core of this machine with Baton's own model code."""
+    import scipy.sparse
+
+    from shared.models import LogisticRegression
+
+    repeats = 5 if quick else 15
+    rng = np.random.default_rng(0)
+    rows, features = 4096, 512
+    model = LogisticRegression(n_features=features)
+    params = rng.normal(size=model.n_params) * 0.01
+    y = (rng.random(rows) < 0.5).astype(np.float64)
+
+    dense = rng.normal(size=(rows, features)).astype(np.float32)
+    narrow = dense[:, :8].copy()
+    model_narrow = LogisticRegression(n_features=8)
+    params_narrow = params[:9].copy()
+    call = _median_seconds(lambda: model_narrow.loss_grad(params_narrow, narrow[:1], y[:1]), repeats)
+    narrow_seconds = _median_seconds(lambda: model_narrow.loss_grad(params_narrow, narrow, y), repeats)
+    dense_seconds = _median_seconds(lambda: model.loss_grad(params, dense, y), repeats)
+    per_row = max(0.0, (narrow_seconds - call) / rows)
+    per_dense_value = max(1e-12, (dense_seconds - narrow_seconds) / (rows * (features - 8)))
+
+    density = 0.05
+    sparse = scipy.sparse.random(rows, features, density=density, format="csr", dtype=np.float32, random_state=1)
+    sparse_seconds = _median_seconds(lambda: model.loss_grad(params, sparse, y), repeats)
+    per_sparse_value = max(1e-12, (sparse_seconds - call - rows * per_row) / sparse.nnz)
+
+    shard_rows = 200_000
+    shuffle_seconds = _median_seconds(lambda: np.sort(np.random.default_rng([1, 2, 3]).permutation(shard_rows)[:256]),
+                                      repeats)
+    vector = rng.normal(size=1_000_000)
+    total = np.zeros_like(vector)
+    add_seconds = _median_seconds(lambda: np.add(total, vector, out=total), repeats)
+    return ComputeProfile(
+        seconds_per_dense_value=per_dense_value,
+        seconds_per_sparse_value=per_sparse_value,
+        seconds_per_row=per_row,
+        seconds_per_shuffled_row=shuffle_seconds / shard_rows,
+        seconds_per_parameter=add_seconds / vector.size,
+        seconds_per_call=call,
+        description=f"measured on this machine on {time.strftime('%Y-%m-%d')}",
+    )
+
+
+def measure_file_costs(folder, quick: bool = False) -> dict[str, float]:
+    """Measure atomic writes, reads and stats in ``folder`` with shared/efs.py's own writer.
+
+    Returns ``read_op_seconds``, ``write_op_seconds`` (a third of a small atomic write),
+    ``metadata_op_seconds``, ``read_bytes_per_second`` and ``write_bytes_per_second``.
+    """
+    import os
+    from pathlib import Path
+
+    from shared.efs import write_bytes_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    repeats = 5 if quick else 20
+    small, large = b"x" * 1024, os.urandom((8 if quick else 32) * MIB)
+    small_path, large_path = folder / "small.bin", folder / "large.bin"
+
+    small_write = _median_seconds(lambda: write_bytes_atomic(small_path, small), repeats)
+    large_write = _median_seconds(lambda: write_bytes_atomic(large_path, large), max(3, repeats // 4))
+    small_read = _median_seconds(lambda: small_path.read_bytes(), repeats)
+    large_read = _median_seconds(lambda: large_path.read_bytes(), max(3, repeats // 4))
+    stat = _median_seconds(lambda: small_path.stat(), repeats)
+    return {
+        "read_op_seconds": small_read,
+        "write_op_seconds": small_write / 3,
+        "metadata_op_seconds": stat,
+        "read_bytes_per_second": len(large) / max(1e-9, large_read - small_read),
+        "write_bytes_per_second": len(large) / max(1e-9, large_write - small_write),
+    }
+
+
+def measure_request_seconds(endpoint_url: str, quick: bool = False, clients: int = 4) -> tuple[float, float]:
+    """Measure SQS and DynamoDB calls to the moto server at ``endpoint_url``.
+
     Creates one queue and one table named ``planner-probe`` on that server. Returns the
     median latency of one call with no other client, and the wall time per call while
     ``clients`` threads call at once.
