@@ -25,10 +25,16 @@ SECTIONS = ("kernel", "rounds", "time_to_accuracy", "memory", "aggregation", "pl
 OUTPUT = PROJECT_ROOT / "docs" / "benchmarks.md"
 
 
+def format_number(value: float) -> str:
+    """Return ``value`` with three significant digits, without an exponent from 100 up."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def format_goal(goal: Goal) -> list[str]:
     comparison = ">=" if goal.higher_is_better else "<="
     verdict = "met" if goal.met else f"missed: {goal.reason}" if goal.reason else "missed"
-    return [goal.name, f"{goal.measured:.3g}{goal.unit}", f"{comparison} {goal.target:g}{goal.unit}", verdict]
+    return [goal.name, f"{format_number(goal.measured)}{goal.unit}",
+            f"{comparison} {format_number(goal.target)}{goal.unit}", verdict]
 
 
 def render_page(sections: list[Section], command: str, seconds: float) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.common import Goal, Section, markdown_table
-from bench.run import SECTIONS, render_page
+from bench.run import SECTIONS, format_goal, render_page
 
 
 def test_goal_met_in_both_directions():
@@ -37,3 +37,9 @@ def test_every_section_module_exists():
 def test_markdown_table_shape():
     table = markdown_table(["a", "b"], [[1, 2], [3, 4]])
     assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |", "| 3 | 4 |"]
+
+
+def test_large_figures_have_no_exponent():
+    row = format_goal(Goal("worker peak RSS", 1102.4, 1294.41, higher_is_better=False, unit=" MiB"))
+    assert row[1] == "1,102 MiB"
+    assert row[2] == "<= 1,294 MiB"
