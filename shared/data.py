@@ -43,6 +43,10 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, "rt", encoding="utf-8")
 
 
+# Column indices are stored as int32 (scipy's CSR default), so this is the widest row.
+MAX_FEATURE_INDEX = np.iinfo(np.int32).max
+
+
 def parse_libsvm_lines(lines, source: str, first_line_number: int = 1) -> tuple[sp.csr_matrix, np.ndarray]:
     """Parse libsvm/svmlight lines into a CSR matrix as wide as its highest index, and labels.
 
@@ -71,6 +75,10 @@ def parse_libsvm_lines(lines, source: str, first_line_number: int = 1) -> tuple[
                     continue
                 index_text, value_text = token.split(":", 1)
                 index = int(index_text)
+                if index < 1:
+                    raise ValueError(f"feature index {index} is not valid because libsvm indices start at 1")
+                if index > MAX_FEATURE_INDEX:
+                    raise ValueError(f"feature index {index} is above {MAX_FEATURE_INDEX:,}, the largest Baton stores")
                 if index <= previous_index:
                     raise ValueError(f"index {index} is not above the previous index {previous_index}")
                 previous_index = index
@@ -122,11 +130,21 @@ def read_libsvm(path: Path, n_features: int | None = None) -> tuple[sp.csr_matri
         On a missing or empty file, a malformed line (with its line number), an index out
         of range, or a non-finite value.
     """
-    with _open_text(path) as handle:
-        X, y = parse_libsvm_lines(handle, str(path))
+    try:
+        with _open_text(path) as handle:
+            X, y = parse_libsvm_lines(handle, str(path))
+    except UnicodeDecodeError as error:
+        raise not_utf8_error(str(path), error) from None
     if len(y) == 0:
         raise DataError(f"data file '{path}' has no rows; check that it is the right file and not empty")
     return _widen(X, n_features, str(path)), y
+
+
+def not_utf8_error(source: str, error: UnicodeDecodeError) -> DataError:
+    """Return the error for a text data file with bytes that are not UTF-8."""
+    return DataError(f"data file '{source}' is not UTF-8 text: byte {error.object[error.start:error.start + 1]!r} "
+                     f"at offset {error.start} of the part read; libsvm and CSV files must be UTF-8 (or ASCII) "
+                     "text, so convert the file or check that data.path names the right file")
 
 
 def csv_delimiter(delimiter: str) -> str | None:

@@ -424,13 +424,16 @@ def read_part(spec: JobSpec, part: dict) -> tuple[object, np.ndarray]:
     if data.format == "npy":
         return datasets.read_npy_rows(path, data.label_column, part["start"], part["stop"], source)
 
-    if part["kind"] == "text":
-        text = _read_text_range(path, part["start"], part["stop"], part.get("data_start", 0)).decode("utf-8")
-    else:
-        with datasets._open_text(path) as handle:
-            for _ in range(part.get("skip_lines", 0)):
-                handle.readline()
-            text = handle.read()
+    try:
+        if part["kind"] == "text":
+            text = _read_text_range(path, part["start"], part["stop"], part.get("data_start", 0)).decode("utf-8")
+        else:
+            with datasets._open_text(path) as handle:
+                for _ in range(part.get("skip_lines", 0)):
+                    handle.readline()
+                text = handle.read()
+    except UnicodeDecodeError as error:
+        raise datasets.not_utf8_error(source, error) from None
 
     if data.format == "libsvm":
         return datasets.parse_libsvm_lines(text.splitlines(), source)

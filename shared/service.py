@@ -50,7 +50,7 @@ from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, StateStore
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
-                             check_stopping, get_training_mode)
+                             check_model_fits, check_stopping, get_training_mode)
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,9 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     faults.maybe_fail("starter.prepared", job_id=spec.job_id)
 
     model = build_model(spec, manifest)
+    # NOTE: this checks against Lambda's largest memory, not the stack's setting, so a
+    # model between the two still runs out of memory in the functions and dead-letters.
+    check_model_fits(model)
     check_reducers(spec.training.reducers, model.n_params)
     optimizer = build_optimizer(spec)
     mode = get_training_mode(spec, model)

@@ -53,6 +53,31 @@ def build_model_for_preparation(spec: JobSpec) -> Model:
     return build_model(spec, {"n_features": 1, "classes": None})
 
 
+# Lambda's largest memory setting, in MB; no deployment can give a function more.
+LAMBDA_MAX_MEMORY_MB = 10_240
+
+# The most parameter-sized float64 arrays a function keeps at once: the weights, up to two
+# optimizer slots (Adam), a worker's gradient or the aggregator's running sum, the new
+# weights and one temporary of the step.
+PARAMETER_COPIES = 6
+
+
+def check_model_fits(model: Model, memory_mb: int = LAMBDA_MAX_MEMORY_MB) -> None:
+    """Reject a model whose parameter arrays alone would not fit in ``memory_mb`` MB.
+
+    Raises
+    ------
+    JobSpecError
+        Naming the model's size and what to shrink.
+    """
+    needed = model.n_params * 8 * PARAMETER_COPIES
+    if needed > memory_mb * 2**20:
+        field = "model.hidden_layer_sizes" if hasattr(model, "hidden_layer_sizes") else "model"
+        raise JobSpecError(field, f"the model has {model.n_params:,} parameters, so its weights, optimizer "
+                                  f"state and gradients need about {needed / 2**30:,.1f} GiB, more than the "
+                                  f"{memory_mb:,} MB a Lambda function can have; use fewer or smaller hidden "
+                                  "layers, or fewer features or classes")
+
 def build_optimizer(spec: JobSpec) -> Optimizer:
     """Return the optimizer a job uses."""
     hyperparameters = {key: value for key, value in vars(spec.optimizer).items() if key not in ("name", "betas")}

@@ -107,6 +107,15 @@ CASES = [
      ["feature columns", "three-columns.csv"]),
     ("csv-label-column-out-of-range", json.dumps(spec("label-column", data={**GOOD_CSV, "label_column": 40})),
      "label-column", ["label_column", "40"]),
+    ("libsvm-index-beyond-int32", json.dumps(spec("libsvm-huge-index", data=libsvm_data("datasets/huge-index.libsvm"))),
+     "libsvm-huge-index", ["line 2", "99999999999", "2,147,483,647"]),
+    ("libsvm-index-zero", json.dumps(spec("libsvm-zero-index", data=libsvm_data("datasets/zero-index.libsvm"))),
+     "libsvm-zero-index", ["line 1", "index 0", "start at 1"]),
+    ("libsvm-not-utf8", json.dumps(spec("libsvm-binary", data=libsvm_data("datasets/binary.libsvm"))),
+     "libsvm-binary", ["binary.libsvm", "not UTF-8"]),
+    ("mlp-beyond-lambda-memory", json.dumps(spec("mlp-huge", model={"name": "mlp_classifier",
+                                                                    "hidden_layer_sizes": [100000, 100000, 100000]})),
+     "mlp-huge", ["model.hidden_layer_sizes", "parameters", "10,240 MB"]),
     # No bucket is listed in BATON_ALLOWED_S3_BUCKETS here, so every s3:// path is outside them.
     ("s3-uri-outside-buckets", json.dumps(spec("s3-outside", data=csv_data("s3://other-bucket/data.csv"))),
      "s3-outside", ["s3://other-bucket/data.csv", "not allowed", "BATON_ALLOWED_S3_BUCKETS"]),
@@ -123,6 +132,9 @@ def write_data_files(efs_root):
     write_a9a_subset(efs_root, 300, "a9a-300")
     (datasets / "empty.libsvm").write_text("")
     (datasets / "corrupt.libsvm").write_text("1 1:0.5 2:1\n-1 3:1\n1 4:x\n")
+    (datasets / "huge-index.libsvm").write_text("1 1:0.5\n-1 99999999999:1\n1 2:1\n")
+    (datasets / "zero-index.libsvm").write_text("1 0:0.5 2:1\n-1 3:1\n")
+    (datasets / "binary.libsvm").write_bytes(b"1 1:0.5\n\x00\xff\xfe\n")
     (datasets / "three-classes.csv").write_text("1,2,0\n2,3,1\n3,4,2\n4,5,0\n5,6,1\n6,7,2\n")
     (datasets / "nan.csv").write_text("1,2,0\nnan,3,1\n3,4,0\n4,5,1\n")
     (datasets / "inf.libsvm").write_text("1 1:0.5\n-1 2:inf\n1 1:1\n-1 2:2\n")
