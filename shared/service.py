@@ -665,6 +665,9 @@ def reduce_slice(services: Services, message: AggregateMessage, message_id: str 
     context = services.job_context(job_id)
     spec, manifest = context.spec, context.manifest
     reducers = spec.training.reducers
+    if reducers == 1:
+        raise InvalidMessageError(f"reduce message for job {job_id}, which sums in its aggregator "
+                                  "(training.reducers is 1); dropped")
     if not 0 <= slice_index < reducers:
         raise InvalidMessageError(f"reduce message names slice {slice_index} but job {job_id} has {reducers} reducers")
     if len(done) != record.n_workers:

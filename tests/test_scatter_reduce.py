@@ -191,6 +191,32 @@ def test_early_aggregate_message_resends_reduces(inprocess_stack):
     assert resent == [0, 1]
 
 
+def test_reduce_message_for_single_aggregator_dropped(inprocess_stack):
+    reference = run_job(inprocess_stack, mode_spec("gradient_average", "single-reference", 1))
+    inprocess_stack.submit(mode_spec("gradient_average", "single", 1))
+    while inprocess_stack.step("JobsQueue") is not None or inprocess_stack.step("TasksQueue") is not None:
+        pass
+
+    inprocess_stack.send("AggregateQueue", {"job_id": "single", "round": 0, "reduce": 0})
+    messages = receive_all(inprocess_stack, "AggregateQueue")
+    stray = [message for message in messages if "reduce" in json.loads(message["Body"])]
+    assert len(stray) == 1
+    deliver_aggregate_queue(inprocess_stack, stray[0])
+
+    assert inprocess_stack.services.state.get_reduced_slices("single", 0) == []
+    round_dir = inprocess_stack.efs_root / "jobs" / "single" / "rounds" / "0"
+    assert not list(round_dir.glob("reduced-*"))
+
+    for message in messages:
+        if message not in stray:
+            deliver_aggregate_queue(inprocess_stack, message)
+    inprocess_stack.run()
+    record = inprocess_stack.services.state.get_job("single")
+    assert record.status == SUCCEEDED, record.error
+    assert params_bytes(inprocess_stack.efs_root, "single") == params_bytes(inprocess_stack.efs_root,
+                                                                            "single-reference")
+
+
 def test_more_reducers_than_parameters_fails_job(inprocess_stack):
     # Logistic regression on 30 features has 31 parameters.
     record = run_job(inprocess_stack, mode_spec("gradient_average", "too-many-reducers", 32))
