@@ -302,6 +302,10 @@ class Deployment:
     architecture: str = "x86_64"
 
 
+# The job spec's ranges of training.max_epochs and training.max_rounds.
+MAX_EPOCHS = 10_000
+MAX_ROUNDS = 10_000_000
+
 def check_workload(workload: Workload) -> None:
     """Raise :class:`PlanError` naming the option when ``workload`` cannot be planned."""
     if workload.rows < 1:
@@ -314,10 +318,11 @@ def check_workload(workload: Workload) -> None:
         raise PlanError("--batch-size", f"must be at least 1, got {workload.batch_size}; pass rows per worker per round")
     if workload.epochs is None and workload.rounds is None:
         raise PlanError("--epochs", "neither --epochs nor --rounds was given; pass one of them")
-    if workload.epochs is not None and workload.epochs <= 0:
-        raise PlanError("--epochs", f"must be greater than 0, got {workload.epochs}")
-    if workload.rounds is not None and workload.rounds < 1:
-        raise PlanError("--rounds", f"must be at least 1, got {workload.rounds}")
+    if workload.epochs is not None and not 0 < workload.epochs <= MAX_EPOCHS:
+        raise PlanError("--epochs", f"must be greater than 0 and at most {MAX_EPOCHS:,} (training.max_epochs), "
+                                    f"got {workload.epochs}")
+    if workload.rounds is not None and not 1 <= workload.rounds <= MAX_ROUNDS:
+        raise PlanError("--rounds", f"must be from 1 to {MAX_ROUNDS:,} (training.max_rounds), got {workload.rounds}")
     if workload.params is not None and workload.params < 1:
         raise PlanError("--params", f"must be at least 1, got {workload.params}; omit it for a linear model")
     if workload.optimizer_slots < 0:

@@ -267,3 +267,23 @@ def test_cli_plan_rejects_epochs_and_rounds():
 
     assert result.exit_code == 2
     assert "give --epochs or --rounds, not both" in result.output
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "nan"), ("--epochs", "inf"), ("--epochs", "20000"),
+                                           ("--rounds", "99999999999")])
+def test_plan_rejects_epochs_and_rounds_out_of_range(option, value):
+    result = CliRunner().invoke(main, ["plan", "--workers", "4", "--rows", "1000", "--features", "10",
+                                       "--batch-size", "32", option, value])
+    assert result.exit_code == 2
+    assert f"Invalid value for {option}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_plan_limits_match_job_spec():
+    import dataclasses
+
+    from shared.spec import TrainingSection
+
+    fields = {field.name: field.metadata for field in dataclasses.fields(TrainingSection)}
+    assert planner.MAX_EPOCHS == fields["max_epochs"]["maximum"]
+    assert planner.MAX_ROUNDS == fields["max_rounds"]["maximum"]
