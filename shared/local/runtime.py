@@ -250,8 +250,16 @@ class LocalRuntime:
                 ).get("Messages", [])
                 if not messages:
                     continue
+                if reorder and not self._with_siblings(messages) and len(messages) < 10:
+                    # The long poll returns as soon as the first message of a batch send
+                    # lands, so ask once more for the rest: a message with no sibling of
+                    # its job and round has no order to change.
+                    messages += self.sqs.receive_message(
+                        QueueUrl=lanes.queue_url, MaxNumberOfMessages=10 - len(messages), WaitTimeSeconds=1,
+                        AttributeNames=["All"], MessageAttributeNames=["All"]).get("Messages", [])
                 lanes.bodies.extend(message["Body"] for message in messages)
-                if reorder and len(messages) > 1 and self._claim_delivery(definition.name, messages[0], "reorder"):
+                if reorder and any(self._claim_delivery(definition.name, message, "reorder")
+                                   for message in self._with_siblings(messages)):
                     messages.reverse()
 
                 for start in range(0, len(messages), definition.batch_size):
@@ -294,6 +302,11 @@ class LocalRuntime:
         except json.JSONDecodeError:
             return {}
         return body if isinstance(body, dict) else {}
+
+    def _with_siblings(self, messages: list[dict]) -> list[dict]:
+        """Return the messages that share their job and round with another message of ``messages``."""
+        keys = [(ids.get("job_id"), ids.get("round")) for ids in map(self._message_ids, messages)]
+        return [message for message, key in zip(messages, keys) if keys.count(key) > 1]
 
     def _claim_delivery(self, function: str, message: dict, kind: str) -> dict | None:
         return faults.claim_delivery_fault(function, self._message_ids(message), kinds=(kind,), environ=self.environment)
