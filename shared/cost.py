@@ -370,7 +370,10 @@ def account_round(store, state, record, round_index: int, batch_size: int, n_fea
         dynamodb_write_units=requests.dynamodb_write_units,
         efs_bytes_read=bytes_read,
         efs_bytes_written=bytes_written,
-        efs_stored_bytes=stored_job_bytes(store, job_id, round_index, state_bytes + result_bytes),
+        # This round's folder (state, results, reduced slices, progress files) stands for
+        # each kept round: one stat per file of one round, however many rounds are kept.
+        efs_stored_bytes=stored_job_bytes(store, job_id, round_index,
+                                          folder_bytes(store.round_dir(job_id, round_index))),
         round_seconds=round_seconds,
     )
     round_cost = estimate_round_cost(usage, prices).total_usd
