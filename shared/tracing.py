@@ -168,7 +168,7 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
     ``run_task`` and ``aggregate_round`` when they are imported.
     """
     global _tracer
-    from shared import cost, data, service
+    from shared import cost, data, reduction, service
     from shared.efs import EfsStore
     from shared.models.base import Model
     from shared.queues import QueueClient
@@ -177,7 +177,7 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
 
     _tracer = Tracer(Path(trace_dir) / f"{function}-{os.getpid()}.jsonl", function)
 
-    for name in ("run_task", "aggregate_round"):
+    for name in ("run_task", "aggregate_round", "reduce_slice"):
         original = getattr(service, name)
         if not getattr(original, "__baton_traced__", False):
             _patched.append((service, name, original))
@@ -195,10 +195,16 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
     for name, member in list(vars(QueueClient).items()):
         if inspect.isfunction(member) and name.startswith("send"):
             _wrap_attribute(QueueClient, name, "send")
+    # The result files that shared/reduction.py reads and writes itself, and its sum; its
+    # other functions call these and the store, so wrapping them would count twice.
+    for name in ("_read_scalars", "map_worker_vector", "_read_vector_into"):
+        _wrap_attribute(reduction, name, "efs_read")
+    _wrap_attribute(reduction, "write_bytes_atomic", "efs_write")
+    _wrap_attribute(reduction, "accumulate_vectors", "aggregation")
     for mode in _all_subclasses(TrainingMode):
         for name in ("begin", "advance", "finish"):
             _wrap_attribute(mode, name, "compute")
-        _wrap_attribute(mode, "combine", "aggregation")
+        _wrap_attribute(mode, "step", "aggregation")
     for model in (Model, *_all_subclasses(Model)):
         _wrap_attribute(model, "metrics", "aggregation")
     return _tracer
@@ -294,7 +300,9 @@ def round_breakdown(spans: list[dict], job_id: str) -> list[RoundBreakdown]:
     step, time in no wrapped call counts as ``other``, and SQS send calls count as
     ``dispatch``, so the phases add up to the round time.
 
-    Rounds without a traced predecessor (round 0) or successor (the last) are left out.
+    Rounds without a traced predecessor (round 0) or successor (the last) are left out,
+    and so are rounds of a job with ``training.reducers`` above 1, whose aggregate message a
+    reducer sends.
     """
     job_spans = [span for span in spans if span.get("job_id") == job_id]
     steps = [span for span in job_spans if span["phase"] == "step"]
