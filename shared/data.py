@@ -285,10 +285,15 @@ def check_finite(X, y: np.ndarray, source: str, first_row: int = 0) -> None:
     """Raise :class:`DataError` naming the first row with a NaN or infinite feature or label."""
     values = X.data if sp.issparse(X) else X
     if not np.all(np.isfinite(values)):
-        dense_rows = X.toarray() if sp.issparse(X) else X
-        row = int(np.argwhere(~np.isfinite(dense_rows))[0][0])
-        raise DataError(f"'{source}' has a NaN or infinite feature value in data row {first_row + row + 1}; "
-                        "clean or impute the data before training")
+        if sp.issparse(X):
+            # The row of the first bad stored value, found from the row pointers.
+            position = int(np.flatnonzero(~np.isfinite(X.data))[0])
+            row = int(np.searchsorted(X.indptr, position, side="right")) - 1
+        else:
+            row = int(np.argwhere(~np.isfinite(X))[0][0])
+        raise DataError(f"'{source}' has a NaN or infinite feature value in data row {first_row + row + 1} "
+                        "(features are stored as float32, so a value beyond ±3.4e38 becomes infinite); "
+                        "clean, impute or rescale the data before training")
     if not np.all(np.isfinite(y)):
         row = int(np.argwhere(~np.isfinite(y))[0][0])
         raise DataError(f"'{source}' has a NaN or infinite label in data row {first_row + row + 1}")

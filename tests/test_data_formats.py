@@ -204,3 +204,14 @@ def test_s3_object_missing(inprocess_stack, s3_bucket):
 def test_bad_data_uri_rejected(path):
     with pytest.raises(Exception, match="data.path"):
         parse_job_spec(breast_cancer_spec("uri", data={"path": path}))
+
+
+def test_sparse_non_finite_row_found_without_densifying():
+    import scipy.sparse as sp
+
+    from shared.data import check_finite
+    from shared.errors import DataError
+
+    X = sp.csr_matrix(np.array([[1, 0, 2], [0, 0, 0], [0, np.inf, 1]], dtype=np.float32))
+    with pytest.raises(DataError, match=r"data row 13 .*float32"):
+        check_finite(X, np.zeros(3), "sparse.libsvm", first_row=10)
