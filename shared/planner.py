@@ -557,8 +557,8 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     # One worker, start to finish, with nothing else running.
     worker: dict[str, float] = {}
     worker["invocation"] = platform.invocation_overhead_seconds
-    # Read the job item and the done set, then the conditional ADD to the done set.
-    database_requests = 3
+    # One batched read of the job item and the done set, then the conditional ADD to the set.
+    database_requests = 2
     worker["DynamoDB"] = database_requests * platform.database_request_seconds
     worker["read weights"] = platform.read_op_seconds + _transfer_seconds(
         workload.state_bytes, concurrent, platform.client_read_bytes_per_second, platform.total_read_bytes_per_second)
@@ -591,8 +591,8 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     # The aggregator, alone.
     aggregator: dict[str, float] = {}
     aggregator["invocation"] = platform.invocation_overhead_seconds
-    # Job item and done set; round usage; round metrics; advance the round.
-    aggregator["DynamoDB"] = 5 * platform.database_request_seconds
+    # Job item and done set in one batched read; round usage; round metrics; advance the round.
+    aggregator["DynamoDB"] = 4 * platform.database_request_seconds
     read_rate = platform.client_read_bytes_per_second
     # Each result is a vector (.npy) and its small values (.json).
     aggregator["read results"] = (2 + 2 * n) * platform.read_op_seconds + (
