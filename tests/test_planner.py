@@ -56,7 +56,8 @@ def test_round_phases_hand_worked():
 
     # Two SendMessageBatch calls for 12 tasks, then the dispatch.
     assert estimate.phases["send tasks and dispatch"] == pytest.approx(2 * 0.01 + 0.1)
-    assert estimate.phases["worker: DynamoDB"] == pytest.approx(3 * 0.005)
+    # One batched read of the job item and done set, and the conditional update.
+    assert estimate.phases["worker: DynamoDB"] == pytest.approx(2 * 0.005)
     # 1,024 parameters, float64, parameters and one momentum array: 16 KiB at 100 MiB/s.
     assert estimate.phases["worker: read weights"] == pytest.approx(0.001 + 16384 / (100 * planner.MIB))
     # 100 rows x (1e-8 + 1023 x 1e-9) seconds.
@@ -80,8 +81,9 @@ def test_shared_request_server_queues_workers():
     path = sum(seconds for name, seconds in estimate.phases.items()
                if name.startswith("worker:") and not name.startswith("worker: queueing"))
 
-    # Eight workers, five requests each, one at a time.
-    assert path + estimate.phases["worker: queueing for shared server and cores"] == pytest.approx(8 * 5 * 0.004)
+    # Eight workers, four requests each (two DynamoDB calls, the lane's receive and
+    # delete), one at a time.
+    assert path + estimate.phases["worker: queueing for shared server and cores"] == pytest.approx(8 * 4 * 0.004)
 
 
 def test_lambda_speed_follows_memory():
