@@ -1,4 +1,4 @@
-"""What every benchmark section returns, and helpers they share.
+"""Result types of the benchmark sections, and helpers they share.
 
 A section measures one thing and its reference in the same run, so each figure is a ratio
 against something measured on the same machine at the same time. ``bench/run.py`` collects
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+# The benchmarks time calls the way the planner calibrates itself.
+from shared.planner import median_seconds  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
@@ -25,8 +25,8 @@ DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
 class Goal:
     """One figure with the target it is held to.
 
-    ``measured`` and ``target`` are in the same unit; ``higher_is_better`` says which side
-    of the target meets it. ``reason`` explains a missed goal and names the bottleneck.
+    ``measured`` and ``target`` are in the same unit. ``higher_is_better`` is True when a
+    figure at or above the target meets it. ``reason`` explains a missed goal and names the bottleneck.
     """
 
     name: str
@@ -48,18 +48,6 @@ class Section:
     title: str
     body: str
     goals: list[Goal] = field(default_factory=list)
-
-
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Return the median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run()
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
 
 
 def machine_description() -> str:

@@ -1,8 +1,8 @@
 """Run every benchmark and write docs/benchmarks.md.
 
 Usage: ``make bench`` (or ``.venv/bin/python bench/run.py``). ``--only NAME`` runs some
-sections and prints them instead of rewriting the page; ``--quick`` uses small sizes and
-few repeats, to check that the benchmarks still run, not to measure.
+sections and prints them instead of rewriting the page. ``--quick`` uses small sizes and
+few repeats. It checks that the benchmarks still run and measures nothing worth keeping.
 
 Each section lives in its own module with a ``measure(quick: bool) -> Section`` function
 (bench/common.py); the order below is the order of the page.
@@ -32,7 +32,12 @@ def format_number(value: float) -> str:
 
 def format_goal(goal: Goal) -> list[str]:
     comparison = ">=" if goal.higher_is_better else "<="
-    verdict = "met" if goal.met else f"missed: {goal.reason}" if goal.reason else "missed"
+    if goal.met:
+        verdict = "met"
+    elif goal.reason:
+        verdict = f"missed: {goal.reason}"
+    else:
+        verdict = "missed"
     return [goal.name, f"{format_number(goal.measured)}{goal.unit}",
             f"{comparison} {format_number(goal.target)}{goal.unit}", verdict]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -1004,8 +1004,10 @@ def predict_local_round(workload: Workload, workers: int, profile: LocalProfile,
 # Measurement -------------------------------------------------------------------------------
 
 
-def _median_seconds(run, repeats: int) -> float:
-    run()
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Return the median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -1031,23 +1033,23 @@ def measure_compute_profile(quick: bool = False) -> ComputeProfile:
     narrow = dense[:, :8].copy()
     model_narrow = LogisticRegression(n_features=8)
     params_narrow = params[:9].copy()
-    call = _median_seconds(lambda: model_narrow.loss_grad(params_narrow, narrow[:1], y[:1]), repeats)
-    narrow_seconds = _median_seconds(lambda: model_narrow.loss_grad(params_narrow, narrow, y), repeats)
-    dense_seconds = _median_seconds(lambda: model.loss_grad(params, dense, y), repeats)
+    call = median_seconds(lambda: model_narrow.loss_grad(params_narrow, narrow[:1], y[:1]), repeats)
+    narrow_seconds = median_seconds(lambda: model_narrow.loss_grad(params_narrow, narrow, y), repeats)
+    dense_seconds = median_seconds(lambda: model.loss_grad(params, dense, y), repeats)
     per_row = max(0.0, (narrow_seconds - call) / rows)
     per_dense_value = max(1e-12, (dense_seconds - narrow_seconds) / (rows * (features - 8)))
 
     density = 0.05
     sparse = scipy.sparse.random(rows, features, density=density, format="csr", dtype=np.float32, random_state=1)
-    sparse_seconds = _median_seconds(lambda: model.loss_grad(params, sparse, y), repeats)
+    sparse_seconds = median_seconds(lambda: model.loss_grad(params, sparse, y), repeats)
     per_sparse_value = max(1e-12, (sparse_seconds - call - rows * per_row) / sparse.nnz)
 
     shard_rows = 200_000
-    shuffle_seconds = _median_seconds(lambda: np.sort(np.random.default_rng([1, 2, 3]).permutation(shard_rows)[:256]),
+    shuffle_seconds = median_seconds(lambda: np.sort(np.random.default_rng([1, 2, 3]).permutation(shard_rows)[:256]),
                                       repeats)
     vector = rng.normal(size=1_000_000)
     total = np.zeros_like(vector)
-    add_seconds = _median_seconds(lambda: np.add(total, vector, out=total), repeats)
+    add_seconds = median_seconds(lambda: np.add(total, vector, out=total), repeats)
     return ComputeProfile(
         seconds_per_dense_value=per_dense_value,
         seconds_per_sparse_value=per_sparse_value,
@@ -1076,11 +1078,11 @@ def measure_file_costs(folder, quick: bool = False) -> dict[str, float]:
     small, large = b"x" * 1024, os.urandom((8 if quick else 32) * MIB)
     small_path, large_path = folder / "small.bin", folder / "large.bin"
 
-    small_write = _median_seconds(lambda: write_bytes_atomic(small_path, small), repeats)
-    large_write = _median_seconds(lambda: write_bytes_atomic(large_path, large), max(3, repeats // 4))
-    small_read = _median_seconds(lambda: small_path.read_bytes(), repeats)
-    large_read = _median_seconds(lambda: large_path.read_bytes(), max(3, repeats // 4))
-    stat = _median_seconds(lambda: small_path.stat(), repeats)
+    small_write = median_seconds(lambda: write_bytes_atomic(small_path, small), repeats)
+    large_write = median_seconds(lambda: write_bytes_atomic(large_path, large), max(3, repeats // 4))
+    small_read = median_seconds(lambda: small_path.read_bytes(), repeats)
+    large_read = median_seconds(lambda: large_path.read_bytes(), max(3, repeats // 4))
+    stat = median_seconds(lambda: small_path.stat(), repeats)
     return {
         "read_op_seconds": small_read,
         "write_op_seconds": small_write / 3,
@@ -1140,8 +1142,8 @@ def measure_request_seconds(endpoint_url: str, quick: bool = False, clients: int
         client.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
 
     state = StateStore(dynamodb, "planner-probe")
-    database = _median_seconds(lambda: database_round_trip(state), repeats) / 2
-    queue = _median_seconds(queue_round_trip, repeats) / 3
+    database = median_seconds(lambda: database_round_trip(state), repeats) / 2
+    queue = median_seconds(queue_round_trip, repeats) / 3
     latency = (database + queue) / 2
 
     # Each thread has its own clients, as each container has; 5 calls per loop.
