@@ -175,9 +175,9 @@ preparation stored them (bench/shards.py). The batch is the whole shard up to th
 largest batch_size, {MAX_BATCH:,} rows, and otherwise {MAX_BATCH:,} rows spread over the whole shard,
 so the worker touches nearly every page of it either way.
 
-Pages of a memory-mapped file count in the resident set once read, so a worker that reads
-its whole shard has at least the shard's size resident; a copy of the shard would double
-that. A process that only imports what a worker imports peaks at {baseline / MIB:.0f} MiB.
+Pages of a memory-mapped file count in the resident set once read. So a worker that reads
+its whole shard has at least the shard's size resident, and a copy of the shard would
+double that. A process that only imports what a worker imports peaks at {baseline / MIB:.0f} MiB.
 Goal: peak RSS <= {SHARD_FACTOR} × shard + {FIXED_ALLOWANCE // MIB} MiB.
 
 {table}

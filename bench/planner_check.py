@@ -199,7 +199,7 @@ def measure(quick: bool) -> Section:
         f"The 1-minute load average at the end was {load:.1f} on {profile.cores} cores, so other",
         "processes on the machine shared the cores with these runs.",
         "",
-        "On this machine moto's server answers one request at a time, so a round costs about six",
+        "On this machine moto's server handles one request at a time, so a round costs about six",
         "requests per worker in sequence: the local time per round grows linearly with the workers,",
         "which is the opposite of AWS, where the workers' requests run in parallel.",
         "",

@@ -1,9 +1,9 @@
 """Where a round's time goes on the local runtime, for a9a with 4 workers.
 
 The section runs examples/a9a.json through ``LocalStack`` with tracing on
-(:mod:`shared.tracing`) and splits each round along its critical path: the dispatch of the
-tasks, the step of the worker that completed the round, the dispatch of the aggregate
-message and the aggregator's step up to the send of the next round's tasks. The phases add
+(:mod:`shared.tracing`) and splits each round along its critical path. That path is the
+dispatch of the tasks, the step of the worker that completed the round, the dispatch of
+the aggregate message, and the aggregator's step up to the send of the next round's tasks. The phases add
 up to the round time. Figures are medians over the rounds of a run, then over runs.
 
 A second part repeats short runs at larger batch sizes, fits the worker's compute time as

@@ -276,7 +276,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class Deployment:
-    """How the job runs on AWS.
+    """Deployment settings of a job on AWS.
 
     Attributes
     ----------
@@ -622,7 +622,7 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
 
 @dataclass
 class BurstSummary:
-    """How a Bursting-mode file system's credits last over the job."""
+    """Throughput of a Bursting-mode file system over the job, as its burst credits run out."""
 
     burst_bytes_per_second: float
     baseline_bytes_per_second: float
@@ -958,7 +958,7 @@ def local_platform(profile: LocalProfile, lanes: int) -> Platform:
     """Return the per-operation costs of the local runtime with ``lanes`` worker containers.
 
     Every container, the lanes' polling threads and moto's server share ``profile.cores``
-    cores, so workers beyond the core count queue for CPU. moto's server answers one
+    cores, so workers beyond the core count queue for CPU. moto's server handles one
     request at a time, so the workers' requests queue there too.
     """
     return Platform(

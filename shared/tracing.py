@@ -195,8 +195,8 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
     for name, member in list(vars(QueueClient).items()):
         if inspect.isfunction(member) and name.startswith("send"):
             _wrap_attribute(QueueClient, name, "send")
-    # The result files that shared/reduction.py reads and writes itself, and its sum; its
-    # other functions call these and the store, so wrapping them would count twice.
+    # Only the leaf functions of shared/reduction.py: its file reads and writes and its sum.
+    # Its other functions call these and the store, so wrapping them would count twice.
     for name in ("_read_scalars", "map_worker_vector", "_read_vector_into"):
         _wrap_attribute(reduction, name, "efs_read")
     _wrap_attribute(reduction, "write_bytes_atomic", "efs_write")
@@ -361,7 +361,7 @@ def median_breakdown(breakdowns: list[RoundBreakdown]) -> dict[str, float]:
     """Return the median of each phase and of the round time, scaled so the phases sum to it.
 
     Medians of parts do not add up to the median of a sum, so each phase's median is
-    scaled by the same factor; the shares stay those of the medians.
+    scaled by the same factor. The shares stay those of the medians.
     """
     if not breakdowns:
         return {}

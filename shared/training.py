@@ -56,9 +56,9 @@ def build_model_for_preparation(spec: JobSpec) -> Model:
 # Lambda's largest memory setting, in MB; no deployment can give a function more.
 LAMBDA_MAX_MEMORY_MB = 10_240
 
-# The most parameter-sized float64 arrays a function keeps at once: the weights, up to two
-# optimizer slots (Adam), a worker's gradient or the aggregator's running sum, the new
-# weights and one temporary of the step.
+# The maximum number of parameter-sized float64 arrays a function keeps at once: the
+# weights, up to two optimizer slots (Adam), a worker's gradient or the aggregator's
+# running sum, the new weights and one temporary of the step.
 PARAMETER_COPIES = 6
 
 

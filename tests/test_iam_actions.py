@@ -1,8 +1,8 @@
 """Every AWS call a handler makes is allowed by its IAM role in serverless.yml.
 
-The in-process driver runs a whole job (with scatter-reduce, so every aggregator path
-runs) and the watchdog; a botocore hook records each call with the function that made
-it. moto does not enforce IAM, so without this check a new API call would pass every
+The in-process driver runs a whole job and the watchdog. The job uses scatter-reduce, so
+every aggregator path runs. A botocore hook records each call with the function that
+made it. moto does not enforce IAM, so without this check a new API call would pass every
 local test and fail with AccessDenied on AWS.
 """
 
