@@ -310,7 +310,7 @@ def stored_job_bytes(store, job_id: str, round_index: int, round_folder_bytes: i
     metrics_bytes = round_index * file_bytes(store.metrics_path(job_id, round_index - 1)) if round_index else 0
     return _prepared_bytes[key] + kept_rounds * round_folder_bytes + metrics_bytes
 
-def account_round(store, state, record, round_index: int, batch_size: int, n_features: int,
+def account_round(store, record, usage_totals: dict[str, float], round_index: int, batch_size: int, n_features: int,
                   validation_bytes: int, aggregate_seconds: float, prices: PriceTable = PRICES,
                   reducers: int = 1) -> dict[str, float]:
     """Measure and price round ``round_index`` of a job, for the aggregator's metrics.
@@ -318,10 +318,12 @@ def account_round(store, state, record, round_index: int, batch_size: int, n_fea
     Parameters
     ----------
     store : EfsStore
-    state : StateStore
     record : JobRecord
         The job item as the aggregator read it before committing the round; its
         ``updated_at`` marks the start of the round and its ``cost_usd`` the total so far.
+    usage_totals : dict of str to float
+        The usage the round's workers and reducers added to its round item
+        (``StateStore.get_round_usage``).
     round_index : int
     batch_size, n_features : int
         For the bytes each worker reads from its shard, counted as dense float64 rows.
@@ -330,7 +332,7 @@ def account_round(store, state, record, round_index: int, batch_size: int, n_fea
     aggregate_seconds : float
         The aggregator's own time in this round.
     reducers : int, default=1
-        ``training.reducers``; the reducers' time comes from the round item.
+        ``training.reducers``; the reducers' time is in ``usage_totals``.
 
     Returns
     -------
@@ -343,7 +345,6 @@ def account_round(store, state, record, round_index: int, batch_size: int, n_fea
     now = time.time()
     round_seconds = max(0.0, now - float(record.attributes.get("updated_at", now)))
 
-    usage_totals = state.get_round_usage(job_id, round_index)
     worker_gb_seconds = usage_totals.get("worker_gb_seconds", 0.0)
     reducer_gb_seconds = usage_totals.get("reducer_gb_seconds", 0.0)
 

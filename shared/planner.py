@@ -591,8 +591,9 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     # The aggregator, alone.
     aggregator: dict[str, float] = {}
     aggregator["invocation"] = platform.invocation_overhead_seconds
-    # Job item and done set in one batched read; round usage; round metrics; advance the round.
-    aggregator["DynamoDB"] = 4 * platform.database_request_seconds
+    # Job item and round item (done set and usage) in one batched read; round metrics;
+    # advance the round.
+    aggregator["DynamoDB"] = 3 * platform.database_request_seconds
     read_rate = platform.client_read_bytes_per_second
     # Each result is a vector (.npy) and its small values (.json).
     aggregator["read results"] = (2 + 2 * n) * platform.read_op_seconds + (

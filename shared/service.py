@@ -462,7 +462,9 @@ VALIDATION_CHUNK_ROWS = 65536
 
 
 def _check_aggregate_is_current(services: Services, job_id: str, round_index: int):
-    record, done = services.state.get_job_and_done_workers(job_id, round_index)
+    """Return the job's item and the round's usage totals; raise unless the round is ready to aggregate."""
+    record, round_state = services.state.get_job_and_round(job_id, round_index)
+    done = round_state.done
     if record is None or record.status != RUNNING:
         raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status}")
     if record.round == round_index + 1:
@@ -476,14 +478,14 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
         raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; retrying")
     reducers = services.job_context(job_id).spec.training.reducers
     if reducers > 1:
-        reduced = services.state.get_reduced_slices(job_id, round_index)
+        reduced = round_state.reduced
         if len(reduced) != reducers:
             # Only the reducer that completes the set sends the aggregate message, so this
             # one came early (a resume, a stray copy): re-send what is missing and drop it.
             sent = send_round_complete(services.state, services.queues, job_id, round_index, reducers)
             raise StaleMessageError(f"round {round_index} of job {job_id} has {len(reduced)} of {reducers} reduced "
                                     f"slices; re-sent {sent}, and the last reducer sends the aggregate message")
-    return record
+    return record, round_state.usage
 
 
 def _load_aggregate_progress(store: EfsStore, path: Path, continuation: int | None, message_id: str) -> tuple[dict, int]:
@@ -522,7 +524,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     job_id, round_index = message["job_id"], message["round"]
     ids = {"job_id": job_id, "round": round_index}
     store, state = services.store, services.state
-    record = _check_aggregate_is_current(services, job_id, round_index)
+    record, usage_totals = _check_aggregate_is_current(services, job_id, round_index)
     faults.maybe_fail("aggregator.before_read", **ids)
 
     started = time.monotonic()
@@ -592,7 +594,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     metrics["loss"] = metrics.get("validation_loss", progress["train_loss"])
     metrics["aggregate_seconds"] = time.monotonic() - started
     metrics.update(cost.account_round(
-        store, state, record, round_index, spec.training.batch_size, manifest["n_features"],
+        store, record, usage_totals, round_index, spec.training.batch_size, manifest["n_features"],
         validation_bytes=0 if validation is None else cost.array_bytes(validation.X),
         aggregate_seconds=metrics["aggregate_seconds"], reducers=spec.training.reducers))
     store.write_json(store.metrics_path(job_id, round_index), metrics)

@@ -117,6 +117,29 @@ class JobRecord:
         )
 
 
+def _round_usage(item: dict) -> dict[str, float]:
+    return {name: float(_from_attribute(item[name])) for name in item if name.startswith(("worker_", "reducer_"))}
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """A round item's sets and usage: done workers, reduced slices, and the usage totals.
+
+    Workers and reducers add their usage in the same conditional update that adds them to
+    their set, so a complete set comes with complete usage.
+    """
+
+    done: list[int]
+    reduced: list[int]
+    usage: dict[str, float]
+
+    @classmethod
+    def from_item(cls, item: dict) -> "RoundState":
+        return cls(done=_from_attribute(item["done"]) if "done" in item else [],
+                   reduced=_from_attribute(item["reduced"]) if "reduced" in item else [],
+                   usage=_round_usage(item))
+
+
 class StateStore:
     """Job and round state in DynamoDB.
 
@@ -257,8 +280,7 @@ class StateStore:
         """Return the usage totals the workers and reducers added to round ``round_index``."""
         response = self.client.get_item(
             TableName=self.table_name, Key=_round_key(job_id, round_index), ConsistentRead=True)
-        item = response.get("Item", {})
-        return {name: float(_from_attribute(item[name])) for name in item if name.startswith(("worker_", "reducer_"))}
+        return _round_usage(response.get("Item", {}))
 
     def get_done_workers(self, job_id: str, round_index: int) -> list[int]:
         """Return the sorted workers recorded as done in round ``round_index``."""
@@ -275,20 +297,26 @@ class StateStore:
         return _from_attribute(item[attribute]) if attribute in item else []
 
     def get_job_and_done_workers(self, job_id: str, round_index: int) -> tuple[JobRecord | None, list[int]]:
-        """Return the job's item and round ``round_index``'s done workers, both read consistently.
+        """Return the job's item and round ``round_index``'s done workers, both read consistently."""
+        record, round_state = self.get_job_and_round(job_id, round_index)
+        return record, round_state.done
 
-        One BatchGetItem request in place of ``get_job`` and ``get_done_workers``, which
-        saves a request on every task and aggregation. Keys that DynamoDB leaves
-        unprocessed (under throttling) are read with GetItem.
+    def get_job_and_round(self, job_id: str, round_index: int) -> tuple[JobRecord | None, "RoundState"]:
+        """Return the job's item and round ``round_index``'s item, both read consistently.
+
+        One BatchGetItem request in place of a GetItem for each, which saves a request on
+        every task and aggregation. Keys that DynamoDB leaves unprocessed (under
+        throttling) are read with GetItem.
         """
         keys = [_job_key(job_id), _round_key(job_id, round_index)]
         response = self.client.batch_get_item(RequestItems={self.table_name: {"Keys": keys, "ConsistentRead": True}})
         if response.get("UnprocessedKeys"):
-            return self.get_job(job_id), self.get_done_workers(job_id, round_index)
+            round_item = self.client.get_item(TableName=self.table_name, Key=keys[1], ConsistentRead=True)
+            return self.get_job(job_id), RoundState.from_item(round_item.get("Item", {}))
         items = {item["sk"]["S"]: item for item in response["Responses"].get(self.table_name, [])}
         job_item, round_item = items.get("JOB"), items.get(keys[1]["sk"]["S"], {})
         record = None if job_item is None else JobRecord.from_item(job_item)
-        return record, _from_attribute(round_item["done"]) if "done" in round_item else []
+        return record, RoundState.from_item(round_item)
 
     def put_round_metrics(self, job_id: str, round_index: int, metrics: dict[str, float]) -> None:
         """Store round ``round_index``'s metrics on its round item; repeating it is harmless."""
