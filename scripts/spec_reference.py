@@ -38,6 +38,12 @@ the default below. The starter rejects a spec with an unknown field, a value of 
 type or a value out of range, and marks the job FAILED with a message that names the
 field. The whole message may be at most {MAX_SPEC_BYTES // 1024} KiB.
 
+Rounds count from 1, as `baton run`, `baton watch`, `baton status`, the metrics and the
+job's error messages show them: with `training.max_rounds` 100 the job runs rounds 1 to
+100, and a divergence "in round 13" is the round after the twelfth metrics record.
+[operations.md](operations.md#round-numbers) lists the internal names that use a 0-based
+index instead.
+
 | field | type | default | valid values | meaning |
 | --- | --- | --- | --- | --- |
 | `job_id` | string | derived from the SQS message id | matches `{JOB_ID_PATTERN.pattern}` | Names the job in DynamoDB, on EFS and in logs. Resending a spec with the same `job_id` and content resumes that job; different content is rejected. |

@@ -42,8 +42,7 @@ def _exit_on_sigterm(signum: int, frame) -> None:
 
 
 def _format_round(metrics: dict) -> str:
-    # Rounds are stored from 0; people count them from 1, as `status` and `watch` do.
-    parts = [f"round {metrics['round'] + 1:>5}", f"epoch {metrics['epoch']:7.3f}", f"train loss {metrics['train_loss']:.5f}"]
+    parts = [f"round {metrics['round']:>5}", f"epoch {metrics['epoch']:7.3f}", f"train loss {metrics['train_loss']:.5f}"]
     if "validation_loss" in metrics:
         parts.append(f"val loss {metrics['validation_loss']:.5f}")
     if "validation_accuracy" in metrics:
@@ -154,8 +153,8 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
 
     click.echo("")
     if record.status == "CANCELLED":
-        raise click.ClickException(f"job {job_id} was cancelled at round {record.round}; its files remain in "
-                                   f"{efs_root / 'jobs' / job_id}")
+        raise click.ClickException(f"job {job_id} was cancelled after {record.round} of {record.total_rounds} "
+                                   f"rounds; its files remain in {efs_root / 'jobs' / job_id}")
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error}")
     summary = record.attributes
@@ -231,7 +230,7 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
     if not jobs:
         click.echo("no jobs")
         return
-    click.echo(f"{'JOB ID':<32} {'STATUS':<10} {'ROUND':>13} {'COST USD':>10} {'VAL LOSS':>9}  CREATED (UTC)")
+    click.echo(f"{'JOB ID':<32} {'STATUS':<10} {'ROUNDS DONE':>13} {'COST USD':>10} {'VAL LOSS':>9}  CREATED (UTC)")
     for job in jobs:
         attributes = job.attributes
         created = datetime.fromtimestamp(float(attributes.get("created_at", 0)), tz=timezone.utc)
@@ -378,7 +377,7 @@ def _run_control(action: Callable[[], object]) -> None:
         record = action()
     except JobControlError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"job {record.job_id} is now {record.status} at round {record.round}")
+    click.echo(f"job {record.job_id} is now {record.status}, {record.round} of {record.total_rounds} rounds done")
 
 
 @main.command()

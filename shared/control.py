@@ -22,6 +22,7 @@ from shared.errors import BatonError
 from shared.queues import QueueClient
 from shared.service import Services, send_round_complete
 from shared.state import CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore
+from shared.training import round_number
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]
             continue
         ids = {"job_id": record.job_id, "round": record.round}
         if attempts > settings.watchdog_max_attempts:
-            reason = (f"round {record.round} made no progress for {settings.stall_seconds:.0f} s after "
+            reason = (f"round {round_number(record.round)} made no progress for {settings.stall_seconds:.0f} s after "
                       f"{settings.watchdog_max_attempts} re-sends by the watchdog; check the worker and aggregator "
                       f"logs, fix the cause, then run `baton resume {record.job_id}`")
             if state.fail_job(record.job_id, reason):

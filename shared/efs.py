@@ -6,7 +6,9 @@ new one, never a half-written file, even over NFS, where a rename inside one fol
 atomic. Writers of the same path always produce the same bytes (the training is
 deterministic), so two duplicate invocations racing on one file are harmless.
 
-Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
+Layout of one job, under ``<efs_root>/jobs/<job_id>/``. ``r`` is the 0-based round index
+that messages and DynamoDB keys use. Metrics files are named by the round number
+``r + 1`` that the CLI and the job's errors show::
 
     spec.json                      the validated job spec
     data/manifest.json             shapes, classes and shard sizes; written last
@@ -17,7 +19,7 @@ Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
     rounds/<r>/result-<w>.json     worker w's small result arrays (loss sum, row count)
     rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors, when training.reducers > 1
     rounds/<r>/reduced-<k>.json    the round's sums of the small arrays, beside each slice
-    metrics/<r>.json               metrics of round r, never pruned
+    metrics/<r + 1>.json           metrics of round r, never pruned
     model/params.npy, model.json   the final model
 """
 
@@ -124,7 +126,8 @@ class EfsStore:
         return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npy"
 
     def metrics_path(self, job_id: str, round_index: int) -> Path:
-        return self.job_dir(job_id) / "metrics" / f"{round_index}.json"
+        """Return the metrics file of the round at 0-based ``round_index``, named by its round number from 1."""
+        return self.job_dir(job_id) / "metrics" / f"{round_index + 1}.json"
 
     def model_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "model"

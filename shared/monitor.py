@@ -94,7 +94,8 @@ class RoundFollower:
     def poll(self) -> tuple[JobRecord | None, list[dict[str, Any]]]:
         """Return the job's record and the rounds aggregated since the last poll."""
         record = self.store.get_job(self.job_id)
-        first_round = self.rounds[-1]["round"] + 1 if self.rounds else 0
+        # Round number n (from 1) is stored under index n - 1, so the next index is n.
+        first_round = self.rounds[-1]["round"] if self.rounds else 0
         new_rounds = self.store.list_round_metrics(self.job_id, first_round=first_round)
         self.rounds.extend(new_rounds)
         return record, new_rounds
@@ -108,7 +109,7 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
     postfix: dict[str, str] = {"status": record.status}
     if rounds:
         last = rounds[-1]
-        postfix["round"] = str(last["round"] + 1)
+        postfix["round"] = str(last["round"])
         postfix["epoch"] = f"{last.get('epoch', 0.0):.2f}"
         postfix["loss"] = f"{last.get('train_loss', float('nan')):.4g}"
         metric = validation_metric(last)

@@ -18,6 +18,10 @@ aggregate_round
     check round is current (and, with R > 1, its reduced set complete) -> sum the results
     in worker order, or concatenate the reduced slices -> write round r+1 state and
     metrics -> advance the round (conditional) or finish the job -> send round r+1 tasks
+
+Rounds here are 0-based indexes, as in messages, DynamoDB keys and EFS folders. What a
+user reads (job errors, metrics records) carries ``round_number(index)``, which counts
+from 1, as the CLI does.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, StateStore
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
-                             check_model_fits, check_stopping, get_training_mode)
+                             check_model_fits, check_stopping, get_training_mode, round_number)
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +479,8 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
     if record.round != round_index:
         raise StaleMessageError(f"round {round_index} of job {job_id} is not current (job at round {record.round})")
     if len(done) != record.n_workers:
-        raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; retrying")
+        raise RuntimeError(f"round {round_number(round_index)} of job {job_id} has {len(done)} of "
+                           f"{record.n_workers} results; retrying")
     reducers = services.job_context(job_id).spec.training.reducers
     if reducers > 1:
         reduced = round_state.reduced
@@ -583,7 +588,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
 
     # Step 3: commit the round.
     metrics = {
-        "round": round_index,
+        "round": round_number(round_index),
         "epoch": get_training_mode(spec, model).epochs_after_round(spec, manifest, round_index),
         "train_loss": progress["train_loss"],
         "n_samples": progress["n_samples"],
@@ -673,8 +678,8 @@ def reduce_slice(services: Services, message: AggregateMessage, message_id: str 
     if not 0 <= slice_index < reducers:
         raise InvalidMessageError(f"reduce message names slice {slice_index} but job {job_id} has {reducers} reducers")
     if len(done) != record.n_workers:
-        raise RuntimeError(f"round {round_index} of job {job_id} has {len(done)} of {record.n_workers} results; "
-                           "retrying the reduce message")
+        raise RuntimeError(f"round {round_number(round_index)} of job {job_id} has {len(done)} of "
+                           f"{record.n_workers} results; retrying the reduce message")
     faults.maybe_fail("reducer.before_read", **ids)
 
     reduced = state.get_reduced_slices(job_id, round_index)

@@ -332,7 +332,7 @@ class StateStore:
         )
 
     def list_round_metrics(self, job_id: str, first_round: int = 0) -> list[dict[str, Any]]:
-        """Return the metrics of every aggregated round from ``first_round`` on, in round order.
+        """Return the metrics of every aggregated round from the 0-based index ``first_round`` on, in round order.
 
         A poller passes the round after the last one it has, so each poll reads only new
         round items instead of the whole job.

@@ -127,6 +127,15 @@ def _sample_weight(weights: np.ndarray | None, y: np.ndarray) -> np.ndarray | No
     return None if weights is None else weights[np.asarray(y, dtype=np.int64)]
 
 
+def round_number(round_index: int) -> int:
+    """Return the round number people read for a 0-based round index: 1 for the first round.
+
+    Messages, DynamoDB keys, EFS round folders and log fields use the index. CLI output,
+    job errors and metrics records use the number.
+    """
+    return round_index + 1
+
+
 # Weights beyond this magnitude count as diverged: squaring one in a loss or a metric
 # would overflow float64 (whose maximum is about 1.8e308).
 MAX_WEIGHT_MAGNITUDE = 1e100
@@ -137,8 +146,8 @@ def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> No
         too_large = not np.all(np.abs(params) <= MAX_WEIGHT_MAGNITUDE)
     if not math.isfinite(train_loss) or too_large:
         raise DivergenceError(
-            f"training diverged in round {round_index}: the loss or a weight became NaN, infinite or above "
-            f"{MAX_WEIGHT_MAGNITUDE:g} in magnitude "
+            f"training diverged in round {round_number(round_index)}: the loss or a weight became NaN, infinite "
+            f"or above {MAX_WEIGHT_MAGNITUDE:g} in magnitude "
             f"(training loss {train_loss!r}); lower optimizer.learning_rate (or set optimizer.clip_norm) "
             "and start a new job")
 
@@ -435,7 +444,8 @@ class GradientAveraging(TrainingMode):
         """
         n_samples = int(reduction.scalars["n_samples"])
         if n_samples == 0:
-            raise DivergenceError(f"round {round_index} drew no rows from any worker; increase training.batch_size")
+            raise DivergenceError(f"round {round_number(round_index)} drew no rows from any worker; "
+                                  "increase training.batch_size")
 
         penalty, penalty_grad = model.penalty_grad(params)
         grad = reduction.vector / n_samples + penalty_grad
@@ -545,7 +555,8 @@ class ModelAveraging(TrainingMode):
         """Return the row-weighted mean of the workers' models."""
         n_samples = int(reduction.scalars["n_samples"])
         if n_samples == 0:
-            raise DivergenceError(f"round {round_index} drew no rows from any worker; increase training.batch_size")
+            raise DivergenceError(f"round {round_number(round_index)} drew no rows from any worker; "
+                                  "increase training.batch_size")
 
         with np.errstate(over="ignore", invalid="ignore"):
             new_params = reduction.vector / n_samples
@@ -614,7 +625,7 @@ class StatisticsMode(TrainingMode):
         """Apply the model's update to the summed statistics, for k-means one Lloyd step."""
         n_samples = int(reduction.scalars["n_samples"])
         if n_samples == 0:
-            raise DataError(f"round {round_index} saw no training rows; check the data set")
+            raise DataError(f"round {round_number(round_index)} saw no training rows; check the data set")
         counts = reduction.scalars["counts"]
         totals = {"sums": reduction.vector.reshape(len(counts), -1), "counts": counts}
         new_params = model.combine_statistics([totals], params)
@@ -661,10 +672,10 @@ def check_stopping(spec: JobSpec, metrics: dict, state: StoppingState) -> tuple[
     ----------
     spec : JobSpec
     metrics : dict
-        The round's metrics: ``round`` and, when the job has validation rows,
-        ``validation_loss`` and ``validation_accuracy``.
+        The round's metrics: ``round`` (the round number, from 1) and, when the job has
+        validation rows, ``validation_loss`` and ``validation_accuracy``.
     state : StoppingState
-        The state returned for the previous round; ``StoppingState()`` for round 0.
+        The state returned for the previous round; ``StoppingState()`` for the first round.
 
     Returns
     -------
@@ -675,12 +686,12 @@ def check_stopping(spec: JobSpec, metrics: dict, state: StoppingState) -> tuple[
         should stop after this round, else None. The round limit is not checked here.
     """
     training = spec.training
-    round_index = int(metrics["round"])
+    number = int(metrics["round"])
     loss = metrics.get("validation_loss")
     accuracy = metrics.get("validation_accuracy")
 
     if loss is not None and (state.best_validation_loss is None or loss < state.best_validation_loss):
-        state = StoppingState(best_validation_loss=float(loss), best_round=round_index)
+        state = StoppingState(best_validation_loss=float(loss), best_round=number)
 
     if training.target_validation_loss is not None and loss is not None and loss <= training.target_validation_loss:
         return state, "target_loss"
@@ -688,6 +699,6 @@ def check_stopping(spec: JobSpec, metrics: dict, state: StoppingState) -> tuple[
             and accuracy >= training.target_validation_accuracy):
         return state, "target_accuracy"
     if (training.early_stopping_patience is not None and state.best_round is not None
-            and round_index - state.best_round >= training.early_stopping_patience):
+            and number - state.best_round >= training.early_stopping_patience):
         return state, "early_stopping"
     return state, None

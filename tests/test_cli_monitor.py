@@ -78,7 +78,7 @@ def test_fetch_saves_metrics_and_model(finished_job, tmp_path):
                                        "--efs-root", str(finished_job["efs_root"])])
     assert result.exit_code == 0, result.output
     lines = (output / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["round"] for line in lines] == list(range(N_ROUNDS))
+    assert [json.loads(line)["round"] for line in lines] == list(range(1, N_ROUNDS + 1))
     assert (output / "metrics.csv").read_text().startswith("round,")
     assert json.loads((output / "job.json").read_text())["status"] == "SUCCEEDED"
     assert json.loads((output / "spec.json").read_text())["job_id"] == JOB_ID
@@ -137,3 +137,28 @@ def test_watch_counts_rounds_from_one(finished_job):
     postfix = progress_postfix(record, store.list_round_metrics(JOB_ID))
     assert postfix["round"] == str(N_ROUNDS)
     assert postfix["left"] == "0"
+
+
+def test_round_numbers_agree_everywhere(finished_job, tmp_path):
+    """Round n is round n in `watch`, the run output, the fetched CSV and the metrics files."""
+    import csv
+
+    from shared.cli import _format_round
+
+    output = tmp_path / "fetched"
+    fetched = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(output)])
+    assert fetched.exit_code == 0, fetched.output
+    with open(output / "metrics.csv", newline="", encoding="utf-8") as handle:
+        csv_rounds = [int(row["round"]) for row in csv.DictReader(handle)]
+    assert csv_rounds == list(range(1, N_ROUNDS + 1))
+
+    metrics_dir = finished_job["efs_root"] / "jobs" / JOB_ID / "metrics"
+    assert sorted(int(path.stem) for path in metrics_dir.glob("*.json")) == csv_rounds
+    for number in csv_rounds:
+        on_efs = json.loads((metrics_dir / f"{number}.json").read_text())
+        assert on_efs["round"] == number
+    first = json.loads((metrics_dir / "1.json").read_text())
+    assert _format_round(first).startswith("round     1  ")
+
+    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+    assert f"{csv_rounds[-1]} of {N_ROUNDS} rounds done" in shown.output

@@ -61,6 +61,8 @@ def test_pause_holds_and_resume_finishes(stack):
     time.sleep(1.5)
     assert stack.state.get_job("paused").status == "PAUSED"
     assert stack.state.get_job("paused").round == held_round
+    # The job item's round index equals the rounds done, which is what the CLI prints.
+    assert f"is now PAUSED, {held_round} of {SPEC['max_rounds']} rounds done" in paused.output
 
     resumed = cli(stack, "resume", "paused")
     assert resumed.exit_code == 0, resumed.output

@@ -4,8 +4,8 @@ GIVEN a moto server on 127.0.0.1 with the dev stage's queues and table, and a fo
 EFS that contains tests/data/breast_cancer.csv under datasets/.
 WHEN the framework runs the starter, both workers, the aggregator and the watchdog on the
 sample events, in the order a job would see them.
-THEN each reports no failed records, and the job reaches round 1 with the metrics of
-round 0 on EFS and in DynamoDB.
+THEN each reports no failed records, and the job moves to round index 1 with the metrics
+of its first round (round number 1) on EFS and in DynamoDB.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def test_every_function_runs_its_sample_event(dev_stack, moto_endpoint, local_ef
     record = dev_stack.get_job(JOB_ID)
     assert record.status == RUNNING
     assert record.round == 1
-    assert (local_efs / "jobs" / JOB_ID / "metrics" / "0.json").is_file()
-    assert [entry["round"] for entry in dev_stack.list_round_metrics(JOB_ID)] == [0]
+    assert (local_efs / "jobs" / JOB_ID / "metrics" / "1.json").is_file()
+    assert [entry["round"] for entry in dev_stack.list_round_metrics(JOB_ID)] == [1]
 
     result = invoke_local("watchdog", EVENTS_DIR / "watchdog.json", moto_endpoint, local_efs)
     assert isinstance(result, dict)

@@ -4,6 +4,7 @@ and at-least-once delivery (duplicates, stale rounds) cannot change the result."
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -46,11 +47,11 @@ def test_round_metrics_recorded(inprocess_stack, efs_root):
     inprocess_stack.run()
 
     metrics = inprocess_stack.services.state.list_round_metrics("a9a-small")
-    assert [entry["round"] for entry in metrics] == [0, 1, 2, 3, 4]
+    assert [entry["round"] for entry in metrics] == [1, 2, 3, 4, 5]
     for entry in metrics:
         assert 0.0 < entry["train_loss"] < 1.0
         assert 0.0 <= entry["validation_accuracy"] <= 1.0
-    on_efs = json.loads((efs_root / "jobs" / "a9a-small" / "metrics" / "4.json").read_text())
+    on_efs = json.loads((efs_root / "jobs" / "a9a-small" / "metrics" / "5.json").read_text())
     assert on_efs["validation_loss"] == pytest.approx(metrics[-1]["validation_loss"])
 
 
@@ -275,3 +276,27 @@ def test_batches_mixing_jobs_and_rounds(inprocess_stack, efs_root):
                     if len({(body.get("job_id"), body.get("round")) for body in batch}) > 2]
     assert mixed_jobs, "no batch held tasks of both jobs"
     assert mixed_rounds, "no batch held several rounds"
+
+
+def test_watchdog_failure_counts_rounds_from_one(inprocess_stack):
+    from shared.control import run_watchdog
+
+    inprocess_stack.submit(a9a_spec(max_rounds=5))
+    state = inprocess_stack.services.state
+    while state.get_job("a9a-small") is None or state.get_job("a9a-small").round < 2:
+        assert any(inprocess_stack.step(queue) is not None for queue in ("JobsQueue", "TasksQueue", "AggregateQueue"))
+    # Lose the third round's tasks, so it stalls.
+    for queue in ("TasksQueue", "AggregateQueue"):
+        inprocess_stack.sqs.purge_queue(QueueUrl=inprocess_stack.queue_urls[queue])
+
+    settings = inprocess_stack.services.settings
+    later = time.time() + settings.stall_seconds + 60
+    # The tasks each run re-sends stay in the queue, undelivered.
+    for _ in range(settings.watchdog_max_attempts + 1):
+        run_watchdog(inprocess_stack.services, now=later)
+
+    record = state.get_job("a9a-small")
+    assert record.status == FAILED
+    assert record.round == 2
+    assert [entry["round"] for entry in state.list_round_metrics("a9a-small")] == [1, 2]
+    assert record.error.startswith("round 3 made no progress"), record.error

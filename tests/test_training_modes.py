@@ -152,8 +152,14 @@ def test_diverging_rate_fails_job(inprocess_stack, case):
     record = run_job(inprocess_stack, spec)
 
     assert record.status == FAILED
-    assert "diverged in round" in record.error
     assert "lower optimizer.learning_rate" in record.error
+    # The error names the round after the last one with metrics, counting from 1 as the
+    # metrics records, `baton watch` and `baton status` do.
+    recorded = [entry["round"] for entry in inprocess_stack.services.state.list_round_metrics(spec["job_id"])]
+    diverged = len(recorded) + 1
+    assert recorded == list(range(1, diverged))
+    assert f"diverged in round {diverged}:" in record.error
+    assert record.round == len(recorded)
 
 
 def test_mode_chosen_by_spec_and_model():
@@ -217,7 +223,8 @@ def test_model_average_reports_overflow():
     model = build_model(spec, {"n_features": 2, "classes": [0.0, 1.0]})
     results = [{"params": np.array([np.inf, 0.0, 0.0]), "loss_sum": np.float64(1.0), "n_samples": np.int64(4)}]
 
-    with pytest.raises(DivergenceError, match="diverged in round 7"):
+    # Round index 7 is the eighth round.
+    with pytest.raises(DivergenceError, match="diverged in round 8"):
         ModelAveraging().combine(spec, model, build_optimizer(spec), np.zeros(3), {}, results, 7)
 
 
@@ -226,12 +233,12 @@ def test_stopping_rules():
                                                                  "early_stopping_patience": 2}))
     state = StoppingState()
 
-    state, reason = check_stopping(spec, {"round": 0, "validation_loss": 0.5, "validation_accuracy": 0.8}, state)
+    state, reason = check_stopping(spec, {"round": 1, "validation_loss": 0.5, "validation_accuracy": 0.8}, state)
     assert reason is None
-    state, reason = check_stopping(spec, {"round": 1, "validation_loss": 0.6, "validation_accuracy": 0.8}, state)
+    state, reason = check_stopping(spec, {"round": 2, "validation_loss": 0.6, "validation_accuracy": 0.8}, state)
     assert reason is None
-    state, reason = check_stopping(spec, {"round": 2, "validation_loss": 0.7, "validation_accuracy": 0.8}, state)
+    state, reason = check_stopping(spec, {"round": 3, "validation_loss": 0.7, "validation_accuracy": 0.8}, state)
     assert reason == "early_stopping"
-    assert state == StoppingState.from_dict({"best_validation_loss": 0.5, "best_round": 0})
-    _, reason = check_stopping(spec, {"round": 3, "validation_loss": 0.4, "validation_accuracy": 0.95}, state)
+    assert state == StoppingState.from_dict({"best_validation_loss": 0.5, "best_round": 1})
+    _, reason = check_stopping(spec, {"round": 4, "validation_loss": 0.4, "validation_accuracy": 0.95}, state)
     assert reason == "target_accuracy"

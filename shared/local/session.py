@@ -24,6 +24,7 @@ import sys
 import boto3
 
 from shared.config import Settings
+from shared.efs import EfsStore
 from shared.local.runtime import LocalRuntime
 from shared.local.stack import StackDefinition, create_stack, load_stack_definition
 from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
@@ -195,13 +196,15 @@ class LocalStack:
     def follow(self, job_id: str, poll_seconds: float = 0.1, timeout_seconds: float = 3600) -> Iterator[dict | JobRecord]:
         """Yield each round's metrics as the job records them, then the final job record."""
         deadline = time.monotonic() + timeout_seconds
+        files = EfsStore(self.efs_root)
         next_round = 0
         while True:
             record = self.state.get_job(job_id)
-            metrics_ready = record is not None and (record.round if record.status not in TERMINAL_STATUSES
-                                                    else record.round)
-            while record is not None and next_round < metrics_ready:
-                path = self.efs_root / "jobs" / job_id / "metrics" / f"{next_round}.json"
+            # The job item's round is the index of the round running, which is also the
+            # number of rounds whose metrics are written.
+            rounds_done = 0 if record is None else record.round
+            while next_round < rounds_done:
+                path = files.metrics_path(job_id, next_round)
                 if not path.exists():
                     break
                 yield json.loads(path.read_text())
