@@ -17,7 +17,10 @@ NOTE: Werkzeug's development server closes the connection after every response, 
 boto3 call still pays for a TCP connect and a new server thread. Its handler drains the
 socket after each response, which rules out keep-alive by subclassing it.
 
-Usage: python -m shared.local.moto_server PORT  (always binds 127.0.0.1)
+Usage: python -m shared.local.moto_server PORT [PARENT_PID]  (always binds 127.0.0.1)
+
+With ``PARENT_PID`` the server exits once that process is no longer its parent, so a
+local stack whose process was killed leaves no server behind.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any, Callable, Iterable
 import moto.backends
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import run_simple
+
+from shared.local.processes import exit_when_orphaned
 
 
 class SerialDynamoDbMiddleware:
@@ -68,6 +73,8 @@ def build_app() -> Callable:
 
 def main(argv: list[str]) -> None:
     port = int(argv[0])
+    if len(argv) > 1:
+        exit_when_orphaned(int(argv[1]))
     run_simple("127.0.0.1", port, build_app(), threaded=True, request_handler=QuietRequestHandler)
 
 

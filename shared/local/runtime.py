@@ -1,8 +1,8 @@
 """Run Baton's handlers on one machine the way Lambda's SQS event source mappings would.
 
 For each function, a number of lanes (its concurrency) each own one warm "container": a
-separate Python process that imports the handler once and then serves invocations, like a
-warm Lambda execution environment. A lane long-polls the function's queue, builds the same
+separate Python process (:mod:`shared.local.container`) that imports the handler once and
+then serves invocations, like a warm Lambda execution environment. A lane long-polls the function's queue, builds the same
 event Lambda sends (records with ``messageId``, ``receiptHandle``, ``body`` and
 ``attributes``), invokes the container with a context that reports the remaining time, and
 then deletes the records that succeeded.
@@ -30,82 +30,36 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
+import socket
+import subprocess
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
-from shared import faults, tracing
+from shared import faults
+from shared.local.processes import python_module_command
 from shared.local.stack import FunctionDefinition
 
 logger = logging.getLogger(__name__)
 
 
-class LocalContext:
-    """The subset of the Lambda context object that Baton's handlers use."""
-
-    def __init__(self, function_name: str, memory_mb: int, timeout_seconds: float):
-        self.function_name = function_name
-        self.function_version = "$LATEST"
-        self.memory_limit_in_mb = memory_mb
-        self.aws_request_id = str(uuid.uuid4())
-        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
-        self.log_group_name = f"/aws/lambda/{function_name}"
-        self.log_stream_name = "local"
-        self._deadline = time.monotonic() + timeout_seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
+# Seconds a new container may take to import its handler before it counts as failed.
+CONTAINER_START_TIMEOUT_SECONDS = 120
 
 
-def _container_main(connection: Connection, handler_path: str, function: dict, environment: dict, log_path: str) -> None:
-    """Entry point of a container process: import the handler, then serve invocations."""
-    os.environ.update(environment)
-    log_file = open(log_path, "a", buffering=1)
-    os.dup2(log_file.fileno(), 1)
-    os.dup2(log_file.fileno(), 2)
-
-    import importlib
-    import sys
-    import traceback
-
-    sys.stdout = sys.stderr = log_file
-    # Before the handler's import, which binds the service steps that tracing wraps.
-    tracing.install_from_environment(function["name"])
-    module_path, handler_name = handler_path.rsplit(".", 1)
-    handler = getattr(importlib.import_module(module_path.replace("/", ".")), handler_name)
-    connection.send(("ready", None))
-
-    while True:
-        try:
-            event = connection.recv()
-        except EOFError:
-            return
-        started = time.monotonic()
-        context = LocalContext(function["name"], function["memory_mb"], function["timeout_seconds"])
-        try:
-            response = handler(event, context)
-            tracing.record_invocation(event, started, time.monotonic())
-            connection.send(("ok", response))
-        except Exception as error:  # the handler itself crashed: Lambda reports a function error
-            traceback.print_exc()
-            connection.send(("error", f"{type(error).__name__}: {error}"))
-        # After the reply, so that writing the spans does not delay the lane.
-        tracing.flush()
-
-
-@dataclass
+@dataclass(eq=False)
 class Container:
-    """A warm handler process and its end of the pipe."""
+    """A warm handler process and the runtime's end of its socket."""
 
-    process: multiprocessing.Process
+    process: subprocess.Popen
     connection: Connection
     invocations: int = 0
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
 
 
 @dataclass
@@ -169,7 +123,11 @@ class LocalRuntime:
         self.timeouts = timeout_seconds or {}
         self.schedule_seconds = schedule_seconds or {}
         self._stop = threading.Event()
-        self._mp = multiprocessing.get_context("spawn")
+        # Every container process started, so that stop() can end any a lane left behind
+        # and callers can check that none outlives the runtime.
+        self._containers_lock = threading.Lock()
+        self._live_containers: set[Container] = set()
+        self.started_pids: list[int] = []
         self.lanes: dict[str, FunctionLanes] = {}
         for name, definition in functions.items():
             if definition.queue_logical_id is None:
@@ -191,10 +149,19 @@ class LocalRuntime:
         return self
 
     def stop(self) -> None:
+        """Stop the lanes, then kill every container still running.
+
+        A lane kills its own container when it ends. One that is still waiting for an
+        invocation after the join timeout leaves its container behind, which is killed here.
+        """
         self._stop.set()
         for lanes in self.lanes.values():
             for thread in lanes.threads:
                 thread.join(timeout=self.poll_wait_seconds + 30)
+        with self._containers_lock:
+            remaining = list(self._live_containers)
+        for container in remaining:
+            self._kill(container)
 
     def __enter__(self) -> "LocalRuntime":
         return self.start()
@@ -205,31 +172,45 @@ class LocalRuntime:
     # Containers --------------------------------------------------------------------------
 
     def _start_container(self, definition: FunctionDefinition) -> Container:
-        parent_end, child_end = self._mp.Pipe()
+        """Start a container for ``definition`` and wait until it has imported its handler."""
+        parent_socket, child_socket = socket.socketpair()
         function = {
             "name": definition.name,
             "memory_mb": definition.memory_mb,
             "timeout_seconds": self.timeouts.get(definition.name, definition.timeout_seconds),
         }
-        process = self._mp.Process(
-            target=_container_main,
-            args=(child_end, definition.handler, function, self.environment,
-                  str(self.log_dir / f"{definition.name}.log")),
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
-        # Wait for the imports, which Lambda counts as the init phase, not the invocation.
-        if not parent_end.poll(120) or parent_end.recv()[0] != "ready":
-            process.kill()
-            raise RuntimeError(f"the {definition.name} container did not start; see {self.log_dir}")
-        return Container(process=process, connection=parent_end)
+        log_path = self.log_dir / f"{definition.name}.log"
+        try:
+            with open(log_path, "ab") as log:
+                process = subprocess.Popen(
+                    python_module_command("shared.local.container", str(child_socket.fileno()), str(os.getpid())),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, **self.environment}, pass_fds=(child_socket.fileno(),))
+        finally:
+            child_socket.close()
+        container = Container(process=process, connection=Connection(parent_socket.detach()))
+        with self._containers_lock:
+            self._live_containers.add(container)
+            self.started_pids.append(process.pid)
 
-    @staticmethod
-    def _kill(container: Container) -> None:
+        # Wait for the imports, which Lambda counts as the init phase, not the invocation.
+        problem = f"did not import its handler within {CONTAINER_START_TIMEOUT_SECONDS} s"
+        try:
+            container.connection.send({"handler": definition.handler, "function": function})
+            ready = container.connection.poll(CONTAINER_START_TIMEOUT_SECONDS) and container.connection.recv()[0] == "ready"
+        except (EOFError, OSError):
+            ready, problem = False, "exited while importing its handler"
+        if not ready:
+            self._kill(container)
+            raise RuntimeError(f"the {definition.name} container (pid {process.pid}) {problem}; see {log_path}")
+        return container
+
+    def _kill(self, container: Container) -> None:
         container.process.kill()
-        container.process.join(timeout=10)
+        container.process.wait(timeout=10)
         container.connection.close()
+        with self._containers_lock:
+            self._live_containers.discard(container)
 
     # Lanes -------------------------------------------------------------------------------
 
@@ -280,7 +261,7 @@ class LocalRuntime:
     def _invoke_batch(self, lanes: FunctionLanes, container: Container | None, messages: list[dict],
                       timeout: float, settle: bool = True) -> Container | None:
         """Invoke the function on one batch and settle it; return the container to reuse."""
-        if container is None or not container.process.is_alive():
+        if container is None or not container.is_alive():
             container = self._start_container(lanes.definition)
         started = time.monotonic()
         outcome, failed_ids = self._invoke(container, lanes, messages, timeout)
@@ -350,7 +331,7 @@ class LocalRuntime:
         container: Container | None = None
         try:
             while not self._stop.wait(interval):
-                if container is None or not container.process.is_alive():
+                if container is None or not container.is_alive():
                     try:
                         container = self._start_container(definition)
                     except RuntimeError:
@@ -391,7 +372,7 @@ class LocalRuntime:
             status, response = container.connection.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             logger.warning("%s container (pid %d, exit code %s) exited during an invocation; retrying messages %s",
-                           lanes.definition.name, container.process.pid, container.process.exitcode, sorted(all_ids))
+                           lanes.definition.name, container.process.pid, container.process.poll(), sorted(all_ids))
             return "crashed", all_ids
 
         if status != "ok":

@@ -5,26 +5,33 @@ Used by ``baton run`` and by the end-to-end tests::
     with LocalStack(efs_root) as stack:
         job_id = stack.submit(spec)
         record = stack.wait(job_id)
+
+The stack's processes (moto's server and the handler containers) are plain subprocesses,
+so a script may build a ``LocalStack`` at module level without an
+``if __name__ == "__main__":`` guard. None of them outlives the stack: ``stop()`` (or
+leaving the ``with`` block) ends them, a ``start()`` that fails ends what it started, a
+stack never stopped is stopped when the interpreter exits, and each process also exits
+within about half a second after the process that started it is gone (killed).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterator
-
-import socket
-import subprocess
-import sys
 
 import boto3
 
 from shared.config import Settings
 from shared.efs import EfsStore
+from shared.local.processes import python_module_command, stop_process
 from shared.local.runtime import LocalRuntime
 from shared.local.stack import StackDefinition, create_stack, load_stack_definition
 from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
@@ -53,13 +60,14 @@ def start_moto_server(log_path: Path, timeout_seconds: float = 30) -> tuple[subp
     """Start moto's server in its own process on 127.0.0.1; return it and its endpoint URL.
 
     A separate process keeps each stack's state apart (moto's backends are global to a
-    process) and keeps the server's work off the caller's interpreter lock.
+    process) and keeps the server's work off the caller's interpreter lock. The server
+    exits by itself once this process is gone.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "shared.local.moto_server", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(python_module_command("shared.local.moto_server", str(port), str(os.getpid())),
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, **DUMMY_AWS_ENVIRONMENT, "MOTO_PORT": str(port)})
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
@@ -70,7 +78,7 @@ def start_moto_server(log_path: Path, timeout_seconds: float = 30) -> tuple[subp
                 return process, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.1)
-    process.terminate()
+    stop_process(process)
     raise RuntimeError(f"moto's server did not listen on 127.0.0.1:{port} within {timeout_seconds} s; see {log_path}")
 
 
@@ -113,13 +121,29 @@ class LocalStack:
         self.schedule_seconds = schedule_seconds
         self.trace_dir = None if trace_dir is None else Path(trace_dir).resolve()
         self._server: subprocess.Popen | None = None
+        self.server_pid: int | None = None
         self.runtime: LocalRuntime | None = None
 
     # Lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "LocalStack":
+        """Start moto's server (unless ``endpoint_url`` was given), create the stack and start the handlers.
+
+        If any step fails, what was started is stopped before the error propagates.
+        """
+        # Registered before anything starts, so no process of the stack runs without a stop at exit.
+        atexit.register(self.stop)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.endpoint_url is None:
             self._server, self.endpoint_url = start_moto_server(self.efs_root.parent / "logs" / "moto.log")
+            self.server_pid = self._server.pid
 
         self.efs_root.mkdir(parents=True, exist_ok=True)
         self.sqs = self.client("sqs")
@@ -149,15 +173,21 @@ class LocalStack:
             timeout_seconds=self.timeout_seconds, retry_delay_seconds=self.retry_delay_seconds,
             schedule_seconds=self.schedule_seconds,
         ).start()
-        return self
 
     def stop(self) -> None:
+        """Stop the handlers' lanes and containers, then moto's server; a second call does nothing."""
+        atexit.unregister(self.stop)
         if self.runtime is not None:
             self.runtime.stop()
         if self._server is not None:
-            self._server.terminate()
-            self._server.wait(timeout=10)
+            stop_process(self._server)
             self._server = None
+
+    @property
+    def started_pids(self) -> list[int]:
+        """Return the ids of every process this stack started: moto's server, then each container."""
+        server = [] if self.server_pid is None else [self.server_pid]
+        return server + ([] if self.runtime is None else list(self.runtime.started_pids))
 
     def __enter__(self) -> "LocalStack":
         return self.start()

@@ -1,0 +1,182 @@
+"""LocalStack in a user's script with no `if __name__ == "__main__":` guard.
+
+Each test runs a script in its own interpreter. The script builds a LocalStack at module
+level and writes the ids of the processes the stack started (``started_pids``) to a JSON
+file. The test then checks that none of those processes is still running, after a normal
+exit without ``stop()``, after a failed ``start()``, and after the script is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BREAST_CANCER_CSV
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+
+# Written at the top of every script: helpers that record each process with its start
+# time, so that a later process reusing the id is not mistaken for it. A process already
+# gone when recorded gets no start time.
+PRELUDE = textwrap.dedent("""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from shared.local.session import LocalStack
+
+    def start_ticks(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except FileNotFoundError:
+            return None
+
+    def record(stack, **extra):
+        processes = [[pid, start_ticks(pid)] for pid in stack.started_pids]
+        Path(sys.argv[1]).write_text(json.dumps({"processes": processes, **extra}))
+
+    print("script body ran in", os.getpid(), flush=True)
+""")
+
+SMALL_JOB = {"job_id": "unguarded", "model": {"name": "logistic_regression"},
+             "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1},
+             "training": {"n_workers": 2, "batch_size": 32, "max_rounds": 2}}
+
+RUN_JOB_WITHOUT_STOP = f"""
+stack = LocalStack(sys.argv[2], concurrency={{"worker": 2}})
+stack.start()
+stack.import_data({str(BREAST_CANCER_CSV)!r}, "datasets/breast_cancer.csv")
+stack.submit({SMALL_JOB!r})
+finished = stack.wait("unguarded", timeout_seconds=120)
+record(stack, status=finished.status, error=finished.error)
+# No stop(): the stack must be stopped when the interpreter exits.
+"""
+
+FAIL_TO_START = """
+# A regular file where the EFS folder should be: moto's server starts, then creating
+# the EFS folder fails.
+Path(sys.argv[2]).parent.mkdir(parents=True, exist_ok=True)
+Path(sys.argv[2]).write_text("not a folder")
+stack = LocalStack(sys.argv[2])
+try:
+    stack.start()
+except FileExistsError as error:
+    still_running = [pid for pid in stack.started_pids if Path(f"/proc/{pid}").exists()
+                     and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    record(stack, error=str(error), running_after_failure=still_running)
+"""
+
+RUN_JOB_THEN_WAIT = f"""
+stack = LocalStack(sys.argv[2], concurrency={{"worker": 2}})
+stack.start()
+stack.import_data({str(BREAST_CANCER_CSV)!r}, "datasets/breast_cancer.csv")
+stack.submit({SMALL_JOB!r})
+finished = stack.wait("unguarded", timeout_seconds=120)
+record(stack, status=finished.status, error=finished.error)
+# Keep the stack and its warm containers until the test kills this process.
+import time
+while True:
+    time.sleep(1)
+"""
+
+
+def write_script(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "unguarded.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    return script
+
+
+def script_environment() -> dict[str, str]:
+    return {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def still_running(processes: list[list]) -> list[int]:
+    """Return the recorded pids whose process (same start time if recorded, not a zombie) still exists."""
+    running = []
+    for pid, ticks in processes:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if ticks in (None, fields[19]) and fields[0] != "Z":
+            running.append(pid)
+    return running
+
+
+def wait_until_gone(processes: list[list], timeout_seconds: float) -> list[int]:
+    """Return the recorded processes still running once all are gone or ``timeout_seconds`` passed."""
+    deadline = time.monotonic() + timeout_seconds
+    running = still_running(processes)
+    while running and time.monotonic() < deadline:
+        time.sleep(0.2)
+        running = still_running(processes)
+    return running
+
+
+def test_unguarded_script_leaves_no_process(tmp_path):
+    script = write_script(tmp_path, RUN_JOB_WITHOUT_STOP)
+    report = tmp_path / "report.json"
+
+    completed = subprocess.run([sys.executable, str(script), str(report), str(tmp_path / "efs")],
+                               env=script_environment(), capture_output=True, text=True, timeout=300)
+
+    assert completed.returncode == 0, completed.stderr
+    # The containers do not import the script, so its body ran once, in one process.
+    assert completed.stdout.count("script body ran in") == 1, completed.stdout
+    result = json.loads(report.read_text())
+    assert result["status"] == "SUCCEEDED", result["error"]
+    assert len(result["processes"]) >= 3, "expected moto's server and at least two containers"
+    assert still_running(result["processes"]) == []
+
+
+def test_failed_start_stops_server(tmp_path):
+    script = write_script(tmp_path, FAIL_TO_START)
+    report = tmp_path / "report.json"
+
+    completed = subprocess.run([sys.executable, str(script), str(report), str(tmp_path / "efs")],
+                               env=script_environment(), capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(report.read_text())
+    assert "efs" in result["error"]
+    assert len(result["processes"]) == 1, "expected moto's server, started before the failure"
+    assert result["running_after_failure"] == []
+    assert still_running(result["processes"]) == []
+
+
+def test_killed_script_leaves_no_process(tmp_path):
+    script = write_script(tmp_path, RUN_JOB_THEN_WAIT)
+    report = tmp_path / "report.json"
+    process = subprocess.Popen([sys.executable, str(script), str(report), str(tmp_path / "efs")],
+                               env=script_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not report.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert report.exists(), f"the script wrote no report; exit code {process.poll()}"
+        result = json.loads(report.read_text())
+        assert result["status"] == "SUCCEEDED", result["error"]
+        assert len(result["processes"]) >= 3
+        assert still_running(result["processes"]) == result_pids(result)
+    finally:
+        # SIGKILL: no atexit handler and no `finally` runs in the script.
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+    # Each helper notices within about half a second that its parent is gone; the wait
+    # allows for a loaded machine.
+    assert wait_until_gone(result["processes"], timeout_seconds=60) == []
+
+
+def result_pids(result: dict) -> list[int]:
+    return [pid for pid, _ in result["processes"]]
