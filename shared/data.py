@@ -16,6 +16,8 @@ import bz2
 import gzip
 import io
 import logging
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,24 +35,66 @@ VALIDATION = "validation"
 COMPRESSED_SUFFIXES = (".gz", ".bz2")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_binary(path: Path, source: str) -> io.BufferedIOBase:
+    """Open a data file for reading bytes, decompressing a ``.gz`` or ``.bz2`` file as it is read."""
     if not path.is_file():
-        raise DataError(f"data file not found: '{path}'; check data.path and that the file was copied onto EFS")
+        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8")
-    return open(path, "rt", encoding="utf-8")
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def read_text_bytes(path: Path, source: str) -> bytes:
+    """Return the bytes of a text file, decompressing a ``.gz`` or ``.bz2`` file."""
+    try:
+        with open_binary(path, source) as handle:
+            return handle.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"'{source}' could not be decompressed ({error}); check that the file is complete, "
+                        f"or rename it if it is not {path.suffix}-compressed") from None
+
+
+def decode_text(raw: bytes, source: str, first_line_number: int = 1) -> str:
+    """Decode UTF-8 text whose first line is line ``first_line_number`` of ``source``.
+
+    Raises
+    ------
+    DataError
+        Naming the line and the first byte that is not UTF-8.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_number = first_line_number + raw.count(b"\n", 0, error.start)
+        position = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise not_utf8_error(source, line_number, raw[error.start:error.start + 1], position) from None
+
+
+def not_utf8_error(source: str, line_number: int, byte: bytes, position: int) -> DataError:
+    """Return the error for a text data file with bytes that are not UTF-8."""
+    return DataError(f"line {line_number} of '{source}' is not UTF-8 text because byte {position} of the line is "
+                     f"{byte!r}; libsvm and CSV files must be UTF-8 (or ASCII) text, so convert the file or check "
+                     "that data.path names the right file")
 
 
 # Column indices are stored as int32 (scipy's CSR default), so this is the widest row.
 MAX_FEATURE_INDEX = np.iinfo(np.int32).max
 
 
+def _parse_number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a number") from None
+
+
 def parse_libsvm_lines(lines, source: str, first_line_number: int = 1) -> tuple[sp.csr_matrix, np.ndarray]:
     """Parse libsvm/svmlight lines into a CSR matrix as wide as its highest index, and labels.
 
-    Empty lines and ``#`` comments are skipped; ``qid:`` tokens are ignored.
+    Empty lines and ``#`` comments are skipped; ``qid:`` tokens are ignored. The first of
+    ``lines`` is line ``first_line_number`` of ``source``.
 
     Raises
     ------
@@ -68,13 +112,18 @@ def parse_libsvm_lines(lines, source: str, first_line_number: int = 1) -> tuple[
             continue
         tokens = content.split()
         try:
-            labels.append(float(tokens[0]))
+            labels.append(_parse_number(tokens[0], "label"))
             previous_index = 0
             for token in tokens[1:]:
                 if token.startswith("qid:"):
                     continue
-                index_text, value_text = token.split(":", 1)
-                index = int(index_text)
+                index_text, separator, value_text = token.partition(":")
+                if not separator:
+                    raise ValueError(f"{token!r} is not an <index>:<value> pair")
+                try:
+                    index = int(index_text)
+                except ValueError:
+                    raise ValueError(f"feature index {index_text!r} is not an integer") from None
                 if index < 1:
                     raise ValueError(f"feature index {index} is not valid because libsvm indices start at 1")
                 if index > MAX_FEATURE_INDEX:
@@ -83,7 +132,7 @@ def parse_libsvm_lines(lines, source: str, first_line_number: int = 1) -> tuple[
                     raise ValueError(f"index {index} is not above the previous index {previous_index}")
                 previous_index = index
                 indices.append(index - 1)
-                values.append(float(value_text))
+                values.append(_parse_number(value_text, f"value of feature {index}"))
         except ValueError as error:
             raise DataError(
                 f"malformed libsvm line {line_number} in '{source}': {error}; "
@@ -109,7 +158,8 @@ def _widen(X: sp.csr_matrix, n_features: int | None, source: str) -> sp.csr_matr
     return sp.csr_matrix((X.data, X.indices, X.indptr), shape=(X.shape[0], n_features))
 
 
-def read_libsvm(path: Path, n_features: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+def read_libsvm(path: Path, n_features: int | None = None,
+                source: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
     """Parse a libsvm/svmlight file into a CSR matrix and a label vector.
 
     Parameters
@@ -118,6 +168,8 @@ def read_libsvm(path: Path, n_features: int | None = None) -> tuple[sp.csr_matri
         Text file, optionally ``.gz`` or ``.bz2``; indices are 1-based.
     n_features : int, optional
         Number of columns. Inferred from the highest index when None.
+    source : str, optional
+        The file's name in error messages, as the spec gives it; ``path`` when None.
 
     Returns
     -------
@@ -130,21 +182,12 @@ def read_libsvm(path: Path, n_features: int | None = None) -> tuple[sp.csr_matri
         On a missing or empty file, a malformed line (with its line number), an index out
         of range, or a non-finite value.
     """
-    try:
-        with _open_text(path) as handle:
-            X, y = parse_libsvm_lines(handle, str(path))
-    except UnicodeDecodeError as error:
-        raise not_utf8_error(str(path), error) from None
+    source = source or str(path)
+    text = decode_text(read_text_bytes(path, source), source)
+    X, y = parse_libsvm_lines(text.split("\n"), source)
     if len(y) == 0:
-        raise DataError(f"data file '{path}' has no rows; check that it is the right file and not empty")
-    return _widen(X, n_features, str(path)), y
-
-
-def not_utf8_error(source: str, error: UnicodeDecodeError) -> DataError:
-    """Return the error for a text data file with bytes that are not UTF-8."""
-    return DataError(f"data file '{source}' is not UTF-8 text: byte {error.object[error.start:error.start + 1]!r} "
-                     f"at offset {error.start} of the part read; libsvm and CSV files must be UTF-8 (or ASCII) "
-                     "text, so convert the file or check that data.path names the right file")
+        raise DataError(f"data file '{source}' has no rows; check that it is the right file and not empty")
+    return _widen(X, n_features, source), y
 
 
 def csv_delimiter(delimiter: str) -> str | None:
@@ -152,12 +195,64 @@ def csv_delimiter(delimiter: str) -> str | None:
     return None if delimiter == "whitespace" else delimiter
 
 
-def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int | None,
-                   source: str) -> tuple[np.ndarray, np.ndarray]:
+def _split_fields(line: str, delimiter: str) -> list[str]:
+    """Return the fields of one CSV line as ``numpy.loadtxt`` splits them; none for an empty line."""
+    content = line.rstrip("\r")
+    separator = csv_delimiter(delimiter)
+    if separator is None:
+        return content.split()
+    return content.split(separator) if content else []
+
+
+def _is_number(field: str) -> bool:
+    # float() also accepts digit separators ("1_000"), which numpy.loadtxt rejects.
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return "_" not in field
+
+
+def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int | None, source: str,
+                     first_line_number: int = 1, reference: str = "the first row") -> DataError | None:
+    """Return the error for the first line of ``text`` that ``numpy.loadtxt`` cannot read, or None.
+
+    A line is wrong when its column count differs from ``n_columns`` (from the first line
+    with fields when None), or when a field is not a number. ``reference`` names where
+    ``n_columns`` came from, such as ``"the header"``.
+    """
+    expected = n_columns
+    for offset, line in enumerate(text.split("\n")):
+        fields = _split_fields(line, delimiter)
+        if not fields:
+            continue
+        line_number = first_line_number + offset
+        if expected is None:
+            expected = len(fields)
+        if len(fields) != expected and len(fields) <= label_index:
+            return DataError(f"line {line_number} of '{source}' has {len(fields)} columns, so it has no column "
+                             f"{label_index + 1} for the label (data.label_column); every row needs {expected} "
+                             "columns, so fix or remove that line")
+        if len(fields) != expected:
+            return DataError(f"line {line_number} of '{source}' has {len(fields)} columns but {reference} has "
+                             f"{expected}; every row needs the same columns, so fix or remove that line, or check "
+                             "data.delimiter")
+        for column, field in enumerate(fields, start=1):
+            if not _is_number(field):
+                problem = "is empty" if not field.strip() else f"is {field.strip()!r}, which is not a number"
+                return DataError(f"line {line_number} of '{source}', column {column} {problem}; CSV data must be "
+                                 "numeric, so encode or remove that value, or check data.delimiter, data.header "
+                                 "and data.skip_rows")
+    return None
+
+
+def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int | None, source: str,
+                   first_line_number: int = 1, reference: str = "the first row") -> tuple[np.ndarray, np.ndarray]:
     """Parse numeric delimited text (no header) into float32 features and float64 labels.
 
     ``label_index`` is a non-negative column index. ``n_columns``, when given, is the
-    width every row must have.
+    width every row must have, and ``reference`` names where it came from. The first line
+    of ``text`` is line ``first_line_number`` of ``source``.
     """
     if not text.strip():
         width = 0 if n_columns is None else n_columns - 1
@@ -166,10 +261,13 @@ def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int |
         table = np.loadtxt(io.StringIO(text, newline=None), delimiter=csv_delimiter(delimiter), ndmin=2,
                            dtype=np.float64, comments=None)
     except ValueError as error:
-        raise DataError(f"malformed CSV file '{source}': {error}; check data.delimiter, data.header and "
-                        "data.skip_rows") from None
+        problem = find_csv_problem(text, delimiter, label_index, n_columns, source, first_line_number, reference)
+        # NOTE: numpy's own message is the fallback for a line that the check above accepts.
+        raise problem or DataError(f"'{source}' could not be read as numeric CSV ({error}); check data.delimiter, "
+                                   "data.header and data.skip_rows") from None
     if n_columns is not None and table.shape[1] != n_columns:
-        raise DataError(f"'{source}' has rows of {table.shape[1]} columns where {n_columns} are expected")
+        raise find_csv_problem(text, delimiter, label_index, n_columns, source, first_line_number, reference) or \
+            DataError(f"'{source}' has rows of {table.shape[1]} columns where {n_columns} are expected")
     if not 0 <= label_index < table.shape[1] or table.shape[1] < 2:
         raise DataError(f"data.label_column points at column {label_index} but '{source}' has "
                         f"{table.shape[1]} columns")
@@ -192,7 +290,7 @@ def resolve_label_column(label_column: int | str, header: list[str] | None, n_co
 
 
 def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delimiter: str = ",",
-             header: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             header: bool = False, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Parse a numeric delimited text file into a dense feature matrix and a label vector.
 
     Parameters
@@ -207,22 +305,28 @@ def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delim
         Field separator, or ``"whitespace"`` for runs of spaces and tabs.
     header : bool, default=False
         Whether the first line after ``skip_rows`` names the columns.
+    source : str, optional
+        The file's name in error messages, as the spec gives it; ``path`` when None.
 
     Returns
     -------
     X : ndarray of shape (n_samples, n_features), float32
     y : ndarray of shape (n_samples,), float64
     """
-    with _open_text(path) as handle:
-        for _ in range(skip_rows):
-            handle.readline()
-        names = _split_header(handle.readline(), delimiter) if header else None
-        text = handle.read()
-    n_columns = len(names) if names is not None else _count_columns(text, delimiter)
-    label_index = resolve_label_column(label_column, names, n_columns, str(path))
-    X, y = parse_csv_text(text, delimiter, label_index, n_columns if names is not None else None, str(path))
+    source = source or str(path)
+    lines = decode_text(read_text_bytes(path, source), source).split("\n")
+    names = _split_header(lines[skip_rows], delimiter) if header and skip_rows < len(lines) else None
+    data_lines = lines[skip_rows + (1 if header else 0):]
+    text = "\n".join(data_lines)
+    if names is not None:
+        n_columns, reference = len(names), "the header"
+    else:
+        n_columns, reference = _count_columns(text, delimiter), "the first row"
+    label_index = resolve_label_column(label_column, names, n_columns, source)
+    X, y = parse_csv_text(text, delimiter, label_index, n_columns, source,
+                          first_line_number=len(lines) - len(data_lines) + 1, reference=reference)
     if len(y) == 0:
-        raise DataError(f"data file '{path}' has no rows; check that it is the right file and not empty")
+        raise DataError(f"data file '{source}' has no rows; check that it is the right file and not empty")
     return X, y
 
 
@@ -237,6 +341,39 @@ def _count_columns(text: str, delimiter: str) -> int:
     return 0
 
 
+# .npy and .npz files --------------------------------------------------------------------
+
+# dtype kinds Baton reads: booleans, signed and unsigned integers, floating point.
+NUMERIC_KINDS = "biuf"
+
+
+def check_npy_header(handle, array_name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Read the header of a ``.npy`` array from ``handle``; return its shape and dtype.
+
+    ``array_name`` names the array in messages, such as ``"'data/train.npy'"``.
+
+    Raises
+    ------
+    DataError
+        If the data is not a ``.npy`` array, or its values are not plain numbers.
+    """
+    try:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+    except ValueError:
+        raise DataError(f"{array_name} is not a .npy array because it does not start with numpy's .npy header; save "
+                        "it with numpy.save, or use format 'csv' or 'libsvm' for a text file") from None
+    if dtype.hasobject:
+        raise DataError(f"{array_name} contains Python objects (dtype {dtype}), which Baton does not load because "
+                        "unpickling them could run code; save a numeric array instead, for example "
+                        "numpy.save(path, table.astype(numpy.float64))")
+    if dtype.names is not None or dtype.kind not in NUMERIC_KINDS:
+        raise DataError(f"{array_name} contains values of dtype {dtype}, not numbers; save a plain numeric array, for "
+                        "example numpy.save(path, table.astype(numpy.float64))")
+    return shape, dtype
+
+
 def read_npy_rows(path: Path, label_column: int, start: int = 0, stop: int | None = None,
                   source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read rows ``start:stop`` of a 2-D ``.npy`` matrix whose column ``label_column`` holds the labels.
@@ -244,9 +381,9 @@ def read_npy_rows(path: Path, label_column: int, start: int = 0, stop: int | Non
     The file is memory-mapped, so only the requested rows are read.
     """
     source = source or str(path)
-    table = _load_npy(path)
+    table = load_npy(path, source)
     if table.ndim != 2 or table.shape[1] < 2:
-        raise DataError(f"'{source}' holds an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
+        raise DataError(f"'{source}' contains an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
                         "with the labels in data.label_column, or use format 'npz' with arrays X and y")
     label_index = resolve_label_column(label_column, None, table.shape[1], source)
     rows = np.asarray(table[start:stop], dtype=np.float64)
@@ -258,31 +395,55 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
     source = source or str(path)
     if not path.is_file():
         raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"'{source}' is not a .npz archive because it is not a zip file; save the features and "
+                        "labels with numpy.savez(path, X=features, y=labels), or use format 'npy' for one matrix")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"X", "y"} - set(archive.files)
+        with zipfile.ZipFile(path) as archive:
+            arrays = sorted(name[:-len(".npy")] for name in archive.namelist() if name.endswith(".npy"))
+            missing = [name for name in ("X", "y") if name not in arrays]
             if missing:
-                raise DataError(f"'{source}' has arrays {archive.files}; format 'npz' needs arrays named X and y")
+                raise DataError(f"'{source}' has no array named {' or '.join(missing)} (its arrays: "
+                                f"{', '.join(arrays) or 'none'}); format 'npz' reads the features from X and the "
+                                "labels from y, so save them with numpy.savez(path, X=features, y=labels)")
+            for name in ("X", "y"):
+                with archive.open(f"{name}.npy") as member:
+                    check_npy_header(member, f"array {name} in '{source}'")
+        with np.load(path, allow_pickle=False) as archive:
             X, y = archive["X"], archive["y"]
-    except (ValueError, OSError) as error:
-        raise DataError(f"'{source}' is not a readable .npz archive: {error}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(f"'{source}' is a damaged .npz archive ({error}); copy or save it again") from None
     if X.ndim != 2 or y.shape != (X.shape[0],):
-        raise DataError(f"'{source}' has X of shape {X.shape} and y of shape {y.shape}; expected X of shape "
-                        "(n_samples, n_features) and y of shape (n_samples,)")
+        raise DataError(f"'{source}' has X of shape {X.shape} and y of shape {y.shape}; save X as a matrix of "
+                        "shape (n_samples, n_features) and y as a vector of shape (n_samples,)")
     return np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def load_npy(path: Path, source: str | None = None) -> np.ndarray:
+    """Memory-map a ``.npy`` file after checking that it is a complete array of numbers."""
+    source = source or str(path)
     if not path.is_file():
-        raise DataError(f"data file not found: '{path}'; check data.path and that the file was copied onto EFS")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
-        raise DataError(f"'{path}' is not a readable .npy file: {error}") from None
+        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+    with open(path, "rb") as handle:
+        shape, dtype = check_npy_header(handle, f"'{source}'")
+        data_offset = handle.tell()
+    expected_bytes = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual_bytes = path.stat().st_size
+    if actual_bytes < expected_bytes:
+        raise DataError(f"'{source}' is truncated: its header describes an array of shape {shape} and dtype "
+                        f"{dtype}, {expected_bytes:,} bytes with the header, but the file has {actual_bytes:,}; "
+                        "copy or save it again")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+# Checks and whole-file reads -------------------------------------------------------------
 
 
 def check_finite(X, y: np.ndarray, source: str, first_row: int = 0) -> None:
-    """Raise :class:`DataError` naming the first row with a NaN or infinite feature or label."""
+    """Raise :class:`DataError` naming the first row with a NaN or infinite feature or label.
+
+    ``first_row`` is the number of data rows of ``source`` before the first row of ``X``.
+    """
     values = X.data if sp.issparse(X) else X
     if not np.all(np.isfinite(values)):
         if sp.issparse(X):
@@ -307,18 +468,18 @@ def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features:
     path = store.resolve_data_path(relative_path)
     data = spec.data
     if data.format == "libsvm":
-        X, y = read_libsvm(path, n_features)
+        X, y = read_libsvm(path, n_features, relative_path)
     else:
         if data.format == "csv":
-            X, y = read_csv(path, data.label_column, data.skip_rows, data.delimiter, data.header)
+            X, y = read_csv(path, data.label_column, data.skip_rows, data.delimiter, data.header, relative_path)
         elif data.format == "npy":
-            X, y = read_npy_rows(path, data.label_column)
+            X, y = read_npy_rows(path, data.label_column, source=relative_path)
         else:
-            X, y = read_npz(path)
+            X, y = read_npz(path, relative_path)
         if n_features is not None and X.shape[1] != n_features:
-            raise DataError(f"'{path}' has {X.shape[1]} feature columns but {n_features} are expected; "
+            raise DataError(f"'{relative_path}' has {X.shape[1]} feature columns but {n_features} are expected; "
                             "check data.n_features and that training and validation files match")
-    check_finite(X, y, str(path))
+    check_finite(X, y, relative_path)
     return X, y
 
 

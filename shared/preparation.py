@@ -44,6 +44,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -325,27 +326,31 @@ def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
     for role, path in sources:
         local = _source_path(files, role, path, s3_client)
         if not local.is_file():
-            raise DataError(f"data file not found: '{local}'; check data.{'path' if role == 'train' else 'validation_path'}"
+            raise DataError(f"data file not found: '{path}'; check data.{'path' if role == 'train' else 'validation_path'}"
                             " and that the file was copied onto EFS")
-        parts.extend(_cut_parts(spec, role, local))
+        parts.extend(_cut_parts(spec, role, local, source=path))
     files.store.write_json(files.layout, {"parts": parts})
 
 
-def _cut_parts(spec: JobSpec, role: str, path: Path) -> list[dict]:
-    """Return the parts of one source, in row order."""
+def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) -> list[dict]:
+    """Return the parts of one source, in row order.
+
+    ``source`` is the path as the spec gives it, for error messages; ``path`` when None.
+    """
     data = spec.data
-    base = {"role": role, "path": str(path)}
+    source = source or str(path)
+    base = {"role": role, "path": str(path), "source": source}
     compressed = path.suffix in datasets.COMPRESSED_SUFFIXES
 
     if data.format == "npz":
         return [{**base, "kind": "whole"}]
     if data.format == "npy":
-        n_rows, n_columns = _npy_shape(path)
+        n_rows, n_columns = _npy_shape(path, source)
         rows_per_part = max(1, data.part_bytes // max(1, n_columns * 8))
         return [{**base, "kind": "rows", "start": start, "stop": min(start + rows_per_part, n_rows)}
                 for start in range(0, max(n_rows, 1), rows_per_part)]
 
-    csv_layout = _csv_layout(spec, path) if data.format == "csv" else {}
+    csv_layout = _csv_layout(spec, path, source) if data.format == "csv" else {}
     if compressed:
         return [{**base, **csv_layout, "kind": "whole"}]
     data_start = csv_layout.get("data_start", 0)
@@ -356,39 +361,39 @@ def _cut_parts(spec: JobSpec, role: str, path: Path) -> list[dict]:
             for index in range(n_parts)]
 
 
-def _npy_shape(path: Path) -> tuple[int, int]:
-    table = datasets._load_npy(path)
+def _npy_shape(path: Path, source: str) -> tuple[int, int]:
+    table = datasets.load_npy(path, source)
     if table.ndim != 2 or table.shape[1] < 2:
-        raise DataError(f"'{path}' holds an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
+        raise DataError(f"'{source}' contains an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
                         "with the labels in data.label_column")
     return table.shape
 
 
-def _csv_layout(spec: JobSpec, path: Path) -> dict:
+def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
     """Return where the data rows of a CSV file start, its column count and its label column index.
 
     ``data_start`` is a byte offset, used for uncompressed files; ``skip_lines`` is the
-    number of lines before the data, used for compressed ones.
+    number of lines before the data, used for compressed ones and for line numbers.
     """
     data = spec.data
     skip_lines = data.skip_rows + (1 if data.header else 0)
-    with datasets._open_text(path) as handle:
-        lines = [handle.readline() for _ in range(skip_lines + 1)]
+    with datasets.open_binary(path, source) as handle:
+        lines = [datasets.decode_text(handle.readline(), source, number) for number in range(1, skip_lines + 2)]
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]
 
     names = datasets._split_header(header, data.delimiter) if header is not None else None
     n_columns = len(names) if names is not None else len(first_row.strip().split(datasets.csv_delimiter(data.delimiter)))
     if n_columns < 2:
-        raise DataError(f"'{path}' has {n_columns} column(s); a CSV data set needs features and a label column; "
-                        "check data.delimiter")
+        raise DataError(f"'{source}' has {n_columns} column(s), but a CSV data set needs features and a label "
+                        "column; check data.delimiter")
     data_start = 0
     if path.suffix not in datasets.COMPRESSED_SUFFIXES:
         with open(path, "rb") as handle:
             for _ in range(skip_lines):
                 handle.readline()
             data_start = handle.tell()
-    label_index = datasets.resolve_label_column(data.label_column, names, n_columns, str(path))
+    label_index = datasets.resolve_label_column(data.label_column, names, n_columns, source)
     return {"data_start": data_start, "skip_lines": skip_lines, "n_columns": n_columns, "label_index": label_index}
 
 
@@ -413,37 +418,72 @@ def _read_text_range(path: Path, start: int, stop: int, data_start: int) -> byte
         return handle.read(last - first)
 
 
-def read_part(spec: JobSpec, part: dict) -> tuple[object, np.ndarray]:
-    """Parse one part into ``(X, y)``: CSR as wide as its highest index for libsvm, else dense."""
+class PartRows(NamedTuple):
+    """The rows parsed from one part, and the number of text lines it spans (0 for binary formats)."""
+
+    X: object
+    y: np.ndarray
+    n_lines: int
+
+
+def _skip_lines(raw: bytes, count: int) -> bytes:
+    """Return ``raw`` without its first ``count`` lines."""
+    position = 0
+    for _ in range(count):
+        position = raw.find(b"\n", position) + 1
+        if position == 0:
+            return b""
+    return raw[position:]
+
+
+def read_part(spec: JobSpec, part: dict, first_line_number: int | None = None) -> PartRows:
+    """Parse one part: CSR as wide as its highest index for libsvm, else dense.
+
+    ``first_line_number`` is the line of the source file that the part starts on, for
+    error messages. None means the line after the skipped ones, where the first part starts.
+    """
     path = Path(part["path"])
     data = spec.data
-    source = f"{path} (bytes {part['start']}-{part['stop']})" if part["kind"] == "text" else str(path)
+    source = part.get("source", part["path"])
 
     if data.format == "npz":
-        return datasets.read_npz(path)
+        return PartRows(*datasets.read_npz(path, source), n_lines=0)
     if data.format == "npy":
-        return datasets.read_npy_rows(path, data.label_column, part["start"], part["stop"], source)
+        return PartRows(*datasets.read_npy_rows(path, data.label_column, part["start"], part["stop"], source), n_lines=0)
 
-    try:
-        if part["kind"] == "text":
-            text = _read_text_range(path, part["start"], part["stop"], part.get("data_start", 0)).decode("utf-8")
-        else:
-            with datasets._open_text(path) as handle:
-                for _ in range(part.get("skip_lines", 0)):
-                    handle.readline()
-                text = handle.read()
-    except UnicodeDecodeError as error:
-        raise datasets.not_utf8_error(source, error) from None
+    skipped = part.get("skip_lines", 0)
+    if first_line_number is None:
+        first_line_number = skipped + 1
+    if part["kind"] == "text":
+        raw = _read_text_range(path, part["start"], part["stop"], part.get("data_start", 0))
+    else:
+        raw = _skip_lines(datasets.read_text_bytes(path, source), skipped)
+    text = datasets.decode_text(raw, source, first_line_number)
+    n_lines = raw.count(b"\n")
 
     if data.format == "libsvm":
-        return datasets.parse_libsvm_lines(text.splitlines(), source)
-    return datasets.parse_csv_text(text, data.delimiter, part["label_index"], part["n_columns"], source)
+        X, y = datasets.parse_libsvm_lines(text.split("\n"), source, first_line_number)
+        return PartRows(X, y, n_lines)
+    reference = "the header" if data.header else f"the first row (line {skipped + 1})"
+    X, y = datasets.parse_csv_text(text, data.delimiter, part["label_index"], part["n_columns"], source,
+                                   first_line_number, reference)
+    return PartRows(X, y, n_lines)
 
 
 def _parse(files: PreparationFiles, spec: JobSpec, index: int) -> None:
-    part = files.store.read_json(files.layout)["parts"][index]
-    X, y = read_part(spec, part)
-    datasets.check_finite(X, y, part["path"])
+    parts = files.store.read_json(files.layout)["parts"]
+    part = parts[index]
+    # Where this part starts in its source file, from the previous part's record, so that
+    # messages give positions in the file rather than in the part.
+    first_line, first_row = part.get("skip_lines", 0) + 1, 0
+    if index > 0 and parts[index - 1]["role"] == part["role"]:
+        previous = files.store.read_json(files.part(index - 1) / "meta.json")
+        # NOTE: a part parsed before these positions were recorded has none, and its
+        # successor's messages then count from the part's start.
+        first_line = previous.get("first_line", 1) + previous.get("n_lines", 0)
+        first_row = previous.get("first_row", 0) + previous["n_rows"]
+    X, y, n_lines = read_part(spec, part, first_line)
+    datasets.check_finite(X, y, part.get("source", part["path"]), first_row)
 
     folder = files.part(index)
     store = files.store
@@ -455,7 +495,8 @@ def _parse(files: PreparationFiles, spec: JobSpec, index: int) -> None:
         store.write_npy(folder / "X.npy", np.ascontiguousarray(X, dtype=np.float32))
     store.write_npy(folder / "y.npy", y)
     store.write_json(folder / "meta.json", {"n_rows": int(X.shape[0]), "width": int(X.shape[1]),
-                                            "sparse": bool(sp.issparse(X))})
+                                            "sparse": bool(sp.issparse(X)), "first_line": first_line,
+                                            "n_lines": n_lines, "first_row": first_row})
 
 
 def _load_part(files: PreparationFiles, index: int, n_features: int | None = None):
@@ -562,7 +603,8 @@ def _check_widths(spec: JobSpec, parts: list[dict], metas: list[dict]) -> int:
     train_width = next(meta["width"] for meta, part in zip(metas, parts) if part["role"] == "train")
     for meta, part in zip(metas, parts):
         if meta["n_rows"] and meta["width"] != train_width:
-            raise DataError(f"'{part['path']}' has {meta['width']} feature columns but the training file has "
+            source = part.get("source", part["path"])
+            raise DataError(f"'{source}' has {meta['width']} feature columns but the training file has "
                             f"{train_width}; check that training and validation files match")
     if spec.data.n_features is not None and spec.data.n_features != train_width:
         raise DataError(f"'{spec.data.path}' has {train_width} feature columns but data.n_features is "

@@ -8,6 +8,7 @@ the job id, and a job already running must be left as it was.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import math
 import shutil
 
 import boto3
+import numpy as np
 import pytest
 from moto import mock_aws
 
@@ -112,14 +114,51 @@ CASES = [
     ("libsvm-index-zero", json.dumps(spec("libsvm-zero-index", data=libsvm_data("datasets/zero-index.libsvm"))),
      "libsvm-zero-index", ["line 1", "index 0", "start at 1"]),
     ("libsvm-not-utf8", json.dumps(spec("libsvm-binary", data=libsvm_data("datasets/binary.libsvm"))),
-     "libsvm-binary", ["binary.libsvm", "not UTF-8"]),
+     "libsvm-binary", ["line 2 of 'datasets/binary.libsvm'", "not UTF-8", "byte 2 of the line is b'\\xff'"]),
     ("mlp-beyond-lambda-memory", json.dumps(spec("mlp-huge", model={"name": "mlp_classifier",
                                                                     "hidden_layer_sizes": [100000, 100000, 100000]})),
      "mlp-huge", ["model.hidden_layer_sizes", "parameters", "10,240 MB"]),
     # No bucket is listed in BATON_ALLOWED_S3_BUCKETS here, so every s3:// path is outside them.
     ("s3-uri-outside-buckets", json.dumps(spec("s3-outside", data=csv_data("s3://other-bucket/data.csv"))),
      "s3-outside", ["s3://other-bucket/data.csv", "not allowed", "BATON_ALLOWED_S3_BUCKETS"]),
+    ("csv-ragged-row", json.dumps(spec("csv-ragged", data=csv_data("datasets/ragged.csv"))), "csv-ragged",
+     ["line 3 of 'datasets/ragged.csv'", "5 columns", "the first row (line 1) has 4", "fix or remove that line"]),
+    ("csv-row-without-label-column", json.dumps(spec("csv-short-row", data=csv_data(
+        "datasets/short-row.csv", header=True, label_column="label"))), "csv-short-row",
+     ["line 4 of 'datasets/short-row.csv'", "3 columns", "no column 4 for the label", "data.label_column"]),
+    ("csv-gzip-ragged-row", json.dumps(spec("csv-gzip-ragged", data=csv_data(
+        "datasets/ragged.csv.gz", skip_rows=1, header=True, label_column="x"))), "csv-gzip-ragged",
+     ["line 5 of 'datasets/ragged.csv.gz'", "2 columns", "the header has 3"]),
+    ("csv-value-not-a-number", json.dumps(spec("csv-text-value", data=csv_data("datasets/text-value.csv"))),
+     "csv-text-value", ["line 2 of 'datasets/text-value.csv'", "column 2", "'abc'", "not a number"]),
+    ("csv-error-in-later-part", json.dumps(spec("csv-late-error", data=csv_data(
+        "datasets/large.csv", skip_rows=1, part_bytes=4096))), "csv-late-error",
+     ["line 902 of 'datasets/large.csv'", "column 1", "is empty"]),
+    ("libsvm-error-in-later-part", json.dumps(spec("libsvm-late-error", data=libsvm_data(
+        "datasets/large.libsvm", part_bytes=4096))), "libsvm-late-error",
+     ["malformed libsvm line 700 in 'datasets/large.libsvm'", "'x'", "not a number"]),
+    ("nan-in-later-part", json.dumps(spec("late-nan", data=csv_data("datasets/late-nan.csv", part_bytes=4096))),
+     "late-nan", ["'datasets/late-nan.csv'", "data row 800"]),
+    ("npy-python-objects", json.dumps(spec("npy-objects", data={"path": "datasets/objects.npy", "format": "npy"})),
+     "npy-objects", ["'datasets/objects.npy'", "Python objects", "numpy.save"]),
+    ("npy-text-values", json.dumps(spec("npy-strings", data={"path": "datasets/strings.npy", "format": "npy"})),
+     "npy-strings", ["'datasets/strings.npy'", "dtype <U", "not numbers"]),
+    ("npy-not-an-array", json.dumps(spec("npy-text", data={"path": "datasets/text.npy", "format": "npy"})),
+     "npy-text", ["'datasets/text.npy'", "not a .npy array", "format 'csv'"]),
+    ("npy-truncated", json.dumps(spec("npy-short", data={"path": "datasets/truncated.npy", "format": "npy"})),
+     "npy-short", ["'datasets/truncated.npy'", "truncated", "copy or save it again"]),
+    ("npz-without-x-and-y", json.dumps(spec("npz-names", data={"path": "datasets/named.npz", "format": "npz"})),
+     "npz-names", ["'datasets/named.npz'", "no array named X or y", "features, labels", "numpy.savez"]),
+    ("npz-python-objects", json.dumps(spec("npz-objects", data={"path": "datasets/objects.npz", "format": "npz"})),
+     "npz-objects", ["array X in 'datasets/objects.npz'", "Python objects"]),
+    ("npz-not-a-zip", json.dumps(spec("npz-text", data={"path": "datasets/text.npz", "format": "npz"})),
+     "npz-text", ["'datasets/text.npz'", "not a .npz archive", "numpy.savez"]),
 ]
+
+# Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
+# that contains one was passed through instead of written for the user.
+FOREIGN_PHRASES = ["usecols", "allow_pickle", "pickled", "float64 at row", "could not convert", "invalid literal",
+                   "(bytes ", "of the part"]
 
 # A different spec under the running job's id: rejected without touching the running job.
 CONFLICT_CASE = ("duplicate-job-id", "running-job")
@@ -140,6 +179,38 @@ def write_data_files(efs_root):
     (datasets / "inf.libsvm").write_text("1 1:0.5\n-1 2:inf\n1 1:1\n-1 2:2\n")
     (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
+    write_malformed_files(datasets)
+
+
+def write_malformed_files(datasets):
+    """Write the files whose errors used to carry numpy's wording or a part's byte range."""
+    (datasets / "ragged.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,6,0\n4,5,6,1\n")
+    with gzip.open(datasets / "ragged.csv.gz", "wt") as handle:
+        handle.write("exported by a tool\nx,y,label\n1,2,0\n2,3,1\n4,1\n")
+    (datasets / "short-row.csv").write_text("a,b,c,label\n1,2,3,0\n2,3,4,1\n3,4,5\n4,5,6,1\n")
+    (datasets / "text-value.csv").write_text("1,2,0\n2,abc,1\n3,4,0\n")
+    # 1,000 rows of 8 to 14 bytes, in parts of 4,096 bytes: every bad line is past the first part.
+    rows = [f"{index % 97},{index % 89},{index % 2}" for index in range(1000)]
+    csv_lines = ["x,y,label", *rows]
+    csv_lines[901] = ",5,1"  # line 902, after the header
+    (datasets / "large.csv").write_text("\n".join(csv_lines) + "\n")
+    libsvm_lines = [f"{index % 2} 1:{index % 97} 2:{index % 89}" for index in range(1000)]
+    libsvm_lines[699] = "1 1:x 2:3"  # line 700
+    (datasets / "large.libsvm").write_text("\n".join(libsvm_lines) + "\n")
+    nan_rows = list(rows)
+    nan_rows[799] = "nan,1,0"  # data row 800
+    (datasets / "late-nan.csv").write_text("\n".join(nan_rows) + "\n")
+
+    table = np.arange(40, dtype=np.float64).reshape(10, 4) % 2
+    np.save(datasets / "objects.npy", table.astype(object), allow_pickle=True)
+    np.save(datasets / "strings.npy", table.astype(str))
+    (datasets / "text.npy").write_text("1,2,0\n2,3,1\n")
+    np.save(datasets / "truncated.npy", table)
+    whole = (datasets / "truncated.npy").read_bytes()
+    (datasets / "truncated.npy").write_bytes(whole[:-40])
+    np.savez(datasets / "named.npz", features=table[:, :3], labels=table[:, 3])
+    np.savez(datasets / "objects.npz", X=table[:, :3].astype(object), y=table[:, 3], allow_pickle=True)
+    (datasets / "text.npz").write_text("1,2,0\n")
 
 
 @pytest.fixture
@@ -227,6 +298,9 @@ def test_bad_input_fails_job_once(stack, handler_log, body, job_id, words):
     assert record.status == "FAILED"
     for word in words:
         assert word in record.error
+    for phrase in FOREIGN_PHRASES:
+        assert phrase not in record.error
+    assert stack.settings.efs_root not in record.error, "name the file as the spec gives it"
     failures = [line for line in log_lines(handler_log.getvalue()) if line.get("message") == "job failed"]
     assert failures and failures[-1].get("job_id") == expected_job_id
     running = stack.state.get_job("running-job")

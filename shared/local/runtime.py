@@ -2,10 +2,10 @@
 
 For each function, a number of lanes (its concurrency) each own one warm "container": a
 separate Python process (:mod:`shared.local.container`) that imports the handler once and
-then serves invocations, like a warm Lambda execution environment. A lane long-polls the function's queue, builds the same
-event Lambda sends (records with ``messageId``, ``receiptHandle``, ``body`` and
-``attributes``), invokes the container with a context that reports the remaining time, and
-then deletes the records that succeeded.
+then serves invocations, like a warm Lambda execution environment. A lane long-polls the
+function's queue, builds the same event Lambda sends (records with ``messageId``,
+``receiptHandle``, ``body`` and ``attributes``), invokes the container with a context that
+reports the remaining time, and then deletes the records that succeeded.
 
 Failed records are made visible again after ``retry_delay_seconds`` rather than after the
 queue's full visibility timeout, so a local job does not wait half an hour for a retry.
@@ -197,7 +197,8 @@ class LocalRuntime:
         problem = f"did not import its handler within {CONTAINER_START_TIMEOUT_SECONDS} s"
         try:
             container.connection.send({"handler": definition.handler, "function": function})
-            ready = container.connection.poll(CONTAINER_START_TIMEOUT_SECONDS) and container.connection.recv()[0] == "ready"
+            ready = (container.connection.poll(CONTAINER_START_TIMEOUT_SECONDS)
+                     and container.connection.recv()[0] == "ready")
         except (EOFError, OSError):
             ready, problem = False, "exited while importing its handler"
         if not ready:
