@@ -686,12 +686,12 @@ def check_stopping(spec: JobSpec, metrics: dict, state: StoppingState) -> tuple[
         should stop after this round, else None. The round limit is not checked here.
     """
     training = spec.training
-    number = int(metrics["round"])
+    current_round = int(metrics["round"])
     loss = metrics.get("validation_loss")
     accuracy = metrics.get("validation_accuracy")
 
     if loss is not None and (state.best_validation_loss is None or loss < state.best_validation_loss):
-        state = StoppingState(best_validation_loss=float(loss), best_round=number)
+        state = StoppingState(best_validation_loss=float(loss), best_round=current_round)
 
     if training.target_validation_loss is not None and loss is not None and loss <= training.target_validation_loss:
         return state, "target_loss"
@@ -699,6 +699,6 @@ def check_stopping(spec: JobSpec, metrics: dict, state: StoppingState) -> tuple[
             and accuracy >= training.target_validation_accuracy):
         return state, "target_accuracy"
     if (training.early_stopping_patience is not None and state.best_round is not None
-            and number - state.best_round >= training.early_stopping_patience):
+            and current_round - state.best_round >= training.early_stopping_patience):
         return state, "early_stopping"
     return state, None

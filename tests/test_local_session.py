@@ -51,13 +51,17 @@ SMALL_JOB = {"job_id": "unguarded", "model": {"name": "logistic_regression"},
              "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1},
              "training": {"n_workers": 2, "batch_size": 32, "max_rounds": 2}}
 
-RUN_JOB_WITHOUT_STOP = f"""
+# Runs a small job on a stack built at module level and records the stack's processes.
+RUN_JOB = f"""
 stack = LocalStack(sys.argv[2], concurrency={{"worker": 2}})
 stack.start()
 stack.import_data({str(BREAST_CANCER_CSV)!r}, "datasets/breast_cancer.csv")
 stack.submit({SMALL_JOB!r})
 finished = stack.wait("unguarded", timeout_seconds=120)
 record(stack, status=finished.status, error=finished.error)
+"""
+
+RUN_JOB_WITHOUT_STOP = RUN_JOB + """
 # No stop(): the stack must be stopped when the interpreter exits.
 """
 
@@ -75,13 +79,7 @@ except FileExistsError as error:
     record(stack, error=str(error), running_after_failure=still_running)
 """
 
-RUN_JOB_THEN_WAIT = f"""
-stack = LocalStack(sys.argv[2], concurrency={{"worker": 2}})
-stack.start()
-stack.import_data({str(BREAST_CANCER_CSV)!r}, "datasets/breast_cancer.csv")
-stack.submit({SMALL_JOB!r})
-finished = stack.wait("unguarded", timeout_seconds=120)
-record(stack, status=finished.status, error=finished.error)
+RUN_JOB_THEN_WAIT = RUN_JOB + """
 # Keep the stack and its warm containers until the test kills this process.
 import time
 while True:
@@ -123,31 +121,29 @@ def wait_until_gone(processes: list[list], timeout_seconds: float) -> list[int]:
     return running
 
 
-def test_unguarded_script_leaves_no_process(tmp_path):
-    script = write_script(tmp_path, RUN_JOB_WITHOUT_STOP)
+def run_script(tmp_path: Path, body: str, timeout_seconds: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run a script to its end; return the finished process and the report it wrote."""
+    script = write_script(tmp_path, body)
     report = tmp_path / "report.json"
-
     completed = subprocess.run([sys.executable, str(script), str(report), str(tmp_path / "efs")],
-                               env=script_environment(), capture_output=True, text=True, timeout=300)
-
+                               env=script_environment(), capture_output=True, text=True, timeout=timeout_seconds)
     assert completed.returncode == 0, completed.stderr
+    return completed, json.loads(report.read_text())
+
+
+def test_unguarded_script_leaves_no_process(tmp_path):
+    completed, result = run_script(tmp_path, RUN_JOB_WITHOUT_STOP, timeout_seconds=300)
+
     # The containers do not import the script, so its body ran once, in one process.
     assert completed.stdout.count("script body ran in") == 1, completed.stdout
-    result = json.loads(report.read_text())
     assert result["status"] == "SUCCEEDED", result["error"]
     assert len(result["processes"]) >= 3, "expected moto's server and at least two containers"
     assert still_running(result["processes"]) == []
 
 
 def test_failed_start_stops_server(tmp_path):
-    script = write_script(tmp_path, FAIL_TO_START)
-    report = tmp_path / "report.json"
+    _, result = run_script(tmp_path, FAIL_TO_START, timeout_seconds=120)
 
-    completed = subprocess.run([sys.executable, str(script), str(report), str(tmp_path / "efs")],
-                               env=script_environment(), capture_output=True, text=True, timeout=120)
-
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads(report.read_text())
     assert "efs" in result["error"]
     assert len(result["processes"]) == 1, "expected moto's server, started before the failure"
     assert result["running_after_failure"] == []
@@ -157,8 +153,9 @@ def test_failed_start_stops_server(tmp_path):
 def test_killed_script_leaves_no_process(tmp_path):
     script = write_script(tmp_path, RUN_JOB_THEN_WAIT)
     report = tmp_path / "report.json"
-    process = subprocess.Popen([sys.executable, str(script), str(report), str(tmp_path / "efs")],
-                               env=script_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "script.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, str(script), str(report), str(tmp_path / "efs")],
+                                   env=script_environment(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not report.exists() and process.poll() is None and time.monotonic() < deadline:
