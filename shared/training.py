@@ -371,6 +371,9 @@ class TrainingMode(ABC):
         return model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
 
 
+_INT64_ZERO = np.int64(0)
+_FLOAT64_ZERO = np.float64(0.0)
+
 # Rows per step of a gradient computation. A constant, not a setting of the machine, so
 # that results are bitwise identical however a worker's share is split into invocations.
 GRADIENT_CHUNK_ROWS = 4096
@@ -391,31 +394,35 @@ class GradientAveraging(TrainingMode):
         return batch_indices(spec.training.seed, round_index, worker, shard.n_rows, per_epoch, spec.training.batch_size)
 
     def begin(self, spec, manifest, model, params, shard, round_index, worker):
-        return {
-            "position": np.int64(0),
-            "grad_sum": np.zeros(model.n_params, dtype=np.float64),
-            "loss_sum": np.float64(0.0),
-            "n_samples": np.int64(0),
-        }
+        # numpy scalars are immutable, so every round can share the zeros.
+        return {"position": _INT64_ZERO, "grad_sum": np.zeros(model.n_params, dtype=np.float64),
+                "loss_sum": _FLOAT64_ZERO, "n_samples": _INT64_ZERO}
 
     def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
         rows = self._batch_rows(spec, manifest, shard, round_index, worker)
         position = int(progress["position"])
         chunk = rows[position:position + GRADIENT_CHUNK_ROWS]
-        y_chunk = np.asarray(take_rows(shard.y, chunk))
-        part = compute_worker_result(model, params, take_rows(shard.X, chunk), y_chunk,
-                                     _sample_weight(class_weights(spec, manifest), y_chunk))
+        grad_sum, loss_sum = progress["grad_sum"], float(progress["loss_sum"])
+        # Only the empty batch of a shard one row short of the largest has no rows here, and
+        # its sums stay the zeros of begin.
+        if len(chunk):
+            y_chunk = take_rows(shard.y, chunk)
+            # Rows gathered straight into float64, which the model would otherwise convert.
+            loss, grad = model.loss_grad(params, take_rows(shard.X, chunk, dtype=np.float64), y_chunk,
+                                         _sample_weight(class_weights(spec, manifest), y_chunk))
+            grad_sum = grad_sum + grad
+            loss_sum += loss
         new_progress = {
             "position": np.int64(position + len(chunk)),
-            "grad_sum": progress["grad_sum"] + part.grad_sum,
-            "loss_sum": np.float64(float(progress["loss_sum"]) + part.loss_sum),
-            "n_samples": np.int64(int(progress["n_samples"]) + part.n_samples),
+            "grad_sum": grad_sum,
+            "loss_sum": np.float64(loss_sum),
+            "n_samples": np.int64(int(progress["n_samples"]) + len(chunk)),
         }
         return new_progress, position + len(chunk) >= len(rows)
 
     def finish(self, progress):
-        return WorkerResult(grad_sum=progress["grad_sum"], loss_sum=float(progress["loss_sum"]),
-                            n_samples=int(progress["n_samples"])).to_arrays()
+        return {"grad_sum": progress["grad_sum"], "loss_sum": np.float64(progress["loss_sum"]),
+                "n_samples": np.int64(progress["n_samples"])}
 
     def reduce_scalars(self, scalars):
         loss_total = 0.0
