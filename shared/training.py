@@ -127,6 +127,42 @@ def _sample_weight(weights: np.ndarray | None, y: np.ndarray) -> np.ndarray | No
     return None if weights is None else weights[np.asarray(y, dtype=np.int64)]
 
 
+@dataclass(frozen=True)
+class _BatchSettings:
+    """The values every round of one job's workers derives from its spec and manifest."""
+
+    spec: JobSpec
+    manifest: dict
+    seed: int
+    batch_size: int
+    per_epoch: int
+    class_weights: np.ndarray | None
+
+
+# The settings of the last job a worker process computed a batch for. A warm worker runs
+# task after task of one job with the same spec and manifest objects (the service keeps
+# them per job), so the settings are derived once instead of once per chunk.
+_last_batch_settings: _BatchSettings | None = None
+
+
+def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
+    """Return ``spec``'s and ``manifest``'s batch settings, derived again only for other objects.
+
+    The cache compares identity, so it assumes that nobody changes a manifest dictionary
+    in place. Baton reads manifests from EFS and never changes them.
+    """
+    global _last_batch_settings
+    settings = _last_batch_settings
+    if settings is not None and settings.spec is spec and settings.manifest is manifest:
+        return settings
+    training = spec.training
+    settings = _BatchSettings(spec, manifest, training.seed, training.batch_size,
+                              rounds_per_epoch(manifest["shard_rows"], training.batch_size),
+                              class_weights(spec, manifest))
+    _last_batch_settings = settings
+    return settings
+
+
 # Weights beyond this magnitude count as diverged: squaring one in a loss or a metric
 # would overflow float64 (whose maximum is about 1.8e308).
 MAX_WEIGHT_MAGNITUDE = 1e100
@@ -389,17 +425,14 @@ class GradientAveraging(TrainingMode):
     name = "gradient_average"
     vector_name = "grad_sum"
 
-    def _batch_rows(self, spec, manifest, shard, round_index, worker) -> np.ndarray:
-        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
-        return batch_indices(spec.training.seed, round_index, worker, shard.n_rows, per_epoch, spec.training.batch_size)
-
     def begin(self, spec, manifest, model, params, shard, round_index, worker):
         # numpy scalars are immutable, so every round can share the zeros.
         return {"position": _INT64_ZERO, "grad_sum": np.zeros(model.n_params, dtype=np.float64),
                 "loss_sum": _FLOAT64_ZERO, "n_samples": _INT64_ZERO}
 
     def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
-        rows = self._batch_rows(spec, manifest, shard, round_index, worker)
+        settings = _batch_settings(spec, manifest)
+        rows = batch_indices(settings.seed, round_index, worker, shard.n_rows, settings.per_epoch, settings.batch_size)
         position = int(progress["position"])
         chunk = rows[position:position + GRADIENT_CHUNK_ROWS]
         grad_sum, loss_sum = progress["grad_sum"], float(progress["loss_sum"])
@@ -409,16 +442,15 @@ class GradientAveraging(TrainingMode):
             y_chunk = take_rows(shard.y, chunk)
             # Rows gathered straight into float64, which the model would otherwise convert.
             loss, grad = model.loss_grad(params, take_rows(shard.X, chunk, dtype=np.float64), y_chunk,
-                                         _sample_weight(class_weights(spec, manifest), y_chunk))
-            grad_sum = grad_sum + grad
+                                         _sample_weight(settings.class_weights, y_chunk))
+            grad_sum = np.add(grad_sum, grad, out=grad)
             loss_sum += loss
-        new_progress = {
-            "position": np.int64(position + len(chunk)),
-            "grad_sum": grad_sum,
-            "loss_sum": np.float64(loss_sum),
-            "n_samples": np.int64(int(progress["n_samples"]) + len(chunk)),
-        }
-        return new_progress, position + len(chunk) >= len(rows)
+        stop = position + len(chunk)
+        # Every row of the batch so far is counted once, so the row count is the position.
+        rows_done = np.int64(stop)
+        new_progress = {"position": rows_done, "grad_sum": grad_sum, "loss_sum": np.float64(loss_sum),
+                        "n_samples": rows_done}
+        return new_progress, stop >= len(rows)
 
     def finish(self, progress):
         return {"grad_sum": progress["grad_sum"], "loss_sum": np.float64(progress["loss_sum"]),
@@ -499,9 +531,9 @@ class ModelAveraging(TrainingMode):
         steps = self.batches_per_round(spec, manifest)
         step = int(progress["step"])
         global_step = round_index * steps + step
-        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
-        rows = batch_indices(spec.training.seed, global_step, worker, shard.n_rows, per_epoch,
-                             spec.training.batch_size)
+        settings = _batch_settings(spec, manifest)
+        rows = batch_indices(settings.seed, global_step, worker, shard.n_rows, settings.per_epoch,
+                             settings.batch_size)
 
         local_params = progress["params"]
         state = {key[len(OPTIMIZER_PROGRESS_PREFIX):]: value for key, value in progress.items()
@@ -511,9 +543,9 @@ class ModelAveraging(TrainingMode):
         # A shard one row shorter than the largest can draw an empty last batch; it skips the step.
         # A worker whose weights already overflowed stops stepping, and the aggregator reports it.
         if len(rows) > 0 and np.all(np.isfinite(local_params)):
-            y_batch = np.asarray(shard.y[rows])
-            part = compute_worker_result(model, local_params, shard.X[rows], y_batch,
-                                         _sample_weight(class_weights(spec, manifest), y_batch))
+            y_batch = take_rows(shard.y, rows)
+            part = compute_worker_result(model, local_params, take_rows(shard.X, rows, dtype=np.float64), y_batch,
+                                         _sample_weight(settings.class_weights, y_batch))
             _, penalty_grad = model.penalty_grad(local_params)
             grad = part.grad_sum / part.n_samples + penalty_grad
             with np.errstate(over="ignore", invalid="ignore"):
