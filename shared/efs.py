@@ -13,10 +13,10 @@ Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
     data/shard-<w>/X*.npy, y.npy   one memory-mappable shard per worker
     data/validation/X*.npy, y.npy  held-out rows
     rounds/<r>/state.npz           parameters and optimizer state at the start of round r
-    rounds/<r>/result-<w>.npy      worker w's parameter-sized result vector (its gradient sum)
-    rounds/<r>/result-<w>.json     worker w's small result arrays (loss sum, row count)
-    rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors, when training.reducers > 1
-    rounds/<r>/reduced-<k>.json    the round's sums of the small arrays, beside each slice
+    rounds/<r>/result-<w>.npy      worker w's result: its parameter-sized vector (the gradient sum),
+                                   then its small arrays (loss sum, row count); shared/reduction.py
+    rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors and the round's sums of
+                                   the small arrays, when training.reducers > 1
     metrics/<r>.json               metrics of round r, never pruned
     model/params.npy, model.json   the final model
 """
@@ -29,6 +29,7 @@ import os
 import shutil
 import uuid
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,21 @@ FSYNC = os.environ.get("BATON_EFS_FSYNC", "true").lower() != "false"
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename."""
+    write_buffers_atomic(path, [payload])
+
+
+def write_buffers_atomic(path: Path, buffers: Sequence[bytes | memoryview]) -> None:
+    """Write the concatenation of ``buffers`` to ``path`` through a temporary file and a rename.
+
+    The buffers are written one after the other, so a large array need not be copied into
+    one ``bytes`` object first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         with open(temporary, "wb") as handle:
-            handle.write(payload)
+            for buffer in buffers:
+                handle.write(buffer)
             handle.flush()
             if FSYNC:
                 os.fsync(handle.fileno())
@@ -108,19 +119,11 @@ class EfsStore:
         return self.round_dir(job_id, round_index) / "state.npz"
 
     def result_path(self, job_id: str, round_index: int, worker: int) -> Path:
-        """Return the path of worker ``worker``'s small result arrays."""
-        return self.round_dir(job_id, round_index) / f"result-{worker}.json"
-
-    def result_vector_path(self, job_id: str, round_index: int, worker: int) -> Path:
-        """Return the path of worker ``worker``'s parameter-sized result vector, a flat float64 .npy."""
+        """Return the path of worker ``worker``'s result file (shared/reduction.py describes its layout)."""
         return self.round_dir(job_id, round_index) / f"result-{worker}.npy"
 
     def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
-        """Return the path of reducer ``slice_index``'s sums of the small result arrays."""
-        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.json"
-
-    def reduced_vector_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
-        """Return the path of reducer ``slice_index``'s slice of the summed vectors, a flat float64 .npy."""
+        """Return the path of reducer ``slice_index``'s file: its slice of the summed vectors and the small sums."""
         return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npy"
 
     def metrics_path(self, job_id: str, round_index: int) -> Path:

@@ -265,14 +265,26 @@ def accumulate_vectors(factors: Sequence[float | None], vectors: Sequence[np.nda
             stop = min(start + REDUCTION_BLOCK_ELEMENTS, length)
             block = total[start:stop]
             for factor, vector in zip(factors, vectors):
-                if factor is None:
-                    continue
-                if factor == 1.0:
-                    np.add(block, vector[start:stop], out=block)
-                    continue
-                weighted = scratch[:stop - start]
-                np.multiply(vector[start:stop], factor, out=weighted)
-                np.add(block, weighted, out=block)
+                add_scaled_vector(block, factor, vector[start:stop], scratch)
+
+
+def add_scaled_vector(total: np.ndarray, factor: float | None, vector: np.ndarray, scratch: np.ndarray) -> None:
+    """Add ``factor * vector`` into ``total`` in place: one worker's step of :func:`accumulate_vectors`.
+
+    A reduction that holds one worker's vector at a time calls this worker by worker and
+    gets the same sums as :func:`accumulate_vectors`. ``scratch`` is a float64 array at
+    least as long as ``total``, for a factor other than 1.0; a factor of None adds nothing.
+    Callers wrap the calls in ``np.errstate(over="ignore", invalid="ignore")``, because
+    the mode's step reports an overflow as divergence.
+    """
+    if factor is None:
+        return
+    if factor == 1.0:
+        np.add(total, vector, out=total)
+        return
+    weighted = scratch[:len(total)]
+    np.multiply(vector, factor, out=weighted)
+    np.add(total, weighted, out=total)
 
 
 @dataclass(frozen=True)
@@ -338,7 +350,9 @@ class TrainingMode(ABC):
     def vector_factors(self, scalars: Sequence[Mapping[str, np.ndarray]]) -> list[float | None]:
         """Return each worker's factor on its vector in the sum: 1.0 adds it unchanged, None skips it.
 
-        ``scalars`` are the workers' small result arrays, in worker order.
+        ``scalars`` are the workers' small result arrays, in worker order. A worker's factor
+        depends on its own arrays only, so a reduction that reads one worker at a time asks
+        for one factor at a time.
         """
         return [1.0] * len(scalars)
 
