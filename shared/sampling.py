@@ -99,7 +99,8 @@ def take_rows(X, rows: np.ndarray, dtype=None):
         input only the values change type: the column indices and row pointers are the
         gathered ones, so a converted CSR chunk costs one matrix construction, not two.
     """
-    if sp.issparse(X):
+    if not isinstance(X, np.ndarray):
+        # A sparse matrix; isinstance is the cheaper test for the common dense case.
         return _take_csr_rows(X, rows, dtype)
     if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
         taken = X[int(rows[0]):int(rows[-1]) + 1]

@@ -67,7 +67,9 @@ class LinearModel(Model):
 
     def _scores(self, params: np.ndarray, X) -> np.ndarray:
         # X is already float64 here, so the product is accumulated in float64.
-        scores = np.asarray(X @ params[:-1]).ravel()
+        scores = X @ params[:-1]
+        if not isinstance(scores, np.ndarray) or scores.ndim != 1:
+            scores = np.asarray(scores).ravel()
         scores += params[-1]
         return scores
 
