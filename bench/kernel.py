@@ -231,7 +231,8 @@ def measure_case(efs_root: Path, source: SourceSet, label: str, n_rows: int, rep
     }, repeats)
 
     # Drawing a round's rows from the kept epoch order and sorting them, which the
-    # reference gets done beforehand; later rounds of the same epoch, so the order is kept.
+    # reference gets done beforehand. The rounds follow the timed ones in the same epoch,
+    # so the epoch order is already drawn.
     per_epoch = rounds_per_epoch(batched.manifest["shard_rows"], DEFAULT_BATCH)
     draw_rounds = range(batch_rounds, min(2 * batch_rounds, per_epoch))
     draw_seconds = median_seconds(lambda: [batch_indices(batched.spec.training.seed, round_index, 0, n_rows,

@@ -122,6 +122,14 @@ class EfsStore:
         """Return the path of worker ``worker``'s result file (shared/reduction.py describes its layout)."""
         return self.round_dir(job_id, round_index) / f"result-{worker}.npy"
 
+    def result_paths(self, job_id: str, round_index: int, n_workers: int) -> list[str]:
+        """Return the paths of every worker's result file of a round, in worker order, as strings.
+
+        Strings, because pathlib's joins cost more than the read of a small result file.
+        """
+        round_dir = os.fspath(self.round_dir(job_id, round_index))
+        return [os.path.join(round_dir, f"result-{worker}.npy") for worker in range(n_workers)]
+
     def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
         """Return the path of reducer ``slice_index``'s file: its slice of the summed vectors and the small sums."""
         return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npy"

@@ -6,7 +6,7 @@ atomically in three parts:
 1. the .npy header of a flat float64 array of ``n`` values;
 2. the mode's parameter-sized vector (:attr:`TrainingMode.vector_name`), ``n`` float64
    values, so a reader can map or read the slice it needs without the rest;
-3. a trailer of JSON that names the file's job, round and worker, and holds the other,
+3. a trailer of JSON that names the file's job, round and worker, and contains the other,
    small arrays (loss sum, row count, k-means counts and inertia) with their dtype and
    shape. Python writes a float as the shortest text that reads back to the same
    float64, so the values round-trip exactly.
@@ -20,9 +20,10 @@ one open for the reader, and the small arrays need no second file.
 With ``training.reducers`` R = 1 the aggregator reduces parameters ``[0, d)`` itself.
 With R > 1, reducer k reduces parameters ``[k * d // R, (k + 1) * d // R)`` and writes
 ``reduced-<k>.npy`` in the same layout (its trailer names the slice instead of a worker);
-the aggregator then joins the R slices. Both paths run
-:func:`shared.training.accumulate_vectors` and the mode's ``reduce_scalars``, element by
-element in worker order, so the sums and the next parameters are the same bytes.
+the aggregator then joins the R slices. Both paths add the vectors element by element in
+worker order (:func:`shared.training.accumulate_vectors`, or
+:func:`~shared.training.add_scaled_vector` one worker at a time) and run the mode's
+``reduce_scalars``, so the sums and the next parameters are the same bytes.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def _describe(identity: dict) -> str:
 
 
 def _fix_hint() -> str:
-    return "delete it and let the watchdog or `baton resume` re-send the round's messages"
+    return ("The round already records that worker or slice as done, so Baton does not write the file again: "
+            "find what else writes into this job's folder on EFS, then submit the job again under a new job id")
 
 
 def _read_until_end(fd: int, offset: int) -> bytes:
@@ -139,7 +141,7 @@ def _read_into(fd: int, buffers: list[memoryview], minimum: int) -> int:
     """Fill ``buffers`` from the start of the file, at least ``minimum`` bytes unless the file is shorter.
 
     Returns the bytes read. ``os.preadv`` may return fewer bytes than requested before the
-    end of the file (NFS may), so this reads again from where it stopped.
+    end of a file, for example on NFS, so this reads again from where it stopped.
     """
     total = 0
     while buffers:
@@ -155,7 +157,7 @@ def _read_into(fd: int, buffers: list[memoryview], minimum: int) -> int:
     return total
 
 
-def _trailer_arrays(path: Path, fd: int, payload: bytes, end: int, expected: dict) -> dict[str, np.ndarray]:
+def _trailer_arrays(path: str | os.PathLike, fd: int, payload: bytes, end: int, expected: dict) -> dict[str, np.ndarray]:
     """Return the small arrays of a result file's trailer after checking its identity against ``expected``.
 
     ``payload`` is the start of the trailer, read up to file offset ``end``. A trailer is one
@@ -169,7 +171,7 @@ def _trailer_arrays(path: Path, fd: int, payload: bytes, end: int, expected: dic
     """
     # NOTE: earlier versions wrote the small arrays to a result-<w>.json beside a vector
     # without a trailer, which fails here. A round whose workers ran before a stack update
-    # fails its aggregation; let running jobs finish before deploying this format.
+    # fails its aggregation, so let running jobs finish before deploying this format.
     try:
         decoded = _JSON_DECODER.decode(payload.decode())
     except ValueError:
@@ -183,9 +185,9 @@ def _trailer_arrays(path: Path, fd: int, payload: bytes, end: int, expected: dic
         arrays = {name: _decode_array(entry) for name, entry in decoded["arrays"].items()}
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         raise ValueError(f"result file '{path}' has no valid trailer after its vector ({len(payload)} bytes), so it "
-                         f"was cut short or written by an earlier version of Baton; {_fix_hint()}") from None
+                         f"was cut short or written by an earlier version of Baton. {_fix_hint()}") from None
     if identity != expected:
-        raise ValueError(f"result file '{path}' belongs to {_describe(identity)}, not to {_describe(expected)}; "
+        raise ValueError(f"result file '{path}' belongs to {_describe(identity)}, not to {_describe(expected)}. "
                          f"{_fix_hint()}")
     return arrays
 
@@ -198,14 +200,14 @@ def _decode_array(entry: dict) -> np.ndarray:
     return np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
 
 
-def _check_header(path: Path, found: bytes, header: bytes, n_values: int) -> None:
+def _check_header(path: str | os.PathLike, found: bytes, header: bytes, n_values: int) -> None:
     if found != header:
-        raise ValueError(f"result file '{path}' (header {found[:70]!r}) does not hold {n_values} float64 values; "
-                         f"it is not from this job's round, so {_fix_hint()}")
+        raise ValueError(f"result file '{path}' (header {found[:70]!r}) does not hold {n_values} float64 values, "
+                         f"so it is not from this job's round. {_fix_hint()}")
 
 
-def _read_file_into(path: Path, header: bytes, out: np.ndarray, expected: dict) -> dict[str, np.ndarray]:
-    """Read a result file, usually with one system call: its vector into ``out``; return its small arrays.
+def _read_file_into(path: str | os.PathLike, header: bytes, out: np.ndarray, expected: dict) -> dict[str, np.ndarray]:
+    """Read a result file, usually with one system call, with its vector into ``out``; return its small arrays.
 
     ``out`` is a contiguous float64 array as long as the file's vector.
 
@@ -224,14 +226,14 @@ def _read_file_into(path: Path, header: bytes, out: np.ndarray, expected: dict) 
         count = _read_into(fd, [memoryview(found), memoryview(out).cast("B"), memoryview(trailer)], vector_end + 1)
         _check_header(path, bytes(found), header, len(out))
         if count < vector_end:
-            raise ValueError(f"result file '{path}' ends after {count} bytes, inside its {len(out)} float64 values; "
+            raise ValueError(f"result file '{path}' ends after {count} bytes, inside its {len(out)} float64 values. "
                              f"{_fix_hint()}")
         return _trailer_arrays(path, fd, bytes(trailer[:count - vector_end]), count, expected)
     finally:
         os.close(fd)
 
 
-def _map_file_slice(path: Path, header: bytes, n_values: int, start: int, stop: int,
+def _map_file_slice(path: str | os.PathLike, header: bytes, n_values: int, start: int, stop: int,
                     expected: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Return values ``[start, stop)`` of a result file's vector, memory-mapped read-only, and its small arrays.
 
@@ -293,9 +295,7 @@ def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_work
         If a result file does not hold ``n_params`` values of this job's round and worker.
     """
     header = vector_header(n_params)
-    # Paths as strings: pathlib's joins cost more than the read of a small result.
-    round_dir = os.fspath(store.round_dir(job_id, round_index))
-    paths = [os.path.join(round_dir, f"result-{worker}.npy") for worker in range(n_workers)]
+    paths = store.result_paths(job_id, round_index, n_workers)
     identities = [{"job_id": job_id, "round": int(round_index), "worker": worker} for worker in range(n_workers)]
     total = np.zeros(stop - start, dtype=np.float64)
     scalars = []

@@ -103,15 +103,15 @@ def take_rows(X, rows: np.ndarray, dtype=None):
         # A sparse matrix; isinstance is the cheaper test for the common dense case.
         return _take_csr_rows(X, rows, dtype)
     if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
-        taken = X[int(rows[0]):int(rows[-1]) + 1]
+        chunk = X[int(rows[0]):int(rows[-1]) + 1]
     elif X.ndim == 1:
-        taken = X[rows]
+        chunk = X[rows]
     else:
         # ndarray.take copies whole rows. Fancy indexing copies a 2-D array's rows value
         # by value, which took 2.5 to 3 times as long for 16 to 4096 rows of 28 float32
-        # (numpy 2.4, bench.kernel's machine).
-        taken = X.take(rows, axis=0)
-    return taken if dtype is None else taken.astype(dtype, copy=False)
+        # (measured with numpy 2.4 on a 2-core AMD EPYC).
+        chunk = X.take(rows, axis=0)
+    return chunk if dtype is None else chunk.astype(dtype, copy=False)
 
 
 def _take_csr_rows(X, rows: np.ndarray, dtype) -> sp.csr_matrix:

@@ -148,8 +148,8 @@ _last_batch_settings: _BatchSettings | None = None
 def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
     """Return ``spec``'s and ``manifest``'s batch settings, derived again only for other objects.
 
-    The cache compares identity, so it assumes that nobody changes a manifest dictionary
-    in place. Baton reads manifests from EFS and never changes them.
+    The cache compares identity, so a manifest dictionary changed in place would keep the
+    old settings. Baton reads manifests from EFS and does not change them.
     """
     global _last_batch_settings
     settings = _last_batch_settings
@@ -271,7 +271,7 @@ def accumulate_vectors(factors: Sequence[float | None], vectors: Sequence[np.nda
 def add_scaled_vector(total: np.ndarray, factor: float | None, vector: np.ndarray, scratch: np.ndarray) -> None:
     """Add ``factor * vector`` into ``total`` in place: one worker's step of :func:`accumulate_vectors`.
 
-    A reduction that holds one worker's vector at a time calls this worker by worker and
+    A reduction that reads one worker's vector at a time calls this once per worker and
     gets the same sums as :func:`accumulate_vectors`. ``scratch`` is a float64 array at
     least as long as ``total``, for a factor other than 1.0; a factor of None adds nothing.
     Callers wrap the calls in ``np.errstate(over="ignore", invalid="ignore")``, because
@@ -351,8 +351,8 @@ class TrainingMode(ABC):
         """Return each worker's factor on its vector in the sum: 1.0 adds it unchanged, None skips it.
 
         ``scalars`` are the workers' small result arrays, in worker order. A worker's factor
-        depends on its own arrays only, so a reduction that reads one worker at a time asks
-        for one factor at a time.
+        depends on its own arrays only, so a reduction that reads one worker at a time
+        computes one factor at a time.
         """
         return [1.0] * len(scalars)
 

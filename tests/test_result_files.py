@@ -7,6 +7,7 @@ memory-mapped (large ones), chosen by ``READ_WHOLE_MAX_BYTES``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,10 +50,18 @@ def test_result_file_round_trip(tmp_path):
 
     read_vector, scalars = read_worker_result(store, "job", 0, 1, 10)
     assert read_vector.tobytes() == vector.tobytes()
-    assert scalars["loss_sum"].dtype == np.float64 and scalars["loss_sum"].shape == ()
+    assert scalars["loss_sum"].dtype == np.float64
+    assert scalars["loss_sum"].shape == ()
     assert float(scalars["loss_sum"]) == 0.1
     assert scalars["n_samples"].dtype == np.int64
     assert int(scalars["n_samples"]) == 7
+
+
+def test_result_paths_match_result_path(tmp_path):
+    store = EfsStore(tmp_path)
+
+    assert [Path(path) for path in store.result_paths("job", 3, 4)] == [store.result_path("job", 3, worker)
+                                                                         for worker in range(4)]
 
 
 def test_same_result_same_bytes(tmp_path):

@@ -189,8 +189,8 @@ def expected_worker_result(spec, manifest, model, params, shard, round_index):
 
 
 def test_worker_follows_each_job_settings(shard_case):
-    # The mode keeps the settings of the last spec and manifest it saw; alternating jobs
-    # must each get their own batch size and class weights.
+    # The mode keeps the settings of the last spec and manifest it saw, so alternating jobs
+    # check that each gets its own batch size and class weights.
     _, shard, manifest, _, _ = shard_case
     specs = [parse_job_spec({
         "job_id": f"job-{batch_size}", "model": {"name": "logistic_regression", "alpha": 1e-3, **model},
