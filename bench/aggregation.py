@@ -170,7 +170,7 @@ def measure(quick: bool) -> Section:
         if ratio < GOAL_RATIO:
             sums = sum_seconds(n_workers, megabytes * MEGABYTE // 8, repeats)
             reason = (f"for N = {n_workers}, opening, checking and memory-mapping the result files and the page "
-                      f"faults on their pages took {max(0.0, 1 - sums / reduction):.0%} of the reduction; the sums "
+                      f"faults on their pages took {max(0.0, 1 - sums / reduction):.0%} of the reduction. The sums "
                       f"alone, on vectors already in memory, ran at {n_workers * megabytes * MEGABYTE / sums / 1e9:.1f} "
                       "GB/s")
             if 2 * n_workers * megabytes * MEGABYTE <= last_level_cache_bytes():
@@ -186,7 +186,7 @@ each worker's result file (`result-<w>.npy`, written by Baton's writer into a lo
 the float64 vector, then a JSON trailer with the file's job, round and worker and the small
 arrays) and checks its header and trailer. It memory-maps a vector above
 {READ_WHOLE_MAX_BYTES // 1024} KiB and adds the vectors in worker order, block by block, into
-one float64 buffer; it reads a smaller one whole, with one system call into a reused buffer,
+one float64 buffer. It reads a smaller one whole, with one system call into a reused buffer,
 and adds it before opening the next file. One untimed run first loads the files into the page cache.
 The reference is `np.copyto` over the same total bytes (in copies of at most 1 GiB).
 Throughput is N × d divided by the median time over {repeats} runs; the goal is a ratio of

@@ -263,7 +263,7 @@ def _reason_throughput(case: CaseFigures, batch: bool) -> str:
         baton_us, bare_us = DEFAULT_BATCH / case.batch_baton * 1e6, DEFAULT_BATCH / case.batch_bare * 1e6
         return (f"{case.label}: {baton_us:.0f} µs per {DEFAULT_BATCH}-row round against bare numpy's "
                 f"{bare_us:.0f} µs. Of the difference, drawing and sorting the round's rows, which bare numpy gets "
-                f"sorted beforehand, took {case.batch_draw_seconds * 1e6:.0f} µs (timed alone); the rest is the "
+                f"sorted beforehand, took {case.batch_draw_seconds * 1e6:.0f} µs (timed alone). The rest is the "
                 "training mode's per-round bookkeeping (begin, advance and finish, their progress arrays, "
                 "and the model's input checks)")
     return f"{case.label}: Python overhead per {GRADIENT_CHUNK_ROWS}-row chunk"
