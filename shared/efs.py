@@ -14,7 +14,7 @@ Layout of one job, under ``<efs_root>/jobs/<job_id>/``::
     data/validation/X*.npy, y.npy  held-out rows
     rounds/<r>/state.npz           parameters and optimizer state at the start of round r
     rounds/<r>/result-<w>.npy      worker w's result: its parameter-sized vector (the gradient sum),
-                                   then its small arrays (loss sum, row count); shared/reduction.py
+                                   then a trailer with its small arrays (shared/reduction.py)
     rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors and the round's sums of
                                    the small arrays, when training.reducers > 1
     metrics/<r>.json               metrics of round r, never pruned
