@@ -65,6 +65,7 @@ def run_worker(efs_root: Path, job_id: str) -> None:
     """Run the data steps of worker 0's task in round 0 of ``job_id``; print the peak RSS in bytes."""
     from shared.data import load_shard
     from shared.efs import EfsStore
+    from shared.reduction import write_worker_result
     from shared.service import read_round_state
     from shared.spec import parse_job_spec
     from shared.training import build_model, get_training_mode
@@ -77,7 +78,7 @@ def run_worker(efs_root: Path, job_id: str) -> None:
     model = build_model(spec, manifest)
     mode = get_training_mode(spec, model)
     result = mode.worker_result(spec, manifest, model, params, shard, 0, 0)
-    store.write_arrays(store.result_path(job_id, 0, 0), result)
+    write_worker_result(store, job_id, 0, 0, mode, result)
     print(json.dumps({"max_rss_bytes": _max_rss_bytes(), "n_samples": int(result["n_samples"])}))
 
 

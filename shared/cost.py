@@ -350,11 +350,9 @@ def account_round(store, record, usage_totals: dict[str, float], round_index: in
 
     state_bytes = file_bytes(store.state_path(job_id, round_index))
     next_state_bytes = file_bytes(store.state_path(job_id, round_index + 1))
-    result_bytes = sum(file_bytes(store.result_path(job_id, round_index, worker))
-                       + file_bytes(store.result_vector_path(job_id, round_index, worker)) for worker in range(n_workers))
+    result_bytes = sum(file_bytes(store.result_path(job_id, round_index, worker)) for worker in range(n_workers))
     # Written by the reducers and read by the aggregator; none when the aggregator sums alone.
     reduced_bytes = sum(file_bytes(store.reduced_path(job_id, round_index, index))
-                        + file_bytes(store.reduced_vector_path(job_id, round_index, index))
                         for index in range(reducers)) if reducers > 1 else 0
     batch_bytes = batch_size * n_features * 8
     bytes_read = (n_workers * (state_bytes + batch_bytes) + state_bytes + result_bytes + validation_bytes

@@ -15,10 +15,10 @@ that messages and DynamoDB keys use. Metrics files are named by the round number
     data/shard-<w>/X*.npy, y.npy   one memory-mappable shard per worker
     data/validation/X*.npy, y.npy  held-out rows
     rounds/<r>/state.npz           parameters and optimizer state at the start of round r
-    rounds/<r>/result-<w>.npy      worker w's parameter-sized result vector (its gradient sum)
-    rounds/<r>/result-<w>.json     worker w's small result arrays (loss sum, row count)
-    rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors, when training.reducers > 1
-    rounds/<r>/reduced-<k>.json    the round's sums of the small arrays, beside each slice
+    rounds/<r>/result-<w>.npy      worker w's result: its parameter-sized vector (the gradient sum),
+                                   then a trailer with its small arrays (shared/reduction.py)
+    rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors and the round's sums of
+                                   the small arrays, when training.reducers > 1
     metrics/<r + 1>.json           metrics of round r, never pruned
     model/params.npy, model.json   the final model
 """
@@ -31,6 +31,7 @@ import os
 import shutil
 import uuid
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,21 @@ FSYNC = os.environ.get("BATON_EFS_FSYNC", "true").lower() != "false"
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename."""
+    write_buffers_atomic(path, [payload])
+
+
+def write_buffers_atomic(path: Path, buffers: Sequence[bytes | memoryview]) -> None:
+    """Write the concatenation of ``buffers`` to ``path`` through a temporary file and a rename.
+
+    The buffers are written one after the other, so a large array need not be copied into
+    one ``bytes`` object first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         with open(temporary, "wb") as handle:
-            handle.write(payload)
+            for buffer in buffers:
+                handle.write(buffer)
             handle.flush()
             if FSYNC:
                 os.fsync(handle.fileno())
@@ -110,19 +121,19 @@ class EfsStore:
         return self.round_dir(job_id, round_index) / "state.npz"
 
     def result_path(self, job_id: str, round_index: int, worker: int) -> Path:
-        """Return the path of worker ``worker``'s small result arrays."""
-        return self.round_dir(job_id, round_index) / f"result-{worker}.json"
-
-    def result_vector_path(self, job_id: str, round_index: int, worker: int) -> Path:
-        """Return the path of worker ``worker``'s parameter-sized result vector, a flat float64 .npy."""
+        """Return the path of worker ``worker``'s result file (shared/reduction.py describes its layout)."""
         return self.round_dir(job_id, round_index) / f"result-{worker}.npy"
 
-    def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
-        """Return the path of reducer ``slice_index``'s sums of the small result arrays."""
-        return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.json"
+    def result_paths(self, job_id: str, round_index: int, n_workers: int) -> list[str]:
+        """Return the paths of every worker's result file of a round, in worker order, as strings.
 
-    def reduced_vector_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
-        """Return the path of reducer ``slice_index``'s slice of the summed vectors, a flat float64 .npy."""
+        Strings, because pathlib's joins cost more than the read of a small result file.
+        """
+        round_dir = os.fspath(self.round_dir(job_id, round_index))
+        return [os.path.join(round_dir, f"result-{worker}.npy") for worker in range(n_workers)]
+
+    def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:
+        """Return the path of reducer ``slice_index``'s file: its slice of the summed vectors and the small sums."""
         return self.round_dir(job_id, round_index) / f"reduced-{slice_index}.npy"
 
     def metrics_path(self, job_id: str, round_index: int) -> Path:

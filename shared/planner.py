@@ -595,8 +595,9 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     # advance the round.
     aggregator["DynamoDB"] = 3 * platform.database_request_seconds
     read_rate = platform.client_read_bytes_per_second
-    # Each result is a vector (.npy) and its small values (.json).
-    aggregator["read results"] = (2 + 2 * n) * platform.read_op_seconds + (
+    # Two reads of the state, as in the bytes below, and one file per result (its vector
+    # and its small values together).
+    aggregator["read results"] = (2 + n) * platform.read_op_seconds + (
         (2 * workload.state_bytes + n * workload.result_bytes) / read_rate)
     aggregator["combine and step"] = (n + 2 + workload.optimizer_slots) * workload.n_params * profile.seconds_per_parameter \
         / platform.aggregator_speed

@@ -1,23 +1,29 @@
 """Worker results on EFS and their reduction, whole or one slice at a time.
 
-A worker stores its result as two files in the round folder, so that a reader can take a
-slice of the large part without reading the whole file:
+A worker stores its result as one file in the round folder, ``result-<w>.npy``, written
+atomically in three parts:
 
-``result-<w>.npy``
-    The mode's parameter-sized vector (:attr:`TrainingMode.vector_name`) as a flat
-    float64 array. Readers memory-map it, so they read the pages of their slice only.
-``result-<w>.json``
-    The other, small arrays (loss sum, row count, k-means counts and inertia) as JSON
-    with their dtype and shape. Python writes a float as the shortest text that reads
-    back to the same float64, so the values round-trip exactly. JSON because a reducer
-    reads this file of every worker, and decoding a small .npz costs ten times more.
+1. the .npy header of a flat float64 array of ``n`` values;
+2. the mode's parameter-sized vector (:attr:`TrainingMode.vector_name`), ``n`` float64
+   values, so a reader can map or read the slice it needs without the rest;
+3. a trailer of JSON that names the file's job, round and worker, and contains the other,
+   small arrays (loss sum, row count, k-means counts and inertia) with their dtype and
+   shape. Python writes a float as the shortest text that reads back to the same
+   float64, so the values round-trip exactly.
+
+numpy's ``np.load`` reads parts 1 and 2 as the vector and ignores the trailer. A reader
+here checks the header against the expected length and the trailer against the expected
+job, round and worker, so a file of another job, round or worker, of an earlier format
+or cut short is rejected. One file per worker means one atomic write for the worker and
+one open for the reader, and the small arrays need no second file.
 
 With ``training.reducers`` R = 1 the aggregator reduces parameters ``[0, d)`` itself.
 With R > 1, reducer k reduces parameters ``[k * d // R, (k + 1) * d // R)`` and writes
-``reduced-<k>.npy`` and ``reduced-<k>.json`` in the same two formats; the aggregator then
-joins the R slices. Both paths run
-:func:`shared.training.accumulate_vectors` and the mode's ``reduce_scalars``, element by
-element in worker order, so the sums and the next parameters are the same bytes.
+``reduced-<k>.npy`` in the same layout (its trailer names the slice instead of a worker);
+the aggregator then joins the R slices. Both paths add the vectors element by element in
+worker order (:func:`shared.training.accumulate_vectors`, or
+:func:`~shared.training.add_scaled_vector` one worker at a time) and run the mode's
+``reduce_scalars``, so the sums and the next parameters are the same bytes.
 """
 
 from __future__ import annotations
@@ -30,9 +36,23 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.efs import EfsStore, write_bytes_atomic
+from shared.efs import EfsStore, write_buffers_atomic
 from shared.errors import JobSpecError
-from shared.training import Reduction, TrainingMode, accumulate_vectors, split_result
+from shared.training import Reduction, TrainingMode, accumulate_vectors, add_scaled_vector, split_result
+
+# Bytes read for a trailer in the same system call as the header (and the vector, when it
+# is read whole). A longer trailer, such as k-means counts of many clusters, takes more reads.
+TRAILER_READ_BYTES = 4096
+
+# Result vectors up to this size are read whole, with one system call into one buffer that
+# every worker's file reuses. Larger ones are memory-mapped, and only the pages of the
+# reduced slice are read. A read copies the vector, which costs more than mapping it from
+# a few hundred KiB on, and a mapping has a fixed cost (map, unmap, page faults) that a
+# small vector does not repay.
+READ_WHOLE_MAX_BYTES = 256 * 1024
+
+_JSON_DECODER = json.JSONDecoder()
+
 
 def slice_bounds(n_params: int, reducers: int, slice_index: int) -> tuple[int, int]:
     """Return the parameters ``[start, stop)`` that reducer ``slice_index`` of ``reducers`` sums.
@@ -56,135 +76,266 @@ def check_reducers(reducers: int, n_params: int) -> None:
                                                 f"use at most {n_params} reducers (or 1 to let the aggregator sum)")
 
 
-def write_worker_result(store: EfsStore, job_id: str, round_index: int, worker: int, mode: TrainingMode,
-                        arrays: dict[str, np.ndarray]) -> None:
-    """Store a worker's result as its vector (.npy) and its small arrays (.json), each written atomically.
-
-    The same result gives the same bytes, so a repeated task rewrites identical files.
-    """
-    vector, scalars = split_result(mode, arrays)
-    _write_vector_and_scalars(store, store.result_vector_path(job_id, round_index, worker),
-                              store.result_path(job_id, round_index, worker), vector, scalars)
-
-
-def _write_vector_and_scalars(store: EfsStore, vector_path: Path, scalars_path: Path, vector: np.ndarray,
-                              scalars: dict[str, np.ndarray]) -> None:
-    store.write_npy(vector_path, vector)
-    encoded = {name: {"dtype": np.asarray(value).dtype.str, "shape": list(np.shape(value)),
-                      "values": np.ravel(value).tolist()} for name, value in scalars.items()}
-    write_bytes_atomic(scalars_path, json.dumps(encoded, sort_keys=True, separators=(",", ":")).encode())
-
-
-def _read_scalars(path: Path) -> dict[str, np.ndarray]:
-    with open(path, "rb") as handle:
-        encoded = json.loads(handle.read())
-    return {name: np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
-            for name, entry in encoded.items()}
-
-
-def read_worker_scalars(store: EfsStore, job_id: str, round_index: int, worker: int) -> dict[str, np.ndarray]:
-    """Return a worker's small result arrays, as :func:`write_worker_result` stored them."""
-    # NOTE: earlier versions wrote one result-<w>.npz per worker, which this does not read.
-    # A round whose workers ran before a stack update fails its aggregation with
-    # FileNotFoundError; let running jobs finish before deploying this format.
-    return _read_scalars(store.result_path(job_id, round_index, worker))
-
-
-def vector_header(n_params: int) -> bytes:
-    """Return the .npy header that :func:`write_worker_result` writes for ``n_params`` float64 values."""
+def vector_header(n_values: int) -> bytes:
+    """Return the .npy header of a flat array of ``n_values`` float64 values, as result files start."""
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (n_params,)})
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (n_values,)})
     return buffer.getvalue()
 
 
-def _open_vector(path: Path, header: bytes, n_params: int) -> int:
-    """Open a float64 vector file and check its header and size; return the descriptor."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        prefix = os.pread(fd, len(header), 0)
-        size = os.fstat(fd).st_size
-        if prefix != header or size != len(header) + 8 * n_params:
-            raise ValueError(f"vector file '{path}' ({size} bytes, header {prefix[:70]!r}) does not hold "
-                             f"{n_params} float64 values; it is not from this job's round, so delete it and let the "
-                             "watchdog or `baton resume` re-send the round's messages")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+# Writing -----------------------------------------------------------------------------------
 
 
-def map_worker_vector(path: Path, header: bytes, n_params: int) -> np.ndarray:
-    """Return a worker's result vector memory-mapped read-only; only the pages a caller touches are read.
+def write_worker_result(store: EfsStore, job_id: str, round_index: int, worker: int, mode: TrainingMode,
+                        arrays: dict[str, np.ndarray]) -> None:
+    """Store a worker's result as one file: its vector and, in the trailer, its identity and small arrays.
 
-    The mapping holds no file descriptor and closes when the array is released.
+    The same result gives the same bytes, so a repeated task rewrites an identical file.
+    """
+    vector, scalars = split_result(mode, arrays)
+    _write_result_file(store.result_path(job_id, round_index, worker),
+                       {"job_id": job_id, "round": int(round_index), "worker": int(worker)}, vector, scalars)
+
+
+def write_reduced_slice(store: EfsStore, job_id: str, round_index: int, slice_index: int,
+                        reduction: Reduction) -> None:
+    """Store a reducer's slice of the summed vectors and the round's small sums as one file."""
+    _write_result_file(store.reduced_path(job_id, round_index, slice_index),
+                       {"job_id": job_id, "round": int(round_index), "slice": int(slice_index)}, reduction.vector,
+                       reduction.scalars)
+
+
+def _write_result_file(path: Path, identity: dict, vector: np.ndarray, scalars: dict[str, np.ndarray]) -> None:
+    vector = np.ascontiguousarray(vector, dtype=np.float64)
+    arrays = {name: {"dtype": np.asarray(value).dtype.str, "shape": list(np.shape(value)),
+                     "values": np.ravel(value).tolist()} for name, value in scalars.items()}
+    trailer = json.dumps({**identity, "arrays": arrays}, sort_keys=True, separators=(",", ":")).encode()
+    write_buffers_atomic(path, [vector_header(len(vector)), memoryview(vector).cast("B"), trailer])
+
+
+# Reading -----------------------------------------------------------------------------------
+
+
+def _describe(identity: dict) -> str:
+    names = ", ".join(f"{key} {identity[key]!r}" for key in ("job_id", "round", "worker", "slice") if key in identity)
+    return names or "no Baton job"
+
+
+def _fix_hint() -> str:
+    return ("The round already records that worker or slice as done, so Baton does not write the file again: "
+            "find what else writes into this job's folder on EFS, then submit the job again under a new job id")
+
+
+def _read_until_end(fd: int, offset: int) -> bytes:
+    """Return the bytes of ``fd`` from ``offset`` to the end of the file."""
+    parts = []
+    while True:
+        part = os.pread(fd, TRAILER_READ_BYTES, offset)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        offset += len(part)
+
+
+def _read_into(fd: int, buffers: list[memoryview], minimum: int) -> int:
+    """Fill ``buffers`` from the start of the file, at least ``minimum`` bytes unless the file is shorter.
+
+    Returns the bytes read. ``os.preadv`` may return fewer bytes than requested before the
+    end of a file, for example on NFS, so this reads again from where it stopped.
+    """
+    total = 0
+    while buffers:
+        count = os.preadv(fd, buffers, total)
+        total += count
+        if count == 0 or total >= minimum:
+            return total
+        while buffers and count >= len(buffers[0]):
+            count -= len(buffers[0])
+            buffers.pop(0)
+        if buffers:
+            buffers[0] = buffers[0][count:]
+    return total
+
+
+def _trailer_arrays(path: str | os.PathLike, fd: int, payload: bytes, end: int, expected: dict) -> dict[str, np.ndarray]:
+    """Return the small arrays of a result file's trailer after checking its identity against ``expected``.
+
+    ``payload`` is the start of the trailer, read up to file offset ``end``. A trailer is one
+    JSON object, so a payload that does not parse may just be incomplete: the rest of the
+    file is read before the trailer counts as invalid.
 
     Raises
     ------
     ValueError
-        If the file's header or size does not match ``n_params`` float64 values.
+        If the trailer is missing or not valid, or names another job, round, worker or slice.
     """
-    fd = _open_vector(path, header, n_params)
+    # NOTE: earlier versions wrote the small arrays to a result-<w>.json beside a vector
+    # without a trailer, which fails here. A round whose workers ran before a stack update
+    # fails its aggregation, so let running jobs finish before deploying this format.
     try:
-        mapped = mmap.mmap(fd, len(header) + 8 * n_params, access=mmap.ACCESS_READ)
+        decoded = _JSON_DECODER.decode(payload.decode())
+    except ValueError:
+        payload += _read_until_end(fd, end)
+        try:
+            decoded = _JSON_DECODER.decode(payload.decode())
+        except ValueError:
+            decoded = None
+    try:
+        identity = {key: decoded[key] for key in expected}
+        arrays = {name: _decode_array(entry) for name, entry in decoded["arrays"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        raise ValueError(f"result file '{path}' has no valid trailer after its vector ({len(payload)} bytes), so it "
+                         f"was cut short or written by an earlier version of Baton. {_fix_hint()}") from None
+    if identity != expected:
+        raise ValueError(f"result file '{path}' belongs to {_describe(identity)}, not to {_describe(expected)}. "
+                         f"{_fix_hint()}")
+    return arrays
+
+
+def _decode_array(entry: dict) -> np.ndarray:
+    if not entry["shape"]:
+        # A 0-d array straight from its one value; the general path would reshape a copy.
+        (value,) = entry["values"]
+        return np.array(value, dtype=entry["dtype"])
+    return np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
+
+
+def _check_header(path: str | os.PathLike, found: bytes, header: bytes, n_values: int) -> None:
+    if found != header:
+        raise ValueError(f"result file '{path}' (header {found[:70]!r}) does not hold {n_values} float64 values, "
+                         f"so it is not from this job's round. {_fix_hint()}")
+
+
+def _read_file_into(path: str | os.PathLike, header: bytes, out: np.ndarray, expected: dict) -> dict[str, np.ndarray]:
+    """Read a result file, usually with one system call, with its vector into ``out``; return its small arrays.
+
+    ``out`` is a contiguous float64 array as long as the file's vector.
+
+    Raises
+    ------
+    ValueError
+        If the header does not match ``len(out)`` values, the file is cut short, or the
+        trailer is not valid or names another job, round, worker or slice.
+    """
+    found = bytearray(len(header))
+    trailer = bytearray(TRAILER_READ_BYTES)
+    vector_end = len(header) + out.nbytes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # At least one byte of the trailer, so that a file cut short inside its vector shows.
+        count = _read_into(fd, [memoryview(found), memoryview(out).cast("B"), memoryview(trailer)], vector_end + 1)
+        _check_header(path, bytes(found), header, len(out))
+        if count < vector_end:
+            raise ValueError(f"result file '{path}' ends after {count} bytes, inside its {len(out)} float64 values. "
+                             f"{_fix_hint()}")
+        return _trailer_arrays(path, fd, bytes(trailer[:count - vector_end]), count, expected)
+    finally:
+        os.close(fd)
+
+
+def _map_file_slice(path: str | os.PathLike, header: bytes, n_values: int, start: int, stop: int,
+                    expected: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Return values ``[start, stop)`` of a result file's vector, memory-mapped read-only, and its small arrays.
+
+    Only the pages of the slice are mapped, and only those a caller touches are read. The
+    mapping holds no file descriptor and closes when the array is released.
+
+    Raises
+    ------
+    ValueError
+        If the header does not match ``n_values`` values, or the trailer is missing, not
+        valid or names another job, round, worker or slice.
+    """
+    vector_end = len(header) + 8 * n_values
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _check_header(path, os.pread(fd, len(header), 0), header, n_values)
+        # A file cut short inside its vector has nothing at the trailer's offset.
+        payload = os.pread(fd, TRAILER_READ_BYTES, vector_end)
+        scalars = _trailer_arrays(path, fd, payload, vector_end + len(payload), expected)
+        first = len(header) + 8 * start
+        # mmap offsets are multiples of the allocation granularity (a page on Linux).
+        offset = first - first % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, len(header) + 8 * stop - offset, access=mmap.ACCESS_READ, offset=offset)
     finally:
         os.close(fd)
     # np.frombuffer gives a plain ndarray, cheaper per ufunc call than an np.memmap view.
-    return np.frombuffer(mapped, dtype=np.float64, count=n_params, offset=len(header))
+    return np.frombuffer(mapped, dtype=np.float64, count=stop - start, offset=first - offset), scalars
 
 
-def _read_vector_into(path: Path, out: np.ndarray) -> None:
-    """Fill ``out`` from a float64 vector file of the same length, with one copy from the page cache."""
-    header = vector_header(len(out))
-    fd = _open_vector(path, header, len(out))
-    try:
-        view = memoryview(out).cast("B")
-        read = 0
-        while read < len(view):
-            count = os.preadv(fd, [view[read:]], len(header) + read)
-            if count == 0:
-                raise ValueError(f"vector file '{path}' ended after {read} of {len(view)} bytes")
-            read += count
-    finally:
-        os.close(fd)
+def read_worker_result(store: EfsStore, job_id: str, round_index: int, worker: int,
+                       n_params: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Return a worker's result vector and small arrays, as :func:`write_worker_result` stored them.
+
+    Raises
+    ------
+    ValueError
+        If the file does not hold ``n_params`` values of this job's round and worker.
+    """
+    vector = np.empty(n_params, dtype=np.float64)
+    scalars = _read_file_into(store.result_path(job_id, round_index, worker), vector_header(n_params), vector,
+                              {"job_id": job_id, "round": int(round_index), "worker": int(worker)})
+    return vector, scalars
 
 
 def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_workers: int, mode: TrainingMode,
                           n_params: int, start: int, stop: int) -> Reduction:
     """Sum the results of a round's workers, in worker order, over parameters ``[start, stop)``.
 
-    Reads every worker's small arrays and, of its vector, only the pages of the slice.
-    The running sum is the only array the size of the slice in memory.
+    Each worker's file is opened once. A small vector is read whole into one buffer that
+    every worker reuses, and its slice is added before the next file is read. A large one
+    is memory-mapped, only the pages of the slice are read, and the slices of all workers
+    are added block by block. Either way each element adds the workers in worker order, so
+    the sums are the same bytes. The running sum is the only array the size of the slice
+    that the reduction allocates, besides the read buffer of a small vector.
+
+    Raises
+    ------
+    ValueError
+        If a result file does not hold ``n_params`` values of this job's round and worker.
     """
-    scalars = [read_worker_scalars(store, job_id, round_index, worker) for worker in range(n_workers)]
     header = vector_header(n_params)
-    vectors = [map_worker_vector(store.result_vector_path(job_id, round_index, worker), header, n_params)[start:stop]
-               for worker in range(n_workers)]
+    paths = store.result_paths(job_id, round_index, n_workers)
+    identities = [{"job_id": job_id, "round": int(round_index), "worker": worker} for worker in range(n_workers)]
     total = np.zeros(stop - start, dtype=np.float64)
-    accumulate_vectors(mode.vector_factors(scalars), vectors, total)
+    scalars = []
+    if 8 * n_params <= READ_WHOLE_MAX_BYTES:
+        buffer = np.empty(n_params, dtype=np.float64)
+        scratch = np.empty(stop - start, dtype=np.float64)
+        # As in accumulate_vectors: the mode's step reports an overflow as divergence.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for path, identity in zip(paths, identities):
+                scalars.append(_read_file_into(path, header, buffer, identity))
+                # A worker's factor depends on its own small arrays only (TrainingMode.vector_factors).
+                add_scaled_vector(total, mode.vector_factors(scalars[-1:])[0], buffer[start:stop], scratch)
+    else:
+        vectors = []
+        for path, identity in zip(paths, identities):
+            vector, worker_scalars = _map_file_slice(path, header, n_params, start, stop, identity)
+            vectors.append(vector)
+            scalars.append(worker_scalars)
+        accumulate_vectors(mode.vector_factors(scalars), vectors, total)
     return Reduction(vector=total, scalars=mode.reduce_scalars(scalars))
-
-
-def write_reduced_slice(store: EfsStore, job_id: str, round_index: int, slice_index: int,
-                        reduction: Reduction) -> None:
-    """Store a reducer's slice of the summed vectors (.npy) and the round's small sums (.json), atomically."""
-    _write_vector_and_scalars(store, store.reduced_vector_path(job_id, round_index, slice_index),
-                              store.reduced_path(job_id, round_index, slice_index), reduction.vector,
-                              reduction.scalars)
 
 
 def read_reduced_round(store: EfsStore, job_id: str, round_index: int, reducers: int, n_params: int) -> Reduction:
     """Return the whole round's reduction from the reducers' slices, joined in slice order.
 
+    Each slice file is read with one system call into its place in the joined vector.
     Every reducer stores the same small sums; those of slice 0 are used.
 
     Raises
     ------
     ValueError
-        If a slice file does not hold the slice's number of float64 values.
+        If a slice file does not hold the slice's number of float64 values of this job's
+        round and slice.
     """
     vector = np.empty(n_params, dtype=np.float64)
+    scalars = None
     for slice_index in range(reducers):
         start, stop = slice_bounds(n_params, reducers, slice_index)
-        _read_vector_into(store.reduced_vector_path(job_id, round_index, slice_index), vector[start:stop])
-    scalars = _read_scalars(store.reduced_path(job_id, round_index, 0))
+        slice_scalars = _read_file_into(store.reduced_path(job_id, round_index, slice_index),
+                                        vector_header(stop - start), vector[start:stop],
+                                        {"job_id": job_id, "round": int(round_index), "slice": slice_index})
+        scalars = slice_scalars if scalars is None else scalars
     return Reduction(vector=vector, scalars=scalars)

@@ -7,12 +7,12 @@ start_job
     validate spec -> create job item (same spec: reuse) -> write spec.json -> prepare
     shards -> write round 0 state -> PREPARING to RUNNING -> send round 0 tasks
 run_task
-    check round is current -> read state and shard -> write result files -> add worker to
+    check round is current -> read state and shard -> write the result file -> add worker to
     the round's done set -> if the set is complete, send the aggregate message (or, with
     training.reducers R > 1, the R reduce messages)
 reduce_slice (R > 1 only)
     check round is current and complete -> sum slice k of every result in worker order ->
-    write reduced-<k> files -> add k to the round's reduced set -> if the set is complete, send
+    write the reduced-<k> file -> add k to the round's reduced set -> if the set is complete, send
     the aggregate message
 aggregate_round
     check round is current (and, with R > 1, its reduced set complete) -> sum the results
@@ -650,7 +650,7 @@ def reduce_slice(services: Services, message: AggregateMessage, message_id: str 
 
     Reducer ``k`` of ``training.reducers`` R reads parameters
     ``[k * d // R, (k + 1) * d // R)`` of every worker's result vector, in worker order,
-    writes ``reduced-<k>.npy`` and ``.json``, and adds ``k`` to the round's reduced set. The delivery
+    writes ``reduced-<k>.npy``, and adds ``k`` to the round's reduced set. The delivery
     that completes the set sends the aggregate message. A duplicate finds its slice
     recorded and only re-sends the aggregate message when the set is complete. A retry
     after a crash before the record writes the same bytes again.

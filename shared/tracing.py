@@ -197,10 +197,11 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
             _wrap_attribute(QueueClient, name, "send")
     # Only the leaf functions of shared/reduction.py: its file reads and writes and its sum.
     # Its other functions call these and the store, so wrapping them would count twice.
-    for name in ("_read_scalars", "map_worker_vector", "_read_vector_into"):
+    for name in ("_read_file_into", "_map_file_slice"):
         _wrap_attribute(reduction, name, "efs_read")
-    _wrap_attribute(reduction, "write_bytes_atomic", "efs_write")
-    _wrap_attribute(reduction, "accumulate_vectors", "aggregation")
+    _wrap_attribute(reduction, "write_buffers_atomic", "efs_write")
+    for name in ("accumulate_vectors", "add_scaled_vector"):
+        _wrap_attribute(reduction, name, "aggregation")
     for mode in _all_subclasses(TrainingMode):
         for name in ("begin", "advance", "finish"):
             _wrap_attribute(mode, name, "compute")

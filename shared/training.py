@@ -136,6 +136,42 @@ def round_number(round_index: int) -> int:
     return round_index + 1
 
 
+@dataclass(frozen=True)
+class _BatchSettings:
+    """The values every round of one job's workers derives from its spec and manifest."""
+
+    spec: JobSpec
+    manifest: dict
+    seed: int
+    batch_size: int
+    per_epoch: int
+    class_weights: np.ndarray | None
+
+
+# The settings of the last job a worker process computed a batch for. A warm worker runs
+# task after task of one job with the same spec and manifest objects (the service keeps
+# them per job), so the settings are derived once instead of once per chunk.
+_last_batch_settings: _BatchSettings | None = None
+
+
+def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
+    """Return ``spec``'s and ``manifest``'s batch settings, derived again only for other objects.
+
+    The cache compares identity, so a manifest dictionary changed in place would keep the
+    old settings. Baton reads manifests from EFS and does not change them.
+    """
+    global _last_batch_settings
+    settings = _last_batch_settings
+    if settings is not None and settings.spec is spec and settings.manifest is manifest:
+        return settings
+    training = spec.training
+    settings = _BatchSettings(spec, manifest, training.seed, training.batch_size,
+                              rounds_per_epoch(manifest["shard_rows"], training.batch_size),
+                              class_weights(spec, manifest))
+    _last_batch_settings = settings
+    return settings
+
+
 # Weights beyond this magnitude count as diverged: squaring one in a loss or a metric
 # would overflow float64 (whose maximum is about 1.8e308).
 MAX_WEIGHT_MAGNITUDE = 1e100
@@ -238,14 +274,26 @@ def accumulate_vectors(factors: Sequence[float | None], vectors: Sequence[np.nda
             stop = min(start + REDUCTION_BLOCK_ELEMENTS, length)
             block = total[start:stop]
             for factor, vector in zip(factors, vectors):
-                if factor is None:
-                    continue
-                if factor == 1.0:
-                    np.add(block, vector[start:stop], out=block)
-                    continue
-                weighted = scratch[:stop - start]
-                np.multiply(vector[start:stop], factor, out=weighted)
-                np.add(block, weighted, out=block)
+                add_scaled_vector(block, factor, vector[start:stop], scratch)
+
+
+def add_scaled_vector(total: np.ndarray, factor: float | None, vector: np.ndarray, scratch: np.ndarray) -> None:
+    """Add ``factor * vector`` into ``total`` in place: one worker's step of :func:`accumulate_vectors`.
+
+    A reduction that reads one worker's vector at a time calls this once per worker and
+    gets the same sums as :func:`accumulate_vectors`. ``scratch`` is a float64 array at
+    least as long as ``total``, for a factor other than 1.0; a factor of None adds nothing.
+    Callers wrap the calls in ``np.errstate(over="ignore", invalid="ignore")``, because
+    the mode's step reports an overflow as divergence.
+    """
+    if factor is None:
+        return
+    if factor == 1.0:
+        np.add(total, vector, out=total)
+        return
+    weighted = scratch[:len(total)]
+    np.multiply(vector, factor, out=weighted)
+    np.add(total, weighted, out=total)
 
 
 @dataclass(frozen=True)
@@ -311,7 +359,9 @@ class TrainingMode(ABC):
     def vector_factors(self, scalars: Sequence[Mapping[str, np.ndarray]]) -> list[float | None]:
         """Return each worker's factor on its vector in the sum: 1.0 adds it unchanged, None skips it.
 
-        ``scalars`` are the workers' small result arrays, in worker order.
+        ``scalars`` are the workers' small result arrays, in worker order. A worker's factor
+        depends on its own arrays only, so a reduction that reads one worker at a time
+        computes one factor at a time.
         """
         return [1.0] * len(scalars)
 
@@ -380,6 +430,9 @@ class TrainingMode(ABC):
         return model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
 
 
+_INT64_ZERO = np.int64(0)
+_FLOAT64_ZERO = np.float64(0.0)
+
 # Rows per step of a gradient computation. A constant, not a setting of the machine, so
 # that results are bitwise identical however a worker's share is split into invocations.
 GRADIENT_CHUNK_ROWS = 4096
@@ -395,36 +448,36 @@ class GradientAveraging(TrainingMode):
     name = "gradient_average"
     vector_name = "grad_sum"
 
-    def _batch_rows(self, spec, manifest, shard, round_index, worker) -> np.ndarray:
-        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
-        return batch_indices(spec.training.seed, round_index, worker, shard.n_rows, per_epoch, spec.training.batch_size)
-
     def begin(self, spec, manifest, model, params, shard, round_index, worker):
-        return {
-            "position": np.int64(0),
-            "grad_sum": np.zeros(model.n_params, dtype=np.float64),
-            "loss_sum": np.float64(0.0),
-            "n_samples": np.int64(0),
-        }
+        # numpy scalars are immutable, so every round can share the zeros.
+        return {"position": _INT64_ZERO, "grad_sum": np.zeros(model.n_params, dtype=np.float64),
+                "loss_sum": _FLOAT64_ZERO, "n_samples": _INT64_ZERO}
 
     def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
-        rows = self._batch_rows(spec, manifest, shard, round_index, worker)
+        settings = _batch_settings(spec, manifest)
+        rows = batch_indices(settings.seed, round_index, worker, shard.n_rows, settings.per_epoch, settings.batch_size)
         position = int(progress["position"])
         chunk = rows[position:position + GRADIENT_CHUNK_ROWS]
-        y_chunk = np.asarray(take_rows(shard.y, chunk))
-        part = compute_worker_result(model, params, take_rows(shard.X, chunk), y_chunk,
-                                     _sample_weight(class_weights(spec, manifest), y_chunk))
-        new_progress = {
-            "position": np.int64(position + len(chunk)),
-            "grad_sum": progress["grad_sum"] + part.grad_sum,
-            "loss_sum": np.float64(float(progress["loss_sum"]) + part.loss_sum),
-            "n_samples": np.int64(int(progress["n_samples"]) + part.n_samples),
-        }
-        return new_progress, position + len(chunk) >= len(rows)
+        grad_sum, loss_sum = progress["grad_sum"], float(progress["loss_sum"])
+        # Only the empty batch of a shard one row short of the largest has no rows here, and
+        # its sums stay the zeros of begin.
+        if len(chunk):
+            y_chunk = take_rows(shard.y, chunk)
+            # Rows gathered straight into float64, which the model would otherwise convert.
+            loss, grad = model.loss_grad(params, take_rows(shard.X, chunk, dtype=np.float64), y_chunk,
+                                         _sample_weight(settings.class_weights, y_chunk))
+            grad_sum = np.add(grad_sum, grad, out=grad)
+            loss_sum += loss
+        stop = position + len(chunk)
+        # Every row of the batch so far is counted once, so the row count is the position.
+        rows_done = np.int64(stop)
+        new_progress = {"position": rows_done, "grad_sum": grad_sum, "loss_sum": np.float64(loss_sum),
+                        "n_samples": rows_done}
+        return new_progress, stop >= len(rows)
 
     def finish(self, progress):
-        return WorkerResult(grad_sum=progress["grad_sum"], loss_sum=float(progress["loss_sum"]),
-                            n_samples=int(progress["n_samples"])).to_arrays()
+        return {"grad_sum": progress["grad_sum"], "loss_sum": np.float64(progress["loss_sum"]),
+                "n_samples": np.int64(progress["n_samples"])}
 
     def reduce_scalars(self, scalars):
         loss_total = 0.0
@@ -502,9 +555,9 @@ class ModelAveraging(TrainingMode):
         steps = self.batches_per_round(spec, manifest)
         step = int(progress["step"])
         global_step = round_index * steps + step
-        per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
-        rows = batch_indices(spec.training.seed, global_step, worker, shard.n_rows, per_epoch,
-                             spec.training.batch_size)
+        settings = _batch_settings(spec, manifest)
+        rows = batch_indices(settings.seed, global_step, worker, shard.n_rows, settings.per_epoch,
+                             settings.batch_size)
 
         local_params = progress["params"]
         state = {key[len(OPTIMIZER_PROGRESS_PREFIX):]: value for key, value in progress.items()
@@ -514,9 +567,9 @@ class ModelAveraging(TrainingMode):
         # A shard one row shorter than the largest can draw an empty last batch; it skips the step.
         # A worker whose weights already overflowed stops stepping, and the aggregator reports it.
         if len(rows) > 0 and np.all(np.isfinite(local_params)):
-            y_batch = np.asarray(shard.y[rows])
-            part = compute_worker_result(model, local_params, shard.X[rows], y_batch,
-                                         _sample_weight(class_weights(spec, manifest), y_batch))
+            y_batch = take_rows(shard.y, rows)
+            part = compute_worker_result(model, local_params, take_rows(shard.X, rows, dtype=np.float64), y_batch,
+                                         _sample_weight(settings.class_weights, y_batch))
             _, penalty_grad = model.penalty_grad(local_params)
             grad = part.grad_sum / part.n_samples + penalty_grad
             with np.errstate(over="ignore", invalid="ignore"):

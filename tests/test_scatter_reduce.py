@@ -13,8 +13,8 @@ from shared.efs import EfsStore
 from shared.errors import InvalidMessageError, JobSpecError
 from shared.local.session import LocalStack
 from shared.queues import parse_aggregate
-from shared.reduction import (map_worker_vector, reduce_worker_results, slice_bounds, vector_header,
-                              write_worker_result)
+from shared import reduction
+from shared.reduction import reduce_worker_results, slice_bounds, write_worker_result
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
 from shared.training import TRAINING_MODES, reduce_results
@@ -100,8 +100,8 @@ def test_reducers_wrote_slices(inprocess_stack):
     assert record.status == SUCCEEDED, record.error
     assert inprocess_stack.services.state.get_reduced_slices("slices-written", 0) == [0, 1, 2]
     round_dir = inprocess_stack.efs_root / "jobs" / "slices-written" / "rounds" / "0"
-    assert sorted(path.name for path in round_dir.glob("reduced-*")) == [
-        "reduced-0.json", "reduced-0.npy", "reduced-1.json", "reduced-1.npy", "reduced-2.json", "reduced-2.npy"]
+    assert sorted(path.name for path in round_dir.glob("reduced-*")) == ["reduced-0.npy", "reduced-1.npy",
+                                                                         "reduced-2.npy"]
     reduce_bodies = [delivery.body for delivery in inprocess_stack.deliveries if "reduce" in delivery.body]
     assert sorted(body["reduce"] for body in reduce_bodies) == [0, 1, 2]
 
@@ -285,8 +285,10 @@ def random_results(mode_name: str, n_workers: int, n_params: int, seed: int) -> 
     return results
 
 
+@pytest.mark.parametrize("read_whole_max_bytes", [0, 10**9], ids=["mapped", "read-whole"])
 @pytest.mark.parametrize("mode_name", sorted(TRAINING_MODES))
-def test_file_reduction_equals_in_memory(tmp_path, mode_name):
+def test_file_reduction_equals_in_memory(tmp_path, monkeypatch, mode_name, read_whole_max_bytes):
+    monkeypatch.setattr(reduction, "READ_WHOLE_MAX_BYTES", read_whole_max_bytes)
     mode = TRAINING_MODES[mode_name]
     n_workers, n_params = 5, 40_000
     results = random_results(mode_name, n_workers, n_params, seed=3)
@@ -304,18 +306,6 @@ def test_file_reduction_equals_in_memory(tmp_path, mode_name):
             assert part.scalars.keys() == whole.scalars.keys()
             for name, value in whole.scalars.items():
                 assert np.asarray(part.scalars[name]).tobytes() == np.asarray(value).tobytes(), name
-
-
-def test_vector_of_wrong_length_is_rejected(tmp_path):
-    mode = TRAINING_MODES["gradient_average"]
-    store = EfsStore(tmp_path)
-    write_worker_result(store, "job", 0, 0, mode, {"grad_sum": np.ones(10), "loss_sum": np.float64(1.0),
-                                                   "n_samples": np.int64(2)})
-    path = store.result_vector_path("job", 0, 0)
-
-    with pytest.raises(ValueError, match="result-0.npy.*12 float64 values"):
-        map_worker_vector(path, vector_header(12), 12)
-    assert np.array_equal(map_worker_vector(path, vector_header(10), 10), np.ones(10))
 
 
 # Local runtime -----------------------------------------------------------------------------

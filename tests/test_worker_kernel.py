@@ -129,6 +129,30 @@ def test_take_rows_scattered_equals_fancy_index(shard_case):
     np.testing.assert_array_equal(dense, expected)
 
 
+@pytest.mark.parametrize("rows", [np.arange(100, 260), np.array([0, 3, 4, 90, 91, 300])],
+                         ids=["contiguous", "scattered"])
+def test_take_rows_as_float64(shard_case, rows):
+    kind, shard, _, X, _ = shard_case
+    chunk = take_rows(shard.X, rows, dtype=np.float64)
+
+    assert chunk.dtype == np.float64
+    assert chunk.shape == (len(rows), X.shape[1])
+    dense = chunk.toarray() if kind == "sparse" else chunk
+    expected = X[rows].toarray() if kind == "sparse" else X[rows]
+    np.testing.assert_array_equal(dense, expected.astype(np.float64))
+    if kind == "sparse":
+        # The stored order of each row is kept, so products add the same terms in the same order.
+        np.testing.assert_array_equal(chunk.indices, X[rows].indices)
+
+
+def test_take_rows_sparse_empty():
+    X, _ = load_sparse_rows()
+    chunk = take_rows(X, np.zeros(0, dtype=np.int64), dtype=np.float64)
+
+    assert chunk.shape == (0, X.shape[1])
+    assert chunk.nnz == 0
+
+
 def test_take_rows_empty():
     X = np.zeros((5, 2), dtype=np.float32)
     assert take_rows(X, np.zeros(0, dtype=np.int64)).shape == (0, 2)
@@ -153,6 +177,39 @@ def test_chunked_worker_equals_one_call(shard_case, monkeypatch, batch_size):
     assert int(result["n_samples"]) == len(rows)
     assert float(result["loss_sum"]) == pytest.approx(loss, rel=1e-12)
     np.testing.assert_allclose(result["grad_sum"], grad, rtol=1e-11, atol=1e-11)
+
+
+def expected_worker_result(spec, manifest, model, params, shard, round_index):
+    """Return the loss and gradient sums of worker 0's batch, computed in one call without the mode."""
+    per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
+    rows = batch_indices(spec.training.seed, round_index, 0, shard.n_rows, per_epoch, spec.training.batch_size)
+    y = np.asarray(shard.y[rows])
+    weights = training.class_weights(spec, manifest)
+    return model.loss_grad(params, shard.X[rows], y, None if weights is None else weights[y])
+
+
+def test_worker_follows_each_job_settings(shard_case):
+    # The mode keeps the settings of the last spec and manifest it saw, so alternating jobs
+    # check that each gets its own batch size and class weights.
+    _, shard, manifest, _, _ = shard_case
+    specs = [parse_job_spec({
+        "job_id": f"job-{batch_size}", "model": {"name": "logistic_regression", "alpha": 1e-3, **model},
+        "data": {"path": "unused.svm", "format": "libsvm"},
+        "training": {"n_workers": 1, "batch_size": batch_size, "seed": 5}})
+        for batch_size, model in ((10, {}), (25, {"class_weight": "balanced"}))]
+    model = get_model_class("logistic_regression")(n_features=manifest["n_features"])
+    params = np.random.default_rng(2).normal(scale=0.3, size=model.n_params)
+    mode = training.GradientAveraging()
+
+    # The last pair gives the same settings in a new manifest object.
+    for spec, job_manifest in ((specs[0], manifest), (specs[1], manifest), (specs[0], manifest),
+                               (specs[1], dict(manifest))):
+        for round_index in (0, 3):
+            result = mode.worker_result(spec, job_manifest, model, params, shard, round_index, 0)
+            loss, grad = expected_worker_result(spec, job_manifest, model, params, shard, round_index)
+            assert int(result["n_samples"]) == spec.training.batch_size
+            assert float(result["loss_sum"]) == loss
+            np.testing.assert_array_equal(result["grad_sum"], grad)
 
 
 def test_logistic_loss_matches_reference_formulas():

@@ -67,11 +67,19 @@ class LinearModel(Model):
 
     def _scores(self, params: np.ndarray, X) -> np.ndarray:
         # X is already float64 here, so the product is accumulated in float64.
-        return np.asarray(X @ params[:-1]).ravel() + params[-1]
+        scores = X @ params[:-1]
+        if not isinstance(scores, np.ndarray) or scores.ndim != 1:
+            scores = np.asarray(scores).ravel()
+        scores += params[-1]
+        return scores
 
     def _gradient_from_residuals(self, X, residuals: np.ndarray) -> np.ndarray:
         """Return the parameter gradient given ``d loss / d score`` of every row."""
         grad = np.empty(self.n_params, dtype=np.float64)
-        grad[:-1] = np.asarray(X.T @ residuals).ravel()
-        grad[-1] = residuals.sum()
+        if isinstance(X, np.ndarray):
+            # The same BLAS product, written into the gradient instead of a temporary.
+            np.matmul(X.T, residuals, out=grad[:-1])
+        else:
+            grad[:-1] = np.asarray(X.T @ residuals).ravel()
+        grad[-1] = np.add.reduce(residuals)
         return grad

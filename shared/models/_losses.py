@@ -55,12 +55,13 @@ def logistic_loss(margins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sigmoid_of_negated : ndarray of shape (n_samples,)
         ``sigmoid(-m)``, so that ``d loss / d m = -sigmoid(-m)``.
     """
-    # In-place steps: a chunk of a few thousand rows keeps its temporaries in cache.
-    decay = np.abs(margins)
-    np.negative(decay, out=decay)
+    # In-place steps: a chunk of a few thousand rows keeps its temporaries in cache, and a
+    # batch of a hundred rows pays for each numpy call more than for its arithmetic.
+    positive_part = np.negative(margins)
+    # min(m, -m) is -|m|, with the same exp for either sign of a zero margin.
+    decay = np.minimum(margins, positive_part)
     np.exp(decay, out=decay)
     losses = np.log1p(decay)
-    positive_part = np.negative(margins)
     np.maximum(positive_part, 0.0, out=positive_part)
     losses += positive_part
     sigmoid_of_negated = np.where(margins > 0.0, decay, 1.0)

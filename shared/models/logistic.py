@@ -30,14 +30,15 @@ class LogisticRegression(LinearModel):
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
         scores = self._scores(params, X)
         signs = 2.0 * y - 1.0
-
+        # The margins overwrite the scores, which are needed no further.
+        margins = np.multiply(signs, scores, out=scores)
         # d/dz log(1 + exp(-s z)) = -s * sigmoid(-s z).
-        losses, sigmoid_of_negated = logistic_loss(signs * scores)
-        residuals = -signs * sigmoid_of_negated
+        losses, residuals = logistic_loss(margins)
+        np.multiply(residuals, np.negative(signs, out=signs), out=residuals)
         if sample_weight is not None:
-            losses = losses * sample_weight
-            residuals = residuals * sample_weight
-        return float(losses.sum()), self._gradient_from_residuals(X, residuals)
+            losses *= sample_weight
+            residuals *= sample_weight
+        return float(np.add.reduce(losses)), self._gradient_from_residuals(X, residuals)
 
     def predict_proba(self, params: np.ndarray, X) -> np.ndarray:
         """Return ``p(y = classes[1] | x)`` for each row, shape ``(n_samples,)``."""

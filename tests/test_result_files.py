@@ -1,0 +1,186 @@
+"""Tests of the result file: one .npy per worker or reducer, with a trailer that names it.
+
+Both ways of reading a file are checked: read whole into a buffer (small vectors) and
+memory-mapped (large ones), chosen by ``READ_WHOLE_MAX_BYTES``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import reduction
+from shared.efs import EfsStore
+from shared.reduction import (read_reduced_round, read_worker_result, reduce_worker_results, vector_header,
+                              write_reduced_slice, write_worker_result)
+from shared.training import TRAINING_MODES, Reduction
+
+GRADIENT = TRAINING_MODES["gradient_average"]
+KMEANS = TRAINING_MODES["statistics"]
+
+
+def gradient_result(value: float, n_params: int = 10) -> dict[str, np.ndarray]:
+    return {"grad_sum": np.full(n_params, value), "loss_sum": np.float64(value), "n_samples": np.int64(3)}
+
+
+@pytest.fixture(params=[0, 10**9], ids=["mapped", "read-whole"])
+def read_path(request, monkeypatch):
+    monkeypatch.setattr(reduction, "READ_WHOLE_MAX_BYTES", request.param)
+    return request.param
+
+
+def test_result_file_is_one_npy(tmp_path):
+    store = EfsStore(tmp_path)
+    write_worker_result(store, "job", 4, 2, GRADIENT, gradient_result(1.5))
+
+    assert sorted(os.listdir(store.round_dir("job", 4))) == ["result-2.npy"]
+    # numpy reads the vector and stops before the trailer.
+    np.testing.assert_array_equal(np.load(store.result_path("job", 4, 2)), np.full(10, 1.5))
+    np.testing.assert_array_equal(np.load(store.result_path("job", 4, 2), mmap_mode="r"), np.full(10, 1.5))
+
+
+def test_result_file_round_trip(tmp_path):
+    store = EfsStore(tmp_path)
+    vector = np.random.default_rng(0).standard_normal(10) * 1e-300
+    write_worker_result(store, "job", 0, 1, GRADIENT, {"grad_sum": vector, "loss_sum": np.float64(0.1),
+                                                       "n_samples": np.int64(7)})
+
+    read_vector, scalars = read_worker_result(store, "job", 0, 1, 10)
+    assert read_vector.tobytes() == vector.tobytes()
+    assert scalars["loss_sum"].dtype == np.float64
+    assert scalars["loss_sum"].shape == ()
+    assert float(scalars["loss_sum"]) == 0.1
+    assert scalars["n_samples"].dtype == np.int64
+    assert int(scalars["n_samples"]) == 7
+
+
+def test_result_paths_match_result_path(tmp_path):
+    store = EfsStore(tmp_path)
+
+    assert [Path(path) for path in store.result_paths("job", 3, 4)] == [store.result_path("job", 3, worker)
+                                                                         for worker in range(4)]
+
+
+def test_same_result_same_bytes(tmp_path):
+    store = EfsStore(tmp_path)
+    write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(2.0))
+    first = store.result_path("job", 0, 0).read_bytes()
+    write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(2.0))
+
+    assert store.result_path("job", 0, 0).read_bytes() == first
+
+
+def test_vector_of_wrong_length_rejected(tmp_path, read_path):
+    store = EfsStore(tmp_path)
+    write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0, n_params=10))
+
+    with pytest.raises(ValueError, match="result-0.npy.*does not hold 12 float64 values"):
+        reduce_worker_results(store, "job", 0, 1, GRADIENT, 12, 0, 12)
+    assert reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10).vector.tolist() == [1.0] * 10
+
+
+@pytest.mark.parametrize("written, problem", [
+    (("other-job", 0, 0), "belongs to job_id 'other-job', round 0, worker 0, not to job_id 'job', round 0"),
+    (("job", 3, 0), "belongs to job_id 'job', round 3, worker 0, not to job_id 'job', round 0, worker 0"),
+    (("job", 0, 5), "belongs to job_id 'job', round 0, worker 5, not to job_id 'job', round 0, worker 0"),
+])
+def test_file_of_other_round_rejected(tmp_path, read_path, written, problem):
+    store = EfsStore(tmp_path)
+    job_id, round_index, worker = written
+    write_worker_result(store, job_id, round_index, worker, GRADIENT, gradient_result(1.0))
+    # The file of another job, round or worker, moved to where round 0's worker 0 belongs.
+    store.round_dir("job", 0).mkdir(parents=True, exist_ok=True)
+    os.replace(store.result_path(job_id, round_index, worker), store.result_path("job", 0, 0))
+
+    with pytest.raises(ValueError, match=problem):
+        reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
+
+
+def test_file_cut_short_rejected(tmp_path, read_path):
+    store = EfsStore(tmp_path)
+    write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0))
+    path = store.result_path("job", 0, 0)
+    payload = path.read_bytes()
+
+    for length in (len(vector_header(10)) + 40, len(vector_header(10)) + 80, len(payload) - 1):
+        path.write_bytes(payload[:length])
+        with pytest.raises(ValueError, match="result-0.npy"):
+            reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
+
+
+def test_file_without_trailer_rejected(tmp_path, read_path):
+    # The layout of earlier versions: the vector alone, with its small arrays in a .json beside it.
+    store = EfsStore(tmp_path)
+    store.write_npy(store.result_path("job", 0, 0), np.ones(10))
+
+    with pytest.raises(ValueError, match="no valid trailer.*earlier version of Baton"):
+        reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
+
+
+def test_long_trailer_read_whole(tmp_path, read_path):
+    # Counts of 2,000 clusters make a trailer several times longer than the first read.
+    n_clusters, n_features = 2000, 3
+    rng = np.random.default_rng(1)
+    results = [{"sums": rng.standard_normal((n_clusters, n_features)), "counts": rng.random(n_clusters) * 1e5,
+                "inertia": rng.random(1), "n_samples": np.int64(50)} for _ in range(3)]
+    store = EfsStore(tmp_path)
+    for worker, arrays in enumerate(results):
+        write_worker_result(store, "job", 0, worker, KMEANS, arrays)
+    assert store.result_path("job", 0, 0).stat().st_size > 8 * n_clusters * n_features + 3 * reduction.TRAILER_READ_BYTES
+
+    reduced = reduce_worker_results(store, "job", 0, 3, KMEANS, n_clusters * n_features, 0, n_clusters * n_features)
+    counts = np.zeros(n_clusters)
+    for arrays in results:
+        counts += arrays["counts"]
+    assert reduced.scalars["counts"].tobytes() == counts.tobytes()
+    assert int(reduced.scalars["n_samples"]) == 150
+
+
+def test_short_reads_continue(tmp_path, monkeypatch):
+    # preadv may return fewer bytes than requested before the end of a file (NFS may).
+    store = EfsStore(tmp_path)
+    vector = np.arange(5000, dtype=np.float64)
+    write_worker_result(store, "job", 0, 0, GRADIENT, {"grad_sum": vector, "loss_sum": np.float64(2.5),
+                                                       "n_samples": np.int64(9)})
+    real_preadv = os.preadv
+    calls = []
+
+    def preadv_of_at_most_1000_bytes(fd, buffers, offset):
+        calls.append(offset)
+        first = memoryview(buffers[0])[:1000]
+        return real_preadv(fd, [first], offset)
+
+    monkeypatch.setattr(reduction.os, "preadv", preadv_of_at_most_1000_bytes)
+    read_vector, scalars = read_worker_result(store, "job", 0, 0, 5000)
+
+    assert len(calls) > 40
+    assert read_vector.tobytes() == vector.tobytes()
+    assert float(scalars["loss_sum"]) == 2.5
+
+
+def test_reduced_slices_joined(tmp_path):
+    store = EfsStore(tmp_path)
+    scalars = {"loss_sum": np.float64(4.0), "n_samples": np.int64(12)}
+    write_reduced_slice(store, "job", 2, 0, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
+    write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([3.0, 4.0, 5.0]), scalars=scalars))
+
+    joined = read_reduced_round(store, "job", 2, 2, 5)
+
+    assert joined.vector.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert float(joined.scalars["loss_sum"]) == 4.0
+    assert int(joined.scalars["n_samples"]) == 12
+
+
+def test_reduced_slice_of_other_slice_rejected(tmp_path):
+    store = EfsStore(tmp_path)
+    scalars = {"loss_sum": np.float64(4.0), "n_samples": np.int64(12)}
+    write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
+    write_reduced_slice(store, "job", 2, 0, Reduction(vector=np.array([3.0, 4.0]), scalars=scalars))
+    os.replace(store.reduced_path("job", 2, 1), store.reduced_path("job", 2, 0))
+    write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
+
+    with pytest.raises(ValueError, match="belongs to job_id 'job', round 2, slice 1, not to job_id 'job', round 2, slice 0"):
+        read_reduced_round(store, "job", 2, 2, 4)
