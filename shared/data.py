@@ -77,8 +77,8 @@ def _parse_plain_libsvm(lines: list[str]) -> tuple[sp.csr_matrix, np.ndarray] | 
     rows = [tokens for tokens in map(str.split, lines) if tokens]
     pairs = list(itertools.chain.from_iterable(tokens[1:] for tokens in rows))
     joined = " ".join(pairs)
-    # Valid pairs separate as ":", " ", ":", " ", ..., ":" with no side empty, which the
-    # piece count checks: an empty side leaves one piece fewer.
+    # In valid pairs the separators alternate ":" and " ", starting and ending with ":". The
+    # piece count catches an empty index or value, which leaves one piece fewer.
     separators = np.frombuffer(joined.encode(), dtype=np.uint8)
     separators = separators[(separators == ord(":")) | (separators == ord(" "))]
     pieces = joined.replace(":", " ").split()

@@ -19,8 +19,8 @@ finalize    rename the shard files, write the scaling statistics and, last, the
             manifest, whose presence means the data is ready
 ==========  =====================================================================
 
-When the parts of all sources hold at most ``data.part_bytes`` together, every step runs in
-the invocation that received the job, so a small data set costs no extra invocations.
+When the parts of all sources contain at most ``data.part_bytes`` together, every step runs
+in the invocation that received the job, so a small data set costs no extra invocations.
 Otherwise each step runs in its own invocation: the starter sends itself a message
 ``{"job_id", "prepare": {"step", "index"}}`` for the next step before it records the
 step as done in ``prepare/progress.json``. A message for a step before the recorded one
@@ -157,7 +157,7 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
     step : PreparationStep or None
         The step a continuation message names, or None for the job message itself.
     one_step_per_invocation : bool, default=True
-        When the parts hold more than ``data.part_bytes`` together, stop after each step
+        When the parts contain more than ``data.part_bytes`` together, stop after each step
         and return the next one, for the caller to send. False runs every step here.
     s3_client : botocore S3 client, optional
         Used to copy ``s3://`` sources; built on first use.
@@ -205,7 +205,7 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
 
 
 def _exceeds_one_part(parts: list[dict], part_bytes: int) -> bool:
-    """Return whether ``parts`` hold more than ``part_bytes`` together.
+    """Return whether ``parts`` contain more than ``part_bytes`` together.
 
     A whole part (a compressed file or a ``.npz`` archive) counts as ``part_bytes``,
     because its uncompressed size is unknown until it is read, and so does a part from a

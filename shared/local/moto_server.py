@@ -16,8 +16,9 @@ per request bounds how fast rounds go. Three changes to moto's own server cut it
   requests to a fixed pool of threads.
 - moto's dispatcher lists its own package folder on every request to recognise service
   names, lists the methods of the response class with ``inspect.getmembers`` on every
-  request, and converts the same attribute names from camel case on every SQS receive.
-  Each of these pure functions now computes a given input once.
+  request, converts the same attribute names from camel case on every SQS receive, and
+  parses each DynamoDB update expression twice per request. Each of these now computes a
+  given input once.
 - Request lines are not logged.
 
 Usage: python -m shared.local.moto_server PORT  (always binds 127.0.0.1)
@@ -33,6 +34,7 @@ from typing import Callable, Iterable
 import moto.backends
 import moto.core.responses
 import moto.core.utils
+import moto.dynamodb.parsing.expressions
 import moto.sqs.models
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
@@ -42,9 +44,9 @@ except ImportError as error:
     raise SystemExit("the local runtime's moto server needs cheroot, which is not installed; install Baton with "
                      "its 'local' extra (pip install -e '.[local]'), as `make .venv/.installed` does") from error
 
-# Threads that serve requests. Every lane of the local runtime holds one through each long
+# Threads that serve requests. Every lane of the local runtime occupies one for each long
 # poll (up to a second), and the fault-matrix tests run 14 lanes besides the handlers' own
-# requests, so the pool is sized well above that; a request that finds every thread busy
+# requests, so the pool is sized well above that. A request that finds every thread busy
 # waits for one.
 SERVER_THREADS = 64
 
@@ -84,17 +86,30 @@ def _cache_name_conversions() -> None:
         module.camelcase_to_underscores = to_underscores
 
 
+def _cache_update_expressions() -> None:
+    """Parse each DynamoDB update expression once instead of twice per request.
+
+    moto (5.2) parses an UpdateExpression in its response layer and again in its backend,
+    and never changes the parsed tree: its validators work on a deep copy, and the
+    response layer only reads it. So one tree per expression string can serve every
+    request. Baton sends a handful of distinct expressions.
+    """
+    parser = moto.dynamodb.parsing.expressions.UpdateExpressionParser
+    parser.make = staticmethod(functools.lru_cache(maxsize=256)(parser.make))
+
+
 def build_app() -> Callable:
     """Return the WSGI application the server runs."""
     _cache_module_list()
     _cache_name_conversions()
+    _cache_update_expressions()
     return SerialDynamoDbMiddleware(DomainDispatcherApplication(create_backend_app))
 
 
 def main(argv: list[str]) -> None:
     port = int(argv[0])
     server = wsgi.Server(("127.0.0.1", port), build_app(), numthreads=SERVER_THREADS)
-    # Keep every idle connection: each container and lane holds a few for its clients.
+    # Keep every idle connection open, because each container and lane keeps a few for its clients.
     server.keep_alive_conn_limit = None
     try:
         server.start()
