@@ -160,7 +160,7 @@ class BatonRun:
 
 
 def baton_time_to_target(stack: LocalStack, name: str, job_id: str, target: float) -> BatonRun:
-    """Run Baton's job for ``name`` until the target; return its time, rounds and accuracy."""
+    """Run Baton's job for ``name`` until the target and return its time, rounds and accuracy."""
     spec = copy.deepcopy(JOB_SPECS[name])
     spec["job_id"] = job_id
     spec["training"]["target_validation_accuracy"] = target
@@ -212,9 +212,10 @@ def measure(quick: bool) -> Section:
                              f"{baton_seconds:.2f} s", f"{start_seconds:.2f} s", f"{rounds:.0f}",
                              f"{statistics.median(run.accuracy for run in baton):.4f}", f"{ratio:.1f}"])
                 round_ms = 1000 * (baton_seconds - start_seconds) / rounds
-                reason = (f"{start_seconds:.2f} s from submit to prepared data, then {rounds:.0f} "
-                          f"round{'s' if rounds != 1 else ''} at {round_ms:.0f} ms each, mostly requests to "
-                          "moto's server and process hand-offs (see the round breakdown)")
+                rounds_text = f"1 round of {round_ms:.0f} ms" if rounds == 1 else \
+                    f"{rounds:.0f} rounds of {round_ms:.0f} ms each"
+                reason = (f"{start_seconds:.2f} s from submit to prepared data, then {rounds_text}, mostly "
+                          "requests to moto's server and process hand-offs (see the round breakdown)")
                 goals.append(Goal(f"{name}: Baton's time to accuracy / scikit-learn SGD's", ratio, RATIO_GOAL,
                                   higher_is_better=False, unit="x", reason=reason))
     load_after = os.getloadavg()
