@@ -163,10 +163,11 @@ DynamoDB and SQS calls per round, with their median latency:
 {markdown_table(["function", "call", "per round", "median ms"], call_rows)}
 
 Compute at a9a's default batch is a fraction of a millisecond, while each request to
-moto's server costs a few milliseconds: the server handles every request on a new
-connection and thread, and it runs DynamoDB requests one at a time (see
-`shared/local/moto_server.py`), so the worker that completes a round waits behind the
-others' updates. The goal of at most {NON_COMPUTE_GOAL_PERCENT:.0f} % non-compute time is out of reach at this batch size.
+moto's server costs a few milliseconds. The server keeps connections open, but it runs
+every request in one Python process, a few milliseconds of CPU each (moto parses each
+update expression and serialises each response in Python), and it runs DynamoDB requests
+one at a time (see `shared/local/moto_server.py`), so the worker that completes a round
+waits behind the others' updates. The goal of at most {NON_COMPUTE_GOAL_PERCENT:.0f} % non-compute time is out of reach at this batch size.
 
 Compute share at larger batches ({sweep_rounds} rounds each; a9a's shards hold about {shard_rows:,} rows,
 so larger batches are capped there):

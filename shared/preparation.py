@@ -19,8 +19,9 @@ finalize    rename the shard files, write the scaling statistics and, last, the
             manifest, whose presence means the data is ready
 ==========  =====================================================================
 
-A source of one part is prepared in the invocation that received the job. With several
-parts, each step runs in its own invocation: the starter sends itself a message
+When the parts of all sources contain at most ``data.part_bytes`` together, every step runs
+in the invocation that received the job, so a small data set costs no extra invocations.
+Otherwise each step runs in its own invocation: the starter sends itself a message
 ``{"job_id", "prepare": {"step", "index"}}`` for the next step before it records the
 step as done in ``prepare/progress.json``. A message for a step before the recorded one
 is a duplicate and is dropped; one for a later step arrived before the record and is
@@ -50,6 +51,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from shared import data as datasets
+from shared import efs
 from shared.efs import EfsStore
 from shared.errors import DataError
 from shared.spec import S3_URI_PATTERN, JobSpec
@@ -156,8 +158,8 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
     step : PreparationStep or None
         The step a continuation message names, or None for the job message itself.
     one_step_per_invocation : bool, default=True
-        When the source has several parts, stop after each step and return the next
-        one, for the caller to send. False runs every step here.
+        When the parts contain more than ``data.part_bytes`` together, stop after each step
+        and return the next one, for the caller to send. False runs every step here.
     s3_client : botocore S3 client, optional
         Used to copy ``s3://`` sources; built on first use.
 
@@ -196,12 +198,21 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
             manifest = store.read_json(files.manifest)
             shutil.rmtree(files.root / "parts", ignore_errors=True)
             return PreparationOutcome(manifest=manifest)
-        several_parts = len(store.read_json(files.layout)["parts"]) > 1
-        if one_step_per_invocation and several_parts:
+        if one_step_per_invocation and _exceeds_one_part(store.read_json(files.layout)["parts"], spec.data.part_bytes):
             return PreparationOutcome(next_step=following)
         # No progress is recorded inside one invocation: a redelivery starts over, and
         # every step writes the same bytes again.
         step = following
+
+
+def _exceeds_one_part(parts: list[dict], part_bytes: int) -> bool:
+    """Return whether ``parts`` contain more than ``part_bytes`` together.
+
+    A whole part (a compressed file or a ``.npz`` archive) counts as ``part_bytes``,
+    because its uncompressed size is unknown until it is read, and so does a part from a
+    layout written before parts recorded their size.
+    """
+    return sum(part.get("bytes", part_bytes) for part in parts) > part_bytes
 
 
 def record_sent(store: EfsStore, job_id: str, step: PreparationStep) -> None:
@@ -347,7 +358,8 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
     if data.format == "npy":
         n_rows, n_columns = _npy_shape(path, source)
         rows_per_part = max(1, data.part_bytes // max(1, n_columns * 8))
-        return [{**base, "kind": "rows", "start": start, "stop": min(start + rows_per_part, n_rows)}
+        return [{**base, "kind": "rows", "start": start, "stop": min(start + rows_per_part, n_rows),
+                 "bytes": (min(start + rows_per_part, n_rows) - start) * n_columns * 8}
                 for start in range(0, max(n_rows, 1), rows_per_part)]
 
     csv_layout = _csv_layout(spec, path, source) if data.format == "csv" else {}
@@ -357,7 +369,8 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
     size = path.stat().st_size
     n_parts = max(1, math.ceil((size - data_start) / data.part_bytes))
     bounds = [data_start + index * data.part_bytes for index in range(n_parts)] + [size]
-    return [{**base, **csv_layout, "kind": "text", "start": bounds[index], "stop": bounds[index + 1]}
+    return [{**base, **csv_layout, "kind": "text", "start": bounds[index], "stop": bounds[index + 1],
+             "bytes": bounds[index + 1] - bounds[index]}
             for index in range(n_parts)]
 
 
@@ -625,7 +638,8 @@ def _create_npy_once(path: Path, dtype, shape: tuple) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
-    array.flush()
+    if efs.FSYNC:
+        array.flush()
     del array
     os.replace(temporary, path)
 
@@ -752,7 +766,10 @@ def _apply_scaling(X, mean: np.ndarray | None, scale: np.ndarray):
 def _write_slice(path: Path, where: slice, values: np.ndarray) -> None:
     array = np.load(path, mmap_mode="r+", allow_pickle=False)
     array[where] = values
-    array.flush()
+    # The finalize step may run on another EFS client, so the pages are written back
+    # here. Without fsync (the local runtime) every process shares one page cache.
+    if efs.FSYNC:
+        array.flush()
     del array
 
 
@@ -764,8 +781,9 @@ def _finalize(files: PreparationFiles, spec: JobSpec) -> None:
         for path in _partial_paths(files, target, n_workers).values():
             final = path.with_name(path.name[:-len(PARTIAL_SUFFIX)])
             if path.exists():
-                with open(path, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                if efs.FSYNC:
+                    with open(path, "rb+") as handle:
+                        os.fsync(handle.fileno())
                 os.replace(path, final)
 
     scaling = _scaling(files, split)

@@ -148,8 +148,9 @@ class DataSection:
         None, help="Keep each class's share equal across shards and the held-out rows; null means true for "
                    "classifiers.", nullable=True)
     part_bytes: int = spec_field(
-        64 * 1024 * 1024, help="Uncompressed text and .npy sources are prepared in parts of about this many bytes, "
-                               "one part per invocation when there are several.", minimum=4096)
+        64 * 1024 * 1024, help="Uncompressed text and .npy sources are prepared in parts of about this many bytes. "
+                               "When the sources hold more than one part's bytes together, each step of the "
+                               "preparation runs in its own invocation.", minimum=4096)
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,28 @@ def test_libsvm_parts_equal_one_shot(inprocess_stack, efs_root):
     assert data_files(efs_root, "a9a-whole") == data_files(efs_root, "a9a-parts")
 
 
+def test_small_sources_prepare_in_one_invocation(inprocess_stack, efs_root):
+    # The training and test files of examples/data/a9a are one part each, 3.5 MB together.
+    together = {"job_id": "a9a-together", "model": {"name": "logistic_regression"},
+                "data": {"path": "datasets/a9a/a9a", "n_features": 123, "validation_path": "datasets/a9a/a9a.t",
+                         "part_bytes": 4_000_000},
+                "training": {"n_workers": 2, "max_rounds": 1}}
+    apart = {**together, "job_id": "a9a-apart", "data": {**together["data"], "part_bytes": 3_000_000}}
+
+    assert run_job(inprocess_stack, together).status == SUCCEEDED
+    together_deliveries = [delivery for delivery in inprocess_stack.deliveries if delivery.queue == "JobsQueue"]
+    assert run_job(inprocess_stack, apart).status == SUCCEEDED
+    apart_deliveries = [delivery for delivery in inprocess_stack.deliveries
+                        if delivery.queue == "JobsQueue" and delivery.body.get("job_id") == "a9a-apart"]
+
+    store = EfsStore(efs_root)
+    assert len(layout_summary(store, "a9a-together")["parts"]) == 2
+    assert len(layout_summary(store, "a9a-apart")["parts"]) == 2
+    assert len(together_deliveries) == 1
+    assert len(apart_deliveries) > 5
+    assert data_files(efs_root, "a9a-together") == data_files(efs_root, "a9a-apart")
+
+
 def test_standardize_uses_training_rows_only(inprocess_stack, efs_root):
     spec = breast_cancer_spec("scaled", data={"validation_fraction": 0.3}, training={"max_rounds": 1})
     assert run_job(inprocess_stack, spec).status == SUCCEEDED
@@ -215,3 +237,42 @@ def test_sparse_non_finite_row_found_without_densifying():
     X = sp.csr_matrix(np.array([[1, 0, 2], [0, 0, 0], [0, np.inf, 1]], dtype=np.float32))
     with pytest.raises(DataError, match=r"data row 13 .*float32"):
         check_finite(X, np.zeros(3), "sparse.libsvm", first_row=10)
+
+
+def test_libsvm_fast_parse_equals_checked():
+    from shared.data import _parse_libsvm_checked, _parse_plain_libsvm
+
+    rng = np.random.default_rng(3)
+    value_formats = ["{:.6g}", "{:+.3e}", "{:.2E}", "{:.0f}", "{:.4f}"]
+    lines = []
+    for row in range(400):
+        columns = np.sort(rng.choice(60, size=rng.integers(0, 9), replace=False)) + 1
+        pairs = [f"{column}:{value_formats[column % 5].format(value)}"
+                 for column, value in zip(columns, rng.normal(scale=50, size=len(columns)))]
+        label = ["+1", "-1", "2", "0.5", "3e0"][row % 5]
+        separator = "\t" if row % 7 == 0 else " "
+        lines.append(f"  {label}{separator}{separator.join(pairs)}  " if row % 11 == 0 else f"{label} {' '.join(pairs)}")
+        if row % 13 == 0:
+            lines.append("   ")
+    lines += ["1 +7:.5 08:-0 9:1_0"]
+
+    fast = _parse_plain_libsvm(lines)
+    checked = _parse_libsvm_checked(lines, "generated", 1)
+
+    assert fast is not None
+    assert fast[0].shape == checked[0].shape
+    for name in ("data", "indices", "indptr"):
+        expected = getattr(checked[0], name)
+        assert getattr(fast[0], name).dtype == expected.dtype, name
+        np.testing.assert_array_equal(getattr(fast[0], name), expected, err_msg=name)
+    np.testing.assert_array_equal(fast[1], checked[1])
+
+
+@pytest.mark.parametrize("line", [
+    "1 3:4:5 6", "1 2:", "1 :3", "1 3:0x10", "1 2:1 2:3", "1 3:1 2:3", "1 0:1", "x 1:2", "1:2 3:4",
+    "1 qid:3 1:2", "1 1:2 # note", "1 1.5:2", "1 -2:1", "1 99999999999:1", "1 99999999999999999999999:1",
+])
+def test_libsvm_fast_parse_leaves_odd_lines(line):
+    from shared.data import _parse_plain_libsvm
+
+    assert _parse_plain_libsvm(["1 1:0.5 2:1", line, "-1 4:2"]) is None

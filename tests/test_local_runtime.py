@@ -3,6 +3,7 @@ processes, EFS as a folder, exactly as `baton run` and `make demo` use them."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main
-from shared.local.session import LocalStack
+from shared.local.session import LocalStack, start_moto_server
 from shared.reference import train_reference
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
@@ -205,3 +206,33 @@ def test_sigterm_stops_local_stack(tmp_path):
         # End what the failed shutdown left behind, so a failing test leaks nothing.
         os.kill(int(child), signal.SIGKILL)
     assert survivors == []
+
+
+def test_moto_server_keeps_connections_open(tmp_path):
+    server, endpoint = start_moto_server(tmp_path / "moto.log")
+    host, port = endpoint.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    headers = {
+        "Content-Type": "application/x-amz-json-1.0",
+        "X-Amz-Target": "DynamoDB_20120810.ListTables",
+        "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/dynamodb/aws4_request, "
+                         "SignedHeaders=host, Signature=0",
+    }
+    sockets = []
+    try:
+        for _ in range(3):
+            connection.request("POST", "/", body="{}", headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 200, body
+            assert json.loads(body) == {"TableNames": []}
+            sockets.append(connection.sock)
+    finally:
+        connection.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+    # http.client drops its socket when the server closes the connection, and opens a new one.
+    assert sockets[0] is not None
+    assert sockets[1] is sockets[0]
+    assert sockets[2] is sockets[0]

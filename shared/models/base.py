@@ -204,21 +204,24 @@ class Model(ABC):
     def encode_targets(self, y_raw: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
         """Map raw labels to the model's encoding.
 
-        Classifiers map each label to its index in ``classes``. Regressors return the
+        Classifiers map each label to its index in ``classes``, which must be sorted as
+        :func:`numpy.unique` returns them. Regressors return the
         targets as float64. Clustering models ignore targets and return zeros.
         """
         if self.task == "regression":
             return np.asarray(y_raw, dtype=np.float64)
         if self.task == "clustering":
             return np.zeros(len(y_raw), dtype=np.int64)
-        lookup = {value: index for index, value in enumerate(classes.tolist())}
-        try:
-            return np.fromiter((lookup[value] for value in y_raw.tolist()), dtype=np.int64, count=len(y_raw))
-        except KeyError as error:
+        y_raw = np.asarray(y_raw)
+        positions = np.searchsorted(classes, y_raw)
+        found = positions < len(classes)
+        found[found] = classes[positions[found]] == y_raw[found]
+        if not found.all():
+            label = y_raw[np.flatnonzero(~found)[0]].item()
             raise DataError(
-                f"label {error.args[0]!r} is not one of the training classes {classes.tolist()}; "
-                "check that the validation file uses the same labels as the training file"
-            ) from None
+                f"label {label!r} is not one of the training classes {classes.tolist()}; "
+                "check that the validation file uses the same labels as the training file")
+        return positions.astype(np.int64)
 
     def check_classes(self, classes: np.ndarray) -> None:
         """Raise :class:`DataError` if the distinct training labels do not fit this model."""
