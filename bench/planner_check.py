@@ -124,10 +124,10 @@ def comparable_parts(estimate: planner.RoundEstimate, profile: planner.LocalProf
 
 
 def run_case(work_dir: Path, workers: int, batch_size: int, rounds: int, profile: planner.LocalProfile | None,
-             quick: bool) -> tuple[dict[str, float], planner.LocalProfile | None]:
+             quick: bool, run_pass: int = 0) -> tuple[dict[str, float], planner.LocalProfile | None]:
     """Run one a9a job locally; return its timings and the profile with the invocation overhead."""
     job_id = f"planner-{workers}w-{batch_size}b"
-    efs_root = work_dir / f"efs-{workers}-{batch_size}"
+    efs_root = work_dir / f"efs-{workers}-{batch_size}-{run_pass}"
     with LocalStack(efs_root, concurrency={"worker": workers}) as stack:
         if profile is not None and profile.invocation_overhead_seconds == 0.0:
             overhead = measure_invocation_overhead(stack, count=workers + (10 if quick else 30))
@@ -144,24 +144,35 @@ def measure(quick: bool) -> Section:
     """Calibrate the local profile, predict the local runs, run them and compare."""
     cases = [(2, 256), (4, 256)] if quick else [(2, 256), (4, 256), (8, 256), (2, 2048), (4, 2048), (8, 2048)]
     rounds = 20 if quick else 60
+    passes = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="baton-planner-") as folder:
         work_dir = Path(folder)
         profile = measure_local_profile(work_dir, quick)
+        # Every case runs once per pass, and the passes follow each other, so a busy spell
+        # of the machine lands on one run of several cases rather than on every run of one.
+        runs: dict[tuple[int, int], list[dict[str, float]]] = {case: [] for case in cases}
+        for run_pass in range(passes):
+            for workers, batch_size in cases:
+                timings, calibrated = run_case(work_dir, workers, batch_size, rounds, profile, quick, run_pass)
+                profile = calibrated or profile
+                runs[(workers, batch_size)].append(timings)
+
         rows = []
         errors = []
         worker_gaps = []
-        for workers, batch_size in cases:
-            timings, calibrated = run_case(work_dir, workers, batch_size, rounds, profile, quick)
-            profile = calibrated or profile
+        for (workers, batch_size), timings_per_run in runs.items():
+            timings = {key: statistics.median(run[key] for run in timings_per_run) for key in timings_per_run[0]}
             estimate = planner.predict_local_round(a9a_workload(batch_size, rounds), workers, profile)
             measured = timings["round_seconds"]
+            spread = [run["round_seconds"] * 1000 for run in timings_per_run]
             error = estimate.seconds / measured - 1
             errors.append(abs(error))
             worker_task, aggregator_step = comparable_parts(estimate, profile)
             worker_gaps.append(timings["worker_seconds"] - worker_task)
             rows.append([workers, batch_size, f"{estimate.seconds * 1000:.0f}", f"{measured * 1000:.0f}",
-                         f"{error:+.0%}", f"{worker_task * 1000:.0f}", f"{timings['worker_seconds'] * 1000:.0f}",
-                         f"{aggregator_step * 1000:.1f}", f"{timings['aggregate_seconds'] * 1000:.1f}"])
+                         f"{min(spread):.0f} to {max(spread):.0f}", f"{error:+.0%}", f"{worker_task * 1000:.0f}",
+                         f"{timings['worker_seconds'] * 1000:.0f}", f"{aggregator_step * 1000:.1f}",
+                         f"{timings['aggregate_seconds'] * 1000:.1f}"])
         load = os.getloadavg()[0]
 
     worst = max(errors)
@@ -187,11 +198,12 @@ def measure(quick: bool) -> Section:
         "",
         markdown_table(["measured cost", "value"], profile_rows),
         "",
-        markdown_table(["workers", "batch per worker", "predicted ms per round", "measured ms", "error",
+        markdown_table(["workers", "batch per worker", "predicted ms per round", "measured ms", "runs' range, ms", "error",
                         "worker task, predicted ms", "measured", "aggregator step, predicted ms", "measured"],
                        rows),
         "",
-        "Measured times are medians over the timed rounds. The worker task and the aggregator step are",
+        f"Measured times are medians over the timed rounds of each run, then over {passes} run{'s' if passes > 1 else ''}"
+        " of each case; the range shows the runs' own medians. The worker task and the aggregator step are",
         "the parts that the metrics files time (`worker_seconds`, `aggregate_seconds`): the worker from its",
         "job check to before it records itself, the aggregator from after its first two reads to before",
         "it writes the metrics. A worker task measured longer than predicted means it waited for a core",
@@ -199,8 +211,9 @@ def measure(quick: bool) -> Section:
         f"The 1-minute load average at the end was {load:.1f} on {profile.cores} cores, so other",
         "processes on the machine shared the cores with these runs.",
         "",
-        "On this machine moto's server handles one request at a time, so a round costs about six",
-        "requests per worker in sequence: the local time per round grows linearly with the workers,",
+        "On this machine one moto server process answers every request and runs DynamoDB requests one",
+        "at a time, so a round costs about six requests per worker in sequence: the local time per round",
+        "grows linearly with the workers,",
         "which is the opposite of AWS, where the workers' requests run in parallel.",
         "",
         "Predicted scaling on AWS (docs/planner.md explains the columns):",
