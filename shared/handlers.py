@@ -28,6 +28,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from shared.errors import InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
 from shared.service import Services
+from shared.state import can_record_job
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
 # The service layer logs through the standard library; give its loggers the same JSON
@@ -91,9 +92,10 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
     def run_record(record: SQSRecord, context: Any) -> None:
         services = get_services()
         ids = _message_ids(record.body)
-        if function_name == "starter" and not isinstance(ids.get("job_id"), str):
+        if function_name == "starter" and not can_record_job(ids.get("job_id")):
             # The starter names a job without a usable job_id after its message id, as
-            # start_job does.
+            # start_job does. A job id too long for a DynamoDB key counts as unusable,
+            # because recording its failure under it would fail on every retry.
             ids["job_id"] = f"job-{record.message_id[:18]}"
         logger.append_keys(function=function_name, message_id=record.message_id, **ids)
         job_id = ids.get("job_id")

@@ -38,7 +38,8 @@ import numpy as np
 
 from shared.efs import EfsStore, write_buffers_atomic
 from shared.errors import JobSpecError
-from shared.training import Reduction, TrainingMode, accumulate_vectors, add_scaled_vector, split_result
+from shared.training import (Reduction, TrainingMode, accumulate_vectors, add_scaled_vector, round_number,
+                             split_result)
 
 # Bytes read for a trailer in the same system call as the header (and the vector, when it
 # is read whole). A longer trailer, such as k-means counts of many clusters, takes more reads.
@@ -117,7 +118,11 @@ def _write_result_file(path: Path, identity: dict, vector: np.ndarray, scalars: 
 
 
 def _describe(identity: dict) -> str:
-    names = ", ".join(f"{key} {identity[key]!r}" for key in ("job_id", "round", "worker", "slice") if key in identity)
+    """Name the job, round, worker or slice of a trailer, with the round counted from 1 as job errors count it."""
+    shown = dict(identity)
+    if isinstance(shown.get("round"), int):
+        shown["round"] = round_number(shown["round"])
+    names = ", ".join(f"{key} {shown[key]!r}" for key in ("job_id", "round", "worker", "slice") if key in shown)
     return names or "no Baton job"
 
 

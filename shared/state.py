@@ -51,8 +51,21 @@ TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 JOB_STATUSES = (PREPARING, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
 
 
+# DynamoDB rejects a partition key longer than this, in UTF-8 bytes.
+MAX_PARTITION_KEY_BYTES = 2048
+
+
 def _job_key(job_id: str) -> dict:
     return {"pk": {"S": f"JOB#{job_id}"}, "sk": {"S": "JOB"}}
+
+
+def can_record_job(job_id: object) -> bool:
+    """Return whether the table can hold an item for ``job_id``, valid or not.
+
+    A rejected spec's failure is recorded under the job id it gives, so that id may break
+    the job id rules, but it must be a string whose key fits DynamoDB's size limit.
+    """
+    return isinstance(job_id, str) and len(f"JOB#{job_id}".encode()) <= MAX_PARTITION_KEY_BYTES
 
 
 def _round_key(job_id: str, round_index: int) -> dict:

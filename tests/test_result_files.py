@@ -83,15 +83,15 @@ def test_vector_of_wrong_length_rejected(tmp_path, read_path):
 
 
 @pytest.mark.parametrize("written, problem", [
-    (("other-job", 0, 0), "belongs to job_id 'other-job', round 0, worker 0, not to job_id 'job', round 0"),
-    (("job", 3, 0), "belongs to job_id 'job', round 3, worker 0, not to job_id 'job', round 0, worker 0"),
-    (("job", 0, 5), "belongs to job_id 'job', round 0, worker 5, not to job_id 'job', round 0, worker 0"),
+    (("other-job", 0, 0), "belongs to job_id 'other-job', round 1, worker 0, not to job_id 'job', round 1"),
+    (("job", 3, 0), "belongs to job_id 'job', round 4, worker 0, not to job_id 'job', round 1, worker 0"),
+    (("job", 0, 5), "belongs to job_id 'job', round 1, worker 5, not to job_id 'job', round 1, worker 0"),
 ])
 def test_file_of_other_round_rejected(tmp_path, read_path, written, problem):
     store = EfsStore(tmp_path)
     job_id, round_index, worker = written
     write_worker_result(store, job_id, round_index, worker, GRADIENT, gradient_result(1.0))
-    # The file of another job, round or worker, moved to where round 0's worker 0 belongs.
+    # The file of another job, round or worker, moved to where worker 0's file of the first round (index 0) belongs.
     store.round_dir("job", 0).mkdir(parents=True, exist_ok=True)
     os.replace(store.result_path(job_id, round_index, worker), store.result_path("job", 0, 0))
 
@@ -182,5 +182,5 @@ def test_reduced_slice_of_other_slice_rejected(tmp_path):
     os.replace(store.reduced_path("job", 2, 1), store.reduced_path("job", 2, 0))
     write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
 
-    with pytest.raises(ValueError, match="belongs to job_id 'job', round 2, slice 1, not to job_id 'job', round 2, slice 0"):
+    with pytest.raises(ValueError, match="belongs to job_id 'job', round 3, slice 1, not to job_id 'job', round 3, slice 0"):
         read_reduced_round(store, "job", 2, 2, 4)
