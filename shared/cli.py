@@ -358,16 +358,15 @@ main.add_command(export_command)
 
 
 def _control_clients(stage: str, endpoint_url: str | None, region: str | None):
-    import boto3
-
     from shared.config import Settings
+    from shared.monitor import aws_client
     from shared.queues import QueueClient
 
     store = _store(stage, endpoint_url, region)
     prefix = f"baton-{stage}"
     settings = Settings.from_env(environ={}, jobs_queue_name=f"{prefix}-jobs", tasks_queue_name=f"{prefix}-tasks",
                                  aggregate_queue_name=f"{prefix}-aggregate", state_table_name=store.table_name)
-    return store, QueueClient(boto3.client("sqs", endpoint_url=endpoint_url, region_name=region), settings)
+    return store, QueueClient(aws_client("sqs", endpoint_url=endpoint_url, region=region), settings)
 
 
 def _run_control(action: Callable[[], object]) -> None:

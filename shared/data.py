@@ -13,6 +13,7 @@ that chain in one process.
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import io
 import itertools
@@ -65,6 +66,9 @@ def decode_text(raw: bytes, source: str, first_line_number: int = 1) -> str:
     DataError
         Naming the line and the first byte that is not UTF-8.
     """
+    # A byte order mark, as some Windows editors write, opens the file and is not data.
+    if first_line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:

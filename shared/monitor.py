@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
+from urllib.parse import urlsplit
 
 from shared.errors import BatonError
 from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
+
+# Hosts of an endpoint on this machine, such as the local stack's moto server.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # Round-item keys shown as "the" validation metric, first match wins.
 VALIDATION_METRICS = ("validation_accuracy", "validation_r2", "validation_loss")
@@ -46,10 +51,29 @@ def make_state_store(stage: str, endpoint_url: str | None = None, region: str | 
     ``endpoint_url`` aims the client at another endpoint, such as the local stack's moto
     server; when None, boto3 also honours ``AWS_ENDPOINT_URL``.
     """
+    client = aws_client("dynamodb", endpoint_url=endpoint_url, region=region)
+    return StateStore(client, state_table_name(stage))
+
+
+def aws_client(service: str, endpoint_url: str | None = None, region: str | None = None):
+    """Return a boto3 client; for an endpoint on this machine, with the local stack's settings.
+
+    The local stack's moto server answers any credentials in its fixed region, so a
+    command aimed at it with ``--endpoint-url`` needs no AWS configuration. Region and
+    credentials set in the environment still win.
+    """
     import boto3
 
-    client = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name=region)
-    return StateStore(client, state_table_name(stage))
+    options: dict[str, Any] = {"endpoint_url": endpoint_url, "region_name": region}
+    if endpoint_url and urlsplit(endpoint_url).hostname in LOOPBACK_HOSTS:
+        from shared.local.session import DUMMY_AWS_ENVIRONMENT
+
+        if not (region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+            options["region_name"] = DUMMY_AWS_ENVIRONMENT["AWS_DEFAULT_REGION"]
+        if not os.environ.get("AWS_ACCESS_KEY_ID"):
+            options["aws_access_key_id"] = DUMMY_AWS_ENVIRONMENT["AWS_ACCESS_KEY_ID"]
+            options["aws_secret_access_key"] = DUMMY_AWS_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"]
+    return boto3.client(service, **options)
 
 
 def require_job(store: StateStore, job_id: str) -> JobRecord:

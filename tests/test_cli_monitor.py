@@ -107,6 +107,20 @@ def test_list_and_status_show_job(finished_job):
     assert json.loads(as_json.output)["cost_usd"] > 0
 
 
+def test_status_needs_no_aws_settings_locally(finished_job, monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+
+    assert shown.exit_code == 0, shown.output
+    assert f"job {JOB_ID}: SUCCEEDED" in shown.output
+
+
 def test_status_of_unknown_job_fails(finished_job):
     result = CliRunner().invoke(main, ["status", "no-such-job", *finished_job["arguments"]])
     assert result.exit_code == 1

@@ -276,3 +276,21 @@ def test_libsvm_fast_parse_leaves_odd_lines(line):
     from shared.data import _parse_plain_libsvm
 
     assert _parse_plain_libsvm(["1 1:0.5 2:1", line, "-1 4:2"]) is None
+
+
+def test_libsvm_with_byte_order_mark_reads_as_without(tmp_path):
+    plain, marked = tmp_path / "plain.svm", tmp_path / "marked.svm"
+    plain.write_bytes(b"1 3:0.5 7:2\n-1 2:1\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+
+    X_plain, y_plain = datasets.read_libsvm(plain)[:2]
+    X_marked, y_marked = datasets.read_libsvm(marked)[:2]
+
+    assert (X_plain != X_marked).nnz == 0
+    np.testing.assert_array_equal(y_plain, y_marked)
+
+
+def test_byte_order_mark_kept_after_first_line():
+    text = datasets.decode_text(b"\xef\xbb\xbf1 3:1\n", "later part", first_line_number=40)
+
+    assert text.startswith("\ufeff")
