@@ -99,8 +99,10 @@ def run_matrix(work_dir: Path) -> dict:
         # after_progress steps are reached.
         "MAX_STEPS_PER_INVOCATION": "1",
         # A fault between the starter's RUNNING transition and its send of round 0 leaves
-        # the job waiting for tasks that never come; the watchdog re-sends them.
-        "STALL_SECONDS": "8",
+        # the job waiting for tasks that never come; the watchdog re-sends them. The
+        # deadline leaves room for a round that a busy machine slows to several seconds,
+        # since three stalls in a row fail the job.
+        "STALL_SECONDS": "20",
     }
     job_ids = ["reference", *index_of]
     reducer_jobs = {job_id for job_id in index_of if job_id.startswith("reducer-")}
