@@ -191,6 +191,8 @@ def _parse_libsvm_checked(lines: list[str], source: str, first_line_number: int)
             raise DataError(
                 f"malformed libsvm line {line_number} in '{source}': {error}; "
                 "expected '<label> <index>:<value> ...' with increasing 1-based indices"
+                + (" (data.format is libsvm, the default; set it to csv or npy if the file is not libsvm)"
+                   if "," in line else "")
             ) from None
         indptr.append(len(indices))
 

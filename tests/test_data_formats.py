@@ -294,3 +294,15 @@ def test_byte_order_mark_kept_after_first_line():
     text = datasets.decode_text(b"\xef\xbb\xbf1 3:1\n", "later part", first_line_number=40)
 
     assert text.startswith("\ufeff")
+
+
+def test_csv_read_as_libsvm_points_at_format(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("569,30,1.5\n570,31,2.5\n")
+
+    with pytest.raises(datasets.DataError) as raised:
+        datasets.read_libsvm(path, source="table.csv")
+
+    message = str(raised.value)
+    assert "line 1 in 'table.csv'" in message
+    assert "set it to csv" in message
