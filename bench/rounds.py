@@ -164,10 +164,10 @@ DynamoDB and SQS calls per round, with their median latency:
 
 Compute at a9a's default batch is a fraction of a millisecond, while each request to
 moto's server costs a few milliseconds. The server keeps connections open, but it runs
-every request in one Python process, a few milliseconds of CPU each (moto parses each
-update expression and serialises each response in Python), and it runs DynamoDB requests
-one at a time (see `shared/local/moto_server.py`), so the worker that completes a round
-waits behind the others' updates. The goal of at most {NON_COMPUTE_GOAL_PERCENT:.0f} % non-compute time is out of reach at this batch size.
+every request in one Python process, at a few milliseconds of CPU each, because moto parses
+each update expression and serialises each response in Python. It also runs DynamoDB
+requests one at a time (see `shared/local/moto_server.py`), so the worker that completes a
+round waits behind the others' updates. The goal of at most {NON_COMPUTE_GOAL_PERCENT:.0f} % non-compute time is out of reach at this batch size.
 
 Compute share at larger batches ({sweep_rounds} rounds each; a9a's shards hold about {shard_rows:,} rows,
 so larger batches are capped there):

@@ -242,7 +242,7 @@ writing the shards. Round 0's state and tasks follow it.
 
 Baton's job specs (job id and target added per run). Each was picked once from a few
 learning rates and batch sizes and reached the target in the same number of rounds with
-seeds 7, 1 and 2 (bench/time_to_accuracy.py); only seed 7 runs here, so the repeats
+seeds 7, 1 and 2 (bench/time_to_accuracy.py). Only seed 7 runs here, so the repeats
 train the same bytes and differ only in time:
 
 {specs}
@@ -251,9 +251,9 @@ a9a and skin_nonskin average four models that each take one local epoch over the
 per round (`training.mode` `model_average`, `local_epoch`), so one or two rounds reach the
 target. higgs_7k's shards contain about 1,750 rows, so a batch of 2,048 is the whole shard and
 each round is one full-batch Nesterov step. scikit-learn's SGD runs a compiled loop over
-rows in one process, so one epoch of these sets takes milliseconds, while Baton's job start
-and each round cost tens to hundreds of milliseconds on the local runtime, mostly requests
-to moto's server and process hand-offs. The {RATIO_GOAL:.0f}x goal stays out of reach on data sets
+rows in one process, so one epoch of these sets takes milliseconds. Baton's job start and
+each round cost tens to hundreds of milliseconds on the local runtime, mostly requests to
+moto's server and process hand-offs. The {RATIO_GOAL:.0f}x goal stays out of reach on data sets
 this small.
 
 Machine load (1, 5, 15 minute averages): {', '.join(f'{value:.1f}' for value in load_before)} before,

@@ -39,7 +39,7 @@ type or a value out of range, and marks the job FAILED with a message that names
 field. The whole message may be at most {MAX_SPEC_BYTES // 1024} KiB.
 
 Rounds count from 1, as `baton run`, `baton watch`, `baton status`, the metrics and the
-job's error messages show them: with `training.max_rounds` 100 the job runs rounds 1 to
+job's error messages show them. With `training.max_rounds` 100 the job runs rounds 1 to
 100, and a divergence "in round 13" is the round after the twelfth metrics record.
 [operations.md](operations.md#round-numbers) lists the internal names that use a 0-based
 index instead.

@@ -58,7 +58,7 @@ def make_state_store(stage: str, endpoint_url: str | None = None, region: str | 
 def aws_client(service: str, endpoint_url: str | None = None, region: str | None = None):
     """Return a boto3 client; for an endpoint on this machine, with the local stack's settings.
 
-    The local stack's moto server answers any credentials in its fixed region, so a
+    The local stack's moto server accepts any credentials in its fixed region, so a
     command aimed at it with ``--endpoint-url`` needs no AWS configuration. Region and
     credentials set in the environment still win.
     """

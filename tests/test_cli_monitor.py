@@ -115,10 +115,10 @@ def test_status_needs_no_aws_settings_locally(finished_job, monkeypatch, tmp_pat
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
-    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+    status_result = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
 
-    assert shown.exit_code == 0, shown.output
-    assert f"job {JOB_ID}: SUCCEEDED" in shown.output
+    assert status_result.exit_code == 0, status_result.output
+    assert f"job {JOB_ID}: SUCCEEDED" in status_result.output
 
 
 def test_status_of_unknown_job_fails(finished_job):
