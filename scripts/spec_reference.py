@@ -38,6 +38,12 @@ the default below. The starter rejects a spec with an unknown field, a value of 
 type or a value out of range, and marks the job FAILED with a message that names the
 field. The whole message may be at most {MAX_SPEC_BYTES // 1024} KiB.
 
+`baton submit` and `baton run` also set fields from options, on top of a spec file or
+in place of one: `--set training.n_workers=8` sets any field below, with the value read
+as JSON when it is valid JSON and as a string otherwise, and `--model`, `--data`,
+`--n-workers`, `--epochs` and a few more set the common fields. Both commands check the
+result as the starter does before anything is sent.
+
 Rounds count from 1, as `baton run`, `baton watch`, `baton status`, the metrics and the
 job's error messages show them. With `training.max_rounds` 100 the job runs rounds 1 to
 100, and a divergence "in round 13" is the round after the twelfth metrics record.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import time
@@ -12,29 +11,12 @@ from typing import Callable
 
 import click
 
+from shared.cli_spec import build_spec, spec_options
 from shared.errors import JobSpecError
-from shared.spec import check_relative_path, load_job_message
+from shared.spec import check_relative_path
 from shared.state import JOB_STATUSES
 
 DEFAULT_LOCAL_DIR = Path(".baton")
-
-
-def _read_spec(spec_file: Path) -> dict:
-    """Read and validate a job spec file, exiting with the validation message if it is invalid.
-
-    A spec without a ``job_id`` gets one from the file name and the current time.
-    """
-    body = spec_file.read_text(encoding="utf-8")
-    # Job ids allow letters, digits, '-' and '_' only, so other characters of the name become '-'.
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", spec_file.stem).strip("-_")[:40] or "job"
-    default_job_id = f"{stem}-{int(time.time())}"
-    try:
-        load_job_message(body, default_job_id=default_job_id)
-    except Exception as error:  # the CLI shows any validation error and exits
-        raise click.ClickException(f"{spec_file}: {error}") from None
-    spec = json.loads(body)
-    spec.setdefault("job_id", default_job_id)
-    return spec
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:
@@ -92,8 +74,20 @@ def main() -> None:
     """Baton: data-parallel training on AWS Lambda, chained through SQS and EFS."""
 
 
+def _stack_options(command: Callable) -> Callable:
+    """Add the options that select a stack: --stage, --endpoint-url and --region."""
+    command = click.option("--region", default=None,
+                           help="AWS region of the stack; defaults to the standard AWS configuration.")(command)
+    command = click.option("--endpoint-url", default=None, metavar="URL",
+                           help="Send AWS requests to this endpoint instead, such as the local stack's moto "
+                                "server (printed by `baton run`).")(command)
+    command = click.option("--stage", default="dev", show_default=True,
+                           help="Stage the stack was deployed with; `baton run` uses 'local'.")(command)
+    return command
+
+
 @main.command()
-@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("spec_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_LOCAL_DIR,
               show_default=True, help="Folder for the local EFS root (efs/) and the handlers' logs (logs/).")
 @click.option("--import", "imports", multiple=True, metavar="SOURCE:DEST",
@@ -103,11 +97,14 @@ def main() -> None:
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=1), default=3600, show_default=True,
               help="Give up waiting after this many seconds.")
 @click.option("--fresh", is_flag=True, help="Delete this job's previous local files first.")
-def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes: int | None,
-        timeout_seconds: float, fresh: bool) -> None:
+@spec_options
+def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worker_lanes: int | None,
+        timeout_seconds: float, fresh: bool, overrides: list) -> None:
     """Run the job in SPEC_FILE on this machine, through the same handlers Lambda runs.
 
-    SQS and DynamoDB are served by moto on 127.0.0.1 and EFS is a local folder.
+    The spec options (--set, --model, --data and the others) change fields of SPEC_FILE
+    or, without a file, make up the whole spec. SQS and DynamoDB are served by moto on
+    127.0.0.1 and EFS is a local folder.
     """
     from shared.local.session import LocalStack
 
@@ -115,7 +112,7 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
     # stack stops its moto server and containers instead of leaving them behind.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
-    spec = _read_spec(spec_file)
+    spec = build_spec(spec_file, overrides)
     job_id = spec["job_id"]
     efs_root = local_dir / "efs"
     if fresh:
@@ -166,18 +163,27 @@ def run(spec_file: Path, local_dir: Path, imports: tuple[str, ...], worker_lanes
 
 
 @main.command()
-@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--stage", default="dev", show_default=True, help="Stage the stack was deployed with.")
+@click.argument("spec_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_stack_options
 @click.option("--queue-url", default=None, help="Jobs queue URL; looked up from the stage when omitted.")
-def submit(spec_file: Path, stage: str, queue_url: str | None) -> None:
-    """Send the job in SPEC_FILE to a deployed stack's jobs queue.
+@click.option("--dry-run", is_flag=True, help="Validate the spec and print it as JSON; send nothing.")
+@spec_options
+def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region: str | None, queue_url: str | None,
+           dry_run: bool, overrides: list) -> None:
+    """Validate a job spec and send it to a stack's jobs queue.
 
-    Uses the standard AWS credential chain and region settings.
+    The spec is SPEC_FILE with the spec options (--set, --model, --data and the others)
+    applied on top, or without a file the spec options alone. An invalid spec is
+    reported and not sent. Uses the standard AWS credential chain and region settings.
     """
-    import boto3
+    from shared.monitor import aws_client
 
-    spec = _read_spec(spec_file)
-    sqs = boto3.client("sqs")
+    spec = build_spec(spec_file, overrides)
+    if dry_run:
+        click.echo(json.dumps(spec, indent=2))
+        return
+
+    sqs = aws_client("sqs", endpoint_url=endpoint_url, region=region)
     if queue_url is None:
         queue_url = sqs.get_queue_url(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
     message_id = sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(spec))["MessageId"]
@@ -187,18 +193,6 @@ def submit(spec_file: Path, stage: str, queue_url: str | None) -> None:
 # Following jobs: list, status, watch, fetch, plot ------------------------------------------
 # These read DynamoDB only (shared/monitor.py), so they work against AWS and against the
 # local stack alike.
-
-
-def _stack_options(command: Callable) -> Callable:
-    """Add the options that select a stack: --stage, --endpoint-url and --region."""
-    command = click.option("--region", default=None,
-                           help="AWS region of the stack; defaults to the standard AWS configuration.")(command)
-    command = click.option("--endpoint-url", default=None, metavar="URL",
-                           help="Send AWS requests to this endpoint instead, such as the local stack's moto "
-                                "server (printed by `baton run`).")(command)
-    command = click.option("--stage", default="dev", show_default=True,
-                           help="Stage the stack was deployed with; `baton run` uses 'local'.")(command)
-    return command
 
 
 def _store(stage: str, endpoint_url: str | None, region: str | None):

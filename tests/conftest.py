@@ -1,4 +1,4 @@
-"""Shared fixtures: dummy AWS settings, real data sets and an in-process stack."""
+"""Shared fixtures: dummy AWS settings, real data sets, a moto server and an in-process stack."""
 
 from __future__ import annotations
 
@@ -34,6 +34,24 @@ def efs_root(tmp_path: Path) -> Path:
     shutil.copyfile(A9A_DIR / "a9a.t", root / "datasets" / "a9a" / "a9a.t")
     shutil.copyfile(BREAST_CANCER_CSV, root / "datasets" / "breast_cancer.csv")
     return root
+
+
+@pytest.fixture
+def moto_endpoint():
+    """URL of a moto server on 127.0.0.1, in a thread of this process, stopped after the test.
+
+    moto keeps its state per process, not per server, so resources a test creates
+    carry a unique name.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -35,19 +35,6 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def dev_stack(moto_endpoint):
     """The dev stage's queues and table on the moto server; returns the state store."""
     definition = load_stack_definition(stage="dev")

@@ -110,6 +110,41 @@ def test_cli_run_rejects_invalid_spec_file(tmp_path):
     shutil.rmtree(tmp_path / "baton", ignore_errors=True)
 
 
+def test_cli_run_applies_overrides(tmp_path):
+    spec = a9a_spec("cli-run-file")
+    spec["training"]["max_rounds"] = 15
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec))
+
+    result = CliRunner().invoke(main, [
+        "run", str(spec_file), "--local-dir", str(tmp_path / "baton"), "--import", f"{A9A_DIR}:datasets/a9a",
+        "--timeout", "240", "--job-id", "cli-run-overrides", "--n-workers", "2", "--set", "training.max_rounds=3",
+    ])
+
+    assert result.exit_code == 0, result.output
+    assert "job cli-run-overrides sent with 2 workers" in result.output
+    assert "job cli-run-overrides SUCCEEDED after 3 rounds" in result.output
+    stored = json.loads((tmp_path / "baton" / "efs" / "jobs" / "cli-run-overrides" / "spec.json").read_text())
+    assert stored["training"]["n_workers"] == 2
+    assert stored["training"]["max_rounds"] == 3
+    assert not (tmp_path / "baton" / "efs" / "jobs" / "cli-run-file").exists()
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["--set", "training.max_rounds"], "Invalid value for '--set'"),
+    (["--n-workers", "0"], "--n-workers N or --set training.n_workers=VALUE"),
+])
+def test_cli_run_rejects_bad_override(tmp_path, arguments, words):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(a9a_spec("cli-bad-override")))
+
+    result = CliRunner().invoke(main, ["run", str(spec_file), "--local-dir", str(tmp_path / "baton"), *arguments])
+
+    assert result.exit_code != 0
+    assert words in result.output
+    assert not (tmp_path / "baton").exists()
+
+
 @pytest.mark.parametrize("file_name, max_rounds, expected_lines", [
     ("nameless.json", 2, ["job nameless-", "SUCCEEDED after 2 rounds"]),
     ("my spec (copy).json", 1, ["job my-spec-copy-"]),

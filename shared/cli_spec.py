@@ -1,0 +1,200 @@
+"""Build a job spec for ``baton submit`` and ``baton run`` from a file, from options, or both.
+
+The file is read first. The shortcut options in :data:`SPEC_SHORTCUTS` are applied next,
+then each ``--set SECTION.FIELD=VALUE`` in the order given, so ``--set`` wins over a
+shortcut for the same field. The result is validated with the parser the starter uses,
+so a spec this module returns is one the starter accepts, and an invalid one stops the
+command before anything is sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from shared.errors import JobSpecError
+from shared.spec import SECTIONS, load_job_message
+from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
+
+
+@dataclass(frozen=True)
+class SpecShortcut:
+    """An option that sets one spec field, such as ``--data PATH`` for ``data.path``."""
+
+    option: str
+    key: str
+    value_type: Any
+    metavar: str
+    # Help text where the spec field's own help reads wrong on the command line.
+    help: str | None = None
+
+    @property
+    def parameter_name(self) -> str:
+        """Name of the click parameter, prefixed so it cannot clash with a command's own options."""
+        return "spec_" + self.key.replace(".", "_")
+
+
+# The fields a job written without a file needs. training.n_workers gets --n-workers,
+# because `baton run` already uses --workers for the number of worker containers.
+SPEC_SHORTCUTS = (
+    SpecShortcut("--job-id", "job_id", str, "ID",
+                 help="Names the job in DynamoDB, on EFS and in logs. A spec without one is named after the spec "
+                      "file (or 'job') and the current time in seconds."),
+    SpecShortcut("--model", "model.name", str, "NAME"),
+    SpecShortcut("--data", "data.path", str, "PATH"),
+    SpecShortcut("--validation-data", "data.validation_path", str, "PATH",
+                 help="Held-out file, like --data. Without one, a fraction of the training rows is held out."),
+    SpecShortcut("--format", "data.format", str, "FORMAT"),
+    SpecShortcut("--optimizer", "optimizer.name", str, "NAME"),
+    SpecShortcut("--learning-rate", "optimizer.learning_rate", float, "RATE"),
+    SpecShortcut("--n-workers", "training.n_workers", int, "N"),
+    SpecShortcut("--batch-size", "training.batch_size", int, "ROWS"),
+    SpecShortcut("--epochs", "training.max_epochs", float, "EPOCHS"),
+)
+
+# A section missing from the spec is fixed by setting its required field.
+REQUIRED_FIELDS = {"model": "model.name", "data": "data.path"}
+
+
+def _declared_field(key: str):
+    section, _, name = key.partition(".")
+    return next(declared for declared in fields(SECTIONS[section]) if declared.name == name)
+
+
+def _shortcut_option(shortcut: SpecShortcut) -> Callable:
+    """Return the click option for ``shortcut``, with the help and choices its spec field declares."""
+    metadata = {"help": "", "choices": None}
+    if "." in shortcut.key:
+        metadata = _declared_field(shortcut.key).metadata
+    help_text = f"{shortcut.help or metadata['help']} Sets {shortcut.key}."
+    if metadata["choices"] is not None:
+        # click lists the choices in place of a metavar.
+        return click.option(shortcut.option, shortcut.parameter_name, type=click.Choice(metadata["choices"]),
+                            default=None, help=help_text)
+    return click.option(shortcut.option, shortcut.parameter_name, type=shortcut.value_type, default=None,
+                        metavar=shortcut.metavar, help=help_text)
+
+
+def _parse_set_options(ctx: click.Context, param: click.Parameter, texts: tuple[str, ...]) -> list[tuple[str, Any]]:
+    overrides = []
+    for text in texts:
+        try:
+            overrides.append(parse_override(text))
+        except SpecOverrideError as error:
+            raise click.BadParameter(f"{text!r}: {error.problem}", ctx=ctx, param=param) from None
+    return overrides
+
+
+def spec_options(command: Callable) -> Callable:
+    """Add ``--set`` and the shortcut options to a command.
+
+    The command receives them as one keyword argument, ``overrides``: a list of
+    ``(option, key, value)`` in the order :func:`build_spec` applies them.
+    """
+
+    @functools.wraps(command)
+    def with_overrides(*args, **kwargs):
+        overrides = []
+        for shortcut in SPEC_SHORTCUTS:
+            value = kwargs.pop(shortcut.parameter_name)
+            if value is not None:
+                overrides.append((shortcut.option, shortcut.key, value))
+        overrides += [("--set", key, value) for key, value in kwargs.pop("set_overrides")]
+        return command(*args, overrides=overrides, **kwargs)
+
+    with_overrides = click.option(
+        "--set", "set_overrides", multiple=True, metavar="SECTION.FIELD=VALUE", callback=_parse_set_options,
+        help="Set any spec field, such as training.n_workers=8 or optimizer.name=adam. VALUE is read as JSON "
+             "when it is valid JSON (8, 0.5, true, null, [64, 32]) and as a string otherwise. Applied after "
+             "the file and the other spec options. Repeatable.")(with_overrides)
+    for shortcut in reversed(SPEC_SHORTCUTS):
+        with_overrides = _shortcut_option(shortcut)(with_overrides)
+    return with_overrides
+
+
+def _read_spec_file(spec_file: Path) -> dict:
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise click.ClickException(f"{spec_file} is not a valid UTF-8 JSON file: {error}") from None
+    if not isinstance(spec, dict):
+        raise click.ClickException(f"{spec_file} holds a JSON {type(spec).__name__}; a job spec is a JSON object")
+    return spec
+
+
+def _default_job_id(spec_file: Path | None) -> str:
+    # Job ids allow letters, digits, '-' and '_' only, so other characters of the name become '-'.
+    stem = "" if spec_file is None else re.sub(r"[^A-Za-z0-9_-]+", "-", spec_file.stem).strip("-_")[:40]
+    return f"{stem or 'job'}-{int(time.time())}"
+
+
+def _is_spec_field(key: str) -> bool:
+    section, _, name = key.partition(".")
+    if not name:
+        return key == "job_id" or key in SECTIONS
+    return section in SECTIONS and any(declared.name == name for declared in fields(SECTIONS[section]))
+
+
+def _spec_error_message(error: JobSpecError, spec: dict, spec_file: Path | None) -> str:
+    """Return the validation message followed by the options that change the field."""
+    # An element path such as model.hidden_layer_sizes[1] is fixed by setting the whole list.
+    key = re.sub(r"\[\d+\]$", "", error.field)
+    if key in REQUIRED_FIELDS and key not in spec:
+        key = REQUIRED_FIELDS[key]
+    # The message of an unknown field already lists the valid ones, and <root> is the whole spec.
+    if not _is_spec_field(key):
+        return f"{error}\nNothing was sent."
+
+    options = [f"{shortcut.option} {shortcut.metavar}" for shortcut in SPEC_SHORTCUTS if shortcut.key == key]
+    options.append(f"--set {key}=VALUE")
+    fix = f"pass {' or '.join(options)}"
+    if spec_file is not None:
+        fix = f"edit {spec_file} or {fix}"
+    return f"{error}\nTo fix it, {fix}. Nothing was sent."
+
+
+def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) -> dict:
+    """Read a spec file (or start from an empty spec), apply the overrides and validate the result.
+
+    Parameters
+    ----------
+    spec_file : Path or None
+        JSON file with the job spec; None builds the spec from the overrides alone.
+    overrides : list of (str, str, object)
+        ``(option, key, value)`` from :func:`spec_options`, applied in order.
+
+    Returns
+    -------
+    dict
+        The spec as it is to be sent. A spec without a ``job_id`` gets one from the file's
+        name (``job`` without a file) and the current time in seconds.
+
+    Raises
+    ------
+    click.ClickException
+        If the file is not a JSON object, or the resulting spec is invalid. The message
+        names the field and the options that set it.
+    click.BadParameter
+        If an override leads into a value that is not an object, naming its option.
+    """
+    spec = {} if spec_file is None else _read_spec_file(spec_file)
+    for option, key, value in overrides:
+        try:
+            spec = apply_overrides(spec, [(key, value)])
+        except SpecOverrideError as error:
+            raise click.BadParameter(f"cannot set {key}: {error.problem}", param_hint=f"'{option}'") from None
+    if "job_id" not in spec:
+        spec = {"job_id": _default_job_id(spec_file), **spec}
+
+    try:
+        load_job_message(json.dumps(spec))
+    except JobSpecError as error:
+        raise click.ClickException(_spec_error_message(error, spec, spec_file)) from None
+    return spec

@@ -1,0 +1,290 @@
+"""`baton submit` from a spec file, from options, or both, against a moto server on 127.0.0.1.
+
+GIVEN a jobs queue named for a stage of its own on a moto server that the test starts.
+WHEN `baton submit` runs with a file, with spec options, or both.
+THEN the message the queue returns holds the spec as the options made it, or, for a
+dry run, a malformed option or an invalid spec, the queue stays empty.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from click.testing import CliRunner
+
+from shared.cli import main
+from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+A9A_SPEC_FILE = PROJECT_ROOT / "examples" / "a9a.json"
+
+
+@pytest.fixture
+def jobs_queue(moto_endpoint):
+    """A jobs queue for a new stage; yields the stage, the queue URL and an SQS client."""
+    stage = f"cli{uuid.uuid4().hex[:10]}"
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    queue_url = sqs.create_queue(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
+    return {"stage": stage, "url": queue_url, "sqs": sqs,
+            "arguments": ["--stage", stage, "--endpoint-url", moto_endpoint]}
+
+
+def received_specs(jobs_queue) -> list[dict]:
+    """Receive every message on the queue and return their bodies decoded."""
+    response = jobs_queue["sqs"].receive_message(QueueUrl=jobs_queue["url"], MaxNumberOfMessages=10,
+                                                 WaitTimeSeconds=0)
+    return [json.loads(message["Body"]) for message in response.get("Messages", [])]
+
+
+def submit(*arguments: str):
+    return CliRunner().invoke(main, ["submit", *arguments])
+
+
+def test_flags_only_sends_spec(jobs_queue):
+    result = submit("--job-id", "from-flags", "--model", "logistic_regression", "--data", "datasets/a9a/a9a",
+                    "--validation-data", "datasets/a9a/a9a.t", "--format", "libsvm", "--optimizer", "adam",
+                    "--learning-rate", "0.01", "--n-workers", "8", "--batch-size", "64", "--epochs", "2",
+                    *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    assert f"job from-flags sent to {jobs_queue['url']}" in result.output
+    assert received_specs(jobs_queue) == [{
+        "job_id": "from-flags",
+        "model": {"name": "logistic_regression"},
+        "data": {"path": "datasets/a9a/a9a", "validation_path": "datasets/a9a/a9a.t", "format": "libsvm"},
+        "optimizer": {"name": "adam", "learning_rate": 0.01},
+        "training": {"n_workers": 8, "batch_size": 64, "max_epochs": 2.0},
+    }]
+
+
+def test_flags_only_job_trains_in_local_stack(tmp_path):
+    from shared.local.session import LocalStack
+    from tests.conftest import BREAST_CANCER_CSV
+
+    with LocalStack(tmp_path / "efs", concurrency={"worker": 2}) as stack:
+        stack.import_data(BREAST_CANCER_CSV, "datasets/breast_cancer.csv")
+        result = submit("--stage", "local", "--endpoint-url", stack.endpoint_url, "--job-id", "submitted",
+                        "--model", "logistic_regression", "--data", "datasets/breast_cancer.csv", "--format", "csv",
+                        "--n-workers", "2", "--batch-size", "16", "--set", "data.skip_rows=1",
+                        "--set", "training.max_rounds=3")
+        assert result.exit_code == 0, result.output
+        record = stack.wait("submitted", timeout_seconds=120)
+
+    assert record.status == "SUCCEEDED", record.error
+    assert record.round == 3
+    assert record.n_workers == 2
+
+
+def test_flags_only_names_job(jobs_queue):
+    result = submit("--model", "kmeans", "--data", "datasets/blobs.npz", "--format", "npz",
+                    *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    [spec] = received_specs(jobs_queue)
+    assert spec["job_id"].startswith("job-")
+    assert spec["job_id"].removeprefix("job-").isdigit()
+    assert f"job {spec['job_id']} sent" in result.output
+
+
+def test_file_with_overrides(jobs_queue):
+    result = submit(str(A9A_SPEC_FILE), "--n-workers", "2", "--set", "training.n_workers=8",
+                    "--set", "optimizer.name=adam", "--set", "data.path=datasets/a9a/a9a.copy",
+                    "--set", "model.alpha=0", "--set", "training.max_rounds=40", "--set", "data.n_features=null",
+                    "--set", 'job_id="a9a-overridden"', *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    [spec] = received_specs(jobs_queue)
+    expected = json.loads(A9A_SPEC_FILE.read_text())
+    expected["job_id"] = "a9a-overridden"
+    expected["training"].update(n_workers=8, max_rounds=40)
+    expected["optimizer"]["name"] = "adam"
+    expected["data"].update(path="datasets/a9a/a9a.copy", n_features=None)
+    expected["model"]["alpha"] = 0
+    assert spec == expected
+
+
+def test_file_without_job_id_named_after_file(jobs_queue, tmp_path):
+    spec = json.loads(A9A_SPEC_FILE.read_text())
+    del spec["job_id"]
+    spec_file = tmp_path / "my spec.json"
+    spec_file.write_text(json.dumps(spec))
+
+    result = submit(str(spec_file), *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    [sent] = received_specs(jobs_queue)
+    assert sent["job_id"].startswith("my-spec-")
+    assert {key: value for key, value in sent.items() if key != "job_id"} == spec
+
+
+def test_queue_url_option(jobs_queue):
+    other_url = jobs_queue["sqs"].create_queue(QueueName=f"other-{uuid.uuid4().hex[:10]}")["QueueUrl"]
+
+    result = submit(str(A9A_SPEC_FILE), "--queue-url", other_url, *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    assert f"sent to {other_url}" in result.output
+    assert received_specs(jobs_queue) == []
+    other = jobs_queue["sqs"].receive_message(QueueUrl=other_url, WaitTimeSeconds=0)["Messages"]
+    assert json.loads(other[0]["Body"]) == json.loads(A9A_SPEC_FILE.read_text())
+
+
+def test_dry_run_prints_and_sends_nothing(jobs_queue):
+    result = submit(str(A9A_SPEC_FILE), "--dry-run", "--epochs", "1", *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    expected = json.loads(A9A_SPEC_FILE.read_text())
+    expected["training"]["max_epochs"] = 1.0
+    assert json.loads(result.output) == expected
+    assert received_specs(jobs_queue) == []
+
+
+def test_dry_run_needs_no_stack():
+    result = submit("--dry-run", "--job-id", "offline", "--model", "linear_regression", "--data", "train.csv",
+                    "--format", "csv", "--endpoint-url", "http://127.0.0.1:9")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"job_id": "offline", "model": {"name": "linear_regression"},
+                                         "data": {"path": "train.csv", "format": "csv"}}
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["--set", "training.n_workers"], "the '=' is missing"),
+    (["--set", "=8"], "the key before '=' is empty"),
+    (["--set", "training..n_workers=8"], "the key has an empty part"),
+    (["--set", "training.n_workers.count=8"], "training.n_workers is 4, not an object"),
+    (["--set", "data=[1]", "--set", "data.path=x"], "data is [1], not an object"),
+])
+def test_bad_override_sends_nothing(jobs_queue, arguments, words):
+    result = submit(str(A9A_SPEC_FILE), *arguments, *jobs_queue["arguments"])
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--set'" in result.output
+    assert words in result.output
+    assert "Traceback" not in result.output
+    assert received_specs(jobs_queue) == []
+
+
+def test_shortcut_into_non_object_names_option(jobs_queue, tmp_path):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps({"model": {"name": "kmeans"}, "data": "datasets/blobs.npz"}))
+
+    result = submit(str(spec_file), "--format", "npz", *jobs_queue["arguments"])
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--format'" in result.output
+    assert "data is \"datasets/blobs.npz\", not an object" in result.output
+    assert received_specs(jobs_queue) == []
+
+
+@pytest.mark.parametrize("arguments, words", [
+    ([str(A9A_SPEC_FILE), "--n-workers", "0"],
+     ["'training.n_workers': got 0; must be at least 1", "--n-workers N or --set training.n_workers=VALUE",
+      str(A9A_SPEC_FILE)]),
+    ([str(A9A_SPEC_FILE), "--set", "optimizer.learning_rate=fast"],
+     ["'optimizer.learning_rate': expected a number, got 'fast'", "--learning-rate RATE"]),
+    ([str(A9A_SPEC_FILE), "--set", "training.n_worker=8"],
+     ["'training.n_worker': unknown field; valid fields are n_workers"]),
+    ([str(A9A_SPEC_FILE), "--set", "model.hidden_layer_sizes=[64, 0]"],
+     ["'model.hidden_layer_sizes[1]': got 0", "--set model.hidden_layer_sizes=VALUE"]),
+    (["--data", "datasets/a9a/a9a"],
+     ["'model': missing required section", "pass --model NAME or --set model.name=VALUE"]),
+    (["--model", "logistic_regression"],
+     ["'data': missing required section", "pass --data PATH or --set data.path=VALUE"]),
+    (["--model", "logistic_regression", "--data", "../outside"], ["'..' is not allowed"]),
+])
+def test_invalid_spec_sends_nothing(jobs_queue, arguments, words):
+    result = submit(*arguments, *jobs_queue["arguments"])
+
+    assert result.exit_code == 1, result.output
+    assert "invalid job spec field" in result.output
+    for word in words:
+        assert word in result.output
+    assert "Nothing was sent." in result.output
+    assert received_specs(jobs_queue) == []
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{", "is not a valid UTF-8 JSON file"),
+    ("[1, 2]", "holds a JSON list; a job spec is a JSON object"),
+])
+def test_unreadable_file_sends_nothing(jobs_queue, tmp_path, content, words):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(content)
+
+    result = submit(str(spec_file), *jobs_queue["arguments"])
+
+    assert result.exit_code == 1, result.output
+    assert words in result.output
+    assert received_specs(jobs_queue) == []
+
+
+def test_missing_queue_names_stage(moto_endpoint):
+    result = submit(str(A9A_SPEC_FILE), "--stage", f"absent{uuid.uuid4().hex[:8]}", "--endpoint-url", moto_endpoint)
+
+    assert result.exit_code == 1, result.output
+    assert "check --stage" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("training.n_workers=8", ("training.n_workers", 8)),
+    ("optimizer.learning_rate=0.5", ("optimizer.learning_rate", 0.5)),
+    ("data.standardize=true", ("data.standardize", True)),
+    ("training.max_rounds=null", ("training.max_rounds", None)),
+    ("model.hidden_layer_sizes=[64, 32]", ("model.hidden_layer_sizes", [64, 32])),
+    ('job_id="8"', ("job_id", "8")),
+    ("optimizer.name=adam", ("optimizer.name", "adam")),
+    ("data.path=datasets/a9a/a9a", ("data.path", "datasets/a9a/a9a")),
+    ("data.path=s3://bucket/key=value", ("data.path", "s3://bucket/key=value")),
+    ("data.delimiter= ", ("data.delimiter", " ")),
+    (" training.seed =3", ("training.seed", 3)),
+    ("data.path=", ("data.path", "")),
+])
+def test_parse_override_values(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["training.n_workers", "=8", " =8"])
+def test_parse_override_rejects_malformed(text):
+    with pytest.raises(SpecOverrideError) as caught:
+        parse_override(text)
+    assert caught.value.key == text
+
+
+def test_apply_overrides_copies_and_creates_sections():
+    spec = {"model": {"name": "kmeans"}, "data": {"path": "a.npz"}}
+
+    result = apply_overrides(spec, [("training.n_workers", 2), ("data.format", "npz"), ("training.n_workers", 3),
+                                    ("job_id", "copied")])
+
+    assert result == {"job_id": "copied", "model": {"name": "kmeans"}, "data": {"path": "a.npz", "format": "npz"},
+                      "training": {"n_workers": 3}}
+    assert spec == {"model": {"name": "kmeans"}, "data": {"path": "a.npz"}}
+
+
+def test_apply_overrides_copies_values():
+    sizes = [64, 32]
+
+    result = apply_overrides({}, [("model.hidden_layer_sizes", sizes)])
+    sizes.append(16)
+
+    assert result == {"model": {"hidden_layer_sizes": [64, 32]}}
+
+
+@pytest.mark.parametrize("spec, key, words", [
+    ({"training": {"n_workers": 4}}, "training.n_workers.count", "training.n_workers is 4, not an object"),
+    ({"model": {"class_weight": None}}, "model.class_weight.1", "model.class_weight is null, not an object"),
+    ({"data": "a.csv"}, "data.path", "data is \"a.csv\", not an object"),
+    ({}, "training..seed", "the key has an empty part"),
+    ({}, "", "the key has an empty part"),
+])
+def test_apply_overrides_rejects_bad_key(spec, key, words):
+    with pytest.raises(SpecOverrideError) as caught:
+        apply_overrides(spec, [(key, 1)])
+    assert caught.value.key == key
+    assert words in caught.value.problem
