@@ -39,8 +39,8 @@ type or a value out of range, and marks the job FAILED with a message that names
 field. The whole message may be at most {MAX_SPEC_BYTES // 1024} KiB.
 
 `baton submit` and `baton run` also set fields from options, on top of a spec file or
-in place of one: `--set training.n_workers=8` sets any field below, with the value read
-as JSON when it is valid JSON and as a string otherwise, and `--model`, `--data`,
+in place of one. `--set training.n_workers=8` sets any field below. Its value is read as
+JSON when it is valid JSON, and as a string otherwise. `--model`, `--data`,
 `--n-workers`, `--epochs` and a few more set the common fields. Both commands check the
 result as the starter does before anything is sent.
 

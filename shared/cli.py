@@ -166,7 +166,7 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
 @click.argument("spec_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_stack_options
 @click.option("--queue-url", default=None, help="Jobs queue URL; looked up from the stage when omitted.")
-@click.option("--dry-run", is_flag=True, help="Validate the spec and print it as JSON; send nothing.")
+@click.option("--dry-run", is_flag=True, help="Validate the spec and print it as JSON without sending it.")
 @spec_options
 def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region: str | None, queue_url: str | None,
            dry_run: bool, overrides: list) -> None:

@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,9 +63,12 @@ SPEC_SHORTCUTS = (
 REQUIRED_FIELDS = {"model": "model.name", "data": "data.path"}
 
 
-def _declared_field(key: str):
+def _declared_field(key: str) -> Field | None:
+    """Return the dataclass field that declares ``SECTION.FIELD``, or None if no section declares it."""
     section, _, name = key.partition(".")
-    return next(declared for declared in fields(SECTIONS[section]) if declared.name == name)
+    if section not in SECTIONS:
+        return None
+    return next((declared for declared in fields(SECTIONS[section]) if declared.name == name), None)
 
 
 def _shortcut_option(shortcut: SpecShortcut) -> Callable:
@@ -125,7 +128,7 @@ def _read_spec_file(spec_file: Path) -> dict:
     except (ValueError, RecursionError) as error:
         raise click.ClickException(f"{spec_file} is not a valid UTF-8 JSON file: {error}") from None
     if not isinstance(spec, dict):
-        raise click.ClickException(f"{spec_file} holds a JSON {type(spec).__name__}; a job spec is a JSON object")
+        raise click.ClickException(f"{spec_file} contains a JSON {type(spec).__name__}, but a job spec is a JSON object")
     return spec
 
 
@@ -135,13 +138,6 @@ def _default_job_id(spec_file: Path | None) -> str:
     return f"{stem or 'job'}-{int(time.time())}"
 
 
-def _is_spec_field(key: str) -> bool:
-    section, _, name = key.partition(".")
-    if not name:
-        return key == "job_id" or key in SECTIONS
-    return section in SECTIONS and any(declared.name == name for declared in fields(SECTIONS[section]))
-
-
 def _spec_error_message(error: JobSpecError, spec: dict, spec_file: Path | None) -> str:
     """Return the validation message followed by the options that change the field."""
     # An element path such as model.hidden_layer_sizes[1] is fixed by setting the whole list.
@@ -149,7 +145,7 @@ def _spec_error_message(error: JobSpecError, spec: dict, spec_file: Path | None)
     if key in REQUIRED_FIELDS and key not in spec:
         key = REQUIRED_FIELDS[key]
     # The message of an unknown field already lists the valid ones, and <root> is the whole spec.
-    if not _is_spec_field(key):
+    if key != "job_id" and key not in SECTIONS and _declared_field(key) is None:
         return f"{error}\nNothing was sent."
 
     options = [f"{shortcut.option} {shortcut.metavar}" for shortcut in SPEC_SHORTCUTS if shortcut.key == key]

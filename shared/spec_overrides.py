@@ -16,7 +16,7 @@ from shared.errors import BatonError
 
 
 class SpecOverrideError(BatonError):
-    """An override is malformed, or its key leads into a value that is not an object.
+    """Error for an override that is malformed or whose key leads into a value that is not an object.
 
     Parameters
     ----------
@@ -48,9 +48,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, separator, raw_value = text.partition("=")
     key = key.strip()
     if not separator:
-        raise SpecOverrideError(text, "expected KEY=VALUE, such as training.n_workers=8; the '=' is missing")
+        raise SpecOverrideError(text, "the '=' is missing. Expected KEY=VALUE, such as training.n_workers=8")
     if not key:
-        raise SpecOverrideError(text, "the key before '=' is empty; name a field, such as training.n_workers")
+        raise SpecOverrideError(text, "the key before '=' is empty. Name a field, such as training.n_workers")
     try:
         value = json.loads(raw_value)
     except (ValueError, RecursionError):
@@ -87,7 +87,7 @@ def apply_overrides(spec: dict[str, Any], overrides: Iterable[tuple[str, Any]]) 
     for key, value in overrides:
         parts = key.split(".")
         if "" in parts:
-            raise SpecOverrideError(key, "the key has an empty part; write SECTION.FIELD, such as optimizer.name")
+            raise SpecOverrideError(key, "the key has an empty part. Write SECTION.FIELD, such as optimizer.name")
 
         target = result
         for depth, part in enumerate(parts[:-1]):
@@ -95,7 +95,7 @@ def apply_overrides(spec: dict[str, Any], overrides: Iterable[tuple[str, Any]]) 
             if not isinstance(child, dict):
                 parent = ".".join(parts[:depth + 1])
                 raise SpecOverrideError(key, f"{parent} is {json.dumps(child)}, not an object, so it has no field "
-                                             f"{parts[depth + 1]!r}; set {parent} as a whole instead")
+                                             f"{parts[depth + 1]!r}. Set {parent} as a whole instead.")
             target = child
         target[parts[-1]] = copy.deepcopy(value)
     return result

@@ -2,8 +2,8 @@
 
 GIVEN a jobs queue named for a stage of its own on a moto server that the test starts.
 WHEN `baton submit` runs with a file, with spec options, or both.
-THEN the message the queue returns holds the spec as the options made it, or, for a
-dry run, a malformed option or an invalid spec, the queue stays empty.
+THEN the queue returns one message whose body is the spec with the options applied.
+After a dry run, a malformed option or an invalid spec, the queue stays empty.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_flags_only_sends_spec(jobs_queue):
     }]
 
 
-def test_flags_only_job_trains_in_local_stack(tmp_path):
+def test_flags_only_job_trains_locally(tmp_path):
     from shared.local.session import LocalStack
     from tests.conftest import BREAST_CANCER_CSV
 
@@ -107,7 +107,7 @@ def test_file_with_overrides(jobs_queue):
     assert spec == expected
 
 
-def test_file_without_job_id_named_after_file(jobs_queue, tmp_path):
+def test_file_without_job_id_named(jobs_queue, tmp_path):
     spec = json.loads(A9A_SPEC_FILE.read_text())
     del spec["job_id"]
     spec_file = tmp_path / "my spec.json"
@@ -210,7 +210,7 @@ def test_invalid_spec_sends_nothing(jobs_queue, arguments, words):
 
 @pytest.mark.parametrize("content, words", [
     ("{", "is not a valid UTF-8 JSON file"),
-    ("[1, 2]", "holds a JSON list; a job spec is a JSON object"),
+    ("[1, 2]", "contains a JSON list, but a job spec is a JSON object"),
 ])
 def test_unreadable_file_sends_nothing(jobs_queue, tmp_path, content, words):
     spec_file = tmp_path / "job.json"
