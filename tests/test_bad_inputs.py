@@ -108,6 +108,11 @@ CASES = [
      ["NaN", "row 2"]),
     ("inf-feature-libsvm", json.dumps(spec("feature-inf", data=libsvm_data("datasets/inf.libsvm"))), "feature-inf",
      ["infinite", "row 2"]),
+    ("nan-label", json.dumps(spec("label-nan", data=csv_data("datasets/nan-label.csv"))), "label-nan",
+     ["'datasets/nan-label.csv'", "NaN or infinite label in data row 3", "fix or remove the rows",
+      "data.label_column"]),
+    ("inf-label-libsvm", json.dumps(spec("label-inf", data=libsvm_data("datasets/inf-label.libsvm"))), "label-inf",
+     ["infinite label in data row 2", "fix or remove the rows"]),
     ("train-validation-mismatch", json.dumps(spec("columns-mismatch", data=csv_data(
         "datasets/four-columns.csv", validation_path="datasets/three-columns.csv"))), "columns-mismatch",
      ["feature columns", "three-columns.csv"]),
@@ -181,6 +186,8 @@ def write_data_files(efs_root):
     (datasets / "three-classes.csv").write_text("1,2,0\n2,3,1\n3,4,2\n4,5,0\n5,6,1\n6,7,2\n")
     (datasets / "nan.csv").write_text("1,2,0\nnan,3,1\n3,4,0\n4,5,1\n")
     (datasets / "inf.libsvm").write_text("1 1:0.5\n-1 2:inf\n1 1:1\n-1 2:2\n")
+    (datasets / "nan-label.csv").write_text("1,2,0\n2,3,1\n3,4,nan\n4,5,1\n")
+    (datasets / "inf-label.libsvm").write_text("1 1:0.5\ninf 2:1\n1 1:1\n-1 2:2\n")
     (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
     write_malformed_files(datasets)
