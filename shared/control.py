@@ -21,7 +21,7 @@ from shared import faults
 from shared.errors import BatonError
 from shared.queues import QueueClient
 from shared.service import Services, send_round_complete
-from shared.state import CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore
+from shared.state import CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore, can_record_job
 from shared.training import round_number
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _dead_letter_job_id(message: dict) -> str | None:
         body = json.loads(message["Body"])
     except json.JSONDecodeError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("job_id"), str):
+    if isinstance(body, dict) and can_record_job(body.get("job_id")):
         return body["job_id"]
     # A job message without a usable job_id names its job after its message id, which
     # SQS keeps when it moves the message to the dead-letter queue.

@@ -513,7 +513,9 @@ def check_finite(X, y: np.ndarray, source: str, first_row: int = 0) -> None:
                         "clean, impute or rescale the data before training")
     if not np.all(np.isfinite(y)):
         row = int(np.argwhere(~np.isfinite(y))[0][0])
-        raise DataError(f"'{source}' has a NaN or infinite label in data row {first_row + row + 1}")
+        raise DataError(f"'{source}' has a NaN or infinite label in data row {first_row + row + 1}; "
+                        "fix or remove the rows without a finite label before training, and for CSV or .npy data "
+                        "check that data.label_column names the label column")
 
 
 def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features: int | None):

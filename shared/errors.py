@@ -52,6 +52,15 @@ class JobConflictError(PermanentError):
     """A job id is already taken by a job with a different spec."""
 
 
+class ResultFileError(PermanentError):
+    """A worker's or reducer's result file on EFS does not belong to the round that reads it.
+
+    Its header, length or trailer does not match the job, round and worker or slice
+    expected. Result files are written atomically and the round already records the file's
+    writer as done, so no retry rewrites the file: the job fails on the first delivery.
+    """
+
+
 class EfsNotWritableError(BatonError):
     """The EFS mount is missing or not writable by this function's user.
 

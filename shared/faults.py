@@ -25,7 +25,8 @@ to messages of the function named by ``function``, before the handler sees them:
     The first delivery is held back for ``delay_seconds``, so later messages overtake it.
 ``reorder``
     The lane receives up to ten messages and runs them in reverse order, one per
-    invocation.
+    invocation. While the rule has a firing left, the lane also receives the rest of
+    the targeted job's round, so that the round's messages run back to front in one lane.
 
 ``times`` bounds how often a rule fires across all processes (default 1). The keys
 ``job_id``, ``round``, ``worker`` and ``reduce`` (a reducer's slice) must all match when
@@ -87,10 +88,14 @@ def load_rules(environ: Mapping[str, str] | None = None) -> list[dict[str, Any]]
     return rules
 
 
+def _claims_folder(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("BATON_FAULTS_DIR", "/tmp/baton-faults"))
+
+
 def _claim(rule_index: int, times: int, environ: Mapping[str, str] | None = None) -> bool:
     """Take one of the rule's ``times`` firings; False when all are used."""
-    environ = os.environ if environ is None else environ
-    folder = Path(environ.get("BATON_FAULTS_DIR", "/tmp/baton-faults"))
+    folder = _claims_folder(environ)
     folder.mkdir(parents=True, exist_ok=True)
     for firing in range(times):
         try:
@@ -137,6 +142,20 @@ def claim_delivery_fault(function: str, ids: dict, kinds: tuple[str, ...] = DELI
         if _claim(index, int(rule.get("times", 1)), environ):
             return rule
     return None
+
+
+def pending_delivery_rule(function: str, kind: str, ids: dict, environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether a rule of ``kind`` for ``function`` matches ``ids`` and has a firing left.
+
+    Unlike :func:`claim_delivery_fault`, this uses up no firing.
+    """
+    folder = _claims_folder(environ)
+    for index, rule in enumerate(load_rules(environ)):
+        if rule.get("kind") != kind or rule.get("function") != function or not _matches(rule, ids):
+            continue
+        if not all((folder / f"rule-{index}-{firing}").exists() for firing in range(int(rule.get("times", 1)))):
+            return True
+    return False
 
 
 def has_delivery_rule(function: str, kind: str, environ: Mapping[str, str] | None = None) -> bool:

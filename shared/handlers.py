@@ -95,7 +95,8 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         if function_name == "starter" and not can_record_job(ids.get("job_id")):
             # The starter names a job without a usable job_id after its message id, as
             # start_job does. A job id too long for a DynamoDB key counts as unusable,
-            # because recording its failure under it would fail on every retry.
+            # because recording its failure under it would fail on every retry. So does an
+            # empty one, whose item would have the bare key JOB#.
             ids["job_id"] = f"job-{record.message_id[:18]}"
         logger.append_keys(function=function_name, message_id=record.message_id, **ids)
         job_id = ids.get("job_id")

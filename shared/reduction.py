@@ -14,8 +14,10 @@ atomically in three parts:
 numpy's ``np.load`` reads parts 1 and 2 as the vector and ignores the trailer. A reader
 here checks the header against the expected length and the trailer against the expected
 job, round and worker, so a file of another job, round or worker, of an earlier format
-or cut short is rejected. One file per worker means one atomic write for the worker and
-one open for the reader, and the small arrays need no second file.
+or cut short is rejected with :class:`~shared.errors.ResultFileError`. Such a file does
+not change on a retry, so that error fails the job at once. One file per worker means one
+atomic write for the worker and one open for the reader, and the small arrays need no
+second file.
 
 With ``training.reducers`` R = 1 the aggregator reduces parameters ``[0, d)`` itself.
 With R > 1, reducer k reduces parameters ``[k * d // R, (k + 1) * d // R)`` and writes
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.efs import EfsStore, write_buffers_atomic
-from shared.errors import JobSpecError
+from shared.errors import JobSpecError, ResultFileError
 from shared.training import (Reduction, TrainingMode, accumulate_vectors, add_scaled_vector, round_number,
                              split_result)
 
@@ -126,6 +128,11 @@ def _describe(identity: dict) -> str:
     return names or "no Baton job"
 
 
+def _efs_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """Return ``path`` relative to the EFS root, as a user sees it on their mount."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
 def _fix_hint() -> str:
     return ("The round already records that worker or slice as done, so Baton does not write the file again: "
             "find what else writes into this job's folder on EFS, then submit the job again under a new job id")
@@ -162,7 +169,8 @@ def _read_into(fd: int, buffers: list[memoryview], minimum: int) -> int:
     return total
 
 
-def _trailer_arrays(path: str | os.PathLike, fd: int, payload: bytes, end: int, expected: dict) -> dict[str, np.ndarray]:
+def _trailer_arrays(path: str | os.PathLike, root: str | os.PathLike, fd: int, payload: bytes, end: int,
+                    expected: dict) -> dict[str, np.ndarray]:
     """Return the small arrays of a result file's trailer after checking its identity against ``expected``.
 
     ``payload`` is the start of the trailer, read up to file offset ``end``. A trailer is one
@@ -171,7 +179,7 @@ def _trailer_arrays(path: str | os.PathLike, fd: int, payload: bytes, end: int, 
 
     Raises
     ------
-    ValueError
+    ResultFileError
         If the trailer is missing or not valid, or names another job, round, worker or slice.
     """
     # NOTE: earlier versions wrote the small arrays to a result-<w>.json beside a vector
@@ -189,11 +197,12 @@ def _trailer_arrays(path: str | os.PathLike, fd: int, payload: bytes, end: int, 
         identity = {key: decoded[key] for key in expected}
         arrays = {name: _decode_array(entry) for name, entry in decoded["arrays"].items()}
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-        raise ValueError(f"result file '{path}' has no valid trailer after its vector ({len(payload)} bytes), so it "
-                         f"was cut short or written by an earlier version of Baton. {_fix_hint()}") from None
+        raise ResultFileError(f"result file '{_efs_name(path, root)}' has no valid trailer after its vector "
+                              f"({len(payload)} bytes), so it was cut short or written by an earlier version of "
+                              f"Baton. {_fix_hint()}") from None
     if identity != expected:
-        raise ValueError(f"result file '{path}' belongs to {_describe(identity)}, not to {_describe(expected)}. "
-                         f"{_fix_hint()}")
+        raise ResultFileError(f"result file '{_efs_name(path, root)}' belongs to {_describe(identity)}, not to "
+                              f"{_describe(expected)}. {_fix_hint()}")
     return arrays
 
 
@@ -205,20 +214,23 @@ def _decode_array(entry: dict) -> np.ndarray:
     return np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
 
 
-def _check_header(path: str | os.PathLike, found: bytes, header: bytes, n_values: int) -> None:
+def _check_header(path: str | os.PathLike, root: str | os.PathLike, found: bytes, header: bytes,
+                  n_values: int) -> None:
     if found != header:
-        raise ValueError(f"result file '{path}' (header {found[:70]!r}) does not hold {n_values} float64 values, "
-                         f"so it is not from this job's round. {_fix_hint()}")
+        raise ResultFileError(f"result file '{_efs_name(path, root)}' (header {found[:70]!r}) does not hold "
+                              f"{n_values} float64 values, so it is not from this job's round. {_fix_hint()}")
 
 
-def _read_file_into(path: str | os.PathLike, header: bytes, out: np.ndarray, expected: dict) -> dict[str, np.ndarray]:
+def _read_file_into(path: str | os.PathLike, root: str | os.PathLike, header: bytes, out: np.ndarray,
+                    expected: dict) -> dict[str, np.ndarray]:
     """Read a result file, usually with one system call, with its vector into ``out``; return its small arrays.
 
-    ``out`` is a contiguous float64 array as long as the file's vector.
+    ``out`` is a contiguous float64 array as long as the file's vector. ``root`` is the EFS
+    root, which errors leave out of the path they show.
 
     Raises
     ------
-    ValueError
+    ResultFileError
         If the header does not match ``len(out)`` values, the file is cut short, or the
         trailer is not valid or names another job, round, worker or slice.
     """
@@ -229,17 +241,17 @@ def _read_file_into(path: str | os.PathLike, header: bytes, out: np.ndarray, exp
     try:
         # At least one byte of the trailer, so that a file cut short inside its vector shows.
         count = _read_into(fd, [memoryview(found), memoryview(out).cast("B"), memoryview(trailer)], vector_end + 1)
-        _check_header(path, bytes(found), header, len(out))
+        _check_header(path, root, bytes(found), header, len(out))
         if count < vector_end:
-            raise ValueError(f"result file '{path}' ends after {count} bytes, inside its {len(out)} float64 values. "
-                             f"{_fix_hint()}")
-        return _trailer_arrays(path, fd, bytes(trailer[:count - vector_end]), count, expected)
+            raise ResultFileError(f"result file '{_efs_name(path, root)}' ends after {count} bytes, inside its "
+                                  f"{len(out)} float64 values. {_fix_hint()}")
+        return _trailer_arrays(path, root, fd, bytes(trailer[:count - vector_end]), count, expected)
     finally:
         os.close(fd)
 
 
-def _map_file_slice(path: str | os.PathLike, header: bytes, n_values: int, start: int, stop: int,
-                    expected: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _map_file_slice(path: str | os.PathLike, root: str | os.PathLike, header: bytes, n_values: int, start: int,
+                    stop: int, expected: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Return values ``[start, stop)`` of a result file's vector, memory-mapped read-only, and its small arrays.
 
     Only the pages of the slice are mapped, and only those a caller touches are read. The
@@ -247,17 +259,17 @@ def _map_file_slice(path: str | os.PathLike, header: bytes, n_values: int, start
 
     Raises
     ------
-    ValueError
+    ResultFileError
         If the header does not match ``n_values`` values, or the trailer is missing, not
         valid or names another job, round, worker or slice.
     """
     vector_end = len(header) + 8 * n_values
     fd = os.open(path, os.O_RDONLY)
     try:
-        _check_header(path, os.pread(fd, len(header), 0), header, n_values)
+        _check_header(path, root, os.pread(fd, len(header), 0), header, n_values)
         # A file cut short inside its vector has nothing at the trailer's offset.
         payload = os.pread(fd, TRAILER_READ_BYTES, vector_end)
-        scalars = _trailer_arrays(path, fd, payload, vector_end + len(payload), expected)
+        scalars = _trailer_arrays(path, root, fd, payload, vector_end + len(payload), expected)
         first = len(header) + 8 * start
         # mmap offsets are multiples of the allocation granularity (a page on Linux).
         offset = first - first % mmap.ALLOCATIONGRANULARITY
@@ -274,11 +286,12 @@ def read_worker_result(store: EfsStore, job_id: str, round_index: int, worker: i
 
     Raises
     ------
-    ValueError
+    ResultFileError
         If the file does not hold ``n_params`` values of this job's round and worker.
     """
     vector = np.empty(n_params, dtype=np.float64)
-    scalars = _read_file_into(store.result_path(job_id, round_index, worker), vector_header(n_params), vector,
+    scalars = _read_file_into(store.result_path(job_id, round_index, worker), store.root, vector_header(n_params),
+                              vector,
                               {"job_id": job_id, "round": int(round_index), "worker": int(worker)})
     return vector, scalars
 
@@ -296,7 +309,7 @@ def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_work
 
     Raises
     ------
-    ValueError
+    ResultFileError
         If a result file does not hold ``n_params`` values of this job's round and worker.
     """
     header = vector_header(n_params)
@@ -310,13 +323,13 @@ def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_work
         # As in accumulate_vectors: the mode's step reports an overflow as divergence.
         with np.errstate(over="ignore", invalid="ignore"):
             for path, identity in zip(paths, identities):
-                scalars.append(_read_file_into(path, header, buffer, identity))
+                scalars.append(_read_file_into(path, store.root, header, buffer, identity))
                 # A worker's factor depends on its own small arrays only (TrainingMode.vector_factors).
                 add_scaled_vector(total, mode.vector_factors(scalars[-1:])[0], buffer[start:stop], scratch)
     else:
         vectors = []
         for path, identity in zip(paths, identities):
-            vector, worker_scalars = _map_file_slice(path, header, n_params, start, stop, identity)
+            vector, worker_scalars = _map_file_slice(path, store.root, header, n_params, start, stop, identity)
             vectors.append(vector)
             scalars.append(worker_scalars)
         accumulate_vectors(mode.vector_factors(scalars), vectors, total)
@@ -331,7 +344,7 @@ def read_reduced_round(store: EfsStore, job_id: str, round_index: int, reducers:
 
     Raises
     ------
-    ValueError
+    ResultFileError
         If a slice file does not hold the slice's number of float64 values of this job's
         round and slice.
     """
@@ -339,7 +352,7 @@ def read_reduced_round(store: EfsStore, job_id: str, round_index: int, reducers:
     scalars = None
     for slice_index in range(reducers):
         start, stop = slice_bounds(n_params, reducers, slice_index)
-        slice_scalars = _read_file_into(store.reduced_path(job_id, round_index, slice_index),
+        slice_scalars = _read_file_into(store.reduced_path(job_id, round_index, slice_index), store.root,
                                         vector_header(stop - start), vector[start:stop],
                                         {"job_id": job_id, "round": int(round_index), "slice": slice_index})
         scalars = slice_scalars if scalars is None else scalars

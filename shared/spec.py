@@ -409,6 +409,9 @@ def parse_job_spec(raw: Any, default_job_id: str | None = None) -> JobSpec:
         raise JobSpecError(unknown[0], f"unknown field; valid top-level fields are job_id, {', '.join(SECTIONS)}")
 
     job_id = raw.get("job_id", default_job_id)
+    if job_id == "":
+        raise JobSpecError("job_id", "is empty; use 1 to 64 letters, digits, '-' or '_', starting with a letter or "
+                                     "digit, or leave job_id out so that Baton names the job")
     if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
         raise JobSpecError(
             "job_id", f"got {job_id!r}; use 1 to 64 letters, digits, '-' or '_', starting with a letter or digit")

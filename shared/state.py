@@ -63,9 +63,10 @@ def can_record_job(job_id: object) -> bool:
     """Return whether the table can hold an item for ``job_id``, valid or not.
 
     A rejected spec's failure is recorded under the job id it gives, so that id may break
-    the job id rules, but it must be a string whose key fits DynamoDB's size limit.
+    the job id rules, but it must be a string whose key fits DynamoDB's size limit. It
+    must not be empty either, because that item's key would be the bare prefix ``JOB#``.
     """
-    return isinstance(job_id, str) and len(f"JOB#{job_id}".encode()) <= MAX_PARTITION_KEY_BYTES
+    return isinstance(job_id, str) and job_id != "" and len(f"JOB#{job_id}".encode()) <= MAX_PARTITION_KEY_BYTES
 
 
 def _round_key(job_id: str, round_index: int) -> dict:

@@ -20,6 +20,7 @@ import pytest
 from moto import mock_aws
 
 from functions import starter
+from shared.control import drain_dead_letters
 from shared.handlers import logger as handler_logger
 from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
@@ -83,6 +84,8 @@ CASES = [
     ("oversized-message", json.dumps({**spec("too-big"), "padding": "x" * 70_000}), "too-big", ["bytes", "at most"]),
     ("job-id-dot-dot", json.dumps(spec("../escape")), "../escape", ["job_id", "'../escape'"]),
     ("job-id-too-long", json.dumps(spec("j" * 65)), "j" * 65, ["job_id", "64"]),
+    # An empty id would put the failure under the bare key JOB#, so it goes under the message's id.
+    ("job-id-empty", json.dumps(spec("")), None, ["job_id", "is empty", "leave job_id out"]),
     # DynamoDB keys hold at most 2048 bytes, so this failure goes under the message's id.
     ("job-id-beyond-key-limit", json.dumps(spec("j" * 3000)), None, ["job_id", "64"]),
     ("data-path-dot-dot", json.dumps(spec("path-escape", data=csv_data("../outside.csv"))), "path-escape",
@@ -105,6 +108,11 @@ CASES = [
      ["NaN", "row 2"]),
     ("inf-feature-libsvm", json.dumps(spec("feature-inf", data=libsvm_data("datasets/inf.libsvm"))), "feature-inf",
      ["infinite", "row 2"]),
+    ("nan-label", json.dumps(spec("label-nan", data=csv_data("datasets/nan-label.csv"))), "label-nan",
+     ["'datasets/nan-label.csv'", "NaN or infinite label in data row 3", "fix or remove the rows",
+      "data.label_column"]),
+    ("inf-label-libsvm", json.dumps(spec("label-inf", data=libsvm_data("datasets/inf-label.libsvm"))), "label-inf",
+     ["infinite label in data row 2", "fix or remove the rows"]),
     ("train-validation-mismatch", json.dumps(spec("columns-mismatch", data=csv_data(
         "datasets/four-columns.csv", validation_path="datasets/three-columns.csv"))), "columns-mismatch",
      ["feature columns", "three-columns.csv"]),
@@ -178,6 +186,8 @@ def write_data_files(efs_root):
     (datasets / "three-classes.csv").write_text("1,2,0\n2,3,1\n3,4,2\n4,5,0\n5,6,1\n6,7,2\n")
     (datasets / "nan.csv").write_text("1,2,0\nnan,3,1\n3,4,0\n4,5,1\n")
     (datasets / "inf.libsvm").write_text("1 1:0.5\n-1 2:inf\n1 1:1\n-1 2:2\n")
+    (datasets / "nan-label.csv").write_text("1,2,0\n2,3,1\n3,4,nan\n4,5,1\n")
+    (datasets / "inf-label.libsvm").write_text("1 1:0.5\ninf 2:1\n1 1:1\n-1 2:2\n")
     (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
     write_malformed_files(datasets)
@@ -307,6 +317,7 @@ def test_bad_input_fails_job_once(stack, handler_log, body, job_id, words):
     running = stack.state.get_job("running-job")
     assert running.status == "RUNNING"
     assert running.error is None
+    assert stack.state.get_job("") is None, "no job item under the bare key JOB#"
 
 
 def test_conflicting_job_id_leaves_running_job(stack):
@@ -324,6 +335,21 @@ def test_conflicting_job_id_leaves_running_job(stack):
     running = stack.state.get_job("running-job")
     assert running.status == "RUNNING"
     assert running.n_workers == 2
+
+
+@pytest.mark.parametrize("job_id", ["", "j" * 3000], ids=["empty", "beyond-key-limit"])
+def test_dead_lettered_job_without_usable_id(stack, job_id):
+    # The watchdog names the job as the starter does: after the message id, which SQS keeps.
+    url = stack.queues.url(f"{stack.settings.jobs_queue_name}-dlq")
+    message_id = stack.queues.client.send_message(QueueUrl=url, MessageBody=json.dumps(spec(job_id)))["MessageId"]
+
+    assert drain_dead_letters(stack) == 1
+
+    record = stack.state.get_job(f"job-{message_id[:18]}")
+    assert record is not None
+    assert record.status == "FAILED"
+    assert "dead-letter queue" in record.error
+    assert stack.state.get_job("") is None
 
 
 def test_catalogue_has_at_least_25_cases():

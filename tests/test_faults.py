@@ -12,10 +12,14 @@ import json
 import os
 from pathlib import Path
 
+import boto3
 import pytest
+from moto import mock_aws
 
 from shared.faults import STEP_KINDS
+from shared.local.runtime import LocalRuntime
 from shared.local.session import LocalStack
+from shared.local.stack import load_stack_definition
 from tests.reliability_support import (
     FAST_RETRY_SECONDS, a9a_spec, params_digest, run_once_per_session, wait_all, write_a9a_subset)
 
@@ -152,3 +156,28 @@ def test_faults_off_without_environment(monkeypatch):
 
     faults.maybe_fail("worker.before_read", job_id="any", round=0, worker=0)
     assert faults.load_rules() == []
+
+
+def test_reorder_lane_receives_whole_round(tmp_path):
+    # Nine messages of other jobs come first, so a receive of ten ends after the round's
+    # first reduce message. The lane must still get all three to run them back to front.
+    rule = {"function": "aggregator", "kind": "reorder", "job_id": "target", "round": 2, "times": 1}
+    environment = {"BATON_FAULTS_ENABLED": "true", "BATON_FAULTS": json.dumps([rule]),
+                   "BATON_FAULTS_DIR": str(tmp_path / "faults")}
+    definition = load_stack_definition(stage="test").functions["aggregator"]
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        url = sqs.create_queue(QueueName="aggregate")["QueueUrl"]
+        for index in range(9):
+            sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": f"other-{index}", "round": 2}))
+        sqs.send_message_batch(QueueUrl=url, Entries=[
+            {"Id": str(slice_index), "MessageBody": json.dumps({"job_id": "target", "round": 2, "reduce": slice_index})}
+            for slice_index in range(3)])
+        runtime = LocalRuntime({"aggregator": definition}, {definition.queue_logical_id: url}, sqs, environment,
+                               tmp_path / "logs")
+
+        messages = runtime._receive(runtime.lanes["aggregator"], reorder=True)
+
+    bodies = [json.loads(message["Body"]) for message in messages]
+    assert sorted(body["reduce"] for body in bodies if body["job_id"] == "target") == [0, 1, 2]
+    assert len(bodies) == 12

@@ -14,9 +14,12 @@ import pytest
 
 from shared import reduction
 from shared.efs import EfsStore
+from shared.errors import ResultFileError
 from shared.reduction import (read_reduced_round, read_worker_result, reduce_worker_results, vector_header,
                               write_reduced_slice, write_worker_result)
+from shared.state import FAILED
 from shared.training import TRAINING_MODES, Reduction
+from tests.baton_jobs import breast_cancer_spec
 
 GRADIENT = TRAINING_MODES["gradient_average"]
 KMEANS = TRAINING_MODES["statistics"]
@@ -77,7 +80,8 @@ def test_vector_of_wrong_length_rejected(tmp_path, read_path):
     store = EfsStore(tmp_path)
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0, n_params=10))
 
-    with pytest.raises(ValueError, match="result-0.npy.*does not hold 12 float64 values"):
+    with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' \(header .*\) "
+                                              "does not hold 12 float64 values"):
         reduce_worker_results(store, "job", 0, 1, GRADIENT, 12, 0, 12)
     assert reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10).vector.tolist() == [1.0] * 10
 
@@ -95,7 +99,7 @@ def test_file_of_other_round_rejected(tmp_path, read_path, written, problem):
     store.round_dir("job", 0).mkdir(parents=True, exist_ok=True)
     os.replace(store.result_path(job_id, round_index, worker), store.result_path("job", 0, 0))
 
-    with pytest.raises(ValueError, match=problem):
+    with pytest.raises(ResultFileError, match=problem):
         reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
 
 
@@ -107,7 +111,7 @@ def test_file_cut_short_rejected(tmp_path, read_path):
 
     for length in (len(vector_header(10)) + 40, len(vector_header(10)) + 80, len(payload) - 1):
         path.write_bytes(payload[:length])
-        with pytest.raises(ValueError, match="result-0.npy"):
+        with pytest.raises(ResultFileError, match="result file 'jobs/job/rounds/0/result-0.npy'"):
             reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
 
 
@@ -116,7 +120,7 @@ def test_file_without_trailer_rejected(tmp_path, read_path):
     store = EfsStore(tmp_path)
     store.write_npy(store.result_path("job", 0, 0), np.ones(10))
 
-    with pytest.raises(ValueError, match="no valid trailer.*earlier version of Baton"):
+    with pytest.raises(ResultFileError, match="no valid trailer.*earlier version of Baton"):
         reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
 
 
@@ -182,5 +186,53 @@ def test_reduced_slice_of_other_slice_rejected(tmp_path):
     os.replace(store.reduced_path("job", 2, 1), store.reduced_path("job", 2, 0))
     write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
 
-    with pytest.raises(ValueError, match="belongs to job_id 'job', round 3, slice 1, not to job_id 'job', round 3, slice 0"):
+    with pytest.raises(ResultFileError, match="result file 'jobs/job/rounds/2/reduced-0.npy' belongs to job_id 'job', "
+                                              "round 3, slice 1, not to job_id 'job', round 3, slice 0"):
         read_reduced_round(store, "job", 2, 2, 4)
+
+
+# Through the handlers ----------------------------------------------------------------------
+
+
+def rename_job_in_trailer(path: Path, job_id: str) -> None:
+    """Rewrite a result file as if job ``other-job`` had written it, keeping its vector."""
+    payload = path.read_bytes()
+    written = f'"job_id":"{job_id}"'.encode()
+    assert payload.count(written) == 1
+    path.write_bytes(payload.replace(written, b'"job_id":"other-job"'))
+
+
+# (reducers, the file that is replaced, aggregate-queue deliveries before the one that reads it)
+FOREIGN_FILE_CASES = {
+    "result-read-by-aggregator": (1, "result-0.npy", 0),
+    "result-read-by-reducer": (2, "result-0.npy", 0),
+    "reduced-slice-read-by-aggregator": (2, "reduced-0.npy", 2),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_FILE_CASES)
+def test_foreign_file_fails_job_at_once(inprocess_stack, case):
+    reducers, file_name, deliveries_before = FOREIGN_FILE_CASES[case]
+    job_id = f"foreign-{case}"
+    stack = inprocess_stack
+    stack.submit(breast_cancer_spec(job_id, training={"n_workers": 2, "max_rounds": 2, "reducers": reducers}))
+    while stack.step("JobsQueue") is not None or stack.step("TasksQueue") is not None:
+        pass
+    for _ in range(deliveries_before):
+        assert not stack.step("AggregateQueue").failed
+    rename_job_in_trailer(stack.efs_root / "jobs" / job_id / "rounds" / "0" / file_name, job_id)
+
+    delivery = stack.step("AggregateQueue")
+
+    assert not delivery.failed, "a result file that fails its check does not mend on a retry"
+    assert ("reduce" in delivery.body) == (case == "result-read-by-reducer")
+    record = stack.services.state.get_job(job_id)
+    assert record.status == FAILED
+    assert f"result file 'jobs/{job_id}/rounds/0/{file_name}' belongs to job_id 'other-job'" in record.error
+    assert "not to job_id" in record.error
+    assert "submit the job again under a new job id" in record.error
+    assert str(stack.efs_root) not in record.error, "name the file as the user sees it on the mount"
+    # The messages the round still had queued are dropped as stale, and none is retried.
+    stack.run()
+    assert not any(delivery.failed for delivery in stack.deliveries)
+    assert stack.services.state.get_job(job_id).error == record.error

@@ -49,6 +49,11 @@ logger = logging.getLogger(__name__)
 # Seconds a new container may take to import its handler before it counts as failed.
 CONTAINER_START_TIMEOUT_SECONDS = 120
 
+# Seconds a reorder lane keeps receiving for the rest of a round that a reorder rule
+# targets. A round's tasks or reduce messages are sent in one batch request, so the rest
+# reach the queue together with the first.
+REORDER_GATHER_SECONDS = 2.0
+
 
 @dataclass(eq=False)
 class Container:
@@ -83,6 +88,8 @@ class FunctionLanes:
     invocations: list[InvocationRecord] = field(default_factory=list)
     # Every message body a lane received, in order; tests check sizes and continuations.
     bodies: list[str] = field(default_factory=list)
+    # Held by a lane of a function with a reorder rule while it receives (see _receive).
+    receive_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class LocalRuntime:
@@ -222,23 +229,9 @@ class LocalRuntime:
         container: Container | None = None
         try:
             while not self._stop.is_set():
-                messages = self.sqs.receive_message(
-                    QueueUrl=lanes.queue_url,
-                    # To reorder, take more than a batch and run it back to front.
-                    MaxNumberOfMessages=10 if reorder else min(definition.batch_size, 10),
-                    WaitTimeSeconds=self.poll_wait_seconds,
-                    AttributeNames=["All"],
-                    MessageAttributeNames=["All"],
-                ).get("Messages", [])
+                messages = self._receive(lanes, reorder)
                 if not messages:
                     continue
-                if reorder and not self._with_siblings(messages) and len(messages) < 10:
-                    # The long poll returns as soon as the first message of a batch send
-                    # lands, so ask once more for the rest: a message with no sibling of
-                    # its job and round has no order to change.
-                    messages += self.sqs.receive_message(
-                        QueueUrl=lanes.queue_url, MaxNumberOfMessages=10 - len(messages), WaitTimeSeconds=1,
-                        AttributeNames=["All"], MessageAttributeNames=["All"]).get("Messages", [])
                 lanes.bodies.extend(message["Body"] for message in messages)
                 if reorder and any(self._claim_delivery(definition.name, message, "reorder")
                                    for message in self._with_siblings(messages)):
@@ -258,6 +251,32 @@ class LocalRuntime:
         finally:
             if container is not None:
                 self._kill(container)
+
+    def _receive(self, lanes: FunctionLanes, reorder: bool) -> list[dict]:
+        """Receive a lane's next messages: one batch, or for a reorder lane up to ten and a whole targeted round.
+
+        A reorder lane takes more than a batch, to run it back to front. The lanes of such a
+        function receive one at a time, and a lane that got messages of a round that a
+        pending reorder rule targets receives again while more of them arrive, for at most
+        ``REORDER_GATHER_SECONDS``. Otherwise a receive of ten could end inside the round's
+        messages, or concurrent receives could take one each, and the rule would never
+        find the round's messages together in one lane.
+        """
+        if not reorder:
+            return self._receive_once(lanes.queue_url, min(lanes.definition.batch_size, 10), self.poll_wait_seconds)
+        with lanes.receive_lock:
+            messages = self._receive_once(lanes.queue_url, 10, self.poll_wait_seconds)
+            received = messages
+            deadline = time.monotonic() + REORDER_GATHER_SECONDS
+            while self._has_reorder_target(lanes.definition.name, received) and time.monotonic() < deadline:
+                received = self._receive_once(lanes.queue_url, 10, 1)
+                messages += received
+        return messages
+
+    def _receive_once(self, queue_url: str, max_messages: int, wait_seconds: int) -> list[dict]:
+        return self.sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=max_messages,
+                                        WaitTimeSeconds=wait_seconds, AttributeNames=["All"],
+                                        MessageAttributeNames=["All"]).get("Messages", [])
 
     def _invoke_batch(self, lanes: FunctionLanes, container: Container | None, messages: list[dict],
                       timeout: float, settle: bool = True) -> Container | None:
@@ -289,6 +308,11 @@ class LocalRuntime:
         """Return the messages that share their job and round with another message of ``messages``."""
         keys = [(ids.get("job_id"), ids.get("round")) for ids in map(self._message_ids, messages)]
         return [message for message, key in zip(messages, keys) if keys.count(key) > 1]
+
+    def _has_reorder_target(self, function: str, messages: list[dict]) -> bool:
+        """Return whether a reorder rule with a firing left targets a message of ``messages``."""
+        return any(faults.pending_delivery_rule(function, "reorder", self._message_ids(message), self.environment)
+                   for message in messages)
 
     def _claim_delivery(self, function: str, message: dict, kind: str) -> dict | None:
         return faults.claim_delivery_fault(function, self._message_ids(message), kinds=(kind,), environ=self.environment)
