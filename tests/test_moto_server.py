@@ -90,6 +90,7 @@ def test_item_responses_match_moto(server_client):
         from_moto = run_requests(boto3.client("dynamodb", region_name="us-east-1"))
 
     assert from_server["condition_failure"]["code"] == "ConditionalCheckFailedException"
+    assert sorted(from_server["condition_failure"]["item"]["numbers"]["NS"]) == ["1", "2", "3", "4"]
     for name in from_moto:
         assert from_server[name] == from_moto[name], name
 
