@@ -581,7 +581,9 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     # at least as long as the shared resource needs for every worker's share.
     requests_per_worker = database_requests + platform.poller_requests_per_invocation
     service_seconds = platform.request_service_seconds or platform.database_request_seconds
-    request_bound = n * requests_per_worker * service_seconds / platform.request_slots
+    # The aggregator stores the previous round's metrics after sending these tasks, so on a
+    # shared request server that write queues with the workers' requests.
+    request_bound = (n * requests_per_worker + 1) * service_seconds / platform.request_slots
     cpu_seconds = worker_seconds - database_requests * platform.database_request_seconds
     cpu_bound = n * cpu_seconds / platform.cpu_slots
     path = worker_seconds * waves + phases["worker: stragglers"]
@@ -591,9 +593,9 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     # The aggregator, alone.
     aggregator: dict[str, float] = {}
     aggregator["invocation"] = platform.invocation_overhead_seconds
-    # Job item and round item (done set and usage) in one batched read; round metrics;
-    # advance the round.
-    aggregator["DynamoDB"] = 3 * platform.database_request_seconds
+    # Job item and round item (done set and usage) in one batched read, then the advance of
+    # the round. The round's metrics are stored after the next tasks are sent, off the path.
+    aggregator["DynamoDB"] = 2 * platform.database_request_seconds
     read_rate = platform.client_read_bytes_per_second
     # Two reads of the state, as in the bytes below, and one file per result (its vector
     # and its small values together).

@@ -16,8 +16,9 @@ reduce_slice (R > 1 only)
     the aggregate message
 aggregate_round
     check round is current (and, with R > 1, its reduced set complete) -> sum the results
-    in worker order, or concatenate the reduced slices -> write round r+1 state and
-    metrics -> advance the round (conditional) or finish the job -> send round r+1 tasks
+    in worker order, or concatenate the reduced slices -> write round r+1 state and the
+    metrics file -> advance the round (conditional) -> send round r+1 tasks -> store the
+    round's metrics in DynamoDB; or store the metrics and finish the job
 
 Rounds here are 0-based indexes, as in messages, DynamoDB keys and EFS folders. What a
 user reads (job errors, metrics records) carries ``round_number(index)``, which counts
@@ -469,6 +470,9 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
     """Return the job's item and the round's usage totals; raise unless the round is ready to aggregate."""
     record, round_state = services.state.get_job_and_round(job_id, round_index)
     done = round_state.done
+    if record is not None and record.round == round_index + 1 and not round_state.has_metrics:
+        # Whatever the job's status now, since a pause or cancel may have come in between.
+        _store_saved_metrics(services, job_id, round_index)
     if record is None or record.status != RUNNING:
         raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status}")
     if record.round == round_index + 1:
@@ -491,6 +495,22 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
             raise StaleMessageError(f"round {round_index} of job {job_id} has {len(reduced)} of {reducers} reduced "
                                     f"slices; re-sent {sent}, and the last reducer sends the aggregate message")
     return record, round_state.usage
+
+
+def _store_saved_metrics(services: Services, job_id: str, round_index: int) -> None:
+    """Store the metrics file of an advanced round in its round item, which lacks them.
+
+    The aggregator stores a round's metrics in DynamoDB after sending the next tasks, so a
+    delivery that stopped in between left them only in the file it wrote before advancing.
+    """
+    ids = {"job_id": job_id, "round": round_index}
+    path = services.store.metrics_path(job_id, round_index)
+    if not path.exists():
+        logger.warning("round metrics not found in DynamoDB or on EFS; the round stays without them",
+                       extra={**ids, "path": str(path)})
+        return
+    services.state.put_round_metrics(job_id, round_index, services.store.read_json(path))
+    logger.info("stored the metrics of an advanced round from EFS", extra=ids)
 
 
 def _load_aggregate_progress(store: EfsStore, path: Path, continuation: int | None, message_id: str) -> tuple[dict, int]:
@@ -521,8 +541,8 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
 
     The work runs as steps that each leave a checkpoint on EFS: combining the results
     (writes the next round's state), evaluating each chunk of validation rows, and the
-    commit (metrics, then advance or finish). Between steps the aggregator may save its
-    progress and continue in a new invocation.
+    commit (the metrics file, then the advance and the next tasks, or the finish). Between
+    steps the aggregator may save its progress and continue in a new invocation.
 
     Returns the round's metrics, or None when the invocation continues in another one.
     """
@@ -603,7 +623,6 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         validation_bytes=0 if validation is None else cost.array_bytes(validation.X),
         aggregate_seconds=metrics["aggregate_seconds"], reducers=spec.training.reducers))
     store.write_json(store.metrics_path(job_id, round_index), metrics)
-    state.put_round_metrics(job_id, round_index, metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
 
     # The stopping state (best validation loss and its round) is stored in the round
@@ -629,6 +648,9 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
             stop_reason = "max_rounds"
         else:
             stop_reason = "budget"
+        # Before the finish: messages of a finished job are dropped, so no retry would
+        # store the metrics afterwards.
+        state.put_round_metrics(job_id, round_index, metrics)
         if state.finish_job(job_id, round_index, {**summary, "stop_reason": stop_reason}):
             logger.info("job succeeded", extra={**ids, **summary})
         return metrics
@@ -637,6 +659,10 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     faults.maybe_fail("aggregator.after_advance", **ids)
     if advanced:
         services.queues.send_tasks(job_id, next_round, list(range(record.n_workers)))
+        # After the send, so the next round's workers do not wait for it. A retry of a
+        # delivery that stopped before this line finds the round advanced and stores the
+        # metrics from EFS (_check_aggregate_is_current).
+        state.put_round_metrics(job_id, round_index, metrics)
         store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
     logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link, **summary})
     return metrics

@@ -135,9 +135,15 @@ def _round_usage(item: dict) -> dict[str, float]:
     return {name: float(_from_attribute(item[name])) for name in item if name.startswith(("worker_", "reducer_"))}
 
 
+# Every metrics record has this key (``put_round_metrics``), so a round item with it
+# contains the round's metrics.
+METRICS_MARKER = "loss"
+
+
 @dataclass(frozen=True)
 class RoundState:
-    """A round item's sets and usage: done workers, reduced slices, and the usage totals.
+    """A round item's sets and usage: done workers, reduced slices, the usage totals, and
+    whether the aggregator stored the round's metrics.
 
     Workers and reducers add their usage in the same conditional update that adds them to
     their set, so a complete set comes with complete usage.
@@ -146,12 +152,14 @@ class RoundState:
     done: list[int]
     reduced: list[int]
     usage: dict[str, float]
+    has_metrics: bool = False
 
     @classmethod
     def from_item(cls, item: dict) -> "RoundState":
         return cls(done=_from_attribute(item["done"]) if "done" in item else [],
                    reduced=_from_attribute(item["reduced"]) if "reduced" in item else [],
-                   usage=_round_usage(item))
+                   usage=_round_usage(item),
+                   has_metrics=METRICS_MARKER in item)
 
 
 class StateStore:
@@ -283,11 +291,17 @@ class StateStore:
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
                 ReturnValues="ALL_NEW",
+                # A member already in the set fails the condition; the failure then carries
+                # the item, so a duplicate learns the set without a second request.
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as error:
             if not _is_condition_failure(error):
                 raise
-            return False, self._get_round_set(job_id, round_index, attribute)
+            item = error.response.get("Item")
+            if item is None:
+                return False, self._get_round_set(job_id, round_index, attribute)
+            return False, _from_attribute(item[attribute]) if attribute in item else []
         return True, _from_attribute(response["Attributes"][attribute])
 
     def get_round_usage(self, job_id: str, round_index: int) -> dict[str, float]:
@@ -367,7 +381,7 @@ class StateStore:
         for page in pages:
             for item in page["Items"]:
                 values = {name: _from_attribute(attribute) for name, attribute in item.items()}
-                if "loss" in values:
+                if METRICS_MARKER in values:
                     rounds.append({key: value for key, value in values.items()
                                    if key not in ("pk", "sk", "done", "reduced")})
         return sorted(rounds, key=lambda entry: entry["round"])

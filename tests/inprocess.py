@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
 from functions import aggregator, starter, worker
 from shared.config import Settings
@@ -100,8 +101,12 @@ class InProcessStack:
                                             AttributeNames=["All"]).get("Messages", [])
         if not messages:
             return None
-        response = HANDLERS[logical_id](sqs_event(messages, url.rsplit("/", 1)[-1]), FakeContext())
-        failed_ids = {failure["itemIdentifier"] for failure in response["batchItemFailures"]}
+        try:
+            response = HANDLERS[logical_id](sqs_event(messages, url.rsplit("/", 1)[-1]), FakeContext())
+            failed_ids = {failure["itemIdentifier"] for failure in response["batchItemFailures"]}
+        except BatchProcessingError:
+            # Powertools raises when every record failed, and Lambda then returns the whole batch.
+            failed_ids = {message["MessageId"] for message in messages}
 
         delivery = None
         batch = []

@@ -300,3 +300,47 @@ def test_watchdog_failure_counts_rounds_from_one(inprocess_stack):
     assert record.round == 2
     assert [entry["round"] for entry in state.list_round_metrics("a9a-small")] == [1, 2]
     assert record.error.startswith("round 3 made no progress"), record.error
+
+
+def fail_once_after_advance(monkeypatch, faults_dir, round_index: int) -> None:
+    """Make the aggregator of ``round_index`` raise once, after the advance and before its sends."""
+    rule = {"step": "aggregator.after_advance", "kind": "raise", "round": round_index, "times": 1}
+    monkeypatch.setenv("BATON_FAULTS_ENABLED", "true")
+    monkeypatch.setenv("BATON_FAULTS", json.dumps([rule]))
+    monkeypatch.setenv("BATON_FAULTS_DIR", str(faults_dir))
+
+
+def test_retry_after_advance_stores_metrics(inprocess_stack, efs_root, monkeypatch, tmp_path):
+    fail_once_after_advance(monkeypatch, tmp_path / "faults", round_index=1)
+    spec = a9a_spec(max_rounds=4)
+    inprocess_stack.submit(spec)
+    inprocess_stack.run()
+
+    assert (tmp_path / "faults" / "rule-0-0").exists()
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    metrics = inprocess_stack.services.state.list_round_metrics("a9a-small")
+    assert [entry["round"] for entry in metrics] == [1, 2, 3, 4]
+    on_efs = json.loads((efs_root / "jobs" / "a9a-small" / "metrics" / "2.json").read_text())
+    assert metrics[1]["train_loss"] == on_efs["train_loss"]
+    assert metrics[1]["total_cost_usd"] == on_efs["total_cost_usd"]
+    reference, _ = train_reference(parse_job_spec(spec), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
+def test_paused_retry_after_advance_stores_metrics(inprocess_stack, efs_root, monkeypatch, tmp_path):
+    from shared.control import pause_job
+
+    fail_once_after_advance(monkeypatch, tmp_path / "faults", round_index=1)
+    inprocess_stack.submit(a9a_spec(max_rounds=4))
+    state = inprocess_stack.services.state
+    while not (tmp_path / "faults" / "rule-0-0").exists():
+        assert any(inprocess_stack.step(queue) is not None for queue in ("JobsQueue", "TasksQueue", "AggregateQueue"))
+    # The job is paused before the failed aggregation's retry arrives.
+    pause_job(state, "a9a-small")
+    inprocess_stack.run()
+
+    record = state.get_job("a9a-small")
+    assert record.status == "PAUSED"
+    assert record.round == 2
+    assert [entry["round"] for entry in state.list_round_metrics("a9a-small")] == [1, 2]

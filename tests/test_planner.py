@@ -63,6 +63,9 @@ def test_round_phases_hand_worked():
     # 100 rows x (1e-8 + 1023 x 1e-9) seconds.
     assert estimate.phases["worker: compute"] == pytest.approx(100 * (1e-8 + 1023e-9))
     assert estimate.phases["worker: queueing for shared server and cores"] == 0.0
+    # One batched read of the job item and round item, and the advance; the metrics write
+    # follows the send of the next tasks.
+    assert estimate.phases["aggregator: DynamoDB"] == pytest.approx(2 * 0.005)
     assert estimate.seconds == pytest.approx(sum(estimate.phases.values()))
 
 
@@ -82,8 +85,8 @@ def test_shared_request_server_queues_workers():
                if name.startswith("worker:") and not name.startswith("worker: queueing"))
 
     # Eight workers, four requests each (two DynamoDB calls, the lane's receive and
-    # delete), one at a time.
-    assert path + estimate.phases["worker: queueing for shared server and cores"] == pytest.approx(8 * 4 * 0.004)
+    # delete), and the aggregator's metrics write of the previous round, one at a time.
+    assert path + estimate.phases["worker: queueing for shared server and cores"] == pytest.approx((8 * 4 + 1) * 0.004)
 
 
 def test_lambda_speed_follows_memory():

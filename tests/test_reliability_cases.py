@@ -106,6 +106,25 @@ def test_repeated_done_record_counts_once(aws):
     assert second == (False, [1])
 
 
+def test_duplicate_done_record_one_request(aws):
+    definition, _, dynamodb = aws
+    state = StateStore(dynamodb, definition.table_name())
+    state.record_worker_done("job", 0, 0, {"worker_seconds": 1.0})
+    calls = []
+
+    def count_call(model, **_):
+        calls.append(model.name)
+
+    dynamodb.meta.events.register("before-call.dynamodb", count_call)
+    try:
+        result = state.record_worker_done("job", 0, 0, {"worker_seconds": 1.0})
+    finally:
+        dynamodb.meta.events.unregister("before-call.dynamodb", count_call)
+    assert result == (False, [0])
+    assert calls == ["UpdateItem"]
+    assert state.get_round_usage("job", 0) == {"worker_seconds": 1.0}
+
+
 def test_second_advance_of_round_refused(aws):
     definition, _, dynamodb = aws
     state = StateStore(dynamodb, definition.table_name())
