@@ -470,16 +470,25 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
     """Return the job's item and the round's usage totals; raise unless the round is ready to aggregate."""
     record, round_state = services.state.get_job_and_round(job_id, round_index)
     done = round_state.done
-    if record is not None and record.round == round_index + 1 and not round_state.has_metrics:
-        # Whatever the job's status now, since a pause or cancel may have come in between.
+    if record is not None and record.round == round_index + 1:
+        if round_state.has_metrics:
+            # The aggregator stores the metrics after it sends the next tasks, so they were
+            # sent. Dropping this copy, rather than sending them again, is what keeps a
+            # duplicate from multiplying: each re-sent task of a complete round sends
+            # another aggregate message.
+            raise StaleMessageError(f"round {round_index} of job {job_id} was already aggregated; dropped")
+        # The delivery that advanced this round stopped before it stored the metrics, so
+        # maybe before it sent the next tasks: send them again (workers drop duplicates),
+        # then store the metrics, which marks them sent. The metrics are stored whatever
+        # the job's status, since a pause or cancel may have come in between.
+        resent = record.status == RUNNING
+        if resent:
+            services.queues.send_tasks(job_id, record.round, list(range(record.n_workers)))
         _store_saved_metrics(services, job_id, round_index)
+        raise StaleMessageError(f"round {round_index} of job {job_id} was already aggregated; "
+                                + (f"re-sent round {record.round} tasks" if resent else f"job is {record.status}"))
     if record is None or record.status != RUNNING:
         raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status}")
-    if record.round == round_index + 1:
-        # This round was aggregated, but the delivery that did it may have stopped before
-        # sending the next tasks. Sending them again is safe: workers drop duplicates.
-        services.queues.send_tasks(job_id, record.round, list(range(record.n_workers)))
-        raise StaleMessageError(f"round {round_index} of job {job_id} was already aggregated; re-sent round {record.round} tasks")
     if record.round != round_index:
         raise StaleMessageError(f"round {round_index} of job {job_id} is not current (job at round {record.round})")
     if len(done) != record.n_workers:

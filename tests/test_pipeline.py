@@ -344,3 +344,31 @@ def test_paused_retry_after_advance_stores_metrics(inprocess_stack, efs_root, mo
     assert record.status == "PAUSED"
     assert record.round == 2
     assert [entry["round"] for entry in state.list_round_metrics("a9a-small")] == [1, 2]
+
+
+def test_duplicate_job_message_does_not_multiply_messages(inprocess_stack, efs_root):
+    # A second copy of the job message re-sends round 0's tasks. Each queue is drained in
+    # turn, so the copies find their round complete and send aggregate messages, which
+    # arrive after the round advanced. The copies must die out as stale, not grow by a
+    # factor of n_workers every round.
+    spec = a9a_spec(n_workers=3, max_rounds=8)
+    inprocess_stack.submit(spec)
+    inprocess_stack.submit(spec)
+    deliveries = 0
+    while True:
+        drained = 0
+        for queue in ("JobsQueue", "TasksQueue", "AggregateQueue"):
+            while inprocess_stack.step(queue) is not None:
+                drained += 1
+        deliveries += drained
+        if drained == 0 or deliveries > 500:
+            break
+
+    assert inprocess_stack.services.state.get_job("a9a-small").status == SUCCEEDED
+    reference, _ = train_reference(parse_job_spec(spec), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+    tasks = sum(delivery.queue == "TasksQueue" for delivery in inprocess_stack.deliveries)
+    aggregates = sum(delivery.queue == "AggregateQueue" for delivery in inprocess_stack.deliveries)
+    # 8 rounds of 3 tasks and one aggregate each, plus at most two rounds' worth of copies.
+    assert tasks <= 8 * 3 + 2 * 3, f"{tasks} task deliveries"
+    assert aggregates <= 8 + 2 * 3, f"{aggregates} aggregate deliveries"
