@@ -111,15 +111,15 @@ def comparable_parts(estimate: planner.RoundEstimate, profile: planner.LocalProf
 
     A worker times its task from the job check to before it records itself: two DynamoDB
     reads, the file reads, the compute and the result write. The aggregator times its step
-    from after its first two reads to before it writes the metrics: the reads, the combine,
-    the validation, the state write and the cost accounting with its one DynamoDB read.
+    from after its batched read of the job item and the round item to before its cost
+    accounting: the reads, the combine, the validation and the state write, with no
+    DynamoDB request.
     """
     phases = estimate.phases
     worker_task = (2 * profile.request_seconds + phases["worker: read weights"] + phases["worker: read batch"]
                    + phases["worker: compute"] + phases["worker: write result"])
     aggregator_step = (phases["aggregator: read results"] + phases["aggregator: combine and step"]
-                       + phases.get("aggregator: validation", 0.0) + phases["aggregator: bookkeeping"]
-                       + 3 * profile.write_op_seconds + profile.request_seconds)
+                       + phases.get("aggregator: validation", 0.0) + 3 * profile.write_op_seconds)
     return worker_task, aggregator_step
 
 
@@ -205,8 +205,8 @@ def measure(quick: bool) -> Section:
         f"Measured times are medians over the timed rounds of each run, then over {passes} run{'s' if passes > 1 else ''}"
         " of each case; the range shows the runs' own medians. The worker task and the aggregator step are",
         "the parts that the metrics files time (`worker_seconds`, `aggregate_seconds`): the worker from its",
-        "job check to before it records itself, the aggregator from after its first two reads to before",
-        "it writes the metrics. A worker task measured longer than predicted means it waited for a core",
+        "job check to before it records itself, the aggregator from after its batched read to before",
+        "its cost accounting. A worker task measured longer than predicted means it waited for a core",
         "or for moto's server while other workers ran.",
         f"The 1-minute load average at the end was {load:.1f} on {profile.cores} cores, so other",
         "processes on the machine shared the cores with these runs.",
