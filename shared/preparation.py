@@ -390,8 +390,12 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
     """
     data = spec.data
     skip_lines = data.skip_rows + (1 if data.header else 0)
-    with datasets.open_binary(path, source) as handle:
-        lines = [datasets.decode_text(handle.readline(), source, number) for number in range(1, skip_lines + 2)]
+    try:
+        with datasets.open_binary(path, source) as handle:
+            raw_lines = [handle.readline() for _ in range(skip_lines + 1)]
+    except (OSError, EOFError) as error:
+        raise datasets.decompression_error(path, source, error) from None
+    lines = [datasets.decode_text(raw, source, number) for number, raw in enumerate(raw_lines, start=1)]
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]
 

@@ -154,6 +154,16 @@ CASES = [
      "npz-objects", ["array X in 'datasets/objects.npz'", "Python objects"]),
     ("npz-not-a-zip", json.dumps(spec("npz-text", data={"path": "datasets/text.npz", "format": "npz"})),
      "npz-text", ["'datasets/text.npz'", "not a .npz archive", "numpy.savez"]),
+    ("csv-gz-not-compressed", json.dumps(spec("csv-plain-gz", data=csv_data("datasets/plain.csv.gz"))),
+     "csv-plain-gz", ["'datasets/plain.csv.gz'", "could not be decompressed", "not .gz-compressed"]),
+    ("csv-bz2-not-compressed", json.dumps(spec("csv-plain-bz2", data=csv_data("datasets/plain.csv.bz2"))),
+     "csv-plain-bz2", ["'datasets/plain.csv.bz2'", "could not be decompressed", "not .bz2-compressed"]),
+    ("csv-arabic-indic-digits", json.dumps(spec("csv-arabic-digits", data=csv_data("datasets/arabic-digits.csv"))),
+     "csv-arabic-digits", ["line 4 of 'datasets/arabic-digits.csv'", "column 1", "'٢٠.٢٩'",
+                           "not a number", "ASCII digits"]),
+    ("csv-full-width-digits", json.dumps(spec("csv-wide-digits", data=csv_data(
+        "datasets/full-width-digits.csv", skip_rows=1))), "csv-wide-digits",
+     ["line 3 of 'datasets/full-width-digits.csv'", "column 2", "'７５'", "not a number"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
@@ -212,6 +222,13 @@ def write_malformed_files(datasets):
     np.savez(datasets / "named.npz", features=table[:, :3], labels=table[:, 3])
     np.savez(datasets / "objects.npz", X=table[:, :3].astype(object), y=table[:, 3], allow_pickle=True)
     (datasets / "text.npz").write_text("1,2,0\n")
+
+    (datasets / "plain.csv.gz").write_text("1,2,0\n2,3,1\n3,4,0\n")
+    (datasets / "plain.csv.bz2").write_text("1,2,0\n2,3,1\n3,4,0\n")
+    (datasets / "arabic-digits.csv").write_text("1,2,0\n2,3,1\n3,4,0\n\u0662\u0660.\u0662\u0669,5,1\n",
+                                                 encoding="utf-8")
+    (datasets / "full-width-digits.csv").write_text("a,b,label\n1,2,0\n3,\uff17\uff15,1\n4,5,0\n",
+                                                     encoding="utf-8")
 
 
 @pytest.fixture
