@@ -20,6 +20,7 @@ import pytest
 from moto import mock_aws
 
 from functions import starter
+from shared.control import pause_job
 from shared.handlers import logger as handler_logger
 from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
@@ -338,9 +339,38 @@ def test_conflicting_job_id_leaves_running_job(stack):
     assert rejected.status == "FAILED"
     assert "running-job" in rejected.error
     assert "new job_id" in rejected.error
+    assert "baton resume" not in rejected.error, "resume does not apply to a RUNNING job"
     running = stack.state.get_job("running-job")
     assert running.status == "RUNNING"
     assert running.n_workers == 2
+
+
+def test_conflict_with_paused_job_names_resume(stack):
+    start_running_job(stack)
+    pause_job(stack.state, "running-job")
+    message_id = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+    response = deliver(json.dumps(with_training("running-job", n_workers=3)), message_id)
+
+    assert response["batchItemFailures"] == []
+    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    assert rejected.status == "FAILED"
+    assert "new job_id" in rejected.error
+    assert "`baton resume running-job`" in rejected.error
+    assert "resend" not in rejected.error
+    assert stack.state.get_job("running-job").status == "PAUSED"
+
+
+def test_same_spec_resent_leaves_paused_job(stack):
+    start_running_job(stack)
+    pause_job(stack.state, "running-job")
+
+    response = deliver(json.dumps(spec("running-job")), "99999999-8888-7777-6666-555555555555")
+
+    assert response["batchItemFailures"] == []
+    record = stack.state.get_job("running-job")
+    assert record.status == "PAUSED"
+    assert record.round == 0
 
 
 def test_catalogue_has_at_least_25_cases():
