@@ -650,7 +650,8 @@ def prepare_data(store: EfsStore, spec: JobSpec, model, s3_client=None) -> dict:
 
     Runs every step of :mod:`shared.preparation` in order; the starter instead runs one
     step per invocation when the sources hold more than ``data.part_bytes`` together. A repeated call returns the
-    existing manifest without reading the source again.
+    existing manifest without reading the source again, once it has checked that no source
+    changed since (:func:`shared.source_files.check_reusable`).
 
     Returns
     -------
