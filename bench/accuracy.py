@@ -2,6 +2,10 @@
 
 Usage: ``.venv/bin/python bench/accuracy.py [--datasets DIR] [--only NAME ...]``.
 
+With ``--stage-into EFS_ROOT`` it only writes the data sets under ``EFS_ROOT/datasets``,
+converted as below, and runs nothing. ``examples/README.md`` uses this to make the
+example specs runnable with ``baton run``.
+
 Each job spec in ``examples/<name>.json`` runs through Baton's real handlers in this
 process, with SQS and DynamoDB served by moto's in-process mock (``moto.mock_aws``) and a
 temporary folder as EFS. scikit-learn then fits ``LogisticRegression`` (or ``Ridge``) with
@@ -48,8 +52,10 @@ def stage_datasets(source: Path, efs_root: Path, names: list[str]) -> None:
         target = target_root / name
         target.mkdir(exist_ok=True)
         for path in (source / name).iterdir():
-            if path.is_file() and path.suffix != ".md":
-                (target / path.name).symlink_to(path)
+            link = target / path.name
+            # Links left by an earlier staging into the same folder are kept.
+            if path.is_file() and path.suffix != ".md" and not link.is_symlink():
+                link.symlink_to(path.resolve())
 
     if "mnist_test10k" in names:
         folder = source / "mnist_test10k"
@@ -152,8 +158,15 @@ def main() -> None:
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS_DIR, help="Folder of the data sets.")
     parser.add_argument("--only", nargs="*", default=None, help="Data set names to run; all by default.")
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "docs" / "accuracy.md")
+    parser.add_argument("--stage-into", type=Path, default=None, metavar="EFS_ROOT",
+                        help="Only write the data sets under EFS_ROOT/datasets (links to the files, and the "
+                             "converted mnist_test10k.npy and diabetes.npz), then stop.")
     arguments = parser.parse_args()
     names = arguments.only or DATASETS
+    if arguments.stage_into is not None:
+        stage_datasets(arguments.datasets, arguments.stage_into, names)
+        print(f"wrote {', '.join(names)} under {arguments.stage_into / 'datasets'}")
+        return
 
     import logging
 

@@ -9,6 +9,7 @@ command before anything is sent.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import re
@@ -123,13 +124,31 @@ def spec_options(command: Callable) -> Callable:
 
 
 def _read_spec_file(spec_file: Path) -> dict:
+    """Read a JSON spec file as UTF-8, with or without a byte order mark."""
     try:
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        raw = spec_file.read_bytes()
+    except OSError as error:
+        raise click.ClickException(f"cannot read {spec_file}: {error.strerror}") from None
+    try:
+        # "utf-8-sig" drops a leading UTF-8 byte order mark, as Windows editors write one.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise click.ClickException(_not_utf8_message(spec_file, raw, error)) from None
+    try:
+        spec = json.loads(text)
     except (ValueError, RecursionError) as error:
-        raise click.ClickException(f"{spec_file} is not a valid UTF-8 JSON file: {error}") from None
+        raise click.ClickException(f"{spec_file} is not a valid JSON file: {error}") from None
     if not isinstance(spec, dict):
         raise click.ClickException(f"{spec_file} contains a JSON {type(spec).__name__}, but a job spec is a JSON object")
     return spec
+
+
+def _not_utf8_message(spec_file: Path, raw: bytes, error: UnicodeDecodeError) -> str:
+    encoding = ""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = " (it starts with a UTF-16 byte order mark)"
+    return (f"{spec_file} is not UTF-8 text{encoding}: byte {error.start + 1} is "
+            f"{raw[error.start:error.start + 1]!r}; save the spec file as UTF-8")
 
 
 def _default_job_id(spec_file: Path | None) -> str:

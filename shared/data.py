@@ -54,8 +54,17 @@ def read_text_bytes(path: Path, source: str) -> bytes:
         with open_binary(path, source) as handle:
             return handle.read()
     except (OSError, EOFError) as error:
-        raise DataError(f"'{source}' could not be decompressed ({error}); check that the file is complete, "
-                        f"or rename it if it is not {path.suffix}-compressed") from None
+        raise decompression_error(path, source, error) from None
+
+
+def decompression_error(path: Path, source: str, error: Exception) -> DataError:
+    """Return the error for a ``.gz`` or ``.bz2`` file that is truncated or not compressed at all.
+
+    ``gzip`` raises ``BadGzipFile`` (an ``OSError``) and ``bz2`` an ``OSError`` or
+    ``EOFError``. Retrying cannot change the file, so the caller raises this permanent error.
+    """
+    return DataError(f"'{source}' could not be decompressed ({error}); check that the file is complete, "
+                     f"or rename it if it is not {path.suffix}-compressed")
 
 
 def decode_text(raw: bytes, source: str, first_line_number: int = 1) -> str:
@@ -261,12 +270,15 @@ def _split_fields(line: str, delimiter: str) -> list[str]:
 
 
 def _is_number(field: str) -> bool:
-    # float() also accepts digit separators ("1_000"), which numpy.loadtxt rejects.
+    # float() also accepts digit separators ("1_000") and any Unicode digit or space
+    # ("٢٠.٢٩", full-width "２０"), which numpy.loadtxt rejects.
+    if "_" in field or not field.isascii():
+        return False
     try:
         float(field)
     except ValueError:
         return False
-    return "_" not in field
+    return True
 
 
 def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int | None, source: str,
@@ -296,6 +308,8 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
         for column, field in enumerate(fields, start=1):
             if not _is_number(field):
                 problem = "is empty" if not field.strip() else f"is {field.strip()!r}, which is not a number"
+                if field.strip() and not field.isascii():
+                    problem += " (only ASCII digits 0-9 are read)"
                 return DataError(f"line {line_number} of '{source}', column {column} {problem}; CSV data must be "
                                  "numeric, so encode or remove that value, or check data.delimiter, data.header "
                                  "and data.skip_rows")
@@ -638,7 +652,8 @@ def prepare_data(store: EfsStore, spec: JobSpec, model, s3_client=None) -> dict:
 
     Runs every step of :mod:`shared.preparation` in order; the starter instead runs one
     step per invocation when the sources hold more than ``data.part_bytes`` together. A repeated call returns the
-    existing manifest without reading the source again.
+    existing manifest without reading the source again, once it has checked that no source
+    changed since (:func:`shared.source_files.check_reusable`).
 
     Returns
     -------

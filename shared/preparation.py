@@ -28,6 +28,11 @@ is a duplicate and is dropped; one for a later step arrived before the record an
 retried. Every step computes the same bytes whenever it runs, so the shards are
 identical however the steps are spread over invocations.
 
+The layout step records each source file's identity (:mod:`shared.source_files`). Every
+later step, and a start that finds the manifest already written, checks it first, so a
+file changed mid-preparation or since fails the job rather than mixing rows of two
+versions.
+
 Limitations
 -----------
 The split step holds every row's label, shard and position in memory (about 24 bytes a
@@ -37,6 +42,7 @@ whole by one invocation; store large sources uncompressed on EFS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -51,7 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from shared import data as datasets
-from shared import efs
+from shared import efs, source_files
 from shared.efs import EfsStore
 from shared.errors import DataError
 from shared.spec import S3_URI_PATTERN, JobSpec
@@ -177,6 +183,10 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
     """
     files = PreparationFiles(store, spec.job_id)
     if files.manifest.exists():
+        # NOTE: data prepared before sources were recorded has none in its layout, so its
+        # shards are reused unchecked.
+        source_files.check_reusable(_recorded_sources(files), spec.job_id,
+                                    lambda uri: s3_object_etag(uri, s3_client))
         return PreparationOutcome(manifest=store.read_json(files.manifest))
 
     recorded = _read_progress(files)
@@ -203,6 +213,13 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
         # No progress is recorded inside one invocation: a redelivery starts over, and
         # every step writes the same bytes again.
         step = following
+
+
+def _recorded_sources(files: PreparationFiles) -> list[dict]:
+    """Return the source records of the layout step, which stay after the preparation ends."""
+    if not files.layout.exists():
+        return []
+    return files.store.read_json(files.layout).get("sources", [])
 
 
 def _exceeds_one_part(parts: list[dict], part_bytes: int) -> bool:
@@ -256,6 +273,10 @@ def _next_step(files: PreparationFiles, spec: JobSpec, step: PreparationStep) ->
 
 def _run_step(files: PreparationFiles, spec: JobSpec, model, step: PreparationStep, s3_client) -> None:
     logger.info("preparation step", extra={"job_id": spec.job_id, "step": step.kind, "index": step.index})
+    if step.kind != "layout":
+        # One stat call per source: a file changed during the previous step fails the job
+        # here, before this step combines its rows with the earlier ones.
+        source_files.check_unchanged(_recorded_sources(files), spec.job_id)
     if step.kind == "layout":
         _layout(files, spec, s3_client)
     elif step.kind == "parse":
@@ -282,44 +303,90 @@ def allowed_s3_buckets(environ=None) -> set[str]:
 def copy_from_s3(uri: str, target: Path, s3_client=None, environ=None) -> Path:
     """Copy the object at ``uri`` to ``target`` through a temporary file and a rename.
 
+    The copy is one GET request, so it holds a single version of the object even if the
+    object is overwritten meanwhile. That version's ETag is written next to it
+    (:func:`copied_etag`), and a copy that has one is reused.
+
     Raises
     ------
     DataError
         If the bucket is not allowed, or the object is missing or not readable.
     """
-    from botocore.exceptions import ClientError
-
     bucket, key = S3_URI_PATTERN.match(uri).groups()
     allowed = allowed_s3_buckets(environ)
     if bucket not in allowed:
         raise DataError(f"data path {uri} is in bucket '{bucket}', which is not allowed; add it to "
                         f"{ALLOWED_S3_BUCKETS_VARIABLE} (allowed now: {sorted(allowed) or 'none'})")
-    if target.exists():
+    if target.exists() and copied_etag(target) is not None:
         return target
-    if s3_client is None:
-        import boto3
-
-        s3_client = boto3.client("s3")
+    s3_client = s3_client or _default_s3_client()
 
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with open(temporary, "wb") as handle:
-            s3_client.download_fileobj(bucket, key, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with _s3_errors(uri):
+            response = s3_client.get_object(Bucket=bucket, Key=key)
+            with open(temporary, "wb") as handle:
+                shutil.copyfileobj(response["Body"], handle, 1 << 20)
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(temporary, target)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    # Written after the rename, so a crash in between leaves a copy without an ETag,
+    # which the next attempt copies again.
+    _etag_path(target).write_text(response["ETag"])
+    logger.info("copied data from S3", extra={"uri": uri, "bytes": target.stat().st_size, "etag": response["ETag"]})
+    return target
+
+
+def copied_etag(target: Path) -> str | None:
+    """Return the ETag of the object that :func:`copy_from_s3` copied to ``target``, or None."""
+    path = _etag_path(target)
+    return path.read_text() if path.exists() else None
+
+
+def s3_object_etag(uri: str, s3_client=None) -> str | None:
+    """Return the current ETag of the object at ``uri``, or None if it does not exist.
+
+    A HeadObject request, which the functions' ``s3:GetObject`` permission allows.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, key = S3_URI_PATTERN.match(uri).groups()
+    try:
+        with _s3_errors(uri, missing_ok=True):
+            return (s3_client or _default_s3_client()).head_object(Bucket=bucket, Key=key)["ETag"]
+    except ClientError:
+        return None
+
+
+def _etag_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.etag")
+
+
+def _default_s3_client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str, missing_ok: bool = False):
+    """Turn S3's missing-object and access errors into a DataError; with ``missing_ok``, re-raise a 404."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "")
+        if missing_ok and code in ("404", "NoSuchKey"):
+            raise
         if code in ("404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied"):
             raise DataError(f"cannot read {uri}: {code}; check the URI and that the functions' role may read "
                             "the object") from error
         raise
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    logger.info("copied data from S3", extra={"uri": uri, "bytes": target.stat().st_size})
-    return target
 
 
 def _source_path(files: PreparationFiles, role: str, path: str, s3_client) -> Path:
@@ -333,14 +400,18 @@ def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
     if spec.data.validation_path is not None:
         sources.append(("validation", spec.data.validation_path))
 
-    parts = []
+    parts, records = [], []
     for role, path in sources:
         local = _source_path(files, role, path, s3_client)
         if not local.is_file():
-            raise DataError(f"data file not found: '{path}'; check data.{'path' if role == 'train' else 'validation_path'}"
+            raise DataError(f"data file not found: '{path}'; check {source_files.FIELDS[role]}"
                             " and that the file was copied onto EFS")
+        # Recorded before the file is read, so a change while the parts are cut is caught
+        # by the next step's check.
+        etag = copied_etag(local) if path.startswith("s3://") else None
+        records.append(source_files.source_record(role, path, local, etag))
         parts.extend(_cut_parts(spec, role, local, source=path))
-    files.store.write_json(files.layout, {"parts": parts})
+    files.store.write_json(files.layout, {"parts": parts, "sources": records})
 
 
 def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) -> list[dict]:
@@ -390,8 +461,12 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
     """
     data = spec.data
     skip_lines = data.skip_rows + (1 if data.header else 0)
-    with datasets.open_binary(path, source) as handle:
-        lines = [datasets.decode_text(handle.readline(), source, number) for number in range(1, skip_lines + 2)]
+    try:
+        with datasets.open_binary(path, source) as handle:
+            raw_lines = [handle.readline() for _ in range(skip_lines + 1)]
+    except (OSError, EOFError) as error:
+        raise datasets.decompression_error(path, source, error) from None
+    lines = [datasets.decode_text(raw, source, number) for number, raw in enumerate(raw_lines, start=1)]
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]
 

@@ -208,7 +208,8 @@ def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
     if not same:
         raise DataError(
             f"EFS already contains files of an earlier job '{spec.job_id}' with a different spec in "
-            f"'{store.job_dir(spec.job_id)}'; choose a new job_id, or delete that folder if it is no longer needed")
+            f"'{store.job_dir(spec.job_id)}'; choose a new job_id, or delete that folder if it is no longer needed "
+            "(for a local job, `baton run --fresh` deletes it)")
 
 
 def _preparation_step_message(body: str) -> dict | None:

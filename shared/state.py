@@ -208,9 +208,14 @@ class StateStore:
                 raise
             existing = self.get_job(job_id)
             if existing.fingerprint != fingerprint:
+                # Sending the original spec again would not help: the starter drops a
+                # job message for a job that is past PREPARING, whatever its status.
+                fix = "choose a new job_id"
+                if existing.status in (PAUSED, FAILED):
+                    fix += f", or continue that job with `baton resume {job_id}`"
                 raise JobConflictError(
                     f"job id '{job_id}' is already used by a job with a different spec (status {existing.status}); "
-                    "choose a new job_id, or resend the original spec to resume that job") from None
+                    f"{fix}") from None
             return existing
         return JobRecord.from_item(item)
 

@@ -29,6 +29,15 @@ def run_job(stack: InProcessStack, spec: dict):
     return stack.services.state.get_job(spec["job_id"])
 
 
+def forget_job(stack: InProcessStack, job_id: str) -> None:
+    """Delete a job's items from the state table, as a new local stack starts without them."""
+    state = stack.services.state
+    items = state.client.query(TableName=state.table_name, KeyConditionExpression="pk = :pk",
+                               ExpressionAttributeValues={":pk": {"S": f"JOB#{job_id}"}})["Items"]
+    for item in items:
+        state.client.delete_item(TableName=state.table_name, Key={"pk": item["pk"], "sk": item["sk"]})
+
+
 def run_job_with_shuffled_tasks(stack: InProcessStack, spec: dict, seed: int):
     """Run ``spec`` delivering each round's task messages in a random order; return the job record."""
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ import pytest
 from moto import mock_aws
 
 from functions import starter
-from shared.control import drain_dead_letters
+from shared.control import drain_dead_letters, pause_job
 from shared.handlers import logger as handler_logger
 from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
@@ -162,6 +162,16 @@ CASES = [
      "npz-objects", ["array X in 'datasets/objects.npz'", "Python objects"]),
     ("npz-not-a-zip", json.dumps(spec("npz-text", data={"path": "datasets/text.npz", "format": "npz"})),
      "npz-text", ["'datasets/text.npz'", "not a .npz archive", "numpy.savez"]),
+    ("csv-gz-not-compressed", json.dumps(spec("csv-plain-gz", data=csv_data("datasets/plain.csv.gz"))),
+     "csv-plain-gz", ["'datasets/plain.csv.gz'", "could not be decompressed", "not .gz-compressed"]),
+    ("csv-bz2-not-compressed", json.dumps(spec("csv-plain-bz2", data=csv_data("datasets/plain.csv.bz2"))),
+     "csv-plain-bz2", ["'datasets/plain.csv.bz2'", "could not be decompressed", "not .bz2-compressed"]),
+    ("csv-arabic-indic-digits", json.dumps(spec("csv-arabic-digits", data=csv_data("datasets/arabic-digits.csv"))),
+     "csv-arabic-digits", ["line 4 of 'datasets/arabic-digits.csv'", "column 1", "'٢٠.٢٩'",
+                           "not a number", "ASCII digits"]),
+    ("csv-full-width-digits", json.dumps(spec("csv-wide-digits", data=csv_data(
+        "datasets/full-width-digits.csv", skip_rows=1))), "csv-wide-digits",
+     ["line 3 of 'datasets/full-width-digits.csv'", "column 2", "'７５'", "not a number"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
@@ -222,6 +232,13 @@ def write_malformed_files(datasets):
     np.savez(datasets / "named.npz", features=table[:, :3], labels=table[:, 3])
     np.savez(datasets / "objects.npz", X=table[:, :3].astype(object), y=table[:, 3], allow_pickle=True)
     (datasets / "text.npz").write_text("1,2,0\n")
+
+    (datasets / "plain.csv.gz").write_text("1,2,0\n2,3,1\n3,4,0\n")
+    (datasets / "plain.csv.bz2").write_text("1,2,0\n2,3,1\n3,4,0\n")
+    (datasets / "arabic-digits.csv").write_text("1,2,0\n2,3,1\n3,4,0\n\u0662\u0660.\u0662\u0669,5,1\n",
+                                                 encoding="utf-8")
+    (datasets / "full-width-digits.csv").write_text("a,b,label\n1,2,0\n3,\uff17\uff15,1\n4,5,0\n",
+                                                     encoding="utf-8")
 
 
 @pytest.fixture
@@ -332,6 +349,7 @@ def test_conflicting_job_id_leaves_running_job(stack):
     assert rejected.status == "FAILED"
     assert "running-job" in rejected.error
     assert "new job_id" in rejected.error
+    assert "baton resume" not in rejected.error, "resume does not apply to a RUNNING job"
     running = stack.state.get_job("running-job")
     assert running.status == "RUNNING"
     assert running.n_workers == 2
@@ -350,6 +368,34 @@ def test_dead_lettered_job_without_usable_id(stack, job_id):
     assert record.status == "FAILED"
     assert "dead-letter queue" in record.error
     assert stack.state.get_job("") is None
+
+
+def test_conflict_with_paused_job_names_resume(stack):
+    start_running_job(stack)
+    pause_job(stack.state, "running-job")
+    message_id = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+    response = deliver(json.dumps(with_training("running-job", n_workers=3)), message_id)
+
+    assert response["batchItemFailures"] == []
+    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    assert rejected.status == "FAILED"
+    assert "new job_id" in rejected.error
+    assert "`baton resume running-job`" in rejected.error
+    assert "resend" not in rejected.error
+    assert stack.state.get_job("running-job").status == "PAUSED"
+
+
+def test_same_spec_resent_leaves_paused_job(stack):
+    start_running_job(stack)
+    pause_job(stack.state, "running-job")
+
+    response = deliver(json.dumps(spec("running-job")), "99999999-8888-7777-6666-555555555555")
+
+    assert response["batchItemFailures"] == []
+    record = stack.state.get_job("running-job")
+    assert record.status == "PAUSED"
+    assert record.round == 0
 
 
 def test_catalogue_has_at_least_25_cases():

@@ -8,6 +8,7 @@ After a dry run, a malformed option or an invalid spec, the queue stays empty.
 
 from __future__ import annotations
 
+import codecs
 import json
 import uuid
 from pathlib import Path
@@ -209,18 +210,34 @@ def test_invalid_spec_sends_nothing(jobs_queue, arguments, words):
 
 
 @pytest.mark.parametrize("content, words", [
-    ("{", "is not a valid UTF-8 JSON file"),
-    ("[1, 2]", "contains a JSON list, but a job spec is a JSON object"),
-])
+    (b"{", ["job.json is not a valid JSON file"]),
+    (b"[1, 2]", ["contains a JSON list, but a job spec is a JSON object"]),
+    (b"\xff\xfe{\x00}\x00", ["job.json is not UTF-8 text (it starts with a UTF-16 byte order mark)",
+                              "byte 1 is b'\\xff'", "save the spec file as UTF-8"]),
+    ('{"job_id": "caf\u00e9"}'.encode("latin-1"), ["job.json is not UTF-8 text: byte 16 is b'\\xe9'",
+                                                    "save the spec file as UTF-8"]),
+], ids=["truncated-json", "json-list", "utf-16", "latin-1"])
 def test_unreadable_file_sends_nothing(jobs_queue, tmp_path, content, words):
     spec_file = tmp_path / "job.json"
-    spec_file.write_text(content)
+    spec_file.write_bytes(content)
 
     result = submit(str(spec_file), *jobs_queue["arguments"])
 
     assert result.exit_code == 1, result.output
-    assert words in result.output
+    for word in words:
+        assert word in result.output
+    assert "Traceback" not in result.output
     assert received_specs(jobs_queue) == []
+
+
+def test_file_with_byte_order_mark_sent(jobs_queue, tmp_path):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_bytes(codecs.BOM_UTF8 + A9A_SPEC_FILE.read_bytes())
+
+    result = submit(str(spec_file), *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    assert received_specs(jobs_queue) == [json.loads(A9A_SPEC_FILE.read_text())]
 
 
 def test_missing_queue_names_stage(moto_endpoint):

@@ -14,7 +14,7 @@ from shared.efs import EfsStore
 from shared.preparation import ALLOWED_S3_BUCKETS_VARIABLE, layout_summary
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
-from tests.baton_jobs import breast_cancer_spec, run_job
+from tests.baton_jobs import breast_cancer_spec, forget_job, run_job
 
 
 def data_files(efs_root, job_id: str) -> dict[str, str]:
@@ -202,6 +202,25 @@ def test_s3_source_copied_to_efs(inprocess_stack, efs_root, s3_bucket):
     assert run_job(inprocess_stack, from_efs).status == SUCCEEDED
     assert data_files(efs_root, "from-s3") == data_files(efs_root, "from-efs")
     assert (efs_root / "jobs" / "from-s3" / "prepare" / "sources" / "train-breast_cancer.csv").is_file()
+
+
+def test_s3_source_checked_before_reuse(inprocess_stack, efs_root, s3_bucket):
+    spec = breast_cancer_spec("s3-rerun", data={"path": f"s3://{s3_bucket}/sets/breast_cancer.csv"},
+                              training={"max_rounds": 1})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    forget_job(inprocess_stack, "s3-rerun")
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED, "an unchanged object is reused"
+    forget_job(inprocess_stack, "s3-rerun")
+    s3 = boto3.client("s3", region_name="us-east-1")
+    lines = (efs_root / "datasets" / "breast_cancer.csv").read_text().splitlines(keepends=True)
+    s3.put_object(Bucket=s3_bucket, Key="sets/breast_cancer.csv", Body="".join(lines[:-1]).encode())
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert f"data file 's3://{s3_bucket}/sets/breast_cancer.csv' (data.path) changed after job 's3-rerun'" \
+        in record.error
+    assert "its ETag changed from" in record.error
 
 
 def test_s3_bucket_not_allowed(inprocess_stack, s3_bucket, monkeypatch):

@@ -232,6 +232,7 @@ def test_leftover_files_of_other_spec_fail_job(inprocess_stack, efs_root):
     assert record.status == FAILED
     assert "different spec" in record.error
     assert "new job_id" in record.error
+    assert "`baton run --fresh`" in record.error
     assert (efs_root / "jobs" / "a9a-small" / "spec.json").is_file()
 
 

@@ -208,13 +208,18 @@ class LocalStack:
     # Jobs --------------------------------------------------------------------------------
 
     def import_data(self, source: str | os.PathLike, destination: str) -> Path:
-        """Copy a file or folder into the EFS folder at ``destination`` (relative)."""
+        """Copy a file or folder into the EFS folder at ``destination`` (relative).
+
+        The copies keep each file's modification time, and an existing copy is written in
+        place. So importing an unchanged file again keeps the identity that a job's prepared
+        shards were recorded with (:mod:`shared.source_files`), and a changed file does not.
+        """
         source, target = Path(source), self.efs_root / destination
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)
         else:
-            shutil.copyfile(source, target)
+            shutil.copy2(source, target)
         return target
 
     def submit(self, spec: dict | str) -> str:

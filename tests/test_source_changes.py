@@ -1,0 +1,157 @@
+"""A data file that changes during its preparation, or after it, fails the job instead of mixing rows.
+
+GIVEN a job whose CSV source is cut into many parts (small ``data.part_bytes``), or a job
+whose shards are already prepared on EFS.
+WHEN the file is rewritten or replaced between two preparation steps, or before the same
+spec runs again on a new state table (as a second `baton run` without --fresh does).
+THEN the job is FAILED, without a retry, with a message that names the file and the fix;
+an unchanged file is prepared once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from shared.cli import main
+from shared.state import FAILED, SUCCEEDED
+from tests.baton_jobs import breast_cancer_spec, final_params, forget_job, run_job
+from tests.conftest import BREAST_CANCER_CSV
+
+SOURCE = "datasets/large.csv"
+
+
+def write_large_csv(path: Path, flip_labels: bool = False) -> None:
+    """Write 1,000 rows of 8 to 14 bytes under a header; ``flip_labels`` keeps every byte count."""
+    rows = [f"{index % 97},{index % 89},{(index + flip_labels) % 2}" for index in range(1000)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("x,y,label\n" + "\n".join(rows) + "\n")
+
+
+def large_spec(job_id: str) -> dict:
+    return breast_cancer_spec(job_id, data={"path": SOURCE, "skip_rows": 1, "part_bytes": 4096},
+                              training={"n_workers": 2, "max_rounds": 2})
+
+
+def replace_keeping_size_and_time(path: Path) -> None:
+    """Put a different file of the same size and modification time at ``path``, with os.replace."""
+    status = path.stat()
+    replacement = path.with_name(path.name + ".new")
+    write_large_csv(replacement, flip_labels=True)
+    assert replacement.stat().st_size == status.st_size
+    os.utime(replacement, ns=(status.st_atime_ns, status.st_mtime_ns))
+    os.replace(replacement, path)
+
+
+def append_row(path: Path) -> None:
+    with open(path, "a") as handle:
+        handle.write("1,2,1\n")
+
+
+@pytest.mark.parametrize("change, words", [
+    (replace_keeping_size_and_time, ["another file replaced it"]),
+    (append_row, ["its size changed from"]),
+], ids=["replaced-same-size-and-time", "appended-in-place"])
+def test_source_changed_between_steps_fails_job(inprocess_stack, efs_root, change, words):
+    write_large_csv(efs_root / SOURCE)
+    inprocess_stack.submit(large_spec("changed-midway"))
+    # The layout step and the first two parse steps, each in its own invocation.
+    for _ in range(3):
+        assert not inprocess_stack.step("JobsQueue").failed
+
+    change(efs_root / SOURCE)
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("changed-midway")
+    assert record.status == FAILED
+    assert f"data file '{SOURCE}' (data.path) changed while job 'changed-midway' was preparing" in record.error
+    for word in words:
+        assert word in record.error
+    assert "new job_id" in record.error
+    assert "baton run --fresh" in record.error
+    assert not any(delivery.failed for delivery in inprocess_stack.deliveries), "a changed file is not retried"
+    assert not (efs_root / "jobs" / "changed-midway" / "data" / "manifest.json").exists()
+
+
+def test_validation_file_changed_between_steps_fails_job(inprocess_stack, efs_root):
+    write_large_csv(efs_root / SOURCE)
+    write_large_csv(efs_root / "datasets" / "held-out.csv")
+    spec = large_spec("validation-changed")
+    spec["data"]["validation_path"] = "datasets/held-out.csv"
+    inprocess_stack.submit(spec)
+    assert not inprocess_stack.step("JobsQueue").failed
+
+    append_row(efs_root / "datasets" / "held-out.csv")
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("validation-changed")
+    assert record.status == FAILED
+    assert "'datasets/held-out.csv' (data.validation_path) changed while" in record.error
+
+
+def test_unchanged_source_reuses_shards(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("rerun-same")
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    first = final_params(efs_root, "rerun-same")
+    forget_job(inprocess_stack, "rerun-same")
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    assert (final_params(efs_root, "rerun-same") == first).all()
+
+
+def test_changed_source_not_reused(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("rerun-changed")
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    forget_job(inprocess_stack, "rerun-changed")
+    path = efs_root / "datasets" / "breast_cancer.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert ("data file 'datasets/breast_cancer.csv' (data.path) changed after job 'rerun-changed' prepared its "
+            "shards") in record.error
+    assert "its size changed from" in record.error
+    assert "new job_id" in record.error
+    assert "baton run --fresh" in record.error
+
+
+def test_cli_rerun_checks_changed_file(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    shutil.copyfile(BREAST_CANCER_CSV, data_dir / "train.csv")
+    spec = breast_cancer_spec("cli-rerun", data={"path": "datasets/mine/train.csv"},
+                              training={"n_workers": 2, "max_rounds": 2})
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec))
+    local_dir = tmp_path / "baton"
+    arguments = ["run", str(spec_file), "--local-dir", str(local_dir), "--import", f"{data_dir}:datasets/mine",
+                 "--timeout", "240"]
+    params = local_dir / "efs" / "jobs" / "cli-rerun" / "model" / "params.npy"
+
+    first = CliRunner().invoke(main, arguments)
+    assert first.exit_code == 0, first.output
+    first_params = params.read_bytes()
+
+    again = CliRunner().invoke(main, arguments)
+    assert again.exit_code == 0, again.output
+    assert params.read_bytes() == first_params
+
+    lines = (data_dir / "train.csv").read_text().splitlines(keepends=True)
+    (data_dir / "train.csv").write_text("".join(lines[:-40]))
+    changed = CliRunner().invoke(main, arguments)
+    assert changed.exit_code == 1, changed.output
+    assert "data file 'datasets/mine/train.csv' (data.path) changed after job 'cli-rerun'" in changed.output
+    assert "baton run --fresh" in changed.output
+
+    fresh = CliRunner().invoke(main, [*arguments, "--fresh"])
+    assert fresh.exit_code == 0, fresh.output
+    assert params.read_bytes() != first_params
