@@ -133,7 +133,10 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
                 destination = check_relative_path("--import DEST", destination)
             except JobSpecError as error:
                 raise click.BadParameter(error.problem, param_hint="--import") from None
-            stack.import_data(source, destination)
+            try:
+                stack.import_data(source, destination)
+            except ValueError as error:
+                raise click.BadParameter(str(error), param_hint="--import") from None
 
         click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
         click.echo(f"while this runs, other baton commands reach it with: --stage local --endpoint-url {stack.endpoint_url}")
