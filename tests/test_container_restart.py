@@ -1,4 +1,4 @@
-"""A lane whose container dies before it has imported its handler retries the batch at once.
+"""A lane whose container dies while importing its handler retries the batch in a new container.
 
 The container is a real process of the local runtime, killed by its pid while its import
 waits on a gate file (tests/gated_handler.py). The queue's visibility timeout is the tasks
@@ -25,7 +25,7 @@ from shared.local.stack import FunctionDefinition
 WAIT_SECONDS = 120
 
 
-def wait_for(condition: Callable[[], object], what: str) -> object:
+def wait_for(condition: Callable[[], object], description: str) -> object:
     """Return the first true value of ``condition``, polled until ``WAIT_SECONDS`` have passed."""
     deadline = time.monotonic() + WAIT_SECONDS
     while time.monotonic() < deadline:
@@ -33,7 +33,7 @@ def wait_for(condition: Callable[[], object], what: str) -> object:
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {WAIT_SECONDS} s waiting for {what}")
+    raise AssertionError(f"timed out after {WAIT_SECONDS} s waiting for {description}")
 
 
 def pids_of(gate: Path, prefix: str) -> list[int]:

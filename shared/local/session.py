@@ -210,7 +210,7 @@ class LocalStack:
     def import_data(self, source: str | os.PathLike, destination: str) -> Path:
         """Copy a file or folder into the EFS folder at ``destination`` (relative).
 
-        The copy holds the files' contents, with symbolic links in ``source`` followed,
+        The copy contains the files' contents, with symbolic links in ``source`` followed,
         because the handlers reject a data path whose link leads outside the EFS root. A
         symbolic link already at ``destination`` is replaced, not written through.
 
