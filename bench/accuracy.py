@@ -37,6 +37,8 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench.common import stage_file  # noqa: E402  (needs PROJECT_ROOT on sys.path)
+
 DATASETS = ["a9a", "w8a", "ijcnn1", "higgs_7k", "skin_nonskin", "breast_cancer", "digits", "mnist_5k",
             "mnist_test10k", "california_housing", "casp", "diabetes"]
 DEFAULT_DATASETS_DIR = PROJECT_ROOT.parent / "shared" / "datasets"
@@ -45,17 +47,15 @@ R2_TOLERANCE = 0.02
 
 
 def stage_datasets(source: Path, efs_root: Path, names: list[str]) -> None:
-    """Link the data sets under ``efs_root/datasets`` and convert the two that need it."""
+    """Put the data sets under ``efs_root/datasets`` and convert the two that need it."""
     target_root = efs_root / "datasets"
     target_root.mkdir(parents=True, exist_ok=True)
     for name in names:
         target = target_root / name
         target.mkdir(exist_ok=True)
         for path in (source / name).iterdir():
-            link = target / path.name
-            # Links left by an earlier staging into the same folder are kept.
-            if path.is_file() and path.suffix != ".md" and not link.is_symlink():
-                link.symlink_to(path.resolve())
+            if path.is_file() and path.suffix != ".md":
+                stage_file(path, target / path.name)
 
     if "mnist_test10k" in names:
         folder = source / "mnist_test10k"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,21 @@ from shared.planner import median_seconds  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
+
+
+def stage_file(source: Path, target: Path) -> None:
+    """Put the file ``source`` at ``target`` under an EFS root as a hard link, or as a copy.
+
+    Not as a symbolic link, because Baton rejects a data path whose link leads outside the
+    EFS root. A hard link costs no space, and a copy replaces it when ``source`` is on
+    another file system or the file system has no hard links.
+    """
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 @dataclass(frozen=True)

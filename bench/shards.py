@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DATASETS
+from bench.common import DATASETS, stage_file
 from shared.data import prepare_data, shard_folder
 from shared.efs import EfsStore
 from shared.service import write_round_state
@@ -40,18 +40,16 @@ HIGGS = SourceSet("higgs_7k", "higgs_7k.json", ("binary.train", "binary.test"))
 A9A = SourceSet("a9a", "a9a.json", ("a9a", "a9a.t"))
 
 
-def _link_source(efs_root: Path, source: SourceSet) -> None:
+def _stage_source(efs_root: Path, source: SourceSet) -> None:
     target = efs_root / "datasets" / source.name
     target.mkdir(parents=True, exist_ok=True)
     for name in source.files:
-        link = target / name
-        if not link.exists():
-            link.symlink_to(DATASETS / source.name / name)
+        stage_file(DATASETS / source.name / name, target / name)
 
 
 def prepare_source(efs_root: Path, source: SourceSet) -> str:
     """Prepare ``source`` as a one-worker job with Baton's preparation; return the job id."""
-    _link_source(efs_root, source)
+    _stage_source(efs_root, source)
     raw = json.loads((EXAMPLES / source.example).read_text())
     job_id = f"source-{source.name}"
     raw["job_id"] = job_id

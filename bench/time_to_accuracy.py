@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DATASETS, Goal, Section, markdown_table
+from bench.common import DATASETS, Goal, Section, markdown_table, stage_file
 from shared.local.session import LocalStack
 from shared.state import SUCCEEDED
 
@@ -87,13 +87,13 @@ def load_split(name: str, efs_root: Path) -> Split:
     target.mkdir(parents=True, exist_ok=True)
     if name == "a9a":
         for file in ("a9a", "a9a.t"):
-            (target / file).symlink_to(source / file)
+            stage_file(source / file, target / file)
         X_train, y_train, X_test, y_test = load_svmlight_files([str(source / "a9a"), str(source / "a9a.t")],
                                                                n_features=123)
         return Split(X_train, y_train, X_test, y_test, "a9a.t (16,281 rows)")
     if name == "higgs_7k":
         for file in ("binary.train", "binary.test"):
-            (target / file).symlink_to(source / file)
+            stage_file(source / file, target / file)
         train, test = np.loadtxt(source / "binary.train"), np.loadtxt(source / "binary.test")
         scaler = StandardScaler().fit(train[:, 1:])
         return Split(scaler.transform(train[:, 1:]), train[:, 0], scaler.transform(test[:, 1:]), test[:, 0],

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import click
+from click.core import ParameterSource
 
 from shared.cli_spec import build_spec, spec_options
 from shared.errors import JobSpecError
@@ -45,7 +46,8 @@ def _aws_error_message(error: Exception) -> str | None:
                 "stack set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to any value")
     if isinstance(error, EndpointConnectionError):
         return (f"cannot reach {error.kwargs.get('endpoint_url', 'the endpoint')}; for a local stack, "
-                "check that its `baton run` is still running")
+                "check that its `baton run` is still running. Once it has ended, `baton fetch` and `baton plot` "
+                "read a job from its EFS folder with --efs-root alone, such as --efs-root .baton/efs")
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         if code in ("ResourceNotFoundException", "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
@@ -133,7 +135,10 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
                 destination = check_relative_path("--import DEST", destination)
             except JobSpecError as error:
                 raise click.BadParameter(error.problem, param_hint="--import") from None
-            stack.import_data(source, destination)
+            try:
+                stack.import_data(source, destination)
+            except ValueError as error:
+                raise click.BadParameter(str(error), param_hint="--import") from None
 
         click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
         click.echo(f"while this runs, other baton commands reach it with: --stage local --endpoint-url {stack.endpoint_url}")
@@ -284,33 +289,49 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost ${cost_usd:.4f})")
 
 
+def _reads_efs_alone(efs_root: Path | None) -> bool:
+    """Return whether a command given ``--efs-root`` and no stack option reads the EFS folder alone."""
+    context = click.get_current_context()
+    return efs_root is not None and all(
+        context.get_parameter_source(name) in (ParameterSource.DEFAULT, None)
+        for name in ("stage", "endpoint_url", "region"))
+
+
 @main.command()
 @click.argument("job_id")
 @_stack_options
 @click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to write into; defaults to ./<JOB_ID>.")
 @click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Local EFS folder to copy the model from, such as .baton/efs for `baton run`.")
+              help="Local EFS folder, such as .baton/efs for `baton run`, to copy the model from. Without "
+                   "--stage, --endpoint-url and --region, the spec and metrics are read from it too, and the "
+                   "table is not read.")
 def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_dir: Path | None,
           efs_root: Path | None) -> None:
     """Save JOB_ID's summary, spec and per-round metrics, and its model when reachable.
 
     Metrics come from DynamoDB. The model is on EFS, which only the stack's VPC can reach,
-    so it is copied only with --efs-root. docs/deployment.md shows how to copy it out of
-    a deployed stack.
+    so it is copied only with --efs-root, once the job has succeeded. docs/deployment.md
+    shows how to copy it out of a deployed stack.
+
+    With --efs-root alone, everything comes from that folder (the per-round metrics
+    files and the model), so a local job can be fetched after `baton run` has ended.
+    The job's status is only in the table, so job.json is not written then.
     """
-    from shared.monitor import JobNotFoundError, fetch_job
+    from shared.monitor import JobNotFoundError, fetch_job, fetch_local_job
 
     output_dir = output_dir or Path(job_id)
     try:
-        written = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
+        if _reads_efs_alone(efs_root):
+            result = fetch_local_job(efs_root, job_id, output_dir)
+        else:
+            result = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
     except (JobNotFoundError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
-    for path in written:
+    for path in result.written:
         click.echo(str(path))
-    if efs_root is None:
-        click.echo(f"model not copied: it is on EFS under jobs/{job_id}/model/; pass --efs-root for a local "
-                   "stack, or copy it out of AWS with DataSync (docs/deployment.md)", err=True)
+    for note in result.notes:
+        click.echo(note, err=True)
 
 
 @main.command()
@@ -324,18 +345,28 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
               help="Figure height in inches.")
 @click.option("--dpi", type=click.IntRange(min=30, max=600), default=100, show_default=True,
               help="Pixels per inch; the image is width x dpi by height x dpi pixels.")
+@click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local EFS folder, such as .baton/efs for `baton run`, to read the per-round metrics files "
+                   "from instead of the table; works after `baton run` has ended.")
 def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_path: Path | None,
-         width_inches: float, height_inches: float, dpi: int) -> None:
+         width_inches: float, height_inches: float, dpi: int, efs_root: Path | None) -> None:
     """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
-    from shared.monitor import plot_job
+    from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
 
-    store = _store(stage, endpoint_url, region)
-    record = _require_job(store, job_id)
-    rounds = store.list_round_metrics(job_id)
+    if efs_root is not None:
+        try:
+            rounds = read_metrics_files(efs_root, job_id)
+        except JobNotFoundError as error:
+            raise click.ClickException(str(error)) from None
+        title = f"{job_id} ({len(rounds)} rounds)"
+    else:
+        store = _store(stage, endpoint_url, region)
+        record = _require_job(store, job_id)
+        rounds = store.list_round_metrics(job_id)
+        title = f"{job_id} ({record.status}, {len(rounds)} rounds)"
     output_path = output_path or Path(f"{job_id}.png")
     try:
-        plot_job(rounds, output_path, title=f"{job_id} ({record.status}, {len(rounds)} rounds)",
-                 width_inches=width_inches, height_inches=height_inches, dpi=dpi)
+        plot_job(rounds, output_path, title=title, width_inches=width_inches, height_inches=height_inches, dpi=dpi)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     click.echo(str(output_path))

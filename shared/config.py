@@ -63,6 +63,8 @@ class Settings:
     tasks_queue_name: str = "baton-dev-tasks"
     aggregate_queue_name: str = "baton-dev-aggregate"
     state_table_name: str = "baton-dev-state"
+    # NOTE: no code reads allowed_data_roots yet, so data paths may point anywhere under
+    # efs_root whatever it is set to (EfsStore.resolve_data_path enforces only the root).
     allowed_data_roots: str = ""
     keep_checkpoints: int = 3
     faults_enabled: bool = False

@@ -537,8 +537,9 @@ def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features:
 
     For tests and the one-process reference; the pipeline reads sources in parts.
     """
-    path = store.resolve_data_path(relative_path)
     data = spec.data
+    field = "data.validation_path" if relative_path == data.validation_path else "data.path"
+    path = store.resolve_data_path(relative_path, field)
     if data.format == "libsvm":
         X, y = read_libsvm(path, n_features, relative_path)
     else:

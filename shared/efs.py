@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import DataError
+
 # A fixed timestamp makes .npz archives byte-identical for identical arrays.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -143,9 +145,32 @@ class EfsStore:
     def model_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "model"
 
-    def resolve_data_path(self, relative: str) -> Path:
-        """Return the absolute path of a data file given relative to the root."""
-        return self.root / relative
+    def resolve_data_path(self, relative: str, field: str = "data.path") -> Path:
+        """Return the path of the data file that spec field ``field`` names relative to the root.
+
+        Raises
+        ------
+        DataError
+            If a symbolic link on the way leads outside the root, so a spec cannot make a
+            function read (and quote in its errors) a file of its own file system.
+        """
+        path = self.root / relative
+        if not self.is_under_root(path):
+            raise DataError(
+                f"{field} '{relative}' leads outside the EFS root through a symbolic link; Baton reads only files "
+                "under the EFS root, so copy the file under the EFS root and name the copy in the spec")
+        # NOTE: the check and the later reads are separate system calls, so a link swapped
+        # in between by someone who can write to the file system is not caught.
+        return path
+
+    def is_under_root(self, path: Path) -> bool:
+        """Return whether ``path``, with every symbolic link resolved, is inside the root's real path.
+
+        A path that does not exist yet is resolved as far as it exists.
+        """
+        real_root = os.path.realpath(self.root)
+        real_path = os.path.realpath(path)
+        return os.path.commonpath([real_root, real_path]) == real_root
 
     # Reads and writes --------------------------------------------------------------------
 

@@ -1,15 +1,21 @@
 """Follow, fetch and plot jobs from outside the stack, for the ``baton`` command line.
 
-Everything here reads the job and round items in DynamoDB, which a laptop can reach both
-for a deployed stack (the standard credential chain) and for the local stack (its moto
-endpoint). The aggregator stores every round's metrics and cost estimate on the round
-item, so progress, curves and metrics need no access to EFS.
+Most of it reads the job and round items in DynamoDB, which a laptop can reach both for
+a deployed stack (the standard credential chain) and for the local stack (its moto
+endpoint, while ``baton run`` runs). The aggregator stores every round's metrics and cost
+estimate on the round item, so progress, curves and metrics need no access to EFS.
+
+The aggregator also writes each round's metrics to ``jobs/<job_id>/metrics/<round>.json``
+on EFS, and the final model to ``jobs/<job_id>/model/``. :func:`fetch_local_job` and
+:func:`read_metrics_files` read a job from a local EFS folder alone, which still works
+after ``baton run`` has stopped its moto server and the table with it.
 
 Limitations
 -----------
 The final model is only on EFS. A deployed stack's file system is reachable only from its
 VPC, so :func:`fetch_job` copies the model only when given a local EFS folder (the local
-stack's, or a copy made with DataSync as docs/deployment.md describes).
+stack's, or a copy made with DataSync as docs/deployment.md describes). The job's status
+and error are only in the table, so a fetch from the EFS folder alone does not save them.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
+from shared.efs import EfsStore
 from shared.errors import BatonError
-from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
+from shared.state import SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -209,46 +216,116 @@ def write_metrics_csv(rounds: list[dict[str, Any]], path: Path) -> None:
             writer.writerow(entry)
 
 
-def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path | None = None) -> list[Path]:
-    """Save a job's summary, spec and per-round metrics, and its model when reachable.
+@dataclass
+class FetchResult:
+    """The files a fetch wrote, and one line for each thing it could not save, with the reason."""
 
-    Writes ``job.json``, ``spec.json``, ``metrics.csv`` and ``metrics.jsonl`` from
-    DynamoDB. With ``efs_root`` (a local EFS folder), also copies ``jobs/<job_id>/model/``
-    to ``model/``. Returns the paths written.
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path | None = None) -> FetchResult:
+    """Save a job's summary, spec and per-round metrics from DynamoDB, and its model when reachable.
+
+    Writes ``job.json``, ``spec.json``, ``metrics.csv`` and ``metrics.jsonl``. With
+    ``efs_root`` (a local EFS folder), also copies ``jobs/<job_id>/model/`` to ``model/``
+    once the job has written it. A job that has not succeeded has no model yet, which is
+    a note in the result and not an error.
 
     Raises
     ------
     JobNotFoundError
         If the job does not exist.
     FileNotFoundError
-        If ``efs_root`` is given but contains no model for the job (it has not finished).
+        If the job SUCCEEDED but ``efs_root`` contains no model for it, so ``efs_root``
+        is not the job's EFS folder.
     """
     record = require_job(store, job_id)
     rounds = store.list_round_metrics(job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    result = FetchResult()
 
     job_path = output_dir / "job.json"
     job_path.write_text(json.dumps(job_summary(record), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    spec_path = output_dir / "spec.json"
-    spec_path.write_text(json.dumps(json.loads(record.spec_json), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    written += [job_path, spec_path]
+    result.written.append(job_path)
+    result.written += _write_spec_and_metrics(json.loads(record.spec_json), rounds, output_dir)
 
+    if efs_root is None:
+        result.notes.append(f"model not copied: it is on EFS under jobs/{job_id}/model/; pass --efs-root for a "
+                            "local stack, or copy it out of AWS with DataSync (docs/deployment.md)")
+        return result
+    model_dir = EfsStore(efs_root).model_dir(job_id)
+    if model_dir.is_dir():
+        result.written += _copy_model(model_dir, output_dir)
+    elif record.status == SUCCEEDED:
+        raise FileNotFoundError(f"job '{job_id}' SUCCEEDED but {model_dir} does not exist; check --efs-root, "
+                                "which is <local-dir>/efs (.baton/efs by default) for `baton run`")
+    else:
+        result.notes.append(f"model not copied: job '{job_id}' is {record.status}, and it writes {model_dir} "
+                            "only when it succeeds; fetch again then")
+    return result
+
+
+def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:
+    """Return the metrics of every aggregated round of ``job_id`` from its files in a local EFS folder.
+
+    Raises
+    ------
+    JobNotFoundError
+        If the folder contains no spec for the job.
+    """
+    store = EfsStore(efs_root)
+    if not store.spec_path(job_id).is_file():
+        raise JobNotFoundError(f"no job '{job_id}' in {efs_root}: {store.spec_path(job_id)} does not exist; check "
+                               "the job id and --efs-root, which is <local-dir>/efs (.baton/efs by default) for "
+                               "`baton run`")
+    metrics_dir = store.job_dir(job_id) / "metrics"
+    paths = sorted(metrics_dir.glob("*.json"), key=lambda path: int(path.stem)) if metrics_dir.is_dir() else []
+    return [store.read_json(path) for path in paths if path.stem.isdigit()]
+
+
+def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResult:
+    """Save a job's spec, per-round metrics and model from a local EFS folder alone, without the table.
+
+    Writes ``spec.json``, ``metrics.csv`` and ``metrics.jsonl``, and copies the model to
+    ``model/`` if the job has written it. ``job.json`` is not written, because the job's
+    status and error are stored only in the table.
+
+    Raises
+    ------
+    JobNotFoundError
+        If the folder contains no spec for the job.
+    """
+    rounds = read_metrics_files(efs_root, job_id)
+    store = EfsStore(efs_root)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = FetchResult(written=_write_spec_and_metrics(store.read_json(store.spec_path(job_id)), rounds, output_dir))
+    result.notes.append(f"job.json not written: the job's status is stored only in the stack's table, which this "
+                        "fetch did not read; pass --stage and --endpoint-url while the stack runs to save it")
+
+    model_dir = store.model_dir(job_id)
+    if model_dir.is_dir():
+        result.written += _copy_model(model_dir, output_dir)
+    else:
+        result.notes.append(f"model not copied: {model_dir} does not exist, so job '{job_id}' has not succeeded "
+                            "(it is still running, or it failed or was cancelled)")
+    return result
+
+
+def _write_spec_and_metrics(spec: dict[str, Any], rounds: list[dict[str, Any]], output_dir: Path) -> list[Path]:
+    spec_path = output_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     csv_path = output_dir / "metrics.csv"
     write_metrics_csv(rounds, csv_path)
     jsonl_path = output_dir / "metrics.jsonl"
     jsonl_path.write_text("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in rounds), encoding="utf-8")
-    written += [csv_path, jsonl_path]
+    return [spec_path, csv_path, jsonl_path]
 
-    if efs_root is not None:
-        model_dir = Path(efs_root) / "jobs" / job_id / "model"
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"{model_dir} does not exist; job '{job_id}' is {record.status} and "
-                                    "writes its model when it succeeds")
-        target = output_dir / "model"
-        shutil.copytree(model_dir, target, dirs_exist_ok=True)
-        written += sorted(path for path in target.rglob("*") if path.is_file())
-    return written
+
+def _copy_model(model_dir: Path, output_dir: Path) -> list[Path]:
+    target = output_dir / "model"
+    shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    return sorted(path for path in target.rglob("*") if path.is_file())
 
 
 # Plot --------------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ def _s3_errors(uri: str, missing_ok: bool = False):
 def _source_path(files: PreparationFiles, role: str, path: str, s3_client) -> Path:
     if path.startswith("s3://"):
         return copy_from_s3(path, files.source_copy(role, path), s3_client)
-    return files.store.resolve_data_path(path)
+    return files.store.resolve_data_path(path, "data.path" if role == "train" else "data.validation_path")
 
 
 def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:

@@ -185,10 +185,19 @@ def start_job(services: Services, body: str, message_id: str) -> str:
         raise StaleMessageError(f"job {spec.job_id} is already {record.status}")
 
     store = services.store
+    _check_job_dir_under_root(store, spec.job_id)
     _check_no_foreign_files(store, spec)
     store.write_json(store.spec_path(spec.job_id), spec.to_dict())
     _prepare_and_start(services, spec, None)
     return spec.job_id
+
+
+def _check_job_dir_under_root(store: EfsStore, job_id: str) -> None:
+    """Raise :class:`DataError` if the job's folder is a symbolic link that leads outside the EFS root."""
+    if not store.is_under_root(store.job_dir(job_id)):
+        raise DataError(f"job_id '{job_id}': the folder jobs/{job_id} on EFS leads outside the EFS root through a "
+                        "symbolic link, and Baton writes only under the EFS root; remove the link or choose another "
+                        "job_id")
 
 
 def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -94,6 +95,15 @@ CASES = [
      ["data.path", "relative"]),
     ("validation-path-dot-dot", json.dumps(spec("val-escape", data={**GOOD_CSV, "validation_path": "a/../../b"})),
      "val-escape", ["validation_path", "'..'"]),
+    # Each link leads to a file or folder next to the EFS root, outside it.
+    ("data-path-link-outside", json.dumps(spec("link-outside", data=libsvm_data("links/passwd"))), "link-outside",
+     ["data.path 'links/passwd'", "outside the EFS root", "symbolic link", "copy the file under the EFS root"]),
+    ("data-path-folder-link-outside", json.dumps(spec("folder-link", data=csv_data("linked-folder/data.csv"))),
+     "folder-link", ["data.path 'linked-folder/data.csv'", "outside the EFS root", "copy the file"]),
+    ("validation-path-link-outside", json.dumps(spec("val-link", data={**GOOD_CSV, "validation_path": "links/data.csv"})),
+     "val-link", ["data.validation_path 'links/data.csv'", "outside the EFS root", "copy the file"]),
+    ("job-folder-link-outside", json.dumps(spec("linked-job")), "linked-job",
+     ["job_id 'linked-job'", "jobs/linked-job", "outside the EFS root", "choose another job_id"]),
     ("missing-file", json.dumps(spec("file-missing", data=csv_data("datasets/nope.csv"))), "file-missing",
      ["not found", "nope.csv", "data.path"]),
     ("empty-file", json.dumps(spec("file-empty", data=libsvm_data("datasets/empty.libsvm"))), "file-empty",
@@ -179,6 +189,9 @@ CASES = [
 FOREIGN_PHRASES = ["usecols", "allow_pickle", "pickled", "float64 at row", "could not convert", "invalid literal",
                    "(bytes ", "of the part"]
 
+# The first line of the file outside the EFS root: no error may quote it.
+OUTSIDE_LINE = "root:x:0:0:root:/root:/bin/bash"
+
 # A different spec under the running job's id: rejected without touching the running job.
 CONFLICT_CASE = ("duplicate-job-id", "running-job")
 
@@ -201,6 +214,24 @@ def write_data_files(efs_root):
     (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
     write_malformed_files(datasets)
+    write_links_outside(efs_root)
+
+
+def write_links_outside(efs_root):
+    """Write files next to the EFS root, and symbolic links under the root that lead to them."""
+    outside = efs_root.parent / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text(f"{OUTSIDE_LINE}\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n")
+    shutil.copyfile(BREAST_CANCER_CSV, outside / "data.csv")
+    links = efs_root / "links"
+    links.mkdir()
+    (links / "passwd").symlink_to(outside / "passwd")
+    (links / "data.csv").symlink_to(outside / "data.csv")
+    (efs_root / "linked-folder").symlink_to(outside)
+    (efs_root / "jobs").mkdir(exist_ok=True)
+    (efs_root / "jobs" / "linked-job").symlink_to(outside, target_is_directory=True)
+    # A link that stays under the root is allowed.
+    (efs_root / "datasets" / "alias.csv").symlink_to(efs_root / "datasets" / "breast_cancer.csv")
 
 
 def write_malformed_files(datasets):
@@ -329,6 +360,7 @@ def test_bad_input_fails_job_once(stack, handler_log, body, job_id, words):
     for phrase in FOREIGN_PHRASES:
         assert phrase not in record.error
     assert stack.settings.efs_root not in record.error, "name the file as the spec gives it"
+    assert "root:x" not in record.error, "an error quoted a file outside the EFS root"
     failures = [line for line in log_lines(handler_log.getvalue()) if line.get("message") == "job failed"]
     assert failures and failures[-1].get("job_id") == expected_job_id
     running = stack.state.get_job("running-job")
@@ -353,6 +385,26 @@ def test_conflicting_job_id_leaves_running_job(stack):
     running = stack.state.get_job("running-job")
     assert running.status == "RUNNING"
     assert running.n_workers == 2
+
+
+def test_link_under_root_is_read(stack):
+    response = deliver(json.dumps(spec("alias-job", data=csv_data("datasets/alias.csv", skip_rows=1))),
+                       "01234567-89ab-cdef-0123-456789abcdef")
+
+    assert response["batchItemFailures"] == []
+    record = stack.state.get_job("alias-job")
+    assert record.status == "RUNNING", record.error
+
+
+def test_outside_file_left_untouched(stack):
+    outside = Path(stack.settings.efs_root).parent / "outside"
+    before = {path.name: path.read_bytes() for path in outside.iterdir()}
+
+    deliver(json.dumps(spec("linked-job")), "76543210-fedc-ba98-7654-3210fedcba98")
+
+    assert stack.state.get_job("linked-job").status == "FAILED"
+    after = {path.name: path.read_bytes() for path in outside.iterdir()}
+    assert after == before, "the starter wrote through the job folder's link"
 
 
 @pytest.mark.parametrize("job_id", ["", "j" * 3000], ids=["empty", "beyond-key-limit"])

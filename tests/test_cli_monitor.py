@@ -92,6 +92,76 @@ def test_fetch_without_efs_explains_model(finished_job, tmp_path):
     assert not (tmp_path / "out" / "model").exists()
 
 
+def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
+    # A job without a model: this one fails on its missing data file, and a running job
+    # takes the same path. Its metrics are saved and the missing model is a note.
+    stack = finished_job["stack"]
+    spec = {**breast_cancer_spec(), "job_id": "no-model", "data": {"path": "datasets/missing.csv", "format": "csv"}}
+    stack.submit(spec)
+    assert stack.wait("no-model", timeout_seconds=120).status == "FAILED"
+    output = tmp_path / "fetched"
+
+    result = CliRunner().invoke(main, ["fetch", "no-model", *finished_job["arguments"], "--output", str(output),
+                                       "--efs-root", str(finished_job["efs_root"])])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads((output / "job.json").read_text())["status"] == "FAILED"
+    assert (output / "metrics.csv").is_file()
+    assert "model not copied: job 'no-model' is FAILED" in result.stderr
+    assert not (output / "model").exists()
+
+
+def test_fetch_rejects_wrong_efs_root(finished_job, tmp_path):
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(tmp_path / "out"),
+                                       "--efs-root", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert f"job '{JOB_ID}' SUCCEEDED but" in result.output
+    assert "check --efs-root" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_fetch_from_efs_folder_alone(finished_job, tmp_path, monkeypatch):
+    # An endpoint with no listener: the command must not read the table at all.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    from_table = tmp_path / "from-table"
+    CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(from_table)])
+    output = tmp_path / "from-efs"
+
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, "--efs-root", str(finished_job["efs_root"]),
+                                       "--output", str(output)])
+
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["round"] for entry in rounds] == list(range(1, N_ROUNDS + 1))
+    table_rounds = [json.loads(line) for line in (from_table / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["train_loss"] for entry in rounds] == [entry["train_loss"] for entry in table_rounds]
+    assert json.loads((output / "spec.json").read_text())["job_id"] == JOB_ID
+    assert (output / "model" / "params.npy").is_file()
+    assert not (output / "job.json").exists()
+    assert "job.json not written" in result.stderr
+
+
+def test_fetch_from_efs_names_missing_job(finished_job, tmp_path):
+    result = CliRunner().invoke(main, ["fetch", "no-such-job", "--efs-root", str(finished_job["efs_root"]),
+                                       "--output", str(tmp_path / "out")])
+
+    assert result.exit_code == 1
+    assert "no job 'no-such-job'" in result.output
+    assert "spec.json does not exist" in result.output
+
+
+def test_plot_from_efs_folder_alone(finished_job, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    output = tmp_path / "curves.png"
+
+    result = CliRunner().invoke(main, ["plot", JOB_ID, "--efs-root", str(finished_job["efs_root"]),
+                                       "--output", str(output), "--width", "8", "--height", "5", "--dpi", "50"])
+
+    assert result.exit_code == 0, result.output
+    assert png_size(output) == (400, 250)
+
+
 def test_list_and_status_show_job(finished_job):
     listed = CliRunner().invoke(main, ["list", *finished_job["arguments"]])
     assert listed.exit_code == 0, listed.output

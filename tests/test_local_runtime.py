@@ -16,7 +16,7 @@ from shared.local.session import LocalStack, start_moto_server
 from shared.reference import train_reference
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
-from tests.conftest import A9A_DIR
+from tests.conftest import A9A_DIR, BREAST_CANCER_CSV
 
 
 def a9a_spec(job_id: str) -> dict:
@@ -181,6 +181,32 @@ def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
     assert result.exit_code != 0
     assert words in result.output
     assert not (tmp_path / "outside").exists()
+
+
+def test_import_replaces_link_at_destination(tmp_path):
+    outside = tmp_path / "outside.csv"
+    outside.write_text("kept\n")
+    efs_root = tmp_path / "efs"
+    (efs_root / "datasets").mkdir(parents=True)
+    (efs_root / "datasets" / "breast_cancer.csv").symlink_to(outside)
+
+    target = LocalStack(efs_root).import_data(BREAST_CANCER_CSV, "datasets/breast_cancer.csv")
+
+    assert not target.is_symlink()
+    assert target.read_bytes() == BREAST_CANCER_CSV.read_bytes()
+    assert outside.read_text() == "kept\n", "the import wrote through the link"
+
+
+def test_import_rejects_linked_folder(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    efs_root = tmp_path / "efs"
+    efs_root.mkdir()
+    (efs_root / "datasets").symlink_to(outside)
+
+    with pytest.raises(ValueError, match="'datasets/breast_cancer.csv' leads outside the EFS folder"):
+        LocalStack(efs_root).import_data(BREAST_CANCER_CSV, "datasets/breast_cancer.csv")
+    assert list(outside.iterdir()) == []
 
 
 def test_cli_status_explains_missing_table(local_stack):

@@ -10,7 +10,10 @@ reports the remaining time, and then deletes the records that succeeded.
 Failed records are made visible again after ``retry_delay_seconds`` rather than after the
 queue's full visibility timeout, so a local job does not wait half an hour for a retry.
 A container that overruns the function's timeout is killed, as Lambda would, and its whole
-batch is retried; the next invocation starts a fresh (cold) container. As on Lambda, a
+batch is retried; the next invocation starts a fresh (cold) container. A container that
+exits during an invocation, or before it has imported its handler, fails its batch the
+same way: the lane logs one line, and every record of the batch is received again after
+``retry_delay_seconds``. As on Lambda, a
 container's start (its imports) does not count towards the invocation's timeout.
 
 A function with a schedule event instead of an SQS event gets one lane that invokes it
@@ -53,6 +56,10 @@ CONTAINER_START_TIMEOUT_SECONDS = 120
 # targets. A round's tasks or reduce messages are sent in one batch request, so the rest
 # reach the queue together with the first.
 REORDER_GATHER_SECONDS = 2.0
+
+
+class ContainerStartError(RuntimeError):
+    """A container exited, or timed out, before it had imported its handler."""
 
 
 @dataclass(eq=False)
@@ -207,10 +214,12 @@ class LocalRuntime:
             ready = (container.connection.poll(CONTAINER_START_TIMEOUT_SECONDS)
                      and container.connection.recv()[0] == "ready")
         except (EOFError, OSError):
-            ready, problem = False, "exited while importing its handler"
+            ready, problem = False, None
         if not ready:
+            # The kill does not reach a process that has exited, so the code is its own.
             self._kill(container)
-            raise RuntimeError(f"the {definition.name} container (pid {process.pid}) {problem}; see {log_path}")
+            problem = problem or f"exited with code {process.returncode} while importing its handler"
+            raise ContainerStartError(f"the {definition.name} container (pid {process.pid}) {problem}; see {log_path}")
         return container
 
     def _kill(self, container: Container) -> None:
@@ -280,10 +289,26 @@ class LocalRuntime:
 
     def _invoke_batch(self, lanes: FunctionLanes, container: Container | None, messages: list[dict],
                       timeout: float, settle: bool = True) -> Container | None:
-        """Invoke the function on one batch and settle it; return the container to reuse."""
-        if container is None or not container.is_alive():
-            container = self._start_container(lanes.definition)
+        """Invoke the function on one batch and settle it; return the container to reuse.
+
+        A container that does not start (it exits or hangs while importing its handler)
+        fails the batch as a crash during the invocation does: every record is retried
+        after ``retry_delay_seconds``, and the next batch starts a fresh container.
+        """
         started = time.monotonic()
+        if container is None or not container.is_alive():
+            try:
+                container = self._start_container(lanes.definition)
+            except ContainerStartError as error:
+                all_ids = {message["MessageId"] for message in messages}
+                logger.warning("%s; retrying messages %s in %.1f s with a new container",
+                               error, sorted(all_ids), self.retry_delay_seconds)
+                lanes.invocations.append(InvocationRecord(lanes.definition.name, len(messages), "start_failed",
+                                                          time.monotonic() - started))
+                if settle:
+                    self._settle(lanes.queue_url, messages, all_ids)
+                return None
+            started = time.monotonic()
         outcome, failed_ids = self._invoke(container, lanes, messages, timeout)
         if outcome in ("timeout", "crashed"):
             self._kill(container)
@@ -359,8 +384,8 @@ class LocalRuntime:
                 if container is None or not container.is_alive():
                     try:
                         container = self._start_container(definition)
-                    except RuntimeError:
-                        logger.exception("%s container did not start; trying at the next interval", definition.name)
+                    except ContainerStartError as error:
+                        logger.warning("%s; trying again at the next interval", error)
                         continue
                 event = {"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}
                 started = time.monotonic()

@@ -213,9 +213,24 @@ class LocalStack:
         The copies keep each file's modification time, and an existing copy is written in
         place. So importing an unchanged file again keeps the identity that a job's prepared
         shards were recorded with (:mod:`shared.source_files`), and a changed file does not.
+
+        The copy contains the files' contents, with symbolic links in ``source`` followed,
+        because the handlers reject a data path whose link leads outside the EFS root. A
+        symbolic link already at ``destination`` is replaced, not written through.
+
+        Raises
+        ------
+        ValueError
+            If a folder on the way to ``destination`` is a symbolic link that leads
+            outside the EFS folder.
         """
         source, target = Path(source), self.efs_root / destination
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not EfsStore(self.efs_root).is_under_root(target.parent):
+            raise ValueError(f"import destination '{destination}' leads outside the EFS folder {self.efs_root} "
+                             "through a symbolic link; remove the link or choose another destination")
+        if target.is_symlink():
+            target.unlink()
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)
         else:
