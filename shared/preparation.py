@@ -303,8 +303,8 @@ def allowed_s3_buckets(environ=None) -> set[str]:
 def copy_from_s3(uri: str, target: Path, s3_client=None, environ=None) -> Path:
     """Copy the object at ``uri`` to ``target`` through a temporary file and a rename.
 
-    The copy is one GET request, so it holds a single version of the object even if the
-    object is overwritten meanwhile. That version's ETag is written next to it
+    The copy is one GET request, so its bytes come from one version of the object even if
+    the object is overwritten meanwhile. That version's ETag is written next to it
     (:func:`copied_etag`), and a copy that has one is reused.
 
     Raises

@@ -78,11 +78,17 @@ def test_invalid_job_fails_without_retry(local_stack):
     assert all(invocation.outcome == "ok" for invocation in starter_invocations)
 
 
-def test_cli_run_trains_and_reports(tmp_path):
-    spec = a9a_spec("cli-run")
-    spec["training"]["max_rounds"] = 4
+def write_a9a_spec(tmp_path, job_id: str, max_rounds: int):
+    """Write a small a9a job spec to a file in ``tmp_path``; return the file's path."""
+    spec = a9a_spec(job_id)
+    spec["training"]["max_rounds"] = max_rounds
     spec_file = tmp_path / "job.json"
     spec_file.write_text(json.dumps(spec))
+    return spec_file
+
+
+def test_cli_run_trains_and_reports(tmp_path):
+    spec_file = write_a9a_spec(tmp_path, "cli-run", max_rounds=4)
 
     result = CliRunner().invoke(main, [
         "run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
@@ -111,10 +117,7 @@ def test_cli_run_rejects_invalid_spec_file(tmp_path):
 
 
 def test_cli_run_applies_overrides(tmp_path):
-    spec = a9a_spec("cli-run-file")
-    spec["training"]["max_rounds"] = 15
-    spec_file = tmp_path / "job.json"
-    spec_file.write_text(json.dumps(spec))
+    spec_file = write_a9a_spec(tmp_path, "cli-run-file", max_rounds=15)
 
     result = CliRunner().invoke(main, [
         "run", str(spec_file), "--local-dir", str(tmp_path / "baton"), "--import", f"{A9A_DIR}:datasets/a9a",

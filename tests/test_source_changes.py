@@ -4,8 +4,8 @@ GIVEN a job whose CSV source is cut into many parts (small ``data.part_bytes``),
 whose shards are already prepared on EFS.
 WHEN the file is rewritten or replaced between two preparation steps, or before the same
 spec runs again on a new state table (as a second `baton run` without --fresh does).
-THEN the job is FAILED, without a retry, with a message that names the file and the fix;
-an unchanged file is prepared once and reused.
+THEN the job is FAILED, without a retry, with a message that names the file and the fix.
+An unchanged file is prepared once and reused.
 """
 
 from __future__ import annotations
