@@ -14,10 +14,36 @@ from click.core import ParameterSource
 
 from shared.cli_spec import build_spec, spec_options
 from shared.errors import JobSpecError
-from shared.spec import check_relative_path
+from shared.spec import JOB_ID_PATTERN, check_relative_path
 from shared.state import JOB_STATUSES
 
 DEFAULT_LOCAL_DIR = Path(".baton")
+
+
+def _delete_local_job(efs_root: Path, job_id: str) -> None:
+    """Delete the job's folder under the local EFS root, for ``baton run --fresh``.
+
+    Refuses when a symbolic link on the way leads outside the EFS root, so that --fresh
+    never deletes files elsewhere on the machine.
+    """
+    import shutil
+
+    from shared.efs import EfsStore
+
+    store = EfsStore(efs_root)
+    job_dir = store.job_dir(job_id)
+    if job_dir.is_symlink() or not store.is_under_root(job_dir):
+        raise click.ClickException(f"--fresh did not delete {job_dir}: it is a symbolic link or leads outside the "
+                                   f"EFS folder {efs_root} through one; remove the link, then run again")
+    shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _check_job_id(context: click.Context, parameter: click.Parameter, job_id: str) -> str:
+    """Reject a JOB_ID that Baton would never accept, before it names a folder or a key."""
+    if not JOB_ID_PATTERN.match(job_id):
+        raise click.BadParameter(f"{job_id[:80]!r} is not a job id: it starts with a letter or digit and has up to "
+                                 "64 letters, digits, '-' and '_'; `baton list` shows the jobs", context, parameter)
+    return job_id
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:
@@ -118,11 +144,10 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     job_id = spec["job_id"]
     efs_root = local_dir / "efs"
     if fresh:
-        import shutil
+        _delete_local_job(efs_root, job_id)
 
-        shutil.rmtree(efs_root / "jobs" / job_id, ignore_errors=True)
-
-    n_workers = spec.get("training", {}).get("n_workers", 4)
+    training = spec.get("training")
+    n_workers = training.get("n_workers", 4) if isinstance(training, dict) else 4
     lanes = worker_lanes or min(int(n_workers), 16)
     with LocalStack(efs_root, concurrency={"worker": lanes}) as stack:
         for mapping in imports:
@@ -240,7 +265,7 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_check_job_id)
 @_stack_options
 @click.option("--json", "as_json", is_flag=True, help="Print the job item as JSON.")
 def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None, as_json: bool) -> None:
@@ -261,7 +286,7 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_check_job_id)
 @_stack_options
 @click.option("--interval", "interval_seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between two reads of the table.")
@@ -298,7 +323,7 @@ def _reads_efs_alone(efs_root: Path | None) -> bool:
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_check_job_id)
 @_stack_options
 @click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to write into; defaults to ./<JOB_ID>.")
@@ -335,7 +360,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_check_job_id)
 @_stack_options
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG file to write; defaults to ./<JOB_ID>.png.")
@@ -405,7 +430,7 @@ def _run_control(action: Callable[[], object]) -> None:
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_check_job_id)
 @_stack_options
 def pause(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
     """Pause the RUNNING job JOB_ID; `baton resume` continues it from its current round."""
@@ -416,7 +441,7 @@ def pause(job_id: str, stage: str, endpoint_url: str | None, region: str | None)
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_check_job_id)
 @_stack_options
 def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
     """Resume the PAUSED or FAILED job JOB_ID from its current round.
@@ -431,7 +456,7 @@ def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_check_job_id)
 @_stack_options
 def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
     """Cancel JOB_ID for good. Its files stay on EFS; a cancelled job cannot be resumed."""

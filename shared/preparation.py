@@ -152,7 +152,8 @@ class PreparationFiles:
 
 
 def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep | None,
-                    one_step_per_invocation: bool = True, s3_client=None) -> PreparationOutcome:
+                    one_step_per_invocation: bool = True, s3_client=None,
+                    continue_saved: bool = False) -> PreparationOutcome:
     """Run preparation steps from ``step`` (None: from the start, for a new job message).
 
     Parameters
@@ -168,6 +169,10 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
         and return the next one, for the caller to send. False runs every step here.
     s3_client : botocore S3 client, optional
         Used to copy ``s3://`` sources; built on first use.
+    continue_saved : bool, default=False
+        With ``step`` None, carry on from the step recorded on EFS instead of dropping the
+        job message. For a job whose state item is new, so that no step message of the
+        recorded progress can still be queued.
 
     Returns
     -------
@@ -191,7 +196,7 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
 
     recorded = _read_progress(files)
     if step is None:
-        if files.progress.exists():
+        if files.progress.exists() and not continue_saved:
             raise StaleStepError(f"the preparation of job {spec.job_id} continues in its own messages "
                                  f"(next step {recorded}); dropping a redelivered job message")
         step = recorded

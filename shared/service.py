@@ -174,7 +174,8 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     spec = load_job_message(body, default_job_id=f"job-{message_id[:18]}")
     faults.maybe_fail("starter.validated", job_id=spec.job_id)
 
-    record = services.state.create_job(spec.job_id, spec.fingerprint(), spec.canonical_json(), spec.training.n_workers)
+    record, created = services.state.create_job(spec.job_id, spec.fingerprint(), spec.canonical_json(),
+                                                spec.training.n_workers)
     if record.status == RUNNING and record.round == 0:
         # A redelivery after a crash between starting the job and sending round 0 would
         # otherwise leave the job waiting. Workers drop the tasks that already ran.
@@ -188,7 +189,10 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     _check_job_dir_under_root(store, spec.job_id)
     _check_no_foreign_files(store, spec)
     store.write_json(store.spec_path(spec.job_id), spec.to_dict())
-    _prepare_and_start(services, spec, None)
+    # A job item created now, beside preparation progress on EFS, means the state table is
+    # newer than the files, as after a new local stack or a redeployed stack. The step
+    # messages of that progress went with the old queues, so this message carries it on.
+    _prepare_and_start(services, spec, None, continue_saved=created)
     return spec.job_id
 
 
@@ -232,11 +236,15 @@ def _preparation_step_message(body: str) -> dict | None:
     return None
 
 
-def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep | None) -> None:
-    """Run preparation from ``step``; once the data is ready, write round 0 and send its tasks."""
+def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep | None,
+                       continue_saved: bool = False) -> None:
+    """Run preparation from ``step``; once the data is ready, write round 0 and send its tasks.
+
+    ``continue_saved`` is passed on to :func:`~shared.preparation.run_preparation`.
+    """
     store = services.store
     try:
-        outcome = run_preparation(store, spec, build_model_for_preparation(spec), step)
+        outcome = run_preparation(store, spec, build_model_for_preparation(spec), step, continue_saved=continue_saved)
     except StaleStepError as error:
         raise StaleMessageError(str(error)) from None
     if outcome.manifest is None:

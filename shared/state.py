@@ -181,8 +181,14 @@ class StateStore:
         item = response.get("Item")
         return None if item is None else JobRecord.from_item(item)
 
-    def create_job(self, job_id: str, fingerprint: str, spec_json: str, n_workers: int) -> JobRecord:
+    def create_job(self, job_id: str, fingerprint: str, spec_json: str, n_workers: int) -> tuple[JobRecord, bool]:
         """Create the job in status PREPARING, or return it if the same spec created it before.
+
+        Returns
+        -------
+        record : JobRecord
+        created : bool
+            True if this call created the item, False if it existed already.
 
         Raises
         ------
@@ -216,8 +222,8 @@ class StateStore:
                 raise JobConflictError(
                     f"job id '{job_id}' is already used by a job with a different spec (status {existing.status}); "
                     f"{fix}") from None
-            return existing
-        return JobRecord.from_item(item)
+            return existing, False
+        return JobRecord.from_item(item), True
 
     def start_job(self, job_id: str, total_rounds: int) -> bool:
         """Move the job from PREPARING to RUNNING at round 0; False if it had already moved."""

@@ -300,3 +300,37 @@ def test_moto_server_keeps_connections_open(tmp_path):
     assert sockets[0] is not None
     assert sockets[1] is sockets[0]
     assert sockets[2] is sockets[0]
+
+
+def test_cli_run_fresh_keeps_files_outside_efs(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "kept").mkdir(parents=True)
+    (elsewhere / "kept" / "model.npy").write_bytes(b"trained")
+    (tmp_path / "baton" / "efs").mkdir(parents=True)
+    (tmp_path / "baton" / "efs" / "jobs").symlink_to(elsewhere)
+
+    result = CliRunner().invoke(main, ["run", "--local-dir", str(tmp_path / "baton"), "--fresh", "--job-id", "kept", "--model", "logistic_regression",
+                                       "--data", "datasets/a9a/a9a", "--set", "data.n_features=123"])
+
+    assert result.exit_code != 0
+    assert "--fresh did not delete" in result.output
+    assert (elsewhere / "kept" / "model.npy").read_bytes() == b"trained"
+
+
+def test_cli_run_accepts_null_training_section(tmp_path):
+    # A null section validates like a missing one, so `run` must not trip over it either.
+    result = CliRunner().invoke(main, [
+        "run", "--local-dir", str(tmp_path / "baton"), "--job-id", "null-training", "--model", "logistic_regression", "--timeout", "120",
+        "--data", "datasets/missing.csv", "--format", "csv", "--set", "training=null",
+    ])
+
+    assert "AttributeError" not in repr(result.exception)
+    assert "data file not found: 'datasets/missing.csv'" in result.output
+
+
+@pytest.mark.parametrize("command", ["fetch", "plot"])
+def test_cli_rejects_job_id_outside_rule(tmp_path, command):
+    result = CliRunner().invoke(main, [command, "../../elsewhere/jobs/other", "--efs-root", str(tmp_path)])
+
+    assert result.exit_code == 2
+    assert "is not a job id" in result.output

@@ -155,3 +155,23 @@ def test_cli_rerun_checks_changed_file(tmp_path):
     fresh = CliRunner().invoke(main, [*arguments, "--fresh"])
     assert fresh.exit_code == 0, fresh.output
     assert params.read_bytes() != first_params
+
+
+def test_interrupted_preparation_continues_on_new_table(inprocess_stack, efs_root):
+    # The first stack stops after three preparation steps; its queued step message is lost
+    # with it. The same spec sent to a new state table carries the preparation on.
+    write_large_csv(efs_root / SOURCE)
+    inprocess_stack.submit(large_spec("interrupted"))
+    for _ in range(3):
+        assert not inprocess_stack.step("JobsQueue").failed
+    inprocess_stack.sqs.purge_queue(QueueUrl=inprocess_stack.queue_urls["JobsQueue"])
+    forget_job(inprocess_stack, "interrupted")
+
+    record = run_job(inprocess_stack, large_spec("interrupted"))
+
+    assert record.status == SUCCEEDED, record.error
+    write_large_csv(efs_root / "datasets" / "clean.csv")
+    clean = large_spec("clean")
+    clean["data"]["path"] = "datasets/clean.csv"
+    assert run_job(inprocess_stack, clean).status == SUCCEEDED
+    assert final_params(efs_root, "interrupted").tobytes() == final_params(efs_root, "clean").tobytes()
