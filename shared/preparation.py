@@ -408,6 +408,10 @@ def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
     parts, records = [], []
     for role, path in sources:
         local = _source_path(files, role, path, s3_client)
+        if local.is_symlink() and not local.exists():
+            raise DataError(f"data file not found: '{path}' is a symbolic link to a missing file, or one of a loop "
+                            f"of links; check {source_files.FIELDS[role]} and point the link at the file on EFS, "
+                            "or copy the file there")
         if not local.is_file():
             raise DataError(f"data file not found: '{path}'; check {source_files.FIELDS[role]}"
                             " and that the file was copied onto EFS")

@@ -106,6 +106,10 @@ CASES = [
      ["job_id 'linked-job'", "jobs/linked-job", "outside the EFS root", "choose another job_id"]),
     ("missing-file", json.dumps(spec("file-missing", data=csv_data("datasets/nope.csv"))), "file-missing",
      ["not found", "nope.csv", "data.path"]),
+    ("dangling-link", json.dumps(spec("dangling-link", data=csv_data("datasets/dangling.csv"))), "dangling-link",
+     ["not found", "'datasets/dangling.csv' is a symbolic link to a missing file", "data.path"]),
+    ("link-loop", json.dumps(spec("link-loop", data=csv_data("datasets/loop-a.csv"))), "link-loop",
+     ["not found", "'datasets/loop-a.csv' is a symbolic link", "loop of links"]),
     ("empty-file", json.dumps(spec("file-empty", data=libsvm_data("datasets/empty.libsvm"))), "file-empty",
      ["empty.libsvm", "no rows"]),
     ("corrupt-libsvm-line", json.dumps(spec("libsvm-corrupt", data=libsvm_data("datasets/corrupt.libsvm"))),
@@ -232,6 +236,10 @@ def write_links_outside(efs_root):
     (efs_root / "jobs" / "linked-job").symlink_to(outside, target_is_directory=True)
     # A link that stays under the root is allowed.
     (efs_root / "datasets" / "alias.csv").symlink_to(efs_root / "datasets" / "breast_cancer.csv")
+    # Links under the root that lead nowhere: to a missing file, and round a loop.
+    (efs_root / "datasets" / "dangling.csv").symlink_to(efs_root / "datasets" / "gone.csv")
+    (efs_root / "datasets" / "loop-a.csv").symlink_to(efs_root / "datasets" / "loop-b.csv")
+    (efs_root / "datasets" / "loop-b.csv").symlink_to(efs_root / "datasets" / "loop-a.csv")
 
 
 def write_malformed_files(datasets):
