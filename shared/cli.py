@@ -185,7 +185,8 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error}")
     summary = record.attributes
-    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s")
+    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
+               f"(stop reason {summary.get('stop_reason', 'unknown')})")
     for name in ("train_loss", "validation_loss", "validation_accuracy", "validation_r2"):
         if name in summary:
             click.echo(f"  {name:<20} {summary[name]:.5f}")

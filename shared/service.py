@@ -672,7 +672,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         if stop_rule is not None:
             stop_reason = stop_rule
         elif next_round >= record.total_rounds:
-            stop_reason = "max_rounds"
+            stop_reason = "max_rounds" if record.total_rounds == spec.training.max_rounds else "max_epochs"
         else:
             stop_reason = "budget"
         # Before the finish: messages of a finished job are dropped, so no retry would

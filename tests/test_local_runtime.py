@@ -100,6 +100,7 @@ def test_cli_run_trains_and_reports(tmp_path):
     assert "round     5" not in result.output
     assert "val acc" in result.output
     assert "job cli-run SUCCEEDED after 4 rounds" in result.output
+    assert "(stop reason max_rounds)" in result.output
     assert (tmp_path / "baton" / "efs" / "jobs" / "cli-run" / "model" / "params.npy").is_file()
 
 

@@ -37,9 +37,22 @@ def test_inprocess_run_matches_reference(inprocess_stack, efs_root):
     record = inprocess_stack.services.state.get_job("a9a-small")
     assert record.status == SUCCEEDED, record.error
     assert record.round == 12
+    assert record.attributes["stop_reason"] == "max_rounds"
 
     expected, _ = train_reference(parse_job_spec(spec), efs_root)
     np.testing.assert_allclose(final_params(efs_root, "a9a-small"), expected, rtol=0, atol=1e-12)
+
+
+def test_epoch_limit_names_max_epochs(inprocess_stack):
+    # About 8,140 rows per shard at batch 64: 128 rounds make an epoch, so 0.05 epochs stop
+    # the job after 7 rounds, well before max_rounds.
+    inprocess_stack.submit(a9a_spec(max_rounds=50, max_epochs=0.05))
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert record.round == 7
+    assert record.attributes["stop_reason"] == "max_epochs"
 
 
 def test_round_metrics_recorded(inprocess_stack, efs_root):
