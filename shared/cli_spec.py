@@ -21,7 +21,7 @@ from typing import Any, Callable
 import click
 
 from shared.errors import JobSpecError
-from shared.spec import SECTIONS, load_job_message
+from shared.spec import SECTIONS, decode_spec_json, load_job_message
 from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
 
 
@@ -135,7 +135,9 @@ def _read_spec_file(spec_file: Path) -> dict:
     except UnicodeDecodeError as error:
         raise click.ClickException(_not_utf8_message(spec_file, raw, error)) from None
     try:
-        spec = json.loads(text)
+        spec = decode_spec_json(text)
+    except JobSpecError as error:
+        raise click.ClickException(f"{spec_file}: {error}") from None
     except (ValueError, RecursionError) as error:
         raise click.ClickException(f"{spec_file} is not a valid JSON file: {error}") from None
     if not isinstance(spec, dict):

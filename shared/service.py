@@ -47,13 +47,14 @@ from shared import faults
 from shared.config import Settings
 from shared.efs import EfsStore
 from shared.metrics import publish_round_metrics
-from shared.errors import DataError, EfsNotWritableError, InvalidMessageError, PermanentError, StaleMessageError
+from shared.errors import (DataError, EfsNotWritableError, InvalidMessageError, JobConflictError, JobSpecError,
+                           PermanentError, StaleMessageError)
 from shared.preparation import PreparationStep, StaleStepError, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
                               write_reduced_slice, write_worker_result)
 from shared.spec import JobSpec, load_job_message, parse_job_spec
-from shared.state import RUNNING, StateStore
+from shared.state import RUNNING, StateStore, can_record_job
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
                              check_model_fits, check_stopping, get_training_mode, round_number)
 
@@ -171,7 +172,11 @@ def start_job(services: Services, body: str, message_id: str) -> str:
         _prepare_and_start(services, spec, PreparationStep.from_message(step_message))
         return job_id
 
-    spec = load_job_message(body, default_job_id=f"job-{message_id[:18]}")
+    try:
+        spec = load_job_message(body, default_job_id=f"job-{message_id[:18]}")
+    except JobSpecError as error:
+        _check_spec_error_spares_job(services, body, error)
+        raise
     faults.maybe_fail("starter.validated", job_id=spec.job_id)
 
     record, created = services.state.create_job(spec.job_id, spec.fingerprint(), spec.canonical_json(),
@@ -223,6 +228,28 @@ def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
             f"EFS already contains files of an earlier job '{spec.job_id}' with a different spec in "
             f"'{store.job_dir(spec.job_id)}'; choose a new job_id, or delete that folder if it is no longer needed "
             "(for a local job, `baton run --fresh` deletes it)")
+
+
+def _check_spec_error_spares_job(services: Services, body: str, error: JobSpecError) -> None:
+    """Turn a spec error into a conflict when its job id names a job that was created.
+
+    The handler records a spec error under the message's job id. When that id belongs to a
+    job created from a valid spec, that job must keep running, so the rejection is raised
+    as a :class:`JobConflictError`, which the handler records under the message's own id.
+    """
+    try:
+        job_id = json.loads(body).get("job_id")
+    except (ValueError, AttributeError, RecursionError):
+        return
+    if not can_record_job(job_id):
+        return
+    existing = services.state.get_job(job_id)
+    # A job item without a fingerprint is an earlier rejection of a spec under this id.
+    if existing is None or not existing.fingerprint:
+        return
+    raise JobConflictError(
+        f"job id '{job_id}' belongs to an existing job (status {existing.status}), which is left as it is; "
+        f"this message was rejected: {error}. Fix the spec and send it with a new job_id") from None
 
 
 def _preparation_step_message(body: str) -> dict | None:

@@ -432,12 +432,65 @@ def parse_job_spec(raw: Any, default_job_id: str | None = None) -> JobSpec:
     return JobSpec(job_id=job_id, **sections)
 
 
+class _RepeatedKeys(dict):
+    """A decoded JSON object that named some keys more than once (kept in ``repeated``)."""
+
+    repeated: list[str]
+
+
+def _object_noting_repeats(pairs: list[tuple[str, Any]]) -> dict:
+    decoded = dict(pairs)
+    if len(decoded) == len(pairs):
+        return decoded
+    seen: set[str] = set()
+    noted = _RepeatedKeys(decoded)
+    noted.repeated = [key for key, _ in pairs if key in seen or seen.add(key)]
+    return noted
+
+
+def _first_repeated_key(node: Any, path: str = "") -> str | None:
+    """Return the dotted path of the first key named twice in one object, or None."""
+    if isinstance(node, _RepeatedKeys):
+        return f"{path}{node.repeated[0]}"
+    if isinstance(node, dict):
+        children = [(child, f"{path}{key}.") for key, child in node.items()]
+    elif isinstance(node, list):
+        children = [(child, f"{path.removesuffix('.')}[{index}].") for index, child in enumerate(node)]
+    else:
+        return None
+    for child, child_path in children:
+        found = _first_repeated_key(child, child_path)
+        if found is not None:
+            return found
+    return None
+
+
+def decode_spec_json(text: str) -> Any:
+    """Decode the JSON text of a job spec, rejecting a key named twice in one object.
+
+    JSON readers disagree on which of two equal keys wins, so a spec that names
+    ``learning_rate`` twice would train with a value its author may not have meant.
+
+    Raises
+    ------
+    json.JSONDecodeError
+        If ``text`` is not valid JSON.
+    JobSpecError
+        If one object names a key twice; the field is the key's dotted path.
+    """
+    decoded = json.loads(text, object_pairs_hook=_object_noting_repeats)
+    repeated = _first_repeated_key(decoded)
+    if repeated is not None:
+        raise JobSpecError(repeated, "is given more than once in the same JSON object; keep one of them")
+    return decoded
+
+
 def load_job_message(body: str, default_job_id: str | None = None) -> JobSpec:
     """Decode and validate the body of a jobs-queue message."""
     if len(body.encode()) > MAX_SPEC_BYTES:
         raise JobSpecError("<root>", f"message is {len(body.encode())} bytes; a job spec may be at most {MAX_SPEC_BYTES}")
     try:
-        raw = json.loads(body)
+        raw = decode_spec_json(body)
     except json.JSONDecodeError as error:
         raise JobSpecError("<root>", f"body is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
     return parse_job_spec(raw, default_job_id=default_job_id)

@@ -184,6 +184,9 @@ class StateStore:
     def create_job(self, job_id: str, fingerprint: str, spec_json: str, n_workers: int) -> tuple[JobRecord, bool]:
         """Create the job in status PREPARING, or return it if the same spec created it before.
 
+        An item without a fingerprint records only the rejection of an invalid spec sent
+        under this id. A valid spec replaces it, so a user can fix the spec and send it again.
+
         Returns
         -------
         record : JobRecord
@@ -208,7 +211,8 @@ class StateStore:
             "updated_at": {"N": repr(now)},
         }
         try:
-            self.client.put_item(TableName=self.table_name, Item=item, ConditionExpression="attribute_not_exists(pk)")
+            self.client.put_item(TableName=self.table_name, Item=item,
+                                 ConditionExpression="attribute_not_exists(pk) OR attribute_not_exists(fingerprint)")
         except ClientError as error:
             if not _is_condition_failure(error):
                 raise

@@ -82,6 +82,8 @@ CASES = [
      "optimizer-unknown", ["optimizer.name", "no_such_optimizer"]),
     ("more-workers-than-rows", json.dumps(with_training("too-many-workers", n_workers=1000)), "too-many-workers",
      ["n_workers", "1000", "fewer workers"]),
+    ("repeated-key", json.dumps(spec("repeated-key"))[:-1] + ', "job_id": "repeated-key"}', "repeated-key",
+     ["'job_id'", "more than once", "keep one"]),
     ("oversized-message", json.dumps({**spec("too-big"), "padding": "x" * 70_000}), "too-big", ["bytes", "at most"]),
     ("job-id-dot-dot", json.dumps(spec("../escape")), "../escape", ["job_id", "'../escape'"]),
     ("job-id-too-long", json.dumps(spec("j" * 65)), "j" * 65, ["job_id", "64"]),
@@ -462,3 +464,37 @@ def test_catalogue_has_at_least_25_cases():
     names = [case[0] for case in CASES]
     assert len(names) >= 25
     assert len(set(names)) == len(names), "two bad-input cases share a name"
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps(spec("running-job", optimizer={"name": "sgd", "learning_rate": -1})),
+    json.dumps(spec("running-job", data=csv_data("datasets/nope.csv"))),
+], ids=["invalid-spec", "missing-file"])
+def test_bad_spec_spares_existing_job(stack, body):
+    # A job id names one job: a bad message that reuses it must not end the job running under it.
+    start_running_job(stack)
+    message_id = "13579bdf-2468-ace0-1357-9bdf2468ace0"
+
+    response = deliver(body, message_id)
+
+    assert response["batchItemFailures"] == []
+    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    assert rejected is not None and rejected.status == "FAILED"
+    assert "running-job" in rejected.error
+    running = stack.state.get_job("running-job")
+    assert running.status == "RUNNING"
+    assert running.error is None
+
+
+def test_fixed_spec_reuses_rejected_id(stack):
+    rejected = spec("fixed-later", optimizer={"name": "sgd", "learning_rate": -1})
+    deliver(json.dumps(rejected), "2468ace0-1357-9bdf-2468-ace013579bdf")
+    assert stack.state.get_job("fixed-later").status == "FAILED"
+
+    response = deliver(json.dumps(spec("fixed-later")), "0eca8642-fdb9-7531-0eca-8642fdb97531")
+
+    assert response["batchItemFailures"] == []
+    record = stack.state.get_job("fixed-later")
+    assert record.status == "RUNNING"
+    assert record.fingerprint
+    assert record.error is None

@@ -216,7 +216,9 @@ def test_invalid_spec_sends_nothing(jobs_queue, arguments, words):
                               "byte 1 is b'\\xff'", "save the spec file as UTF-8"]),
     ('{"job_id": "caf\u00e9"}'.encode("latin-1"), ["job.json is not UTF-8 text: byte 16 is b'\\xe9'",
                                                     "save the spec file as UTF-8"]),
-], ids=["truncated-json", "json-list", "utf-16", "latin-1"])
+    (b'{"optimizer": {"learning_rate": 0.1, "name": "sgd", "learning_rate": 10}}',
+     ["job.json: invalid job spec field 'optimizer.learning_rate'", "more than once", "keep one"]),
+], ids=["truncated-json", "json-list", "utf-16", "latin-1", "repeated-key"])
 def test_unreadable_file_sends_nothing(jobs_queue, tmp_path, content, words):
     spec_file = tmp_path / "job.json"
     spec_file.write_bytes(content)
