@@ -12,9 +12,9 @@ from typing import Callable
 import click
 from click.core import ParameterSource
 
-from shared.cli_spec import build_spec, spec_options
+from shared.cli_spec import build_spec, check_job_id_argument, spec_options
 from shared.errors import JobSpecError
-from shared.spec import JOB_ID_PATTERN, check_relative_path
+from shared.spec import check_relative_path
 from shared.state import JOB_STATUSES
 
 DEFAULT_LOCAL_DIR = Path(".baton")
@@ -36,14 +36,6 @@ def _delete_local_job(efs_root: Path, job_id: str) -> None:
         raise click.ClickException(f"--fresh did not delete {job_dir}: it is a symbolic link or leads outside the "
                                    f"EFS folder {efs_root} through one; remove the link, then run again")
     shutil.rmtree(job_dir, ignore_errors=True)
-
-
-def _check_job_id(context: click.Context, parameter: click.Parameter, job_id: str) -> str:
-    """Reject a JOB_ID that Baton would never accept, before it names a folder or a key."""
-    if not JOB_ID_PATTERN.match(job_id):
-        raise click.BadParameter(f"{job_id[:80]!r} is not a job id: it starts with a letter or digit and has up to "
-                                 "64 letters, digits, '-' and '_'; `baton list` shows the jobs", context, parameter)
-    return job_id
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:
@@ -266,7 +258,7 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
 
 
 @main.command()
-@click.argument("job_id", callback=_check_job_id)
+@click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 @click.option("--json", "as_json", is_flag=True, help="Print the job item as JSON.")
 def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None, as_json: bool) -> None:
@@ -287,7 +279,7 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 
 
 @main.command()
-@click.argument("job_id", callback=_check_job_id)
+@click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 @click.option("--interval", "interval_seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between two reads of the table.")
@@ -324,7 +316,7 @@ def _reads_efs_alone(efs_root: Path | None) -> bool:
 
 
 @main.command()
-@click.argument("job_id", callback=_check_job_id)
+@click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 @click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to write into; defaults to ./<JOB_ID>.")
@@ -361,7 +353,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 
 
 @main.command()
-@click.argument("job_id", callback=_check_job_id)
+@click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG file to write; defaults to ./<JOB_ID>.png.")
@@ -431,7 +423,7 @@ def _run_control(action: Callable[[], object]) -> None:
 
 
 @main.command()
-@click.argument("job_id", callback=_check_job_id)
+@click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 def pause(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
     """Pause the RUNNING job JOB_ID; `baton resume` continues it from its current round."""
@@ -442,7 +434,7 @@ def pause(job_id: str, stage: str, endpoint_url: str | None, region: str | None)
 
 
 @main.command()
-@click.argument("job_id", callback=_check_job_id)
+@click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
     """Resume the PAUSED or FAILED job JOB_ID from its current round.
@@ -457,7 +449,7 @@ def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 
 
 @main.command()
-@click.argument("job_id", callback=_check_job_id)
+@click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
     """Cancel JOB_ID for good. Its files stay on EFS; a cancelled job cannot be resumed."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import click
 
 from shared.errors import JobSpecError
-from shared.spec import SECTIONS, decode_spec_json, load_job_message
+from shared.spec import JOB_ID_PATTERN, SECTIONS, decode_spec_json, load_job_message
 from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
 
 
@@ -121,6 +121,14 @@ def spec_options(command: Callable) -> Callable:
     for shortcut in reversed(SPEC_SHORTCUTS):
         with_overrides = _shortcut_option(shortcut)(with_overrides)
     return with_overrides
+
+
+def check_job_id_argument(context: click.Context, parameter: click.Parameter, job_id: str) -> str:
+    """Reject a JOB_ID that Baton would never accept, before it names a folder or a key."""
+    if not JOB_ID_PATTERN.match(job_id):
+        raise click.BadParameter(f"{job_id[:80]!r} is not a job id: it starts with a letter or digit and has up to "
+                                 "64 letters, digits, '-' and '_'; `baton list` shows the jobs", context, parameter)
+    return job_id
 
 
 def _read_spec_file(spec_file: Path) -> dict:

@@ -32,6 +32,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from shared.cli_spec import check_job_id_argument
 from shared.efs import EfsStore
 from shared.errors import BatonError
 from shared.models import Model
@@ -247,7 +248,7 @@ def export_estimator(efs_root: str | Path, job_id: str, output: str | Path) -> t
 
 
 @click.command("export")
-@click.argument("job_id")
+@click.argument("job_id", callback=check_job_id_argument)
 @click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".baton"),
               show_default=True, help="Folder of a local run; the job is read from its efs/ folder.")
 @click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

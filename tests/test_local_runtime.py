@@ -329,9 +329,12 @@ def test_cli_run_accepts_null_training_section(tmp_path):
     assert "data file not found: 'datasets/missing.csv'" in result.output
 
 
-@pytest.mark.parametrize("command", ["fetch", "plot"])
+@pytest.mark.parametrize("command", ["fetch", "plot", "export"])
 def test_cli_rejects_job_id_outside_rule(tmp_path, command):
-    result = CliRunner().invoke(main, [command, "../../elsewhere/jobs/other", "--efs-root", str(tmp_path)])
+    arguments = [command, "../../elsewhere/jobs/other", "--efs-root", str(tmp_path)]
+    if command == "export":
+        arguments += ["--output", str(tmp_path / "model.joblib")]
+    result = CliRunner().invoke(main, arguments)
 
     assert result.exit_code == 2
     assert "is not a job id" in result.output
