@@ -446,7 +446,8 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     task_started = time.monotonic()
     record, done = _check_round_is_current(services, job_id, round_index)
     if not 0 <= worker < record.n_workers:
-        raise PermanentError(f"task names worker {worker} but job {job_id} has {record.n_workers} workers")
+        raise InvalidMessageError(f"task names worker {worker} but job {job_id} has {record.n_workers} workers "
+                                  f"(0 to {record.n_workers - 1}); dropped")
     faults.maybe_fail("worker.before_read", **ids)
 
     # The result is on EFS before the worker is recorded, so a recorded worker is done.

@@ -206,6 +206,22 @@ def test_stray_messages_leave_job_running(inprocess_stack, efs_root):
     np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
 
 
+def test_task_for_unknown_worker_dropped(inprocess_stack, efs_root):
+    # One batch holds round 0's tasks and a task for a worker the job does not have, so
+    # the round is still current when the stray task runs.
+    inprocess_stack.submit(a9a_spec())
+    inprocess_stack.step("JobsQueue")
+    inprocess_stack.send("TasksQueue", {"job_id": "a9a-small", "round": 0, "worker": 9})
+    inprocess_stack.step("TasksQueue", batch_size=10)
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert [body.get("worker") for body in inprocess_stack.batches[1]] == [0, 1, 2, 3, 9]
+    reference, _ = train_reference(parse_job_spec(a9a_spec()), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
 def test_target_accuracy_stops_job(inprocess_stack):
     inprocess_stack.submit(a9a_spec(max_rounds=200, target_validation_accuracy=0.8))
     inprocess_stack.run()
