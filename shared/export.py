@@ -18,7 +18,8 @@ kmeans                 ``KMeans``
 =====================  ==============================================================
 
 The fitted attributes are set from Baton's parameters, and the hyperparameters are set
-so that refitting the estimator minimises the same objective. When the data was
+so that refitting the estimator minimises the same objective, class weights included
+(``MLPClassifier`` has no ``class_weight``, so its refit weighs every class alike). When the data was
 standardised, the estimator is a ``Pipeline`` whose first step is a ``StandardScaler``
 holding the training statistics, so it takes raw features, as Baton's prediction does.
 """
@@ -38,7 +39,7 @@ from shared.errors import BatonError
 from shared.models import Model
 from shared.preparation import read_scaling
 from shared.spec import JobSpec, parse_job_spec
-from shared.training import build_model
+from shared.training import build_model, class_weights
 
 
 class ExportError(BatonError):
@@ -109,6 +110,10 @@ def build_estimator(trained: TrainedModel):
     }
     estimator = builders[trained.spec.model.name](trained)
     estimator.n_features_in_ = trained.model.n_features
+    weights = class_weights(trained.spec, trained.manifest) if trained.classes is not None else None
+    if weights is not None and "class_weight" in estimator.get_params():
+        # The weights Baton trained with, by label, so a refit weighs each class the same way.
+        estimator.set_params(class_weight={label.item(): float(weight) for label, weight in zip(trained.classes, weights)})
     if trained.scaling is None:
         return estimator
 

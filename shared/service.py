@@ -694,15 +694,15 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     publish_round_metrics(job_id, round_index, metrics)
 
     if next_round >= record.total_rounds or stop_rule is not None or over_budget:
-        new_params, _ = read_round_state(store, job_id, next_round)
-        write_final_model(services, job_id, model, new_params, next_round, metrics)
-        faults.maybe_fail("aggregator.before_finish", **ids)
         if stop_rule is not None:
             stop_reason = stop_rule
         elif next_round >= record.total_rounds:
             stop_reason = "max_rounds" if record.total_rounds == spec.training.max_rounds else "max_epochs"
         else:
             stop_reason = "budget"
+        new_params, _ = read_round_state(store, job_id, next_round)
+        write_final_model(services, job_id, model, new_params, next_round, metrics, stop_reason)
+        faults.maybe_fail("aggregator.before_finish", **ids)
         # Before the finish: messages of a finished job are dropped, so no retry would
         # store the metrics afterwards.
         state.put_round_metrics(job_id, round_index, metrics)
@@ -803,17 +803,29 @@ def handle_aggregate_message(services: Services, message: AggregateMessage, mess
     return aggregate_round(services, message, message_id, remaining_millis)
 
 
-def write_final_model(services: Services, job_id: str, model, params: np.ndarray, rounds_done: int, metrics: dict) -> None:
-    """Store the final parameters and a JSON description of the model on EFS."""
+def write_final_model(services: Services, job_id: str, model, params: np.ndarray, rounds_done: int, metrics: dict,
+                      stop_reason: str) -> None:
+    """Store the final parameters and a JSON description of the model on EFS.
+
+    When the data was standardised, the training statistics are copied beside the
+    parameters (``model/standardize.npz``), so the model folder alone predicts from raw
+    features: ``(x - mean) / scale``, without ``- mean`` when ``centered`` is false.
+    """
     store = services.store
     context = services.job_context(job_id)
     model_dir = store.model_dir(job_id)
     store.write_npy(model_dir / "params.npy", params)
+    statistics_path = store.data_dir(job_id) / "standardize.npz"
+    standardized = statistics_path.exists()
+    if standardized:
+        store.write_arrays(model_dir / "standardize.npz", store.read_arrays(statistics_path))
     store.write_json(model_dir / "model.json", {
         "job_id": job_id,
         "model": context.spec.to_dict()["model"],
         "n_features": model.n_features,
         "classes": context.manifest["classes"],
+        "standardized": standardized,
         "rounds": rounds_done,
+        "stop_reason": stop_reason,
         "final_metrics": metrics,
     })

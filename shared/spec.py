@@ -106,8 +106,11 @@ class OptimizerSection:
                               maximum=1.0)
     decay: float = spec_field(0.01, help="Schedule 'inverse_scaling': decay per step.", minimum=0.0)
     power: float = spec_field(0.5, help="Schedule 'inverse_scaling': exponent.", minimum=0.0)
-    total_steps: int | None = spec_field(None, help="Schedule 'cosine', required there: steps to anneal over.",
-                                         minimum=1, nullable=True)
+    total_steps: int | None = spec_field(
+        None, help="Schedule 'cosine', required there: steps to anneal over. Later steps keep min_learning_rate "
+                   "(0 by default), so to anneal over the whole job set it to the job's rounds (times the local steps per round "
+                   "for model_average).",
+        minimum=1, nullable=True)
     min_learning_rate: float = spec_field(0.0, help="Schedule 'cosine': final learning rate.", minimum=0.0)
     clip_norm: float | None = spec_field(None, help="Largest Euclidean norm of a gradient; longer ones are scaled "
                                                     "down. Null disables clipping.", minimum=0.0,
@@ -136,7 +139,8 @@ class DataSection:
         0.1, help="Share of training rows held out when validation_path is null.", minimum=0.0, maximum=0.5)
     label_column: int | str = spec_field(
         -1, help="csv and npy: index of the label column (negative counts from the end), or for csv with "
-                 "header=true its name.")
+                 "header=true its name. Labels are numbers: class labels such as 0/1 or 1..k, or regression "
+                 "targets, so map text labels to numbers first.")
     header: bool = spec_field(False, help="csv: the first line after skip_rows names the columns.")
     skip_rows: int = spec_field(0, help="csv: lines to skip before the header or the first row.", minimum=0)
     delimiter: str = spec_field(",", help="csv: field separator; 'whitespace' means any run of spaces and tabs.",
@@ -182,7 +186,9 @@ class TrainingSection:
         None, help="Stop after this many rounds in a row without a new lowest validation loss.", minimum=1,
         nullable=True)
     budget_usd: float | None = spec_field(
-        None, help="Stop, keeping the model, once the estimated AWS cost in US dollars reaches this value.",
+        None, help="Stop, keeping the model, once the estimated AWS cost in US dollars reaches this value. The "
+                   "estimate uses measured durations, so two runs of the same spec and seed may stop at different "
+                   "rounds.",
         minimum=0.0, exclusive_minimum=True, nullable=True)
     seed: int = spec_field(0, help="Seed for shuffling, sharding, initialisation and batches.",
                            minimum=0, maximum=2**32 - 1)

@@ -118,6 +118,14 @@ CASES = [
      "libsvm-corrupt", ["line 3", "corrupt.libsvm"]),
     ("libsvm-index-too-high", json.dumps(spec("libsvm-index", data=libsvm_data("datasets/a9a-300", n_features=10))),
      "libsvm-index", ["n_features", "10"]),
+    ("target-for-classifier", json.dumps(spec("prices-softmax", model={"name": "softmax_regression"},
+                                              data=csv_data("datasets/prices.csv"))), "prices-softmax",
+     ["1,200 distinct labels", "... and 1,190 more]", "1,000 classes", "linear_regression"]),
+    # The model has no output for a class it never saw, so the job fails instead of scoring those rows as wrong.
+    ("validation-class-unseen", json.dumps(spec("unseen-class", model={"name": "softmax_regression"},
+                                                data=csv_data("datasets/two-classes.csv",
+                                                              validation_path="datasets/three-classes.csv"))),
+     "unseen-class", ["label 2.0 is not one of the training classes [0.0, 1.0]", "same labels"]),
     ("labels-misfit-model", json.dumps(spec("labels-three", data=csv_data("datasets/three-classes.csv"))),
      "labels-three", ["class"]),
     ("nan-feature", json.dumps(spec("feature-nan", data=csv_data("datasets/nan.csv"))), "feature-nan",
@@ -213,6 +221,9 @@ def write_data_files(efs_root):
     (datasets / "zero-index.libsvm").write_text("1 0:0.5 2:1\n-1 3:1\n")
     (datasets / "binary.libsvm").write_bytes(b"1 1:0.5\n\x00\xff\xfe\n")
     (datasets / "three-classes.csv").write_text("1,2,0\n2,3,1\n3,4,2\n4,5,0\n5,6,1\n6,7,2\n")
+    (datasets / "two-classes.csv").write_text("1,2,0\n2,3,1\n3,4,0\n4,5,1\n5,6,0\n6,7,1\n")
+    # A house-price-like target: 1,200 distinct values, each a "class" to a classifier.
+    (datasets / "prices.csv").write_text("".join(f"{row % 7},{row % 5},{15000 + 25 * row}\n" for row in range(1200)))
     (datasets / "nan.csv").write_text("1,2,0\nnan,3,1\n3,4,0\n4,5,1\n")
     (datasets / "inf.libsvm").write_text("1 1:0.5\n-1 2:inf\n1 1:1\n-1 2:2\n")
     (datasets / "nan-label.csv").write_text("1,2,0\n2,3,1\n3,4,nan\n4,5,1\n")

@@ -22,7 +22,7 @@ EXPORT_CASES = {
     "logistic-l1": ({"name": "logistic_regression", "penalty": "elasticnet", "l1_method": "proximal"}, {},
                     "LogisticRegression"),
     "softmax": ({"name": "softmax_regression"}, {}, "LogisticRegression"),
-    "svm": ({"name": "linear_svm", "loss": "squared_hinge"}, {}, "LinearSVC"),
+    "svm": ({"name": "linear_svm", "loss": "squared_hinge", "class_weight": {"1": 2.0}}, {}, "LinearSVC"),
     "svm-l1": ({"name": "linear_svm", "penalty": "l1"}, {}, "SGDClassifier"),
     "ridge": ({"name": "linear_regression", "alpha": 1e-3}, {"stratify": False}, "Ridge"),
     "lasso": ({"name": "linear_regression", "penalty": "l1", "alpha": 1e-3}, {"stratify": False}, "Lasso"),
@@ -73,6 +73,30 @@ def test_exported_estimators_predict_like_baton(inprocess_stack, efs_root, tmp_p
         else:
             np.testing.assert_array_equal(predicted[case], expected[case], err_msg=case)
 
+    # The class weights Baton trained with travel with the estimator.
+    logistic = __import__("joblib").load(paths["logistic"]).named_steps["model"]
+    assert set(logistic.class_weight) == {0, 1}
+    # "balanced" gives the rarer class 0 (212 of 569 rows) a weight above 1.
+    assert logistic.class_weight[0] > 1.0 > logistic.class_weight[1], logistic.class_weight
+    svm = __import__("joblib").load(paths["svm"]).named_steps["model"]
+    assert svm.class_weight == {0: 1.0, 1: 2.0}
+
+
+def test_model_folder_stands_alone(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("self-contained", training={"max_rounds": 3})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    model_dir = efs_root / "jobs" / "self-contained" / "model"
+
+    description = json.loads((model_dir / "model.json").read_text())
+    statistics = np.load(model_dir / "standardize.npz")
+
+    assert description["standardized"] is True
+    assert description["stop_reason"] == "max_rounds"
+    trained = load_trained_model(efs_root, "self-contained")
+    np.testing.assert_array_equal(statistics["mean"], trained.scaling[0])
+    np.testing.assert_array_equal(statistics["scale"], trained.scaling[1])
+    assert bool(statistics["centered"]) is True
+
 
 def test_export_of_unknown_job_fails(tmp_path):
     result = CliRunner().invoke(main, ["export", "nope", "--efs-root", str(tmp_path), "--output",
@@ -92,6 +116,9 @@ def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tm
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["estimator"] == "LogisticRegression"
+    model_dir = efs_root / "jobs" / "plain-export" / "model"
+    assert json.loads((model_dir / "model.json").read_text())["standardized"] is False
+    assert not (model_dir / "standardize.npz").exists()
 
 
 

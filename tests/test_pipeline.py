@@ -207,7 +207,7 @@ def test_stray_messages_leave_job_running(inprocess_stack, efs_root):
 
 
 def test_task_for_unknown_worker_dropped(inprocess_stack, efs_root):
-    # One batch holds round 0's tasks and a task for a worker the job does not have, so
+    # One batch contains round 0's tasks and a task for a worker the job does not have, so
     # the round is still current when the stray task runs.
     inprocess_stack.submit(a9a_spec())
     inprocess_stack.step("JobsQueue")

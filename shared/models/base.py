@@ -26,6 +26,21 @@ import scipy.sparse as sp
 
 from shared.errors import DataError, JobSpecError
 
+# A classifier's distinct training labels are capped: thousands of them usually mean a
+# continuous target was given to a classifier.
+MAX_CLASSES = 1000
+
+# Labels quoted in an error message; the rest are counted.
+LABELS_SHOWN = 10
+
+
+def _preview_labels(classes: np.ndarray) -> str:
+    """Return the first labels of ``classes`` for a message, with the count of the others."""
+    first_labels = classes[:LABELS_SHOWN].tolist()
+    if len(classes) <= LABELS_SHOWN:
+        return str(first_labels)
+    return f"{str(first_labels)[:-1]}, ... and {len(classes) - LABELS_SHOWN:,} more]"
+
 
 class Model(ABC):
     """Base class of Baton's models.
@@ -219,7 +234,7 @@ class Model(ABC):
         if not found.all():
             label = y_raw[np.flatnonzero(~found)[0]].item()
             raise DataError(
-                f"label {label!r} is not one of the training classes {classes.tolist()}; "
+                f"label {label!r} is not one of the training classes {_preview_labels(classes)}; "
                 "check that the validation file uses the same labels as the training file")
         return positions.astype(np.int64)
 
@@ -228,10 +243,15 @@ class Model(ABC):
         if self.task == "binary" and len(classes) != 2:
             raise DataError(
                 f"model '{self.name}' needs exactly 2 distinct labels, found {len(classes)}: "
-                f"{classes[:10].tolist()}; use a multiclass model or relabel the data"
+                f"{_preview_labels(classes)}; use a multiclass model or relabel the data"
             )
         if self.task == "multiclass" and len(classes) < 2:
             raise DataError(f"model '{self.name}' needs at least 2 distinct labels, found {classes.tolist()}")
+        if self.task == "multiclass" and len(classes) > MAX_CLASSES:
+            raise DataError(
+                f"model '{self.name}' found {len(classes):,} distinct labels {_preview_labels(classes)}, more than "
+                f"the {MAX_CLASSES:,} classes a classifier takes; if the label is a continuous target, use "
+                "linear_regression or mlp_regressor, else check data.label_column")
 
     # Input checks shared by the subclasses.
 
