@@ -384,9 +384,13 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
         title = f"{job_id} ({record.status}, {len(rounds)} rounds)"
     output_path = output_path or Path(f"{job_id}.png")
     try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
         plot_job(rounds, output_path, title=title, width_inches=width_inches, height_inches=height_inches, dpi=dpi)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot write the plot to {output_path}: {error.strerror or error}; "
+                                   "choose another --output") from None
     click.echo(str(output_path))
 
 

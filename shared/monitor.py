@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 
 from shared.efs import EfsStore
 from shared.errors import BatonError
-from shared.state import SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
+from shared.state import PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -175,6 +176,10 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
     follower = RoundFollower(store, job_id)
     started = time.monotonic()
     record, _ = follower.poll()
+    if record is None:
+        # A job just sent has no item until the starter runs, so watch waits for it.
+        print(f"waiting up to {wait_for_job_seconds:.0f} s for job '{job_id}' to appear in table {store.table_name}",
+              file=stream or sys.stderr, flush=True)
     while record is None:
         if time.monotonic() - started > wait_for_job_seconds:
             raise JobNotFoundError(f"no job '{job_id}' in table {store.table_name} after {wait_for_job_seconds:.0f} s; "
@@ -184,8 +189,13 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
 
     bar = tqdm(total=record.total_rounds or None, initial=len(follower.rounds), desc=job_id, unit="round",
                file=stream, dynamic_ncols=True)
+    paused_noted = False
     try:
         while True:
+            if record.status == PAUSED and not paused_noted:
+                bar.write(f"job '{job_id}' is PAUSED: watch goes on until it ends; `baton resume {job_id}` "
+                          "continues it, Ctrl-C stops watching", file=stream)
+            paused_noted = record.status == PAUSED
             if record.total_rounds and bar.total != record.total_rounds:
                 # The starter sets total_rounds when the job leaves PREPARING.
                 bar.total = record.total_rounds

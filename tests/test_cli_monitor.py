@@ -162,6 +162,23 @@ def test_plot_from_efs_folder_alone(finished_job, tmp_path, monkeypatch):
     assert png_size(output) == (400, 250)
 
 
+def test_plot_output_folder_created_or_named(finished_job, tmp_path):
+    efs = ["--efs-root", str(finished_job["efs_root"])]
+    nested = tmp_path / "new" / "folder" / "curves.png"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    created = CliRunner().invoke(main, ["plot", JOB_ID, *efs, "--output", str(nested), "--dpi", "30"])
+    blocked = CliRunner().invoke(main, ["plot", JOB_ID, *efs, "--output", str(blocker / "curves.png"), "--dpi", "30"])
+
+    assert created.exit_code == 0, created.output
+    assert png_size(nested)[0] > 0
+    assert blocked.exit_code == 1
+    assert f"cannot write the plot to {blocker / 'curves.png'}" in blocked.output
+    assert "choose another --output" in blocked.output
+    assert "Traceback" not in blocked.output
+
+
 def test_list_and_status_show_job(finished_job):
     listed = CliRunner().invoke(main, ["list", *finished_job["arguments"]])
     assert listed.exit_code == 0, listed.output
@@ -246,3 +263,42 @@ def test_round_numbers_agree_everywhere(finished_job, tmp_path):
 
     shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
     assert f"{csv_rounds[-1]} of {N_ROUNDS} rounds done" in shown.output
+
+
+def test_watch_says_it_waits_for_job(finished_job):
+    import io
+
+    from shared.monitor import JobNotFoundError, watch_job
+
+    stream = io.StringIO()
+    with pytest.raises(JobNotFoundError, match="no job 'not-sent-yet'"):
+        watch_job(finished_job["stack"].state, "not-sent-yet", stream=stream, wait_for_job_seconds=0.0,
+                  sleep=lambda seconds: None)
+
+    assert "waiting up to 0 s for job 'not-sent-yet' to appear in table" in stream.getvalue()
+
+
+def test_watch_notes_paused_job_once(finished_job):
+    import io
+
+    from shared.control import cancel_job, pause_job
+    from shared.monitor import watch_job
+
+    state = finished_job["stack"].state
+    state.create_job("paused-watch", "f" * 64, "{}", 2)
+    state.start_job("paused-watch", 3)
+    pause_job(state, "paused-watch")
+    polls = []
+
+    def sleep(seconds):
+        # Stay paused for two polls, then cancel, so watch returns.
+        polls.append(seconds)
+        if len(polls) == 3:
+            cancel_job(state, "paused-watch")
+
+    stream = io.StringIO()
+    record = watch_job(state, "paused-watch", stream=stream, sleep=sleep)
+
+    assert record.status == "CANCELLED"
+    assert stream.getvalue().count("job 'paused-watch' is PAUSED") == 1
+    assert "`baton resume paused-watch` continues it" in stream.getvalue()
