@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from shared.efs import EfsStore
 from shared.errors import DataError
+from shared.source_files import FIX
 from shared.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -634,17 +635,41 @@ def shard_folder(store: EfsStore, job_id: str, destination: int | str) -> Path:
     return store.data_dir(job_id) / name
 
 
+def _shard_file_names(manifest: dict) -> list[str]:
+    matrix = ["X-data.npy", "X-indices.npy", "X-indptr.npy"] if manifest["sparse"] else ["X.npy"]
+    return ["y.npy", *matrix]
+
+
+def _missing_shard_error(store: EfsStore, path: Path) -> DataError:
+    efs_name = path.relative_to(store.root) if store.is_under_root(path) else path
+    return DataError(f"prepared shard file '{efs_name}' is missing: the job's prepared data on EFS was deleted or "
+                     f"moved after its preparation, and Baton does not rebuild the shards of a started job; {FIX}")
+
+
+def check_shards_present(store: EfsStore, job_id: str, manifest: dict) -> None:
+    """Raise :class:`DataError` naming the first prepared shard file that is missing."""
+    destinations = [*range(len(manifest["shard_rows"])), *([VALIDATION] if manifest["validation_rows"] else [])]
+    for destination in destinations:
+        folder = shard_folder(store, job_id, destination)
+        for name in _shard_file_names(manifest):
+            if not (folder / name).is_file():
+                raise _missing_shard_error(store, folder / name)
+
+
 def _read_matrix(store: EfsStore, folder: Path, manifest: dict) -> Shard:
     # numpy.asarray turns a memory map into a plain ndarray over the same mapped pages,
     # without copying; indexing one skips numpy.memmap's Python-level __getitem__.
-    y = np.asarray(store.read_npy(folder / "y.npy"))
-    if manifest["sparse"]:
-        data = store.read_npy(folder / "X-data.npy")
-        indices = store.read_npy(folder / "X-indices.npy")
-        indptr = store.read_npy(folder / "X-indptr.npy")
-        X = sp.csr_matrix((data, indices, indptr), shape=(len(y), manifest["n_features"]), copy=False)
-    else:
-        X = np.asarray(store.read_npy(folder / "X.npy"))
+    try:
+        y = np.asarray(store.read_npy(folder / "y.npy"))
+        if manifest["sparse"]:
+            data = store.read_npy(folder / "X-data.npy")
+            indices = store.read_npy(folder / "X-indices.npy")
+            indptr = store.read_npy(folder / "X-indptr.npy")
+            X = sp.csr_matrix((data, indices, indptr), shape=(len(y), manifest["n_features"]), copy=False)
+        else:
+            X = np.asarray(store.read_npy(folder / "X.npy"))
+    except FileNotFoundError as error:
+        raise _missing_shard_error(store, Path(error.filename)) from None
     return Shard(X=X, y=y)
 
 

@@ -124,6 +124,33 @@ def test_changed_source_not_reused(inprocess_stack, efs_root):
     assert "baton run --fresh" in record.error
 
 
+def test_deleted_shard_not_reused(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("rerun-deleted-shard")
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    forget_job(inprocess_stack, "rerun-deleted-shard")
+    shutil.rmtree(efs_root / "jobs" / "rerun-deleted-shard" / "data" / "shard-1")
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert "prepared shard file 'jobs/rerun-deleted-shard/data/shard-1/y.npy' is missing" in record.error
+    assert "baton run --fresh" in record.error
+
+
+def test_shard_deleted_mid_job_fails_once(inprocess_stack, efs_root):
+    inprocess_stack.submit(breast_cancer_spec("deleted-shard"))
+    inprocess_stack.step("JobsQueue")
+    shutil.rmtree(efs_root / "jobs" / "deleted-shard" / "data" / "shard-1")
+
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("deleted-shard")
+    assert record.status == FAILED
+    assert "prepared shard file 'jobs/deleted-shard/data/shard-1/y.npy' is missing" in record.error
+    assert "new job_id" in record.error
+    assert not any(delivery.failed for delivery in inprocess_stack.deliveries), "a missing shard is not retried"
+
+
 def test_cli_rerun_checks_changed_file(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
