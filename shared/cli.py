@@ -206,11 +206,41 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
         click.echo(json.dumps(spec, indent=2))
         return
 
+    _check_job_id_free(spec, stage, endpoint_url, region)
     sqs = aws_client("sqs", endpoint_url=endpoint_url, region=region)
     if queue_url is None:
         queue_url = sqs.get_queue_url(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
     message_id = sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(spec))["MessageId"]
     click.echo(f"job {spec['job_id']} sent to {queue_url} (message {message_id})")
+
+
+def _check_job_id_free(spec: dict, stage: str, endpoint_url: str | None, region: str | None) -> None:
+    """Raise before sending a spec whose job id belongs to a job in the stage's table.
+
+    The starter would drop such a message, or record its rejection under another id, so
+    the error is reported here instead. A table that cannot be read only gets a note.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from shared.spec import parse_job_spec
+
+    job_id = spec["job_id"]
+    try:
+        existing = _store(stage, endpoint_url, region).get_job(job_id)
+    except (BotoCoreError, ClientError) as error:
+        click.echo(f"note: could not check whether job id '{job_id}' is taken ({error}); sending anyway", err=True)
+        return
+    # An item without a fingerprint only records a rejected spec, which a valid one replaces.
+    if existing is None or not existing.fingerprint:
+        return
+    resume = ""
+    if existing.status in ("PAUSED", "FAILED"):
+        resume = f", or continue it with `baton resume {job_id}`"
+    if existing.fingerprint == parse_job_spec(spec).fingerprint():
+        raise click.ClickException(f"job {job_id} already exists with this spec (status {existing.status}), so the "
+                                   f"starter would drop it; `baton status {job_id}` shows it{resume}. Nothing was sent.")
+    raise click.ClickException(f"job id '{job_id}' is already used by a job with a different spec (status "
+                               f"{existing.status}); choose a new one with --job-id{resume}. Nothing was sent.")
 
 
 # Following jobs: list, status, watch, fetch, plot ------------------------------------------

@@ -53,6 +53,8 @@ def test_flags_only_sends_spec(jobs_queue):
 
     assert result.exit_code == 0, result.output
     assert f"job from-flags sent to {jobs_queue['url']}" in result.output
+    # This stage has a jobs queue but no table.
+    assert "note: could not check whether job id 'from-flags' is taken" in result.output
     assert received_specs(jobs_queue) == [{
         "job_id": "from-flags",
         "model": {"name": "logistic_regression"},
@@ -307,3 +309,61 @@ def test_apply_overrides_rejects_bad_key(spec, key, words):
         apply_overrides(spec, [(key, 1)])
     assert caught.value.key == key
     assert words in caught.value.problem
+
+
+@pytest.fixture
+def stage_with_table(moto_endpoint):
+    """A stage of its own with the stack's queues and table on the moto server."""
+    from shared.local.stack import create_stack, load_stack_definition
+    from shared.monitor import make_state_store
+
+    stage = f"tbl{uuid.uuid4().hex[:10]}"
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    dynamodb = boto3.client("dynamodb", endpoint_url=moto_endpoint, region_name="us-east-1")
+    urls = create_stack(load_stack_definition(stage=stage), sqs, dynamodb)
+    return {"state": make_state_store(stage, endpoint_url=moto_endpoint, region="us-east-1"),
+            "jobs_queue": {"sqs": sqs, "url": urls["JobsQueue"]},
+            "arguments": ["--stage", stage, "--endpoint-url", moto_endpoint]}
+
+
+def a9a_spec_as_sent(job_id: str) -> dict:
+    from shared.spec import parse_job_spec
+
+    spec = json.loads(A9A_SPEC_FILE.read_text())
+    spec["job_id"] = job_id
+    return parse_job_spec(spec)
+
+
+@pytest.mark.parametrize("status, extra, words", [
+    ("RUNNING", [], ["job taken already exists with this spec (status RUNNING)", "`baton status taken`"]),
+    ("PAUSED", [], ["already exists with this spec (status PAUSED)", "`baton resume taken`"]),
+    ("RUNNING", ["--learning-rate", "0.01"], ["job id 'taken' is already used by a job with a different spec",
+                                              "choose a new one with --job-id"]),
+], ids=["same-spec", "same-spec-paused", "different-spec"])
+def test_taken_job_id_sends_nothing(stage_with_table, status, extra, words):
+    from shared.control import pause_job
+
+    state = stage_with_table["state"]
+    existing = a9a_spec_as_sent("taken")
+    state.create_job("taken", existing.fingerprint(), existing.canonical_json(), existing.training.n_workers)
+    state.start_job("taken", 10)
+    if status == "PAUSED":
+        pause_job(state, "taken")
+
+    result = submit(str(A9A_SPEC_FILE), "--job-id", "taken", *extra, *stage_with_table["arguments"])
+
+    assert result.exit_code == 1, result.output
+    for word in words:
+        assert word in result.output
+    assert "Nothing was sent." in result.output
+    assert received_specs(stage_with_table["jobs_queue"]) == []
+
+
+def test_rejected_job_id_sent_again(stage_with_table):
+    # A job id that only records a rejected spec is free for a valid one.
+    stage_with_table["state"].fail_job("fixed", "invalid job spec field 'optimizer.learning_rate': ...")
+
+    result = submit(str(A9A_SPEC_FILE), "--job-id", "fixed", *stage_with_table["arguments"])
+
+    assert result.exit_code == 0, result.output
+    assert [spec["job_id"] for spec in received_specs(stage_with_table["jobs_queue"])] == ["fixed"]
