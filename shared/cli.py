@@ -276,8 +276,8 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
         if summary.get(key) is not None:
             value = summary[key]
             click.echo(f"  {key:<20} {value:.6g}" if isinstance(value, float) else f"  {key:<20} {value}")
-    # A finished job's error already says why it ended; before that, last_error shows that
-    # messages are being retried and why.
+    # Before the job ends, last_error shows that messages are being retried, and why. A
+    # FAILED job's error quotes it where it applies, and --json shows it in every status.
     last_error = summary.get("last_error")
     if isinstance(last_error, dict) and record.status not in TERMINAL_STATUSES:
         click.echo(f"  {'last_error':<20} {_last_error_line(last_error)}")

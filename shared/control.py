@@ -183,7 +183,7 @@ def _dead_letter_cause(record: JobRecord | None, message_id: str) -> str:
 
 
 def _stall_cause(record: JobRecord) -> str:
-    """Return what the watchdog's failure message says about the cause of a stalled round.
+    """Return the cause of a stalled round, as the watchdog's failure message gives it.
 
     A ``last_error`` stored in another round is left out, because it did not stall this one.
     """
@@ -238,7 +238,7 @@ def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]
             continue
         ids = {"job_id": record.job_id, "round": record.round}
         if attempts > settings.watchdog_max_attempts:
-            # The scan above may predate the handlers' latest last_error; read the item again.
+            # The scan above may predate the handlers' latest last_error, so read the item again.
             current = state.get_job(record.job_id) or record
             reason = (f"round {round_number(record.round)} made no progress for {settings.stall_seconds:.0f} s after "
                       f"{settings.watchdog_max_attempts} re-sends by the watchdog; {_stall_cause(current)}; "

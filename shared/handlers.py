@@ -18,7 +18,7 @@ anything else         record reported as failed; the error is     yes, until
 ``last_error`` puts a retried error on the job item early. With the deployed defaults
 (visibility timeout 1800 s on the tasks and aggregate queues, 5 receives), the last
 receive comes about 2 hours after the first, and the watchdog usually gives up on the
-stalled round before then; its failure message quotes ``last_error``.
+stalled round before then. Its failure message quotes ``last_error``.
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ def _message_ids(body: str) -> dict[str, Any]:
 
 def _record_retried_error(services: Services, function_name: str, record: SQSRecord, ids: dict[str, Any],
                           receive_count: int, error: Exception) -> None:
-    """Store ``error`` as the job's ``last_error``; log a failure to store it and never raise.
+    """Store ``error`` as the job's ``last_error``, logging a failure to store it instead of raising.
 
-    A failure here must not replace the step's error, which the caller re-raises so the
-    record is retried.
+    A failure here must not replace the step's error, which the caller re-raises so that
+    the record is retried.
     """
     last_error: dict[str, Any] = {
         "function": function_name,
@@ -101,7 +101,7 @@ def _record_retried_error(services: Services, function_name: str, record: SQSRec
             last_error[key] = value
     try:
         if not services.state.record_last_error(ids["job_id"], last_error):
-            logger.info("error not recorded on the job: the job has no item or has finished")
+            logger.info("error not recorded on the job item, which is missing or finished")
     except Exception as record_error:
         logger.warning("could not record the error on the job item",
                        extra={"record_error": f"{type(record_error).__name__}: {record_error}"})

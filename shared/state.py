@@ -458,7 +458,7 @@ class StateStore:
         return True
 
     def record_last_error(self, job_id: str, last_error: dict[str, Any]) -> bool:
-        """Store ``last_error`` as the job item's ``last_error`` map; the status stays as it is.
+        """Store ``last_error`` as the job item's ``last_error`` map, without changing the status.
 
         Handlers call this on a failed receive that SQS will retry, so the error is on the
         job long before the last receive. The update leaves ``updated_at`` alone, because

@@ -72,7 +72,7 @@ def test_failed_receive_records_last_error(inprocess_stack, efs_root):
     record = inprocess_stack.services.state.get_job(JOB_ID)
     assert record.status == RUNNING
     assert record.error is None
-    # The watchdog reads updated_at as progress, and a failed receive is none.
+    # The watchdog reads updated_at as progress, and a failed receive is not progress.
     assert record.attributes["updated_at"] == updated_at
     last_error = record.attributes["last_error"]
     assert last_error["function"] == "worker"
