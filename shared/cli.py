@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from shared.cli_spec import build_spec, check_job_id_argument, spec_options
 from shared.errors import JobSpecError
 from shared.spec import check_relative_path
-from shared.state import JOB_STATUSES
+from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
 
 DEFAULT_LOCAL_DIR = Path(".baton")
 
@@ -306,6 +306,26 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
         if summary.get(key) is not None:
             value = summary[key]
             click.echo(f"  {key:<20} {value:.6g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    # Before the job ends, last_error shows that messages are being retried, and why. A
+    # FAILED job's error quotes it where it applies, and --json shows it in every status.
+    last_error = summary.get("last_error")
+    if isinstance(last_error, dict) and record.status not in TERMINAL_STATUSES:
+        click.echo(f"  {'last_error':<20} {_last_error_line(last_error)}")
+
+
+def _last_error_line(last_error: dict) -> str:
+    """Return ``last_error`` as the status line shows it: when, in which round, and what failed."""
+    from datetime import datetime, timezone
+
+    from shared.training import round_number
+
+    prefix = []
+    if isinstance(last_error.get("recorded_at"), (int, float)):
+        recorded = datetime.fromtimestamp(float(last_error["recorded_at"]), tz=timezone.utc)
+        prefix.append(f"{recorded:%Y-%m-%d %H:%M:%S} UTC")
+    if isinstance(last_error.get("round"), int):
+        prefix.append(f"round {round_number(last_error['round'])}")
+    return ", ".join(prefix) + (": " if prefix else "") + describe_last_error(last_error)
 
 
 @main.command()

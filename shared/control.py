@@ -8,7 +8,9 @@ before it advanced the round.
 The watchdog runs on a schedule. It turns messages found in the dead-letter queues into
 job failures, and re-sends the missing messages of a RUNNING round that recorded no
 progress for ``stall_seconds``; after ``watchdog_max_attempts`` re-sends of one round it
-marks the job failed with the reason.
+marks the job failed with the reason. Both failure messages quote the handler error stored
+on the job item (``last_error``) when it applies, because the watchdog itself never sees
+the error.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from shared import faults
 from shared.errors import BatonError
 from shared.queues import QueueClient
 from shared.service import Services, send_round_complete
-from shared.state import CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore, can_record_job
+from shared.state import (CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore, can_record_job,
+                          describe_last_error)
 from shared.training import round_number
 
 logger = logging.getLogger(__name__)
@@ -131,7 +134,9 @@ def drain_dead_letters(services: Services) -> int:
     """Mark the job of every dead-lettered message FAILED, then delete the message.
 
     A job that its handler already marked failed on the last receive keeps that error.
-    Returns the number of messages handled.
+    Otherwise, for example when every receive timed out before the handler could record
+    anything, the error names the message and quotes the job's ``last_error`` if an
+    earlier receive of the same message stored it. Returns the number of messages handled.
     """
     settings, state, sqs = services.settings, services.state, services.queues.client
     handled = 0
@@ -144,15 +149,16 @@ def drain_dead_letters(services: Services) -> int:
                 break
             for message in messages:
                 job_id = _dead_letter_job_id(message)
-                if job_id is not None and _superseded(state.get_job(job_id), message):
+                record = None if job_id is None else state.get_job(job_id)
+                if job_id is not None and _superseded(record, message):
                     logger.info("dead-lettered message predates the job's resume; deleted",
                                 extra={"job_id": job_id, "queue": queue_name})
                 elif job_id is not None:
                     receive_count = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
                     newly_failed = state.fail_job(
                         job_id, f"a {queue_name} message ({message['MessageId']}) reached the dead-letter queue after "
-                                f"{receive_count} receives; see the function's logs for its error, fix the cause, "
-                                f"then run `baton resume {job_id}`")
+                                f"{receive_count} receives; {_dead_letter_cause(record, message['MessageId'])}; "
+                                f"fix the cause, then run `baton resume {job_id}`")
                     logger.error("dead-lettered message", extra={"job_id": job_id, "queue": queue_name,
                                                                  "body": message["Body"][:200],
                                                                  "newly_failed": newly_failed})
@@ -162,6 +168,29 @@ def drain_dead_letters(services: Services) -> int:
                 sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
                 handled += 1
     return handled
+
+
+def _dead_letter_cause(record: JobRecord | None, message_id: str) -> str:
+    """Return where the error of dead-lettered message ``message_id`` is to be found.
+
+    The job's ``last_error`` is quoted only when it is this message's: an error of another
+    message would be taken for this one's, whose receives may all have timed out.
+    """
+    last_error = None if record is None else record.attributes.get("last_error")
+    if isinstance(last_error, dict) and last_error.get("message_id") == message_id:
+        return f"its last recorded error was: {describe_last_error(last_error)}"
+    return "see the function's logs for its error"
+
+
+def _stall_cause(record: JobRecord) -> str:
+    """Return the cause of a stalled round, as the watchdog's failure message gives it.
+
+    A ``last_error`` stored in another round is left out, because it did not stall this one.
+    """
+    last_error = record.attributes.get("last_error")
+    if isinstance(last_error, dict) and last_error.get("round", record.round) == record.round:
+        return f"the last error was: {describe_last_error(last_error)}"
+    return "check the worker and aggregator logs"
 
 
 def _superseded(record: JobRecord | None, message: dict) -> bool:
@@ -209,9 +238,11 @@ def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]
             continue
         ids = {"job_id": record.job_id, "round": record.round}
         if attempts > settings.watchdog_max_attempts:
+            # The scan above may predate the handlers' latest last_error, so read the item again.
+            current = state.get_job(record.job_id) or record
             reason = (f"round {round_number(record.round)} made no progress for {settings.stall_seconds:.0f} s after "
-                      f"{settings.watchdog_max_attempts} re-sends by the watchdog; check the worker and aggregator "
-                      f"logs, fix the cause, then run `baton resume {record.job_id}`")
+                      f"{settings.watchdog_max_attempts} re-sends by the watchdog; {_stall_cause(current)}; "
+                      f"fix the cause, then run `baton resume {record.job_id}`")
             if state.fail_job(record.job_id, reason):
                 counts["failed"] += 1
                 logger.error("job failed by the watchdog", extra={**ids, "reason": reason})

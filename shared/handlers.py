@@ -9,15 +9,23 @@ error                 effect                                      retried
 ====================  ==========================================  ===========
 PermanentError        job marked FAILED with the message          no
 StaleMessageError     logged and dropped                          no
-anything else         record reported as failed; on its last      yes, until
-                      allowed receive the job is marked FAILED    dead-lettered
+anything else         record reported as failed; the error is     yes, until
+                      stored as the job's ``last_error``, and on  dead-lettered
+                      the last allowed receive the job is marked
+                      FAILED
 ====================  ==========================================  ===========
+
+``last_error`` puts a retried error on the job item early. With the deployed defaults
+(visibility timeout 1800 s on the tasks and aggregate queues, 5 receives), the last
+receive comes about 2 hours after the first, and the watchdog usually gives up on the
+stalled round before then. Its failure message quotes ``last_error``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,6 +46,10 @@ copy_config_to_registered_loggers(source_logger=logger, include={"shared"})
 # Must match custom.maxReceiveCount in serverless.yml: the receive on which a failure
 # sends the message to its dead-letter queue.
 DEFAULT_MAX_RECEIVE_COUNT = 5
+
+# Characters of an error's text kept in the job's last_error. The job item, spec included,
+# must stay under DynamoDB's 400 KB item limit.
+MAX_LAST_ERROR_CHARS = 2000
 
 _services: Services | None = None
 
@@ -65,6 +77,34 @@ def _message_ids(body: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         return {}
     return {key: message[key] for key in ("job_id", "round", "worker", "reduce") if key in message}
+
+
+def _record_retried_error(services: Services, function_name: str, record: SQSRecord, ids: dict[str, Any],
+                          receive_count: int, error: Exception) -> None:
+    """Store ``error`` as the job's ``last_error``, logging a failure to store it instead of raising.
+
+    A failure here must not replace the step's error, which the caller re-raises so that
+    the record is retried.
+    """
+    last_error: dict[str, Any] = {
+        "function": function_name,
+        "message_id": record.message_id,
+        "receive_count": receive_count,
+        "error_type": type(error).__name__,
+        "error": str(error)[:MAX_LAST_ERROR_CHARS],
+        "recorded_at": time.time(),
+    }
+    # The ids come from the message body, which may be malformed: keep only integers.
+    for key in ("round", "worker", "reduce"):
+        value = ids.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            last_error[key] = value
+    try:
+        if not services.state.record_last_error(ids["job_id"], last_error):
+            logger.info("error not recorded on the job item, which is missing or finished")
+    except Exception as record_error:
+        logger.warning("could not record the error on the job item",
+                       extra={"record_error": f"{type(record_error).__name__}: {record_error}"})
 
 
 @dataclass(frozen=True)
@@ -125,6 +165,8 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
                 services.state.fail_job(
                     job_id, f"{function_name} failed {receive_count} times on message {record.message_id}: "
                             f"{type(error).__name__}: {error}; the message is now in the dead-letter queue")
+            elif job_id is not None:
+                _record_retried_error(services, function_name, record, ids, receive_count, error)
             raise
         finally:
             logger.remove_keys(["function", "message_id", "job_id", "round", "worker", "reduce"])

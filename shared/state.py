@@ -5,8 +5,9 @@ Items, all under the partition key ``pk = "JOB#<job_id>"``:
 ``sk = "JOB"``
     The job: ``status``, ``round`` (the round now running), ``n_workers``,
     ``total_rounds``, ``fingerprint`` (hash of the spec), ``spec`` (its JSON), ``error``,
-    the latest metrics, ``watchdog_attempts`` (re-sends the watchdog made in the current
-    round), and timestamps.
+    ``last_error`` (the latest handler error that SQS will retry, see
+    :meth:`StateStore.record_last_error`), the latest metrics, ``watchdog_attempts``
+    (re-sends the watchdog made in the current round), and timestamps.
 ``sk = "ROUND#<r, 8 digits>"``
     Round ``r``: ``done``, the number set of workers whose result is on EFS, ``reduced``,
     the number set of reducers whose slice of the sums is on EFS (only when
@@ -129,6 +130,13 @@ class JobRecord:
             error=values.get("error"),
             attributes=values,
         )
+
+
+def describe_last_error(last_error: dict[str, Any]) -> str:
+    """Return a job item's ``last_error`` map as one line: the function, message, receive and error."""
+    return (f"{last_error.get('function', 'a handler')} failed on message {last_error.get('message_id', '?')} "
+            f"(receive {last_error.get('receive_count', '?')}): "
+            f"{last_error.get('error_type', 'Exception')}: {last_error.get('error', '')}")
 
 
 def _round_usage(item: dict) -> dict[str, float]:
@@ -449,6 +457,47 @@ class StateStore:
             raise
         return True
 
+    def record_last_error(self, job_id: str, last_error: dict[str, Any]) -> bool:
+        """Store ``last_error`` as the job item's ``last_error`` map, without changing the status.
+
+        Handlers call this on a failed receive that SQS will retry, so the error is on the
+        job long before the last receive. The update leaves ``updated_at`` alone, because
+        the watchdog reads that as the job's progress, and a retry is no progress.
+
+        Parameters
+        ----------
+        job_id : str
+        last_error : dict
+            Strings and numbers only, for example ``function``, ``message_id``,
+            ``receive_count``, ``error_type``, ``error`` and ``recorded_at``.
+
+        Returns
+        -------
+        bool
+            False when the job has no item, or has succeeded, failed or been cancelled:
+            then nothing is written.
+        """
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=_job_key(job_id),
+                UpdateExpression="SET last_error = :last_error",
+                # attribute_exists keeps the update from creating an item without a status.
+                ConditionExpression="attribute_exists(#status) AND NOT #status IN (:succeeded, :failed, :cancelled)",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues={
+                    ":last_error": {"M": {name: _to_attribute(value) for name, value in last_error.items()}},
+                    ":succeeded": {"S": SUCCEEDED},
+                    ":failed": {"S": FAILED},
+                    ":cancelled": {"S": CANCELLED},
+                },
+            )
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return False
+            raise
+        return True
+
     def record_progress(self, job_id: str, round_index: int) -> None:
         """Stamp round ``round_index`` with the current time; the watchdog reads it."""
         self.client.update_item(
@@ -502,7 +551,8 @@ class StateStore:
             values[f":from{index}"] = {"S": status}
         expression = "SET #status = :to, updated_at = :now, status_changed_at = :now, watchdog_attempts = :zero"
         if clear_error:
-            expression += " REMOVE #error"
+            # The handler errors recorded before the job failed or paused belong to the old run.
+            expression += " REMOVE #error, last_error"
             names["#error"] = "error"
         try:
             self.client.update_item(

@@ -70,6 +70,9 @@ class InProcessStack:
     efs_root: Path
     deliveries: list[Delivery] = field(default_factory=list)
     batches: list[list[dict]] = field(default_factory=list)
+    # Seconds a failed message stays invisible before its next receive. Lambda leaves it
+    # for the queue's visibility timeout (1800 s for tasks); 0 retries it on the next step.
+    retry_delay_seconds: int = 0
 
     def __post_init__(self):
         self.definition = load_stack_definition(stage="test")
@@ -114,7 +117,7 @@ class InProcessStack:
             failed = message["MessageId"] in failed_ids
             if failed:
                 self.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"],
-                                                   VisibilityTimeout=0)
+                                                   VisibilityTimeout=self.retry_delay_seconds)
             else:
                 self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
             try:

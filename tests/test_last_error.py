@@ -1,0 +1,266 @@
+"""A retried handler error is stored on the job item, and the watchdog's failure quotes it.
+
+With the deployed defaults a task is received for the fifth and last time about 2 hours
+after its first failure, while the watchdog gives up on the stalled round after about an
+hour. These tests run the real worker on a job whose shard was deleted after preparation,
+with failed messages kept invisible as the tasks queue's visibility timeout keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+
+import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
+from click.testing import CliRunner
+
+from shared.cli import main
+from shared.control import drain_dead_letters, resume_job, run_watchdog
+from shared.handlers import set_services, sqs_handler
+from shared.service import Services
+from shared.state import CANCELLED, FAILED, RUNNING, SUCCEEDED
+from tests.inprocess import FakeContext, sqs_event
+
+JOB_ID = "shard-lost"
+LOST_WORKER = 1
+
+
+def a9a_spec(**training) -> dict:
+    return {
+        "job_id": JOB_ID,
+        "model": {"name": "logistic_regression", "alpha": 1e-4},
+        "optimizer": {"name": "momentum", "learning_rate": 0.5, "momentum": 0.9},
+        "data": {"path": "datasets/a9a/a9a", "format": "libsvm", "n_features": 123},
+        "training": {"n_workers": 4, "batch_size": 64, "max_rounds": 5, "seed": 3, **training},
+    }
+
+
+def start_without_shard(stack, efs_root) -> None:
+    """Run the starter until the job is RUNNING, then delete one worker's prepared shard."""
+    stack.submit(a9a_spec())
+    state = stack.services.state
+    while state.get_job(JOB_ID) is None or state.get_job(JOB_ID).status != RUNNING:
+        assert stack.step("JobsQueue") is not None, state.get_job(JOB_ID)
+    shutil.rmtree(efs_root / "jobs" / JOB_ID / "data" / f"shard-{LOST_WORKER}")
+
+
+def deliver_tasks(stack) -> list:
+    """Deliver every visible task; return the deliveries that failed."""
+    failed = []
+    while (delivery := stack.step("TasksQueue")) is not None:
+        if delivery.failed:
+            failed.append(delivery)
+    return failed
+
+
+def raw_job_item(stack) -> dict:
+    return stack.dynamodb.get_item(TableName=stack.settings.state_table_name,
+                                   Key={"pk": {"S": f"JOB#{JOB_ID}"}, "sk": {"S": "JOB"}}, ConsistentRead=True)["Item"]
+
+
+def test_failed_receive_records_last_error(inprocess_stack, efs_root):
+    start_without_shard(inprocess_stack, efs_root)
+    inprocess_stack.retry_delay_seconds = 3600
+    updated_at = inprocess_stack.services.state.get_job(JOB_ID).attributes["updated_at"]
+
+    failed = deliver_tasks(inprocess_stack)
+
+    assert [delivery.body["worker"] for delivery in failed] == [LOST_WORKER]
+    record = inprocess_stack.services.state.get_job(JOB_ID)
+    assert record.status == RUNNING
+    assert record.error is None
+    # The watchdog reads updated_at as progress, and a failed receive is not progress.
+    assert record.attributes["updated_at"] == updated_at
+    last_error = record.attributes["last_error"]
+    assert last_error["function"] == "worker"
+    assert last_error["receive_count"] == 1
+    assert last_error["error_type"] == "FileNotFoundError"
+    assert f"shard-{LOST_WORKER}" in last_error["error"]
+    assert last_error["round"] == 0
+    assert last_error["worker"] == LOST_WORKER
+    assert last_error["message_id"]
+
+
+def test_status_shows_last_error_of_running_job(inprocess_stack, efs_root):
+    start_without_shard(inprocess_stack, efs_root)
+    inprocess_stack.retry_delay_seconds = 3600
+    deliver_tasks(inprocess_stack)
+    message_id = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]["message_id"]
+
+    shown = CliRunner().invoke(main, ["status", JOB_ID, "--stage", "test"])
+    as_json = CliRunner().invoke(main, ["status", JOB_ID, "--stage", "test", "--json"])
+
+    assert shown.exit_code == 0, shown.output
+    assert f"job {JOB_ID}: RUNNING" in shown.output
+    last_error_lines = [line for line in shown.output.splitlines() if line.strip().startswith("last_error")]
+    assert len(last_error_lines) == 1, shown.output
+    assert f"round 1: worker failed on message {message_id} (receive 1): FileNotFoundError:" in last_error_lines[0]
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output)["last_error"]["error_type"] == "FileNotFoundError"
+
+
+def test_watchdog_failure_quotes_worker_error(inprocess_stack, efs_root):
+    start_without_shard(inprocess_stack, efs_root)
+    inprocess_stack.retry_delay_seconds = 3600
+    settings = inprocess_stack.services.settings
+    later = time.time() + settings.stall_seconds + 60
+
+    failed = deliver_tasks(inprocess_stack)
+    # Each run re-sends the lost worker's task, which fails at once as a new message.
+    for _ in range(settings.watchdog_max_attempts + 1):
+        run_watchdog(inprocess_stack.services, now=later)
+        failed += deliver_tasks(inprocess_stack)
+
+    record = inprocess_stack.services.state.get_job(JOB_ID)
+    assert record.status == FAILED
+    assert len(failed) == settings.watchdog_max_attempts + 1
+    assert all(delivery.body["worker"] == LOST_WORKER for delivery in failed)
+    # Every message failed once, so no handler reached the last receive and failed the job.
+    assert "dead-letter queue" not in record.error
+    assert record.error.startswith("round 1 made no progress"), record.error
+    assert "; the last error was: worker failed on message " in record.error
+    assert "(receive 1): FileNotFoundError: " in record.error
+    assert f"shard-{LOST_WORKER}" in record.error
+    assert record.error.endswith(f"fix the cause, then run `baton resume {JOB_ID}`")
+
+
+def test_resume_clears_last_error(inprocess_stack, efs_root):
+    start_without_shard(inprocess_stack, efs_root)
+    inprocess_stack.retry_delay_seconds = 3600
+    deliver_tasks(inprocess_stack)
+    later = time.time() + inprocess_stack.services.settings.stall_seconds + 60
+    for _ in range(inprocess_stack.services.settings.watchdog_max_attempts + 1):
+        run_watchdog(inprocess_stack.services, now=later)
+    assert inprocess_stack.services.state.get_job(JOB_ID).status == FAILED
+
+    record = resume_job(inprocess_stack.services.state, inprocess_stack.services.queues, JOB_ID)
+
+    assert record.status == RUNNING
+    assert record.error is None
+    assert "last_error" not in record.attributes
+
+
+def test_watchdog_omits_last_error_of_other_round(inprocess_stack, efs_root):
+    start_without_shard(inprocess_stack, efs_root)
+    state = inprocess_stack.services.state
+    state.record_last_error(JOB_ID, {"function": "aggregator", "message_id": "earlier", "receive_count": 2,
+                                     "error_type": "TimeoutError", "error": "an earlier round's error", "round": 7})
+    # Lose round 1's tasks, so it stalls with no handler error of its own.
+    inprocess_stack.sqs.purge_queue(QueueUrl=inprocess_stack.queue_urls["TasksQueue"])
+    later = time.time() + inprocess_stack.services.settings.stall_seconds + 60
+
+    for _ in range(inprocess_stack.services.settings.watchdog_max_attempts + 1):
+        run_watchdog(inprocess_stack.services, now=later)
+
+    record = state.get_job(JOB_ID)
+    assert record.status == FAILED
+    assert "earlier round's error" not in record.error
+    assert "check the worker and aggregator logs" in record.error
+
+
+def test_dead_letter_quotes_error_of_same_message(inprocess_stack, efs_root):
+    start_without_shard(inprocess_stack, efs_root)
+    stack = inprocess_stack
+    # The default driver makes a failed task visible again at once: let it fail 4 times.
+    failures = 0
+    while failures < 4:
+        delivery = stack.step("TasksQueue")
+        failures += delivery.failed
+    message_id = stack.services.state.get_job(JOB_ID).attributes["last_error"]["message_id"]
+    assert stack.services.state.get_job(JOB_ID).attributes["last_error"]["receive_count"] == 4
+    # The fifth receive times out before the handler records anything: receive it without
+    # running the handler and let it come back, so the next receive moves it to the
+    # dead-letter queue. The other workers' tasks go back as they were.
+    url = stack.queue_urls["TasksQueue"]
+    for message in stack.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]:
+        stack.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
+    received = stack.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", [])
+    assert message_id not in [message["MessageId"] for message in received]
+    assert stack.queue_depth("TasksDeadLetterQueue") == 1
+
+    assert drain_dead_letters(stack.services) == 1
+
+    record = stack.services.state.get_job(JOB_ID)
+    assert record.status == FAILED
+    assert f"a {stack.settings.tasks_queue_name} message ({message_id}) reached the dead-letter queue" in record.error
+    assert f"its last recorded error was: worker failed on message {message_id} (receive 4): " in record.error
+    assert "FileNotFoundError" in record.error
+
+
+def test_dead_letter_ignores_error_of_other_message(inprocess_stack, efs_root):
+    start_without_shard(inprocess_stack, efs_root)
+    stack = inprocess_stack
+    stack.services.state.record_last_error(JOB_ID, {"function": "worker", "message_id": "another-message",
+                                                    "receive_count": 1, "error_type": "ValueError",
+                                                    "error": "another message's error", "round": 0})
+    stack.send("TasksDeadLetterQueue", {"job_id": JOB_ID, "round": 0, "worker": LOST_WORKER})
+
+    assert drain_dead_letters(stack.services) == 1
+
+    record = stack.services.state.get_job(JOB_ID)
+    assert record.status == FAILED
+    assert "another message's error" not in record.error
+    assert "see the function's logs for its error" in record.error
+
+
+def always_fails(services, record, invocation):
+    raise RuntimeError("step failed on purpose")
+
+
+def handle_failing_message(stack, services: Services | None = None) -> BatchProcessingError:
+    """Run a worker handler whose step always raises on one task of the job; return the batch error.
+
+    ``services`` replaces the stack's adapters for this one call.
+    """
+    event = sqs_event([{"MessageId": "msg-1", "ReceiptHandle": "handle-1",
+                        "Body": json.dumps({"job_id": JOB_ID, "round": 0, "worker": 0}),
+                        "Attributes": {"ApproximateReceiveCount": "1"}}], "tasks")
+    handler = sqs_handler("worker", always_fails)
+    set_services(services or stack.services)
+    try:
+        with pytest.raises(BatchProcessingError) as raised:
+            handler(event, FakeContext())
+    finally:
+        set_services(stack.services)
+    return raised.value
+
+
+@pytest.mark.parametrize("final_status", [SUCCEEDED, FAILED, CANCELLED])
+def test_finished_job_item_untouched(inprocess_stack, final_status):
+    state = inprocess_stack.services.state
+    state.create_job(JOB_ID, "fingerprint", json.dumps(a9a_spec()), n_workers=4)
+    state.start_job(JOB_ID, total_rounds=5)
+    if final_status == SUCCEEDED:
+        assert state.finish_job(JOB_ID, 0, {"stop_reason": "max_rounds"})
+    elif final_status == FAILED:
+        assert state.fail_job(JOB_ID, "failed before the test")
+    else:
+        assert state.set_status(JOB_ID, CANCELLED, (RUNNING,))
+    before = raw_job_item(inprocess_stack)
+
+    handle_failing_message(inprocess_stack)
+
+    assert raw_job_item(inprocess_stack) == before
+
+
+def test_missing_job_item_not_created(inprocess_stack):
+    handle_failing_message(inprocess_stack)
+
+    assert inprocess_stack.services.state.get_job(JOB_ID) is None
+
+
+def test_record_failure_logged_not_raised(inprocess_stack, caplog):
+    settings = inprocess_stack.settings
+    broken = Services(replace(settings, state_table_name="no-such-table"), dynamodb=inprocess_stack.dynamodb,
+                      sqs=inprocess_stack.sqs)
+
+    error = handle_failing_message(inprocess_stack, broken)
+
+    # The record fails with the step's error, not with the failed DynamoDB update.
+    assert [type(value).__name__ for _, value, _ in error.child_exceptions] == ["RuntimeError"]
+    warnings = [record for record in caplog.records if record.getMessage() == "could not record the error on the job item"]
+    assert len(warnings) == 1
+    assert "ResourceNotFoundException" in warnings[0].record_error
