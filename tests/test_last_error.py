@@ -2,14 +2,14 @@
 
 With the deployed defaults a task is received for the fifth and last time about 2 hours
 after its first failure, while the watchdog gives up on the stalled round after about an
-hour. These tests run the real worker on a job whose shard was deleted after preparation,
-with failed messages kept invisible as the tasks queue's visibility timeout keeps them.
+hour. These tests run the real worker on a job whose worker 1 raises on every attempt (an
+injected fault), with failed messages kept invisible as the tasks queue's visibility
+timeout keeps them.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import replace
 
@@ -24,8 +24,11 @@ from shared.service import Services
 from shared.state import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from tests.inprocess import FakeContext, sqs_event
 
-JOB_ID = "shard-lost"
+JOB_ID = "worker-fails"
 LOST_WORKER = 1
+# The fault's error, as the worker raises it before reading its shard.
+FAULT_TYPE = "InjectedFault"
+FAULT_TEXT = "injected fault at worker.before_read"
 
 
 def a9a_spec(**training) -> dict:
@@ -38,13 +41,21 @@ def a9a_spec(**training) -> dict:
     }
 
 
-def start_without_shard(stack, efs_root) -> None:
-    """Run the starter until the job is RUNNING, then delete one worker's prepared shard."""
+@pytest.fixture
+def failing_worker(monkeypatch, tmp_path):
+    """Make worker LOST_WORKER raise on every attempt, as a transient error would."""
+    rule = {"step": "worker.before_read", "kind": "raise", "worker": LOST_WORKER, "times": 1000}
+    monkeypatch.setenv("BATON_FAULTS_ENABLED", "true")
+    monkeypatch.setenv("BATON_FAULTS", json.dumps([rule]))
+    monkeypatch.setenv("BATON_FAULTS_DIR", str(tmp_path / "faults"))
+
+
+def start_with_failing_worker(stack) -> None:
+    """Run the starter until the job is RUNNING; the failing_worker fixture makes worker 1 fail."""
     stack.submit(a9a_spec())
     state = stack.services.state
     while state.get_job(JOB_ID) is None or state.get_job(JOB_ID).status != RUNNING:
         assert stack.step("JobsQueue") is not None, state.get_job(JOB_ID)
-    shutil.rmtree(efs_root / "jobs" / JOB_ID / "data" / f"shard-{LOST_WORKER}")
 
 
 def deliver_tasks(stack) -> list:
@@ -61,8 +72,8 @@ def raw_job_item(stack) -> dict:
                                    Key={"pk": {"S": f"JOB#{JOB_ID}"}, "sk": {"S": "JOB"}}, ConsistentRead=True)["Item"]
 
 
-def test_failed_receive_records_last_error(inprocess_stack, efs_root):
-    start_without_shard(inprocess_stack, efs_root)
+def test_failed_receive_records_last_error(inprocess_stack, failing_worker):
+    start_with_failing_worker(inprocess_stack)
     inprocess_stack.retry_delay_seconds = 3600
     updated_at = inprocess_stack.services.state.get_job(JOB_ID).attributes["updated_at"]
 
@@ -77,15 +88,15 @@ def test_failed_receive_records_last_error(inprocess_stack, efs_root):
     last_error = record.attributes["last_error"]
     assert last_error["function"] == "worker"
     assert last_error["receive_count"] == 1
-    assert last_error["error_type"] == "FileNotFoundError"
-    assert f"shard-{LOST_WORKER}" in last_error["error"]
+    assert last_error["error_type"] == FAULT_TYPE
+    assert FAULT_TEXT in last_error["error"]
     assert last_error["round"] == 0
     assert last_error["worker"] == LOST_WORKER
     assert last_error["message_id"]
 
 
-def test_status_shows_last_error_of_running_job(inprocess_stack, efs_root):
-    start_without_shard(inprocess_stack, efs_root)
+def test_status_shows_last_error_of_running_job(inprocess_stack, failing_worker):
+    start_with_failing_worker(inprocess_stack)
     inprocess_stack.retry_delay_seconds = 3600
     deliver_tasks(inprocess_stack)
     message_id = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]["message_id"]
@@ -97,13 +108,13 @@ def test_status_shows_last_error_of_running_job(inprocess_stack, efs_root):
     assert f"job {JOB_ID}: RUNNING" in shown.output
     last_error_lines = [line for line in shown.output.splitlines() if line.strip().startswith("last_error")]
     assert len(last_error_lines) == 1, shown.output
-    assert f"round 1: worker failed on message {message_id} (receive 1): FileNotFoundError:" in last_error_lines[0]
+    assert f"round 1: worker failed on message {message_id} (receive 1): {FAULT_TYPE}: {FAULT_TEXT}" in last_error_lines[0]
     assert as_json.exit_code == 0, as_json.output
-    assert json.loads(as_json.output)["last_error"]["error_type"] == "FileNotFoundError"
+    assert json.loads(as_json.output)["last_error"]["error_type"] == FAULT_TYPE
 
 
-def test_watchdog_failure_quotes_worker_error(inprocess_stack, efs_root):
-    start_without_shard(inprocess_stack, efs_root)
+def test_watchdog_failure_quotes_worker_error(inprocess_stack, failing_worker):
+    start_with_failing_worker(inprocess_stack)
     inprocess_stack.retry_delay_seconds = 3600
     settings = inprocess_stack.services.settings
     later = time.time() + settings.stall_seconds + 60
@@ -122,13 +133,12 @@ def test_watchdog_failure_quotes_worker_error(inprocess_stack, efs_root):
     assert "dead-letter queue" not in record.error
     assert record.error.startswith("round 1 made no progress"), record.error
     assert "; the last error was: worker failed on message " in record.error
-    assert "(receive 1): FileNotFoundError: " in record.error
-    assert f"shard-{LOST_WORKER}" in record.error
+    assert f"(receive 1): {FAULT_TYPE}: {FAULT_TEXT}" in record.error
     assert record.error.endswith(f"fix the cause, then run `baton resume {JOB_ID}`")
 
 
-def test_resume_clears_last_error(inprocess_stack, efs_root):
-    start_without_shard(inprocess_stack, efs_root)
+def test_resume_clears_last_error(inprocess_stack, failing_worker):
+    start_with_failing_worker(inprocess_stack)
     inprocess_stack.retry_delay_seconds = 3600
     deliver_tasks(inprocess_stack)
     later = time.time() + inprocess_stack.services.settings.stall_seconds + 60
@@ -143,8 +153,8 @@ def test_resume_clears_last_error(inprocess_stack, efs_root):
     assert "last_error" not in record.attributes
 
 
-def test_watchdog_omits_last_error_of_other_round(inprocess_stack, efs_root):
-    start_without_shard(inprocess_stack, efs_root)
+def test_watchdog_omits_last_error_of_other_round(inprocess_stack, failing_worker):
+    start_with_failing_worker(inprocess_stack)
     state = inprocess_stack.services.state
     state.record_last_error(JOB_ID, {"function": "aggregator", "message_id": "earlier", "receive_count": 2,
                                      "error_type": "TimeoutError", "error": "an earlier round's error", "round": 7})
@@ -161,8 +171,8 @@ def test_watchdog_omits_last_error_of_other_round(inprocess_stack, efs_root):
     assert "check the worker and aggregator logs" in record.error
 
 
-def test_dead_letter_quotes_error_of_same_message(inprocess_stack, efs_root):
-    start_without_shard(inprocess_stack, efs_root)
+def test_dead_letter_quotes_error_of_same_message(inprocess_stack, failing_worker):
+    start_with_failing_worker(inprocess_stack)
     stack = inprocess_stack
     # The default driver makes a failed task visible again at once: let it fail 4 times.
     failures = 0
@@ -187,11 +197,11 @@ def test_dead_letter_quotes_error_of_same_message(inprocess_stack, efs_root):
     assert record.status == FAILED
     assert f"a {stack.settings.tasks_queue_name} message ({message_id}) reached the dead-letter queue" in record.error
     assert f"its last recorded error was: worker failed on message {message_id} (receive 4): " in record.error
-    assert "FileNotFoundError" in record.error
+    assert f"{FAULT_TYPE}: {FAULT_TEXT}" in record.error
 
 
-def test_dead_letter_ignores_error_of_other_message(inprocess_stack, efs_root):
-    start_without_shard(inprocess_stack, efs_root)
+def test_dead_letter_ignores_error_of_other_message(inprocess_stack, failing_worker):
+    start_with_failing_worker(inprocess_stack)
     stack = inprocess_stack
     stack.services.state.record_last_error(JOB_ID, {"function": "worker", "message_id": "another-message",
                                                     "receive_count": 1, "error_type": "ValueError",
