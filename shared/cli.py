@@ -123,11 +123,10 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     127.0.0.1 and EFS is a local folder.
 
     Other jobs sent to the stack while this runs are waited for once this job has ended,
-    unless they are PAUSED. Ctrl-C (or SIGTERM) stops the stack and every job on it, says
-    where each stopped, and exits with status 130 (143).
+    unless they are PAUSED. Ctrl-C (or SIGTERM) stops the stack and every job on it,
+    prints where each stopped, and exits with status 130 (143).
     """
-    from shared.cli_run import (StopSignal, StopSignalHandlers, report_interrupt, report_jobs_left,
-                                wait_for_other_jobs)
+    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt
     from shared.local.session import LocalStack
 
     spec = build_spec(spec_file, overrides)
@@ -155,19 +154,7 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
             stack.submit(spec)
             sent = True
             click.echo(f"job {job_id} sent with {n_workers} workers")
-
-            started = time.monotonic()
-            try:
-                record = stack.wait(job_id, timeout_seconds=timeout_seconds,
-                                    on_round=lambda m: click.echo(_format_round(m)))
-            except TimeoutError as error:
-                report_jobs_left(stack, job_id, efs_root, "other jobs")
-                raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
-            elapsed = time.monotonic() - started
-            failure = _report_local_job(record, efs_root, elapsed)
-            if failure is not None:
-                failure.show()
-            wait_for_other_jobs(stack, job_id, efs_root, timeout_seconds - (time.monotonic() - started))
+            failure = _follow_local_jobs(stack, job_id, efs_root, timeout_seconds)
         except StopSignal as signal_received:
             interrupt = signal_received
             signals.ignore()
@@ -199,6 +186,28 @@ def _import_local_data(stack, imports: tuple[str, ...]) -> None:
             stack.import_data(source, destination)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--import") from None
+
+
+def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float) -> click.ClickException | None:
+    """Print the rounds and the summary of ``job_id``, then wait for the stack's other jobs.
+
+    Returns the error to exit with when ``job_id`` did not succeed, after it has been
+    printed. The wait for ``job_id`` and the wait for the other jobs share
+    ``timeout_seconds``.
+    """
+    from shared.cli_run import report_jobs_left, wait_for_other_jobs
+
+    started = time.monotonic()
+    try:
+        record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)))
+    except TimeoutError as error:
+        report_jobs_left(stack, job_id, efs_root, "other jobs")
+        raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
+    failure = _report_local_job(record, efs_root, time.monotonic() - started)
+    if failure is not None:
+        failure.show()
+    wait_for_other_jobs(stack, job_id, efs_root, timeout_seconds - (time.monotonic() - started))
+    return failure
 
 
 def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickException | None:

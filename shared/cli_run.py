@@ -4,7 +4,7 @@
 and other baton commands may send more jobs to that stack. When its own job has ended it
 waits for those jobs too, because the stack, and with it their queues and table, stops
 when the command ends. On SIGINT or SIGTERM it stops the handlers, reads from the table
-where each job stopped, and says so in one line.
+where each job stopped, and prints that in one line.
 """
 
 from __future__ import annotations
@@ -38,19 +38,16 @@ class StopSignal(KeyboardInterrupt):
         return 128 + self.signal_number
 
 
-def _raise_stop_signal(signal_number: int, frame) -> None:
-    raise StopSignal(signal_number)
-
-
 class StopSignalHandlers:
     """Handle SIGINT and SIGTERM for ``baton run``; the previous handlers come back on exit.
 
     While the jobs are followed, either signal raises :class:`StopSignal`, so the command
-    stops its stack in order and reports where the jobs stopped. After :meth:`ignore`,
-    while the stack stops, further signals are ignored. One signal often comes twice:
-    ``timeout`` sends it to the command and then to the command's process group, and an
-    impatient user presses Ctrl-C again. The stop ends every container at once, so it
-    takes a few seconds at most.
+    stops its stack in order and reports where the jobs stopped. From that signal on, or
+    after :meth:`ignore`, further signals are ignored while the stack stops. One signal
+    often comes twice: ``timeout`` sends it to the command and then to the command's
+    process group, and an impatient user presses Ctrl-C again. The stop kills every
+    container at once rather than waiting for its invocation, so it usually takes about
+    a second.
 
     A signal that the process inherited as ignored (``nohup``, a background job of a
     non-interactive shell) stays ignored, and outside the main thread nothing changes,
@@ -67,8 +64,13 @@ class StopSignalHandlers:
                 continue
             # None: a handler installed outside Python, which cannot be put back; the default is.
             self._previous[number] = signal.SIG_DFL if previous is None else previous
-            signal.signal(number, _raise_stop_signal)
+            signal.signal(number, self._raise_stop_signal)
         return self
+
+    def _raise_stop_signal(self, signal_number: int, frame) -> None:
+        # Ignored before the raise, so a second signal cannot interrupt the handling of the first.
+        self.ignore()
+        raise StopSignal(signal_number)
 
     def ignore(self) -> None:
         """Ignore further signals, for the time the stack takes to stop."""

@@ -19,10 +19,10 @@ container's start (its imports) does not count towards the invocation's timeout.
 A function with a schedule event instead of an SQS event gets one lane that invokes it
 every ``schedule_seconds`` with a scheduled-event payload.
 
-``stop()`` kills the containers first and then waits for the lanes. A lane that sees the
-runtime stopping ends without starting another container, and logs what the stop itself
-causes (a container that exited, a request that failed) at debug level only, so stopping
-a stack prints nothing.
+``stop()`` kills the containers first and then waits for the lanes. A lane of a stopping
+runtime ends without starting another container, and logs what the stop itself causes (a
+container that exited, a request that failed) at debug level only, so stopping a stack
+prints nothing.
 
 When fault injection is on (:mod:`shared.faults`), the lanes also apply the delivery
 faults: duplicated, delayed and reordered deliveries.
@@ -68,7 +68,7 @@ class ContainerStartError(RuntimeError):
 
 
 class RuntimeStoppingError(ContainerStartError):
-    """A lane asked for a new container after the runtime began to stop."""
+    """A lane requested a new container after the runtime began to stop."""
 
 
 @dataclass(eq=False)
@@ -175,12 +175,12 @@ class LocalRuntime:
         """Kill every container, then wait for the lanes to end; a second call does nothing new.
 
         The kill ends the invocations in progress at once, where waiting for them could take
-        up to the function's timeout. A lane owns its container's socket, so the lane closes
-        it when it sees the container gone. A lane still running after the join timeout
-        leaves its container's socket open, and it is closed here.
+        up to the function's timeout. A lane owns its container's socket and closes it when
+        the lane ends. A lane still running after the join timeout leaves its socket open,
+        and it is closed here.
         """
         with self._containers_lock:
-            # Set under the lock, so a container registered after this snapshot sees the flag.
+            # Set under the lock, so a lane that registers a container after this snapshot finds it set.
             self._stop.set()
             running = list(self._live_containers)
         for container in running:
@@ -192,11 +192,6 @@ class LocalRuntime:
             remaining = list(self._live_containers)
         for container in remaining:
             self._kill(container)
-
-    @property
-    def stopping(self) -> bool:
-        """Whether ``stop()`` has been called."""
-        return self._stop.is_set()
 
     def __enter__(self) -> "LocalRuntime":
         return self.start()
@@ -266,7 +261,7 @@ class LocalRuntime:
         with self._containers_lock:
             self._live_containers.discard(container)
 
-    def _log(self, level: int, message: str, *args, exc_info: bool = False) -> None:
+    def _log(self, level: int, message: str, *args, exc_info: bool | None = None) -> None:
         """Log a lane's problem at ``level``, or at debug level once the runtime is stopping.
 
         A stopping runtime kills its containers, and moto's server stops after it, so the

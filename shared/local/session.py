@@ -65,7 +65,7 @@ _JOBS_QUEUE_COUNTS = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessage
 
 @dataclass(frozen=True)
 class JobsUpdate:
-    """What changed among a stack's jobs between two reads of its table.
+    """Changes among a stack's jobs between two reads of its table.
 
     Attributes
     ----------
