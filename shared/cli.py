@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,6 @@ def _delete_local_job(efs_root: Path, job_id: str) -> None:
         raise click.ClickException(f"--fresh did not delete {job_dir}: it is a symbolic link or leads outside the "
                                    f"EFS folder {efs_root} through one; remove the link, then run again")
     shutil.rmtree(job_dir, ignore_errors=True)
-
-
-def _exit_on_sigterm(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _format_round(metrics: dict) -> str:
@@ -115,7 +110,8 @@ def _stack_options(command: Callable) -> Callable:
 @click.option("--workers", "worker_lanes", type=click.IntRange(1, 64), default=None,
               help="Worker containers run at once; defaults to the job's n_workers.")
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=1), default=3600, show_default=True,
-              help="Give up waiting after this many seconds.")
+              help="Give up waiting after this many seconds from sending the job. The wait for other jobs "
+                   "sent to the stack counts towards it.")
 @click.option("--fresh", is_flag=True, help="Delete this job's previous local files first.")
 @spec_options
 def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worker_lanes: int | None,
@@ -125,12 +121,13 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     The spec options (--set, --model, --data and the others) change fields of SPEC_FILE
     or, without a file, make up the whole spec. SQS and DynamoDB are served by moto on
     127.0.0.1 and EFS is a local folder.
-    """
-    from shared.local.session import LocalStack
 
-    # SIGTERM (from `timeout`, a CI runner or systemd) unwinds like Ctrl-C, so the local
-    # stack stops its moto server and containers instead of leaving them behind.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    Other jobs sent to the stack while this runs are waited for once this job has ended,
+    unless they are PAUSED. Ctrl-C (or SIGTERM) stops the stack and every job on it,
+    prints where each stopped, and exits with status 130 (143).
+    """
+    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt
+    from shared.local.session import LocalStack
 
     spec = build_spec(spec_file, overrides)
     job_id = spec["job_id"]
@@ -141,41 +138,87 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     training = spec.get("training")
     n_workers = training.get("n_workers", 4) if isinstance(training, dict) else 4
     lanes = worker_lanes or min(int(n_workers), 16)
-    with LocalStack(efs_root, concurrency={"worker": lanes}) as stack:
-        for mapping in imports:
-            source, separator, destination = mapping.partition(":")
-            if not separator or not destination:
-                raise click.BadParameter(f"expected SOURCE:DEST, got {mapping!r}", param_hint="--import")
-            if not Path(source).exists():
-                raise click.BadParameter(f"source {source!r} does not exist", param_hint="--import")
-            try:
-                destination = check_relative_path("--import DEST", destination)
-            except JobSpecError as error:
-                raise click.BadParameter(error.problem, param_hint="--import") from None
-            try:
-                stack.import_data(source, destination)
-            except ValueError as error:
-                raise click.BadParameter(str(error), param_hint="--import") from None
-
-        click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
-        click.echo(f"while this runs, other baton commands reach it with: --stage local --endpoint-url {stack.endpoint_url}")
-        stack.submit(spec)
-        click.echo(f"job {job_id} sent with {n_workers} workers")
-
-        started = time.monotonic()
+    stack = LocalStack(efs_root, concurrency={"worker": lanes})
+    sent = False
+    failure: click.ClickException | None = None
+    interrupt: StopSignal | None = None
+    # SIGTERM (from `timeout`, a CI runner or systemd) stops the stack as Ctrl-C does, so
+    # neither leaves the moto server and containers behind.
+    with StopSignalHandlers() as signals:
         try:
-            record = stack.wait(job_id, timeout_seconds=timeout_seconds,
-                                on_round=lambda m: click.echo(_format_round(m)))
-        except TimeoutError as error:
-            raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
-        elapsed = time.monotonic() - started
+            stack.start()
+            _import_local_data(stack, imports)
+            click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
+            click.echo("while this runs, other baton commands reach it with: "
+                       f"--stage local --endpoint-url {stack.endpoint_url}")
+            stack.submit(spec)
+            sent = True
+            click.echo(f"job {job_id} sent with {n_workers} workers")
+            failure = _follow_local_jobs(stack, job_id, efs_root, timeout_seconds)
+        except StopSignal as signal_received:
+            interrupt = signal_received
+            signals.ignore()
+            stack.stop_handlers()
+            report_interrupt(stack, job_id, sent, efs_root)
+        finally:
+            signals.ignore()
+            stack.stop()
 
+    if interrupt is not None:
+        sys.exit(interrupt.exit_code)
+    if failure is not None:
+        sys.exit(failure.exit_code)
+
+
+def _import_local_data(stack, imports: tuple[str, ...]) -> None:
+    """Copy each ``--import SOURCE:DEST`` into the stack's EFS folder, rejecting a bad mapping."""
+    for mapping in imports:
+        source, separator, destination = mapping.partition(":")
+        if not separator or not destination:
+            raise click.BadParameter(f"expected SOURCE:DEST, got {mapping!r}", param_hint="--import")
+        if not Path(source).exists():
+            raise click.BadParameter(f"source {source!r} does not exist", param_hint="--import")
+        try:
+            destination = check_relative_path("--import DEST", destination)
+        except JobSpecError as error:
+            raise click.BadParameter(error.problem, param_hint="--import") from None
+        try:
+            stack.import_data(source, destination)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--import") from None
+
+
+def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float) -> click.ClickException | None:
+    """Print the rounds and the summary of ``job_id``, then wait for the stack's other jobs.
+
+    Returns the error to exit with when ``job_id`` did not succeed, after it has been
+    printed. The wait for ``job_id`` and the wait for the other jobs share
+    ``timeout_seconds``.
+    """
+    from shared.cli_run import report_jobs_left, wait_for_other_jobs
+
+    started = time.monotonic()
+    try:
+        record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)))
+    except TimeoutError as error:
+        report_jobs_left(stack, job_id, efs_root, "other jobs")
+        raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
+    failure = _report_local_job(record, efs_root, time.monotonic() - started)
+    if failure is not None:
+        failure.show()
+    wait_for_other_jobs(stack, job_id, efs_root, timeout_seconds - (time.monotonic() - started))
+    return failure
+
+
+def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickException | None:
+    """Print the summary of a local job that succeeded; return the error to report for one that did not."""
+    job_id = record.job_id
     click.echo("")
     if record.status == "CANCELLED":
-        raise click.ClickException(f"job {job_id} was cancelled after {record.round} of {record.total_rounds} "
-                                   f"rounds; its files remain in {efs_root / 'jobs' / job_id}")
+        return click.ClickException(f"job {job_id} was cancelled after {record.round} of {record.total_rounds} "
+                                    f"rounds; its files remain in {efs_root / 'jobs' / job_id}")
     if record.status != "SUCCEEDED":
-        raise click.ClickException(f"job {job_id} {record.status}: {record.error}")
+        return click.ClickException(f"job {job_id} {record.status}: {record.error}")
     summary = record.attributes
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
@@ -183,6 +226,7 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
         if name in summary:
             click.echo(f"  {name:<20} {summary[name]:.5f}")
     click.echo(f"  model                {efs_root / 'jobs' / job_id / 'model'}")
+    return None
 
 
 @main.command()

@@ -19,6 +19,11 @@ container's start (its imports) does not count towards the invocation's timeout.
 A function with a schedule event instead of an SQS event gets one lane that invokes it
 every ``schedule_seconds`` with a scheduled-event payload.
 
+``stop()`` kills the containers first and then waits for the lanes. A lane of a stopping
+runtime ends without starting another container, and logs what the stop itself causes (a
+container that exited, a request that failed) at debug level only, so stopping a stack
+prints nothing.
+
 When fault injection is on (:mod:`shared.faults`), the lanes also apply the delivery
 faults: duplicated, delayed and reordered deliveries.
 
@@ -60,6 +65,10 @@ REORDER_GATHER_SECONDS = 2.0
 
 class ContainerStartError(RuntimeError):
     """A container exited, or timed out, before it had imported its handler."""
+
+
+class RuntimeStoppingError(ContainerStartError):
+    """A lane requested a new container after the runtime began to stop."""
 
 
 @dataclass(eq=False)
@@ -163,12 +172,19 @@ class LocalRuntime:
         return self
 
     def stop(self) -> None:
-        """Stop the lanes, then kill every container still running.
+        """Kill every container, then wait for the lanes to end; a second call does nothing new.
 
-        A lane kills its own container when it ends. One that is still waiting for an
-        invocation after the join timeout leaves its container behind, which is killed here.
+        The kill ends the invocations in progress at once, where waiting for them could take
+        up to the function's timeout. A lane owns its container's socket and closes it when
+        the lane ends. A lane still running after the join timeout leaves its socket open,
+        and it is closed here.
         """
-        self._stop.set()
+        with self._containers_lock:
+            # Set under the lock, so a lane that registers a container after this snapshot finds it set.
+            self._stop.set()
+            running = list(self._live_containers)
+        for container in running:
+            container.process.kill()
         for lanes in self.lanes.values():
             for thread in lanes.threads:
                 thread.join(timeout=self.poll_wait_seconds + 30)
@@ -186,7 +202,17 @@ class LocalRuntime:
     # Containers --------------------------------------------------------------------------
 
     def _start_container(self, definition: FunctionDefinition) -> Container:
-        """Start a container for ``definition`` and wait until it has imported its handler."""
+        """Start a container for ``definition`` and wait until it has imported its handler.
+
+        Raises
+        ------
+        RuntimeStoppingError
+            If the runtime is stopping, before or while the container starts.
+        ContainerStartError
+            If the container exits or times out before it has imported its handler.
+        """
+        if self._stop.is_set():
+            raise RuntimeStoppingError(f"the runtime is stopping; no new {definition.name} container started")
         parent_socket, child_socket = socket.socketpair()
         function = {
             "name": definition.name,
@@ -199,13 +225,19 @@ class LocalRuntime:
                 process = subprocess.Popen(
                     python_module_command("shared.local.container", str(child_socket.fileno()), str(os.getpid())),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, **self.environment}, pass_fds=(child_socket.fileno(),))
+                    env={**os.environ, **self.environment}, pass_fds=(child_socket.fileno(),),
+                    # Its own process group, so a Ctrl-C in the terminal reaches only the stack's owner.
+                    process_group=0)
         finally:
             child_socket.close()
         container = Container(process=process, connection=Connection(parent_socket.detach()))
         with self._containers_lock:
             self._live_containers.add(container)
             self.started_pids.append(process.pid)
+            stopping = self._stop.is_set()
+        if stopping:
+            self._kill(container)
+            raise RuntimeStoppingError(f"the runtime is stopping; stopped the new {definition.name} container")
 
         # Wait for the imports, which Lambda counts as the init phase, not the invocation.
         problem = f"did not import its handler within {CONTAINER_START_TIMEOUT_SECONDS} s"
@@ -229,6 +261,14 @@ class LocalRuntime:
         with self._containers_lock:
             self._live_containers.discard(container)
 
+    def _log(self, level: int, message: str, *args, exc_info: bool | None = None) -> None:
+        """Log a lane's problem at ``level``, or at debug level once the runtime is stopping.
+
+        A stopping runtime kills its containers, and moto's server stops after it, so the
+        lanes' failures from then on are caused by the stop and are not reported.
+        """
+        logger.log(logging.DEBUG if self._stop.is_set() else level, message, *args, exc_info=exc_info)
+
     # Lanes -------------------------------------------------------------------------------
 
     def _run_lane(self, lanes: FunctionLanes) -> None:
@@ -238,7 +278,14 @@ class LocalRuntime:
         container: Container | None = None
         try:
             while not self._stop.is_set():
-                messages = self._receive(lanes, reorder)
+                try:
+                    messages = self._receive(lanes, reorder)
+                except Exception:
+                    # Such as moto's server gone. At least a second apart, so the log does not flood.
+                    self._log(logging.ERROR, "%s lane failed to receive messages; trying again",
+                              definition.name, exc_info=True)
+                    self._stop.wait(max(self.retry_delay_seconds, 1.0))
+                    continue
                 if not messages:
                     continue
                 lanes.bodies.extend(message["Body"] for message in messages)
@@ -247,6 +294,9 @@ class LocalRuntime:
                     messages.reverse()
 
                 for start in range(0, len(messages), definition.batch_size):
+                    if self._stop.is_set():
+                        # The messages not invoked come back after their visibility timeout.
+                        break
                     try:
                         batch = self._apply_delivery_faults(lanes, messages[start:start + definition.batch_size])
                         if batch:
@@ -254,7 +304,7 @@ class LocalRuntime:
                     except Exception:
                         # The lane must outlive a failed start or SQS call, as an event source
                         # mapping does; the messages come back after their visibility timeout.
-                        logger.exception("%s lane failed to deliver a batch", definition.name)
+                        self._log(logging.ERROR, "%s lane failed to deliver a batch", definition.name, exc_info=True)
                         container = None
                         self._stop.wait(self.retry_delay_seconds)
         finally:
@@ -301,8 +351,8 @@ class LocalRuntime:
                 container = self._start_container(lanes.definition)
             except ContainerStartError as error:
                 all_ids = {message["MessageId"] for message in messages}
-                logger.warning("%s; retrying messages %s in %.1f s with a new container",
-                               error, sorted(all_ids), self.retry_delay_seconds)
+                self._log(logging.WARNING, "%s; retrying messages %s in %.1f s with a new container",
+                          error, sorted(all_ids), self.retry_delay_seconds)
                 lanes.invocations.append(InvocationRecord(lanes.definition.name, len(messages), "start_failed",
                                                           time.monotonic() - started))
                 if settle:
@@ -385,7 +435,7 @@ class LocalRuntime:
                     try:
                         container = self._start_container(definition)
                     except ContainerStartError as error:
-                        logger.warning("%s; trying again at the next interval", error)
+                        self._log(logging.WARNING, "%s; trying again at the next interval", error)
                         continue
                 event = {"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}
                 started = time.monotonic()
@@ -421,8 +471,9 @@ class LocalRuntime:
                 return "timeout", all_ids
             status, response = container.connection.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            logger.warning("%s container (pid %d, exit code %s) exited during an invocation; retrying messages %s",
-                           lanes.definition.name, container.process.pid, container.process.poll(), sorted(all_ids))
+            self._log(logging.WARNING,
+                      "%s container (pid %d, exit code %s) exited during an invocation; retrying messages %s",
+                      lanes.definition.name, container.process.pid, container.process.poll(), sorted(all_ids))
             return "crashed", all_ids
 
         if status != "ok":

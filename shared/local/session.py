@@ -12,6 +12,11 @@ so a script may build a ``LocalStack`` at module level without an
 leaving the ``with`` block) ends them, a ``start()`` that fails ends what it started, a
 stack never stopped is stopped when the interpreter exits, and each process also exits
 within about half a second after the process that started it is gone (killed).
+
+Each of those processes leads its own process group. A Ctrl-C in a terminal, or the signal
+that ``timeout`` sends to its process group, then reaches only the process that owns the
+stack. That process stops the handlers first and moto's server last, so no handler is cut
+off from the server while it still runs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,7 +40,7 @@ from shared.efs import EfsStore
 from shared.local.processes import python_module_command, stop_process
 from shared.local.runtime import LocalRuntime
 from shared.local.stack import StackDefinition, create_stack, load_stack_definition
-from shared.state import TERMINAL_STATUSES, JobRecord, StateStore
+from shared.state import PREPARING, RUNNING, TERMINAL_STATUSES, JobRecord, StateStore
 from shared.tracing import TRACE_DIR_VARIABLE
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,30 @@ DUMMY_AWS_ENVIRONMENT = {
 
 # Settings a caller may pass through to the containers, for fault-injection tests.
 PASSTHROUGH_VARIABLES = ("BATON_FAULTS_ENABLED", "BATON_FAULTS", "BATON_FAULTS_DIR")
+
+# Statuses of a job that the handlers still move forward.
+ACTIVE_STATUSES = (PREPARING, RUNNING)
+
+# The jobs queue's message counts; a job message in any of them has not been handled yet.
+_JOBS_QUEUE_COUNTS = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                      "ApproximateNumberOfMessagesDelayed")
+
+
+@dataclass(frozen=True)
+class JobsUpdate:
+    """Changes among a stack's jobs between two reads of its table.
+
+    Attributes
+    ----------
+    started : list of JobRecord
+        Jobs now PREPARING or RUNNING that were not at the previous read (new, or resumed).
+    ended : list of JobRecord
+        Jobs that left PREPARING and RUNNING since the previous read (SUCCEEDED, FAILED,
+        CANCELLED or PAUSED), or appeared in one of those statuses.
+    """
+
+    started: list[JobRecord]
+    ended: list[JobRecord]
 
 
 def _free_port() -> int:
@@ -68,7 +98,9 @@ def start_moto_server(log_path: Path, timeout_seconds: float = 30) -> tuple[subp
     with open(log_path, "ab") as log:
         process = subprocess.Popen(python_module_command("shared.local.moto_server", str(port), str(os.getpid())),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **DUMMY_AWS_ENVIRONMENT, "MOTO_PORT": str(port)})
+                                   env={**os.environ, **DUMMY_AWS_ENVIRONMENT, "MOTO_PORT": str(port)},
+                                   # Its own process group, so a Ctrl-C in the terminal reaches only the stack's owner.
+                                   process_group=0)
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -177,11 +209,19 @@ class LocalStack:
     def stop(self) -> None:
         """Stop the handlers' lanes and containers, then moto's server; a second call does nothing."""
         atexit.unregister(self.stop)
-        if self.runtime is not None:
-            self.runtime.stop()
+        self.stop_handlers()
         if self._server is not None:
             stop_process(self._server)
             self._server = None
+
+    def stop_handlers(self) -> None:
+        """Stop the handlers' lanes and containers but keep moto's server, so the table can still be read.
+
+        Once this returns no handler changes a job any more, so the table shows where each
+        job stopped. ``stop()`` stops the server.
+        """
+        if self.runtime is not None:
+            self.runtime.stop()
 
     @property
     def started_pids(self) -> list[int]:
@@ -265,6 +305,58 @@ class LocalStack:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout_seconds} s; "
                                    f"logs are in {self.efs_root.parent / 'logs'}")
+            time.sleep(poll_seconds)
+
+    def list_jobs(self, statuses: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[JobRecord]:
+        """Return the stack's jobs, oldest first, in ``statuses`` (all when None) and not in ``exclude``."""
+        return [job for job in self.state.list_jobs()
+                if job.job_id not in exclude and (statuses is None or job.status in statuses)]
+
+    def pending_job_messages(self) -> int:
+        """Return the approximate number of job messages not yet handled: waiting, in flight or delayed."""
+        attributes = self.sqs.get_queue_attributes(QueueUrl=self.queue_urls["JobsQueue"],
+                                                   AttributeNames=list(_JOBS_QUEUE_COUNTS))["Attributes"]
+        return sum(int(attributes.get(name, 0)) for name in _JOBS_QUEUE_COUNTS)
+
+    def follow_jobs(self, exclude: tuple[str, ...] = (), poll_seconds: float = 0.5,
+                    timeout_seconds: float = 3600) -> Iterator[JobsUpdate]:
+        """Yield the changes among the stack's jobs until none is PREPARING or RUNNING.
+
+        Jobs in ``exclude`` are left out. The first read reports the jobs PREPARING or
+        RUNNING as started and nothing as ended. Later reads also report a job that was
+        sent meanwhile. The generator also keeps reading while the jobs queue still
+        contains a message, which is a job the starter has not recorded yet. A PAUSED job
+        counts as ended, because only a ``baton resume`` moves it on.
+
+        Raises
+        ------
+        TimeoutError
+            If a job is still PREPARING or RUNNING, or a job message is still queued,
+            after ``timeout_seconds``.
+        """
+        deadline = time.monotonic() + timeout_seconds
+        previous: dict[str, str] | None = None
+        while True:
+            # Counted before the table is read: a job message handled in between has then
+            # created its job item before the read.
+            pending_messages = self.pending_job_messages()
+            jobs = self.list_jobs(exclude=exclude)
+            started, ended = [], []
+            for job in jobs:
+                status_before = None if previous is None else previous.get(job.job_id)
+                if job.status in ACTIVE_STATUSES:
+                    if status_before not in ACTIVE_STATUSES:
+                        started.append(job)
+                elif previous is not None and status_before != job.status:
+                    ended.append(job)
+            previous = {job.job_id: job.status for job in jobs}
+            if started or ended:
+                yield JobsUpdate(started, ended)
+
+            if pending_messages == 0 and not any(job.status in ACTIVE_STATUSES for job in jobs):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs on the stack did not end within {timeout_seconds:.0f} s")
             time.sleep(poll_seconds)
 
     def wait(self, job_id: str, timeout_seconds: float = 3600, on_round: Callable[[dict], None] | None = None) -> JobRecord:

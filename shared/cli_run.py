@@ -1,0 +1,192 @@
+"""The end of ``baton run``: other jobs on its local stack, timeouts and stop signals.
+
+``baton run`` owns a local stack (:class:`shared.local.session.LocalStack`) while it runs,
+and other baton commands may send more jobs to that stack. When its own job has ended it
+waits for those jobs too, because the stack, and with it their queues and table, stops
+when the command ends. On SIGINT or SIGTERM it stops the handlers, reads from the table
+where each job stopped, and prints that in one line.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from shared.local.session import ACTIVE_STATUSES, LocalStack
+from shared.state import PAUSED, PREPARING, SUCCEEDED, TERMINAL_STATUSES, JobRecord
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGINT or SIGTERM, received while ``baton run`` follows its jobs.
+
+    A subclass of KeyboardInterrupt, so that code which catches ``Exception`` lets it
+    through as it lets Ctrl-C through.
+    """
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+    @property
+    def exit_code(self) -> int:
+        """Exit status of a program that ends on this signal, as shells report it: 128 plus its number."""
+        return 128 + self.signal_number
+
+
+class StopSignalHandlers:
+    """Handle SIGINT and SIGTERM for ``baton run``; the previous handlers come back on exit.
+
+    While the jobs are followed, either signal raises :class:`StopSignal`, so the command
+    stops its stack in order and reports where the jobs stopped. From that signal on, or
+    after :meth:`ignore`, further signals are ignored while the stack stops. One signal
+    often comes twice: ``timeout`` sends it to the command and then to the command's
+    process group, and an impatient user presses Ctrl-C again. The stop kills every
+    container at once rather than waiting for its invocation, so it usually takes about
+    a second.
+
+    A signal that the process inherited as ignored (``nohup``, a background job of a
+    non-interactive shell) stays ignored, and outside the main thread nothing changes,
+    because Python runs signal handlers only there.
+    """
+
+    def __enter__(self) -> "StopSignalHandlers":
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for number in STOP_SIGNALS:
+            previous = signal.getsignal(number)
+            if previous is signal.SIG_IGN:
+                continue
+            # None: a handler installed outside Python, which cannot be put back; the default is.
+            self._previous[number] = signal.SIG_DFL if previous is None else previous
+            signal.signal(number, self._raise_stop_signal)
+        return self
+
+    def _raise_stop_signal(self, signal_number: int, frame) -> None:
+        # Ignored before the raise, so a second signal cannot interrupt the handling of the first.
+        self.ignore()
+        raise StopSignal(signal_number)
+
+    def ignore(self) -> None:
+        """Ignore further signals, for the time the stack takes to stop."""
+        for number in self._previous:
+            signal.signal(number, signal.SIG_IGN)
+
+    def __exit__(self, *exc_info) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+
+
+# Lines about jobs --------------------------------------------------------------------------
+
+
+def _rounds_done(record: JobRecord) -> str:
+    if record.status == PREPARING:
+        return "preparing its data"
+    return f"{record.round} of {record.total_rounds} rounds done"
+
+
+def _stopped_at(record: JobRecord) -> str:
+    if record.status == PREPARING:
+        return "while preparing its data"
+    if record.total_rounds == 0:
+        return "before its first round"
+    return f"after {record.round} of {record.total_rounds} rounds"
+
+
+def job_outcome_line(record: JobRecord) -> str:
+    """Return one line on a job that has left PREPARING and RUNNING: status, rounds, stop reason or error."""
+    if record.status == SUCCEEDED:
+        return (f"job {record.job_id} SUCCEEDED after {record.round} rounds "
+                f"(stop reason {record.attributes.get('stop_reason', 'unknown')})")
+    line = f"job {record.job_id} {record.status} {_stopped_at(record)}"
+    if record.error:
+        line += f": {record.error}"
+    return line
+
+
+def stops_with_stack_line(records: list[JobRecord], jobs_dir: Path) -> str:
+    """Return one line naming jobs that stop with the stack, with their status and rounds, and where their files are."""
+    names = ", ".join(f"{record.job_id} ({record.status}, {_rounds_done(record)})" for record in records)
+    if len(records) == 1:
+        return f"job {names} stops with the stack; its files remain in {jobs_dir / records[0].job_id}"
+    return f"jobs {names} stop with the stack; their files remain in {jobs_dir}"
+
+
+# Waiting for the other jobs ----------------------------------------------------------------
+
+
+def wait_for_other_jobs(stack: LocalStack, job_id: str, efs_root: Path, timeout_seconds: float) -> None:
+    """Wait until no job but ``job_id`` is PREPARING or RUNNING on the stack, printing a line as each ends.
+
+    A job sent while this waits is waited for too. PAUSED jobs are not waited for; one
+    line names them and the jobs still running at the timeout, which stop with the stack.
+    """
+    jobs_dir = efs_root / "jobs"
+    announced = False
+    try:
+        for update in stack.follow_jobs(exclude=(job_id,), timeout_seconds=max(timeout_seconds, 0)):
+            if update.started:
+                names = ", ".join(f"{record.job_id} ({_rounds_done(record)})" for record in update.started)
+                if announced:
+                    click.echo(f"waiting for these jobs too: {names}")
+                else:
+                    click.echo(f"other jobs on this stack have not ended: {names}; baton run waits for them "
+                               f"(Ctrl-C stops them, and their files stay in {jobs_dir})")
+                    announced = True
+            for record in update.ended:
+                click.echo(job_outcome_line(record))
+    except TimeoutError:
+        if (not report_jobs_left(stack, job_id, efs_root, "--timeout reached", ACTIVE_STATUSES)
+                and stack.pending_job_messages() > 0):
+            click.echo("--timeout reached while the starter had not yet handled every job message sent to the "
+                       "stack; those jobs did not start", err=True)
+    report_jobs_left(stack, job_id, efs_root, "not waited for", (PAUSED,), err=False)
+
+
+def report_jobs_left(stack: LocalStack, job_id: str, efs_root: Path, prefix: str,
+                     statuses: tuple[str, ...] = ACTIVE_STATUSES + (PAUSED,), err: bool = True) -> bool:
+    """Print one line, starting with ``prefix``, on the jobs but ``job_id`` in ``statuses``; return whether there were any."""
+    records = stack.list_jobs(statuses, exclude=(job_id,))
+    if records:
+        click.echo(f"{prefix}: {stops_with_stack_line(records, efs_root / 'jobs')}", err=err)
+    return bool(records)
+
+
+def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path) -> None:
+    """Print where ``job_id`` and the stack's other unfinished jobs stopped, after the handlers have stopped.
+
+    Call it after :meth:`LocalStack.stop_handlers` and before :meth:`LocalStack.stop`, so
+    the table is still there and no handler moves a job on meanwhile.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not sent:
+        click.echo(f"interrupted before job {job_id} was sent; nothing ran", err=True)
+        return
+    job_dir = efs_root / "jobs" / job_id
+    try:
+        record = stack.state.get_job(job_id)
+        others = stack.list_jobs(ACTIVE_STATUSES + (PAUSED,), exclude=(job_id,))
+    except (BotoCoreError, ClientError):
+        # Such as moto's server gone too, when a signal reached every process of the stack.
+        click.echo(f"interrupted: job {job_id} stopped; its files, if any, remain in {job_dir}", err=True)
+        return
+
+    if record is None:
+        click.echo(f"interrupted: job {job_id} had not started; run the same command again to start it", err=True)
+    elif record.status == PREPARING:
+        click.echo(f"interrupted: job {job_id} stopped while preparing its data; its files remain in {job_dir}. "
+                   "Running the same command again carries the preparation on from its last finished step; "
+                   "add --fresh to delete the files and start over", err=True)
+    elif record.status not in TERMINAL_STATUSES:
+        click.echo(f"interrupted: job {job_id} stopped {_stopped_at(record)}; its files remain in {job_dir}. "
+                   "Running the same command again trains it from round 1, reusing the data it prepared; "
+                   "add --fresh to delete the files and prepare the data again", err=True)
+    if others:
+        click.echo(f"interrupted: {stops_with_stack_line(others, efs_root / 'jobs')}", err=True)

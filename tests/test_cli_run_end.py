@@ -1,0 +1,202 @@
+"""How `baton run` ends: it waits for other jobs sent to its stack, and stops quietly on a signal.
+
+Each test runs `baton run` in its own process and session, reads its output line by line,
+and drives the stack with the other baton commands through the endpoint it prints. A
+signal goes to the whole process group, as a Ctrl-C in a terminal or `timeout` sends it.
+Jobs that must outlast a step of a test have tens of thousands of rounds, so only the test ends them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from shared.cli import main
+from shared.monitor import make_state_store
+from shared.state import RUNNING
+from tests.conftest import BREAST_CANCER_CSV, PROJECT_ROOT
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+
+ENDLESS_ROUNDS = 100_000
+# Generous, because the machine may be loaded; the tests never assert a duration.
+WAIT_SECONDS = 300
+# Printed by the runtime or by Python when a stop is not quiet.
+NOISE = ("Traceback", "exited during an invocation", "failed to deliver", "failed to receive", "Aborted!")
+
+
+def write_spec(tmp_path: Path, job_id: str, max_rounds: int) -> Path:
+    spec = {"job_id": job_id, "model": {"name": "logistic_regression"},
+            "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1},
+            "training": {"n_workers": 2, "batch_size": 32, "max_rounds": max_rounds, "max_epochs": 10_000}}
+    path = tmp_path / f"{job_id}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+class BatonRun:
+    """A `baton run` process in its own session, with its output (stdout and stderr) read line by line."""
+
+    def __init__(self, tmp_path: Path, spec_file: Path):
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
+             "--import", f"{BREAST_CANCER_CSV}:datasets/breast_cancer.csv"],
+            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        self.endpoint_url = self.read_until("--endpoint-url").rsplit(" ", 1)[1]
+        self.children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
+                                       text=True).stdout.split()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def read_until(self, text: str) -> str:
+        """Return the first line from here on that contains ``text``."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            assert line is not None, f"baton run ended before printing {text!r}:\n" + "\n".join(self.lines)
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"baton run printed no {text!r} within {WAIT_SECONDS} s:\n" + "\n".join(self.lines))
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the process to end; return its exit status and its whole output."""
+        self.process.wait(timeout=WAIT_SECONDS)
+        while (line := self._queue.get(timeout=WAIT_SECONDS)) is not None:
+            self.lines.append(line)
+        return self.process.returncode, "\n".join(self.lines)
+
+    def signal_group(self, signal_number: int) -> None:
+        os.killpg(self.process.pid, signal_number)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def cli(self, *arguments: str):
+        result = CliRunner().invoke(main, [*arguments, "--stage", "local", "--endpoint-url", self.endpoint_url])
+        assert result.exit_code == 0, result.output
+        return result
+
+    def wait_until_running(self, job_id: str) -> None:
+        store = make_state_store("local", endpoint_url=self.endpoint_url)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while (record := store.get_job(job_id)) is None or record.status != RUNNING:
+            assert time.monotonic() < deadline, f"job {job_id} is {record and record.status}, not RUNNING"
+            time.sleep(0.2)
+
+
+def running_processes(pids: list[str]) -> list[str]:
+    """Return the pids that still belong to a process other than a zombie."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
+
+
+@pytest.fixture
+def start_run(tmp_path):
+    runs = []
+
+    def start(spec_file: Path) -> BatonRun:
+        runs.append(BatonRun(tmp_path, spec_file))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        # Ends what a failing test left running.
+        run.kill()
+
+
+def test_run_waits_for_other_jobs(tmp_path, start_run):
+    host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS))
+    host.cli("submit", str(write_spec(tmp_path, "other", ENDLESS_ROUNDS)))
+    host.cli("submit", str(write_spec(tmp_path, "paused", ENDLESS_ROUNDS)))
+    host.wait_until_running("other")
+    host.wait_until_running("paused")
+    host.cli("pause", "paused")
+
+    host.cli("cancel", "host")
+    announced = host.read_until("baton run waits for them")
+    # A job sent while baton run waits is waited for too.
+    host.cli("submit", str(write_spec(tmp_path, "late", 3)))
+    host.read_until("job late SUCCEEDED after 3 rounds (stop reason max_rounds)")
+    host.cli("cancel", "other")
+    exit_status, output = host.finish()
+
+    assert exit_status == 1, output
+    assert "Error: job host was cancelled after" in output
+    assert announced.startswith("other jobs on this stack have not ended: other (")
+    assert "paused (" not in announced
+    assert "Ctrl-C stops them" in announced
+    assert re.search(r"^job other CANCELLED after \d+ of \d+ rounds$", output, re.MULTILINE), output
+    assert re.search(r"^not waited for: job paused \(PAUSED, \d+ of \d+ rounds done\) stops with the stack; "
+                     r"its files remain in .*/efs/jobs/paused$", output, re.MULTILINE), output
+    for noise in NOISE:
+        assert noise not in output
+
+
+@pytest.mark.parametrize("signal_number, expected_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_run_quietly(tmp_path, start_run, signal_number, expected_status):
+    host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS))
+    host.read_until("round     1")
+
+    host.signal_group(signal_number)
+    exit_status, output = host.finish()
+
+    assert exit_status == expected_status, output
+    stopped = re.search(r"^interrupted: job host stopped after (\d+) of \d+ rounds; its files remain in "
+                        r"(.*)\. Running the same command again trains it from round 1", output, re.MULTILINE)
+    assert stopped, output
+    last_printed = max(int(line.split()[1]) for line in host.lines if line.startswith("round "))
+    assert int(stopped.group(1)) >= last_printed
+    assert Path(stopped.group(2)) == tmp_path / "baton" / "efs" / "jobs" / "host"
+    for noise in NOISE:
+        assert noise not in output
+    assert host.children, "baton run started no child processes"
+    assert running_processes(host.children) == []
+
+
+def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
+    host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS))
+    host.cli("submit", str(write_spec(tmp_path, "other", ENDLESS_ROUNDS)))
+    host.wait_until_running("other")
+    host.cli("cancel", "host")
+    host.read_until("baton run waits for them")
+
+    host.signal_group(signal.SIGINT)
+    exit_status, output = host.finish()
+
+    assert exit_status == 130, output
+    assert "interrupted: job host" not in output
+    assert re.search(r"^interrupted: job other \(RUNNING, \d+ of \d+ rounds done\) stops with the stack; "
+                     r"its files remain in .*/efs/jobs/other$", output, re.MULTILINE), output
+    for noise in NOISE:
+        assert noise not in output
+    assert running_processes(host.children) == []
