@@ -38,7 +38,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     The value is decoded as JSON when it is valid JSON (``8``, ``0.5``, ``true``,
     ``null``, ``[64, 32]``, ``"8"``), and is kept as a string otherwise
     (``adam``, ``datasets/a9a/a9a``). The text is split at its first ``=``, so the value
-    may contain ``=``. White space around the key is ignored.
+    may contain ``=``. White space around the key and its dotted parts is ignored.
 
     Raises
     ------
@@ -46,7 +46,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         If the text has no ``=`` or the key before it is empty.
     """
     key, separator, raw_value = text.partition("=")
-    key = key.strip()
+    key = ".".join(part.strip() for part in key.split("."))
     if not separator:
         raise SpecOverrideError(text, "the '=' is missing. Expected KEY=VALUE, such as training.n_workers=8")
     if not key:

@@ -264,6 +264,7 @@ def test_missing_queue_names_stage(moto_endpoint):
     ("data.path=s3://bucket/key=value", ("data.path", "s3://bucket/key=value")),
     ("data.delimiter= ", ("data.delimiter", " ")),
     (" training.seed =3", ("training.seed", 3)),
+    (" model . name =x", ("model.name", "x")),
     ("data.path=", ("data.path", "")),
 ])
 def test_parse_override_values(text, expected):
