@@ -21,8 +21,8 @@ import time
 
 from shared import faults
 from shared.errors import BatonError
-from shared.queues import QueueClient
-from shared.service import Services, send_round_complete
+from shared.queues import QueueClient, body_object
+from shared.service import Services, send_round_complete, starter_failure_job_id
 from shared.state import (CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore, can_record_job,
                           describe_last_error)
 from shared.training import round_number
@@ -149,6 +149,9 @@ def drain_dead_letters(services: Services) -> int:
                 break
             for message in messages:
                 job_id = _dead_letter_job_id(message)
+                if job_id is not None and queue_name == settings.jobs_queue_name:
+                    # A job message whose id belongs to a job of another spec must not fail it.
+                    job_id = starter_failure_job_id(services, message["Body"], message["MessageId"], job_id)
                 record = None if job_id is None else state.get_job(job_id)
                 if job_id is not None and _superseded(record, message):
                     logger.info("dead-lettered message predates the job's resume; deleted",
@@ -203,10 +206,7 @@ def _superseded(record: JobRecord | None, message: dict) -> bool:
 
 
 def _dead_letter_job_id(message: dict) -> str | None:
-    try:
-        body = json.loads(message["Body"])
-    except json.JSONDecodeError:
-        body = None
+    body = body_object(message["Body"])
     if isinstance(body, dict) and can_record_job(body.get("job_id")):
         return body["job_id"]
     # A job message without a usable job_id names its job after its message id, which

@@ -18,12 +18,13 @@ anything else         record reported as failed; the error is     yes, until
 ``last_error`` puts a retried error on the job item early. With the deployed defaults
 (visibility timeout 1800 s on the tasks and aggregate queues, 5 receives), the last
 receive comes about 2 hours after the first, and the watchdog usually gives up on the
-stalled round before then. Its failure message quotes ``last_error``.
+stalled round before then. Its failure message quotes ``last_error``. A job message whose
+``job_id`` belongs to a job of another spec records its errors under ``job-<message id>``
+instead, so it never touches that job.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from shared.errors import InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
-from shared.service import Services
+from shared.queues import body_object
+from shared.service import Services, starter_failure_job_id
 from shared.state import can_record_job
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
@@ -70,11 +72,8 @@ def set_services(services: Services | None) -> None:
 
 def _message_ids(body: str) -> dict[str, Any]:
     """Return the ids a log line or a failure needs, from a body that may be malformed."""
-    try:
-        message = json.loads(body)
-    except (json.JSONDecodeError, TypeError):
-        return {}
-    if not isinstance(message, dict):
+    message = body_object(body)
+    if message is None:
         return {}
     return {key: message[key] for key in ("job_id", "round", "worker", "reduce") if key in message}
 
@@ -105,6 +104,16 @@ def _record_retried_error(services: Services, function_name: str, record: SQSRec
     except Exception as record_error:
         logger.warning("could not record the error on the job item",
                        extra={"record_error": f"{type(record_error).__name__}: {record_error}"})
+
+
+def _starter_failure_job_id(services: Services, record: SQSRecord, job_id: str) -> str | None:
+    """Return the job to record a retried starter error on; None if the table cannot be read."""
+    try:
+        return starter_failure_job_id(services, record.body, record.message_id, job_id)
+    except Exception as read_error:
+        logger.warning("could not read the job item to record the error on",
+                       extra={"record_error": f"{type(read_error).__name__}: {read_error}"})
+        return None
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,9 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         except Exception as error:
             receive_count = int(record.attributes.approximate_receive_count or 1)
             logger.exception("record failed; it will be retried", extra={"receive_count": receive_count})
+            if function_name == "starter" and job_id is not None:
+                job_id = _starter_failure_job_id(services, record, job_id)
+                ids["job_id"] = job_id
             if job_id is not None and receive_count >= max_receive_count:
                 services.state.fail_job(
                     job_id, f"{function_name} failed {receive_count} times on message {record.message_id}: "

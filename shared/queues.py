@@ -47,11 +47,33 @@ class AggregateMessage(TypedDict):
     reduce: NotRequired[int]
 
 
-def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
+def decode_body(body: str) -> Any:
+    """Decode a message body as JSON.
+
+    Raises
+    ------
+    InvalidMessageError
+        If the body is not JSON, or nests arrays or objects too deeply for Python to decode.
+    """
     try:
-        message = json.loads(body)
+        return json.loads(body)
     except json.JSONDecodeError as error:
         raise InvalidMessageError(f"message body is not valid JSON: {error.msg}") from None
+    except (RecursionError, TypeError, ValueError) as error:
+        raise InvalidMessageError(f"message body cannot be decoded ({type(error).__name__}: {error})") from None
+
+
+def body_object(body: str) -> dict | None:
+    """Return the body decoded as a JSON object, or None for any body that is not one."""
+    try:
+        message = decode_body(body)
+    except InvalidMessageError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
+    message = decode_body(body)
     if not isinstance(message, dict):
         raise InvalidMessageError(f"message body must be a JSON object, got {type(message).__name__}")
     for name, kind in required.items():

@@ -27,7 +27,6 @@ from 1, as the CLI does.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -50,7 +49,7 @@ from shared.metrics import publish_round_metrics
 from shared.errors import (DataError, EfsNotWritableError, InvalidMessageError, JobConflictError, JobSpecError,
                            PermanentError, StaleMessageError)
 from shared.preparation import PreparationStep, StaleStepError, record_sent, run_preparation
-from shared.queues import AggregateMessage, QueueClient, TaskMessage
+from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_object
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
                               write_reduced_slice, write_worker_result)
 from shared.spec import JobSpec, load_job_message, parse_job_spec
@@ -230,6 +229,24 @@ def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
             "(for a local job, `baton run --fresh` deletes it)")
 
 
+def starter_failure_job_id(services: Services, body: str, message_id: str, job_id: str) -> str:
+    """Return the job id under which a failure of the starter on this message is recorded.
+
+    That is the message's ``job_id``, unless the id belongs to a job created from another
+    spec. That job must not be touched, so the failure goes under ``job-<message id>``,
+    as a conflict does. Reads the job item once, so call it on failures only.
+    """
+    existing = services.state.get_job(job_id)
+    if existing is None or not existing.fingerprint:
+        return job_id
+    rejected_id = f"job-{message_id[:18]}"
+    try:
+        spec = load_job_message(body, default_job_id=job_id)
+    except JobSpecError:
+        return rejected_id
+    return job_id if spec.fingerprint() == existing.fingerprint else rejected_id
+
+
 def _check_spec_error_spares_job(services: Services, body: str, error: JobSpecError) -> None:
     """Turn a spec error into a conflict when its job id names a job that was created.
 
@@ -237,10 +254,7 @@ def _check_spec_error_spares_job(services: Services, body: str, error: JobSpecEr
     job created from a valid spec, that job must keep running, so the rejection is raised
     as a :class:`JobConflictError`, which the handler records under the message's own id.
     """
-    try:
-        job_id = json.loads(body).get("job_id")
-    except (ValueError, AttributeError, RecursionError):
-        return
+    job_id = (body_object(body) or {}).get("job_id")
     if not can_record_job(job_id):
         return
     existing = services.state.get_job(job_id)
@@ -254,11 +268,8 @@ def _check_spec_error_spares_job(services: Services, body: str, error: JobSpecEr
 
 def _preparation_step_message(body: str) -> dict | None:
     """Return the decoded body if it is a preparation step message, else None."""
-    try:
-        message = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if isinstance(message, dict) and "prepare" in message and isinstance(message.get("job_id"), str):
+    message = body_object(body)
+    if message is not None and "prepare" in message and isinstance(message.get("job_id"), str):
         return message
     return None
 

@@ -499,4 +499,7 @@ def load_job_message(body: str, default_job_id: str | None = None) -> JobSpec:
         raw = decode_spec_json(body)
     except json.JSONDecodeError as error:
         raise JobSpecError("<root>", f"body is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+    except RecursionError:
+        raise JobSpecError("<root>", "body nests arrays or objects too deeply to decode; a job spec nests at most "
+                                     "a few levels") from None
     return parse_job_spec(raw, default_job_id=default_job_id)

@@ -236,7 +236,7 @@ def record_invocation(event: dict, start: float, end: float) -> None:
     if records and len(records) == 1:
         try:
             ids = _message_ids(json.loads(records[0].get("body", "")))
-        except (json.JSONDecodeError, TypeError, AttributeError):
+        except (ValueError, RecursionError, TypeError, AttributeError):
             ids = {}
     tracer.record("invoke", "invoke", start, end, **ids)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from moto import mock_aws
 
 from functions import starter
@@ -84,6 +85,9 @@ CASES = [
      ["n_workers", "1000", "fewer workers"]),
     ("repeated-key", json.dumps(spec("repeated-key"))[:-1] + ', "job_id": "repeated-key"}', "repeated-key",
      ["'job_id'", "more than once", "keep one"]),
+    # 20,000 nested lists fit in 40 KB, within the size limit, but are too deep for Python's decoder.
+    ("nested-too-deep", '{"job_id": "deep", "x": ' + "[" * 20_000 + "]" * 20_000 + "}", None,
+     ["nests arrays or objects too deeply"]),
     ("oversized-message", json.dumps({**spec("too-big"), "padding": "x" * 70_000}), "too-big", ["bytes", "at most"]),
     ("job-id-dot-dot", json.dumps(spec("../escape")), "../escape", ["job_id", "'../escape'"]),
     ("job-id-too-long", json.dumps(spec("j" * 65)), "j" * 65, ["job_id", "64"]),
@@ -323,10 +327,10 @@ def deliver(body: str, message_id: str) -> dict:
         assert invoke_starter(messages[0]["Body"], messages[0]["MessageId"])["batchItemFailures"] == []
 
 
-def invoke_starter(body: str, message_id: str) -> dict:
+def invoke_starter(body: str, message_id: str, receive_count: int = 1) -> dict:
     event = {"Records": [{
         "messageId": message_id, "receiptHandle": "handle", "body": body,
-        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0", "SenderId": "test",
+        "attributes": {"ApproximateReceiveCount": str(receive_count), "SentTimestamp": "0", "SenderId": "test",
                        "ApproximateFirstReceiveTimestamp": "0"},
         "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
         "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:baton-test-jobs", "awsRegion": "us-east-1",
@@ -509,3 +513,54 @@ def test_fixed_spec_reuses_rejected_id(stack):
     assert record.status == "RUNNING"
     assert record.fingerprint
     assert record.error is None
+
+
+@pytest.mark.parametrize("receive_count", [1, 5], ids=["retried", "last-receive"])
+def test_retried_conflict_spares_running_job(stack, monkeypatch, tmp_path, receive_count):
+    # A transient error before the conflict is found (here an injected one) must not
+    # record its error on, or fail, the job whose id the message reuses.
+    start_running_job(stack)
+    rule = {"step": "starter.validated", "kind": "raise", "job_id": "running-job", "times": 10}
+    monkeypatch.setenv("BATON_FAULTS_ENABLED", "true")
+    monkeypatch.setenv("BATON_FAULTS", json.dumps([rule]))
+    monkeypatch.setenv("BATON_FAULTS_DIR", str(tmp_path / "faults"))
+    message_id = "5a5a5a5a-6b6b-7c7c-8d8d-9e9e9e9e9e9e"
+
+    # A batch whose every record failed makes Powertools raise, so Lambda retries it whole.
+    with pytest.raises(BatchProcessingError, match="injected fault at starter.validated"):
+        invoke_starter(json.dumps(with_training("running-job", n_workers=3)), message_id, receive_count)
+
+    running = stack.state.get_job("running-job")
+    assert running.status == "RUNNING"
+    assert running.error is None
+    assert "last_error" not in running.attributes
+    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    if receive_count == 5:
+        assert rejected.status == "FAILED"
+        assert "starter failed 5 times" in rejected.error
+    else:
+        assert rejected is None
+
+
+def test_dead_lettered_conflict_spares_running_job(stack):
+    start_running_job(stack)
+    url = stack.queues.url(f"{stack.settings.jobs_queue_name}-dlq")
+    body = json.dumps(with_training("running-job", n_workers=3))
+    message_id = stack.queues.client.send_message(QueueUrl=url, MessageBody=body)["MessageId"]
+
+    assert drain_dead_letters(stack) == 1
+
+    assert stack.state.get_job("running-job").status == "RUNNING"
+    assert stack.state.get_job(f"job-{message_id[:18]}").status == "FAILED"
+
+
+def test_nested_dead_letter_drained(stack):
+    # A body too deep to decode must not stop the drain, or every later watchdog run.
+    url = stack.queues.url(f"{stack.settings.jobs_queue_name}-dlq")
+    stack.queues.client.send_message(QueueUrl=url, MessageBody='{"job_id": "deep", "x": ' + "[" * 20_000 + "]" * 20_000 + "}")
+    message_id = stack.queues.client.send_message(QueueUrl=url, MessageBody=json.dumps(spec("next-in-line")))["MessageId"]
+
+    assert drain_dead_letters(stack) == 2
+
+    assert stack.state.get_job("next-in-line").status == "FAILED"
+    assert message_id in stack.state.get_job("next-in-line").error

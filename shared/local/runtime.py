@@ -375,7 +375,7 @@ class LocalRuntime:
     def _message_ids(message: dict) -> dict:
         try:
             body = json.loads(message["Body"])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return {}
         return body if isinstance(body, dict) else {}
 
