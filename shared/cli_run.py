@@ -38,6 +38,10 @@ class StopSignal(KeyboardInterrupt):
         return 128 + self.signal_number
 
 
+def _do_nothing(signal_number: int, frame) -> None:
+    """Receive a stop signal while the stack stops, and let it pass."""
+
+
 class StopSignalHandlers:
     """Handle SIGINT and SIGTERM for ``baton run``; the previous handlers come back on exit.
 
@@ -74,8 +78,10 @@ class StopSignalHandlers:
 
     def ignore(self) -> None:
         """Ignore further signals, for the time the stack takes to stop."""
+        # A handler that does nothing, not SIG_IGN: setting SIG_IGN while that signal is
+        # pending makes CPython raise "Signal ... ignored due to race condition".
         for number in self._previous:
-            signal.signal(number, signal.SIG_IGN)
+            signal.signal(number, _do_nothing)
 
     def __exit__(self, *exc_info) -> None:
         for number, previous in self._previous.items():

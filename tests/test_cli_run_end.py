@@ -162,12 +162,18 @@ def test_run_waits_for_other_jobs(tmp_path, start_run):
         assert noise not in output
 
 
-@pytest.mark.parametrize("signal_number, expected_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_run_quietly(tmp_path, start_run, signal_number, expected_status):
+@pytest.mark.parametrize("signal_numbers, expected_status", [
+    ([signal.SIGINT], 130),
+    ([signal.SIGTERM], 143),
+    # Both pending at once; Python runs the handler of the lower signal number first.
+    ([signal.SIGINT, signal.SIGTERM], 130),
+], ids=["sigint", "sigterm", "both-at-once"])
+def test_signal_stops_run_quietly(tmp_path, start_run, signal_numbers, expected_status):
     host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS))
     host.read_until("round     1")
 
-    host.signal_group(signal_number)
+    for signal_number in signal_numbers:
+        host.signal_group(signal_number)
     exit_status, output = host.finish()
 
     assert exit_status == expected_status, output
