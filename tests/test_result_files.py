@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import reduction
+from shared import reduction, training
 from shared.efs import EfsStore
 from shared.errors import ResultFileError
 from shared.reduction import (read_reduced_round, read_worker_result, reduce_worker_results, vector_header,
@@ -212,12 +212,16 @@ def special_values(n_params: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("mode_name, skipped", [("gradient_average", ()), ("model_average", (0, 2)),
                                                 ("model_average", (0, 1, 2, 3))])
 @pytest.mark.parametrize("start, stop", [(0, 3000), (1000, 2999)])
-def test_reduction_equals_running_sum(tmp_path, read_path, mode_name, skipped, start, stop):
+@pytest.mark.parametrize("block_elements", [training.REDUCTION_BLOCK_ELEMENTS, 512], ids=["one-block", "blocks"])
+def test_reduction_equals_running_sum(tmp_path, monkeypatch, read_path, mode_name, skipped, start, stop,
+                                      block_elements):
     # The reduction writes the first added vector into its total instead of adding it to
-    # zeros: the bytes must still be those of a running sum from zeros.
+    # zeros, and the bytes must still be those of a running sum from zeros.
+    monkeypatch.setattr(training, "REDUCTION_BLOCK_ELEMENTS", block_elements)
     mode = TRAINING_MODES[mode_name]
     n_workers, n_params = 4, 3000
-    # Every worker's element 0 is -0.0, which a running sum from zeros turns into 0.0.
+    # Elements 0 to 1000 are -0.0 in every worker, so both slices start with them. A
+    # running sum from zeros turns them into 0.0.
     results = []
     for worker in range(n_workers):
         vector = special_values(n_params, seed=worker)
@@ -233,8 +237,7 @@ def test_reduction_equals_running_sum(tmp_path, read_path, mode_name, skipped, s
     reduced = reduce_worker_results(store, "job", 0, n_workers, mode, n_params, start, stop)
 
     assert reduced.vector.tobytes() == expected.tobytes()
-    if start == 0:
-        assert np.signbit(reduced.vector[0]) == np.False_, "a sum from zeros turns -0.0 into 0.0"
+    assert not np.signbit(reduced.vector[0]), "a sum from zeros turns -0.0 into 0.0"
 
 
 def test_short_reads_continue(tmp_path, monkeypatch):
