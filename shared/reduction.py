@@ -44,13 +44,14 @@ from shared.errors import JobSpecError, ResultFileError
 from shared.training import (Reduction, TrainingMode, accumulate_vectors, add_scaled_vector, round_number,
                              split_result)
 
-# Bytes read for a trailer in the same system call as the header (and the vector, when it
-# is read whole). A longer trailer, such as k-means counts of many clusters, takes more reads.
+# Bytes read for a trailer in the same system call as the header and a vector read whole. A
+# longer trailer, such as k-means counts of many clusters, takes more reads. A mapped file's
+# trailer is taken from the mapping.
 TRAILER_READ_BYTES = 4096
 
 # Result vectors up to this size are read whole, with one system call into one buffer that
 # every worker's file reuses. Larger ones are memory-mapped, and only the pages of the
-# reduced slice are read. A read copies the vector, which costs more than mapping it from
+# reduced slice, the header and the trailer are read. A read copies the vector, which costs more than mapping it from
 # a few hundred KiB on, and a mapping has a fixed cost (map, unmap, page faults) that a
 # small vector does not repay. On a 2-core AMD EPYC machine with files in the page cache,
 # reading was faster up to 128 KiB, even at 256 KiB, and 1.3 to 2 times slower at 1 MiB.
@@ -335,8 +336,8 @@ def reduce_worker_results(store: EfsStore, job_id: str, round_index: int, n_work
 
     Each worker's file is opened once. A small vector is read whole into one buffer that
     every worker reuses, and its slice is added before the next file is read. A large one
-    is memory-mapped, only the pages of the slice are read, and the slices of all workers
-    are added block by block. Either way each element adds the workers in worker order, so
+    is memory-mapped, only the pages of the slice, the header and the trailer are read, and
+    the slices of all workers are added block by block. Either way each element adds the workers in worker order, so
     the sums are the same bytes. The running sum is the only array the size of the slice
     that the reduction allocates, besides the read buffer of a small vector. The first
     worker's vector is written into it, so it is never filled with zeros first.
