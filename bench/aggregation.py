@@ -66,16 +66,21 @@ def write_results(store: EfsStore, n_workers: int, n_params: int) -> None:
 
 
 def copy_seconds(total_bytes: int, repeats: int) -> float:
-    """Return the median time of copying ``total_bytes`` between two float64 buffers."""
+    """Return the median time of copying exactly ``total_bytes`` between two float64 buffers.
+
+    The last copy of a total above ``COPY_CHUNK_BYTES`` is cut to the bytes left, so that
+    the copy moves the N × d bytes that its throughput is divided by, as the reduction does.
+    """
     chunk = min(total_bytes, COPY_CHUNK_BYTES) // 8
     source = np.ones(chunk)
     destination = np.empty_like(source)
 
     def run() -> None:
-        copied = 0
-        while copied < total_bytes:
-            np.copyto(destination, source)
-            copied += source.nbytes
+        remaining = total_bytes // 8
+        while remaining:
+            count = min(remaining, chunk)
+            np.copyto(destination[:count], source[:count])
+            remaining -= count
 
     return median_seconds(run, repeats)
 
@@ -98,7 +103,9 @@ def sum_seconds(n_workers: int, n_params: int, repeats: int) -> float:
     """Return the median time of the reduction's sums alone, over ``n_workers`` vectors already in memory."""
     vectors = [np.random.default_rng(worker).standard_normal(n_params) for worker in range(n_workers)]
     factors = MODE.vector_factors([{}] * n_workers)
-    return median_seconds(lambda: accumulate_vectors(factors, vectors, np.zeros(n_params)), repeats)
+    # accumulate_vectors overwrites the total, so one buffer serves every run.
+    total = np.empty(n_params)
+    return median_seconds(lambda: accumulate_vectors(factors, vectors, total), repeats)
 
 
 def measure_speedup(store: EfsStore, n_workers: int, n_params: int, reducer_counts: tuple[int, ...],

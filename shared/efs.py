@@ -131,7 +131,7 @@ class EfsStore:
 
         Strings, because pathlib's joins cost more than the read of a small result file.
         """
-        round_dir = os.fspath(self.round_dir(job_id, round_index))
+        round_dir = os.path.join(os.fspath(self.root), "jobs", job_id, "rounds", str(round_index))
         return [os.path.join(round_dir, f"result-{worker}.npy") for worker in range(n_workers)]
 
     def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:

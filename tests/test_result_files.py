@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import reduction
+from shared import reduction, training
 from shared.efs import EfsStore
 from shared.errors import ResultFileError
 from shared.reduction import (read_reduced_round, read_worker_result, reduce_worker_results, vector_header,
@@ -108,11 +108,55 @@ def test_file_cut_short_rejected(tmp_path, read_path):
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0))
     path = store.result_path("job", 0, 0)
     payload = path.read_bytes()
+    header_length = len(vector_header(10))
+    inside_vector = "result file 'jobs/job/rounds/0/result-0.npy' ends after {} bytes, inside its 10 float64 values"
+    cases = [
+        (header_length, inside_vector.format(header_length)),
+        (header_length + 40, inside_vector.format(header_length + 40)),
+        (header_length + 79, inside_vector.format(header_length + 79)),
+        (header_length + 80, r"result file 'jobs/job/rounds/0/result-0.npy' has no valid trailer after its vector "
+                             r"\(0 bytes\)"),
+        (len(payload) - 1, "result file 'jobs/job/rounds/0/result-0.npy' has no valid trailer"),
+    ]
 
-    for length in (len(vector_header(10)) + 40, len(vector_header(10)) + 80, len(payload) - 1):
+    for length, problem in cases:
         path.write_bytes(payload[:length])
-        with pytest.raises(ResultFileError, match="result file 'jobs/job/rounds/0/result-0.npy'"):
+        with pytest.raises(ResultFileError, match=problem):
             reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
+
+
+@pytest.mark.parametrize("start, stop", [(0, 10), (4, 10)])
+def test_empty_file_rejected(tmp_path, read_path, start, stop):
+    store = EfsStore(tmp_path)
+    store.round_dir("job", 0).mkdir(parents=True)
+    store.result_path("job", 0, 0).write_bytes(b"")
+
+    with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' \(header b''\) "
+                                              "does not hold 10 float64 values"):
+        reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, start, stop)
+
+
+@pytest.mark.parametrize("extra", [b"x", b" ", b"{}"])
+def test_bytes_after_trailer_rejected(tmp_path, read_path, extra):
+    store = EfsStore(tmp_path)
+    write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0))
+    path = store.result_path("job", 0, 0)
+    path.write_bytes(path.read_bytes() + extra)
+
+    with pytest.raises(ResultFileError, match="has no valid trailer after its vector"):
+        reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
+
+
+def test_slice_of_foreign_file_rejected(tmp_path, read_path):
+    # A reducer reads one slice of each file, but checks the header and trailer of the whole file.
+    store = EfsStore(tmp_path)
+    write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0, n_params=1000))
+    write_worker_result(store, "job", 0, 1, GRADIENT, gradient_result(1.0, n_params=1000))
+    os.replace(store.result_path("job", 0, 1), store.result_path("job", 0, 0))
+
+    with pytest.raises(ResultFileError, match="belongs to job_id 'job', round 1, worker 1, not to job_id 'job', "
+                                              "round 1, worker 0"):
+        reduce_worker_results(store, "job", 0, 1, GRADIENT, 1000, 600, 1000)
 
 
 def test_file_without_trailer_rejected(tmp_path, read_path):
@@ -141,6 +185,59 @@ def test_long_trailer_read_whole(tmp_path, read_path):
         counts += arrays["counts"]
     assert reduced.scalars["counts"].tobytes() == counts.tobytes()
     assert int(reduced.scalars["n_samples"]) == 150
+
+
+def running_sum(mode, results, start: int, stop: int) -> np.ndarray:
+    """Sum the workers' vectors in worker order from zeros, one plain numpy addition per worker."""
+    total = np.zeros(stop - start)
+    for arrays in results:
+        vector = np.ravel(arrays[mode.vector_name])[start:stop]
+        if mode is GRADIENT:
+            total += vector
+        elif int(arrays["n_samples"]) > 0:
+            total += vector * float(int(arrays["n_samples"]))
+    return total
+
+
+def special_values(n_params: int, seed: int) -> np.ndarray:
+    """Return a vector of normal numbers with signed zeros, subnormals, infinities and NaN mixed in."""
+    rng = np.random.default_rng(seed)
+    vector = rng.standard_normal(n_params) * 10.0 ** rng.integers(-300, 300, n_params)
+    specials = np.array([0.0, -0.0, 5e-324, -5e-324, np.inf, -np.inf, np.nan, 1e308, -1e308])
+    picked = rng.random(n_params) < 0.3
+    vector[picked] = rng.choice(specials, picked.sum())
+    return vector
+
+
+@pytest.mark.parametrize("mode_name, skipped", [("gradient_average", ()), ("model_average", (0, 2)),
+                                                ("model_average", (0, 1, 2, 3))])
+@pytest.mark.parametrize("start, stop", [(0, 3000), (1000, 2999)])
+@pytest.mark.parametrize("block_elements", [training.REDUCTION_BLOCK_ELEMENTS, 512], ids=["one-block", "blocks"])
+def test_reduction_equals_running_sum(tmp_path, monkeypatch, read_path, mode_name, skipped, start, stop,
+                                      block_elements):
+    # The reduction writes the first added vector into its total instead of adding it to
+    # zeros, and the bytes must still be those of a running sum from zeros.
+    monkeypatch.setattr(training, "REDUCTION_BLOCK_ELEMENTS", block_elements)
+    mode = TRAINING_MODES[mode_name]
+    n_workers, n_params = 4, 3000
+    # Elements 0 to 1000 are -0.0 in every worker, so both slices start with them. A
+    # running sum from zeros turns them into 0.0.
+    results = []
+    for worker in range(n_workers):
+        vector = special_values(n_params, seed=worker)
+        vector[:1001] = -0.0
+        rows = np.int64(0 if worker in skipped else 3 + worker)
+        results.append({mode.vector_name: vector, "loss_sum": np.float64(worker), "n_samples": rows})
+    store = EfsStore(tmp_path)
+    for worker, arrays in enumerate(results):
+        write_worker_result(store, "job", 0, worker, mode, arrays)
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = running_sum(mode, results, start, stop)
+    reduced = reduce_worker_results(store, "job", 0, n_workers, mode, n_params, start, stop)
+
+    assert reduced.vector.tobytes() == expected.tobytes()
+    assert not np.signbit(reduced.vector[0]), "a sum from zeros turns -0.0 into 0.0"
 
 
 def test_short_reads_continue(tmp_path, monkeypatch):
