@@ -66,9 +66,20 @@ def _check_class_weight(path: str, value: Any) -> Any:
         raise JobSpecError(path, f"got {value!r}; expected 'balanced', null, or an object such as {{\"1\": 5.0}} "
                                  "mapping class labels to weights")
     checked = {}
+    # Labels are matched to the data's classes by number when they are numbers, so "1"
+    # and "1.0" name the same class.
+    named_by: dict[Any, str] = {}
     for label, weight in value.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise JobSpecError(path, f"class {label!r} has weight {weight!r}; expected a finite number >= 0")
+        try:
+            same_class = float(label)
+        except ValueError:
+            same_class = str(label)
+        if same_class in named_by:
+            raise JobSpecError(path, f"labels {named_by[same_class]!r} and {label!r} name the same class; "
+                                     "keep one of them")
+        named_by[same_class] = str(label)
         checked[str(label)] = float(weight)
     return checked
 

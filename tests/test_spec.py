@@ -71,7 +71,7 @@ def test_betas_reach_adam():
         parse_job_spec(spec_with(optimizer={"betas": [0.9, 1.0]}))
 
 
-@pytest.mark.parametrize("value", ["balanced", {"1": 3.0, "-1": 0.5}, None])
+@pytest.mark.parametrize("value", ["balanced", {"1": 3.0, "-1": 0.5}, {"cat": 1.0, "1": 2.0}, None])
 def test_class_weight_accepted(value):
     assert parse_job_spec(spec_with(model={"class_weight": value})).model.class_weight == value
 
@@ -79,6 +79,16 @@ def test_class_weight_accepted(value):
 @pytest.mark.parametrize("value", ["heavy", {"1": -1}, {"1": "x"}, {}, [1, 2]])
 def test_class_weight_rejected(value):
     with pytest.raises(JobSpecError, match="model.class_weight"):
+        parse_job_spec(spec_with(model={"class_weight": value}))
+
+
+@pytest.mark.parametrize("value, first, second", [
+    ({"1": 3.0, "1.0": 7.0}, "1", "1.0"),
+    ({"0": 1.0, "2": 1.0, "0.0": 5.0}, "0", "0.0"),
+    ({"1": 1.0, "1e0": 2.0}, "1", "1e0"),
+])
+def test_class_weight_same_class_twice_rejected(value, first, second):
+    with pytest.raises(JobSpecError, match=f"labels '{first}' and '{second}' name the same class"):
         parse_job_spec(spec_with(model={"class_weight": value}))
 
 
