@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -250,7 +251,7 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
         click.echo(json.dumps(spec, indent=2))
         return
 
-    _check_job_id_free(spec, stage, endpoint_url, region)
+    _check_job_id_free(spec, _stage_of_queue(queue_url) if queue_url else stage, endpoint_url, region)
     sqs = aws_client("sqs", endpoint_url=endpoint_url, region=region)
     if queue_url is None:
         queue_url = sqs.get_queue_url(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
@@ -258,7 +259,13 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
     click.echo(f"job {spec['job_id']} sent to {queue_url} (message {message_id})")
 
 
-def _check_job_id_free(spec: dict, stage: str, endpoint_url: str | None, region: str | None) -> None:
+def _stage_of_queue(queue_url: str) -> str | None:
+    """Return the stage of a ``baton-<stage>-jobs`` queue URL, or None for another name."""
+    match = re.fullmatch(r"baton-(.+)-jobs", queue_url.rstrip("/").rsplit("/", 1)[-1])
+    return match.group(1) if match else None
+
+
+def _check_job_id_free(spec: dict, stage: str | None, endpoint_url: str | None, region: str | None) -> None:
     """Raise before sending a spec whose job id belongs to a job in the stage's table.
 
     The starter would drop such a message, or record its rejection under another id, so
@@ -269,6 +276,10 @@ def _check_job_id_free(spec: dict, stage: str, endpoint_url: str | None, region:
     from shared.spec import parse_job_spec
 
     job_id = spec["job_id"]
+    if stage is None:
+        click.echo(f"note: --queue-url names no baton-<stage>-jobs queue, so whether job id '{job_id}' is taken "
+                   "was not checked", err=True)
+        return
     try:
         existing = _store(stage, endpoint_url, region).get_job(job_id)
     except (BotoCoreError, ClientError) as error:

@@ -368,3 +368,28 @@ def test_rejected_job_id_sent_again(stage_with_table):
 
     assert result.exit_code == 0, result.output
     assert [spec["job_id"] for spec in received_specs(stage_with_table["jobs_queue"])] == ["fixed"]
+
+
+def test_queue_url_names_table_to_check(stage_with_table, moto_endpoint):
+    # The table checked is the one of the queue's stage, not of --stage.
+    existing = a9a_spec_as_sent("taken")
+    stage_with_table["state"].create_job("taken", existing.fingerprint(), existing.canonical_json(), 4)
+    queue_url = stage_with_table["jobs_queue"]["url"]
+
+    result = submit(str(A9A_SPEC_FILE), "--job-id", "taken", "--stage", "elsewhere", "--queue-url", queue_url,
+                    "--endpoint-url", moto_endpoint)
+
+    assert result.exit_code == 1, result.output
+    assert "job taken already exists with this spec" in result.output
+    assert received_specs(stage_with_table["jobs_queue"]) == []
+
+
+def test_queue_url_of_other_name_not_checked(moto_endpoint):
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    queue_url = sqs.create_queue(QueueName=f"my-jobs-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+
+    result = submit(str(A9A_SPEC_FILE), "--job-id", "unchecked", "--queue-url", queue_url, "--endpoint-url", moto_endpoint)
+
+    assert result.exit_code == 0, result.output
+    assert "note: --queue-url names no baton-<stage>-jobs queue" in result.output
+    assert [spec["job_id"] for spec in received_specs({"sqs": sqs, "url": queue_url})] == ["unchecked"]
