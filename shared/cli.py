@@ -288,12 +288,12 @@ def _check_job_id_free(spec: dict, stage: str | None, endpoint_url: str | None, 
     # An item without a fingerprint only records a rejected spec, which a valid one replaces.
     if existing is None or not existing.fingerprint:
         return
-    resume = ""
-    if existing.status in ("PAUSED", "FAILED"):
-        resume = f", or continue it with `baton resume {job_id}`"
+    resumable = existing.status in ("PAUSED", "FAILED")
     if existing.fingerprint == parse_job_spec(spec).fingerprint():
+        resume = f", and `baton resume {job_id}` continues it" if resumable else ""
         raise click.ClickException(f"job {job_id} already exists with this spec (status {existing.status}), so the "
                                    f"starter would drop it; `baton status {job_id}` shows it{resume}. Nothing was sent.")
+    resume = f"; `baton resume {job_id}` would continue that job with its own spec" if resumable else ""
     raise click.ClickException(f"job id '{job_id}' is already used by a job with a different spec (status "
                                f"{existing.status}); choose a new one with --job-id{resume}. Nothing was sent.")
 

@@ -228,9 +228,9 @@ class StateStore:
             if existing.fingerprint != fingerprint:
                 # Sending the original spec again would not help: the starter drops a
                 # job message for a job that is past PREPARING, whatever its status.
-                fix = "choose a new job_id"
+                fix = "send this spec under a new job_id"
                 if existing.status in (PAUSED, FAILED):
-                    fix += f", or continue that job with `baton resume {job_id}`"
+                    fix += f"; `baton resume {job_id}` would continue that job with its own spec"
                 raise JobConflictError(
                     f"job id '{job_id}' is already used by a job with a different spec (status {existing.status}); "
                     f"{fix}") from None

@@ -458,7 +458,7 @@ def test_conflict_with_paused_job_names_resume(stack):
     rejected = stack.state.get_job(f"job-{message_id[:18]}")
     assert rejected.status == "FAILED"
     assert "new job_id" in rejected.error
-    assert "`baton resume running-job`" in rejected.error
+    assert "`baton resume running-job` would continue that job with its own spec" in rejected.error
     assert "resend" not in rejected.error
     assert stack.state.get_job("running-job").status == "PAUSED"
 

@@ -340,7 +340,9 @@ def a9a_spec_as_sent(job_id: str) -> dict:
     ("PAUSED", [], ["already exists with this spec (status PAUSED)", "`baton resume taken`"]),
     ("RUNNING", ["--learning-rate", "0.01"], ["job id 'taken' is already used by a job with a different spec",
                                               "choose a new one with --job-id"]),
-], ids=["same-spec", "same-spec-paused", "different-spec"])
+    ("PAUSED", ["--learning-rate", "0.01"], ["different spec (status PAUSED)",
+                                             "`baton resume taken` would continue that job with its own spec"]),
+], ids=["same-spec", "same-spec-paused", "different-spec", "different-spec-paused"])
 def test_taken_job_id_sends_nothing(stage_with_table, status, extra, words):
     from shared.control import pause_job
 
