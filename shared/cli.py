@@ -488,6 +488,13 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
         rounds = store.list_round_metrics(job_id)
         title = f"{job_id} ({record.status}, {len(rounds)} rounds)"
     output_path = output_path or Path(f"{job_id}.png")
+    if output_path.suffix.lower() != ".png":
+        raise click.ClickException(f"--output {output_path}: baton plot writes a PNG image; give the file a .png "
+                                   "extension")
+    existing_folder = next(parent for parent in output_path.absolute().parents if parent.exists())
+    if not existing_folder.is_dir():
+        raise click.ClickException(f"cannot write the plot to {output_path}: {existing_folder} is a file, not a "
+                                   "folder; choose another --output")
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         plot_job(rounds, output_path, title=title, width_inches=width_inches, height_inches=height_inches, dpi=dpi)

@@ -174,9 +174,20 @@ def test_plot_output_folder_created_or_named(finished_job, tmp_path):
     assert created.exit_code == 0, created.output
     assert png_size(nested)[0] > 0
     assert blocked.exit_code == 1
-    assert f"cannot write the plot to {blocker / 'curves.png'}" in blocked.output
+    assert f"cannot write the plot to {blocker / 'curves.png'}: {blocker} is a file, not a folder" in blocked.output
     assert "choose another --output" in blocked.output
     assert "Traceback" not in blocked.output
+
+
+def test_plot_refuses_other_format(finished_job, tmp_path):
+    output = tmp_path / "curves.pdf"
+
+    result = CliRunner().invoke(main, ["plot", JOB_ID, "--efs-root", str(finished_job["efs_root"]),
+                                       "--output", str(output)])
+
+    assert result.exit_code == 1
+    assert "baton plot writes a PNG image; give the file a .png extension" in result.output
+    assert not output.exists()
 
 
 def test_list_and_status_show_job(finished_job):
