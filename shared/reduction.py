@@ -51,10 +51,11 @@ TRAILER_READ_BYTES = 4096
 
 # Result vectors up to this size are read whole, with one system call into one buffer that
 # every worker's file reuses. Larger ones are memory-mapped, and only the pages of the
-# reduced slice, the header and the trailer are read. A read copies the vector, which costs more than mapping it from
-# a few hundred KiB on, and a mapping has a fixed cost (map, unmap, page faults) that a
-# small vector does not repay. On a 2-core AMD EPYC machine with files in the page cache,
-# reading was faster up to 128 KiB, even at 256 KiB, and 1.3 to 2 times slower at 1 MiB.
+# reduced slice, the header and the trailer are read. A read copies the vector, which costs
+# more than mapping it from a few hundred KiB on, and a mapping has a fixed cost (map,
+# unmap, page faults) that a small vector does not repay. On a 2-core AMD EPYC machine with
+# files in the page cache, reading was faster up to 128 KiB, as fast at 256 KiB, and 1.3 to
+# 2 times slower at 1 MiB.
 READ_WHOLE_MAX_BYTES = 256 * 1024
 
 _JSON_DECODER = json.JSONDecoder()
@@ -216,7 +217,7 @@ def _trailer_arrays(path: str | os.PathLike, root: str | os.PathLike, decoded: d
                               f"Baton. {_fix_hint()}") from None
     if identity != expected:
         raise ResultFileError(f"result file '{_efs_name(path, root)}' belongs to {_describe(identity)}, not to "
-                              f"{_describe(expected)}. {_fix_hint()}")
+                              f"{_describe(expected)} (round folders count from 0, rounds from 1). {_fix_hint()}")
     return arrays
 
 
@@ -228,11 +229,22 @@ def _decode_array(entry: dict) -> np.ndarray:
     return np.array(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
 
 
+def _header_summary(found: bytes) -> str:
+    """Describe the first bytes of a file that should open with a .npy header, for a message."""
+    if not found:
+        return "it is empty"
+    if not found.startswith(b"\x93NUMPY"):
+        return "it does not start with a .npy header"
+    text = found[10:].decode("latin-1")
+    closing = text.find("}")
+    return f"its .npy header is {text[:closing + 1] if closing >= 0 else text.strip()}"
+
+
 def _check_header(path: str | os.PathLike, root: str | os.PathLike, found: bytes, header: bytes,
                   n_values: int) -> None:
     if found != header:
-        raise ResultFileError(f"result file '{_efs_name(path, root)}' (header {found[:70]!r}) does not hold "
-                              f"{n_values} float64 values, so it is not from this job's round. {_fix_hint()}")
+        raise ResultFileError(f"result file '{_efs_name(path, root)}' does not hold {n_values} float64 values "
+                              f"({_header_summary(found)}), so it is not from this job's round. {_fix_hint()}")
 
 
 def _check_length(path: str | os.PathLike, root: str | os.PathLike, length: int, vector_end: int,

@@ -80,15 +80,17 @@ def test_vector_of_wrong_length_rejected(tmp_path, read_path):
     store = EfsStore(tmp_path)
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0, n_params=10))
 
-    with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' \(header .*\) "
-                                              "does not hold 12 float64 values"):
+    with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' does not hold 12 "
+                                              r"float64 values \(its .npy header is \{'descr': '<f8', "
+                                              r"'fortran_order': False, 'shape': \(10,\), \}\)"):
         reduce_worker_results(store, "job", 0, 1, GRADIENT, 12, 0, 12)
     assert reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10).vector.tolist() == [1.0] * 10
 
 
 @pytest.mark.parametrize("written, problem", [
     (("other-job", 0, 0), "belongs to job_id 'other-job', round 1, worker 0, not to job_id 'job', round 1"),
-    (("job", 3, 0), "belongs to job_id 'job', round 4, worker 0, not to job_id 'job', round 1, worker 0"),
+    (("job", 3, 0), r"belongs to job_id 'job', round 4, worker 0, not to job_id 'job', round 1, worker 0 "
+                    r"\(round folders count from 0, rounds from 1\)"),
     (("job", 0, 5), "belongs to job_id 'job', round 1, worker 5, not to job_id 'job', round 1, worker 0"),
 ])
 def test_file_of_other_round_rejected(tmp_path, read_path, written, problem):
@@ -131,9 +133,19 @@ def test_empty_file_rejected(tmp_path, read_path, start, stop):
     store.round_dir("job", 0).mkdir(parents=True)
     store.result_path("job", 0, 0).write_bytes(b"")
 
-    with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' \(header b''\) "
-                                              "does not hold 10 float64 values"):
+    with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' does not hold 10 "
+                                              r"float64 values \(it is empty\)"):
         reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, start, stop)
+
+
+def test_foreign_bytes_rejected(tmp_path, read_path):
+    store = EfsStore(tmp_path)
+    store.round_dir("job", 0).mkdir(parents=True)
+    store.result_path("job", 0, 0).write_bytes(b"PK\x03\x04" + bytes(200))
+
+    with pytest.raises(ResultFileError, match=r"does not hold 10 float64 values \(it does not start with a .npy "
+                                              r"header\)"):
+        reduce_worker_results(store, "job", 0, 1, GRADIENT, 10, 0, 10)
 
 
 @pytest.mark.parametrize("extra", [b"x", b" ", b"{}"])
