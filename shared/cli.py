@@ -65,8 +65,9 @@ def _aws_error_message(error: Exception) -> str | None:
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         if code in ("ResourceNotFoundException", "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-            return (f"{error.response['Error'].get('Message', code)}; check --stage "
-                    "(a local stack started by `baton run` uses --stage local) and --region")
+            message = error.response["Error"].get("Message", code).rstrip(".")
+            return (f"{message}; check --stage (a local stack started by `baton run` uses --stage local), "
+                    "--queue-url if given, and --region")
         return f"AWS request failed: {code}: {error.response.get('Error', {}).get('Message', '')}"
     return None
 
@@ -251,7 +252,15 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
         click.echo(json.dumps(spec, indent=2))
         return
 
-    _check_job_id_free(spec, _stage_of_queue(queue_url) if queue_url else stage, endpoint_url, region)
+    table_stage = stage
+    if queue_url is not None:
+        if queue_url.rstrip("/").endswith("-dlq"):
+            raise click.ClickException(f"--queue-url {queue_url} is a dead-letter queue; send the job to the jobs "
+                                       "queue, baton-<stage>-jobs. Nothing was sent.")
+        # The queue's own stage names the table. For a queue of another name, an explicit --stage does.
+        explicit_stage = click.get_current_context().get_parameter_source("stage") != ParameterSource.DEFAULT
+        table_stage = _stage_of_queue(queue_url) or (stage if explicit_stage else None)
+    _check_job_id_free(spec, table_stage, endpoint_url, region)
     sqs = aws_client("sqs", endpoint_url=endpoint_url, region=region)
     if queue_url is None:
         queue_url = sqs.get_queue_url(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
@@ -277,8 +286,8 @@ def _check_job_id_free(spec: dict, stage: str | None, endpoint_url: str | None, 
 
     job_id = spec["job_id"]
     if stage is None:
-        click.echo(f"note: --queue-url names no baton-<stage>-jobs queue, so whether job id '{job_id}' is taken "
-                   "was not checked", err=True)
+        click.echo(f"note: --queue-url names no baton-<stage>-jobs queue and --stage was not given, so whether "
+                   f"job id '{job_id}' is taken was not checked", err=True)
         return
     try:
         existing = _store(stage, endpoint_url, region).get_job(job_id)

@@ -130,11 +130,16 @@ def _write_result_file(path: Path, identity: dict, vector: np.ndarray, scalars: 
 
 def _describe(identity: dict) -> str:
     """Name the job, round, worker or slice of a trailer, with the round counted from 1 as job errors count it."""
-    shown = dict(identity)
-    if isinstance(shown.get("round"), int):
-        shown["round"] = round_number(shown["round"])
-    names = ", ".join(f"{key} {shown[key]!r}" for key in ("job_id", "round", "worker", "slice") if key in shown)
-    return names or "no Baton job"
+    names = []
+    for key in ("job_id", "round", "worker", "slice"):
+        if key not in identity:
+            continue
+        value = identity[key]
+        if key == "round" and isinstance(value, int) and not isinstance(value, bool):
+            names.append(f"round {round_number(value)} (folder rounds/{value})")
+        else:
+            names.append(f"{key} {value!r}")
+    return ", ".join(names) or "no Baton job"
 
 
 def _efs_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
@@ -217,7 +222,7 @@ def _trailer_arrays(path: str | os.PathLike, root: str | os.PathLike, decoded: d
                               f"Baton. {_fix_hint()}") from None
     if identity != expected:
         raise ResultFileError(f"result file '{_efs_name(path, root)}' belongs to {_describe(identity)}, not to "
-                              f"{_describe(expected)} (round folders count from 0, rounds from 1). {_fix_hint()}")
+                              f"{_describe(expected)}. {_fix_hint()}")
     return arrays
 
 

@@ -236,6 +236,9 @@ def starter_failure_job_id(services: Services, body: str, message_id: str, job_i
     spec. That job must not be touched, so the failure goes under ``job-<message id>``,
     as a conflict does. Reads the job item once, so call it on failures only.
     """
+    if _preparation_step_message(body) is not None:
+        # A step of a preparation already under way belongs to the job that sent it.
+        return job_id
     existing = services.state.get_job(job_id)
     if existing is None or not existing.fingerprint:
         return job_id

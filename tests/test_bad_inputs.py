@@ -564,3 +564,29 @@ def test_nested_dead_letter_drained(stack):
 
     assert stack.state.get_job("next-in-line").status == "FAILED"
     assert message_id in stack.state.get_job("next-in-line").error
+
+
+def test_retried_preparation_step_fails_own_job(stack, monkeypatch, tmp_path):
+    # A preparation step message names its own job, not a spec: its last failure fails that job.
+    rule = {"step": "starter.prepared", "kind": "raise", "job_id": "stepped", "times": 1}
+    monkeypatch.setenv("BATON_FAULTS_ENABLED", "true")
+    monkeypatch.setenv("BATON_FAULTS", json.dumps([rule]))
+    monkeypatch.setenv("BATON_FAULTS_DIR", str(tmp_path / "faults"))
+    stepped = spec("stepped", data={**GOOD_CSV, "part_bytes": 16384})
+    assert invoke_starter(json.dumps(stepped), "0a0a0a0a-1b1b-2c2c-3d3d-4e4e4e4e4e4e")["batchItemFailures"] == []
+    url = stack.queues.url(stack.settings.jobs_queue_name)
+
+    failed_message_id = None
+    while failed_message_id is None:
+        message = stack.queues.client.receive_message(QueueUrl=url, MaxNumberOfMessages=1)["Messages"][0]
+        assert '"prepare"' in message["Body"]
+        stack.queues.client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        try:
+            invoke_starter(message["Body"], message["MessageId"], receive_count=5)
+        except BatchProcessingError:
+            failed_message_id = message["MessageId"]
+
+    record = stack.state.get_job("stepped")
+    assert record.status == "FAILED"
+    assert f"starter failed 5 times on message {failed_message_id}" in record.error
+    assert stack.state.get_job(f"job-{failed_message_id[:18]}") is None

@@ -395,3 +395,28 @@ def test_queue_url_of_other_name_not_checked(moto_endpoint):
     assert result.exit_code == 0, result.output
     assert "note: --queue-url names no baton-<stage>-jobs queue" in result.output
     assert [spec["job_id"] for spec in received_specs({"sqs": sqs, "url": queue_url})] == ["unchecked"]
+
+
+def test_queue_url_of_other_name_checks_given_stage(stage_with_table, moto_endpoint):
+    existing = a9a_spec_as_sent("taken")
+    stage_with_table["state"].create_job("taken", existing.fingerprint(), existing.canonical_json(), 4)
+    sqs = stage_with_table["jobs_queue"]["sqs"]
+    queue_url = sqs.create_queue(QueueName=f"my-jobs-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+
+    # stage_with_table's arguments name its stage explicitly.
+    result = submit(str(A9A_SPEC_FILE), "--job-id", "taken", "--queue-url", queue_url, *stage_with_table["arguments"])
+
+    assert result.exit_code == 1, result.output
+    assert "job taken already exists with this spec" in result.output
+    assert received_specs({"sqs": sqs, "url": queue_url}) == []
+
+
+def test_dead_letter_queue_url_refused(stage_with_table):
+    sqs = stage_with_table["jobs_queue"]["sqs"]
+    dlq_url = stage_with_table["jobs_queue"]["url"] + "-dlq"
+
+    result = submit(str(A9A_SPEC_FILE), "--job-id", "to-dlq", "--queue-url", dlq_url, *stage_with_table["arguments"])
+
+    assert result.exit_code == 1, result.output
+    assert "is a dead-letter queue; send the job to the jobs queue" in result.output
+    assert received_specs({"sqs": sqs, "url": dlq_url}) == []

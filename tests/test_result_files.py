@@ -88,10 +88,12 @@ def test_vector_of_wrong_length_rejected(tmp_path, read_path):
 
 
 @pytest.mark.parametrize("written, problem", [
-    (("other-job", 0, 0), "belongs to job_id 'other-job', round 1, worker 0, not to job_id 'job', round 1"),
-    (("job", 3, 0), r"belongs to job_id 'job', round 4, worker 0, not to job_id 'job', round 1, worker 0 "
-                    r"\(round folders count from 0, rounds from 1\)"),
-    (("job", 0, 5), "belongs to job_id 'job', round 1, worker 5, not to job_id 'job', round 1, worker 0"),
+    (("other-job", 0, 0), r"belongs to job_id 'other-job', round 1 \(folder rounds/0\), worker 0, not to job_id "
+                          r"'job', round 1 \(folder rounds/0\)"),
+    (("job", 3, 0), r"belongs to job_id 'job', round 4 \(folder rounds/3\), worker 0, not to job_id 'job', "
+                    r"round 1 \(folder rounds/0\), worker 0\."),
+    (("job", 0, 5), r"belongs to job_id 'job', round 1 \(folder rounds/0\), worker 5, not to job_id 'job', "
+                    r"round 1 \(folder rounds/0\), worker 0"),
 ])
 def test_file_of_other_round_rejected(tmp_path, read_path, written, problem):
     store = EfsStore(tmp_path)
@@ -166,8 +168,8 @@ def test_slice_of_foreign_file_rejected(tmp_path, read_path):
     write_worker_result(store, "job", 0, 1, GRADIENT, gradient_result(1.0, n_params=1000))
     os.replace(store.result_path("job", 0, 1), store.result_path("job", 0, 0))
 
-    with pytest.raises(ResultFileError, match="belongs to job_id 'job', round 1, worker 1, not to job_id 'job', "
-                                              "round 1, worker 0"):
+    with pytest.raises(ResultFileError, match=r"belongs to job_id 'job', round 1 \(folder rounds/0\), worker 1, not "
+                                              r"to job_id 'job', round 1 \(folder rounds/0\), worker 0"):
         reduce_worker_results(store, "job", 0, 1, GRADIENT, 1000, 600, 1000)
 
 
@@ -295,8 +297,9 @@ def test_reduced_slice_of_other_slice_rejected(tmp_path):
     os.replace(store.reduced_path("job", 2, 1), store.reduced_path("job", 2, 0))
     write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
 
-    with pytest.raises(ResultFileError, match="result file 'jobs/job/rounds/2/reduced-0.npy' belongs to job_id 'job', "
-                                              "round 3, slice 1, not to job_id 'job', round 3, slice 0"):
+    with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/2/reduced-0.npy' belongs to job_id "
+                                              r"'job', round 3 \(folder rounds/2\), slice 1, not to job_id 'job', "
+                                              r"round 3 \(folder rounds/2\), slice 0"):
         read_reduced_round(store, "job", 2, 2, 4)
 
 
