@@ -101,13 +101,13 @@ def test_status_shows_last_error_of_running_job(inprocess_stack, failing_worker)
     deliver_tasks(inprocess_stack)
     message_id = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]["message_id"]
 
-    shown = CliRunner().invoke(main, ["status", JOB_ID, "--stage", "test"])
+    status_result = CliRunner().invoke(main, ["status", JOB_ID, "--stage", "test"])
     as_json = CliRunner().invoke(main, ["status", JOB_ID, "--stage", "test", "--json"])
 
-    assert shown.exit_code == 0, shown.output
-    assert f"job {JOB_ID}: RUNNING" in shown.output
-    last_error_lines = [line for line in shown.output.splitlines() if line.strip().startswith("last_error")]
-    assert len(last_error_lines) == 1, shown.output
+    assert status_result.exit_code == 0, status_result.output
+    assert f"job {JOB_ID}: RUNNING" in status_result.output
+    last_error_lines = [line for line in status_result.output.splitlines() if line.strip().startswith("last_error")]
+    assert len(last_error_lines) == 1, status_result.output
     assert f"round 1: worker failed on message {message_id} (receive 1): {FAULT_TYPE}: {FAULT_TEXT}" in last_error_lines[0]
     assert as_json.exit_code == 0, as_json.output
     assert json.loads(as_json.output)["last_error"]["error_type"] == FAULT_TYPE
