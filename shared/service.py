@@ -53,7 +53,7 @@ from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_objec
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
                               write_reduced_slice, write_worker_result)
 from shared.spec import JobSpec, load_job_message, parse_job_spec
-from shared.state import RUNNING, StateStore, can_record_job
+from shared.state import RUNNING, JobRecord, StateStore, can_record_job
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
                              check_model_fits, check_stopping, get_training_mode, round_number)
 
@@ -229,6 +229,15 @@ def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
             "(for a local job, `baton run --fresh` deletes it)")
 
 
+def _job_created_from_spec(services: Services, job_id: str) -> JobRecord | None:
+    """Return the item of ``job_id`` if a valid spec created it, else None.
+
+    An item without a fingerprint only records the rejection of a spec sent under this id.
+    """
+    existing = services.state.get_job(job_id)
+    return existing if existing is not None and existing.fingerprint else None
+
+
 def starter_failure_job_id(services: Services, body: str, message_id: str, job_id: str) -> str:
     """Return the job id under which a failure of the starter on this message is recorded.
 
@@ -239,8 +248,8 @@ def starter_failure_job_id(services: Services, body: str, message_id: str, job_i
     if _preparation_step_message(body) is not None:
         # A step of a preparation already under way belongs to the job that sent it.
         return job_id
-    existing = services.state.get_job(job_id)
-    if existing is None or not existing.fingerprint:
+    existing = _job_created_from_spec(services, job_id)
+    if existing is None:
         return job_id
     rejected_id = f"job-{message_id[:18]}"
     try:
@@ -260,9 +269,8 @@ def _check_spec_error_spares_job(services: Services, body: str, error: JobSpecEr
     job_id = (body_object(body) or {}).get("job_id")
     if not can_record_job(job_id):
         return
-    existing = services.state.get_job(job_id)
-    # A job item without a fingerprint is an earlier rejection of a spec under this id.
-    if existing is None or not existing.fingerprint:
+    existing = _job_created_from_spec(services, job_id)
+    if existing is None:
         return
     raise JobConflictError(
         f"job id '{job_id}' belongs to an existing job (status {existing.status}), which is left as it is; "
