@@ -1,12 +1,12 @@
 """Check the planner's round model against local runs of the local runtime.
 
-The section first measures the local profile (shared/planner.py ``LocalProfile``). That is
-the latency of SQS and DynamoDB calls to moto's server on 127.0.0.1, atomic writes, reads
-and stats in a local folder, Baton's gradient code per row, and the runtime's overhead per
-invocation. It then predicts the time per round of several a9a jobs from that profile
-alone, runs them through ``LocalStack`` with one worker container per worker (as
-``baton run`` does), and compares. Last, it prints the planner's AWS scaling table, which
-docs/planner.md also contains.
+The section first measures the local profile (shared/planner.py ``LocalProfile``): atomic
+writes, reads and stats in a local folder, Baton's gradient code per row, and the runtime's
+overhead per invocation. It then runs several a9a jobs through ``LocalStack`` with one worker
+container per worker (as ``baton run`` does). Right before each job it measures the latency
+of SQS and DynamoDB calls on that job's own moto server, predicts the job's time per round
+from the profile alone, and compares the prediction with the job's rounds. Last, it prints
+the planner's AWS scaling table, which docs/planner.md also contains.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.common import PROJECT_ROOT, Goal, Section, markdown_table
 from shared import planner
-from shared.local.session import LocalStack, start_moto_server
+from shared.local.session import LocalStack
 
 A9A_FOLDER = PROJECT_ROOT / "examples" / "data" / "a9a"
 A9A_ROWS = 32561
@@ -73,16 +73,14 @@ def measure_invocation_overhead(stack: LocalStack, count: int) -> float:
 
 
 def measure_local_profile(work_dir: Path, quick: bool) -> planner.LocalProfile:
-    """Measure everything of the local profile except the invocation overhead (set to 0)."""
+    """Measure the local profile's compute and file costs.
+
+    The request latencies and the invocation overhead are left at 0: :func:`run_case`
+    measures them on each job's own stack.
+    """
     compute = planner.measure_compute_profile(quick=quick)
     files = planner.measure_file_costs(work_dir / "file-probe", quick=quick)
-    server, endpoint_url = start_moto_server(work_dir / "logs" / "moto-probe.log")
-    try:
-        request_seconds, service_seconds = planner.measure_request_seconds(endpoint_url, quick=quick)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    return planner.LocalProfile(request_seconds=request_seconds, request_service_seconds=service_seconds, cores=os.cpu_count() or 1,
+    return planner.LocalProfile(request_seconds=0.0, request_service_seconds=0.0, cores=os.cpu_count() or 1,
                                 invocation_overhead_seconds=0.0, compute=compute, **files)
 
 
@@ -106,6 +104,12 @@ def read_run_timings(metrics_dir: Path, workers: int) -> dict[str, float]:
     }
 
 
+def probe_range(values: list[float]) -> str:
+    """Return the median of ``values`` (seconds) in milliseconds, with their range."""
+    return (f"{statistics.median(values) * 1000:.2f} ms ({min(values) * 1000:.2f} to "
+            f"{max(values) * 1000:.2f})")
+
+
 def comparable_parts(estimate: planner.RoundEstimate, profile: planner.LocalProfile) -> tuple[float, float]:
     """Return the predicted parts of a round that the metrics files time.
 
@@ -123,15 +127,22 @@ def comparable_parts(estimate: planner.RoundEstimate, profile: planner.LocalProf
     return worker_task, aggregator_step
 
 
-def run_case(work_dir: Path, workers: int, batch_size: int, rounds: int, profile: planner.LocalProfile | None,
-             quick: bool, run_pass: int = 0) -> tuple[dict[str, float], planner.LocalProfile | None]:
-    """Run one a9a job locally; return its timings and the profile with the invocation overhead."""
+def run_case(work_dir: Path, workers: int, batch_size: int, rounds: int, profile: planner.LocalProfile,
+             quick: bool, run_pass: int = 0) -> tuple[dict[str, float], planner.LocalProfile]:
+    """Run one a9a job locally; return its timings and the profile measured on its stack.
+
+    The request latencies come from the job's own moto server, measured just before the
+    job starts, so the prediction uses costs measured under the load the job meets.
+    The invocation overhead is measured once, on the first stack.
+    """
     job_id = f"planner-{workers}w-{batch_size}b"
     efs_root = work_dir / f"efs-{workers}-{batch_size}-{run_pass}"
     with LocalStack(efs_root, concurrency={"worker": workers}) as stack:
-        if profile is not None and profile.invocation_overhead_seconds == 0.0:
+        if profile.invocation_overhead_seconds == 0.0:
             overhead = measure_invocation_overhead(stack, count=workers + (10 if quick else 30))
             profile = replace(profile, invocation_overhead_seconds=overhead)
+        request_seconds, service_seconds = planner.measure_request_seconds(stack.endpoint_url, quick=quick)
+        profile = replace(profile, request_seconds=request_seconds, request_service_seconds=service_seconds)
         stack.import_data(A9A_FOLDER, "datasets/a9a")
         stack.submit(a9a_spec(job_id, workers, batch_size, rounds))
         record = stack.wait(job_id, timeout_seconds=600)
@@ -150,35 +161,43 @@ def measure(quick: bool) -> Section:
         profile = measure_local_profile(work_dir, quick)
         # Every case runs once per pass, and the passes follow each other, so a busy spell
         # of the machine lands on one run of several cases rather than on every run of one.
-        runs: dict[tuple[int, int], list[dict[str, float]]] = {case: [] for case in cases}
+        runs: dict[tuple[int, int], list[tuple[dict[str, float], planner.LocalProfile]]] = {case: [] for case in cases}
         for run_pass in range(passes):
             for workers, batch_size in cases:
-                timings, calibrated = run_case(work_dir, workers, batch_size, rounds, profile, quick, run_pass)
-                profile = calibrated or profile
-                runs[(workers, batch_size)].append(timings)
+                timings, profile = run_case(work_dir, workers, batch_size, rounds, profile, quick, run_pass)
+                runs[(workers, batch_size)].append((timings, profile))
 
         rows = []
         errors = []
         worker_gaps = []
-        for (workers, batch_size), timings_per_run in runs.items():
-            timings = {key: statistics.median(run[key] for run in timings_per_run) for key in timings_per_run[0]}
-            estimate = planner.predict_local_round(a9a_workload(batch_size, rounds), workers, profile)
+        for (workers, batch_size), case_runs in runs.items():
+            # Each run is predicted from the profile measured on its own stack. The table
+            # shows medians over the runs, of the predictions and of the measurements.
+            workload = a9a_workload(batch_size, rounds)
+            estimates = [planner.predict_local_round(workload, workers, run_profile) for _, run_profile in case_runs]
+            parts = [comparable_parts(estimate, run_profile) for estimate, (_, run_profile) in zip(estimates, case_runs)]
+            predicted = statistics.median(estimate.seconds for estimate in estimates)
+            worker_task = statistics.median(part[0] for part in parts)
+            aggregator_step = statistics.median(part[1] for part in parts)
+            timings = {key: statistics.median(run[key] for run, _ in case_runs) for key in case_runs[0][0]}
             measured = timings["round_seconds"]
-            spread = [run["round_seconds"] * 1000 for run in timings_per_run]
-            error = estimate.seconds / measured - 1
+            spread = [run["round_seconds"] * 1000 for run, _ in case_runs]
+            error = predicted / measured - 1
             errors.append(abs(error))
-            worker_task, aggregator_step = comparable_parts(estimate, profile)
             worker_gaps.append(timings["worker_seconds"] - worker_task)
-            rows.append([workers, batch_size, f"{estimate.seconds * 1000:.0f}", f"{measured * 1000:.0f}",
+            rows.append([workers, batch_size, f"{predicted * 1000:.0f}", f"{measured * 1000:.0f}",
                          f"{min(spread):.0f} to {max(spread):.0f}", f"{error:+.0%}", f"{worker_task * 1000:.0f}",
                          f"{timings['worker_seconds'] * 1000:.0f}", f"{aggregator_step * 1000:.1f}",
                          f"{timings['aggregate_seconds'] * 1000:.1f}"])
+        probes = [run_profile for case_runs in runs.values() for _, run_profile in case_runs]
         load = os.getloadavg()[0]
 
     worst = max(errors)
     profile_rows = [
-        ["SQS or DynamoDB call to moto on 127.0.0.1, one client", f"{profile.request_seconds * 1000:.2f} ms"],
-        ["the same, wall time per call with 4 clients at once", f"{profile.request_service_seconds * 1000:.2f} ms"],
+        ["SQS or DynamoDB call to moto on 127.0.0.1, one client (runs' median and range)",
+         probe_range([probe.request_seconds for probe in probes])],
+        ["the same, wall time per call with 4 clients at once", probe_range([probe.request_service_seconds
+                                                                              for probe in probes])],
         ["atomic write step (a third of write, fsync, rename)", f"{profile.write_op_seconds * 1000:.3f} ms"],
         ["small file read", f"{profile.read_op_seconds * 1e6:.0f} µs"],
         ["write throughput with fsync", f"{profile.write_bytes_per_second / planner.MIB:.0f} MiB/s"],
@@ -191,10 +210,12 @@ def measure(quick: bool) -> Section:
     ]
     body = "\n".join([
         "The planner (shared/planner.py, docs/planner.md) predicts a round from per-operation costs. Here",
-        "those costs are measured on this machine first, then a9a jobs (logistic regression, momentum,",
+        "those costs are measured on this machine, then a9a jobs (logistic regression, momentum,",
         f"validation on the {A9A_VALIDATION_ROWS:,} test rows) run through the local runtime with one worker",
         f"container per worker, {rounds} rounds each; the first {WARMUP_ROUNDS} rounds are not timed. The",
-        "prediction uses only the measured profile, with no fitting to these runs.",
+        "request latencies are measured on each job's own moto server just before the job starts,",
+        "because they drift with the machine's load from one minute to the next. Each run is predicted",
+        "from its own measured profile alone, with no fitting to the runs.",
         "",
         markdown_table(["measured cost", "value"], profile_rows),
         "",
@@ -203,7 +224,7 @@ def measure(quick: bool) -> Section:
                        rows),
         "",
         f"Measured times are medians over the timed rounds of each run, then over {passes} run{'s' if passes > 1 else ''}"
-        " of each case; the range shows the runs' own medians. The worker task and the aggregator step are",
+        " of each case; the range shows the runs' own medians. Predictions are medians over the same runs. The worker task and the aggregator step are",
         "the parts that the metrics files time (`worker_seconds`, `aggregate_seconds`): the worker from its",
         "job check to before it records itself, the aggregator from after its batched read to before",
         "its cost accounting. A worker task measured longer than predicted means it waited for a core",

@@ -69,6 +69,16 @@ class JobContext:
     spec: JobSpec
     manifest: dict
     shards: dict
+    # The memory-mapped validation rows, once an aggregator has opened them.
+    validation: "datasets.Shard | None" = None
+    validation_loaded: bool = False
+
+    def load_validation(self, store: EfsStore, job_id: str) -> "datasets.Shard | None":
+        """Return the job's validation rows (None without any), opening them on first use."""
+        if not self.validation_loaded:
+            self.validation = datasets.load_validation(store, job_id, self.manifest)
+            self.validation_loaded = True
+        return self.validation
 
 
 class Services:
@@ -637,7 +647,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
 
     progress_path = _progress_path(store, job_id, round_index, None)
     progress, link = _load_aggregate_progress(store, progress_path, message.get("continuation"), message_id)
-    validation = datasets.load_validation(store, job_id, manifest)
+    validation = context.load_validation(store, job_id)
     n_chunks = 0 if validation is None else -(-validation.n_rows // VALIDATION_CHUNK_ROWS)
     progress.setdefault("partials", [])
     budget = InvocationBudget(remaining_millis, services.settings)

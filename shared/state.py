@@ -143,9 +143,22 @@ def _round_usage(item: dict) -> dict[str, float]:
     return {name: float(_from_attribute(item[name])) for name in item if name.startswith(("worker_", "reducer_"))}
 
 
-# Every metrics record has this key (``put_round_metrics``), so a round item with it
-# contains the round's metrics.
-METRICS_MARKER = "loss"
+# A round item stores the round's metrics in one map attribute (``put_round_metrics``).
+# A single SET clause took moto's server about half the time of fourteen (measured on the
+# local stack), and on DynamoDB the item costs the same either way.
+METRICS_ATTRIBUTE = "metrics"
+# Items written before the map held each metric as its own attribute, "loss" among them.
+LEGACY_METRICS_MARKER = "loss"
+
+
+def _round_metrics(item: dict) -> dict[str, Any] | None:
+    """Return the metrics stored on a round item, in either layout, or None if it has none."""
+    if METRICS_ATTRIBUTE in item:
+        return _from_attribute(item[METRICS_ATTRIBUTE])
+    if LEGACY_METRICS_MARKER in item:
+        return {name: _from_attribute(attribute) for name, attribute in item.items()
+                if name not in ("pk", "sk", "done", "reduced")}
+    return None
 
 
 @dataclass(frozen=True)
@@ -167,7 +180,7 @@ class RoundState:
         return cls(done=_from_attribute(item["done"]) if "done" in item else [],
                    reduced=_from_attribute(item["reduced"]) if "reduced" in item else [],
                    usage=_round_usage(item),
-                   has_metrics=METRICS_MARKER in item)
+                   has_metrics=METRICS_ATTRIBUTE in item or LEGACY_METRICS_MARKER in item)
 
 
 class StateStore:
@@ -371,15 +384,12 @@ class StateStore:
 
     def put_round_metrics(self, job_id: str, round_index: int, metrics: dict[str, float]) -> None:
         """Store round ``round_index``'s metrics on its round item; repeating it is harmless."""
-        names = {f"#m{i}": name for i, name in enumerate(metrics)}
-        values = {f":m{i}": _to_attribute(value) for i, value in enumerate(metrics.values())}
-        assignments = ", ".join(f"#m{i} = :m{i}" for i in range(len(metrics)))
         self.client.update_item(
             TableName=self.table_name,
             Key=_round_key(job_id, round_index),
-            UpdateExpression=f"SET {assignments}",
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
+            UpdateExpression="SET #metrics = :metrics",
+            ExpressionAttributeNames={"#metrics": METRICS_ATTRIBUTE},
+            ExpressionAttributeValues={":metrics": {"M": {name: _to_attribute(value) for name, value in metrics.items()}}},
         )
 
     def list_round_metrics(self, job_id: str, first_round: int = 0) -> list[dict[str, Any]]:
@@ -403,10 +413,9 @@ class StateStore:
         )
         for page in pages:
             for item in page["Items"]:
-                values = {name: _from_attribute(attribute) for name, attribute in item.items()}
-                if METRICS_MARKER in values:
-                    rounds.append({key: value for key, value in values.items()
-                                   if key not in ("pk", "sk", "done", "reduced")})
+                metrics = _round_metrics(item)
+                if metrics is not None:
+                    rounds.append(metrics)
         return sorted(rounds, key=lambda entry: entry["round"])
 
     def advance_round(self, job_id: str, from_round: int, summary: dict[str, Any]) -> bool:

@@ -66,6 +66,30 @@ def test_round_metrics_recorded(inprocess_stack, efs_root):
         assert 0.0 <= entry["validation_accuracy"] <= 1.0
     on_efs = json.loads((efs_root / "jobs" / "a9a-small" / "metrics" / "5.json").read_text())
     assert on_efs["validation_loss"] == pytest.approx(metrics[-1]["validation_loss"])
+    # The round item keeps the metrics in one map, apart from the workers' usage totals.
+    state = inprocess_stack.services.state
+    item = state.client.get_item(TableName=state.table_name,
+                                 Key={"pk": {"S": "JOB#a9a-small"}, "sk": {"S": "ROUND#00000004"}})["Item"]
+    assert set(item["metrics"]["M"]) == set(on_efs)
+    assert "loss" not in item
+
+
+def test_round_metrics_legacy_layout(inprocess_stack):
+    # Round items stored by an earlier release hold each metric as its own attribute.
+    state = inprocess_stack.services.state
+    state.client.put_item(TableName=state.table_name, Item={
+        "pk": {"S": "JOB#legacy"}, "sk": {"S": "ROUND#00000000"}, "done": {"NS": ["0", "1"]},
+        "worker_seconds": {"N": "0.25"}, "round": {"N": "1"}, "loss": {"N": "0.5"}, "train_loss": {"N": "0.625"}})
+    state.client.put_item(TableName=state.table_name, Item={
+        "pk": {"S": "JOB#legacy"}, "sk": {"S": "ROUND#00000001"}, "done": {"NS": ["0"]}})
+    state.put_round_metrics("legacy", 1, {"round": 2, "loss": 0.25, "train_loss": 0.375})
+
+    assert state.list_round_metrics("legacy") == [
+        {"worker_seconds": 0.25, "round": 1, "loss": 0.5, "train_loss": 0.625},
+        {"round": 2, "loss": 0.25, "train_loss": 0.375},
+    ]
+    assert state.get_job_and_round("legacy", 0)[1].has_metrics
+    assert state.get_job_and_round("legacy", 1)[1].has_metrics
 
 
 def test_duplicate_task_leaves_weights_unchanged(inprocess_stack, efs_root):
