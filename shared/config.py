@@ -38,8 +38,9 @@ class Settings:
     state_table_name : str
         DynamoDB table holding job and round state.
     allowed_data_roots : str
-        Comma-separated folders under ``efs_root`` that job data paths may point into.
-        Empty means anywhere under ``efs_root``.
+        Comma-separated folders under ``efs_root`` that job data paths may point into,
+        such as ``datasets,teams/vision``. Empty means any folder under ``efs_root`` but
+        ``jobs/``, which no data path may name.
     keep_checkpoints : int
         How many past rounds' folders are kept on EFS; older ones are pruned.
     faults_enabled : bool
@@ -63,8 +64,6 @@ class Settings:
     tasks_queue_name: str = "baton-dev-tasks"
     aggregate_queue_name: str = "baton-dev-aggregate"
     state_table_name: str = "baton-dev-state"
-    # NOTE: no code reads allowed_data_roots yet, so data paths may point anywhere under
-    # efs_root whatever it is set to (EfsStore.resolve_data_path enforces only the root).
     allowed_data_roots: str = ""
     keep_checkpoints: int = 3
     faults_enabled: bool = False
@@ -72,6 +71,26 @@ class Settings:
     max_steps_per_invocation: int = 0
     stall_seconds: float = 900.0
     watchdog_max_attempts: int = 3
+
+    def data_roots(self) -> tuple[str, ...]:
+        """Return the folders of ``allowed_data_roots``, without empty entries or slashes at the ends.
+
+        Raises
+        ------
+        BatonError
+            If a folder is absolute or contains ``..`` or ``.``.
+        """
+        roots = []
+        for entry in self.allowed_data_roots.split(","):
+            folder = entry.strip().strip("/")
+            if not entry.strip():
+                continue
+            if entry.strip().startswith("/") or any(part in ("", ".", "..") for part in folder.split("/")):
+                raise BatonError(
+                    f"invalid folder {entry.strip()!r} in ALLOWED_DATA_ROOTS {self.allowed_data_roots!r}: "
+                    "give folders relative to the EFS root, such as datasets, without '.', '..' or a leading '/'")
+            roots.append(folder)
+        return tuple(roots)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -99,10 +99,14 @@ class EfsStore:
     ----------
     root : str or Path
         Mount point of the file system (``/mnt/efs`` on Lambda, a folder locally).
+    data_roots : tuple of str, default=()
+        Folders under ``root`` that job specs may read data from; empty allows any folder
+        but ``jobs/``. See :meth:`resolve_data_path`.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, data_roots: tuple[str, ...] = ()):
         self.root = Path(root)
+        self.data_roots = tuple(data_roots)
 
     # Paths -------------------------------------------------------------------------------
 
@@ -151,8 +155,10 @@ class EfsStore:
         Raises
         ------
         DataError
-            If a symbolic link on the way leads outside the root, so a spec cannot make a
-            function read (and quote in its errors) a file of its own file system.
+            If the file, with its symbolic links resolved, lies outside the root, so a spec
+            cannot make a function read (and quote in its errors) a file of its own file
+            system. Also if it lies in ``jobs/``, the jobs' own state, or outside every
+            folder of ``data_roots`` when that is set.
         """
         path = self.root / relative
         if not self.is_under_root(path):
@@ -161,6 +167,16 @@ class EfsStore:
                 "under the EFS root, so copy the file under the EFS root and name the copy in the spec")
         # NOTE: the check and the later reads are separate system calls, so a link swapped
         # in between by someone who can write to the file system is not caught.
+        parts = Path(os.path.realpath(path)).relative_to(os.path.realpath(self.root)).parts
+        if parts[:1] == ("jobs",):
+            raise DataError(
+                f"{field} '{relative}' names a file in jobs/, where Baton keeps the state of every job; "
+                "copy the data to a folder outside jobs/ (such as datasets/) and name the copy in the spec")
+        if self.data_roots and not any(parts[:len(Path(root).parts)] == Path(root).parts for root in self.data_roots):
+            raise DataError(
+                f"{field} '{relative}' is outside the folders this stack reads data from "
+                f"({', '.join(self.data_roots)}, set by ALLOWED_DATA_ROOTS); move the file into one of them, "
+                "or have the stack's owner add its folder to the allowedDataRoots stage parameter")
         return path
 
     def is_under_root(self, path: Path) -> bool:

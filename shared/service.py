@@ -92,7 +92,7 @@ class Services:
 
     @cached_property
     def store(self) -> EfsStore:
-        store = EfsStore(self.settings.efs_root)
+        store = EfsStore(self.settings.efs_root, self.settings.data_roots())
         check_efs_writable(store.root)
         return store
 

@@ -22,7 +22,9 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from moto import mock_aws
 
 from functions import starter
+from shared.config import Settings
 from shared.control import drain_dead_letters, pause_job
+from shared.errors import BatonError
 from shared.handlers import logger as handler_logger
 from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
@@ -108,6 +110,9 @@ CASES = [
      "folder-link", ["data.path 'linked-folder/data.csv'", "outside the EFS root", "copy the file"]),
     ("validation-path-link-outside", json.dumps(spec("val-link", data={**GOOD_CSV, "validation_path": "links/data.csv"})),
      "val-link", ["data.validation_path 'links/data.csv'", "outside the EFS root", "copy the file"]),
+    # jobs/ contains every job's state, so no spec may read another job's files as data.
+    ("data-path-in-jobs-folder", json.dumps(spec("reads-jobs", data=csv_data("jobs/other-job/data.csv", skip_rows=1))),
+     "reads-jobs", ["data.path 'jobs/other-job/data.csv'", "state of every job", "outside jobs/"]),
     ("job-folder-link-outside", json.dumps(spec("linked-job")), "linked-job",
      ["job_id 'linked-job'", "jobs/linked-job", "outside the EFS root", "choose another job_id"]),
     ("missing-file", json.dumps(spec("file-missing", data=csv_data("datasets/nope.csv"))), "file-missing",
@@ -249,7 +254,8 @@ def write_links_outside(efs_root):
     (links / "passwd").symlink_to(outside / "passwd")
     (links / "data.csv").symlink_to(outside / "data.csv")
     (efs_root / "linked-folder").symlink_to(outside)
-    (efs_root / "jobs").mkdir(exist_ok=True)
+    (efs_root / "jobs" / "other-job").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BREAST_CANCER_CSV, efs_root / "jobs" / "other-job" / "data.csv")
     (efs_root / "jobs" / "linked-job").symlink_to(outside, target_is_directory=True)
     # A link that stays under the root is allowed.
     (efs_root / "datasets" / "alias.csv").symlink_to(efs_root / "datasets" / "breast_cancer.csv")
@@ -419,6 +425,37 @@ def test_link_under_root_is_read(stack):
     assert response["batchItemFailures"] == []
     record = stack.state.get_job("alias-job")
     assert record.status == "RUNNING", record.error
+
+
+def test_data_roots_limit_data_paths(stack):
+    stack.store.data_roots = ("teams/vision", "datasets")
+    allowed = deliver(json.dumps(spec("in-roots")), "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9")
+    stack.store.data_roots = ("teams/vision",)
+    rejected = deliver(json.dumps(spec("out-of-roots")), "f9e8d7c6-b5a4-9382-7160-5f4e3d2c1b0a")
+
+    assert allowed["batchItemFailures"] == []
+    assert stack.state.get_job("in-roots").status == "RUNNING"
+    assert rejected["batchItemFailures"] == []
+    record = stack.state.get_job("out-of-roots")
+    assert record.status == "FAILED"
+    assert "data.path 'datasets/breast_cancer.csv' is outside the folders this stack reads data from" in record.error
+    assert "(teams/vision, set by ALLOWED_DATA_ROOTS)" in record.error
+    assert "allowedDataRoots stage parameter" in record.error
+
+
+def test_data_roots_setting_parsed():
+    settings = Settings.from_env(environ={"ALLOWED_DATA_ROOTS": " datasets/ , teams/vision,, "})
+
+    assert settings.data_roots() == ("datasets", "teams/vision")
+    assert Settings.from_env(environ={}).data_roots() == ()
+
+
+@pytest.mark.parametrize("value", ["/mnt/efs/datasets", "datasets,../secrets", "teams//vision", "./datasets"])
+def test_data_roots_setting_rejected(value):
+    settings = Settings.from_env(environ={"ALLOWED_DATA_ROOTS": value})
+
+    with pytest.raises(BatonError, match="in ALLOWED_DATA_ROOTS .*relative to the EFS root"):
+        settings.data_roots()
 
 
 def test_outside_file_left_untouched(stack):
