@@ -78,19 +78,28 @@ def _message_ids(body: str) -> dict[str, Any]:
     return {key: message[key] for key in ("job_id", "round", "worker", "reduce") if key in message}
 
 
-def _record_retried_error(services: Services, function_name: str, record: SQSRecord, ids: dict[str, Any],
-                          receive_count: int, error: Exception) -> None:
-    """Store ``error`` as the job's ``last_error``, logging a failure to store it instead of raising.
+def silent_end_text(function_name: str) -> str:
+    """Return the error recorded for a receive of ``function_name`` that ended without reporting one."""
+    return (f"the receive ended without reporting an error, so the invocation most likely timed out, ran out of "
+            f"memory or was throttled before it ran. Search the {function_name} function's log for the message "
+            f"id: 'Task timed out' calls for a larger {function_name}Timeout stage parameter, and 'Runtime "
+            f"exited' for a larger {function_name}Memory")
 
-    A failure here must not replace the step's error, which the caller re-raises so that
-    the record is retried.
+
+def _record_last_error(services: Services, function_name: str, record: SQSRecord, ids: dict[str, Any],
+                       receive_count: int, error_type: str, error_text: str,
+                       unless_recorded_since: int | None = None) -> bool:
+    """Store an error of receive ``receive_count`` as the job's ``last_error``; return whether it was stored.
+
+    A failure to store it is logged, not raised: it must not replace the step's error,
+    which the caller re-raises so that the record is retried.
     """
     last_error: dict[str, Any] = {
         "function": function_name,
         "message_id": record.message_id,
         "receive_count": receive_count,
-        "error_type": type(error).__name__,
-        "error": str(error)[:MAX_LAST_ERROR_CHARS],
+        "error_type": error_type,
+        "error": error_text[:MAX_LAST_ERROR_CHARS],
         "recorded_at": time.time(),
     }
     # The ids come from the message body, which may be malformed: keep only integers.
@@ -99,11 +108,35 @@ def _record_retried_error(services: Services, function_name: str, record: SQSRec
         if isinstance(value, int) and not isinstance(value, bool):
             last_error[key] = value
     try:
-        if not services.state.record_last_error(ids["job_id"], last_error):
-            logger.info("error not recorded on the job item, which is missing or finished")
+        stored = services.state.record_last_error(ids["job_id"], last_error, unless_recorded_since)
     except Exception as record_error:
         logger.warning("could not record the error on the job item",
                        extra={"record_error": f"{type(record_error).__name__}: {record_error}"})
+        return False
+    if not stored and unless_recorded_since is None:
+        logger.info("error not recorded on the job item, which is missing or finished")
+    return stored
+
+
+def _record_silent_receive(services: Services, function_name: str, record: SQSRecord, ids: dict[str, Any],
+                           receive_count: int) -> None:
+    """Record that the previous receive of a redelivered message ended without an error.
+
+    Every retried error is stored when it happens, so a message received again whose
+    previous receive left no error on the job item ended in a way no handler can catch: a
+    timeout, an out-of-memory kill, a crash of the process or a throttle.
+    """
+    previous = receive_count - 1
+    if function_name == "starter":
+        job_id = _starter_failure_job_id(services, record, ids["job_id"])
+        if job_id is None:
+            return
+        ids = {**ids, "job_id": job_id}
+    text = silent_end_text(function_name)
+    if _record_last_error(services, function_name, record, ids, previous, "NoErrorReported", text,
+                          unless_recorded_since=previous):
+        logger.warning("the previous receive of this message ended without reporting an error; recorded it as "
+                       "the job's last_error", extra={"receive_count": receive_count})
 
 
 def _starter_failure_job_id(services: Services, record: SQSRecord, job_id: str) -> str | None:
@@ -150,6 +183,9 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         logger.append_keys(function=function_name, message_id=record.message_id, **ids)
         job_id = ids.get("job_id")
         remaining_millis = getattr(context, "get_remaining_time_in_millis", None)
+        receive_count = int(record.attributes.approximate_receive_count or 1)
+        if receive_count > 1 and isinstance(job_id, str) and can_record_job(job_id):
+            _record_silent_receive(services, function_name, record, ids, receive_count)
         try:
             step(services, record, Invocation(record.message_id, remaining_millis))
         except StaleMessageError as error:
@@ -168,7 +204,6 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
             if job_id is not None:
                 services.state.fail_job(job_id, str(error))
         except Exception as error:
-            receive_count = int(record.attributes.approximate_receive_count or 1)
             logger.exception("record failed; it will be retried", extra={"receive_count": receive_count})
             if function_name == "starter" and job_id is not None:
                 job_id = _starter_failure_job_id(services, record, job_id)
@@ -178,7 +213,8 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
                     job_id, f"{function_name} failed {receive_count} times on message {record.message_id}: "
                             f"{type(error).__name__}: {error}; the message is now in the dead-letter queue")
             elif job_id is not None:
-                _record_retried_error(services, function_name, record, ids, receive_count, error)
+                _record_last_error(services, function_name, record, ids, receive_count, type(error).__name__,
+                                   str(error))
             raise
         finally:
             logger.remove_keys(["function", "message_id", "job_id", "round", "worker", "reduce"])

@@ -466,7 +466,7 @@ class StateStore:
             raise
         return True
 
-    def record_last_error(self, job_id: str, last_error: dict[str, Any]) -> bool:
+    def record_last_error(self, job_id: str, last_error: dict[str, Any], unless_recorded_since: int | None = None) -> bool:
         """Store ``last_error`` as the job item's ``last_error`` map, without changing the status.
 
         Handlers call this on a failed receive that SQS will retry, so the error is on the
@@ -479,27 +479,37 @@ class StateStore:
         last_error : dict
             Strings and numbers only, for example ``function``, ``message_id``,
             ``receive_count``, ``error_type``, ``error`` and ``recorded_at``.
+        unless_recorded_since : int, optional
+            Keep an error already stored for the same ``message_id`` from this receive or
+            a later one: then nothing is written.
 
         Returns
         -------
         bool
-            False when the job has no item, or has succeeded, failed or been cancelled:
-            then nothing is written.
+            False when the job has no item, or has succeeded, failed or been cancelled, or
+            keeps its error under ``unless_recorded_since``: then nothing is written.
         """
+        condition = "attribute_exists(#status) AND NOT #status IN (:succeeded, :failed, :cancelled)"
+        values = {
+            ":last_error": {"M": {name: _to_attribute(value) for name, value in last_error.items()}},
+            ":succeeded": {"S": SUCCEEDED},
+            ":failed": {"S": FAILED},
+            ":cancelled": {"S": CANCELLED},
+        }
+        if unless_recorded_since is not None:
+            condition += (" AND (attribute_not_exists(last_error) OR last_error.message_id <> :message_id"
+                          " OR last_error.receive_count < :since)")
+            values[":message_id"] = _to_attribute(last_error["message_id"])
+            values[":since"] = _to_attribute(unless_recorded_since)
         try:
             self.client.update_item(
                 TableName=self.table_name,
                 Key=_job_key(job_id),
                 UpdateExpression="SET last_error = :last_error",
                 # attribute_exists keeps the update from creating an item without a status.
-                ConditionExpression="attribute_exists(#status) AND NOT #status IN (:succeeded, :failed, :cancelled)",
+                ConditionExpression=condition,
                 ExpressionAttributeNames={"#status": "status"},
-                ExpressionAttributeValues={
-                    ":last_error": {"M": {name: _to_attribute(value) for name, value in last_error.items()}},
-                    ":succeeded": {"S": SUCCEEDED},
-                    ":failed": {"S": FAILED},
-                    ":cancelled": {"S": CANCELLED},
-                },
+                ExpressionAttributeValues=values,
             )
         except ClientError as error:
             if _is_condition_failure(error):

@@ -627,3 +627,29 @@ def test_retried_preparation_step_fails_own_job(stack, monkeypatch, tmp_path):
     assert record.status == "FAILED"
     assert f"starter failed 5 times on message {failed_message_id}" in record.error
     assert stack.state.get_job(f"job-{failed_message_id[:18]}") is None
+
+
+def test_redelivered_job_message_records_silent_receive(stack):
+    start_running_job(stack)
+    message_id = "11111111-2222-3333-4444-555555555555"
+
+    # The same job message again, on its second receive: the first ended with no error stored.
+    response = invoke_starter(json.dumps(spec("running-job")), message_id, receive_count=2)
+
+    assert response["batchItemFailures"] == []
+    last_error = stack.state.get_job("running-job").attributes["last_error"]
+    assert last_error["function"] == "starter"
+    assert last_error["message_id"] == message_id
+    assert last_error["receive_count"] == 1
+    assert "a larger starterTimeout stage parameter" in last_error["error"]
+
+
+def test_redelivered_conflict_spares_running_job(stack):
+    start_running_job(stack)
+    message_id = "2b2b2b2b-3c3c-4d4d-5e5e-6f6f6f6f6f6f"
+
+    response = invoke_starter(json.dumps(with_training("running-job", n_workers=3)), message_id, receive_count=2)
+
+    assert response["batchItemFailures"] == []
+    assert "last_error" not in stack.state.get_job("running-job").attributes
+    assert stack.state.get_job(f"job-{message_id[:18]}").status == "FAILED"

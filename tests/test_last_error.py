@@ -274,3 +274,76 @@ def test_record_failure_logged_not_raised(inprocess_stack, caplog):
     warnings = [record for record in caplog.records if record.getMessage() == "could not record the error on the job item"]
     assert len(warnings) == 1
     assert "ResourceNotFoundException" in warnings[0].record_error
+
+
+def lose_one_receive(stack) -> str:
+    """Receive the one visible task without running the handler, as a timed-out invocation would, and let it come back.
+
+    Returns the message id.
+    """
+    url = stack.queue_urls["TasksQueue"]
+    messages = stack.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    assert len(messages) == 1
+    stack.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=messages[0]["ReceiptHandle"], VisibilityTimeout=0)
+    return messages[0]["MessageId"]
+
+
+def start_job(stack, n_workers: int = 1) -> None:
+    stack.submit(a9a_spec(n_workers=n_workers))
+    while stack.services.state.get_job(JOB_ID) is None or stack.services.state.get_job(JOB_ID).status != RUNNING:
+        assert stack.step("JobsQueue") is not None
+
+
+def fail_worker_once(monkeypatch, tmp_path, worker: int) -> None:
+    rule = {"step": "worker.before_read", "kind": "raise", "worker": worker, "times": 1}
+    monkeypatch.setenv("BATON_FAULTS_ENABLED", "true")
+    monkeypatch.setenv("BATON_FAULTS", json.dumps([rule]))
+    monkeypatch.setenv("BATON_FAULTS_DIR", str(tmp_path / "faults"))
+
+
+def test_silent_receive_recorded_on_next(inprocess_stack):
+    start_job(inprocess_stack)
+    message_id = lose_one_receive(inprocess_stack)
+
+    assert deliver_tasks(inprocess_stack) == []
+
+    assert inprocess_stack.step("AggregateQueue") is not None
+    record = inprocess_stack.services.state.get_job(JOB_ID)
+    assert record.status == RUNNING
+    assert record.round == 1, "the redelivered task completed round 1"
+    last_error = record.attributes["last_error"]
+    assert last_error["message_id"] == message_id
+    assert last_error["receive_count"] == 1
+    assert last_error["error_type"] == "NoErrorReported"
+    assert last_error["function"] == "worker"
+    assert last_error["worker"] == 0
+    assert "most likely timed out, ran out of memory or was throttled" in last_error["error"]
+    assert "'Task timed out' calls for a larger workerTimeout stage parameter" in last_error["error"]
+
+
+def test_recorded_error_kept_on_next_receive(inprocess_stack, monkeypatch, tmp_path):
+    fail_worker_once(monkeypatch, tmp_path, worker=LOST_WORKER)
+    start_job(inprocess_stack, n_workers=4)
+
+    failed = deliver_tasks(inprocess_stack)
+
+    # Receive 1 failed and receive 2 succeeded: receive 1's error stays.
+    assert [delivery.body["worker"] for delivery in failed] == [LOST_WORKER]
+    last_error = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]
+    assert last_error["error_type"] == FAULT_TYPE
+    assert last_error["receive_count"] == 1
+
+
+def test_silent_receive_after_recorded_error(inprocess_stack, monkeypatch, tmp_path):
+    fail_worker_once(monkeypatch, tmp_path, worker=0)
+    start_job(inprocess_stack)
+    assert inprocess_stack.step("TasksQueue").failed
+    # Receive 2 ends silently, and receive 3 succeeds.
+    message_id = lose_one_receive(inprocess_stack)
+
+    assert deliver_tasks(inprocess_stack) == []
+
+    last_error = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]
+    assert last_error["message_id"] == message_id
+    assert last_error["error_type"] == "NoErrorReported"
+    assert last_error["receive_count"] == 2
