@@ -136,7 +136,9 @@ class RoundFollower:
 def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: int = 10) -> dict[str, str]:
     """Return the fields a progress bar shows after the bar, from the job and its rounds.
 
-    ``s/round`` is the mean ``round_seconds`` of the last ``recent`` rounds.
+    ``s/round`` is the mean ``round_seconds`` of the last ``recent`` rounds, and ``eta``
+    that mean times the rounds left. A round's time starts when the job last moved on,
+    resume included, so a pause does not stretch the estimate.
     """
     postfix: dict[str, str] = {"status": record.status}
     if rounds:
@@ -151,9 +153,24 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
         if durations:
             postfix["s/round"] = f"{sum(durations) / len(durations):.2f}"
     if record.total_rounds:
-        postfix["left"] = str(max(0, record.total_rounds - len(rounds)))
+        left = max(0, record.total_rounds - len(rounds))
+        postfix["left"] = str(left)
+        if "s/round" in postfix and record.status not in TERMINAL_STATUSES:
+            postfix["eta"] = format_duration(float(postfix["s/round"]) * left)
     postfix["cost"] = f"${float(record.attributes.get('cost_usd', 0.0)):.6f}"
     return postfix
+
+
+def format_duration(seconds: float) -> str:
+    """Return ``seconds`` as H:MM:SS, or M:SS under an hour."""
+    minutes, second = divmod(int(round(seconds)), 60)
+    hours, minute = divmod(minutes, 60)
+    return f"{hours}:{minute:02d}:{second:02d}" if hours else f"{minute}:{second:02d}"
+
+
+# tqdm's own estimate divides the rounds done by the time since watch started, so it grows
+# while a job is paused: the bar shows the elapsed time only, and the postfix the estimate.
+WATCH_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
 def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, timeout_seconds: float | None = None,
@@ -188,7 +205,7 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
         record, _ = follower.poll()
 
     bar = tqdm(total=record.total_rounds or None, initial=len(follower.rounds), desc=job_id, unit="round",
-               file=stream, dynamic_ncols=True)
+               file=stream, dynamic_ncols=True, bar_format=WATCH_BAR_FORMAT)
     paused_noted = False
     try:
         while True:

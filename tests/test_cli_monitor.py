@@ -313,3 +313,21 @@ def test_watch_notes_paused_job_once(finished_job):
     assert record.status == "CANCELLED"
     assert stream.getvalue().count("job 'paused-watch' is PAUSED") == 1
     assert "`baton resume paused-watch` continues it" in stream.getvalue()
+
+
+def test_watch_estimate_uses_round_times():
+    from shared.monitor import format_duration, progress_postfix
+    from shared.state import JobRecord
+
+    rounds = [{"round": index + 1, "round_seconds": seconds} for index, seconds in enumerate([90.0, 30.0, 30.0])]
+
+    def record(status: str) -> JobRecord:
+        return JobRecord(job_id=JOB_ID, status=status, round=3, n_workers=2, total_rounds=103, fingerprint="",
+                         spec_json="{}", error=None, attributes={"cost_usd": 0.5})
+
+    # 50 s per round over the last rounds, 100 rounds left.
+    assert progress_postfix(record("RUNNING"), rounds)["eta"] == "1:23:20"
+    assert progress_postfix(record("PAUSED"), rounds)["eta"] == "1:23:20"
+    assert "eta" not in progress_postfix(record("CANCELLED"), rounds)
+    assert format_duration(59.6) == "1:00"
+    assert format_duration(3600) == "1:00:00"
