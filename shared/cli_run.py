@@ -117,11 +117,19 @@ def job_outcome_line(record: JobRecord) -> str:
 
 
 def stops_with_stack_line(records: list[JobRecord], jobs_dir: Path) -> str:
-    """Return one line naming jobs that stop with the stack, with their status and rounds, and where their files are."""
+    """Return one line naming jobs that stop with the stack: status, rounds, where their files are, how to rerun one.
+
+    A stopped stack takes its queues and table along, so a job cannot be resumed, only
+    trained again from round 1 on its saved spec, which reuses the prepared data.
+    """
     names = ", ".join(f"{record.job_id} ({record.status}, {_rounds_done(record)})" for record in records)
+    local_dir = jobs_dir.parent.parent
     if len(records) == 1:
-        return f"job {names} stops with the stack; its files remain in {jobs_dir / records[0].job_id}"
-    return f"jobs {names} stop with the stack; their files remain in {jobs_dir}"
+        job_dir = jobs_dir / records[0].job_id
+        return (f"job {names} stops with the stack; its files remain in {job_dir}, and "
+                f"`baton run {job_dir / 'spec.json'} --local-dir {local_dir}` trains it again from round 1")
+    return (f"jobs {names} stop with the stack; their files remain in {jobs_dir}, and "
+            f"`baton run {jobs_dir}/<job_id>/spec.json --local-dir {local_dir}` trains one again from round 1")
 
 
 # Waiting for the other jobs ----------------------------------------------------------------

@@ -157,7 +157,8 @@ def test_run_waits_for_other_jobs(tmp_path, start_run):
     assert "Ctrl-C stops them" in announced
     assert re.search(r"^job other CANCELLED after \d+ of \d+ rounds$", output, re.MULTILINE), output
     assert re.search(r"^not waited for: job paused \(PAUSED, \d+ of \d+ rounds done\) stops with the stack; "
-                     r"its files remain in .*/efs/jobs/paused$", output, re.MULTILINE), output
+                     r"its files remain in .*/efs/jobs/paused, and `baton run .*/efs/jobs/paused/spec.json "
+                     r"--local-dir .*` trains it again from round 1$", output, re.MULTILINE), output
     for noise in NOISE:
         assert noise not in output
 
@@ -201,8 +202,13 @@ def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
 
     assert exit_status == 130, output
     assert "interrupted: job host" not in output
-    assert re.search(r"^interrupted: job other \(RUNNING, \d+ of \d+ rounds done\) stops with the stack; "
-                     r"its files remain in .*/efs/jobs/other$", output, re.MULTILINE), output
+    rerun = re.search(r"^interrupted: job other \(RUNNING, \d+ of \d+ rounds done\) stops with the stack; "
+                      r"its files remain in .*/efs/jobs/other, and `baton run (.*) --local-dir (.*)` trains it "
+                      r"again from round 1$", output, re.MULTILINE)
+    assert rerun, output
+    assert Path(rerun.group(1)) == tmp_path / "baton" / "efs" / "jobs" / "other" / "spec.json"
+    assert Path(rerun.group(2)) == tmp_path / "baton"
+    assert json.loads(Path(rerun.group(1)).read_text())["job_id"] == "other"
     for noise in NOISE:
         assert noise not in output
     assert running_processes(host.children) == []
