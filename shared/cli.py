@@ -485,6 +485,20 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
     """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
     from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
 
+    # The output is checked first, so a typo in it costs no read of the table.
+    # click turns an empty --output into the path ".".
+    if output_path is not None and (not str(output_path).strip() or output_path.name in ("", ".", "..")):
+        raise click.ClickException(f"--output {str(output_path)!r} names no file; give a PNG file name such as "
+                                   "curves.png")
+    output_path = output_path or Path(f"{job_id}.png")
+    if output_path.suffix.lower() != ".png":
+        raise click.ClickException(f"--output {output_path}: baton plot writes a PNG image; give the file a .png "
+                                   "extension")
+    existing_folder = next(parent for parent in output_path.absolute().parents if parent.exists())
+    if not existing_folder.is_dir():
+        raise click.ClickException(f"cannot write the plot to {output_path}: {existing_folder} is a file, not a "
+                                   "folder; choose another --output")
+
     if efs_root is not None:
         try:
             rounds = read_metrics_files(efs_root, job_id)
@@ -496,14 +510,6 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
         record = _require_job(store, job_id)
         rounds = store.list_round_metrics(job_id)
         title = f"{job_id} ({record.status}, {len(rounds)} rounds)"
-    output_path = output_path or Path(f"{job_id}.png")
-    if output_path.suffix.lower() != ".png":
-        raise click.ClickException(f"--output {output_path}: baton plot writes a PNG image; give the file a .png "
-                                   "extension")
-    existing_folder = next(parent for parent in output_path.absolute().parents if parent.exists())
-    if not existing_folder.is_dir():
-        raise click.ClickException(f"cannot write the plot to {output_path}: {existing_folder} is a file, not a "
-                                   "folder; choose another --output")
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         plot_job(rounds, output_path, title=title, width_inches=width_inches, height_inches=height_inches, dpi=dpi)

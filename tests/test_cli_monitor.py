@@ -190,6 +190,17 @@ def test_plot_refuses_other_format(finished_job, tmp_path):
     assert not output.exists()
 
 
+@pytest.mark.parametrize("output", ["", "out/.."])
+def test_plot_output_without_file_name(output):
+    # The output is checked before the stack is read, so this unreachable endpoint is never called.
+    result = CliRunner().invoke(main, ["plot", JOB_ID, "--stage", "local", "--endpoint-url", "http://127.0.0.1:9",
+                                       "--output", output])
+
+    assert result.exit_code == 1
+    assert "names no file; give a PNG file name such as curves.png" in result.output
+    assert "cannot reach" not in result.output
+
+
 def test_list_and_status_show_job(finished_job):
     listed = CliRunner().invoke(main, ["list", *finished_job["arguments"]])
     assert listed.exit_code == 0, listed.output
