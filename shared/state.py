@@ -252,25 +252,18 @@ class StateStore:
 
     def start_job(self, job_id: str, total_rounds: int) -> bool:
         """Move the job from PREPARING to RUNNING at round 0; False if it had already moved."""
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=_job_key(job_id),
-                UpdateExpression="SET #status = :running, total_rounds = :total, updated_at = :now",
-                ConditionExpression="#status = :preparing",
-                ExpressionAttributeNames={"#status": "status"},
-                ExpressionAttributeValues={
-                    ":running": {"S": RUNNING},
-                    ":preparing": {"S": PREPARING},
-                    ":total": {"N": str(total_rounds)},
-                    ":now": {"N": repr(time.time())},
-                },
-            )
-        except ClientError as error:
-            if _is_condition_failure(error):
-                return False
-            raise
-        return True
+        return self._update_if(
+            _job_key(job_id),
+            UpdateExpression="SET #status = :running, total_rounds = :total, updated_at = :now",
+            ConditionExpression="#status = :preparing",
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues={
+                ":running": {"S": RUNNING},
+                ":preparing": {"S": PREPARING},
+                ":total": {"N": str(total_rounds)},
+                ":now": {"N": repr(time.time())},
+            },
+        )
 
     def record_worker_done(self, job_id: str, round_index: int, worker: int,
                            usage: dict[str, float] | None = None) -> tuple[bool, list[int]]:
@@ -441,30 +434,23 @@ class StateStore:
         Creates the item when the job never got one, for example when its spec was
         rejected. Returns False if the job had already succeeded, failed or been cancelled.
         """
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=_job_key(job_id),
-                UpdateExpression=(
-                    "SET #status = :failed, #error = :message, updated_at = :now, "
-                    "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero)"),
-                ConditionExpression=(
-                    "attribute_not_exists(#status) OR NOT #status IN (:succeeded, :failed, :cancelled)"),
-                ExpressionAttributeNames={"#status": "status", "#error": "error", "#round": "round"},
-                ExpressionAttributeValues={
-                    ":failed": {"S": FAILED},
-                    ":succeeded": {"S": SUCCEEDED},
-                    ":cancelled": {"S": CANCELLED},
-                    ":message": {"S": message},
-                    ":now": {"N": repr(time.time())},
-                    ":zero": {"N": "0"},
-                },
-            )
-        except ClientError as error:
-            if _is_condition_failure(error):
-                return False
-            raise
-        return True
+        return self._update_if(
+            _job_key(job_id),
+            UpdateExpression=(
+                "SET #status = :failed, #error = :message, updated_at = :now, "
+                "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero)"),
+            ConditionExpression=(
+                "attribute_not_exists(#status) OR NOT #status IN (:succeeded, :failed, :cancelled)"),
+            ExpressionAttributeNames={"#status": "status", "#error": "error", "#round": "round"},
+            ExpressionAttributeValues={
+                ":failed": {"S": FAILED},
+                ":succeeded": {"S": SUCCEEDED},
+                ":cancelled": {"S": CANCELLED},
+                ":message": {"S": message},
+                ":now": {"N": repr(time.time())},
+                ":zero": {"N": "0"},
+            },
+        )
 
     def record_last_error(self, job_id: str, last_error: dict[str, Any], unless_recorded_since: int | None = None) -> bool:
         """Store ``last_error`` as the job item's ``last_error`` map, without changing the status.
@@ -501,21 +487,14 @@ class StateStore:
                           " OR last_error.receive_count < :since)")
             values[":message_id"] = _to_attribute(last_error["message_id"])
             values[":since"] = _to_attribute(unless_recorded_since)
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=_job_key(job_id),
-                UpdateExpression="SET last_error = :last_error",
-                # attribute_exists keeps the update from creating an item without a status.
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#status": "status"},
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as error:
-            if _is_condition_failure(error):
-                return False
-            raise
-        return True
+        return self._update_if(
+            _job_key(job_id),
+            UpdateExpression="SET last_error = :last_error",
+            # attribute_exists keeps the update from creating an item without a status.
+            ConditionExpression=condition,
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=values,
+        )
 
     def record_progress(self, job_id: str, round_index: int) -> None:
         """Stamp round ``round_index`` with the current time; the watchdog reads it."""
@@ -573,20 +552,13 @@ class StateStore:
             # The handler errors recorded before the job failed or paused belong to the old run.
             expression += " REMOVE #error, last_error"
             names["#error"] = "error"
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=_job_key(job_id),
-                UpdateExpression=expression,
-                ConditionExpression=f"#status IN ({', '.join(f':from{i}' for i in range(len(from_statuses)))})",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as error:
-            if _is_condition_failure(error):
-                return False
-            raise
-        return True
+        return self._update_if(
+            _job_key(job_id),
+            UpdateExpression=expression,
+            ConditionExpression=f"#status IN ({', '.join(f':from{i}' for i in range(len(from_statuses)))})",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
 
     def list_jobs(self) -> list[JobRecord]:
         """Return every job item. Scans the table, so meant for the CLI, not for handlers."""
@@ -601,6 +573,16 @@ class StateStore:
             jobs.extend(JobRecord.from_item(item) for item in page["Items"])
         return sorted(jobs, key=lambda job: job.attributes.get("created_at", 0))
 
+    def _update_if(self, key: dict, **request: Any) -> bool:
+        """Run one conditional UpdateItem on ``key``; return False when its condition fails."""
+        try:
+            self.client.update_item(TableName=self.table_name, Key=key, **request)
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return False
+            raise
+        return True
+
     def _conditional_job_update(self, job_id: str, from_round: int, sets: dict[str, Any]) -> bool:
         names = {"#status": "status", "#round": "round"}
         values = {":running": {"S": RUNNING}, ":from_round": {"N": str(from_round)}}
@@ -609,21 +591,14 @@ class StateStore:
             names[f"#s{index}"] = name
             values[f":s{index}"] = _to_attribute(value)
             assignments.append(f"#s{index} = :s{index}")
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=_job_key(job_id),
-                UpdateExpression="SET " + ", ".join(assignments),
-                # Only a running job at exactly this round may move on.
-                ConditionExpression="#status = :running AND #round = :from_round",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as error:
-            if _is_condition_failure(error):
-                return False
-            raise
-        return True
+        return self._update_if(
+            _job_key(job_id),
+            UpdateExpression="SET " + ", ".join(assignments),
+            # Only a running job at exactly this round may move on.
+            ConditionExpression="#status = :running AND #round = :from_round",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
 
 
 def spec_from_record(record: JobRecord) -> dict:
