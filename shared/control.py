@@ -140,7 +140,9 @@ def drain_dead_letters(services: Services) -> int:
     """
     settings, state, sqs = services.settings, services.state, services.queues.client
     handled = 0
-    for queue_name in (settings.jobs_queue_name, settings.tasks_queue_name, settings.aggregate_queue_name):
+    functions = {settings.jobs_queue_name: "starter", settings.tasks_queue_name: "worker",
+                 settings.aggregate_queue_name: "aggregator"}
+    for queue_name, function_name in functions.items():
         url = services.queues.url(f"{queue_name}-dlq")
         for _ in range(MAX_DEAD_LETTERS_PER_RUN // 10):
             messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
@@ -160,7 +162,8 @@ def drain_dead_letters(services: Services) -> int:
                     receive_count = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
                     newly_failed = state.fail_job(
                         job_id, f"a {queue_name} message ({message['MessageId']}) reached the dead-letter queue after "
-                                f"{receive_count} receives; {_dead_letter_cause(record, message['MessageId'])}; "
+                                f"{receive_count} receives; "
+                                f"{_dead_letter_cause(record, message['MessageId'], function_name)}; "
                                 f"fix the cause, then run `baton resume {job_id}`")
                     logger.error("dead-lettered message", extra={"job_id": job_id, "queue": queue_name,
                                                                  "body": message["Body"][:200],
@@ -173,8 +176,8 @@ def drain_dead_letters(services: Services) -> int:
     return handled
 
 
-def _dead_letter_cause(record: JobRecord | None, message_id: str) -> str:
-    """Return where the error of dead-lettered message ``message_id`` is to be found.
+def _dead_letter_cause(record: JobRecord | None, message_id: str, function_name: str) -> str:
+    """Return what is known of the error of dead-lettered message ``message_id``.
 
     The job's ``last_error`` is quoted only when it is this message's: an error of another
     message would be taken for this one's, whose receives may all have timed out.
@@ -182,7 +185,8 @@ def _dead_letter_cause(record: JobRecord | None, message_id: str) -> str:
     last_error = None if record is None else record.attributes.get("last_error")
     if isinstance(last_error, dict) and last_error.get("message_id") == message_id:
         return f"its last recorded error was: {describe_last_error(last_error)}"
-    return "see the function's logs for its error"
+    return (f"none of its receives recorded an error, so each most likely timed out, ran out of memory or was "
+            f"throttled before it ran; search the {function_name} function's log for the message id")
 
 
 def _stall_cause(record: JobRecord) -> str:

@@ -18,6 +18,7 @@ import gzip
 import io
 import itertools
 import logging
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -38,6 +39,39 @@ VALIDATION = "validation"
 COMPRESSED_SUFFIXES = (".gz", ".bz2")
 
 
+def check_data_file(path: Path, source: str, field: str) -> None:
+    """Raise unless ``path`` is a regular file this process may read.
+
+    Parameters
+    ----------
+    path : Path
+        The file on EFS.
+    source : str
+        The path as the spec gives it, for the message.
+    field : str
+        The spec field that names it, such as ``data.path``.
+
+    Raises
+    ------
+    DataError
+        Naming the file, what it is instead, and what to do.
+    """
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"data file not found: '{source}' is a symbolic link to a missing file, or one of a loop of "
+                        f"links; check {field} and point the link at the file on EFS, or copy the file there")
+    if not path.exists():
+        raise DataError(f"data file not found: '{source}'; check {field} and that the file was copied onto EFS")
+    if path.is_dir():
+        raise DataError(f"{field} '{source}' is a folder, not a file; name one data file in {field}")
+    if not path.is_file():
+        raise DataError(f"{field} '{source}' is not a regular file (it is a named pipe, socket or device); copy the "
+                        "data into a regular file on EFS and name that file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{field} '{source}' cannot be read by the functions' user (uid {os.getuid()}, gid "
+                        f"{os.getgid()}): permission denied; make the file readable by that user, for example "
+                        "with chmod a+r, or copy it onto EFS as that user")
+
+
 def open_binary(path: Path, source: str) -> io.BufferedIOBase:
     """Open a data file for reading bytes, decompressing a ``.gz`` or ``.bz2`` file as it is read."""
     if not path.is_file():
@@ -55,7 +89,19 @@ def read_text_bytes(path: Path, source: str) -> bytes:
         with open_binary(path, source) as handle:
             return handle.read()
     except (OSError, EOFError) as error:
-        raise decompression_error(path, source, error) from None
+        raise read_error(path, source, error) from None
+
+
+def read_error(path: Path, source: str, error: OSError | EOFError) -> Exception:
+    """Return the error to raise for ``error`` while reading ``path``.
+
+    A decompressor's errors carry no errno, and they become :func:`decompression_error`.
+    An error with an errno comes from the file system (an I/O error, say), not from the
+    file's content, so it is returned as it is and its invocation retried.
+    """
+    if path.suffix in COMPRESSED_SUFFIXES and getattr(error, "errno", None) is None:
+        return decompression_error(path, source, error)
+    return error
 
 
 def decompression_error(path: Path, source: str, error: Exception) -> DataError:
@@ -640,10 +686,20 @@ def _shard_file_names(manifest: dict) -> list[str]:
     return ["y.npy", *matrix]
 
 
+def _efs_name(store: EfsStore, path: Path) -> Path:
+    return path.relative_to(store.root) if store.is_under_root(path) else path
+
+
 def _missing_shard_error(store: EfsStore, path: Path) -> DataError:
-    efs_name = path.relative_to(store.root) if store.is_under_root(path) else path
-    return DataError(f"prepared shard file '{efs_name}' is missing: the job's prepared data on EFS was deleted or "
-                     f"moved after its preparation, and Baton does not rebuild the shards of a started job; {FIX}")
+    return DataError(f"prepared shard file '{_efs_name(store, path)}' is missing: the job's prepared data on EFS was "
+                     f"deleted or moved after its preparation, and Baton does not rebuild the shards of a started job; "
+                     f"{FIX}")
+
+
+def _damaged_shard_error(store: EfsStore, path: Path, problem: str) -> DataError:
+    return DataError(f"prepared shard file '{_efs_name(store, path)}' {problem}: Baton writes each shard file whole, "
+                     f"so it was changed after the job's preparation, and Baton does not rebuild the shards of a "
+                     f"started job; {FIX}")
 
 
 def check_shards_present(store: EfsStore, job_id: str, manifest: dict) -> None:
@@ -656,20 +712,51 @@ def check_shards_present(store: EfsStore, job_id: str, manifest: dict) -> None:
                 raise _missing_shard_error(store, folder / name)
 
 
-def _read_matrix(store: EfsStore, folder: Path, manifest: dict) -> Shard:
-    # numpy.asarray turns a memory map into a plain ndarray over the same mapped pages,
-    # without copying; indexing one skips numpy.memmap's Python-level __getitem__.
-    try:
-        y = np.asarray(store.read_npy(folder / "y.npy"))
-        if manifest["sparse"]:
-            data = store.read_npy(folder / "X-data.npy")
-            indices = store.read_npy(folder / "X-indices.npy")
-            indptr = store.read_npy(folder / "X-indptr.npy")
-            X = sp.csr_matrix((data, indices, indptr), shape=(len(y), manifest["n_features"]), copy=False)
-        else:
-            X = np.asarray(store.read_npy(folder / "X.npy"))
-    except FileNotFoundError as error:
-        raise _missing_shard_error(store, Path(error.filename)) from None
+def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Shard:
+    """Memory-map the arrays in ``folder``, checking their shapes against the manifest and ``rows``.
+
+    Raises
+    ------
+    DataError
+        If a file is missing, unreadable, not a ``.npy`` array, or of a shape that does not
+        fit the others, naming the file.
+    """
+    arrays = {}
+    for name in _shard_file_names(manifest):
+        path = folder / name
+        try:
+            # numpy.asarray turns a memory map into a plain ndarray over the same mapped
+            # pages, without copying; indexing one skips numpy.memmap's Python-level __getitem__.
+            arrays[name] = np.asarray(store.read_npy(path))
+        except FileNotFoundError:
+            raise _missing_shard_error(store, path) from None
+        except PermissionError:
+            raise _damaged_shard_error(store, path, "cannot be read by this function (permission denied)") from None
+        except (ValueError, EOFError) as error:
+            # Other OSErrors, such as an I/O error of the file system, may pass: they are retried.
+            raise _damaged_shard_error(store, path, f"is damaged ({type(error).__name__}: {error})") from None
+
+    # NOTE: only shapes are checked; a shard file replaced by another of the same shape
+    # is read as it is, because hashing it would read the whole shard on each cold start.
+    y = arrays["y.npy"]
+    if y.shape != (rows,):
+        raise _damaged_shard_error(store, folder / "y.npy", f"holds labels of shape {y.shape} where the manifest "
+                                                              f"records {rows} rows")
+    if manifest["sparse"]:
+        data, indices, indptr = arrays["X-data.npy"], arrays["X-indices.npy"], arrays["X-indptr.npy"]
+        values = int(indptr[-1]) if indptr.shape == (rows + 1,) else None
+        if values is None or not data.shape == indices.shape == (values,):
+            raise _damaged_shard_error(store, folder / "X-indptr.npy",
+                                       f"does not fit its shard: row pointers of shape {indptr.shape}, values of "
+                                       f"shape {data.shape} and column indices of shape {indices.shape}, for {rows} "
+                                       "rows")
+        X = sp.csr_matrix((data, indices, indptr), shape=(rows, manifest["n_features"]), copy=False)
+    else:
+        X = arrays["X.npy"]
+        if X.shape != (rows, manifest["n_features"]):
+            raise _damaged_shard_error(store, folder / "X.npy", f"holds a matrix of shape {X.shape} where the "
+                                                                f"manifest records {rows} rows of "
+                                                                f"{manifest['n_features']} features")
     return Shard(X=X, y=y)
 
 
@@ -695,14 +782,14 @@ def prepare_data(store: EfsStore, spec: JobSpec, model, s3_client=None) -> dict:
 
 def load_shard(store: EfsStore, job_id: str, manifest: dict, worker: int) -> Shard:
     """Memory-map worker ``worker``'s shard."""
-    return _read_matrix(store, shard_folder(store, job_id, worker), manifest)
+    return _read_matrix(store, shard_folder(store, job_id, worker), manifest, rows=manifest["shard_rows"][worker])
 
 
 def load_validation(store: EfsStore, job_id: str, manifest: dict) -> Shard | None:
     """Memory-map the validation rows, or return None if the job has none."""
     if manifest["validation_rows"] == 0:
         return None
-    return _read_matrix(store, shard_folder(store, job_id, VALIDATION), manifest)
+    return _read_matrix(store, shard_folder(store, job_id, VALIDATION), manifest, rows=manifest["validation_rows"])
 
 
 def load_training_sample(store: EfsStore, job_id: str, manifest: dict, max_rows: int) -> Any:

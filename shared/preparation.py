@@ -59,7 +59,7 @@ import scipy.sparse as sp
 from shared import data as datasets
 from shared import efs, source_files
 from shared.efs import EfsStore
-from shared.errors import DataError
+from shared.errors import DataError, InvalidMessageError
 from shared.spec import S3_URI_PATTERN, JobSpec
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class PreparationStep:
     def from_message(cls, message: dict) -> "PreparationStep":
         step = message.get("prepare")
         if not isinstance(step, dict) or step.get("step") not in STEP_ORDER or not isinstance(step.get("index"), int):
-            raise DataError(f"malformed preparation message {message!r}; expected "
-                            "{'job_id': ..., 'prepare': {'step': <name>, 'index': <int>}}")
+            raise InvalidMessageError(f"malformed preparation message {message!r}; expected "
+                                      "{'job_id': ..., 'prepare': {'step': <name>, 'index': <int>}}; dropped")
         return cls.named(step["step"], step["index"])
 
     def __str__(self) -> str:
@@ -205,6 +205,11 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
     elif step < recorded:
         raise StaleStepError(f"preparation step {step} of job {spec.job_id} is done; dropping a duplicate")
     elif step > recorded:
+        # The invocation that runs a step sends the next one before it records it, so only
+        # that next step can arrive ahead of the record. Baton sends no step beyond it.
+        if step != _step_after(files, spec, recorded):
+            raise InvalidMessageError(f"preparation step {step} of job {spec.job_id} is beyond the next step after "
+                                      f"{recorded}, the step due; dropped")
         raise RuntimeError(f"preparation step {step} of job {spec.job_id} arrived before step {recorded} was "
                            "recorded; retrying")
 
@@ -257,6 +262,16 @@ def _read_progress(files: PreparationFiles) -> PreparationStep:
 
 def _record_progress(files: PreparationFiles, step: PreparationStep) -> None:
     files.store.write_json(files.progress, {"order": step.order, "index": step.index, "step": step.kind})
+
+
+def _step_after(files: PreparationFiles, spec: JobSpec, step: PreparationStep) -> PreparationStep | None:
+    """Return the step that follows ``step``, or None if it is the last or its files are not written yet."""
+    if step.kind == "layout":
+        return PreparationStep.named("parse", 0)
+    try:
+        return _next_step(files, spec, step)
+    except FileNotFoundError:
+        return None
 
 
 def _next_step(files: PreparationFiles, spec: JobSpec, step: PreparationStep) -> PreparationStep | None:
@@ -410,13 +425,7 @@ def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
     parts, records = [], []
     for role, path in sources:
         local = _source_path(files, role, path, s3_client)
-        if local.is_symlink() and not local.exists():
-            raise DataError(f"data file not found: '{path}' is a symbolic link to a missing file, or one of a loop "
-                            f"of links; check {source_files.FIELDS[role]} and point the link at the file on EFS, "
-                            "or copy the file there")
-        if not local.is_file():
-            raise DataError(f"data file not found: '{path}'; check {source_files.FIELDS[role]}"
-                            " and that the file was copied onto EFS")
+        datasets.check_data_file(local, path, source_files.FIELDS[role])
         # Recorded before the file is read, so a change while the parts are cut is caught
         # by the next step's check.
         etag = copied_etag(local) if path.startswith("s3://") else None
@@ -476,7 +485,7 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
         with datasets.open_binary(path, source) as handle:
             raw_lines = [handle.readline() for _ in range(skip_lines + 1)]
     except (OSError, EOFError) as error:
-        raise datasets.decompression_error(path, source, error) from None
+        raise datasets.read_error(path, source, error) from None
     lines = [datasets.decode_text(raw, source, number) for number, raw in enumerate(raw_lines, start=1)]
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]

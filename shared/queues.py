@@ -32,6 +32,10 @@ SQS_BATCH_LIMIT = 10
 # Bodies of task and aggregate messages stay far below this; arrays travel through EFS.
 MAX_MESSAGE_BYTES = 1024
 
+# Largest round, worker, slice or continuation number a message may carry: the handlers
+# store these numbers in int64 arrays, some after adding 1.
+MAX_MESSAGE_INTEGER = 2**62
+
 
 class TaskMessage(TypedDict):
     job_id: str
@@ -72,6 +76,14 @@ def body_object(body: str) -> dict | None:
     return message if isinstance(message, dict) else None
 
 
+def _check_count(message: dict, name: str, minimum: int) -> None:
+    """Raise unless ``message[name]`` is an integer from ``minimum`` to :data:`MAX_MESSAGE_INTEGER`."""
+    value = message[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= MAX_MESSAGE_INTEGER:
+        raise InvalidMessageError(f"message field '{name}' must be an integer from {minimum} to "
+                                  f"{MAX_MESSAGE_INTEGER:,}, got {value!r}")
+
+
 def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
     message = decode_body(body)
     if not isinstance(message, dict):
@@ -80,10 +92,10 @@ def _parse(body: str, required: dict[str, type]) -> dict[str, Any]:
         value = message.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidMessageError(f"message field '{name}' must be {kind.__name__}, got {value!r}")
+        if kind is int:
+            _check_count(message, name, minimum=0)
     if "continuation" in message:
-        value = message["continuation"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidMessageError(f"message field 'continuation' must be a positive integer, got {value!r}")
+        _check_count(message, "continuation", minimum=1)
     return message
 
 
@@ -111,9 +123,7 @@ def parse_aggregate(body: str) -> AggregateMessage:
     """Decode an aggregate-queue message body: an aggregate message or a reduce message."""
     message = _parse(body, {"job_id": str, "round": int})
     if "reduce" in message:
-        value = message["reduce"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidMessageError(f"message field 'reduce' must be a non-negative integer, got {value!r}")
+        _check_count(message, "reduce", minimum=0)
         if "continuation" in message:
             raise InvalidMessageError("a reduce message never carries 'continuation'; got both")
     return message  # type: ignore[return-value]

@@ -31,6 +31,7 @@ import logging
 import os
 import time
 import uuid
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
@@ -52,6 +53,7 @@ from shared.preparation import PreparationStep, StaleStepError, record_sent, run
 from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_object
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
                               write_reduced_slice, write_worker_result)
+from shared.source_files import FIX
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, JobRecord, StateStore, can_record_job
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
@@ -140,8 +142,22 @@ def check_efs_writable(root: Path) -> None:
 
 
 def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np.ndarray, dict]:
-    """Return the parameters and optimizer state stored for the start of ``round_index``."""
-    arrays = store.read_arrays(store.state_path(job_id, round_index))
+    """Return the parameters and optimizer state stored for the start of ``round_index``.
+
+    Raises
+    ------
+    DataError
+        If the state file is not a whole ``.npz`` archive with the parameters. Baton writes
+        it atomically, so only a change by something else leaves it so, and a retry cannot help.
+    """
+    path = store.state_path(job_id, round_index)
+    try:
+        arrays = store.read_arrays(path)
+        arrays["params"]
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise DataError(f"round state file '{path.relative_to(store.root)}' is damaged ({type(error).__name__}: "
+                        f"{error}): Baton writes it whole, so it was changed after it was written, and the job "
+                        f"cannot go on from it; {FIX}") from None
     optimizer_state = {
         name[len(OPTIMIZER_PREFIX):]: value for name, value in arrays.items() if name.startswith(OPTIMIZER_PREFIX)}
     return arrays["params"], optimizer_state
@@ -544,6 +560,17 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
 VALIDATION_CHUNK_ROWS = 65536
 
 
+def _early_message(job_id: str, round_index: int, done: int, n_workers: int, kind: str) -> str:
+    """Return why an aggregate or reduce message that came before its round's results is dropped.
+
+    The round item is read consistently, and the worker whose record completes the set
+    sends these messages only after that record, so Baton itself never sends one early.
+    """
+    return (f"{kind} message for round {round_number(round_index)} of job {job_id}, which has {done} of {n_workers} "
+            "results; dropped, because the worker that records the last result sends it (and the watchdog "
+            "re-sends it if it is lost)")
+
+
 def _check_aggregate_is_current(services: Services, job_id: str, round_index: int):
     """Return the job's item and the round's usage totals; raise unless the round is ready to aggregate."""
     record, round_state = services.state.get_job_and_round(job_id, round_index)
@@ -570,8 +597,7 @@ def _check_aggregate_is_current(services: Services, job_id: str, round_index: in
     if record.round != round_index:
         raise StaleMessageError(f"round {round_index} of job {job_id} is not current (job at round {record.round})")
     if len(done) != record.n_workers:
-        raise RuntimeError(f"round {round_number(round_index)} of job {job_id} has {len(done)} of "
-                           f"{record.n_workers} results; retrying")
+        raise StaleMessageError(_early_message(job_id, round_index, len(done), record.n_workers, "aggregate"))
     reducers = services.job_context(job_id).spec.training.reducers
     if reducers > 1:
         reduced = round_state.reduced
@@ -791,8 +817,7 @@ def reduce_slice(services: Services, message: AggregateMessage, message_id: str 
     if not 0 <= slice_index < reducers:
         raise InvalidMessageError(f"reduce message names slice {slice_index} but job {job_id} has {reducers} reducers")
     if len(done) != record.n_workers:
-        raise RuntimeError(f"round {round_number(round_index)} of job {job_id} has {len(done)} of "
-                           f"{record.n_workers} results; retrying the reduce message")
+        raise StaleMessageError(_early_message(job_id, round_index, len(done), record.n_workers, "reduce"))
     faults.maybe_fail("reducer.before_read", **ids)
 
     reduced = state.get_reduced_slices(job_id, round_index)

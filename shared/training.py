@@ -181,11 +181,15 @@ def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> No
     with np.errstate(invalid="ignore"):
         too_large = not np.all(np.abs(params) <= MAX_WEIGHT_MAGNITUDE)
     if not math.isfinite(train_loss) or too_large:
+        # In round 1 the loss comes from the first steps alone, so huge values in the data,
+        # the labels or the penalty are as likely a cause as the step size.
+        first_round_hint = ("; as this is round 1, also check for huge values in the features or labels "
+                            "(data.standardize), model.alpha and the class weights") if round_index == 0 else ""
         raise DivergenceError(
             f"training diverged in round {round_number(round_index)}: the loss or a weight became NaN, infinite "
             f"or above {MAX_WEIGHT_MAGNITUDE:g} in magnitude "
             f"(training loss {train_loss!r}); lower optimizer.learning_rate (or set optimizer.clip_norm) "
-            "and start a new job")
+            f"and start a new job{first_round_hint}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -117,6 +118,10 @@ CASES = [
      ["job_id 'linked-job'", "jobs/linked-job", "outside the EFS root", "choose another job_id"]),
     ("missing-file", json.dumps(spec("file-missing", data=csv_data("datasets/nope.csv"))), "file-missing",
      ["not found", "nope.csv", "data.path"]),
+    ("data-path-folder", json.dumps(spec("path-folder", data=csv_data("datasets"))), "path-folder",
+     ["data.path 'datasets' is a folder, not a file", "name one data file"]),
+    ("data-path-fifo", json.dumps(spec("path-fifo", data=csv_data("datasets/pipe.csv"))), "path-fifo",
+     ["data.path 'datasets/pipe.csv' is not a regular file", "named pipe", "copy the data into a regular file"]),
     ("dangling-link", json.dumps(spec("dangling-link", data=csv_data("datasets/dangling.csv"))), "dangling-link",
      ["not found", "'datasets/dangling.csv' is a symbolic link to a missing file", "data.path"]),
     ("link-loop", json.dumps(spec("link-loop", data=csv_data("datasets/loop-a.csv"))), "link-loop",
@@ -240,6 +245,7 @@ def write_data_files(efs_root):
     (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
     write_malformed_files(datasets)
+    os.mkfifo(datasets / "pipe.csv")
     write_links_outside(efs_root)
 
 
@@ -441,6 +447,24 @@ def test_data_roots_limit_data_paths(stack):
     assert "data.path 'datasets/breast_cancer.csv' is outside the folders this stack reads data from" in record.error
     assert "(teams/vision, set by ALLOWED_DATA_ROOTS)" in record.error
     assert "allowedDataRoots stage parameter" in record.error
+
+
+def test_unreadable_data_file_fails_once(stack, monkeypatch):
+    # The tests may run as root, who reads any file, so the permission check returns that
+    # the file is unreadable, as it does for the functions' user when its mode is 000.
+    unreadable = Path(stack.settings.efs_root) / "datasets" / "breast_cancer.csv"
+    real_access = os.access
+    monkeypatch.setattr("shared.data.os.access",
+                        lambda path, mode: False if Path(path) == unreadable else real_access(path, mode))
+
+    response = deliver(json.dumps(spec("unreadable")), "3c3c3c3c-4d4d-5e5e-6f6f-707070707070")
+
+    assert response["batchItemFailures"] == []
+    record = stack.state.get_job("unreadable")
+    assert record.status == "FAILED"
+    assert "data.path 'datasets/breast_cancer.csv' cannot be read by the functions' user (uid" in record.error
+    assert "permission denied; make the file readable by that user" in record.error
+    assert stack.settings.efs_root not in record.error
 
 
 def test_data_roots_setting_parsed():

@@ -110,6 +110,34 @@ def test_parts_equal_one_shot(inprocess_stack, efs_root, data):
     assert data_files(efs_root, "one-shot") == data_files(efs_root, "in-parts")
 
 
+def test_stray_preparation_messages_dropped(inprocess_stack, efs_root):
+    one_shot = breast_cancer_spec("one-shot", training={"max_rounds": 1})
+    in_parts = breast_cancer_spec("in-parts", data={"part_bytes": 8192}, training={"max_rounds": 1})
+    stray = [
+        {"job_id": "in-parts", "prepare": "zz"},
+        {"job_id": "in-parts", "prepare": {"step": "bogus", "index": 0}},
+        # Well formed, but more than one step ahead of the step due.
+        {"job_id": "in-parts", "prepare": {"step": "finalize", "index": 0}},
+        {"job_id": "in-parts", "prepare": {"step": "parse", "index": 10**6}},
+    ]
+
+    def send_while_preparing(stack):
+        # Sent once the first parse step is due, so the job's preparation is under way.
+        progress = efs_root / "jobs" / "in-parts" / "prepare" / "progress.json"
+        if stray and progress.exists():
+            stack.send("JobsQueue", stray.pop())
+
+    assert run_job(inprocess_stack, one_shot).status == SUCCEEDED
+    inprocess_stack.submit(in_parts)
+    inprocess_stack.run(before_step=send_while_preparing)
+
+    assert stray == []
+    record = inprocess_stack.services.state.get_job("in-parts")
+    assert record.status == SUCCEEDED, record.error
+    assert not any(delivery.failed for delivery in inprocess_stack.deliveries)
+    assert data_files(efs_root, "one-shot") == data_files(efs_root, "in-parts")
+
+
 def test_libsvm_parts_equal_one_shot(inprocess_stack, efs_root):
     base = {"job_id": "a9a-whole", "model": {"name": "logistic_regression"},
             "data": {"path": "datasets/a9a/a9a.t", "n_features": 123, "standardize": True},

@@ -213,7 +213,8 @@ def test_dead_letter_ignores_error_of_other_message(inprocess_stack, failing_wor
     record = stack.services.state.get_job(JOB_ID)
     assert record.status == FAILED
     assert "another message's error" not in record.error
-    assert "see the function's logs for its error" in record.error
+    assert "none of its receives recorded an error" in record.error
+    assert "search the worker function's log for the message id" in record.error
 
 
 def always_fails(services, record, invocation):

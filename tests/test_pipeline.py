@@ -131,6 +131,31 @@ def test_duplicate_aggregate_leaves_weights_unchanged(inprocess_stack, efs_root)
     np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
 
 
+@pytest.mark.parametrize("training, body", [
+    ({}, {"job_id": "a9a-small", "round": 3}),
+    ({"reducers": 2}, {"job_id": "a9a-small", "round": 3, "reduce": 1}),
+], ids=["aggregate", "reduce"])
+def test_early_round_message_dropped(inprocess_stack, efs_root, training, body):
+
+    def send_before_results(stack):
+        # Sent as round 3 starts, before any of its workers has recorded a result.
+        record = stack.services.state.get_job("a9a-small")
+        if not getattr(stack, "sent_early", False) and record is not None and record.round == 3:
+            stack.send("AggregateQueue", body)
+            stack.sent_early = True
+
+    inprocess_stack.submit(a9a_spec(**training))
+    inprocess_stack.run(before_step=send_before_results)
+
+    assert inprocess_stack.sent_early
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert "last_error" not in record.attributes, "an early message is dropped, not retried"
+    assert not any(delivery.failed for delivery in inprocess_stack.deliveries)
+    reference, _ = train_reference(parse_job_spec(a9a_spec(**training)), efs_root)
+    np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
 def test_stale_task_leaves_weights_unchanged(inprocess_stack, efs_root):
 
     def replay_round_zero(stack):

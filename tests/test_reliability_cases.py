@@ -13,10 +13,10 @@ import pytest
 from moto import mock_aws
 
 from shared.efs import EfsStore
-from shared.errors import BatonError, EfsNotWritableError
+from shared.errors import BatonError, EfsNotWritableError, InvalidMessageError
 from shared.handlers import sqs_handler
 from shared.local.stack import SERVERLESS_FILE, create_stack, load_stack_definition, parse_rate
-from shared.queues import MAX_MESSAGE_BYTES, QueueClient, parse_task
+from shared.queues import MAX_MESSAGE_BYTES, MAX_MESSAGE_INTEGER, QueueClient, parse_task
 from shared.service import check_efs_writable
 from shared.state import StateStore
 
@@ -224,3 +224,21 @@ def test_no_descriptor_leak_over_1000_rounds(tmp_path):
         assert store.read_arrays(store.state_path("job", round_index))["params"][0] == round_index
         store.prune_rounds("job", round_index, keep=3)
     assert count_open_files() <= before
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"job_id": "a", "round": 0, "worker": 0, "continuation": 2**63 - 1}, "continuation"),
+    ({"job_id": "a", "round": 0, "worker": 0, "continuation": 0}, "continuation"),
+    ({"job_id": "a", "round": 10**30, "worker": 0}, "round"),
+    ({"job_id": "a", "round": -1, "worker": 0}, "round"),
+    ({"job_id": "a", "round": 0, "worker": -1}, "worker"),
+])
+def test_task_numbers_out_of_range_rejected(body, field):
+    with pytest.raises(InvalidMessageError, match=f"message field '{field}' must be an integer from"):
+        parse_task(json.dumps(body))
+
+
+def test_task_numbers_at_limit_accepted():
+    body = {"job_id": "a", "round": MAX_MESSAGE_INTEGER, "worker": 0, "continuation": MAX_MESSAGE_INTEGER}
+
+    assert parse_task(json.dumps(body)) == body

@@ -247,8 +247,8 @@ def test_spec_reducers_default_is_one():
 
 
 @pytest.mark.parametrize("body,problem", [
-    ({"job_id": "a", "round": 0, "reduce": -1}, "non-negative integer"),
-    ({"job_id": "a", "round": 0, "reduce": True}, "non-negative integer"),
+    ({"job_id": "a", "round": 0, "reduce": -1}, "'reduce' must be an integer from 0 to"),
+    ({"job_id": "a", "round": 0, "reduce": True}, "'reduce' must be an integer from 0 to"),
     ({"job_id": "a", "round": 0, "reduce": 1, "continuation": 2}, "never carries 'continuation'"),
 ])
 def test_parse_rejects_bad_reduce_message(body, problem):

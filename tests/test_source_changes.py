@@ -15,10 +15,14 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from shared import data as datasets
 from shared.cli import main
+from shared.efs import EfsStore
+from shared.errors import DataError
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, final_params, forget_job, run_job
 from tests.conftest import BREAST_CANCER_CSV
@@ -144,11 +148,65 @@ def test_shard_deleted_mid_job_fails_once(inprocess_stack, efs_root):
 
     inprocess_stack.run()
 
-    record = inprocess_stack.services.state.get_job("deleted-shard")
+    assert_failed_once(inprocess_stack, "deleted-shard",
+                       ["prepared shard file 'jobs/deleted-shard/data/shard-1/y.npy' is missing"])
+
+
+def assert_failed_once(stack, job_id: str, words: list[str]) -> None:
+    """Assert that the job failed with every one of ``words`` in its error, and no delivery was retried."""
+    record = stack.services.state.get_job(job_id)
     assert record.status == FAILED
-    assert "prepared shard file 'jobs/deleted-shard/data/shard-1/y.npy' is missing" in record.error
+    for word in words:
+        assert word in record.error
     assert "new job_id" in record.error
-    assert not any(delivery.failed for delivery in inprocess_stack.deliveries), "a missing shard is not retried"
+    assert not any(delivery.failed for delivery in stack.deliveries), "a permanent error is not retried"
+
+
+def truncate(path: Path, keep_bytes: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep_bytes])
+
+
+def drop_last_label(path: Path) -> None:
+    labels = np.load(path)
+    np.save(path, labels[:-1])
+
+
+def transpose_matrix(path: Path) -> None:
+    np.save(path, np.load(path).T.copy())
+
+
+@pytest.mark.parametrize("file_name, damage, words", [
+    ("y.npy", lambda path: truncate(path, 0), ["y.npy' is damaged (EOFError"]),
+    ("X.npy", lambda path: truncate(path, 300), ["X.npy' is damaged (ValueError"]),
+    ("y.npy", drop_last_label, ["y.npy' holds labels of shape", "where the manifest records"]),
+    ("X.npy", transpose_matrix, ["X.npy' holds a matrix of shape", "features"]),
+], ids=["empty-labels", "truncated-matrix", "short-labels", "transposed-matrix"])
+def test_damaged_shard_fails_once(inprocess_stack, efs_root, file_name, damage, words):
+    inprocess_stack.submit(breast_cancer_spec("damaged-shard"))
+    inprocess_stack.step("JobsQueue")
+    damage(efs_root / "jobs" / "damaged-shard" / "data" / "shard-1" / file_name)
+
+    inprocess_stack.run()
+
+    assert_failed_once(inprocess_stack, "damaged-shard",
+                       [f"prepared shard file 'jobs/damaged-shard/data/shard-1/{file_name}",
+                        "changed after the job's preparation", *words])
+
+
+def test_damaged_sparse_shard_named(tmp_path):
+    store = EfsStore(tmp_path)
+    folder = tmp_path / "shard"
+    folder.mkdir()
+    np.save(folder / "y.npy", np.zeros(3))
+    np.save(folder / "X-data.npy", np.ones(4, dtype=np.float32))
+    np.save(folder / "X-indices.npy", np.arange(4, dtype=np.int32))
+    # The row pointers end at 5 values, but the shard stores 4.
+    np.save(folder / "X-indptr.npy", np.array([0, 1, 3, 5], dtype=np.int64))
+    manifest = {"sparse": True, "n_features": 8}
+
+    with pytest.raises(DataError, match=r"prepared shard file 'shard/X-indptr.npy' does not fit its shard: "
+                                        r"row pointers of shape \(4,\), values of shape \(4,\)"):
+        datasets._read_matrix(store, folder, manifest, rows=3)
 
 
 def test_cli_rerun_checks_changed_file(tmp_path):
@@ -202,3 +260,15 @@ def test_interrupted_preparation_continues_on_new_table(inprocess_stack, efs_roo
     clean["data"]["path"] = "datasets/clean.csv"
     assert run_job(inprocess_stack, clean).status == SUCCEEDED
     assert final_params(efs_root, "interrupted").tobytes() == final_params(efs_root, "clean").tobytes()
+
+
+def test_damaged_round_state_fails_once(inprocess_stack, efs_root):
+    inprocess_stack.submit(breast_cancer_spec("damaged-state"))
+    inprocess_stack.step("JobsQueue")
+    state_path = efs_root / "jobs" / "damaged-state" / "rounds" / "0" / "state.npz"
+    truncate(state_path, 100)
+
+    inprocess_stack.run()
+
+    assert_failed_once(inprocess_stack, "damaged-state",
+                       ["round state file 'jobs/damaged-state/rounds/0/state.npz' is damaged (BadZipFile"])

@@ -228,6 +228,19 @@ def test_model_average_reports_overflow():
         ModelAveraging().combine(spec, model, build_optimizer(spec), np.zeros(3), {}, results, 7)
 
 
+@pytest.mark.parametrize("round_index, hinted", [(0, True), (7, False)])
+def test_divergence_hint_in_first_round(round_index, hinted):
+    spec = parse_job_spec(breast_cancer_spec("overflow", training={"mode": "model_average", "local_steps": 2}))
+    model = build_model(spec, {"n_features": 2, "classes": [0.0, 1.0]})
+    results = [{"params": np.zeros(3), "loss_sum": np.float64(np.inf), "n_samples": np.int64(4)}]
+
+    with pytest.raises(DivergenceError) as raised:
+        ModelAveraging().combine(spec, model, build_optimizer(spec), np.zeros(3), {}, results, round_index)
+
+    assert "lower optimizer.learning_rate" in str(raised.value)
+    assert ("as this is round 1, also check for huge values in the features or labels" in str(raised.value)) == hinted
+
+
 def test_stopping_rules():
     spec = parse_job_spec(breast_cancer_spec("stops", training={"target_validation_accuracy": 0.9,
                                                                  "early_stopping_patience": 2}))
