@@ -176,8 +176,9 @@ def _import_local_data(stack, imports: tuple[str, ...]) -> None:
     """Copy each ``--import SOURCE:DEST`` into the stack's EFS folder, rejecting a bad mapping."""
     for mapping in imports:
         source, separator, destination = mapping.partition(":")
-        if not separator or not destination:
-            raise click.BadParameter(f"expected SOURCE:DEST, got {mapping!r}", param_hint="--import")
+        if not separator or not source or not destination:
+            raise click.BadParameter(f"expected SOURCE:DEST with neither part empty, got {mapping!r}",
+                                     param_hint="--import")
         if not Path(source).exists():
             raise click.BadParameter(f"source {source!r} does not exist", param_hint="--import")
         try:

@@ -174,6 +174,7 @@ def test_cli_run_names_job_without_id(tmp_path, file_name, max_rounds, expected_
     (f"{A9A_DIR}:../outside", "'..' is not allowed"),
     (f"{A9A_DIR}:/etc/baton", "relative to the EFS root"),
     ("/no/such/folder:datasets/x", "does not exist"),
+    (":datasets/x", "neither part empty"),
 ])
 def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
     spec_file = tmp_path / "job.json"
@@ -211,6 +212,19 @@ def test_import_rejects_linked_folder(tmp_path):
     with pytest.raises(ValueError, match="'datasets/breast_cancer.csv' leads outside the EFS folder"):
         LocalStack(efs_root).import_data(BREAST_CANCER_CSV, "datasets/breast_cancer.csv")
     assert list(outside.iterdir()) == []
+
+
+def test_import_rejects_folder_holding_destination(tmp_path):
+    # A project folder whose local folder sits inside it, as .baton sits in a checkout.
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "rows.csv").write_text("1,0\n")
+    efs_root = project / ".baton" / "efs"
+    efs_root.mkdir(parents=True)
+
+    with pytest.raises(ValueError, match="contains the destination .* so the copy would copy itself over and over"):
+        LocalStack(efs_root).import_data(project, "datasets/project")
+    assert not (efs_root / "datasets" / "project").exists()
 
 
 def test_cli_status_explains_missing_table(local_stack):

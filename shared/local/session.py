@@ -262,9 +262,15 @@ class LocalStack:
         ------
         ValueError
             If a folder on the way to ``destination`` is a symbolic link that leads
-            outside the EFS folder.
+            outside the EFS folder, or if ``source`` is a folder that contains
+            ``destination``, which the copy would then copy into itself.
         """
         source, target = Path(source), self.efs_root / destination
+        real_source, real_target = Path(os.path.realpath(source)), Path(os.path.realpath(target))
+        if source.is_dir() and (real_target == real_source or real_source in real_target.parents):
+            raise ValueError(f"import source '{source}' contains the destination {target}, so the copy would copy "
+                             "itself over and over; import a folder that does not contain the local folder, or "
+                             "choose a --local-dir outside it")
         target.parent.mkdir(parents=True, exist_ok=True)
         if not EfsStore(self.efs_root).is_under_root(target.parent):
             raise ValueError(f"import destination '{destination}' leads outside the EFS folder {self.efs_root} "
