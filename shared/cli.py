@@ -12,7 +12,7 @@ from typing import Callable
 import click
 from click.core import ParameterSource
 
-from shared.cli_spec import build_spec, check_job_id_argument, spec_options
+from shared.cli_spec import build_spec, check_job_id_argument, checked_output_path, spec_options
 from shared.errors import JobSpecError
 from shared.spec import check_relative_path
 from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
@@ -433,13 +433,13 @@ def _reads_efs_alone(efs_root: Path | None) -> bool:
 @main.command()
 @click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
-@click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--output", type=click.Path(file_okay=False), default=None,
               help="Folder to write into; defaults to ./<JOB_ID>.")
 @click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local EFS folder, such as .baton/efs for `baton run`, to copy the model from. Without "
                    "--stage, --endpoint-url and --region, the spec and metrics are read from it too, and the "
                    "table is not read.")
-def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_dir: Path | None,
+def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output: str | None,
           efs_root: Path | None) -> None:
     """Save JOB_ID's summary, spec and per-round metrics, and its model when reachable.
 
@@ -453,7 +453,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     """
     from shared.monitor import JobNotFoundError, fetch_job, fetch_local_job
 
-    output_dir = output_dir or Path(job_id)
+    output_dir = checked_output_path(output, Path(job_id), "fetched/", folder=True)
     try:
         if _reads_efs_alone(efs_root):
             result = fetch_local_job(efs_root, job_id, output_dir)
@@ -470,7 +470,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 @main.command()
 @click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
-@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="PNG file to write; defaults to ./<JOB_ID>.png.")
 @click.option("--width", "width_inches", type=click.FloatRange(min=2, max=40), default=12.0, show_default=True,
               help="Figure width in inches.")
@@ -481,24 +481,16 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 @click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local EFS folder, such as .baton/efs for `baton run`, to read the per-round metrics files "
                    "from instead of the table; works after `baton run` has ended.")
-def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_path: Path | None,
+def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output: str | None,
          width_inches: float, height_inches: float, dpi: int, efs_root: Path | None) -> None:
     """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
     from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
 
     # The output is checked first, so a typo in it costs no read of the table.
-    # click turns an empty --output into the path ".".
-    if output_path is not None and (not str(output_path).strip() or output_path.name in ("", ".", "..")):
-        raise click.ClickException(f"--output {str(output_path)!r} names no file; give a PNG file name such as "
-                                   "curves.png")
-    output_path = output_path or Path(f"{job_id}.png")
+    output_path = checked_output_path(output, Path(f"{job_id}.png"), "curves.png")
     if output_path.suffix.lower() != ".png":
         raise click.ClickException(f"--output {output_path}: baton plot writes a PNG image; give the file a .png "
                                    "extension")
-    existing_folder = next(parent for parent in output_path.absolute().parents if parent.exists())
-    if not existing_folder.is_dir():
-        raise click.ClickException(f"cannot write the plot to {output_path}: {existing_folder} is a file, not a "
-                                   "folder; choose another --output")
 
     if efs_root is not None:
         try:

@@ -131,6 +131,38 @@ def check_job_id_argument(context: click.Context, parameter: click.Parameter, jo
     return job_id
 
 
+def checked_output_path(value: str | None, default: Path, example: str, folder: bool = False) -> Path:
+    """Return the path an ``--output`` option names, or ``default``, once it is known to be writable.
+
+    Parameters
+    ----------
+    value : str or None
+        The option's value as typed (a click.Path without ``path_type``, so an empty value
+        stays empty instead of becoming ".").
+    default : Path
+        The path to use when the option is not given.
+    example : str
+        A valid value, for the message, such as ``curves.png``.
+    folder : bool, default=False
+        Whether the option names a folder to write into rather than a file.
+
+    Raises
+    ------
+    click.ClickException
+        If the value is empty, names no file, or has a file where a folder must be.
+    """
+    if value is not None and (not value.strip() or (not folder and Path(value).name in ("", ".", ".."))):
+        raise click.ClickException(f"--output {value!r} names no {'folder' if folder else 'file'}; give one such "
+                                   f"as {example}")
+    path = default if value is None else Path(value)
+    candidates = ([path] if folder else []) + list(path.absolute().parents)
+    existing = next(candidate for candidate in candidates if candidate.exists())
+    if not existing.is_dir():
+        raise click.ClickException(f"cannot write to {path}: {existing} is a file, not a folder; choose another "
+                                   "--output")
+    return path
+
+
 def _read_spec_file(spec_file: Path) -> dict:
     """Read a JSON spec file as UTF-8, with or without a byte order mark."""
     try:

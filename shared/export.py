@@ -33,7 +33,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from shared.cli_spec import check_job_id_argument
+from shared.cli_spec import check_job_id_argument, checked_output_path
 from shared.efs import EfsStore
 from shared.errors import BatonError
 from shared.models import Model
@@ -258,15 +258,16 @@ def export_estimator(efs_root: str | Path, job_id: str, output: str | Path) -> t
               show_default=True, help="Folder of a local run; the job is read from its efs/ folder.")
 @click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="EFS root to read instead of LOCAL_DIR/efs, for example a copy of the deployed file system.")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--output", type=click.Path(dir_okay=False), required=True,
               help="File to write the fitted scikit-learn estimator to, with joblib.")
-def export_command(job_id: str, local_dir: Path, efs_root: Path | None, output: Path) -> None:
+def export_command(job_id: str, local_dir: Path, efs_root: Path | None, output: str) -> None:
     """Save the final model of JOB_ID as a fitted scikit-learn estimator.
 
     Load it with joblib.load(OUTPUT); it predicts from raw features as Baton does.
     """
+    output_file = checked_output_path(output, Path(output), "model.joblib")
     try:
-        estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output)
+        estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
     except BatonError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)}))

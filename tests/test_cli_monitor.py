@@ -174,7 +174,7 @@ def test_plot_output_folder_created_or_named(finished_job, tmp_path):
     assert created.exit_code == 0, created.output
     assert png_size(nested)[0] > 0
     assert blocked.exit_code == 1
-    assert f"cannot write the plot to {blocker / 'curves.png'}: {blocker} is a file, not a folder" in blocked.output
+    assert f"cannot write to {blocker / 'curves.png'}: {blocker} is a file, not a folder" in blocked.output
     assert "choose another --output" in blocked.output
     assert "Traceback" not in blocked.output
 
@@ -190,15 +190,27 @@ def test_plot_refuses_other_format(finished_job, tmp_path):
     assert not output.exists()
 
 
-@pytest.mark.parametrize("output", ["", "out/.."])
-def test_plot_output_without_file_name(output):
+@pytest.mark.parametrize("command, output, words", [
+    ("plot", "", "--output '' names no file; give one such as curves.png"),
+    ("plot", "out/..", "--output 'out/..' names no file"),
+    ("export", "", "--output '' names no file; give one such as model.joblib"),
+    ("export", "{file}/model.joblib", "cannot write to {file}/model.joblib: {file} is a file, not a folder"),
+    ("fetch", "", "--output '' names no folder; give one such as fetched/"),
+    ("fetch", "{file}/sub", "cannot write to {file}/sub: {file} is a file, not a folder"),
+])
+def test_output_option_checked_first(tmp_path, command, output, words):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
     # The output is checked before the stack is read, so this unreachable endpoint is never called.
-    result = CliRunner().invoke(main, ["plot", JOB_ID, "--stage", "local", "--endpoint-url", "http://127.0.0.1:9",
-                                       "--output", output])
+    stack = ["--stage", "local", "--endpoint-url", "http://127.0.0.1:9"] if command != "export" else []
 
-    assert result.exit_code == 1
-    assert "names no file; give a PNG file name such as curves.png" in result.output
+    result = CliRunner().invoke(main, [command, JOB_ID, *stack, "--output", output.format(file=blocker)])
+
+    assert result.exit_code == 1, result.output
+    assert words.format(file=blocker) in result.output
     assert "cannot reach" not in result.output
+    assert "Traceback" not in result.output
+    assert blocker.read_text() == "not a folder"
 
 
 def test_list_and_status_show_job(finished_job):
