@@ -7,7 +7,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 from click.core import ParameterSource
@@ -16,6 +16,9 @@ from shared.cli_spec import build_spec, check_job_id_argument, checked_output_pa
 from shared.errors import JobSpecError
 from shared.spec import check_relative_path
 from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
+
+if TYPE_CHECKING:
+    from shared.local.folder_lock import LocalDirLock
 
 DEFAULT_LOCAL_DIR = Path(".baton")
 
@@ -127,49 +130,78 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     Other jobs sent to the stack while this runs are waited for once this job has ended,
     unless they are PAUSED. Ctrl-C (or SIGTERM) stops the stack and every job on it,
     prints where each stopped, and exits with status 130 (143).
+
+    One baton run at a time uses a local folder: a second one on the same --local-dir
+    is rejected before it changes any file.
     """
-    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt
-    from shared.local.session import LocalStack
+    from shared.cli_run import hold_local_dir
 
     spec = build_spec(spec_file, overrides)
+    with hold_local_dir(local_dir, spec_file, bool(overrides)) as lock:
+        if fresh:
+            _delete_local_job(local_dir / "efs", spec["job_id"])
+        exit_status = _run_on_local_stack(spec, local_dir, imports, worker_lanes, timeout_seconds, lock)
+    if exit_status != 0:
+        sys.exit(exit_status)
+
+
+def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], worker_lanes: int | None,
+                        timeout_seconds: float, lock: LocalDirLock) -> int:
+    """Start a local stack, send ``spec`` to it and follow the jobs on it; return the exit status.
+
+    ``lock`` is the local folder's :class:`shared.local.folder_lock.LocalDirLock`. The
+    stack's processes inherit it, and it records the stack's endpoint URL.
+    """
+    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt, server_exit_line
+    from shared.local.session import LocalStack, ServerExitedError
+
     job_id = spec["job_id"]
     efs_root = local_dir / "efs"
-    if fresh:
-        _delete_local_job(efs_root, job_id)
-
     training = spec.get("training")
     n_workers = training.get("n_workers", 4) if isinstance(training, dict) else 4
     lanes = worker_lanes or min(int(n_workers), 16)
-    stack = LocalStack(efs_root, concurrency={"worker": lanes})
+    stack = LocalStack(efs_root, concurrency={"worker": lanes}, inherited_fds=(lock.fd,))
     sent = False
+    # Ids of the jobs on the stack that have not ended, as far as this command has read.
+    # The line printed when moto's server exits names them.
+    unfinished: list[str] = []
     failure: click.ClickException | None = None
     interrupt: StopSignal | None = None
+    started_at = time.time()
     # SIGTERM (from `timeout`, a CI runner or systemd) stops the stack as Ctrl-C does, so
     # neither leaves the moto server and containers behind.
     with StopSignalHandlers() as signals:
         try:
             stack.start()
+            lock.record(stack.endpoint_url)
             _import_local_data(stack, imports)
             click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
             click.echo("while this runs, other baton commands reach it with: "
                        f"--stage local --endpoint-url {stack.endpoint_url}")
             stack.submit(spec)
             sent = True
+            unfinished.append(job_id)
             click.echo(f"job {job_id} sent with {n_workers} workers")
-            failure = _follow_local_jobs(stack, job_id, efs_root, timeout_seconds)
+            failure = _follow_local_jobs(stack, job_id, efs_root, timeout_seconds, unfinished)
         except StopSignal as signal_received:
             interrupt = signal_received
             signals.ignore()
             stack.stop_handlers()
             report_interrupt(stack, job_id, sent, efs_root)
+        except ServerExitedError as error:
+            signals.ignore()
+            stack.stop_handlers()
+            failure = click.ClickException(server_exit_line(error, job_id, sent, unfinished, local_dir, started_at))
+            failure.show()
         finally:
             signals.ignore()
             stack.stop()
 
     if interrupt is not None:
-        sys.exit(interrupt.exit_code)
+        return interrupt.exit_code
     if failure is not None:
-        sys.exit(failure.exit_code)
+        return failure.exit_code
+    return 0
 
 
 def _import_local_data(stack, imports: tuple[str, ...]) -> None:
@@ -191,12 +223,14 @@ def _import_local_data(stack, imports: tuple[str, ...]) -> None:
             raise click.BadParameter(str(error), param_hint="--import") from None
 
 
-def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float) -> click.ClickException | None:
+def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float,
+                       unfinished: list[str]) -> click.ClickException | None:
     """Print the rounds and the summary of ``job_id``, then wait for the stack's other jobs.
 
     Returns the error to exit with when ``job_id`` did not succeed, after it has been
     printed. The wait for ``job_id`` and the wait for the other jobs share
-    ``timeout_seconds``.
+    ``timeout_seconds``. Each job that ends is removed from ``unfinished``, and each other
+    job seen running is added.
     """
     from shared.cli_run import report_jobs_left, wait_for_other_jobs
 
@@ -206,10 +240,11 @@ def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: floa
     except TimeoutError as error:
         report_jobs_left(stack, job_id, efs_root, "other jobs")
         raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
+    unfinished.remove(job_id)
     failure = _report_local_job(record, efs_root, time.monotonic() - started)
     if failure is not None:
         failure.show()
-    wait_for_other_jobs(stack, job_id, efs_root, timeout_seconds - (time.monotonic() - started))
+    wait_for_other_jobs(stack, job_id, efs_root, timeout_seconds - (time.monotonic() - started), unfinished)
     return failure
 
 

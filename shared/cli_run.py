@@ -1,21 +1,29 @@
-"""The end of ``baton run``: other jobs on its local stack, timeouts and stop signals.
+"""How ``baton run`` holds its folder and ends: the lock, other jobs, stop signals, a lost server.
 
 ``baton run`` owns a local stack (:class:`shared.local.session.LocalStack`) while it runs,
 and other baton commands may send more jobs to that stack. When its own job has ended it
 waits for those jobs too, because the stack, and with it their queues and table, stops
 when the command ends. On SIGINT or SIGTERM it stops the handlers, reads from the table
-where each job stopped, and prints that in one line.
+where each job stopped, and prints that in one line. If moto's server exits under it, the
+table is gone, so it reads from the jobs' metrics files where each stopped instead.
+
+Only one ``baton run`` at a time uses a local folder (:mod:`shared.local.folder_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import click
 
-from shared.local.session import ACTIVE_STATUSES, LocalStack
+from shared.efs import EfsStore
+from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDirLock, LockHolder
+from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
 from shared.state import PAUSED, PREPARING, SUCCEEDED, TERMINAL_STATUSES, JobRecord
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -88,6 +96,56 @@ class StopSignalHandlers:
             signal.signal(number, previous)
 
 
+# The local folder's lock ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def hold_local_dir(local_dir: Path, spec_file: Path | None, has_spec_options: bool) -> Iterator[LocalDirLock]:
+    """Hold the lock on ``local_dir`` for the block, or raise a one-line error naming the run that holds it.
+
+    ``spec_file`` and ``has_spec_options`` only shape the ``baton submit`` command that
+    the error suggests.
+    """
+    lock = LocalDirLock(local_dir)
+    try:
+        lock.acquire()
+    except LocalDirBusyError as error:
+        raise click.ClickException(local_dir_busy_message(local_dir, error.holder, spec_file,
+                                                          has_spec_options)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot lock the local folder {local_dir}: {error}; check that it is a "
+                                   "folder you can write to, or pass another --local-dir") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def local_dir_busy_message(local_dir: Path, holder: LockHolder, spec_file: Path | None,
+                           has_spec_options: bool) -> str:
+    """Return the line that rejects a second ``baton run`` on ``local_dir``: who holds it and what to do instead."""
+    holder_pid = "pid unknown" if holder.pid is None else f"pid {holder.pid}"
+    if not holder.is_running():
+        return (f"the local folder {local_dir} is still locked: its baton run ({holder_pid}) has ended, but the "
+                "processes of its stack have not exited yet; try again in a few seconds. Nothing was changed")
+
+    endpoint = holder.endpoint_url or "URL"
+    if spec_file is None:
+        submit = f"`baton submit --stage local --endpoint-url {endpoint}` with the same spec options"
+    else:
+        submit = f"`baton submit {spec_file} --stage local --endpoint-url {endpoint}`"
+        if has_spec_options:
+            submit += " with the same spec options"
+    if holder.endpoint_url is not None:
+        where = f"with its stack on {holder.endpoint_url}"
+    elif holder.pid is not None:
+        where = "whose stack is still starting and prints its endpoint URL once it has started"
+    else:
+        where = f"whose lock file {local_dir / LOCK_FILE_NAME} could not be read"
+    return (f"the local folder {local_dir} is in use by another baton run ({holder_pid}), {where}. Wait for it to "
+            f"end, send this job to its stack with {submit}, or pass another --local-dir. Nothing was changed")
+
+
 # Lines about jobs --------------------------------------------------------------------------
 
 
@@ -135,16 +193,23 @@ def stops_with_stack_line(records: list[JobRecord], jobs_dir: Path) -> str:
 # Waiting for the other jobs ----------------------------------------------------------------
 
 
-def wait_for_other_jobs(stack: LocalStack, job_id: str, efs_root: Path, timeout_seconds: float) -> None:
+def wait_for_other_jobs(stack: LocalStack, job_id: str, efs_root: Path, timeout_seconds: float,
+                        unfinished: list[str]) -> None:
     """Wait until no job but ``job_id`` is PREPARING or RUNNING on the stack, printing a line as each ends.
 
     A job sent while this waits is waited for too. PAUSED jobs are not waited for; one
     line names them and the jobs still running at the timeout, which stop with the stack.
+    ``unfinished`` is kept up to date with the ids of the jobs that have not ended or are
+    PAUSED, for :func:`server_exit_line`.
     """
     jobs_dir = efs_root / "jobs"
     announced = False
     try:
         for update in stack.follow_jobs(exclude=(job_id,), timeout_seconds=max(timeout_seconds, 0)):
+            unfinished.extend(record.job_id for record in update.started if record.job_id not in unfinished)
+            for record in update.ended:
+                if record.status != PAUSED and record.job_id in unfinished:
+                    unfinished.remove(record.job_id)
             if update.started:
                 names = ", ".join(f"{record.job_id} ({_rounds_done(record)})" for record in update.started)
                 if announced:
@@ -187,7 +252,7 @@ def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path)
     try:
         record = stack.state.get_job(job_id)
         others = stack.list_jobs(ACTIVE_STATUSES + (PAUSED,), exclude=(job_id,))
-    except (BotoCoreError, ClientError):
+    except (BotoCoreError, ClientError, ServerExitedError):
         # Such as moto's server gone too, when a signal reached every process of the stack.
         click.echo(f"interrupted: job {job_id} stopped; its files, if any, remain in {job_dir}", err=True)
         return
@@ -204,3 +269,77 @@ def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path)
                    "add --fresh to delete the files and prepare the data again", err=True)
     if others:
         click.echo(f"interrupted: {stops_with_stack_line(others, efs_root / 'jobs')}", err=True)
+
+
+# moto's server exited ----------------------------------------------------------------------
+
+
+def last_round_on_efs(efs_root: Path, job_id: str, since: float) -> int | None:
+    """Return the last round that ``job_id`` finished since ``since``, from its metrics files on EFS.
+
+    ``since`` is a ``time.time()`` before the stack started. Returns None when the job has
+    not started since then, and 0 when it has finished no round since then.
+
+    The starter writes the job's spec.json each time it starts the job, and a rerun of a
+    job writes its metrics files over those of the earlier run. So a metrics file older
+    than the spec is from an earlier run and does not count, and a spec older than
+    ``since`` means that no starter of this stack has started the job.
+    """
+    store = EfsStore(efs_root)
+    try:
+        started = store.spec_path(job_id).stat().st_mtime
+    except OSError:
+        return None
+    if started < since:
+        return None
+    last_round = 0
+    try:
+        entries = list(os.scandir(store.job_dir(job_id) / "metrics"))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name.removesuffix(".json")
+        if not (entry.name.endswith(".json") and name.isdigit()):
+            continue
+        try:
+            written = entry.stat().st_mtime
+        except OSError:
+            continue
+        if written >= started:
+            last_round = max(last_round, int(name))
+    return last_round
+
+
+def _where_job_stopped(efs_root: Path, job_id: str, since: float) -> str:
+    metrics_dir = efs_root / "jobs" / job_id / "metrics"
+    last_round = last_round_on_efs(efs_root, job_id, since)
+    if last_round is None:
+        return f"job {job_id} had not started"
+    if last_round == 0:
+        return f"job {job_id} stopped before it finished a round (no metrics file of this run in {metrics_dir})"
+    return f"job {job_id} stopped after round {last_round}, the last in {metrics_dir}"
+
+
+def server_exit_line(error: ServerExitedError, job_id: str, sent: bool, unfinished: list[str], local_dir: Path,
+                     since: float) -> str:
+    """Return the one line that ``baton run`` ends with when its moto server has exited.
+
+    It names the server's exit and log, then for this run's job and each other job in
+    ``unfinished`` where it stopped and how to train it again. The table is gone with the
+    server, so where a job stopped comes from its metrics files (:func:`last_round_on_efs`).
+    """
+    efs_root = local_dir / "efs"
+    parts = []
+    if not sent:
+        parts.append(f"job {job_id} was not sent, and running the same command again sends it")
+    elif job_id in unfinished:
+        parts.append(f"{_where_job_stopped(efs_root, job_id, since)}, and running the same command again trains it "
+                     "from round 1, reusing the data it prepared")
+    for other in unfinished:
+        if other != job_id:
+            spec_path = efs_root / "jobs" / other / "spec.json"
+            parts.append(f"{_where_job_stopped(efs_root, other, since)}, and `baton run {spec_path} --local-dir "
+                         f"{local_dir}` trains it again from round 1")
+    if not parts:
+        return f"{error}. The stack's queues and table are gone with it; the files of its jobs remain in {efs_root / 'jobs'}"
+    return f"{error}. The stack's queues and table are gone with it: " + "; ".join(parts)

@@ -1,4 +1,5 @@
-"""How `baton run` ends: it waits for other jobs sent to its stack, and stops quietly on a signal.
+"""How `baton run` ends: it waits for other jobs sent to its stack, stops quietly on a signal,
+ends in one line when its moto server exits, and rejects a second run on its local folder.
 
 Each test runs `baton run` in its own process and session, reads its output line by line,
 and drives the stack with the other baton commands through the endpoint it prints. A
@@ -23,6 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main
+from shared.cli_run import last_round_on_efs
+from shared.local.folder_lock import LocalDirLock
 from shared.monitor import make_state_store
 from shared.state import RUNNING
 from tests.conftest import BREAST_CANCER_CSV, PROJECT_ROOT
@@ -33,7 +36,7 @@ ENDLESS_ROUNDS = 100_000
 # Generous, because the machine may be loaded; the tests never assert a duration.
 WAIT_SECONDS = 300
 # Printed by the runtime or by Python when a stop is not quiet.
-NOISE = ("Traceback", "exited during an invocation", "failed to deliver", "failed to receive", "Aborted!")
+NOISE = ("Traceback", "during an invocation", "failed to deliver", "failed to receive", "Aborted!")
 
 
 def write_spec(tmp_path: Path, job_id: str, max_rounds: int) -> Path:
@@ -45,16 +48,20 @@ def write_spec(tmp_path: Path, job_id: str, max_rounds: int) -> Path:
     return path
 
 
+def run_command(spec_file: Path, local_dir: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "shared.cli", "run", str(spec_file), "--local-dir", str(local_dir),
+            "--import", f"{BREAST_CANCER_CSV}:datasets/breast_cancer.csv", *options]
+
+
 class BatonRun:
     """A `baton run` process in its own session, with its output (stdout and stderr) read line by line."""
 
     def __init__(self, tmp_path: Path, spec_file: Path):
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
-             "--import", f"{BREAST_CANCER_CSV}:datasets/breast_cancer.csv"],
-            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.process = subprocess.Popen(run_command(spec_file, tmp_path / "baton"), cwd=PROJECT_ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
         self.endpoint_url = self.read_until("--endpoint-url").rsplit(" ", 1)[1]
         self.children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
@@ -93,6 +100,14 @@ class BatonRun:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+    def moto_server_pid(self) -> int:
+        """Return the pid of the child process that runs moto's server."""
+        for pid in self.children:
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"shared.local.moto_server" in command_line:
+                return int(pid)
+        raise AssertionError(f"no child of baton run (pids {self.children}) runs shared.local.moto_server")
 
     def cli(self, *arguments: str):
         result = CliRunner().invoke(main, [*arguments, "--stage", "local", "--endpoint-url", self.endpoint_url])
@@ -212,3 +227,87 @@ def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
     for noise in NOISE:
         assert noise not in output
     assert running_processes(host.children) == []
+
+
+def test_second_run_on_folder_rejected(tmp_path, start_run):
+    spec_file = write_spec(tmp_path, "host", ENDLESS_ROUNDS)
+    host = start_run(spec_file)
+    host.read_until("round     2")
+    job_dir = tmp_path / "baton" / "efs" / "jobs" / "host"
+    spec_inode = (job_dir / "spec.json").stat().st_ino
+
+    # The short --timeout ends a second run that the lock failed to reject.
+    second = subprocess.run(run_command(spec_file, tmp_path / "baton", "--fresh", "--timeout", "5"),
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=WAIT_SECONDS)
+
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert second.stdout == ""
+    lines = second.stderr.splitlines()
+    assert len(lines) == 1, second.stderr
+    assert lines[0].startswith(f"Error: the local folder {tmp_path / 'baton'} is in use by another baton run "
+                               f"(pid {host.process.pid}), with its stack on {host.endpoint_url}.")
+    assert (f"`baton submit {spec_file} --stage local --endpoint-url {host.endpoint_url}`") in lines[0]
+    assert "or pass another --local-dir" in lines[0]
+    # --fresh deleted nothing, and the first run's job goes on.
+    assert (job_dir / "spec.json").stat().st_ino == spec_inode
+    assert (job_dir / "metrics" / "1.json").is_file()
+    host.read_until("round     4")
+
+    host.signal_group(signal.SIGINT)
+    exit_status, output = host.finish()
+    assert exit_status == 130, output
+    for noise in NOISE:
+        assert noise not in output
+    # The lock ends with the run and its stack.
+    with LocalDirLock(tmp_path / "baton"):
+        pass
+
+
+def test_moto_exit_ends_run_in_one_line(tmp_path, start_run):
+    host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS))
+    server_pid = host.moto_server_pid()
+    host.read_until("round     3")
+
+    os.kill(server_pid, signal.SIGKILL)
+    exit_status, output = host.finish()
+
+    assert exit_status == 1, output
+    after_rounds = [line for line in host.lines if not line.startswith("round ")][3:]
+    assert len(after_rounds) == 1, output
+    ended = re.fullmatch(rf"Error: moto's server \(pid {server_pid}\) exited with code -9 \(killed by SIGKILL\); "
+                         r"see its log (.*)\. The stack's queues and table are gone with it: job host stopped after "
+                         r"round (\d+), the last in (.*), and running the same command again trains it from round 1, "
+                         r"reusing the data it prepared", after_rounds[0])
+    assert ended, output
+    assert Path(ended.group(1)) == tmp_path / "baton" / "logs" / "moto.log"
+    metrics_dir = tmp_path / "baton" / "efs" / "jobs" / "host" / "metrics"
+    assert Path(ended.group(3)) == metrics_dir
+    last_round = int(ended.group(2))
+    last_printed = max(int(line.split()[1]) for line in host.lines if line.startswith("round "))
+    assert last_round >= last_printed
+    assert (metrics_dir / f"{last_round}.json").is_file()
+    assert not (metrics_dir / f"{last_round + 1}.json").exists()
+    for noise in NOISE:
+        assert noise not in output
+    assert running_processes(host.children) == []
+
+
+def test_last_round_skips_earlier_run(tmp_path):
+    efs_root = tmp_path / "efs"
+    metrics_dir = efs_root / "jobs" / "rerun" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    spec_path = efs_root / "jobs" / "rerun" / "spec.json"
+    spec_path.write_text("{}")
+    for round_number in range(1, 6):
+        (metrics_dir / f"{round_number}.json").write_text("{}")
+    started = time.time()
+    # Rounds 3 to 5 and the spec are from an earlier run, an hour before this one.
+    for name in ("3.json", "4.json", "5.json"):
+        os.utime(metrics_dir / name, (started - 3600, started - 3600))
+    os.utime(spec_path, (started - 10, started - 10))
+
+    assert last_round_on_efs(efs_root, "rerun", since=started - 20) == 2
+    assert last_round_on_efs(efs_root, "rerun", since=started) is None
+    assert last_round_on_efs(efs_root, "missing", since=started - 20) is None
+    os.utime(spec_path, (started + 10, started + 10))
+    assert last_round_on_efs(efs_root, "rerun", since=started - 20) == 0

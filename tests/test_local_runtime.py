@@ -352,3 +352,45 @@ def test_cli_rejects_job_id_outside_rule(tmp_path, command):
 
     assert result.exit_code == 2
     assert "is not a job id" in result.output
+
+
+@pytest.mark.parametrize("container_code, wait_seconds, expected", [
+    # The container has closed its socket but exits only half a second later.
+    ("import time; time.sleep(0.5); raise SystemExit(7)", 30, "exited with code 7 during an invocation"),
+    ("import time; time.sleep(60)", 0.3, "closed its connection and had not exited 0.3 s later"),
+], ids=["exits-late", "never-exits"])
+def test_crash_log_waits_for_exit(tmp_path, caplog, monkeypatch, container_code, wait_seconds, expected):
+    import logging
+    import socket
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+
+    from shared.local import runtime as runtime_module
+    from shared.local.runtime import Container, FunctionLanes, LocalRuntime
+    from shared.local.stack import FunctionDefinition
+
+    monkeypatch.setattr(runtime_module, "CONTAINER_EXIT_WAIT_SECONDS", wait_seconds)
+    definition = FunctionDefinition(name="crashing", handler="unused.handler", timeout_seconds=60, memory_mb=128,
+                                    queue_logical_id="CrashingQueue", batch_size=1, max_concurrency=1)
+    runtime = LocalRuntime({}, {}, None, {}, tmp_path / "logs")
+    lanes = FunctionLanes(definition, "http://127.0.0.1:9/123456789012/crashing", 1)
+    runtime_end, container_end = socket.socketpair()
+    container_end.close()
+    process = subprocess.Popen([sys.executable, "-c", container_code])
+    container = Container(process, Connection(runtime_end.detach()))
+    message = {"MessageId": "message-1", "ReceiptHandle": "receipt-1", "Body": "{}"}
+    try:
+        with caplog.at_level(logging.WARNING, logger="shared.local.runtime"):
+            outcome, failed_ids = runtime._invoke(container, lanes, [message], timeout=30)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        container.connection.close()
+
+    assert outcome == "crashed"
+    assert failed_ids == {"message-1"}
+    lines = [record.getMessage() for record in caplog.records if record.name == "shared.local.runtime"]
+    assert len(lines) == 1, lines
+    assert f"crashing container (pid {process.pid}) {expected}" in lines[0]
+    assert "None" not in lines[0]

@@ -22,7 +22,9 @@ every ``schedule_seconds`` with a scheduled-event payload.
 ``stop()`` kills the containers first and then waits for the lanes. A lane of a stopping
 runtime ends without starting another container, and logs what the stop itself causes (a
 container that exited, a request that failed) at debug level only, so stopping a stack
-prints nothing.
+prints nothing. The lanes do the same once the stack's server has exited (see the
+``server_exited`` parameter), because every request fails from then on and the stack's
+owner reports the exit itself.
 
 When fault injection is on (:mod:`shared.faults`), the lanes also apply the delivery
 faults: duplicated, delayed and reordered deliveries.
@@ -46,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Callable
 
 from shared import faults
 from shared.local.processes import python_module_command
@@ -56,6 +59,11 @@ logger = logging.getLogger(__name__)
 
 # Seconds a new container may take to import its handler before it counts as failed.
 CONTAINER_START_TIMEOUT_SECONDS = 120
+
+# Seconds to wait for a container whose connection broke during an invocation to exit,
+# so that the log line gives its exit code. Its socket closes a moment before the kernel
+# reports the process as exited.
+CONTAINER_EXIT_WAIT_SECONDS = 5.0
 
 # Seconds a reorder lane keeps receiving for the rest of a round that a reorder rule
 # targets. A round's tasks or reduce messages are sent in one batch request, so the rest
@@ -132,12 +140,18 @@ class LocalRuntime:
         Long-poll wait of each receive.
     schedule_seconds : dict of str to float, optional
         Per-function interval overrides for scheduled functions, for tests.
+    inherited_fds : tuple of int, optional
+        Open file descriptors that every container inherits.
+    server_exited : callable, optional
+        Returns whether the server behind ``sqs`` has exited. From then on the lanes log
+        their failures at debug level, as during a stop.
     """
 
     def __init__(self, functions: dict[str, FunctionDefinition], queue_urls: dict[str, str], sqs, environment: dict,
                  log_dir: Path, concurrency: dict[str, int] | None = None,
                  timeout_seconds: dict[str, float] | None = None, retry_delay_seconds: float = 1.0,
-                 poll_wait_seconds: int = 1, schedule_seconds: dict[str, float] | None = None):
+                 poll_wait_seconds: int = 1, schedule_seconds: dict[str, float] | None = None,
+                 inherited_fds: tuple[int, ...] = (), server_exited: Callable[[], bool] | None = None):
         self.sqs = sqs
         self.environment = environment
         self.log_dir = Path(log_dir)
@@ -145,6 +159,8 @@ class LocalRuntime:
         self.poll_wait_seconds = poll_wait_seconds
         self.timeouts = timeout_seconds or {}
         self.schedule_seconds = schedule_seconds or {}
+        self.inherited_fds = tuple(inherited_fds)
+        self._server_exited = server_exited
         self._stop = threading.Event()
         # Every container process started, so that stop() can end any a lane left behind
         # and callers can check that none outlives the runtime.
@@ -225,7 +241,7 @@ class LocalRuntime:
                 process = subprocess.Popen(
                     python_module_command("shared.local.container", str(child_socket.fileno()), str(os.getpid())),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, **self.environment}, pass_fds=(child_socket.fileno(),),
+                    env={**os.environ, **self.environment}, pass_fds=(child_socket.fileno(), *self.inherited_fds),
                     # Its own process group, so a Ctrl-C in the terminal reaches only the stack's owner.
                     process_group=0)
         finally:
@@ -262,12 +278,15 @@ class LocalRuntime:
             self._live_containers.discard(container)
 
     def _log(self, level: int, message: str, *args, exc_info: bool | None = None) -> None:
-        """Log a lane's problem at ``level``, or at debug level once the runtime is stopping.
+        """Log a lane's problem at ``level``, or at debug level while the runtime stops or after the server exited.
 
         A stopping runtime kills its containers, and moto's server stops after it, so the
-        lanes' failures from then on are caused by the stop and are not reported.
+        lanes' failures from then on are caused by the stop and are not reported. After
+        the server has exited, every request fails, and the stack's owner reports the
+        exit in one line instead.
         """
-        logger.log(logging.DEBUG if self._stop.is_set() else level, message, *args, exc_info=exc_info)
+        quiet = self._stop.is_set() or (self._server_exited is not None and self._server_exited())
+        logger.log(logging.DEBUG if quiet else level, message, *args, exc_info=exc_info)
 
     # Lanes -------------------------------------------------------------------------------
 
@@ -471,9 +490,8 @@ class LocalRuntime:
                 return "timeout", all_ids
             status, response = container.connection.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            self._log(logging.WARNING,
-                      "%s container (pid %d, exit code %s) exited during an invocation; retrying messages %s",
-                      lanes.definition.name, container.process.pid, container.process.poll(), sorted(all_ids))
+            self._log(logging.WARNING, "%s container (pid %d) %s during an invocation; retrying messages %s",
+                      lanes.definition.name, container.process.pid, self._wait_for_exit(container), sorted(all_ids))
             return "crashed", all_ids
 
         if status != "ok":
@@ -481,6 +499,15 @@ class LocalRuntime:
         failures = (response or {}).get("batchItemFailures", [])
         failed_ids = {failure["itemIdentifier"] for failure in failures}
         return ("partial" if failed_ids else "ok"), failed_ids
+
+    @staticmethod
+    def _wait_for_exit(container: Container) -> str:
+        """Wait up to ``CONTAINER_EXIT_WAIT_SECONDS`` for a container whose connection broke; return how it ended."""
+        try:
+            exit_code = container.process.wait(timeout=CONTAINER_EXIT_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            return f"closed its connection and had not exited {CONTAINER_EXIT_WAIT_SECONDS:g} s later"
+        return f"exited with code {exit_code}"
 
     def _record(self, lanes: FunctionLanes, message: dict) -> dict:
         attributes = message.get("Attributes", {})

@@ -17,15 +17,22 @@ Each of those processes leads its own process group. A Ctrl-C in a terminal, or 
 that ``timeout`` sends to its process group, then reaches only the process that owns the
 stack. That process stops the handlers first and moto's server last, so no handler is cut
 off from the server while it still runs.
+
+If moto's server exits while the stack runs, the queues and the table are gone with it.
+The stack's methods that read or send through the server then raise
+:class:`ServerExitedError`, and the handlers' lanes stop reporting the failed requests
+that follow, so the owner can report the exit in one line.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import boto3
+from botocore.exceptions import BotoCoreError
 
 from shared.config import Settings
 from shared.efs import EfsStore
@@ -80,18 +88,50 @@ class JobsUpdate:
     ended: list[JobRecord]
 
 
+# Seconds to wait for moto's server to exit after a request to it failed. The server's
+# sockets close a moment before the kernel reports the process as exited.
+SERVER_EXIT_WAIT_SECONDS = 2.0
+
+
+class ServerExitedError(RuntimeError):
+    """moto's server of a :class:`LocalStack` exited while the stack was running.
+
+    Attributes
+    ----------
+    pid : int
+    exit_code : int
+        As :attr:`subprocess.Popen.returncode` gives it: negative for a signal.
+    log_path : Path
+        The server's output.
+    """
+
+    def __init__(self, pid: int, exit_code: int, log_path: Path):
+        self.pid = pid
+        self.exit_code = exit_code
+        self.log_path = log_path
+        exit_text = f"exited with code {exit_code}"
+        if exit_code < 0:
+            try:
+                exit_text += f" (killed by {signal.Signals(-exit_code).name})"
+            except ValueError:
+                exit_text += f" (killed by signal {-exit_code})"
+        super().__init__(f"moto's server (pid {pid}) {exit_text}; see its log {log_path}")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def start_moto_server(log_path: Path, timeout_seconds: float = 30) -> tuple[subprocess.Popen, str]:
+def start_moto_server(log_path: Path, timeout_seconds: float = 30,
+                      inherited_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, str]:
     """Start moto's server in its own process on 127.0.0.1; return it and its endpoint URL.
 
     A separate process keeps each stack's state apart (moto's backends are global to a
     process) and keeps the server's work off the caller's interpreter lock. The server
-    exits by itself once this process is gone.
+    exits by itself once this process is gone. It inherits the descriptors in
+    ``inherited_fds``.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -99,6 +139,7 @@ def start_moto_server(log_path: Path, timeout_seconds: float = 30) -> tuple[subp
         process = subprocess.Popen(python_module_command("shared.local.moto_server", str(port), str(os.getpid())),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, **DUMMY_AWS_ENVIRONMENT, "MOTO_PORT": str(port)},
+                                   pass_fds=inherited_fds,
                                    # Its own process group, so a Ctrl-C in the terminal reaches only the stack's owner.
                                    process_group=0)
     deadline = time.monotonic() + timeout_seconds
@@ -137,12 +178,17 @@ class LocalStack:
     trace_dir : str or Path, optional
         Folder for the containers' phase timings (:mod:`shared.tracing`); tracing is off
         when None.
+    inherited_fds : tuple of int, optional
+        Open file descriptors that moto's server and every container inherit, such as the
+        lock on ``baton run``'s local folder, which then stays held until the last process
+        of the stack has exited.
     """
 
     def __init__(self, efs_root: str | os.PathLike, concurrency: dict[str, int] | None = None,
                  timeout_seconds: dict[str, float] | None = None, extra_environment: dict | None = None,
                  endpoint_url: str | None = None, retry_delay_seconds: float = 1.0, stage: str = "local",
-                 schedule_seconds: dict[str, float] | None = None, trace_dir: str | os.PathLike | None = None):
+                 schedule_seconds: dict[str, float] | None = None, trace_dir: str | os.PathLike | None = None,
+                 inherited_fds: tuple[int, ...] = ()):
         self.efs_root = Path(efs_root).resolve()
         self.definition: StackDefinition = load_stack_definition(stage=stage)
         self.concurrency = {"worker": 4, "starter": 1, "aggregator": 1, **(concurrency or {})}
@@ -152,6 +198,8 @@ class LocalStack:
         self.retry_delay_seconds = retry_delay_seconds
         self.schedule_seconds = schedule_seconds
         self.trace_dir = None if trace_dir is None else Path(trace_dir).resolve()
+        self.inherited_fds = tuple(inherited_fds)
+        self.server_log_path = self.efs_root.parent / "logs" / "moto.log"
         self._server: subprocess.Popen | None = None
         self.server_pid: int | None = None
         self.runtime: LocalRuntime | None = None
@@ -174,13 +222,15 @@ class LocalStack:
 
     def _start(self) -> None:
         if self.endpoint_url is None:
-            self._server, self.endpoint_url = start_moto_server(self.efs_root.parent / "logs" / "moto.log")
+            self._server, self.endpoint_url = start_moto_server(self.server_log_path,
+                                                                inherited_fds=self.inherited_fds)
             self.server_pid = self._server.pid
 
         self.efs_root.mkdir(parents=True, exist_ok=True)
         self.sqs = self.client("sqs")
         self.dynamodb = self.client("dynamodb")
-        queue_urls = create_stack(self.definition, self.sqs, self.dynamodb)
+        with self._server_requests():
+            queue_urls = create_stack(self.definition, self.sqs, self.dynamodb)
         self.queue_urls = queue_urls
         self.settings: Settings = self.definition.settings(str(self.efs_root))
         self.state = StateStore(self.dynamodb, self.settings.state_table_name)
@@ -203,7 +253,8 @@ class LocalStack:
             self.definition.functions, queue_urls, self.sqs, environment,
             log_dir=self.efs_root.parent / "logs", concurrency=self.concurrency,
             timeout_seconds=self.timeout_seconds, retry_delay_seconds=self.retry_delay_seconds,
-            schedule_seconds=self.schedule_seconds,
+            schedule_seconds=self.schedule_seconds, inherited_fds=self.inherited_fds,
+            server_exited=lambda: self.server_exit_code() is not None,
         ).start()
 
     def stop(self) -> None:
@@ -222,6 +273,35 @@ class LocalStack:
         """
         if self.runtime is not None:
             self.runtime.stop()
+
+    def server_exit_code(self) -> int | None:
+        """Return the exit code of the stack's moto server once it has exited, else None.
+
+        None too for a stack on a given ``endpoint_url``, and after :meth:`stop`.
+        """
+        server = self._server
+        return None if server is None else server.poll()
+
+    def check_server(self, wait_seconds: float = 0) -> None:
+        """Raise :class:`ServerExitedError` if the stack's moto server has exited within ``wait_seconds``."""
+        server = self._server
+        if server is None:
+            return
+        try:
+            exit_code = server.wait(timeout=wait_seconds) if wait_seconds > 0 else server.poll()
+        except subprocess.TimeoutExpired:
+            return
+        if exit_code is not None:
+            raise ServerExitedError(server.pid, exit_code, self.server_log_path)
+
+    @contextlib.contextmanager
+    def _server_requests(self) -> Iterator[None]:
+        """Raise :class:`ServerExitedError` in place of a failed request when moto's server has exited."""
+        try:
+            yield
+        except BotoCoreError:
+            self.check_server(wait_seconds=SERVER_EXIT_WAIT_SECONDS)
+            raise
 
     @property
     def started_pids(self) -> list[int]:
@@ -286,16 +366,27 @@ class LocalStack:
     def submit(self, spec: dict | str) -> str:
         """Send a job spec to the jobs queue; return its message id."""
         body = spec if isinstance(spec, str) else json.dumps(spec)
-        response = self.sqs.send_message(QueueUrl=self.queue_urls["JobsQueue"], MessageBody=body)
+        with self._server_requests():
+            response = self.sqs.send_message(QueueUrl=self.queue_urls["JobsQueue"], MessageBody=body)
         return response["MessageId"]
 
     def follow(self, job_id: str, poll_seconds: float = 0.1, timeout_seconds: float = 3600) -> Iterator[dict | JobRecord]:
-        """Yield each round's metrics as the job records them, then the final job record."""
+        """Yield each round's metrics as the job records them, then the final job record.
+
+        Raises
+        ------
+        ServerExitedError
+            If the stack's moto server exits meanwhile.
+        TimeoutError
+            If the job has not ended after ``timeout_seconds``.
+        """
         deadline = time.monotonic() + timeout_seconds
         files = EfsStore(self.efs_root)
         next_round = 0
         while True:
-            record = self.state.get_job(job_id)
+            self.check_server()
+            with self._server_requests():
+                record = self.state.get_job(job_id)
             # The job item's round is the index of the round running, which is also the
             # number of rounds whose metrics are written.
             rounds_done = 0 if record is None else record.round
@@ -315,13 +406,15 @@ class LocalStack:
 
     def list_jobs(self, statuses: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[JobRecord]:
         """Return the stack's jobs, oldest first, in ``statuses`` (all when None) and not in ``exclude``."""
-        return [job for job in self.state.list_jobs()
-                if job.job_id not in exclude and (statuses is None or job.status in statuses)]
+        with self._server_requests():
+            jobs = self.state.list_jobs()
+        return [job for job in jobs if job.job_id not in exclude and (statuses is None or job.status in statuses)]
 
     def pending_job_messages(self) -> int:
         """Return the approximate number of job messages not yet handled: waiting, in flight or delayed."""
-        attributes = self.sqs.get_queue_attributes(QueueUrl=self.queue_urls["JobsQueue"],
-                                                   AttributeNames=list(_JOBS_QUEUE_COUNTS))["Attributes"]
+        with self._server_requests():
+            attributes = self.sqs.get_queue_attributes(QueueUrl=self.queue_urls["JobsQueue"],
+                                                       AttributeNames=list(_JOBS_QUEUE_COUNTS))["Attributes"]
         return sum(int(attributes.get(name, 0)) for name in _JOBS_QUEUE_COUNTS)
 
     def follow_jobs(self, exclude: tuple[str, ...] = (), poll_seconds: float = 0.5,
@@ -336,6 +429,8 @@ class LocalStack:
 
         Raises
         ------
+        ServerExitedError
+            If the stack's moto server exits meanwhile.
         TimeoutError
             If a job is still PREPARING or RUNNING, or a job message is still queued,
             after ``timeout_seconds``.
@@ -343,6 +438,7 @@ class LocalStack:
         deadline = time.monotonic() + timeout_seconds
         previous: dict[str, str] | None = None
         while True:
+            self.check_server()
             # Counted before the table is read: a job message handled in between has then
             # created its job item before the read.
             pending_messages = self.pending_job_messages()
@@ -366,7 +462,10 @@ class LocalStack:
             time.sleep(poll_seconds)
 
     def wait(self, job_id: str, timeout_seconds: float = 3600, on_round: Callable[[dict], None] | None = None) -> JobRecord:
-        """Block until the job succeeds or fails; return its final record."""
+        """Block until the job succeeds or fails; return its final record.
+
+        Raises :class:`ServerExitedError` or :class:`TimeoutError` as :meth:`follow` does.
+        """
         for update in self.follow(job_id, timeout_seconds=timeout_seconds):
             if isinstance(update, JobRecord):
                 return update
