@@ -42,7 +42,8 @@ field. The whole message may be at most {MAX_SPEC_BYTES // 1024} KiB.
 in place of one. `--set training.n_workers=8` sets any field below. Its value is read as
 JSON when it is valid JSON, and as a string otherwise. `--model`, `--data`,
 `--n-workers`, `--epochs` and a few more set the common fields. Both commands check the
-result as the starter does before anything is sent.
+result's fields, types and ranges as the starter does before anything is sent; the checks
+that need the data run in the starter.
 
 Rounds count from 1, as `baton run`, `baton watch`, `baton status`, the metrics and the
 job's error messages show them. With `training.max_rounds` 100 the job runs rounds 1 to

@@ -7,12 +7,14 @@ import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Callable
 
 import click
 from click.core import ParameterSource
 
-from shared.cli_spec import build_spec, check_job_id_argument, checked_output_path, spec_options
+from shared.cli_spec import (FiniteFloatRange, build_spec, check_job_id_argument, checked_output_path,
+                              spec_options)
 from shared.errors import JobSpecError
 from shared.spec import check_relative_path
 from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
@@ -52,8 +54,11 @@ def _format_round(metrics: dict) -> str:
     return "  ".join(parts)
 
 
-def _aws_error_message(error: Exception) -> str | None:
-    """Return a one-line explanation of a common AWS client error, or None for other errors."""
+def _aws_error_message(error: Exception, stage: str | None = None) -> str | None:
+    """Return a one-line explanation of a common AWS client error, or None for other errors.
+
+    ``stage`` is the command's --stage, so that a missing table or queue is named.
+    """
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
 
     if isinstance(error, NoRegionError):
@@ -69,6 +74,10 @@ def _aws_error_message(error: Exception) -> str | None:
         code = error.response.get("Error", {}).get("Code", "")
         if code in ("ResourceNotFoundException", "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
             message = error.response["Error"].get("Message", code).rstrip(".")
+            if stage is not None:
+                resource = ("table" if code == "ResourceNotFoundException" else "queue")
+                name = f"baton-{stage}-state" if resource == "table" else f"baton-{stage}-jobs"
+                message = f"{message} ({resource} {name} for --stage {stage!r})"
             return (f"{message}; check --stage (a local stack started by `baton run` uses --stage local), "
                     "--queue-url if given, and --region")
         return f"AWS request failed: {code}: {error.response.get('Error', {}).get('Message', '')}"
@@ -82,7 +91,8 @@ class BatonGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as error:
-            message = _aws_error_message(error)
+            # Context.meta is shared by the group's context and the command's.
+            message = _aws_error_message(error, ctx.meta.get(STAGE_META_KEY))
             if message is None:
                 raise
             raise click.ClickException(message) from None
@@ -94,14 +104,49 @@ def main() -> None:
     """Baton: data-parallel training on AWS Lambda, chained through SQS and EFS."""
 
 
+STAGE_META_KEY = "baton.stage"
+# Serverless Framework stage names: letters, digits and hyphens.
+STAGE_PATTERN = re.compile(r"[A-Za-z0-9-]{1,32}")
+# AWS region names such as us-east-1, eu-central-2 or us-gov-west-1.
+REGION_PATTERN = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+
+
+def _check_stage(context: click.Context, parameter: click.Parameter, stage: str) -> str:
+    if not STAGE_PATTERN.fullmatch(stage):
+        raise click.BadParameter(f"{stage!r} is not a stage name: use up to 32 letters, digits and hyphens, as "
+                                 "given to `serverless deploy --stage` (`baton run` uses local)", context, parameter)
+    context.meta[STAGE_META_KEY] = stage
+    return stage
+
+
+def _check_url(context: click.Context, parameter: click.Parameter, url: str | None, example: str) -> str | None:
+    """Return ``url`` if it is an http:// or https:// URL with a host; else raise naming ``example``."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"{url!r} is not an http:// or https:// URL; give {example}", context, parameter)
+    return url
+
+
+def _check_endpoint_url(context: click.Context, parameter: click.Parameter, url: str | None) -> str | None:
+    return _check_url(context, parameter, url, "the endpoint that `baton run` prints, such as http://127.0.0.1:PORT")
+
+
+def _check_region(context: click.Context, parameter: click.Parameter, region: str | None) -> str | None:
+    if region is not None and not REGION_PATTERN.fullmatch(region):
+        raise click.BadParameter(f"{region!r} is not an AWS region name such as us-east-1", context, parameter)
+    return region
+
+
 def _stack_options(command: Callable) -> Callable:
     """Add the options that select a stack: --stage, --endpoint-url and --region."""
-    command = click.option("--region", default=None,
+    command = click.option("--region", default=None, callback=_check_region,
                            help="AWS region of the stack; defaults to the standard AWS configuration.")(command)
-    command = click.option("--endpoint-url", default=None, metavar="URL",
+    command = click.option("--endpoint-url", default=None, metavar="URL", callback=_check_endpoint_url,
                            help="Send AWS requests to this endpoint instead, such as the local stack's moto "
                                 "server (printed by `baton run`).")(command)
-    command = click.option("--stage", default="dev", show_default=True,
+    command = click.option("--stage", default="dev", show_default=True, callback=_check_stage,
                            help="Stage the stack was deployed with; `baton run` uses 'local'.")(command)
     return command
 
@@ -114,7 +159,7 @@ def _stack_options(command: Callable) -> Callable:
               help="Copy a local file or folder to DEST under the EFS root before the job starts. Repeatable.")
 @click.option("--workers", "worker_lanes", type=click.IntRange(1, 64), default=None,
               help="Worker containers run at once; defaults to the job's n_workers.")
-@click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=1), default=3600, show_default=True,
+@click.option("--timeout", "timeout_seconds", type=FiniteFloatRange(min=1), default=3600, show_default=True,
               help="Give up waiting after this many seconds from sending the job. The wait for other jobs "
                    "sent to the stack counts towards it.")
 @click.option("--fresh", is_flag=True, help="Delete this job's previous local files first.")
@@ -270,7 +315,9 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
 @main.command()
 @click.argument("spec_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_stack_options
-@click.option("--queue-url", default=None, help="Jobs queue URL; looked up from the stage when omitted.")
+@click.option("--queue-url", default=None, callback=lambda context, parameter, url: _check_url(
+    context, parameter, url, "a jobs queue URL such as https://sqs.us-east-1.amazonaws.com/123456789012/baton-dev-jobs"),
+              help="Jobs queue URL; looked up from the stage when omitted.")
 @click.option("--dry-run", is_flag=True, help="Validate the spec and print it as JSON without sending it.")
 @spec_options
 def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region: str | None, queue_url: str | None,
@@ -431,9 +478,9 @@ def _last_error_line(last_error: dict) -> str:
 @main.command()
 @click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
-@click.option("--interval", "interval_seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+@click.option("--interval", "interval_seconds", type=FiniteFloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between two reads of the table.")
-@click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=1), default=None,
+@click.option("--timeout", "timeout_seconds", type=FiniteFloatRange(min=1), default=None,
               help="Stop watching after this many seconds; by default watch until the job ends.")
 def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None, interval_seconds: float,
           timeout_seconds: float | None) -> None:
@@ -507,9 +554,9 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 @_stack_options
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="PNG file to write; defaults to ./<JOB_ID>.png.")
-@click.option("--width", "width_inches", type=click.FloatRange(min=2, max=40), default=12.0, show_default=True,
+@click.option("--width", "width_inches", type=FiniteFloatRange(min=2, max=40), default=12.0, show_default=True,
               help="Figure width in inches.")
-@click.option("--height", "height_inches", type=click.FloatRange(min=2, max=40), default=8.0, show_default=True,
+@click.option("--height", "height_inches", type=FiniteFloatRange(min=2, max=40), default=8.0, show_default=True,
               help="Figure height in inches.")
 @click.option("--dpi", type=click.IntRange(min=30, max=600), default=100, show_default=True,
               help="Pixels per inch; the image is width x dpi by height x dpi pixels.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import math
 import re
 import time
 from dataclasses import Field, dataclass, fields
@@ -121,6 +122,18 @@ def spec_options(command: Callable) -> Callable:
     for shortcut in reversed(SPEC_SHORTCUTS):
         with_overrides = _shortcut_option(shortcut)(with_overrides)
     return with_overrides
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float option within a range that also rejects nan and inf, which click's FloatRange lets through."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def check_job_id_argument(context: click.Context, parameter: click.Parameter, job_id: str) -> str:

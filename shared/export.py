@@ -88,7 +88,9 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
     if not store.job_dir(job_id).is_dir():
         raise ExportError(f"no job folder {store.job_dir(job_id)}; check the job id and --local-dir or --efs-root")
     if not params_path.exists():
-        raise ExportError(f"job {job_id} has no final model at {params_path}; export a job once it has SUCCEEDED")
+        raise ExportError(f"job {job_id} has no final model at {params_path}: a job writes it only when it succeeds. "
+                          f"`baton status {job_id}` shows whether it is still running (export it once it has "
+                          "succeeded), failed (fix the cause and `baton resume` it) or was cancelled")
 
     spec = parse_job_spec(store.read_json(store.spec_path(job_id)))
     manifest = store.read_json(store.data_dir(job_id) / "manifest.json")

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from shared.efs import EfsStore
 from shared.errors import BatonError
-from shared.state import PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
+from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -192,6 +192,9 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
 
     follower = RoundFollower(store, job_id)
     started = time.monotonic()
+    if timeout_seconds is not None:
+        # --timeout bounds the whole watch, the wait for the job to appear included.
+        wait_for_job_seconds = min(wait_for_job_seconds, timeout_seconds)
     record, _ = follower.poll()
     if record is None:
         # A job just sent has no item until the starter runs, so watch waits for it.
@@ -277,20 +280,29 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
     result.written.append(job_path)
     result.written += _write_spec_and_metrics(json.loads(record.spec_json), rounds, output_dir)
 
+    if record.status != SUCCEEDED:
+        result.notes.append(_no_model_note(job_id, record.status))
+        return result
     if efs_root is None:
         result.notes.append(f"model not copied: it is on EFS under jobs/{job_id}/model/; pass --efs-root for a "
                             "local stack, or copy it out of AWS with DataSync (docs/deployment.md)")
         return result
     model_dir = EfsStore(efs_root).model_dir(job_id)
-    if model_dir.is_dir():
-        result.written += _copy_model(model_dir, output_dir)
-    elif record.status == SUCCEEDED:
+    if not model_dir.is_dir():
         raise FileNotFoundError(f"job '{job_id}' SUCCEEDED but {model_dir} does not exist; check --efs-root, "
                                 "which is <local-dir>/efs (.baton/efs by default) for `baton run`")
-    else:
-        result.notes.append(f"model not copied: job '{job_id}' is {record.status}, and it writes {model_dir} "
-                            "only when it succeeds; fetch again then")
+    result.written += _copy_model(model_dir, output_dir)
     return result
+
+
+def _no_model_note(job_id: str, status: str) -> str:
+    """Return why a job of ``status`` other than SUCCEEDED has no model to copy, and what would give it one."""
+    if status == FAILED:
+        return (f"no model: job '{job_id}' FAILED, and a job writes its model only when it succeeds; fix the cause "
+                f"in its error (`baton status {job_id}`), run `baton resume {job_id}`, and fetch again once it succeeds")
+    if status == CANCELLED:
+        return f"no model: job '{job_id}' was CANCELLED, and a job writes its model only when it succeeds"
+    return f"model not copied yet: job '{job_id}' is {status}, and it writes its model when it succeeds; fetch again then"
 
 
 def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:

@@ -486,6 +486,10 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
             raw_lines = [handle.readline() for _ in range(skip_lines + 1)]
     except (OSError, EOFError) as error:
         raise datasets.read_error(path, source, error) from None
+    if not raw_lines[-1].strip():
+        skipped = f" after its {skip_lines} skipped and header lines" if skip_lines else ""
+        raise DataError(f"'{source}' has no data rows{skipped}: line {skip_lines + 1} is empty or missing; check "
+                        "that the file was copied whole, and data.skip_rows and data.header")
     lines = [datasets.decode_text(raw, source, number) for number, raw in enumerate(raw_lines, start=1)]
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]

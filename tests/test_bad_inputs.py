@@ -126,6 +126,10 @@ CASES = [
      ["not found", "'datasets/dangling.csv' is a symbolic link to a missing file", "data.path"]),
     ("link-loop", json.dumps(spec("link-loop", data=csv_data("datasets/loop-a.csv"))), "link-loop",
      ["not found", "'datasets/loop-a.csv' is a symbolic link", "loop of links"]),
+    ("empty-csv", json.dumps(spec("csv-empty", data=csv_data("datasets/empty.csv"))), "csv-empty",
+     ["'datasets/empty.csv' has no data rows", "line 1 is empty or missing", "copied whole"]),
+    ("header-only-csv", json.dumps(spec("csv-header-only", data=csv_data("datasets/header-only.csv", header=True))),
+     "csv-header-only", ["'datasets/header-only.csv' has no data rows after its 1 skipped and header lines"]),
     ("empty-file", json.dumps(spec("file-empty", data=libsvm_data("datasets/empty.libsvm"))), "file-empty",
      ["empty.libsvm", "no rows"]),
     ("corrupt-libsvm-line", json.dumps(spec("libsvm-corrupt", data=libsvm_data("datasets/corrupt.libsvm"))),
@@ -246,6 +250,8 @@ def write_data_files(efs_root):
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
     write_malformed_files(datasets)
     os.mkfifo(datasets / "pipe.csv")
+    (datasets / "empty.csv").write_text("")
+    (datasets / "header-only.csv").write_text("a,b,label\n")
     write_links_outside(efs_root)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -107,8 +108,15 @@ def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((output / "job.json").read_text())["status"] == "FAILED"
     assert (output / "metrics.csv").is_file()
-    assert "model not copied: job 'no-model' is FAILED" in result.stderr
+    assert "no model: job 'no-model' FAILED, and a job writes its model only when it succeeds" in result.stderr
+    assert "`baton resume no-model`" in result.stderr
     assert not (output / "model").exists()
+
+    without_efs = CliRunner().invoke(main, ["fetch", "no-model", *finished_job["arguments"], "--output",
+                                            str(tmp_path / "again")])
+    assert without_efs.exit_code == 0, without_efs.output
+    assert "no model: job 'no-model' FAILED" in without_efs.stderr
+    assert "pass --efs-root" not in without_efs.stderr
 
 
 def test_fetch_rejects_wrong_efs_root(finished_job, tmp_path):
@@ -310,6 +318,18 @@ def test_watch_says_it_waits_for_job(finished_job):
                   sleep=lambda seconds: None)
 
     assert "waiting up to 0 s for job 'not-sent-yet' to appear in table" in stream.getvalue()
+
+
+def test_watch_timeout_bounds_wait_for_job(finished_job):
+    started = time.monotonic()
+
+    result = CliRunner().invoke(main, ["watch", "not-sent-yet", *finished_job["arguments"], "--interval", "0.2",
+                                       "--timeout", "1"])
+
+    assert result.exit_code == 1
+    assert "no job 'not-sent-yet'" in result.output
+    assert "after 1 s" in result.output
+    assert time.monotonic() - started < 30, "the 60 s wait for the job ignored --timeout"
 
 
 def test_watch_notes_paused_job_once(finished_job):

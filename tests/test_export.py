@@ -106,6 +106,19 @@ def test_export_of_unknown_job_fails(tmp_path):
     assert "no job folder" in result.output
 
 
+def test_export_of_job_without_model_says_why(tmp_path):
+    (tmp_path / "jobs" / "unfinished").mkdir(parents=True)
+
+    result = CliRunner().invoke(main, ["export", "unfinished", "--efs-root", str(tmp_path), "--output",
+                                       str(tmp_path / "m.joblib")])
+
+    assert result.exit_code == 1
+    assert "job unfinished has no final model" in result.output
+    assert "a job writes it only when it succeeds" in result.output
+    assert "`baton status unfinished`" in result.output
+    assert not (tmp_path / "m.joblib").exists()
+
+
 def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tmp_path):
     spec = breast_cancer_spec("plain-export", data={"standardize": False}, optimizer={"learning_rate": 1e-6},
                               training={"max_rounds": 3})

@@ -234,6 +234,23 @@ def test_cli_status_explains_missing_table(local_stack):
     assert result.exit_code != 0
     assert "Traceback" not in result.output
     assert "--stage local" in result.output
+    assert "(table baton-nosuchstage-state for --stage 'nosuchstage')" in result.output
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--endpoint-url", "notaurl", "is not an http:// or https:// URL"),
+    ("--endpoint-url", "", "is not an http:// or https:// URL"),
+    ("--endpoint-url", "ftp://127.0.0.1:1", "is not an http:// or https:// URL"),
+    ("--region", "ü", "is not an AWS region name"),
+    ("--stage", "", "is not a stage name"),
+    ("--stage", "ü", "is not a stage name"),
+])
+def test_cli_rejects_bad_stack_option(option, value, words):
+    result = CliRunner().invoke(main, ["status", "any-job", option, value])
+
+    assert result.exit_code == 2
+    assert words in result.output
+    assert "Traceback" not in result.output
 
 
 def test_cli_status_explains_unreachable_endpoint():
