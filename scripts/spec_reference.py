@@ -36,7 +36,9 @@ A job is a JSON object sent to the jobs queue (`baton submit`, `baton run`, or
 `data` and `training`. `model` and `data` are required; a missing section or field takes
 the default below. The starter rejects a spec with an unknown field, a value of the wrong
 type or a value out of range, and marks the job FAILED with a message that names the
-field. The whole message may be at most {MAX_SPEC_BYTES // 1024} KiB.
+field. It also rejects a `model` field set away from its default for a model that does
+not read it, such as `hidden_layer_sizes` for `logistic_regression`. The whole message may
+be at most {MAX_SPEC_BYTES // 1024} KiB.
 
 `baton submit` and `baton run` also set fields from options, on top of a spec file or
 in place of one. `--set training.n_workers=8` sets any field below. Its value is read as

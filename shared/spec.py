@@ -382,6 +382,14 @@ def _check_combinations(sections: dict[str, Any]) -> None:
                                                    "'model_average'; set the mode or remove them")
     if model.class_weight is not None and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("model.class_weight", f"model '{model.name}' is not a classifier; remove class_weight")
+    # A field set away from its default for a model that never reads it is most likely
+    # meant for another model, so it is named instead of ignored.
+    read = model_class.spec_fields()
+    for spec_field_ in fields(ModelSection):
+        if spec_field_.name != "name" and spec_field_.name not in read \
+                and getattr(model, spec_field_.name) != spec_field_.default:
+            raise JobSpecError(f"model.{spec_field_.name}",
+                               f"does not apply to model '{model.name}', which reads {', '.join(read)}; remove it")
     if training.target_validation_accuracy is not None and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("training.target_validation_accuracy",
                            f"model '{model.name}' reports no accuracy; use target_validation_loss instead")

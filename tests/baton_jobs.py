@@ -6,15 +6,22 @@ import json
 
 import numpy as np
 
+from shared.models import MODELS
 from tests.inprocess import HANDLERS, FakeContext, InProcessStack, sqs_event
 
 
 def breast_cancer_spec(job_id: str, model: dict | None = None, optimizer: dict | None = None,
                        data: dict | None = None, training: dict | None = None) -> dict:
-    """Return a small job on tests/data/breast_cancer.csv (a numeric header line, labels last)."""
+    """Return a small job on tests/data/breast_cancer.csv (a numeric header line, labels last).
+
+    The penalty alpha 1e-3 is set for every model that reads it.
+    """
+    model = {"name": "logistic_regression", **(model or {})}
+    if "alpha" in MODELS[model["name"]].spec_fields():
+        model = {"alpha": 1e-3, **model}
     return {
         "job_id": job_id,
-        "model": {"name": "logistic_regression", "alpha": 1e-3, **(model or {})},
+        "model": model,
         "optimizer": {"name": "sgd", "learning_rate": 0.5, **(optimizer or {})},
         "data": {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1, "standardize": True,
                  **(data or {})},

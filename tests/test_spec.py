@@ -113,6 +113,35 @@ def test_invalid_combinations(sections, field):
     assert raised.value.field == field
 
 
+@pytest.mark.parametrize("model, field", [
+    ({"name": "logistic_regression", "hidden_layer_sizes": [64]}, "model.hidden_layer_sizes"),
+    ({"name": "kmeans", "alpha": 0.01}, "model.alpha"),
+    ({"name": "mlp_classifier", "penalty": "l1"}, "model.penalty"),
+    ({"name": "linear_regression", "loss": "squared_hinge"}, "model.loss"),
+])
+def test_field_of_another_model_rejected(model, field):
+    with pytest.raises(JobSpecError) as raised:
+        parse_job_spec(spec_with(model=model, data={"stratify": False}))
+
+    assert raised.value.field == field
+    assert f"does not apply to model '{model['name']}', which reads" in str(raised.value)
+
+
+def test_field_at_default_accepted_for_any_model():
+    # A field written out at its default changes nothing, so it is not an error.
+    spec = parse_job_spec(spec_with(model={"name": "kmeans", "alpha": 0.0, "penalty": "l2"},
+                                    data={"stratify": False}))
+
+    assert spec.model.name == "kmeans"
+
+
+def test_models_read_their_own_fields():
+    assert set(MODELS["linear_svm"].spec_fields()) == {"alpha", "loss", "penalty", "l1_ratio", "l1_method",
+                                                       "class_weight"}
+    assert MODELS["kmeans"].spec_fields() == ("n_clusters",)
+    assert "class_weight" not in MODELS["mlp_regressor"].spec_fields()
+
+
 def test_defaults_filled():
     spec = parse_job_spec(spec_with())
     assert spec.training.mode == "gradient_average"

@@ -16,6 +16,8 @@ into the next parameters with :meth:`Model.combine_statistics`.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -67,6 +69,27 @@ class Model(ABC):
     #: ``"gradient"`` for models trained by an optimizer on :meth:`loss_grad`, or
     #: ``"statistics"`` for models updated by :meth:`combine_statistics`.
     training_mode: ClassVar[str] = "gradient"
+    #: Constructor arguments that the model accepts and does not use.
+    ignored_arguments: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def spec_fields(cls) -> tuple[str, ...]:
+        """Return the ``model`` fields of a job spec that this model reads, besides ``name``."""
+        fixed = ("self", "n_features", "n_classes")
+        names: list[str] = []
+        # Each constructor passes its **hyperparameters on to its base class's, so the
+        # fields read are the named arguments of every constructor up the chain.
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass) or klass is object:
+                continue
+            parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            names += [parameter.name for parameter in parameters if parameter.kind is
+                      inspect.Parameter.POSITIONAL_OR_KEYWORD and parameter.name not in fixed + tuple(names)]
+            if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+                break
+        if cls.task in ("binary", "multiclass"):
+            names.append("class_weight")
+        return tuple(name for name in names if name not in cls.ignored_arguments)
 
     def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0, **hyperparameters):
         self.n_features = int(n_features)

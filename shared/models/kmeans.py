@@ -47,6 +47,7 @@ class KMeans(Model):
     name = "kmeans"
     task = "clustering"
     training_mode = "statistics"
+    ignored_arguments = ("alpha",)
 
     def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0, n_clusters: int = 8,
                  **hyperparameters):
