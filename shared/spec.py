@@ -240,21 +240,37 @@ def _type_name(annotation: str) -> str:
     return annotation.replace(" | None", "")
 
 
+def shown(value: Any) -> str:
+    """Return ``value`` as a message shows it: JSON's words for booleans and null, else its repr.
+
+    A JSON number too large for a float, such as 1e400, is read as infinity, and is named so.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float) and math.isinf(value):
+        return f"{'-' if value < 0 else ''}a number beyond the float range (read as infinity)"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    return repr(value)
+
+
 def _check_number(path: str, expected: str, value: Any) -> int | float:
     if expected == "int":
         # JSON has one number type; accept 4.0 for 4 but never a bool.
         # A huge JSON integer stays a Python int, so compare ints without going through float.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise JobSpecError(path, f"expected an integer, got {value!r}")
+            raise JobSpecError(path, f"expected an integer, got {shown(value)}")
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise JobSpecError(path, f"expected an integer, got {value!r}")
+            raise JobSpecError(path, f"expected an integer, got {shown(value)}")
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise JobSpecError(path, f"expected a number, got {value!r}")
+        raise JobSpecError(path, f"expected a number, got {shown(value)}")
     if isinstance(value, int) and abs(value) > 1e300:
         raise JobSpecError(path, f"got an integer with {len(str(abs(value)))} digits; expected a finite number")
     if not math.isfinite(value):
-        raise JobSpecError(path, f"expected a finite number, got {value!r}")
+        raise JobSpecError(path, f"expected a finite number, got {shown(value)}")
     return float(value)
 
 
@@ -262,14 +278,14 @@ def _check_range(path: str, meta: dict, value: int | float) -> None:
     minimum, maximum = meta["minimum"], meta["maximum"]
     if minimum is not None:
         if meta["exclusive_minimum"] and not value > minimum:
-            raise JobSpecError(path, f"got {value!r}; must be greater than {minimum}")
+            raise JobSpecError(path, f"got {shown(value)}; must be greater than {minimum}")
         if not meta["exclusive_minimum"] and value < minimum:
-            raise JobSpecError(path, f"got {value!r}; must be at least {minimum}")
+            raise JobSpecError(path, f"got {shown(value)}; must be at least {minimum}")
     if maximum is not None:
         if meta["exclusive_maximum"] and not value < maximum:
-            raise JobSpecError(path, f"got {value!r}; must be less than {maximum}")
+            raise JobSpecError(path, f"got {shown(value)}; must be less than {maximum}")
         if not meta["exclusive_maximum"] and value > maximum:
-            raise JobSpecError(path, f"got {value!r}; must be at most {maximum}")
+            raise JobSpecError(path, f"got {shown(value)}; must be at most {maximum}")
 
 
 def _check_list(path: str, element_type: str, meta: dict, value: Any) -> tuple:
@@ -304,10 +320,10 @@ def _check_value(section: str, name: str, annotation: str, meta: dict, value: An
         value = _check_number(path, expected, value)
     elif expected == "bool":
         if not isinstance(value, bool):
-            raise JobSpecError(path, f"expected true or false, got {value!r}")
+            raise JobSpecError(path, f"expected true or false, got {shown(value)}")
     elif expected == "str":
         if not isinstance(value, str) or not value:
-            raise JobSpecError(path, f"expected a non-empty string, got {value!r}")
+            raise JobSpecError(path, f"expected a non-empty string, got {shown(value)}")
     elif expected == "int | str":
         if isinstance(value, str):
             if not value:
@@ -318,7 +334,7 @@ def _check_value(section: str, name: str, annotation: str, meta: dict, value: An
         raise TypeError(f"spec field {path} has annotation {annotation!r}, which _check_value does not handle")
 
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise JobSpecError(path, f"got {value!r}; expected one of {', '.join(map(repr, meta['choices']))}")
+        raise JobSpecError(path, f"got {shown(value)}; expected one of {', '.join(map(repr, meta['choices']))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         _check_range(path, meta, value)
     return value

@@ -30,3 +30,15 @@ def test_integral_float_accepted_as_integer():
 
     assert spec.training.n_workers == 4
     assert isinstance(spec.training.n_workers, int)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"n_workers": true}', "expected an integer, got true"),
+    ('{"learning_rate": 1e400}', "a number beyond the float range (read as infinity)"),
+])
+def test_message_shows_json_words(text, words):
+    section = "optimizer" if "learning_rate" in text else "training"
+    with pytest.raises(JobSpecError) as raised:
+        load_job_message(PREFIX + f'"{section}": {text}}}')
+
+    assert words in str(raised.value)
