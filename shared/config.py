@@ -14,6 +14,13 @@ from typing import Mapping
 
 from shared.errors import BatonError
 
+# Round folders kept on EFS (KEEP_CHECKPOINTS), the current round's included. At least 2:
+# after a round advances, a duplicate aggregation of the previous round may still run. It
+# reads that round's folder, stopping.json included, and rewrites the current round's
+# state and stopping.json, which come out the same only while that folder exists.
+DEFAULT_KEEP_CHECKPOINTS = 3
+MIN_KEEP_CHECKPOINTS = 2
+
 
 def parse_bool(name: str, raw: str) -> bool:
     """Parse a boolean setting strictly: only true/false, 1/0, yes/no are accepted."""
@@ -42,7 +49,9 @@ class Settings:
         such as ``datasets,teams/vision``. Empty means any folder under ``efs_root`` but
         ``jobs/``, which no data path may name.
     keep_checkpoints : int
-        How many past rounds' folders are kept on EFS; older ones are pruned.
+        Round folders (``rounds/<r>/``) kept on EFS, the current round's included, for a
+        running and for a finished job. Older ones are pruned. At least
+        :data:`MIN_KEEP_CHECKPOINTS`.
     faults_enabled : bool
         Whether the fault injector reads ``BATON_FAULTS``. Tests only.
     continuation_margin_seconds : float
@@ -65,12 +74,19 @@ class Settings:
     aggregate_queue_name: str = "baton-dev-aggregate"
     state_table_name: str = "baton-dev-state"
     allowed_data_roots: str = ""
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
     faults_enabled: bool = False
     continuation_margin_seconds: float = 30.0
     max_steps_per_invocation: int = 0
     stall_seconds: float = 900.0
     watchdog_max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints < MIN_KEEP_CHECKPOINTS:
+            raise BatonError(
+                f"invalid KEEP_CHECKPOINTS {self.keep_checkpoints}: Baton keeps at least {MIN_KEEP_CHECKPOINTS} round "
+                "folders (the current round's and the previous one, which a duplicate aggregation may still read); "
+                f"set it to {MIN_KEEP_CHECKPOINTS} or more")
 
     def data_roots(self) -> tuple[str, ...]:
         """Return the folders of ``allowed_data_roots``, without empty entries or slashes at the ends.

@@ -288,9 +288,12 @@ def stored_job_bytes(store, job_id: str, round_index: int, round_folder_bytes: i
 
     A walk of the whole job folder would take one file operation per file, and the files
     grow with the workers and the rounds. So the prepared files are measured once per
-    process, each kept round folder (see ``EfsStore.prune_rounds``) is counted as
-    ``round_folder_bytes``, and the metrics folder as one file per finished round the size
-    of the latest one.
+    process, each folder in ``rounds/`` is counted as ``round_folder_bytes``, and the
+    metrics folder as one file per finished round the size of the latest one. The folders
+    are listed rather than taken from ``KEEP_CHECKPOINTS``. While the aggregator accounts
+    round ``r``, they are the kept folders up to round ``r`` and the round ``r + 1`` folder
+    it has just written. The oldest is pruned once the round advances
+    (``EfsStore.prune_rounds``).
     """
     job_dir = store.job_dir(job_id)
     try:

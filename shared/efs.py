@@ -217,17 +217,20 @@ class EfsStore:
     # Housekeeping ------------------------------------------------------------------------
 
     def prune_rounds(self, job_id: str, current_round: int, keep: int) -> list[int]:
-        """Delete round folders older than the last ``keep`` before ``current_round``.
+        """Delete the round folders before the last ``keep``, counting ``current_round``'s.
 
-        Returns the pruned round numbers. Missing folders are skipped, so a repeated call
-        is harmless.
+        Rounds ``current_round - keep + 1`` to ``current_round`` stay, so ``keep`` folders
+        are left once the job has run that many rounds. Returns the pruned round numbers.
+        Missing folders are skipped, so a repeated call is harmless.
         """
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 (the current round's folder), got {keep}")
         rounds_dir = self.job_dir(job_id) / "rounds"
         if not rounds_dir.is_dir():
             return []
         pruned = []
         for entry in rounds_dir.iterdir():
-            if entry.name.isdigit() and int(entry.name) < current_round - keep:
+            if entry.name.isdigit() and int(entry.name) <= current_round - keep:
                 shutil.rmtree(entry, ignore_errors=True)
                 pruned.append(int(entry.name))
         return sorted(pruned)

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from shared import cost
+from shared.config import DEFAULT_KEEP_CHECKPOINTS
 
 MIB = 2**20
 GIB = 2**30
@@ -130,8 +131,8 @@ class AwsAssumptions:
     # serverless.yml: worker timeout and the tasks queue's maximumConcurrency default.
     worker_timeout_seconds: float = 300.0
     default_max_concurrency: int = 100
-    # shared/config.py: round folders kept on EFS (KEEP_CHECKPOINTS).
-    keep_checkpoints: int = 3
+    # shared/config.py: round folders kept on EFS (KEEP_CHECKPOINTS), the current one's included.
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
 
 
 AWS = AwsAssumptions()
@@ -686,14 +687,18 @@ class JobPlan:
         return result
 
 
-def stored_bytes(workload: Workload) -> float:
-    """Return the job's bytes on EFS: the imported data, its shards and the kept states."""
-    return 2 * workload.total_data_bytes + AWS.keep_checkpoints * workload.state_bytes
+def stored_bytes(workload: Workload, workers: int, aws: AwsAssumptions = AWS) -> float:
+    """Return the job's bytes on EFS: the imported data, its shards and the kept round folders.
+
+    Each kept folder contains a round state and every worker's result.
+    """
+    round_folder = workload.state_bytes + workers * workload.result_bytes
+    return 2 * workload.total_data_bytes + aws.keep_checkpoints * round_folder
 
 
-def bursting_rates(workload: Workload, aws: AwsAssumptions = AWS) -> tuple[float, float]:
-    """Return a Bursting file system's burst and baseline throughput for this job's data."""
-    stored = stored_bytes(workload)
+def bursting_rates(workload: Workload, workers: int, aws: AwsAssumptions = AWS) -> tuple[float, float]:
+    """Return a Bursting file system's burst and baseline throughput for this job's files."""
+    stored = stored_bytes(workload, workers, aws)
     burst = max(aws.efs_bursting_min_burst_bytes_per_second, stored / TIB * aws.efs_bursting_burst_per_stored_tib)
     baseline = max(aws.efs_bursting_min_baseline_bytes_per_second, stored / GIB * aws.efs_bursting_baseline_per_stored_gib)
     return burst, baseline
@@ -727,7 +732,7 @@ def _round_usage(estimate: RoundEstimate, workload: Workload, deployment: Deploy
         dynamodb_write_units=requests.dynamodb_write_units,
         efs_bytes_read=int(estimate.efs_bytes_read),
         efs_bytes_written=int(estimate.efs_bytes_written),
-        efs_stored_bytes=int(stored_bytes(workload)),
+        efs_stored_bytes=int(stored_bytes(workload, deployment.workers, aws)),
         round_seconds=estimate.seconds,
     )
 
@@ -786,7 +791,7 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
     baseline_round = None
     total_rate = None
     if deployment.throughput_mode == "bursting":
-        burst_rate, baseline_rate = bursting_rates(workload, aws)
+        burst_rate, baseline_rate = bursting_rates(workload, n, aws)
         total_rate = burst_rate
 
     def estimate(cold: bool, epoch_index: int, rate: float | None) -> RoundEstimate:

@@ -761,6 +761,10 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         new_params, _ = read_round_state(store, job_id, next_round)
         write_final_model(services, job_id, model, new_params, next_round, metrics, stop_reason)
         faults.maybe_fail("aggregator.before_finish", **ids)
+        # Pruned before the finish, so a finished job keeps as many round folders as a
+        # running one even when this delivery stops here. Its retry reads only rounds r
+        # and r + 1, which stay.
+        store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
         # Before the finish: messages of a finished job are dropped, so no retry would
         # store the metrics afterwards.
         state.put_round_metrics(job_id, round_index, metrics)

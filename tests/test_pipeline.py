@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from shared.handlers import set_services
 from shared.reference import train_reference
+from shared.service import Services
 from shared.spec import parse_job_spec
-from shared.state import FAILED, SUCCEEDED
+from shared.state import FAILED, RUNNING, SUCCEEDED
 
 
 def a9a_spec(job_id: str = "a9a-small", **training) -> dict:
@@ -90,6 +93,38 @@ def test_round_metrics_legacy_layout(inprocess_stack):
     ]
     assert state.get_job_and_round("legacy", 0)[1].has_metrics
     assert state.get_job_and_round("legacy", 1)[1].has_metrics
+
+
+def round_folders(efs_root, job_id: str) -> list[int]:
+    return sorted(int(path.name) for path in (efs_root / "jobs" / job_id / "rounds").iterdir())
+
+
+@pytest.mark.parametrize("keep", [None, 2], ids=["default", "two"])
+def test_round_folders_kept_running_and_finished(inprocess_stack, efs_root, keep):
+    if keep is not None:
+        inprocess_stack.services = Services(replace(inprocess_stack.settings, keep_checkpoints=keep),
+                                            dynamodb=inprocess_stack.dynamodb, sqs=inprocess_stack.sqs)
+        set_services(inprocess_stack.services)
+    expected_kept = 3 if keep is None else keep
+    seen: dict[int, list[int]] = {}
+
+    def list_folders(stack):
+        record = stack.services.state.get_job("a9a-small")
+        if record is not None and record.status == RUNNING:
+            seen[record.round] = round_folders(efs_root, "a9a-small")
+
+    inprocess_stack.submit(a9a_spec())
+    inprocess_stack.run(before_step=list_folders)
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == SUCCEEDED, record.error
+    assert sorted(seen) == list(range(12))
+    for current, folders in seen.items():
+        assert folders == list(range(max(0, current - expected_kept + 1), current + 1)), f"at round {current}"
+    # Round 12's folder contains the state after the last round, which is the final model.
+    assert round_folders(efs_root, "a9a-small") == list(range(13 - expected_kept, 13))
+    final_state = np.load(efs_root / "jobs" / "a9a-small" / "rounds" / "12" / "state.npz")["params"]
+    np.testing.assert_array_equal(final_state, final_params(efs_root, "a9a-small"))
 
 
 def test_duplicate_task_leaves_weights_unchanged(inprocess_stack, efs_root):

@@ -103,7 +103,7 @@ def test_lambda_speed_follows_memory():
 def test_bursting_rates_hand_worked():
     # 512 GiB of data is stored twice (the import and the shards): 1 TiB.
     workload = replace(DENSE, rows=1, data_bytes=512 * planner.GIB)
-    burst, baseline = planner.bursting_rates(workload)
+    burst, baseline = planner.bursting_rates(workload, workers=1)
 
     assert burst == pytest.approx(100 * planner.MIB, rel=1e-3)
     assert baseline == pytest.approx(1024 * 50 * 1024, rel=1e-3)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from moto import mock_aws
 
+from shared.config import Settings
 from shared.efs import EfsStore
 from shared.errors import BatonError, EfsNotWritableError, InvalidMessageError
 from shared.handlers import sqs_handler
@@ -242,3 +243,38 @@ def test_task_numbers_at_limit_accepted():
     body = {"job_id": "a", "round": MAX_MESSAGE_INTEGER, "worker": 0, "continuation": MAX_MESSAGE_INTEGER}
 
     assert parse_task(json.dumps(body)) == body
+
+
+def test_prune_keeps_last_rounds_counting_current(tmp_path):
+    store = EfsStore(tmp_path)
+    for round_index in range(8):
+        store.round_dir("job", round_index).mkdir(parents=True)
+
+    assert store.prune_rounds("job", 7, keep=3) == [0, 1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path / "jobs" / "job" / "rounds")) == ["5", "6", "7"]
+    assert store.prune_rounds("job", 7, keep=3) == []
+
+
+def test_prune_keeps_young_job_whole(tmp_path):
+    store = EfsStore(tmp_path)
+    for round_index in range(2):
+        store.round_dir("job", round_index).mkdir(parents=True)
+
+    assert store.prune_rounds("job", 1, keep=3) == []
+    assert sorted(os.listdir(tmp_path / "jobs" / "job" / "rounds")) == ["0", "1"]
+
+
+def test_prune_rejects_keeping_nothing(tmp_path):
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        EfsStore(tmp_path).prune_rounds("job", 5, keep=0)
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-3"])
+def test_keep_checkpoints_below_two_rejected(value):
+    with pytest.raises(BatonError, match=f"invalid KEEP_CHECKPOINTS {value}: Baton keeps at least 2"):
+        Settings.from_env(environ={"KEEP_CHECKPOINTS": value})
+
+
+def test_keep_checkpoints_read_from_environment():
+    assert Settings.from_env(environ={}).keep_checkpoints == 3
+    assert Settings.from_env(environ={"KEEP_CHECKPOINTS": "2"}).keep_checkpoints == 2
