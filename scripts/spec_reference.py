@@ -37,15 +37,20 @@ A job is a JSON object sent to the jobs queue (`baton submit`, `baton run`, or
 the default below. The starter rejects a spec with an unknown field, a value of the wrong
 type or a value out of range, and marks the job FAILED with a message that names the
 field. It also rejects a `model` field set away from its default for a model that does
-not read it, such as `hidden_layer_sizes` for `logistic_regression`. The whole message may
-be at most {MAX_SPEC_BYTES // 1024} KiB.
+not read it, such as `hidden_layer_sizes` for `logistic_regression`. The message body may
+be at most {MAX_SPEC_BYTES:,} bytes ({MAX_SPEC_BYTES // 1024} KiB) of UTF-8, counted as SQS delivers it, so
+indentation and spaces count. A valid spec is usually far smaller. A larger one comes from
+long lists, strings or `model.class_weight` objects, and leaving out fields that keep
+their default also shrinks it.
 
 `baton submit` and `baton run` also set fields from options, on top of a spec file or
 in place of one. `--set training.n_workers=8` sets any field below. Its value is read as
 JSON when it is valid JSON, and as a string otherwise. `--model`, `--data`,
 `--n-workers`, `--epochs` and a few more set the common fields. Both commands check the
 result's fields, types and ranges as the starter does before anything is sent; the checks
-that need the data run in the starter.
+that need the data run in the starter. They send the spec as compact JSON with text
+outside ASCII kept as UTF-8, so the message can be smaller or larger than the spec file.
+A spec over the limit is reported with the size of that message and its largest field.
 
 Rounds count from 1, as `baton run`, `baton watch`, `baton status`, the metrics and the
 job's error messages show them. With `training.max_rounds` 100 the job runs rounds 1 to

@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from shared.cli_spec import (FiniteFloatRange, build_spec, check_job_id_argument, checked_output_path,
                               spec_options)
 from shared.errors import JobSpecError
-from shared.spec import check_relative_path
+from shared.spec import check_relative_path, encode_job_message
 from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
 
 if TYPE_CHECKING:
@@ -347,7 +347,7 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
     sqs = aws_client("sqs", endpoint_url=endpoint_url, region=region)
     if queue_url is None:
         queue_url = sqs.get_queue_url(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
-    message_id = sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(spec))["MessageId"]
+    message_id = sqs.send_message(QueueUrl=queue_url, MessageBody=encode_job_message(spec))["MessageId"]
     click.echo(f"job {spec['job_id']} sent to {queue_url} (message {message_id})")
 
 

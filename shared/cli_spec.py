@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import json
 import math
 import re
 import time
@@ -22,7 +21,8 @@ from typing import Any, Callable
 import click
 
 from shared.errors import JobSpecError
-from shared.spec import JOB_ID_PATTERN, SECTIONS, decode_spec_json, load_job_message
+from shared.spec import (JOB_ID_PATTERN, MAX_SPEC_BYTES, SECTIONS, SHRINK_SPEC_ADVICE, decode_spec_json,
+                         encode_job_message, load_job_message, message_bytes)
 from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
 
 
@@ -230,6 +230,32 @@ def _spec_error_message(error: JobSpecError, spec: dict, spec_file: Path | None)
     return f"{error}\nTo fix it, {fix}. Nothing was sent."
 
 
+def _largest_field(spec: dict) -> tuple[str, int]:
+    """Return the dotted name of the spec field whose value takes the most bytes in the message, and those bytes."""
+    sizes = []
+    for key, value in spec.items():
+        if key in SECTIONS and isinstance(value, dict) and value:
+            sizes += [(f"{key}.{name}", message_bytes(encode_job_message(child))) for name, child in value.items()]
+        else:
+            sizes.append((key, message_bytes(encode_job_message(value))))
+    return max(sizes, key=lambda item: item[1])
+
+
+def _check_message_size(spec: dict, spec_file: Path | None) -> None:
+    """Raise unless the body sent for ``spec`` fits in :data:`MAX_SPEC_BYTES`, naming its largest field."""
+    size = message_bytes(encode_job_message(spec))
+    if size <= MAX_SPEC_BYTES:
+        return
+    file_size = ""
+    if spec_file is not None:
+        file_size = f", so its size can differ from the {spec_file.stat().st_size:,} bytes of {spec_file}"
+    field, field_bytes = _largest_field(spec)
+    raise click.ClickException(
+        f"the job message is {size:,} bytes, over Baton's limit of {MAX_SPEC_BYTES:,} bytes (64 KiB) for a job spec. "
+        f"baton sends the spec as compact JSON{file_size}. Its largest field is {field} at {field_bytes:,} bytes. "
+        f"To fix it, {SHRINK_SPEC_ADVICE}. Nothing was sent.")
+
+
 def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) -> dict:
     """Read a spec file (or start from an empty spec), apply the overrides and validate the result.
 
@@ -249,8 +275,9 @@ def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) ->
     Raises
     ------
     click.ClickException
-        If the file is not a JSON object, or the resulting spec is invalid. The message
-        names the field and the options that set it.
+        If the file is not a JSON object, the message to send (:func:`encode_job_message`)
+        is over :data:`MAX_SPEC_BYTES`, or the resulting spec is invalid. The message names
+        the field and the options that set it.
     click.BadParameter
         If an override leads into a value that is not an object, naming its option.
     """
@@ -263,8 +290,9 @@ def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) ->
     if "job_id" not in spec:
         spec = {"job_id": _default_job_id(spec_file), **spec}
 
+    _check_message_size(spec, spec_file)
     try:
-        load_job_message(json.dumps(spec))
+        load_job_message(encode_job_message(spec))
     except JobSpecError as error:
         raise click.ClickException(_spec_error_message(error, spec, spec_file)) from None
     return spec

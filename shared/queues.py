@@ -24,6 +24,7 @@ from typing import Any, NotRequired, TypedDict
 
 from shared.config import Settings
 from shared.errors import InvalidMessageError
+from shared.spec import encode_job_message
 
 # SendMessageBatch takes at most 10 entries.
 SQS_BATCH_LIMIT = 10
@@ -151,7 +152,7 @@ class QueueClient:
     def send_job(self, spec: dict) -> str:
         """Send a job spec to the jobs queue; return the message id."""
         response = self.client.send_message(
-            QueueUrl=self.url(self.settings.jobs_queue_name), MessageBody=json.dumps(spec))
+            QueueUrl=self.url(self.settings.jobs_queue_name), MessageBody=encode_job_message(spec))
         return response["MessageId"]
 
     def send_tasks(self, job_id: str, round_index: int, workers: list[int]) -> None:

@@ -29,7 +29,16 @@ DATA_FORMATS = ("libsvm", "csv", "npy", "npz")
 S3_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(\S+)$")
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Baton's limit on a jobs-queue message body, in UTF-8 bytes, below SQS's own maximum message size.
 MAX_SPEC_BYTES = 64 * 1024
+SHRINK_SPEC_ADVICE = ("leave out fields that keep their default value (docs/job-spec.md gives each default) and "
+                      "shorten the longest lists and strings")
+
+# Characters SQS rejects in a message body. Its SendMessage reference allows only #x9, #xA,
+# #xD, #x20 to #xD7FF, #xE000 to #xFFFD and #x10000 to #x10FFFF. json.dumps escapes the
+# control characters below #x20 itself, but with ensure_ascii=False it writes these as
+# they are.
+_SQS_REJECTED_CHARACTERS = re.compile("[\ud800-\udfff\ufffe\uffff]")
 
 
 def spec_field(default: Any = MISSING, *, help: str, minimum: float | None = None,
@@ -526,10 +535,37 @@ def decode_spec_json(text: str) -> Any:
     return decoded
 
 
+def encode_job_message(value: Any) -> str:
+    """Return ``value``, a job spec or one of its values, as Baton sends it to the jobs queue.
+
+    The JSON has no spaces, and text outside ASCII stays UTF-8 (2 bytes for "é", where the
+    escape ``\\u00e9`` takes 6), which keeps the body small against the
+    :data:`MAX_SPEC_BYTES` limit. Only the characters SQS rejects are escaped.
+    """
+    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _SQS_REJECTED_CHARACTERS.sub(lambda match: f"\\u{ord(match.group()):04x}", body)
+
+
+def message_bytes(body: str) -> int:
+    """Return the size of a message body in UTF-8 bytes, as SQS and :data:`MAX_SPEC_BYTES` count it."""
+    # surrogatepass: a lone surrogate (never in a body SQS delivered) counts 3 bytes
+    # instead of raising here.
+    return len(body.encode("utf-8", "surrogatepass"))
+
+
 def load_job_message(body: str, default_job_id: str | None = None) -> JobSpec:
-    """Decode and validate the body of a jobs-queue message."""
-    if len(body.encode()) > MAX_SPEC_BYTES:
-        raise JobSpecError("<root>", f"message is {len(body.encode())} bytes; a job spec may be at most {MAX_SPEC_BYTES}")
+    """Decode and validate the body of a jobs-queue message.
+
+    Raises
+    ------
+    JobSpecError
+        If the body is over :data:`MAX_SPEC_BYTES`, is not JSON, or is not a valid spec.
+    """
+    size = message_bytes(body)
+    if size > MAX_SPEC_BYTES:
+        raise JobSpecError("<root>", f"the message body is {size:,} bytes, over Baton's limit of {MAX_SPEC_BYTES:,} "
+                                     f"bytes (64 KiB) for a job spec; send the spec as compact JSON, without "
+                                     f"indentation or spaces, {SHRINK_SPEC_ADVICE}")
     try:
         raw = decode_spec_json(body)
     except json.JSONDecodeError as error:

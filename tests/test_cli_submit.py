@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main
+from shared.spec import MAX_SPEC_BYTES, encode_job_message
 from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +35,16 @@ def jobs_queue(moto_endpoint):
             "arguments": ["--stage", stage, "--endpoint-url", moto_endpoint]}
 
 
-def received_specs(jobs_queue) -> list[dict]:
-    """Receive every message on the queue and return their bodies decoded."""
+def received_bodies(jobs_queue) -> list[str]:
+    """Receive every message on the queue and return their bodies as sent."""
     response = jobs_queue["sqs"].receive_message(QueueUrl=jobs_queue["url"], MaxNumberOfMessages=10,
                                                  WaitTimeSeconds=0)
-    return [json.loads(message["Body"]) for message in response.get("Messages", [])]
+    return [message["Body"] for message in response.get("Messages", [])]
+
+
+def received_specs(jobs_queue) -> list[dict]:
+    """Receive every message on the queue and return their bodies decoded."""
+    return [json.loads(body) for body in received_bodies(jobs_queue)]
 
 
 def submit(*arguments: str):
@@ -420,3 +426,66 @@ def test_dead_letter_queue_url_refused(stage_with_table):
     assert result.exit_code == 1, result.output
     assert "is a dead-letter queue; send the job to the jobs queue" in result.output
     assert received_specs({"sqs": sqs, "url": dlq_url}) == []
+
+
+def many_class_spec(classes: int) -> dict:
+    """Return a valid spec whose class_weight names ``classes`` labels, 11 bytes each as compact JSON."""
+    weights = {str(label): 1.5 for label in range(1000, 1000 + classes)}
+    return {"job_id": "many-classes", "model": {"name": "softmax_regression", "class_weight": weights},
+            "data": {"path": "datasets/a9a/a9a"}}
+
+
+def test_compact_spec_file_sent_within_limit(jobs_queue, tmp_path):
+    # About 60 KB as compact JSON, but over 64 KiB with json.dumps's default spaces.
+    spec = many_class_spec(5500)
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec, separators=(",", ":")))
+    assert spec_file.stat().st_size <= MAX_SPEC_BYTES < len(json.dumps(spec))
+
+    result = submit(str(spec_file), *jobs_queue["arguments"])
+
+    assert result.exit_code == 0, result.output
+    bodies = received_bodies(jobs_queue)
+    assert len(bodies) == 1
+    assert len(bodies[0].encode()) == spec_file.stat().st_size
+    assert json.loads(bodies[0]) == spec
+
+
+def test_oversized_spec_names_sent_size_and_field(jobs_queue, tmp_path):
+    spec = many_class_spec(9000)
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec, indent=4))
+    sent_bytes = len(json.dumps(spec, separators=(",", ":")).encode())
+    weights_bytes = len(json.dumps(spec["model"]["class_weight"], separators=(",", ":")).encode())
+
+    result = submit(str(spec_file), *jobs_queue["arguments"])
+
+    assert result.exit_code == 1, result.output
+    assert f"the job message is {sent_bytes:,} bytes, over Baton's limit of 65,536 bytes (64 KiB)" in result.output
+    assert f"can differ from the {spec_file.stat().st_size:,} bytes of {spec_file}" in result.output
+    assert f"Its largest field is model.class_weight at {weights_bytes:,} bytes" in result.output
+    assert "leave out fields that keep their default value" in result.output
+    assert "Nothing was sent." in result.output
+    assert received_specs(jobs_queue) == []
+
+
+def test_oversized_options_only_spec_names_field():
+    weights = json.dumps({str(label): 1 for label in range(12_000)})
+
+    result = submit("--dry-run", "--model", "softmax_regression", "--data", "datasets/a9a/a9a",
+                    "--set", f"model.class_weight={weights}")
+
+    assert result.exit_code == 1, result.output
+    assert "over Baton's limit of 65,536 bytes" in result.output
+    assert "Its largest field is model.class_weight" in result.output
+    assert "can differ from" not in result.output
+
+
+def test_job_message_encoding_keeps_utf8():
+    spec = {"data": {"path": "données/\uffff\ud800.csv"}}
+
+    body = encode_job_message(spec)
+
+    assert body == '{"data":{"path":"données/\\uffff\\ud800.csv"}}'
+    assert json.loads(body) == spec
+    assert len(body.encode()) == len(body) + 1

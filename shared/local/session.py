@@ -48,6 +48,7 @@ from shared.efs import EfsStore
 from shared.local.processes import python_module_command, stop_process
 from shared.local.runtime import LocalRuntime
 from shared.local.stack import StackDefinition, create_stack, load_stack_definition
+from shared.spec import encode_job_message
 from shared.state import PREPARING, RUNNING, TERMINAL_STATUSES, JobRecord, StateStore
 from shared.tracing import TRACE_DIR_VARIABLE
 
@@ -365,7 +366,7 @@ class LocalStack:
 
     def submit(self, spec: dict | str) -> str:
         """Send a job spec to the jobs queue; return its message id."""
-        body = spec if isinstance(spec, str) else json.dumps(spec)
+        body = spec if isinstance(spec, str) else encode_job_message(spec)
         with self._server_requests():
             response = self.sqs.send_message(QueueUrl=self.queue_urls["JobsQueue"], MessageBody=body)
         return response["MessageId"]
