@@ -666,22 +666,26 @@ def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 
 
 @main.command()
-@click.option("--workers", type=int, required=True, help="Workers (training.n_workers).")
+@click.option("--workers", type=int, default=None,
+              help="Workers (training.n_workers). Required unless --deadline is given. With --deadline, every "
+                   "candidate keeps this configuration's global batch (workers x --batch-size).")
 @click.option("--memory", "memory_mb", type=int, default=1769, show_default=True, help="Worker memory in MB, 128 to 10240.")
 @click.option("--aggregator-memory", "aggregator_memory_mb", type=int, default=1769, show_default=True,
               help="Aggregator memory in MB, 128 to 10240.")
-@click.option("--rows", type=int, required=True, help="Training rows.")
+@click.option("--rows", type=int, required=True,
+              help="Training rows. The data they make must fit in one EFS file (47.9 TiB).")
 @click.option("--features", type=int, required=True, help="Features per row.")
 @click.option("--density", type=float, default=1.0, show_default=True,
               help="Share of nonzero features: 1 for dense data, less for sparse (CSR) data.")
 @click.option("--data-bytes", type=int, default=None, help="Size of the training data in bytes, if known; "
               "otherwise derived from rows, features and density.")
-@click.option("--batch-size", type=int, required=True, help="Rows per worker per round (training.batch_size).")
+@click.option("--batch-size", type=int, required=True,
+              help="Rows per worker per round (training.batch_size), 1 to 1,000,000.")
 @click.option("--epochs", type=float, default=None, help="Passes over the data; the default is 1 unless --rounds is set.")
 @click.option("--rounds", type=int, default=None, help="Rounds to run, instead of --epochs.")
 @click.option("--params", type=int, default=None, help="Model parameters; default features + 1 (a linear model).")
 @click.option("--optimizer-slots", type=int, default=1, show_default=True,
-              help="Optimizer arrays per parameter: 0 for sgd, 1 for momentum, 2 for adam.")
+              help="Optimizer arrays per parameter: 0 for sgd, 1 for momentum, nesterov or adagrad, 2 for adam.")
 @click.option("--validation-rows", type=int, default=0, show_default=True, help="Rows evaluated every round.")
 @click.option("--max-concurrency", type=int, default=100, show_default=True,
               help="The tasks queue's maximum concurrency (workerMaxConcurrency in serverless.yml).")
@@ -690,41 +694,70 @@ def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 @click.option("--architecture", type=click.Choice(["x86_64", "arm64"]), default="x86_64", show_default=True,
               help="Lambda architecture, for the price.")
 @click.option("--deadline", default=None, metavar="DURATION",
-              help="Recommend the cheapest workers x memory that finishes within this time, e.g. 90m or 2h.")
+              help="Recommend the cheapest workers x memory that finishes within this time, e.g. 90m or 2h. "
+                   "Without --workers, every candidate keeps --batch-size rows per worker.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(workers: int, memory_mb: int, aggregator_memory_mb: int, rows: int, features: int, density: float,
+def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: int, features: int, density: float,
          data_bytes: int | None, batch_size: int, epochs: float | None, rounds: int | None, params: int | None,
          optimizer_slots: int, validation_rows: int, max_concurrency: int, throughput_mode: str, architecture: str,
          deadline: str | None, as_json: bool) -> None:
     """Predict a job's time per round, time to finish and cost on AWS, against one VM.
 
-    The model and every figure it assumes are described in docs/planner.md. Nothing is
+    With --workers it plans that configuration. --deadline adds a recommendation: the
+    cheapest workers x memory that finishes in time. With --workers every candidate
+    keeps the global batch (workers x --batch-size). Without it every candidate keeps
+    --batch-size rows per worker, and the plan printed is the recommended one. The
+    model and every figure it assumes are described in docs/planner.md. Nothing is
     sent to AWS.
     """
     from shared import planner
 
+    if workers is None and deadline is None:
+        raise click.UsageError("Missing option '--workers'. Pass the workers to plan (training.n_workers), or "
+                               "--deadline DURATION to have baton plan recommend workers and memory.")
     if epochs is not None and rounds is not None:
         raise click.BadParameter("give --epochs or --rounds, not both", param_hint="--rounds")
     workload = planner.Workload(
         rows=rows, features=features, batch_size=batch_size, density=density,
         epochs=epochs if epochs is not None or rounds is not None else 1.0, rounds=rounds, params=params,
         optimizer_slots=optimizer_slots, validation_rows=validation_rows, data_bytes=data_bytes)
-    deployment = planner.Deployment(workers=workers, memory_mb=memory_mb, aggregator_memory_mb=aggregator_memory_mb,
-                                    max_concurrency=max_concurrency, throughput_mode=throughput_mode,
-                                    architecture=architecture)
+    # Without --workers, the recommendation replaces the worker count of this template.
+    deployment = planner.Deployment(workers=1 if workers is None else workers, memory_mb=memory_mb,
+                                    aggregator_memory_mb=aggregator_memory_mb, max_concurrency=max_concurrency,
+                                    throughput_mode=throughput_mode, architecture=architecture)
     try:
-        job_plan = planner.plan_job(workload, deployment)
         recommendation = None
         if deadline is not None:
-            recommendation = planner.recommend(workload, deployment, planner.parse_duration(deadline))
+            recommendation = planner.recommend(workload, deployment, planner.parse_duration(deadline),
+                                               fixed_batch="global" if workers is not None else "per-worker")
+        if workers is not None:
+            job_plan = planner.plan_job(workload, deployment)
+        else:
+            job_plan = recommendation.best or recommendation.fastest
     except planner.PlanError as error:
         raise click.BadParameter(error.problem, param_hint=error.option) from None
+    _print_plan(job_plan, recommendation, as_json, recommended_plan=workers is None)
+
+
+def _print_plan(job_plan, recommendation, as_json: bool, recommended_plan: bool) -> None:
+    """Print a plan and the recommendation, as text or as JSON.
+
+    With ``recommended_plan`` the plan is the recommendation's own (None when no
+    configuration fits), so the recommendation comes first.
+    """
+    from shared import planner
 
     if as_json:
-        result = job_plan.to_dict()
+        result = job_plan.to_dict() if job_plan is not None else {}
         if recommendation is not None:
             result["recommendation"] = recommendation.to_dict()
         click.echo(json.dumps(result, indent=2))
+        return
+    if recommended_plan:
+        click.echo(planner.format_recommendation(recommendation).lstrip("\n"))
+        if job_plan is not None:
+            click.echo(f"\nPlan of the {'recommended' if recommendation.met else 'fastest'} configuration:")
+            click.echo(planner.format_plan(job_plan))
         return
     click.echo(planner.format_plan(job_plan))
     if recommendation is not None:

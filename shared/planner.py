@@ -303,20 +303,29 @@ class Deployment:
     architecture: str = "x86_64"
 
 
-# The job spec's ranges of training.max_epochs and training.max_rounds.
+# The job spec's ranges of training.max_epochs, training.max_rounds and training.batch_size.
 MAX_EPOCHS = 10_000
 MAX_ROUNDS = 10_000_000
+MAX_BATCH_SIZE = 1_000_000
+# Baton's optimizers keep at most two arrays per parameter (adam's two moments).
+MAX_OPTIMIZER_SLOTS = 2
+# EFS quotas page (docs.aws.amazon.com/efs/latest/ug/limits.html): the size of a single file.
+MAX_EFS_FILE_BYTES = 52_673_613_135_872
+# A plan longer than this gets a warning that it is beyond any practical job.
+PRACTICAL_SECONDS = 365 * 86400
+
 
 def check_workload(workload: Workload) -> None:
-    """Raise :class:`PlanError` naming the option when ``workload`` cannot be planned."""
+    """Raise :class:`PlanError` naming the option when ``workload`` cannot be planned or cannot run."""
     if workload.rows < 1:
         raise PlanError("--rows", f"must be at least 1, got {workload.rows}; pass the number of training rows")
     if workload.features < 1:
         raise PlanError("--features", f"must be at least 1, got {workload.features}; pass the number of features per row")
     if not 0 < workload.density <= 1:
         raise PlanError("--density", f"must be in (0, 1], got {workload.density}; use 1 for dense data or the share of nonzeros")
-    if workload.batch_size < 1:
-        raise PlanError("--batch-size", f"must be at least 1, got {workload.batch_size}; pass rows per worker per round")
+    if not 1 <= workload.batch_size <= MAX_BATCH_SIZE:
+        raise PlanError("--batch-size", f"must be from 1 to {MAX_BATCH_SIZE:,} (training.batch_size), got "
+                                        f"{workload.batch_size}; pass rows per worker per round")
     if workload.epochs is None and workload.rounds is None:
         raise PlanError("--epochs", "neither --epochs nor --rounds was given; pass one of them")
     if workload.epochs is not None and not 0 < workload.epochs <= MAX_EPOCHS:
@@ -326,12 +335,36 @@ def check_workload(workload: Workload) -> None:
         raise PlanError("--rounds", f"must be from 1 to {MAX_ROUNDS:,} (training.max_rounds), got {workload.rounds}")
     if workload.params is not None and workload.params < 1:
         raise PlanError("--params", f"must be at least 1, got {workload.params}; omit it for a linear model")
-    if workload.optimizer_slots < 0:
-        raise PlanError("--optimizer-slots", f"must be 0 or more, got {workload.optimizer_slots}")
+    if not 0 <= workload.optimizer_slots <= MAX_OPTIMIZER_SLOTS:
+        raise PlanError("--optimizer-slots", f"must be from 0 to {MAX_OPTIMIZER_SLOTS}, got {workload.optimizer_slots}; "
+                                             "use 0 for sgd, 1 for momentum, nesterov or adagrad, 2 for adam")
     if workload.validation_rows < 0:
         raise PlanError("--validation-rows", f"must be 0 or more, got {workload.validation_rows}")
     if workload.data_bytes is not None and workload.data_bytes <= 0:
         raise PlanError("--data-bytes", f"must be greater than 0, got {workload.data_bytes}; omit it to derive the size")
+    _check_sizes(workload)
+
+
+def _check_sizes(workload: Workload) -> None:
+    """Raise :class:`PlanError` when the data would not fit in one EFS file or a round state in a Lambda function."""
+    efs_file = format_bytes(MAX_EFS_FILE_BYTES)
+    if workload.data_bytes is not None and workload.data_bytes > MAX_EFS_FILE_BYTES:
+        raise PlanError("--data-bytes", f"{workload.data_bytes:,} bytes ({format_bytes(workload.data_bytes)}) is more "
+                                        f"than one EFS file can hold ({efs_file}), and a job's training data is one file")
+    if workload.data_bytes is None and workload.total_data_bytes > MAX_EFS_FILE_BYTES:
+        raise PlanError("--rows", f"{_count(workload.rows, 'row')} of {_count(workload.features, 'feature')} at density "
+                                  f"{workload.density:g} make {format_bytes(workload.total_data_bytes)} of data, more than "
+                                  f"one EFS file can hold ({efs_file}), and a job's training data is one file; "
+                                  "check --rows, --features and --density")
+    validation_bytes = workload.validation_rows * workload.row_bytes
+    if validation_bytes > MAX_EFS_FILE_BYTES:
+        raise PlanError("--validation-rows", f"{_count(workload.validation_rows, 'row')} make {format_bytes(validation_bytes)} "
+                                             f"of validation data, more than one EFS file can hold ({efs_file})")
+    if workload.state_bytes > MAX_LAMBDA_MEMORY_MB * MIB:
+        option = "--params" if workload.params is not None else "--features"
+        raise PlanError(option, f"a round state of {_count(workload.n_params, 'parameter')} and "
+                                f"{_count(workload.optimizer_slots, 'optimizer array')} takes {format_bytes(workload.state_bytes)} as float64, more than the "
+                                f"{MAX_LAMBDA_MEMORY_MB:,} MB a Lambda function can have, and every worker loads it whole")
 
 
 def check_deployment(deployment: Deployment, workload: Workload | None = None) -> None:
@@ -845,14 +878,18 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
 
     needed = worker_memory_needed_mb(workload, n, aws)
     if needed > deployment.memory_mb:
-        warnings.append(f"a worker needs about {needed:.0f} MB but --memory is {deployment.memory_mb} MB; "
+        warnings.append(f"a worker needs about {needed:,.0f} MB but --memory is {deployment.memory_mb} MB; "
                         "raise --memory or add workers")
     if later.worker_seconds > aws.worker_timeout_seconds:
-        warnings.append(f"a worker's share takes {later.worker_seconds:.0f} s, over the {aws.worker_timeout_seconds:.0f} s "
+        warnings.append(f"a worker's share takes {later.worker_seconds:,.0f} s, over the {aws.worker_timeout_seconds:.0f} s "
                         "timeout; it continues in further invocations, which this plan does not count")
     if n > deployment.max_concurrency:
         warnings.append(f"{n} workers exceed the tasks queue's maximum concurrency {deployment.max_concurrency}, so each "
                         f"round runs in {math.ceil(n / deployment.max_concurrency)} waves")
+    if total_seconds > PRACTICAL_SECONDS:
+        warnings.append(f"the job would run for {format_seconds(total_seconds)}, longer than a year: no such job is "
+                        "practical, and the model was never checked at this size; check --rows, --epochs and "
+                        "--batch-size, or add workers")
 
     return JobPlan(workload=workload, deployment=deployment, rounds=rounds, rounds_per_epoch=per_epoch,
                    first_round=first, first_epoch_round=first_epoch, round=later, total_seconds=total_seconds, cost_usd=costs,
@@ -866,12 +903,22 @@ WORKER_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
 MEMORY_GRID_MB = (512, 1024, 1769, 2048, 3008, 3538, 5307, 7076, 10240)
 
 
+FIXED_BATCHES = ("global", "per-worker")
+
+
 @dataclass
 class Recommendation:
-    """The cheapest configuration that meets a deadline, or the fastest when none does."""
+    """The cheapest configuration that meets a deadline, or the fastest when none does.
+
+    ``fixed_batch`` is "global" when every candidate kept ``global_batch`` rows per round,
+    and "per-worker" when each kept ``batch_size`` rows per worker. Of those two fields,
+    the one that does not apply is None.
+    """
 
     deadline_seconds: float
-    global_batch: int
+    fixed_batch: str
+    global_batch: int | None
+    batch_size: int | None
     best: JobPlan | None
     fastest: JobPlan | None
     candidates: int
@@ -882,33 +929,51 @@ class Recommendation:
             if plan is None:
                 return None
             return {"workers": plan.deployment.workers, "memory_mb": plan.deployment.memory_mb,
-                    "batch_size": plan.workload.batch_size, "total_seconds": plan.total_seconds,
+                    "batch_size": plan.workload.batch_size,
+                    "global_batch": plan.workload.batch_size * plan.deployment.workers, "rounds": plan.rounds,
+                    "max_concurrency": plan.deployment.max_concurrency, "total_seconds": plan.total_seconds,
                     "cost_usd": plan.cost_usd["total_usd"]}
 
-        return {"deadline_seconds": self.deadline_seconds, "global_batch": self.global_batch, "met": self.met,
+        return {"deadline_seconds": self.deadline_seconds, "fixed_batch": self.fixed_batch,
+                "global_batch": self.global_batch, "batch_size": self.batch_size, "met": self.met,
                 "candidates": self.candidates, "best": summary(self.best), "fastest": summary(self.fastest)}
 
 
 def recommend(workload: Workload, deployment: Deployment, deadline_seconds: float,
               profile: ComputeProfile = ComputeProfile(), aws: AwsAssumptions = AWS,
-              workers_grid: Iterable[int] = WORKER_GRID, memory_grid: Iterable[int] = MEMORY_GRID_MB) -> Recommendation:
+              workers_grid: Iterable[int] = WORKER_GRID, memory_grid: Iterable[int] = MEMORY_GRID_MB,
+              fixed_batch: str = "global") -> Recommendation:
     """Return the cheapest workers x memory that finishes within ``deadline_seconds``.
 
-    Every candidate keeps the global batch (``deployment.workers x workload.batch_size``)
-    fixed, so each runs the same optimisation, with the batch split over its workers.
+    Every candidate takes the settings of ``deployment`` but its workers, memory and
+    maximum concurrency, which is raised to the worker count.
+
+    With ``fixed_batch`` "global", every candidate keeps the global batch
+    (``deployment.workers x workload.batch_size``), split over its workers, so each runs
+    the same optimisation. With "per-worker", every candidate keeps ``workload.batch_size``
+    rows per worker and ``deployment.workers`` is not used: the global batch grows with
+    the workers, so more workers take fewer, larger steps over the same epochs.
+
     Candidates whose workers would need more memory than they have are skipped. Ties in
     cost go to the faster one.
     """
     if deadline_seconds <= 0:
         raise PlanError("--deadline", f"must be greater than 0, got {deadline_seconds}; pass a time such as 2h or 90m")
+    if fixed_batch not in FIXED_BATCHES:
+        raise ValueError(f"unknown fixed_batch {fixed_batch!r}; expected 'global' or 'per-worker'")
     check_workload(workload)
     check_deployment(deployment, workload)
-    global_batch = deployment.workers * workload.batch_size
+    global_batch = deployment.workers * workload.batch_size if fixed_batch == "global" else None
     plans = []
     for workers in workers_grid:
-        if workers > workload.rows or workers > MAX_WORKERS or workers > global_batch:
+        if workers > workload.rows or workers > MAX_WORKERS:
             continue
-        candidate_workload = replace(workload, batch_size=max(1, round(global_batch / workers)))
+        if global_batch is None:
+            candidate_workload = workload
+        elif workers > global_batch:
+            continue
+        else:
+            candidate_workload = replace(workload, batch_size=max(1, round(global_batch / workers)))
         for memory in memory_grid:
             if worker_memory_needed_mb(candidate_workload, workers, aws) > memory:
                 continue
@@ -918,8 +983,9 @@ def recommend(workload: Workload, deployment: Deployment, deadline_seconds: floa
     meeting = [plan for plan in plans if plan.total_seconds <= deadline_seconds]
     fastest = min(plans, key=lambda plan: plan.total_seconds, default=None)
     best = min(meeting, key=lambda plan: (plan.cost_usd["total_usd"], plan.total_seconds), default=None)
-    return Recommendation(deadline_seconds=deadline_seconds, global_batch=global_batch, best=best, fastest=fastest,
-                          candidates=len(plans), met=best is not None)
+    return Recommendation(deadline_seconds=deadline_seconds, fixed_batch=fixed_batch, global_batch=global_batch,
+                          batch_size=workload.batch_size if global_batch is None else None, best=best,
+                          fastest=fastest, candidates=len(plans), met=best is not None)
 
 
 # This machine ------------------------------------------------------------------------------
@@ -1267,52 +1333,64 @@ def parse_duration(text: str) -> float:
 
 
 def format_seconds(seconds: float) -> str:
-    """Return a duration for people: milliseconds, seconds, minutes or hours."""
+    """Return a duration for people: milliseconds, seconds, minutes, hours, days or years."""
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    if seconds < 365 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / (365 * 86400):,.1f} years"
 
 
-def _format_bytes(count: float) -> str:
-    for unit, size in (("TiB", TIB), ("GiB", GIB), ("MiB", MIB)):
+def format_bytes(count: float) -> str:
+    """Return a size for people, in KiB to EiB."""
+    for unit, size in (("EiB", 2**60), ("PiB", 2**50), ("TiB", TIB), ("GiB", GIB), ("MiB", MIB)):
         if count >= size:
-            return f"{count / size:.1f} {unit}"
+            return f"{count / size:,.1f} {unit}"
     return f"{count / 1024:.1f} KiB"
 
 
+def format_usd(amount: float) -> str:
+    """Return a cost for people: four decimals below $1,000, cents with thousands separators above."""
+    if amount < 1000:
+        return f"${amount:.4f}"
+    return f"${amount:,.2f}"
+
+
 def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
 
 
 def format_plan(plan: JobPlan) -> str:
     """Return the plan as a readable report with the round's breakdown as a table."""
-    workload, deployment = plan.workload, plan.deployment
+    workload, deployment, costs = plan.workload, plan.deployment, plan.cost_usd
     kind = "dense" if not workload.sparse else f"sparse, {workload.density:.1%} nonzero"
     lines = [
         f"Plan: {_count(deployment.workers, 'worker')} x {deployment.memory_mb} MB ({deployment.architecture}), "
         f"aggregator {deployment.aggregator_memory_mb} MB, EFS {deployment.throughput_mode} throughput",
         f"data: {workload.rows:,} rows x {workload.features:,} features ({kind}), "
-        f"{_format_bytes(workload.total_data_bytes)}; {workload.n_params:,} parameters; "
+        f"{format_bytes(workload.total_data_bytes)}; {workload.n_params:,} parameters; "
         f"batch {workload.batch_size:,} rows per worker",
         f"rounds: {plan.rounds:,} ({plan.rounds_per_epoch:,} per epoch)",
         "",
         f"time per round (warm, after the first epoch): {format_seconds(plan.round.seconds)}",
         "",
-        f"  {'phase':<50} {'ms':>10}",
+        f"  {'phase':<50} {'ms':>12}",
     ]
     for name, seconds in plan.round.phases.items():
-        lines.append(f"  {name:<50} {seconds * 1000:>10.1f}")
+        lines.append(f"  {name:<50} {seconds * 1000:>12,.1f}")
     lines += [
         "",
         f"first round (cold starts, first reads): {format_seconds(plan.first_round.seconds)}",
         f"time to finish: {format_seconds(plan.total_seconds)}",
-        f"cost: ${plan.cost_usd['total_usd']:.4f} (Lambda ${plan.cost_usd['lambda_usd']:.4f}, "
-        f"SQS ${plan.cost_usd['sqs_usd']:.4f}, DynamoDB ${plan.cost_usd['dynamodb_usd']:.4f}, "
-        f"EFS ${plan.cost_usd['efs_usd']:.4f})",
+        f"cost: {format_usd(costs['total_usd'])} (Lambda {format_usd(costs['lambda_usd'])}, "
+        f"SQS {format_usd(costs['sqs_usd'])}, DynamoDB {format_usd(costs['dynamodb_usd'])}, "
+        f"EFS {format_usd(costs['efs_usd'])})",
     ]
     if plan.burst is not None:
         lines.append(f"EFS bursting: {plan.burst.burst_bytes_per_second / MIB:.0f} MiB/s with credits for "
@@ -1323,7 +1401,7 @@ def format_plan(plan: JobPlan) -> str:
         "",
         f"one VM instead: {vm.vm.name} ({vm.vm.vcpus} vCPUs, {vm.vm.memory_gib:.0f} GiB) at ${vm.vm.hourly_usd:.2f} "
         "per hour On-Demand in us-east-1 (docs/planner.md gives the source)",
-        f"  time {format_seconds(vm.seconds)}, cost ${vm.cost_usd:.4f} (billed for at least 60 s)",
+        f"  time {format_seconds(vm.seconds)}, cost {format_usd(vm.cost_usd)} (billed for at least 60 s)",
         f"  estimated from {vm.method}",
     ]
     for warning in plan.warnings:
@@ -1334,18 +1412,26 @@ def format_plan(plan: JobPlan) -> str:
 def format_recommendation(recommendation: Recommendation) -> str:
     """Return the recommendation as a few readable lines."""
     deadline = format_seconds(recommendation.deadline_seconds)
-    lines = ["", f"Cheapest configuration that finishes within {deadline}, at a global batch of "
-                 f"{recommendation.global_batch:,} rows ({recommendation.candidates} configurations checked):"]
+    if recommendation.global_batch is not None:
+        batch = f"every candidate keeps the global batch of {recommendation.global_batch:,} rows, split over its workers"
+    else:
+        batch = (f"every candidate keeps {recommendation.batch_size:,} rows per worker, so the global batch grows with "
+                 "the workers; pass --workers to keep one global batch instead")
+    lines = ["", f"Cheapest configuration that finishes within {deadline} "
+                 f"({recommendation.candidates} configurations checked):", f"  {batch}"]
     if recommendation.best is not None:
         best = recommendation.best
         lines.append(f"  {_count(best.deployment.workers, 'worker')} x {best.deployment.memory_mb} MB, batch "
                      f"{best.workload.batch_size:,} per worker, workerMaxConcurrency {best.deployment.max_concurrency}: "
-                     f"{format_seconds(best.total_seconds)}, ${best.cost_usd['total_usd']:.4f}")
+                     f"{format_seconds(best.total_seconds)}, {format_usd(best.cost_usd['total_usd'])}")
     else:
         lines.append(f"  none meets the deadline of {deadline}.")
         if recommendation.fastest is not None:
             fastest = recommendation.fastest
             lines.append(f"  the fastest is {_count(fastest.deployment.workers, 'worker')} x {fastest.deployment.memory_mb} MB: "
-                         f"{format_seconds(fastest.total_seconds)}, ${fastest.cost_usd['total_usd']:.4f}; "
+                         f"{format_seconds(fastest.total_seconds)}, {format_usd(fastest.cost_usd['total_usd'])}; "
                          "extend the deadline, or train fewer epochs")
+        else:
+            lines.append("  no configuration fits: every candidate's workers need more memory than Lambda's "
+                         f"{MAX_LAMBDA_MEMORY_MB:,} MB; lower --batch-size or the model size")
     return "\n".join(lines)

@@ -162,6 +162,33 @@ def _all_plans(workload, deployment, workers_grid, memory_grid):
                                                       max_concurrency=max(100, workers)), LINEAR_PROFILE)
 
 
+def test_recommend_per_worker_keeps_batch():
+    workload = replace(DENSE, epochs=0.2)
+    workers_grid, memory_grid = (4, 8, 16, 32), (1024, 1769, 3008)
+    plans = [planner.plan_job(workload, planner.Deployment(workers=workers, memory_mb=memory,
+                                                           max_concurrency=max(100, workers)), LINEAR_PROFILE)
+             for workers in workers_grid for memory in memory_grid]
+    deadline = sorted(plan.total_seconds for plan in plans)[len(plans) // 2]
+
+    recommendation = planner.recommend(workload, planner.Deployment(workers=1), deadline, LINEAR_PROFILE,
+                                       workers_grid=workers_grid, memory_grid=memory_grid, fixed_batch="per-worker")
+    meeting = [plan for plan in plans if plan.total_seconds <= deadline]
+
+    assert recommendation.met
+    assert recommendation.fixed_batch == "per-worker"
+    assert recommendation.global_batch is None
+    assert recommendation.batch_size == 1024
+    assert recommendation.candidates == len(plans)
+    assert recommendation.best.workload.batch_size == 1024
+    assert recommendation.best.cost_usd["total_usd"] == pytest.approx(min(p.cost_usd["total_usd"] for p in meeting))
+    assert "every candidate keeps 1,024 rows per worker" in planner.format_recommendation(recommendation)
+
+
+def test_recommend_rejects_unknown_fixed_batch():
+    with pytest.raises(ValueError, match="unknown fixed_batch 'both'"):
+        planner.recommend(DENSE, planner.Deployment(workers=8), 3600, LINEAR_PROFILE, fixed_batch="both")
+
+
 def test_recommend_reports_unmet_deadline():
     recommendation = planner.recommend(DENSE, planner.Deployment(workers=8), 0.001, LINEAR_PROFILE)
 
@@ -231,6 +258,54 @@ def test_cli_plan_deadline_recommendation():
     assert "Cheapest configuration that finishes within 30.0 min" in result.output
 
 
+def test_cli_plan_needs_workers_or_deadline():
+    args = [arg for arg in BASE_ARGS if arg not in ("--workers", "4")]
+    result = run_cli(*args)
+
+    assert result.exit_code == 2
+    assert "Missing option '--workers'" in result.output
+    assert "or --deadline DURATION to have baton plan recommend workers and memory" in result.output
+
+
+def test_cli_plan_deadline_picks_workers():
+    args = [arg for arg in BASE_ARGS if arg not in ("--workers", "4")]
+    result = run_cli(*args, "--deadline", "30m")
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Cheapest configuration that finishes within 30.0 min")
+    assert "every candidate keeps 256 rows per worker, so the global batch grows with the workers" in result.output
+    assert "Plan of the recommended configuration:" in result.output
+    assert "batch 256 rows per worker" in result.output
+    assert "time to finish" in result.output
+
+
+def test_cli_plan_deadline_picks_workers_json():
+    args = [arg for arg in BASE_ARGS if arg not in ("--workers", "4")]
+    result = run_cli(*args, "--deadline", "30m", "--json")
+    document = json.loads(result.output)
+    recommendation = document["recommendation"]
+
+    assert result.exit_code == 0, result.output
+    assert recommendation["met"] is True
+    assert recommendation["fixed_batch"] == "per-worker"
+    assert recommendation["batch_size"] == 256
+    assert recommendation["global_batch"] is None
+    assert recommendation["best"]["batch_size"] == 256
+    assert document["deployment"]["workers"] == recommendation["best"]["workers"]
+    assert document["deployment"]["memory_mb"] == recommendation["best"]["memory_mb"]
+    assert document["total_seconds"] == pytest.approx(recommendation["best"]["total_seconds"])
+
+
+def test_cli_plan_workers_deadline_keeps_global_batch():
+    result = run_cli(*BASE_ARGS, "--deadline", "30m", "--json")
+    recommendation = json.loads(result.output)["recommendation"]
+
+    assert result.exit_code == 0, result.output
+    assert recommendation["fixed_batch"] == "global"
+    assert recommendation["global_batch"] == 4 * 256
+    assert recommendation["best"]["global_batch"] == pytest.approx(4 * 256, rel=0.01)
+
+
 def test_cli_plan_unmet_deadline():
     result = run_cli(*BASE_ARGS, "--deadline", "1s")
 
@@ -252,6 +327,13 @@ def test_cli_plan_unmet_deadline():
     ("--deadline", "soon", "use seconds or a unit, such as 90m or 2h"),
     ("--deadline", "-5m", "must be greater than 0"),
     ("--max-concurrency", "1", "must be 2 to 1000"),
+    ("--batch-size", "1000001", "must be from 1 to 1,000,000 (training.batch_size)"),
+    ("--optimizer-slots", "3", "must be from 0 to 2"),
+    ("--optimizer-slots", "-1", "must be from 0 to 2"),
+    ("--data-bytes", str(planner.MAX_EFS_FILE_BYTES + 1), "more than one EFS file can hold (47.9 TiB)"),
+    ("--rows", "999999999999999", "more than one EFS file can hold (47.9 TiB)"),
+    ("--validation-rows", "999999999999999", "of validation data, more than one EFS file can hold"),
+    ("--params", "1000000000", "more than the 10,240 MB a Lambda function can have"),
 ])
 def test_cli_plan_rejects_bad_input(option, value, expected):
     args = [arg for arg in BASE_ARGS]
@@ -292,3 +374,79 @@ def test_plan_limits_match_job_spec():
     fields = {field.name: field.metadata for field in dataclasses.fields(TrainingSection)}
     assert planner.MAX_EPOCHS == fields["max_epochs"]["maximum"]
     assert planner.MAX_ROUNDS == fields["max_rounds"]["maximum"]
+    assert planner.MAX_BATCH_SIZE == fields["batch_size"]["maximum"]
+    assert planner.MAX_WORKERS == fields["n_workers"]["maximum"]
+
+
+def test_plan_of_impossible_data_size_rejected():
+    result = run_cli("plan", "--workers", "4", "--rows", "999999999999999", "--features", "99999999",
+                     "--batch-size", "256")
+
+    assert result.exit_code == 2
+    assert "Invalid value for --rows: 999,999,999,999,999 rows of 99,999,999 features at density 1" in result.output
+    assert "EiB of data, more than one EFS file can hold (47.9 TiB)" in result.output
+    assert "check --rows, --features and --density" in result.output
+    assert "cost:" not in result.output
+
+
+def test_state_over_lambda_memory_names_features():
+    workload = planner.Workload(rows=1000, features=800_000_000, batch_size=10)
+
+    with pytest.raises(planner.PlanError, match="more than the 10,240 MB") as raised:
+        planner.check_workload(workload)
+    assert raised.value.option == "--features"
+
+
+def test_plan_over_a_year_warns():
+    workload = planner.Workload(rows=999_999_999_999, features=1, batch_size=1, epochs=2.0)
+    plan = planner.plan_job(workload, planner.Deployment(workers=1), LINEAR_PROFILE)
+    text = planner.format_plan(plan)
+
+    assert plan.total_seconds > planner.PRACTICAL_SECONDS
+    assert any("longer than a year: no such job is practical" in warning for warning in plan.warnings)
+    assert "years" in text.split("time to finish: ")[1].splitlines()[0]
+    assert "e+" not in text
+
+
+def test_plan_within_a_year_has_no_size_warning():
+    plan = planner.plan_job(DENSE, planner.Deployment(workers=8), LINEAR_PROFILE)
+
+    assert not any("longer than a year" in warning for warning in plan.warnings)
+
+
+@pytest.mark.parametrize("seconds, text", [(0.25, "250 ms"), (90, "90.0 s"), (3600, "60.0 min"), (36000, "10.0 h"),
+                                           (3 * 86400, "3.0 days"), (1234 * 365 * 86400, "1,234.0 years")])
+def test_format_seconds_units(seconds, text):
+    assert planner.format_seconds(seconds) == text
+
+
+@pytest.mark.parametrize("amount, text", [(0.0123, "$0.0123"), (999.5, "$999.5000"), (1234567.891, "$1,234,567.89")])
+def test_format_usd(amount, text):
+    assert planner.format_usd(amount) == text
+
+
+@pytest.mark.parametrize("count, text", [(2048, "2.0 KiB"), (3 * planner.GIB, "3.0 GiB"), (5 * 2**60, "5.0 EiB"),
+                                         (3000 * 2**60, "3,000.0 EiB")])
+def test_format_bytes(count, text):
+    assert planner.format_bytes(count) == text
+
+
+def test_recommend_without_fitting_candidate_says_why():
+    # A million dense rows of 1,000 features per worker need about 11 GiB, over Lambda's maximum.
+    workload = planner.Workload(rows=2_000_000_000, features=1000, batch_size=1_000_000, epochs=0.01)
+    recommendation = planner.recommend(workload, planner.Deployment(workers=1), 3600, LINEAR_PROFILE,
+                                       fixed_batch="per-worker")
+
+    assert recommendation.candidates == 0
+    assert recommendation.best is None
+    assert recommendation.fastest is None
+    assert "no configuration fits" in planner.format_recommendation(recommendation)
+
+
+def test_cli_plan_without_fitting_candidate_prints_no_plan():
+    result = run_cli("plan", "--rows", "2000000000", "--features", "1000", "--batch-size", "1000000",
+                     "--epochs", "0.01", "--deadline", "1h")
+
+    assert result.exit_code == 0, result.output
+    assert "no configuration fits" in result.output
+    assert "Plan of the" not in result.output
