@@ -182,12 +182,24 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     from shared.cli_run import hold_local_dir
 
     spec = build_spec(spec_file, overrides)
+    _check_local_settings()
     with hold_local_dir(local_dir, spec_file, bool(overrides)) as lock:
         if fresh:
             _delete_local_job(local_dir / "efs", spec["job_id"])
         exit_status = _run_on_local_stack(spec, local_dir, imports, worker_lanes, timeout_seconds, lock)
     if exit_status != 0:
         sys.exit(exit_status)
+
+
+def _check_local_settings() -> None:
+    """Reject an ALLOWED_DATA_ROOTS in the environment that every handler of the local stack would reject."""
+    from shared.config import Settings
+    from shared.errors import BatonError
+
+    try:
+        Settings.from_env().data_roots()
+    except BatonError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], worker_lanes: int | None,

@@ -214,6 +214,37 @@ def test_import_rejects_linked_folder(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.parametrize("roots, words", [
+    ("teams", "data.path 'datasets/a9a/a9a' is outside the folders this stack reads data from (teams"),
+    ("/datasets", "invalid folder '/datasets' in ALLOWED_DATA_ROOTS"),
+])
+def test_cli_run_passes_allowed_data_roots(tmp_path, roots, words):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(a9a_spec("rooted")))
+
+    result = CliRunner(env={"ALLOWED_DATA_ROOTS": roots}).invoke(main, [
+        "run", str(spec_file), "--local-dir", str(tmp_path / "baton"), "--import", f"{A9A_DIR}:datasets/a9a",
+        "--timeout", "120"])
+
+    assert result.exit_code == 1, result.output
+    assert words in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("destination", ["jobs/other/data/shard-1/y.npy", "jobs", "datasets/linked/other/spec.json"])
+def test_import_rejects_jobs_folder(tmp_path, destination):
+    efs_root = tmp_path / "efs"
+    (efs_root / "jobs" / "other").mkdir(parents=True)
+    (efs_root / "jobs" / "other" / "spec.json").write_text("{}")
+    (efs_root / "datasets").mkdir()
+    (efs_root / "datasets" / "linked").symlink_to(efs_root / "jobs")
+
+    with pytest.raises(ValueError, match="is in jobs/, where Baton keeps the state of every job"):
+        LocalStack(efs_root).import_data(BREAST_CANCER_CSV, destination)
+    assert (efs_root / "jobs" / "other" / "spec.json").read_text() == "{}"
+    assert not (efs_root / "jobs" / "other" / "data").exists()
+
+
 def test_import_rejects_folder_holding_destination(tmp_path):
     # A project folder whose local folder sits inside it, as .baton sits in a checkout.
     project = tmp_path / "project"

@@ -61,8 +61,9 @@ DUMMY_AWS_ENVIRONMENT = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 
-# Settings a caller may pass through to the containers, for fault-injection tests.
-PASSTHROUGH_VARIABLES = ("BATON_FAULTS_ENABLED", "BATON_FAULTS", "BATON_FAULTS_DIR")
+# Settings a caller may pass through to the containers: the folders data paths may name,
+# and fault injection for tests.
+PASSTHROUGH_VARIABLES = ("ALLOWED_DATA_ROOTS", "BATON_FAULTS_ENABLED", "BATON_FAULTS", "BATON_FAULTS_DIR")
 
 # Statuses of a job that the handlers still move forward.
 ACTIVE_STATUSES = (PREPARING, RUNNING)
@@ -352,6 +353,12 @@ class LocalStack:
             raise ValueError(f"import source '{source}' contains the destination {target}, so the copy would copy "
                              "itself over and over; import a folder that does not contain the local folder, or "
                              "choose a --local-dir outside it")
+        # Resolved before any folder is made, so a link on the way into jobs/ is caught.
+        real_root = os.path.realpath(self.efs_root)
+        if os.path.commonpath([real_root, str(real_target)]) == real_root \
+                and real_target.relative_to(real_root).parts[:1] == ("jobs",):
+            raise ValueError(f"import destination '{destination}' is in jobs/, where Baton keeps the state of every "
+                             "job; import data elsewhere, such as datasets/")
         target.parent.mkdir(parents=True, exist_ok=True)
         if not EfsStore(self.efs_root).is_under_root(target.parent):
             raise ValueError(f"import destination '{destination}' leads outside the EFS folder {self.efs_root} "
