@@ -18,6 +18,7 @@ import gzip
 import io
 import itertools
 import logging
+import math
 import os
 import zipfile
 import zlib
@@ -696,6 +697,23 @@ def _missing_shard_error(store: EfsStore, path: Path) -> DataError:
                      f"{FIX}")
 
 
+def read_job_json(store: EfsStore, path: Path) -> Any:
+    """Read a JSON file that Baton wrote for a job (its spec or data manifest).
+
+    Raises
+    ------
+    DataError
+        If the file is not valid JSON. Baton writes these files whole, so a retry would
+        read the same bytes.
+    """
+    try:
+        return store.read_json(path)
+    except ValueError as error:
+        raise DataError(f"file '{_efs_name(store, path)}' is damaged ({type(error).__name__}: {error}): Baton writes "
+                        f"it whole, so it was changed after it was written, and the job cannot go on from it; "
+                        f"{FIX}") from None
+
+
 def _damaged_shard_error(store: EfsStore, path: Path, problem: str) -> DataError:
     return DataError(f"prepared shard file '{_efs_name(store, path)}' {problem}: Baton writes each shard file whole, "
                      f"so it was changed after the job's preparation, and Baton does not rebuild the shards of a "
@@ -710,6 +728,64 @@ def check_shards_present(store: EfsStore, job_id: str, manifest: dict) -> None:
         for name in _shard_file_names(manifest):
             if not (folder / name).is_file():
                 raise _missing_shard_error(store, folder / name)
+
+
+# Values read at a time by :func:`_value_range`: 32 MiB of int64.
+VALUE_CHECK_BLOCK = 4 * 2**20
+
+
+def _value_range(path: Path) -> tuple[float, float, bool] | None:
+    """Return the smallest and largest value of a ``.npy`` array and whether all are finite; None if empty.
+
+    The file is read in blocks with plain reads rather than through a memory map, so the
+    pass leaves no pages mapped in the process (a worker's memory stays its batch's).
+    """
+    smallest, largest, finite = math.inf, -math.inf, True
+    with open(path, "rb") as handle:
+        shape, dtype = check_npy_header(handle, f"'{path.name}'")
+        remaining = int(np.prod(shape, dtype=np.int64))
+        if remaining == 0:
+            return None
+        while remaining:
+            block = np.fromfile(handle, dtype=dtype, count=min(remaining, VALUE_CHECK_BLOCK))
+            if block.size == 0:
+                raise EOFError(f"{path.name} ends {remaining} values early")
+            remaining -= block.size
+            if dtype.kind == "f":
+                finite = finite and bool(np.isfinite(block).all())
+                block = block[np.isfinite(block)]
+                if block.size == 0:
+                    continue
+            smallest, largest = min(smallest, float(block.min())), max(largest, float(block.max()))
+    return smallest, largest, finite
+
+
+def _check_shard_values(store: EfsStore, folder: Path, manifest: dict, indptr: np.ndarray | None) -> None:
+    """Raise unless the labels fit the manifest's classes and the column indices its features.
+
+    Shapes alone let through a label or column index that a changed file puts out of range,
+    which makes scipy read outside its arrays or trains on the wrong classes.
+    """
+    labels = _value_range(folder / "y.npy")
+    classes = manifest.get("classes")
+    if labels is not None and classes:
+        smallest, largest, _ = labels
+        if smallest < 0 or largest >= len(classes) or smallest != int(smallest) or largest != int(largest):
+            raise _damaged_shard_error(store, folder / "y.npy", f"holds class codes from {smallest:g} to {largest:g}, "
+                                                                f"but the job has {len(classes)} classes (codes 0 to "
+                                                                f"{len(classes) - 1})")
+    elif labels is not None and not labels[2]:
+        raise _damaged_shard_error(store, folder / "y.npy", "holds a NaN or infinite label")
+    if indptr is None:
+        return
+    if indptr.size and (int(indptr[0]) != 0 or bool(np.any(np.diff(indptr) < 0))):
+        raise _damaged_shard_error(store, folder / "X-indptr.npy", "holds row pointers that do not start at 0 and "
+                                                                   "rise row by row")
+    columns = _value_range(folder / "X-indices.npy")
+    if columns is not None and (columns[0] < 0 or columns[1] >= manifest["n_features"]):
+        raise _damaged_shard_error(store, folder / "X-indices.npy", f"holds column indices from {columns[0]:g} to "
+                                                                    f"{columns[1]:g}, outside the job's "
+                                                                    f"{manifest['n_features']} features")
 
 
 def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Shard:
@@ -736,8 +812,8 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Sh
             # Other OSErrors, such as an I/O error of the file system, may pass: they are retried.
             raise _damaged_shard_error(store, path, f"is damaged ({type(error).__name__}: {error})") from None
 
-    # NOTE: only shapes are checked; a shard file replaced by another of the same shape
-    # is read as it is, because hashing it would read the whole shard on each cold start.
+    # NOTE: a shard file replaced by another of the same shape and valid values is read
+    # as it is. Hashing it would read the whole shard on each cold start.
     y = arrays["y.npy"]
     if y.shape != (rows,):
         raise _damaged_shard_error(store, folder / "y.npy", f"holds labels of shape {y.shape} where the manifest "
@@ -750,6 +826,7 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Sh
                                        f"does not fit its shard: row pointers of shape {indptr.shape}, values of "
                                        f"shape {data.shape} and column indices of shape {indices.shape}, for {rows} "
                                        "rows")
+        _check_shard_values(store, folder, manifest, indptr)
         X = sp.csr_matrix((data, indices, indptr), shape=(rows, manifest["n_features"]), copy=False)
     else:
         X = arrays["X.npy"]
@@ -757,6 +834,7 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Sh
             raise _damaged_shard_error(store, folder / "X.npy", f"holds a matrix of shape {X.shape} where the "
                                                                 f"manifest records {rows} rows of "
                                                                 f"{manifest['n_features']} features")
+        _check_shard_values(store, folder, manifest, None)
     return Shard(X=X, y=y)
 
 

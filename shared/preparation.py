@@ -192,7 +192,7 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
         # shards are reused unchecked.
         source_files.check_reusable(_recorded_sources(files), spec.job_id,
                                     lambda uri: s3_object_etag(uri, s3_client))
-        manifest = store.read_json(files.manifest)
+        manifest = datasets.read_job_json(store, files.manifest)
         datasets.check_shards_present(store, spec.job_id, manifest)
         return PreparationOutcome(manifest=manifest)
 

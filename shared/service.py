@@ -111,8 +111,8 @@ class Services:
         if job_id in self._jobs:
             self._jobs.move_to_end(job_id)
             return self._jobs[job_id]
-        spec = parse_job_spec(self.store.read_json(self.store.spec_path(job_id)))
-        manifest = self.store.read_json(self.store.data_dir(job_id) / "manifest.json")
+        spec = parse_job_spec(datasets.read_job_json(self.store, self.store.spec_path(job_id)))
+        manifest = datasets.read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json")
         context = JobContext(spec=spec, manifest=manifest, shards={})
         self._jobs[job_id] = context
         # A warm process may serve many jobs; keep only a few memory maps open.
@@ -193,7 +193,7 @@ def start_job(services: Services, body: str, message_id: str) -> str:
         if record is None or record.status != "PREPARING":
             raise StaleMessageError(f"preparation message for job {job_id}, which is "
                                     f"{'missing' if record is None else record.status}")
-        spec = parse_job_spec(services.store.read_json(services.store.spec_path(job_id)))
+        spec = parse_job_spec(datasets.read_job_json(services.store, services.store.spec_path(job_id)))
         _prepare_and_start(services, spec, PreparationStep.from_message(step_message))
         return job_id
 

@@ -413,8 +413,10 @@ def _check_combinations(sections: dict[str, Any]) -> None:
     for spec_field_ in fields(ModelSection):
         if spec_field_.name != "name" and spec_field_.name not in read \
                 and getattr(model, spec_field_.name) != spec_field_.default:
+            default = list(spec_field_.default) if isinstance(spec_field_.default, tuple) else spec_field_.default
             raise JobSpecError(f"model.{spec_field_.name}",
-                               f"does not apply to model '{model.name}', which reads {', '.join(read)}; remove it")
+                               f"does not apply to model '{model.name}', which reads {', '.join(read)}; remove it "
+                               f"(or set it to its default, {json.dumps(default)})")
     if training.target_validation_accuracy is not None and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("training.target_validation_accuracy",
                            f"model '{model.name}' reports no accuracy; use target_validation_loss instead")

@@ -171,6 +171,12 @@ def drop_last_label(path: Path) -> None:
     np.save(path, labels[:-1])
 
 
+def set_label_seven(path: Path) -> None:
+    labels = np.load(path)
+    labels[0] = 7
+    np.save(path, labels)
+
+
 def transpose_matrix(path: Path) -> None:
     np.save(path, np.load(path).T.copy())
 
@@ -180,7 +186,8 @@ def transpose_matrix(path: Path) -> None:
     ("X.npy", lambda path: truncate(path, 300), ["X.npy' is damaged (ValueError"]),
     ("y.npy", drop_last_label, ["y.npy' holds labels of shape", "where the manifest records"]),
     ("X.npy", transpose_matrix, ["X.npy' holds a matrix of shape", "features"]),
-], ids=["empty-labels", "truncated-matrix", "short-labels", "transposed-matrix"])
+    ("y.npy", set_label_seven, ["y.npy' holds class codes from 0 to 7, but the job has 2 classes"]),
+], ids=["empty-labels", "truncated-matrix", "short-labels", "transposed-matrix", "label-out-of-range"])
 def test_damaged_shard_fails_once(inprocess_stack, efs_root, file_name, damage, words):
     inprocess_stack.submit(breast_cancer_spec("damaged-shard"))
     inprocess_stack.step("JobsQueue")
@@ -191,6 +198,25 @@ def test_damaged_shard_fails_once(inprocess_stack, efs_root, file_name, damage, 
     assert_failed_once(inprocess_stack, "damaged-shard",
                        [f"prepared shard file 'jobs/damaged-shard/data/shard-1/{file_name}",
                         "changed after the job's preparation", *words])
+
+
+@pytest.mark.parametrize("indices, indptr, words", [
+    ([0, 1, 9, 3], [0, 1, 3, 4], "X-indices.npy' holds column indices from 0 to 9, outside the job's 8 features"),
+    ([0, 1, -1, 3], [0, 1, 3, 4], "X-indices.npy' holds column indices from -1 to 3"),
+    ([0, 1, 2, 3], [0, 3, 1, 4], "X-indptr.npy' holds row pointers that do not start at 0 and rise row by row"),
+], ids=["index-too-high", "index-negative", "pointers-fall"])
+def test_sparse_shard_values_checked(tmp_path, indices, indptr, words):
+    store = EfsStore(tmp_path)
+    folder = tmp_path / "shard"
+    folder.mkdir()
+    np.save(folder / "y.npy", np.array([0, 1, 0]))
+    np.save(folder / "X-data.npy", np.ones(4, dtype=np.float32))
+    np.save(folder / "X-indices.npy", np.array(indices, dtype=np.int32))
+    np.save(folder / "X-indptr.npy", np.array(indptr, dtype=np.int64))
+    manifest = {"sparse": True, "n_features": 8, "classes": [-1.0, 1.0]}
+
+    with pytest.raises(DataError, match="prepared shard file 'shard/" + words.replace("(", "\\(").replace(")", "\\)")):
+        datasets._read_matrix(store, folder, manifest, rows=3)
 
 
 def test_damaged_sparse_shard_named(tmp_path):
@@ -272,3 +298,15 @@ def test_damaged_round_state_fails_once(inprocess_stack, efs_root):
 
     assert_failed_once(inprocess_stack, "damaged-state",
                        ["round state file 'jobs/damaged-state/rounds/0/state.npz' is damaged (BadZipFile"])
+
+
+@pytest.mark.parametrize("file_name", ["data/manifest.json", "spec.json"])
+def test_damaged_job_file_fails_once(inprocess_stack, efs_root, file_name):
+    inprocess_stack.submit(breast_cancer_spec("damaged-file"))
+    inprocess_stack.step("JobsQueue")
+    (efs_root / "jobs" / "damaged-file" / file_name).write_text("{")
+
+    inprocess_stack.run()
+
+    assert_failed_once(inprocess_stack, "damaged-file",
+                       [f"file 'jobs/damaged-file/{file_name}' is damaged (JSONDecodeError"])
