@@ -277,14 +277,18 @@ def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: floa
     ``timeout_seconds``. Each job that ends is removed from ``unfinished``, and each other
     job seen running is added.
     """
-    from shared.cli_run import report_jobs_left, wait_for_other_jobs
+    from shared.cli_run import own_job_timeout_line, report_jobs_left, wait_for_other_jobs
 
     started = time.monotonic()
     try:
         record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)))
-    except TimeoutError as error:
-        report_jobs_left(stack, job_id, efs_root, "other jobs")
-        raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
+    except TimeoutError:
+        record = stack.get_job(job_id)
+        # A job that ended between the last poll and this read is reported as ended.
+        if record is None or record.status not in TERMINAL_STATUSES:
+            report_jobs_left(stack, job_id, efs_root, "other jobs")
+            raise click.ClickException(own_job_timeout_line(record, job_id, timeout_seconds, efs_root.parent,
+                                                            stack.endpoint_url)) from None
     unfinished.remove(job_id)
     failure = _report_local_job(record, efs_root, time.monotonic() - started)
     if failure is not None:
