@@ -537,6 +537,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     files and the model), so a local job can be fetched after `baton run` has ended.
     The job's status is only in the table, so job.json is not written then.
     """
+    from shared.errors import DamagedFileError
     from shared.monitor import JobNotFoundError, fetch_job, fetch_local_job
 
     output_dir = checked_output_path(output, Path(job_id), "fetched/", folder=True)
@@ -545,7 +546,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
             result = fetch_local_job(efs_root, job_id, output_dir)
         else:
             result = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
-    except (JobNotFoundError, FileNotFoundError) as error:
+    except (JobNotFoundError, FileNotFoundError, DamagedFileError) as error:
         raise click.ClickException(str(error)) from None
     for path in result.written:
         click.echo(str(path))
@@ -570,6 +571,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output: str | None,
          width_inches: float, height_inches: float, dpi: int, efs_root: Path | None) -> None:
     """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
+    from shared.errors import DamagedFileError
     from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
 
     # The output is checked first, so a typo in it costs no read of the table.
@@ -581,7 +583,7 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
     if efs_root is not None:
         try:
             rounds = read_metrics_files(efs_root, job_id)
-        except JobNotFoundError as error:
+        except (JobNotFoundError, DamagedFileError) as error:
             raise click.ClickException(str(error)) from None
         title = f"{job_id} ({len(rounds)} rounds)"
     else:
