@@ -289,14 +289,18 @@ def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: floa
     ``timeout_seconds``. Each job that ends is removed from ``unfinished``, and each other
     job seen running is added.
     """
-    from shared.cli_run import report_jobs_left, wait_for_other_jobs
+    from shared.cli_run import own_job_timeout_line, report_jobs_left, wait_for_other_jobs
 
     started = time.monotonic()
     try:
         record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)))
-    except TimeoutError as error:
-        report_jobs_left(stack, job_id, efs_root, "other jobs")
-        raise click.ClickException(f"{error}; raise --timeout to wait longer") from None
+    except TimeoutError:
+        record = stack.get_job(job_id)
+        # A job that ended between the last poll and this read is reported as ended.
+        if record is None or record.status not in TERMINAL_STATUSES:
+            report_jobs_left(stack, job_id, efs_root, "other jobs")
+            raise click.ClickException(own_job_timeout_line(record, job_id, timeout_seconds, efs_root.parent,
+                                                            stack.endpoint_url)) from None
     unfinished.remove(job_id)
     failure = _report_local_job(record, efs_root, time.monotonic() - started)
     if failure is not None:
@@ -545,6 +549,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     files and the model), so a local job can be fetched after `baton run` has ended.
     The job's status is only in the table, so job.json is not written then.
     """
+    from shared.errors import DamagedFileError
     from shared.monitor import JobNotFoundError, fetch_job, fetch_local_job
 
     output_dir = checked_output_path(output, Path(job_id), "fetched/", folder=True)
@@ -553,7 +558,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
             result = fetch_local_job(efs_root, job_id, output_dir)
         else:
             result = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
-    except (JobNotFoundError, FileNotFoundError) as error:
+    except (JobNotFoundError, FileNotFoundError, DamagedFileError) as error:
         raise click.ClickException(str(error)) from None
     for path in result.written:
         click.echo(str(path))
@@ -578,6 +583,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output: str | None,
          width_inches: float, height_inches: float, dpi: int, efs_root: Path | None) -> None:
     """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
+    from shared.errors import DamagedFileError
     from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
 
     # The output is checked first, so a typo in it costs no read of the table.
@@ -589,7 +595,7 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
     if efs_root is not None:
         try:
             rounds = read_metrics_files(efs_root, job_id)
-        except JobNotFoundError as error:
+        except (JobNotFoundError, DamagedFileError) as error:
             raise click.ClickException(str(error)) from None
         title = f"{job_id} ({len(rounds)} rounds)"
     else:

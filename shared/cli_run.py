@@ -190,6 +190,26 @@ def stops_with_stack_line(records: list[JobRecord], jobs_dir: Path) -> str:
             f"`baton run {jobs_dir}/<job_id>/spec.json --local-dir {local_dir}` trains one again from round 1")
 
 
+def own_job_timeout_line(record: JobRecord | None, job_id: str, timeout_seconds: float, local_dir: Path,
+                         endpoint_url: str) -> str:
+    """Return the line that ``baton run`` ends with when its own job has not ended within ``--timeout``.
+
+    ``record`` is the job as the table had it when the timeout ran out, or None when the
+    starter had not recorded it yet. The line gives its status and rounds, and the
+    command that trains it again, because the job stops with the stack.
+    """
+    reached = f"--timeout of {timeout_seconds:g} s reached"
+    logs = f"logs are in {local_dir / 'logs'}"
+    if record is None:
+        return (f"{reached} before the starter recorded job {job_id}, so it did not start; {logs}. Running the "
+                "same command again sends it; raise --timeout to wait longer")
+    line = f"{reached}: {stops_with_stack_line([record], local_dir / 'efs' / 'jobs')}; {logs}"
+    if record.status == PAUSED:
+        return (f"{line}. baton run waits for its PAUSED job until --timeout, so resume the job sooner with "
+                f"`baton resume {job_id} --stage local --endpoint-url {endpoint_url}`, or raise --timeout")
+    return f"{line}. Raise --timeout to wait longer"
+
+
 # Waiting for the other jobs ----------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import DataError
+from shared.errors import DamagedFileError, DataError
 
 # A fixed timestamp makes .npz archives byte-identical for identical arrays.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -196,6 +196,32 @@ class EfsStore:
     def read_json(self, path: Path) -> Any:
         with open(path, "rb") as handle:
             return json.loads(handle.read())
+
+    def read_json_object(self, path: Path, remedy: str) -> dict[str, Any]:
+        """Read a JSON object that Baton wrote, for a command that a person runs.
+
+        Raises :class:`DamagedFileError`, naming the file relative to the root and
+        ``remedy``, when the file cannot be read, is not valid UTF-8 JSON or contains no
+        JSON object.
+        """
+        try:
+            value = self.read_json(path)
+        except OSError as error:
+            raise self.damaged_file_error(path, f"cannot be read ({error.strerror or error})", remedy) from None
+        except ValueError as error:
+            # json.JSONDecodeError and UnicodeDecodeError both derive from ValueError.
+            raise self.damaged_file_error(path, f"is not valid JSON ({error})", remedy) from None
+        if not isinstance(value, dict):
+            raise self.damaged_file_error(path, "does not contain a JSON object", remedy)
+        return value
+
+    def damaged_file_error(self, path: Path, problem: str, remedy: str) -> DamagedFileError:
+        """Return the error for a file under the root that a command cannot use: which file, what is wrong, what to do."""
+        try:
+            name = path.relative_to(self.root)
+        except ValueError:
+            name = path
+        return DamagedFileError(f"{name} in the EFS folder {self.root} {problem}; {remedy}")
 
     def write_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
         write_bytes_atomic(path, encode_arrays(arrays))

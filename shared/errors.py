@@ -69,6 +69,14 @@ class EfsNotWritableError(BatonError):
     """
 
 
+class DamagedFileError(BatonError):
+    """A JSON file that Baton wrote on EFS is missing, unreadable or no longer a JSON object.
+
+    Raised by the commands a person runs on a job's files, so that they end in one line
+    naming the file and what to do.
+    """
+
+
 class StaleMessageError(BatonError):
     """A message refers to a round or job state that has already moved on.
 

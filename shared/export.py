@@ -37,6 +37,7 @@ from shared.cli_spec import check_job_id_argument, checked_output_path
 from shared.efs import EfsStore
 from shared.errors import BatonError
 from shared.models import Model
+from shared.monitor import damaged_spec_remedy
 from shared.preparation import read_scaling
 from shared.spec import JobSpec, parse_job_spec
 from shared.training import build_model, class_weights
@@ -82,6 +83,8 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
     ------
     ExportError
         If the job folder or its final model is missing.
+    DamagedFileError
+        If the job's spec.json or data/manifest.json is not a JSON object.
     """
     store = EfsStore(efs_root)
     params_path = store.model_dir(job_id) / "params.npy"
@@ -92,8 +95,10 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
                           f"`baton status {job_id}` shows whether it is still running (export it once it has "
                           "succeeded), failed (fix the cause and `baton resume` it) or was cancelled")
 
-    spec = parse_job_spec(store.read_json(store.spec_path(job_id)))
-    manifest = store.read_json(store.data_dir(job_id) / "manifest.json")
+    spec = parse_job_spec(store.read_json_object(store.spec_path(job_id), damaged_spec_remedy(job_id)))
+    manifest = store.read_json_object(store.data_dir(job_id) / "manifest.json",
+                                      "the data preparation writes it, so train the job again with `baton run "
+                                      "--fresh`, which prepares the data again")
     model = build_model(spec, manifest)
     params = store.read_npy(params_path, mmap=False)
     return TrainedModel(spec, manifest, model, params, read_scaling(store, job_id))
@@ -254,6 +259,10 @@ def export_estimator(efs_root: str | Path, job_id: str, output: str | Path) -> t
     return estimator, output
 
 
+# Extensions of joblib and pickle files; --output must end in one of them.
+EXPORT_SUFFIXES = (".joblib", ".pkl", ".pickle")
+
+
 @click.command("export")
 @click.argument("job_id", callback=check_job_id_argument)
 @click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".baton"),
@@ -261,13 +270,21 @@ def export_estimator(efs_root: str | Path, job_id: str, output: str | Path) -> t
 @click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="EFS root to read instead of LOCAL_DIR/efs, for example a copy of the deployed file system.")
 @click.option("--output", type=click.Path(dir_okay=False), required=True,
-              help="File to write the fitted scikit-learn estimator to, with joblib.")
+              help="File to write the fitted scikit-learn estimator to, with joblib; it must end in .joblib, "
+                   ".pkl or .pickle.")
 def export_command(job_id: str, local_dir: Path, efs_root: Path | None, output: str) -> None:
     """Save the final model of JOB_ID as a fitted scikit-learn estimator.
 
     Load it with joblib.load(OUTPUT); it predicts from raw features as Baton does.
+    The job is read from its files in an EFS folder alone, never from a stack's table,
+    so export has no --stage and works after `baton run` has ended.
     """
     output_file = checked_output_path(output, Path(output), "model.joblib")
+    # The extension guards files of other kinds, such as a plot, from being overwritten by mistake.
+    if output_file.suffix.lower() not in EXPORT_SUFFIXES:
+        raise click.ClickException(f"--output {output_file}: baton export writes a joblib file; give the file a "
+                                   f"{', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]} extension. Nothing "
+                                   "was written")
     try:
         estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
     except BatonError as error:

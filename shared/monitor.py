@@ -312,6 +312,8 @@ def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:
     ------
     JobNotFoundError
         If the folder contains no spec for the job.
+    DamagedFileError
+        If a metrics file is not a JSON object with the round's number.
     """
     store = EfsStore(efs_root)
     if not store.spec_path(job_id).is_file():
@@ -319,8 +321,23 @@ def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:
                                "the job id and --efs-root, which is <local-dir>/efs (.baton/efs by default) for "
                                "`baton run`")
     metrics_dir = store.job_dir(job_id) / "metrics"
-    paths = sorted(metrics_dir.glob("*.json"), key=lambda path: int(path.stem)) if metrics_dir.is_dir() else []
-    return [store.read_json(path) for path in paths if path.stem.isdigit()]
+    paths = [path for path in metrics_dir.glob("*.json") if path.stem.isdigit()] if metrics_dir.is_dir() else []
+    rounds = []
+    for path in sorted(paths, key=lambda path: int(path.stem)):
+        remedy = (f"move it out of {metrics_dir.relative_to(efs_root)} to leave round {path.stem} out, then run "
+                  "the command again")
+        entry = store.read_json_object(path, remedy)
+        if not isinstance(entry.get("round"), int):
+            raise store.damaged_file_error(path, "has no integer \"round\" field", remedy)
+        rounds.append(entry)
+    return rounds
+
+
+def damaged_spec_remedy(job_id: str) -> str:
+    """Return what to do when a job's spec.json on EFS cannot be read."""
+    return (f"replace it with the job's spec: while the job's stack runs, `baton fetch {job_id}` with the stack's "
+            "--stage (and --endpoint-url for a local stack) saves it from the table, and `baton submit SPEC_FILE "
+            "--dry-run` with the options the job was sent with prints it")
 
 
 def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResult:
@@ -334,11 +351,14 @@ def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResul
     ------
     JobNotFoundError
         If the folder contains no spec for the job.
+    DamagedFileError
+        If the spec or a metrics file is not a JSON object.
     """
     rounds = read_metrics_files(efs_root, job_id)
     store = EfsStore(efs_root)
+    spec = store.read_json_object(store.spec_path(job_id), damaged_spec_remedy(job_id))
     output_dir.mkdir(parents=True, exist_ok=True)
-    result = FetchResult(written=_write_spec_and_metrics(store.read_json(store.spec_path(job_id)), rounds, output_dir))
+    result = FetchResult(written=_write_spec_and_metrics(spec, rounds, output_dir))
     result.notes.append(f"job.json not written: the job's status is stored only in the stack's table, which this "
                         "fetch did not read; pass --stage and --endpoint-url while the stack runs to save it")
 

@@ -7,6 +7,7 @@ commands read DynamoDB through an endpoint exactly as they would read AWS.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import time
 
@@ -168,6 +169,47 @@ def test_plot_from_efs_folder_alone(finished_job, tmp_path, monkeypatch):
 
     assert result.exit_code == 0, result.output
     assert png_size(output) == (400, 250)
+
+
+def copy_job_files(finished_job, tmp_path):
+    """Return an EFS folder containing a copy of the finished job's files, which a test may damage."""
+    efs_root = tmp_path / "efs"
+    shutil.copytree(finished_job["efs_root"] / "jobs" / JOB_ID, efs_root / "jobs" / JOB_ID)
+    return efs_root
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("x\n", "is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    ("[5]", "does not contain a JSON object"),
+    ('{"epoch": 1.0}', 'has no integer "round" field'),
+], ids=["not-json", "not-object", "no-round"])
+@pytest.mark.parametrize("command", ["plot", "fetch"])
+def test_damaged_metrics_file_named(finished_job, tmp_path, command, content, problem):
+    efs_root = copy_job_files(finished_job, tmp_path)
+    (efs_root / "jobs" / JOB_ID / "metrics" / "5.json").write_text(content)
+    output = tmp_path / ("p.png" if command == "plot" else "fetched")
+
+    result = CliRunner().invoke(main, [command, JOB_ID, "--efs-root", str(efs_root), "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.output == (f"Error: jobs/{JOB_ID}/metrics/5.json in the EFS folder {efs_root} {problem}; move it "
+                             f"out of jobs/{JOB_ID}/metrics to leave round 5 out, then run the command again\n")
+    assert not output.exists()
+
+
+def test_fetch_names_damaged_spec(finished_job, tmp_path):
+    efs_root = copy_job_files(finished_job, tmp_path)
+    (efs_root / "jobs" / JOB_ID / "spec.json").write_text('{"job_id": ')
+
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, "--efs-root", str(efs_root), "--output",
+                                       str(tmp_path / "fetched")])
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: jobs/{JOB_ID}/spec.json in the EFS folder {efs_root} is not valid JSON (")
+    assert f"replace it with the job's spec: while the job's stack runs, `baton fetch {JOB_ID}`" in result.output
 
 
 def test_plot_output_folder_created_or_named(finished_job, tmp_path):

@@ -24,10 +24,10 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main
-from shared.cli_run import last_round_on_efs
+from shared.cli_run import last_round_on_efs, own_job_timeout_line
 from shared.local.folder_lock import LocalDirLock
 from shared.monitor import make_state_store
-from shared.state import RUNNING
+from shared.state import RUNNING, JobRecord
 from tests.conftest import BREAST_CANCER_CSV, PROJECT_ROOT
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
@@ -56,10 +56,10 @@ def run_command(spec_file: Path, local_dir: Path, *options: str) -> list[str]:
 class BatonRun:
     """A `baton run` process in its own session, with its output (stdout and stderr) read line by line."""
 
-    def __init__(self, tmp_path: Path, spec_file: Path):
+    def __init__(self, tmp_path: Path, spec_file: Path, *options: str):
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self.process = subprocess.Popen(run_command(spec_file, tmp_path / "baton"), cwd=PROJECT_ROOT,
+        self.process = subprocess.Popen(run_command(spec_file, tmp_path / "baton", *options), cwd=PROJECT_ROOT,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
@@ -139,8 +139,8 @@ def running_processes(pids: list[str]) -> list[str]:
 def start_run(tmp_path):
     runs = []
 
-    def start(spec_file: Path) -> BatonRun:
-        runs.append(BatonRun(tmp_path, spec_file))
+    def start(spec_file: Path, *options: str) -> BatonRun:
+        runs.append(BatonRun(tmp_path, spec_file, *options))
         return runs[-1]
 
     yield start
@@ -227,6 +227,54 @@ def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
     for noise in NOISE:
         assert noise not in output
     assert running_processes(host.children) == []
+
+
+def test_timeout_names_paused_job(tmp_path, start_run):
+    # Long enough for the job to start and be paused on a loaded machine; the test waits it out.
+    host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS), "--timeout", "20")
+    host.wait_until_running("host")
+    host.cli("pause", "host")
+
+    exit_status, output = host.finish()
+
+    assert exit_status == 1, output
+    ended = re.search(r"^Error: --timeout of 20 s reached: job host \(PAUSED, \d+ of \d+ rounds done\) stops with "
+                      r"the stack; its files remain in (.*), and `baton run (.*) --local-dir (.*)` trains it again "
+                      r"from round 1; logs are in (.*)\. baton run waits for its PAUSED job until --timeout, so "
+                      r"resume the job sooner with `baton resume host --stage local --endpoint-url (.*)`, or raise "
+                      r"--timeout$", output, re.MULTILINE)
+    assert ended, output
+    local_dir = tmp_path / "baton"
+    assert Path(ended.group(1)) == local_dir / "efs" / "jobs" / "host"
+    assert Path(ended.group(2)) == local_dir / "efs" / "jobs" / "host" / "spec.json"
+    assert Path(ended.group(3)) == local_dir
+    assert Path(ended.group(4)) == local_dir / "logs"
+    assert ended.group(5) == host.endpoint_url
+    for noise in NOISE:
+        assert noise not in output
+    assert running_processes(host.children) == []
+
+
+def make_record(status: str, round_index: int, total_rounds: int) -> JobRecord:
+    return JobRecord(job_id="host", status=status, round=round_index, n_workers=2, total_rounds=total_rounds,
+                     fingerprint="f", spec_json="{}", error=None, attributes={})
+
+
+def test_timeout_line_running_or_unrecorded(tmp_path):
+    endpoint_url = "http://127.0.0.1:5000"
+
+    running = own_job_timeout_line(make_record(RUNNING, 7, 40), "host", 25.0, tmp_path, endpoint_url)
+    unrecorded = own_job_timeout_line(None, "host", 25.0, tmp_path, endpoint_url)
+
+    assert running.startswith("--timeout of 25 s reached: job host (RUNNING, 7 of 40 rounds done) stops with the "
+                              f"stack; its files remain in {tmp_path / 'efs' / 'jobs' / 'host'}, and `baton run "
+                              f"{tmp_path / 'efs' / 'jobs' / 'host' / 'spec.json'} --local-dir {tmp_path}` trains "
+                              "it again from round 1")
+    assert running.endswith(f"; logs are in {tmp_path / 'logs'}. Raise --timeout to wait longer")
+    assert "baton resume" not in running
+    assert unrecorded == (f"--timeout of 25 s reached before the starter recorded job host, so it did not start; "
+                          f"logs are in {tmp_path / 'logs'}. Running the same command again sends it; raise "
+                          "--timeout to wait longer")
 
 
 def test_second_run_on_folder_rejected(tmp_path, start_run):

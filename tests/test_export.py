@@ -119,6 +119,59 @@ def test_export_of_job_without_model_says_why(tmp_path):
     assert not (tmp_path / "m.joblib").exists()
 
 
+@pytest.mark.parametrize("name", ["plot.png", "model", "model.joblib.txt"])
+def test_export_rejects_other_extension(tmp_path, name):
+    output = tmp_path / name
+    output.write_bytes(b"\x89PNG existing file")
+
+    result = CliRunner().invoke(main, ["export", "any-job", "--efs-root", str(tmp_path), "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert result.output == (f"Error: --output {output}: baton export writes a joblib file; give the file a "
+                             ".joblib, .pkl or .pickle extension. Nothing was written\n")
+    assert output.read_bytes() == b"\x89PNG existing file"
+
+
+@pytest.mark.parametrize("name", ["m.pkl", "m.PICKLE"])
+def test_export_accepts_pickle_extensions(tmp_path, name):
+    # The job does not exist, so passing the extension check shows as the missing job's error.
+    result = CliRunner().invoke(main, ["export", "any-job", "--efs-root", str(tmp_path), "--output",
+                                       str(tmp_path / name)])
+
+    assert result.exit_code == 1, result.output
+    assert "no job folder" in result.output
+    assert "extension" not in result.output
+
+
+@pytest.mark.parametrize("damaged, content, remedy", [
+    ("spec.json", "{not json", "replace it with the job's spec: while the job's stack runs, `baton fetch damaged`"),
+    ("spec.json", "\xff", "replace it with the job's spec"),
+    ("data/manifest.json", "[]", "the data preparation writes it, so train the job again with `baton run --fresh`"),
+    ("data/manifest.json", None, "the data preparation writes it"),
+], ids=["spec-not-json", "spec-not-utf8", "manifest-not-object", "manifest-missing"])
+def test_export_names_damaged_file(tmp_path, damaged, content, remedy):
+    job_dir = tmp_path / "jobs" / "damaged"
+    (job_dir / "model").mkdir(parents=True)
+    (job_dir / "data").mkdir()
+    np.save(job_dir / "model" / "params.npy", np.zeros(31))
+    (job_dir / "spec.json").write_text(json.dumps(breast_cancer_spec("damaged")))
+    (job_dir / "data" / "manifest.json").write_text("{}")
+    if content is None:
+        (job_dir / damaged).unlink()
+    else:
+        (job_dir / damaged).write_bytes(content.encode("latin-1"))
+
+    result = CliRunner().invoke(main, ["export", "damaged", "--efs-root", str(tmp_path), "--output",
+                                       str(tmp_path / "m.joblib")])
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: jobs/damaged/{damaged} in the EFS folder {tmp_path} ")
+    assert remedy in result.output
+    assert not (tmp_path / "m.joblib").exists()
+
+
 def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tmp_path):
     spec = breast_cancer_spec("plain-export", data={"standardize": False}, optimizer={"learning_rate": 1e-6},
                               training={"max_rounds": 3})

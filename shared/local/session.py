@@ -412,6 +412,11 @@ class LocalStack:
                                    f"logs are in {self.efs_root.parent / 'logs'}")
             time.sleep(poll_seconds)
 
+    def get_job(self, job_id: str) -> JobRecord | None:
+        """Return the job's record from the stack's table, or None before the starter has recorded the job."""
+        with self._server_requests():
+            return self.state.get_job(job_id)
+
     def list_jobs(self, statuses: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[JobRecord]:
         """Return the stack's jobs, oldest first, in ``statuses`` (all when None) and not in ``exclude``."""
         with self._server_requests():
