@@ -122,9 +122,9 @@ def _record_silent_receive(services: Services, function_name: str, record: SQSRe
                            receive_count: int) -> None:
     """Record that the previous receive of a redelivered message ended without an error.
 
-    Every retried error is stored when it happens, so a message received again whose
-    previous receive left no error on the job item ended in a way no handler can catch: a
-    timeout, an out-of-memory kill, a crash of the process or a throttle.
+    Every retried error is stored when it happens. So when the previous receive of a message
+    left no error on the job item, it ended in a way no handler can catch: a timeout, an
+    out-of-memory kill, a crash of the process or a throttle.
     """
     previous = receive_count - 1
     if function_name == "starter":

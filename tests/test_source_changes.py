@@ -201,10 +201,9 @@ def test_damaged_shard_fails_once(inprocess_stack, efs_root, file_name, damage, 
 
 
 @pytest.mark.parametrize("indices, indptr, words", [
-    ([0, 1, 9, 3], [0, 1, 3, 4], "X-indices.npy' holds column indices from 0 to 9, outside the job's 8 features"),
-    ([0, 1, -1, 3], [0, 1, 3, 4], "X-indices.npy' holds column indices from -1 to 3"),
     ([0, 1, 2, 3], [0, 3, 1, 4], "X-indptr.npy' holds row pointers that do not start at 0 and rise row by row"),
-], ids=["index-too-high", "index-negative", "pointers-fall"])
+    ([0, 1, 2, 3], [1, 2, 3, 4], "X-indptr.npy' holds row pointers that do not start at 0"),
+], ids=["pointers-fall", "pointers-offset"])
 def test_sparse_shard_values_checked(tmp_path, indices, indptr, words):
     store = EfsStore(tmp_path)
     folder = tmp_path / "shard"
