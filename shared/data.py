@@ -783,9 +783,9 @@ def _check_shard_values(store: EfsStore, folder: Path, manifest: dict, indptr: n
     if indptr.size and (int(indptr[0]) != 0 or bool(np.any(np.diff(indptr) < 0))):
         raise _damaged_shard_error(store, folder / "X-indptr.npy", "holds row pointers that do not start at 0 and "
                                                                    "rise row by row")
-    # NOTE: the column indices are not scanned. They are most of a sparse shard, and a
-    # scan on each cold start would read them all from EFS, where a worker reads only the
-    # pages of its batches; an index changed out of range makes scipy read out of bounds.
+    # NOTE: the column indices are not scanned, so one changed out of range makes scipy
+    # read out of bounds. They are most of a sparse shard, and a worker reads only its
+    # batches' pages of them from EFS.
 
 
 def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Shard:
