@@ -280,6 +280,16 @@ def _import_local_data(stack, imports: tuple[str, ...]) -> None:
             raise click.BadParameter(str(error), param_hint="--import") from None
 
 
+def _echo_status_change(record, previous: str, endpoint_url: str) -> None:
+    """Print a line when ``baton run``'s own job is paused, or resumed after a pause."""
+    if record.status == "PAUSED":
+        click.echo(f"job {record.job_id} is PAUSED after {record.round} of {record.total_rounds} rounds; "
+                   f"`baton resume {record.job_id} --stage local --endpoint-url {endpoint_url}` continues it, and "
+                   "baton run waits for it up to --timeout")
+    elif previous == "PAUSED":
+        click.echo(f"job {record.job_id} resumed at round {record.round + 1}")
+
+
 def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float,
                        unfinished: list[str]) -> click.ClickException | None:
     """Print the rounds and the summary of ``job_id``, then wait for the stack's other jobs.
@@ -293,7 +303,9 @@ def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: floa
 
     started = time.monotonic()
     try:
-        record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)))
+        record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)),
+                            on_status=lambda changed, previous: _echo_status_change(changed, previous,
+                                                                                    stack.endpoint_url))
     except TimeoutError:
         record = stack.get_job(job_id)
         # A job that ended between the last poll and this read is reported as ended.

@@ -250,6 +250,9 @@ def test_timeout_names_paused_job(tmp_path, start_run):
     assert Path(ended.group(3)) == local_dir
     assert Path(ended.group(4)) == local_dir / "logs"
     assert ended.group(5) == host.endpoint_url
+    assert re.search(r"^job host is PAUSED after \d+ of \d+ rounds; `baton resume host --stage local "
+                     rf"--endpoint-url {re.escape(host.endpoint_url)}` continues it, and baton run waits for it up to "
+                     r"--timeout$", output, re.MULTILINE), output
     for noise in NOISE:
         assert noise not in output
     assert running_processes(host.children) == []

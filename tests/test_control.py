@@ -6,6 +6,7 @@ One local stack serves every test; each job equals a fault-free job of the same 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -69,6 +70,23 @@ def test_pause_holds_and_resume_finishes(stack):
     record = wait_all(stack, ["paused"], timeout_seconds=120)["paused"]
     assert record.status == "SUCCEEDED", record.error
     assert params_digest(stack.efs_root, "paused") == params_digest(stack.efs_root, "reference")
+
+
+def test_wait_reports_pause_and_resume(stack):
+    stack.submit(a9a_spec("followed", stack.data_path, **SPEC))
+    changes = []
+    waiter = threading.Thread(target=lambda: stack.wait(
+        "followed", timeout_seconds=150, on_status=lambda record, previous: changes.append((previous, record.status))))
+    waiter.start()
+    wait_for_round(stack, "followed", 3)
+
+    assert cli(stack, "pause", "followed").exit_code == 0
+    time.sleep(1.0)
+    assert cli(stack, "resume", "followed").exit_code == 0
+    waiter.join(timeout=160)
+
+    assert not waiter.is_alive()
+    assert changes == [("RUNNING", "PAUSED"), ("PAUSED", "RUNNING")]
 
 
 def test_cancel_stops_job(stack):

@@ -378,8 +378,12 @@ class LocalStack:
             response = self.sqs.send_message(QueueUrl=self.queue_urls["JobsQueue"], MessageBody=body)
         return response["MessageId"]
 
-    def follow(self, job_id: str, poll_seconds: float = 0.1, timeout_seconds: float = 3600) -> Iterator[dict | JobRecord]:
+    def follow(self, job_id: str, poll_seconds: float = 0.1, timeout_seconds: float = 3600,
+               on_status: Callable[[JobRecord, str], None] | None = None) -> Iterator[dict | JobRecord]:
         """Yield each round's metrics as the job records them, then the final job record.
+
+        ``on_status(record, previous_status)`` is called each time the job's status
+        changes to another status that is not final, such as from RUNNING to PAUSED.
 
         Raises
         ------
@@ -391,10 +395,15 @@ class LocalStack:
         deadline = time.monotonic() + timeout_seconds
         files = EfsStore(self.efs_root)
         next_round = 0
+        status = None
         while True:
             self.check_server()
             with self._server_requests():
                 record = self.state.get_job(job_id)
+            if record is not None and record.status != status and record.status not in TERMINAL_STATUSES:
+                if status is not None and on_status is not None:
+                    on_status(record, status)
+                status = record.status
             # The job item's round is the index of the round running, which is also the
             # number of rounds whose metrics are written.
             rounds_done = 0 if record is None else record.round
@@ -474,12 +483,13 @@ class LocalStack:
                 raise TimeoutError(f"jobs on the stack did not end within {timeout_seconds:.0f} s")
             time.sleep(poll_seconds)
 
-    def wait(self, job_id: str, timeout_seconds: float = 3600, on_round: Callable[[dict], None] | None = None) -> JobRecord:
+    def wait(self, job_id: str, timeout_seconds: float = 3600, on_round: Callable[[dict], None] | None = None,
+             on_status: Callable[[JobRecord, str], None] | None = None) -> JobRecord:
         """Block until the job succeeds or fails; return its final record.
 
         Raises :class:`ServerExitedError` or :class:`TimeoutError` as :meth:`follow` does.
         """
-        for update in self.follow(job_id, timeout_seconds=timeout_seconds):
+        for update in self.follow(job_id, timeout_seconds=timeout_seconds, on_status=on_status):
             if isinstance(update, JobRecord):
                 return update
             if on_round is not None:
