@@ -81,7 +81,10 @@ def test_wait_reports_pause_and_resume(stack):
     wait_for_round(stack, "followed", 3)
 
     assert cli(stack, "pause", "followed").exit_code == 0
-    time.sleep(1.0)
+    # The waiter polls every 0.1 s, but a loaded machine may slow its polls down.
+    deadline = time.monotonic() + 60
+    while not changes and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert cli(stack, "resume", "followed").exit_code == 0
     waiter.join(timeout=160)
 
