@@ -105,6 +105,10 @@ class Settings:
                 raise BatonError(
                     f"invalid folder {entry.strip()!r} in ALLOWED_DATA_ROOTS {self.allowed_data_roots!r}: "
                     "give folders relative to the EFS root, such as datasets, without '.', '..' or a leading '/'")
+            if folder.split("/")[0] == "jobs":
+                raise BatonError(f"invalid folder {entry.strip()!r} in ALLOWED_DATA_ROOTS {self.allowed_data_roots!r}: "
+                                 "jobs/ contains the jobs' own state and is never read as data; name the folders "
+                                 "your data is in, such as datasets")
             roots.append(folder)
         return tuple(roots)
 

@@ -100,7 +100,15 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
                                       "the data preparation writes it, so train the job again with `baton run "
                                       "--fresh`, which prepares the data again")
     model = build_model(spec, manifest)
-    params = store.read_npy(params_path, mmap=False)
+    try:
+        params = store.read_npy(params_path, mmap=False)
+    except (ValueError, EOFError) as error:
+        raise ExportError(f"the final model file {params_path} is damaged ({type(error).__name__}: {error}); the "
+                          "last round folder's state.npz under jobs/<job_id>/rounds/ holds the same parameters, "
+                          "or train the job again") from None
+    if params.shape != (model.n_params,):
+        raise ExportError(f"the final model file {params_path} holds an array of shape {params.shape}, but the job's "
+                          f"model has {model.n_params} parameters; it was changed after the job wrote it")
     return TrainedModel(spec, manifest, model, params, read_scaling(store, job_id))
 
 

@@ -88,8 +88,9 @@ def require_job(store: StateStore, job_id: str) -> JobRecord:
     """Return the job's record, or raise :class:`JobNotFoundError` naming the table."""
     record = store.get_job(job_id)
     if record is None:
-        raise JobNotFoundError(f"no job '{job_id}' in table {store.table_name}; "
-                               "check the job id, --stage and --endpoint-url")
+        raise JobNotFoundError(f"no job '{job_id}' in table {store.table_name}; check the job id, --stage and "
+                               "--endpoint-url, or for a job sent moments ago wait a few seconds, until the starter "
+                               "has recorded it")
     return record
 
 

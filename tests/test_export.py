@@ -172,6 +172,21 @@ def test_export_names_damaged_file(tmp_path, damaged, content, remedy):
     assert not (tmp_path / "m.joblib").exists()
 
 
+@pytest.mark.parametrize("damage", [b"\x93NUMPY", b""], ids=["truncated", "empty"])
+def test_export_names_damaged_params(inprocess_stack, efs_root, tmp_path, damage):
+    spec = breast_cancer_spec("damaged-params", training={"max_rounds": 2})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    params_path = efs_root / "jobs" / "damaged-params" / "model" / "params.npy"
+    params_path.write_bytes(damage)
+
+    result = CliRunner().invoke(main, ["export", "damaged-params", "--efs-root", str(efs_root), "--output",
+                                       str(tmp_path / "m.joblib")])
+
+    assert result.exit_code == 1
+    assert f"the final model file {params_path} is damaged" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tmp_path):
     spec = breast_cancer_spec("plain-export", data={"standardize": False}, optimizer={"learning_rate": 1e-6},
                               training={"max_rounds": 3})

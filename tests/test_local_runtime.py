@@ -245,6 +245,34 @@ def test_import_rejects_jobs_folder(tmp_path, destination):
     assert not (efs_root / "jobs" / "other" / "data").exists()
 
 
+def test_import_rejects_link_back_to_local_folder(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "rows.csv").write_text("1,0\n")
+    local_dir = tmp_path / "local"
+    (local_dir / "efs").mkdir(parents=True)
+    (source / "loop").symlink_to(local_dir)
+
+    with pytest.raises(ValueError, match="a link to .* which contains the destination"):
+        LocalStack(local_dir / "efs").import_data(source, "datasets/copy")
+    assert not (local_dir / "efs" / "datasets" / "copy" / "loop").exists()
+
+
+def test_import_checks_links_before_making_folders(tmp_path):
+    efs_root = tmp_path / "efs"
+    efs_root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (efs_root / "out").symlink_to(outside)
+    (efs_root / "dangling").symlink_to(efs_root / "nowhere")
+
+    with pytest.raises(ValueError, match="leads outside the EFS folder"):
+        LocalStack(efs_root).import_data(BREAST_CANCER_CSV, "out/a/b/data.csv")
+    with pytest.raises(ValueError, match="a file or a link that leads nowhere is on the way"):
+        LocalStack(efs_root).import_data(BREAST_CANCER_CSV, "dangling/data.csv")
+    assert list(outside.iterdir()) == []
+
+
 def test_import_rejects_folder_holding_destination(tmp_path):
     # A project folder whose local folder sits inside it, as .baton sits in a checkout.
     project = tmp_path / "project"

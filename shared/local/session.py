@@ -157,6 +157,24 @@ def start_moto_server(log_path: Path, timeout_seconds: float = 30,
     raise RuntimeError(f"moto's server did not listen on 127.0.0.1:{port} within {timeout_seconds} s; see {log_path}")
 
 
+def _refuse_links_to(real_target: Path) -> Callable[[str, list[str]], list[str]]:
+    """Return a ``shutil.copytree`` ignore function that raises on a link leading to ``real_target`` or above it.
+
+    copytree follows links, so such a link in the source would copy the copy into itself.
+    """
+    def check(folder: str, names: list[str]) -> list[str]:
+        for name in names:
+            path = os.path.join(folder, name)
+            real = Path(os.path.realpath(path))
+            if os.path.islink(path) and (real == real_target or real in real_target.parents):
+                raise ValueError(f"import source contains '{path}', a link to {real}, which contains the "
+                                 "destination, so the copy would copy itself over and over; remove the link or "
+                                 "import another folder")
+        return []
+
+    return check
+
+
 class LocalStack:
     """Start moto's server on 127.0.0.1, create the stack on it and run the handlers.
 
@@ -348,25 +366,30 @@ class LocalStack:
             ``destination``, which the copy would then copy into itself.
         """
         source, target = Path(source), self.efs_root / destination
-        real_source, real_target = Path(os.path.realpath(source)), Path(os.path.realpath(target))
+        # A link at the destination itself is replaced, not followed, so only its folder is resolved.
+        real_source, real_target = Path(os.path.realpath(source)), Path(os.path.realpath(target.parent)) / target.name
         if source.is_dir() and (real_target == real_source or real_source in real_target.parents):
             raise ValueError(f"import source '{source}' contains the destination {target}, so the copy would copy "
                              "itself over and over; import a folder that does not contain the local folder, or "
                              "choose a --local-dir outside it")
-        # Resolved before any folder is made, so a link on the way into jobs/ is caught.
-        real_root = os.path.realpath(self.efs_root)
-        if os.path.commonpath([real_root, str(real_target)]) == real_root \
-                and real_target.relative_to(real_root).parts[:1] == ("jobs",):
-            raise ValueError(f"import destination '{destination}' is in jobs/, where Baton keeps the state of every "
-                             "job; import data elsewhere, such as datasets/")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        # Checked before any folder is made, so a link on the way can lead nowhere it should not.
         if not EfsStore(self.efs_root).is_under_root(target.parent):
             raise ValueError(f"import destination '{destination}' leads outside the EFS folder {self.efs_root} "
                              "through a symbolic link; remove the link or choose another destination")
+        real_root = Path(os.path.realpath(self.efs_root))
+        if real_target.relative_to(real_root).parts[:1] == ("jobs",):
+            raise ValueError(f"import destination '{destination}' is in jobs/, where Baton keeps the state of every "
+                             "job; import data elsewhere, such as datasets/")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot make the folder of import destination '{destination}' ({error.strerror}); "
+                             "a file or a link that leads nowhere is on the way, so remove it or choose another "
+                             "destination") from None
         if target.is_symlink():
             target.unlink()
         if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
+            shutil.copytree(source, target, dirs_exist_ok=True, ignore=_refuse_links_to(real_target))
         else:
             shutil.copy2(source, target)
         return target
