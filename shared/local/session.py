@@ -157,7 +157,7 @@ def start_moto_server(log_path: Path, timeout_seconds: float = 30,
     raise RuntimeError(f"moto's server did not listen on 127.0.0.1:{port} within {timeout_seconds} s; see {log_path}")
 
 
-def _refuse_links_to(real_target: Path) -> Callable[[str, list[str]], list[str]]:
+def _reject_links_to(real_target: Path) -> Callable[[str, list[str]], list[str]]:
     """Return a ``shutil.copytree`` ignore function that raises on a link leading to ``real_target`` or above it.
 
     copytree follows links, so such a link in the source would copy the copy into itself.
@@ -389,7 +389,7 @@ class LocalStack:
         if target.is_symlink():
             target.unlink()
         if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True, ignore=_refuse_links_to(real_target))
+            shutil.copytree(source, target, dirs_exist_ok=True, ignore=_reject_links_to(real_target))
         else:
             shutil.copy2(source, target)
         return target
