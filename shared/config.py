@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
+from shared.efs import JOBS_FOLDER
 from shared.errors import BatonError
 
 # Round folders kept on EFS (KEEP_CHECKPOINTS), the current round's included. At least 2:
@@ -105,7 +106,7 @@ class Settings:
                 raise BatonError(
                     f"invalid folder {entry.strip()!r} in ALLOWED_DATA_ROOTS {self.allowed_data_roots!r}: "
                     "give folders relative to the EFS root, such as datasets, without '.', '..' or a leading '/'")
-            if folder.split("/")[0] == "jobs":
+            if folder.split("/")[0] == JOBS_FOLDER:
                 raise BatonError(f"invalid folder {entry.strip()!r} in ALLOWED_DATA_ROOTS {self.allowed_data_roots!r}: "
                                  "jobs/ contains the jobs' own state and is never read as data; name the folders "
                                  "your data is in, such as datasets")

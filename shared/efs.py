@@ -39,6 +39,9 @@ import numpy as np
 
 from shared.errors import DamagedFileError, DataError
 
+# The folder under the root where Baton keeps every job's state; never read as data.
+JOBS_FOLDER = "jobs"
+
 # A fixed timestamp makes .npz archives byte-identical for identical arrays.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -111,7 +114,7 @@ class EfsStore:
     # Paths -------------------------------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
-        return self.root.joinpath("jobs", job_id)
+        return self.root.joinpath(JOBS_FOLDER, job_id)
 
     def spec_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "spec.json"
@@ -167,8 +170,8 @@ class EfsStore:
                 "under the EFS root, so copy the file under the EFS root and name the copy in the spec")
         # NOTE: the check and the later reads are separate system calls, so a link swapped
         # in between by someone who can write to the file system is not caught.
-        parts = Path(os.path.realpath(path)).relative_to(os.path.realpath(self.root)).parts
-        if parts[:1] == ("jobs",):
+        parts = self.parts_under_root(path)
+        if parts[:1] == (JOBS_FOLDER,):
             raise DataError(
                 f"{field} '{relative}' names a file in jobs/, where Baton keeps the state of every job; "
                 "copy the data to a folder outside jobs/ (such as datasets/) and name the copy in the spec")
@@ -178,6 +181,14 @@ class EfsStore:
                 f"({', '.join(self.data_roots)}, set by ALLOWED_DATA_ROOTS); move the file into one of them, "
                 "or have the stack's owner add its folder to the allowedDataRoots stage parameter")
         return path
+
+    def parts_under_root(self, path: Path) -> tuple[str, ...]:
+        """Return the parts of ``path`` below the root, with every symbolic link resolved.
+
+        ``path`` must be under the root (:meth:`is_under_root`). A path that does not exist
+        yet is resolved as far as it exists.
+        """
+        return Path(os.path.realpath(path)).relative_to(os.path.realpath(self.root)).parts
 
     def is_under_root(self, path: Path) -> bool:
         """Return whether ``path``, with every symbolic link resolved, is inside the root's real path.

@@ -107,8 +107,8 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
                           "last round folder's state.npz under jobs/<job_id>/rounds/ holds the same parameters, "
                           "or train the job again") from None
     if params.shape != (model.n_params,):
-        raise ExportError(f"the final model file {params_path} holds an array of shape {params.shape}, but the job's "
-                          f"model has {model.n_params} parameters; it was changed after the job wrote it")
+        raise ExportError(f"the final model file {params_path} contains an array of shape {params.shape}, but the "
+                          f"job's model has {model.n_params} parameters; it was changed after the job wrote it")
     return TrainedModel(spec, manifest, model, params, read_scaling(store, job_id))
 
 

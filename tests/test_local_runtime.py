@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,11 +203,16 @@ def test_import_replaces_link_at_destination(tmp_path):
     assert outside.read_text() == "kept\n", "the import wrote through the link"
 
 
-def test_import_rejects_linked_folder(tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    efs_root = tmp_path / "efs"
+def efs_and_outside(tmp_path: Path) -> tuple[Path, Path]:
+    """Make an EFS folder and an empty folder beside it, outside it."""
+    efs_root, outside = tmp_path / "efs", tmp_path / "outside"
     efs_root.mkdir()
+    outside.mkdir()
+    return efs_root, outside
+
+
+def test_import_rejects_linked_folder(tmp_path):
+    efs_root, outside = efs_and_outside(tmp_path)
     (efs_root / "datasets").symlink_to(outside)
 
     with pytest.raises(ValueError, match="'datasets/breast_cancer.csv' leads outside the EFS folder"):
@@ -259,10 +265,7 @@ def test_import_rejects_link_back_to_local_folder(tmp_path):
 
 
 def test_import_checks_links_before_making_folders(tmp_path):
-    efs_root = tmp_path / "efs"
-    efs_root.mkdir()
-    outside = tmp_path / "outside"
-    outside.mkdir()
+    efs_root, outside = efs_and_outside(tmp_path)
     (efs_root / "out").symlink_to(outside)
     (efs_root / "dangling").symlink_to(efs_root / "nowhere")
 

@@ -44,7 +44,7 @@ import boto3
 from botocore.exceptions import BotoCoreError
 
 from shared.config import Settings
-from shared.efs import EfsStore
+from shared.efs import JOBS_FOLDER, EfsStore
 from shared.local.processes import python_module_command, stop_process
 from shared.local.runtime import LocalRuntime
 from shared.local.stack import StackDefinition, create_stack, load_stack_definition
@@ -373,11 +373,11 @@ class LocalStack:
                              "itself over and over; import a folder that does not contain the local folder, or "
                              "choose a --local-dir outside it")
         # Checked before any folder is made, so a link on the way can lead nowhere it should not.
-        if not EfsStore(self.efs_root).is_under_root(target.parent):
+        files = EfsStore(self.efs_root)
+        if not files.is_under_root(target.parent):
             raise ValueError(f"import destination '{destination}' leads outside the EFS folder {self.efs_root} "
                              "through a symbolic link; remove the link or choose another destination")
-        real_root = Path(os.path.realpath(self.efs_root))
-        if real_target.relative_to(real_root).parts[:1] == ("jobs",):
+        if (files.parts_under_root(target.parent) + (target.name,))[:1] == (JOBS_FOLDER,):
             raise ValueError(f"import destination '{destination}' is in jobs/, where Baton keeps the state of every "
                              "job; import data elsewhere, such as datasets/")
         try:
