@@ -95,7 +95,8 @@ class Settings:
         Raises
         ------
         BatonError
-            If a folder is absolute or contains ``..`` or ``.``.
+            If a folder is absolute or contains ``..`` or ``.``, or if the setting is not
+            empty but names no folder (only commas).
         """
         roots = []
         for entry in self.allowed_data_roots.split(","):
@@ -111,6 +112,10 @@ class Settings:
                                  "jobs/ contains the jobs' own state and is never read as data; name the folders "
                                  "your data is in, such as datasets")
             roots.append(folder)
+        if self.allowed_data_roots.strip() and not roots:
+            raise BatonError(f"invalid ALLOWED_DATA_ROOTS {self.allowed_data_roots!r}: it names no folder; name the "
+                             "folders your data is in, such as datasets, or leave it empty to allow every folder "
+                             "under the EFS root")
         return tuple(roots)
 
     @classmethod

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 
 from shared.efs import EfsStore
 from shared.errors import DataError
+from shared.sampling import take_rows
 from shared.source_files import FIX
 from shared.spec import JobSpec
 
@@ -606,14 +607,49 @@ def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features:
 
 @dataclass
 class Shard:
-    """The rows one worker trains on, memory-mapped from EFS."""
+    """The rows one worker trains on, memory-mapped from EFS.
+
+    Read rows of ``X`` through :meth:`rows`, which checks the column indices of the sparse
+    rows it returns.
+    """
 
     X: Any
     y: np.ndarray
+    # The EFS name of a sparse shard's column index file, for messages.
+    indices_file: str = "X-indices.npy"
 
     @property
     def n_rows(self) -> int:
         return self.X.shape[0]
+
+    def rows(self, selection: np.ndarray | slice, dtype=None):
+        """Return the rows ``selection`` of ``X``, as :func:`~shared.sampling.take_rows` does.
+
+        Parameters
+        ----------
+        selection : ndarray of int or slice
+            Sorted, distinct row indices, or a slice with step 1.
+        dtype : numpy dtype, optional
+            The dtype of the returned values.
+
+        Raises
+        ------
+        DataError
+            If a sparse row contains a column index outside the shard's width, which scipy
+            would follow outside its arrays.
+        """
+        if isinstance(selection, slice):
+            # Contiguous rows go through take_rows too, because scipy's own slicing of
+            # a CSR matrix drops out-of-range columns without a word.
+            selection = np.arange(*selection.indices(self.n_rows))
+        chunk = take_rows(self.X, selection, dtype)
+        if not isinstance(chunk, np.ndarray) and chunk.indices.size:
+            # Read as unsigned, a negative index is larger than any width: one pass finds both.
+            largest = int(chunk.indices.view(np.dtype(f"u{chunk.indices.itemsize}")).max())
+            if largest >= chunk.shape[1]:
+                raise _changed_shard_error(self.indices_file,
+                                           f"contains a column index outside 0 to {chunk.shape[1] - 1}")
+        return chunk
 
 
 def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int,
@@ -715,9 +751,13 @@ def read_job_json(store: EfsStore, path: Path) -> Any:
 
 
 def _damaged_shard_error(store: EfsStore, path: Path, problem: str) -> DataError:
-    return DataError(f"prepared shard file '{_efs_name(store, path)}' {problem}: Baton writes each shard file whole, "
-                     f"so it was changed after the job's preparation, and Baton does not rebuild the shards of a "
-                     f"started job; {FIX}")
+    return _changed_shard_error(str(_efs_name(store, path)), problem)
+
+
+def _changed_shard_error(efs_name: str, problem: str) -> DataError:
+    return DataError(f"prepared shard file '{efs_name}' {problem}: Baton writes each shard file whole, so it was "
+                     f"changed after the job's preparation, and Baton does not rebuild the shards of a started job; "
+                     f"{FIX}")
 
 
 def check_shards_present(store: EfsStore, job_id: str, manifest: dict) -> None:
@@ -783,9 +823,8 @@ def _check_shard_values(store: EfsStore, folder: Path, manifest: dict, indptr: n
     if indptr.size and (int(indptr[0]) != 0 or bool(np.any(np.diff(indptr) < 0))):
         raise _damaged_shard_error(store, folder / "X-indptr.npy", "holds row pointers that do not start at 0 and "
                                                                    "rise row by row")
-    # NOTE: the column indices are not scanned, so one changed out of range makes scipy
-    # read out of bounds. They are most of a sparse shard, and a worker reads only its
-    # batches' pages of them from EFS.
+    # The column indices are most of a sparse shard, and a worker reads only its batches'
+    # pages of them, so Shard.rows checks them as it reads them.
 
 
 def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Shard:
@@ -828,13 +867,14 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Sh
                                        "rows")
         _check_shard_values(store, folder, manifest, indptr)
         X = sp.csr_matrix((data, indices, indptr), shape=(rows, manifest["n_features"]), copy=False)
-    else:
-        X = arrays["X.npy"]
-        if X.shape != (rows, manifest["n_features"]):
-            raise _damaged_shard_error(store, folder / "X.npy", f"holds a matrix of shape {X.shape} where the "
-                                                                f"manifest records {rows} rows of "
-                                                                f"{manifest['n_features']} features")
-        _check_shard_values(store, folder, manifest, None)
+        return Shard(X=X, y=y, indices_file=str(_efs_name(store, folder / "X-indices.npy")))
+
+    X = arrays["X.npy"]
+    if X.shape != (rows, manifest["n_features"]):
+        raise _damaged_shard_error(store, folder / "X.npy", f"holds a matrix of shape {X.shape} where the "
+                                                            f"manifest records {rows} rows of "
+                                                            f"{manifest['n_features']} features")
+    _check_shard_values(store, folder, manifest, None)
     return Shard(X=X, y=y)
 
 
@@ -884,7 +924,7 @@ def load_training_sample(store: EfsStore, job_id: str, manifest: dict, max_rows:
             continue
         shard = load_shard(store, job_id, manifest, worker)
         positions = np.linspace(0, rows - 1, take).round().astype(np.int64)
-        parts.append(shard.X[np.unique(positions)])
+        parts.append(shard.rows(np.unique(positions)))
     if manifest["sparse"]:
         return sp.vstack(parts, format="csr").astype(np.float64)
     return np.concatenate(parts).astype(np.float64)

@@ -710,7 +710,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
                 return None
             start = len(progress["partials"]) * VALIDATION_CHUNK_ROWS
             stop = min(start + VALIDATION_CHUNK_ROWS, validation.n_rows)
-            chunk_metrics = model.metrics(new_params, validation.X[start:stop], np.asarray(validation.y[start:stop]))
+            chunk_metrics = model.metrics(new_params, validation.rows(slice(start, stop)), np.asarray(validation.y[start:stop]))
             progress["partials"].append({"rows": stop - start,
                                          "metrics": {name: float(value) for name, value in chunk_metrics.items()}})
             budget.count_step()

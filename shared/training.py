@@ -488,7 +488,7 @@ class GradientAveraging(TrainingMode):
         if len(chunk):
             y_chunk = take_rows(shard.y, chunk)
             # Rows gathered straight into float64, which the model would otherwise convert.
-            loss, grad = model.loss_grad(params, take_rows(shard.X, chunk, dtype=np.float64), y_chunk,
+            loss, grad = model.loss_grad(params, shard.rows(chunk, dtype=np.float64), y_chunk,
                                          _sample_weight(settings.class_weights, y_chunk))
             grad_sum = np.add(grad_sum, grad, out=grad)
             loss_sum += loss
@@ -592,7 +592,7 @@ class ModelAveraging(TrainingMode):
         # A worker whose weights already overflowed stops stepping, and the aggregator reports it.
         if len(rows) > 0 and np.all(np.isfinite(local_params)):
             y_batch = take_rows(shard.y, rows)
-            part = compute_worker_result(model, local_params, take_rows(shard.X, rows, dtype=np.float64), y_batch,
+            part = compute_worker_result(model, local_params, shard.rows(rows, dtype=np.float64), y_batch,
                                          _sample_weight(settings.class_weights, y_batch))
             _, penalty_grad = model.penalty_grad(local_params)
             grad = part.grad_sum / part.n_samples + penalty_grad
@@ -669,7 +669,7 @@ class StatisticsMode(TrainingMode):
         return model.init_params_from_data(sample, np.random.default_rng([spec.training.seed, 0x1417]))
 
     def begin(self, spec, manifest, model, params, shard, round_index, worker):
-        empty = model.partial_statistics(params, shard.X[:0])
+        empty = model.partial_statistics(params, shard.rows(slice(0, 0)))
         return {"position": np.int64(0), "n_samples": np.int64(0),
                 **{name: np.zeros_like(value) for name, value in empty.items()}}
 
@@ -678,7 +678,7 @@ class StatisticsMode(TrainingMode):
         stop = min(position + GRADIENT_CHUNK_ROWS, shard.n_rows)
         new_progress = dict(progress)
         if stop > position:
-            part = model.partial_statistics(params, shard.X[position:stop])
+            part = model.partial_statistics(params, shard.rows(slice(position, stop)))
             for name, value in part.items():
                 new_progress[name] = progress[name] + value
         new_progress["position"] = np.int64(stop)

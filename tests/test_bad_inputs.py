@@ -493,6 +493,15 @@ def test_data_roots_setting_rejected(value):
         settings.data_roots()
 
 
+@pytest.mark.parametrize("value", [",", " , ,"])
+def test_data_roots_without_folder_rejected(value):
+    settings = Settings.from_env(environ={"ALLOWED_DATA_ROOTS": value})
+
+    with pytest.raises(BatonError, match="invalid ALLOWED_DATA_ROOTS .*: it names no folder"):
+        settings.data_roots()
+    assert Settings.from_env(environ={"ALLOWED_DATA_ROOTS": "  "}).data_roots() == ()
+
+
 def test_outside_file_left_untouched(stack):
     outside = Path(stack.settings.efs_root).parent / "outside"
     before = {path.name: path.read_bytes() for path in outside.iterdir()}

@@ -223,6 +223,7 @@ def test_import_rejects_linked_folder(tmp_path):
 @pytest.mark.parametrize("roots, words", [
     ("teams", "data.path 'datasets/a9a/a9a' is outside the folders this stack reads data from (teams"),
     ("/datasets", "invalid folder '/datasets' in ALLOWED_DATA_ROOTS"),
+    (",", "invalid ALLOWED_DATA_ROOTS ',': it names no folder"),
 ])
 def test_cli_run_passes_allowed_data_roots(tmp_path, roots, words):
     spec_file = tmp_path / "job.json"

@@ -309,3 +309,49 @@ def test_damaged_job_file_fails_once(inprocess_stack, efs_root, file_name):
 
     assert_failed_once(inprocess_stack, "damaged-file",
                        [f"file 'jobs/damaged-file/{file_name}' is damaged (JSONDecodeError"])
+
+
+def write_sparse_shard(folder: Path, indices: list[int]) -> None:
+    """Write a three-row sparse shard of four values with column ``indices``."""
+    folder.mkdir()
+    np.save(folder / "y.npy", np.array([0, 1, 0]))
+    np.save(folder / "X-data.npy", np.ones(4, dtype=np.float32))
+    np.save(folder / "X-indices.npy", np.array(indices, dtype=np.int32))
+    np.save(folder / "X-indptr.npy", np.array([0, 1, 3, 4], dtype=np.int64))
+
+
+@pytest.mark.parametrize("bad_index", [8, 2**31 - 1, -1], ids=["width", "largest", "negative"])
+@pytest.mark.parametrize("selection", [np.array([1]), np.array([0, 2]), slice(1, 3)],
+                         ids=["one-row", "gathered", "slice"])
+def test_column_index_checked_on_read(tmp_path, bad_index, selection):
+    store = EfsStore(tmp_path)
+    write_sparse_shard(tmp_path / "shard", [0, 1, 2, 3])
+    write_sparse_shard(tmp_path / "damaged", [0, 1, bad_index, bad_index])
+    manifest = {"sparse": True, "n_features": 8, "classes": [-1.0, 1.0]}
+    intact = datasets._read_matrix(store, tmp_path / "shard", manifest, rows=3)
+    damaged = datasets._read_matrix(store, tmp_path / "damaged", manifest, rows=3)
+
+    assert intact.rows(selection, dtype=np.float64).dtype == np.float64
+    with pytest.raises(DataError, match=r"prepared shard file 'damaged/X-indices.npy' contains a column index "
+                                        r"outside 0 to 7: .*changed after the job's preparation"):
+        damaged.rows(selection)
+
+
+@pytest.mark.parametrize("folder", ["shard-1", "validation"])
+def test_damaged_column_index_fails_job(inprocess_stack, efs_root, folder):
+    job_id = "damaged-columns"
+    spec = {"job_id": job_id, "model": {"name": "logistic_regression"},
+            "data": {"path": "datasets/a9a/a9a", "format": "libsvm", "n_features": 123},
+            "training": {"n_workers": 2, "batch_size": 64, "max_rounds": 3, "seed": 3}}
+    inprocess_stack.submit(spec)
+    inprocess_stack.step("JobsQueue")
+    indices_file = efs_root / "jobs" / job_id / "data" / folder / "X-indices.npy"
+    indices = np.load(indices_file)
+    indices[::7] = 5000
+    np.save(indices_file, indices)
+
+    inprocess_stack.run()
+
+    assert_failed_once(inprocess_stack, job_id,
+                       [f"prepared shard file 'jobs/{job_id}/data/{folder}/X-indices.npy' contains a column index "
+                        "outside 0 to 122"])
