@@ -153,6 +153,18 @@ def _parse_number(text: str, what: str) -> float:
         raise ValueError(f"{what} {text!r} is not a number") from None
 
 
+def parse_libsvm_text(text: str, source: str, first_line_number: int = 1) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Parse libsvm/svmlight text as :func:`parse_libsvm_lines` parses its lines.
+
+    ASCII text goes through :func:`_parse_ascii_libsvm` first, which gives the same arrays
+    in less than half the time on a9a. Text it does not parse goes to the line parsers.
+    """
+    parsed = _parse_ascii_libsvm(text) if text.isascii() else None
+    if parsed is not None:
+        return parsed
+    return parse_libsvm_lines(text.split("\n"), source, first_line_number)
+
+
 def parse_libsvm_lines(lines, source: str, first_line_number: int = 1) -> tuple[sp.csr_matrix, np.ndarray]:
     """Parse libsvm/svmlight lines into a CSR matrix as wide as its highest index, and labels.
 
@@ -199,8 +211,17 @@ def _parse_plain_libsvm(lines: list[str]) -> tuple[sp.csr_matrix, np.ndarray] | 
         return None
 
     counts = np.fromiter((len(tokens) - 1 for tokens in rows), dtype=np.int64, count=len(rows))
+    return _csr_from_pairs(labels, numbers, values, counts)
+
+
+def _csr_from_pairs(labels: np.ndarray, numbers: np.ndarray, values: np.ndarray,
+                    counts: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray] | None:
+    """Build the CSR matrix from every row's label and pair count, and the pairs' 1-based indices and values.
+
+    Returns None when an index is out of range or not above the previous one of its row.
+    """
     indptr = np.concatenate(([0], np.cumsum(counts)))
-    same_row = np.repeat(np.arange(len(rows)), counts)
+    same_row = np.repeat(np.arange(len(labels)), counts)
     increasing = (np.diff(numbers) > 0) | (same_row[1:] != same_row[:-1])
     if np.any(numbers < 1) or np.any(numbers > MAX_FEATURE_INDEX) or not np.all(increasing):
         return None
@@ -209,6 +230,149 @@ def _parse_plain_libsvm(lines: list[str]) -> tuple[sp.csr_matrix, np.ndarray] | 
     X = sp.csr_matrix((values.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int64)),
                       shape=(len(labels), width))
     return X, labels
+
+
+# The ASCII parser works on blocks of about this many bytes, cut at line ends, so that its
+# per-byte arrays stay small next to the text.
+ASCII_BLOCK_BYTES = 4 * 1024 * 1024
+# Bytes that str.split() treats as whitespace in ASCII text.
+_ASCII_WHITESPACE = np.zeros(256, dtype=bool)
+_ASCII_WHITESPACE[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")] = True
+# A float64 represents every integer of up to 15 digits and every power of ten up to 1e22
+# exactly, so mantissa / 10**k of such a decimal is one correctly rounded division: the
+# value float() returns for the same text.
+_EXACT_DIGITS = 15
+_POWERS_OF_TEN = 10.0 ** np.arange(23)
+# Digits of a column index converted without float(); larger indices exceed MAX_FEATURE_INDEX.
+_INDEX_DIGITS = 10
+
+
+def _parse_ascii_libsvm(text: str) -> tuple[sp.csr_matrix, np.ndarray] | None:
+    """Parse ASCII libsvm text with whole-array numpy calls on its bytes.
+
+    Returns None for anything :func:`_parse_plain_libsvm` would return None for (comments,
+    ``qid:`` tokens, malformed pairs), and otherwise its result. Plain decimals are converted
+    by digit arithmetic, and every other number by Python's own ``float`` or ``int``.
+    """
+    if "#" in text or "qid" in text:
+        return None
+    raw = text.encode("ascii")
+    blocks = []
+    start = 0
+    while start < len(raw):
+        stop = raw.find(b"\n", start + ASCII_BLOCK_BYTES)
+        stop = len(raw) if stop < 0 else stop + 1
+        numbers = _ascii_block_numbers(raw[start:stop])
+        if numbers is None:
+            return None
+        blocks.append(numbers)
+        start = stop
+    if not blocks:
+        return _csr_from_pairs(*(np.zeros(0, dtype=dtype) for dtype in (np.float64, np.int64, np.float64, np.int64)))
+    return _csr_from_pairs(*(np.concatenate(arrays) for arrays in zip(*blocks)))
+
+
+def _ascii_block_numbers(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Return the labels, 1-based indices, values and pair counts of the rows in ``block``.
+
+    Returns None if a token after a row's label is not ``<index>:<value>``, or if a number
+    does not convert.
+    """
+    # A space on each side, so that every token has a space before and after it.
+    chars = np.frombuffer(b" " + block + b" ", dtype=np.uint8)
+
+    # Tokens are runs of bytes other than whitespace. A row's label is the first token of
+    # its line: the first token, and the first after each line end.
+    edges = np.diff(_ASCII_WHITESPACE[chars].view(np.int8))
+    token_starts = np.flatnonzero(edges == -1) + 1
+    token_ends = np.flatnonzero(edges == 1) + 1
+    after_line_ends = np.searchsorted(token_starts, np.flatnonzero(chars == ord("\n")))
+    is_label = np.zeros(len(token_starts), dtype=bool)
+    is_label[:1] = True
+    is_label[after_line_ends[after_line_ends < len(token_starts)]] = True
+
+    # Every pair token contains one colon, strictly inside it, and no label contains one:
+    # with as many colons as pairs, colon j must fall inside pair j.
+    colons = np.flatnonzero(chars == ord(":"))
+    pair_starts, pair_ends = token_starts[~is_label], token_ends[~is_label]
+    if len(colons) != len(pair_starts) or np.any(colons <= pair_starts) or np.any(colons >= pair_ends - 1):
+        return None
+
+    # Pieces in text order: each row's label, then an index and a value per pair. Token t
+    # is piece t plus one per pair before it; row r's label, token row_starts[r], follows
+    # row_starts[r] - r pairs.
+    row_starts = np.flatnonzero(is_label)
+    counts = np.diff(np.append(row_starts, len(is_label))) - 1
+    label_slots = 2 * row_starts - np.arange(len(row_starts))
+    kinds = np.ones(len(token_starts) + len(colons), dtype=np.int8)
+    kinds[label_slots] = 0
+    pair_slots = np.flatnonzero(kinds == 1)
+    kinds[pair_slots[1::2]] = 2
+    piece_starts = np.empty(len(kinds), dtype=np.int64)
+    piece_ends = np.empty(len(kinds), dtype=np.int64)
+    piece_starts[label_slots], piece_ends[label_slots] = token_starts[is_label], token_ends[is_label]
+    piece_starts[pair_slots[0::2]], piece_ends[pair_slots[0::2]] = pair_starts, colons
+    piece_starts[pair_slots[1::2]], piece_ends[pair_slots[1::2]] = colons + 1, pair_ends
+
+    numbers = _ascii_numbers(block, chars, piece_starts, piece_ends, kinds == 1)
+    if numbers is None:
+        return None
+    return numbers[kinds == 0], numbers[kinds == 1].astype(np.int64), numbers[kinds == 2], counts
+
+
+def _ascii_numbers(block: bytes, chars: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   integer: np.ndarray) -> np.ndarray | None:
+    """Convert the pieces ``chars[starts[i]:ends[i]]`` to float64, or return None if one is not a number.
+
+    ``chars`` is ``block`` with one byte in front. The pieces are in order and contain every
+    digit and dot of ``chars``. A piece of an optional sign, digits and at most one dot (no
+    sign or dot where ``integer``), with few enough digits, is converted here. Any other
+    goes to Python's ``float`` or ``int``, as in the line parsers.
+    """
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.float64)
+    is_digit = (chars >= ord("0")) & (chars <= ord("9"))
+    is_dot = chars == ord(".")
+    # Blocks are a few MiB, so int32 counts suffice.
+    digits_through = np.cumsum(is_digit, dtype=np.int32)
+    dots_through = np.cumsum(is_dot, dtype=np.int32)
+    n_digits = digits_through[ends - 1] - digits_through[starts - 1]
+    dots_before = dots_through[starts - 1]
+    n_dots = dots_through[ends - 1] - dots_before
+    negative = chars[starts] == ord("-")
+    signed = negative | (chars[starts] == ord("+"))
+    simple = (ends - starts == n_digits + n_dots + signed) & (n_digits >= 1)
+    simple &= np.where(integer, (n_dots == 0) & ~signed & (n_digits <= _INDEX_DIGITS),
+                       (n_dots <= 1) & (n_digits <= _EXACT_DIGITS))
+
+    # Each digit adds digit * 10**(digits after it in its piece), which a float64 sums
+    # exactly while the sum stays below 2**53. The digits are in piece order.
+    piece_of_digit = np.repeat(np.arange(len(starts)), n_digits)
+    last_digit = np.cumsum(n_digits, dtype=np.int64) - 1
+    later_digits = last_digit[piece_of_digit] - np.arange(len(piece_of_digit))
+    digit_values = chars[is_digit] - ord("0")
+    terms = digit_values * _POWERS_OF_TEN[np.minimum(later_digits, 22)]
+    mantissas = np.bincount(piece_of_digit, weights=terms, minlength=len(starts))
+
+    # In a simple piece, the digits after its one dot are the fraction.
+    fraction_digits = np.zeros(len(starts), dtype=np.int64)
+    dotted = np.flatnonzero(simple & (n_dots == 1))
+    dot_positions = np.flatnonzero(is_dot)[dots_before[dotted]]
+    fraction_digits[dotted] = n_digits[dotted] - (dot_positions - starts[dotted] - signed[dotted])
+    numbers = mantissas / _POWERS_OF_TEN[fraction_digits]
+    numbers[negative] = -numbers[negative]
+
+    for piece in np.flatnonzero(~simple):
+        text = block[starts[piece] - 1:ends[piece] - 1]
+        try:
+            number = int(text) if integer[piece] else float(text)
+        except ValueError:
+            return None
+        # An index beyond 2**53 would not survive the float64; it is out of range anyway.
+        if integer[piece] and abs(number) > 2**53:
+            return None
+        numbers[piece] = number
+    return numbers
 
 
 def _parse_libsvm_checked(lines: list[str], source: str, first_line_number: int) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -298,7 +462,7 @@ def read_libsvm(path: Path, n_features: int | None = None,
     """
     source = source or str(path)
     text = decode_text(read_text_bytes(path, source), source)
-    X, y = parse_libsvm_lines(text.split("\n"), source)
+    X, y = parse_libsvm_text(text, source)
     if len(y) == 0:
         raise DataError(f"data file '{source}' has no rows; check that it is the right file and not empty")
     return _widen(X, n_features, source), y

@@ -574,7 +574,7 @@ def read_part(spec: JobSpec, part: dict, first_line_number: int | None = None) -
     n_lines = raw.count(b"\n")
 
     if data.format == "libsvm":
-        X, y = datasets.parse_libsvm_lines(text.split("\n"), source, first_line_number)
+        X, y = datasets.parse_libsvm_text(text, source, first_line_number)
         return PartRows(X, y, n_lines)
     reference = "the header" if data.header else f"the first row (line {skipped + 1})"
     X, y = datasets.parse_csv_text(text, data.delimiter, part["label_index"], part["n_columns"], source,

@@ -13,6 +13,7 @@ from shared import data as datasets
 from shared.efs import EfsStore
 from shared.preparation import ALLOWED_S3_BUCKETS_VARIABLE, layout_summary
 from shared.spec import parse_job_spec
+from tests.conftest import A9A_DIR
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, forget_job, run_job
 
@@ -286,43 +287,88 @@ def test_sparse_non_finite_row_found_without_densifying():
         check_finite(X, np.zeros(3), "sparse.libsvm", first_row=10)
 
 
-def test_libsvm_fast_parse_equals_checked():
-    from shared.data import _parse_libsvm_checked, _parse_plain_libsvm
-
+def generated_libsvm_lines() -> list[str]:
+    """Return libsvm lines in every number form and spacing the parsers accept."""
     rng = np.random.default_rng(3)
-    value_formats = ["{:.6g}", "{:+.3e}", "{:.2E}", "{:.0f}", "{:.4f}"]
+    value_formats = ["{:.6g}", "{:+.3e}", "{:.2E}", "{:.0f}", "{:.4f}", "{:.17g}", "{:.15f}", "{:+.1f}"]
     lines = []
     for row in range(400):
         columns = np.sort(rng.choice(60, size=rng.integers(0, 9), replace=False)) + 1
-        pairs = [f"{column}:{value_formats[column % 5].format(value)}"
+        pairs = [f"{column}:{value_formats[column % 8].format(value)}"
                  for column, value in zip(columns, rng.normal(scale=50, size=len(columns)))]
         label = ["+1", "-1", "2", "0.5", "3e0"][row % 5]
-        separator = "\t" if row % 7 == 0 else " "
+        separator = ["\t", " \x0b", "  "][row % 3] if row % 7 == 0 else " "
         lines.append(f"  {label}{separator}{separator.join(pairs)}  " if row % 11 == 0 else f"{label} {' '.join(pairs)}")
         if row % 13 == 0:
             lines.append("   ")
-    lines += ["1 +7:.5 08:-0 9:1_0"]
+        if row % 17 == 0:
+            lines[-1] += "\r"
+    lines += ["1 +7:.5 08:-0 9:1_0 10:5. 11:-.25 12:1234567890123456789 13:0.000000000000000001 14:inf",
+              "-0 0000000015:+0"]
+    return lines
 
-    fast = _parse_plain_libsvm(lines)
-    checked = _parse_libsvm_checked(lines, "generated", 1)
 
-    assert fast is not None
-    assert fast[0].shape == checked[0].shape
+def assert_same_parse(parsed, expected) -> None:
+    assert parsed is not None
+    assert parsed[0].shape == expected[0].shape
     for name in ("data", "indices", "indptr"):
-        expected = getattr(checked[0], name)
-        assert getattr(fast[0], name).dtype == expected.dtype, name
-        np.testing.assert_array_equal(getattr(fast[0], name), expected, err_msg=name)
-    np.testing.assert_array_equal(fast[1], checked[1])
+        reference = getattr(expected[0], name)
+        assert getattr(parsed[0], name).dtype == reference.dtype, name
+        np.testing.assert_array_equal(getattr(parsed[0], name), reference, err_msg=name)
+    np.testing.assert_array_equal(parsed[1], expected[1])
+    # assert_array_equal takes -0.0 for 0.0.
+    np.testing.assert_array_equal(np.signbit(parsed[0].data), np.signbit(expected[0].data))
+    np.testing.assert_array_equal(np.signbit(parsed[1]), np.signbit(expected[1]))
+
+
+def test_libsvm_fast_parse_equals_checked():
+    from shared.data import _parse_libsvm_checked, _parse_plain_libsvm
+
+    lines = generated_libsvm_lines()
+
+    assert_same_parse(_parse_plain_libsvm(lines), _parse_libsvm_checked(lines, "generated", 1))
+
+
+@pytest.mark.parametrize("block_bytes", [16, 1000, 4 * 1024 * 1024])
+def test_libsvm_ascii_parse_equals_checked(monkeypatch, block_bytes):
+    from shared import data
+    from shared.data import _parse_ascii_libsvm, _parse_libsvm_checked
+
+    monkeypatch.setattr(data, "ASCII_BLOCK_BYTES", block_bytes)
+    lines = generated_libsvm_lines()
+
+    assert_same_parse(_parse_ascii_libsvm("\n".join(lines)), _parse_libsvm_checked(lines, "generated", 1))
+    assert_same_parse(_parse_ascii_libsvm("\n".join(lines) + "\n"), _parse_libsvm_checked(lines, "generated", 1))
+
+
+def test_libsvm_ascii_parse_equals_lines_on_a9a():
+    from shared.data import _parse_ascii_libsvm, parse_libsvm_lines
+
+    text = (A9A_DIR / "a9a").read_text()
+
+    assert_same_parse(_parse_ascii_libsvm(text), parse_libsvm_lines(text.split("\n"), "a9a"))
+
+
+def test_libsvm_ascii_parse_of_empty_text():
+    from shared.data import _parse_ascii_libsvm
+
+    X, labels = _parse_ascii_libsvm(" \n\n")
+
+    assert X.shape == (0, 0)
+    assert labels.shape == (0,)
 
 
 @pytest.mark.parametrize("line", [
     "1 3:4:5 6", "1 2:", "1 :3", "1 3:0x10", "1 2:1 2:3", "1 3:1 2:3", "1 0:1", "x 1:2", "1:2 3:4",
     "1 qid:3 1:2", "1 1:2 # note", "1 1.5:2", "1 -2:1", "1 99999999999:1", "1 99999999999999999999999:1",
+    "1 1:2 :", "1 1::2", "1 1:2:", "1 1 2:3", ": 1:2", "1 1:2e", "1 1:-", "1 1:1.2.3", "1 1:--1", "1 +-1:2",
+    "1 1:0x10",
 ])
 def test_libsvm_fast_parse_leaves_odd_lines(line):
-    from shared.data import _parse_plain_libsvm
+    from shared.data import _parse_ascii_libsvm, _parse_plain_libsvm
 
     assert _parse_plain_libsvm(["1 1:0.5 2:1", line, "-1 4:2"]) is None
+    assert _parse_ascii_libsvm("\n".join(["1 1:0.5 2:1", line, "-1 4:2"])) is None
 
 
 def test_libsvm_with_byte_order_mark_reads_as_without(tmp_path):
