@@ -405,6 +405,10 @@ def total_rounds(workload: Workload, workers: int) -> int:
     return max(1, math.ceil(workload.epochs * rounds_per_epoch(workload, workers)))
 
 
+# The round phase in which the aggregator evaluates the validation rows.
+VALIDATION_PHASE = "aggregator: validation"
+
+
 def batch_rows(workload: Workload, workers: int) -> int:
     """Return the rows one worker computes on per round (a shard smaller than a batch caps it)."""
     return min(workload.batch_size, math.ceil(workload.rows / workers))
@@ -641,7 +645,7 @@ def estimate_round(workload: Workload, workers: int, platform: Platform, profile
     aggregator["write weights"] = 9 * platform.write_op_seconds + workload.state_bytes / platform.client_write_bytes_per_second
     if workload.validation_rows:
         validation = gradient_seconds(workload, workload.validation_rows, profile)
-        aggregator["validation"] = validation / platform.aggregator_speed
+        aggregator[VALIDATION_PHASE.removeprefix("aggregator: ")] = validation / platform.aggregator_speed
     # Cost accounting stats both states, every result and the latest metrics file and
     # lists the round folders; pruning deletes the oldest round folder.
     aggregator["bookkeeping"] = (n + 4 + (n + 3)) * platform.metadata_op_seconds
@@ -875,6 +879,18 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
     for round_estimate, count, cold, _ in schedule:
         if count:
             _add_costs(costs, cost.estimate_round_cost(_round_usage(round_estimate, workload, deployment, cold, aws)), count)
+
+    rows_per_round = batch_rows(workload, n)
+    if rows_per_round < workload.batch_size:
+        warnings.append(f"each worker's shard has about {rows_per_round:,} rows, fewer than the "
+                        f"{workload.batch_size:,} of --batch-size, so every round computes on the whole shard; "
+                        "this plan counts the shard's rows")
+    validation_seconds = later.phases.get(VALIDATION_PHASE, 0.0)
+    if validation_seconds > later.seconds / 2:
+        warnings.append(f"evaluating {_count(workload.validation_rows, 'validation row')} takes "
+                        f"{format_seconds(validation_seconds)} of each {format_seconds(later.seconds)} round, because "
+                        "the aggregator evaluates them after every round; fewer validation rows (a smaller "
+                        "data.validation_fraction or validation file) shorten every round")
 
     needed = worker_memory_needed_mb(workload, n, aws)
     if needed > deployment.memory_mb:

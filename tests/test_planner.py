@@ -414,6 +414,25 @@ def test_plan_within_a_year_has_no_size_warning():
     assert not any("longer than a year" in warning for warning in plan.warnings)
 
 
+def test_plan_warns_of_shard_below_batch():
+    small = planner.Workload(rows=1000, features=10, batch_size=512, epochs=1.0)
+    plan = planner.plan_job(small, planner.Deployment(workers=8), LINEAR_PROFILE)
+    large = planner.plan_job(replace(small, rows=100_000), planner.Deployment(workers=8), LINEAR_PROFILE)
+
+    assert any("shard has about 125 rows, fewer than the 512 of --batch-size" in warning for warning in plan.warnings)
+    assert not any("--batch-size" in warning for warning in large.warnings)
+
+
+def test_plan_warns_of_slow_validation():
+    workload = planner.Workload(rows=100_000, features=10, batch_size=64, epochs=1.0, validation_rows=100_000_000)
+    plan = planner.plan_job(workload, planner.Deployment(workers=8), LINEAR_PROFILE)
+    small = planner.plan_job(replace(workload, validation_rows=1000), planner.Deployment(workers=8), LINEAR_PROFILE)
+
+    assert any(warning.startswith("evaluating 100,000,000 validation rows takes") for warning in plan.warnings)
+    assert "warning: evaluating 100,000,000 validation rows" in planner.format_plan(plan)
+    assert not any("validation rows" in warning for warning in small.warnings)
+
+
 @pytest.mark.parametrize("seconds, text", [(0.25, "250 ms"), (90, "90.0 s"), (3600, "60.0 min"), (36000, "10.0 h"),
                                            (3 * 86400, "3.0 days"), (1234 * 365 * 86400, "1,234.0 years")])
 def test_format_seconds_units(seconds, text):
