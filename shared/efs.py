@@ -171,13 +171,17 @@ class EfsStore:
         # NOTE: the check and the later reads are separate system calls, so a link swapped
         # in between by someone who can write to the file system is not caught.
         parts = self.parts_under_root(path)
+        # A path that a link sends elsewhere is named with where it leads.
+        named = f"{field} '{relative}'"
+        if parts != Path(relative).parts:
+            named += f" (a symbolic link on the way leads to '{'/'.join(parts)}')"
         if parts[:1] == (JOBS_FOLDER,):
             raise DataError(
-                f"{field} '{relative}' names a file in jobs/, where Baton keeps the state of every job; "
+                f"{named} names a file in jobs/, where Baton keeps the state of every job; "
                 "copy the data to a folder outside jobs/ (such as datasets/) and name the copy in the spec")
         if self.data_roots and not any(parts[:len(Path(root).parts)] == Path(root).parts for root in self.data_roots):
             raise DataError(
-                f"{field} '{relative}' is outside the folders this stack reads data from "
+                f"{named} is outside the folders this stack reads data from "
                 f"({', '.join(self.data_roots)}, set by ALLOWED_DATA_ROOTS); move the file into one of them, "
                 "or have the stack's owner add its folder to the allowedDataRoots stage parameter")
         return path

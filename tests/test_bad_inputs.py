@@ -460,6 +460,27 @@ def test_data_roots_limit_data_paths(stack):
     assert "allowedDataRoots stage parameter" in record.error
 
 
+@pytest.mark.parametrize("target, roots, words", [
+    ("jobs/other-job", (), "names a file in jobs/"),
+    ("teams/audio", ("datasets/linked", "teams/vision"), "is outside the folders this stack reads data from"),
+], ids=["into-jobs", "out-of-roots"])
+def test_linked_data_path_names_target(stack, target, roots, words):
+    root = Path(stack.settings.efs_root)
+    (root / target).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / "datasets" / "breast_cancer.csv", root / target / "breast_cancer.csv")
+    (root / "datasets" / "linked").symlink_to(root / target)
+    stack.store.data_roots = roots
+    linked = spec("linked-data", data=csv_data("datasets/linked/breast_cancer.csv", skip_rows=1))
+
+    response = deliver(json.dumps(linked), "5a5a5a5a-6b6b-7c7c-8d8d-9e9e9e9e9e9e")
+
+    assert response["batchItemFailures"] == []
+    record = stack.state.get_job("linked-data")
+    assert record.status == "FAILED"
+    assert (f"data.path 'datasets/linked/breast_cancer.csv' (a symbolic link on the way leads to "
+            f"'{target}/breast_cancer.csv') {words}") in record.error
+
+
 def test_unreadable_data_file_fails_once(stack, monkeypatch):
     # The tests may run as root, who reads any file, so the permission check returns that
     # the file is unreadable, as it does for the functions' user when its mode is 000.
