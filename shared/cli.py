@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import click
 from click.core import ParameterSource
 
-from shared.cli_spec import (FiniteFloatRange, build_spec, check_job_id_argument, checked_output_path,
+from shared.cli_spec import (FiniteFloatRange, build_spec, check_job_id_argument, checked_output_path, writing_output,
                               spec_options)
 from shared.errors import JobSpecError
 from shared.spec import check_relative_path, encode_job_message
@@ -566,10 +566,11 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 
     output_dir = checked_output_path(output, Path(job_id), "fetched/", folder=True)
     try:
-        if _reads_efs_alone(efs_root):
-            result = fetch_local_job(efs_root, job_id, output_dir)
-        else:
-            result = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
+        with writing_output(output_dir):
+            if _reads_efs_alone(efs_root):
+                result = fetch_local_job(efs_root, job_id, output_dir)
+            else:
+                result = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
     except (JobNotFoundError, FileNotFoundError, DamagedFileError) as error:
         raise click.ClickException(str(error)) from None
     for path in result.written:

@@ -10,6 +10,7 @@ command before anything is sent.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import math
 import re
@@ -174,6 +175,22 @@ def checked_output_path(value: str | None, default: Path, example: str, folder: 
         raise click.ClickException(f"cannot write to {path}: {existing} is a file, not a folder; choose another "
                                    "--output")
     return path
+
+
+@contextlib.contextmanager
+def writing_output(path: Path):
+    """Turn an ``OSError`` on ``path``, a file inside it or a folder above it into a message naming the file.
+
+    Any other ``OSError``, such as a failed read of the job's own files, passes through.
+    """
+    try:
+        yield
+    except OSError as error:
+        target = Path(error.filename) if error.filename else None
+        if target is None or not (target == path or path in target.parents or target in path.parents):
+            raise
+        raise click.ClickException(f"cannot write {target}: {error.strerror or error}; choose another "
+                                   "--output") from None
 
 
 def _read_spec_file(spec_file: Path) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from shared.cli_spec import check_job_id_argument, checked_output_path
+from shared.cli_spec import check_job_id_argument, checked_output_path, writing_output
 from shared.efs import EfsStore
 from shared.errors import BatonError
 from shared.models import Model
@@ -294,7 +294,8 @@ def export_command(job_id: str, local_dir: Path, efs_root: Path | None, output: 
                                    f"{', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]} extension. Nothing "
                                    "was written")
     try:
-        estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
+        with writing_output(output_file):
+            estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
     except BatonError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)}))

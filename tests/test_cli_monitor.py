@@ -10,6 +10,7 @@ import json
 import shutil
 import struct
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -261,6 +262,20 @@ def test_output_option_checked_first(tmp_path, command, output, words):
     assert "cannot reach" not in result.output
     assert "Traceback" not in result.output
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+@pytest.mark.parametrize("command, output", [
+    ("fetch", "/proc/baton-fetched"), ("fetch", "/proc/baton-fetched/sub"), ("export", "/proc/baton-model.joblib"),
+])
+def test_unwritable_output_named(finished_job, command, output):
+    result = CliRunner().invoke(main, [command, JOB_ID, "--efs-root", str(finished_job["efs_root"]),
+                                       "--output", output])
+
+    assert result.exit_code == 1, result.output
+    assert f"cannot write {output.removesuffix('/sub')}: No such file or directory; choose another --output" \
+        in result.output
+    assert "Traceback" not in result.output
 
 
 def test_list_and_status_show_job(finished_job):
