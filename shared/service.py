@@ -57,7 +57,8 @@ from shared.source_files import FIX
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import RUNNING, JobRecord, StateStore, can_record_job
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
-                             check_model_fits, check_stopping, get_training_mode, round_number)
+                             check_model_fits, check_stopping, check_validation_finite, get_training_mode,
+                             round_number)
 
 logger = logging.getLogger(__name__)
 
@@ -729,6 +730,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     if progress["partials"]:
         for name, value in _combine_metrics(progress["partials"]).items():
             metrics[f"validation_{name}"] = value
+        check_validation_finite(round_index, metrics)
     metrics["loss"] = metrics.get("validation_loss", progress["train_loss"])
     metrics["aggregate_seconds"] = time.monotonic() - started
     metrics.update(cost.account_round(

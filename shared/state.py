@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -81,6 +82,9 @@ def _is_condition_failure(error: ClientError) -> bool:
 def _to_attribute(value: Any) -> dict:
     if isinstance(value, bool):
         return {"BOOL": value}
+    if isinstance(value, float) and not math.isfinite(value):
+        # DynamoDB numbers have no NaN or infinity, so such a value is stored as absent.
+        return {"NULL": True}
     if isinstance(value, (int, float)):
         return {"N": repr(value) if isinstance(value, float) else str(value)}
     if value is None:
@@ -92,6 +96,9 @@ def _from_attribute(attribute: dict) -> Any:
     (kind, value), = attribute.items()
     if kind == "N":
         number = Decimal(value)
+        if not number.is_finite():
+            # Written by an earlier version into a moto table. DynamoDB itself rejects NaN and infinity.
+            return float(number)
         return int(number) if number == number.to_integral_value() and "." not in value and "e" not in value.lower() else float(number)
     if kind == "NS":
         return sorted(int(Decimal(member)) for member in value)

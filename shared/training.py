@@ -192,6 +192,21 @@ def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> No
             f"and start a new job{first_round_hint}")
 
 
+def check_validation_finite(round_index: int, metrics: dict[str, float]) -> None:
+    """Raise :class:`DivergenceError` if a validation metric of the round is NaN or infinite.
+
+    A model whose weights stay below :data:`MAX_WEIGHT_MAGNITUDE` can still overflow its
+    validation loss, as a multilayer perceptron's outputs grow with the product of its
+    layers' weights.
+    """
+    for name, value in metrics.items():
+        if name.startswith("validation_") and not math.isfinite(value):
+            raise DivergenceError(
+                f"training diverged in round {round_number(round_index)}: {name} became {value!r} while the "
+                f"training loss was {metrics['train_loss']!r}; lower optimizer.learning_rate (or set "
+                "optimizer.clip_norm) and start a new job")
+
+
 @dataclass(frozen=True)
 class WorkerResult:
     """One worker's contribution to a round: gradient sum, loss sum and row count."""

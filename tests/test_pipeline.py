@@ -14,7 +14,7 @@ from shared.handlers import set_services
 from shared.reference import train_reference
 from shared.service import Services
 from shared.spec import parse_job_spec
-from shared.state import FAILED, RUNNING, SUCCEEDED
+from shared.state import FAILED, RUNNING, SUCCEEDED, _from_attribute
 
 
 def a9a_spec(job_id: str = "a9a-small", **training) -> dict:
@@ -93,6 +93,19 @@ def test_round_metrics_legacy_layout(inprocess_stack):
     ]
     assert state.get_job_and_round("legacy", 0)[1].has_metrics
     assert state.get_job_and_round("legacy", 1)[1].has_metrics
+
+
+def test_round_metrics_not_finite(inprocess_stack):
+    state = inprocess_stack.services.state
+    state.put_round_metrics("overflowed", 0, {"round": 1, "validation_loss": float("inf"), "train_loss": 0.5})
+
+    item = state.client.get_item(TableName=state.table_name,
+                                 Key={"pk": {"S": "JOB#overflowed"}, "sk": {"S": "ROUND#00000000"}})["Item"]
+
+    # DynamoDB numbers have no infinity, so the value is stored as absent.
+    assert item["metrics"]["M"]["validation_loss"] == {"NULL": True}
+    assert state.list_round_metrics("overflowed") == [{"round": 1, "validation_loss": None, "train_loss": 0.5}]
+    assert _from_attribute({"N": "Infinity"}) == float("inf")
 
 
 def round_folders(efs_root, job_id: str) -> list[int]:

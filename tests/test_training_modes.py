@@ -8,6 +8,7 @@ clear message when training diverges.
 from __future__ import annotations
 
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from shared.state import FAILED, SUCCEEDED
 from shared.training import (
     KMEANS_INIT_SAMPLE_ROWS, GradientAveraging, ModelAveraging, StatisticsMode, StoppingState, build_model,
     build_optimizer, check_stopping, class_weights, get_training_mode)
+from tests.test_models import DATASETS_DIR
 from tests.baton_jobs import breast_cancer_spec, final_params, run_job, run_job_with_shuffled_tasks
 
 MODE_SPECS = {
@@ -160,6 +162,30 @@ def test_diverging_rate_fails_job(inprocess_stack, case):
     assert recorded == list(range(1, diverged))
     assert f"diverged in round {diverged}:" in record.error
     assert record.round == len(recorded)
+
+
+def test_overflowing_validation_loss_fails_job(inprocess_stack, efs_root):
+    source = DATASETS_DIR / "california_housing" / "537_houses.tsv.gz"
+    if not source.is_file():
+        pytest.skip(f"california_housing data set not found at {source}; set BATON_DATASETS_DIR")
+    (efs_root / "datasets" / "california_housing").mkdir()
+    shutil.copyfile(source, efs_root / "datasets" / "california_housing" / source.name)
+    # House values in dollars, unscaled: the network's outputs grow round by round until the
+    # validation loss overflows, while the weights stay below the divergence bound.
+    spec = {"job_id": "mlp-overflow", "model": {"name": "mlp_regressor", "hidden_layer_sizes": [16]},
+            "optimizer": {"name": "momentum", "learning_rate": 0.001, "momentum": 0.9},
+            "data": {"path": f"datasets/california_housing/{source.name}", "format": "csv", "delimiter": "\t",
+                     "header": True, "label_column": "target", "validation_fraction": 0.2, "standardize": True},
+            "training": {"n_workers": 4, "batch_size": 128, "max_rounds": 40, "seed": 7}}
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert "validation_loss became inf while the training loss was" in record.error
+    assert "lower optimizer.learning_rate" in record.error
+    recorded = inprocess_stack.services.state.list_round_metrics(spec["job_id"])
+    assert all(np.isfinite(entry["validation_loss"]) for entry in recorded)
+    assert f"diverged in round {len(recorded) + 1}:" in record.error
 
 
 def test_mode_chosen_by_spec_and_model():
