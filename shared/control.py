@@ -102,8 +102,9 @@ def _reducers(record: JobRecord) -> int:
 def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord:
     """Resume a PAUSED or FAILED job from its current round.
 
-    A job that failed before its first round (for example on a missing data file) is
-    started again from its stored spec, so fix the cause first.
+    A job that failed before its first round (for example on a missing data file or a
+    malformed line) is prepared again from its stored spec, from the first step, so fix
+    the cause first.
 
     Raises
     ------
@@ -116,7 +117,7 @@ def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord
         if not spec:
             raise JobControlError(f"job '{job_id}' was rejected before it had a valid spec; submit a corrected spec "
                                   "under a new job id")
-        if not state.set_status(job_id, PREPARING, (FAILED,), clear_error=True):
+        if not state.set_status(job_id, PREPARING, (FAILED,), clear_error=True, new_preparation=True):
             raise JobControlError(f"job '{job_id}' changed status while resuming; check it and retry")
         queues.send_job(spec)
         logger.info("job restarted from its spec", extra={"job_id": job_id})

@@ -244,6 +244,26 @@ def _exceeds_one_part(parts: list[dict], part_bytes: int) -> bool:
     return sum(part.get("bytes", part_bytes) for part in parts) > part_bytes
 
 
+def begin_attempt(store: EfsStore, job_id: str, attempt: int) -> None:
+    """Start preparation attempt ``attempt`` of a resumed job: remove the earlier attempt's files once.
+
+    The attempt is recorded in ``jobs/<id>/preparation-attempt.json`` after the removal, so
+    a redelivered job message of the same attempt keeps the progress it finds. Attempt 0,
+    a job never resumed, has nothing to remove.
+    """
+    marker = store.job_dir(job_id) / "preparation-attempt.json"
+    recorded = store.read_json(marker)["attempt"] if marker.exists() else 0
+    if attempt <= recorded:
+        return
+    # NOTE: two deliveries of one resume's message that both pass this check remove files
+    # twice, and the second removal can break the preparation the first one started.
+    files = PreparationFiles(store, job_id)
+    shutil.rmtree(files.root, ignore_errors=True)
+    shutil.rmtree(store.data_dir(job_id), ignore_errors=True)
+    store.write_json(marker, {"attempt": attempt})
+    logger.info("preparation starts again", extra={"job_id": job_id, "attempt": attempt})
+
+
 def record_sent(store: EfsStore, job_id: str, step: PreparationStep) -> None:
     """Record that the message for ``step`` was sent, so earlier steps' duplicates are dropped."""
     _record_progress(PreparationFiles(store, job_id), step)

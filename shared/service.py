@@ -49,13 +49,13 @@ from shared.efs import EfsStore
 from shared.metrics import publish_round_metrics
 from shared.errors import (DataError, EfsNotWritableError, InvalidMessageError, JobConflictError, JobSpecError,
                            PermanentError, StaleMessageError)
-from shared.preparation import PreparationStep, StaleStepError, record_sent, run_preparation
+from shared.preparation import PreparationStep, StaleStepError, begin_attempt, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_object
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
                               write_reduced_slice, write_worker_result)
 from shared.source_files import FIX
 from shared.spec import JobSpec, load_job_message, parse_job_spec
-from shared.state import RUNNING, JobRecord, StateStore, can_record_job
+from shared.state import PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
                              check_model_fits, check_stopping, check_validation_finite, get_training_mode,
                              round_number)
@@ -220,6 +220,8 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     _check_job_dir_under_root(store, spec.job_id)
     _check_no_foreign_files(store, spec)
     store.write_json(store.spec_path(spec.job_id), spec.to_dict())
+    # A resume of a job that failed in preparation counts a new attempt, which starts over.
+    begin_attempt(store, spec.job_id, int(record.attributes.get(PREPARATION_ATTEMPT, 0)))
     # A job item created now, beside preparation progress on EFS, means the state table is
     # newer than the files, as after a new local stack or a redeployed stack. The step
     # messages of that progress went with the old queues, so this message carries it on.

@@ -109,6 +109,10 @@ def _from_attribute(attribute: dict) -> Any:
     return value
 
 
+# The job item's count of preparations started again by a resume (absent: none).
+PREPARATION_ATTEMPT = "preparation_attempt"
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A snapshot of a job item."""
@@ -544,11 +548,14 @@ class StateStore:
             raise
         return int(response["Attributes"]["watchdog_attempts"]["N"])
 
-    def set_status(self, job_id: str, to_status: str, from_statuses: tuple[str, ...], clear_error: bool = False) -> bool:
+    def set_status(self, job_id: str, to_status: str, from_statuses: tuple[str, ...], clear_error: bool = False,
+                   new_preparation: bool = False) -> bool:
         """Move the job to ``to_status`` if its status is one of ``from_statuses``.
 
         Returns False when the job does not exist or is in another status. Pause, cancel and
         resume are built on this, so a command racing a round's end cannot undo a finish.
+        ``new_preparation`` also adds one to the job's ``preparation_attempt``, which makes
+        the starter prepare the data again from the first step.
         """
         names = {"#status": "status"}
         values = {":to": {"S": to_status}, ":now": {"N": repr(time.time())}, ":zero": {"N": "0"}}
@@ -559,6 +566,9 @@ class StateStore:
             # The handler errors recorded before the job failed or paused belong to the old run.
             expression += " REMOVE #error, last_error"
             names["#error"] = "error"
+        if new_preparation:
+            expression += f" ADD {PREPARATION_ATTEMPT} :one"
+            values[":one"] = {"N": "1"}
         return self._update_if(
             _job_key(job_id),
             UpdateExpression=expression,

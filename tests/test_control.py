@@ -152,3 +152,32 @@ def test_resume_after_missing_data_is_fixed(stack):
     record = wait_all(stack, ["data-later"], timeout_seconds=120)["data-later"]
     assert record.status == "SUCCEEDED", record.error
     assert params_digest(stack.efs_root, "data-later") == params_digest(stack.efs_root, "reference")
+
+
+def test_resume_restarts_failed_preparation(stack):
+    # Parts of 64 KiB make a preparation of several steps, each in its own invocation, and
+    # the malformed line falls in a later part than the first.
+    good = stack.efs_root / stack.data_path
+    lines = good.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[2500] = "+1 3:1 oops:1\n"
+    broken = good.with_name("broken-later-part")
+    broken.write_text("".join(lines), encoding="utf-8")
+    spec = a9a_spec("prepare-again", f"datasets/{broken.name}", **SPEC)
+    spec["data"]["part_bytes"] = 65536
+    stack.submit(spec)
+    record = wait_all(stack, ["prepare-again"], timeout_seconds=60)["prepare-again"]
+    assert record.status == "FAILED"
+    assert "malformed libsvm line 2501" in record.error
+
+    unfixed = cli(stack, "resume", "prepare-again")
+    assert unfixed.exit_code == 0, unfixed.output
+    record = wait_all(stack, ["prepare-again"], timeout_seconds=60)["prepare-again"]
+    assert record.status == "FAILED"
+    assert "malformed libsvm line 2501" in record.error
+
+    broken.write_bytes(good.read_bytes())
+    fixed = cli(stack, "resume", "prepare-again")
+    assert fixed.exit_code == 0, fixed.output
+    record = wait_all(stack, ["prepare-again"], timeout_seconds=120)["prepare-again"]
+    assert record.status == "SUCCEEDED", record.error
+    assert params_digest(stack.efs_root, "prepare-again") == params_digest(stack.efs_root, "reference")
