@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -54,10 +55,11 @@ def _format_round(metrics: dict) -> str:
     return "  ".join(parts)
 
 
-def _aws_error_message(error: Exception, stage: str | None = None) -> str | None:
+def _aws_error_message(error: Exception, stage: str | None = None, queue_url: str | None = None) -> str | None:
     """Return a one-line explanation of a common AWS client error, or None for other errors.
 
-    ``stage`` is the command's --stage, so that a missing table or queue is named.
+    ``stage`` is the command's --stage and ``queue_url`` its --queue-url, so that a missing
+    table or queue is named.
     """
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
 
@@ -74,12 +76,15 @@ def _aws_error_message(error: Exception, stage: str | None = None) -> str | None
         code = error.response.get("Error", {}).get("Code", "")
         if code in ("ResourceNotFoundException", "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
             message = error.response["Error"].get("Message", code).rstrip(".")
+            resource = "table" if code == "ResourceNotFoundException" else "queue"
+            if resource == "queue" and queue_url is not None:
+                message = f"{message} (queue {queue_url} given by --queue-url)"
+                return f"{message}; check --queue-url and --region"
             if stage is not None:
-                resource = ("table" if code == "ResourceNotFoundException" else "queue")
                 name = f"baton-{stage}-state" if resource == "table" else f"baton-{stage}-jobs"
                 message = f"{message} ({resource} {name} for --stage {stage!r})"
-            return (f"{message}; check --stage (a local stack started by `baton run` uses --stage local), "
-                    "--queue-url if given, and --region")
+            return (f"{message}; check --stage (a local stack started by `baton run` uses --stage local) "
+                    "and --region")
         return f"AWS request failed: {code}: {error.response.get('Error', {}).get('Message', '')}"
     return None
 
@@ -92,7 +97,7 @@ class BatonGroup(click.Group):
             return super().invoke(ctx)
         except Exception as error:
             # Context.meta is shared by the group's context and the command's.
-            message = _aws_error_message(error, ctx.meta.get(STAGE_META_KEY))
+            message = _aws_error_message(error, ctx.meta.get(STAGE_META_KEY), ctx.meta.get(QUEUE_URL_META_KEY))
             if message is None:
                 raise
             raise click.ClickException(message) from None
@@ -105,6 +110,7 @@ def main() -> None:
 
 
 STAGE_META_KEY = "baton.stage"
+QUEUE_URL_META_KEY = "baton.queue_url"
 # Serverless Framework stage names: letters, digits and hyphens.
 STAGE_PATTERN = re.compile(r"[A-Za-z0-9-]{1,32}")
 # AWS region names such as us-east-1, eu-central-2 or us-gov-west-1.
@@ -120,13 +126,33 @@ def _check_stage(context: click.Context, parameter: click.Parameter, stage: str)
 
 
 def _check_url(context: click.Context, parameter: click.Parameter, url: str | None, example: str) -> str | None:
-    """Return ``url`` if it is an http:// or https:// URL with a host; else raise naming ``example``."""
+    """Return ``url`` if it is an http:// or https:// URL with a host and a valid port; else raise naming ``example``."""
     if url is None:
         return None
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        # Reading the port checks it: a port that is not a number from 0 to 65535 raises.
+        parts.port
+    except ValueError as error:
+        raise click.BadParameter(f"{url!r} is not a valid URL ({error}); give {example}", context, parameter) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise click.BadParameter(f"{url!r} is not an http:// or https:// URL; give {example}", context, parameter)
     return url
+
+
+LOCAL_STAGE = "local"
+
+
+def _check_local_endpoint(stage: str, endpoint_url: str | None) -> None:
+    """Raise unless a command aimed at the local stack's stage has that stack's endpoint.
+
+    Without one, boto3 would send the request to AWS itself, where no such stack runs.
+    An ``AWS_ENDPOINT_URL`` in the environment counts as the endpoint, as boto3 reads it.
+    """
+    if stage == LOCAL_STAGE and endpoint_url is None and not os.environ.get("AWS_ENDPOINT_URL"):
+        raise click.UsageError("--stage local names the stack that `baton run` serves on this machine, so give "
+                               "its --endpoint-url, which `baton run` prints (http://127.0.0.1:PORT). Once `baton "
+                               "run` has ended, `baton fetch` and `baton plot` read the job with --efs-root alone")
 
 
 def _check_endpoint_url(context: click.Context, parameter: click.Parameter, url: str | None) -> str | None:
@@ -363,8 +389,11 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
         click.echo(json.dumps(spec, indent=2))
         return
 
+    if queue_url is None:
+        _check_local_endpoint(stage, endpoint_url)
     table_stage = stage
     if queue_url is not None:
+        click.get_current_context().meta[QUEUE_URL_META_KEY] = queue_url
         if queue_url.rstrip("/").endswith("-dlq"):
             raise click.ClickException(f"--queue-url {queue_url} is a dead-letter queue; send the job to the jobs "
                                        "queue, baton-<stage>-jobs. Nothing was sent.")
@@ -426,6 +455,7 @@ def _check_job_id_free(spec: dict, stage: str | None, endpoint_url: str | None, 
 def _store(stage: str, endpoint_url: str | None, region: str | None):
     from shared.monitor import make_state_store
 
+    _check_local_endpoint(stage, endpoint_url)
     return make_state_store(stage, endpoint_url=endpoint_url, region=region)
 
 

@@ -17,7 +17,9 @@ from shared.local.session import LocalStack, start_moto_server
 from shared.reference import train_reference
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
-from tests.conftest import A9A_DIR, BREAST_CANCER_CSV
+from tests.conftest import A9A_DIR, BREAST_CANCER_CSV, PROJECT_ROOT
+
+EXAMPLE_SPEC = PROJECT_ROOT / "examples" / "a9a.json"
 
 
 def a9a_spec(job_id: str) -> dict:
@@ -300,10 +302,25 @@ def test_cli_status_explains_missing_table(local_stack):
     assert "(table baton-nosuchstage-state for --stage 'nosuchstage')" in result.output
 
 
+def test_cli_submit_names_missing_queue_url(local_stack):
+    queue_url = f"{local_stack.endpoint_url}/123456789012/nonexistent"
+
+    result = CliRunner().invoke(main, ["submit", str(EXAMPLE_SPEC), "--queue-url", queue_url,
+                                       "--endpoint-url", local_stack.endpoint_url, "--region", "us-east-1"])
+
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert f"(queue {queue_url} given by --queue-url); check --queue-url and --region" in result.output
+    assert "baton-dev-jobs" not in result.output
+
+
 @pytest.mark.parametrize("option, value, words", [
     ("--endpoint-url", "notaurl", "is not an http:// or https:// URL"),
     ("--endpoint-url", "", "is not an http:// or https:// URL"),
     ("--endpoint-url", "ftp://127.0.0.1:1", "is not an http:// or https:// URL"),
+    ("--endpoint-url", "http://127.0.0.1:99999", "is not a valid URL (Port out of range"),
+    ("--endpoint-url", "http://127.0.0.1:abc", "is not a valid URL"),
+    ("--endpoint-url", "http://[::1", "is not a valid URL (Invalid IPv6 URL)"),
     ("--region", "ü", "is not an AWS region name"),
     ("--stage", "", "is not a stage name"),
     ("--stage", "ü", "is not a stage name"),
@@ -314,6 +331,19 @@ def test_cli_rejects_bad_stack_option(option, value, words):
     assert result.exit_code == 2
     assert words in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["status", "any-job"], ["list"], ["pause", "any-job"], ["resume", "any-job"],
+                                     ["cancel", "any-job"], ["submit", str(EXAMPLE_SPEC)]])
+def test_cli_local_stage_needs_endpoint(monkeypatch, command):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+    result = CliRunner().invoke(main, [*command, "--stage", "local", "--region", "us-east-1"])
+
+    assert result.exit_code == 2, result.output
+    assert "--stage local names the stack that `baton run` serves on this machine, so give its --endpoint-url" \
+        in result.output
+    assert "cannot reach" not in result.output
 
 
 def test_cli_status_explains_unreachable_endpoint():
