@@ -31,7 +31,7 @@ import os
 import shutil
 import uuid
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,10 @@ from shared.errors import DamagedFileError, DataError
 
 # The folder under the root where Baton keeps every job's state; never read as data.
 JOBS_FOLDER = "jobs"
+
+# The first bytes of every .npy file, and of every zip archive such as an .npz file.
+NPY_SIGNATURE = b"\x93NUMPY"
+ZIP_SIGNATURE = b"PK"
 
 # A fixed timestamp makes .npz archives byte-identical for identical arrays.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -93,6 +97,12 @@ def encode_npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
     return buffer.getvalue()
+
+
+def json_preview(value: Any, max_chars: int = 60) -> str:
+    """Return ``value`` as JSON for a message, cut after ``max_chars`` characters with "..." added."""
+    text = json.dumps(value)
+    return text if len(text) <= max_chars else text[:max_chars] + "..."
 
 
 class EfsStore:
@@ -237,6 +247,38 @@ class EfsStore:
         except ValueError:
             name = path
         return DamagedFileError(f"{name} in the EFS folder {self.root} {problem}; {remedy}")
+
+    def read_npy_checked(self, path: Path, remedy: str) -> np.ndarray:
+        """Read a whole .npy array that Baton wrote, for a command that a person runs.
+
+        Raises :class:`DamagedFileError`, naming the file relative to the root and
+        ``remedy``, when the file cannot be read or is not a valid .npy array.
+        """
+        return self._read_numpy_checked(path, NPY_SIGNATURE, ".npy array", remedy,
+                                        lambda: self.read_npy(path, mmap=False))
+
+    def read_arrays_checked(self, path: Path, remedy: str) -> dict[str, np.ndarray]:
+        """Read an .npz archive that Baton wrote, for a command that a person runs.
+
+        Raises :class:`DamagedFileError` as :meth:`read_npy_checked` does.
+        """
+        return self._read_numpy_checked(path, ZIP_SIGNATURE, ".npz archive", remedy, lambda: self.read_arrays(path))
+
+    def _read_numpy_checked(self, path: Path, signature: bytes, kind: str, remedy: str, read: Callable[[], Any]):
+        try:
+            with open(path, "rb") as handle:
+                start = handle.read(len(signature))
+            # Checked first because numpy takes any file without a known signature for a
+            # pickle, and its error then advises loading the file with allow_pickle.
+            if start != signature:
+                problem = "is empty" if not start else f"is not an {kind}: it does not start with {signature!r}"
+                raise self.damaged_file_error(path, problem, remedy)
+            return read()
+        except OSError as error:
+            raise self.damaged_file_error(path, f"cannot be read ({error.strerror or error})", remedy) from None
+        except (ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise self.damaged_file_error(path, f"is not a valid {kind} ({type(error).__name__}: {error})",
+                                          remedy) from None
 
     def write_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
         write_bytes_atomic(path, encode_arrays(arrays))

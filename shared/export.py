@@ -35,12 +35,11 @@ import numpy as np
 
 from shared.cli_spec import check_job_id_argument, checked_output_path, writing_output
 from shared.efs import EfsStore
-from shared.errors import BatonError
+from shared.errors import BatonError, DataError, JobSpecError
 from shared.models import Model
 from shared.monitor import damaged_spec_remedy
-from shared.preparation import read_scaling
 from shared.spec import JobSpec, parse_job_spec
-from shared.training import build_model, class_weights
+from shared.training import build_model, class_weights, manifest_problem
 
 
 class ExportError(BatonError):
@@ -84,7 +83,9 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
     ExportError
         If the job folder or its final model is missing.
     DamagedFileError
-        If the job's spec.json or data/manifest.json is not a JSON object.
+        If a file that the estimator is built from was changed after the job wrote it, so
+        that it is unreadable, not JSON or .npy, misses a field, or has values that do not
+        fit the job's model.
     """
     store = EfsStore(efs_root)
     params_path = store.model_dir(job_id) / "params.npy"
@@ -95,21 +96,132 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
                           f"`baton status {job_id}` shows whether it is still running (export it once it has "
                           "succeeded), failed (fix the cause and `baton resume` it) or was cancelled")
 
-    spec = parse_job_spec(store.read_json_object(store.spec_path(job_id), damaged_spec_remedy(job_id)))
-    manifest = store.read_json_object(store.data_dir(job_id) / "manifest.json",
-                                      "the data preparation writes it, so train the job again with `baton run "
-                                      "--fresh`, which prepares the data again")
+    spec = _read_spec(store, job_id)
+    manifest = _read_manifest(store, job_id)
     model = build_model(spec, manifest)
+    _check_classes(store, job_id, manifest, model)
+    params = _read_final_params(store, job_id, model)
+    return TrainedModel(spec, manifest, model, params, _read_scaling(store, job_id, manifest, model.n_features))
+
+
+# Remedy for a damaged data/manifest.json or data/standardize.npz.
+PREPARED_DATA_REMEDY = ("the data preparation writes it, so train the job again with `baton run --fresh`, which "
+                        "prepares the data again")
+
+
+def _read_spec(store: EfsStore, job_id: str) -> JobSpec:
+    path = store.spec_path(job_id)
+    remedy = damaged_spec_remedy(job_id)
     try:
-        params = store.read_npy(params_path, mmap=False)
-    except (ValueError, EOFError) as error:
-        raise ExportError(f"the final model file {params_path} is damaged ({type(error).__name__}: {error}); the "
-                          "last round folder's state.npz under jobs/<job_id>/rounds/ holds the same parameters, "
-                          "or train the job again") from None
+        return parse_job_spec(store.read_json_object(path, remedy))
+    except JobSpecError as error:
+        raise store.damaged_file_error(path, f"is not a valid job spec ({error})", remedy) from None
+
+
+def _read_manifest(store: EfsStore, job_id: str) -> dict:
+    path = store.data_dir(job_id) / "manifest.json"
+    manifest = store.read_json_object(path, PREPARED_DATA_REMEDY)
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise store.damaged_file_error(path, problem, PREPARED_DATA_REMEDY)
+    return manifest
+
+
+def _check_classes(store: EfsStore, job_id: str, manifest: dict, model: Model) -> None:
+    """Raise :class:`DamagedFileError` unless the manifest has classes exactly when ``model`` is a classifier."""
+    path = store.data_dir(job_id) / "manifest.json"
+    classes = manifest["classes"]
+    if model.task not in ("binary", "multiclass"):
+        if classes is not None:
+            raise store.damaged_file_error(path, f'has "classes", but model {model.name} is not a classifier, so '
+                                                 'its data has none', PREPARED_DATA_REMEDY)
+        return
+    if classes is None:
+        raise store.damaged_file_error(path, f'has "classes": null, but model {model.name} is a classifier',
+                                       PREPARED_DATA_REMEDY)
+    try:
+        model.check_classes(np.asarray(classes))
+    except DataError as error:
+        raise store.damaged_file_error(path, f'has "classes" that do not fit the job\'s model ({error})',
+                                       PREPARED_DATA_REMEDY) from None
+
+
+def _final_params_remedy(store: EfsStore, job_id: str) -> str:
+    """Return the remedy for a damaged model/params.npy: where the same parameters are, or training again."""
+    rounds_dir = store.job_dir(job_id) / "rounds"
+    saved_rounds = []
+    if rounds_dir.is_dir():
+        saved_rounds = [int(entry.name) for entry in rounds_dir.iterdir()
+                        if entry.name.isdigit() and (entry / "state.npz").is_file()]
+    if not saved_rounds:
+        return "train the job again with `baton run --fresh`"
+    # A job's final parameters are the state it stored for the round after its last one.
+    state_path = store.state_path(job_id, max(saved_rounds)).relative_to(store.root)
+    return (f'the "params" array of {state_path} contains the same parameters, so save that array over it with '
+            "numpy.save, or train the job again with `baton run --fresh`")
+
+
+def _read_final_params(store: EfsStore, job_id: str, model: Model) -> np.ndarray:
+    path = store.model_dir(job_id) / "params.npy"
+    remedy = _final_params_remedy(store, job_id)
+    params = store.read_npy_checked(path, remedy)
+    if params.dtype.kind != "f":
+        raise store.damaged_file_error(path, f"contains an array of {params.dtype} values, but a job writes its "
+                                             "parameters as floating-point numbers", remedy)
     if params.shape != (model.n_params,):
-        raise ExportError(f"the final model file {params_path} contains an array of shape {params.shape}, but the "
-                          f"job's model has {model.n_params} parameters; it was changed after the job wrote it")
-    return TrainedModel(spec, manifest, model, params, read_scaling(store, job_id))
+        raise store.damaged_file_error(path, f"contains an array of shape {params.shape}, but the job's model has "
+                                             f"{model.n_params} parameters", remedy)
+    not_finite = int(np.count_nonzero(~np.isfinite(params)))
+    if not_finite:
+        raise store.damaged_file_error(path, f"contains {not_finite} of {params.size} parameters that are not finite "
+                                             "(NaN or infinite), which a job that succeeded never writes", remedy)
+    return params
+
+
+# Arrays of data/standardize.npz: the training mean and scale of each feature, and whether
+# the data was centred (sparse data is only scaled, and its "mean" is zeros).
+SCALING_ARRAYS = ("mean", "scale", "centered")
+
+
+def _read_scaling(store: EfsStore, job_id: str, manifest: dict,
+                  n_features: int) -> tuple[np.ndarray | None, np.ndarray] | None:
+    """Return the ``(mean, scale)`` the job's data was standardised with, or None if it was not.
+
+    ``mean`` is None when the data was only scaled, not centred.
+    """
+    path = store.data_dir(job_id) / "standardize.npz"
+    copy_path = store.model_dir(job_id) / "standardize.npz"
+    if copy_path.is_file():
+        remedy = (f"the job copied it to {copy_path.relative_to(store.root)} when it succeeded, so copy that file "
+                  "over it, or train the job again with `baton run --fresh`")
+    else:
+        remedy = PREPARED_DATA_REMEDY
+    if not path.exists():
+        if manifest["standardized"]:
+            raise store.damaged_file_error(path, "is missing, but data/manifest.json records that the data was "
+                                                 "standardised", remedy)
+        return None
+
+    arrays = store.read_arrays_checked(path, remedy)
+    for name in SCALING_ARRAYS:
+        if name not in arrays:
+            raise store.damaged_file_error(path, f'has no "{name}" array', remedy)
+    for name in ("mean", "scale"):
+        values = arrays[name]
+        if values.dtype.kind != "f" or values.shape != (n_features,):
+            raise store.damaged_file_error(path, f'contains a "{name}" array of {values.dtype} values and shape '
+                                                 f"{values.shape}, but the job has {n_features} features, so it must "
+                                                 f"be floating-point of shape ({n_features},)", remedy)
+        if not np.isfinite(values).all():
+            raise store.damaged_file_error(path, f'contains values in its "{name}" array that are not finite',
+                                           remedy)
+    if not (arrays["scale"] > 0).all():
+        raise store.damaged_file_error(path, 'contains values in its "scale" array that are not positive', remedy)
+    centered = arrays["centered"]
+    if centered.dtype != np.bool_ or centered.shape != ():
+        raise store.damaged_file_error(path, f'contains a "centered" array of {centered.dtype} values and shape '
+                                             f"{centered.shape}, but it must be one boolean", remedy)
+    return (arrays["mean"] if bool(centered) else None), arrays["scale"]
 
 
 def build_estimator(trained: TrainedModel):

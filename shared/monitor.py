@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
-from shared.efs import EfsStore
+from shared.efs import EfsStore, json_preview
 from shared.errors import BatonError
 from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
@@ -314,7 +314,8 @@ def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:
     JobNotFoundError
         If the folder contains no spec for the job.
     DamagedFileError
-        If a metrics file is not a JSON object with the round's number.
+        If a metrics file is not a JSON object of numbers with the round's number and
+        training loss.
     """
     store = EfsStore(efs_root)
     if not store.spec_path(job_id).is_file():
@@ -328,10 +329,35 @@ def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:
         remedy = (f"move it out of {metrics_dir.relative_to(efs_root)} to leave round {path.stem} out, then run "
                   "the command again")
         entry = store.read_json_object(path, remedy)
-        if not isinstance(entry.get("round"), int):
-            raise store.damaged_file_error(path, "has no integer \"round\" field", remedy)
+        problem = metrics_entry_problem(entry, int(path.stem))
+        if problem is not None:
+            raise store.damaged_file_error(path, problem, remedy)
         rounds.append(entry)
     return rounds
+
+
+def _is_number(value: Any) -> bool:
+    # NaN and infinities count: Python's json module writes and reads them.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metrics_entry_problem(entry: dict[str, Any], round_number: int) -> str | None:
+    """Return what is wrong with the metrics file of round ``round_number``, or None.
+
+    The returned text follows the file's name in a message. The aggregator writes only
+    numbers, among them the round's number and training loss, which fetch and plot need.
+    """
+    if not isinstance(entry.get("round"), int) or isinstance(entry["round"], bool):
+        return 'has no integer "round" field'
+    if entry["round"] != round_number:
+        return (f'contains "round": {entry["round"]}, but the metrics file of round {round_number} must contain '
+                f'"round": {round_number}')
+    if "train_loss" not in entry:
+        return 'has no "train_loss" field'
+    for name, value in entry.items():
+        if not _is_number(value):
+            return f'contains "{name}": {json_preview(value)}, which is not a number'
+    return None
 
 
 def damaged_spec_remedy(job_id: str) -> str:

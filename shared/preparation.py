@@ -926,15 +926,6 @@ def _finalize(files: PreparationFiles, spec: JobSpec) -> None:
                                         "n_features": manifest["n_features"]})
 
 
-def read_scaling(store: EfsStore, job_id: str) -> tuple[np.ndarray | None, np.ndarray] | None:
-    """Return the ``(mean, scale)`` a job's data was standardised with, ``mean`` None if not centred; None if off."""
-    path = store.data_dir(job_id) / "standardize.npz"
-    if not path.exists():
-        return None
-    arrays = store.read_arrays(path)
-    return (arrays["mean"] if bool(arrays["centered"]) else None), arrays["scale"]
-
-
 def layout_summary(store: EfsStore, job_id: str) -> dict:
     """Return the parts the preparation cut, for logs and tests."""
     return json.loads((PreparationFiles(store, job_id).layout).read_text())

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.efs import json_preview
 from shared.errors import DataError, DivergenceError, JobSpecError
 from shared.models import Model, compute_class_weights, get_model_class
 from shared.optim import Optimizer, OptimizerState
@@ -46,6 +47,50 @@ def build_model(spec: JobSpec, manifest: dict) -> Model:
     n_classes = len(manifest["classes"]) if manifest.get("classes") else 2
     hyperparameters = {key: value for key, value in vars(spec.model).items() if key not in _NON_MODEL_FIELDS}
     return model_class(n_features=manifest["n_features"], n_classes=n_classes, **hyperparameters)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_count_list(value) -> bool:
+    return isinstance(value, list) and all(_is_count(item) for item in value)
+
+
+# Each field the data preparation writes to data/manifest.json: what it must be, and its check.
+MANIFEST_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "n_features": ("a positive integer", lambda value: _is_count(value) and value > 0),
+    "classes": ("null or a list of at least 2 class labels",
+                lambda value: value is None or (isinstance(value, list) and len(value) >= 2)),
+    "class_counts": ("null or a list of row counts", lambda value: value is None or _is_count_list(value)),
+    "sparse": ("true or false", lambda value: isinstance(value, bool)),
+    "shard_rows": ("a list of row counts, one per worker, that adds up to at least 1 row",
+                   lambda value: _is_count_list(value) and sum(value) > 0),
+    "validation_rows": ("a row count", _is_count),
+    "standardized": ("true or false", lambda value: isinstance(value, bool)),
+}
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """Return what makes a job's data manifest unusable, or None when every field is valid.
+
+    The returned text follows the file's name in a message, as in 'has no "n_features"
+    field (a positive integer)'. Baton's handlers trust the manifest that their own
+    preparation wrote. The commands a person runs check it, because a person may have
+    changed it.
+    """
+    for name, (expected, is_valid) in MANIFEST_FIELDS.items():
+        if name not in manifest:
+            return f'has no "{name}" field ({expected})'
+        if not is_valid(manifest[name]):
+            return f'has "{name}": {json_preview(manifest[name])}, but it must be {expected}'
+    classes, counts = manifest["classes"], manifest["class_counts"]
+    if classes is None and counts is not None:
+        return f'has "class_counts": {json_preview(counts)}, but it must be null when "classes" is null'
+    if classes is not None and (counts is None or len(counts) != len(classes)):
+        return (f'has "class_counts": {json_preview(counts)}, but it must contain one row count for each of the '
+                f'{len(classes)} labels in "classes"')
+    return None
 
 
 def build_model_for_preparation(spec: JobSpec) -> Model:

@@ -183,7 +183,10 @@ def copy_job_files(finished_job, tmp_path):
     ("x\n", "is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
     ("[5]", "does not contain a JSON object"),
     ('{"epoch": 1.0}', 'has no integer "round" field'),
-], ids=["not-json", "not-object", "no-round"])
+    ('{"round": 7, "train_loss": 0.5}', 'contains "round": 7, but the metrics file of round 5 must contain "round": 5'),
+    ('{"round": 5}', 'has no "train_loss" field'),
+    ('{"round": 5, "train_loss": "abc"}', 'contains "train_loss": "abc", which is not a number'),
+], ids=["not-json", "not-object", "no-round", "other-round", "no-loss", "loss-not-number"])
 @pytest.mark.parametrize("command", ["plot", "fetch"])
 def test_damaged_metrics_file_named(finished_job, tmp_path, command, content, problem):
     efs_root = copy_job_files(finished_job, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from shared.cli import main
 from shared.export import load_trained_model
 from shared.state import SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, run_job
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import BREAST_CANCER_CSV, PROJECT_ROOT
 
 EXPORT_CASES = {
     "logistic": ({"name": "logistic_regression", "class_weight": "balanced"}, {}, "LogisticRegression"),
@@ -172,19 +173,134 @@ def test_export_names_damaged_file(tmp_path, damaged, content, remedy):
     assert not (tmp_path / "m.joblib").exists()
 
 
-@pytest.mark.parametrize("damage", [b"\x93NUMPY", b""], ids=["truncated", "empty"])
-def test_export_names_damaged_params(inprocess_stack, efs_root, tmp_path, damage):
-    spec = breast_cancer_spec("damaged-params", training={"max_rounds": 2})
-    assert run_job(inprocess_stack, spec).status == SUCCEEDED
-    params_path = efs_root / "jobs" / "damaged-params" / "model" / "params.npy"
-    params_path.write_bytes(damage)
+# A finished job on breast_cancer.csv (30 features, standardised), which tests copy and damage.
+FINISHED_JOB = "damaged-files"
+N_PARAMS = 31
+# Its final parameters are the state stored for round index 2, after its last round.
+FINAL_STATE = f"jobs/{FINISHED_JOB}/rounds/2/state.npz"
 
-    result = CliRunner().invoke(main, ["export", "damaged-params", "--efs-root", str(efs_root), "--output",
-                                       str(tmp_path / "m.joblib")])
 
-    assert result.exit_code == 1
-    assert f"the final model file {params_path} is damaged" in result.output
-    assert "Traceback" not in result.output
+@pytest.fixture(scope="module")
+def finished_root(tmp_path_factory):
+    """Return an EFS folder containing FINISHED_JOB, run once for the module."""
+    from moto import mock_aws
+
+    from tests.inprocess import InProcessStack
+
+    root = tmp_path_factory.mktemp("finished") / "efs"
+    (root / "datasets").mkdir(parents=True)
+    shutil.copyfile(BREAST_CANCER_CSV, root / "datasets" / "breast_cancer.csv")
+    with mock_aws():
+        stack = InProcessStack(root)
+        try:
+            record = run_job(stack, breast_cancer_spec(FINISHED_JOB, training={"max_rounds": 2}))
+        finally:
+            stack.close()
+    assert record.status == SUCCEEDED, record.error
+    return root
+
+
+def copy_finished_job(finished_root, tmp_path):
+    """Return an EFS folder containing a copy of FINISHED_JOB's files, which a test may damage."""
+    root = tmp_path / "efs"
+    shutil.copytree(finished_root / "jobs" / FINISHED_JOB, root / "jobs" / FINISHED_JOB)
+    return root
+
+
+def change_json(path, **fields):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def drop_spec_section(path, section):
+    spec = json.loads(path.read_text())
+    del spec[section]
+    path.write_text(json.dumps(spec))
+
+
+def change_arrays(path, **arrays):
+    with np.load(path) as archive:
+        stored = {name: archive[name] for name in archive.files}
+    np.savez(path, **{**stored, **arrays})
+
+
+PREPARE_AGAIN = "the data preparation writes it, so train the job again with `baton run --fresh`"
+COPY_SCALING = (f"the job copied it to jobs/{FINISHED_JOB}/model/standardize.npz when it succeeded, so copy that file "
+                "over it")
+COPY_STATE = f'the "params" array of {FINAL_STATE} contains the same parameters, so save that array over it'
+SPEC_REMEDY = f"replace it with the job's spec: while the job's stack runs, `baton fetch {FINISHED_JOB}`"
+
+# Each case: the damaged file, how it is damaged, the problem the error must name, and its remedy.
+DAMAGE_CASES = {
+    "manifest-empty": ("data/manifest.json", lambda path: path.write_text("{}"),
+                       'has no "n_features" field (a positive integer)', PREPARE_AGAIN),
+    "manifest-shard-rows": ("data/manifest.json", lambda path: change_json(path, shard_rows="abc"),
+                            'has "shard_rows": "abc", but it must be a list of row counts', PREPARE_AGAIN),
+    "manifest-class-counts": ("data/manifest.json", lambda path: change_json(path, class_counts=[3]),
+                              'has "class_counts": [3], but it must contain one row count for each of the 2 labels',
+                              PREPARE_AGAIN),
+    "manifest-no-classes": ("data/manifest.json", lambda path: change_json(path, classes=None, class_counts=None),
+                            'has "classes": null, but model logistic_regression is a classifier', PREPARE_AGAIN),
+    "scaling-junk": ("data/standardize.npz", lambda path: path.write_bytes(b"not an archive"),
+                     "is not an .npz archive: it does not start with b'PK'", COPY_SCALING),
+    "scaling-missing": ("data/standardize.npz", lambda path: path.unlink(),
+                        "is missing, but data/manifest.json records that the data was standardised", COPY_SCALING),
+    "scaling-zero": ("data/standardize.npz", lambda path: change_arrays(path, scale=np.zeros(30)),
+                     'contains values in its "scale" array that are not positive', COPY_SCALING),
+    "scaling-shape": ("data/standardize.npz", lambda path: change_arrays(path, mean=np.zeros(4)),
+                      'contains a "mean" array of float64 values and shape (4,), but the job has 30 features',
+                      COPY_SCALING),
+    "params-strings": ("model/params.npy", lambda path: np.save(path, np.full(N_PARAMS, "abc")),
+                       "contains an array of <U3 values, but a job writes its parameters as floating-point numbers",
+                       COPY_STATE),
+    "params-nan": ("model/params.npy", lambda path: np.save(path, np.full(N_PARAMS, np.nan)),
+                   f"contains {N_PARAMS} of {N_PARAMS} parameters that are not finite (NaN or infinite)", COPY_STATE),
+    "params-shape": ("model/params.npy", lambda path: np.save(path, np.zeros(5)),
+                     f"contains an array of shape (5,), but the job's model has {N_PARAMS} parameters", COPY_STATE),
+    "params-truncated": ("model/params.npy", lambda path: path.write_bytes(path.read_bytes()[:-8]),
+                         "is not a valid .npy array (ValueError: Failed to read all data", COPY_STATE),
+    "params-header-only": ("model/params.npy", lambda path: path.write_bytes(b"\x93NUMPY"),
+                           "is not a valid .npy array (", COPY_STATE),
+    "params-empty": ("model/params.npy", lambda path: path.write_bytes(b""), "is empty", COPY_STATE),
+    "spec-no-model": ("spec.json", lambda path: drop_spec_section(path, "model"),
+                      "is not a valid job spec (invalid job spec field 'model': missing required section)",
+                      SPEC_REMEDY),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE_CASES)
+def test_export_names_damaged_job_file(finished_root, tmp_path, case):
+    name, damage, problem, remedy = DAMAGE_CASES[case]
+    root = copy_finished_job(finished_root, tmp_path)
+    damage(root / "jobs" / FINISHED_JOB / name)
+    output = tmp_path / "m.joblib"
+
+    result = CliRunner().invoke(main, ["export", FINISHED_JOB, "--efs-root", str(root), "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: jobs/{FINISHED_JOB}/{name} in the EFS folder {root} {problem}"), \
+        result.output
+    assert f"; {remedy}" in result.output
+    assert not output.exists()
+
+
+def test_export_remedies_restore_model(finished_root, tmp_path):
+    root = copy_finished_job(finished_root, tmp_path)
+    job_dir = root / "jobs" / FINISHED_JOB
+    X_raw, _ = datasets.read_csv(BREAST_CANCER_CSV, skip_rows=1)
+    X = np.asarray(X_raw, dtype=np.float64)
+    expected = load_trained_model(finished_root, FINISHED_JOB).predict(X)
+    np.save(job_dir / "model" / "params.npy", np.full(N_PARAMS, np.nan))
+    (job_dir / "data" / "standardize.npz").write_bytes(b"not an archive")
+
+    # What the two errors advise: the params array of the final round state, and the model folder's copy.
+    with np.load(root / FINAL_STATE) as state:
+        np.save(job_dir / "model" / "params.npy", state["params"])
+    shutil.copyfile(job_dir / "model" / "standardize.npz", job_dir / "data" / "standardize.npz")
+
+    predicted = load_trained_model(root, FINISHED_JOB).predict(X)
+    np.testing.assert_array_equal(predicted, expected)
 
 
 def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tmp_path):
