@@ -24,7 +24,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -897,21 +897,36 @@ def _missing_shard_error(store: EfsStore, path: Path) -> DataError:
                      f"{FIX}")
 
 
-def read_job_json(store: EfsStore, path: Path) -> Any:
+def read_job_json(store: EfsStore, path: Path, problem_of: Callable[[Any], str | None] | None = None) -> Any:
     """Read a JSON file that Baton wrote for a job (its spec or data manifest).
+
+    Parameters
+    ----------
+    store : EfsStore
+    path : Path
+    problem_of : callable, optional
+        Returns what makes the parsed value unusable, as text that follows the file's name
+        (such as 'has no "n_features" field'), or None when it is usable.
 
     Raises
     ------
     DataError
-        If the file is not valid JSON. Baton writes these files whole, so a retry would
-        read the same bytes.
+        If the file is not valid JSON, or ``problem_of`` finds a problem. Baton writes
+        these files whole, so a retry would read the same bytes.
     """
     try:
-        return store.read_json(path)
+        value = store.read_json(path)
     except ValueError as error:
-        raise DataError(f"file '{_efs_name(store, path)}' is damaged ({type(error).__name__}: {error}): Baton writes "
-                        f"it whole, so it was changed after it was written, and the job cannot go on from it; "
-                        f"{FIX}") from None
+        raise _changed_job_file_error(store, path, f"is damaged ({type(error).__name__}: {error})") from None
+    problem = None if problem_of is None else problem_of(value)
+    if problem is not None:
+        raise _changed_job_file_error(store, path, problem)
+    return value
+
+
+def _changed_job_file_error(store: EfsStore, path: Path, problem: str) -> DataError:
+    return DataError(f"file '{_efs_name(store, path)}' {problem}: Baton writes it whole, so it was changed after it "
+                     f"was written, and the job cannot go on from it; {FIX}")
 
 
 def _damaged_shard_error(store: EfsStore, path: Path, problem: str) -> DataError:

@@ -36,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import boto3
 import numpy as np
@@ -58,7 +58,7 @@ from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
 from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
                              check_model_fits, check_stopping, check_validation_finite, get_training_mode,
-                             round_number)
+                             manifest_problem, round_number)
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +113,20 @@ class Services:
             self._jobs.move_to_end(job_id)
             return self._jobs[job_id]
         spec = parse_job_spec(datasets.read_job_json(self.store, self.store.spec_path(job_id)))
-        manifest = datasets.read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json")
+        manifest = datasets.read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json",
+                                          problem_of=_manifest_problem)
         context = JobContext(spec=spec, manifest=manifest, shards={})
         self._jobs[job_id] = context
         # A warm process may serve many jobs; keep only a few memory maps open.
         while len(self._jobs) > 4:
             self._jobs.popitem(last=False)
         return context
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"contains a JSON {type(manifest).__name__}, not the object a data manifest is"
+    return manifest_problem(manifest)
 
 
 def check_efs_writable(root: Path) -> None:

@@ -75,9 +75,9 @@ def manifest_problem(manifest: dict) -> str | None:
     """Return what makes a job's data manifest unusable, or None when every field is valid.
 
     The returned text follows the file's name in a message, as in 'has no "n_features"
-    field (a positive integer)'. Baton's handlers trust the manifest that their own
-    preparation wrote. The commands a person runs check it, because a person may have
-    changed it.
+    field (a positive integer)'. The handlers check a manifest once per warm process and
+    job, and the commands a person runs check it on every read, since a person may have
+    changed the file.
     """
     for name, (expected, is_valid) in MANIFEST_FIELDS.items():
         if name not in manifest:

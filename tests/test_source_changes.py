@@ -311,6 +311,21 @@ def test_damaged_job_file_fails_once(inprocess_stack, efs_root, file_name):
                        [f"file 'jobs/damaged-file/{file_name}' is damaged (JSONDecodeError"])
 
 
+@pytest.mark.parametrize("content, words", [
+    ("{}", 'has no "n_features" field'),
+    ("[1, 2]", "contains a JSON list, not the object a data manifest is"),
+], ids=["empty-object", "list"])
+def test_invalid_manifest_fails_once(inprocess_stack, efs_root, content, words):
+    inprocess_stack.submit(breast_cancer_spec("invalid-manifest"))
+    inprocess_stack.step("JobsQueue")
+    (efs_root / "jobs" / "invalid-manifest" / "data" / "manifest.json").write_text(content)
+
+    inprocess_stack.run()
+
+    assert_failed_once(inprocess_stack, "invalid-manifest",
+                       [f"file 'jobs/invalid-manifest/data/manifest.json' {words}", "changed after it was written"])
+
+
 def write_sparse_shard(folder: Path, indices: list[int]) -> None:
     """Write a three-row sparse shard of four values with column ``indices``."""
     folder.mkdir()
