@@ -348,6 +348,12 @@ def check_workload(workload: Workload) -> None:
 def _check_sizes(workload: Workload) -> None:
     """Raise :class:`PlanError` when the data would not fit in one EFS file or a round state in a Lambda function."""
     efs_file = format_bytes(MAX_EFS_FILE_BYTES)
+    # The state first: too many features is then blamed on --features, not on the data's size.
+    if workload.state_bytes > MAX_LAMBDA_MEMORY_MB * MIB:
+        option = "--params" if workload.params is not None else "--features"
+        raise PlanError(option, f"a round state of {_count(workload.n_params, 'parameter')} and "
+                                f"{_count(workload.optimizer_slots, 'optimizer array')} takes {format_bytes(workload.state_bytes)} as float64, more than the "
+                                f"{MAX_LAMBDA_MEMORY_MB:,} MB a Lambda function can have, and every worker loads it whole")
     if workload.data_bytes is not None and workload.data_bytes > MAX_EFS_FILE_BYTES:
         raise PlanError("--data-bytes", f"{workload.data_bytes:,} bytes ({format_bytes(workload.data_bytes)}) is more "
                                         f"than one EFS file can hold ({efs_file}), and a job's training data is one file")
@@ -360,11 +366,6 @@ def _check_sizes(workload: Workload) -> None:
     if validation_bytes > MAX_EFS_FILE_BYTES:
         raise PlanError("--validation-rows", f"{_count(workload.validation_rows, 'row')} make {format_bytes(validation_bytes)} "
                                              f"of validation data, more than one EFS file can hold ({efs_file})")
-    if workload.state_bytes > MAX_LAMBDA_MEMORY_MB * MIB:
-        option = "--params" if workload.params is not None else "--features"
-        raise PlanError(option, f"a round state of {_count(workload.n_params, 'parameter')} and "
-                                f"{_count(workload.optimizer_slots, 'optimizer array')} takes {format_bytes(workload.state_bytes)} as float64, more than the "
-                                f"{MAX_LAMBDA_MEMORY_MB:,} MB a Lambda function can have, and every worker loads it whole")
 
 
 def check_deployment(deployment: Deployment, workload: Workload | None = None) -> None:

@@ -397,6 +397,14 @@ def test_state_over_lambda_memory_names_features():
     assert raised.value.option == "--features"
 
 
+def test_huge_feature_count_blames_features():
+    workload = planner.Workload(rows=32561, features=999_999_999_999, batch_size=256, epochs=1.0)
+
+    with pytest.raises(planner.PlanError, match="a round state of 1,000,000,000,000 parameters") as raised:
+        planner.check_workload(workload)
+    assert raised.value.option == "--features"
+
+
 def test_plan_over_a_year_warns():
     workload = planner.Workload(rows=999_999_999_999, features=1, batch_size=1, epochs=2.0)
     plan = planner.plan_job(workload, planner.Deployment(workers=1), LINEAR_PROFILE)
