@@ -182,9 +182,10 @@ def _stack_options(command: Callable) -> Callable:
 @click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_LOCAL_DIR,
               show_default=True, help="Folder for the local EFS root (efs/) and the handlers' logs (logs/).")
 @click.option("--import", "imports", multiple=True, metavar="SOURCE:DEST",
-              help="Copy a local file or folder to DEST under the EFS root before the job starts. Repeatable.")
+              help="Copy a local file or folder to DEST under the EFS root before the job starts; the last ':' "
+                   "separates SOURCE from DEST. Repeatable.")
 @click.option("--workers", "worker_lanes", type=click.IntRange(1, 64), default=None,
-              help="Worker containers run at once; defaults to the job's n_workers.")
+              help="Worker containers run at once. Defaults to the job's n_workers, but at most 16.")
 @click.option("--timeout", "timeout_seconds", type=FiniteFloatRange(min=1), default=3600, show_default=True,
               help="Give up waiting after this many seconds from sending the job. The wait for other jobs "
                    "sent to the stack counts towards it.")
@@ -290,12 +291,14 @@ def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], w
 def _import_local_data(stack, imports: tuple[str, ...]) -> None:
     """Copy each ``--import SOURCE:DEST`` into the stack's EFS folder, rejecting a bad mapping."""
     for mapping in imports:
-        source, separator, destination = mapping.partition(":")
+        # The last colon separates them, so a SOURCE may contain colons (DEST is a plain EFS path).
+        source, separator, destination = mapping.rpartition(":")
         if not separator or not source or not destination:
             raise click.BadParameter(f"expected SOURCE:DEST with neither part empty, got {mapping!r}",
                                      param_hint="--import")
         if not Path(source).exists():
-            raise click.BadParameter(f"source {source!r} does not exist", param_hint="--import")
+            raise click.BadParameter(f"source {source!r} does not exist (in {mapping!r}, the last ':' separates "
+                                     "SOURCE from DEST)", param_hint="--import")
         try:
             destination = check_relative_path("--import DEST", destination)
         except JobSpecError as error:

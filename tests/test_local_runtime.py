@@ -177,6 +177,8 @@ def test_cli_run_names_job_without_id(tmp_path, file_name, max_rounds, expected_
     (f"{A9A_DIR}:../outside", "'..' is not allowed"),
     (f"{A9A_DIR}:/etc/baton", "relative to the EFS root"),
     ("/no/such/folder:datasets/x", "does not exist"),
+    ("/no/such:folder:datasets/x", "source '/no/such:folder' does not exist (in '/no/such:folder:datasets/x', the "
+                                   "last ':' separates SOURCE from DEST)"),
     (":datasets/x", "neither part empty"),
 ])
 def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
@@ -189,6 +191,19 @@ def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
     assert result.exit_code != 0
     assert words in result.output
     assert not (tmp_path / "outside").exists()
+
+
+def test_import_source_with_colon(tmp_path):
+    from shared.cli import _import_local_data
+
+    source = tmp_path / "runs:2026" / "rows.csv"
+    source.parent.mkdir()
+    source.write_text("1,0\n")
+    efs_root = tmp_path / "efs"
+
+    _import_local_data(LocalStack(efs_root), (f"{source}:datasets/rows.csv",))
+
+    assert (efs_root / "datasets" / "rows.csv").read_text() == "1,0\n"
 
 
 def test_import_replaces_link_at_destination(tmp_path):
