@@ -362,10 +362,13 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
     summary = record.attributes
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
-    for name in ("train_loss", "validation_loss", "validation_accuracy", "validation_r2"):
+    # The training loss is the mean over the last round's batches; validation uses every held-out row.
+    labels = {"train_loss": "train_loss (last round)", "validation_loss": "validation_loss",
+              "validation_accuracy": "validation_accuracy", "validation_r2": "validation_r2"}
+    for name, label in labels.items():
         if name in summary:
-            click.echo(f"  {name:<20} {summary[name]:.5f}")
-    click.echo(f"  model                {efs_root / 'jobs' / job_id / 'model'}")
+            click.echo(f"  {label:<24} {summary[name]:.5f}")
+    click.echo(f"  {'model':<24} {efs_root / 'jobs' / job_id / 'model'}")
     return None
 
 
@@ -441,11 +444,13 @@ def _check_job_id_free(spec: dict, stage: str | None, endpoint_url: str | None, 
     if existing is None or not existing.fingerprint:
         return
     resumable = existing.status in ("PAUSED", "FAILED")
+    stack = _stack_arguments(stage, endpoint_url, region)
     if existing.fingerprint == parse_job_spec(spec).fingerprint():
-        resume = f", and `baton resume {job_id}` continues it" if resumable else ""
+        resume = f", and `baton resume {job_id}{stack}` continues it" if resumable else ""
         raise click.ClickException(f"job {job_id} already exists with this spec (status {existing.status}), so the "
-                                   f"starter would drop it; `baton status {job_id}` shows it{resume}. Nothing was sent.")
-    resume = f"; `baton resume {job_id}` would continue that job with its own spec" if resumable else ""
+                                   f"starter would drop it; `baton status {job_id}{stack}` shows it{resume}. Nothing "
+                                   "was sent.")
+    resume = f"; `baton resume {job_id}{stack}` would continue that job with its own spec" if resumable else ""
     raise click.ClickException(f"job id '{job_id}' is already used by a job with a different spec (status "
                                f"{existing.status}); choose a new one with --job-id{resume}. Nothing was sent.")
 
@@ -453,6 +458,16 @@ def _check_job_id_free(spec: dict, stage: str | None, endpoint_url: str | None, 
 # Following jobs: list, status, watch, fetch, plot ------------------------------------------
 # These read DynamoDB only (shared/monitor.py), so they work against AWS and against the
 # local stack alike.
+
+
+def _stack_arguments(stage: str, endpoint_url: str | None, region: str | None) -> str:
+    """Return the options that aim another baton command at the same stack, each after a space."""
+    arguments = f" --stage {stage}" if stage != "dev" else ""
+    if endpoint_url is not None:
+        arguments += f" --endpoint-url {endpoint_url}"
+    if region is not None:
+        arguments += f" --region {region}"
+    return arguments
 
 
 def _store(stage: str, endpoint_url: str | None, region: str | None):

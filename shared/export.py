@@ -93,8 +93,9 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
         raise ExportError(f"no job folder {store.job_dir(job_id)}; check the job id and --local-dir or --efs-root")
     if not params_path.exists():
         raise ExportError(f"job {job_id} has no final model at {params_path}: a job writes it only when it succeeds. "
-                          f"`baton status {job_id}` shows whether it is still running (export it once it has "
-                          "succeeded), failed (fix the cause and `baton resume` it) or was cancelled")
+                          f"`baton status {job_id}` with the stack's --stage (and --endpoint-url for the stack of a "
+                          "running `baton run`) shows whether it is still running (export it once it has "
+                          "succeeded), failed or was cancelled")
 
     spec = _read_spec(store, job_id)
     manifest = _read_manifest(store, job_id)
@@ -410,4 +411,5 @@ def export_command(job_id: str, local_dir: Path, efs_root: Path | None, output: 
             estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
     except BatonError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)}))
+    click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)},
+                          ensure_ascii=False))

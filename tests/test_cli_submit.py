@@ -342,12 +342,12 @@ def a9a_spec_as_sent(job_id: str) -> dict:
 
 
 @pytest.mark.parametrize("status, extra, words", [
-    ("RUNNING", [], ["job taken already exists with this spec (status RUNNING)", "`baton status taken`"]),
-    ("PAUSED", [], ["already exists with this spec (status PAUSED)", "`baton resume taken`"]),
+    ("RUNNING", [], ["job taken already exists with this spec (status RUNNING)", "`baton status taken{stack}`"]),
+    ("PAUSED", [], ["already exists with this spec (status PAUSED)", "`baton resume taken{stack}`"]),
     ("RUNNING", ["--learning-rate", "0.01"], ["job id 'taken' is already used by a job with a different spec",
                                               "choose a new one with --job-id"]),
     ("PAUSED", ["--learning-rate", "0.01"], ["different spec (status PAUSED)",
-                                             "`baton resume taken` would continue that job with its own spec"]),
+                                             "`baton resume taken{stack}` would continue that job with its own spec"]),
 ], ids=["same-spec", "same-spec-paused", "different-spec", "different-spec-paused"])
 def test_taken_job_id_sends_nothing(stage_with_table, status, extra, words):
     from shared.control import pause_job
@@ -362,8 +362,10 @@ def test_taken_job_id_sends_nothing(stage_with_table, status, extra, words):
     result = submit(str(A9A_SPEC_FILE), "--job-id", "taken", *extra, *stage_with_table["arguments"])
 
     assert result.exit_code == 1, result.output
+    # Suggested commands carry the options that reach the same stack.
+    stack = " " + " ".join(stage_with_table["arguments"])
     for word in words:
-        assert word in result.output
+        assert word.format(stack=stack) in result.output
     assert "Nothing was sent." in result.output
     assert received_specs(stage_with_table["jobs_queue"]) == []
 
