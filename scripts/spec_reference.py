@@ -35,9 +35,10 @@ A job is a JSON object sent to the jobs queue (`baton submit`, `baton run`, or
 `aws sqs send-message`). It has a `job_id` and four sections: `model`, `optimizer`,
 `data` and `training`. `model` and `data` are required; a missing section or field takes
 the default below. The starter rejects a spec with an unknown field, a value of the wrong
-type or a value out of range, and marks the job FAILED with a message that names the
-field. It also rejects a `model` field set away from its default for a model that does
-not read it, such as `hidden_layer_sizes` for `logistic_regression`. The message body may
+type (an integer field takes `2`, not `2.0`) or a value out of range, and marks the job
+FAILED with a message that names the field and shows the value as written. It also
+rejects a `model` field set away from its default for a model that does not read it,
+such as `hidden_layer_sizes` for `logistic_regression`. The message body may
 be at most {MAX_SPEC_BYTES:,} bytes ({MAX_SPEC_BYTES // 1024} KiB) of UTF-8, counted as SQS delivers it, so
 indentation and spaces count. A valid spec is usually far smaller. A larger one comes from
 long lists, strings or `model.class_weight` objects, and leaving out fields that keep

@@ -22,9 +22,28 @@ from typing import Any, Callable
 import click
 
 from shared.errors import JobSpecError
+from shared.json_numbers import read_number_text
 from shared.spec import (JOB_ID_PATTERN, MAX_SPEC_BYTES, SECTIONS, SHRINK_SPEC_ADVICE, decode_spec_json,
-                         encode_job_message, load_job_message, message_bytes)
+                         encode_job_message, load_job_message, message_bytes, parse_job_spec)
 from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
+
+
+class NumberText(click.ParamType):
+    """A number option, kept with its text and left to the spec check.
+
+    The spec check then rejects ``--n-workers 4.0`` as it rejects ``--set
+    training.n_workers=4.0``, and its messages show the value as typed.
+    """
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (int, float)):
+            return value
+        number = read_number_text(value)
+        if number is None:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
 
 
 @dataclass(frozen=True)
@@ -56,10 +75,10 @@ SPEC_SHORTCUTS = (
                  help="Held-out file, like --data. Without one, a fraction of the training rows is held out."),
     SpecShortcut("--format", "data.format", str, "FORMAT"),
     SpecShortcut("--optimizer", "optimizer.name", str, "NAME"),
-    SpecShortcut("--learning-rate", "optimizer.learning_rate", float, "RATE"),
-    SpecShortcut("--n-workers", "training.n_workers", int, "N"),
-    SpecShortcut("--batch-size", "training.batch_size", int, "ROWS"),
-    SpecShortcut("--epochs", "training.max_epochs", float, "EPOCHS"),
+    SpecShortcut("--learning-rate", "optimizer.learning_rate", NumberText(), "RATE"),
+    SpecShortcut("--n-workers", "training.n_workers", NumberText(), "N"),
+    SpecShortcut("--batch-size", "training.batch_size", NumberText(), "ROWS"),
+    SpecShortcut("--epochs", "training.max_epochs", NumberText(), "EPOCHS"),
 )
 
 # A section missing from the spec is fixed by setting its required field.
@@ -309,6 +328,9 @@ def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) ->
 
     _check_message_size(spec, spec_file)
     try:
+        # The spec as built keeps each number's text for the messages. The message body
+        # is then checked as the starter reads it.
+        parse_job_spec(spec)
         load_job_message(encode_job_message(spec))
     except JobSpecError as error:
         raise click.ClickException(_spec_error_message(error, spec, spec_file)) from None

@@ -41,6 +41,11 @@ from shared.errors import DamagedFileError, DataError
 
 # The folder under the root where Baton keeps every job's state; never read as data.
 JOBS_FOLDER = "jobs"
+# Message text for a data path in JOBS_FOLDER, with the fix. The spec check uses it for a
+# path written there, and resolve_data_path for one that a symbolic link leads there.
+JOBS_FOLDER_DATA_PROBLEM = (f"names a file in {JOBS_FOLDER}/, where Baton keeps the state of every job; copy the "
+                            f"data to a folder outside {JOBS_FOLDER}/ (such as datasets/) and name the copy in the "
+                            "spec")
 
 # The first bytes of every .npy file, and of every zip archive such as an .npz file.
 NPY_SIGNATURE = b"\x93NUMPY"
@@ -186,9 +191,7 @@ class EfsStore:
         if parts != Path(relative).parts:
             named += f" (a symbolic link on the way leads to '{'/'.join(parts)}')"
         if parts[:1] == (JOBS_FOLDER,):
-            raise DataError(
-                f"{named} names a file in jobs/, where Baton keeps the state of every job; "
-                "copy the data to a folder outside jobs/ (such as datasets/) and name the copy in the spec")
+            raise DataError(f"{named} {JOBS_FOLDER_DATA_PROBLEM}")
         if self.data_roots and not any(parts[:len(Path(root).parts)] == Path(root).parts for root in self.data_roots):
             raise DataError(
                 f"{named} is outside the folders this stack reads data from "

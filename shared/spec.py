@@ -14,10 +14,14 @@ import json
 import math
 import posixpath
 import re
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
+from shared import json_numbers
+from shared.efs import JOBS_FOLDER, JOBS_FOLDER_DATA_PROBLEM
 from shared.errors import JobSpecError
+from shared.json_numbers import OversizedInteger, shown
 from shared.models import MODELS
 from shared.models._penalty import L1_METHODS, PENALTIES
 from shared.models.mlp import ACTIVATIONS
@@ -72,15 +76,18 @@ def _check_class_weight(path: str, value: Any) -> Any:
     if value == "balanced":
         return value
     if not isinstance(value, dict) or not value:
-        raise JobSpecError(path, f"got {value!r}; expected 'balanced', null, or an object such as {{\"1\": 5.0}} "
+        raise JobSpecError(path, f"got {shown(value)}; expected 'balanced', null, or an object such as {{\"1\": 5.0}} "
                                  "mapping class labels to weights")
     checked = {}
     # Labels are matched to the data's classes by number when they are numbers, so "1"
     # and "1.0" name the same class.
     named_by: dict[Any, str] = {}
     for label, weight in value.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise JobSpecError(path, f"class {label!r} has weight {weight!r}; expected a finite number >= 0")
+        # abs() compares a huge int with the float range exactly, where math.isfinite() would overflow.
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or (isinstance(weight, float) and math.isnan(weight)) or abs(weight) > sys.float_info.max \
+                or weight < 0:
+            raise JobSpecError(path, f"class {label!r} has weight {shown(weight)}; expected a finite number >= 0")
         try:
             same_class = float(label)
         except ValueError:
@@ -146,7 +153,8 @@ class OptimizerSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    path: str = spec_field(help="Training file, relative to the EFS root, or an s3://bucket/key URI.")
+    path: str = spec_field(help="Training file, relative to the EFS root and outside its jobs/ folder, or an "
+                                "s3://bucket/key URI.")
     format: str = spec_field("libsvm", help="File format: libsvm text, delimited text, a .npy matrix whose "
                                             "label_column holds the labels, or a .npz archive with arrays X and y.",
                              choices=DATA_FORMATS)
@@ -198,12 +206,15 @@ class TrainingSection:
     local_epoch: bool = spec_field(False, help="model_average: each round is one pass over the worker's shard "
                                                "instead of local_steps steps.")
     target_validation_loss: float | None = spec_field(
-        None, help="Stop as soon as the validation loss is at or below this value.", minimum=0.0, nullable=True)
+        None, help="Stop as soon as the validation loss is at or below this value. Needs held-out rows: "
+                   "data.validation_fraction above 0 or a data.validation_path.", minimum=0.0, nullable=True)
     target_validation_accuracy: float | None = spec_field(
-        None, help="Stop as soon as the validation accuracy is at or above this value.", minimum=0.0,
+        None, help="Stop as soon as the validation accuracy is at or above this value. Needs held-out rows, as "
+                   "target_validation_loss does.", minimum=0.0,
         exclusive_minimum=True, maximum=1.0, nullable=True)
     early_stopping_patience: int | None = spec_field(
-        None, help="Stop after this many rounds in a row without a new lowest validation loss.", minimum=1,
+        None, help="Stop after this many rounds in a row without a new lowest validation loss. Needs held-out "
+                   "rows, as target_validation_loss does.", minimum=1,
         nullable=True)
     budget_usd: float | None = spec_field(
         None, help="Stop, keeping the model, once the estimated AWS cost in US dollars reaches this value. The "
@@ -249,37 +260,39 @@ def _type_name(annotation: str) -> str:
     return annotation.replace(" | None", "")
 
 
-def shown(value: Any) -> str:
-    """Return ``value`` as a message shows it: JSON's words for booleans and null, else its repr.
+def _integer_fix(value: float) -> str:
+    """Return how to write a float that an integer field got, such as 'write 2' for 2.0."""
+    if abs(value) >= 2**53:
+        # From 2**53 on, a float is not exact, so int(value) may differ from what was meant.
+        return "write the integer with digits only, without a decimal point or exponent"
+    if value.is_integer():
+        return f"write {int(value)}"
+    return f"write {math.floor(value)} or {math.ceil(value)}"
 
-    A JSON number too large for a float, such as 1e400, is read as infinity, and is named so.
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
+
+def _check_number(path: str, expected: str, meta: dict, value: Any) -> int | float:
+    """Return ``value`` as an int or a float within the field's range, or raise showing it as typed."""
+    kind = "an integer" if expected == "int" else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and math.isnan(value)):
+        raise JobSpecError(path, f"expected {kind}, got {shown(value)}")
+    # Python compares ints and floats exactly, so a huge integer or an infinity gets the
+    # range's message before any conversion.
+    _check_range(path, meta, value)
+    if isinstance(value, OversizedInteger):
+        raise JobSpecError(path, f"got {shown(value)}; Baton reads integers of at most "
+                                 f"{sys.get_int_max_str_digits()} digits")
     if isinstance(value, float) and math.isinf(value):
-        return f"{'-' if value < 0 else ''}a number beyond the float range (read as infinity)"
-    if isinstance(value, float) and math.isnan(value):
-        return "NaN"
-    return repr(value)
-
-
-def _check_number(path: str, expected: str, value: Any) -> int | float:
+        raise JobSpecError(path, f"expected {'an integer' if expected == 'int' else 'a finite number'}, "
+                                 f"got {shown(value)}")
     if expected == "int":
-        # JSON has one number type; accept 4.0 for 4 but never a bool.
-        # A huge JSON integer stays a Python int, so compare ints without going through float.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise JobSpecError(path, f"expected an integer, got {shown(value)}")
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise JobSpecError(path, f"expected an integer, got {shown(value)}")
+        # JSON has one number type, but an integer field takes an integer as written, so
+        # 2.0 is rejected as 2.5 is and never silently truncated.
+        if isinstance(value, float):
+            raise JobSpecError(path, f"expected an integer, got {shown(value)}; {_integer_fix(value)}")
         return int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise JobSpecError(path, f"expected a number, got {shown(value)}")
-    if isinstance(value, int) and abs(value) > 1e300:
-        raise JobSpecError(path, f"got an integer with {len(str(abs(value)))} digits; expected a finite number")
-    if not math.isfinite(value):
-        raise JobSpecError(path, f"expected a finite number, got {shown(value)}")
+    if abs(value) > sys.float_info.max:
+        raise JobSpecError(path, f"got {shown(value)}, beyond the float range; expected a finite number")
     return float(value)
 
 
@@ -299,7 +312,7 @@ def _check_range(path: str, meta: dict, value: int | float) -> None:
 
 def _check_list(path: str, element_type: str, meta: dict, value: Any) -> tuple:
     if not isinstance(value, (list, tuple)):
-        raise JobSpecError(path, f"expected a list of {element_type} values, got {value!r}")
+        raise JobSpecError(path, f"expected a list of {element_type} values, got {shown(value)}")
     if meta["min_length"] is not None and len(value) < meta["min_length"]:
         raise JobSpecError(path, f"got {len(value)} values; expected at least {meta['min_length']}")
     if meta["max_length"] is not None and len(value) > meta["max_length"]:
@@ -307,9 +320,7 @@ def _check_list(path: str, element_type: str, meta: dict, value: Any) -> tuple:
     checked = []
     for index, element in enumerate(value):
         element_path = f"{path}[{index}]"
-        element = _check_number(element_path, element_type, element)
-        _check_range(element_path, meta, element)
-        checked.append(element)
+        checked.append(_check_number(element_path, element_type, meta, element))
     return tuple(checked)
 
 
@@ -326,7 +337,7 @@ def _check_value(section: str, name: str, annotation: str, meta: dict, value: An
     if expected.startswith("tuple["):
         return _check_list(path, expected[len("tuple["):].split(",")[0], meta, value)
     if expected in ("int", "float"):
-        value = _check_number(path, expected, value)
+        value = _check_number(path, expected, meta, value)
     elif expected == "bool":
         if not isinstance(value, bool):
             raise JobSpecError(path, f"expected true or false, got {shown(value)}")
@@ -338,14 +349,12 @@ def _check_value(section: str, name: str, annotation: str, meta: dict, value: An
             if not value:
                 raise JobSpecError(path, "expected an integer or a non-empty string, got ''")
             return value
-        value = _check_number(path, "int", value)
+        value = _check_number(path, "int", meta, value)
     else:
         raise TypeError(f"spec field {path} has annotation {annotation!r}, which _check_value does not handle")
 
     if meta["choices"] is not None and value not in meta["choices"]:
         raise JobSpecError(path, f"got {shown(value)}; expected one of {', '.join(map(repr, meta['choices']))}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        _check_range(path, meta, value)
     return value
 
 
@@ -353,7 +362,7 @@ def _parse_section(section: str, cls: type, raw: Any):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise JobSpecError(section, f"expected an object, got {type(raw).__name__}")
+        raise JobSpecError(section, f"expected an object, got {shown(raw)}")
 
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
@@ -382,7 +391,11 @@ def check_relative_path(field_path: str, value: str) -> str:
 
 
 def check_data_path(field_path: str, value: str) -> str:
-    """Return a data path checked as an ``s3://bucket/key`` URI or as a path relative to the EFS root."""
+    """Return a data path checked as an ``s3://bucket/key`` URI or as a path relative to the EFS root.
+
+    A path relative to the EFS root must not be in ``jobs/``. The starter checks again
+    once symbolic links are resolved (:meth:`shared.efs.EfsStore.resolve_data_path`).
+    """
     if value.startswith("s3://"):
         match = S3_URI_PATTERN.match(value)
         if match is None or ".." in match.group(2).split("/") or match.group(2).endswith("/"):
@@ -391,7 +404,10 @@ def check_data_path(field_path: str, value: str) -> str:
     if "://" in value:
         raise JobSpecError(field_path, f"got {value!r}; only s3:// URIs and paths relative to the EFS root are "
                                        "supported")
-    return check_relative_path(field_path, value)
+    normalised = check_relative_path(field_path, value)
+    if normalised.split("/")[0] == JOBS_FOLDER:
+        raise JobSpecError(field_path, f"{value!r} {JOBS_FOLDER_DATA_PROBLEM}")
+    return normalised
 
 
 def _check_combinations(sections: dict[str, Any]) -> None:
@@ -420,6 +436,13 @@ def _check_combinations(sections: dict[str, Any]) -> None:
     if training.target_validation_accuracy is not None and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("training.target_validation_accuracy",
                            f"model '{model.name}' reports no accuracy; use target_validation_loss instead")
+    if data.validation_path is None and data.validation_fraction == 0:
+        for name in ("target_validation_loss", "target_validation_accuracy", "early_stopping_patience"):
+            if getattr(training, name) is not None:
+                raise JobSpecError(f"training.{name}",
+                                   "stops on the validation rows, but there are none: data.validation_fraction is 0 "
+                                   "and data.validation_path is null. Set data.validation_fraction above 0 or "
+                                   f"data.validation_path to a held-out file, or remove training.{name}")
     if data.stratify and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("data.stratify", f"model '{model.name}' has no classes to stratify by; set it to "
                                             "false or null")
@@ -454,7 +477,7 @@ def parse_job_spec(raw: Any, default_job_id: str | None = None) -> JobSpec:
         Naming the first offending field and what to do about it.
     """
     if not isinstance(raw, dict):
-        raise JobSpecError("<root>", f"expected a JSON object, got {type(raw).__name__}")
+        raise JobSpecError("<root>", f"expected a JSON object, got {shown(raw)}")
 
     unknown = sorted(set(raw) - set(SECTIONS) - {"job_id"})
     if unknown:
@@ -466,7 +489,7 @@ def parse_job_spec(raw: Any, default_job_id: str | None = None) -> JobSpec:
                                      "digit, or leave job_id out so that Baton names the job")
     if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
         raise JobSpecError(
-            "job_id", f"got {job_id!r}; use 1 to 64 letters, digits, '-' or '_', starting with a letter or digit")
+            "job_id", f"got {shown(job_id)}; use 1 to 64 letters, digits, '-' or '_', starting with a letter or digit")
 
     for required in ("model", "data"):
         if required not in raw:
@@ -522,6 +545,8 @@ def decode_spec_json(text: str) -> Any:
 
     JSON readers disagree on which of two equal keys wins, so a spec that names
     ``learning_rate`` twice would train with a value its author may not have meant.
+    Numbers keep the text they were written as (:mod:`shared.json_numbers`), so messages
+    about them show that text.
 
     Raises
     ------
@@ -530,7 +555,7 @@ def decode_spec_json(text: str) -> Any:
     JobSpecError
         If one object names a key twice; the field is the key's dotted path.
     """
-    decoded = json.loads(text, object_pairs_hook=_object_noting_repeats)
+    decoded = json_numbers.loads(text, object_pairs_hook=_object_noting_repeats)
     repeated = _first_repeated_key(decoded)
     if repeated is not None:
         raise JobSpecError(repeated, "is given more than once in the same JSON object; keep one of them")

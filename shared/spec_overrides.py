@@ -12,6 +12,7 @@ import copy
 import json
 from typing import Any, Iterable
 
+from shared import json_numbers
 from shared.errors import BatonError
 
 
@@ -37,7 +38,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
     The value is decoded as JSON when it is valid JSON (``8``, ``0.5``, ``true``,
     ``null``, ``[64, 32]``, ``"8"``), and is kept as a string otherwise
-    (``adam``, ``datasets/a9a/a9a``). The text is split at its first ``=``, so the value
+    (``adam``, ``datasets/a9a/a9a``). Numbers keep the text they were written as
+    (:mod:`shared.json_numbers`), so a message about one shows it as typed. The text is split at its first ``=``, so the value
     may contain ``=``. White space around the key and its dotted parts is ignored.
 
     Raises
@@ -52,7 +54,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise SpecOverrideError(text, "the key before '=' is empty. Name a field, such as training.n_workers")
     try:
-        value = json.loads(raw_value)
+        value = json_numbers.loads(raw_value)
     except (ValueError, RecursionError):
         value = raw_value
     return key, value

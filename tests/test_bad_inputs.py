@@ -118,7 +118,7 @@ CASES = [
      "val-link", ["data.validation_path 'links/data.csv'", "outside the EFS root", "copy the file"]),
     # jobs/ contains every job's state, so no spec may read another job's files as data.
     ("data-path-in-jobs-folder", json.dumps(spec("reads-jobs", data=csv_data("jobs/other-job/data.csv", skip_rows=1))),
-     "reads-jobs", ["data.path 'jobs/other-job/data.csv'", "state of every job", "outside jobs/"]),
+     "reads-jobs", ["'data.path': 'jobs/other-job/data.csv'", "state of every job", "outside jobs/"]),
     ("job-folder-link-outside", json.dumps(spec("linked-job")), "linked-job",
      ["job_id 'linked-job'", "jobs/linked-job", "outside the EFS root", "choose another job_id"]),
     ("missing-file", json.dumps(spec("file-missing", data=csv_data("datasets/nope.csv"))), "file-missing",

@@ -205,7 +205,30 @@ def test_shortcut_into_non_object_names_option(jobs_queue, tmp_path):
     (["--model", "logistic_regression"],
      ["'data': missing required section", "pass --data PATH or --set data.path=VALUE"]),
     (["--model", "logistic_regression", "--data", "../outside"], ["'..' is not allowed"]),
-])
+    ([str(A9A_SPEC_FILE), "--set", "training.n_workers=2.0", "--set", "training.seed=7.0"],
+     ["'training.n_workers': expected an integer, got 2.0; write 2", "--n-workers N"]),
+    ([str(A9A_SPEC_FILE), "--n-workers", "4.0"], ["'training.n_workers': expected an integer, got 4.0; write 4"]),
+    ([str(A9A_SPEC_FILE), "--set", "training.seed=1e30"], ["'training.seed': got 1e30; must be at most 4294967295"]),
+    ([str(A9A_SPEC_FILE), "--set", "training.n_workers=1e300"],
+     ["'training.n_workers': got 1e300; must be at most 1000"]),
+    ([str(A9A_SPEC_FILE), "--set", "training.max_epochs=Infinity"],
+     ["'training.max_epochs': got Infinity; must be at most 10000", "--epochs EPOCHS"]),
+    ([str(A9A_SPEC_FILE), "--learning-rate", "inf"], ["'optimizer.learning_rate': got inf; must be at most 1000.0"]),
+    ([str(A9A_SPEC_FILE), "--set", "training.n_workers=" + "1" * 5000],
+     ["'training.n_workers': got 11111111111111111111... (5000 digits); must be at most 1000"]),
+    (["--model", "kmeans", "--data", "datasets/x", "--set", "training.n_workers.x=1"], ["'training.n_workers': expected an integer, got {\"x\": 1}"]),
+    ([str(A9A_SPEC_FILE), "--set", "model=1"], ["'model': expected an object, got 1"]),
+    (["--model", "kmeans", "--data", "jobs/other/x"],
+     ["'data.path': 'jobs/other/x' names a file in jobs/", "outside jobs/", "--data PATH"]),
+    ([str(A9A_SPEC_FILE), "--validation-data", "jobs/other/x"], ["'data.validation_path': 'jobs/other/x' names"]),
+    ([str(A9A_SPEC_FILE), "--set", "data.validation_path=null", "--set", "data.validation_fraction=0",
+      "--set", "training.target_validation_loss=0.3"],
+     ["'training.target_validation_loss': stops on the validation rows, but there are none",
+      "--set training.target_validation_loss=VALUE"]),
+], ids=["workers-zero", "rate-word", "unknown-field", "list-element", "no-model", "no-data", "dot-dot",
+        "set-whole-floats", "option-whole-float", "seed-exponent", "workers-exponent", "epochs-infinity",
+        "rate-inf", "workers-5000-digits", "into-integer", "section-number", "data-in-jobs",
+        "validation-data-in-jobs", "target-without-validation"])
 def test_invalid_spec_sends_nothing(jobs_queue, arguments, words):
     result = submit(*arguments, *jobs_queue["arguments"])
 
@@ -215,6 +238,57 @@ def test_invalid_spec_sends_nothing(jobs_queue, arguments, words):
         assert word in result.output
     assert "Nothing was sent." in result.output
     assert received_specs(jobs_queue) == []
+
+
+def test_invalid_spec_message_is_short(jobs_queue):
+    result = submit(str(A9A_SPEC_FILE), "--set", "training.n_workers=" + "1" * 5000, *jobs_queue["arguments"])
+
+    assert result.exit_code == 1, result.output
+    assert len(result.output) < 400
+
+
+def test_number_option_not_a_number():
+    result = submit("--dry-run", "--model", "kmeans", "--data", "datasets/x", "--n-workers", "four")
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--n-workers': 'four' is not a number" in result.output
+
+
+def test_number_options_sent_as_numbers(jobs_queue):
+    result = submit("--dry-run", "--model", "kmeans", "--data", "datasets/x", "--n-workers", "8",
+                    "--learning-rate", "0.5", "--epochs", "2", "--batch-size", " 64 ")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["training"] == {"n_workers": 8, "batch_size": 64, "max_epochs": 2}
+    assert json.loads(result.output)["optimizer"] == {"learning_rate": 0.5}
+
+
+@pytest.mark.parametrize("n_workers, words", [
+    ("2.0", "'training.n_workers': expected an integer, got 2.0; write 2"),
+    ("1" * 5000, "'training.n_workers': got 11111111111111111111... (5000 digits); must be at most 1000"),
+], ids=["whole-float", "5000-digits"])
+def test_spec_file_number_shown_as_typed(jobs_queue, tmp_path, n_workers, words):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text('{"model": {"name": "kmeans"}, "data": {"path": "d.npz", "format": "npz"}, '
+                         f'"training": {{"n_workers": {n_workers}}}}}')
+
+    result = submit(str(spec_file), *jobs_queue["arguments"])
+
+    assert result.exit_code == 1, result.output
+    assert words in result.output
+    assert f"edit {spec_file} or pass --n-workers N" in result.output
+    assert "set_int_max_str_digits" not in result.output
+    assert received_specs(jobs_queue) == []
+
+
+def test_run_rejects_spec_as_submit_does(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--local-dir", str(tmp_path / "baton"), "--model", "kmeans",
+                                       "--data", "datasets/x", "--set", "training.n_workers=2.0"])
+
+    assert result.exit_code == 1, result.output
+    assert "'training.n_workers': expected an integer, got 2.0; write 2" in result.output
+    assert "Nothing was sent." in result.output
+    assert not (tmp_path / "baton").exists()
 
 
 @pytest.mark.parametrize("content, words", [

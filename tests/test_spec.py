@@ -45,7 +45,7 @@ def test_example_specs_parse():
 
 
 def test_hidden_layer_sizes_list():
-    spec = parse_job_spec(spec_with(model={"name": "mlp_classifier", "hidden_layer_sizes": [64, 32.0]}))
+    spec = parse_job_spec(spec_with(model={"name": "mlp_classifier", "hidden_layer_sizes": [64, 32]}))
     assert spec.model.hidden_layer_sizes == (64, 32)
     assert json.loads(spec.canonical_json())["model"]["hidden_layer_sizes"] == [64, 32]
 
@@ -53,7 +53,8 @@ def test_hidden_layer_sizes_list():
 @pytest.mark.parametrize("value, message", [
     (64, "expected a list"),
     ([64, 0], r"hidden_layer_sizes\[1\]"),
-    ([1.5], "expected an integer"),
+    ([1.5], "expected an integer, got 1.5; write 1 or 2"),
+    ([64, 32.0], r"hidden_layer_sizes\[1\]': expected an integer, got 32.0; write 32"),
     ([True], "expected an integer"),
 ])
 def test_hidden_layer_sizes_rejected(value, message):
@@ -148,3 +149,56 @@ def test_defaults_filled():
     assert spec.data.stratify is None
     assert spec.optimizer.betas == (0.9, 0.999)
     assert spec.model.class_weight is None
+
+
+NO_VALIDATION_ROWS = {"path": "d.csv", "validation_fraction": 0}
+
+
+@pytest.mark.parametrize("training, field", [
+    ({"target_validation_loss": 0.3}, "training.target_validation_loss"),
+    ({"target_validation_accuracy": 0.9}, "training.target_validation_accuracy"),
+    ({"early_stopping_patience": 5}, "training.early_stopping_patience"),
+])
+def test_validation_stop_without_rows_rejected(training, field):
+    with pytest.raises(JobSpecError) as raised:
+        parse_job_spec(spec_with(data=NO_VALIDATION_ROWS, training=training))
+
+    assert raised.value.field == field
+    assert "data.validation_fraction is 0 and data.validation_path is null" in raised.value.problem
+    assert f"or remove {field}" in raised.value.problem
+
+
+@pytest.mark.parametrize("data", [
+    {"validation_fraction": 0, "validation_path": "held_out.csv"},
+    {"validation_fraction": 0.05},
+])
+def test_validation_stop_with_rows_accepted(data):
+    spec = parse_job_spec(spec_with(data=data, training={"early_stopping_patience": 5}))
+
+    assert spec.training.early_stopping_patience == 5
+
+
+def test_no_validation_rows_without_stop_accepted():
+    spec = parse_job_spec(spec_with(data=NO_VALIDATION_ROWS))
+
+    assert spec.data.validation_fraction == 0
+
+
+@pytest.mark.parametrize("field, path", [
+    ("path", "jobs/other/x"),
+    ("path", "./jobs/other/data.csv"),
+    ("path", "jobs"),
+    ("validation_path", "jobs/other/held_out.csv"),
+])
+def test_data_path_in_jobs_rejected(field, path):
+    with pytest.raises(JobSpecError) as raised:
+        parse_job_spec(spec_with(data={field: path}))
+
+    assert raised.value.field == f"data.{field}"
+    assert f"{path!r} names a file in jobs/, where Baton keeps the state of every job" in raised.value.problem
+    assert "copy the data to a folder outside jobs/" in raised.value.problem
+
+
+@pytest.mark.parametrize("path", ["jobs-archive/x.csv", "datasets/jobs/x.csv", "s3://bucket/jobs/x.csv"])
+def test_data_path_beside_jobs_accepted(path):
+    assert parse_job_spec(spec_with(data={"path": path})).data.path == path
