@@ -60,7 +60,7 @@ from shared import data as datasets
 from shared import efs, source_files
 from shared.efs import EfsStore
 from shared.errors import DataError, InvalidMessageError
-from shared.spec import S3_URI_PATTERN, JobSpec
+from shared.spec import S3_URI_PATTERN, VALIDATION_STOP_FIELDS, JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -674,6 +674,13 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
     n_workers = spec.training.n_workers
     validation_rows = 0 if spec.data.validation_path is not None \
         else int(round(spec.data.validation_fraction * n_train))
+    stop_fields = [name for name in VALIDATION_STOP_FIELDS if getattr(spec.training, name) is not None]
+    if spec.data.validation_path is None and validation_rows == 0 and stop_fields:
+        # The spec check catches a fraction of 0; a small one can round to no rows.
+        raise DataError(f"data.validation_fraction {spec.data.validation_fraction:g} of {n_train:,} rows holds out "
+                        f"no rows, but training.{stop_fields[0]} stops on the validation rows; raise "
+                        f"data.validation_fraction to at least {1 / n_train:.2g}, give data.validation_path, or "
+                        f"remove training.{stop_fields[0]}")
     if n_train - validation_rows < n_workers:
         raise DataError(f"training.n_workers is {n_workers} but only {n_train - validation_rows} training rows "
                         "remain; use fewer workers or more data")

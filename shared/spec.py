@@ -410,6 +410,10 @@ def check_data_path(field_path: str, value: str) -> str:
     return normalised
 
 
+# Training fields that stop a job on its validation rows, so a job without any cannot use them.
+VALIDATION_STOP_FIELDS = ("target_validation_loss", "target_validation_accuracy", "early_stopping_patience")
+
+
 def _check_combinations(sections: dict[str, Any]) -> None:
     """Raise :class:`JobSpecError` for fields that are valid alone but not together."""
     model, optimizer, data, training = (sections[name] for name in ("model", "optimizer", "data", "training"))
@@ -437,7 +441,7 @@ def _check_combinations(sections: dict[str, Any]) -> None:
         raise JobSpecError("training.target_validation_accuracy",
                            f"model '{model.name}' reports no accuracy; use target_validation_loss instead")
     if data.validation_path is None and data.validation_fraction == 0:
-        for name in ("target_validation_loss", "target_validation_accuracy", "early_stopping_patience"):
+        for name in VALIDATION_STOP_FIELDS:
             if getattr(training, name) is not None:
                 raise JobSpecError(f"training.{name}",
                                    "stops on the validation rows, but there are none: data.validation_fraction is 0 "

@@ -370,3 +370,15 @@ def test_damaged_column_index_fails_job(inprocess_stack, efs_root, folder):
     assert_failed_once(inprocess_stack, job_id,
                        [f"prepared shard file 'jobs/{job_id}/data/{folder}/X-indices.npy' contains a column index "
                         "outside 0 to 122"])
+
+
+def test_validation_fraction_rounding_to_no_rows_fails(inprocess_stack):
+    # 0.0005 of breast_cancer's 569 rows rounds to no validation row.
+    spec = breast_cancer_spec("no-validation-rows", data={"validation_fraction": 0.0005},
+                              training={"target_validation_loss": 0.1})
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert ("data.validation_fraction 0.0005 of 569 rows holds out no rows, but training.target_validation_loss "
+            "stops on the validation rows; raise data.validation_fraction to at least 0.0018") in record.error
