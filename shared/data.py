@@ -147,7 +147,10 @@ MAX_FEATURE_INDEX = np.iinfo(np.int32).max
 
 
 def _parse_number(text: str, what: str) -> float:
+    # Python's float() reads "1_0" as 10; LIBSVM's own reader rejects it, and so does Baton.
     try:
+        if "_" in text:
+            raise ValueError(text)
         return float(text)
     except ValueError:
         raise ValueError(f"{what} {text!r} is not a number") from None
@@ -190,7 +193,7 @@ def _parse_plain_libsvm(lines: list[str]) -> tuple[sp.csr_matrix, np.ndarray] | 
     token, or anything it would reject. Otherwise the result equals that parser's,
     because numpy converts each ``str`` with Python's own ``int`` and ``float``.
     """
-    if any("#" in line or "qid" in line for line in lines):
+    if any("#" in line or "qid" in line or "_" in line for line in lines):
         return None
     rows = [tokens for tokens in map(str.split, lines) if tokens]
     pairs = list(itertools.chain.from_iterable(tokens[1:] for tokens in rows))
@@ -235,6 +238,8 @@ def _csr_from_pairs(labels: np.ndarray, numbers: np.ndarray, values: np.ndarray,
 # The ASCII parser works on blocks of about this many bytes, cut at line ends, so that its
 # per-byte arrays stay small next to the text.
 ASCII_BLOCK_BYTES = 4 * 1024 * 1024
+# A block this long holds a line of several MiB; the line parsers take such text instead.
+LONG_BLOCK_BYTES = 2 * ASCII_BLOCK_BYTES
 # Bytes that str.split() treats as whitespace in ASCII text.
 _ASCII_WHITESPACE = np.zeros(256, dtype=bool)
 _ASCII_WHITESPACE[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")] = True
@@ -254,7 +259,7 @@ def _parse_ascii_libsvm(text: str) -> tuple[sp.csr_matrix, np.ndarray] | None:
     ``qid:`` tokens, malformed pairs), and otherwise its result. Plain decimals are converted
     by digit arithmetic, and every other number by Python's own ``float`` or ``int``.
     """
-    if "#" in text or "qid" in text:
+    if "#" in text or "qid" in text or "_" in text:
         return None
     raw = text.encode("ascii")
     blocks = []
@@ -262,6 +267,10 @@ def _parse_ascii_libsvm(text: str) -> tuple[sp.csr_matrix, np.ndarray] | None:
     while start < len(raw):
         stop = raw.find(b"\n", start + ASCII_BLOCK_BYTES)
         stop = len(raw) if stop < 0 else stop + 1
+        if stop - start > LONG_BLOCK_BYTES:
+            # A line of many MiB would make one block of it, and this parser's per-byte
+            # arrays take several times the line parser's memory.
+            return None
         numbers = _ascii_block_numbers(raw[start:stop])
         if numbers is None:
             return None
@@ -397,6 +406,8 @@ def _parse_libsvm_checked(lines: list[str], source: str, first_line_number: int)
                 if not separator:
                     raise ValueError(f"{token!r} is not an <index>:<value> pair")
                 try:
+                    if "_" in index_text:
+                        raise ValueError(index_text)
                     index = int(index_text)
                 except ValueError:
                     raise ValueError(f"feature index {index_text!r} is not an integer") from None

@@ -303,7 +303,7 @@ def generated_libsvm_lines() -> list[str]:
             lines.append("   ")
         if row % 17 == 0:
             lines[-1] += "\r"
-    lines += ["1 +7:.5 08:-0 9:1_0 10:5. 11:-.25 12:1234567890123456789 13:0.000000000000000001 14:inf",
+    lines += ["1 +7:.5 08:-0 10:5. 11:-.25 12:1234567890123456789 13:0.000000000000000001 14:inf",
               "-0 0000000015:+0"]
     return lines
 
@@ -349,6 +349,32 @@ def test_libsvm_ascii_parse_equals_lines_on_a9a():
     assert_same_parse(_parse_ascii_libsvm(text), parse_libsvm_lines(text.split("\n"), "a9a"))
 
 
+def test_libsvm_ascii_parse_leaves_long_lines(monkeypatch):
+    from shared import data
+    from shared.data import _parse_ascii_libsvm
+
+    monkeypatch.setattr(data, "ASCII_BLOCK_BYTES", 16)
+    monkeypatch.setattr(data, "LONG_BLOCK_BYTES", 64)
+    short_rows = "1 1:0.5\n-1 2:1\n" * 10
+    long_row = "1 " + " ".join(f"{index}:1" for index in range(1, 40)) + "\n"
+
+    assert _parse_ascii_libsvm(short_rows) is not None
+    assert _parse_ascii_libsvm(short_rows + long_row) is None
+
+
+@pytest.mark.parametrize("line, words", [
+    ("1 3:1_0", "value of feature 3 '1_0' is not a number"),
+    ("1_0 3:1", "label '1_0' is not a number"),
+    ("1 1_0:1", "feature index '1_0' is not an integer"),
+])
+def test_libsvm_underscore_in_number_rejected(line, words):
+    from shared.data import parse_libsvm_text
+    from shared.errors import DataError
+
+    with pytest.raises(DataError, match=f"malformed libsvm line 2 in 'typo.svm': {words}"):
+        parse_libsvm_text("1 1:2\n" + line + "\n", "typo.svm")
+
+
 def test_libsvm_ascii_parse_of_empty_text():
     from shared.data import _parse_ascii_libsvm
 
@@ -362,7 +388,7 @@ def test_libsvm_ascii_parse_of_empty_text():
     "1 3:4:5 6", "1 2:", "1 :3", "1 3:0x10", "1 2:1 2:3", "1 3:1 2:3", "1 0:1", "x 1:2", "1:2 3:4",
     "1 qid:3 1:2", "1 1:2 # note", "1 1.5:2", "1 -2:1", "1 99999999999:1", "1 99999999999999999999999:1",
     "1 1:2 :", "1 1::2", "1 1:2:", "1 1 2:3", ": 1:2", "1 1:2e", "1 1:-", "1 1:1.2.3", "1 1:--1", "1 +-1:2",
-    "1 1:0x10",
+    "1 1:0x10", "1 1:1_0", "1_0 1:1", "1 1_0:1",
 ])
 def test_libsvm_fast_parse_leaves_odd_lines(line):
     from shared.data import _parse_ascii_libsvm, _parse_plain_libsvm
