@@ -44,10 +44,16 @@ def _delete_local_job(efs_root: Path, job_id: str) -> None:
     shutil.rmtree(job_dir, ignore_errors=True)
 
 
+def _loss_text(value: float, decimals: int) -> str:
+    """Return a loss with ``decimals`` decimals, or in scientific notation once it is too large to read so."""
+    return f"{value:.{decimals}f}" if abs(value) < 1e6 else f"{value:.{decimals - 1}e}"
+
+
 def _format_round(metrics: dict) -> str:
-    parts = [f"round {metrics['round']:>5}", f"epoch {metrics['epoch']:7.3f}", f"train loss {metrics['train_loss']:.5f}"]
+    parts = [f"round {metrics['round']:>5}", f"epoch {metrics['epoch']:7.3f}",
+             f"train loss {_loss_text(metrics['train_loss'], 5)}"]
     if "validation_loss" in metrics:
-        parts.append(f"val loss {metrics['validation_loss']:.5f}")
+        parts.append(f"val loss {_loss_text(metrics['validation_loss'], 5)}")
     if "validation_accuracy" in metrics:
         parts.append(f"val acc {metrics['validation_accuracy']:.4f}")
     if "validation_r2" in metrics:
@@ -132,11 +138,14 @@ def _check_url(context: click.Context, parameter: click.Parameter, url: str | No
     try:
         parts = urlsplit(url)
         # Reading the port checks it: a port that is not a number from 0 to 65535 raises.
-        parts.port
+        port = parts.port
     except ValueError as error:
         raise click.BadParameter(f"{url!r} is not a valid URL ({error}); give {example}", context, parameter) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise click.BadParameter(f"{url!r} is not an http:// or https:// URL; give {example}", context, parameter)
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        raise click.BadParameter(f"{url!r} is not a valid URL (its port is {'0' if port == 0 else 'empty'}, and "
+                                 f"a server listens on 1 to 65535); give {example}", context, parameter)
     return url
 
 
@@ -507,7 +516,8 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
         validation_loss = attributes.get("validation_loss")
         click.echo(f"{job.job_id:<32} {job.status:<10} {f'{job.round}/{job.total_rounds}':>13} "
                    f"{float(attributes.get('cost_usd', 0.0)):>10.4f} "
-                   f"{'-' if validation_loss is None else f'{validation_loss:.4f}':>9}  {created:%Y-%m-%d %H:%M:%S}")
+                   f"{'-' if validation_loss is None else _loss_text(validation_loss, 4):>9}  "
+                   f"{created:%Y-%m-%d %H:%M:%S}")
 
 
 @main.command()
@@ -609,8 +619,8 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     files and the model), so a local job can be fetched after `baton run` has ended.
     The job's status is only in the table, so job.json is not written then.
     """
-    from shared.errors import DamagedFileError
-    from shared.monitor import JobNotFoundError, fetch_job, fetch_local_job
+    from shared.errors import BatonError
+    from shared.monitor import fetch_job, fetch_local_job
 
     output_dir = checked_output_path(output, Path(job_id), "fetched/", folder=True)
     try:
@@ -619,7 +629,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                 result = fetch_local_job(efs_root, job_id, output_dir)
             else:
                 result = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
-    except (JobNotFoundError, FileNotFoundError, DamagedFileError) as error:
+    except (BatonError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     for path in result.written:
         click.echo(str(path))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 from shared.efs import EfsStore, json_preview
 from shared.errors import BatonError
 from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
+from shared.training import DIVERGED_WORDS
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -273,6 +275,14 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
     """
     record = require_job(store, job_id)
     rounds = store.list_round_metrics(job_id)
+    copy_model = record.status == SUCCEEDED and efs_root is not None
+    if copy_model:
+        model_dir = EfsStore(efs_root).model_dir(job_id)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"job '{job_id}' SUCCEEDED but {model_dir} does not exist; check --efs-root, "
+                                    "which is <local-dir>/efs (.baton/efs by default) for `baton run`")
+        # Checked before anything is written, so a damaged model leaves no partial output.
+        check_model_files(efs_root, job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     result = FetchResult()
 
@@ -281,23 +291,22 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
     result.written.append(job_path)
     result.written += _write_spec_and_metrics(json.loads(record.spec_json), rounds, output_dir)
 
-    if record.status != SUCCEEDED:
-        result.notes.append(_no_model_note(job_id, record.status))
-        return result
-    if efs_root is None:
+    if copy_model:
+        result.written += _copy_model(efs_root, job_id, output_dir)
+    elif record.status != SUCCEEDED:
+        result.notes.append(_no_model_note(job_id, record.status, record.error))
+    else:
         result.notes.append(f"model not copied: it is on EFS under jobs/{job_id}/model/; pass --efs-root for a "
                             "local stack, or copy it out of AWS with DataSync (docs/deployment.md)")
-        return result
-    model_dir = EfsStore(efs_root).model_dir(job_id)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"job '{job_id}' SUCCEEDED but {model_dir} does not exist; check --efs-root, "
-                                "which is <local-dir>/efs (.baton/efs by default) for `baton run`")
-    result.written += _copy_model(model_dir, output_dir)
     return result
 
 
-def _no_model_note(job_id: str, status: str) -> str:
+def _no_model_note(job_id: str, status: str, error: str | None = None) -> str:
     """Return why a job of ``status`` other than SUCCEEDED has no model to copy, and what would give it one."""
+    if status == FAILED and error is not None and DIVERGED_WORDS in error:
+        return (f"no model: job '{job_id}' FAILED because training diverged, and a resume would take the same steps "
+                "again; send the spec again under a new job id with the change its error suggests (`baton status "
+                f"{job_id}`)")
     if status == FAILED:
         return (f"no model: job '{job_id}' FAILED, and a job writes its model only when it succeeds; fix the cause "
                 f"in its error (`baton status {job_id}`), run `baton resume {job_id}`, and fetch again once it succeeds")
@@ -318,7 +327,10 @@ def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:
         training loss.
     """
     store = EfsStore(efs_root)
-    if not store.spec_path(job_id).is_file():
+    spec_path = store.spec_path(job_id)
+    if spec_path.exists() and not spec_path.is_file():
+        raise store.damaged_file_error(spec_path, "is not a file", damaged_spec_remedy(job_id))
+    if not spec_path.is_file():
         raise JobNotFoundError(f"no job '{job_id}' in {efs_root}: {store.spec_path(job_id)} does not exist; check "
                                "the job id and --efs-root, which is <local-dir>/efs (.baton/efs by default) for "
                                "`baton run`")
@@ -337,8 +349,9 @@ def read_metrics_files(efs_root: Path, job_id: str) -> list[dict[str, Any]]:
 
 
 def _is_number(value: Any) -> bool:
-    # NaN and infinities count: Python's json module writes and reads them.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Python's json module reads NaN and infinities, but the aggregator never writes them:
+    # a job whose loss or validation metric is not finite stops as diverged instead.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def metrics_entry_problem(entry: dict[str, Any], round_number: int) -> str | None:
@@ -356,7 +369,7 @@ def metrics_entry_problem(entry: dict[str, Any], round_number: int) -> str | Non
         return 'has no "train_loss" field'
     for name, value in entry.items():
         if not _is_number(value):
-            return f'contains "{name}": {json_preview(value)}, which is not a number'
+            return f'contains "{name}": {json_preview(value)}, which is not a finite number'
     return None
 
 
@@ -384,14 +397,16 @@ def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResul
     rounds = read_metrics_files(efs_root, job_id)
     store = EfsStore(efs_root)
     spec = store.read_json_object(store.spec_path(job_id), damaged_spec_remedy(job_id))
+    model_dir = store.model_dir(job_id)
+    if model_dir.is_dir():
+        check_model_files(efs_root, job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     result = FetchResult(written=_write_spec_and_metrics(spec, rounds, output_dir))
     result.notes.append(f"job.json not written: the job's status is stored only in the stack's table, which this "
                         "fetch did not read; pass --stage and --endpoint-url while the stack runs to save it")
 
-    model_dir = store.model_dir(job_id)
     if model_dir.is_dir():
-        result.written += _copy_model(model_dir, output_dir)
+        result.written += _copy_model(efs_root, job_id, output_dir)
     else:
         result.notes.append(f"model not copied: {model_dir} does not exist, so job '{job_id}' has not succeeded "
                             "(it is still running, or it failed or was cancelled)")
@@ -408,9 +423,17 @@ def _write_spec_and_metrics(spec: dict[str, Any], rounds: list[dict[str, Any]], 
     return [spec_path, csv_path, jsonl_path]
 
 
-def _copy_model(model_dir: Path, output_dir: Path) -> list[Path]:
+def check_model_files(efs_root: Path, job_id: str) -> None:
+    """Raise a :class:`BatonError` naming the first of the job's model files that `baton export` would reject."""
+    # Imported here: shared.export imports this module.
+    from shared.export import load_trained_model
+
+    load_trained_model(efs_root, job_id)
+
+
+def _copy_model(efs_root: Path, job_id: str, output_dir: Path) -> list[Path]:
     target = output_dir / "model"
-    shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    shutil.copytree(EfsStore(efs_root).model_dir(job_id), target, dirs_exist_ok=True)
     return sorted(path for path in target.rglob("*") if path.is_file())
 
 

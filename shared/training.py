@@ -217,6 +217,8 @@ def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
     return settings
 
 
+# The start of every divergence error, before the round number; `baton fetch` looks for it.
+DIVERGED_WORDS = "training diverged in round"
 # Weights beyond this magnitude count as diverged: squaring one in a loss or a metric
 # would overflow float64 (whose maximum is about 1.8e308).
 MAX_WEIGHT_MAGNITUDE = 1e100
@@ -231,7 +233,7 @@ def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> No
         first_round_hint = ("; as this is round 1, also check for huge values in the features or labels "
                             "(data.standardize), model.alpha and the class weights") if round_index == 0 else ""
         raise DivergenceError(
-            f"training diverged in round {round_number(round_index)}: the loss or a weight became NaN, infinite "
+            f"{DIVERGED_WORDS} {round_number(round_index)}: the loss or a weight became NaN, infinite "
             f"or above {MAX_WEIGHT_MAGNITUDE:g} in magnitude "
             f"(training loss {train_loss!r}); lower optimizer.learning_rate (or set optimizer.clip_norm) "
             f"and start a new job{first_round_hint}")
@@ -247,7 +249,7 @@ def check_validation_finite(round_index: int, metrics: dict[str, float]) -> None
     for name, value in metrics.items():
         if name.startswith("validation_") and not math.isfinite(value):
             raise DivergenceError(
-                f"training diverged in round {round_number(round_index)}: {name} became {value!r} while the "
+                f"{DIVERGED_WORDS} {round_number(round_index)}: {name} became {value!r} while the "
                 f"training loss was {metrics['train_loss']!r}; lower optimizer.learning_rate (or set "
                 "optimizer.clip_norm) and start a new job")
 

@@ -185,8 +185,12 @@ def copy_job_files(finished_job, tmp_path):
     ('{"epoch": 1.0}', 'has no integer "round" field'),
     ('{"round": 7, "train_loss": 0.5}', 'contains "round": 7, but the metrics file of round 5 must contain "round": 5'),
     ('{"round": 5}', 'has no "train_loss" field'),
-    ('{"round": 5, "train_loss": "abc"}', 'contains "train_loss": "abc", which is not a number'),
-], ids=["not-json", "not-object", "no-round", "other-round", "no-loss", "loss-not-number"])
+    ('{"round": 5, "train_loss": "abc"}', 'contains "train_loss": "abc", which is not a finite number'),
+    ('{"round": 5, "train_loss": NaN}', 'contains "train_loss": NaN, which is not a finite number'),
+    ('{"round": 5, "train_loss": 0.5, "aggregate_seconds": Infinity}',
+     'contains "aggregate_seconds": Infinity, which is not a finite number'),
+], ids=["not-json", "not-object", "no-round", "other-round", "no-loss", "loss-not-number", "loss-nan",
+        "seconds-infinite"])
 @pytest.mark.parametrize("command", ["plot", "fetch"])
 def test_damaged_metrics_file_named(finished_job, tmp_path, command, content, problem):
     efs_root = copy_job_files(finished_job, tmp_path)
@@ -200,6 +204,48 @@ def test_damaged_metrics_file_named(finished_job, tmp_path, command, content, pr
     assert result.output == (f"Error: jobs/{JOB_ID}/metrics/5.json in the EFS folder {efs_root} {problem}; move it "
                              f"out of jobs/{JOB_ID}/metrics to leave round 5 out, then run the command again\n")
     assert not output.exists()
+
+
+@pytest.mark.parametrize("command", ["plot", "fetch"])
+def test_spec_folder_named(finished_job, tmp_path, command):
+    efs_root = copy_job_files(finished_job, tmp_path)
+    spec_path = efs_root / "jobs" / JOB_ID / "spec.json"
+    spec_path.unlink()
+    spec_path.mkdir()
+    output = tmp_path / ("p.png" if command == "plot" else "fetched")
+
+    result = CliRunner().invoke(main, [command, JOB_ID, "--efs-root", str(efs_root), "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: jobs/{JOB_ID}/spec.json in the EFS folder {efs_root} is not a file; ")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["efs-alone", "with-table"])
+def test_fetch_checks_model_before_writing(finished_job, tmp_path, table):
+    efs_root = copy_job_files(finished_job, tmp_path)
+    params = efs_root / "jobs" / JOB_ID / "model" / "params.npy"
+    params.write_bytes(params.read_bytes()[:90])
+    output = tmp_path / "fetched"
+    stack = finished_job["arguments"] if table else []
+
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, *stack, "--efs-root", str(efs_root), "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert f"Error: jobs/{JOB_ID}/model/params.npy in the EFS folder {efs_root} is not a valid .npy array" \
+        in result.output
+    assert not output.exists()
+
+
+def test_fetch_note_for_diverged_job():
+    from shared.monitor import _no_model_note
+
+    diverged = _no_model_note("steep", "FAILED", "training diverged in round 4: the loss or a weight became NaN, ...")
+    missing = _no_model_note("typo", "FAILED", "data file not found: 'datasets/x.csv'; check data.path")
+
+    assert "because training diverged, and a resume would take the same steps again" in diverged
+    assert "baton resume" not in diverged
+    assert "run `baton resume typo`" in missing
 
 
 def test_fetch_names_damaged_spec(finished_job, tmp_path):
@@ -365,6 +411,16 @@ def test_round_numbers_agree_everywhere(finished_job, tmp_path):
 
     shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
     assert f"{csv_rounds[-1]} of {N_ROUNDS} rounds done" in shown.output
+
+
+def test_huge_losses_in_scientific_notation():
+    from shared.cli import _format_round, _loss_text
+
+    line = _format_round({"round": 4, "epoch": 0.5, "train_loss": 8.3e106, "validation_loss": 1.0927809935e133})
+
+    assert "train loss 8.3000e+106  val loss 1.0928e+133" in line
+    assert _loss_text(0.32395, 5) == "0.32395"
+    assert _loss_text(1.0927809935e133, 4) == "1.093e+133"
 
 
 def test_watch_says_it_waits_for_job(finished_job):

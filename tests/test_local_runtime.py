@@ -336,6 +336,8 @@ def test_cli_submit_names_missing_queue_url(local_stack):
     ("--endpoint-url", "http://127.0.0.1:99999", "is not a valid URL (Port out of range"),
     ("--endpoint-url", "http://127.0.0.1:abc", "is not a valid URL"),
     ("--endpoint-url", "http://[::1", "is not a valid URL (Invalid IPv6 URL)"),
+    ("--endpoint-url", "http://127.0.0.1:0", "is not a valid URL (its port is 0"),
+    ("--endpoint-url", "http://127.0.0.1:", "is not a valid URL (its port is empty"),
     ("--region", "ü", "is not an AWS region name"),
     ("--stage", "", "is not a stage name"),
     ("--stage", "ü", "is not a stage name"),
