@@ -780,6 +780,10 @@ def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features:
     return X, y
 
 
+# The unsigned integer type of each size of column index.
+_UNSIGNED = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+
+
 @dataclass
 class Shard:
     """The rows one worker trains on, memory-mapped from EFS.
@@ -818,12 +822,12 @@ class Shard:
             # a CSR matrix drops out-of-range columns without a word.
             selection = np.arange(*selection.indices(self.n_rows))
         chunk = take_rows(self.X, selection, dtype)
-        if not isinstance(chunk, np.ndarray) and chunk.indices.size:
-            # Read as unsigned, a negative index is larger than any width: one pass finds both.
-            largest = int(chunk.indices.view(np.dtype(f"u{chunk.indices.itemsize}")).max())
-            if largest >= chunk.shape[1]:
-                raise _changed_shard_error(self.indices_file,
-                                           f"contains a column index outside 0 to {chunk.shape[1] - 1}")
+        if isinstance(chunk, np.ndarray):
+            return chunk
+        indices = chunk.indices
+        # Read as unsigned, a negative index is larger than any width: one pass finds both.
+        if indices.size and np.maximum.reduce(indices.view(_UNSIGNED[indices.itemsize])) >= chunk.shape[1]:
+            raise _changed_shard_error(self.indices_file, f"contains a column index outside 0 to {chunk.shape[1] - 1}")
         return chunk
 
 

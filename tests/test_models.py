@@ -163,6 +163,21 @@ def test_sparse_input_matches_dense(name, hyperparameters):
     assert model.metrics(params, X_sparse, y) == pytest.approx(model.metrics(params, X, y), rel=1e-10)
 
 
+@pytest.mark.parametrize("name", ["logistic_regression", "linear_regression", "linear_svm"])
+def test_sparse_gradient_same_bits_as_scipy(name):
+    model, _, X, _ = make_problem(name, {}, sparse=False)
+    # Rows of different lengths, an empty one among them, in float64 as the worker passes them.
+    X[3] = 0.0
+    X[X < 0.2] = 0.0
+    X_sparse = sp.csr_matrix(X)
+    residuals = np.random.default_rng(5).normal(size=X.shape[0])
+
+    grad = model._gradient_from_residuals(X_sparse, residuals)
+
+    np.testing.assert_array_equal(grad[:-1], np.asarray(X_sparse.T @ residuals).ravel())
+    assert grad[-1] == np.add.reduce(residuals)
+
+
 @pytest.mark.parametrize("name, hyperparameters", MODEL_CASES, ids=CASE_IDS)
 def test_float32_memmap_accumulates_in_float64(name, hyperparameters, tmp_path):
     model, params, X, y = make_problem(name, hyperparameters, sparse=False)

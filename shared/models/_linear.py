@@ -8,6 +8,13 @@ from shared.models._penalty import ElasticNetPenalty
 from shared.models.base import Model
 
 
+# Up to this many stored values, a CSR gradient is summed with numpy.bincount rather than
+# scipy's product with the transpose, whose fixed cost dominates small batches. Measured on
+# a9a rows (numpy 2.4, scipy 1.17, 2-core AMD EPYC): bincount took 8 us and scipy 16 us for
+# 1,775 values, and the two were even at about 10,000 values.
+BINCOUNT_MAX_VALUES = 8192
+
+
 class LinearModel(Model):
     """A model whose score is ``x . w + b``, with parameters ``[w_1, ..., w_n_features, b]``.
 
@@ -79,6 +86,12 @@ class LinearModel(Model):
         if isinstance(X, np.ndarray):
             # The same BLAS product, written into the gradient instead of a temporary.
             np.matmul(X.T, residuals, out=grad[:-1])
+        elif X.format == "csr" and X.nnz <= BINCOUNT_MAX_VALUES:
+            # Each value times its row's residual, summed per column. bincount adds the
+            # products in storage order, as scipy's X.T @ residuals does, so the sums are
+            # the same bits, without building the transposed matrix.
+            row_residuals = np.repeat(residuals, np.diff(X.indptr))
+            grad[:-1] = np.bincount(X.indices, weights=X.data * row_residuals, minlength=grad.size - 1)
         else:
             grad[:-1] = np.asarray(X.T @ residuals).ravel()
         grad[-1] = np.add.reduce(residuals)
