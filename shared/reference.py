@@ -17,7 +17,7 @@ from shared.data import load_shard
 from shared.efs import EfsStore
 from shared.sampling import batch_indices, rounds_per_epoch, total_rounds
 from shared.spec import JobSpec
-from shared.training import build_model, build_optimizer
+from shared.training import GRADIENT_CHUNK_ROWS, build_model, build_optimizer
 
 
 def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, list[float]]:
@@ -51,9 +51,16 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
             rows = batch_indices(spec.training.seed, round_index, worker, shard.n_rows, per_epoch, batch_size)
             if len(rows) == 0:
                 continue
-            loss, grad = model.loss_grad(params, shard.X[rows], np.asarray(shard.y[rows]))
-            grad_sum += grad
-            loss_sum += loss
+            # A worker sums its batch in chunks, and float addition is not associative, so
+            # the reference adds the same chunks in the same order.
+            worker_grad, worker_loss = np.zeros_like(params), 0.0
+            for start in range(0, len(rows), GRADIENT_CHUNK_ROWS):
+                chunk = rows[start:start + GRADIENT_CHUNK_ROWS]
+                loss, grad = model.loss_grad(params, shard.X[chunk], np.asarray(shard.y[chunk]))
+                worker_grad = worker_grad + grad
+                worker_loss += loss
+            grad_sum += worker_grad
+            loss_sum += worker_loss
             n_samples += len(rows)
 
         penalty, penalty_grad = model.penalty_grad(params)
