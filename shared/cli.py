@@ -46,7 +46,8 @@ def _delete_local_job(efs_root: Path, job_id: str) -> None:
 
 def _loss_text(value: float, decimals: int) -> str:
     """Return a loss with ``decimals`` decimals, or in scientific notation once it is too large to read so."""
-    return f"{value:.{decimals}f}" if abs(value) < 1e6 else f"{value:.{decimals - 1}e}"
+    # Compared after rounding, so that 999999.99996 does not print as a seven-digit number.
+    return f"{value:.{decimals}f}" if abs(round(value, decimals)) < 1e6 else f"{value:.{decimals - 1}e}"
 
 
 def _format_round(metrics: dict) -> str:
@@ -57,7 +58,8 @@ def _format_round(metrics: dict) -> str:
     if "validation_accuracy" in metrics:
         parts.append(f"val acc {metrics['validation_accuracy']:.4f}")
     if "validation_r2" in metrics:
-        parts.append(f"val r2 {metrics['validation_r2']:.4f}")
+        # A diverging regression reaches r2 values far below zero.
+        parts.append(f"val r2 {_loss_text(metrics['validation_r2'], 4)}")
     return "  ".join(parts)
 
 

@@ -25,7 +25,7 @@ from shared.queues import QueueClient, body_object
 from shared.service import Services, send_round_complete, starter_failure_job_id
 from shared.state import (CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore, can_record_job,
                           describe_last_error)
-from shared.training import round_number
+from shared.training import DIVERGED_WORDS, round_number
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord
 
     if record.status not in (PAUSED, FAILED):
         raise JobControlError(f"job '{job_id}' is {record.status}; only a PAUSED or FAILED job can be resumed")
+    if record.status == FAILED and DIVERGED_WORDS in (record.error or ""):
+        # Training is deterministic, so the same spec from the same round diverges again.
+        raise JobControlError(f"job '{job_id}' failed because training diverged, and a resume would take the same "
+                              "steps again; send the spec again under a new job id with the change its error "
+                              f"suggests (`baton status {job_id}` shows it)")
     if not state.set_status(job_id, RUNNING, (record.status,), clear_error=True):
         raise JobControlError(f"job '{job_id}' changed status while resuming; check it and retry")
     sent = kick_round(state, queues, record)

@@ -147,9 +147,10 @@ MAX_FEATURE_INDEX = np.iinfo(np.int32).max
 
 
 def _parse_number(text: str, what: str) -> float:
-    # Python's float() reads "1_0" as 10; LIBSVM's own reader rejects it, and so does Baton.
+    # Python's float() reads "1_0" as 10 and Arabic-Indic or full-width digits as digits;
+    # LIBSVM's own reader rejects both, and so does Baton.
     try:
-        if "_" in text:
+        if "_" in text or not text.isascii():
             raise ValueError(text)
         return float(text)
     except ValueError:
@@ -193,7 +194,7 @@ def _parse_plain_libsvm(lines: list[str]) -> tuple[sp.csr_matrix, np.ndarray] | 
     token, or anything it would reject. Otherwise the result equals that parser's,
     because numpy converts each ``str`` with Python's own ``int`` and ``float``.
     """
-    if any("#" in line or "qid" in line or "_" in line for line in lines):
+    if any("#" in line or "qid" in line or "_" in line or not line.isascii() for line in lines):
         return None
     rows = [tokens for tokens in map(str.split, lines) if tokens]
     pairs = list(itertools.chain.from_iterable(tokens[1:] for tokens in rows))
@@ -406,7 +407,7 @@ def _parse_libsvm_checked(lines: list[str], source: str, first_line_number: int)
                 if not separator:
                     raise ValueError(f"{token!r} is not an <index>:<value> pair")
                 try:
-                    if "_" in index_text:
+                    if "_" in index_text or not index_text.isascii():
                         raise ValueError(index_text)
                     index = int(index_text)
                 except ValueError:

@@ -35,7 +35,7 @@ import numpy as np
 
 from shared.cli_spec import check_job_id_argument, checked_output_path, writing_output
 from shared.efs import EfsStore
-from shared.errors import BatonError, DataError, JobSpecError
+from shared.errors import BatonError, DamagedFileError, DataError, JobSpecError
 from shared.models import Model
 from shared.monitor import damaged_spec_remedy
 from shared.spec import JobSpec, parse_job_spec
@@ -91,7 +91,8 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
     params_path = store.model_dir(job_id) / "params.npy"
     if not store.job_dir(job_id).is_dir():
         raise ExportError(f"no job folder {store.job_dir(job_id)}; check the job id and --local-dir or --efs-root")
-    if not params_path.exists():
+    # model.json is written with the parameters when the job succeeds; alone, it means params.npy was removed.
+    if not params_path.exists() and not (store.model_dir(job_id) / "model.json").exists():
         raise ExportError(f"job {job_id} has no final model at {params_path}: a job writes it only when it succeeds. "
                           f"`baton status {job_id}` with the stack's --stage (and --endpoint-url for the stack of a "
                           "running `baton run`) shows whether it is still running (export it once it has "
@@ -105,9 +106,11 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
     return TrainedModel(spec, manifest, model, params, _read_scaling(store, job_id, manifest, model.n_features))
 
 
+# The remedy when a job's files cannot be repaired.
+RETRAIN_REMEDY = ("train the job again: send its spec under a new job id, or for a local job, once its "
+                  "`baton run` has ended, run it again with `baton run --fresh`")
 # Remedy for a damaged data/manifest.json or data/standardize.npz.
-PREPARED_DATA_REMEDY = ("the data preparation writes it, so train the job again with `baton run --fresh`, which "
-                        "prepares the data again")
+PREPARED_DATA_REMEDY = f"the data preparation writes it, so {RETRAIN_REMEDY}, which prepares the data again"
 
 
 def _read_spec(store: EfsStore, job_id: str) -> JobSpec:
@@ -147,31 +150,42 @@ def _check_classes(store: EfsStore, job_id: str, manifest: dict, model: Model) -
                                        PREPARED_DATA_REMEDY) from None
 
 
-def _final_params_remedy(store: EfsStore, job_id: str) -> str:
+def _final_params_remedy(store: EfsStore, job_id: str, n_params: int) -> str:
     """Return the remedy for a damaged model/params.npy: where the same parameters are, or training again."""
     rounds_dir = store.job_dir(job_id) / "rounds"
     saved_rounds = []
     if rounds_dir.is_dir():
         saved_rounds = [int(entry.name) for entry in rounds_dir.iterdir()
                         if entry.name.isdigit() and (entry / "state.npz").is_file()]
-    if not saved_rounds:
-        return "train the job again with `baton run --fresh`"
-    # A job's final parameters are the state it stored for the round after its last one.
-    state_path = store.state_path(job_id, max(saved_rounds)).relative_to(store.root)
-    return (f'the "params" array of {state_path} contains the same parameters, so save that array over it with '
-            "numpy.save, or train the job again with `baton run --fresh`")
+    if saved_rounds:
+        # A job's final parameters are the state it stored for the round after its last one.
+        state_path = store.state_path(job_id, max(saved_rounds))
+        try:
+            fits = store.read_arrays(state_path)["params"].shape == (n_params,)
+        except (OSError, ValueError, KeyError, EOFError):
+            fits = False
+        if fits:
+            return (f'the "params" array of {state_path.relative_to(store.root)} contains the same parameters, so '
+                    f"save that array over it with numpy.save, or {RETRAIN_REMEDY}")
+    return RETRAIN_REMEDY
 
 
 def _read_final_params(store: EfsStore, job_id: str, model: Model) -> np.ndarray:
     path = store.model_dir(job_id) / "params.npy"
-    remedy = _final_params_remedy(store, job_id)
+    remedy = _final_params_remedy(store, job_id, model.n_params)
+    if not path.exists():
+        raise store.damaged_file_error(path, "is missing, although model/model.json shows that the job "
+                                             "succeeded", remedy)
     params = store.read_npy_checked(path, remedy)
     if params.dtype.kind != "f":
         raise store.damaged_file_error(path, f"contains an array of {params.dtype} values, but a job writes its "
                                              "parameters as floating-point numbers", remedy)
     if params.shape != (model.n_params,):
-        raise store.damaged_file_error(path, f"contains an array of shape {params.shape}, but the job's model has "
-                                             f"{model.n_params} parameters", remedy)
+        # The model's size comes from spec.json and data/manifest.json, so a change to either shows here.
+        raise store.damaged_file_error(path, f"contains an array of shape {params.shape}, but the model that "
+                                             f"spec.json and data/manifest.json describe has {model.n_params} "
+                                             "parameters", f"if one of those two files was changed, restore it; "
+                                                           f"otherwise {remedy}")
     not_finite = int(np.count_nonzero(~np.isfinite(params)))
     if not_finite:
         raise store.damaged_file_error(path, f"contains {not_finite} of {params.size} parameters that are not finite "
@@ -192,17 +206,30 @@ def _read_scaling(store: EfsStore, job_id: str, manifest: dict,
     """
     path = store.data_dir(job_id) / "standardize.npz"
     copy_path = store.model_dir(job_id) / "standardize.npz"
-    if copy_path.is_file():
+    remedy = PREPARED_DATA_REMEDY
+    if copy_path.is_file() and _scaling_problem(store, copy_path, n_features) is None:
         remedy = (f"the job copied it to {copy_path.relative_to(store.root)} when it succeeded, so copy that file "
-                  "over it, or train the job again with `baton run --fresh`")
-    else:
-        remedy = PREPARED_DATA_REMEDY
+                  f"over it, or {RETRAIN_REMEDY}")
     if not path.exists():
         if manifest["standardized"]:
             raise store.damaged_file_error(path, "is missing, but data/manifest.json records that the data was "
                                                  "standardised", remedy)
         return None
+    return _read_scaling_file(store, path, n_features, remedy)
 
+
+def _scaling_problem(store: EfsStore, path: Path, n_features: int) -> DamagedFileError | None:
+    """Return the error :func:`_read_scaling_file` would raise for ``path``, or None if the file is valid."""
+    try:
+        _read_scaling_file(store, path, n_features, "")
+    except DamagedFileError as error:
+        return error
+    return None
+
+
+def _read_scaling_file(store: EfsStore, path: Path, n_features: int,
+                       remedy: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """Read and check a ``standardize.npz`` of ``n_features`` features; ``remedy`` ends its errors."""
     arrays = store.read_arrays_checked(path, remedy)
     for name in SCALING_ARRAYS:
         if name not in arrays:
@@ -223,6 +250,26 @@ def _read_scaling(store: EfsStore, job_id: str, manifest: dict,
         raise store.damaged_file_error(path, f'contains a "centered" array of {centered.dtype} values and shape '
                                              f"{centered.shape}, but it must be one boolean", remedy)
     return (arrays["mean"] if bool(centered) else None), arrays["scale"]
+
+
+def check_model_folder(efs_root: str | Path, job_id: str) -> None:
+    """Raise :class:`DamagedFileError` naming the first file of a finished job's model folder that is damaged.
+
+    Checks what :func:`load_trained_model` reads, then ``model/model.json`` and the copy
+    ``model/standardize.npz``, which let the model folder alone describe and predict.
+    """
+    trained = load_trained_model(efs_root, job_id)
+    store = EfsStore(efs_root)
+    model_dir = store.model_dir(job_id)
+    store.read_json_object(model_dir / "model.json", f"the job writes it when it succeeds, so {RETRAIN_REMEDY}")
+    copy_path = model_dir / "standardize.npz"
+    data_path = store.data_dir(job_id) / "standardize.npz"
+    remedy = f"copy {data_path.relative_to(store.root)}, of which it is a copy, over it, or {RETRAIN_REMEDY}"
+    if trained.scaling is None:
+        return
+    if not copy_path.exists():
+        raise store.damaged_file_error(copy_path, "is missing, but the job's data was standardised", remedy)
+    _read_scaling_file(store, copy_path, trained.model.n_features, remedy)
 
 
 def build_estimator(trained: TrainedModel):

@@ -424,11 +424,11 @@ def _write_spec_and_metrics(spec: dict[str, Any], rounds: list[dict[str, Any]], 
 
 
 def check_model_files(efs_root: Path, job_id: str) -> None:
-    """Raise a :class:`BatonError` naming the first of the job's model files that `baton export` would reject."""
+    """Raise a :class:`BatonError` naming the first damaged file of the job's model or what `baton export` reads."""
     # Imported here: shared.export imports this module.
-    from shared.export import load_trained_model
+    from shared.export import check_model_folder
 
-    load_trained_model(efs_root, job_id)
+    check_model_folder(efs_root, job_id)
 
 
 def _copy_model(efs_root: Path, job_id: str, output_dir: Path) -> list[Path]:

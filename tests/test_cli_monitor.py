@@ -237,6 +237,25 @@ def test_fetch_checks_model_before_writing(finished_job, tmp_path, table):
     assert not output.exists()
 
 
+@pytest.mark.parametrize("name, damage, problem", [
+    ("model/model.json", lambda path: path.write_text("{"), "is not valid JSON"),
+    ("model/standardize.npz", lambda path: path.write_bytes(b"junk"), "is not an .npz archive"),
+    ("model/standardize.npz", lambda path: path.unlink(), "is missing, but the job's data was standardised"),
+], ids=["model-json", "scaling-copy-junk", "scaling-copy-missing"])
+def test_fetch_checks_model_folder(finished_job, tmp_path, name, damage, problem):
+    efs_root = copy_job_files(finished_job, tmp_path)
+    damage(efs_root / "jobs" / JOB_ID / name)
+    output = tmp_path / "fetched"
+
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, "--efs-root", str(efs_root), "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: jobs/{JOB_ID}/{name} in the EFS folder {efs_root} {problem}")
+    if name == "model/standardize.npz":
+        assert f"copy jobs/{JOB_ID}/data/standardize.npz, of which it is a copy, over it" in result.output
+    assert not output.exists()
+
+
 def test_fetch_note_for_diverged_job():
     from shared.monitor import _no_model_note
 
@@ -416,9 +435,11 @@ def test_round_numbers_agree_everywhere(finished_job, tmp_path):
 def test_huge_losses_in_scientific_notation():
     from shared.cli import _format_round, _loss_text
 
-    line = _format_round({"round": 4, "epoch": 0.5, "train_loss": 8.3e106, "validation_loss": 1.0927809935e133})
+    line = _format_round({"round": 4, "epoch": 0.5, "train_loss": 8.3e106, "validation_loss": 1.0927809935e133,
+                          "validation_r2": -2.39e203})
 
-    assert "train loss 8.3000e+106  val loss 1.0928e+133" in line
+    assert "train loss 8.3000e+106  val loss 1.0928e+133  val r2 -2.390e+203" in line
+    assert _loss_text(999999.99996, 4) == "1.000e+06"
     assert _loss_text(0.32395, 5) == "0.32395"
     assert _loss_text(1.0927809935e133, 4) == "1.093e+133"
 

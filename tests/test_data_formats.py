@@ -366,6 +366,9 @@ def test_libsvm_ascii_parse_leaves_long_lines(monkeypatch):
     ("1 3:1_0", "value of feature 3 '1_0' is not a number"),
     ("1_0 3:1", "label '1_0' is not a number"),
     ("1 1_0:1", "feature index '1_0' is not an integer"),
+    ("+1 3:\u0661", "value of feature 3 '\u0661' is not a number"),
+    ("+1 \uff13:0.5", "feature index '\uff13' is not an integer"),
+    ("\u0661 3:0.5", "label '\u0661' is not a number"),
 ])
 def test_libsvm_underscore_in_number_rejected(line, words):
     from shared.data import parse_libsvm_text

@@ -147,7 +147,7 @@ def test_export_accepts_pickle_extensions(tmp_path, name):
 @pytest.mark.parametrize("damaged, content, remedy", [
     ("spec.json", "{not json", "replace it with the job's spec: while the job's stack runs, `baton fetch damaged`"),
     ("spec.json", "\xff", "replace it with the job's spec"),
-    ("data/manifest.json", "[]", "the data preparation writes it, so train the job again with `baton run --fresh`"),
+    ("data/manifest.json", "[]", "the data preparation writes it, so train the job again: send its spec under a new job id"),
     ("data/manifest.json", None, "the data preparation writes it"),
 ], ids=["spec-not-json", "spec-not-utf8", "manifest-not-object", "manifest-missing"])
 def test_export_names_damaged_file(tmp_path, damaged, content, remedy):
@@ -223,7 +223,8 @@ def change_arrays(path, **arrays):
     np.savez(path, **{**stored, **arrays})
 
 
-PREPARE_AGAIN = "the data preparation writes it, so train the job again with `baton run --fresh`"
+PREPARE_AGAIN = ("the data preparation writes it, so train the job again: send its spec under a new job id, or for a "
+                 "local job, once its `baton run` has ended, run it again with `baton run --fresh`")
 COPY_SCALING = (f"the job copied it to jobs/{FINISHED_JOB}/model/standardize.npz when it succeeded, so copy that file "
                 "over it")
 COPY_STATE = f'the "params" array of {FINAL_STATE} contains the same parameters, so save that array over it'
@@ -255,7 +256,12 @@ DAMAGE_CASES = {
     "params-nan": ("model/params.npy", lambda path: np.save(path, np.full(N_PARAMS, np.nan)),
                    f"contains {N_PARAMS} of {N_PARAMS} parameters that are not finite (NaN or infinite)", COPY_STATE),
     "params-shape": ("model/params.npy", lambda path: np.save(path, np.zeros(5)),
-                     f"contains an array of shape (5,), but the job's model has {N_PARAMS} parameters", COPY_STATE),
+                     f"contains an array of shape (5,), but the model that spec.json and data/manifest.json describe "
+                     f"has {N_PARAMS} parameters", f"if one of those two files was changed, restore it; otherwise "
+                                                   f"{COPY_STATE}"),
+    "params-missing": ("model/params.npy", lambda path: path.unlink(),
+                       "is missing, although model/model.json shows that the job succeeded", COPY_STATE),
+
     "params-truncated": ("model/params.npy", lambda path: path.write_bytes(path.read_bytes()[:-8]),
                          "is not a valid .npy array (ValueError: Failed to read all data", COPY_STATE),
     "params-header-only": ("model/params.npy", lambda path: path.write_bytes(b"\x93NUMPY"),
@@ -283,6 +289,21 @@ def test_export_names_damaged_job_file(finished_root, tmp_path, case):
         result.output
     assert f"; {remedy}" in result.output
     assert not output.exists()
+
+
+def test_changed_manifest_named_with_params(finished_root, tmp_path):
+    root = copy_finished_job(finished_root, tmp_path)
+    change_json(root / "jobs" / FINISHED_JOB / "data" / "manifest.json", n_features=10)
+
+    result = CliRunner().invoke(main, ["export", FINISHED_JOB, "--efs-root", str(root), "--output",
+                                       str(tmp_path / "m.joblib")])
+
+    assert result.exit_code == 1, result.output
+    assert (f"jobs/{FINISHED_JOB}/model/params.npy in the EFS folder {root} contains an array of shape (31,), but "
+            "the model that spec.json and data/manifest.json describe has 11 parameters; if one of those two files "
+            "was changed, restore it; otherwise train the job again") in result.output
+    # The final round state has 31 parameters too, so it is not offered as a fix.
+    assert "state.npz" not in result.output
 
 
 def test_export_remedies_restore_model(finished_root, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 from shared import data as datasets
+from shared.control import JobControlError, resume_job
 from shared.efs import EfsStore, encode_arrays
 from shared.errors import DivergenceError
 from shared.models import get_model_class
@@ -162,6 +163,11 @@ def test_diverging_rate_fails_job(inprocess_stack, case):
     assert recorded == list(range(1, diverged))
     assert f"diverged in round {diverged}:" in record.error
     assert record.round == len(recorded)
+    services = inprocess_stack.services
+    with pytest.raises(JobControlError, match="failed because training diverged, and a resume would take the same "
+                                              "steps again"):
+        resume_job(services.state, services.queues, spec["job_id"])
+    assert services.state.get_job(spec["job_id"]).status == FAILED
 
 
 def test_overflowing_validation_loss_fails_job(inprocess_stack, efs_root):
