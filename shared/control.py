@@ -20,12 +20,12 @@ import logging
 import time
 
 from shared import faults
-from shared.errors import BatonError
+from shared.errors import DIVERGED_WORDS, BatonError
 from shared.queues import QueueClient, body_object
 from shared.service import Services, send_round_complete, starter_failure_job_id
 from shared.state import (CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore, can_record_job,
                           describe_last_error)
-from shared.training import DIVERGED_WORDS, round_number
+from shared.training import round_number
 
 logger = logging.getLogger(__name__)
 

@@ -44,6 +44,11 @@ class DataError(PermanentError):
     """A data set is missing, empty, malformed or does not fit the model."""
 
 
+# The start of every DivergenceError message, before the round number; commands look for it
+# in a failed job's error.
+DIVERGED_WORDS = "training diverged in round"
+
+
 class DivergenceError(PermanentError):
     """Training produced a NaN or infinite loss or weight."""
 

@@ -33,9 +33,8 @@ from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
 from shared.efs import EfsStore, json_preview
-from shared.errors import BatonError
+from shared.errors import DIVERGED_WORDS, BatonError
 from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
-from shared.training import DIVERGED_WORDS
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shared.efs import json_preview
-from shared.errors import DataError, DivergenceError, JobSpecError
+from shared.errors import DIVERGED_WORDS, DataError, DivergenceError, JobSpecError
 from shared.models import Model, compute_class_weights, get_model_class
 from shared.optim import Optimizer, OptimizerState
 from shared.optim import build_optimizer as build_optimizer_by_name
@@ -217,8 +217,6 @@ def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
     return settings
 
 
-# The start of every divergence error, before the round number; `baton fetch` looks for it.
-DIVERGED_WORDS = "training diverged in round"
 # Weights beyond this magnitude count as diverged: squaring one in a loss or a metric
 # would overflow float64 (whose maximum is about 1.8e308).
 MAX_WEIGHT_MAGNITUDE = 1e100
