@@ -676,9 +676,9 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
         else int(round(spec.data.validation_fraction * n_train))
     stop_fields = [name for name in VALIDATION_STOP_FIELDS if getattr(spec.training, name) is not None]
     if spec.data.validation_path is None and validation_rows == 0 and stop_fields:
-        # The spec check catches a fraction of 0; a small one can round to no rows.
-        raise DataError(f"data.validation_fraction {spec.data.validation_fraction:g} of {n_train:,} rows holds out "
-                        f"no rows, but training.{stop_fields[0]} stops on the validation rows; raise "
+        # The spec check catches a fraction of 0, and a small one can round to no rows.
+        raise DataError(f"data.validation_fraction {spec.data.validation_fraction:g} of {n_train:,} rows gives "
+                        f"no validation rows, but training.{stop_fields[0]} stops on them; raise "
                         f"data.validation_fraction to at least {1 / n_train:.2g}, give data.validation_path, or "
                         f"remove training.{stop_fields[0]}")
     if n_train - validation_rows < n_workers:

@@ -43,12 +43,12 @@ def test_inprocess_run_matches_reference(inprocess_stack, efs_root):
     assert record.attributes["stop_reason"] == "max_rounds"
 
     expected, _ = train_reference(parse_job_spec(spec), efs_root)
-    # Equal to the bit, as docs/architecture.md says.
+    # Equal to the bit, as docs/architecture.md describes.
     np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), expected)
 
 
 def test_chunked_batch_equals_reference_bitwise(inprocess_stack, efs_root):
-    # Batches of 5,000 rows span two of a worker's 4,096-row chunks; the reference adds the
+    # Batches of 5,000 rows span two of a worker's 4,096-row chunks. The reference adds the
     # same chunks in the same order, so the weights are the same bits.
     spec = a9a_spec(n_workers=2, batch_size=5000, max_rounds=4)
     inprocess_stack.submit(spec)

@@ -380,5 +380,6 @@ def test_validation_fraction_rounding_to_no_rows_fails(inprocess_stack):
     record = run_job(inprocess_stack, spec)
 
     assert record.status == FAILED
-    assert ("data.validation_fraction 0.0005 of 569 rows holds out no rows, but training.target_validation_loss "
-            "stops on the validation rows; raise data.validation_fraction to at least 0.0018") in record.error
+    assert ("data.validation_fraction 0.0005 of 569 rows gives no validation rows, but "
+            "training.target_validation_loss stops on them; raise data.validation_fraction to at least 0.0018") \
+        in record.error
