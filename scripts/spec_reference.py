@@ -61,7 +61,7 @@ index instead.
 
 | field | type | default | valid values | meaning |
 | --- | --- | --- | --- | --- |
-| `job_id` | string | derived from the SQS message id | matches `{JOB_ID_PATTERN.pattern}` | Names the job in DynamoDB, on EFS and in logs. A spec sent again with the same `job_id` and content counts as a redelivery of the first: it neither restarts nor resumes the job, so a PAUSED or FAILED job stays so until `baton resume` continues it. Different content under a `job_id` in use is rejected. |
+| `job_id` | string | `job-` and the start of the SQS message id for a message sent without one; `baton submit` and `baton run` name the job after the spec file and the current Unix time (`<file stem>-<seconds>`) | matches `{JOB_ID_PATTERN.pattern}` | Names the job in DynamoDB, on EFS and in logs. A spec sent again with the same `job_id` and content counts as a redelivery of the first: it neither restarts nor resumes the job, so a PAUSED or FAILED job stays so until `baton resume` continues it. Different content under a `job_id` in use is rejected. |
 """
 
 
