@@ -60,6 +60,11 @@ def test_exported_estimators_predict_like_baton(inprocess_stack, efs_root, tmp_p
         names[case] = json.loads(result.output)["estimator"]
         paths[case] = str(output)
         expected[case] = load_trained_model(efs_root, spec["job_id"]).predict(X_test)
+        # fetch checks the whole model folder of every kind of model before copying it.
+        fetched = CliRunner().invoke(main, ["fetch", spec["job_id"], "--efs-root", str(efs_root), "--output",
+                                            str(tmp_path / f"fetched-{case}")])
+        assert fetched.exit_code == 0, (case, fetched.output)
+        assert (tmp_path / f"fetched-{case}" / "model" / "params.npy").is_file(), case
 
     completed = subprocess.run([sys.executable, "-c", PREDICT_SCRIPT, str(tmp_path / "X.npy"), json.dumps(paths)],
                                capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
@@ -331,9 +336,13 @@ def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tm
 
     result = CliRunner().invoke(main, ["export", "plain-export", "--efs-root", str(efs_root), "--output",
                                        str(tmp_path / "plain.joblib")])
+    fetched = CliRunner().invoke(main, ["fetch", "plain-export", "--efs-root", str(efs_root), "--output",
+                                        str(tmp_path / "fetched")])
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["estimator"] == "LogisticRegression"
+    assert fetched.exit_code == 0, fetched.output
+    assert not (tmp_path / "fetched" / "model" / "standardize.npz").exists()
     model_dir = efs_root / "jobs" / "plain-export" / "model"
     assert json.loads((model_dir / "model.json").read_text())["standardized"] is False
     assert not (model_dir / "standardize.npz").exists()
