@@ -231,14 +231,14 @@ def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
 
 def test_timeout_names_paused_job(tmp_path, start_run):
     # Long enough for the job to start and be paused on a loaded machine; the test waits it out.
-    host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS), "--timeout", "20")
+    host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS), "--timeout", "30")
     host.wait_until_running("host")
     host.cli("pause", "host")
 
     exit_status, output = host.finish()
 
     assert exit_status == 1, output
-    ended = re.search(r"^Error: --timeout of 20 s reached: job host \(PAUSED, \d+ of \d+ rounds done\) stops with "
+    ended = re.search(r"^Error: --timeout of 30 s reached: job host \(PAUSED, \d+ of \d+ rounds done\) stops with "
                       r"the stack; its files remain in (.*), and `baton run (.*) --local-dir (.*)` trains it again "
                       r"from round 1; logs are in (.*)\. baton run waits for its PAUSED job until --timeout, so "
                       r"resume the job sooner with `baton resume host --stage local --endpoint-url (.*)`, or raise "
