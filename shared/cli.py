@@ -373,7 +373,7 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
     summary = record.attributes
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
-    # The training loss is the mean over the last round's batches; validation uses every held-out row.
+    # The training loss is the mean over the last round's batches, while validation uses every held-out row.
     labels = {"train_loss": "train_loss (last round)", "validation_loss": "validation_loss",
               "validation_accuracy": "validation_accuracy", "validation_r2": "validation_r2"}
     for name, label in labels.items():

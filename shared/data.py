@@ -147,7 +147,7 @@ MAX_FEATURE_INDEX = np.iinfo(np.int32).max
 
 
 def _parse_number(text: str, what: str) -> float:
-    # Python's float() reads "1_0" as 10 and Arabic-Indic or full-width digits as digits;
+    # Python's float() reads "1_0" as 10 and Arabic-Indic or full-width digits as digits.
     # LIBSVM's own reader rejects both, and so does Baton.
     try:
         if "_" in text or not text.isascii():
@@ -239,7 +239,7 @@ def _csr_from_pairs(labels: np.ndarray, numbers: np.ndarray, values: np.ndarray,
 # The ASCII parser works on blocks of about this many bytes, cut at line ends, so that its
 # per-byte arrays stay small next to the text.
 ASCII_BLOCK_BYTES = 4 * 1024 * 1024
-# A block this long holds a line of several MiB; the line parsers take such text instead.
+# A block this long contains a line of several MiB, so the line parsers take such text instead.
 LONG_BLOCK_BYTES = 2 * ASCII_BLOCK_BYTES
 # Bytes that str.split() treats as whitespace in ASCII text.
 _ASCII_WHITESPACE = np.zeros(256, dtype=bool)
@@ -249,7 +249,7 @@ _ASCII_WHITESPACE[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")] = True
 # value float() returns for the same text.
 _EXACT_DIGITS = 15
 _POWERS_OF_TEN = 10.0 ** np.arange(23)
-# Digits of a column index converted without float(); larger indices exceed MAX_FEATURE_INDEX.
+# Digits of a column index converted without int(). Larger indices exceed MAX_FEATURE_INDEX.
 _INDEX_DIGITS = 10
 
 
@@ -309,7 +309,7 @@ def _ascii_block_numbers(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarr
         return None
 
     # Pieces in text order: each row's label, then an index and a value per pair. Token t
-    # is piece t plus one per pair before it; row r's label, token row_starts[r], follows
+    # is piece t plus one per pair before it. Row r's label, token row_starts[r], follows
     # row_starts[r] - r pairs.
     row_starts = np.flatnonzero(is_label)
     counts = np.diff(np.append(row_starts, len(is_label))) - 1
@@ -378,7 +378,7 @@ def _ascii_numbers(block: bytes, chars: np.ndarray, starts: np.ndarray, ends: np
             number = int(text) if integer[piece] else float(text)
         except ValueError:
             return None
-        # An index beyond 2**53 would not survive the float64; it is out of range anyway.
+        # An index beyond 2**53 would not survive the float64, and it is out of range anyway.
         if integer[piece] and abs(number) > 2**53:
             return None
         numbers[piece] = number

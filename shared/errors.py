@@ -44,7 +44,7 @@ class DataError(PermanentError):
     """A data set is missing, empty, malformed or does not fit the model."""
 
 
-# The start of every DivergenceError message, before the round number; commands look for it
+# The start of every DivergenceError message, before the round number. Commands look for it
 # in a failed job's error.
 DIVERGED_WORDS = "training diverged in round"
 

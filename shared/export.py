@@ -91,7 +91,7 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
     params_path = store.model_dir(job_id) / "params.npy"
     if not store.job_dir(job_id).is_dir():
         raise ExportError(f"no job folder {store.job_dir(job_id)}; check the job id and --local-dir or --efs-root")
-    # model.json is written with the parameters when the job succeeds; alone, it means params.npy was removed.
+    # model.json is written after the parameters when the job succeeds, so alone it means params.npy was removed.
     if not params_path.exists() and not (store.model_dir(job_id) / "model.json").exists():
         raise ExportError(f"job {job_id} has no final model at {params_path}: a job writes it only when it succeeds. "
                           f"`baton status {job_id}` with the stack's --stage (and --endpoint-url for the stack of a "

@@ -230,7 +230,7 @@ def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
 
 
 def test_timeout_names_paused_job(tmp_path, start_run):
-    # Long enough for the job to start and be paused on a loaded machine; the test waits it out.
+    # Long enough for the job to start and be paused on a loaded machine. The test waits it out.
     host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS), "--timeout", "30")
     host.wait_until_running("host")
     host.cli("pause", "host")
