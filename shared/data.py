@@ -757,30 +757,6 @@ def check_finite(X, y: np.ndarray, source: str, first_row: int = 0) -> None:
                         "check that data.label_column names the label column")
 
 
-def read_dataset(store: EfsStore, spec: JobSpec, relative_path: str, n_features: int | None):
-    """Read one whole data file named in ``spec`` and check its values are finite.
-
-    For tests and the one-process reference; the pipeline reads sources in parts.
-    """
-    data = spec.data
-    field = "data.validation_path" if relative_path == data.validation_path else "data.path"
-    path = store.resolve_data_path(relative_path, field)
-    if data.format == "libsvm":
-        X, y = read_libsvm(path, n_features, relative_path)
-    else:
-        if data.format == "csv":
-            X, y = read_csv(path, data.label_column, data.skip_rows, data.delimiter, data.header, relative_path)
-        elif data.format == "npy":
-            X, y = read_npy_rows(path, data.label_column, source=relative_path)
-        else:
-            X, y = read_npz(path, relative_path)
-        if n_features is not None and X.shape[1] != n_features:
-            raise DataError(f"'{relative_path}' has {X.shape[1]} feature columns but {n_features} are expected; "
-                            "check data.n_features and that training and validation files match")
-    check_finite(X, y, relative_path)
-    return X, y
-
-
 # The unsigned integer type of each size of column index.
 _UNSIGNED = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
 

@@ -468,3 +468,19 @@ def build_optimizer(name: str, **hyperparameters) -> Optimizer:
     if "learning_rate" not in hyperparameters:
         raise JobSpecError("optimizer.learning_rate", "missing required field")
     return OPTIMIZERS[name](**hyperparameters)
+
+
+# The prefix of the optimizer's arrays when they are stored beside other arrays, such as the
+# parameters in a round's state file or a worker's local progress.
+STATE_ARRAY_PREFIX = "optimizer."
+
+
+def state_arrays(state: OptimizerState) -> dict[str, np.ndarray]:
+    """Return the optimizer ``state`` as arrays named for storage beside other arrays."""
+    return {STATE_ARRAY_PREFIX + name: value for name, value in state.items()}
+
+
+def state_from_arrays(arrays: dict[str, np.ndarray]) -> OptimizerState:
+    """Return the optimizer state among ``arrays``, as :func:`state_arrays` named it."""
+    return {name[len(STATE_ARRAY_PREFIX):]: value for name, value in arrays.items()
+            if name.startswith(STATE_ARRAY_PREFIX)}

@@ -31,11 +31,6 @@ def total_rounds(shard_rows: list[int], batch_size: int, max_epochs: float, max_
     return by_epochs if max_rounds is None else min(by_epochs, max_rounds)
 
 
-def epoch_of_round(round_index: int, shard_rows: list[int], batch_size: int) -> float:
-    """Return the number of epochs completed once round ``round_index`` is done."""
-    return (round_index + 1) / rounds_per_epoch(shard_rows, batch_size)
-
-
 # A worker draws the same epoch order in every round of the epoch, and its training mode
 # requests the same batch once per chunk of rows, so both are kept for a few calls. Two
 # entries hold at most two arrays of n_rows int64 each.

@@ -49,6 +49,7 @@ from shared.efs import EfsStore
 from shared.metrics import publish_round_metrics
 from shared.errors import (DataError, EfsNotWritableError, InvalidMessageError, JobConflictError, JobSpecError,
                            PermanentError, StaleMessageError)
+from shared.optim import state_arrays, state_from_arrays
 from shared.preparation import PreparationStep, StaleStepError, begin_attempt, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_object
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
@@ -56,13 +57,11 @@ from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_
 from shared.source_files import FIX
 from shared.spec import JobSpec, load_job_message, parse_job_spec
 from shared.state import PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
-from shared.training import (Reduction, StoppingState, build_model, build_model_for_preparation, build_optimizer,
-                             check_model_fits, check_stopping, check_validation_finite, get_training_mode,
-                             manifest_problem, round_number)
+from shared.training import (Reduction, RoundUpdate, StoppingState, build_model, build_model_for_preparation,
+                             build_optimizer, check_model_fits, check_stopping, check_validation_finite,
+                             get_training_mode, manifest_problem, round_number)
 
 logger = logging.getLogger(__name__)
-
-OPTIMIZER_PREFIX = "optimizer."
 
 
 @dataclass
@@ -166,14 +165,12 @@ def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np
         raise DataError(f"round state file '{path.relative_to(store.root)}' is damaged ({type(error).__name__}: "
                         f"{error}): Baton writes it whole, so it was changed after it was written, and the job "
                         f"cannot go on from it; {FIX}") from None
-    optimizer_state = {
-        name[len(OPTIMIZER_PREFIX):]: value for name, value in arrays.items() if name.startswith(OPTIMIZER_PREFIX)}
-    return arrays["params"], optimizer_state
+    return arrays["params"], state_from_arrays(arrays)
 
 
 def write_round_state(store: EfsStore, job_id: str, round_index: int, params: np.ndarray, optimizer_state: dict) -> None:
     """Store the parameters and optimizer state for the start of ``round_index``."""
-    arrays = {"params": params, **{OPTIMIZER_PREFIX + name: value for name, value in optimizer_state.items()}}
+    arrays = {"params": params, **state_arrays(optimizer_state)}
     store.write_arrays(store.state_path(job_id, round_index), arrays)
 
 
@@ -667,7 +664,20 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     commit (the metrics file, then the advance and the next tasks, or the finish). Between
     steps the aggregator may save its progress and continue in a new invocation.
 
-    Returns the round's metrics, or None when the invocation continues in another one.
+    Parameters
+    ----------
+    services : Services
+    message : AggregateMessage
+        The round to aggregate, and the link of a continuation chain when it is one.
+    message_id : str
+        The SQS message id. A link saved by another message id is a duplicate and is dropped.
+    remaining_millis : callable, optional
+        Returns the invocation's remaining time; without it the steps never stop early.
+
+    Returns
+    -------
+    dict or None
+        The round's metrics, or None when the invocation continues in another one.
     """
     job_id, round_index = message["job_id"], message["round"]
     ids = {"job_id": job_id, "round": round_index}
@@ -679,6 +689,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     context = services.job_context(job_id)
     spec, manifest = context.spec, context.manifest
     model, optimizer = build_model(spec, manifest), build_optimizer(spec)
+    mode = get_training_mode(spec, model)
     next_round = round_index + 1
 
     progress_path = _progress_path(store, job_id, round_index, None)
@@ -695,52 +706,33 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         state.record_progress(job_id, round_index)
         logger.info("aggregation continues", extra={**ids, "continuation": link + 1, "steps": budget.steps})
 
-    # Step 1: combine the results into the next round's state.
+    # Step 1: combine the results into the next round's state. A later invocation of the
+    # same round reads that state back from EFS instead.
+    new_params = None
     if "train_loss" not in progress:
-        params, optimizer_state = read_round_state(store, job_id, round_index)
-        mode = get_training_mode(spec, model)
-        reducers = spec.training.reducers
-        if reducers > 1:
-            reduction = read_reduced_round(store, job_id, round_index, reducers, model.n_params)
-        else:
-            reduction = reduce_worker_results(store, job_id, round_index, record.n_workers, mode, model.n_params,
-                                              0, model.n_params)
-        update = mode.step(spec, model, optimizer, params, optimizer_state, reduction, round_index)
+        update = _combine_round(services, record, mode, model, optimizer, job_id, round_index)
         write_round_state(store, job_id, next_round, update.params, update.optimizer_state)
         faults.maybe_fail("aggregator.after_write", **ids)
         progress["train_loss"], progress["n_samples"] = float(update.train_loss), int(update.n_samples)
+        new_params = update.params
         budget.count_step()
 
     # Step 2: evaluate the new parameters on the validation rows, one chunk per step.
-    if len(progress["partials"]) < n_chunks:
-        new_params, _ = read_round_state(store, job_id, next_round)
-        while len(progress["partials"]) < n_chunks:
-            if budget.exhausted():
-                continue_later()
-                return None
-            start = len(progress["partials"]) * VALIDATION_CHUNK_ROWS
-            stop = min(start + VALIDATION_CHUNK_ROWS, validation.n_rows)
-            chunk_metrics = model.metrics(new_params, validation.rows(slice(start, stop)), np.asarray(validation.y[start:stop]))
-            progress["partials"].append({"rows": stop - start,
-                                         "metrics": {name: float(value) for name, value in chunk_metrics.items()}})
-            budget.count_step()
+    while len(progress["partials"]) < n_chunks:
+        if budget.exhausted():
+            continue_later()
+            return None
+        if new_params is None:
+            new_params, _ = read_round_state(store, job_id, next_round)
+        progress["partials"].append(_validation_chunk(model, new_params, validation, len(progress["partials"])))
+        budget.count_step()
 
     if budget.exhausted():
         continue_later()
         return None
 
     # Step 3: commit the round.
-    metrics = {
-        "round": round_number(round_index),
-        "epoch": get_training_mode(spec, model).epochs_after_round(spec, manifest, round_index),
-        "train_loss": progress["train_loss"],
-        "n_samples": progress["n_samples"],
-    }
-    if progress["partials"]:
-        for name, value in _combine_metrics(progress["partials"]).items():
-            metrics[f"validation_{name}"] = value
-        check_validation_finite(round_index, metrics)
-    metrics["loss"] = metrics.get("validation_loss", progress["train_loss"])
+    metrics = _round_metrics(mode, spec, manifest, round_index, progress)
     metrics["aggregate_seconds"] = time.monotonic() - started
     metrics.update(cost.account_round(
         store, record, usage_totals, round_index, spec.training.batch_size, manifest["n_features"],
@@ -749,27 +741,16 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     store.write_json(store.metrics_path(job_id, round_index), metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
 
-    # The stopping state (best validation loss and its round) is stored in the round
-    # folders, so a retried or resumed aggregation reads the same history.
-    stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
-    previous = StoppingState.from_dict(store.read_json(stopping_path) if stopping_path.exists() else None)
-    stopping, stop_rule = check_stopping(spec, metrics, previous)
-    store.write_json(store.round_dir(job_id, next_round) / "stopping.json", stopping.to_dict())
-    over_budget = spec.training.budget_usd is not None and metrics["total_cost_usd"] >= spec.training.budget_usd
+    stop_reason = _stop_reason(store, spec, record, job_id, round_index, metrics)
     summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"], "cost_usd": metrics["total_cost_usd"]}
     for name in ("validation_loss", "validation_accuracy", "validation_r2"):
         if name in metrics:
             summary[name] = metrics[name]
     publish_round_metrics(job_id, round_index, metrics)
 
-    if next_round >= record.total_rounds or stop_rule is not None or over_budget:
-        if stop_rule is not None:
-            stop_reason = stop_rule
-        elif next_round >= record.total_rounds:
-            stop_reason = "max_rounds" if record.total_rounds == spec.training.max_rounds else "max_epochs"
-        else:
-            stop_reason = "budget"
-        new_params, _ = read_round_state(store, job_id, next_round)
+    if stop_reason is not None:
+        if new_params is None:
+            new_params, _ = read_round_state(store, job_id, next_round)
         write_final_model(services, job_id, model, new_params, next_round, metrics, stop_reason)
         faults.maybe_fail("aggregator.before_finish", **ids)
         # Pruned before the finish, so a finished job keeps as many round folders as a
@@ -794,6 +775,72 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
     logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link, **summary})
     return metrics
+
+
+def _combine_round(services: Services, record: JobRecord, mode, model, optimizer, job_id: str,
+                   round_index: int) -> RoundUpdate:
+    """Return the next parameters and optimizer state from the round's worker results, or its reduced slices."""
+    spec = services.job_context(job_id).spec
+    params, optimizer_state = read_round_state(services.store, job_id, round_index)
+    reducers = spec.training.reducers
+    if reducers > 1:
+        reduction = read_reduced_round(services.store, job_id, round_index, reducers, model.n_params)
+    else:
+        reduction = reduce_worker_results(services.store, job_id, round_index, record.n_workers, mode,
+                                          model.n_params, 0, model.n_params)
+    return mode.step(spec, model, optimizer, params, optimizer_state, reduction, round_index)
+
+
+def _validation_chunk(model, params: np.ndarray, validation: "datasets.Shard", chunk: int) -> dict:
+    """Return the metrics of ``params`` on validation chunk ``chunk`` and its row count, as progress stores them."""
+    start = chunk * VALIDATION_CHUNK_ROWS
+    stop = min(start + VALIDATION_CHUNK_ROWS, validation.n_rows)
+    chunk_metrics = model.metrics(params, validation.rows(slice(start, stop)), np.asarray(validation.y[start:stop]))
+    return {"rows": stop - start, "metrics": {name: float(value) for name, value in chunk_metrics.items()}}
+
+
+def _round_metrics(mode, spec: JobSpec, manifest: dict, round_index: int, progress: dict) -> dict:
+    """Return a round's training and validation metrics from the aggregator's progress.
+
+    Raises
+    ------
+    DivergenceError
+        If a validation metric is NaN or infinite.
+    """
+    metrics = {
+        "round": round_number(round_index),
+        "epoch": mode.epochs_after_round(spec, manifest, round_index),
+        "train_loss": progress["train_loss"],
+        "n_samples": progress["n_samples"],
+    }
+    if progress["partials"]:
+        for name, value in _combine_metrics(progress["partials"]).items():
+            metrics[f"validation_{name}"] = value
+        check_validation_finite(round_index, metrics)
+    metrics["loss"] = metrics.get("validation_loss", progress["train_loss"])
+    return metrics
+
+
+def _stop_reason(store: EfsStore, spec: JobSpec, record: JobRecord, job_id: str, round_index: int,
+                 metrics: dict) -> str | None:
+    """Return why the job stops after this round, or None when it goes on.
+
+    The reasons are a stopping rule of the spec (``target_loss``, ``target_accuracy``,
+    ``early_stopping``), the round limit (``max_rounds`` or ``max_epochs``, whichever set
+    it) and ``budget``. The stopping state (best validation loss and its round) is stored
+    in the round folders, so a retried or resumed aggregation reads the same history.
+    """
+    stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
+    previous = StoppingState.from_dict(store.read_json(stopping_path) if stopping_path.exists() else None)
+    stopping, stop_rule = check_stopping(spec, metrics, previous)
+    store.write_json(store.round_dir(job_id, round_index + 1) / "stopping.json", stopping.to_dict())
+    if stop_rule is not None:
+        return stop_rule
+    if round_index + 1 >= record.total_rounds:
+        return "max_rounds" if record.total_rounds == spec.training.max_rounds else "max_epochs"
+    if spec.training.budget_usd is not None and metrics["total_cost_usd"] >= spec.training.budget_usd:
+        return "budget"
+    return None
 
 
 # Reducer ---------------------------------------------------------------------------------

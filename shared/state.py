@@ -29,7 +29,6 @@ a worker or advance a round twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -616,8 +615,3 @@ class StateStore:
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
         )
-
-
-def spec_from_record(record: JobRecord) -> dict:
-    """Return the raw spec stored on a job item."""
-    return json.loads(record.spec_json)

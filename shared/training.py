@@ -25,7 +25,7 @@ import numpy as np
 from shared.efs import json_preview
 from shared.errors import DIVERGED_WORDS, DataError, DivergenceError, JobSpecError
 from shared.models import Model, compute_class_weights, get_model_class
-from shared.optim import Optimizer, OptimizerState
+from shared.optim import Optimizer, OptimizerState, state_arrays, state_from_arrays
 from shared.optim import build_optimizer as build_optimizer_by_name
 from shared.sampling import batch_indices, rounds_per_epoch, take_rows
 
@@ -253,35 +253,6 @@ def check_validation_finite(round_index: int, metrics: dict[str, float]) -> None
 
 
 @dataclass(frozen=True)
-class WorkerResult:
-    """One worker's contribution to a round: gradient sum, loss sum and row count."""
-
-    grad_sum: np.ndarray
-    loss_sum: float
-    n_samples: int
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "grad_sum": self.grad_sum,
-            "loss_sum": np.float64(self.loss_sum),
-            "n_samples": np.int64(self.n_samples),
-        }
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "WorkerResult":
-        return cls(grad_sum=arrays["grad_sum"], loss_sum=float(arrays["loss_sum"]), n_samples=int(arrays["n_samples"]))
-
-
-def compute_worker_result(model: Model, params: np.ndarray, X, y: np.ndarray,
-                          sample_weight: np.ndarray | None = None) -> WorkerResult:
-    """Return the summed (optionally weighted) loss and gradient of ``model`` on one mini-batch."""
-    if X.shape[0] == 0:
-        return WorkerResult(grad_sum=np.zeros_like(params), loss_sum=0.0, n_samples=0)
-    loss_sum, grad_sum = model.loss_grad(params, X, y, sample_weight)
-    return WorkerResult(grad_sum=grad_sum, loss_sum=loss_sum, n_samples=int(X.shape[0]))
-
-
-@dataclass(frozen=True)
 class RoundUpdate:
     """New parameters, optimizer state and training loss after combining one round."""
 
@@ -289,22 +260,6 @@ class RoundUpdate:
     optimizer_state: OptimizerState
     train_loss: float
     n_samples: int
-
-
-def apply_round(model: Model, optimizer: Optimizer, params: np.ndarray, optimizer_state: OptimizerState,
-                results: list[WorkerResult], round_index: int) -> RoundUpdate:
-    """Combine the workers' results in worker order and take one optimizer step.
-
-    The same reduction and step as :class:`GradientAveraging`; see its :meth:`~GradientAveraging.step`.
-
-    Raises
-    ------
-    DivergenceError
-        If the loss or the new parameters are NaN or infinite.
-    """
-    arrays = [result.to_arrays() for result in results]
-    return TRAINING_MODES[GradientAveraging.name].combine(None, model, optimizer, params, optimizer_state, arrays,
-                                                          round_index)
 
 
 # Elements per block of a reduction. The block of the running total stays in the CPU cache
@@ -594,9 +549,6 @@ class GradientAveraging(TrainingMode):
         return RoundUpdate(params=new_params, optimizer_state=new_state, train_loss=train_loss, n_samples=n_samples)
 
 
-OPTIMIZER_PROGRESS_PREFIX = "optimizer."
-
-
 class ModelAveraging(TrainingMode):
     """Each worker takes several optimizer steps from the round's parameters; the aggregator averages the models.
 
@@ -631,7 +583,7 @@ class ModelAveraging(TrainingMode):
             "params": np.array(params, dtype=np.float64),
             "loss_sum": np.float64(0.0),
             "n_samples": np.int64(0),
-            **{OPTIMIZER_PROGRESS_PREFIX + key: value for key, value in optimizer_state.items()},
+            **state_arrays(optimizer_state),
         }
 
     def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
@@ -644,30 +596,29 @@ class ModelAveraging(TrainingMode):
                              settings.batch_size)
 
         local_params = progress["params"]
-        state = {key[len(OPTIMIZER_PROGRESS_PREFIX):]: value for key, value in progress.items()
-                 if key.startswith(OPTIMIZER_PROGRESS_PREFIX)}
+        state = state_from_arrays(progress)
         loss_sum, n_samples = float(progress["loss_sum"]), int(progress["n_samples"])
 
         # A shard one row shorter than the largest can draw an empty last batch; it skips the step.
         # A worker whose weights already overflowed stops stepping, and the aggregator reports it.
         if len(rows) > 0 and np.all(np.isfinite(local_params)):
             y_batch = take_rows(shard.y, rows)
-            part = compute_worker_result(model, local_params, shard.rows(rows, dtype=np.float64), y_batch,
-                                         _sample_weight(settings.class_weights, y_batch))
+            batch_loss, batch_grad = model.loss_grad(local_params, shard.rows(rows, dtype=np.float64), y_batch,
+                                                     _sample_weight(settings.class_weights, y_batch))
             _, penalty_grad = model.penalty_grad(local_params)
-            grad = part.grad_sum / part.n_samples + penalty_grad
+            grad = batch_grad / len(rows) + penalty_grad
             with np.errstate(over="ignore", invalid="ignore"):
                 local_params, state = optimizer.step(local_params, grad, state, step, schedule_index=global_step)
             local_params = model.proximal(local_params, optimizer.learning_rate_at(global_step))
-            loss_sum += part.loss_sum
-            n_samples += part.n_samples
+            loss_sum += batch_loss
+            n_samples += len(rows)
 
         new_progress = {
             "step": np.int64(step + 1),
             "params": local_params,
             "loss_sum": np.float64(loss_sum),
             "n_samples": np.int64(n_samples),
-            **{OPTIMIZER_PROGRESS_PREFIX + key: value for key, value in state.items()},
+            **state_arrays(state),
         }
         return new_progress, step + 1 >= steps
 
