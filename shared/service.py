@@ -670,7 +670,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     message : AggregateMessage
         The round to aggregate, and the link of a continuation chain when it is one.
     message_id : str
-        The SQS message id. A link saved by another message id is a duplicate and is dropped.
+        The SQS message id, saved with the progress, so a redelivery of the link that saved it runs again.
     remaining_millis : callable, optional
         Returns the invocation's remaining time; without it the steps never stop early.
 
