@@ -266,6 +266,30 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
+def folder_file_sizes(path: Path) -> tuple[dict[str, int], int]:
+    """Return the sizes of the files directly in ``path`` by name, and the total under it.
+
+    One listing of the folder, for a caller that needs both several of its files' sizes and
+    the folder's total. Subfolders count in the total only. A missing folder gives
+    ``({}, 0)``.
+    """
+    sizes, total = {}, 0
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return sizes, total
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            total += folder_bytes(Path(entry.path))
+        elif entry.is_file(follow_symlinks=False):
+            try:
+                sizes[entry.name] = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+            total += sizes[entry.name]
+    return sizes, total
+
+
 def file_bytes(path: Path) -> int:
     """Return the size of ``path``, 0 if it does not exist."""
     try:
@@ -351,11 +375,13 @@ def account_round(store, record, usage_totals: dict[str, float], round_index: in
     worker_gb_seconds = usage_totals.get("worker_gb_seconds", 0.0)
     reducer_gb_seconds = usage_totals.get("reducer_gb_seconds", 0.0)
 
-    state_bytes = file_bytes(store.state_path(job_id, round_index))
+    round_files, round_folder_bytes = folder_file_sizes(store.round_dir(job_id, round_index))
+    state_bytes = round_files.get(store.state_path(job_id, round_index).name, 0)
     next_state_bytes = file_bytes(store.state_path(job_id, round_index + 1))
-    result_bytes = sum(file_bytes(store.result_path(job_id, round_index, worker)) for worker in range(n_workers))
+    result_bytes = sum(round_files.get(store.result_path(job_id, round_index, worker).name, 0)
+                       for worker in range(n_workers))
     # Written by the reducers and read by the aggregator; none when the aggregator sums alone.
-    reduced_bytes = sum(file_bytes(store.reduced_path(job_id, round_index, index))
+    reduced_bytes = sum(round_files.get(store.reduced_path(job_id, round_index, index).name, 0)
                         for index in range(reducers)) if reducers > 1 else 0
     batch_bytes = batch_size * n_features * 8
     bytes_read = (n_workers * (state_bytes + batch_bytes) + state_bytes + result_bytes + validation_bytes
@@ -374,8 +400,7 @@ def account_round(store, record, usage_totals: dict[str, float], round_index: in
         efs_bytes_written=bytes_written,
         # This round's folder (state, results, reduced slices, progress files) stands for
         # each kept round: one stat per file of one round, however many rounds are kept.
-        efs_stored_bytes=stored_job_bytes(store, job_id, round_index,
-                                          folder_bytes(store.round_dir(job_id, round_index))),
+        efs_stored_bytes=stored_job_bytes(store, job_id, round_index, round_folder_bytes),
         round_seconds=round_seconds,
     )
     round_cost = estimate_round_cost(usage, prices).total_usd

@@ -49,6 +49,11 @@ FAILED = "FAILED"
 PAUSED = "PAUSED"
 CANCELLED = "CANCELLED"
 TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
+
+# A condition expression that is true while the job is in none of TERMINAL_STATUSES, with the
+# expression values it names. The expression names "#status" for the status attribute.
+NOT_TERMINAL = "NOT #status IN (" + ", ".join(f":terminal{index}" for index in range(len(TERMINAL_STATUSES))) + ")"
+NOT_TERMINAL_VALUES = {f":terminal{index}": {"S": status} for index, status in enumerate(TERMINAL_STATUSES)}
 JOB_STATUSES = (PREPARING, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -56,8 +61,13 @@ JOB_STATUSES = (PREPARING, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
 MAX_PARTITION_KEY_BYTES = 2048
 
 
+def _partition_key(job_id: str) -> str:
+    """Return the partition key of every item of the job."""
+    return f"JOB#{job_id}"
+
+
 def _job_key(job_id: str) -> dict:
-    return {"pk": {"S": f"JOB#{job_id}"}, "sk": {"S": "JOB"}}
+    return {"pk": {"S": _partition_key(job_id)}, "sk": {"S": "JOB"}}
 
 
 def can_record_job(job_id: object) -> bool:
@@ -67,11 +77,11 @@ def can_record_job(job_id: object) -> bool:
     the job id rules, but it must be a string whose key fits DynamoDB's size limit. It
     must not be empty either, because that item's key would be the bare prefix ``JOB#``.
     """
-    return isinstance(job_id, str) and job_id != "" and len(f"JOB#{job_id}".encode()) <= MAX_PARTITION_KEY_BYTES
+    return isinstance(job_id, str) and job_id != "" and len(_partition_key(job_id).encode()) <= MAX_PARTITION_KEY_BYTES
 
 
 def _round_key(job_id: str, round_index: int) -> dict:
-    return {"pk": {"S": f"JOB#{job_id}"}, "sk": {"S": f"ROUND#{round_index:08d}"}}
+    return {"pk": {"S": _partition_key(job_id)}, "sk": {"S": f"ROUND#{round_index:08d}"}}
 
 
 def _is_condition_failure(error: ClientError) -> bool:
@@ -130,7 +140,7 @@ class JobRecord:
     def from_item(cls, item: dict) -> "JobRecord":
         values = {name: _from_attribute(attribute) for name, attribute in item.items()}
         return cls(
-            job_id=values["pk"].removeprefix("JOB#"),
+            job_id=values["pk"].removeprefix(_partition_key("")),
             status=values["status"],
             round=int(values.get("round", 0)),
             n_workers=int(values.get("n_workers", 0)),
@@ -408,7 +418,7 @@ class StateStore:
             # Round keys sort in round order (8 digits), and "ROUND$" sorts after all of them.
             KeyConditionExpression="pk = :pk AND sk BETWEEN :first AND :end",
             ExpressionAttributeValues={
-                ":pk": {"S": f"JOB#{job_id}"},
+                ":pk": {"S": _partition_key(job_id)},
                 ":first": _round_key(job_id, max(0, first_round))["sk"],
                 ":end": {"S": "ROUND$"},
             },
@@ -449,13 +459,11 @@ class StateStore:
             UpdateExpression=(
                 "SET #status = :failed, #error = :message, updated_at = :now, "
                 "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero)"),
-            ConditionExpression=(
-                "attribute_not_exists(#status) OR NOT #status IN (:succeeded, :failed, :cancelled)"),
+            ConditionExpression=f"attribute_not_exists(#status) OR {NOT_TERMINAL}",
             ExpressionAttributeNames={"#status": "status", "#error": "error", "#round": "round"},
             ExpressionAttributeValues={
+                **NOT_TERMINAL_VALUES,
                 ":failed": {"S": FAILED},
-                ":succeeded": {"S": SUCCEEDED},
-                ":cancelled": {"S": CANCELLED},
                 ":message": {"S": message},
                 ":now": {"N": repr(time.time())},
                 ":zero": {"N": "0"},
@@ -485,12 +493,10 @@ class StateStore:
             False when the job has no item, or has succeeded, failed or been cancelled, or
             keeps its error under ``unless_recorded_since``: then nothing is written.
         """
-        condition = "attribute_exists(#status) AND NOT #status IN (:succeeded, :failed, :cancelled)"
+        condition = f"attribute_exists(#status) AND {NOT_TERMINAL}"
         values = {
             ":last_error": {"M": {name: _to_attribute(value) for name, value in last_error.items()}},
-            ":succeeded": {"S": SUCCEEDED},
-            ":failed": {"S": FAILED},
-            ":cancelled": {"S": CANCELLED},
+            **NOT_TERMINAL_VALUES,
         }
         if unless_recorded_since is not None:
             condition += (" AND (attribute_not_exists(last_error) OR last_error.message_id <> :message_id"
