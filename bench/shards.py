@@ -19,6 +19,7 @@ import numpy as np
 from bench.common import DATASETS, stage_file
 from shared.data import prepare_data, shard_folder
 from shared.efs import EfsStore
+from shared.sampling import initial_params_rng
 from shared.service import write_round_state
 from shared.spec import parse_job_spec
 from shared.training import build_model, build_optimizer
@@ -114,7 +115,7 @@ def tile_job(efs_root: Path, source_job: str, job_id: str, n_rows: int, batch_si
     store.write_json(store.spec_path(job_id), raw)
 
     model = build_model(spec, tiled_manifest)
-    params = model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
+    params = model.init_params(initial_params_rng(spec.training.seed))
     write_round_state(store, job_id, 0, params, build_optimizer(spec).init_state(params))
 
 

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from shared.efs import EfsStore
 from shared.errors import DataError
-from shared.sampling import take_rows
+from shared.sampling import data_split_rng, take_rows
 from shared.source_files import FIX
 from shared.spec import JobSpec
 
@@ -824,7 +824,7 @@ def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int,
     one stopped, so each shard's count of a class is within one of every other shard's,
     and so are the shard sizes.
     """
-    order = np.random.default_rng([seed, 0x5EED]).permutation(n_rows)
+    order = data_split_rng(seed).permutation(n_rows)
     if labels is None:
         validation = np.sort(order[:validation_rows])
         shards = [np.sort(part) for part in np.array_split(order[validation_rows:], n_workers)]

@@ -15,7 +15,7 @@ import numpy as np
 
 from shared.data import load_shard
 from shared.efs import EfsStore
-from shared.sampling import batch_indices, rounds_per_epoch, total_rounds
+from shared.sampling import batch_indices, initial_params_rng, rounds_per_epoch, total_rounds
 from shared.spec import JobSpec
 from shared.training import GRADIENT_CHUNK_ROWS, build_model, build_optimizer
 
@@ -37,7 +37,7 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
 
     model = build_model(spec, manifest)
     optimizer = build_optimizer(spec)
-    params = model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
+    params = model.init_params(initial_params_rng(spec.training.seed))
     state = optimizer.init_state(params)
 
     batch_size = spec.training.batch_size

@@ -19,6 +19,22 @@ import scipy.sparse as sp
 # shard's rows, which takes linear time, instead of by a comparison sort.
 _MASK_SORT_SHARE = 1 / 16
 
+# The job's other random draws use seed sequences of two words, the spec's seed and one of
+# these, so they never share a stream with each other or with a worker's three-word
+# (seed, worker, epoch) batch order. Changing a value changes every job's results.
+INITIAL_PARAMS_STREAM = 0x1417
+DATA_SPLIT_STREAM = 0x5EED
+
+
+def initial_params_rng(seed: int) -> np.random.Generator:
+    """Return the random generator that draws a job's round-0 parameters."""
+    return np.random.default_rng([seed, INITIAL_PARAMS_STREAM])
+
+
+def data_split_rng(seed: int) -> np.random.Generator:
+    """Return the random generator that orders the rows before they are split into shards and validation."""
+    return np.random.default_rng([seed, DATA_SPLIT_STREAM])
+
 
 def rounds_per_epoch(shard_rows: list[int], batch_size: int) -> int:
     """Return how many rounds it takes the largest shard to be seen once."""

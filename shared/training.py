@@ -27,7 +27,7 @@ from shared.errors import DIVERGED_WORDS, DataError, DivergenceError, JobSpecErr
 from shared.models import Model, compute_class_weights, get_model_class
 from shared.optim import Optimizer, OptimizerState, state_arrays, state_from_arrays
 from shared.optim import build_optimizer as build_optimizer_by_name
-from shared.sampling import batch_indices, rounds_per_epoch, take_rows
+from shared.sampling import batch_indices, initial_params_rng, rounds_per_epoch, take_rows
 
 if TYPE_CHECKING:
     # shared.spec imports this module for the mode names, so JobSpec is for type checkers only.
@@ -466,7 +466,7 @@ class TrainingMode(ABC):
         ``load_sample(max_rows)`` returns up to ``max_rows`` training rows; it is called
         only by models whose start depends on the data.
         """
-        return model.init_params(np.random.default_rng([spec.training.seed, 0x1417]))
+        return model.init_params(initial_params_rng(spec.training.seed))
 
 
 _INT64_ZERO = np.int64(0)
@@ -677,7 +677,7 @@ class StatisticsMode(TrainingMode):
 
     def initial_params(self, spec, model, load_sample):
         sample = load_sample(KMEANS_INIT_SAMPLE_ROWS)
-        return model.init_params_from_data(sample, np.random.default_rng([spec.training.seed, 0x1417]))
+        return model.init_params_from_data(sample, initial_params_rng(spec.training.seed))
 
     def begin(self, spec, manifest, model, params, shard, round_index, worker):
         empty = model.partial_statistics(params, shard.rows(slice(0, 0)))

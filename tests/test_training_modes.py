@@ -19,7 +19,7 @@ from shared.control import JobControlError, resume_job
 from shared.efs import EfsStore, encode_arrays
 from shared.errors import DivergenceError
 from shared.models import get_model_class
-from shared.sampling import batch_indices, rounds_per_epoch
+from shared.sampling import batch_indices, initial_params_rng, rounds_per_epoch
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
 from shared.training import (
@@ -74,7 +74,7 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
     if model.training_mode == "statistics":
         store = EfsStore(efs_root)
         sample = datasets.load_training_sample(store, spec.job_id, manifest, KMEANS_INIT_SAMPLE_ROWS)
-        params = model.init_params_from_data(sample, np.random.default_rng([training.seed, 0x1417]))
+        params = model.init_params_from_data(sample, initial_params_rng(training.seed))
         X_all = np.concatenate([np.asarray(shard.X, dtype=np.float64) for shard in shards])
         for _ in range(int(np.ceil(training.max_epochs))):
             centroids = params.reshape(model.n_clusters, -1)
@@ -86,7 +86,7 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
             params = updated.ravel()
         return params
 
-    params = model.init_params(np.random.default_rng([training.seed, 0x1417]))
+    params = model.init_params(initial_params_rng(training.seed))
     if training.mode == "gradient_average":
         state = optimizer.init_state(params)
         rounds = min(training.max_rounds, int(np.ceil(training.max_epochs * per_epoch)))
