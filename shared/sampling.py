@@ -20,8 +20,9 @@ import scipy.sparse as sp
 _MASK_SORT_SHARE = 1 / 16
 
 # The job's other random draws use seed sequences of two words, the spec's seed and one of
-# these, so they never share a stream with each other or with a worker's three-word
-# (seed, worker, epoch) batch order. Changing a value changes every job's results.
+# these. Each seed sequence differs from the others and from a worker's three-word
+# (seed, worker, epoch) batch order, so each draw has its own stream. Changing a value
+# changes every job's results.
 INITIAL_PARAMS_STREAM = 0x1417
 DATA_SPLIT_STREAM = 0x5EED
 
