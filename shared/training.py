@@ -191,6 +191,8 @@ class _BatchSettings:
     batch_size: int
     per_epoch: int
     class_weights: np.ndarray | None
+    # Model averaging's local steps use it; its state is passed to each step.
+    optimizer: Optimizer
 
 
 # The settings of the last job a worker process computed a batch for. A warm worker runs
@@ -212,7 +214,7 @@ def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
     training = spec.training
     settings = _BatchSettings(spec, manifest, training.seed, training.batch_size,
                               rounds_per_epoch(manifest["shard_rows"], training.batch_size),
-                              class_weights(spec, manifest))
+                              class_weights(spec, manifest), build_optimizer(spec))
     _last_batch_settings = settings
     return settings
 
@@ -577,7 +579,7 @@ class ModelAveraging(TrainingMode):
         return spec.training.local_steps
 
     def begin(self, spec, manifest, model, params, shard, round_index, worker):
-        optimizer_state = build_optimizer(spec).init_state(params)
+        optimizer_state = _batch_settings(spec, manifest).optimizer.init_state(params)
         return {
             "step": np.int64(0),
             "params": np.array(params, dtype=np.float64),
@@ -587,11 +589,11 @@ class ModelAveraging(TrainingMode):
         }
 
     def advance(self, spec, manifest, model, params, shard, round_index, worker, progress):
-        optimizer = build_optimizer(spec)
+        settings = _batch_settings(spec, manifest)
+        optimizer = settings.optimizer
         steps = self.batches_per_round(spec, manifest)
         step = int(progress["step"])
         global_step = round_index * steps + step
-        settings = _batch_settings(spec, manifest)
         rows = batch_indices(settings.seed, global_step, worker, shard.n_rows, settings.per_epoch,
                              settings.batch_size)
 
