@@ -486,9 +486,25 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
              remaining_millis: Callable[[], int] | None = None) -> dict[str, np.ndarray] | None:
     """Compute one worker's contribution to one round and record it.
 
-    Returns the result arrays, or None when this invocation saved its progress and sent a
-    continuation, or found its result already recorded. A redelivered task either finds
-    its worker recorded or computes and writes the same bytes again.
+    A redelivered task either finds its worker recorded or computes and writes the same
+    bytes again.
+
+    Parameters
+    ----------
+    services : Services
+    task : TaskMessage
+        The job, round and worker, and the link of a continuation chain when it is one.
+    message_id : str
+        The SQS message id, saved with the progress, so a redelivery of the link that saved
+        it runs again.
+    remaining_millis : callable, optional
+        Returns the invocation's remaining time; without it the worker never stops early.
+
+    Returns
+    -------
+    dict of str to ndarray or None
+        The result arrays, or None when this invocation saved its progress and sent a
+        continuation, or found its result already recorded.
 
     Raises
     ------

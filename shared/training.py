@@ -382,12 +382,33 @@ class TrainingMode(ABC):
     @abstractmethod
     def begin(self, spec: JobSpec, manifest: dict, model: Model, params: np.ndarray, shard,
               round_index: int, worker: int) -> dict[str, np.ndarray]:
-        """Return the progress of worker ``worker`` before its first step of the round."""
+        """Return the progress of worker ``worker`` before its first step of the round.
+
+        Parameters
+        ----------
+        spec : JobSpec
+        manifest : dict
+            The job's data manifest (``data/manifest.json``): shard rows, features, classes.
+        model : Model
+        params : ndarray of shape (n_params,)
+            The round's parameters, as the round's state file holds them. Not modified.
+        shard : shared.data.Shard
+            The worker's memory-mapped training rows.
+        round_index : int
+            The round, from 0.
+        worker : int
+            The worker, from 0; with the seed and the round it decides the batch.
+        """
 
     @abstractmethod
     def advance(self, spec: JobSpec, manifest: dict, model: Model, params: np.ndarray, shard,
                 round_index: int, worker: int, progress: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
-        """Do one step; return the new progress and whether the worker's share is complete."""
+        """Do one step; return the new progress and whether the worker's share is complete.
+
+        The parameters are those of :meth:`begin`, and ``progress`` is what :meth:`begin`
+        or the previous :meth:`advance` returned. It is not modified, so a step that fails
+        halfway leaves the saved progress as it was.
+        """
 
     @abstractmethod
     def finish(self, progress: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
