@@ -391,7 +391,7 @@ class TrainingMode(ABC):
             The job's data manifest (``data/manifest.json``): shard rows, features, classes.
         model : Model
         params : ndarray of shape (n_params,)
-            The round's parameters, as the round's state file holds them. Not modified.
+            The parameters stored in the round's state file. Not modified.
         shard : shared.data.Shard
             The worker's memory-mapped training rows.
         round_index : int
