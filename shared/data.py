@@ -850,14 +850,27 @@ def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int,
     return shards, validation
 
 
-def standardization_scale(variance: np.ndarray) -> np.ndarray:
+def standardization_scale(variance: np.ndarray, mean: np.ndarray, count: float) -> np.ndarray:
     """Return the standard deviation of each feature, with 1 for constant features.
 
-    This is what scikit-learn's ``StandardScaler`` does, so a constant feature is left
-    as it is instead of being divided by zero.
+    A constant feature is left as it is instead of being divided by a rounding error, as
+    scikit-learn's ``StandardScaler`` does. A feature counts as constant when its variance
+    is no larger than the error that summing ``count`` rows in float64 can leave in it,
+    ``count * eps * variance + (count * |mean| * eps) ** 2``, so a constant column of
+    large values (1e6, say) stays unscaled too.
+
+    Parameters
+    ----------
+    variance, mean : ndarray of shape (n_features,)
+        Of the training rows.
+    count : float
+        The number of training rows.
     """
-    scale = np.sqrt(np.maximum(variance, 0.0))
-    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
+    variance = np.maximum(variance, 0.0)
+    eps = np.finfo(np.float64).eps
+    rounding = count * eps * variance + (count * np.abs(mean) * eps) ** 2
+    scale = np.sqrt(variance)
+    scale[(variance <= rounding) | (scale < 10 * eps)] = 1.0
     return scale
 
 

@@ -821,8 +821,16 @@ def _combine_stats(previous: dict[str, np.ndarray], X) -> dict[str, np.ndarray]:
     if n_block == 0:
         return previous
     if sp.issparse(X):
-        mean_block = np.asarray(X.mean(axis=0)).ravel()
-        m2_block = np.asarray(X.multiply(X).sum(axis=0)).ravel() - n_block * mean_block ** 2
+        # The deviations of the stored values from the column means, plus those of the
+        # implicit zeros. The shortcut sum(x²) - n·mean² cancels away the variance of a
+        # column whose mean is large against its spread (a constant 0.1, or 1e9 ± 1e3).
+        X = sp.csr_matrix(X)
+        n_features = X.shape[1]
+        mean_block = np.bincount(X.indices, weights=X.data, minlength=n_features) / n_block
+        deviations = X.data - mean_block[X.indices]
+        stored = np.bincount(X.indices, minlength=n_features)
+        m2_block = (np.bincount(X.indices, weights=deviations * deviations, minlength=n_features)
+                    + (n_block - stored) * mean_block ** 2)
     else:
         mean_block = X.mean(axis=0)
         m2_block = ((X - mean_block) ** 2).sum(axis=0)
@@ -842,7 +850,7 @@ def _scaling(files: PreparationFiles, split: dict) -> tuple[np.ndarray | None, n
     if split["n_stats_blocks"] == 0:
         return None
     stats = files.store.read_arrays(files.stats(split["n_stats_blocks"] - 1))
-    scale = datasets.standardization_scale(stats["m2"] / float(stats["count"]))
+    scale = datasets.standardization_scale(stats["m2"] / float(stats["count"]), stats["mean"], float(stats["count"]))
     return (None if split["sparse"] else stats["mean"]), scale
 
 

@@ -8,10 +8,11 @@ import uuid
 import boto3
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from shared import data as datasets
 from shared.efs import EfsStore
-from shared.preparation import ALLOWED_S3_BUCKETS_VARIABLE, layout_summary
+from shared.preparation import ALLOWED_S3_BUCKETS_VARIABLE, _combine_stats, _empty_stats, layout_summary
 from shared.spec import parse_job_spec
 from tests.conftest import A9A_DIR
 from shared.state import FAILED, SUCCEEDED
@@ -185,6 +186,53 @@ def test_standardize_uses_training_rows_only(inprocess_stack, efs_root):
     np.testing.assert_allclose(training_X.mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(training_X.std(axis=0), 1.0, atol=1e-5)
     assert np.abs(validation_X.mean(axis=0)).max() > 1e-3
+
+
+def far_from_zero_columns(n_rows: int) -> np.ndarray:
+    """Return float32 columns whose mean is large against their spread, and a constant one."""
+    rng = np.random.default_rng(7)
+    return np.column_stack([rng.standard_normal(n_rows), np.full(n_rows, 0.1), 1000.0 + rng.standard_normal(n_rows),
+                            np.where(rng.random(n_rows) < 0.5, 0.0, 5e4 + rng.standard_normal(n_rows))]
+                           ).astype(np.float32)
+
+
+def test_sparse_stats_match_dense_stats():
+    X = far_from_zero_columns(5000).astype(np.float64)
+    dense, sparse = _empty_stats(4), _empty_stats(4)
+    for start in range(0, len(X), 1500):
+        dense = _combine_stats(dense, X[start:start + 1500])
+        sparse = _combine_stats(sparse, sp.csr_matrix(X[start:start + 1500]))
+
+    np.testing.assert_allclose(sparse["mean"], X.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(sparse["m2"] / len(X), X.var(axis=0), rtol=1e-7, atol=1e-20)
+    np.testing.assert_allclose(dense["m2"] / len(X), X.var(axis=0), rtol=1e-7, atol=1e-20)
+
+
+def test_standardize_leaves_constant_columns_unscaled():
+    variance = np.array([1.0, 0.0, 1e-22, 1e-9])
+    mean = np.array([0.0, 0.1, 1e6, 1e6])
+
+    scale = datasets.standardization_scale(variance, mean, 5000.0)
+
+    np.testing.assert_array_equal(scale, [1.0, 1.0, 1.0, np.sqrt(1e-9)])
+
+
+def test_sparse_standardize_scales_like_numpy(inprocess_stack, efs_root):
+    X = far_from_zero_columns(1200)
+    y = (X[:, 0] > 0).astype(int)
+    lines = [" ".join([str(label), *(f"{column + 1}:{value!r}" for column, value in enumerate(row.tolist()) if value)])
+             for label, row in zip(y, X)]
+    (efs_root / "datasets" / "far.svm").write_text("\n".join(lines) + "\n")
+    spec = {"job_id": "far-from-zero", "model": {"name": "logistic_regression"},
+            "data": {"path": "datasets/far.svm", "n_features": 4, "standardize": True, "validation_fraction": 0},
+            "training": {"n_workers": 2, "max_rounds": 1}}
+
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+
+    scale = np.load(efs_root / "jobs" / "far-from-zero" / "data" / "standardize.npz")["scale"]
+    expected = X.astype(np.float64).std(axis=0)
+    expected[1] = 1.0
+    np.testing.assert_allclose(scale, expected, rtol=1e-6)
 
 
 def test_stratified_shards_keep_class_shares(inprocess_stack, efs_root):
