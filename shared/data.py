@@ -495,6 +495,11 @@ def _split_fields(line: str, delimiter: str) -> list[str]:
 
 
 def _is_number(field: str) -> bool:
+    # A number may stand in double quotes, as spreadsheets write it; numpy.loadtxt reads
+    # it with quotechar='"'. Its text then runs from the opening to the closing quote.
+    unquoted = field.rstrip()
+    if unquoted.startswith('"') and unquoted.endswith('"') and len(unquoted) >= 2:
+        field = unquoted[1:-1]
     # float() also accepts digit separators ("1_000") and any Unicode digit or space
     # ("٢٠.٢٩", full-width "２０"), which numpy.loadtxt rejects.
     if "_" in field or not field.isascii():
@@ -554,7 +559,7 @@ def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int |
         return np.zeros((0, width), dtype=np.float32), np.zeros(0, dtype=np.float64)
     try:
         table = np.loadtxt(io.StringIO(text, newline=None), delimiter=csv_delimiter(delimiter), ndmin=2,
-                           dtype=np.float64, comments=None)
+                           dtype=np.float64, comments=None, quotechar='"')
     except ValueError as error:
         problem = find_csv_problem(text, delimiter, label_index, n_columns, source, first_line_number, reference)
         # NOTE: numpy's own message is the fallback for a line that the check above accepts.

@@ -476,3 +476,27 @@ def test_csv_read_as_libsvm_points_at_format(tmp_path):
     message = str(raised.value)
     assert "line 1 in 'table.csv'" in message
     assert "set it to csv" in message
+
+
+def test_csv_quoted_numbers_read():
+    from shared.data import parse_csv_text
+
+    quoted_X, quoted_y = parse_csv_text('"0.5","1"\n"-2e3",0\n', ",", 1, None, "quoted.csv")
+    plain_X, plain_y = parse_csv_text("0.5,1\n-2e3,0\n", ",", 1, None, "quoted.csv")
+
+    np.testing.assert_array_equal(quoted_X, plain_X)
+    np.testing.assert_array_equal(quoted_y, plain_y)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('1,0\n"0.5,1\n2,0\n', "line 2 of 'quoted.csv', column 1 is '\"0.5'"),
+    ('1,0\n"a",1\n', "line 2 of 'quoted.csv', column 1 is '\"a\"', which is not a number"),
+])
+def test_csv_bad_quoted_value_named(text, words):
+    from shared.data import parse_csv_text
+    from shared.errors import DataError
+
+    with pytest.raises(DataError) as raised:
+        parse_csv_text(text, ",", 1, None, "quoted.csv")
+
+    assert words in str(raised.value)
