@@ -274,7 +274,10 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
     """
     record = require_job(store, job_id)
     rounds = store.list_round_metrics(job_id)
-    copy_model = record.status == SUCCEEDED and efs_root is not None
+    # A cancel that comes while the last round is aggregated can find the model written.
+    cancelled_with_model = (record.status == CANCELLED and efs_root is not None
+                            and (EfsStore(efs_root).model_dir(job_id) / "model.json").is_file())
+    copy_model = (record.status == SUCCEEDED or cancelled_with_model) and efs_root is not None
     if copy_model:
         model_dir = EfsStore(efs_root).model_dir(job_id)
         if not model_dir.is_dir():
@@ -292,6 +295,9 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
 
     if copy_model:
         result.written += _copy_model(efs_root, job_id, output_dir)
+        if cancelled_with_model:
+            result.notes.append(f"job '{job_id}' was CANCELLED while its last round was aggregated, after it wrote "
+                                "its model; that model, trained for every round, is copied")
     elif record.status != SUCCEEDED:
         result.notes.append(_no_model_note(job_id, record.status, record.error))
     else:

@@ -121,6 +121,26 @@ def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     assert "pass --efs-root" not in without_efs.stderr
 
 
+def test_fetch_copies_model_of_late_cancel(finished_job, tmp_path):
+    # A cancel that lands while the last round is aggregated leaves the job CANCELLED with
+    # its model written. Here the job finishes first and is marked CANCELLED afterwards.
+    stack, efs_root = finished_job["stack"], finished_job["efs_root"]
+    stack.submit({**breast_cancer_spec(), "job_id": "late-cancel"})
+    assert stack.wait("late-cancel", timeout_seconds=120).status == "SUCCEEDED"
+    stack.client("dynamodb").update_item(
+        TableName=stack.settings.state_table_name, Key={"pk": {"S": "JOB#late-cancel"}, "sk": {"S": "JOB"}},
+        UpdateExpression="SET #status = :cancelled", ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues={":cancelled": {"S": "CANCELLED"}})
+    output = tmp_path / "fetched"
+
+    result = CliRunner().invoke(main, ["fetch", "late-cancel", *finished_job["arguments"], "--output", str(output),
+                                       "--efs-root", str(efs_root)])
+
+    assert result.exit_code == 0, result.output
+    assert (output / "model" / "params.npy").is_file()
+    assert "was CANCELLED while its last round was aggregated" in result.stderr
+
+
 def test_fetch_rejects_wrong_efs_root(finished_job, tmp_path):
     result = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(tmp_path / "out"),
                                        "--efs-root", str(tmp_path)])
