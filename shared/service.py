@@ -348,6 +348,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     mode = get_training_mode(spec, model)
     params = mode.initial_params(
         spec, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
+    _set_aside_earlier_run(store, spec.job_id)
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
 
     rounds = mode.total_rounds(spec, manifest)
@@ -359,6 +360,49 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     services.queues.send_tasks(spec.job_id, 0, list(range(spec.training.n_workers)))
     logger.info("job started", extra={"job_id": spec.job_id, "total_rounds": rounds,
                                       "n_workers": spec.training.n_workers})
+
+
+EARLIER_RUNS_FOLDER = "earlier-runs"
+
+
+def _set_aside_earlier_run(store: EfsStore, job_id: str) -> Path | None:
+    """Move the rounds, metrics and model of an earlier run of the job into ``earlier-runs/<n>/``.
+
+    A job that starts round 0 has aggregated no round yet. So metrics, a model or round
+    folders after round 0 on EFS belong to an earlier run of the same spec whose job item
+    is gone, as after a new local stack or a redeployed table. Left in place, its metrics would
+    mix with the new run's in ``fetch`` and ``plot``. Nothing is deleted, since they may
+    hold a trained model. Returns the folder they were moved to, or None if there were none.
+    """
+    job_dir = store.job_dir(job_id)
+    rounds_dir = job_dir / "rounds"
+    earlier = [job_dir / name for name in ("metrics", "model") if (job_dir / name).exists()]
+    if rounds_dir.is_dir():
+        earlier += [path for path in rounds_dir.iterdir() if not (path.name.isdigit() and int(path.name) == 0)]
+    if not earlier:
+        return None
+    runs_dir = job_dir / EARLIER_RUNS_FOLDER
+    runs_dir.mkdir(exist_ok=True)
+    number = 1 + sum(1 for path in runs_dir.iterdir() if path.name.isdigit())
+    while True:
+        destination = runs_dir / str(number)
+        try:
+            destination.mkdir()
+            break
+        except FileExistsError:
+            # A twin delivery of this message took that number.
+            number += 1
+    (destination / "rounds").mkdir()
+    for path in earlier:
+        try:
+            # One rename per folder, within one file system.
+            os.replace(path, destination / path.relative_to(job_dir))
+        except FileNotFoundError:
+            # A twin delivery moved it first.
+            continue
+    logger.warning("moved the files of an earlier run of this job aside", extra={
+        "job_id": job_id, "path": str(destination.relative_to(store.root))})
+    return destination
 
 
 # Continuation ----------------------------------------------------------------------------

@@ -110,6 +110,29 @@ def test_unchanged_source_reuses_shards(inprocess_stack, efs_root):
     assert (final_params(efs_root, "rerun-same") == first).all()
 
 
+def test_rerun_sets_earlier_run_aside(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("rerun-aside")
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    job_dir = efs_root / "jobs" / "rerun-aside"
+    first_metrics = sorted(path.name for path in (job_dir / "metrics").iterdir())
+    first = final_params(efs_root, "rerun-aside")
+    forget_job(inprocess_stack, "rerun-aside")
+    inprocess_stack.submit(spec)
+
+    # The starter's delivery alone: it prepares and starts round 0, and no round is aggregated yet.
+    inprocess_stack.step("JobsQueue")
+
+    earlier = job_dir / "earlier-runs" / "1"
+    assert not (job_dir / "metrics").exists()
+    assert not (job_dir / "model").exists()
+    assert sorted(path.name for path in (job_dir / "rounds").iterdir()) == ["0"]
+    assert sorted(path.name for path in (earlier / "metrics").iterdir()) == first_metrics
+    assert (np.load(earlier / "model" / "params.npy") == first).all()
+    inprocess_stack.run()
+    assert inprocess_stack.services.state.get_job("rerun-aside").status == SUCCEEDED
+    assert (final_params(efs_root, "rerun-aside") == first).all()
+
+
 def test_changed_source_not_reused(inprocess_stack, efs_root):
     spec = breast_cancer_spec("rerun-changed")
     assert run_job(inprocess_stack, spec).status == SUCCEEDED
