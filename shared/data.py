@@ -880,10 +880,15 @@ def standardization_scale(variance: np.ndarray, mean: np.ndarray, count: float) 
 
 
 def standardize_rows(X, mean: np.ndarray | None, scale: np.ndarray):
-    """Return ``(X - mean) / scale`` in float64, or ``X / scale`` for sparse ``X`` (``mean`` None)."""
+    """Return ``(X - mean) / scale`` in float64, or ``X / scale`` when ``mean`` is None.
+
+    ``mean`` is None for a job whose training data was sparse, which is scaled but not
+    centred; its rows may still come dense, as a user's array to predict on.
+    """
     if sp.issparse(X):
         return sp.csr_matrix(X.astype(np.float64).multiply(1.0 / scale).tocsr())
-    return (np.asarray(X, dtype=np.float64) - mean) / scale
+    X = np.asarray(X, dtype=np.float64)
+    return X / scale if mean is None else (X - mean) / scale
 
 
 def shard_folder(store: EfsStore, job_id: str, destination: int | str) -> Path:

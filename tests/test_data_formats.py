@@ -500,3 +500,14 @@ def test_csv_bad_quoted_value_named(text, words):
         parse_csv_text(text, ",", 1, None, "quoted.csv")
 
     assert words in str(raised.value)
+
+
+def test_sparse_scaling_applies_to_dense_rows():
+    rows = np.array([[2.0, 0.0], [0.0, 6.0]])
+    scale = np.array([2.0, 3.0])
+
+    dense = datasets.standardize_rows(rows, None, scale)
+    sparse = datasets.standardize_rows(sp.csr_matrix(rows), None, scale)
+
+    np.testing.assert_array_equal(dense, [[1.0, 0.0], [0.0, 2.0]])
+    np.testing.assert_array_equal(sparse.toarray(), dense)
