@@ -713,14 +713,17 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
             _create_partial_files(files, target, n_workers, destination_rows[target],
                                   destination_nnz[target] if sparse else None, n_features, y.dtype)
 
-    class_counts = None if classes is None else np.bincount(
-        y[:n_train][destination[:n_train] < n_workers], minlength=len(classes)).tolist()
+    training_y = y[:n_train][destination[:n_train] < n_workers]
+    class_counts = None if classes is None else np.bincount(training_y, minlength=len(classes)).tolist()
+    # A regression model starts with its output bias at the training targets' mean.
+    target_mean = None if classes is not None or len(training_y) == 0 else float(np.mean(training_y))
     n_blocks = math.ceil(n_train / STATS_BLOCK_ROWS) if spec.data.standardize else 0
     store.write_json(files.split, {
         "n_features": n_features,
         "sparse": sparse,
         "classes": None if classes is None else classes.tolist(),
         "class_counts": class_counts,
+        "target_mean": target_mean,
         "destination_rows": destination_rows,
         "part_row_starts": np.concatenate(([0], np.cumsum(rows_per_part))).tolist(),
         "n_train_rows": n_train,
@@ -931,6 +934,7 @@ def _finalize(files: PreparationFiles, spec: JobSpec) -> None:
         "n_features": int(split["n_features"]),
         "classes": split["classes"],
         "class_counts": split["class_counts"],
+        "target_mean": split.get("target_mean"),
         "sparse": bool(split["sparse"]),
         "shard_rows": split["destination_rows"][:n_workers],
         "validation_rows": int(split["destination_rows"][n_workers]),

@@ -38,6 +38,8 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
     model = build_model(spec, manifest)
     optimizer = build_optimizer(spec)
     params = model.init_params(initial_params_rng(spec.training.seed))
+    if model.task == "regression" and manifest.get("target_mean") is not None:
+        params[-1] = manifest["target_mean"]
     state = optimizer.init_state(params)
 
     batch_size = spec.training.batch_size

@@ -347,7 +347,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     optimizer = build_optimizer(spec)
     mode = get_training_mode(spec, model)
     params = mode.initial_params(
-        spec, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
+        spec, manifest, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
     _set_aside_earlier_run(store, spec.job_id)
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
 

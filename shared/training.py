@@ -483,13 +483,22 @@ class TrainingMode(ABC):
         per_epoch = rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
         return (round_index + 1) * self.batches_per_round(spec, manifest) / per_epoch
 
-    def initial_params(self, spec: JobSpec, model: Model, load_sample: Callable[[int], object]) -> np.ndarray:
+    def initial_params(self, spec: JobSpec, manifest: dict, model: Model,
+                       load_sample: Callable[[int], object]) -> np.ndarray:
         """Return the parameters of round 0.
 
         ``load_sample(max_rows)`` returns up to ``max_rows`` training rows; it is called
-        only by models whose start depends on the data.
+        only by models whose start depends on the data. A regression model's output bias,
+        its last parameter, starts at the mean of the training targets (the manifest's
+        ``target_mean``), where a least-squares intercept lands for centred features.
+        Targets far from zero then need no long walk of the bias. An optimizer whose step
+        is bounded by its learning rate, such as Adam, would need far more rounds for it
+        than a job runs.
         """
-        return model.init_params(initial_params_rng(spec.training.seed))
+        params = model.init_params(initial_params_rng(spec.training.seed))
+        if model.task == "regression" and manifest.get("target_mean") is not None:
+            params[-1] = manifest["target_mean"]
+        return params
 
 
 _INT64_ZERO = np.int64(0)
@@ -698,7 +707,7 @@ class StatisticsMode(TrainingMode):
     def batches_per_round(self, spec, manifest):
         return rounds_per_epoch(manifest["shard_rows"], spec.training.batch_size)
 
-    def initial_params(self, spec, model, load_sample):
+    def initial_params(self, spec, manifest, model, load_sample):
         sample = load_sample(KMEANS_INIT_SAMPLE_ROWS)
         return model.init_params_from_data(sample, initial_params_rng(spec.training.seed))
 

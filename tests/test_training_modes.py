@@ -87,6 +87,9 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
         return params
 
     params = model.init_params(initial_params_rng(training.seed))
+    if model.task == "regression":
+        # The output bias starts at the training targets' mean.
+        params[-1] = np.mean(np.concatenate([np.asarray(shard.y, dtype=np.float64) for shard in shards]))
     if training.mode == "gradient_average":
         state = optimizer.init_state(params)
         rounds = min(training.max_rounds, int(np.ceil(training.max_epochs * per_epoch)))
@@ -178,7 +181,7 @@ def test_overflowing_validation_loss_fails_job(inprocess_stack, efs_root):
     shutil.copyfile(source, efs_root / "datasets" / "california_housing" / source.name)
     # House values in dollars, unscaled: the network's outputs grow round by round until the
     # validation loss overflows, while the weights stay below the divergence bound.
-    spec = {"job_id": "mlp-overflow", "model": {"name": "mlp_regressor", "hidden_layer_sizes": [16]},
+    spec = {"job_id": "mlp-overflow", "model": {"name": "mlp_regressor", "hidden_layer_sizes": [16, 16]},
             "optimizer": {"name": "momentum", "learning_rate": 0.001, "momentum": 0.9},
             "data": {"path": f"datasets/california_housing/{source.name}", "format": "csv", "delimiter": "\t",
                      "header": True, "label_column": "target", "validation_fraction": 0.2, "standardize": True},
@@ -192,6 +195,38 @@ def test_overflowing_validation_loss_fails_job(inprocess_stack, efs_root):
     recorded = inprocess_stack.services.state.list_round_metrics(spec["job_id"])
     assert all(np.isfinite(entry["validation_loss"]) for entry in recorded)
     assert f"diverged in round {len(recorded) + 1}:" in record.error
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "linear_regression", "alpha": 1e-4},
+    {"name": "mlp_regressor", "hidden_layer_sizes": [8], "activation": "tanh"},
+])
+def test_regression_starts_at_target_mean(inprocess_stack, efs_root, model):
+    # Targets near 1e9: Adam moves the output bias by about its learning rate per round, so
+    # from 0 it would stay near 0 for as many rounds as any job runs.
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((600, 3))
+    y = 1e9 + X @ np.array([10.0, -20.0, 5.0]) + rng.standard_normal(600)
+    np.savetxt(efs_root / "datasets" / "offset.csv", np.column_stack([X, y]), delimiter=",", fmt="%.10g")
+    spec = {"job_id": "offset", "model": model, "optimizer": {"name": "adam", "learning_rate": 0.5},
+            "data": {"path": "datasets/offset.csv", "format": "csv", "validation_fraction": 0.2,
+                     "standardize": True},
+            "training": {"n_workers": 2, "batch_size": 64, "max_epochs": 50, "seed": 5}}
+
+    inprocess_stack.submit(spec)
+    inprocess_stack.step("JobsQueue")
+    store = EfsStore(efs_root)
+    start = store.read_arrays(store.state_path("offset", 0))["params"]
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("offset")
+    manifest = store.read_json(store.data_dir("offset") / "manifest.json")
+    training_y = np.concatenate([np.asarray(datasets.load_shard(store, "offset", manifest, worker).y)
+                                 for worker in range(2)])
+    assert record.status == SUCCEEDED, record.error
+    assert manifest["target_mean"] == pytest.approx(training_y.mean(), rel=1e-15)
+    assert start[-1] == manifest["target_mean"]
+    assert inprocess_stack.services.state.list_round_metrics("offset")[-1]["validation_r2"] > 0.9
 
 
 def test_mode_chosen_by_spec_and_model():
