@@ -18,6 +18,12 @@ BINCOUNT_MAX_VALUES = 8192
 class LinearModel(Model):
     """A model whose score is ``x . w + b``, with parameters ``[w_1, ..., w_n_features, b]``.
 
+    Subclasses give the per-row loss of the scores in :meth:`_losses_from_scores`. A
+    subclass with one score per class, such as softmax regression, overrides
+    :attr:`n_params`, :attr:`_weights_slice`, :meth:`_scores` and
+    :meth:`_gradient_from_residuals`, and keeps the penalty, :meth:`loss_grad` and
+    :meth:`proximal` of this class.
+
     Parameters
     ----------
     n_features : int
@@ -50,26 +56,51 @@ class LinearModel(Model):
     def n_params(self) -> int:
         return self.n_features + 1
 
+    @property
+    def _weights_slice(self) -> slice:
+        """Slice of the parameter vector with the weights, the only part the penalty applies to.
+
+        The biases follow it, up to the end of the vector.
+        """
+        return slice(0, self.n_features)
+
     def init_params(self, rng: np.random.Generator) -> np.ndarray:
         # Every linear loss here is convex, so zeros are a fine and reproducible start.
         return np.zeros(self.n_params, dtype=np.float64)
 
     def decision_function(self, params: np.ndarray, X) -> np.ndarray:
-        """Return ``X @ w + b``, shape ``(n_samples,)``."""
+        """Return the scores ``X @ w + b``, shape ``(n_samples,)``.
+
+        A subclass with one score per class returns shape ``(n_samples, n_classes)``.
+        """
         return self._scores(self._check_params(params), self._check_X(X))
 
+    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        params = self._check_params(params)
+        X = self._check_X(X)
+        sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
+        losses, residuals = self._losses_from_scores(self._scores(params, X), y, with_grad=True)
+        if sample_weight is not None:
+            losses *= sample_weight
+            # Residuals with one column per class take their row's weight in every column.
+            residuals *= sample_weight if residuals.ndim == 1 else sample_weight[:, np.newaxis]
+        return float(np.add.reduce(losses)), self._gradient_from_residuals(X, residuals)
+
     def penalty_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
-        value, weights_grad = self._penalty.value_grad(params[:-1])
+        weights = self._weights_slice
+        value, weights_grad = self._penalty.value_grad(params[weights])
         grad = np.zeros_like(params)
-        grad[:-1] = weights_grad
+        grad[weights] = weights_grad
         return value, grad
 
     def proximal(self, params: np.ndarray, step: float) -> np.ndarray:
-        """Soft-threshold ``w`` when ``l1_method="proximal"``, leaving the bias as it is."""
+        """Soft-threshold the weights when ``l1_method="proximal"``, leaving the biases as they are."""
         if self._penalty.l1_method != "proximal":
             return params
+        weights = self._weights_slice
         result = params.copy()
-        result[:-1] = self._penalty.proximal(params[:-1], step)
+        result[weights] = self._penalty.proximal(params[weights], step)
         return result
 
     def _scores(self, params: np.ndarray, X) -> np.ndarray:

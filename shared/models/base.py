@@ -144,25 +144,60 @@ class Model(ABC):
         ``(n_samples, n_outputs)`` for models with one score per class or cluster.
         """
 
-    @abstractmethod
     def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
         """Return evaluation metrics on ``(X, y)``: always ``loss``, plus ``accuracy`` or ``r2``.
 
         ``loss`` is the mean per-row data loss, without the penalty and without sample
-        weights. Subclasses may add further metrics.
+        weights. Classifiers return ``loss`` and ``accuracy``, and regressors ``loss``
+        (half the mean squared error), ``mse`` and ``r2``. Every metric comes from one call of
+        :meth:`decision_function`, without a gradient. Subclasses may return other metrics.
         """
+        scores = self.decision_function(params, X)
+        if self.task == "regression":
+            return regression_metrics(scores, y)
+
+        losses, _ = self._losses_from_scores(scores, y, with_grad=False)
+        predicted = self._predict_from_scores(scores)
+        return {"loss": float(losses.sum()) / X.shape[0], "accuracy": float(np.mean(predicted == y))}
 
     def predict(self, params: np.ndarray, X) -> np.ndarray:
         """Return the predicted target of each row, in the encoding of :meth:`encode_targets`.
 
         Classifiers return int64 class indices, regressors float64 values.
         """
-        scores = self.decision_function(params, X)
+        return self._predict_from_scores(self.decision_function(params, X))
+
+    def _predict_from_scores(self, scores: np.ndarray) -> np.ndarray:
         if self.task == "regression":
             return scores
         if scores.ndim == 1:
             return (scores > 0).astype(np.int64)
         return np.argmax(scores, axis=1).astype(np.int64)
+
+    def _losses_from_scores(self, scores: np.ndarray, y: np.ndarray, *,
+                            with_grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return each row's data loss and, if ``with_grad``, its derivative with respect to the scores.
+
+        Gradient models implement this, and both :meth:`loss_grad` and :meth:`metrics`
+        call it, so training and evaluation use the same loss.
+
+        Parameters
+        ----------
+        scores : ndarray
+            Scores as :meth:`decision_function` returns them. They are only read.
+        y : ndarray of shape (n_samples,)
+            Encoded targets.
+        with_grad : bool
+            Whether to compute the derivative.
+
+        Returns
+        -------
+        losses : ndarray of shape (n_samples,)
+            Unweighted per-row losses.
+        scores_grad : ndarray of the shape of ``scores``, or None
+            ``d losses[i] / d scores[i]``, or None when ``with_grad`` is False.
+        """
+        raise NotImplementedError(f"model '{self.name}' has no per-row loss of its scores")
 
     def penalty_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         """Return the regularisation penalty and its gradient; zero by default."""
@@ -394,6 +429,24 @@ def compute_class_weights(y_encoded: np.ndarray, n_classes: int,
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise JobSpecError("model.class_weight", f"got weights {weights.tolist()}; every weight must be finite and >= 0")
     return weights
+
+
+def regression_metrics(predicted: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Return ``loss`` (half the MSE), ``mse`` and ``r2`` of ``predicted`` against ``y``.
+
+    ``r2`` is ``1 - SS_res / SS_tot``. For constant ``y`` it is 1.0 when the predictions
+    are exact and 0.0 otherwise, as in scikit-learn's ``r2_score``.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    residual_sum_of_squares = float(np.sum((y - predicted) ** 2))
+    total_sum_of_squares = float(np.sum((y - y.mean()) ** 2))
+    mse = residual_sum_of_squares / len(y)
+
+    if total_sum_of_squares > 0.0:
+        r2 = 1.0 - residual_sum_of_squares / total_sum_of_squares
+    else:
+        r2 = 1.0 if residual_sum_of_squares == 0.0 else 0.0
+    return {"loss": 0.5 * mse, "mse": mse, "r2": r2}
 
 
 def _parse_weight(value) -> float:

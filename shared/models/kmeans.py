@@ -157,10 +157,7 @@ class KMeans(Model):
         X = self._check_X(X)
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
         weights = np.ones(X.shape[0]) if sample_weight is None else sample_weight
-
-        distances = _squared_distances(X, _squared_row_norms(X), self.centroids(params))
-        labels = np.argmin(distances, axis=1)
-        nearest = distances[np.arange(X.shape[0]), labels]
+        labels, nearest = self._nearest_centroids(params, X)
 
         # A sparse (n_clusters, n_samples) assignment matrix sums rows per cluster without
         # densifying a sparse X.
@@ -200,8 +197,17 @@ class KMeans(Model):
 
     def metrics(self, params: np.ndarray, X, y: np.ndarray | None = None) -> dict[str, float]:
         """Return ``loss`` (the mean squared distance to the nearest centroid) and ``inertia``."""
-        inertia = float(self.partial_statistics(params, X)["inertia"][0])
+        _, nearest = self._nearest_centroids(self._check_params(params), self._check_X(X))
+        # partial_statistics sums the inertia as a dot product with the row weights, so a
+        # dot product with unit weights gives the same bits.
+        inertia = float(np.ones(X.shape[0]) @ nearest)
         return {"loss": inertia / X.shape[0], "inertia": inertia}
+
+    def _nearest_centroids(self, params: np.ndarray, X) -> tuple[np.ndarray, np.ndarray]:
+        """Return the index of each row's nearest centroid and the squared distance to it."""
+        distances = _squared_distances(X, _squared_row_norms(X), self.centroids(params))
+        labels = np.argmin(distances, axis=1)
+        return labels, distances[np.arange(X.shape[0]), labels]
 
 
 def _squared_row_norms(X) -> np.ndarray:

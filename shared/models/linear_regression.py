@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from shared.models._linear import LinearModel
+from shared.models._losses import squared_error
 
 
 class LinearRegression(LinearModel):
@@ -45,35 +46,6 @@ class LinearRegression(LinearModel):
     name = "linear_regression"
     task = "regression"
 
-    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
-                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-        params = self._check_params(params)
-        X = self._check_X(X)
-        sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
-        residuals = self._scores(params, X) - y
-        losses = 0.5 * residuals * residuals
-        if sample_weight is not None:
-            losses = losses * sample_weight
-            residuals = residuals * sample_weight
-        return float(losses.sum()), self._gradient_from_residuals(X, residuals)
-
-    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
-        return regression_metrics(self.predict(params, X), y)
-
-
-def regression_metrics(predicted: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Return ``loss`` (half the MSE), ``mse`` and ``r2`` of ``predicted`` against ``y``.
-
-    ``r2`` is ``1 - SS_res / SS_tot``. For constant ``y`` it is 1.0 when the predictions
-    are exact and 0.0 otherwise, as in scikit-learn's ``r2_score``.
-    """
-    y = np.asarray(y, dtype=np.float64)
-    residual_sum_of_squares = float(np.sum((y - predicted) ** 2))
-    total_sum_of_squares = float(np.sum((y - y.mean()) ** 2))
-    mse = residual_sum_of_squares / len(y)
-
-    if total_sum_of_squares > 0.0:
-        r2 = 1.0 - residual_sum_of_squares / total_sum_of_squares
-    else:
-        r2 = 1.0 if residual_sum_of_squares == 0.0 else 0.0
-    return {"loss": 0.5 * mse, "mse": mse, "r2": r2}
+    def _losses_from_scores(self, scores: np.ndarray, y: np.ndarray, *,
+                            with_grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return squared_error(scores, y, with_grad=with_grad)

@@ -23,29 +23,17 @@ class LogisticRegression(LinearModel):
     name = "logistic_regression"
     task = "binary"
 
-    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
-                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-        params = self._check_params(params)
-        X = self._check_X(X)
-        sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
-        scores = self._scores(params, X)
+    def _losses_from_scores(self, scores: np.ndarray, y: np.ndarray, *,
+                            with_grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
         signs = 2.0 * y - 1.0
-        # The margins overwrite the scores, which are needed no further.
-        margins = np.multiply(signs, scores, out=scores)
+        losses, sigmoid_of_negated = logistic_loss(signs * scores, with_grad=with_grad)
+        if not with_grad:
+            return losses, None
         # d/dz log(1 + exp(-s z)) = -s * sigmoid(-s z).
-        losses, residuals = logistic_loss(margins)
-        np.multiply(residuals, np.negative(signs, out=signs), out=residuals)
-        if sample_weight is not None:
-            losses *= sample_weight
-            residuals *= sample_weight
-        return float(np.add.reduce(losses)), self._gradient_from_residuals(X, residuals)
+        scores_grad = np.multiply(sigmoid_of_negated, np.negative(signs, out=signs), out=sigmoid_of_negated)
+        return losses, scores_grad
 
     def predict_proba(self, params: np.ndarray, X) -> np.ndarray:
         """Return ``p(y = classes[1] | x)`` for each row, shape ``(n_samples,)``."""
         return expit(self.decision_function(params, X))
 
-    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
-        n_samples = X.shape[0]
-        loss_sum, _ = self.loss_grad(params, X, y)
-        predicted = self.predict(params, X)
-        return {"loss": loss_sum / n_samples, "accuracy": float(np.mean(predicted == y))}

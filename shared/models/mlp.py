@@ -9,9 +9,8 @@ import numpy as np
 from scipy.special import softmax
 
 from shared.errors import DataError, JobSpecError
-from shared.models._losses import softmax_cross_entropy
+from shared.models._losses import softmax_cross_entropy, squared_error
 from shared.models.base import Model
-from shared.models.linear_regression import regression_metrics
 
 ACTIVATIONS = ("relu", "tanh")
 
@@ -109,10 +108,6 @@ class _MultiLayerPerceptron(Model):
             grad[weights] = self.alpha * params[weights]
         return value, grad
 
-    def _output_loss(self, outputs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return per-row losses and their gradient with respect to ``outputs``."""
-        raise NotImplementedError
-
     def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
                   sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         params = self._check_params(params)
@@ -120,7 +115,10 @@ class _MultiLayerPerceptron(Model):
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
 
         activations = self._forward(params, X)
-        losses, delta = self._output_loss(activations[-1], y)
+        outputs = activations[-1]
+        losses, scores_grad = self._losses_from_scores(self._format_outputs(outputs), y, with_grad=True)
+        # The regressor's scores are its single output column, so the reshape adds that column back.
+        delta = scores_grad.reshape(outputs.shape)
         if sample_weight is not None:
             losses = losses * sample_weight
             delta = delta * sample_weight[:, np.newaxis]
@@ -175,18 +173,13 @@ class MLPClassifier(_MultiLayerPerceptron):
             raise DataError(f"model '{self.name}' needs at least 2 classes, got n_classes={self.n_classes}")
         return self.n_classes
 
-    def _output_loss(self, outputs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return softmax_cross_entropy(outputs, y)
+    def _losses_from_scores(self, scores: np.ndarray, y: np.ndarray, *,
+                            with_grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return softmax_cross_entropy(scores, y, with_grad=with_grad)
 
     def predict_proba(self, params: np.ndarray, X) -> np.ndarray:
         """Return class probabilities, shape ``(n_samples, n_classes)``."""
         return softmax(self.decision_function(params, X), axis=1)
-
-    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
-        n_samples = X.shape[0]
-        loss_sum, _ = self.loss_grad(params, X, y)
-        predicted = self.predict(params, X)
-        return {"loss": loss_sum / n_samples, "accuracy": float(np.mean(predicted == y))}
 
 
 class MLPRegressor(_MultiLayerPerceptron):
@@ -205,9 +198,6 @@ class MLPRegressor(_MultiLayerPerceptron):
     def _format_outputs(self, outputs: np.ndarray) -> np.ndarray:
         return outputs[:, 0]
 
-    def _output_loss(self, outputs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        residuals = outputs[:, 0] - y
-        return 0.5 * residuals * residuals, residuals[:, np.newaxis]
-
-    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
-        return regression_metrics(self.predict(params, X), y)
+    def _losses_from_scores(self, scores: np.ndarray, y: np.ndarray, *,
+                            with_grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return squared_error(scores, y, with_grad=with_grad)

@@ -45,28 +45,13 @@ class LinearSVM(LinearModel):
             raise JobSpecError("model.loss", f"got {loss!r}; expected one of {', '.join(map(repr, SVM_LOSSES))}")
         self.loss = loss
 
-    def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
-                  sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-        params = self._check_params(params)
-        X = self._check_X(X)
-        sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
+    def _losses_from_scores(self, scores: np.ndarray, y: np.ndarray, *,
+                            with_grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
         signs = 2.0 * y - 1.0
-        slack = np.maximum(0.0, 1.0 - signs * self._scores(params, X))
-
+        slack = np.maximum(0.0, 1.0 - signs * scores)
+        losses = slack if self.loss == "hinge" else slack * slack
+        if not with_grad:
+            return losses, None
         if self.loss == "hinge":
-            losses = slack
-            residuals = np.where(slack > 0.0, -signs, 0.0)
-        else:
-            losses = slack * slack
-            residuals = -2.0 * signs * slack
-
-        if sample_weight is not None:
-            losses = losses * sample_weight
-            residuals = residuals * sample_weight
-        return float(losses.sum()), self._gradient_from_residuals(X, residuals)
-
-    def metrics(self, params: np.ndarray, X, y: np.ndarray) -> dict[str, float]:
-        n_samples = X.shape[0]
-        loss_sum, _ = self.loss_grad(params, X, y)
-        predicted = self.predict(params, X)
-        return {"loss": loss_sum / n_samples, "accuracy": float(np.mean(predicted == y))}
+            return losses, np.where(slack > 0.0, -signs, 0.0)
+        return losses, -2.0 * signs * slack
