@@ -38,6 +38,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from shared.errors import InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
 from shared.queues import body_object
 from shared.service import Services, starter_failure_job_id
+from shared.spec import derive_job_id
 from shared.state import can_record_job
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
@@ -179,7 +180,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
             # start_job does. A job id too long for a DynamoDB key counts as unusable,
             # because recording its failure under it would fail on every retry. So does an
             # empty one, whose item would have the bare key JOB#.
-            ids["job_id"] = f"job-{record.message_id[:18]}"
+            ids["job_id"] = derive_job_id(record.message_id)
         logger.append_keys(function=function_name, message_id=record.message_id, **ids)
         job_id = ids.get("job_id")
         remaining_millis = getattr(context, "get_remaining_time_in_millis", None)
@@ -195,7 +196,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         except JobConflictError as error:
             # The job id belongs to another job, which must not be touched: the rejected
             # message is recorded under the id derived from its message id.
-            rejected_id = f"job-{record.message_id[:18]}"
+            rejected_id = derive_job_id(record.message_id)
             logger.error("job rejected", extra={"error": str(error), "error_type": type(error).__name__,
                                                 "rejected_job_id": rejected_id})
             services.state.fail_job(rejected_id, str(error))

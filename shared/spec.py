@@ -622,6 +622,17 @@ def message_bytes(body: str) -> int:
     return len(body.encode("utf-8", "surrogatepass"))
 
 
+def derive_job_id(message_id: str) -> str:
+    """Return the job id that Baton gives a jobs-queue message by its SQS message id.
+
+    That is the job of a message sent without a usable ``job_id``, and the id under which
+    the starter records the rejection of a message whose ``job_id`` belongs to a job of
+    another spec. It is ``job-`` and the first 18 characters of the message id, such as
+    ``job-5dd08062-2efd-4b22``.
+    """
+    return f"job-{message_id[:18]}"
+
+
 def load_job_message(body: str, default_job_id: str | None = None) -> JobSpec:
     """Decode and validate the body of a jobs-queue message.
 
