@@ -35,6 +35,8 @@ from aws_lambda_powertools.logging.utils import copy_config_to_registered_logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+# Re-exported, because serverless.yml and tests/test_stack.py name the handlers' receive count here.
+from shared.config import DEFAULT_MAX_RECEIVE_COUNT  # noqa: F401
 from shared.errors import InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
 from shared.queues import body_object
 from shared.service import Services, starter_failure_job_id
@@ -45,10 +47,6 @@ logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
 # The service layer logs through the standard library; give its loggers the same JSON
 # formatter, so their lines carry the job, round and worker keys appended per record.
 copy_config_to_registered_loggers(source_logger=logger, include={"shared"})
-
-# Must match custom.maxReceiveCount in serverless.yml: the receive on which a failure
-# sends the message to its dead-letter queue.
-DEFAULT_MAX_RECEIVE_COUNT = 5
 
 # Characters of an error's text kept in the job's last_error. The job item, spec included,
 # must stay under DynamoDB's 400 KB item limit.
@@ -170,7 +168,6 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         ``step(services, record, invocation)``; its exceptions are routed as the module
         docstring describes.
     """
-    max_receive_count = int(os.environ.get("MAX_RECEIVE_COUNT", DEFAULT_MAX_RECEIVE_COUNT))
 
     def run_record(record: SQSRecord, context: Any) -> None:
         services = get_services()
@@ -209,7 +206,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
             if function_name == "starter" and job_id is not None:
                 job_id = _starter_failure_job_id(services, record, job_id)
                 ids["job_id"] = job_id
-            if job_id is not None and receive_count >= max_receive_count:
+            if job_id is not None and receive_count >= services.settings.max_receive_count:
                 services.state.fail_job(
                     job_id, f"{function_name} failed {receive_count} times on message {record.message_id}: "
                             f"{type(error).__name__}: {error}; the message is now in the dead-letter queue")
