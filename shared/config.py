@@ -31,11 +31,24 @@ MIN_KEEP_CHECKPOINTS = 2
 # sends the message to its dead-letter queue.
 DEFAULT_MAX_RECEIVE_COUNT = 5
 
+# The service name of serverless.yml, which starts the name of every queue and table.
+SERVICE_NAME = "baton"
+
 FAULTS_ENABLED_VARIABLE = "BATON_FAULTS_ENABLED"
 EFS_FSYNC_VARIABLE = "BATON_EFS_FSYNC"
 
 _TRUE_TEXTS = ("1", "true", "yes")
 _FALSE_TEXTS = ("0", "false", "no")
+
+
+def stack_resource_name(stage: str, resource: str) -> str:
+    """Return the name of a queue or table of the stack deployed as ``stage``.
+
+    ``resource`` is ``"jobs"``, ``"tasks"`` or ``"aggregate"`` for a queue and ``"state"``
+    for the table, as custom.names in serverless.yml builds them:
+    ``${self:service}-${sls:stage}-<resource>``.
+    """
+    return f"{SERVICE_NAME}-{stage}-{resource}"
 
 
 def parse_setting(name: str, type_name: str, raw: str, default: bool | int | float | str) -> bool | int | float | str:
@@ -150,10 +163,10 @@ class Settings:
     """
 
     efs_root: str = "/mnt/efs"
-    jobs_queue_name: str = "baton-dev-jobs"
-    tasks_queue_name: str = "baton-dev-tasks"
-    aggregate_queue_name: str = "baton-dev-aggregate"
-    state_table_name: str = "baton-dev-state"
+    jobs_queue_name: str = stack_resource_name("dev", "jobs")
+    tasks_queue_name: str = stack_resource_name("dev", "tasks")
+    aggregate_queue_name: str = stack_resource_name("dev", "aggregate")
+    state_table_name: str = stack_resource_name("dev", "state")
     allowed_data_roots: str = ""
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
     max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT
@@ -205,6 +218,20 @@ class Settings:
                              "folders your data is in, such as datasets, or leave it empty to allow every folder "
                              "under the EFS root")
         return tuple(roots)
+
+    @classmethod
+    def for_stage(cls, stage: str) -> "Settings":
+        """Build settings that name the queues and table of the stack deployed as ``stage``.
+
+        The process environment is not read, so the names cannot come from another stack.
+        """
+        names = {
+            "jobs_queue_name": stack_resource_name(stage, "jobs"),
+            "tasks_queue_name": stack_resource_name(stage, "tasks"),
+            "aggregate_queue_name": stack_resource_name(stage, "aggregate"),
+            "state_table_name": stack_resource_name(stage, "state"),
+        }
+        return cls.from_env(environ={}, **names)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from shared import faults
-from shared.config import DEFAULT_MAX_RECEIVE_COUNT, Settings, efs_fsync_enabled, faults_enabled
+from shared.config import (DEFAULT_MAX_RECEIVE_COUNT, Settings, efs_fsync_enabled, faults_enabled,
+                           stack_resource_name)
 from shared.errors import BatonError
 from tests.conftest import PROJECT_ROOT
 
@@ -82,3 +83,19 @@ def test_max_receive_count_below_one_rejected(raw):
     message = str(raised.value)
     assert message.startswith(f"invalid MAX_RECEIVE_COUNT {raw}: SQS receives every message at least once")
     assert "set it to the stack's custom.maxReceiveCount in serverless.yml" in message
+
+
+def test_stack_resource_name_joins_service_stage_resource():
+    assert stack_resource_name("prod", "state") == "baton-prod-state"
+    assert stack_resource_name("local", "jobs") == "baton-local-jobs"
+
+
+def test_for_stage_ignores_environment(monkeypatch):
+    monkeypatch.setenv("JOBS_QUEUE_NAME", "another-queue")
+
+    settings = Settings.for_stage("prod")
+
+    assert settings.jobs_queue_name == "baton-prod-jobs"
+    assert settings.tasks_queue_name == "baton-prod-tasks"
+    assert settings.aggregate_queue_name == "baton-prod-aggregate"
+    assert settings.state_table_name == "baton-prod-state"
