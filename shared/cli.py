@@ -16,6 +16,7 @@ from click.core import ParameterSource
 
 from shared.cli_spec import (FiniteFloatRange, build_spec, check_job_id_argument, checked_output_path, writing_output,
                               spec_options)
+from shared.config import Settings, stack_resource_name
 from shared.errors import JobSpecError
 from shared.spec import check_relative_path, encode_job_message
 from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
@@ -89,7 +90,7 @@ def _aws_error_message(error: Exception, stage: str | None = None, queue_url: st
                 message = f"{message} (queue {queue_url} given by --queue-url)"
                 return f"{message}; check --queue-url and --region"
             if stage is not None:
-                name = f"baton-{stage}-state" if resource == "table" else f"baton-{stage}-jobs"
+                name = stack_resource_name(stage, "state" if resource == "table" else "jobs")
                 message = f"{message} ({resource} {name} for --stage {stage!r})"
             return (f"{message}; check --stage (a local stack started by `baton run` uses --stage local) "
                     "and --region")
@@ -420,7 +421,7 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
     _check_job_id_free(spec, table_stage, endpoint_url, region)
     sqs = aws_client("sqs", endpoint_url=endpoint_url, region=region)
     if queue_url is None:
-        queue_url = sqs.get_queue_url(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
+        queue_url = sqs.get_queue_url(QueueName=stack_resource_name(stage, "jobs"))["QueueUrl"]
     message_id = sqs.send_message(QueueUrl=queue_url, MessageBody=encode_job_message(spec))["MessageId"]
     click.echo(f"job {spec['job_id']} sent to {queue_url} (message {message_id})")
 
@@ -447,7 +448,7 @@ def _check_job_id_free(spec: dict, stage: str | None, endpoint_url: str | None, 
                    f"job id '{job_id}' is taken was not checked", err=True)
         return
     try:
-        existing = _store(stage, endpoint_url, region).get_job(job_id)
+        existing = _state_store(stage, endpoint_url, region).get_job(job_id)
     except (BotoCoreError, ClientError) as error:
         click.echo(f"note: could not check whether job id '{job_id}' is taken ({error}); sending anyway", err=True)
         return
@@ -481,18 +482,18 @@ def _stack_arguments(stage: str, endpoint_url: str | None, region: str | None) -
     return arguments
 
 
-def _store(stage: str, endpoint_url: str | None, region: str | None):
+def _state_store(stage: str, endpoint_url: str | None, region: str | None):
     from shared.monitor import make_state_store
 
     _check_local_endpoint(stage, endpoint_url)
     return make_state_store(stage, endpoint_url=endpoint_url, region=region)
 
 
-def _require_job(store, job_id: str):
+def _require_job(state, job_id: str):
     from shared.monitor import JobNotFoundError, require_job
 
     try:
-        return require_job(store, job_id)
+        return require_job(state, job_id)
     except JobNotFoundError as error:
         raise click.ClickException(str(error)) from None
 
@@ -505,7 +506,7 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
     """List the jobs in a stack's state table, oldest first."""
     from datetime import datetime, timezone
 
-    jobs = _store(stage, endpoint_url, region).list_jobs()
+    jobs = _state_store(stage, endpoint_url, region).list_jobs()
     if status_filter is not None:
         jobs = [job for job in jobs if job.status == status_filter.upper()]
     if not jobs:
@@ -530,7 +531,7 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     """Show the state of JOB_ID: status, round, latest metrics and estimated cost."""
     from shared.monitor import job_summary
 
-    record = _require_job(_store(stage, endpoint_url, region), job_id)
+    record = _require_job(_state_store(stage, endpoint_url, region), job_id)
     summary = job_summary(record)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
@@ -581,7 +582,7 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     from shared.monitor import JobNotFoundError, watch_job
 
     try:
-        record = watch_job(_store(stage, endpoint_url, region), job_id, interval_seconds=interval_seconds,
+        record = watch_job(_state_store(stage, endpoint_url, region), job_id, interval_seconds=interval_seconds,
                            timeout_seconds=timeout_seconds)
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
@@ -630,7 +631,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
             if _reads_efs_alone(efs_root):
                 result = fetch_local_job(efs_root, job_id, output_dir)
             else:
-                result = fetch_job(_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
+                result = fetch_job(_state_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
     except (BatonError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     for path in result.written:
@@ -672,9 +673,9 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
             raise click.ClickException(str(error)) from None
         title = f"{job_id} ({len(rounds)} rounds)"
     else:
-        store = _store(stage, endpoint_url, region)
-        record = _require_job(store, job_id)
-        rounds = store.list_round_metrics(job_id)
+        state = _state_store(stage, endpoint_url, region)
+        record = _require_job(state, job_id)
+        rounds = state.list_round_metrics(job_id)
         title = f"{job_id} ({record.status}, {len(rounds)} rounds)"
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -698,15 +699,12 @@ main.add_command(export_command)
 
 
 def _control_clients(stage: str, endpoint_url: str | None, region: str | None):
-    from shared.config import Settings
     from shared.monitor import aws_client
     from shared.queues import QueueClient
 
-    store = _store(stage, endpoint_url, region)
-    prefix = f"baton-{stage}"
-    settings = Settings.from_env(environ={}, jobs_queue_name=f"{prefix}-jobs", tasks_queue_name=f"{prefix}-tasks",
-                                 aggregate_queue_name=f"{prefix}-aggregate", state_table_name=store.table_name)
-    return store, QueueClient(aws_client("sqs", endpoint_url=endpoint_url, region=region), settings)
+    state = _state_store(stage, endpoint_url, region)
+    settings = Settings.for_stage(stage)
+    return state, QueueClient(aws_client("sqs", endpoint_url=endpoint_url, region=region), settings)
 
 
 def _run_control(action: Callable[[], object]) -> None:
@@ -726,8 +724,8 @@ def pause(job_id: str, stage: str, endpoint_url: str | None, region: str | None)
     """Pause the RUNNING job JOB_ID; `baton resume` continues it from its current round."""
     from shared.control import pause_job
 
-    store, _ = _control_clients(stage, endpoint_url, region)
-    _run_control(lambda: pause_job(store, job_id))
+    state, _ = _control_clients(stage, endpoint_url, region)
+    _run_control(lambda: pause_job(state, job_id))
 
 
 @main.command()
@@ -741,8 +739,8 @@ def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     """
     from shared.control import resume_job
 
-    store, queues = _control_clients(stage, endpoint_url, region)
-    _run_control(lambda: resume_job(store, queues, job_id))
+    state, queues = _control_clients(stage, endpoint_url, region)
+    _run_control(lambda: resume_job(state, queues, job_id))
 
 
 @main.command()
@@ -752,8 +750,8 @@ def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     """Cancel JOB_ID for good. Its files stay on EFS; a cancelled job cannot be resumed."""
     from shared.control import cancel_job
 
-    store, _ = _control_clients(stage, endpoint_url, region)
-    _run_control(lambda: cancel_job(store, job_id))
+    state, _ = _control_clients(stage, endpoint_url, region)
+    _run_control(lambda: cancel_job(state, job_id))
 
 
 @main.command()

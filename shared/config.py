@@ -4,6 +4,12 @@ Precedence is: an explicit argument to :meth:`Settings.from_env`, then the proce
 environment, then the default below. The handlers never know whether they run on AWS or
 in the local runtime: AWS endpoints come from the standard variables (``AWS_ENDPOINT_URL``
 and friends, read by boto3 itself), and the file-system root from ``EFS_ROOT``.
+
+Two process-wide switches are not fields of :class:`Settings`, because the modules they
+steer read them from the process environment alone: :func:`faults_enabled` and
+:func:`efs_fsync_enabled`. Every value, theirs included, goes through
+:func:`parse_setting`, so each variable follows the same rules and a bad value gets the
+same kind of error.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
-from shared.efs import JOBS_FOLDER
 from shared.errors import BatonError
 
 # Round folders kept on EFS (KEEP_CHECKPOINTS), the current round's included. At least 2:
@@ -22,15 +27,101 @@ from shared.errors import BatonError
 DEFAULT_KEEP_CHECKPOINTS = 3
 MIN_KEEP_CHECKPOINTS = 2
 
+# Must match custom.maxReceiveCount in serverless.yml: the receive on which a failure
+# sends the message to its dead-letter queue.
+DEFAULT_MAX_RECEIVE_COUNT = 5
 
-def parse_bool(name: str, raw: str) -> bool:
-    """Parse a boolean setting strictly: only true/false, 1/0, yes/no are accepted."""
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes"):
-        return True
-    if lowered in ("0", "false", "no", ""):
-        return False
-    raise BatonError(f"invalid boolean for {name}: {raw!r}; use true or false")
+# The service name of serverless.yml, which starts the name of every queue and table.
+SERVICE_NAME = "baton"
+
+FAULTS_ENABLED_VARIABLE = "BATON_FAULTS_ENABLED"
+EFS_FSYNC_VARIABLE = "BATON_EFS_FSYNC"
+
+_TRUE_TEXTS = ("1", "true", "yes")
+_FALSE_TEXTS = ("0", "false", "no")
+
+
+def stack_resource_name(stage: str, resource: str) -> str:
+    """Return the name of a queue or table of the stack deployed as ``stage``.
+
+    ``resource`` is ``"jobs"``, ``"tasks"`` or ``"aggregate"`` for a queue and ``"state"``
+    for the table, as custom.names in serverless.yml builds them:
+    ``${self:service}-${sls:stage}-<resource>``.
+    """
+    return f"{SERVICE_NAME}-{stage}-{resource}"
+
+
+def parse_setting(name: str, type_name: str, raw: str, default: bool | int | float | str) -> bool | int | float | str:
+    """Parse the text of environment variable ``name`` as a value of ``type_name``.
+
+    Parameters
+    ----------
+    name : str
+        The variable, named in the error.
+    type_name : {"bool", "int", "float", "str"}
+    raw : str
+        The variable's text. A boolean takes true/false, 1/0 or yes/no in any case, and
+        an empty text means ``default``. Strings are returned as they are.
+    default : bool, int, float or str
+        The value used when the variable is unset, shown in the error as the fix.
+
+    Raises
+    ------
+    BatonError
+        Naming the variable, its value and what to set it to.
+    """
+    if type_name == "bool":
+        lowered = raw.strip().lower()
+        if lowered in _TRUE_TEXTS:
+            return True
+        if lowered in _FALSE_TEXTS:
+            return False
+        if not lowered:
+            return default
+        expected = "true or false"
+        fix = (f"set it to true or false (1/0 and yes/no also work), or unset it to use the default, "
+               f"{str(default).lower()}")
+    elif type_name == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            expected = "an integer"
+            fix = f"set it to a whole number such as {default}, or unset it to use the default"
+    elif type_name == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            expected = "a number"
+            fix = f"set it to a number such as {default}, or unset it to use the default"
+    elif type_name == "str":
+        return raw
+    else:
+        raise TypeError(f"setting {name} has type {type_name!r}, which parse_setting does not handle")
+    raise BatonError(f"invalid {name} {raw!r}: expected {expected}; {fix}")
+
+
+def _read_switch(name: str, default: bool, environ: Mapping[str, str] | None) -> bool:
+    environ = os.environ if environ is None else environ
+    raw = environ.get(name)
+    return default if raw is None else bool(parse_setting(name, "bool", raw, default))
+
+
+def faults_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether ``BATON_FAULTS_ENABLED`` switches fault injection on. It is off by default.
+
+    Only an environment sets it, the process's unless ``environ`` is given, and never a
+    job spec, a message or an override of :meth:`Settings.from_env`.
+    """
+    return _read_switch(FAULTS_ENABLED_VARIABLE, False, environ)
+
+
+def efs_fsync_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether writes to EFS are fsynced (``BATON_EFS_FSYNC``). They are by default.
+
+    The local runtime turns it off, because its folder standing in for EFS need not
+    survive a crash of the machine.
+    """
+    return _read_switch(EFS_FSYNC_VARIABLE, True, environ)
 
 
 @dataclass(frozen=True)
@@ -53,8 +144,10 @@ class Settings:
         Round folders (``rounds/<r>/``) kept on EFS, the current round's included, for a
         running and for a finished job. Older ones are pruned. At least
         :data:`MIN_KEEP_CHECKPOINTS`.
-    faults_enabled : bool
-        Whether the fault injector reads ``BATON_FAULTS``. Tests only.
+    max_receive_count : int
+        The receive of a message on which a handler marks its job FAILED, because SQS
+        moves the message to its dead-letter queue after it. Must match the stack's
+        custom.maxReceiveCount in serverless.yml.
     continuation_margin_seconds : float
         A worker or aggregator with less time left than this saves its progress and
         continues in a new invocation. Capped at a quarter of the time an invocation
@@ -70,13 +163,13 @@ class Settings:
     """
 
     efs_root: str = "/mnt/efs"
-    jobs_queue_name: str = "baton-dev-jobs"
-    tasks_queue_name: str = "baton-dev-tasks"
-    aggregate_queue_name: str = "baton-dev-aggregate"
-    state_table_name: str = "baton-dev-state"
+    jobs_queue_name: str = stack_resource_name("dev", "jobs")
+    tasks_queue_name: str = stack_resource_name("dev", "tasks")
+    aggregate_queue_name: str = stack_resource_name("dev", "aggregate")
+    state_table_name: str = stack_resource_name("dev", "state")
     allowed_data_roots: str = ""
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
-    faults_enabled: bool = False
+    max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT
     continuation_margin_seconds: float = 30.0
     max_steps_per_invocation: int = 0
     stall_seconds: float = 900.0
@@ -88,6 +181,11 @@ class Settings:
                 f"invalid KEEP_CHECKPOINTS {self.keep_checkpoints}: Baton keeps at least {MIN_KEEP_CHECKPOINTS} round "
                 "folders (the current round's and the previous one, which a duplicate aggregation may still read); "
                 f"set it to {MIN_KEEP_CHECKPOINTS} or more")
+        if self.max_receive_count < 1:
+            raise BatonError(
+                f"invalid MAX_RECEIVE_COUNT {self.max_receive_count}: SQS receives every message at least once, so "
+                "it must be at least 1; set it to the stack's custom.maxReceiveCount in serverless.yml "
+                f"({DEFAULT_MAX_RECEIVE_COUNT} unless changed there)")
 
     def data_roots(self) -> tuple[str, ...]:
         """Return the folders of ``allowed_data_roots``, without empty entries or slashes at the ends.
@@ -98,6 +196,9 @@ class Settings:
             If a folder is absolute or contains ``..`` or ``.``, or if the setting is not
             empty but names no folder (only commas).
         """
+        # shared.efs imports this module for its fsync switch, so the import waits until here.
+        from shared.efs import JOBS_FOLDER
+
         roots = []
         for entry in self.allowed_data_roots.split(","):
             folder = entry.strip().strip("/")
@@ -119,30 +220,40 @@ class Settings:
         return tuple(roots)
 
     @classmethod
+    def for_stage(cls, stage: str) -> "Settings":
+        """Build settings that name the queues and table of the stack deployed as ``stage``.
+
+        The process environment is not read, so the names cannot come from another stack.
+        """
+        names = {
+            "jobs_queue_name": stack_resource_name(stage, "jobs"),
+            "tasks_queue_name": stack_resource_name(stage, "tasks"),
+            "aggregate_queue_name": stack_resource_name(stage, "aggregate"),
+            "state_table_name": stack_resource_name(stage, "state"),
+        }
+        return cls.from_env(environ={}, **names)
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
-        """Build settings from ``overrides``, then ``environ``, then the defaults."""
+        """Build settings from ``overrides``, then ``environ``, then the defaults.
+
+        Each field is read from the variable of its name in upper case, such as
+        ``KEEP_CHECKPOINTS``, through :func:`parse_setting`.
+
+        Raises
+        ------
+        BatonError
+            If a variable has a value of the wrong type or out of range, naming the
+            variable, its value and the fix.
+        """
         environ = os.environ if environ is None else environ
         values = {}
         for field in fields(cls):
-            env_name = "BATON_FAULTS_ENABLED" if field.name == "faults_enabled" else field.name.upper()
             if field.name in overrides:
                 values[field.name] = overrides[field.name]
                 continue
+            env_name = field.name.upper()
             raw = environ.get(env_name)
-            if raw is None:
-                continue
-            if field.type == "bool":
-                values[field.name] = parse_bool(env_name, raw)
-            elif field.type == "int":
-                try:
-                    values[field.name] = int(raw)
-                except ValueError as error:
-                    raise BatonError(f"invalid integer for {env_name}: {raw!r}") from error
-            elif field.type == "float":
-                try:
-                    values[field.name] = float(raw)
-                except ValueError as error:
-                    raise BatonError(f"invalid number for {env_name}: {raw!r}") from error
-            else:
-                values[field.name] = raw
+            if raw is not None:
+                values[field.name] = parse_setting(env_name, field.type, raw, field.default)
         return cls(**values)

@@ -23,6 +23,7 @@ from shared import faults
 from shared.errors import DIVERGED_WORDS, BatonError
 from shared.queues import QueueClient, body_object
 from shared.service import Services, send_round_complete, starter_failure_job_id
+from shared.spec import derive_job_id
 from shared.state import (CANCELLED, FAILED, PAUSED, PREPARING, RUNNING, JobRecord, StateStore, can_record_job,
                           describe_last_error)
 from shared.training import round_number
@@ -222,7 +223,7 @@ def _dead_letter_job_id(message: dict) -> str | None:
         return body["job_id"]
     # A job message without a usable job_id names its job after its message id, which
     # SQS keeps when it moves the message to the dead-letter queue.
-    return f"job-{message['MessageId'][:18]}" if isinstance(body, dict) else None
+    return derive_job_id(message["MessageId"]) if isinstance(body, dict) else None
 
 
 def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]:

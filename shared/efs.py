@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.config import efs_fsync_enabled
 from shared.errors import DamagedFileError, DataError
 
 # The folder under the root where Baton keeps every job's state; never read as data.
@@ -55,9 +56,9 @@ ZIP_SIGNATURE = b"PK"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 # fsync makes a write survive a crash of the machine. The local runtime's folder standing
-# in for EFS does not need that, so LocalStack sets BATON_EFS_FSYNC=false for its
-# containers; a killed handler loses no written data either way.
-FSYNC = os.environ.get("BATON_EFS_FSYNC", "true").lower() != "false"
+# in for EFS does not need that, so shared/local/session.py sets BATON_EFS_FSYNC=false for
+# its functions. A killed handler loses no written data either way. Read once, at import.
+FSYNC = efs_fsync_enabled()
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
@@ -139,7 +140,7 @@ class EfsStore:
 
     def round_dir(self, job_id: str, round_index: int) -> Path:
         # One joinpath, not four "/" joins: a reduction builds two paths per worker.
-        return self.root.joinpath("jobs", job_id, "rounds", str(round_index))
+        return self.root.joinpath(JOBS_FOLDER, job_id, "rounds", str(round_index))
 
     def state_path(self, job_id: str, round_index: int) -> Path:
         return self.round_dir(job_id, round_index) / "state.npz"
@@ -153,7 +154,7 @@ class EfsStore:
 
         Strings, because pathlib's joins cost more than the read of a small result file.
         """
-        round_dir = os.path.join(os.fspath(self.root), "jobs", job_id, "rounds", str(round_index))
+        round_dir = os.path.join(os.fspath(self.root), JOBS_FOLDER, job_id, "rounds", str(round_index))
         return [os.path.join(round_dir, f"result-{worker}.npy") for worker in range(n_workers)]
 
     def reduced_path(self, job_id: str, round_index: int, slice_index: int) -> Path:

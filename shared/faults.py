@@ -1,8 +1,9 @@
 """Fault injection for tests: make a handler fail at a named step, or a delivery misbehave.
 
-Off unless the process environment sets ``BATON_FAULTS_ENABLED=true``. The rules come only
-from the environment (``BATON_FAULTS``), never from a message, so no job spec or task can
-switch a fault on. ``BATON_FAULTS`` is a JSON list of rules::
+Off unless the process environment sets ``BATON_FAULTS_ENABLED=true``
+(:func:`shared.config.faults_enabled`). The rules come only from the environment
+(``BATON_FAULTS``), never from a message, so no job spec or task can switch a fault on.
+``BATON_FAULTS`` is a JSON list of rules::
 
     [{"step": "worker.after_write", "kind": "raise", "times": 1, "round": 2, "worker": 1}]
 
@@ -42,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared.config import faults_enabled
 from shared.errors import InjectedFault
 
 STEPS = (
@@ -72,9 +74,14 @@ EXIT_STATUS = 70
 
 
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Return whether the environment (the process's by default) switches fault injection on."""
-    environ = os.environ if environ is None else environ
-    return environ.get("BATON_FAULTS_ENABLED", "").lower() == "true"
+    """Return whether the environment (the process's by default) switches fault injection on.
+
+    Raises
+    ------
+    BatonError
+        If ``BATON_FAULTS_ENABLED`` is neither true nor false, naming the value.
+    """
+    return faults_enabled(environ)
 
 
 def load_rules(environ: Mapping[str, str] | None = None) -> list[dict[str, Any]]:

@@ -35,9 +35,12 @@ from aws_lambda_powertools.logging.utils import copy_config_to_registered_logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+# Re-exported, because serverless.yml and tests/test_stack.py name the handlers' receive count here.
+from shared.config import DEFAULT_MAX_RECEIVE_COUNT  # noqa: F401
 from shared.errors import InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
 from shared.queues import body_object
-from shared.service import Services, starter_failure_job_id
+from shared.service import Services
+from shared.spec import derive_job_id
 from shared.state import can_record_job
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
@@ -45,13 +48,13 @@ logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "baton"))
 # formatter, so their lines carry the job, round and worker keys appended per record.
 copy_config_to_registered_loggers(source_logger=logger, include={"shared"})
 
-# Must match custom.maxReceiveCount in serverless.yml: the receive on which a failure
-# sends the message to its dead-letter queue.
-DEFAULT_MAX_RECEIVE_COUNT = 5
-
 # Characters of an error's text kept in the job's last_error. The job item, spec included,
 # must stay under DynamoDB's 400 KB item limit.
 MAX_LAST_ERROR_CHARS = 2000
+
+# failure_job_id(services, record, job_id) of sqs_handler: the job that a retried error of
+# record is recorded on, given the job id of its message.
+FailureJobId = Callable[[Services, SQSRecord, str], str]
 
 _services: Services | None = None
 
@@ -119,7 +122,7 @@ def _record_last_error(services: Services, function_name: str, record: SQSRecord
 
 
 def _record_silent_receive(services: Services, function_name: str, record: SQSRecord, ids: dict[str, Any],
-                           receive_count: int) -> None:
+                           receive_count: int, failure_job_id: FailureJobId | None) -> None:
     """Record that the previous receive of a redelivered message ended without an error.
 
     Every retried error is stored when it happens. So when the previous receive of a message
@@ -127,11 +130,10 @@ def _record_silent_receive(services: Services, function_name: str, record: SQSRe
     out-of-memory kill, a crash of the process or a throttle.
     """
     previous = receive_count - 1
-    if function_name == "starter":
-        job_id = _starter_failure_job_id(services, record, ids["job_id"])
-        if job_id is None:
-            return
-        ids = {**ids, "job_id": job_id}
+    job_id = _job_of_failure(services, record, ids["job_id"], failure_job_id)
+    if job_id is None:
+        return
+    ids = {**ids, "job_id": job_id}
     text = silent_end_text(function_name)
     if _record_last_error(services, function_name, record, ids, previous, "NoErrorReported", text,
                           unless_recorded_since=previous):
@@ -139,10 +141,16 @@ def _record_silent_receive(services: Services, function_name: str, record: SQSRe
                        "the job's last_error", extra={"receive_count": receive_count})
 
 
-def _starter_failure_job_id(services: Services, record: SQSRecord, job_id: str) -> str | None:
-    """Return the job to record a retried starter error on; None if the table cannot be read."""
+def _job_of_failure(services: Services, record: SQSRecord, job_id: str,
+                    failure_job_id: FailureJobId | None) -> str | None:
+    """Return the job to record a retried error of ``record`` on, or None if ``failure_job_id`` raised.
+
+    That is ``job_id``, the message's, unless ``failure_job_id`` names another job.
+    """
+    if failure_job_id is None:
+        return job_id
     try:
-        return starter_failure_job_id(services, record.body, record.message_id, job_id)
+        return failure_job_id(services, record, job_id)
     except Exception as read_error:
         logger.warning("could not read the job item to record the error on",
                        extra={"record_error": f"{type(read_error).__name__}: {read_error}"})
@@ -158,34 +166,50 @@ class Invocation:
     remaining_millis: Callable[[], int] | None
 
 
-def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocation], Any]) -> Callable:
+def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocation], Any], *,
+                unnamed_job_id: Callable[[str], str] | None = None,
+                failure_job_id: FailureJobId | None = None) -> Callable:
     """Build a Lambda handler that runs ``step`` on each SQS record of a batch.
 
     Parameters
     ----------
     function_name : str
-        Name used in logs, for example ``"worker"``.
+        Name used in logs and recorded errors, for example ``"worker"``.
     step : callable
         ``step(services, record, invocation)``; its exceptions are routed as the module
         docstring describes.
+    unnamed_job_id : callable, optional
+        ``unnamed_job_id(message_id)`` returns the job id that ``step`` gives a message
+        whose ``job_id`` is missing or unusable as a DynamoDB key
+        (:func:`shared.state.can_record_job`). Without it, the handler takes the message's
+        ``job_id`` as it is.
+    failure_job_id : callable, optional
+        ``failure_job_id(services, record, job_id)`` returns the job that a retried error
+        of ``record`` is recorded on, given the job id of its message. Without it, that is
+        the message's job. If it raises, the error is logged and recorded on no job.
     """
-    max_receive_count = int(os.environ.get("MAX_RECEIVE_COUNT", DEFAULT_MAX_RECEIVE_COUNT))
 
     def run_record(record: SQSRecord, context: Any) -> None:
+        """Run ``step`` on one record and route its error as the module docstring describes.
+
+        The record's ids are added to every log line until it ends. On a redelivered
+        message, a previous receive that recorded no error is recorded first. Only the
+        errors that a retry may fix are re-raised, which makes the batch report the record
+        as failed, so SQS delivers it again.
+        """
         services = get_services()
         ids = _message_ids(record.body)
-        if function_name == "starter" and not can_record_job(ids.get("job_id")):
-            # The starter names a job without a usable job_id after its message id, as
-            # start_job does. A job id too long for a DynamoDB key counts as unusable,
-            # because recording its failure under it would fail on every retry. So does an
-            # empty one, whose item would have the bare key JOB#.
-            ids["job_id"] = f"job-{record.message_id[:18]}"
+        if unnamed_job_id is not None and not can_record_job(ids.get("job_id")):
+            # A job id too long for a DynamoDB key counts as unusable, because recording its
+            # failure under it would fail on every retry. So does an empty one, whose item
+            # would have the bare key JOB#.
+            ids["job_id"] = unnamed_job_id(record.message_id)
         logger.append_keys(function=function_name, message_id=record.message_id, **ids)
         job_id = ids.get("job_id")
         remaining_millis = getattr(context, "get_remaining_time_in_millis", None)
         receive_count = int(record.attributes.approximate_receive_count or 1)
         if receive_count > 1 and isinstance(job_id, str) and can_record_job(job_id):
-            _record_silent_receive(services, function_name, record, ids, receive_count)
+            _record_silent_receive(services, function_name, record, ids, receive_count, failure_job_id)
         try:
             step(services, record, Invocation(record.message_id, remaining_millis))
         except StaleMessageError as error:
@@ -195,7 +219,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         except JobConflictError as error:
             # The job id belongs to another job, which must not be touched: the rejected
             # message is recorded under the id derived from its message id.
-            rejected_id = f"job-{record.message_id[:18]}"
+            rejected_id = derive_job_id(record.message_id)
             logger.error("job rejected", extra={"error": str(error), "error_type": type(error).__name__,
                                                 "rejected_job_id": rejected_id})
             services.state.fail_job(rejected_id, str(error))
@@ -205,10 +229,10 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
                 services.state.fail_job(job_id, str(error))
         except Exception as error:
             logger.exception("record failed; it will be retried", extra={"receive_count": receive_count})
-            if function_name == "starter" and job_id is not None:
-                job_id = _starter_failure_job_id(services, record, job_id)
+            if job_id is not None:
+                job_id = _job_of_failure(services, record, job_id, failure_job_id)
                 ids["job_id"] = job_id
-            if job_id is not None and receive_count >= max_receive_count:
+            if job_id is not None and receive_count >= services.settings.max_receive_count:
                 services.state.fail_job(
                     job_id, f"{function_name} failed {receive_count} times on message {record.message_id}: "
                             f"{type(error).__name__}: {error}; the message is now in the dead-letter queue")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
+from shared.config import stack_resource_name
 from shared.efs import EfsStore, json_preview
 from shared.errors import DIVERGED_WORDS, BatonError
 from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
@@ -49,11 +50,6 @@ class JobNotFoundError(BatonError):
     """No job item with the requested id exists in the table."""
 
 
-def state_table_name(stage: str) -> str:
-    """Return the state table's name for ``stage`` (see custom.names in serverless.yml)."""
-    return f"baton-{stage}-state"
-
-
 def make_state_store(stage: str, endpoint_url: str | None = None, region: str | None = None) -> StateStore:
     """Return a state store for ``stage``, through the standard AWS credential chain.
 
@@ -61,7 +57,7 @@ def make_state_store(stage: str, endpoint_url: str | None = None, region: str | 
     server; when None, boto3 also honours ``AWS_ENDPOINT_URL``.
     """
     client = aws_client("dynamodb", endpoint_url=endpoint_url, region=region)
-    return StateStore(client, state_table_name(stage))
+    return StateStore(client, stack_resource_name(stage, "state"))
 
 
 def aws_client(service: str, endpoint_url: str | None = None, region: str | None = None):

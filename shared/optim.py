@@ -12,13 +12,20 @@ Models with a non-smooth penalty expect the training loop to call
 
 A job spec's optimizer section maps onto :func:`build_optimizer`, for example
 ``{"name": "adam", "learning_rate": 0.01, "schedule": "cosine", "total_steps": 1000}``.
+The spec's fields are the one source of every parameter's default and valid range
+(:class:`shared.spec.OptimizerSection`, listed in docs/job-spec.md). The classes take each
+parameter as a required keyword argument and check it against its field, and
+:func:`build_optimizer` and :func:`build_schedule` fill in the defaults of the parameters
+a caller leaves out.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -27,29 +34,29 @@ from shared.errors import JobSpecError
 OptimizerState = dict[str, np.ndarray]
 
 
-def _check_number(field: str, value, *, minimum: float | None = None, maximum: float | None = None,
-                  exclusive_minimum: bool = False, exclusive_maximum: bool = False) -> float:
-    """Return ``value`` as a float, or raise :class:`JobSpecError` naming ``optimizer.<field>``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise JobSpecError(f"optimizer.{field}", f"expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise JobSpecError(f"optimizer.{field}", f"expected a finite number, got {value!r}")
-    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
-        relation = "greater than" if exclusive_minimum else "at least"
-        raise JobSpecError(f"optimizer.{field}", f"got {value!r}; must be {relation} {minimum}")
-    if maximum is not None and (value >= maximum if exclusive_maximum else value > maximum):
-        relation = "less than" if exclusive_maximum else "at most"
-        raise JobSpecError(f"optimizer.{field}", f"got {value!r}; must be {relation} {maximum}")
-    return value
+# shared.spec imports this module for the optimizer and schedule names, so these helpers
+# import it when they run instead of at the top.
 
 
-def _check_integer(field: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value != int(value):
-        raise JobSpecError(f"optimizer.{field}", f"expected an integer, got {value!r}")
-    if value < minimum:
-        raise JobSpecError(f"optimizer.{field}", f"got {value!r}; must be at least {minimum}")
-    return int(value)
+def _checked(name: str, value: Any) -> Any:
+    """Return parameter ``name`` checked against its job spec field, which raises JobSpecError if it is invalid."""
+    from shared.spec import check_optimizer_value
+
+    return check_optimizer_value(name, value)
+
+
+def _default(name: str) -> Any:
+    """Return the default of parameter ``name``: its job spec field's."""
+    from shared.spec import optimizer_default
+
+    return optimizer_default(name)
+
+
+def _with_defaults(parameter_class: type, given: Mapping[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
+    """Return the keyword parameters of ``parameter_class`` but ``skip``, from ``given`` or else the spec's defaults."""
+    names = [parameter.name for parameter in inspect.signature(parameter_class).parameters.values()
+             if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in skip]
+    return {name: given[name] if name in given else _default(name) for name in names}
 
 
 # Learning-rate schedules.
@@ -61,13 +68,13 @@ class LearningRateSchedule(ABC):
     Parameters
     ----------
     learning_rate : float
-        Initial learning rate, > 0.
+        Initial learning rate.
     """
 
     name: ClassVar[str]
 
-    def __init__(self, learning_rate: float):
-        self.learning_rate = _check_number("learning_rate", learning_rate, minimum=0.0, exclusive_minimum=True)
+    def __init__(self, *, learning_rate: float):
+        self.learning_rate = _checked("learning_rate", learning_rate)
 
     @abstractmethod
     def __call__(self, step_index: int) -> float:
@@ -91,19 +98,19 @@ class StepSchedule(LearningRateSchedule):
     Parameters
     ----------
     learning_rate : float
-        Initial learning rate, > 0.
-    step_size : int, default=100
-        Steps between two decays, >= 1.
-    gamma : float, default=0.5
-        Decay factor, in (0, 1].
+        Initial learning rate.
+    step_size : int
+        Steps between two decays.
+    gamma : float
+        Decay factor.
     """
 
     name = "step"
 
-    def __init__(self, learning_rate: float, step_size: int = 100, gamma: float = 0.5):
-        super().__init__(learning_rate)
-        self.step_size = _check_integer("step_size", step_size, minimum=1)
-        self.gamma = _check_number("gamma", gamma, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    def __init__(self, *, learning_rate: float, step_size: int, gamma: float):
+        super().__init__(learning_rate=learning_rate)
+        self.step_size = _checked("step_size", step_size)
+        self.gamma = _checked("gamma", gamma)
 
     def __call__(self, step_index: int) -> float:
         return self.learning_rate * self.gamma ** (step_index // self.step_size)
@@ -115,19 +122,19 @@ class InverseScalingSchedule(LearningRateSchedule):
     Parameters
     ----------
     learning_rate : float
-        Initial learning rate, > 0.
-    decay : float, default=0.01
-        Decay per step, >= 0. 0 gives a constant rate.
-    power : float, default=0.5
-        Exponent, >= 0. 1 gives the classic ``1 / t`` decay of stochastic approximation.
+        Initial learning rate.
+    decay : float
+        Decay per step. 0 gives a constant rate.
+    power : float
+        Exponent. 1 gives the classic ``1 / t`` decay of stochastic approximation.
     """
 
     name = "inverse_scaling"
 
-    def __init__(self, learning_rate: float, decay: float = 0.01, power: float = 0.5):
-        super().__init__(learning_rate)
-        self.decay = _check_number("decay", decay, minimum=0.0)
-        self.power = _check_number("power", power, minimum=0.0)
+    def __init__(self, *, learning_rate: float, decay: float, power: float):
+        super().__init__(learning_rate=learning_rate)
+        self.decay = _checked("decay", decay)
+        self.power = _checked("power", power)
 
     def __call__(self, step_index: int) -> float:
         return self.learning_rate / (1.0 + self.decay * step_index) ** self.power
@@ -143,24 +150,26 @@ class CosineSchedule(LearningRateSchedule):
     Parameters
     ----------
     learning_rate : float
-        Initial learning rate, > 0.
+        Initial learning rate.
     total_steps : int
-        Length of the annealing in steps, >= 1. There is no default because it depends
-        on the job, usually its number of rounds.
-    min_learning_rate : float, default=0.0
-        Final learning rate, in [0, learning_rate].
+        Length of the annealing in steps. None, the spec's default, is rejected because
+        the length depends on the job, usually its number of rounds.
+    min_learning_rate : float
+        Final learning rate, at most ``learning_rate``.
     """
 
     name = "cosine"
 
-    def __init__(self, learning_rate: float, total_steps: int | None = None, min_learning_rate: float = 0.0):
-        super().__init__(learning_rate)
+    def __init__(self, *, learning_rate: float, total_steps: int | None, min_learning_rate: float):
+        super().__init__(learning_rate=learning_rate)
         if total_steps is None:
             raise JobSpecError("optimizer.total_steps",
                                "missing; the cosine schedule needs the number of steps to anneal over")
-        self.total_steps = _check_integer("total_steps", total_steps, minimum=1)
-        self.min_learning_rate = _check_number("min_learning_rate", min_learning_rate,
-                                               minimum=0.0, maximum=self.learning_rate)
+        self.total_steps = _checked("total_steps", total_steps)
+        self.min_learning_rate = _checked("min_learning_rate", min_learning_rate)
+        if self.min_learning_rate > self.learning_rate:
+            raise JobSpecError("optimizer.min_learning_rate", f"got {self.min_learning_rate!r}; must be at most "
+                                                              f"learning_rate ({self.learning_rate!r})")
 
     def __call__(self, step_index: int) -> float:
         progress = min(step_index, self.total_steps) / self.total_steps
@@ -180,18 +189,19 @@ def build_schedule(name: str, learning_rate: float, **hyperparameters) -> Learni
     ----------
     name : {"constant", "step", "inverse_scaling", "cosine"}
     learning_rate : float
-        Initial learning rate, > 0.
+        Initial learning rate.
     **hyperparameters
-        The schedule's own parameters, described on each schedule class.
+        The schedule's own parameters, described on each schedule class. A parameter left
+        out takes the job spec's default, and parameters of other schedules are ignored.
 
     Raises
     ------
     JobSpecError
         If ``name`` is unknown or a parameter is out of range.
     """
-    if name not in SCHEDULES:
-        raise JobSpecError("optimizer.schedule", f"got {name!r}; expected one of {', '.join(map(repr, SCHEDULES))}")
-    return SCHEDULES[name](learning_rate, **hyperparameters)
+    schedule_class = SCHEDULES[_checked("schedule", name)]
+    return schedule_class(learning_rate=learning_rate,
+                          **_with_defaults(schedule_class, hyperparameters, skip=("learning_rate",)))
 
 
 def clip_by_global_norm(grad: np.ndarray, clip_norm: float | None) -> np.ndarray:
@@ -214,48 +224,23 @@ def clip_by_global_norm(grad: np.ndarray, clip_norm: float | None) -> np.ndarray
 class Optimizer(ABC):
     """Base class of Baton's optimizers.
 
+    Use :func:`build_optimizer`, which builds the schedule and fills in the defaults.
+
     Parameters
     ----------
-    learning_rate : float
-        Initial step size, > 0.
-    schedule : {"constant", "step", "inverse_scaling", "cosine"}, default="constant"
-        How the learning rate changes with the step index; see :func:`build_schedule`.
-    step_size : int, default=100
-        ``"step"`` schedule: steps between two decays, >= 1.
-    gamma : float, default=0.5
-        ``"step"`` schedule: decay factor, in (0, 1].
-    decay : float, default=0.01
-        ``"inverse_scaling"`` schedule: decay per step, >= 0.
-    power : float, default=0.5
-        ``"inverse_scaling"`` schedule: exponent, >= 0.
-    total_steps : int, default=None
-        ``"cosine"`` schedule: steps to anneal over, >= 1; required by that schedule.
-    min_learning_rate : float, default=0.0
-        ``"cosine"`` schedule: final learning rate, in [0, learning_rate].
-    clip_norm : float, default=None
-        If set, > 0: the maximum Euclidean norm of the gradient. Larger gradients are
-        scaled down to it before the update. None disables clipping.
-    **hyperparameters
-        Parameters of other optimizers. They are stored in ``hyperparameters`` and
-        otherwise ignored, so one flat optimizer section of a job spec can configure
-        every optimizer.
+    schedule : LearningRateSchedule
+        The learning rate of each step (:func:`build_schedule`).
+    clip_norm : float or None
+        The maximum Euclidean norm of the gradient. Larger gradients are scaled down to it
+        before the update. None disables clipping.
     """
 
     name: ClassVar[str]
 
-    def __init__(self, learning_rate: float, schedule: str = "constant", *, step_size: int = 100,
-                 gamma: float = 0.5, decay: float = 0.01, power: float = 0.5, total_steps: int | None = None,
-                 min_learning_rate: float = 0.0, clip_norm: float | None = None, **hyperparameters):
-        schedule_parameters = {
-            "step": {"step_size": step_size, "gamma": gamma},
-            "inverse_scaling": {"decay": decay, "power": power},
-            "cosine": {"total_steps": total_steps, "min_learning_rate": min_learning_rate},
-        }.get(schedule, {})
-        self.schedule = build_schedule(schedule, learning_rate, **schedule_parameters)
-        self.learning_rate = self.schedule.learning_rate
-        self.clip_norm = None if clip_norm is None else _check_number(
-            "clip_norm", clip_norm, minimum=0.0, exclusive_minimum=True)
-        self.hyperparameters = hyperparameters
+    def __init__(self, *, schedule: LearningRateSchedule, clip_norm: float | None):
+        self.schedule = schedule
+        self.learning_rate = schedule.learning_rate
+        self.clip_norm = _checked("clip_norm", clip_norm)
 
     def init_state(self, params: np.ndarray) -> OptimizerState:
         """Return the state before the first step; empty for plain SGD."""
@@ -307,19 +292,17 @@ class Momentum(Optimizer):
 
     Parameters
     ----------
-    learning_rate : float
-        Initial step size, > 0.
-    momentum : float, default=0.9
-        Decay ``mu`` of the velocity, in [0, 1).
-    **hyperparameters
-        Schedule and clipping parameters, as for :class:`Optimizer`.
+    schedule, clip_norm
+        As for :class:`Optimizer`.
+    momentum : float
+        Decay ``mu`` of the velocity.
     """
 
     name = "momentum"
 
-    def __init__(self, learning_rate: float, momentum: float = 0.9, **hyperparameters):
-        super().__init__(learning_rate, **hyperparameters)
-        self.momentum = _check_number("momentum", momentum, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+    def __init__(self, *, schedule: LearningRateSchedule, clip_norm: float | None, momentum: float):
+        super().__init__(schedule=schedule, clip_norm=clip_norm)
+        self.momentum = _checked("momentum", momentum)
 
     def init_state(self, params: np.ndarray) -> OptimizerState:
         return {"velocity": np.zeros_like(params, dtype=np.float64)}
@@ -335,16 +318,7 @@ class Nesterov(Momentum):
 
     This form needs the gradient at the current parameters only, because the look-ahead
     is folded into the update. It is the rule of ``torch.optim.SGD(nesterov=True)`` as
-    documented for PyTorch 2.0.
-
-    Parameters
-    ----------
-    learning_rate : float
-        Initial step size, > 0.
-    momentum : float, default=0.9
-        Decay ``mu`` of the velocity, in [0, 1).
-    **hyperparameters
-        Schedule and clipping parameters, as for :class:`Optimizer`.
+    documented for PyTorch 2.0. Its parameters are those of :class:`Momentum`.
     """
 
     name = "nesterov"
@@ -366,16 +340,13 @@ class Adam(Optimizer):
 
     Parameters
     ----------
-    learning_rate : float
-        Initial step size, > 0.
-    beta_1 : float, default=0.9
-        Decay of the first-moment estimate, in [0, 1).
-    beta_2 : float, default=0.999
-        Decay of the second-moment estimate, in [0, 1).
-    epsilon : float, default=1e-8
-        Added to the denominator for numerical stability, > 0.
-    **hyperparameters
-        Schedule and clipping parameters, as for :class:`Optimizer`.
+    schedule, clip_norm
+        As for :class:`Optimizer`.
+    beta_1, beta_2 : float
+        Decay of the first- and second-moment estimates: the two elements of the job
+        spec's ``optimizer.betas``.
+    epsilon : float
+        Added to the denominator for numerical stability.
 
     Notes
     -----
@@ -385,12 +356,12 @@ class Adam(Optimizer):
 
     name = "adam"
 
-    def __init__(self, learning_rate: float, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
-                 **hyperparameters):
-        super().__init__(learning_rate, **hyperparameters)
-        self.beta_1 = _check_number("beta_1", beta_1, minimum=0.0, maximum=1.0, exclusive_maximum=True)
-        self.beta_2 = _check_number("beta_2", beta_2, minimum=0.0, maximum=1.0, exclusive_maximum=True)
-        self.epsilon = _check_number("epsilon", epsilon, minimum=0.0, exclusive_minimum=True)
+    def __init__(self, *, schedule: LearningRateSchedule, clip_norm: float | None, beta_1: float, beta_2: float,
+                 epsilon: float):
+        super().__init__(schedule=schedule, clip_norm=clip_norm)
+        self.beta_1 = _checked("beta_1", beta_1)
+        self.beta_2 = _checked("beta_2", beta_2)
+        self.epsilon = _checked("epsilon", epsilon)
 
     def init_state(self, params: np.ndarray) -> OptimizerState:
         return {"first_moment": np.zeros_like(params, dtype=np.float64),
@@ -415,24 +386,21 @@ class Adagrad(Optimizer):
 
     Parameters
     ----------
-    learning_rate : float
-        Initial step size, > 0.
-    epsilon : float, default=1e-8
-        Added to the denominator for numerical stability, > 0.
-    initial_accumulator_value : float, default=0.0
-        Starting value of every entry of ``G``, >= 0.
-    **hyperparameters
-        Schedule and clipping parameters, as for :class:`Optimizer`.
+    schedule, clip_norm
+        As for :class:`Optimizer`.
+    epsilon : float
+        Added to the denominator for numerical stability.
+    initial_accumulator_value : float
+        Starting value of every entry of ``G``.
     """
 
     name = "adagrad"
 
-    def __init__(self, learning_rate: float, epsilon: float = 1e-8, initial_accumulator_value: float = 0.0,
-                 **hyperparameters):
-        super().__init__(learning_rate, **hyperparameters)
-        self.epsilon = _check_number("epsilon", epsilon, minimum=0.0, exclusive_minimum=True)
-        self.initial_accumulator_value = _check_number("initial_accumulator_value", initial_accumulator_value,
-                                                       minimum=0.0)
+    def __init__(self, *, schedule: LearningRateSchedule, clip_norm: float | None, epsilon: float,
+                 initial_accumulator_value: float):
+        super().__init__(schedule=schedule, clip_norm=clip_norm)
+        self.epsilon = _checked("epsilon", epsilon)
+        self.initial_accumulator_value = _checked("initial_accumulator_value", initial_accumulator_value)
 
     def init_state(self, params: np.ndarray) -> OptimizerState:
         return {"sum_of_squares": np.full_like(params, self.initial_accumulator_value, dtype=np.float64)}
@@ -448,26 +416,27 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (SGD, Momentu
 
 
 def build_optimizer(name: str, **hyperparameters) -> Optimizer:
-    """Return the optimizer registered under ``name``, configured by ``hyperparameters``.
+    """Build the optimizer registered under ``name``, with its schedule, from ``hyperparameters``.
 
     Parameters
     ----------
     name : {"sgd", "momentum", "nesterov", "adam", "adagrad"}
     **hyperparameters
-        ``learning_rate`` (required), the schedule and clipping parameters of
-        :class:`Optimizer` and the optimizer's own parameters. Parameters that belong to
-        other optimizers or schedules are ignored.
+        ``learning_rate`` (required), ``schedule``, the parameters of that schedule,
+        ``clip_norm`` and the optimizer's own parameters. A parameter left out takes the
+        job spec's default. Parameters that belong to other optimizers or schedules are
+        ignored, so one flat optimizer section of a job spec can configure every optimizer.
 
     Raises
     ------
     JobSpecError
         If ``name`` is unknown, ``learning_rate`` is missing or a value is out of range.
     """
-    if name not in OPTIMIZERS:
-        raise JobSpecError("optimizer.name", f"got {name!r}; expected one of {', '.join(map(repr, OPTIMIZERS))}")
+    optimizer_class = OPTIMIZERS[_checked("name", name)]
     if "learning_rate" not in hyperparameters:
         raise JobSpecError("optimizer.learning_rate", "missing required field")
-    return OPTIMIZERS[name](**hyperparameters)
+    schedule = build_schedule(hyperparameters.get("schedule", _default("schedule")), **hyperparameters)
+    return optimizer_class(schedule=schedule, **_with_defaults(optimizer_class, hyperparameters, skip=("schedule",)))
 
 
 # The prefix of the optimizer's arrays when they are stored beside other arrays, such as the

@@ -55,7 +55,7 @@ from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_objec
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
                               write_reduced_slice, write_worker_result)
 from shared.source_files import FIX
-from shared.spec import JobSpec, load_job_message, parse_job_spec
+from shared.spec import JobSpec, derive_job_id, load_job_message, parse_job_spec
 from shared.state import PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
 from shared.training import (Reduction, RoundUpdate, StoppingState, build_model, build_model_for_preparation,
                              build_optimizer, check_model_fits, check_stopping, check_validation_finite,
@@ -203,7 +203,7 @@ def start_job(services: Services, body: str, message_id: str) -> str:
         return job_id
 
     try:
-        spec = load_job_message(body, default_job_id=f"job-{message_id[:18]}")
+        spec = load_job_message(body, default_job_id=derive_job_id(message_id))
     except JobSpecError as error:
         _check_spec_error_spares_job(services, body, error)
         raise
@@ -284,7 +284,7 @@ def starter_failure_job_id(services: Services, body: str, message_id: str, job_i
     existing = _job_created_from_spec(services, job_id)
     if existing is None:
         return job_id
-    rejected_id = f"job-{message_id[:18]}"
+    rejected_id = derive_job_id(message_id)
     try:
         spec = load_job_message(body, default_job_id=job_id)
     except JobSpecError:

@@ -380,6 +380,44 @@ def _parse_section(section: str, cls: type, raw: Any):
     return cls(**values)
 
 
+# The Adam parameters that stand for the two elements of the spec's optimizer.betas.
+_BETA_INDEX = {"beta_1": 0, "beta_2": 1}
+
+
+def _optimizer_field(name: str):
+    """Return the OptimizerSection field that optimizer parameter ``name`` reads."""
+    declared = {spec_field_.name: spec_field_ for spec_field_ in fields(OptimizerSection)}
+    return declared["betas" if name in _BETA_INDEX else name]
+
+
+def optimizer_default(name: str) -> Any:
+    """Return the default of optimizer parameter ``name``: its OptimizerSection field's.
+
+    ``beta_1`` and ``beta_2`` are the two elements of ``betas``. :mod:`shared.optim` fills
+    in every parameter that a caller leaves out with this value.
+    """
+    default = _optimizer_field(name).default
+    return default[_BETA_INDEX[name]] if name in _BETA_INDEX else default
+
+
+def check_optimizer_value(name: str, value: Any) -> Any:
+    """Return optimizer parameter ``name`` checked as :func:`parse_job_spec` checks its field.
+
+    This is the one check of an optimizer's and a schedule's parameters, which the classes
+    of :mod:`shared.optim` call. ``beta_1`` and ``beta_2`` are checked as elements of
+    ``betas``.
+
+    Raises
+    ------
+    JobSpecError
+        Naming ``optimizer.<name>``, if the value has the wrong type or is out of range.
+    """
+    declared = _optimizer_field(name)
+    if name in _BETA_INDEX:
+        return _check_number(f"optimizer.{name}", "float", declared.metadata, value)
+    return _check_value("optimizer", name, declared.type, declared.metadata, value)
+
+
 def check_relative_path(field_path: str, value: str) -> str:
     """Return ``value`` normalised if it stays inside its root; raise :class:`JobSpecError` if not."""
     if value.startswith("/") or "\\" in value or "\x00" in value:
@@ -582,6 +620,17 @@ def message_bytes(body: str) -> int:
     # surrogatepass: a lone surrogate (never in a body SQS delivered) counts 3 bytes
     # instead of raising here.
     return len(body.encode("utf-8", "surrogatepass"))
+
+
+def derive_job_id(message_id: str) -> str:
+    """Return the job id that Baton gives a jobs-queue message by its SQS message id.
+
+    That is the job of a message sent without a usable ``job_id``, and the id under which
+    the starter records the rejection of a message whose ``job_id`` belongs to a job of
+    another spec. It is ``job-`` and the first 18 characters of the message id, such as
+    ``job-5dd08062-2efd-4b22``.
+    """
+    return f"job-{message_id[:18]}"
 
 
 def load_job_message(body: str, default_job_id: str | None = None) -> JobSpec:

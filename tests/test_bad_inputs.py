@@ -30,6 +30,7 @@ from shared.handlers import logger as handler_logger
 from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
 from shared.service import Services
+from shared.spec import derive_job_id
 from tests.reliability_support import BREAST_CANCER_CSV, write_a9a_subset
 
 GOOD_CSV = {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1}
@@ -395,7 +396,7 @@ def log_lines(captured: str) -> list[dict]:
 def test_bad_input_fails_job_once(stack, handler_log, body, job_id, words):
     start_running_job(stack)
     message_id = "abcdef01-2345-6789-abcd-ef0123456789"
-    expected_job_id = job_id or f"job-{message_id[:18]}"
+    expected_job_id = job_id or derive_job_id(message_id)
 
     response = deliver(body, message_id)
 
@@ -425,7 +426,7 @@ def test_conflicting_job_id_leaves_running_job(stack):
     response = deliver(json.dumps(conflicting), message_id)
 
     assert response["batchItemFailures"] == []
-    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    rejected = stack.state.get_job(derive_job_id(message_id))
     assert rejected.status == "FAILED"
     assert "running-job" in rejected.error
     assert "new job_id" in rejected.error
@@ -542,7 +543,7 @@ def test_dead_lettered_job_without_usable_id(stack, job_id):
 
     assert drain_dead_letters(stack) == 1
 
-    record = stack.state.get_job(f"job-{message_id[:18]}")
+    record = stack.state.get_job(derive_job_id(message_id))
     assert record is not None
     assert record.status == "FAILED"
     assert "dead-letter queue" in record.error
@@ -557,7 +558,7 @@ def test_conflict_with_paused_job_names_resume(stack):
     response = deliver(json.dumps(with_training("running-job", n_workers=3)), message_id)
 
     assert response["batchItemFailures"] == []
-    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    rejected = stack.state.get_job(derive_job_id(message_id))
     assert rejected.status == "FAILED"
     assert "new job_id" in rejected.error
     assert "`baton resume running-job` would continue that job with its own spec" in rejected.error
@@ -595,7 +596,7 @@ def test_bad_spec_spares_existing_job(stack, body):
     response = deliver(body, message_id)
 
     assert response["batchItemFailures"] == []
-    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    rejected = stack.state.get_job(derive_job_id(message_id))
     assert rejected is not None and rejected.status == "FAILED"
     assert "running-job" in rejected.error
     running = stack.state.get_job("running-job")
@@ -636,7 +637,7 @@ def test_retried_conflict_spares_running_job(stack, monkeypatch, tmp_path, recei
     assert running.status == "RUNNING"
     assert running.error is None
     assert "last_error" not in running.attributes
-    rejected = stack.state.get_job(f"job-{message_id[:18]}")
+    rejected = stack.state.get_job(derive_job_id(message_id))
     if receive_count == 5:
         assert rejected.status == "FAILED"
         assert "starter failed 5 times" in rejected.error
@@ -653,7 +654,7 @@ def test_dead_lettered_conflict_spares_running_job(stack):
     assert drain_dead_letters(stack) == 1
 
     assert stack.state.get_job("running-job").status == "RUNNING"
-    assert stack.state.get_job(f"job-{message_id[:18]}").status == "FAILED"
+    assert stack.state.get_job(derive_job_id(message_id)).status == "FAILED"
 
 
 def test_nested_dead_letter_drained(stack):
@@ -691,7 +692,7 @@ def test_retried_preparation_step_fails_own_job(stack, monkeypatch, tmp_path):
     record = stack.state.get_job("stepped")
     assert record.status == "FAILED"
     assert f"starter failed 5 times on message {failed_message_id}" in record.error
-    assert stack.state.get_job(f"job-{failed_message_id[:18]}") is None
+    assert stack.state.get_job(derive_job_id(failed_message_id)) is None
 
 
 def test_redelivered_job_message_records_silent_receive(stack):
@@ -717,4 +718,4 @@ def test_redelivered_conflict_spares_running_job(stack):
 
     assert response["batchItemFailures"] == []
     assert "last_error" not in stack.state.get_job("running-job").attributes
-    assert stack.state.get_job(f"job-{message_id[:18]}").status == "FAILED"
+    assert stack.state.get_job(derive_job_id(message_id)).status == "FAILED"

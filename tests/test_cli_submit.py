@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main
+from shared.config import stack_resource_name
 from shared.spec import MAX_SPEC_BYTES, encode_job_message
 from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
 
@@ -30,7 +31,7 @@ def jobs_queue(moto_endpoint):
     """A jobs queue for a new stage; yields the stage, the queue URL and an SQS client."""
     stage = f"cli{uuid.uuid4().hex[:10]}"
     sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
-    queue_url = sqs.create_queue(QueueName=f"baton-{stage}-jobs")["QueueUrl"]
+    queue_url = sqs.create_queue(QueueName=stack_resource_name(stage, "jobs"))["QueueUrl"]
     return {"stage": stage, "url": queue_url, "sqs": sqs,
             "arguments": ["--stage", stage, "--endpoint-url", moto_endpoint]}
 

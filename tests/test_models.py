@@ -26,7 +26,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from shared.errors import DataError, JobSpecError
 from shared.models import MODELS, compute_class_weights, get_model_class
-from shared.optim import SGD
+from shared.optim import build_optimizer
 
 TESTS_DATA = Path(__file__).parent / "data"
 A9A = Path(__file__).resolve().parents[1] / "examples" / "data" / "a9a" / "a9a"
@@ -433,7 +433,7 @@ def test_softmax_loss_exact_at_huge_scores():
 
 def fit_by_gradient_descent(model, X, y, n_steps: int, learning_rate: float, proximal: bool = False) -> np.ndarray:
     """Run full-batch gradient descent on the mean loss plus penalty, as the aggregator does."""
-    optimizer = SGD(learning_rate=learning_rate)
+    optimizer = build_optimizer("sgd", learning_rate=learning_rate)
     params = model.init_params(np.random.default_rng(0))
     state = optimizer.init_state(params)
     for step_index in range(n_steps):

@@ -16,15 +16,12 @@ from shared.errors import JobSpecError
 from shared.optim import (
     OPTIMIZERS,
     SCHEDULES,
-    Adagrad,
     Adam,
-    Momentum,
-    Nesterov,
-    SGD,
     build_optimizer,
     build_schedule,
     clip_by_global_norm,
 )
+from shared.spec import OptimizerSection, parse_job_spec
 
 N_STEPS = 6
 
@@ -87,15 +84,16 @@ def run_optimizer(optimizer, params, gradients):
 
 
 @pytest.mark.parametrize("optimizer, reference", [
-    (SGD(learning_rate=0.1), lambda p, g: reference_sgd(p, g, 0.1)),
-    (Momentum(learning_rate=0.05, momentum=0.9), lambda p, g: reference_momentum(p, g, 0.05, 0.9)),
-    (Momentum(learning_rate=0.05, momentum=0.0), lambda p, g: reference_sgd(p, g, 0.05)),
-    (Nesterov(learning_rate=0.05, momentum=0.8), lambda p, g: reference_momentum(p, g, 0.05, 0.8, nesterov=True)),
-    (Adam(learning_rate=0.01), lambda p, g: reference_adam(p, g, 0.01, 0.9, 0.999, 1e-8)),
-    (Adam(learning_rate=0.3, beta_1=0.5, beta_2=0.7, epsilon=1e-3),
+    (build_optimizer("sgd", learning_rate=0.1), lambda p, g: reference_sgd(p, g, 0.1)),
+    (build_optimizer("momentum", learning_rate=0.05, momentum=0.9), lambda p, g: reference_momentum(p, g, 0.05, 0.9)),
+    (build_optimizer("momentum", learning_rate=0.05, momentum=0.0), lambda p, g: reference_sgd(p, g, 0.05)),
+    (build_optimizer("nesterov", learning_rate=0.05, momentum=0.8),
+     lambda p, g: reference_momentum(p, g, 0.05, 0.8, nesterov=True)),
+    (build_optimizer("adam", learning_rate=0.01), lambda p, g: reference_adam(p, g, 0.01, 0.9, 0.999, 1e-8)),
+    (build_optimizer("adam", learning_rate=0.3, beta_1=0.5, beta_2=0.7, epsilon=1e-3),
      lambda p, g: reference_adam(p, g, 0.3, 0.5, 0.7, 1e-3)),
-    (Adagrad(learning_rate=0.2), lambda p, g: reference_adagrad(p, g, 0.2, 1e-8, 0.0)),
-    (Adagrad(learning_rate=0.2, epsilon=1e-4, initial_accumulator_value=0.5),
+    (build_optimizer("adagrad", learning_rate=0.2), lambda p, g: reference_adagrad(p, g, 0.2, 1e-8, 0.0)),
+    (build_optimizer("adagrad", learning_rate=0.2, epsilon=1e-4, initial_accumulator_value=0.5),
      lambda p, g: reference_adagrad(p, g, 0.2, 1e-4, 0.5)),
 ], ids=["sgd", "momentum", "momentum-zero", "nesterov", "adam", "adam-custom", "adagrad", "adagrad-custom"])
 def test_optimizer_matches_naive_reference(optimizer, reference):
@@ -109,7 +107,7 @@ def test_optimizer_matches_naive_reference(optimizer, reference):
 
 def test_first_adam_step_moves_by_learning_rate():
     # After one step the bias-corrected ratio m / sqrt(v) is sign(g), whatever the scale of g.
-    optimizer = Adam(learning_rate=0.01, epsilon=1e-12)
+    optimizer = build_optimizer("adam", learning_rate=0.01, epsilon=1e-12)
     params = np.zeros(3)
 
     result, _ = optimizer.step(params, np.array([1e-3, -50.0, 7.0]), optimizer.init_state(params), 0)
@@ -121,8 +119,8 @@ def test_nesterov_differs_from_momentum():
     params = np.zeros(2)
     gradients = random_gradients(n_params=2)
 
-    nesterov, _ = run_optimizer(Nesterov(learning_rate=0.1, momentum=0.9), params, gradients)
-    momentum, _ = run_optimizer(Momentum(learning_rate=0.1, momentum=0.9), params, gradients)
+    nesterov, _ = run_optimizer(build_optimizer("nesterov", learning_rate=0.1, momentum=0.9), params, gradients)
+    momentum, _ = run_optimizer(build_optimizer("momentum", learning_rate=0.1, momentum=0.9), params, gradients)
 
     assert not np.allclose(nesterov, momentum)
 
@@ -205,7 +203,7 @@ def test_schedule_values_at_steps(name, hyperparameters, expected_by_step):
 
 
 def test_optimizer_step_uses_schedule():
-    optimizer = SGD(learning_rate=1.0, schedule="step", step_size=2, gamma=0.1)
+    optimizer = build_optimizer("sgd", learning_rate=1.0, schedule="step", step_size=2, gamma=0.1)
     params = np.zeros(1)
     grad = np.ones(1)
 
@@ -306,3 +304,60 @@ def test_invalid_hyperparameters_name_field(hyperparameters, field):
         build_optimizer(**hyperparameters)
 
     assert raised.value.field == field
+
+
+# Defaults and valid ranges, which come from the job spec's optimizer section.
+
+
+def test_left_out_parameters_take_spec_defaults():
+    section = OptimizerSection()
+
+    momentum = build_optimizer("momentum", learning_rate=0.1)
+    adam = build_optimizer("adam", learning_rate=0.1)
+    adagrad = build_optimizer("adagrad", learning_rate=0.1)
+    step = build_schedule("step", 0.1)
+    inverse_scaling = build_schedule("inverse_scaling", 0.1)
+    cosine = build_schedule("cosine", 0.1, total_steps=10)
+
+    assert momentum.momentum == section.momentum
+    assert momentum.clip_norm == section.clip_norm
+    assert (adam.beta_1, adam.beta_2) == section.betas
+    assert adam.epsilon == section.epsilon
+    assert adagrad.epsilon == section.epsilon
+    assert adagrad.initial_accumulator_value == section.initial_accumulator_value
+    assert (step.step_size, step.gamma) == (section.step_size, section.gamma)
+    assert (inverse_scaling.decay, inverse_scaling.power) == (section.decay, section.power)
+    assert cosine.min_learning_rate == section.min_learning_rate
+    assert isinstance(build_optimizer("sgd", learning_rate=0.1).schedule, SCHEDULES[section.schedule])
+
+
+@pytest.mark.parametrize("section, valid", [
+    ({"name": "momentum", "learning_rate": 0.1, "momentum": 0.999}, True),
+    ({"name": "momentum", "learning_rate": 0.1, "momentum": 0.9995}, False),
+    ({"name": "sgd", "learning_rate": 1000.0}, True),
+    ({"name": "sgd", "learning_rate": 1000.5}, False),
+    ({"name": "sgd", "learning_rate": 0.1, "schedule": "step", "gamma": 1.0}, True),
+    ({"name": "sgd", "learning_rate": 0.1, "schedule": "step", "gamma": 0.0}, False),
+    ({"name": "sgd", "learning_rate": 0.1, "schedule": "step", "step_size": 2.0}, False),
+    ({"name": "adam", "learning_rate": 0.1, "epsilon": 1e-300}, True),
+    ({"name": "adagrad", "learning_rate": 0.1, "epsilon": 0.0}, False),
+    ({"name": "sgd", "learning_rate": 0.1, "clip_norm": 1e-9}, True),
+    ({"name": "sgd", "learning_rate": 0.1, "schedule": "cosine", "total_steps": 0}, False),
+], ids=["momentum-max", "momentum-above-max", "rate-max", "rate-above-max", "gamma-1", "gamma-0",
+        "step-size-float", "epsilon-tiny", "epsilon-0", "clip-tiny", "total-steps-0"])
+def test_ranges_match_job_spec(section, valid):
+    spec = {"job_id": "ranges", "model": {"name": "logistic_regression"}, "data": {"path": "datasets/a9a/a9a"},
+            "optimizer": section}
+    try:
+        parse_job_spec(spec)
+        spec_accepts = True
+    except JobSpecError:
+        spec_accepts = False
+    try:
+        build_optimizer(**section)
+        optimizer_accepts = True
+    except JobSpecError:
+        optimizer_accepts = False
+
+    assert spec_accepts is valid
+    assert optimizer_accepts is valid

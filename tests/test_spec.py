@@ -9,7 +9,7 @@ import pytest
 from shared.errors import JobSpecError
 from shared.models import MODELS
 from shared.optim import OPTIMIZERS, SCHEDULES
-from shared.spec import ModelSection, OptimizerSection, TrainingSection, parse_job_spec
+from shared.spec import ModelSection, OptimizerSection, TrainingSection, derive_job_id, parse_job_spec
 from shared.training import SELECTABLE_TRAINING_MODES, TRAINING_MODES, build_optimizer
 from tests.conftest import PROJECT_ROOT
 
@@ -202,3 +202,14 @@ def test_data_path_in_jobs_rejected(field, path):
 @pytest.mark.parametrize("path", ["jobs-archive/x.csv", "datasets/jobs/x.csv", "s3://bucket/jobs/x.csv"])
 def test_data_path_beside_jobs_accepted(path):
     assert parse_job_spec(spec_with(data={"path": path})).data.path == path
+
+
+def test_derived_job_id_is_valid_job_id():
+    message_id = "5dd08062-2efd-4b22-9c8e-3a7f1c2b9d10"
+
+    job_id = derive_job_id(message_id)
+
+    assert job_id == "job-5dd08062-2efd-4b22"
+    raw = spec_with()
+    del raw["job_id"]
+    assert parse_job_spec(raw, default_job_id=job_id).job_id == job_id

@@ -187,6 +187,17 @@ def test_service_and_resource_names(config, resources):
     assert resources["StateTable"]["Properties"]["TableName"] == names["stateTable"]
 
 
+def test_settings_for_stage_name_stack_resources(config):
+    from shared.config import Settings
+
+    names = config["custom"]["names"]
+    settings = Settings.for_stage(config["provider"]["stage"])
+    assert settings.jobs_queue_name == names["jobsQueue"]
+    assert settings.tasks_queue_name == names["tasksQueue"]
+    assert settings.aggregate_queue_name == names["aggregateQueue"]
+    assert settings.state_table_name == names["stateTable"]
+
+
 def test_every_queue_has_dead_letter_redrive(config, resources):
     dead_letter_queues = _dead_letter_queue_names(resources)
     source_queues = set(_queues(resources)) - dead_letter_queues
