@@ -328,7 +328,8 @@ def _echo_status_change(record, previous: str, endpoint_url: str) -> None:
                    f"`baton resume {record.job_id} --stage local --endpoint-url {endpoint_url}` continues it, and "
                    "baton run waits for it up to --timeout")
     elif previous == "PAUSED":
-        click.echo(f"job {record.job_id} resumed at round {record.round + 1}")
+        # No round number: the job may be rounds ahead of the round lines printed so far.
+        click.echo(f"job {record.job_id} resumed")
 
 
 def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float,

@@ -362,3 +362,20 @@ def test_last_round_skips_earlier_run(tmp_path):
     assert last_round_on_efs(efs_root, "missing", since=started - 20) is None
     os.utime(spec_path, (started + 10, started + 10))
     assert last_round_on_efs(efs_root, "rerun", since=started - 20) == 0
+
+
+def test_status_change_lines(capsys):
+    from types import SimpleNamespace
+
+    from shared.cli import _echo_status_change
+
+    paused = SimpleNamespace(job_id="p1", status="PAUSED", round=4, total_rounds=10)
+    running = SimpleNamespace(job_id="p1", status="RUNNING", round=7, total_rounds=10)
+
+    _echo_status_change(paused, "RUNNING", "http://127.0.0.1:5000")
+    _echo_status_change(running, "PAUSED", "http://127.0.0.1:5000")
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("job p1 is PAUSED after 4 of 10 rounds")
+    assert "`baton resume p1 --stage local --endpoint-url http://127.0.0.1:5000`" in lines[0]
+    assert lines[1] == "job p1 resumed"
