@@ -159,7 +159,8 @@ class DataSection:
                                             "label_column holds the labels, or a .npz archive with arrays X and y.",
                              choices=DATA_FORMATS)
     n_features: int | None = spec_field(
-        None, help="Number of features; for libsvm, inferred from the highest index when null.", minimum=1, nullable=True)
+        None, help="Number of features; for libsvm, inferred when null from the highest index in the training "
+                   "file and data.validation_path together.", minimum=1, nullable=True)
     validation_path: str | None = spec_field(
         None, help="Held-out file, like path; when null a fraction of the training rows is held out.",
         nullable=True)
@@ -175,7 +176,7 @@ class DataSection:
                                 choices=(",", ";", "\t", " ", "whitespace"))
     standardize: bool = spec_field(
         False, help="Scale every feature to zero mean and unit variance, with statistics of the training shards "
-                    "only; sparse data is scaled but not centred.")
+                    "only; sparse data is scaled but not centred, and a constant feature is left unscaled.")
     stratify: bool | None = spec_field(
         None, help="Keep each class's share equal across shards and the held-out rows; null means true for "
                    "classifiers.", nullable=True)
@@ -199,7 +200,9 @@ class TrainingSection:
                                         minimum=1, maximum=10_000_000, nullable=True)
     mode: str = spec_field(
         "gradient_average", help="gradient_average: each round takes one step on the workers' mean gradient. "
-                                 "model_average: each worker takes several local steps and the models are averaged.",
+                                 "model_average: each worker takes several local steps and the models are averaged. "
+                                 "kmeans runs Lloyd iterations in gradient_average only, and ignores the "
+                                 "optimizer section.",
         choices=SELECTABLE_TRAINING_MODES)
     local_steps: int = spec_field(1, help="model_average: local mini-batch steps per worker per round.",
                                   minimum=1, maximum=100_000)
