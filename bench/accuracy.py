@@ -143,13 +143,15 @@ def score_sklearn(spec, X_train, y_train, X_test, y_test) -> dict[str, dict]:
 
 
 def first_round_reaching(efs_root: Path, job_id: str, accuracy: float) -> int | None:
-    """Return the 1-based count of rounds after which validation accuracy first reached ``accuracy``."""
+    """Return the number of the first round (from 1) after which validation accuracy reached ``accuracy``.
+
+    Metrics files are named by that number, ``metrics/<round>.json``.
+    """
     folder = efs_root / "jobs" / job_id / "metrics"
-    rounds = sorted(int(path.stem) for path in folder.glob("*.json"))
-    for round_index in rounds:
-        metrics = json.loads((folder / f"{round_index}.json").read_text())
+    for round_number in sorted(int(path.stem) for path in folder.glob("*.json")):
+        metrics = json.loads((folder / f"{round_number}.json").read_text())
         if metrics.get("validation_accuracy", 0.0) >= accuracy:
-            return round_index + 1
+            return round_number
     return None
 
 
