@@ -171,13 +171,14 @@ def baton_time_to_target(stack: LocalStack, name: str, job_id: str, target: floa
         raise RuntimeError(f"benchmark job {job_id} ended {record.status}: {record.error}")
     job_dir = stack.efs_root / "jobs" / job_id
     start_seconds = os.stat(job_dir / "data" / "manifest.json").st_mtime - submitted
+    # Metrics files are named by the round's number, from 1.
     rounds = sorted(int(path.stem) for path in (job_dir / "metrics").glob("*.json"))
     accuracy = 0.0
-    for round_index in rounds:
-        path = job_dir / "metrics" / f"{round_index}.json"
+    for round_number in rounds:
+        path = job_dir / "metrics" / f"{round_number}.json"
         accuracy = json.loads(path.read_text()).get("validation_accuracy", 0.0)
         if accuracy >= target:
-            return BatonRun(os.stat(path).st_mtime - submitted, round_index + 1, accuracy, start_seconds)
+            return BatonRun(os.stat(path).st_mtime - submitted, round_number, accuracy, start_seconds)
     return BatonRun(float("inf"), len(rounds), accuracy, start_seconds)
 
 
