@@ -240,6 +240,10 @@ class Settings:
         Each field is read from the variable of its name in upper case, such as
         ``KEEP_CHECKPOINTS``, through :func:`parse_setting`.
 
+        The process-wide switches ``BATON_FAULTS_ENABLED`` and ``BATON_EFS_FSYNC`` are
+        checked here too, so a bad one stops a handler or ``baton run`` before any work
+        with the same kind of error.
+
         Raises
         ------
         BatonError
@@ -247,6 +251,8 @@ class Settings:
             variable, its value and the fix.
         """
         environ = os.environ if environ is None else environ
+        faults_enabled(environ)
+        efs_fsync_enabled(environ)
         values = {}
         for field in fields(cls):
             if field.name in overrides:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import csv
 import gzip
 import io
 import itertools
@@ -631,7 +632,12 @@ def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delim
 
 
 def _split_header(line: str, delimiter: str) -> list[str]:
-    return line.rstrip("\r\n").split(csv_delimiter(delimiter))
+    """Return the column names of a header line; a name in double quotes may contain the delimiter."""
+    line = line.rstrip("\r\n")
+    separator = csv_delimiter(delimiter)
+    if separator is None:
+        return line.split()
+    return next(csv.reader([line], delimiter=separator, quotechar='"'), [])
 
 
 def _count_columns(text: str, delimiter: str) -> int:
@@ -883,7 +889,7 @@ def standardize_rows(X, mean: np.ndarray | None, scale: np.ndarray):
     """Return ``(X - mean) / scale`` in float64, or ``X / scale`` when ``mean`` is None.
 
     ``mean`` is None for a job whose training data was sparse, which is scaled but not
-    centred; its rows may still come dense, as a user's array to predict on.
+    centred. Its rows may still come dense, as a user's array to predict on.
     """
     if sp.issparse(X):
         return sp.csr_matrix(X.astype(np.float64).multiply(1.0 / scale).tocsr())

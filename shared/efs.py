@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from shared.config import efs_fsync_enabled
-from shared.errors import DamagedFileError, DataError
+from shared.errors import BatonError, DamagedFileError, DataError
 
 # The folder under the root where Baton keeps every job's state; never read as data.
 JOBS_FOLDER = "jobs"
@@ -58,7 +58,12 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # fsync makes a write survive a crash of the machine. The local runtime's folder standing
 # in for EFS does not need that, so shared/local/session.py sets BATON_EFS_FSYNC=false for
 # its functions. A killed handler loses no written data either way. Read once, at import.
-FSYNC = efs_fsync_enabled()
+# An invalid value leaves fsync on here, so importing this module never fails. Building
+# Settings rejects the value, with its name and the fix.
+try:
+    FSYNC = efs_fsync_enabled()
+except BatonError:
+    FSYNC = True
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:

@@ -37,7 +37,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 # Re-exported, because serverless.yml and tests/test_stack.py name the handlers' receive count here.
 from shared.config import DEFAULT_MAX_RECEIVE_COUNT  # noqa: F401
-from shared.errors import InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
+from shared.errors import BatonError, InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
 from shared.queues import body_object
 from shared.service import Services
 from shared.spec import derive_job_id
@@ -197,8 +197,16 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         errors that a retry may fix are re-raised, which makes the batch report the record
         as failed, so SQS delivers it again.
         """
-        services = get_services()
         ids = _message_ids(record.body)
+        try:
+            services = get_services()
+        except BatonError as error:
+            # A setting in the function's environment is invalid, so no record can run and
+            # none can be recorded on its job. The message is retried until it is
+            # dead-lettered, and this log line gives the reason.
+            logger.error("invalid function configuration; the message will be retried", extra={
+                "function": function_name, "message_id": record.message_id, **ids, "error": str(error)})
+            raise
         if unnamed_job_id is not None and not can_record_job(ids.get("job_id")):
             # A job id too long for a DynamoDB key counts as unusable, because recording its
             # failure under it would fail on every retry. So does an empty one, whose item

@@ -270,9 +270,8 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
     """
     record = require_job(store, job_id)
     rounds = store.list_round_metrics(job_id)
-    # A cancel that comes while the last round is aggregated can find the model written.
-    cancelled_with_model = (record.status == CANCELLED and efs_root is not None
-                            and (EfsStore(efs_root).model_dir(job_id) / "model.json").is_file())
+    cancelled_with_model = record.status == CANCELLED and efs_root is not None and _model_of_last_round(
+        EfsStore(efs_root), record)
     copy_model = (record.status == SUCCEEDED or cancelled_with_model) and efs_root is not None
     if copy_model:
         model_dir = EfsStore(efs_root).model_dir(job_id)
@@ -300,6 +299,23 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
         result.notes.append(f"model not copied: it is on EFS under jobs/{job_id}/model/; pass --efs-root for a "
                             "local stack, or copy it out of AWS with DataSync (docs/deployment.md)")
     return result
+
+
+def _model_of_last_round(store: EfsStore, record) -> bool:
+    """Return whether a cancelled job's model folder contains the model its last aggregation wrote.
+
+    A cancel that comes while the job's last round is aggregated can find the model
+    written. A model of an earlier run of the job id, set aside only once the new run
+    starts round 0, is older than the job item or ends after another round.
+    """
+    path = store.model_dir(record.job_id) / "model.json"
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+        written = path.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    return (isinstance(description, dict) and description.get("rounds") == record.round + 1
+            and written >= float(record.attributes.get("created_at", math.inf)))
 
 
 def _no_model_note(job_id: str, status: str, error: str | None = None) -> str:

@@ -137,7 +137,11 @@ class InverseScalingSchedule(LearningRateSchedule):
         self.power = _checked("power", power)
 
     def __call__(self, step_index: int) -> float:
-        return self.learning_rate / (1.0 + self.decay * step_index) ** self.power
+        try:
+            return self.learning_rate / (1.0 + self.decay * step_index) ** self.power
+        except OverflowError:
+            # The divisor is beyond the float range, so the rate has decayed to nothing.
+            return 0.0
 
 
 class CosineSchedule(LearningRateSchedule):

@@ -121,16 +121,26 @@ def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     assert "pass --efs-root" not in without_efs.stderr
 
 
+def cancel_finished_job(stack, job_id: str, created_at: float | None = None) -> None:
+    """Mark a finished job CANCELLED at its last round, as a cancel during the last aggregation leaves it."""
+    values = {":cancelled": {"S": "CANCELLED"}, ":round": {"N": str(N_ROUNDS - 1)}}
+    update = "SET #status = :cancelled, #round = :round"
+    if created_at is not None:
+        values[":created"] = {"N": repr(created_at)}
+        update += ", created_at = :created"
+    stack.client("dynamodb").update_item(
+        TableName=stack.settings.state_table_name, Key={"pk": {"S": f"JOB#{job_id}"}, "sk": {"S": "JOB"}},
+        UpdateExpression=update, ExpressionAttributeNames={"#status": "status", "#round": "round"},
+        ExpressionAttributeValues=values)
+
+
 def test_fetch_copies_model_of_late_cancel(finished_job, tmp_path):
     # A cancel that lands while the last round is aggregated leaves the job CANCELLED with
     # its model written. Here the job finishes first and is marked CANCELLED afterwards.
     stack, efs_root = finished_job["stack"], finished_job["efs_root"]
     stack.submit({**breast_cancer_spec(), "job_id": "late-cancel"})
     assert stack.wait("late-cancel", timeout_seconds=120).status == "SUCCEEDED"
-    stack.client("dynamodb").update_item(
-        TableName=stack.settings.state_table_name, Key={"pk": {"S": "JOB#late-cancel"}, "sk": {"S": "JOB"}},
-        UpdateExpression="SET #status = :cancelled", ExpressionAttributeNames={"#status": "status"},
-        ExpressionAttributeValues={":cancelled": {"S": "CANCELLED"}})
+    cancel_finished_job(stack, "late-cancel")
     output = tmp_path / "fetched"
 
     result = CliRunner().invoke(main, ["fetch", "late-cancel", *finished_job["arguments"], "--output", str(output),
@@ -139,6 +149,23 @@ def test_fetch_copies_model_of_late_cancel(finished_job, tmp_path):
     assert result.exit_code == 0, result.output
     assert (output / "model" / "params.npy").is_file()
     assert "was CANCELLED while its last round was aggregated" in result.stderr
+
+
+def test_fetch_skips_earlier_runs_model_of_cancelled_job(finished_job, tmp_path):
+    # The model folder predates the job item, as an earlier run's does until the new run
+    # starts round 0 and sets it aside.
+    stack, efs_root = finished_job["stack"], finished_job["efs_root"]
+    stack.submit({**breast_cancer_spec(), "job_id": "early-cancel"})
+    assert stack.wait("early-cancel", timeout_seconds=120).status == "SUCCEEDED"
+    cancel_finished_job(stack, "early-cancel", created_at=time.time() + 3600)
+    output = tmp_path / "fetched"
+
+    result = CliRunner().invoke(main, ["fetch", "early-cancel", *finished_job["arguments"], "--output",
+                                       str(output), "--efs-root", str(efs_root)])
+
+    assert result.exit_code == 0, result.output
+    assert not (output / "model").exists()
+    assert "no model: job 'early-cancel' was CANCELLED" in result.stderr
 
 
 def test_fetch_rejects_wrong_efs_root(finished_job, tmp_path):

@@ -511,3 +511,13 @@ def test_sparse_scaling_applies_to_dense_rows():
 
     np.testing.assert_array_equal(dense, [[1.0, 0.0], [0.0, 2.0]])
     np.testing.assert_array_equal(sparse.toarray(), dense)
+
+
+def test_csv_quoted_header_name_keeps_delimiter(tmp_path):
+    path = tmp_path / "named.csv"
+    path.write_text('a,"b,c",target\n1,2,0\n3,4,1\n')
+
+    X, y = datasets.read_csv(path, label_column="target", header=True)
+
+    np.testing.assert_array_equal(X, [[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(y, [0.0, 1.0])

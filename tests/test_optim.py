@@ -192,6 +192,8 @@ def test_state_roundtrips_through_savez(name):
     ("step", {"step_size": 3, "gamma": 0.5}, {0: 0.1, 2: 0.1, 3: 0.05, 5: 0.05, 6: 0.025, 10: 0.0125}),
     ("inverse_scaling", {"decay": 0.5, "power": 2.0}, {0: 0.1, 2: 0.025, 6: 0.00625}),
     ("inverse_scaling", {"decay": 1.0, "power": 0.5}, {0: 0.1, 3: 0.05, 15: 0.025}),
+    # (1 + step)^1000 leaves the float range after step 1: the rate has decayed to 0.
+    ("inverse_scaling", {"decay": 1.0, "power": 1000.0}, {0: 0.1, 1: 0.1 / 2.0**1000, 2: 0.0, 10**6: 0.0}),
     ("cosine", {"total_steps": 10, "min_learning_rate": 0.01}, {0: 0.1, 5: 0.055, 10: 0.01, 15: 0.01, 1000: 0.01}),
     ("cosine", {"total_steps": 4}, {0: 0.1, 1: 0.1 * (1 + math.cos(math.pi / 4)) / 2, 2: 0.05, 4: 0.0, 6: 0.0}),
 ])

@@ -133,6 +133,20 @@ def test_rerun_sets_earlier_run_aside(inprocess_stack, efs_root):
     assert (final_params(efs_root, "rerun-aside") == first).all()
 
 
+def test_earlier_runs_file_fails_rerun(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("rerun-blocked")
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    forget_job(inprocess_stack, "rerun-blocked")
+    (efs_root / "jobs" / "rerun-blocked" / "earlier-runs").write_text("not a folder")
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert "'jobs/rerun-blocked/earlier-runs' is a file" in record.error
+    assert "`baton resume rerun-blocked`" in record.error
+    assert (efs_root / "jobs" / "rerun-blocked" / "model" / "params.npy").is_file()
+
+
 def test_changed_source_not_reused(inprocess_stack, efs_root):
     spec = breast_cancer_spec("rerun-changed")
     assert run_job(inprocess_stack, spec).status == SUCCEEDED
