@@ -176,7 +176,9 @@ class DataSection:
                                 choices=(",", ";", "\t", " ", "whitespace"))
     standardize: bool = spec_field(
         False, help="Scale every feature to zero mean and unit variance, with statistics of the training shards "
-                    "only; sparse data is scaled but not centred, and a constant feature is left unscaled.")
+                    "only; sparse data is scaled but not centred, and a constant feature is left unscaled. "
+                    "Regression targets are never scaled: the output bias starts at their mean, but a spread far "
+                    "from 1 (such as 1e-6 or 1e6) needs the targets rescaled before training.")
     stratify: bool | None = spec_field(
         None, help="Keep each class's share equal across shards and the held-out rows; null means true for "
                    "classifiers.", nullable=True)
