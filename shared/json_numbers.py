@@ -22,29 +22,31 @@ SHOWN_TEXT_CHARACTERS = 60
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
-class TypedInt(int):
-    """An integer with the text it was read from."""
+class _TypedNumber:
+    """A number with the text it was read from; mixed into ``int`` or ``float``, named by ``plain_type``."""
 
-    def __new__(cls, value: int, text: str):
+    plain_type: type
+
+    def __new__(cls, value, text: str):
         number = super().__new__(cls, value)
         number.text = text
         return number
 
     def __getnewargs__(self):
         # copy.deepcopy and pickle rebuild the number from these.
-        return int(self), self.text
+        return self.plain_type(self), self.text
 
 
-class TypedFloat(float):
+class TypedInt(_TypedNumber, int):
+    """An integer with the text it was read from."""
+
+    plain_type = int
+
+
+class TypedFloat(_TypedNumber, float):
     """A float, Infinity or NaN with the text it was read from."""
 
-    def __new__(cls, value: float, text: str):
-        number = super().__new__(cls, value)
-        number.text = text
-        return number
-
-    def __getnewargs__(self):
-        return float(self), self.text
+    plain_type = float
 
 
 class OversizedInteger(TypedFloat):

@@ -52,11 +52,11 @@ def _default(name: str) -> Any:
     return optimizer_default(name)
 
 
-def _with_defaults(parameter_class: type, given: Mapping[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
-    """Return the keyword parameters of ``parameter_class`` but ``skip``, from ``given`` or else the spec's defaults."""
+def _with_defaults(parameter_class: type, hyperparameters: Mapping[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
+    """Return the keyword parameters of ``parameter_class`` but ``skip``, from ``hyperparameters`` or the spec's defaults."""
     names = [parameter.name for parameter in inspect.signature(parameter_class).parameters.values()
              if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in skip]
-    return {name: given[name] if name in given else _default(name) for name in names}
+    return {name: hyperparameters[name] if name in hyperparameters else _default(name) for name in names}
 
 
 # Learning-rate schedules.
