@@ -14,6 +14,7 @@ same kind of error.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Mapping
@@ -186,6 +187,18 @@ class Settings:
                 f"invalid MAX_RECEIVE_COUNT {self.max_receive_count}: SQS receives every message at least once, so "
                 "it must be at least 1; set it to the stack's custom.maxReceiveCount in serverless.yml "
                 f"({DEFAULT_MAX_RECEIVE_COUNT} unless changed there)")
+        if not (math.isfinite(self.stall_seconds) and self.stall_seconds > 0):
+            raise BatonError(f"invalid STALL_SECONDS {self.stall_seconds}: the watchdog needs a positive number of "
+                             "seconds; set it above the worker and aggregator timeouts, or unset it to use 900")
+        if not (math.isfinite(self.continuation_margin_seconds) and self.continuation_margin_seconds >= 0):
+            raise BatonError(f"invalid CONTINUATION_MARGIN_SECONDS {self.continuation_margin_seconds}: it must be a "
+                             "number of seconds of 0 or more; unset it to use 30")
+        if self.max_steps_per_invocation < 0:
+            raise BatonError(f"invalid MAX_STEPS_PER_INVOCATION {self.max_steps_per_invocation}: it must be 0 (no "
+                             "bound) or more; unset it to use 0")
+        if self.watchdog_max_attempts < 0:
+            raise BatonError(f"invalid WATCHDOG_MAX_ATTEMPTS {self.watchdog_max_attempts}: it must be 0 (fail a "
+                             "stalled job at once) or more; unset it to use 3")
 
     def data_roots(self) -> tuple[str, ...]:
         """Return the folders of ``allowed_data_roots``, without empty entries or slashes at the ends.

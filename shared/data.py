@@ -636,8 +636,9 @@ def _split_header(line: str, delimiter: str) -> list[str]:
     line = line.rstrip("\r\n")
     separator = csv_delimiter(delimiter)
     if separator is None:
-        return line.split()
-    return next(csv.reader([line], delimiter=separator, quotechar='"'), [])
+        # Runs of spaces and tabs separate the names, as one space between quoted names.
+        line, separator = " ".join(line.split()), " "
+    return next(csv.reader([line], delimiter=separator, quotechar='"', skipinitialspace=True), [])
 
 
 def _count_columns(text: str, delimiter: str) -> int:

@@ -306,16 +306,28 @@ def _model_of_last_round(store: EfsStore, record) -> bool:
 
     A cancel that comes while the job's last round is aggregated can find the model
     written. A model of an earlier run of the job id, set aside only once the new run
-    starts round 0, is older than the job item or ends after another round.
+    starts round 0, ends after another round or is older than the job's spec file.
     """
     path = store.model_dir(record.job_id) / "model.json"
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
-        written = path.stat().st_mtime
     except (OSError, ValueError):
         return False
     return (isinstance(description, dict) and description.get("rounds") == record.round + 1
-            and written >= float(record.attributes.get("created_at", math.inf)))
+            and not model_predates_spec(store, record.job_id))
+
+
+def model_predates_spec(store: EfsStore, job_id: str) -> bool:
+    """Return whether the job's model folder is older than its spec file, so it belongs to an earlier run.
+
+    The starter writes ``spec.json`` whenever it starts the job, and a run writes its model
+    at its end. Both times come from the file system's clock, so they compare even when
+    the machines' clocks differ.
+    """
+    try:
+        return (store.model_dir(job_id) / "model.json").stat().st_mtime < store.spec_path(job_id).stat().st_mtime
+    except OSError:
+        return False
 
 
 def _no_model_note(job_id: str, status: str, error: str | None = None) -> str:
@@ -422,7 +434,11 @@ def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResul
     result.notes.append(f"job.json not written: the job's status is stored only in the stack's table, which this "
                         "fetch did not read; pass --stage and --endpoint-url while the stack runs to save it")
 
-    if model_dir.is_dir():
+    if model_dir.is_dir() and model_predates_spec(store, job_id):
+        result.notes.append(f"model not copied: {model_dir} is older than the job's spec.json, so it and the "
+                            f"metrics belong to an earlier run of job id '{job_id}', which the current run moves to "
+                            f"jobs/{job_id}/earlier-runs/ when it starts round 0")
+    elif model_dir.is_dir():
         result.written += _copy_model(efs_root, job_id, output_dir)
     else:
         result.notes.append(f"model not copied: {model_dir} does not exist, so job '{job_id}' has not succeeded "

@@ -350,7 +350,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
         spec, manifest, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
     record = services.state.get_job(spec.job_id)
     if record is None or record.status != "PREPARING":
-        # Cancelled or paused while the data was prepared: round 0 does not start.
+        # Cancelled while the data was prepared: round 0 does not start.
         raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status}; "
                                 "its round 0 does not start")
     _set_aside_earlier_run(store, spec.job_id)
@@ -387,9 +387,9 @@ def _set_aside_earlier_run(store: EfsStore, job_id: str) -> Path | None:
     if not earlier:
         return None
     runs_dir = job_dir / EARLIER_RUNS_FOLDER
-    if runs_dir.exists() and not runs_dir.is_dir():
-        raise DataError(f"'{runs_dir.relative_to(store.root)}' is a file, but Baton moves the files of an earlier "
-                        f"run of job '{job_id}' into a folder of that name; move the file elsewhere, then run "
+    if runs_dir.is_symlink() or (runs_dir.exists() and not runs_dir.is_dir()):
+        raise DataError(f"'{runs_dir.relative_to(store.root)}' is a file or a link, but Baton moves the files of an "
+                        f"earlier run of job '{job_id}' into a folder of that name; move it elsewhere, then run "
                         f"`baton resume {job_id}`")
     runs_dir.mkdir(exist_ok=True)
     number = 1 + sum(1 for path in runs_dir.iterdir() if path.name.isdigit())

@@ -7,6 +7,7 @@ commands read DynamoDB through an endpoint exactly as they would read AWS.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import time
@@ -121,17 +122,13 @@ def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     assert "pass --efs-root" not in without_efs.stderr
 
 
-def cancel_finished_job(stack, job_id: str, created_at: float | None = None) -> None:
+def cancel_finished_job(stack, job_id: str) -> None:
     """Mark a finished job CANCELLED at its last round, as a cancel during the last aggregation leaves it."""
-    values = {":cancelled": {"S": "CANCELLED"}, ":round": {"N": str(N_ROUNDS - 1)}}
-    update = "SET #status = :cancelled, #round = :round"
-    if created_at is not None:
-        values[":created"] = {"N": repr(created_at)}
-        update += ", created_at = :created"
     stack.client("dynamodb").update_item(
         TableName=stack.settings.state_table_name, Key={"pk": {"S": f"JOB#{job_id}"}, "sk": {"S": "JOB"}},
-        UpdateExpression=update, ExpressionAttributeNames={"#status": "status", "#round": "round"},
-        ExpressionAttributeValues=values)
+        UpdateExpression="SET #status = :cancelled, #round = :round",
+        ExpressionAttributeNames={"#status": "status", "#round": "round"},
+        ExpressionAttributeValues={":cancelled": {"S": "CANCELLED"}, ":round": {"N": str(N_ROUNDS - 1)}})
 
 
 def test_fetch_copies_model_of_late_cancel(finished_job, tmp_path):
@@ -152,12 +149,14 @@ def test_fetch_copies_model_of_late_cancel(finished_job, tmp_path):
 
 
 def test_fetch_skips_earlier_runs_model_of_cancelled_job(finished_job, tmp_path):
-    # The model folder predates the job item, as an earlier run's does until the new run
+    # The model folder predates the spec file, as an earlier run's does until the new run
     # starts round 0 and sets it aside.
     stack, efs_root = finished_job["stack"], finished_job["efs_root"]
     stack.submit({**breast_cancer_spec(), "job_id": "early-cancel"})
     assert stack.wait("early-cancel", timeout_seconds=120).status == "SUCCEEDED"
-    cancel_finished_job(stack, "early-cancel", created_at=time.time() + 3600)
+    cancel_finished_job(stack, "early-cancel")
+    later = time.time() + 3600
+    os.utime(efs_root / "jobs" / "early-cancel" / "spec.json", (later, later))
     output = tmp_path / "fetched"
 
     result = CliRunner().invoke(main, ["fetch", "early-cancel", *finished_job["arguments"], "--output",
@@ -166,6 +165,13 @@ def test_fetch_skips_earlier_runs_model_of_cancelled_job(finished_job, tmp_path)
     assert result.exit_code == 0, result.output
     assert not (output / "model").exists()
     assert "no model: job 'early-cancel' was CANCELLED" in result.stderr
+
+    from_efs = CliRunner().invoke(main, ["fetch", "early-cancel", "--efs-root", str(efs_root), "--output",
+                                         str(tmp_path / "from-efs")])
+
+    assert from_efs.exit_code == 0, from_efs.output
+    assert not (tmp_path / "from-efs" / "model").exists()
+    assert "is older than the job's spec.json" in from_efs.stderr
 
 
 def test_fetch_rejects_wrong_efs_root(finished_job, tmp_path):

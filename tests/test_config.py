@@ -99,3 +99,83 @@ def test_handler_logs_invalid_setting(monkeypatch):
     extra = logged[messages.index("invalid function configuration; the message will be retried")][1]
     assert extra["job_id"] == "j1"
     assert extra["error"].startswith("invalid KEEP_CHECKPOINTS 'zero'")
+
+
+@pytest.mark.parametrize("variable, raw, expected", [
+    ("KEEP_CHECKPOINTS", "three", "invalid KEEP_CHECKPOINTS 'three': expected an integer; set it to a whole number "
+                                  "such as 3, or unset it to use the default"),
+    ("MAX_RECEIVE_COUNT", "5.0", "invalid MAX_RECEIVE_COUNT '5.0': expected an integer; set it to a whole number "
+                                 "such as 5, or unset it to use the default"),
+    ("STALL_SECONDS", "15m", "invalid STALL_SECONDS '15m': expected a number; set it to a number such as 900.0, or "
+                             "unset it to use the default"),
+])
+def test_invalid_number_names_variable_and_fix(variable, raw, expected):
+    with pytest.raises(BatonError) as raised:
+        Settings.from_env(environ={variable: raw})
+
+    assert str(raised.value) == expected
+
+
+def test_max_receive_count_read_from_environment():
+    assert Settings.from_env(environ={}).max_receive_count == DEFAULT_MAX_RECEIVE_COUNT
+    assert Settings.from_env(environ={"MAX_RECEIVE_COUNT": "7"}).max_receive_count == 7
+
+
+@pytest.mark.parametrize("raw", ["0", "-2"])
+def test_max_receive_count_below_one_rejected(raw):
+    with pytest.raises(BatonError) as raised:
+        Settings.from_env(environ={"MAX_RECEIVE_COUNT": raw})
+
+    message = str(raised.value)
+    assert message.startswith(f"invalid MAX_RECEIVE_COUNT {raw}: SQS receives every message at least once")
+    assert "set it to the stack's custom.maxReceiveCount in serverless.yml" in message
+
+
+def test_stack_resource_name_joins_service_stage_resource():
+    assert stack_resource_name("prod", "state") == "baton-prod-state"
+    assert stack_resource_name("local", "jobs") == "baton-local-jobs"
+
+
+def test_for_stage_ignores_environment(monkeypatch):
+    monkeypatch.setenv("JOBS_QUEUE_NAME", "another-queue")
+
+    settings = Settings.for_stage("prod")
+
+    assert settings.jobs_queue_name == "baton-prod-jobs"
+    assert settings.tasks_queue_name == "baton-prod-tasks"
+    assert settings.aggregate_queue_name == "baton-prod-aggregate"
+    assert settings.state_table_name == "baton-prod-state"
+
+
+@pytest.mark.parametrize("variable, raw, words", [
+    ("STALL_SECONDS", "0", "invalid STALL_SECONDS 0.0: the watchdog needs a positive number of seconds"),
+    ("STALL_SECONDS", "nan", "invalid STALL_SECONDS nan"),
+    ("CONTINUATION_MARGIN_SECONDS", "-30", "invalid CONTINUATION_MARGIN_SECONDS -30.0"),
+    ("MAX_STEPS_PER_INVOCATION", "-4", "invalid MAX_STEPS_PER_INVOCATION -4: it must be 0 (no bound) or more"),
+    ("WATCHDOG_MAX_ATTEMPTS", "-1", "invalid WATCHDOG_MAX_ATTEMPTS -1"),
+])
+def test_out_of_range_setting_rejected(variable, raw, words):
+    with pytest.raises(BatonError) as raised:
+        Settings.from_env(environ={variable: raw})
+
+    assert str(raised.value).startswith(words)
+
+
+def test_watchdog_logs_invalid_setting(monkeypatch):
+    from types import SimpleNamespace
+
+    from functions import watchdog
+    from shared import handlers
+
+    logged = []
+    monkeypatch.setenv("STALL_SECONDS", "-1")
+    monkeypatch.setattr(handlers, "_services", None)
+    monkeypatch.setattr(handlers.logger, "error", lambda message, extra=None: logged.append((message, extra)))
+    context = SimpleNamespace(function_name="baton-test-watchdog", memory_limit_in_mb=256, aws_request_id="r-1",
+                              invoked_function_arn="arn:aws:lambda:us-east-1:000000000000:function:watchdog")
+
+    with pytest.raises(BatonError):
+        watchdog.handler({}, context)
+
+    assert logged[0][0] == "invalid function configuration; the watchdog did not run"
+    assert logged[0][1]["error"].startswith("invalid STALL_SECONDS -1.0")

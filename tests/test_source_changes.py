@@ -142,7 +142,7 @@ def test_earlier_runs_file_fails_rerun(inprocess_stack, efs_root):
     record = run_job(inprocess_stack, spec)
 
     assert record.status == FAILED
-    assert "'jobs/rerun-blocked/earlier-runs' is a file" in record.error
+    assert "'jobs/rerun-blocked/earlier-runs' is a file or a link" in record.error
     assert "`baton resume rerun-blocked`" in record.error
     assert (efs_root / "jobs" / "rerun-blocked" / "model" / "params.npy").is_file()
 
