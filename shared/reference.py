@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data import load_shard
+from shared.data import load_shard, load_training_sample
 from shared.efs import EfsStore
-from shared.sampling import batch_indices, initial_params_rng, rounds_per_epoch, total_rounds
+from shared.sampling import batch_indices, rounds_per_epoch, total_rounds
 from shared.spec import JobSpec
-from shared.training import GRADIENT_CHUNK_ROWS, build_model, build_optimizer
+from shared.training import GRADIENT_CHUNK_ROWS, build_model, build_optimizer, get_training_mode
 
 
 def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, list[float]]:
@@ -37,9 +37,9 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
 
     model = build_model(spec, manifest)
     optimizer = build_optimizer(spec)
-    params = model.init_params(initial_params_rng(spec.training.seed))
-    if model.task == "regression" and manifest.get("target_mean") is not None:
-        params[-1] = manifest["target_mean"]
+    # The same start as the distributed job: this reference checks the rounds, not the start.
+    params = get_training_mode(spec, model).initial_params(
+        spec, manifest, model, lambda max_rows: load_training_sample(store, spec.job_id, manifest, max_rows))
     state = optimizer.init_state(params)
 
     batch_size = spec.training.batch_size

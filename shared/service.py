@@ -779,7 +779,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     # same round reads that state back from EFS instead.
     new_params = None
     if "train_loss" not in progress:
-        update = _combine_round(services, record, mode, model, optimizer, job_id, round_index)
+        update = _combine_round(services.store, spec, record, mode, model, optimizer, round_index)
         write_round_state(store, job_id, next_round, update.params, update.optimizer_state)
         faults.maybe_fail("aggregator.after_write", **ids)
         progress["train_loss"], progress["n_samples"] = float(update.train_loss), int(update.n_samples)
@@ -846,17 +846,17 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     return metrics
 
 
-def _combine_round(services: Services, record: JobRecord, mode, model, optimizer, job_id: str,
+def _combine_round(store: EfsStore, spec: JobSpec, record: JobRecord, mode, model, optimizer,
                    round_index: int) -> RoundUpdate:
     """Return the next parameters and optimizer state from the round's worker results, or its reduced slices."""
-    spec = services.job_context(job_id).spec
-    params, optimizer_state = read_round_state(services.store, job_id, round_index)
+    job_id = spec.job_id
+    params, optimizer_state = read_round_state(store, job_id, round_index)
     reducers = spec.training.reducers
     if reducers > 1:
-        reduction = read_reduced_round(services.store, job_id, round_index, reducers, model.n_params)
+        reduction = read_reduced_round(store, job_id, round_index, reducers, model.n_params)
     else:
-        reduction = reduce_worker_results(services.store, job_id, round_index, record.n_workers, mode,
-                                          model.n_params, 0, model.n_params)
+        reduction = reduce_worker_results(store, job_id, round_index, record.n_workers, mode, model.n_params,
+                                          0, model.n_params)
     return mode.step(spec, model, optimizer, params, optimizer_state, reduction, round_index)
 
 
