@@ -357,11 +357,17 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
 
     rounds = mode.total_rounds(spec, manifest)
-    services.state.start_job(spec.job_id, rounds)
+    if not services.state.start_job(spec.job_id, rounds):
+        record = services.state.get_job(spec.job_id)
+        if record is None or record.status != "RUNNING" or record.round != 0:
+            # Cancelled (or failed) between the check above and the transition.
+            raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status} "
+                                    f"at round {None if record is None else record.round}; its round 0 does not start")
     faults.maybe_fail("starter.started", job_id=spec.job_id)
 
-    # Sent whether or not this delivery made the transition, so a retry after a crash
-    # between the transition and the send still starts round 0. Workers drop duplicates.
+    # Sent whether this delivery made the transition or an earlier one did, so a retry
+    # after a crash between the transition and the send still starts round 0. Workers
+    # drop duplicates.
     services.queues.send_tasks(spec.job_id, 0, list(range(spec.training.n_workers)))
     logger.info("job started", extra={"job_id": spec.job_id, "total_rounds": rounds,
                                       "n_workers": spec.training.n_workers})

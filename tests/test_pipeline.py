@@ -14,7 +14,7 @@ from shared.handlers import set_services
 from shared.reference import train_reference
 from shared.service import Services
 from shared.spec import parse_job_spec
-from shared.state import FAILED, RUNNING, SUCCEEDED, _from_attribute
+from shared.state import CANCELLED, FAILED, PREPARING, RUNNING, SUCCEEDED, _from_attribute
 
 
 def a9a_spec(job_id: str = "a9a-small", **training) -> dict:
@@ -388,6 +388,24 @@ def test_job_message_resent_while_running_resends_round_zero(inprocess_stack, ef
     assert record.status == SUCCEEDED, record.error
     reference, _ = train_reference(parse_job_spec(spec), efs_root)
     np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), reference)
+
+
+def test_late_cancel_sends_no_round_zero_tasks(inprocess_stack, monkeypatch):
+    state = inprocess_stack.services.state
+    start_job = state.start_job
+
+    def cancel_then_start(job_id, total_rounds):
+        # The user's cancel lands after the starter's last status check.
+        assert state.set_status(job_id, CANCELLED, (PREPARING,))
+        return start_job(job_id, total_rounds)
+
+    monkeypatch.setattr(state, "start_job", cancel_then_start)
+    inprocess_stack.submit(a9a_spec(max_rounds=3))
+    delivery = inprocess_stack.step("JobsQueue")
+
+    assert not delivery.failed
+    assert state.get_job("a9a-small").status == CANCELLED
+    assert inprocess_stack.queue_depth("TasksQueue") == 0
 
 
 def test_batches_mixing_jobs_and_rounds(inprocess_stack, efs_root):
