@@ -61,8 +61,9 @@ def parse_setting(name: str, type_name: str, raw: str, default: bool | int | flo
         The variable, named in the error.
     type_name : {"bool", "int", "float", "str"}
     raw : str
-        The variable's text. A boolean takes true/false, 1/0 or yes/no in any case, and
-        an empty text means ``default``. Strings are returned as they are.
+        The variable's text. An empty or blank text means ``default``, whatever the type,
+        as a stage parameter left empty in serverless.yml sends it. A boolean takes
+        true/false, 1/0 or yes/no in any case. Other strings are returned as they are.
     default : bool, int, float or str
         The value used when the variable is unset, shown in the error as the fix.
 
@@ -71,14 +72,14 @@ def parse_setting(name: str, type_name: str, raw: str, default: bool | int | flo
     BatonError
         Naming the variable, its value and what to set it to.
     """
+    if not raw.strip():
+        return default
     if type_name == "bool":
         lowered = raw.strip().lower()
         if lowered in _TRUE_TEXTS:
             return True
         if lowered in _FALSE_TEXTS:
             return False
-        if not lowered:
-            return default
         expected = "true or false"
         fix = (f"set it to true or false (1/0 and yes/no also work), or unset it to use the default, "
                f"{str(default).lower()}")

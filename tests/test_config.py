@@ -30,6 +30,17 @@ def test_switches_unset_or_empty_take_default():
     assert efs_fsync_enabled({"BATON_EFS_FSYNC": " "}) is True
 
 
+def test_empty_settings_take_default():
+    environment = {"KEEP_CHECKPOINTS": "", "STALL_SECONDS": " ", "STATE_TABLE_NAME": "", "ALLOWED_DATA_ROOTS": ""}
+
+    settings = Settings.from_env(environment)
+
+    assert settings.keep_checkpoints == Settings().keep_checkpoints
+    assert settings.stall_seconds == Settings().stall_seconds
+    assert settings.state_table_name == Settings().state_table_name
+    assert settings.allowed_data_roots == ""
+
+
 def test_invalid_switch_names_variable_and_fix():
     with pytest.raises(BatonError) as raised:
         efs_fsync_enabled({"BATON_EFS_FSYNC": "off"})
