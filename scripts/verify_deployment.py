@@ -6,7 +6,8 @@ Run by scripts/check-stack.sh after `serverless deploy` into a moto server:
 
 It compares what the AWS APIs report (queues, table, functions, event source mappings,
 roles, schedule, dashboard, EFS file system, mount targets and access point) with the
-settings that serverless.yml declares for the stage. It prints one line per failed check
+settings that serverless.yml declares for the stage, and the models bucket when
+--models-bucket names one. It prints one line per failed check
 and exits 1 if any failed. With --remove-mappings it then disables and deletes the
 stack's event source mappings, because moto would otherwise try to run the functions in
 Docker.
@@ -167,7 +168,13 @@ def check_functions(check: Checker, lambda_client, iam, service: str, stage: str
         s3_actions = {action for statement in statements for action in _as_list(statement["Action"])
                       if action.startswith("s3:")}
         may_read_data = function == "starter" and bool(params["dataBucket"])
-        check.equal(f"{name} role S3 actions", s3_actions, {"s3:GetObject"} if may_read_data else set())
+        may_write_models = function == "aggregator" and bool(params["modelsBucket"])
+        expected_s3 = set()
+        if may_read_data:
+            expected_s3 = {"s3:GetObject"}
+        if may_write_models:
+            expected_s3 = {"s3:PutObject"}
+        check.equal(f"{name} role S3 actions", s3_actions, expected_s3)
 
     check.equal("one role per function", len(set(roles.values())), len(FUNCTIONS))
 
@@ -234,6 +241,23 @@ def check_file_system(check: Checker, efs, service: str, stage: str) -> None:
         check.equal("access point root permissions", access_point["RootDirectory"]["CreationInfo"]["Permissions"], "0750")
 
 
+def check_models_bucket(check: Checker, s3, bucket: str) -> None:
+    """Check that the models bucket exists and is encrypted, or that none was asked for."""
+    names = {entry["Name"] for entry in s3.list_buckets()["Buckets"]}
+    if not bucket:
+        check.true("no models bucket without params.modelsBucket", not any("models" in name for name in names),
+                   f"buckets: {sorted(names)}")
+        return
+    check.true(f"models bucket {bucket} exists", bucket in names, f"buckets: {sorted(names)}")
+    if bucket not in names:
+        return
+    rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    check.equal(f"models bucket {bucket} encryption",
+                [rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] for rule in rules], ["AES256"])
+    # moto's CloudFormation applies only a bucket's encryption and tags, so its versioning
+    # and public access block are left to checkov's checks of the template.
+
+
 def remove_mappings(lambda_client, mapping_ids: list[str]) -> None:
     """Disable, then delete, each event source mapping."""
     for mapping_id in mapping_ids:
@@ -246,12 +270,16 @@ def main() -> int:
     parser.add_argument("--stage", default="dev", help="stage that was deployed (default: dev)")
     parser.add_argument("--remove-mappings", action="store_true",
                         help="disable and delete the event source mappings after the checks")
+    parser.add_argument("--models-bucket", default=None,
+                        help="params.modelsBucket passed to the deploy with --param (default: serverless.yml's)")
     arguments = parser.parse_args()
 
     endpoint = require_local_endpoint()
     config = load_serverless_config()
     service, stage = config["service"], arguments.stage
     params = stage_params(config, stage)
+    if arguments.models_bucket is not None:
+        params["modelsBucket"] = arguments.models_bucket
     max_receive_count = int(config["custom"]["maxReceiveCount"])
     environment = {
         "EFS_ROOT": config["custom"]["efsMountPath"],
@@ -260,6 +288,7 @@ def main() -> int:
         "AGGREGATE_QUEUE_NAME": f"{service}-{stage}-aggregate",
         "STATE_TABLE_NAME": f"{service}-{stage}-state",
         "BATON_ALLOWED_S3_BUCKETS": params["dataBucket"],
+        "MODELS_BUCKET": params["modelsBucket"],
     }
 
     check = Checker()
@@ -271,6 +300,7 @@ def main() -> int:
     check_schedule(check, boto3.client("events"), service, stage)
     check_dashboard(check, boto3.client("cloudwatch"), service, stage)
     check_file_system(check, boto3.client("efs"), service, stage)
+    check_models_bucket(check, boto3.client("s3"), params["modelsBucket"])
 
     if arguments.remove_mappings:
         remove_mappings(lambda_client, mapping_ids)

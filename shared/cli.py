@@ -490,6 +490,12 @@ def _state_store(stage: str, endpoint_url: str | None, region: str | None):
     return make_state_store(stage, endpoint_url=endpoint_url, region=region)
 
 
+def _s3_client(endpoint_url: str | None, region: str | None):
+    from shared.monitor import aws_client
+
+    return aws_client("s3", endpoint_url=endpoint_url, region=region)
+
+
 def _require_job(state, job_id: str):
     from shared.monitor import JobNotFoundError, require_job
 
@@ -615,9 +621,11 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
           efs_root: Path | None) -> None:
     """Save JOB_ID's summary, spec and per-round metrics, and its model when reachable.
 
-    Metrics come from DynamoDB. The model is on EFS, which only the stack's VPC can reach,
-    so it is copied only with --efs-root, once the job has succeeded. docs/deployment.md
-    shows how to copy it out of a deployed stack.
+    Metrics come from DynamoDB. The model is on EFS, which only the stack's VPC can reach.
+    Once the job has succeeded, it is copied from --efs-root when given, or else
+    downloaded from the stack's models bucket (params.modelsBucket in serverless.yml),
+    where the aggregator copied it. docs/deployment.md shows how to copy it out of a
+    stack without that bucket.
 
     With --efs-root alone, everything comes from that folder (the per-round metrics
     files and the model), so a local job can be fetched after `baton run` has ended.
@@ -632,7 +640,8 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
             if _reads_efs_alone(efs_root):
                 result = fetch_local_job(efs_root, job_id, output_dir)
             else:
-                result = fetch_job(_state_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root)
+                result = fetch_job(_state_store(stage, endpoint_url, region), job_id, output_dir, efs_root=efs_root,
+                                   s3_client=_s3_client(endpoint_url, region))
     except (BatonError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     for path in result.written:
@@ -689,10 +698,72 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
     click.echo(str(output_path))
 
 
-# NOTE: imported here so that the export command is registered; sklearn loads only when it runs.
-from shared.export import export_command  # noqa: E402
+# Extensions of joblib and pickle files; export's --output must end in one of them.
+EXPORT_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
-main.add_command(export_command)
+
+@main.command("export")
+@click.argument("job_id", callback=check_job_id_argument)
+@_stack_options
+@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_LOCAL_DIR,
+              show_default=True, help="Folder of a local run; the job is read from its efs/ folder.")
+@click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="EFS root to read instead of LOCAL_DIR/efs, for example a copy of the deployed file system.")
+@click.option("--output", type=click.Path(dir_okay=False), required=True,
+              help="File to write the fitted scikit-learn estimator to, with joblib; it must end in .joblib, "
+                   ".pkl or .pickle.")
+def export_command(job_id: str, stage: str, endpoint_url: str | None, region: str | None, local_dir: Path,
+                   efs_root: Path | None, output: str) -> None:
+    """Save the final model of JOB_ID as a fitted scikit-learn estimator.
+
+    Load it with joblib.load(OUTPUT); it predicts from raw features as Baton does.
+    Without --stage, --endpoint-url and --region, the job is read from its files in an
+    EFS folder alone (LOCAL_DIR/efs or --efs-root), so export works after `baton run` has
+    ended. With any of them, the model is downloaded from the stack's models bucket
+    (params.modelsBucket in serverless.yml), where the job's item points.
+    """
+    from shared.errors import BatonError
+    from shared.export import export_estimator
+
+    output_file = checked_output_path(output, Path(output), "model.joblib")
+    # The extension guards files of other kinds, such as a plot, from being overwritten by mistake.
+    if output_file.suffix.lower() not in EXPORT_SUFFIXES:
+        raise click.ClickException(f"--output {output_file}: baton export writes a joblib file; give the file a "
+                                   f"{', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]} extension. Nothing "
+                                   "was written")
+    # _reads_efs_alone is true for any folder when no stack option was given.
+    from_stack = not _reads_efs_alone(local_dir)
+    if from_stack and (efs_root is not None or _local_dir_given()):
+        raise click.ClickException("give either --efs-root or --local-dir, to export from an EFS folder, or "
+                                   "--stage, --endpoint-url and --region, to export from the stack's models bucket, "
+                                   "not both. Nothing was written")
+    try:
+        with writing_output(output_file):
+            if from_stack:
+                estimator, path = _export_from_stack(job_id, stage, endpoint_url, region, output_file)
+            else:
+                estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
+    except BatonError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)},
+                          ensure_ascii=False))
+
+
+def _local_dir_given() -> bool:
+    return click.get_current_context().get_parameter_source("local_dir") not in (ParameterSource.DEFAULT, None)
+
+
+def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_file: Path):
+    """Download the job's model from its stack's models bucket into a temporary folder and export it."""
+    import tempfile
+
+    from shared.export import export_estimator
+    from shared.monitor import download_finished_model
+
+    state = _state_store(stage, endpoint_url, region)
+    with tempfile.TemporaryDirectory(prefix="baton-export-") as temporary:
+        efs_root = download_finished_model(state, _s3_client(endpoint_url, region), job_id, Path(temporary))
+        return export_estimator(efs_root, job_id, output_file)
 
 # Controlling jobs: pause, resume, cancel ------------------------------------------------------
 # Each is a conditional status change in DynamoDB (shared/control.py); resume also sends

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Mapping
 
@@ -162,6 +163,10 @@ class Settings:
         stalled. Must exceed the worker and aggregator timeouts.
     watchdog_max_attempts : int
         Re-sends the watchdog tries on one stalled round before it marks the job failed.
+    models_bucket : str
+        S3 bucket that receives a copy of every finished job's model
+        (shared/model_bucket.py), for users outside the stack's VPC. Empty keeps models
+        on EFS only.
     """
 
     efs_root: str = "/mnt/efs"
@@ -176,6 +181,7 @@ class Settings:
     max_steps_per_invocation: int = 0
     stall_seconds: float = 900.0
     watchdog_max_attempts: int = 3
+    models_bucket: str = ""
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints < MIN_KEEP_CHECKPOINTS:
@@ -197,6 +203,10 @@ class Settings:
         if self.max_steps_per_invocation < 0:
             raise BatonError(f"invalid MAX_STEPS_PER_INVOCATION {self.max_steps_per_invocation}: it must be 0 (no "
                              "bound) or more; unset it to use 0")
+        if self.models_bucket and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.models_bucket):
+            raise BatonError(f"invalid MODELS_BUCKET {self.models_bucket!r}: an S3 bucket name has 3 to 63 "
+                             "lower-case letters, digits, dots and hyphens; set params.modelsBucket in "
+                             "serverless.yml to such a name, or leave it empty to keep models on EFS only")
         if self.watchdog_max_attempts < 0:
             raise BatonError(f"invalid WATCHDOG_MAX_ATTEMPTS {self.watchdog_max_attempts}: it must be 0 (fail a "
                              "stalled job at once) or more; unset it to use 3")

@@ -24,7 +24,9 @@ The figures are estimates and undercount slightly:
 - The SQS pollers of the event source mappings receive even while the queues are idle
   (long polling, billed per request); only the receives that return a message are counted.
 - CloudWatch Logs ingestion, CloudWatch metrics, the SQS interface endpoint's hourly
-  charge, data transfer and the free tiers are left out.
+  charge, data transfer and the free tiers are left out. So is the copy of the final
+  model to the models bucket: a few S3 PUT requests per job, and the bucket's storage,
+  which lasts beyond the job.
 """
 
 from __future__ import annotations

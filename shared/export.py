@@ -30,10 +30,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 
-from shared.cli_spec import check_job_id_argument, checked_output_path, writing_output
 from shared.efs import EfsStore
 from shared.errors import BatonError, DamagedFileError, DataError, JobSpecError
 from shared.models import Model
@@ -425,38 +423,3 @@ def export_estimator(efs_root: str | Path, job_id: str, output: str | Path) -> t
     output.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(estimator, output)
     return estimator, output
-
-
-# Extensions of joblib and pickle files; --output must end in one of them.
-EXPORT_SUFFIXES = (".joblib", ".pkl", ".pickle")
-
-
-@click.command("export")
-@click.argument("job_id", callback=check_job_id_argument)
-@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".baton"),
-              show_default=True, help="Folder of a local run; the job is read from its efs/ folder.")
-@click.option("--efs-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="EFS root to read instead of LOCAL_DIR/efs, for example a copy of the deployed file system.")
-@click.option("--output", type=click.Path(dir_okay=False), required=True,
-              help="File to write the fitted scikit-learn estimator to, with joblib; it must end in .joblib, "
-                   ".pkl or .pickle.")
-def export_command(job_id: str, local_dir: Path, efs_root: Path | None, output: str) -> None:
-    """Save the final model of JOB_ID as a fitted scikit-learn estimator.
-
-    Load it with joblib.load(OUTPUT); it predicts from raw features as Baton does.
-    The job is read from its files in an EFS folder alone, never from a stack's table,
-    so export has no --stage and works after `baton run` has ended.
-    """
-    output_file = checked_output_path(output, Path(output), "model.joblib")
-    # The extension guards files of other kinds, such as a plot, from being overwritten by mistake.
-    if output_file.suffix.lower() not in EXPORT_SUFFIXES:
-        raise click.ClickException(f"--output {output_file}: baton export writes a joblib file; give the file a "
-                                   f"{', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]} extension. Nothing "
-                                   "was written")
-    try:
-        with writing_output(output_file):
-            estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
-    except BatonError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)},
-                          ensure_ascii=False))

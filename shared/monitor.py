@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 from shared.config import stack_resource_name
 from shared.efs import EfsStore, json_preview
 from shared.errors import DIVERGED_WORDS, BatonError
+from shared.model_bucket import download_model
 from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
@@ -252,13 +254,16 @@ class FetchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path | None = None) -> FetchResult:
+def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path | None = None,
+              s3_client=None) -> FetchResult:
     """Save a job's summary, spec and per-round metrics from DynamoDB, and its model when reachable.
 
     Writes ``job.json``, ``spec.json``, ``metrics.csv`` and ``metrics.jsonl``. With
     ``efs_root`` (a local EFS folder), also copies ``jobs/<job_id>/model/`` to ``model/``
-    once the job has written it. A job that has not succeeded has no model yet, which is
-    a note in the result and not an error.
+    once the job has written it. Without it, a SUCCEEDED job whose item has a
+    ``model_uri`` has its model downloaded from the stack's models bucket with
+    ``s3_client``. A job that has not succeeded has no model yet, which is a note in the
+    result and not an error.
 
     Raises
     ------
@@ -267,8 +272,20 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
     FileNotFoundError
         If the job SUCCEEDED but ``efs_root`` contains no model for it, so ``efs_root``
         is not the job's EFS folder.
+    ModelBucketError
+        If the model cannot be downloaded from the models bucket.
     """
     record = require_job(store, job_id)
+    uri = record.attributes.get("model_uri")
+    if efs_root is None and s3_client is not None and record.status == SUCCEEDED and uri:
+        with tempfile.TemporaryDirectory(prefix="baton-model-") as temporary:
+            download_model(s3_client, uri, job_id, Path(temporary))
+            return _fetch_job(store, record, output_dir, Path(temporary))
+    return _fetch_job(store, record, output_dir, efs_root)
+
+
+def _fetch_job(store: StateStore, record: JobRecord, output_dir: Path, efs_root: Path | None) -> FetchResult:
+    job_id = record.job_id
     rounds = store.list_round_metrics(job_id)
     cancelled_with_model = record.status == CANCELLED and efs_root is not None and _model_of_last_round(
         EfsStore(efs_root), record)
@@ -296,8 +313,10 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
     elif record.status != SUCCEEDED:
         result.notes.append(_no_model_note(job_id, record.status, record.error))
     else:
-        result.notes.append(f"model not copied: it is on EFS under jobs/{job_id}/model/; pass --efs-root for a "
-                            "local stack, or copy it out of AWS with DataSync (docs/deployment.md)")
+        result.notes.append(f"model not copied: it is on EFS under jobs/{job_id}/model/, and the job's stack copies "
+                            "no models to S3 (params.modelsBucket in serverless.yml is empty, or was when the job "
+                            "finished); pass --efs-root for a local stack, or copy it out of AWS with DataSync "
+                            "(docs/deployment.md)")
     return result
 
 
@@ -407,6 +426,34 @@ def damaged_spec_remedy(job_id: str) -> str:
     return (f"replace it with the job's spec: while the job's stack runs, `baton fetch {job_id}` with the stack's "
             "--stage (and --endpoint-url for a local stack) saves it from the table, and `baton submit SPEC_FILE "
             "--dry-run` with the options the job was sent with prints it")
+
+
+def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root: Path) -> Path:
+    """Download a SUCCEEDED job's model bundle from its stack's models bucket into ``efs_root``.
+
+    Returns ``efs_root``, which then reads like the stack's EFS for ``baton export``.
+
+    Raises
+    ------
+    JobNotFoundError
+        If the job does not exist.
+    BatonError
+        If the job has not succeeded, or its item records no copy of the model in S3.
+    ModelBucketError
+        If the download fails.
+    """
+    record = require_job(store, job_id)
+    if record.status != SUCCEEDED:
+        raise BatonError(f"job '{job_id}' is {record.status}, and a job has a model to export only once it has "
+                         f"SUCCEEDED; `baton status {job_id}` shows where it is")
+    uri = record.attributes.get("model_uri")
+    if not uri:
+        raise BatonError(f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket "
+                         "(params.modelsBucket in serverless.yml was empty when the job finished). Copy "
+                         f"jobs/{job_id}/ out of EFS with DataSync and pass that copy's root as --efs-root "
+                         "(docs/deployment.md), or set params.modelsBucket, deploy, and train the job again")
+    download_model(s3_client, uri, job_id, efs_root)
+    return efs_root
 
 
 def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResult:

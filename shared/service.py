@@ -49,6 +49,7 @@ from shared.efs import EfsStore
 from shared.metrics import publish_round_metrics
 from shared.errors import (DataError, EfsNotWritableError, InvalidMessageError, JobConflictError, JobSpecError,
                            PermanentError, StaleMessageError)
+from shared.model_bucket import upload_model
 from shared.optim import state_arrays, state_from_arrays
 from shared.preparation import PreparationStep, StaleStepError, begin_attempt, record_sent, run_preparation
 from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_object
@@ -86,10 +87,11 @@ class JobContext:
 class Services:
     """The adapters a step needs, built lazily so tests and the local runtime can aim them."""
 
-    def __init__(self, settings: Settings | None = None, dynamodb=None, sqs=None):
+    def __init__(self, settings: Settings | None = None, dynamodb=None, sqs=None, s3=None):
         self.settings = settings or Settings.from_env()
         self._dynamodb = dynamodb
         self._sqs = sqs
+        self._s3 = s3
         self._jobs: OrderedDict[str, JobContext] = OrderedDict()
 
     @cached_property
@@ -105,6 +107,10 @@ class Services:
     @cached_property
     def queues(self) -> QueueClient:
         return QueueClient(self._sqs or boto3.client("sqs"), self.settings)
+
+    @cached_property
+    def s3(self):
+        return self._s3 or boto3.client("s3")
 
     def job_context(self, job_id: str) -> JobContext:
         """Return the cached spec and manifest of ``job_id``, reading them from EFS once."""
@@ -827,6 +833,8 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         if new_params is None:
             new_params, _ = read_round_state(store, job_id, next_round)
         write_final_model(services, job_id, model, new_params, next_round, metrics, stop_reason)
+        if services.settings.models_bucket:
+            summary["model_uri"] = upload_model(services.s3, services.settings.models_bucket, store, job_id)
         faults.maybe_fail("aggregator.before_finish", **ids)
         # Pruned before the finish, so a finished job keeps as many round folders as a
         # running one even when this delivery stops here. Its retry reads only rounds r

@@ -13,6 +13,7 @@ import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -20,6 +21,7 @@ from shared.cli import main
 
 JOB_ID = "watched"
 N_ROUNDS = 8
+MODELS_BUCKET = "baton-local-models"
 
 
 def breast_cancer_spec() -> dict:
@@ -48,7 +50,9 @@ def finished_job(tmp_path_factory):
     from tests.conftest import BREAST_CANCER_CSV
 
     efs_root = tmp_path_factory.mktemp("local") / "efs"
-    with LocalStack(efs_root, concurrency={"worker": 2}) as stack:
+    with LocalStack(efs_root, concurrency={"worker": 2}, extra_environment={"MODELS_BUCKET": MODELS_BUCKET}) as stack:
+        # The aggregator copies each finished model to this bucket on moto's server.
+        stack.client("s3").create_bucket(Bucket=MODELS_BUCKET)
         stack.import_data(BREAST_CANCER_CSV, "datasets/breast_cancer.csv")
         stack.submit(breast_cancer_spec())
         arguments = ["--stage", "local", "--endpoint-url", stack.endpoint_url]
@@ -89,11 +93,40 @@ def test_fetch_saves_metrics_and_model(finished_job, tmp_path):
     assert (output / "model" / "params.npy").is_file()
 
 
-def test_fetch_without_efs_explains_model(finished_job, tmp_path):
-    result = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(tmp_path / "out")])
+def test_fetch_without_efs_downloads_model(finished_job, tmp_path):
+    output = tmp_path / "out"
+
+    result = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(output)])
+
     assert result.exit_code == 0, result.output
-    assert "model not copied" in result.output
-    assert not (tmp_path / "out" / "model").exists()
+    model_dir = finished_job["efs_root"] / "jobs" / JOB_ID / "model"
+    for name in ("params.npy", "model.json", "standardize.npz"):
+        assert (output / "model" / name).read_bytes() == (model_dir / name).read_bytes(), name
+    assert "model not copied" not in result.output
+
+
+def test_stack_export_matches_efs_export(finished_job, tmp_path):
+    import joblib
+
+    from_stack = CliRunner().invoke(main, ["export", JOB_ID, *finished_job["arguments"], "--output",
+                                           str(tmp_path / "stack.joblib")])
+    from_efs = CliRunner().invoke(main, ["export", JOB_ID, "--efs-root", str(finished_job["efs_root"]), "--output",
+                                         str(tmp_path / "efs.joblib")])
+
+    assert from_stack.exit_code == 0, from_stack.output
+    assert from_efs.exit_code == 0, from_efs.output
+    rows = np.loadtxt(finished_job["efs_root"] / "datasets" / "breast_cancer.csv", delimiter=",", skiprows=1)[:, :-1]
+    np.testing.assert_array_equal(joblib.load(tmp_path / "stack.joblib").predict(rows),
+                                  joblib.load(tmp_path / "efs.joblib").predict(rows))
+
+
+def test_export_rejects_stack_with_efs_root(finished_job, tmp_path):
+    result = CliRunner().invoke(main, ["export", JOB_ID, *finished_job["arguments"], "--efs-root",
+                                       str(finished_job["efs_root"]), "--output", str(tmp_path / "model.joblib")])
+
+    assert result.exit_code == 1
+    assert "give either --efs-root or --local-dir" in result.output
+    assert not (tmp_path / "model.joblib").exists()
 
 
 def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):

@@ -8,6 +8,8 @@ local test and fail with AccessDenied on AWS.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import tests.inprocess as inprocess
@@ -16,7 +18,11 @@ from tests.test_cost import breast_cancer_spec
 
 ROLE_OF_QUEUE = {"JobsQueue": "StarterRole", "TasksQueue": "WorkerRole", "AggregateQueue": "AggregatorRole"}
 # A permission that covers more than one API call of the same name.
-ACTION_OF_OPERATION = {"sqs:SendMessageBatch": "sqs:SendMessage", "sqs:DeleteMessageBatch": "sqs:DeleteMessage"}
+# S3 authorises a multipart upload's calls, which boto3 makes for large files, by s3:PutObject.
+ACTION_OF_OPERATION = {"sqs:SendMessageBatch": "sqs:SendMessage", "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
+                       "s3:CreateMultipartUpload": "s3:PutObject", "s3:UploadPart": "s3:PutObject",
+                       "s3:CompleteMultipartUpload": "s3:PutObject", "s3:AbortMultipartUpload": "s3:PutObject"}
+MODELS_BUCKET = "baton-iam-models"
 
 
 def role_actions(role: str) -> set[str]:
@@ -25,7 +31,7 @@ def role_actions(role: str) -> set[str]:
     for policy in resources[role]["Properties"]["Policies"]:
         for statement in policy["PolicyDocument"]["Statement"]:
             if "Fn::If" in statement:
-                # A statement that only some stacks have (an S3 data bucket): take it.
+                # A statement that only some stacks have (an S3 data or models bucket): take it.
                 statement = statement["Fn::If"][1]
             listed = statement["Action"]
             actions.update([listed] if isinstance(listed, str) else listed)
@@ -34,7 +40,12 @@ def role_actions(role: str) -> set[str]:
 
 @pytest.fixture
 def recorded_calls(inprocess_stack, monkeypatch):
-    """Record (role, action) for every SQS and DynamoDB call the handlers make."""
+    """Record (role, action) for every SQS, DynamoDB and S3 call the handlers make, with a models bucket."""
+    import boto3
+
+    from shared.handlers import set_services
+    from shared.service import Services
+
     calls: set[tuple[str, str]] = set()
     current = {"role": None}
 
@@ -42,10 +53,16 @@ def recorded_calls(inprocess_stack, monkeypatch):
         if current["role"] is None:
             return
         service, operation = event_name.split(".")[1:3]
-        action = f"{'dynamodb' if service == 'dynamodb' else 'sqs'}:{operation}"
+        action = f"{service}:{operation}"
         calls.add((current["role"], ACTION_OF_OPERATION.get(action, action)))
 
-    for client in (inprocess_stack.dynamodb, inprocess_stack.sqs):
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket=MODELS_BUCKET)
+    inprocess_stack.settings = replace(inprocess_stack.settings, models_bucket=MODELS_BUCKET)
+    inprocess_stack.services = Services(inprocess_stack.settings, dynamodb=inprocess_stack.dynamodb,
+                                        sqs=inprocess_stack.sqs, s3=s3)
+    set_services(inprocess_stack.services)
+    for client in (inprocess_stack.dynamodb, inprocess_stack.sqs, s3):
         client.meta.events.register("before-call.*.*", record)
 
     def with_role(role, handler):
@@ -74,6 +91,7 @@ def test_handler_calls_allowed_by_roles(inprocess_stack, recorded_calls):
     run_watchdog(inprocess_stack.services)
     current["role"] = None
 
+    assert ("AggregatorRole", "s3:PutObject") in calls
     roles_seen = {role for role, _ in calls}
     assert roles_seen == {"StarterRole", "WorkerRole", "AggregatorRole", "WatchdogRole"}
     for role, action in sorted(calls):

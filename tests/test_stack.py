@@ -456,27 +456,47 @@ def test_network_is_created_only_without_vpc_id(raw_config, resources):
         assert resources[logical_id].get("Condition") == "CreateNetwork", logical_id
     parameters = {entry["ParameterKey"]: entry["ParameterValue"] for entry in raw_config["provider"]["stackParameters"]}
     assert parameters == {"ExistingVpcId": "${param:vpcId}", "ExistingSubnetAId": "${param:subnetAId}",
-                          "ExistingSubnetBId": "${param:subnetBId}", "DataBucketName": "${param:dataBucket}"}
+                          "ExistingSubnetBId": "${param:subnetBId}", "DataBucketName": "${param:dataBucket}",
+                          "ModelsBucketName": "${param:modelsBucket}"}
     assert set(parameters) == set(raw_config["resources"]["Parameters"])
 
 
-def test_data_bucket_readable_only_by_starter(raw_config, resources):
-    assert raw_config["resources"]["Conditions"]["HasDataBucket"] == {
-        "Fn::Not": [{"Fn::Equals": [{"Ref": "DataBucketName"}, ""]}]}
-    assert raw_config["provider"]["environment"]["BATON_ALLOWED_S3_BUCKETS"] == "${param:dataBucket}"
-    readers = set()
+def test_buckets_reached_only_by_their_function(raw_config, resources):
+    conditions = raw_config["resources"]["Conditions"]
+    assert conditions["HasDataBucket"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "DataBucketName"}, ""]}]}
+    assert conditions["HasModelsBucket"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "ModelsBucketName"}, ""]}]}
+    environment = raw_config["provider"]["environment"]
+    assert environment["BATON_ALLOWED_S3_BUCKETS"] == "${param:dataBucket}"
+    assert environment["MODELS_BUCKET"] == "${param:modelsBucket}"
+    s3_statements = {}
     for logical_id, body in resources.items():
         if body["Type"] != "AWS::IAM::Role":
             continue
         for statement in _statements(resources, logical_id):
+            condition = None
             if "Fn::If" in statement:
                 condition, statement, otherwise = statement["Fn::If"]
-                assert condition == "HasDataBucket", logical_id
                 assert otherwise == {"Ref": "AWS::NoValue"}, logical_id
             if any(str(action).startswith("s3:") for action in _as_list(statement["Action"])):
-                assert _as_list(statement["Action"]) == ["s3:GetObject"], logical_id
-                readers.add(logical_id)
-    assert readers == {"StarterRole"}
+                s3_statements[logical_id] = (condition, _as_list(statement["Action"]), statement["Resource"])
+    assert s3_statements == {
+        "StarterRole": ("HasDataBucket", ["s3:GetObject"],
+                        {"Fn::Sub": "arn:${AWS::Partition}:s3:::${DataBucketName}/*"}),
+        "AggregatorRole": ("HasModelsBucket", ["s3:PutObject"],
+                           {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelsBucketName}/jobs/*"}),
+    }
+
+
+def test_models_bucket_is_private_and_kept(resources):
+    bucket = resources["ModelsBucket"]
+    assert bucket["Condition"] == "HasModelsBucket"
+    assert bucket["DeletionPolicy"] == "Retain"
+    properties = bucket["Properties"]
+    assert properties["BucketName"] == {"Ref": "ModelsBucketName"}
+    assert all(properties["PublicAccessBlockConfiguration"].values())
+    assert properties["VersioningConfiguration"] == {"Status": "Enabled"}
+    assert properties["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "AES256"}
 
 
 def test_max_receive_count_reaches_handlers(config):

@@ -1,0 +1,141 @@
+"""Copies of finished models in an S3 bucket, for users outside the stack's VPC.
+
+EFS is reachable only from inside the stack's VPC. A stack may therefore have a models
+bucket (``params.modelsBucket`` in serverless.yml, ``MODELS_BUCKET`` in the functions'
+environment). The aggregator that finishes a job then copies the files that ``baton
+export`` reads to ``s3://<bucket>/jobs/<job_id>/``, under their names on EFS, before it
+marks the job SUCCEEDED. The job item records that prefix as ``model_uri``, and ``baton
+fetch`` and ``baton export`` download it into a folder laid out like EFS.
+
+=========================  =========================================================
+key under the prefix        content
+=========================  =========================================================
+``spec.json``               the job spec
+``data/manifest.json``      the data manifest: features, classes, shard sizes
+``data/standardize.npz``    the training statistics, when the data was standardised
+``model/params.npy``        the final parameters
+``model/model.json``        the model's description, rounds and final metrics
+``model/standardize.npz``   the model's own copy of the statistics
+=========================  =========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from shared.efs import EfsStore
+from shared.errors import PermanentError
+
+logger = logging.getLogger(__name__)
+
+# Files under jobs/<job_id>/ that the bundle holds, and which of them every bundle has.
+BUNDLE_FILES = ("spec.json", "data/manifest.json", "data/standardize.npz", "model/params.npy", "model/model.json",
+                "model/standardize.npz")
+REQUIRED_FILES = ("spec.json", "data/manifest.json", "model/params.npy", "model/model.json")
+MODEL_URI_PATTERN = re.compile(r"^s3://([^/]+)/(jobs/[^/]+/)$")
+# S3 error codes that a retry cannot fix: the bucket or the permission is missing.
+ACCESS_ERROR_CODES = ("403", "AccessDenied", "404", "NoSuchBucket", "NoSuchKey", "AllAccessDisabled",
+                      "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+class ModelBucketError(PermanentError):
+    """The models bucket cannot be written or read: it is missing, or a role lacks a permission."""
+
+
+def model_uri(bucket: str, job_id: str) -> str:
+    """Return the S3 prefix of ``job_id``'s model bundle in ``bucket``."""
+    return f"s3://{bucket}/jobs/{job_id}/"
+
+
+def _error_code(error: BaseException | None) -> str:
+    """Return the S3 error code of ``error``, or of the client error that boto3's transfer wrapped."""
+    while error is not None:
+        code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+        if code:
+            return code
+        error = error.__cause__ or error.__context__
+    return ""
+
+
+def upload_model(s3_client, bucket: str, store: EfsStore, job_id: str) -> str:
+    """Copy ``job_id``'s model bundle from EFS to ``bucket``; return its ``s3://`` prefix.
+
+    Each file is one upload of the whole file, so a retry after a crash writes the same
+    objects again, and no reader sees a half-written one. The caller records the prefix
+    on the job only after this returns.
+
+    Raises
+    ------
+    ModelBucketError
+        If S3 denies the write or the bucket does not exist. Other S3 errors, such as
+        throttling, are raised as they are, so that the message is retried.
+    """
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    job_dir = store.job_dir(job_id)
+    uploaded = 0
+    for name in BUNDLE_FILES:
+        path = job_dir / name
+        if not path.is_file():
+            continue
+        key = f"jobs/{job_id}/{name}"
+        try:
+            s3_client.upload_file(str(path), bucket, key)
+        except (ClientError, S3UploadFailedError) as error:
+            code = _error_code(error)
+            if code not in ACCESS_ERROR_CODES:
+                raise
+            raise ModelBucketError(
+                f"could not copy the final model of job {job_id} to s3://{bucket}/{key} ({code}): check that "
+                f"MODELS_BUCKET ('{bucket}') names the bucket the stack created from params.modelsBucket and that "
+                f"the aggregator's role may write it. The model is on EFS under jobs/{job_id}/model/; after the "
+                f"fix, `baton resume {job_id}` finishes the job again and copies it") from None
+        uploaded += path.stat().st_size
+    logger.info("model copied to S3", extra={"job_id": job_id, "model_uri": model_uri(bucket, job_id),
+                                              "bytes": uploaded})
+    return model_uri(bucket, job_id)
+
+
+def download_model(s3_client, uri: str, job_id: str, efs_root: Path) -> Path:
+    """Download the model bundle at ``uri`` into ``efs_root/jobs/<job_id>/``; return that folder.
+
+    ``efs_root`` then reads like the stack's EFS for ``baton export`` and the checks of
+    ``baton fetch``.
+
+    Raises
+    ------
+    ModelBucketError
+        If ``uri`` is not a bundle prefix of ``job_id``, S3 denies the read, or a
+        required file of the bundle is missing.
+    """
+    from botocore.exceptions import ClientError
+
+    match = MODEL_URI_PATTERN.match(uri)
+    if match is None or match.group(2) != f"jobs/{job_id}/":
+        raise ModelBucketError(f"job {job_id} records model_uri {uri!r}, which is not s3://<bucket>/jobs/{job_id}/; "
+                               "the job item was changed by something other than Baton")
+    bucket, prefix = match.groups()
+    try:
+        listed = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        present = {entry["Key"][len(prefix):] for page in listed for entry in page.get("Contents", [])}
+        missing = [name for name in REQUIRED_FILES if name not in present]
+        if missing:
+            raise ModelBucketError(f"the model of job {job_id} in {uri} has no {', '.join(missing)}; the objects "
+                                   "were deleted after the job wrote them. The model is still on EFS under "
+                                   f"jobs/{job_id}/model/ unless that was deleted too")
+        job_dir = EfsStore(efs_root).job_dir(job_id)
+        for name in BUNDLE_FILES:
+            if name in present:
+                target = job_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3_client.download_file(bucket, prefix + name, str(target))
+    except ClientError as error:
+        code = _error_code(error)
+        raise ModelBucketError(f"could not read the model of job {job_id} from {uri} ({code or error}): check "
+                               "that your credentials may call s3:ListBucket on the bucket and s3:GetObject on "
+                               "its objects, and the --region of the stack") from None
+    return job_dir
+
