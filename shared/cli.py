@@ -332,6 +332,14 @@ def _echo_status_change(record, previous: str, endpoint_url: str) -> None:
         click.echo(f"job {record.job_id} resumed")
 
 
+def _echo_continued(record, efs_root: Path) -> None:
+    """Print a line when ``baton run``'s own job goes on from an earlier run's files on EFS."""
+    first_round = int(record.attributes["continued_from"])
+    click.echo(f"job {record.job_id} continues from round {first_round + 1}, where an earlier run of its spec "
+               f"stopped; the metrics of its rounds 1 to {first_round} are in "
+               f"{efs_root / 'jobs' / record.job_id / 'metrics'}")
+
+
 def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float,
                        unfinished: list[str]) -> click.ClickException | None:
     """Print the rounds and the summary of ``job_id``, then wait for the stack's other jobs.
@@ -347,7 +355,8 @@ def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: floa
     try:
         record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(_format_round(m)),
                             on_status=lambda changed, previous: _echo_status_change(changed, previous,
-                                                                                    stack.endpoint_url))
+                                                                                    stack.endpoint_url),
+                            on_continued=lambda continued: _echo_continued(continued, efs_root))
     except TimeoutError:
         record = stack.get_job(job_id)
         # A job that ended between the last poll and this read is reported as ended.
@@ -371,7 +380,7 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
         return click.ClickException(f"job {job_id} was cancelled after {record.round} of {record.total_rounds} "
                                     f"rounds; its files remain in {efs_root / 'jobs' / job_id}")
     if record.status != "SUCCEEDED":
-        return click.ClickException(f"job {job_id} {record.status}: {record.error}")
+        return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}")
     summary = record.attributes
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
@@ -383,6 +392,17 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
             click.echo(f"  {label:<24} {summary[name]:.5f}")
     click.echo(f"  {'model':<24} {efs_root / 'jobs' / job_id / 'model'}")
     return None
+
+
+def _after_failure(record, efs_root: Path) -> str:
+    """Return what to do after ``baton run``'s own job failed, as a sentence to append to its error."""
+    from shared.errors import DIVERGED_WORDS
+
+    if record.status != "FAILED" or DIVERGED_WORDS in (record.error or ""):
+        # The error of a diverged job already names the change to make, under a new job id.
+        return ""
+    return (f". Its files remain in {efs_root / 'jobs' / record.job_id}; once the cause is fixed, running the same "
+            "command again goes on from its last completed round")
 
 
 @main.command()

@@ -178,16 +178,16 @@ def stops_with_stack_line(records: list[JobRecord], jobs_dir: Path) -> str:
     """Return one line naming jobs that stop with the stack: status, rounds, where their files are, how to rerun one.
 
     A stopped stack takes its queues and table along, so a job cannot be resumed, only
-    trained again from round 1 on its saved spec, which reuses the prepared data.
+    run again on its saved spec, which goes on from its last completed round with the prepared data.
     """
     names = ", ".join(f"{record.job_id} ({record.status}, {_rounds_done(record)})" for record in records)
     local_dir = jobs_dir.parent.parent
     if len(records) == 1:
         job_dir = jobs_dir / records[0].job_id
         return (f"job {names} stops with the stack; its files remain in {job_dir}, and "
-                f"`baton run {job_dir / 'spec.json'} --local-dir {local_dir}` trains it again from round 1")
+                f"`baton run {job_dir / 'spec.json'} --local-dir {local_dir}` goes on with it from its last completed round")
     return (f"jobs {names} stop with the stack; their files remain in {jobs_dir}, and "
-            f"`baton run {jobs_dir}/<job_id>/spec.json --local-dir {local_dir}` trains one again from round 1")
+            f"`baton run {jobs_dir}/<job_id>/spec.json --local-dir {local_dir}` goes on with one from its last completed round")
 
 
 def own_job_timeout_line(record: JobRecord | None, job_id: str, timeout_seconds: float, local_dir: Path,
@@ -285,7 +285,7 @@ def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path)
                    "add --fresh to delete the files and start over", err=True)
     elif record.status not in TERMINAL_STATUSES:
         click.echo(f"interrupted: job {job_id} stopped {_stopped_at(record)}; its files remain in {job_dir}. "
-                   "Running the same command again trains it from round 1, reusing the data it prepared; "
+                   "Running the same command again goes on from its last completed round, reusing the data it prepared; "
                    "add --fresh to delete the files and prepare the data again", err=True)
     if others:
         click.echo(f"interrupted: {stops_with_stack_line(others, efs_root / 'jobs')}", err=True)
@@ -300,10 +300,11 @@ def last_round_on_efs(efs_root: Path, job_id: str, since: float) -> int | None:
     ``since`` is a ``time.time()`` before the stack started. Returns None when the job has
     not started since then, and 0 when it has finished no round since then.
 
-    The starter writes the job's spec.json each time it starts the job, and a rerun of a
-    job writes its metrics files over those of the earlier run. So a metrics file older
-    than the spec is from an earlier run and does not count, and a spec older than
-    ``since`` means that no starter of this stack has started the job.
+    The starter writes the job's spec.json each time it starts the job, so a spec older
+    than ``since`` means that no starter of this stack has started the job. A run that
+    goes on from an unfinished earlier run keeps that run's metrics files, so they count.
+    An earlier run that finished (its ``model/model.json`` exists) is trained again, so
+    its metrics files, older than the spec, do not count.
     """
     store = EfsStore(efs_root)
     try:
@@ -312,6 +313,7 @@ def last_round_on_efs(efs_root: Path, job_id: str, since: float) -> int | None:
         return None
     if started < since:
         return None
+    earlier_run_finished = (store.model_dir(job_id) / "model.json").exists()
     last_round = 0
     try:
         entries = list(os.scandir(store.job_dir(job_id) / "metrics"))
@@ -325,7 +327,7 @@ def last_round_on_efs(efs_root: Path, job_id: str, since: float) -> int | None:
             written = entry.stat().st_mtime
         except OSError:
             continue
-        if written >= started:
+        if written >= started or not earlier_run_finished:
             last_round = max(last_round, int(name))
     return last_round
 
@@ -353,13 +355,13 @@ def server_exit_line(error: ServerExitedError, job_id: str, sent: bool, unfinish
     if not sent:
         parts.append(f"job {job_id} was not sent, and running the same command again sends it")
     elif job_id in unfinished:
-        parts.append(f"{_where_job_stopped(efs_root, job_id, since)}, and running the same command again trains it "
-                     "from round 1, reusing the data it prepared")
+        parts.append(f"{_where_job_stopped(efs_root, job_id, since)}, and running the same command again goes on "
+                     "from its last completed round, reusing the data it prepared")
     for other in unfinished:
         if other != job_id:
             spec_path = efs_root / "jobs" / other / "spec.json"
             parts.append(f"{_where_job_stopped(efs_root, other, since)}, and `baton run {spec_path} --local-dir "
-                         f"{local_dir}` trains it again from round 1")
+                         f"{local_dir}` goes on with it from its last completed round")
     if not parts:
         return f"{error}. The stack's queues and table are gone with it; the files of its jobs remain in {efs_root / 'jobs'}"
     return f"{error}. The stack's queues and table are gone with it: " + "; ".join(parts)

@@ -217,11 +217,12 @@ def start_job(services: Services, body: str, message_id: str) -> str:
 
     record, created = services.state.create_job(spec.job_id, spec.fingerprint(), spec.canonical_json(),
                                                 spec.training.n_workers)
-    if record.status == RUNNING and record.round == 0:
-        # A redelivery after a crash between starting the job and sending round 0 would
-        # otherwise leave the job waiting. Workers drop the tasks that already ran.
-        services.queues.send_tasks(spec.job_id, 0, list(range(record.n_workers)))
-        raise StaleMessageError(f"job {spec.job_id} is already RUNNING; re-sent its round 0 tasks")
+    first_round = int(record.attributes.get("continued_from", 0))
+    if record.status == RUNNING and record.round == first_round:
+        # A redelivery after a crash between starting the job and sending its first round
+        # would otherwise leave the job waiting. Workers drop the tasks that already ran.
+        services.queues.send_tasks(spec.job_id, first_round, list(range(record.n_workers)))
+        raise StaleMessageError(f"job {spec.job_id} is already RUNNING; re-sent its round {first_round} tasks")
     if record.status != "PREPARING":
         # A redelivered job message for a job that is already running or finished.
         raise StaleMessageError(f"job {spec.job_id} is already {record.status}")
@@ -352,17 +353,21 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     check_reducers(spec.training.reducers, model.n_params)
     optimizer = build_optimizer(spec)
     mode = get_training_mode(spec, model)
-    params = mode.initial_params(
-        spec, manifest, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
+    rounds = mode.total_rounds(spec, manifest)
     record = services.state.get_job(spec.job_id)
     if record is None or record.status != "PREPARING":
         # Cancelled while the data was prepared: round 0 does not start.
         raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status}; "
                                 "its round 0 does not start")
+    first_round = continuation_round(store, spec.job_id, rounds)
+    if first_round > 0:
+        _continue_earlier_run(services, spec, rounds, first_round)
+        return
+    params = mode.initial_params(
+        spec, manifest, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
     _set_aside_earlier_run(store, spec.job_id)
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
 
-    rounds = mode.total_rounds(spec, manifest)
     if not services.state.start_job(spec.job_id, rounds):
         record = services.state.get_job(spec.job_id)
         if record is None or record.status != "RUNNING" or record.round != 0:
@@ -377,6 +382,79 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     services.queues.send_tasks(spec.job_id, 0, list(range(spec.training.n_workers)))
     logger.info("job started", extra={"job_id": spec.job_id, "total_rounds": rounds,
                                       "n_workers": spec.training.n_workers})
+
+
+def continuation_round(store: EfsStore, job_id: str, total_rounds: int) -> int:
+    """Return the round from which the job goes on with an earlier, unfinished run's files; 0 for none.
+
+    An unfinished run's files stay on EFS when its job item is gone, as after a local
+    stack that stopped or a redeployed table. The same spec sent again then goes on from
+    them, so no trained round is lost. A round ``r`` qualifies when its folder contains the
+    state (``state.npz``) and the stopping state (``stopping.json``), and the metrics file
+    of round ``r - 1`` exists. The aggregator writes those three in that order before it
+    advances, so together they show that round ``r - 1`` was committed on EFS.
+
+    The job goes on from the last such round but one, so the last committed round is
+    aggregated again. Its aggregation may have decided to stop the job and then crashed
+    before the model was written, and only the model records that decision. A
+    return value of 0 means a fresh start: no files, a run that finished
+    (``model/model.json`` exists), or only round 0 committed.
+    """
+    job_dir = store.job_dir(job_id)
+    rounds_dir = job_dir / "rounds"
+    if (job_dir / "model" / "model.json").exists() or not rounds_dir.is_dir():
+        return 0
+
+    def committed(round_index: int) -> bool:
+        return (store.state_path(job_id, round_index).is_file()
+                and (store.round_dir(job_id, round_index) / "stopping.json").is_file()
+                and store.metrics_path(job_id, round_index - 1).is_file())
+
+    indexes = [int(path.name) for path in rounds_dir.iterdir() if path.name.isdigit()]
+    last = max((index for index in indexes if 1 <= index <= total_rounds and committed(index)), default=0)
+    return last - 1 if last >= 2 and committed(last - 1) else 0
+
+
+def _metrics_problem(metrics: Any) -> str | None:
+    if not isinstance(metrics, dict):
+        return f"contains a JSON {type(metrics).__name__}, not the object a metrics file is"
+    missing = [name for name in ("epoch", "train_loss", "total_cost_usd") if name not in metrics]
+    return f"has no {', '.join(missing)}" if missing else None
+
+
+def _continue_earlier_run(services: Services, spec: JobSpec, total_rounds: int, first_round: int) -> None:
+    """Start the job at ``first_round`` from an earlier run's files on EFS and send that round's tasks.
+
+    The round items of the rounds before it get their metrics from the metrics files, so
+    ``baton fetch``, ``plot`` and ``watch`` show the whole job. The job item starts with the
+    running cost, epoch and losses of the round before ``first_round``.
+    """
+    store, state, job_id = services.store, services.state, spec.job_id
+    skipped = []
+    for round_index in range(first_round - 1):
+        try:
+            state.put_round_metrics(job_id, round_index, store.read_json(store.metrics_path(job_id, round_index)))
+        except (OSError, ValueError):
+            # Moved or damaged since that run; the round only lacks its metrics in the table.
+            skipped.append(round_index + 1)
+    metrics = datasets.read_job_json(store, store.metrics_path(job_id, first_round - 1), problem_of=_metrics_problem)
+    state.put_round_metrics(job_id, first_round - 1, metrics)
+    summary = {"continued_from": first_round, "epoch": metrics["epoch"], "train_loss": metrics["train_loss"],
+               "cost_usd": metrics["total_cost_usd"]}
+    for name in ("validation_loss", "validation_accuracy", "validation_r2"):
+        if name in metrics:
+            summary[name] = metrics[name]
+    if not state.start_job(job_id, total_rounds, first_round=first_round, summary=summary):
+        record = state.get_job(job_id)
+        if record is None or record.status != "RUNNING" or record.round != first_round:
+            raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status}; it does not "
+                                    f"go on from round {first_round}")
+    faults.maybe_fail("starter.started", job_id=job_id)
+
+    services.queues.send_tasks(job_id, first_round, list(range(spec.training.n_workers)))
+    logger.warning("job goes on from an earlier run's files", extra={
+        "job_id": job_id, "round": first_round, "total_rounds": total_rounds,
+        "rounds_without_metrics_in_table": skipped})
 
 
 EARLIER_RUNS_FOLDER = "earlier-runs"

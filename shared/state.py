@@ -270,19 +270,33 @@ class StateStore:
             return existing, False
         return JobRecord.from_item(item), True
 
-    def start_job(self, job_id: str, total_rounds: int) -> bool:
-        """Move the job from PREPARING to RUNNING at round 0; False if it had already moved."""
+    def start_job(self, job_id: str, total_rounds: int, first_round: int = 0,
+                  summary: dict[str, Any] | None = None) -> bool:
+        """Move the job from PREPARING to RUNNING at ``first_round``; False if it had already moved.
+
+        ``first_round`` is above 0 when the job goes on from an earlier run's files, and
+        ``summary`` then sets the job item's fields that the aggregator keeps, such as
+        ``cost_usd``.
+        """
+        names = {"#status": "status", "#round": "round"}
+        values = {
+            ":running": {"S": RUNNING},
+            ":preparing": {"S": PREPARING},
+            ":total": {"N": str(total_rounds)},
+            ":round": {"N": str(first_round)},
+            ":now": {"N": repr(time.time())},
+        }
+        assignments = ["#status = :running", "total_rounds = :total", "#round = :round", "updated_at = :now"]
+        for index, (name, value) in enumerate((summary or {}).items()):
+            names[f"#s{index}"] = name
+            values[f":s{index}"] = _to_attribute(value)
+            assignments.append(f"#s{index} = :s{index}")
         return self._update_if(
             _job_key(job_id),
-            UpdateExpression="SET #status = :running, total_rounds = :total, updated_at = :now",
+            UpdateExpression="SET " + ", ".join(assignments),
             ConditionExpression="#status = :preparing",
-            ExpressionAttributeNames={"#status": "status"},
-            ExpressionAttributeValues={
-                ":running": {"S": RUNNING},
-                ":preparing": {"S": PREPARING},
-                ":total": {"N": str(total_rounds)},
-                ":now": {"N": repr(time.time())},
-            },
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
         )
 
     def record_worker_done(self, job_id: str, round_index: int, worker: int,

@@ -173,7 +173,7 @@ def test_run_waits_for_other_jobs(tmp_path, start_run):
     assert re.search(r"^job other CANCELLED after \d+ of \d+ rounds$", output, re.MULTILINE), output
     assert re.search(r"^not waited for: job paused \(PAUSED, \d+ of \d+ rounds done\) stops with the stack; "
                      r"its files remain in .*/efs/jobs/paused, and `baton run .*/efs/jobs/paused/spec.json "
-                     r"--local-dir .*` trains it again from round 1$", output, re.MULTILINE), output
+                     r"--local-dir .*` goes on with it from its last completed round$", output, re.MULTILINE), output
     for noise in NOISE:
         assert noise not in output
 
@@ -194,7 +194,7 @@ def test_signal_stops_run_quietly(tmp_path, start_run, signal_numbers, expected_
 
     assert exit_status == expected_status, output
     stopped = re.search(r"^interrupted: job host stopped after (\d+) of \d+ rounds; its files remain in "
-                        r"(.*)\. Running the same command again trains it from round 1", output, re.MULTILINE)
+                        r"(.*)\. Running the same command again goes on from its last completed round", output, re.MULTILINE)
     assert stopped, output
     last_printed = max(int(line.split()[1]) for line in host.lines if line.startswith("round "))
     assert int(stopped.group(1)) >= last_printed
@@ -203,6 +203,28 @@ def test_signal_stops_run_quietly(tmp_path, start_run, signal_numbers, expected_
         assert noise not in output
     assert host.children, "baton run started no child processes"
     assert running_processes(host.children) == []
+
+
+def test_rerun_goes_on_after_ctrl_c(tmp_path, start_run):
+    spec_file = write_spec(tmp_path, "host", 40)
+    first = start_run(spec_file)
+    first.read_until("round     5")
+    first.signal_group(signal.SIGINT)
+    assert first.finish()[0] == 130
+
+    second = start_run(spec_file)
+    exit_status, output = second.finish()
+
+    assert exit_status == 0, output
+    continued = re.search(r"^job host continues from round (\d+), where an earlier run of its spec stopped; the "
+                          r"metrics of its rounds 1 to (\d+) are in (.*)$", output, re.MULTILINE)
+    assert continued, output
+    first_round = int(continued.group(1))
+    assert first_round >= 5
+    assert int(continued.group(2)) == first_round - 1
+    printed = [int(line.split()[1]) for line in second.lines if line.startswith("round ")]
+    assert printed == list(range(first_round, 41))
+    assert "job host SUCCEEDED after 40 rounds" in output
 
 
 def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
@@ -218,8 +240,8 @@ def test_ctrl_c_stops_other_jobs(tmp_path, start_run):
     assert exit_status == 130, output
     assert "interrupted: job host" not in output
     rerun = re.search(r"^interrupted: job other \(RUNNING, \d+ of \d+ rounds done\) stops with the stack; "
-                      r"its files remain in .*/efs/jobs/other, and `baton run (.*) --local-dir (.*)` trains it "
-                      r"again from round 1$", output, re.MULTILINE)
+                      r"its files remain in .*/efs/jobs/other, and `baton run (.*) --local-dir (.*)` goes on "
+                      r"with it from its last completed round$", output, re.MULTILINE)
     assert rerun, output
     assert Path(rerun.group(1)) == tmp_path / "baton" / "efs" / "jobs" / "other" / "spec.json"
     assert Path(rerun.group(2)) == tmp_path / "baton"
@@ -239,8 +261,8 @@ def test_timeout_names_paused_job(tmp_path, start_run):
 
     assert exit_status == 1, output
     ended = re.search(r"^Error: --timeout of 30 s reached: job host \(PAUSED, \d+ of \d+ rounds done\) stops with "
-                      r"the stack; its files remain in (.*), and `baton run (.*) --local-dir (.*)` trains it again "
-                      r"from round 1; logs are in (.*)\. baton run waits for its PAUSED job until --timeout, so "
+                      r"the stack; its files remain in (.*), and `baton run (.*) --local-dir (.*)` goes on with it "
+                      r"from its last completed round; logs are in (.*)\. baton run waits for its PAUSED job until --timeout, so "
                       r"resume the job sooner with `baton resume host --stage local --endpoint-url (.*)`, or raise "
                       r"--timeout$", output, re.MULTILINE)
     assert ended, output
@@ -271,8 +293,8 @@ def test_timeout_line_running_or_unrecorded(tmp_path):
 
     assert running.startswith("--timeout of 25 s reached: job host (RUNNING, 7 of 40 rounds done) stops with the "
                               f"stack; its files remain in {tmp_path / 'efs' / 'jobs' / 'host'}, and `baton run "
-                              f"{tmp_path / 'efs' / 'jobs' / 'host' / 'spec.json'} --local-dir {tmp_path}` trains "
-                              "it again from round 1")
+                              f"{tmp_path / 'efs' / 'jobs' / 'host' / 'spec.json'} --local-dir {tmp_path}` goes on "
+                              "with it from its last completed round")
     assert running.endswith(f"; logs are in {tmp_path / 'logs'}. Raise --timeout to wait longer")
     assert "baton resume" not in running
     assert unrecorded == (f"--timeout of 25 s reached before the starter recorded job host, so it did not start; "
@@ -327,8 +349,8 @@ def test_moto_exit_ends_run_in_one_line(tmp_path, start_run):
     assert len(after_rounds) == 1, output
     ended = re.fullmatch(rf"Error: moto's server \(pid {server_pid}\) exited with code -9 \(killed by SIGKILL\); "
                          r"see its log (.*)\. The stack's queues and table are gone with it: job host stopped after "
-                         r"round (\d+), the last in (.*), and running the same command again trains it from round 1, "
-                         r"reusing the data it prepared", after_rounds[0])
+                         r"round (\d+), the last in (.*), and running the same command again goes on from its last "
+                         r"completed round, reusing the data it prepared", after_rounds[0])
     assert ended, output
     assert Path(ended.group(1)) == tmp_path / "baton" / "logs" / "moto.log"
     metrics_dir = tmp_path / "baton" / "efs" / "jobs" / "host" / "metrics"
@@ -347,6 +369,9 @@ def test_last_round_skips_earlier_run(tmp_path):
     efs_root = tmp_path / "efs"
     metrics_dir = efs_root / "jobs" / "rerun" / "metrics"
     metrics_dir.mkdir(parents=True)
+    # The earlier run finished, so this run trains the job again and its metrics do not count.
+    (efs_root / "jobs" / "rerun" / "model").mkdir()
+    (efs_root / "jobs" / "rerun" / "model" / "model.json").write_text("{}")
     spec_path = efs_root / "jobs" / "rerun" / "spec.json"
     spec_path.write_text("{}")
     for round_number in range(1, 6):
@@ -362,6 +387,22 @@ def test_last_round_skips_earlier_run(tmp_path):
     assert last_round_on_efs(efs_root, "missing", since=started - 20) is None
     os.utime(spec_path, (started + 10, started + 10))
     assert last_round_on_efs(efs_root, "rerun", since=started - 20) == 0
+
+
+def test_last_round_counts_continued_run(tmp_path):
+    efs_root = tmp_path / "efs"
+    metrics_dir = efs_root / "jobs" / "continued" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    spec_path = efs_root / "jobs" / "continued" / "spec.json"
+    spec_path.write_text("{}")
+    started = time.time()
+    # Rounds 1 to 4 are from an unfinished earlier run, which this run goes on from.
+    for round_number in range(1, 6):
+        (metrics_dir / f"{round_number}.json").write_text("{}")
+        if round_number < 5:
+            os.utime(metrics_dir / f"{round_number}.json", (started - 3600, started - 3600))
+
+    assert last_round_on_efs(efs_root, "continued", since=started - 20) == 5
 
 
 def test_status_change_lines(capsys):

@@ -402,11 +402,14 @@ class LocalStack:
         return response["MessageId"]
 
     def follow(self, job_id: str, poll_seconds: float = 0.1, timeout_seconds: float = 3600,
-               on_status: Callable[[JobRecord, str], None] | None = None) -> Iterator[dict | JobRecord]:
+               on_status: Callable[[JobRecord, str], None] | None = None,
+               on_continued: Callable[[JobRecord], None] | None = None) -> Iterator[dict | JobRecord]:
         """Yield each round's metrics as the job records them, then the final job record.
 
         ``on_status(record, previous_status)`` is called each time the job's status
         changes to another status that is not final, such as from RUNNING to PAUSED.
+        A job that goes on from an earlier run's files (``continued_from`` on its item)
+        yields only the rounds from there, after one call of ``on_continued(record)``.
 
         Raises
         ------
@@ -419,10 +422,17 @@ class LocalStack:
         files = EfsStore(self.efs_root)
         next_round = 0
         status = None
+        continued = False
         while True:
             self.check_server()
             with self._server_requests():
                 record = self.state.get_job(job_id)
+            first_round = 0 if record is None else int(record.attributes.get("continued_from", 0))
+            if first_round > 0 and not continued:
+                continued = True
+                next_round = max(next_round, first_round)
+                if on_continued is not None:
+                    on_continued(record)
             if record is not None and record.status != status and record.status not in TERMINAL_STATUSES:
                 if status is not None and on_status is not None:
                     on_status(record, status)
@@ -507,12 +517,14 @@ class LocalStack:
             time.sleep(poll_seconds)
 
     def wait(self, job_id: str, timeout_seconds: float = 3600, on_round: Callable[[dict], None] | None = None,
-             on_status: Callable[[JobRecord, str], None] | None = None) -> JobRecord:
+             on_status: Callable[[JobRecord, str], None] | None = None,
+             on_continued: Callable[[JobRecord], None] | None = None) -> JobRecord:
         """Block until the job succeeds or fails; return its final record.
 
         Raises :class:`ServerExitedError` or :class:`TimeoutError` as :meth:`follow` does.
         """
-        for update in self.follow(job_id, timeout_seconds=timeout_seconds, on_status=on_status):
+        for update in self.follow(job_id, timeout_seconds=timeout_seconds, on_status=on_status,
+                                  on_continued=on_continued):
             if isinstance(update, JobRecord):
                 return update
             if on_round is not None:
