@@ -22,6 +22,9 @@ so that refitting the estimator minimises the same objective, class weights incl
 (``MLPClassifier`` has no ``class_weight``, so its refit weighs every class alike). When the data was
 standardised, the estimator is a ``Pipeline`` whose first step is a ``StandardScaler``
 holding the training statistics, so it takes raw features, as Baton's prediction does.
+A job that trained on standardised targets (``data.standardize_target``) stored its final
+parameters in the targets' own units, so its estimator predicts in those units and needs
+no step for the targets.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from shared.errors import BatonError, DamagedFileError, DataError, JobSpecError
 from shared.models import Model
 from shared.monitor import damaged_spec_remedy
 from shared.spec import JobSpec, parse_job_spec
+from shared.target_scaling import target_scaling
 from shared.training import build_model, class_weights, manifest_problem
 
 
@@ -100,7 +104,7 @@ def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
     manifest = _read_manifest(store, job_id)
     model = build_model(spec, manifest)
     _check_classes(store, job_id, manifest, model)
-    params = _read_final_params(store, job_id, model)
+    params = _read_final_params(store, job_id, model, manifest)
     return TrainedModel(spec, manifest, model, params, _read_scaling(store, job_id, manifest, model.n_features))
 
 
@@ -168,9 +172,12 @@ def _final_params_remedy(store: EfsStore, job_id: str, n_params: int) -> str:
     return RETRAIN_REMEDY
 
 
-def _read_final_params(store: EfsStore, job_id: str, model: Model) -> np.ndarray:
+def _read_final_params(store: EfsStore, job_id: str, model: Model, manifest: dict) -> np.ndarray:
     path = store.model_dir(job_id) / "params.npy"
-    remedy = _final_params_remedy(store, job_id, model.n_params)
+    # With standardised targets the round states hold the scaled problem's parameters,
+    # not the final model's, so only training again restores the file.
+    scaled = target_scaling(manifest) is not None
+    remedy = RETRAIN_REMEDY if scaled else _final_params_remedy(store, job_id, model.n_params)
     if not path.exists():
         raise store.damaged_file_error(path, "is missing, although model/model.json shows that the job "
                                              "succeeded", remedy)

@@ -9,8 +9,9 @@ The steps, in order, each write their output atomically under ``jobs/<id>/prepar
 layout      copy ``s3://`` sources onto EFS, read CSV headers, cut the parts
 parse p     parse part p into arrays (float32 features, float64 labels)
 split       read every part's labels (and row lengths, for sparse data); pick the
-            classes, assign each row to a shard or the validation rows; create the
-            shard files at their final size under temporary names
+            classes, assign each row to a shard or the validation rows; compute the
+            training targets' mean (and scale, for ``data.standardize_target``);
+            create the shard files at their final size under temporary names
 stats b     ``data.standardize`` only: add training rows ``b*65536 ...`` to the
             running mean and variance (one file per block, so a retry cannot count
             a block twice)
@@ -715,8 +716,10 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
 
     training_y = y[:n_train][destination[:n_train] < n_workers]
     class_counts = None if classes is None else np.bincount(training_y, minlength=len(classes)).tolist()
-    # A regression model starts with its output bias at the training targets' mean.
+    # A regression model's output bias starts at the training targets' mean. With
+    # data.standardize_target the model trains on the targets minus it, divided by their scale.
     target_mean = None if classes is not None or len(training_y) == 0 else float(np.mean(training_y))
+    target_scale = _target_scale(training_y) if spec.data.standardize_target else None
     n_blocks = math.ceil(n_train / STATS_BLOCK_ROWS) if spec.data.standardize else 0
     store.write_json(files.split, {
         "n_features": n_features,
@@ -724,11 +727,23 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
         "classes": None if classes is None else classes.tolist(),
         "class_counts": class_counts,
         "target_mean": target_mean,
+        "target_scale": target_scale,
         "destination_rows": destination_rows,
         "part_row_starts": np.concatenate(([0], np.cumsum(rows_per_part))).tolist(),
         "n_train_rows": n_train,
         "n_stats_blocks": n_blocks,
     })
+
+
+def _target_scale(training_y: np.ndarray) -> float:
+    """Return the standard deviation of the training targets, or 1.0 for a constant target.
+
+    The constant rule is that of the features (:func:`shared.data.standardization_scale`),
+    so a constant target is centred but not divided by a rounding error.
+    """
+    mean = np.mean(training_y)
+    variance = np.mean((training_y - mean) ** 2)
+    return float(datasets.standardization_scale(np.array([variance]), np.array([mean]), float(len(training_y)))[0])
 
 
 def _check_widths(spec: JobSpec, parts: list[dict], metas: list[dict]) -> int:
@@ -935,6 +950,7 @@ def _finalize(files: PreparationFiles, spec: JobSpec) -> None:
         "classes": split["classes"],
         "class_counts": split["class_counts"],
         "target_mean": split.get("target_mean"),
+        "target_scale": split.get("target_scale"),
         "sparse": bool(split["sparse"]),
         "shard_rows": split["destination_rows"][:n_workers],
         "validation_rows": int(split["destination_rows"][n_workers]),

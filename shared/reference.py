@@ -17,6 +17,7 @@ from shared.data import load_shard, load_training_sample
 from shared.efs import EfsStore
 from shared.sampling import batch_indices, rounds_per_epoch, total_rounds
 from shared.spec import JobSpec
+from shared.target_scaling import loss_in_target_units, params_in_target_units, target_scaling
 from shared.training import GRADIENT_CHUNK_ROWS, build_model, build_optimizer, get_training_mode
 
 
@@ -26,9 +27,9 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
     Returns
     -------
     params : ndarray of shape (n_params,)
-        The final parameters.
+        The final parameters, in the targets' own units as the job stores them.
     train_losses : list of float
-        The training loss of every round.
+        The training loss of every round, in the targets' squared units.
     """
     store = EfsStore(efs_root)
     manifest = store.read_json(store.data_dir(spec.job_id) / "manifest.json")
@@ -37,6 +38,7 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
 
     model = build_model(spec, manifest)
     optimizer = build_optimizer(spec)
+    scaling = target_scaling(manifest)
     # The same start as the distributed job: this reference checks the rounds, not the start.
     params = get_training_mode(spec, model).initial_params(
         spec, manifest, model, lambda max_rows: load_training_sample(store, spec.job_id, manifest, max_rows))
@@ -58,7 +60,8 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
             worker_grad, worker_loss = np.zeros_like(params), 0.0
             for start in range(0, len(rows), GRADIENT_CHUNK_ROWS):
                 chunk = rows[start:start + GRADIENT_CHUNK_ROWS]
-                loss, grad = model.loss_grad(params, shard.X[chunk], np.asarray(shard.y[chunk]))
+                y = np.asarray(shard.y[chunk])
+                loss, grad = model.loss_grad(params, shard.X[chunk], y if scaling is None else scaling.standardize(y))
                 worker_grad = worker_grad + grad
                 worker_loss += loss
             grad_sum += worker_grad
@@ -66,6 +69,6 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
             n_samples += len(rows)
 
         penalty, penalty_grad = model.penalty_grad(params)
-        losses.append(loss_sum / n_samples + penalty)
+        losses.append(loss_in_target_units(model, loss_sum / n_samples + penalty))
         params, state = optimizer.step(params, grad_sum / n_samples + penalty_grad, state, round_index)
-    return params, losses
+    return params_in_target_units(model, manifest, params), losses

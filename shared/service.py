@@ -58,6 +58,7 @@ from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_
 from shared.source_files import FIX
 from shared.spec import JobSpec, derive_job_id, load_job_message, parse_job_spec
 from shared.state import PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
+from shared.target_scaling import params_in_target_units
 from shared.training import (Reduction, RoundUpdate, StoppingState, build_model, build_model_for_preparation,
                              build_optimizer, check_model_fits, check_stopping, check_validation_finite,
                              get_training_mode, manifest_problem, round_number)
@@ -883,7 +884,8 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
             return None
         if new_params is None:
             new_params, _ = read_round_state(store, job_id, next_round)
-        progress["partials"].append(_validation_chunk(model, new_params, validation, len(progress["partials"])))
+        progress["partials"].append(_validation_chunk(model, params_in_target_units(model, manifest, new_params),
+                                                      validation, len(progress["partials"])))
         budget.count_step()
 
     if budget.exhausted():
@@ -1087,14 +1089,16 @@ def write_final_model(services: Services, job_id: str, model, params: np.ndarray
                       stop_reason: str) -> None:
     """Store the final parameters and a JSON description of the model on EFS.
 
-    When the data was standardised, the training statistics are copied beside the
+    The parameters are stored in the targets' own units, also when the job trained on
+    standardised targets (:func:`~shared.target_scaling.params_in_target_units`). When the
+    data was standardised, the training statistics are copied beside the
     parameters (``model/standardize.npz``), so the model folder alone predicts from raw
     features: ``(x - mean) / scale``, without ``- mean`` when ``centered`` is false.
     """
     store = services.store
     context = services.job_context(job_id)
     model_dir = store.model_dir(job_id)
-    store.write_npy(model_dir / "params.npy", params)
+    store.write_npy(model_dir / "params.npy", params_in_target_units(model, context.manifest, params))
     statistics_path = store.data_dir(job_id) / "standardize.npz"
     standardized = statistics_path.exists()
     if standardized:

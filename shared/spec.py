@@ -177,8 +177,16 @@ class DataSection:
     standardize: bool = spec_field(
         False, help="Scale every feature to zero mean and unit variance, with statistics of the training shards "
                     "only; sparse data is scaled but not centred, and a constant feature is left unscaled. "
-                    "Regression targets are never scaled: the output bias starts at their mean, but a spread far "
-                    "from 1 (such as 1e-6 or 1e6) needs the targets rescaled before training.")
+                    "Regression targets are scaled only by data.standardize_target.")
+    standardize_target: bool = spec_field(
+        False, help="Regression models: train on the targets minus their mean, divided by their standard "
+                    "deviation, both from the training shards only (a constant target is only centred), so the "
+                    "learning rate works alike whatever the targets' units. Without it the output bias starts at "
+                    "the targets' mean, but targets with a spread far from 1 (such as 1e6) can make adam, "
+                    "adagrad, clip_norm and mlp_regressor learn little or diverge. The penalty is rescaled so "
+                    "that the optimum stays that of the unscaled targets with the same model.alpha. Metrics, "
+                    "training.target_validation_loss, the saved model and the export are in the targets' own "
+                    "units.")
     stratify: bool | None = spec_field(
         None, help="Keep each class's share equal across shards and the held-out rows; null means true for "
                    "classifiers.", nullable=True)
@@ -490,6 +498,11 @@ def _check_combinations(sections: dict[str, Any]) -> None:
                                    "stops on the validation rows, but there are none: data.validation_fraction is 0 "
                                    "and data.validation_path is null. Set data.validation_fraction above 0 or "
                                    f"data.validation_path to a held-out file, or remove training.{name}")
+    if data.standardize_target and model_class.task != "regression":
+        kind = "a classifier, whose labels are classes" if model_class.task in ("binary", "multiclass") \
+            else "a clustering model, which reads no labels"
+        raise JobSpecError("data.standardize_target", f"model '{model.name}' is {kind}, so it has no regression "
+                                                      "targets to standardise; set it to false or remove it")
     if data.stratify and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("data.stratify", f"model '{model.name}' has no classes to stratify by; set it to "
                                             "false or null")

@@ -28,6 +28,7 @@ from shared.models import Model, compute_class_weights, get_model_class
 from shared.optim import Optimizer, OptimizerState, state_arrays, state_from_arrays
 from shared.optim import build_optimizer as build_optimizer_by_name
 from shared.sampling import batch_indices, initial_params_rng, rounds_per_epoch, take_rows
+from shared.target_scaling import TargetScaling, loss_in_target_units, target_scaling
 
 if TYPE_CHECKING:
     # shared.spec imports this module for the mode names, so JobSpec is for type checkers only.
@@ -42,10 +43,17 @@ _NON_MODEL_FIELDS = ("name", "class_weight")
 
 
 def build_model(spec: JobSpec, manifest: dict) -> Model:
-    """Return the model a job trains, sized from its data manifest."""
+    """Return the model a job trains, sized from its data manifest.
+
+    For a job with standardised targets the model gets the manifest's ``target_scale``,
+    which rescales its penalty (:mod:`shared.target_scaling`). That changes neither its
+    predictions nor its metrics for given parameters.
+    """
     model_class = get_model_class(spec.model.name)
     n_classes = len(manifest["classes"]) if manifest.get("classes") else 2
     hyperparameters = {key: value for key, value in vars(spec.model).items() if key not in _NON_MODEL_FIELDS}
+    if manifest.get("target_scale") is not None:
+        hyperparameters["target_scale"] = manifest["target_scale"]
     return model_class(n_features=manifest["n_features"], n_classes=n_classes, **hyperparameters)
 
 
@@ -71,6 +79,18 @@ MANIFEST_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
 }
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Manifest fields that may be missing, because manifests written by earlier releases lack them.
+OPTIONAL_MANIFEST_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "target_mean": ("null or a finite number", lambda value: value is None or _is_finite_number(value)),
+    "target_scale": ("null or a finite number above 0",
+                     lambda value: value is None or (_is_finite_number(value) and value > 0)),
+}
+
+
 def manifest_problem(manifest: dict) -> str | None:
     """Return what makes a job's data manifest unusable, or None when every field is valid.
 
@@ -84,6 +104,12 @@ def manifest_problem(manifest: dict) -> str | None:
             return f'has no "{name}" field ({expected})'
         if not is_valid(manifest[name]):
             return f'has "{name}": {json_preview(manifest[name])}, but it must be {expected}'
+    for name, (expected, is_valid) in OPTIONAL_MANIFEST_FIELDS.items():
+        if not is_valid(manifest.get(name)):
+            return f'has "{name}": {json_preview(manifest[name])}, but it must be {expected}'
+    if manifest.get("target_scale") is not None and manifest.get("target_mean") is None:
+        return (f'has "target_scale": {json_preview(manifest["target_scale"])} but no "target_mean"; the '
+                "standardised targets need both")
     classes, counts = manifest["classes"], manifest["class_counts"]
     if classes is None and counts is not None:
         return f'has "class_counts": {json_preview(counts)}, but it must be null when "classes" is null'
@@ -193,6 +219,11 @@ class _BatchSettings:
     class_weights: np.ndarray | None
     # Model averaging's local steps use it; its state is passed to each step.
     optimizer: Optimizer
+    target_scaling: TargetScaling | None
+
+    def training_targets(self, y: np.ndarray) -> np.ndarray:
+        """Return a batch's targets as the model trains on them: standardised when the job scales them."""
+        return y if self.target_scaling is None else self.target_scaling.standardize(y)
 
 
 # The settings of the last job a worker process computed a batch for. A warm worker runs
@@ -214,7 +245,7 @@ def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
     training = spec.training
     settings = _BatchSettings(spec, manifest, training.seed, training.batch_size,
                               rounds_per_epoch(manifest["shard_rows"], training.batch_size),
-                              class_weights(spec, manifest), build_optimizer(spec))
+                              class_weights(spec, manifest), build_optimizer(spec), target_scaling(manifest))
     _last_batch_settings = settings
     return settings
 
@@ -231,7 +262,8 @@ def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> No
         # In round 1 the loss comes from the first steps alone, so huge values in the data,
         # the labels or the penalty are as likely a cause as the step size.
         first_round_hint = ("; as this is round 1, also check for huge values in the features or labels "
-                            "(data.standardize), model.alpha and the class weights") if round_index == 0 else ""
+                            "(data.standardize, and data.standardize_target for regression targets), model.alpha "
+                            "and the class weights") if round_index == 0 else ""
         raise DivergenceError(
             f"{DIVERGED_WORDS} {round_number(round_index)}: the loss or a weight became NaN, infinite "
             f"or above {MAX_WEIGHT_MAGNITUDE:g} in magnitude "
@@ -493,10 +525,12 @@ class TrainingMode(ABC):
         ``target_mean``), where a least-squares intercept lands for centred features.
         Targets far from zero then need no long walk of the bias. An optimizer whose step
         is bounded by its learning rate, such as Adam, would need far more rounds for it
-        than a job runs.
+        than a job runs. Standardised targets (``data.standardize_target``) have mean 0,
+        so there the bias keeps the model's own start, 0.
         """
         params = model.init_params(initial_params_rng(spec.training.seed))
-        if model.task == "regression" and manifest.get("target_mean") is not None:
+        if model.task == "regression" and manifest.get("target_mean") is not None \
+                and target_scaling(manifest) is None:
             params[-1] = manifest["target_mean"]
         return params
 
@@ -535,7 +569,8 @@ class GradientAveraging(TrainingMode):
         if len(chunk):
             y_chunk = take_rows(shard.y, chunk)
             # Rows gathered straight into float64, which the model would otherwise convert.
-            loss, grad = model.loss_grad(params, shard.rows(chunk, dtype=np.float64), y_chunk,
+            loss, grad = model.loss_grad(params, shard.rows(chunk, dtype=np.float64),
+                                         settings.training_targets(y_chunk),
                                          _sample_weight(settings.class_weights, y_chunk))
             grad_sum = np.add(grad_sum, grad, out=grad)
             loss_sum += loss
@@ -564,7 +599,8 @@ class GradientAveraging(TrainingMode):
         The mean gradient is ``sum(grad_sum) / sum(n_samples)`` plus the penalty's
         gradient, so the step does not depend on how rows were split between workers. A
         model with an L1 term applied by soft-thresholding (``l1_method="proximal"``) is
-        thresholded after the step with that step's learning rate.
+        thresholded after the step with that step's learning rate. The training loss is
+        in the targets' units (:func:`~shared.target_scaling.loss_in_target_units`).
         """
         n_samples = int(reduction.scalars["n_samples"])
         if n_samples == 0:
@@ -573,7 +609,7 @@ class GradientAveraging(TrainingMode):
 
         penalty, penalty_grad = model.penalty_grad(params)
         grad = reduction.vector / n_samples + penalty_grad
-        train_loss = float(reduction.scalars["loss_sum"]) / n_samples + penalty
+        train_loss = loss_in_target_units(model, float(reduction.scalars["loss_sum"]) / n_samples + penalty)
 
         new_params, new_state = optimizer.step(params, grad, optimizer_state, round_index)
         new_params = model.proximal(new_params, optimizer.learning_rate_at(round_index))
@@ -635,7 +671,8 @@ class ModelAveraging(TrainingMode):
         # A worker whose weights already overflowed stops stepping, and the aggregator reports it.
         if len(rows) > 0 and np.all(np.isfinite(local_params)):
             y_batch = take_rows(shard.y, rows)
-            batch_loss, batch_grad = model.loss_grad(local_params, shard.rows(rows, dtype=np.float64), y_batch,
+            batch_loss, batch_grad = model.loss_grad(local_params, shard.rows(rows, dtype=np.float64),
+                                                     settings.training_targets(y_batch),
                                                      _sample_weight(settings.class_weights, y_batch))
             _, penalty_grad = model.penalty_grad(local_params)
             grad = batch_grad / len(rows) + penalty_grad
@@ -672,7 +709,7 @@ class ModelAveraging(TrainingMode):
         return {"loss_sum": np.float64(loss_sum), "n_samples": np.int64(n_samples)}
 
     def step(self, spec, model, optimizer, params, optimizer_state, reduction, round_index):
-        """Return the row-weighted mean of the workers' models."""
+        """Return the row-weighted mean of the workers' models, with the training loss in the targets' units."""
         n_samples = int(reduction.scalars["n_samples"])
         if n_samples == 0:
             raise DivergenceError(f"round {round_number(round_index)} drew no rows from any worker; "
@@ -681,7 +718,7 @@ class ModelAveraging(TrainingMode):
         with np.errstate(over="ignore", invalid="ignore"):
             new_params = reduction.vector / n_samples
         penalty, _ = model.penalty_grad(new_params) if np.all(np.isfinite(new_params)) else (math.inf, None)
-        train_loss = float(reduction.scalars["loss_sum"]) / n_samples + penalty
+        train_loss = loss_in_target_units(model, float(reduction.scalars["loss_sum"]) / n_samples + penalty)
         _check_finite(round_index, train_loss, new_params)
         return RoundUpdate(params=new_params, optimizer_state=optimizer_state, train_loss=train_loss,
                            n_samples=n_samples)

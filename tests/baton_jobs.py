@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from shared.models import MODELS
 from tests.inprocess import HANDLERS, FakeContext, InProcessStack, sqs_event
+from tests.test_models import DATASETS_DIR
+
+CALIFORNIA_HOUSING = DATASETS_DIR / "california_housing" / "537_houses.tsv.gz"
+DIABETES = DATASETS_DIR / "diabetes"
 
 
 def breast_cancer_spec(job_id: str, model: dict | None = None, optimizer: dict | None = None,
@@ -75,3 +82,55 @@ def run_job_with_shuffled_tasks(stack: InProcessStack, spec: dict, seed: int):
 
 def final_params(efs_root, job_id: str) -> np.ndarray:
     return np.load(efs_root / "jobs" / job_id / "model" / "params.npy")
+
+
+def california_housing(target_factor: float = 1.0) -> tuple[list[str], np.ndarray]:
+    """Return california_housing's column names and rows, the "target" column times ``target_factor``.
+
+    The target is the median house value in dollars (about 2e5, standard deviation 1.15e5).
+    """
+    if not CALIFORNIA_HOUSING.is_file():
+        pytest.skip(f"california_housing data set not found at {CALIFORNIA_HOUSING}; set BATON_DATASETS_DIR")
+    with gzip.open(CALIFORNIA_HOUSING, "rt") as handle:
+        names = handle.readline().rstrip("\n").split("\t")
+        table = np.loadtxt(handle, delimiter="\t")
+    table[:, names.index("target")] *= target_factor
+    return names, table
+
+
+def write_csv(efs_root: Path, relative_path: str, names: list[str], table: np.ndarray) -> str:
+    """Write ``table`` with a header line of ``names`` under ``efs_root``, every float exactly; return the path."""
+    path = efs_root / relative_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savetxt(path, table, delimiter=",", header=",".join(names), comments="", fmt="%.17g")
+    return relative_path
+
+
+def california_spec(job_id: str, path: str, model: dict, optimizer: dict | None = None, data: dict | None = None,
+                    training: dict | None = None) -> dict:
+    """Return a job on a CSV written by :func:`write_csv` from :func:`california_housing`, for one epoch."""
+    return {
+        "job_id": job_id,
+        "model": model,
+        "optimizer": optimizer or {"name": "momentum"},
+        "data": {"path": path, "format": "csv", "header": True, "label_column": "target", "validation_fraction": 0.2,
+                 "standardize": True, **(data or {})},
+        "training": {"n_workers": 4, "batch_size": 128, "max_epochs": 1, "seed": 7, **(training or {})},
+    }
+
+
+def write_diabetes(efs_root: Path, target: float | None = None) -> str:
+    """Write the diabetes data set as datasets/diabetes.npz under ``efs_root``; return its path.
+
+    The target is the disease progression after a year (25 to 346, mean 152, standard
+    deviation 77). A ``target`` value replaces every row's target with that constant.
+    """
+    if not DIABETES.is_dir():
+        pytest.skip(f"diabetes data set not found in {DIABETES}; set BATON_DATASETS_DIR")
+    X = np.loadtxt(DIABETES / "diabetes_data_raw.csv.gz")
+    y = np.loadtxt(DIABETES / "diabetes_target.csv.gz")
+    if target is not None:
+        y = np.full_like(y, target)
+    (efs_root / "datasets").mkdir(parents=True, exist_ok=True)
+    np.savez(efs_root / "datasets" / "diabetes.npz", X=X, y=y)
+    return "datasets/diabetes.npz"

@@ -7,15 +7,18 @@ import shutil
 import subprocess
 import sys
 
+import joblib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from sklearn.metrics import mean_squared_error, r2_score
 
 from shared import data as datasets
 from shared.cli import main
 from shared.export import load_trained_model
 from shared.state import SUCCEEDED
-from tests.baton_jobs import breast_cancer_spec, run_job
+from tests.baton_jobs import (breast_cancer_spec, california_housing, california_spec, run_job, write_csv,
+                              write_diabetes)
 from tests.conftest import BREAST_CANCER_CSV, PROJECT_ROOT
 
 EXPORT_CASES = {
@@ -249,6 +252,8 @@ DAMAGE_CASES = {
                               PREPARE_AGAIN),
     "manifest-no-classes": ("data/manifest.json", lambda path: change_json(path, classes=None, class_counts=None),
                             'has "classes": null, but model logistic_regression is a classifier', PREPARE_AGAIN),
+    "manifest-target-scale": ("data/manifest.json", lambda path: change_json(path, target_scale=0),
+                              'has "target_scale": 0, but it must be null or a finite number above 0', PREPARE_AGAIN),
     "scaling-junk": ("data/standardize.npz", lambda path: path.write_bytes(b"not an archive"),
                      "is not an .npz archive: it does not start with b'PK'", COPY_SCALING),
     "scaling-missing": ("data/standardize.npz", lambda path: path.unlink(),
@@ -311,6 +316,23 @@ def test_changed_manifest_named_with_params(finished_root, tmp_path):
             "the model that spec.json and data/manifest.json describe has 11 parameters; if one of those two files "
             "was changed, restore it; otherwise train the job again") in result.output
     # The final round state has 31 parameters too, so it is not offered as a fix.
+    assert "state.npz" not in result.output
+
+
+def test_standardize_target_damaged_params_remedy(inprocess_stack, efs_root, tmp_path):
+    spec = {"job_id": "scaled-damaged", "model": {"name": "linear_regression"},
+            "data": {"path": write_diabetes(efs_root), "format": "npz", "standardize_target": True},
+            "training": {"n_workers": 2, "batch_size": 16, "max_rounds": 2}}
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    np.save(efs_root / "jobs" / "scaled-damaged" / "model" / "params.npy", np.full(11, np.nan))
+
+    result = CliRunner().invoke(main, ["export", "scaled-damaged", "--efs-root", str(efs_root), "--output",
+                                       str(tmp_path / "m.joblib")])
+
+    assert result.exit_code == 1, result.output
+    assert "contains 11 of 11 parameters that are not finite (NaN or infinite), which a job that succeeded never " \
+           "writes; train the job again" in result.output
+    # The round states contain the parameters of the standardised targets, not the final model's.
     assert "state.npz" not in result.output
 
 
@@ -381,3 +403,46 @@ def test_multiclass_export_predicts_like_baton(inprocess_stack, efs_root, tmp_pa
     for name in paths:
         assert set(expected[name]) <= {1.0, 3.0, 5.0}
         np.testing.assert_array_equal(predicted[name], expected[name], err_msg=name)
+
+
+def test_standardize_target_export(inprocess_stack, efs_root, tmp_path):
+    # House values times 1e6 (standard deviation about 1.15e11), trained on standardised
+    # targets, with every fifth row in a separate validation file.
+    names, table = california_housing(target_factor=1e6)
+    held_out = np.arange(len(table)) % 5 == 0
+    train_path = write_csv(efs_root, "datasets/california/train.csv", names, table[~held_out])
+    test_path = write_csv(efs_root, "datasets/california/test.csv", names, table[held_out])
+    target = names.index("target")
+    X_test, y_test = np.delete(table[held_out], target, axis=1), table[held_out, target]
+    np.save(tmp_path / "X.npy", X_test)
+
+    cases = {"ridge": ({"name": "linear_regression", "alpha": 1e-4}, "Ridge"),
+             "lasso": ({"name": "linear_regression", "alpha": 1e-4, "penalty": "l1"}, "Lasso"),
+             "mlp-regressor": ({"name": "mlp_regressor", "hidden_layer_sizes": [8], "alpha": 1e-4},
+                               "MLPRegressor")}
+    paths, expected, final = {}, {}, {}
+    for case, (model, _) in cases.items():
+        job_id = f"target-{case}"
+        spec = california_spec(job_id, train_path, model, data={"validation_path": test_path,
+                                                                "standardize_target": True})
+        record = run_job(inprocess_stack, spec)
+        assert record.status == SUCCEEDED, (case, record.error)
+        paths[case] = str(tmp_path / f"{case}.joblib")
+        result = CliRunner().invoke(main, ["export", job_id, "--efs-root", str(efs_root), "--output", paths[case]])
+        assert result.exit_code == 0, result.output
+        expected[case] = load_trained_model(efs_root, job_id).predict(X_test)
+        final[case] = json.loads((efs_root / "jobs" / job_id / "model" / "model.json").read_text())["final_metrics"]
+
+    completed = subprocess.run([sys.executable, "-c", PREDICT_SCRIPT, str(tmp_path / "X.npy"), json.dumps(paths)],
+                               capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    predicted = json.loads(completed.stdout)
+
+    for case, (_, estimator_name) in cases.items():
+        assert type(joblib.load(paths[case]).named_steps["model"]).__name__ == estimator_name, case
+        np.testing.assert_allclose(predicted[case], expected[case], rtol=1e-9, err_msg=case)
+        # In the targets' units: scikit-learn's metrics on the original targets are the job's.
+        # The shards keep features as float32, hence the tolerance.
+        assert r2_score(y_test, predicted[case]) == pytest.approx(final[case]["validation_r2"], rel=1e-6), case
+        assert r2_score(y_test, predicted[case]) > 0.55, case
+        assert mean_squared_error(y_test, predicted[case]) == pytest.approx(final[case]["validation_mse"],
+                                                                            rel=1e-6), case

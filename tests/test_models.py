@@ -494,6 +494,91 @@ def test_lasso_proximal_fit_matches_sklearn():
     np.testing.assert_array_equal(params[:-1] == 0.0, reference.coef_ == 0.0)
 
 
+@pytest.mark.parametrize("penalty, reference", [
+    ("l2", lambda alpha, n_samples: SklearnRidge(alpha=alpha * n_samples)),
+    ("l1", lambda alpha, n_samples: SklearnLasso(alpha=alpha, tol=1e-12, max_iter=100_000)),
+])
+def test_standardize_target_fit_matches_sklearn(penalty, reference):
+    # Trained on (y - mean) / scale and mapped back, the model minimises the unscaled
+    # objective with the same alpha: the L1 coefficient is divided by the scale.
+    X, y = load_diabetes()
+    alpha = 2.0 if penalty == "l1" else 0.05
+    mean, scale = y.mean(), y.std()
+    model = get_model_class("linear_regression")(n_features=X.shape[1], alpha=alpha, penalty=penalty,
+                                                 l1_method="proximal", target_scale=scale)
+
+    scaled_params = fit_by_gradient_descent(model, X, (y - mean) / scale, n_steps=5000,
+                                            learning_rate=1.0 / smoothness_constant(X, 1.0, alpha),
+                                            proximal=True)
+    params = model.rescaled_output_params(scaled_params, scale, mean)
+    fitted = reference(alpha, X.shape[0]).fit(X, y)
+
+    np.testing.assert_allclose(params[:-1], fitted.coef_, rtol=1e-4, atol=1e-4)
+    assert params[-1] == pytest.approx(fitted.intercept_, rel=1e-8)
+    np.testing.assert_array_equal(params[:-1] == 0.0, fitted.coef_ == 0.0)
+    if penalty == "l1":
+        assert np.count_nonzero(fitted.coef_ == 0.0) > 0
+
+
+REGRESSION_CASES = [
+    ("linear_regression", {"alpha": 0.5}),
+    ("linear_regression", {"alpha": 0.5, "penalty": "l1"}),
+    ("linear_regression", {"alpha": 0.5, "penalty": "elasticnet", "l1_ratio": 0.7}),
+    ("mlp_regressor", {"hidden_layer_sizes": (5, 4), "activation": "relu", "alpha": 0.3}),
+    ("mlp_regressor", {"hidden_layer_sizes": (3,), "activation": "tanh", "alpha": 0.2}),
+]
+
+
+@pytest.mark.parametrize("name, hyperparameters", REGRESSION_CASES,
+                         ids=[f"{name}-{'-'.join(f'{k}={v}' for k, v in params.items())}"
+                              for name, params in REGRESSION_CASES])
+def test_scaled_objective_matches_original(name, hyperparameters):
+    X, y = load_diabetes()
+    mean, scale = y.mean(), y.std()
+    original = get_model_class(name)(n_features=X.shape[1], **hyperparameters)
+    scaled = get_model_class(name)(n_features=X.shape[1], target_scale=scale, **hyperparameters)
+    scaled_params = scaled.init_params(np.random.default_rng(4)) + np.random.default_rng(5).normal(
+        scale=0.3, size=scaled.n_params)
+
+    params = scaled.rescaled_output_params(scaled_params, scale, mean)
+    scaled_loss, _ = scaled.loss_grad(scaled_params, X, (y - mean) / scale)
+    original_loss, _ = original.loss_grad(params, X, y)
+    scaled_objective = scaled_loss / len(y) + scaled.penalty_grad(scaled_params)[0]
+    original_objective = original_loss / len(y) + original.penalty_grad(params)[0]
+
+    assert original_objective == pytest.approx(scaled_objective * scale ** 2, rel=1e-12)
+    np.testing.assert_allclose(original.predict(params, X), scale * scaled.predict(scaled_params, X) + mean,
+                               rtol=1e-12)
+
+
+def test_rescaled_output_keeps_hidden_layers():
+    model = get_model_class("mlp_regressor")(n_features=3, hidden_layer_sizes=(4,))
+    params = model.init_params(np.random.default_rng(0)) + 0.1
+    before = params.copy()
+
+    rescaled = model.rescaled_output_params(params, 3.0, -2.0)
+
+    np.testing.assert_array_equal(params, before)
+    (hidden_weights, hidden_biases), (output_weights, output_biases) = model.unpack(rescaled)
+    np.testing.assert_array_equal(hidden_weights, model.unpack(params)[0][0])
+    np.testing.assert_array_equal(hidden_biases, model.unpack(params)[0][1])
+    np.testing.assert_array_equal(output_weights, 3.0 * model.unpack(params)[1][0])
+    np.testing.assert_array_equal(output_biases, 3.0 * model.unpack(params)[1][1] - 2.0)
+
+
+def test_kmeans_output_rescale_raises():
+    model = get_model_class("kmeans")(n_features=2, n_clusters=2)
+
+    with pytest.raises(NotImplementedError, match="no linear output layer"):
+        model.rescaled_output_params(np.zeros(model.n_params), 2.0, 1.0)
+
+
+@pytest.mark.parametrize("target_scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_invalid_target_scale_raises(target_scale):
+    with pytest.raises(ValueError, match="target_scale must be a finite number > 0"):
+        get_model_class("linear_regression")(n_features=2, target_scale=target_scale)
+
+
 def test_softmax_fit_matches_sklearn():
     X, y = load_digits()
     X, y = X[:600], y[:600]

@@ -15,6 +15,7 @@ from shared.reference import train_reference
 from shared.service import Services
 from shared.spec import parse_job_spec
 from shared.state import CANCELLED, FAILED, PREPARING, RUNNING, SUCCEEDED, _from_attribute
+from tests.baton_jobs import california_housing, california_spec, run_job, write_csv
 
 
 def a9a_spec(job_id: str = "a9a-small", **training) -> dict:
@@ -56,6 +57,29 @@ def test_chunked_batch_equals_reference_bitwise(inprocess_stack, efs_root):
 
     expected, _ = train_reference(parse_job_spec(spec), efs_root)
     np.testing.assert_array_equal(final_params(efs_root, "a9a-small"), expected)
+
+
+@pytest.mark.parametrize("model, training", [
+    ({"name": "linear_regression", "alpha": 0.5, "penalty": "elasticnet", "l1_ratio": 0.5}, {}),
+    ({"name": "mlp_regressor", "hidden_layer_sizes": [8], "alpha": 1e-3}, {"reducers": 3}),
+], ids=["elasticnet", "mlp-scatter-reduce"])
+def test_standardize_target_matches_reference(inprocess_stack, efs_root, model, training):
+    # House values in millions of dollars, standardised for training: the final model is
+    # mapped back to those units, and the training losses are reported in them.
+    names, table = california_housing(target_factor=1e-6)
+    path = write_csv(efs_root, "datasets/california.csv", names, table)
+    spec = california_spec("scaled-targets", path, model, optimizer={"name": "adam", "learning_rate": 0.01},
+                           data={"standardize_target": True}, training={"max_rounds": 10, **training})
+    record = run_job(inprocess_stack, spec)
+    assert record.status == SUCCEEDED, record.error
+
+    expected, expected_losses = train_reference(parse_job_spec(spec), efs_root)
+    rounds = inprocess_stack.services.state.list_round_metrics("scaled-targets")
+    np.testing.assert_array_equal(final_params(efs_root, "scaled-targets"), expected)
+    np.testing.assert_allclose([entry["train_loss"] for entry in rounds], expected_losses, rtol=1e-12)
+    # The last round's state contains the scaled problem's parameters, not the final model.
+    final_state = np.load(efs_root / "jobs" / "scaled-targets" / "rounds" / "10" / "state.npz")["params"]
+    assert not np.array_equal(final_state, expected)
 
 
 def test_epoch_limit_names_max_epochs(inprocess_stack):

@@ -114,6 +114,28 @@ def test_invalid_combinations(sections, field):
     assert raised.value.field == field
 
 
+@pytest.mark.parametrize("model, kind", [
+    ("logistic_regression", "a classifier, whose labels are classes"),
+    ("mlp_classifier", "a classifier, whose labels are classes"),
+    ("kmeans", "a clustering model, which reads no labels"),
+])
+def test_standardize_target_rejected_without_regression(model, kind):
+    with pytest.raises(JobSpecError) as raised:
+        parse_job_spec(spec_with(model={"name": model}, data={"standardize_target": True, "stratify": False}))
+
+    assert raised.value.field == "data.standardize_target"
+    assert f"model '{model}' is {kind}, so it has no regression targets to standardise" in str(raised.value)
+    assert "set it to false or remove it" in str(raised.value)
+
+
+@pytest.mark.parametrize("model", ["linear_regression", "mlp_regressor"])
+def test_standardize_target_accepted_for_regression(model):
+    spec = parse_job_spec(spec_with(model={"name": model}, data={"standardize_target": True}))
+
+    assert spec.data.standardize_target is True
+    assert parse_job_spec(spec_with(model={"name": model})).data.standardize_target is False
+
+
 @pytest.mark.parametrize("model, field", [
     ({"name": "logistic_regression", "hidden_layer_sizes": [64]}, "model.hidden_layer_sizes"),
     ({"name": "kmeans", "alpha": 0.01}, "model.alpha"),

@@ -26,7 +26,8 @@ from shared.training import (
     KMEANS_INIT_SAMPLE_ROWS, GradientAveraging, ModelAveraging, StatisticsMode, StoppingState, build_model,
     build_optimizer, check_stopping, class_weights, get_training_mode)
 from tests.test_models import DATASETS_DIR
-from tests.baton_jobs import breast_cancer_spec, final_params, run_job, run_job_with_shuffled_tasks
+from tests.baton_jobs import (breast_cancer_spec, california_housing, california_spec, final_params, run_job,
+                              run_job_with_shuffled_tasks, write_csv, write_diabetes)
 
 MODE_SPECS = {
     "gradient_average": {"model": {"class_weight": "balanced", "penalty": "l1", "l1_method": "proximal"},
@@ -39,6 +40,11 @@ MODE_SPECS = {
                             "training": {"mode": "model_average", "local_epoch": True, "max_rounds": 3}},
     "statistics": {"model": {"name": "kmeans", "n_clusters": 4}, "data": {"stratify": False},
                    "training": {"max_epochs": 5}},
+    # The 0/1 labels as regression targets, standardised: mean 0.63, scale 0.48.
+    "standardized_target": {"model": {"name": "mlp_regressor", "hidden_layer_sizes": [4]},
+                            "optimizer": {"name": "momentum", "learning_rate": 0.1},
+                            "data": {"standardize_target": True, "stratify": False},
+                            "training": {"mode": "model_average", "local_steps": 2}},
 }
 
 
@@ -64,12 +70,18 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
     optimizer = build_optimizer(spec)
     weights = class_weights(spec, manifest)
     per_epoch = rounds_per_epoch(manifest["shard_rows"], training.batch_size)
+    target_mean, target_scale = manifest.get("target_mean"), manifest.get("target_scale")
 
     def batch_loss_grad(params, shard, rows):
         X, y = np.asarray(shard.X[rows].toarray() if sp.issparse(shard.X) else shard.X[rows], dtype=np.float64), \
             np.asarray(shard.y[rows])
         sample_weight = None if weights is None else weights[y]
-        return model.loss_grad(params, X, y, sample_weight)
+        targets = y if target_scale is None else (y - target_mean) / target_scale
+        return model.loss_grad(params, X, targets, sample_weight)
+
+    def in_target_units(params):
+        # Trained on standardised targets: the output layer maps back to the targets' units.
+        return params if target_scale is None else model.rescaled_output_params(params, target_scale, target_mean)
 
     if model.training_mode == "statistics":
         store = EfsStore(efs_root)
@@ -87,8 +99,8 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
         return params
 
     params = model.init_params(initial_params_rng(training.seed))
-    if model.task == "regression":
-        # The output bias starts at the training targets' mean.
+    if model.task == "regression" and target_scale is None:
+        # The output bias starts at the training targets' mean, which standardised targets have at 0.
         params[-1] = np.mean(np.concatenate([np.asarray(shard.y, dtype=np.float64) for shard in shards]))
     if training.mode == "gradient_average":
         state = optimizer.init_state(params)
@@ -103,7 +115,7 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
             grad = grad_sum / n_rows + model.penalty_grad(params)[1]
             params, state = optimizer.step(params, grad, state, round_index)
             params = model.proximal(params, optimizer.learning_rate_at(round_index))
-        return params
+        return in_target_units(params)
 
     steps = per_epoch if training.local_epoch else training.local_steps
     rounds = min(training.max_rounds, int(np.ceil(np.ceil(training.max_epochs * per_epoch) / steps)))
@@ -124,7 +136,7 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
             weighted_sum += worker_rows * local
             n_rows += worker_rows
         params = weighted_sum / n_rows
-    return params
+    return in_target_units(params)
 
 
 @pytest.mark.parametrize("case", sorted(MODE_SPECS))
@@ -137,7 +149,7 @@ def test_mode_matches_reference(inprocess_stack, efs_root, case):
     np.testing.assert_allclose(final_params(efs_root, spec["job_id"]), expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["gradient_average", "model_average", "statistics"])
+@pytest.mark.parametrize("case", ["gradient_average", "model_average", "statistics", "standardized_target"])
 def test_result_order_keeps_weights(inprocess_stack, efs_root, case):
     in_order = mode_spec(f"order-{case.replace('_', '-')}", case)
     shuffled = {**mode_spec(f"shuffled-{case.replace('_', '-')}", case)}
@@ -229,6 +241,145 @@ def test_regression_starts_at_target_mean(inprocess_stack, efs_root, model):
     assert inprocess_stack.services.state.list_round_metrics("offset")[-1]["validation_r2"] > 0.9
 
 
+def start_diabetes_job(stack, efs_root, job_id: str, **data) -> tuple[EfsStore, dict, np.ndarray]:
+    """Prepare a linear regression job on diabetes and write its round 0; return the store, manifest and start."""
+    spec = {"job_id": job_id, "model": {"name": "linear_regression"},
+            "data": {"path": write_diabetes(efs_root), "format": "npz", "validation_fraction": 0.2,
+                     "standardize": True, **data},
+            "training": {"n_workers": 2, "batch_size": 16, "max_rounds": 3, "seed": 5}}
+    stack.submit(spec)
+    stack.step("JobsQueue")
+    store = EfsStore(efs_root)
+    manifest = store.read_json(store.data_dir(job_id) / "manifest.json")
+    return store, manifest, store.read_arrays(store.state_path(job_id, 0))["params"]
+
+
+def test_standardize_target_statistics_and_start(inprocess_stack, efs_root):
+    store, manifest, start = start_diabetes_job(inprocess_stack, efs_root, "diabetes-scaled",
+                                                standardize_target=True)
+    training_y = np.concatenate([np.asarray(datasets.load_shard(store, "diabetes-scaled", manifest, worker).y)
+                                 for worker in range(2)])
+    validation_y = np.asarray(datasets.load_validation(store, "diabetes-scaled", manifest).y)
+
+    # The statistics of the training shards only, and the shards keep the targets as read.
+    assert len(training_y) == 354
+    assert manifest["target_mean"] == pytest.approx(training_y.mean(), rel=1e-15)
+    assert manifest["target_scale"] == pytest.approx(training_y.std(), rel=1e-12)
+    assert manifest["target_scale"] != pytest.approx(np.concatenate([training_y, validation_y]).std(), rel=1e-6)
+    assert training_y.min() >= 25.0
+    # In the scaled units the targets' mean is 0, where the bias starts.
+    np.testing.assert_array_equal(start, np.zeros(11))
+
+
+def test_constant_target_scale_is_one(inprocess_stack, efs_root):
+    path = write_diabetes(efs_root, target=250_000.0)
+    spec = {"job_id": "constant-target", "model": {"name": "linear_regression"},
+            "data": {"path": path, "format": "npz", "standardize": True, "standardize_target": True},
+            "training": {"n_workers": 2, "batch_size": 16, "max_rounds": 5, "seed": 5}}
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    store = EfsStore(efs_root)
+    manifest = store.read_json(store.data_dir("constant-target") / "manifest.json")
+    assert manifest["target_mean"] == 250_000.0
+    assert manifest["target_scale"] == 1.0
+    # Centred, the constant target is 0, so the weights stay 0 and the bias is the constant.
+    np.testing.assert_array_equal(final_params(efs_root, "constant-target"), [0.0] * 10 + [250_000.0])
+
+
+def test_target_scale_absent_without_switch(inprocess_stack, efs_root):
+    _, manifest, start = start_diabetes_job(inprocess_stack, efs_root, "diabetes-plain")
+
+    assert manifest["target_scale"] is None
+    assert start[-1] == manifest["target_mean"]
+
+
+# Jobs that learn little or diverge on california_housing's targets times 1e6 without
+# data.standardize_target.
+UNIT_CASES = {
+    # Adam moves a weight by about its learning rate per step, far too little for weights near 1e11.
+    "linear-adam": ({"name": "linear_regression"}, {"name": "adam"}),
+    # The network's outputs, and with them its gradients, grow round by round until they overflow.
+    "mlp-momentum": ({"name": "mlp_regressor", "hidden_layer_sizes": [16]}, {"name": "momentum"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNIT_CASES))
+def test_standardize_target_ignores_units(inprocess_stack, efs_root, case):
+    model, optimizer = UNIT_CASES[case]
+    records, metrics = {}, {}
+    for factor, standardize_target in [(1.0, True), (1e6, True), (1e6, False), (1e-6, False)]:
+        names, table = california_housing(target_factor=factor)
+        path = write_csv(efs_root, f"datasets/california-{factor:g}.csv", names, table)
+        job_id = f"{case}-{factor:g}-{'scaled' if standardize_target else 'plain'}".replace("+", "")
+        spec = california_spec(job_id, path, model, optimizer, data={"standardize_target": standardize_target})
+        records[factor, standardize_target] = run_job(inprocess_stack, spec)
+        recorded = inprocess_stack.services.state.list_round_metrics(job_id)
+        metrics[factor, standardize_target] = recorded[-1] if recorded else None
+
+    for key in [(1.0, True), (1e6, True)]:
+        assert records[key].status == SUCCEEDED, (key, records[key].error)
+    original_r2 = metrics[1.0, True]["validation_r2"]
+    assert original_r2 > 0.6
+    assert metrics[1e6, True]["validation_r2"] == pytest.approx(original_r2, abs=0.01)
+    # The metrics are in the targets' units, so the squared errors grow by 1e12.
+    assert metrics[1e6, True]["validation_loss"] == pytest.approx(1e12 * metrics[1.0, True]["validation_loss"],
+                                                                  rel=1e-9)
+    assert metrics[1e6, True]["train_loss"] == pytest.approx(1e12 * metrics[1.0, True]["train_loss"], rel=1e-9)
+
+    unscaled = records[1e6, False]
+    if case == "linear-adam":
+        assert unscaled.status == SUCCEEDED, unscaled.error
+        assert metrics[1e6, False]["validation_r2"] < 0.1
+    else:
+        assert unscaled.status == FAILED
+        assert "diverged in round" in unscaled.error
+    # Targets in millions of dollars (standard deviation 0.115) train, but less far in the same rounds.
+    assert records[1e-6, False].status == SUCCEEDED, records[1e-6, False].error
+    assert metrics[1e-6, False]["validation_r2"] < original_r2 - 0.05
+
+
+# Linear jobs whose optimum and path do not change with data.standardize_target.
+EQUIVALENT_CASES = {
+    "ridge": ({"name": "linear_regression", "alpha": 0.01}, {"name": "momentum", "learning_rate": 0.05}, {}),
+    # Plain steps, so that soft-thresholding leaves exact zeros within the job's rounds.
+    "lasso": ({"name": "linear_regression", "alpha": 4.0, "penalty": "l1", "l1_method": "proximal"},
+              {"name": "sgd", "learning_rate": 0.1}, {}),
+    "elasticnet-model-average": ({"name": "linear_regression", "alpha": 0.1, "penalty": "elasticnet",
+                                  "l1_ratio": 0.5}, {"name": "nesterov", "learning_rate": 0.05},
+                                 {"mode": "model_average", "local_steps": 3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EQUIVALENT_CASES))
+def test_standardize_target_keeps_linear_weights(inprocess_stack, efs_root, case):
+    # Standardised targets divide the weights by the scale, the squared error and the L2
+    # term by its square, and the L1 coefficient by the scale. Gradient steps of a fixed
+    # learning rate then take the same path in the targets' units, so both jobs end at
+    # the same weights whether they have reached the optimum or not.
+    model, optimizer, training = EQUIVALENT_CASES[case]
+    path = write_diabetes(efs_root)
+    weights, metrics = {}, {}
+    for standardize_target in (False, True):
+        job_id = f"{case}-{'scaled' if standardize_target else 'plain'}"
+        spec = {"job_id": job_id, "model": model, "optimizer": optimizer,
+                "data": {"path": path, "format": "npz", "validation_fraction": 0.2, "standardize": True,
+                         "standardize_target": standardize_target},
+                "training": {"n_workers": 2, "batch_size": 16, "max_rounds": 40, "seed": 5, **training}}
+        assert run_job(inprocess_stack, spec).status == SUCCEEDED, case
+        weights[standardize_target] = final_params(efs_root, job_id)
+        metrics[standardize_target] = inprocess_stack.services.state.list_round_metrics(job_id)
+
+    np.testing.assert_allclose(weights[True], weights[False], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(weights[True] == 0.0, weights[False] == 0.0)
+    if case == "lasso":
+        assert np.count_nonzero(weights[True][:-1] == 0.0) > 0
+    for name in ("train_loss", "validation_loss", "validation_r2"):
+        np.testing.assert_allclose([entry[name] for entry in metrics[True]],
+                                   [entry[name] for entry in metrics[False]], rtol=1e-9, err_msg=name)
+
+
 def test_mode_chosen_by_spec_and_model():
     spec = parse_job_spec(breast_cancer_spec("modes", training={"mode": "model_average", "local_steps": 2}))
     manifest = {"n_features": 3, "classes": [0.0, 1.0], "shard_rows": [100, 99, 99]}
@@ -252,7 +403,7 @@ def test_model_average_round_count():
     assert mode.epochs_after_round(spec, manifest, 0) == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("case", ["gradient_average", "model_average", "statistics"])
+@pytest.mark.parametrize("case", ["gradient_average", "model_average", "statistics", "standardized_target"])
 def test_saved_progress_gives_same_bytes(efs_root, inprocess_stack, case):
     spec_dict = mode_spec(f"resume-{case.replace('_', '-')}", case)
     spec_dict["training"]["max_rounds"] = 1

@@ -42,6 +42,10 @@ class LinearModel(Model):
         ``"proximal"`` leaves it out and soft-thresholds ``w`` in :meth:`proximal`
         instead, which gives exact zeros but needs a training loop that calls
         :meth:`proximal` after every step.
+    target_scale : float, default=1.0
+        For a regressor trained on targets divided by it: the L1 coefficient is divided
+        by it too, so the minimiser is the unscaled problem's divided by it
+        (:class:`~shared.models._penalty.ElasticNetPenalty`).
     """
 
     def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0, penalty: str = "l2",
@@ -50,7 +54,7 @@ class LinearModel(Model):
         self.penalty = penalty
         self.l1_ratio = l1_ratio
         self.l1_method = l1_method
-        self._penalty = ElasticNetPenalty(self.alpha, penalty, l1_ratio, l1_method)
+        self._penalty = ElasticNetPenalty(self.alpha, penalty, l1_ratio, l1_method, self.target_scale)
 
     @property
     def n_params(self) -> int:
@@ -102,6 +106,12 @@ class LinearModel(Model):
         result = params.copy()
         result[weights] = self._penalty.proximal(params[weights], step)
         return result
+
+    def rescaled_output_params(self, params: np.ndarray, scale: float, offset: float) -> np.ndarray:
+        # Every parameter is a weight or a bias of the one, output, layer.
+        rescaled = self._check_params(params) * scale
+        rescaled[self._weights_slice.stop:] += offset
+        return rescaled
 
     def _scores(self, params: np.ndarray, X) -> np.ndarray:
         # X is already float64 here, so the product is accumulated in float64.

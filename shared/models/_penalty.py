@@ -31,13 +31,21 @@ class ElasticNetPenalty:
         to the gradient, which never makes a weight exactly zero. ``"proximal"`` leaves
         the L1 term out of the gradient and applies it by soft-thresholding in
         :meth:`proximal`, which the training loop must then call after each step.
+    target_scale : float, default=1.0
+        The scale ``s`` the regression targets were divided by, > 0. The L1 coefficient
+        becomes ``alpha * r / s`` and the L2 coefficient stays ``alpha * (1 - r)``. The
+        weights of the scaled problem are the original ones divided by ``s``, so its
+        squared error and L2 term are the original ones divided by ``s ** 2``, and so is
+        the L1 term with this coefficient. Its minimiser is then the original minimiser
+        divided by ``s``.
 
     Notes
     -----
     The subgradient at a weight of exactly 0 is taken as 0.
     """
 
-    def __init__(self, alpha: float, penalty: str = "l2", l1_ratio: float = 0.15, l1_method: str = "subgradient"):
+    def __init__(self, alpha: float, penalty: str = "l2", l1_ratio: float = 0.15, l1_method: str = "subgradient",
+                 target_scale: float = 1.0):
         if penalty not in PENALTIES:
             raise JobSpecError("model.penalty", f"got {penalty!r}; expected one of {', '.join(map(repr, PENALTIES))}")
         if l1_method not in L1_METHODS:
@@ -52,11 +60,12 @@ class ElasticNetPenalty:
         self.l1_ratio = l1_ratio
         self.l1_method = l1_method
         self.l1_share = {"l2": 0.0, "l1": 1.0, "elasticnet": l1_ratio}[penalty]
+        self.target_scale = float(target_scale)
 
     @property
     def l1_strength(self) -> float:
         """Coefficient of ``||w||_1`` in the penalty."""
-        return self.alpha * self.l1_share
+        return self.alpha * self.l1_share / self.target_scale
 
     @property
     def l2_strength(self) -> float:

@@ -56,6 +56,13 @@ class Model(ABC):
     alpha : float, default=0.0
         Strength of the L2 penalty ``alpha / 2 * ||w||^2`` on the weights (never the bias),
         >= 0. Subclasses document any other penalty they apply.
+    target_scale : float, default=1.0
+        The standard deviation that a regressor's training targets were divided by
+        (``data.standardize_target``), > 0, or 1.0 when they were used as they are.
+        Regressors divide parts of their penalty by powers of it, so that their
+        objective on the scaled targets is the objective on the original targets
+        divided by ``target_scale ** 2`` (:mod:`shared.target_scaling`). Classifiers and
+        k-means always get 1.0.
     **hyperparameters : dict
         Hyperparameters this model does not use. They are stored in ``hyperparameters``
         and otherwise ignored, so one flat model section of a job spec can configure
@@ -91,16 +98,22 @@ class Model(ABC):
             names.append("class_weight")
         return tuple(name for name in names if name not in cls.ignored_arguments)
 
-    def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0, **hyperparameters):
+    # target_scale is keyword-only, so spec_fields() does not list it: it comes from the
+    # data manifest, not from the spec's model section.
+    def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0, *, target_scale: float = 1.0,
+                 **hyperparameters):
         self.n_features = int(n_features)
         self.n_classes = int(n_classes)
         self.alpha = float(alpha)
+        self.target_scale = float(target_scale)
         self.hyperparameters = hyperparameters
 
         if self.n_features < 1:
             raise DataError(f"model '{self.name}' needs at least 1 feature, got n_features={n_features!r}")
         if not (math.isfinite(self.alpha) and self.alpha >= 0.0):
             raise JobSpecError("model.alpha", f"got {alpha!r}; expected a finite number >= 0")
+        if not (math.isfinite(self.target_scale) and self.target_scale > 0.0):
+            raise ValueError(f"target_scale must be a finite number > 0, got {target_scale!r}")
 
     @property
     @abstractmethod
@@ -222,6 +235,31 @@ class Model(ABC):
         params : ndarray of shape (n_params,)
         """
         return params
+
+    def rescaled_output_params(self, params: np.ndarray, scale: float, offset: float) -> np.ndarray:
+        """Return parameters whose outputs are ``scale * outputs + offset`` of ``params``' outputs.
+
+        Only the output layer changes: its weights are multiplied by ``scale``, and its
+        biases become ``scale * biases + offset``. For a regressor trained on targets
+        ``(y - offset) / scale`` this gives the same model in the targets' own units.
+
+        Parameters
+        ----------
+        params : ndarray of shape (n_params,)
+            Not modified.
+        scale, offset : float
+
+        Returns
+        -------
+        params : ndarray of shape (n_params,)
+            A new array.
+
+        Raises
+        ------
+        NotImplementedError
+            For models without a linear output layer, such as k-means.
+        """
+        raise NotImplementedError(f"model '{self.name}' has no linear output layer to rescale")
 
     def init_params_from_data(self, X, rng: np.random.Generator) -> np.ndarray:
         """Return initial parameters that may depend on a sample of the training rows.

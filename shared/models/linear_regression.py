@@ -36,6 +36,14 @@ class LinearRegression(LinearModel):
         left out of :meth:`penalty_grad` and :meth:`proximal` soft-thresholds the
         weights, which gives a sparse lasso solution when the loop calls it after each
         step with that step's learning rate.
+    target_scale : float, default=1.0
+        Keyword-only. The scale ``s`` the training targets were divided by
+        (``data.standardize_target``). The L1 coefficient is divided by ``s``, so the
+        objective is the unscaled objective divided by ``s ** 2`` at ``w / s`` and
+        ``(b - mean) / s``. Ridge, lasso and elastic net therefore reach the same
+        minimiser, in the targets' units, as without scaling, and plain gradient
+        steps (``sgd``, ``momentum``, ``nesterov``) from the same start follow the same
+        path.
 
     Notes
     -----

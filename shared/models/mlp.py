@@ -36,6 +36,11 @@ class _MultiLayerPerceptron(Model):
         Width of each hidden layer, each >= 1. An empty sequence gives a linear model.
     activation : {"relu", "tanh"}, default="relu"
         Activation of the hidden layers.
+    target_scale : float, default=1.0
+        Keyword-only. The scale ``s`` the regressor's training targets were divided by
+        (``data.standardize_target``). The hidden layers' weights then take the penalty
+        ``alpha / (2 * s ** 2) * ||W||^2`` and the output layer's keep
+        ``alpha / 2 * ||W||^2``. See :class:`MLPRegressor` for what this preserves.
     """
 
     def __init__(self, n_features: int, n_classes: int = 2, alpha: float = 0.0,
@@ -103,10 +108,19 @@ class _MultiLayerPerceptron(Model):
     def penalty_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         grad = np.zeros_like(params)
         value = 0.0
-        for weights, _ in self._layer_slices:
-            value += 0.5 * self.alpha * float(params[weights] @ params[weights])
-            grad[weights] = self.alpha * params[weights]
+        hidden_alpha = self.alpha / self.target_scale ** 2
+        for index, (weights, _) in enumerate(self._layer_slices):
+            alpha = self.alpha if index == len(self._layer_slices) - 1 else hidden_alpha
+            value += 0.5 * alpha * float(params[weights] @ params[weights])
+            grad[weights] = alpha * params[weights]
         return value, grad
+
+    def rescaled_output_params(self, params: np.ndarray, scale: float, offset: float) -> np.ndarray:
+        rescaled = self._check_params(params).copy()
+        weights, biases = self._layer_slices[-1]
+        rescaled[weights] *= scale
+        rescaled[biases] = rescaled[biases] * scale + offset
+        return rescaled
 
     def loss_grad(self, params: np.ndarray, X, y: np.ndarray,
                   sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
@@ -187,6 +201,28 @@ class MLPRegressor(_MultiLayerPerceptron):
 
     See :class:`_MultiLayerPerceptron` for the parameters and the parameter layout.
     ``metrics`` reports ``loss`` (half the mean squared error), ``mse`` and ``r2``.
+
+    Notes
+    -----
+    Training on targets ``(y - m) / s`` with ``target_scale=s`` is the same problem as
+    training on ``y``. Map parameters to the targets' units with
+    :meth:`rescaled_output_params` (``scale=s``, ``offset=m``): that multiplies the
+    output layer by ``s`` and leaves the hidden layers alone. The squared error and the
+    output layer's penalty are then multiplied by ``s ** 2``, and so is the hidden
+    layers' penalty, whose coefficient is ``alpha / s ** 2``. So the objective is the
+    unscaled one divided by ``s ** 2`` everywhere, and both have the same minima and
+    stationary points. What differs is the path. The start differs, because Glorot
+    weights and zero biases are drawn in the scaled units. And in the targets' units, a
+    plain gradient step of learning rate ``lr`` on the scaled problem is a step on the
+    unscaled objective with learning rate ``lr`` for the output layer but ``lr / s ** 2``
+    for the hidden layers. So a job with and a job without ``data.standardize_target``
+    end at different weights, and on a non-convex problem they may reach different
+    minima.
+
+    NOTE: with ``alpha > 0`` and a small ``s``, the hidden layers' coefficient
+    ``alpha / s ** 2`` is large, and a learning rate above about ``2 * s ** 2 / alpha``
+    makes plain gradient steps diverge. Such an ``alpha`` also dominates the unscaled
+    objective, whose minimum is then close to a constant prediction.
     """
 
     name = "mlp_regressor"
