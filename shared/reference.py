@@ -71,4 +71,6 @@ def train_reference(spec: JobSpec, efs_root: str | Path) -> tuple[np.ndarray, li
         penalty, penalty_grad = model.penalty_grad(params)
         losses.append(loss_in_target_units(model, loss_sum / n_samples + penalty))
         params, state = optimizer.step(params, grad_sum / n_samples + penalty_grad, state, round_index)
+        # Soft-thresholding of an L1 term with l1_method "proximal"; the identity otherwise.
+        params = model.proximal(params, optimizer.learning_rate_at(round_index))
     return params_in_target_units(model, manifest, params), losses

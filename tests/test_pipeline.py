@@ -61,8 +61,9 @@ def test_chunked_batch_equals_reference_bitwise(inprocess_stack, efs_root):
 
 @pytest.mark.parametrize("model, training", [
     ({"name": "linear_regression", "alpha": 0.5, "penalty": "elasticnet", "l1_ratio": 0.5}, {}),
+    ({"name": "linear_regression", "alpha": 0.05, "penalty": "l1", "l1_method": "proximal"}, {}),
     ({"name": "mlp_regressor", "hidden_layer_sizes": [8], "alpha": 1e-3}, {"reducers": 3}),
-], ids=["elasticnet", "mlp-scatter-reduce"])
+], ids=["elasticnet", "lasso-proximal", "mlp-scatter-reduce"])
 def test_standardize_target_matches_reference(inprocess_stack, efs_root, model, training):
     # House values in millions of dollars, standardised for training: the final model is
     # mapped back to those units, and the training losses are reported in them.
