@@ -738,8 +738,9 @@ def _check_widths(spec: JobSpec, parts: list[dict], metas: list[dict]) -> int:
         highest = max(widths, default=0)
         n_features = spec.data.n_features or highest
         if highest > n_features:
-            raise DataError(f"'{spec.data.path}' uses feature index {highest} but data.n_features is {n_features}; "
-                            f"raise data.n_features to at least {highest}")
+            widest = next(part for meta, part in zip(metas, parts) if meta["width"] == highest)
+            raise DataError(f"'{widest.get('source', widest['path'])}' uses feature index {highest} but "
+                            f"data.n_features is {n_features}; raise data.n_features to at least {highest}")
         return max(n_features, 1)
 
     train_width = next(meta["width"] for meta, part in zip(metas, parts) if part["role"] == "train")

@@ -31,7 +31,7 @@ from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
 from shared.service import Services
 from shared.spec import derive_job_id
-from tests.reliability_support import BREAST_CANCER_CSV, write_a9a_subset
+from tests.reliability_support import A9A_TRAIN, BREAST_CANCER_CSV, write_a9a_subset
 
 GOOD_CSV = {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1}
 
@@ -166,6 +166,9 @@ CASES = [
      ["feature columns", "three-columns.csv"]),
     ("csv-label-column-out-of-range", json.dumps(spec("label-column", data={**GOOD_CSV, "label_column": 40})),
      "label-column", ["label_column", "40"]),
+    ("libsvm-validation-index-too-high", json.dumps(spec("libsvm-validation-index", data=libsvm_data(
+        "datasets/a9a-300", n_features=117, validation_path="datasets/a9a.t"))), "libsvm-validation-index",
+     ["'datasets/a9a.t' uses feature index 122", "data.n_features is 117"]),
     ("libsvm-index-beyond-int32", json.dumps(spec("libsvm-huge-index", data=libsvm_data("datasets/huge-index.libsvm"))),
      "libsvm-huge-index", ["line 2", "99999999999", "2,147,483,647"]),
     ("libsvm-index-zero", json.dumps(spec("libsvm-zero-index", data=libsvm_data("datasets/zero-index.libsvm"))),
@@ -254,6 +257,7 @@ def write_data_files(efs_root):
     (datasets / "inf-label.libsvm").write_text("1 1:0.5\ninf 2:1\n1 1:1\n-1 2:2\n")
     (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
+    shutil.copyfile(A9A_TRAIN.with_name("a9a.t"), datasets / "a9a.t")
     write_malformed_files(datasets)
     os.mkfifo(datasets / "pipe.csv")
     (datasets / "empty.csv").write_text("")
