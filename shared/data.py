@@ -577,17 +577,76 @@ def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int |
     return X, y
 
 
+def _header_names(header: list[str] | None) -> list[str]:
+    return [name.strip().strip('"') for name in header or []]
+
+
+def _join_numbers(numbers: list[int]) -> str:
+    """Return ``[2, 5, 9]`` as ``"2, 5 and 9"``."""
+    texts = [str(number) for number in numbers]
+    return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} and {texts[-1]}"
+
+
 def resolve_label_column(label_column: int | str, header: list[str] | None, n_columns: int, source: str) -> int:
-    """Return the non-negative index of the label column, given by index or by header name."""
+    """Return the non-negative index of the label column, given by index or by header name.
+
+    Raises
+    ------
+    DataError
+        If the header does not contain the name or gives it to more than one column, or
+        if the index is out of range.
+    """
     if isinstance(label_column, str):
-        names = [name.strip().strip('"') for name in header or []]
+        names = _header_names(header)
         if label_column not in names:
             raise DataError(f"data.label_column is {label_column!r} but the header of '{source}' names the "
                             f"columns {names}; use one of those names")
-        return names.index(label_column)
+        indices = [index for index, name in enumerate(names) if name == label_column]
+        if len(indices) > 1:
+            raise DataError(f"data.label_column is {label_column!r}, but the header of '{source}' gives that name "
+                            f"to columns {_join_numbers([index + 1 for index in indices])} (counting from 1), so "
+                            "the label column is ambiguous. Rename the other columns in the header, or set "
+                            "data.label_column to the label column's index counting from 0 "
+                            f"({_join_numbers(indices).replace(' and ', ' or ')})")
+        return indices[0]
     if not -n_columns <= label_column < n_columns:
         raise DataError(f"data.label_column is {label_column} but '{source}' has {n_columns} columns")
     return label_column % n_columns
+
+
+def _feature_columns(header: list[str], label_column: int | str, source: str) -> list[tuple[int, str]]:
+    """Return the column number (counting from 1) and name of each feature column in ``header``."""
+    names = _header_names(header)
+    label_index = resolve_label_column(label_column, header, len(names), source)
+    return [(index + 1, name) for index, name in enumerate(names) if index != label_index]
+
+
+def check_same_features(train_header: list[str], validation_header: list[str], label_column: int | str,
+                        train_source: str, validation_source: str) -> None:
+    """Raise unless the validation file's header names the training file's features in the same order.
+
+    The features of both files are read by position, so a validation file whose columns
+    come in another order would be scored on the wrong features. The label column is left
+    out of the comparison and, when ``label_column`` is a name, may be at another position.
+
+    Raises
+    ------
+    DataError
+        Naming both files and the first feature column that differs.
+    """
+    train_features = _feature_columns(train_header, label_column, train_source)
+    validation_features = _feature_columns(validation_header, label_column, validation_source)
+    pairs = itertools.zip_longest(train_features, validation_features)
+    for position, (train_column, validation_column) in enumerate(pairs, start=1):
+        if train_column is not None and validation_column is not None and train_column[1] == validation_column[1]:
+            continue
+        in_train, in_validation = (f"{column[1]!r} (column {column[0]})" if column else "missing"
+                                   for column in (train_column, validation_column))
+        raise DataError(f"the header of validation file '{validation_source}' does not match the header of "
+                        f"training file '{train_source}': feature column {position}, not counting the label column, is "
+                        f"{in_validation} in the validation file but {in_train} in the training file. Baton "
+                        "reads the features by position, so reorder the validation file's columns to the training "
+                        "file's order, or write the same header names if the columns already match")
 
 
 def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delimiter: str = ",",

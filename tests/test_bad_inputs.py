@@ -186,6 +186,21 @@ CASES = [
     ("csv-row-without-label-column", json.dumps(spec("csv-short-row", data=csv_data(
         "datasets/short-row.csv", header=True, label_column="label"))), "csv-short-row",
      ["line 4 of 'datasets/short-row.csv'", "3 columns", "no column 4 for the label", "data.label_column"]),
+    ("csv-label-name-twice", json.dumps(spec("csv-label-twice", data=csv_data(
+        "datasets/label-twice.csv", header=True, label_column="diagnosis"))), "csv-label-twice",
+     ["header of 'datasets/label-twice.csv'", "columns 1 and 31 (counting from 1)", "ambiguous",
+      "Rename the other columns", "counting from 0 (0 or 30)"]),
+    ("csv-validation-header-reordered", json.dumps(spec("csv-header-order", data=csv_data(
+        "datasets/named-train.csv", header=True, label_column="diagnosis",
+        validation_path="datasets/named-swapped.csv"))), "csv-header-order",
+     ["validation file 'datasets/named-swapped.csv'", "training file 'datasets/named-train.csv'",
+      "feature column 1, not counting the label column, is 'f1' (column 1) in the validation file but 'f0' "
+      "(column 1) in the training file", "reorder the validation file's columns"]),
+    ("csv-validation-header-shorter", json.dumps(spec("csv-header-short", data=csv_data(
+        "datasets/named-train.csv", header=True, label_column="diagnosis",
+        validation_path="datasets/named-short.csv"))), "csv-header-short",
+     ["validation file 'datasets/named-short.csv'", "feature column 30", "is missing in the validation file but "
+      "'f29' (column 30) in the training file"]),
     ("csv-gzip-ragged-row", json.dumps(spec("csv-gzip-ragged", data=csv_data(
         "datasets/ragged.csv.gz", skip_rows=1, header=True, label_column="x"))), "csv-gzip-ragged",
      ["line 5 of 'datasets/ragged.csv.gz'", "2 columns", "the header has 3"]),
@@ -259,6 +274,7 @@ def write_data_files(efs_root):
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
     shutil.copyfile(A9A_TRAIN.with_name("a9a.t"), datasets / "a9a.t")
     write_malformed_files(datasets)
+    write_named_csv_files(datasets)
     os.mkfifo(datasets / "pipe.csv")
     (datasets / "empty.csv").write_text("")
     (datasets / "header-only.csv").write_text("a,b,label\n")
@@ -323,6 +339,23 @@ def write_malformed_files(datasets):
                                                  encoding="utf-8")
     (datasets / "full-width-digits.csv").write_text("a,b,label\n1,2,0\n3,\uff17\uff15,1\n4,5,0\n",
                                                      encoding="utf-8")
+
+
+def write_named_csv_files(datasets):
+    """Write breast_cancer's rows as CSV files whose headers name the columns, with faults in the headers."""
+    table = np.loadtxt(BREAST_CANCER_CSV, delimiter=",", skiprows=1)
+    features, labels = table[:, :-1], table[:, -1]
+    names = [f"f{index}" for index in range(features.shape[1])]
+
+    def write(name: str, header: list[str], columns: np.ndarray) -> None:
+        np.savetxt(datasets / name, columns, delimiter=",", header=",".join(header), comments="", fmt="%.6g")
+
+    write("label-twice.csv", ["diagnosis", *names[:-1], "diagnosis"], np.column_stack([labels, features]))
+    write("named-train.csv", [*names, "diagnosis"], table[:400])
+    # The same columns, with the first two features swapped in the header and in the rows.
+    swapped = [1, 0, *range(2, table.shape[1])]
+    write("named-swapped.csv", [names[1], names[0], *names[2:], "diagnosis"], table[400:, swapped])
+    write("named-short.csv", [*names[:-1], "diagnosis"], np.column_stack([features[400:, :-1], labels[400:]]))
 
 
 @pytest.fixture
