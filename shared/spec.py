@@ -469,8 +469,9 @@ def _check_combinations(sections: dict[str, Any]) -> None:
         raise JobSpecError("training.mode", f"got {training.mode!r}, but model '{model.name}' is trained by "
                                             "statistics, not by an optimizer; remove training.mode")
     if training.mode == "gradient_average" and (training.local_steps != 1 or training.local_epoch):
-        raise JobSpecError("training.local_steps", "local_steps and local_epoch apply only to training.mode "
-                                                   "'model_average'; set the mode or remove them")
+        set_field = "local_steps" if training.local_steps != 1 else "local_epoch"
+        raise JobSpecError(f"training.{set_field}", "local_steps and local_epoch apply only to training.mode "
+                                                    "'model_average'; set the mode or remove them")
     if model.class_weight is not None and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("model.class_weight", f"model '{model.name}' is not a classifier; remove class_weight")
     # A field set away from its default for a model that never reads it is most likely
