@@ -537,6 +537,10 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
                              f"{expected}; every row needs the same columns, so fix or remove that line, or check "
                              "data.delimiter")
         for column, field in enumerate(fields, start=1):
+            if not field.strip() and column == len(fields) and column > 1:
+                return DataError(f"line {line_number} of '{source}' ends with the delimiter {delimiter!r}, so "
+                                 f"its last column ({column}) is empty; remove the delimiter at the end of each line "
+                                 "that has one too many, or write the missing value")
             if not _is_number(field):
                 problem = "is empty" if not field.strip() else f"is {field.strip()!r}, which is not a number"
                 if field.strip() and not field.isascii():
@@ -713,10 +717,27 @@ def _count_columns(text: str, delimiter: str) -> int:
 NUMERIC_KINDS = "biuf"
 
 
-def check_npy_header(handle, array_name: str) -> tuple[tuple[int, ...], np.dtype]:
+NPY_SAVE_EXAMPLE = "numpy.save(path, table.astype(numpy.float64))"
+NPZ_SAVE_EXAMPLE = "numpy.savez(path, X=features.astype(numpy.float64), y=labels.astype(numpy.float64))"
+
+# Fields of a structured dtype that an error lists before it counts the rest.
+LISTED_DTYPE_FIELDS = 3
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    """Return ``dtype`` for a message, with the first fields of a structured dtype and the count of all."""
+    if dtype.names is None:
+        return f"dtype {dtype}"
+    listed = ", ".join(f"{name} {dtype.fields[name][0]}" for name in dtype.names[:LISTED_DTYPE_FIELDS])
+    more = ", ..." if len(dtype.names) > LISTED_DTYPE_FIELDS else ""
+    return f"a structured dtype of {len(dtype.names)} fields ({listed}{more})"
+
+
+def check_npy_header(handle, array_name: str, save_example: str = NPY_SAVE_EXAMPLE) -> tuple[tuple[int, ...], np.dtype]:
     """Read the header of a ``.npy`` array from ``handle``; return its shape and dtype.
 
-    ``array_name`` names the array in messages, such as ``"'data/train.npy'"``.
+    ``array_name`` names the array in messages, such as ``"'data/train.npy'"``, and
+    ``save_example`` is the call that the messages suggest to save numbers instead.
 
     Raises
     ------
@@ -732,11 +753,13 @@ def check_npy_header(handle, array_name: str) -> tuple[tuple[int, ...], np.dtype
                         "it with numpy.save, or use format 'csv' or 'libsvm' for a text file") from None
     if dtype.hasobject:
         raise DataError(f"{array_name} contains Python objects (dtype {dtype}), which Baton does not load because "
-                        "unpickling them could run code; save a numeric array instead, for example "
-                        "numpy.save(path, table.astype(numpy.float64))")
-    if dtype.names is not None or dtype.kind not in NUMERIC_KINDS:
-        raise DataError(f"{array_name} contains values of dtype {dtype}, not numbers; save a plain numeric array, for "
-                        "example numpy.save(path, table.astype(numpy.float64))")
+                        f"unpickling them could run code; save a numeric array instead, for example {save_example}")
+    if dtype.names is not None:
+        raise DataError(f"{array_name} contains records of {_describe_dtype(dtype)}, not plain numbers; save a "
+                        "numeric matrix instead, for example with numpy.lib.recfunctions.structured_to_unstructured")
+    if dtype.kind not in NUMERIC_KINDS:
+        raise DataError(f"{array_name} contains values of {_describe_dtype(dtype)}, not numbers; save a plain "
+                        f"numeric array, for example {save_example}")
     return shape, dtype
 
 
@@ -774,7 +797,7 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
                                 "labels from y, so save them with numpy.savez(path, X=features, y=labels)")
             for name in ("X", "y"):
                 with archive.open(f"{name}.npy") as member:
-                    check_npy_header(member, f"array {name} in '{source}'")
+                    check_npy_header(member, f"array {name} in '{source}'", NPZ_SAVE_EXAMPLE)
         with np.load(path, allow_pickle=False) as archive:
             X, y = archive["X"], archive["y"]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:

@@ -23,6 +23,7 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from moto import mock_aws
 
 from functions import starter
+from shared import data as datasets_module
 from shared.config import Settings
 from shared.control import drain_dead_letters, pause_job
 from shared.errors import BatonError
@@ -218,6 +219,9 @@ CASES = [
      "npy-objects", ["'datasets/objects.npy'", "Python objects", "numpy.save"]),
     ("npy-text-values", json.dumps(spec("npy-strings", data={"path": "datasets/strings.npy", "format": "npy"})),
      "npy-strings", ["'datasets/strings.npy'", "dtype <U", "not numbers"]),
+    ("npy-structured", json.dumps(spec("npy-records", data={"path": "datasets/records.npy", "format": "npy"})),
+     "npy-records", ["'datasets/records.npy'", "a structured dtype of 31 fields (f0 float64, f1 float64, f2 float64, "
+                     "...)", "not plain numbers", "structured_to_unstructured"]),
     ("npy-not-an-array", json.dumps(spec("npy-text", data={"path": "datasets/text.npy", "format": "npy"})),
      "npy-text", ["'datasets/text.npy'", "not a .npy array", "format 'csv'"]),
     ("npy-truncated", json.dumps(spec("npy-short", data={"path": "datasets/truncated.npy", "format": "npy"})),
@@ -226,8 +230,16 @@ CASES = [
      "npz-names", ["'datasets/named.npz'", "no array named X or y", "features, labels", "numpy.savez"]),
     ("npz-python-objects", json.dumps(spec("npz-objects", data={"path": "datasets/objects.npz", "format": "npz"})),
      "npz-objects", ["array X in 'datasets/objects.npz'", "Python objects"]),
+    ("npz-text-labels", json.dumps(spec("npz-text-labels", data={"path": "datasets/text-labels.npz",
+                                                                  "format": "npz"})),
+     "npz-text-labels", ["array y in 'datasets/text-labels.npz'", "dtype <U9", "not numbers",
+                         "numpy.savez(path, X=features.astype(numpy.float64), y=labels.astype(numpy.float64))"]),
     ("npz-not-a-zip", json.dumps(spec("npz-text", data={"path": "datasets/text.npz", "format": "npz"})),
      "npz-text", ["'datasets/text.npz'", "not a .npz archive", "numpy.savez"]),
+    ("csv-trailing-delimiter", json.dumps(spec("csv-trailing-comma", data=csv_data(
+        "datasets/trailing-comma.csv", skip_rows=1))), "csv-trailing-comma",
+     ["line 2 of 'datasets/trailing-comma.csv' ends with the delimiter ',', so its last column (32) is empty",
+      "remove the delimiter at the end of each line"]),
     ("csv-gz-not-compressed", json.dumps(spec("csv-plain-gz", data=csv_data("datasets/plain.csv.gz"))),
      "csv-plain-gz", ["'datasets/plain.csv.gz'", "could not be decompressed", "not .gz-compressed"]),
     ("csv-bz2-not-compressed", json.dumps(spec("csv-plain-bz2", data=csv_data("datasets/plain.csv.bz2"))),
@@ -275,6 +287,7 @@ def write_data_files(efs_root):
     shutil.copyfile(A9A_TRAIN.with_name("a9a.t"), datasets / "a9a.t")
     write_malformed_files(datasets)
     write_named_csv_files(datasets)
+    write_breast_cancer_variants(datasets)
     os.mkfifo(datasets / "pipe.csv")
     (datasets / "empty.csv").write_text("")
     (datasets / "header-only.csv").write_text("a,b,label\n")
@@ -339,6 +352,32 @@ def write_malformed_files(datasets):
                                                  encoding="utf-8")
     (datasets / "full-width-digits.csv").write_text("a,b,label\n1,2,0\n3,\uff17\uff15,1\n4,5,0\n",
                                                      encoding="utf-8")
+
+
+def write_breast_cancer_variants(datasets):
+    """Write breast_cancer's rows with a trailing comma, as records of a structured .npy, and with text labels."""
+    lines = BREAST_CANCER_CSV.read_text().splitlines()
+    (datasets / "trailing-comma.csv").write_text("".join(f"{line},\n" for line in lines))
+    table = np.loadtxt(BREAST_CANCER_CSV, delimiter=",", skiprows=1)
+    np.save(datasets / "records.npy", np.rec.fromarrays(table.T))
+    names = np.where(table[:, -1] == 1, "benign", "malignant")
+    np.savez(datasets / "text-labels.npz", X=table[:, :-1], y=names)
+
+
+def test_npy_structured_error_is_short(tmp_path):
+    write_breast_cancer_variants(tmp_path)
+
+    with pytest.raises(BatonError) as raised:
+        datasets_module.load_npy(tmp_path / "records.npy", "datasets/records.npy")
+    assert "f3" not in str(raised.value), "the error lists every field of the dtype"
+
+
+def test_npz_text_labels_advise_savez(tmp_path):
+    write_breast_cancer_variants(tmp_path)
+
+    with pytest.raises(BatonError) as raised:
+        datasets_module.read_npz(tmp_path / "text-labels.npz", "datasets/text-labels.npz")
+    assert "numpy.save(" not in str(raised.value), "the advice for a .npz names numpy.save"
 
 
 def write_named_csv_files(datasets):
