@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -212,8 +213,9 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     127.0.0.1 and EFS is a local folder.
 
     Other jobs sent to the stack while this runs are waited for once this job has ended,
-    unless they are PAUSED. Ctrl-C (or SIGTERM) stops the stack and every job on it,
-    prints where each stopped, and exits with status 130 (143).
+    unless they are PAUSED. Ctrl-C (or SIGTERM, or SIGHUP) stops the stack and every job
+    on it, prints where each stopped, and exits with status 130 (143, 129). So does a
+    closed output pipe (``baton run ... | head``), with status 1.
 
     One baton run at a time uses a local folder: a second one on the same --local-dir
     is rejected before it changes any file.
@@ -248,7 +250,7 @@ def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], w
     ``lock`` is the local folder's :class:`shared.local.folder_lock.LocalDirLock`. The
     stack's processes inherit it, and it records the stack's endpoint URL.
     """
-    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt, server_exit_line
+    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt, server_exit_line, stdout_pipe_closed
     from shared.local.session import LocalStack, ServerExitedError
 
     job_id = spec["job_id"]
@@ -263,9 +265,10 @@ def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], w
     unfinished: list[str] = []
     failure: click.ClickException | None = None
     interrupt: StopSignal | None = None
+    output_closed = False
     started_at = time.time()
-    # SIGTERM (from `timeout`, a CI runner or systemd) stops the stack as Ctrl-C does, so
-    # neither leaves the moto server and containers behind.
+    # SIGTERM (from `timeout`, a CI runner or systemd) and SIGHUP (a closed terminal) stop
+    # the stack as Ctrl-C does, so none leaves the moto server and containers behind.
     with StopSignalHandlers() as signals:
         try:
             stack.start()
@@ -283,7 +286,18 @@ def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], w
             interrupt = signal_received
             signals.ignore()
             stack.stop_handlers()
-            report_interrupt(stack, job_id, sent, efs_root)
+            # After SIGHUP from a closed terminal, writing to stderr fails too (EIO).
+            with contextlib.suppress(OSError):
+                report_interrupt(stack, job_id, sent, efs_root)
+        except BrokenPipeError:
+            if not stdout_pipe_closed():
+                raise
+            # The reader of stdout has gone, as `head` does once it has its lines, so stop as on a signal.
+            output_closed = True
+            signals.ignore()
+            stack.stop_handlers()
+            with contextlib.suppress(OSError):
+                report_interrupt(stack, job_id, sent, efs_root, reason="output pipe closed", outcome_shown=False)
         except ServerExitedError as error:
             signals.ignore()
             stack.stop_handlers()
@@ -295,6 +309,8 @@ def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], w
 
     if interrupt is not None:
         return interrupt.exit_code
+    if output_closed:
+        return 1
     if failure is not None:
         return failure.exit_code
     return 0

@@ -3,9 +3,10 @@
 ``baton run`` owns a local stack (:class:`shared.local.session.LocalStack`) while it runs,
 and other baton commands may send more jobs to that stack. When its own job has ended it
 waits for those jobs too, because the stack, and with it their queues and table, stops
-when the command ends. On SIGINT or SIGTERM it stops the handlers, reads from the table
-where each job stopped, and prints that in one line. If moto's server exits under it, the
-table is gone, so it reads from the jobs' metrics files where each stopped instead.
+when the command ends. On SIGINT, SIGTERM or SIGHUP, or when a reader closes its output
+pipe, it stops the handlers, reads from the table where each job stopped, and prints that
+in one line on stderr. If moto's server exits under it, the table is gone, so it reads
+from the jobs' metrics files where each stopped instead.
 
 Only one ``baton run`` at a time uses a local folder (:mod:`shared.local.folder_lock`).
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -26,11 +29,12 @@ from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDir
 from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
 from shared.state import PAUSED, PREPARING, SUCCEEDED, TERMINAL_STATUSES, JobRecord
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP comes when the terminal that runs baton run closes, or its SSH session drops.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopSignal(KeyboardInterrupt):
-    """SIGINT or SIGTERM, received while ``baton run`` follows its jobs.
+    """SIGINT, SIGTERM or SIGHUP, received while ``baton run`` follows its jobs.
 
     A subclass of KeyboardInterrupt, so that code which catches ``Exception`` lets it
     through as it lets Ctrl-C through.
@@ -51,9 +55,9 @@ def _do_nothing(signal_number: int, frame) -> None:
 
 
 class StopSignalHandlers:
-    """Handle SIGINT and SIGTERM for ``baton run``; the previous handlers come back on exit.
+    """Handle SIGINT, SIGTERM and SIGHUP for ``baton run``; the previous handlers come back on exit.
 
-    While the jobs are followed, either signal raises :class:`StopSignal`, so the command
+    While the jobs are followed, each of these signals raises :class:`StopSignal`, so the command
     stops its stack in order and reports where the jobs stopped. From that signal on, or
     after :meth:`ignore`, further signals are ignored while the stack stops. One signal
     often comes twice: ``timeout`` sends it to the command and then to the command's
@@ -257,16 +261,19 @@ def report_jobs_left(stack: LocalStack, job_id: str, efs_root: Path, prefix: str
     return bool(records)
 
 
-def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path) -> None:
+def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path, reason: str = "interrupted",
+                     outcome_shown: bool = True) -> None:
     """Print where ``job_id`` and the stack's other unfinished jobs stopped, after the handlers have stopped.
 
     Call it after :meth:`LocalStack.stop_handlers` and before :meth:`LocalStack.stop`, so
-    the table is still there and no handler moves a job on meanwhile.
+    the table is still there and no handler moves a job on meanwhile. Each line starts
+    with ``reason``. ``outcome_shown`` False means the user may not have seen the line on
+    how ``job_id`` ended, so that line is printed again, with its folder.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
     if not sent:
-        click.echo(f"interrupted before job {job_id} was sent; nothing ran", err=True)
+        click.echo(f"{reason} before job {job_id} was sent; nothing ran", err=True)
         return
     job_dir = efs_root / "jobs" / job_id
     try:
@@ -274,21 +281,45 @@ def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path)
         others = stack.list_jobs(ACTIVE_STATUSES + (PAUSED,), exclude=(job_id,))
     except (BotoCoreError, ClientError, ServerExitedError):
         # Such as moto's server gone too, when a signal reached every process of the stack.
-        click.echo(f"interrupted: job {job_id} stopped; its files, if any, remain in {job_dir}", err=True)
+        click.echo(f"{reason}: job {job_id} stopped; its files, if any, remain in {job_dir}", err=True)
         return
 
     if record is None:
-        click.echo(f"interrupted: job {job_id} had not started; run the same command again to start it", err=True)
+        click.echo(f"{reason}: job {job_id} had not started; run the same command again to start it", err=True)
     elif record.status == PREPARING:
-        click.echo(f"interrupted: job {job_id} stopped while preparing its data; its files remain in {job_dir}. "
+        click.echo(f"{reason}: job {job_id} stopped while preparing its data; its files remain in {job_dir}. "
                    "Running the same command again carries the preparation on from its last finished step; "
                    "add --fresh to delete the files and start over", err=True)
     elif record.status not in TERMINAL_STATUSES:
-        click.echo(f"interrupted: job {job_id} stopped {_stopped_at(record)}; its files remain in {job_dir}. "
+        click.echo(f"{reason}: job {job_id} stopped {_stopped_at(record)}; its files remain in {job_dir}. "
                    "Running the same command again goes on from its last completed round, reusing the data it prepared; "
                    "add --fresh to delete the files and prepare the data again", err=True)
+    elif not outcome_shown:
+        click.echo(f"{reason}: {job_outcome_line(record)}; its files are in {job_dir}", err=True)
     if others:
-        click.echo(f"interrupted: {stops_with_stack_line(others, efs_root / 'jobs')}", err=True)
+        click.echo(f"{reason}: {stops_with_stack_line(others, efs_root / 'jobs')}", err=True)
+
+
+def stdout_pipe_closed() -> bool:
+    """Return whether the reader of standard output has closed it, and if so send it to ``os.devnull`` from now on.
+
+    On Linux, ``poll`` reports POLLERR on the write end of a pipe whose reader has closed
+    it, and POLLHUP counts as closed too. Sending standard output elsewhere then keeps
+    Python's flush at exit from printing a traceback of its own.
+    """
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        # No file behind it, as under click's CliRunner.
+        return False
+    poller = select.poll()
+    poller.register(descriptor, select.POLLOUT)
+    if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+    return True
 
 
 # moto's server exited ----------------------------------------------------------------------

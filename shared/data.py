@@ -537,6 +537,10 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
                              f"{expected}; every row needs the same columns, so fix or remove that line, or check "
                              "data.delimiter")
         for column, field in enumerate(fields, start=1):
+            if not field.strip() and column == len(fields) and column > 1:
+                return DataError(f"line {line_number} of '{source}' ends with the delimiter {delimiter!r}, so "
+                                 f"its last column ({column}) is empty; remove the delimiter at the end of each line "
+                                 "that has one too many, or write the missing value")
             if not _is_number(field):
                 problem = "is empty" if not field.strip() else f"is {field.strip()!r}, which is not a number"
                 if field.strip() and not field.isascii():
@@ -577,17 +581,76 @@ def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int |
     return X, y
 
 
+def _header_names(header: list[str] | None) -> list[str]:
+    return [name.strip().strip('"') for name in header or []]
+
+
+def _join_numbers(numbers: list[int]) -> str:
+    """Return ``[2, 5, 9]`` as ``"2, 5 and 9"``."""
+    texts = [str(number) for number in numbers]
+    return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} and {texts[-1]}"
+
+
 def resolve_label_column(label_column: int | str, header: list[str] | None, n_columns: int, source: str) -> int:
-    """Return the non-negative index of the label column, given by index or by header name."""
+    """Return the non-negative index of the label column, given by index or by header name.
+
+    Raises
+    ------
+    DataError
+        If the header does not contain the name or gives it to more than one column, or
+        if the index is out of range.
+    """
     if isinstance(label_column, str):
-        names = [name.strip().strip('"') for name in header or []]
+        names = _header_names(header)
         if label_column not in names:
             raise DataError(f"data.label_column is {label_column!r} but the header of '{source}' names the "
                             f"columns {names}; use one of those names")
-        return names.index(label_column)
+        indices = [index for index, name in enumerate(names) if name == label_column]
+        if len(indices) > 1:
+            raise DataError(f"data.label_column is {label_column!r}, but the header of '{source}' gives that name "
+                            f"to columns {_join_numbers([index + 1 for index in indices])} (counting from 1), so "
+                            "the label column is ambiguous. Rename the other columns in the header, or set "
+                            "data.label_column to the label column's index counting from 0 "
+                            f"({_join_numbers(indices).replace(' and ', ' or ')})")
+        return indices[0]
     if not -n_columns <= label_column < n_columns:
         raise DataError(f"data.label_column is {label_column} but '{source}' has {n_columns} columns")
     return label_column % n_columns
+
+
+def _feature_columns(header: list[str], label_column: int | str, source: str) -> list[tuple[int, str]]:
+    """Return the column number (counting from 1) and name of each feature column in ``header``."""
+    names = _header_names(header)
+    label_index = resolve_label_column(label_column, header, len(names), source)
+    return [(index + 1, name) for index, name in enumerate(names) if index != label_index]
+
+
+def check_same_features(train_header: list[str], validation_header: list[str], label_column: int | str,
+                        train_source: str, validation_source: str) -> None:
+    """Raise unless the validation file's header names the training file's features in the same order.
+
+    The features of both files are read by position, so a validation file whose columns
+    come in another order would be scored on the wrong features. The label column is left
+    out of the comparison and, when ``label_column`` is a name, may be at another position.
+
+    Raises
+    ------
+    DataError
+        Naming both files and the first feature column that differs.
+    """
+    train_features = _feature_columns(train_header, label_column, train_source)
+    validation_features = _feature_columns(validation_header, label_column, validation_source)
+    pairs = itertools.zip_longest(train_features, validation_features)
+    for position, (train_column, validation_column) in enumerate(pairs, start=1):
+        if train_column is not None and validation_column is not None and train_column[1] == validation_column[1]:
+            continue
+        in_train, in_validation = (f"{column[1]!r} (column {column[0]})" if column else "missing"
+                                   for column in (train_column, validation_column))
+        raise DataError(f"the header of validation file '{validation_source}' does not match the header of "
+                        f"training file '{train_source}': feature column {position}, not counting the label column, is "
+                        f"{in_validation} in the validation file but {in_train} in the training file. Baton "
+                        "reads the features by position, so reorder the validation file's columns to the training "
+                        "file's order, or write the same header names if the columns already match")
 
 
 def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delimiter: str = ",",
@@ -654,10 +717,27 @@ def _count_columns(text: str, delimiter: str) -> int:
 NUMERIC_KINDS = "biuf"
 
 
-def check_npy_header(handle, array_name: str) -> tuple[tuple[int, ...], np.dtype]:
+NPY_SAVE_EXAMPLE = "numpy.save(path, table.astype(numpy.float64))"
+NPZ_SAVE_EXAMPLE = "numpy.savez(path, X=features.astype(numpy.float64), y=labels.astype(numpy.float64))"
+
+# Fields of a structured dtype that an error lists before it counts the rest.
+LISTED_DTYPE_FIELDS = 3
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    """Return ``dtype`` for a message, with the first fields of a structured dtype and the count of all."""
+    if dtype.names is None:
+        return f"dtype {dtype}"
+    listed = ", ".join(f"{name} {dtype.fields[name][0]}" for name in dtype.names[:LISTED_DTYPE_FIELDS])
+    more = ", ..." if len(dtype.names) > LISTED_DTYPE_FIELDS else ""
+    return f"a structured dtype of {len(dtype.names)} fields ({listed}{more})"
+
+
+def check_npy_header(handle, array_name: str, save_example: str = NPY_SAVE_EXAMPLE) -> tuple[tuple[int, ...], np.dtype]:
     """Read the header of a ``.npy`` array from ``handle``; return its shape and dtype.
 
-    ``array_name`` names the array in messages, such as ``"'data/train.npy'"``.
+    ``array_name`` names the array in messages, such as ``"'data/train.npy'"``, and
+    ``save_example`` is the call that the messages suggest to save numbers instead.
 
     Raises
     ------
@@ -673,11 +753,13 @@ def check_npy_header(handle, array_name: str) -> tuple[tuple[int, ...], np.dtype
                         "it with numpy.save, or use format 'csv' or 'libsvm' for a text file") from None
     if dtype.hasobject:
         raise DataError(f"{array_name} contains Python objects (dtype {dtype}), which Baton does not load because "
-                        "unpickling them could run code; save a numeric array instead, for example "
-                        "numpy.save(path, table.astype(numpy.float64))")
-    if dtype.names is not None or dtype.kind not in NUMERIC_KINDS:
-        raise DataError(f"{array_name} contains values of dtype {dtype}, not numbers; save a plain numeric array, for "
-                        "example numpy.save(path, table.astype(numpy.float64))")
+                        f"unpickling them could run code; save a numeric array instead, for example {save_example}")
+    if dtype.names is not None:
+        raise DataError(f"{array_name} contains records of {_describe_dtype(dtype)}, not plain numbers; save a "
+                        "numeric matrix instead, for example with numpy.lib.recfunctions.structured_to_unstructured")
+    if dtype.kind not in NUMERIC_KINDS:
+        raise DataError(f"{array_name} contains values of {_describe_dtype(dtype)}, not numbers; save a plain "
+                        f"numeric array, for example {save_example}")
     return shape, dtype
 
 
@@ -715,7 +797,7 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
                                 "labels from y, so save them with numpy.savez(path, X=features, y=labels)")
             for name in ("X", "y"):
                 with archive.open(f"{name}.npy") as member:
-                    check_npy_header(member, f"array {name} in '{source}'")
+                    check_npy_header(member, f"array {name} in '{source}'", NPZ_SAVE_EXAMPLE)
         with np.load(path, allow_pickle=False) as archive:
             X, y = archive["X"], archive["y"]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:

@@ -145,7 +145,8 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
         last = rounds[-1]
         postfix["round"] = str(last["round"])
         postfix["epoch"] = f"{last.get('epoch', 0.0):.2f}"
-        postfix["loss"] = f"{last.get('train_loss', float('nan')):.4g}"
+        # Not "loss", which in the metrics files is the validation loss when there is one.
+        postfix["train_loss"] = f"{last.get('train_loss', float('nan')):.4g}"
         metric = validation_metric(last)
         if metric is not None:
             postfix[metric[0].removeprefix("validation_")] = f"{metric[1]:.4g}"

@@ -443,15 +443,18 @@ def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
     if spec.data.validation_path is not None:
         sources.append(("validation", spec.data.validation_path))
 
-    parts, records = [], []
+    parts, records, local_paths = [], [], {}
     for role, path in sources:
-        local = _source_path(files, role, path, s3_client)
+        local = local_paths[role] = _source_path(files, role, path, s3_client)
         datasets.check_data_file(local, path, source_files.FIELDS[role])
         # Recorded before the file is read, so a change while the parts are cut is caught
         # by the next step's check.
         etag = copied_etag(local) if path.startswith("s3://") else None
         records.append(source_files.source_record(role, path, local, etag))
         parts.extend(_cut_parts(spec, role, local, source=path))
+    if spec.data.format == "csv" and spec.data.header and "validation" in local_paths:
+        headers = [_csv_header(spec, local_paths[role], path) for role, path in sources]
+        datasets.check_same_features(*headers, spec.data.label_column, spec.data.path, spec.data.validation_path)
     files.store.write_json(files.layout, {"parts": parts, "sources": records})
 
 
@@ -502,11 +505,7 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
     """
     data = spec.data
     skip_lines = data.skip_rows + (1 if data.header else 0)
-    try:
-        with datasets.open_binary(path, source) as handle:
-            raw_lines = [handle.readline() for _ in range(skip_lines + 1)]
-    except (OSError, EOFError) as error:
-        raise datasets.read_error(path, source, error) from None
+    raw_lines = _read_first_lines(path, source, skip_lines + 1)
     if not raw_lines[-1].strip():
         skipped = f" after its {skip_lines} skipped and header lines" if skip_lines else ""
         raise DataError(f"'{source}' has no data rows{skipped}: line {skip_lines + 1} is empty or missing; check "
@@ -528,6 +527,22 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
             data_start = handle.tell()
     label_index = datasets.resolve_label_column(data.label_column, names, n_columns, source)
     return {"data_start": data_start, "skip_lines": skip_lines, "n_columns": n_columns, "label_index": label_index}
+
+
+def _read_first_lines(path: Path, source: str, count: int) -> list[bytes]:
+    """Return the first ``count`` lines of ``path``, decompressed, as bytes (empty past its end)."""
+    try:
+        with datasets.open_binary(path, source) as handle:
+            return [handle.readline() for _ in range(count)]
+    except (OSError, EOFError) as error:
+        raise datasets.read_error(path, source, error) from None
+
+
+def _csv_header(spec: JobSpec, path: Path, source: str) -> list[str]:
+    """Return the column names in the header line of a CSV file that :func:`_csv_layout` has checked."""
+    line_number = spec.data.skip_rows + 1
+    raw = _read_first_lines(path, source, line_number)[-1]
+    return datasets._split_header(datasets.decode_text(raw, source, line_number), spec.data.delimiter)
 
 
 # Parse ---------------------------------------------------------------------------------
@@ -753,8 +768,9 @@ def _check_widths(spec: JobSpec, parts: list[dict], metas: list[dict]) -> int:
         highest = max(widths, default=0)
         n_features = spec.data.n_features or highest
         if highest > n_features:
-            raise DataError(f"'{spec.data.path}' uses feature index {highest} but data.n_features is {n_features}; "
-                            f"raise data.n_features to at least {highest}")
+            widest = next(part for meta, part in zip(metas, parts) if meta["width"] == highest)
+            raise DataError(f"'{widest.get('source', widest['path'])}' uses feature index {highest} but "
+                            f"data.n_features is {n_features}; raise data.n_features to at least {highest}")
         return max(n_features, 1)
 
     train_width = next(meta["width"] for meta, part in zip(metas, parts) if part["role"] == "train")

@@ -168,9 +168,12 @@ class DataSection:
         0.1, help="Share of training rows held out when validation_path is null.", minimum=0.0, maximum=0.5)
     label_column: int | str = spec_field(
         -1, help="csv and npy: index of the label column (negative counts from the end), or for csv with "
-                 "header=true its name. Labels are numbers: class labels such as 0/1 or 1..k, or regression "
-                 "targets, so map text labels to numbers first.")
-    header: bool = spec_field(False, help="csv: the first line after skip_rows names the columns.")
+                 "header=true its name, which only one column of the header may have. Labels are numbers: "
+                 "class labels such as 0/1 or 1..k, or regression targets, so map text labels to numbers first.")
+    header: bool = spec_field(False, help="csv: the first line after skip_rows names the columns. The header of "
+                                          "data.validation_path must name the same feature columns in the same "
+                                          "order, because features are read by position. The label column may "
+                                          "sit elsewhere when label_column is a name.")
     skip_rows: int = spec_field(0, help="csv: lines to skip before the header or the first row.", minimum=0)
     delimiter: str = spec_field(",", help="csv: field separator; 'whitespace' means any run of spaces and tabs.",
                                 choices=(",", ";", "\t", " ", "whitespace"))
@@ -474,8 +477,9 @@ def _check_combinations(sections: dict[str, Any]) -> None:
         raise JobSpecError("training.mode", f"got {training.mode!r}, but model '{model.name}' is trained by "
                                             "statistics, not by an optimizer; remove training.mode")
     if training.mode == "gradient_average" and (training.local_steps != 1 or training.local_epoch):
-        raise JobSpecError("training.local_steps", "local_steps and local_epoch apply only to training.mode "
-                                                   "'model_average'; set the mode or remove them")
+        set_field = "local_steps" if training.local_steps != 1 else "local_epoch"
+        raise JobSpecError(f"training.{set_field}", "local_steps and local_epoch apply only to training.mode "
+                                                    "'model_average'; set the mode or remove them")
     if model.class_weight is not None and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("model.class_weight", f"model '{model.name}' is not a classifier; remove class_weight")
     # A field set away from its default for a model that never reads it is most likely

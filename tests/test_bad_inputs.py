@@ -23,6 +23,7 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from moto import mock_aws
 
 from functions import starter
+from shared import data as datasets_module
 from shared.config import Settings
 from shared.control import drain_dead_letters, pause_job
 from shared.errors import BatonError
@@ -31,7 +32,7 @@ from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
 from shared.service import Services
 from shared.spec import derive_job_id
-from tests.reliability_support import BREAST_CANCER_CSV, write_a9a_subset
+from tests.reliability_support import A9A_TRAIN, BREAST_CANCER_CSV, write_a9a_subset
 
 GOOD_CSV = {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1}
 
@@ -166,6 +167,9 @@ CASES = [
      ["feature columns", "three-columns.csv"]),
     ("csv-label-column-out-of-range", json.dumps(spec("label-column", data={**GOOD_CSV, "label_column": 40})),
      "label-column", ["label_column", "40"]),
+    ("libsvm-validation-index-too-high", json.dumps(spec("libsvm-validation-index", data=libsvm_data(
+        "datasets/a9a-300", n_features=117, validation_path="datasets/a9a.t"))), "libsvm-validation-index",
+     ["'datasets/a9a.t' uses feature index 122", "data.n_features is 117"]),
     ("libsvm-index-beyond-int32", json.dumps(spec("libsvm-huge-index", data=libsvm_data("datasets/huge-index.libsvm"))),
      "libsvm-huge-index", ["line 2", "99999999999", "2,147,483,647"]),
     ("libsvm-index-zero", json.dumps(spec("libsvm-zero-index", data=libsvm_data("datasets/zero-index.libsvm"))),
@@ -183,6 +187,21 @@ CASES = [
     ("csv-row-without-label-column", json.dumps(spec("csv-short-row", data=csv_data(
         "datasets/short-row.csv", header=True, label_column="label"))), "csv-short-row",
      ["line 4 of 'datasets/short-row.csv'", "3 columns", "no column 4 for the label", "data.label_column"]),
+    ("csv-label-name-twice", json.dumps(spec("csv-label-twice", data=csv_data(
+        "datasets/label-twice.csv", header=True, label_column="diagnosis"))), "csv-label-twice",
+     ["header of 'datasets/label-twice.csv'", "columns 1 and 31 (counting from 1)", "ambiguous",
+      "Rename the other columns", "counting from 0 (0 or 30)"]),
+    ("csv-validation-header-reordered", json.dumps(spec("csv-header-order", data=csv_data(
+        "datasets/named-train.csv", header=True, label_column="diagnosis",
+        validation_path="datasets/named-swapped.csv"))), "csv-header-order",
+     ["validation file 'datasets/named-swapped.csv'", "training file 'datasets/named-train.csv'",
+      "feature column 1, not counting the label column, is 'f1' (column 1) in the validation file but 'f0' "
+      "(column 1) in the training file", "reorder the validation file's columns"]),
+    ("csv-validation-header-shorter", json.dumps(spec("csv-header-short", data=csv_data(
+        "datasets/named-train.csv", header=True, label_column="diagnosis",
+        validation_path="datasets/named-short.csv"))), "csv-header-short",
+     ["validation file 'datasets/named-short.csv'", "feature column 30", "is missing in the validation file but "
+      "'f29' (column 30) in the training file"]),
     ("csv-gzip-ragged-row", json.dumps(spec("csv-gzip-ragged", data=csv_data(
         "datasets/ragged.csv.gz", skip_rows=1, header=True, label_column="x"))), "csv-gzip-ragged",
      ["line 5 of 'datasets/ragged.csv.gz'", "2 columns", "the header has 3"]),
@@ -200,6 +219,9 @@ CASES = [
      "npy-objects", ["'datasets/objects.npy'", "Python objects", "numpy.save"]),
     ("npy-text-values", json.dumps(spec("npy-strings", data={"path": "datasets/strings.npy", "format": "npy"})),
      "npy-strings", ["'datasets/strings.npy'", "dtype <U", "not numbers"]),
+    ("npy-structured", json.dumps(spec("npy-records", data={"path": "datasets/records.npy", "format": "npy"})),
+     "npy-records", ["'datasets/records.npy'", "a structured dtype of 31 fields (f0 float64, f1 float64, f2 float64, "
+                     "...)", "not plain numbers", "structured_to_unstructured"]),
     ("npy-not-an-array", json.dumps(spec("npy-text", data={"path": "datasets/text.npy", "format": "npy"})),
      "npy-text", ["'datasets/text.npy'", "not a .npy array", "format 'csv'"]),
     ("npy-truncated", json.dumps(spec("npy-short", data={"path": "datasets/truncated.npy", "format": "npy"})),
@@ -208,8 +230,16 @@ CASES = [
      "npz-names", ["'datasets/named.npz'", "no array named X or y", "features, labels", "numpy.savez"]),
     ("npz-python-objects", json.dumps(spec("npz-objects", data={"path": "datasets/objects.npz", "format": "npz"})),
      "npz-objects", ["array X in 'datasets/objects.npz'", "Python objects"]),
+    ("npz-text-labels", json.dumps(spec("npz-text-labels", data={"path": "datasets/text-labels.npz",
+                                                                  "format": "npz"})),
+     "npz-text-labels", ["array y in 'datasets/text-labels.npz'", "dtype <U9", "not numbers",
+                         "numpy.savez(path, X=features.astype(numpy.float64), y=labels.astype(numpy.float64))"]),
     ("npz-not-a-zip", json.dumps(spec("npz-text", data={"path": "datasets/text.npz", "format": "npz"})),
      "npz-text", ["'datasets/text.npz'", "not a .npz archive", "numpy.savez"]),
+    ("csv-trailing-delimiter", json.dumps(spec("csv-trailing-comma", data=csv_data(
+        "datasets/trailing-comma.csv", skip_rows=1))), "csv-trailing-comma",
+     ["line 2 of 'datasets/trailing-comma.csv' ends with the delimiter ',', so its last column (32) is empty",
+      "remove the delimiter at the end of each line"]),
     ("csv-gz-not-compressed", json.dumps(spec("csv-plain-gz", data=csv_data("datasets/plain.csv.gz"))),
      "csv-plain-gz", ["'datasets/plain.csv.gz'", "could not be decompressed", "not .gz-compressed"]),
     ("csv-bz2-not-compressed", json.dumps(spec("csv-plain-bz2", data=csv_data("datasets/plain.csv.bz2"))),
@@ -254,7 +284,10 @@ def write_data_files(efs_root):
     (datasets / "inf-label.libsvm").write_text("1 1:0.5\ninf 2:1\n1 1:1\n-1 2:2\n")
     (datasets / "four-columns.csv").write_text("1,2,3,0\n2,3,4,1\n3,4,5,0\n4,5,6,1\n5,6,7,0\n")
     (datasets / "three-columns.csv").write_text("1,2,0\n2,3,1\n")
+    shutil.copyfile(A9A_TRAIN.with_name("a9a.t"), datasets / "a9a.t")
     write_malformed_files(datasets)
+    write_named_csv_files(datasets)
+    write_breast_cancer_variants(datasets)
     os.mkfifo(datasets / "pipe.csv")
     (datasets / "empty.csv").write_text("")
     (datasets / "header-only.csv").write_text("a,b,label\n")
@@ -319,6 +352,49 @@ def write_malformed_files(datasets):
                                                  encoding="utf-8")
     (datasets / "full-width-digits.csv").write_text("a,b,label\n1,2,0\n3,\uff17\uff15,1\n4,5,0\n",
                                                      encoding="utf-8")
+
+
+def write_breast_cancer_variants(datasets):
+    """Write breast_cancer's rows with a trailing comma, as records of a structured .npy, and with text labels."""
+    lines = BREAST_CANCER_CSV.read_text().splitlines()
+    (datasets / "trailing-comma.csv").write_text("".join(f"{line},\n" for line in lines))
+    table = np.loadtxt(BREAST_CANCER_CSV, delimiter=",", skiprows=1)
+    np.save(datasets / "records.npy", np.rec.fromarrays(table.T))
+    names = np.where(table[:, -1] == 1, "benign", "malignant")
+    np.savez(datasets / "text-labels.npz", X=table[:, :-1], y=names)
+
+
+def test_npy_structured_error_is_short(tmp_path):
+    write_breast_cancer_variants(tmp_path)
+
+    with pytest.raises(BatonError) as raised:
+        datasets_module.load_npy(tmp_path / "records.npy", "datasets/records.npy")
+    assert "f3" not in str(raised.value), "the error lists every field of the dtype"
+
+
+def test_npz_text_labels_advise_savez(tmp_path):
+    write_breast_cancer_variants(tmp_path)
+
+    with pytest.raises(BatonError) as raised:
+        datasets_module.read_npz(tmp_path / "text-labels.npz", "datasets/text-labels.npz")
+    assert "numpy.save(" not in str(raised.value), "the advice for a .npz names numpy.save"
+
+
+def write_named_csv_files(datasets):
+    """Write breast_cancer's rows as CSV files whose headers name the columns, with faults in the headers."""
+    table = np.loadtxt(BREAST_CANCER_CSV, delimiter=",", skiprows=1)
+    features, labels = table[:, :-1], table[:, -1]
+    names = [f"f{index}" for index in range(features.shape[1])]
+
+    def write(name: str, header: list[str], columns: np.ndarray) -> None:
+        np.savetxt(datasets / name, columns, delimiter=",", header=",".join(header), comments="", fmt="%.6g")
+
+    write("label-twice.csv", ["diagnosis", *names[:-1], "diagnosis"], np.column_stack([labels, features]))
+    write("named-train.csv", [*names, "diagnosis"], table[:400])
+    # The same columns, with the first two features swapped in the header and in the rows.
+    swapped = [1, 0, *range(2, table.shape[1])]
+    write("named-swapped.csv", [names[1], names[0], *names[2:], "diagnosis"], table[400:, swapped])
+    write("named-short.csv", [*names[:-1], "diagnosis"], np.column_stack([features[400:, :-1], labels[400:]]))
 
 
 @pytest.fixture

@@ -67,8 +67,9 @@ def test_watch_follows_job_to_success(finished_job):
     assert "stop reason max_rounds" in watched.output
     # tqdm's bar: the rounds done and the postfix fields.
     assert f"{N_ROUNDS}/{N_ROUNDS}" in watched.output
-    for field in ("epoch=", "loss=", "accuracy=", "s/round=", "left=0", "cost=$"):
+    for field in ("epoch=", "train_loss=", "accuracy=", "s/round=", "left=0", "cost=$"):
         assert field in watched.output, field
+    assert " loss=" not in watched.output, "the bar labels the training loss as loss, the validation loss's key"
 
 
 def test_plot_writes_png_of_requested_size(finished_job, tmp_path):
@@ -491,6 +492,16 @@ def test_watch_counts_rounds_from_one(finished_job):
     postfix = progress_postfix(record, store.list_round_metrics(JOB_ID))
     assert postfix["round"] == str(N_ROUNDS)
     assert postfix["left"] == "0"
+
+
+def test_watch_labels_training_loss(finished_job):
+    from shared.monitor import progress_postfix
+
+    store = finished_job["stack"].state
+    rounds = store.list_round_metrics(JOB_ID)
+    postfix = progress_postfix(store.get_job(JOB_ID), rounds)
+    assert postfix["train_loss"] == f"{rounds[-1]['train_loss']:.4g}"
+    assert "loss" not in postfix
 
 
 def test_round_numbers_agree_everywhere(finished_job, tmp_path):

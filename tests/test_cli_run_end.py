@@ -1,5 +1,6 @@
-"""How `baton run` ends: it waits for other jobs sent to its stack, stops quietly on a signal,
-ends in one line when its moto server exits, and rejects a second run on its local folder.
+"""How `baton run` ends: it waits for other jobs sent to its stack, stops quietly on a signal
+or a closed output pipe, ends in one line when its moto server exits, and rejects a second
+run on its local folder.
 
 Each test runs `baton run` in its own process and session, reads its output line by line,
 and drives the stack with the other baton commands through the endpoint it prints. A
@@ -181,9 +182,11 @@ def test_run_waits_for_other_jobs(tmp_path, start_run):
 @pytest.mark.parametrize("signal_numbers, expected_status", [
     ([signal.SIGINT], 130),
     ([signal.SIGTERM], 143),
+    # A closed terminal, or a dropped SSH session.
+    ([signal.SIGHUP], 129),
     # Both pending at once; Python runs the handler of the lower signal number first.
     ([signal.SIGINT, signal.SIGTERM], 130),
-], ids=["sigint", "sigterm", "both-at-once"])
+], ids=["sigint", "sigterm", "sighup", "both-at-once"])
 def test_signal_stops_run_quietly(tmp_path, start_run, signal_numbers, expected_status):
     host = start_run(write_spec(tmp_path, "host", ENDLESS_ROUNDS))
     host.read_until("round     1")
@@ -225,6 +228,35 @@ def test_rerun_goes_on_after_ctrl_c(tmp_path, start_run):
     printed = [int(line.split()[1]) for line in second.lines if line.startswith("round ")]
     assert printed == list(range(first_round, 41))
     assert "job host SUCCEEDED after 40 rounds" in output
+
+
+def test_closed_output_pipe_reported(tmp_path):
+    # As `baton run ... | head -4` runs it: the reader closes stdout after a few lines.
+    command = run_command(write_spec(tmp_path, "host", ENDLESS_ROUNDS), tmp_path / "baton")
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("round "):
+                break
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        process.stdout.close()
+        errors = process.stderr.read()
+        exit_status = process.wait(timeout=WAIT_SECONDS)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+    assert exit_status == 1, errors
+    lines = errors.splitlines()
+    assert len(lines) == 1, errors
+    stopped = re.fullmatch(r"output pipe closed: job host stopped after \d+ of \d+ rounds; its files remain in "
+                           r"(.*)\. Running the same command again goes on from its last completed round.*", lines[0])
+    assert stopped, errors
+    assert Path(stopped.group(1)) == tmp_path / "baton" / "efs" / "jobs" / "host"
+    assert children, "baton run started no child processes"
+    assert running_processes(children) == []
 
 
 def test_ctrl_c_stops_other_jobs(tmp_path, start_run):

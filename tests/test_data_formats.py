@@ -67,6 +67,29 @@ def test_formats_give_same_shards(inprocess_stack, efs_root):
         assert files == reference, case
 
 
+def test_validation_label_column_may_move(inprocess_stack, efs_root):
+    X, y = load_breast_cancer(efs_root)
+    names = [f"f{index}" for index in range(X.shape[1])]
+    files = {
+        "train.csv": (["diagnosis", *names], np.column_stack([y[:400], X[:400]])),
+        "validation-first.csv": (["diagnosis", *names], np.column_stack([y[400:], X[400:]])),
+        "validation-last.csv": ([*names, "diagnosis"], np.column_stack([X[400:], y[400:]])),
+    }
+    for name, (header, table) in files.items():
+        np.savetxt(efs_root / "datasets" / name, table, delimiter=",", header=",".join(header), comments="",
+                   fmt="%.6g")
+
+    prepared = {}
+    for case in ("first", "last"):
+        data = {"path": "datasets/train.csv", "skip_rows": 0, "header": True, "label_column": "diagnosis",
+                "validation_path": f"datasets/validation-{case}.csv"}
+        record = run_job(inprocess_stack, breast_cancer_spec(f"label-{case}", data=data, training={"max_rounds": 1}))
+        assert record.status == SUCCEEDED, (case, record.error)
+        prepared[case] = data_files(efs_root, f"label-{case}")
+
+    assert prepared["last"] == prepared["first"]
+
+
 def test_label_name_needs_header():
     raw = breast_cancer_spec("no-header", data={"label_column": "diagnosis"})
     with pytest.raises(Exception, match="header true"):

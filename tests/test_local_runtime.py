@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -218,6 +219,89 @@ def test_import_replaces_link_at_destination(tmp_path):
     assert not target.is_symlink()
     assert target.read_bytes() == BREAST_CANCER_CSV.read_bytes()
     assert outside.read_text() == "kept\n", "the import wrote through the link"
+
+
+def test_import_replaces_hard_link_at_destination(tmp_path):
+    original = tmp_path / "original.csv"
+    shutil.copy2(BREAST_CANCER_CSV, original)
+    efs_root = tmp_path / "efs"
+    (efs_root / "datasets").mkdir(parents=True)
+    os.link(original, efs_root / "datasets" / "data.csv")
+
+    target = LocalStack(efs_root).import_data(A9A_DIR / "a9a.t", "datasets/data.csv")
+
+    assert target.read_bytes() == (A9A_DIR / "a9a.t").read_bytes()
+    assert original.read_bytes() == BREAST_CANCER_CSV.read_bytes(), "the import wrote through the hard link"
+
+
+def test_import_replaces_hard_links_in_folder(tmp_path):
+    # A folder staged as bench/accuracy.py --stage-into stages one: hard links to the originals.
+    originals, other = tmp_path / "originals", tmp_path / "other"
+    originals.mkdir()
+    other.mkdir()
+    for name in ("a9a", "a9a.t"):
+        shutil.copy2(A9A_DIR / name, originals / name)
+        shutil.copy2(BREAST_CANCER_CSV, other / name)
+    staged = tmp_path / "efs" / "datasets" / "a9a"
+    staged.mkdir(parents=True)
+    for name in ("a9a", "a9a.t"):
+        os.link(originals / name, staged / name)
+
+    LocalStack(tmp_path / "efs").import_data(other, "datasets/a9a")
+
+    for name in ("a9a", "a9a.t"):
+        assert (staged / name).read_bytes() == BREAST_CANCER_CSV.read_bytes()
+        assert (originals / name).read_bytes() == (A9A_DIR / name).read_bytes(), f"{name} was written through"
+
+
+def test_import_same_file_again(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(A9A_DIR, source)
+    staged = tmp_path / "efs" / "datasets" / "a9a"
+    staged.mkdir(parents=True)
+    for name in ("a9a", "a9a.t"):
+        os.link(source / name, staged / name)
+    stack = LocalStack(tmp_path / "efs")
+
+    stack.import_data(source / "a9a", "datasets/a9a/a9a")
+    stack.import_data(source, "datasets/a9a")
+
+    for name in ("a9a", "a9a.t"):
+        assert (staged / name).samefile(source / name)
+        assert (source / name).read_bytes() == (A9A_DIR / name).read_bytes()
+
+
+def test_import_keeps_identity_of_unchanged_copy(tmp_path):
+    source = tmp_path / "data.csv"
+    shutil.copy2(BREAST_CANCER_CSV, source)
+    stack = LocalStack(tmp_path / "efs")
+    target = stack.import_data(source, "datasets/data.csv")
+    first_inode = target.stat().st_ino
+
+    stack.import_data(source, "datasets/data.csv")
+    assert target.stat().st_ino == first_inode, "an unchanged file was copied again"
+
+    with source.open("a") as stream:
+        stream.write("\n")
+    stack.import_data(source, "datasets/data.csv")
+    assert target.stat().st_ino != first_inode, "a changed file was written into the old copy"
+    assert target.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("source_is_folder", [True, False])
+def test_import_rejects_file_folder_mismatch(tmp_path, source_is_folder):
+    efs_root = tmp_path / "efs"
+    target = efs_root / "datasets" / "a9a"
+    if source_is_folder:
+        target.parent.mkdir(parents=True)
+        target.write_text("1,0\n")
+    else:
+        target.mkdir(parents=True)
+    source = A9A_DIR if source_is_folder else A9A_DIR / "a9a"
+
+    with pytest.raises(ValueError, match="but destination 'datasets/a9a' is a"):
+        LocalStack(efs_root).import_data(source, "datasets/a9a")
+    assert target.is_file() == source_is_folder
 
 
 def efs_and_outside(tmp_path: Path) -> tuple[Path, Path]:

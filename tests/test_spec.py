@@ -97,6 +97,8 @@ def test_class_weight_same_class_twice_rejected(value, first, second):
     ({"model": {"name": "kmeans"}, "training": {"mode": "model_average"}, "data": {"stratify": False}},
      "training.mode"),
     ({"training": {"local_steps": 4}}, "training.local_steps"),
+    ({"training": {"local_epoch": True}}, "training.local_epoch"),
+    ({"training": {"local_steps": 4, "local_epoch": True}}, "training.local_steps"),
     ({"model": {"name": "linear_regression", "class_weight": "balanced"}}, "model.class_weight"),
     ({"model": {"name": "linear_regression"}, "training": {"target_validation_accuracy": 0.9}},
      "training.target_validation_accuracy"),

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import filecmp
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +176,44 @@ def _reject_links_to(real_target: Path) -> Callable[[str, list[str]], list[str]]
         return []
 
     return check
+
+
+def _is_current_copy(source: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Return whether the regular file ``target`` is ``source`` or has its size, modification time and bytes."""
+    try:
+        source_status, target_status = os.stat(source), os.stat(target, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(target_status.st_mode):
+        return False
+    if os.path.samestat(source_status, target_status):
+        return True
+    return (source_status.st_size == target_status.st_size
+            and source_status.st_mtime_ns == target_status.st_mtime_ns
+            and filecmp.cmp(source, target, shallow=False))
+
+
+def _replace_file(source: str | os.PathLike, target: str | os.PathLike) -> str | os.PathLike:
+    """Copy the file ``source`` to ``target`` through a temporary file in the same folder, renamed over ``target``.
+
+    The file already at ``target`` is never written to, because it may be a hard link to
+    a file outside the EFS folder, even to ``source`` itself. A current copy
+    (:func:`_is_current_copy`) is left as it is. Returns ``target``, as
+    ``shutil.copytree`` expects of its copy function.
+    """
+    if _is_current_copy(source, target):
+        return target
+    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(target),
+                                             prefix=f".{os.path.basename(target)}.", suffix=".import")
+    os.close(descriptor)
+    try:
+        shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return target
 
 
 class LocalStack:
@@ -350,9 +391,13 @@ class LocalStack:
     def import_data(self, source: str | os.PathLike, destination: str) -> Path:
         """Copy a file or folder into the EFS folder at ``destination`` (relative).
 
-        The copies keep each file's modification time, and an existing copy is written in
-        place. So importing an unchanged file again keeps the identity that a job's prepared
-        shards were recorded with (:mod:`shared.source_files`), and a changed file does not.
+        The copies keep each file's modification time. A copy already at ``destination``
+        that is the same file as the source, or has its size, modification time and bytes,
+        is left as it is. So importing an unchanged file again keeps the identity that a
+        job's prepared shards were recorded with (:mod:`shared.source_files`). Any other
+        file there is replaced by a copy renamed over it, never written to, so a hard link
+        at ``destination`` leaves the file it shares unchanged and a changed file gets a
+        new identity.
 
         The copy contains the files' contents, with symbolic links in ``source`` followed,
         because the handlers reject a data path whose link leads outside the EFS root. A
@@ -363,7 +408,8 @@ class LocalStack:
         ValueError
             If a folder on the way to ``destination`` is a symbolic link that leads
             outside the EFS folder, or if ``source`` is a folder that contains
-            ``destination``, which the copy would then copy into itself.
+            ``destination``, which the copy would then copy into itself, or if one of
+            ``source`` and ``destination`` is a folder and the other a file.
         """
         source, target = Path(source), self.efs_root / destination
         # A link at the destination itself is replaced, not followed, so only its folder is resolved.
@@ -388,10 +434,15 @@ class LocalStack:
                              "destination") from None
         if target.is_symlink():
             target.unlink()
+        if target.exists() and target.is_dir() != source.is_dir():
+            kinds = ("folder", "file") if source.is_dir() else ("file", "folder")
+            raise ValueError(f"import source '{source}' is a {kinds[0]}, but destination '{destination}' is a "
+                             f"{kinds[1]}; remove {target} or choose another destination")
         if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True, ignore=_reject_links_to(real_target))
+            shutil.copytree(source, target, dirs_exist_ok=True, ignore=_reject_links_to(real_target),
+                            copy_function=_replace_file)
         else:
-            shutil.copy2(source, target)
+            _replace_file(source, target)
         return target
 
     def submit(self, spec: dict | str) -> str:
