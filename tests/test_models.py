@@ -566,6 +566,13 @@ def test_rescaled_output_keeps_hidden_layers():
     np.testing.assert_array_equal(output_biases, 3.0 * model.unpack(params)[1][1] - 2.0)
 
 
+def test_kmeans_init_names_cluster_limit():
+    model = get_model_class("kmeans")(n_features=2, n_clusters=3)
+
+    with pytest.raises(DataError, match=r"got 2; lower model.n_clusters to at most 2, or give the job more training rows"):
+        model.init_params_from_data(np.ones((2, 2)), np.random.default_rng(0))
+
+
 def test_kmeans_output_rescale_raises():
     model = get_model_class("kmeans")(n_features=2, n_clusters=2)
 

@@ -100,7 +100,7 @@ class KMeans(Model):
         if n_samples < self.n_clusters:
             raise DataError(
                 f"k-means++ needs at least n_clusters={self.n_clusters} rows, got {n_samples}; "
-                "lower model.n_clusters or initialise from a larger sample")
+                f"lower model.n_clusters to at most {n_samples}, or give the job more training rows")
         if n_local_trials is None:
             n_local_trials = 2 + int(math.log(self.n_clusters))
 
