@@ -171,9 +171,9 @@ def check_functions(check: Checker, lambda_client, iam, service: str, stage: str
         may_write_models = function == "aggregator" and bool(params["modelsBucket"])
         expected_s3 = set()
         if may_read_data:
-            expected_s3 = {"s3:GetObject"}
+            expected_s3.add("s3:GetObject")
         if may_write_models:
-            expected_s3 = {"s3:PutObject"}
+            expected_s3.add("s3:PutObject")
         check.equal(f"{name} role S3 actions", s3_actions, expected_s3)
 
     check.equal("one role per function", len(set(roles.values())), len(FUNCTIONS))

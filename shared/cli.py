@@ -250,7 +250,7 @@ def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], w
     ``lock`` is the local folder's :class:`shared.local.folder_lock.LocalDirLock`. The
     stack's processes inherit it, and it records the stack's endpoint URL.
     """
-    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt, server_exit_line, stdout_pipe_closed
+    from shared.cli_run import StopSignal, StopSignalHandlers, report_interrupt, server_exit_line, redirect_stdout_if_closed
     from shared.local.session import LocalStack, ServerExitedError
 
     job_id = spec["job_id"]
@@ -290,7 +290,7 @@ def _run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], w
             with contextlib.suppress(OSError):
                 report_interrupt(stack, job_id, sent, efs_root)
         except BrokenPipeError:
-            if not stdout_pipe_closed():
+            if not redirect_stdout_if_closed():
                 raise
             # The reader of stdout has gone, as `head` does once it has its lines, so stop as on a signal.
             output_closed = True
@@ -350,7 +350,7 @@ def _echo_status_change(record, previous: str, endpoint_url: str) -> None:
 
 def _echo_continued(record, efs_root: Path) -> None:
     """Print a line when ``baton run``'s own job goes on from an earlier run's files on EFS."""
-    first_round = int(record.attributes["continued_from"])
+    first_round = record.first_round
     click.echo(f"job {record.job_id} continues from round {first_round + 1}, where an earlier run of its spec "
                f"stopped; the metrics of its rounds 1 to {first_round} are in "
                f"{efs_root / 'jobs' / record.job_id / 'metrics'}")
@@ -411,14 +411,28 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
 
 
 def _after_failure(record, efs_root: Path) -> str:
-    """Return what to do after ``baton run``'s own job failed, as a sentence to append to its error."""
-    from shared.errors import DIVERGED_WORDS
+    """Return what to do after ``baton run``'s own job failed, as a sentence to append to its error.
 
-    if record.status != "FAILED" or DIVERGED_WORDS in (record.error or ""):
-        # The error of a diverged job already names the change to make, under a new job id.
+    Only a job whose rounds a rerun would go on from gets one. The error of a job that
+    failed in preparation, or whose data changed, already names its fix, and so does the
+    error of a diverged job, which a rerun would only repeat.
+    """
+    from shared.efs import EfsStore, sha256_of_file
+    from shared.errors import DIVERGED_WORDS
+    from shared.service import continuation_round
+
+    if record.status != "FAILED" or record.total_rounds == 0 or DIVERGED_WORDS in (record.error or ""):
         return ""
-    return (f". Its files remain in {efs_root / 'jobs' / record.job_id}; once the cause is fixed, running the same "
-            "command again goes on from its last completed round")
+    store = EfsStore(efs_root)
+    try:
+        digest = sha256_of_file(store.data_dir(record.job_id) / "manifest.json")
+    except OSError:
+        return ""
+    first_round = continuation_round(store, record.job_id, record.total_rounds, digest)
+    if first_round == 0:
+        return ""
+    return (f". Its files remain in {store.job_dir(record.job_id)}; once the cause is fixed, running the same "
+            f"command again goes on from round {first_round + 1}")
 
 
 @main.command()
@@ -636,12 +650,20 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost ${cost_usd:.4f})")
 
 
+def _given(*names: str) -> bool:
+    """Return whether the command line gave any of the options ``names`` (by parameter name)."""
+    context = click.get_current_context()
+    return any(context.get_parameter_source(name) not in (ParameterSource.DEFAULT, None) for name in names)
+
+
+def _stack_option_given() -> bool:
+    """Return whether --stage, --endpoint-url or --region was given."""
+    return _given("stage", "endpoint_url", "region")
+
+
 def _reads_efs_alone(efs_root: Path | None) -> bool:
     """Return whether a command given ``--efs-root`` and no stack option reads the EFS folder alone."""
-    context = click.get_current_context()
-    return efs_root is not None and all(
-        context.get_parameter_source(name) in (ParameterSource.DEFAULT, None)
-        for name in ("stage", "endpoint_url", "region"))
+    return efs_root is not None and not _stack_option_given()
 
 
 @main.command()
@@ -767,9 +789,8 @@ def export_command(job_id: str, stage: str, endpoint_url: str | None, region: st
         raise click.ClickException(f"--output {output_file}: baton export writes a joblib file; give the file a "
                                    f"{', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]} extension. Nothing "
                                    "was written")
-    # _reads_efs_alone is true for any folder when no stack option was given.
-    from_stack = not _reads_efs_alone(local_dir)
-    if from_stack and (efs_root is not None or _local_dir_given()):
+    from_stack = _stack_option_given()
+    if from_stack and (efs_root is not None or _given("local_dir")):
         raise click.ClickException("give either --efs-root or --local-dir, to export from an EFS folder, or "
                                    "--stage, --endpoint-url and --region, to export from the stack's models bucket, "
                                    "not both. Nothing was written")
@@ -783,10 +804,6 @@ def export_command(job_id: str, stage: str, endpoint_url: str | None, region: st
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)},
                           ensure_ascii=False))
-
-
-def _local_dir_given() -> bool:
-    return click.get_current_context().get_parameter_source("local_dir") not in (ParameterSource.DEFAULT, None)
 
 
 def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_file: Path):

@@ -300,8 +300,8 @@ def report_interrupt(stack: LocalStack, job_id: str, sent: bool, efs_root: Path,
         click.echo(f"{reason}: {stops_with_stack_line(others, efs_root / 'jobs')}", err=True)
 
 
-def stdout_pipe_closed() -> bool:
-    """Return whether the reader of standard output has closed it, and if so send it to ``os.devnull`` from now on.
+def redirect_stdout_if_closed() -> bool:
+    """Send standard output to ``os.devnull`` if its reader has closed it; return whether it had.
 
     On Linux, ``poll`` reports POLLERR on the write end of a pipe whose reader has closed
     it, and POLLHUP counts as closed too. Sending standard output elsewhere then keeps

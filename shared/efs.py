@@ -25,6 +25,7 @@ that messages and DynamoDB keys use. Metrics files are named by the round number
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -108,6 +109,11 @@ def encode_npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
     return buffer.getvalue()
+
+
+def sha256_of_file(path: Path) -> str:
+    """Return the SHA-256 of a small file's bytes, as hexadecimal text."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def json_preview(value: Any, max_chars: int = 60) -> str:

@@ -35,9 +35,10 @@ BUNDLE_FILES = ("spec.json", "data/manifest.json", "data/standardize.npz", "mode
                 "model/standardize.npz")
 REQUIRED_FILES = ("spec.json", "data/manifest.json", "model/params.npy", "model/model.json")
 MODEL_URI_PATTERN = re.compile(r"^s3://([^/]+)/(jobs/[^/]+/)$")
-# S3 error codes that a retry cannot fix: the bucket or the permission is missing.
-ACCESS_ERROR_CODES = ("403", "AccessDenied", "404", "NoSuchBucket", "NoSuchKey", "AllAccessDisabled",
-                      "InvalidAccessKeyId", "SignatureDoesNotMatch")
+# S3 error codes that a retry cannot fix: the bucket, the credentials or the permission is
+# wrong. S3 returns 404 for a request on a missing bucket that names no object.
+ACCESS_ERROR_CODES = ("403", "AccessDenied", "404", "NoSuchBucket", "AllAccessDisabled", "InvalidAccessKeyId",
+                      "SignatureDoesNotMatch")
 
 
 class ModelBucketError(PermanentError):
@@ -65,6 +66,19 @@ def upload_model(s3_client, bucket: str, store: EfsStore, job_id: str) -> str:
     Each file is one upload of the whole file, so a retry after a crash writes the same
     objects again, and no reader sees a half-written one. The caller records the prefix
     on the job only after this returns.
+
+    Parameters
+    ----------
+    s3_client : botocore S3 client
+    bucket : str
+    store : EfsStore
+        The EFS root that contains the job's folder.
+    job_id : str
+
+    Returns
+    -------
+    str
+        ``s3://<bucket>/jobs/<job_id>/``.
 
     Raises
     ------
@@ -105,6 +119,20 @@ def download_model(s3_client, uri: str, job_id: str, efs_root: Path) -> Path:
     ``efs_root`` then reads like the stack's EFS for ``baton export`` and the checks of
     ``baton fetch``.
 
+    Parameters
+    ----------
+    s3_client : botocore S3 client
+    uri : str
+        The job item's ``model_uri``.
+    job_id : str
+    efs_root : Path
+        An empty folder to download into.
+
+    Returns
+    -------
+    Path
+        ``efs_root/jobs/<job_id>``.
+
     Raises
     ------
     ModelBucketError
@@ -134,8 +162,11 @@ def download_model(s3_client, uri: str, job_id: str, efs_root: Path) -> Path:
                 s3_client.download_file(bucket, prefix + name, str(target))
     except ClientError as error:
         code = _error_code(error)
-        raise ModelBucketError(f"could not read the model of job {job_id} from {uri} ({code or error}): check "
-                               "that your credentials may call s3:ListBucket on the bucket and s3:GetObject on "
-                               "its objects, and the --region of the stack") from None
+        if code in ACCESS_ERROR_CODES:
+            raise ModelBucketError(f"could not read the model of job {job_id} from {uri} ({code}): check that the "
+                                   "bucket exists, that your credentials may call s3:ListBucket on it and "
+                                   "s3:GetObject on its objects, and the --region of the stack") from None
+        raise ModelBucketError(f"could not read the model of job {job_id} from {uri}: S3 returned {code or error}; "
+                               "try again in a moment") from None
     return job_dir
 

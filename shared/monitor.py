@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from shared.config import stack_resource_name
 from shared.efs import EfsStore, json_preview
 from shared.errors import DIVERGED_WORDS, BatonError
-from shared.model_bucket import download_model
+from shared.model_bucket import ModelBucketError, download_model
 from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
@@ -274,18 +274,29 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
         If the job SUCCEEDED but ``efs_root`` contains no model for it, so ``efs_root``
         is not the job's EFS folder.
     ModelBucketError
-        If the model cannot be downloaded from the models bucket.
+        If the model cannot be downloaded from the models bucket. The summary, spec and
+        metrics are written first.
     """
     record = require_job(store, job_id)
     uri = record.attributes.get("model_uri")
-    if efs_root is None and s3_client is not None and record.status == SUCCEEDED and uri:
-        with tempfile.TemporaryDirectory(prefix="baton-model-") as temporary:
+    if efs_root is not None or s3_client is None or record.status != SUCCEEDED or not uri:
+        return _fetch_job(store, record, output_dir, efs_root)
+    with tempfile.TemporaryDirectory(prefix="baton-model-") as temporary:
+        try:
             download_model(s3_client, uri, job_id, Path(temporary))
-            return _fetch_job(store, record, output_dir, Path(temporary))
-    return _fetch_job(store, record, output_dir, efs_root)
+        except ModelBucketError as error:
+            _fetch_job(store, record, output_dir, None, missing_model_note="")
+            raise ModelBucketError(f"{error}. The summary, spec and metrics were saved in {output_dir}") from None
+        return _fetch_job(store, record, output_dir, Path(temporary))
 
 
-def _fetch_job(store: StateStore, record: JobRecord, output_dir: Path, efs_root: Path | None) -> FetchResult:
+def _fetch_job(store: StateStore, record: JobRecord, output_dir: Path, efs_root: Path | None,
+               missing_model_note: str | None = None) -> FetchResult:
+    """Write a job's files into ``output_dir``, with its model from ``efs_root`` when it has one.
+
+    ``missing_model_note`` replaces the note on a SUCCEEDED job's model that ``efs_root``
+    None leaves out; an empty text adds none.
+    """
     job_id = record.job_id
     rounds = store.list_round_metrics(job_id)
     cancelled_with_model = record.status == CANCELLED and efs_root is not None and _model_of_last_round(
@@ -313,11 +324,13 @@ def _fetch_job(store: StateStore, record: JobRecord, output_dir: Path, efs_root:
                                 "its model; that model, trained for every round, is copied")
     elif record.status != SUCCEEDED:
         result.notes.append(_no_model_note(job_id, record.status, record.error))
-    else:
+    elif missing_model_note is None:
         result.notes.append(f"model not copied: it is on EFS under jobs/{job_id}/model/, and the job's stack copies "
                             "no models to S3 (params.modelsBucket in serverless.yml is empty, or was when the job "
                             "finished); pass --efs-root for a local stack, or copy it out of AWS with DataSync "
                             "(docs/deployment.md)")
+    elif missing_model_note:
+        result.notes.append(missing_model_note)
     return result
 
 

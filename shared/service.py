@@ -45,7 +45,7 @@ from shared import cost
 from shared import data as datasets
 from shared import faults
 from shared.config import Settings
-from shared.efs import EfsStore
+from shared.efs import EfsStore, sha256_of_file
 from shared.metrics import publish_round_metrics
 from shared.errors import (DataError, EfsNotWritableError, InvalidMessageError, JobConflictError, JobSpecError,
                            PermanentError, StaleMessageError)
@@ -57,7 +57,7 @@ from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_
                               write_reduced_slice, write_worker_result)
 from shared.source_files import FIX
 from shared.spec import JobSpec, derive_job_id, load_job_message, parse_job_spec
-from shared.state import PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
+from shared.state import CONTINUED_FROM, PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
 from shared.target_scaling import params_in_target_units
 from shared.training import (Reduction, RoundUpdate, StoppingState, build_model, build_model_for_preparation,
                              build_optimizer, check_model_fits, check_stopping, check_validation_finite,
@@ -218,7 +218,7 @@ def start_job(services: Services, body: str, message_id: str) -> str:
 
     record, created = services.state.create_job(spec.job_id, spec.fingerprint(), spec.canonical_json(),
                                                 spec.training.n_workers)
-    first_round = int(record.attributes.get("continued_from", 0))
+    first_round = record.first_round
     if record.status == RUNNING and record.round == first_round:
         # A redelivery after a crash between starting the job and sending its first round
         # would otherwise leave the job waiting. Workers drop the tasks that already ran.
@@ -360,50 +360,93 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
         # Cancelled while the data was prepared: round 0 does not start.
         raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status}; "
                                 "its round 0 does not start")
-    first_round = continuation_round(store, spec.job_id, rounds)
+    manifest_digest = sha256_of_file(store.data_dir(spec.job_id) / "manifest.json")
+    first_round = continuation_round(store, spec.job_id, rounds, manifest_digest)
     if first_round > 0:
-        _continue_earlier_run(services, spec, rounds, first_round)
+        summary = _continue_earlier_run(services, spec, first_round)
+        _start_rounds(services, spec, rounds, first_round, summary)
         return
     params = mode.initial_params(
         spec, manifest, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
     _set_aside_earlier_run(store, spec.job_id)
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
+    # After the round 0 state: a run whose record is missing has nothing to go on from.
+    store.write_json(store.job_dir(spec.job_id) / RUN_RECORD, {"manifest_sha256": manifest_digest})
+    _start_rounds(services, spec, rounds, 0, {})
 
-    if not services.state.start_job(spec.job_id, rounds):
-        record = services.state.get_job(spec.job_id)
-        if record is None or record.status != "RUNNING" or record.round != 0:
-            # Cancelled (or failed) between the check above and the transition.
-            raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status} "
-                                    f"at round {None if record is None else record.round}; its round 0 does not start")
-    faults.maybe_fail("starter.started", job_id=spec.job_id)
 
-    # Sent whether this delivery made the transition or an earlier one did, so a retry
-    # after a crash between the transition and the send still starts round 0. Workers
-    # drop duplicates.
-    services.queues.send_tasks(spec.job_id, 0, list(range(spec.training.n_workers)))
-    logger.info("job started", extra={"job_id": spec.job_id, "total_rounds": rounds,
+def _start_rounds(services: Services, spec: JobSpec, total_rounds: int, first_round: int,
+                  summary: dict[str, Any]) -> None:
+    """Move the job from PREPARING to RUNNING at ``first_round`` and send that round's tasks.
+
+    The tasks are sent whether this delivery made the transition or an earlier one did, so
+    a retry after a crash between the transition and the send still starts the round.
+    Workers drop duplicates.
+
+    Raises
+    ------
+    StaleMessageError
+        If the job was cancelled or failed after the caller's last status check.
+    """
+    job_id = spec.job_id
+    if not services.state.start_job(job_id, total_rounds, first_round=first_round, summary=summary):
+        record = services.state.get_job(job_id)
+        if record is None or record.status != RUNNING or record.round != first_round:
+            raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status} at round "
+                                    f"{None if record is None else record.round}; its round {first_round} does not "
+                                    "start")
+    faults.maybe_fail("starter.started", job_id=job_id)
+
+    services.queues.send_tasks(job_id, first_round, list(range(spec.training.n_workers)))
+    logger.info("job started", extra={"job_id": job_id, "round": first_round, "total_rounds": total_rounds,
                                       "n_workers": spec.training.n_workers})
 
 
-def continuation_round(store: EfsStore, job_id: str, total_rounds: int) -> int:
-    """Return the round from which the job goes on with an earlier, unfinished run's files; 0 for none.
+# The file in a job's folder that ties its round folders to the data they were trained on.
+RUN_RECORD = "run.json"
+
+
+def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest_digest: str) -> int:
+    """Return the round from which the job goes on with an earlier, unfinished run's files.
 
     An unfinished run's files stay on EFS when its job item is gone, as after a local
     stack that stopped or a redeployed table. The same spec sent again then goes on from
     them, so no trained round is lost. A round ``r`` qualifies when its folder contains the
     state (``state.npz``) and the stopping state (``stopping.json``), and the metrics file
-    of round ``r - 1`` exists. The aggregator writes those three in that order before it
-    advances, so together they show that round ``r - 1`` was committed on EFS.
+    of round ``r - 1`` exists. The aggregator writes the state, then the metrics file, then
+    the stopping state, all before it advances, so together they show that round ``r - 1``
+    was committed on EFS.
 
     The job goes on from the last such round but one, so the last committed round is
     aggregated again. Its aggregation may have decided to stop the job and then crashed
-    before the model was written, and only the model records that decision. A
-    return value of 0 means a fresh start: no files, a run that finished
-    (``model/model.json`` exists), or only round 0 committed.
+    before the model was written, and only the model records that decision.
+
+    Parameters
+    ----------
+    store : EfsStore
+    job_id : str
+    total_rounds : int
+        The job's round limit; round folders beyond it do not count.
+    manifest_digest : str
+        SHA-256 of the job's data manifest now. The earlier run's rounds count only if it
+        trained on the same data, which its run record (``run.json``) shows.
+
+    Returns
+    -------
+    int
+        The 0-based round to go on from, or 0 for a fresh start: no files, a run that
+        finished (``model/model.json`` exists), a run on other data (a preparation started
+        over after the data changed), or only round 0 committed.
     """
     job_dir = store.job_dir(job_id)
     rounds_dir = job_dir / "rounds"
     if (job_dir / "model" / "model.json").exists() or not rounds_dir.is_dir():
+        return 0
+    try:
+        run = store.read_json(job_dir / RUN_RECORD)
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(run, dict) or run.get("manifest_sha256") != manifest_digest:
         return 0
 
     def committed(round_index: int) -> bool:
@@ -423,12 +466,21 @@ def _metrics_problem(metrics: Any) -> str | None:
     return f"has no {', '.join(missing)}" if missing else None
 
 
-def _continue_earlier_run(services: Services, spec: JobSpec, total_rounds: int, first_round: int) -> None:
-    """Start the job at ``first_round`` from an earlier run's files on EFS and send that round's tasks.
+def job_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Return the fields of a round's metrics that the job item keeps: epoch, losses, cost so far."""
+    summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"], "cost_usd": metrics["total_cost_usd"]}
+    for name in ("validation_loss", "validation_accuracy", "validation_r2"):
+        if name in metrics:
+            summary[name] = metrics[name]
+    return summary
 
-    The round items of the rounds before it get their metrics from the metrics files, so
-    ``baton fetch``, ``plot`` and ``watch`` show the whole job. The job item starts with the
-    running cost, epoch and losses of the round before ``first_round``.
+
+def _continue_earlier_run(services: Services, spec: JobSpec, first_round: int) -> dict[str, Any]:
+    """Put an earlier run's metrics of the rounds before ``first_round`` into the table; return the job summary.
+
+    The round items get their metrics from the metrics files, so ``baton fetch``, ``plot``
+    and ``watch`` show the whole job. The summary, for the job item, contains
+    ``first_round`` and the running cost, epoch and losses of the round before it.
     """
     store, state, job_id = services.store, services.state, spec.job_id
     skipped = []
@@ -437,25 +489,12 @@ def _continue_earlier_run(services: Services, spec: JobSpec, total_rounds: int, 
             state.put_round_metrics(job_id, round_index, store.read_json(store.metrics_path(job_id, round_index)))
         except (OSError, ValueError):
             # Moved or damaged since that run; the round only lacks its metrics in the table.
-            skipped.append(round_index + 1)
+            skipped.append(round_number(round_index))
     metrics = datasets.read_job_json(store, store.metrics_path(job_id, first_round - 1), problem_of=_metrics_problem)
     state.put_round_metrics(job_id, first_round - 1, metrics)
-    summary = {"continued_from": first_round, "epoch": metrics["epoch"], "train_loss": metrics["train_loss"],
-               "cost_usd": metrics["total_cost_usd"]}
-    for name in ("validation_loss", "validation_accuracy", "validation_r2"):
-        if name in metrics:
-            summary[name] = metrics[name]
-    if not state.start_job(job_id, total_rounds, first_round=first_round, summary=summary):
-        record = state.get_job(job_id)
-        if record is None or record.status != "RUNNING" or record.round != first_round:
-            raise StaleMessageError(f"job {job_id} is {'missing' if record is None else record.status}; it does not "
-                                    f"go on from round {first_round}")
-    faults.maybe_fail("starter.started", job_id=job_id)
-
-    services.queues.send_tasks(job_id, first_round, list(range(spec.training.n_workers)))
     logger.warning("job goes on from an earlier run's files", extra={
-        "job_id": job_id, "round": first_round, "total_rounds": total_rounds,
-        "rounds_without_metrics_in_table": skipped})
+        "job_id": job_id, "round": first_round, "rounds_without_metrics_in_table": skipped})
+    return {CONTINUED_FROM: first_round, **job_summary(metrics)}
 
 
 EARLIER_RUNS_FOLDER = "earlier-runs"
@@ -903,10 +942,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     faults.maybe_fail("aggregator.after_metrics", **ids)
 
     stop_reason = _stop_reason(store, spec, record, job_id, round_index, metrics)
-    summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"], "cost_usd": metrics["total_cost_usd"]}
-    for name in ("validation_loss", "validation_accuracy", "validation_r2"):
-        if name in metrics:
-            summary[name] = metrics[name]
+    summary = job_summary(metrics)
     publish_round_metrics(job_id, round_index, metrics)
 
     if stop_reason is not None:

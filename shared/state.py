@@ -120,6 +120,8 @@ def _from_attribute(attribute: dict) -> Any:
 
 # The job item's count of preparations started again by a resume (absent: none).
 PREPARATION_ATTEMPT = "preparation_attempt"
+# The job item's round from which a job went on with an earlier run's files on EFS.
+CONTINUED_FROM = "continued_from"
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,11 @@ class JobRecord:
             error=values.get("error"),
             attributes=values,
         )
+
+    @property
+    def first_round(self) -> int:
+        """Return the round the job started at: 0, or above 0 when it went on from an earlier run's files."""
+        return int(self.attributes.get(CONTINUED_FROM, 0))
 
 
 def describe_last_error(last_error: dict[str, Any]) -> str:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 
+from shared import control
+from shared.efs import sha256_of_file
 from shared.service import continuation_round
-from shared.state import SUCCEEDED
+from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, final_params, forget_job, run_job
 
 N_ROUNDS = 12
@@ -55,7 +58,7 @@ def test_interrupted_job_goes_on_to_same_weights(inprocess_stack, efs_root):
 
     assert record.status == SUCCEEDED, record.error
     # Rounds 0 to 6 were committed; the job went on from round 6, the last committed one but one.
-    assert record.attributes["continued_from"] == 6
+    assert record.first_round == 6
     assert record.round == N_ROUNDS
     np.testing.assert_array_equal(final_params(efs_root, "interrupted"), final_params(efs_root, "uninterrupted"))
     assert not (efs_root / "jobs" / "interrupted" / "earlier-runs").exists()
@@ -82,7 +85,7 @@ def test_crash_before_model_written_stops_again(inprocess_stack, efs_root):
     again = run_job(inprocess_stack, spec)
 
     assert again.status == SUCCEEDED, again.error
-    assert again.attributes["continued_from"] == stop_round - 1
+    assert again.first_round == stop_round - 1
     assert again.attributes["stop_reason"] == "target_accuracy"
     assert again.round == stop_round
     np.testing.assert_array_equal(final_params(efs_root, "stopped-early"), model)
@@ -96,7 +99,7 @@ def test_finished_run_trains_again(inprocess_stack, efs_root):
     record = run_job(inprocess_stack, spec)
 
     assert record.status == SUCCEEDED, record.error
-    assert "continued_from" not in record.attributes
+    assert record.first_round == 0
     assert (efs_root / "jobs" / "finished" / "earlier-runs" / "1" / "model" / "params.npy").is_file()
 
 
@@ -105,11 +108,55 @@ def test_continuation_round_needs_committed_rounds(inprocess_stack, efs_root):
     inprocess_stack.submit(spec)
     run_until_round(inprocess_stack, "partial", 5)
     store = inprocess_stack.services.store
-    assert continuation_round(store, "partial", N_ROUNDS) == 4
+    digest = sha256_of_file(store.data_dir("partial") / "manifest.json")
+    assert continuation_round(store, "partial", N_ROUNDS, digest) == 4
 
     # Without round 5's stopping state, round 5 is not committed, so the job goes on from 3.
     (store.round_dir("partial", 5) / "stopping.json").unlink()
-    assert continuation_round(store, "partial", N_ROUNDS) == 3
+    assert continuation_round(store, "partial", N_ROUNDS, digest) == 3
 
     # Round 1 alone committed: a fresh start.
-    assert continuation_round(store, "partial", 1) == 0
+    assert continuation_round(store, "partial", 1, digest) == 0
+
+    # Rounds trained on other data: a fresh start.
+    assert continuation_round(store, "partial", N_ROUNDS, "0" * 64) == 0
+
+
+def test_changed_data_starts_over(inprocess_stack, efs_root):
+    # The data changes after the earlier run: the rerun fails on it, and the resume that
+    # prepares the data again starts over instead of going on from weights of the old data.
+    spec = breast_cancer_spec("changed-data", training={"max_rounds": N_ROUNDS})
+    inprocess_stack.submit(spec)
+    run_until_round(inprocess_stack, "changed-data", 7)
+    lose_table(inprocess_stack, "changed-data")
+    path = efs_root / "datasets" / "breast_cancer.csv"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-40]))
+    assert run_job(inprocess_stack, spec).status == FAILED
+
+    control.resume_job(inprocess_stack.services.state, inprocess_stack.services.queues, "changed-data")
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("changed-data")
+    assert record.status == SUCCEEDED, record.error
+    assert record.first_round == 0
+    assert (efs_root / "jobs" / "changed-data" / "earlier-runs" / "1" / "metrics" / "7.json").is_file()
+    rounds = inprocess_stack.services.state.list_round_metrics("changed-data")
+    assert [entry["round"] for entry in rounds] == list(range(1, N_ROUNDS + 1))
+
+
+def test_failure_line_names_next_round(inprocess_stack, efs_root):
+    from shared.cli import _after_failure
+
+    spec = breast_cancer_spec("failed-local", training={"max_rounds": N_ROUNDS})
+    inprocess_stack.submit(spec)
+    run_until_round(inprocess_stack, "failed-local", 7)
+    record = inprocess_stack.services.state.get_job("failed-local")
+    failed = replace(record, status="FAILED", error="aggregator failed 5 times on message m: OSError")
+    diverged = replace(failed, error="training diverged in round 8: the loss is nan; lower the learning rate")
+
+    line = _after_failure(failed, efs_root)
+
+    assert line.endswith("once the cause is fixed, running the same command again goes on from round 7")
+    assert str(efs_root / "jobs" / "failed-local") in line
+    assert _after_failure(diverged, efs_root) == ""
+    assert _after_failure(replace(failed, total_rounds=0), efs_root) == ""

@@ -112,6 +112,21 @@ def test_download_names_deleted_object(bucket_stack, tmp_path):
         download_model(bucket_stack.s3, model_uri(BUCKET, JOB_ID), JOB_ID, tmp_path)
 
 
+def test_fetch_saves_metrics_when_download_fails(bucket_stack, tmp_path):
+    bucket_stack.s3.create_bucket(Bucket=BUCKET)
+    run_job(bucket_stack, breast_cancer_spec(JOB_ID))
+    bucket_stack.s3.delete_object(Bucket=BUCKET, Key=f"jobs/{JOB_ID}/model/model.json")
+    output = tmp_path / "fetched"
+
+    with pytest.raises(ModelBucketError, match="has no model/model.json") as raised:
+        fetch_job(bucket_stack.services.state, JOB_ID, output, s3_client=bucket_stack.s3)
+
+    assert f"The summary, spec and metrics were saved in {output}" in str(raised.value)
+    assert (output / "metrics.csv").is_file()
+    assert (output / "job.json").is_file()
+    assert not (output / "model").exists()
+
+
 def test_download_rejects_uri_of_other_job(bucket_stack, tmp_path):
     with pytest.raises(ModelBucketError, match="which is not s3://<bucket>/jobs/copied-model/"):
         download_model(bucket_stack.s3, model_uri(BUCKET, "another-job"), JOB_ID, tmp_path)

@@ -419,10 +419,10 @@ def test_late_cancel_sends_no_round_zero_tasks(inprocess_stack, monkeypatch):
     state = inprocess_stack.services.state
     start_job = state.start_job
 
-    def cancel_then_start(job_id, total_rounds):
+    def cancel_then_start(job_id, total_rounds, **options):
         # The user's cancel lands after the starter's last status check.
         assert state.set_status(job_id, CANCELLED, (PREPARING,))
-        return start_job(job_id, total_rounds)
+        return start_job(job_id, total_rounds, **options)
 
     monkeypatch.setattr(state, "start_job", cancel_then_start)
     inprocess_stack.submit(a9a_spec(max_rounds=3))

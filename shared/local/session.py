@@ -478,7 +478,7 @@ class LocalStack:
             self.check_server()
             with self._server_requests():
                 record = self.state.get_job(job_id)
-            first_round = 0 if record is None else int(record.attributes.get("continued_from", 0))
+            first_round = 0 if record is None else record.first_round
             if first_round > 0 and not continued:
                 continued = True
                 next_round = max(next_round, first_round)
