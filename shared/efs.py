@@ -20,6 +20,7 @@ that messages and DynamoDB keys use. Metrics files are named by the round number
     rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors and the round's sums of
                                    the small arrays, when training.reducers > 1
     metrics/<r + 1>.json           metrics of round r, never pruned
+    run.json                       the manifest digest that the round folders were trained on
     model/params.npy, model.json   the final model
 """
 
