@@ -417,9 +417,9 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
     the stopping state, all before it advances, so together they show that round ``r - 1``
     was committed on EFS.
 
-    The job goes on from the last such round but one, so the last committed round is
-    aggregated again. Its aggregation may have decided to stop the job and then crashed
-    before the model was written, and only the model records that decision.
+    The job goes on from the committed round before the last one, so the last committed
+    round is aggregated again. Its aggregation may have decided to stop the job and then
+    crashed before the model was written, and only the model records that decision.
 
     Parameters
     ----------
@@ -455,8 +455,10 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
                 and store.metrics_path(job_id, round_index - 1).is_file())
 
     indexes = [int(path.name) for path in rounds_dir.iterdir() if path.name.isdigit()]
-    last = max((index for index in indexes if 1 <= index <= total_rounds and committed(index)), default=0)
-    return last - 1 if last >= 2 and committed(last - 1) else 0
+    committed_rounds = sorted(index for index in indexes if 1 <= index <= total_rounds and committed(index))
+    # Any committed round before the last will do: the rounds from there are aggregated
+    # again, and each takes the same decisions as before.
+    return committed_rounds[-2] if len(committed_rounds) >= 2 else 0
 
 
 def _metrics_problem(metrics: Any) -> str | None:
@@ -508,12 +510,22 @@ def _set_aside_earlier_run(store: EfsStore, job_id: str) -> Path | None:
     is gone, as after a new local stack or a redeployed table. Left in place, its metrics would
     mix with the new run's in ``fetch`` and ``plot``. Nothing is deleted, since they may
     hold a trained model. Returns the folder they were moved to, or None if there were none.
+
+    Round 0's progress files go too, or a worker or the aggregator of the new round 0
+    would take the earlier run's saved progress for its own. The rest of round 0 stays,
+    because a twin delivery of this message may already have started it. Its results
+    are harmless, since each worker writes its own before it is recorded as done, and a
+    progress file moved from under a twin only makes its writer compute again.
     """
     job_dir = store.job_dir(job_id)
     rounds_dir = job_dir / "rounds"
     earlier = [job_dir / name for name in ("metrics", "model") if (job_dir / name).exists()]
     if rounds_dir.is_dir():
         earlier += [path for path in rounds_dir.iterdir() if not (path.name.isdigit() and int(path.name) == 0)]
+    round_zero = store.round_dir(job_id, 0)
+    if round_zero.is_dir():
+        earlier += [path for path in round_zero.iterdir()
+                    if path.name == "aggregate-progress.json" or path.name.startswith("progress-")]
     if not earlier:
         return None
     runs_dir = job_dir / EARLIER_RUNS_FOLDER
@@ -533,9 +545,11 @@ def _set_aside_earlier_run(store: EfsStore, job_id: str) -> Path | None:
             number += 1
     (destination / "rounds").mkdir()
     for path in earlier:
+        target = destination / path.relative_to(job_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # One rename per folder, within one file system.
-            os.replace(path, destination / path.relative_to(job_dir))
+            # One rename per folder (or progress file), within one file system.
+            os.replace(path, target)
         except FileNotFoundError:
             # A twin delivery moved it first.
             continue

@@ -15,7 +15,8 @@ import numpy as np
 
 from shared import control
 from shared.efs import sha256_of_file
-from shared.service import continuation_round
+from shared.handlers import set_services
+from shared.service import Services, continuation_round
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, final_params, forget_job, run_job
 
@@ -112,7 +113,14 @@ def test_continuation_round_needs_committed_rounds(inprocess_stack, efs_root):
     assert continuation_round(store, "partial", N_ROUNDS, digest) == 4
 
     # Without round 5's stopping state, round 5 is not committed, so the job goes on from 3.
-    (store.round_dir("partial", 5) / "stopping.json").unlink()
+    stopping = store.round_dir("partial", 5) / "stopping.json"
+    saved_stopping = stopping.read_bytes()
+    stopping.unlink()
+    assert continuation_round(store, "partial", N_ROUNDS, digest) == 3
+
+    # Round 4 without the metrics of round index 3: the committed round before 5 is 3.
+    stopping.write_bytes(saved_stopping)
+    store.metrics_path("partial", 3).unlink()
     assert continuation_round(store, "partial", N_ROUNDS, digest) == 3
 
     # Round 1 alone committed: a fresh start.
@@ -160,3 +168,25 @@ def test_failure_line_names_next_round(inprocess_stack, efs_root):
     assert str(efs_root / "jobs" / "failed-local") in line
     assert _after_failure(diverged, efs_root) == ""
     assert _after_failure(replace(failed, total_rounds=0), efs_root) == ""
+
+
+def test_fresh_start_ignores_saved_progress(inprocess_stack, efs_root):
+    # One step per invocation, so the aggregator of round 0 saves its progress on EFS. The
+    # run is lost after round 0, and the fresh start must not adopt that progress.
+    settings = replace(inprocess_stack.settings, max_steps_per_invocation=1)
+    inprocess_stack.services = Services(settings, dynamodb=inprocess_stack.dynamodb, sqs=inprocess_stack.sqs)
+    set_services(inprocess_stack.services)
+    spec = breast_cancer_spec("progress-left", training={"max_rounds": 4})
+    reference = breast_cancer_spec("progress-reference", training={"max_rounds": 4})
+    assert run_job(inprocess_stack, reference).status == SUCCEEDED
+    inprocess_stack.submit(spec)
+    run_until_round(inprocess_stack, "progress-left", 1)
+    assert (efs_root / "jobs" / "progress-left" / "rounds" / "0" / "aggregate-progress.json").is_file()
+    lose_table(inprocess_stack, "progress-left")
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    assert record.first_round == 0
+    np.testing.assert_array_equal(final_params(efs_root, "progress-left"),
+                                  final_params(efs_root, "progress-reference"))
