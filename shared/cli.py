@@ -165,7 +165,8 @@ def _check_local_endpoint(stage: str, endpoint_url: str | None) -> None:
     if stage == LOCAL_STAGE and endpoint_url is None and not os.environ.get("AWS_ENDPOINT_URL"):
         raise click.UsageError("--stage local names the stack that `baton run` serves on this machine, so give "
                                "its --endpoint-url, which `baton run` prints (http://127.0.0.1:PORT). Once `baton "
-                               "run` has ended, `baton fetch` and `baton plot` read the job with --efs-root alone")
+                               "run` has ended, `baton fetch` and `baton plot` read the job with --efs-root alone, "
+                               "and `baton export` with --local-dir or --efs-root alone")
 
 
 def _check_endpoint_url(context: click.Context, parameter: click.Parameter, url: str | None) -> str | None:
@@ -791,9 +792,9 @@ def export_command(job_id: str, stage: str, endpoint_url: str | None, region: st
                                    "was written")
     from_stack = _stack_option_given()
     if from_stack and (efs_root is not None or _given("local_dir")):
-        raise click.ClickException("give either --efs-root or --local-dir, to export from an EFS folder, or "
-                                   "--stage, --endpoint-url and --region, to export from the stack's models bucket, "
-                                   "not both. Nothing was written")
+        raise click.ClickException("give either --efs-root or --local-dir, to export from an EFS folder, or any "
+                                   "of --stage, --endpoint-url and --region, to export from the stack's models "
+                                   "bucket, not options of both kinds. Nothing was written")
     try:
         with writing_output(output_file):
             if from_stack:
@@ -811,12 +812,13 @@ def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region
     import tempfile
 
     from shared.export import export_estimator
-    from shared.monitor import download_finished_model
+    from shared.monitor import bucket_copy_errors, download_finished_model
 
     state = _state_store(stage, endpoint_url, region)
     with tempfile.TemporaryDirectory(prefix="baton-export-") as temporary:
         efs_root = download_finished_model(state, _s3_client(endpoint_url, region), job_id, Path(temporary))
-        return export_estimator(efs_root, job_id, output_file)
+        with bucket_copy_errors(efs_root, state.get_job(job_id).attributes["model_uri"], job_id):
+            return export_estimator(efs_root, job_id, output_file)
 
 # Controlling jobs: pause, resume, cancel ------------------------------------------------------
 # Each is a conditional status change in DynamoDB (shared/control.py); resume also sends

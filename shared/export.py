@@ -215,11 +215,12 @@ def _read_scaling(store: EfsStore, job_id: str, manifest: dict,
     if copy_path.is_file() and _scaling_problem(store, copy_path, n_features) is None:
         remedy = (f"the job copied it to {copy_path.relative_to(store.root)} when it succeeded, so copy that file "
                   f"over it, or {RETRAIN_REMEDY}")
-    if not path.exists():
-        if manifest["standardized"]:
-            raise store.damaged_file_error(path, "is missing, but data/manifest.json records that the data was "
-                                                 "standardised", remedy)
+    if not manifest["standardized"]:
+        # A stray file, such as one an earlier job of this id left, does not count.
         return None
+    if not path.exists():
+        raise store.damaged_file_error(path, "is missing, but data/manifest.json records that the data was "
+                                             "standardised", remedy)
     return _read_scaling_file(store, path, n_features, remedy)
 
 

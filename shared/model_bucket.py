@@ -16,11 +16,18 @@ key under the prefix        content
 ``model/params.npy``        the final parameters
 ``model/model.json``        the model's description, rounds and final metrics
 ``model/standardize.npz``   the model's own copy of the statistics
+``bundle.json``             the list of the files above that this bundle has, written last
 =========================  =========================================================
+
+A job id sent again with another spec, after its table and EFS folder were deleted,
+writes its bundle over the earlier one's. The earlier bundle may have had a file the new
+one lacks, such as the statistics of standardised data, so readers take only the files
+that ``bundle.json`` lists.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -34,6 +41,7 @@ logger = logging.getLogger(__name__)
 BUNDLE_FILES = ("spec.json", "data/manifest.json", "data/standardize.npz", "model/params.npy", "model/model.json",
                 "model/standardize.npz")
 REQUIRED_FILES = ("spec.json", "data/manifest.json", "model/params.npy", "model/model.json")
+BUNDLE_LISTING = "bundle.json"
 MODEL_URI_PATTERN = re.compile(r"^s3://([^/]+)/(jobs/[^/]+/)$")
 # S3 error codes that a retry cannot fix: the bucket, the credentials or the permission is
 # wrong. S3 returns 404 for a request on a missing bucket that names no object.
@@ -90,14 +98,16 @@ def upload_model(s3_client, bucket: str, store: EfsStore, job_id: str) -> str:
     from botocore.exceptions import ClientError
 
     job_dir = store.job_dir(job_id)
+    names = [name for name in BUNDLE_FILES if (job_dir / name).is_file()]
+    listing = json.dumps({"files": names}).encode()
     uploaded = 0
-    for name in BUNDLE_FILES:
-        path = job_dir / name
-        if not path.is_file():
-            continue
+    for name in [*names, BUNDLE_LISTING]:
         key = f"jobs/{job_id}/{name}"
         try:
-            s3_client.upload_file(str(path), bucket, key)
+            if name == BUNDLE_LISTING:
+                s3_client.put_object(Bucket=bucket, Key=key, Body=listing)
+            else:
+                s3_client.upload_file(str(job_dir / name), bucket, key)
         except (ClientError, S3UploadFailedError) as error:
             code = _error_code(error)
             if code not in ACCESS_ERROR_CODES:
@@ -107,10 +117,21 @@ def upload_model(s3_client, bucket: str, store: EfsStore, job_id: str) -> str:
                 f"MODELS_BUCKET ('{bucket}') names the bucket the stack created from params.modelsBucket and that "
                 f"the aggregator's role may write it. The model is on EFS under jobs/{job_id}/model/; after the "
                 f"fix, `baton resume {job_id}` finishes the job again and copies it") from None
-        uploaded += path.stat().st_size
+        uploaded += len(listing) if name == BUNDLE_LISTING else (job_dir / name).stat().st_size
     logger.info("model copied to S3", extra={"job_id": job_id, "model_uri": model_uri(bucket, job_id),
                                               "bytes": uploaded})
     return model_uri(bucket, job_id)
+
+
+def _listed_files(body: bytes) -> list[str] | None:
+    """Return the file names a ``bundle.json`` lists, or None if it is not one Baton wrote."""
+    try:
+        files = json.loads(body)["files"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list) or not all(name in BUNDLE_FILES for name in files):
+        return None
+    return files
 
 
 def download_model(s3_client, uri: str, job_id: str, efs_root: Path) -> Path:
@@ -146,26 +167,41 @@ def download_model(s3_client, uri: str, job_id: str, efs_root: Path) -> Path:
         raise ModelBucketError(f"job {job_id} records model_uri {uri!r}, which is not s3://<bucket>/jobs/{job_id}/; "
                                "the job item was changed by something other than Baton")
     bucket, prefix = match.groups()
+    job_dir = EfsStore(efs_root).job_dir(job_id)
+    deleted = (f"the object was deleted after the job wrote it. The model is still on EFS under "
+               f"jobs/{job_id}/model/ unless that was deleted too")
     try:
-        listed = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        present = {entry["Key"][len(prefix):] for page in listed for entry in page.get("Contents", [])}
-        missing = [name for name in REQUIRED_FILES if name not in present]
-        if missing:
-            raise ModelBucketError(f"the model of job {job_id} in {uri} has no {', '.join(missing)}; the objects "
-                                   "were deleted after the job wrote them. The model is still on EFS under "
+        try:
+            body = s3_client.get_object(Bucket=bucket, Key=prefix + BUNDLE_LISTING)["Body"].read()
+        except ClientError as error:
+            if _error_code(error) in ("NoSuchKey", "404"):
+                raise ModelBucketError(f"the model of job {job_id} in {uri} has no {BUNDLE_LISTING}; {deleted}") \
+                    from None
+            raise
+        names = _listed_files(body)
+        if names is None or not set(REQUIRED_FILES) <= set(names):
+            raise ModelBucketError(f"{uri}{BUNDLE_LISTING} does not list the files of a model bundle, so it was "
+                                   "changed after the job wrote it. The model is still on EFS under "
                                    f"jobs/{job_id}/model/ unless that was deleted too")
-        job_dir = EfsStore(efs_root).job_dir(job_id)
-        for name in BUNDLE_FILES:
-            if name in present:
-                target = job_dir / name
-                target.parent.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            target = job_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
                 s3_client.download_file(bucket, prefix + name, str(target))
+            except ClientError as error:
+                if _error_code(error) in ("NoSuchKey", "404"):
+                    raise ModelBucketError(f"the model of job {job_id} in {uri} has no {name}; {deleted}") from None
+                raise
     except ClientError as error:
         code = _error_code(error)
+        if code == "NoSuchBucket":
+            raise ModelBucketError(f"could not read the model of job {job_id} from {uri}: the bucket '{bucket}' does "
+                                   "not exist (any more). The model is still on EFS under "
+                                   f"jobs/{job_id}/model/ unless that was deleted too") from None
         if code in ACCESS_ERROR_CODES:
-            raise ModelBucketError(f"could not read the model of job {job_id} from {uri} ({code}): check that the "
-                                   "bucket exists, that your credentials may call s3:ListBucket on it and "
-                                   "s3:GetObject on its objects, and the --region of the stack") from None
+            raise ModelBucketError(f"could not read the model of job {job_id} from {uri} ({code}): check that your "
+                                   "credentials may call s3:GetObject on the bucket's objects, and the --region of "
+                                   "the stack") from None
         raise ModelBucketError(f"could not read the model of job {job_id} from {uri}: S3 returned {code or error}; "
                                "try again in a moment") from None
     return job_dir

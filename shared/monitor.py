@@ -20,6 +20,7 @@ and error are only in the table, so a fetch from the EFS folder alone does not s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -30,12 +31,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 from urllib.parse import urlsplit
 
 from shared.config import stack_resource_name
 from shared.efs import EfsStore, json_preview
-from shared.errors import DIVERGED_WORDS, BatonError
+from shared.errors import DIVERGED_WORDS, BatonError, DamagedFileError
 from shared.model_bucket import ModelBucketError, download_model
 from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
@@ -287,7 +288,25 @@ def fetch_job(store: StateStore, job_id: str, output_dir: Path, efs_root: Path |
         except ModelBucketError as error:
             _fetch_job(store, record, output_dir, None, missing_model_note="")
             raise ModelBucketError(f"{error}. The summary, spec and metrics were saved in {output_dir}") from None
-        return _fetch_job(store, record, output_dir, Path(temporary))
+        with bucket_copy_errors(Path(temporary), uri, job_id):
+            return _fetch_job(store, record, output_dir, Path(temporary))
+
+
+@contextlib.contextmanager
+def bucket_copy_errors(efs_root: Path, uri: str, job_id: str) -> Iterator[None]:
+    """Name the models bucket, not the temporary folder ``efs_root``, in a damaged-file error.
+
+    The files were downloaded from ``uri`` into ``efs_root``, which is deleted once the
+    command ends. A file that fails a check was changed in the bucket after the job wrote
+    it, while the job's EFS folder still has the original.
+    """
+    try:
+        yield
+    except DamagedFileError as error:
+        message = str(error).replace(f" in the EFS folder {efs_root}", f" of the copy in {uri}")
+        problem = message.split("; ", 1)[0]
+        raise ModelBucketError(f"{problem}; it was changed in the bucket after the job wrote it. The model is still "
+                               f"on EFS under jobs/{job_id}/model/, and a finish of the job copies it again") from None
 
 
 def _fetch_job(store: StateStore, record: JobRecord, output_dir: Path, efs_root: Path | None,
@@ -527,6 +546,9 @@ def check_model_files(efs_root: Path, job_id: str) -> None:
 
 def _copy_model(efs_root: Path, job_id: str, output_dir: Path) -> list[Path]:
     target = output_dir / "model"
+    # A model folder left by an earlier fetch into DIR may have files this model lacks.
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
     shutil.copytree(EfsStore(efs_root).model_dir(job_id), target, dirs_exist_ok=True)
     return sorted(path for path in target.rglob("*") if path.is_file())
 

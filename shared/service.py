@@ -260,8 +260,14 @@ def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
     if not path.exists():
         return
     try:
-        same = parse_job_spec(store.read_json(path)).fingerprint() == spec.fingerprint()
-    except (ValueError, PermanentError):
+        earlier = store.read_json(path)
+    except ValueError as error:
+        raise DataError(f"file '{path.relative_to(store.root)}' of an earlier run of job '{spec.job_id}' is not valid "
+                        f"JSON ({error}), so Baton cannot tell whether that run had this spec. Write this spec into it "
+                        "if the earlier run had it, so that the job goes on from its rounds, or choose a new job_id")
+    try:
+        same = parse_job_spec(earlier).fingerprint() == spec.fingerprint()
+    except PermanentError:
         same = False
     if not same:
         raise DataError(
@@ -459,6 +465,10 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
     # Any committed round before the last will do: the rounds from there are aggregated
     # again, and each takes the same decisions as before.
     return committed_rounds[-2] if len(committed_rounds) >= 2 else 0
+
+
+def _object_problem(value: Any) -> str | None:
+    return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not an object"
 
 
 def _metrics_problem(metrics: Any) -> str | None:
@@ -1044,7 +1054,8 @@ def _stop_reason(store: EfsStore, spec: JobSpec, record: JobRecord, job_id: str,
     in the round folders, so a retried or resumed aggregation reads the same history.
     """
     stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
-    previous = StoppingState.from_dict(store.read_json(stopping_path) if stopping_path.exists() else None)
+    previous = StoppingState.from_dict(datasets.read_job_json(store, stopping_path, problem_of=_object_problem)
+                                       if stopping_path.exists() else None)
     stopping, stop_rule = check_stopping(spec, metrics, previous)
     store.write_json(store.round_dir(job_id, round_index + 1) / "stopping.json", stopping.to_dict())
     if stop_rule is not None:

@@ -190,3 +190,33 @@ def test_fresh_start_ignores_saved_progress(inprocess_stack, efs_root):
     assert record.first_round == 0
     np.testing.assert_array_equal(final_params(efs_root, "progress-left"),
                                   final_params(efs_root, "progress-reference"))
+
+
+def test_damaged_stopping_state_fails_once(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("damaged-stopping", training={"max_rounds": N_ROUNDS})
+    inprocess_stack.submit(spec)
+    run_until_round(inprocess_stack, "damaged-stopping", 5)
+    lose_table(inprocess_stack, "damaged-stopping")
+    (inprocess_stack.services.store.round_dir("damaged-stopping", 4) / "stopping.json").write_text("{bad")
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert "file 'jobs/damaged-stopping/rounds/4/stopping.json' is damaged" in record.error
+    retried = [delivery for delivery in inprocess_stack.deliveries if delivery.failed]
+    assert retried == []
+
+
+def test_damaged_earlier_spec_names_file(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("damaged-spec", training={"max_rounds": N_ROUNDS})
+    inprocess_stack.submit(spec)
+    run_until_round(inprocess_stack, "damaged-spec", 3)
+    lose_table(inprocess_stack, "damaged-spec")
+    spec_path = efs_root / "jobs" / "damaged-spec" / "spec.json"
+    spec_path.write_text(spec_path.read_text()[:20])
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == FAILED
+    assert "file 'jobs/damaged-spec/spec.json' of an earlier run of job 'damaged-spec' is not valid JSON" in record.error
+    assert "Write this spec into it" in record.error

@@ -6,6 +6,7 @@ DynamoDB, with EFS as a temporary folder.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import boto3
@@ -21,7 +22,7 @@ from shared.model_bucket import BUNDLE_FILES, ModelBucketError, download_model, 
 from shared.monitor import download_finished_model, fetch_job
 from shared.service import Services
 from shared.state import FAILED, SUCCEEDED
-from tests.baton_jobs import breast_cancer_spec, run_job
+from tests.baton_jobs import breast_cancer_spec, forget_job, run_job
 
 BUCKET = "baton-test-models"
 JOB_ID = "copied-model"
@@ -51,7 +52,7 @@ def test_finished_job_copies_model_to_bucket(bucket_stack, efs_root):
     assert record.status == SUCCEEDED, record.error
     assert record.attributes["model_uri"] == f"s3://{BUCKET}/jobs/{JOB_ID}/"
     # Standardised data: every file of the bundle exists.
-    assert bundle_keys(bucket_stack.s3, JOB_ID) == {f"jobs/{JOB_ID}/{name}" for name in BUNDLE_FILES}
+    assert bundle_keys(bucket_stack.s3, JOB_ID) == {f"jobs/{JOB_ID}/{name}" for name in (*BUNDLE_FILES, "bundle.json")}
     params = bucket_stack.s3.get_object(Bucket=BUCKET, Key=f"jobs/{JOB_ID}/model/params.npy")["Body"].read()
     assert params == (efs_root / "jobs" / JOB_ID / "model" / "params.npy").read_bytes()
 
@@ -108,7 +109,7 @@ def test_download_names_deleted_object(bucket_stack, tmp_path):
     run_job(bucket_stack, breast_cancer_spec(JOB_ID))
     bucket_stack.s3.delete_object(Bucket=BUCKET, Key=f"jobs/{JOB_ID}/model/params.npy")
 
-    with pytest.raises(ModelBucketError, match="has no model/params.npy; the objects were deleted"):
+    with pytest.raises(ModelBucketError, match="has no model/params.npy; the object was deleted"):
         download_model(bucket_stack.s3, model_uri(BUCKET, JOB_ID), JOB_ID, tmp_path)
 
 
@@ -125,6 +126,40 @@ def test_fetch_saves_metrics_when_download_fails(bucket_stack, tmp_path):
     assert (output / "metrics.csv").is_file()
     assert (output / "job.json").is_file()
     assert not (output / "model").exists()
+
+
+def test_rerun_with_other_spec_reads_its_own_bundle(bucket_stack, efs_root, tmp_path):
+    # The first job of this id standardised its data. The second, sent after the first's
+    # folder and items were deleted, does not, so the first one's statistics stay out.
+    bucket_stack.s3.create_bucket(Bucket=BUCKET)
+    run_job(bucket_stack, breast_cancer_spec(JOB_ID))
+    forget_job(bucket_stack, JOB_ID)
+    shutil.rmtree(efs_root / "jobs" / JOB_ID)
+    plain = breast_cancer_spec(JOB_ID, data={"standardize": False})
+    assert run_job(bucket_stack, plain).status == SUCCEEDED
+    downloaded = tmp_path / "downloaded"
+
+    download_finished_model(bucket_stack.services.state, bucket_stack.s3, JOB_ID, downloaded)
+
+    assert not (downloaded / "jobs" / JOB_ID / "data" / "standardize.npz").exists()
+    assert not (downloaded / "jobs" / JOB_ID / "model" / "standardize.npz").exists()
+    rows = np.loadtxt(efs_root / "datasets" / "breast_cancer.csv", delimiter=",", skiprows=1)[:, :-1]
+    from_bucket, _ = export_estimator(downloaded, JOB_ID, tmp_path / "bucket.joblib")
+    np.testing.assert_array_equal(from_bucket.predict(rows), load_trained_model(efs_root, JOB_ID).predict(rows))
+
+
+def test_fetch_names_bucket_copy_of_damaged_file(bucket_stack, tmp_path):
+    bucket_stack.s3.create_bucket(Bucket=BUCKET)
+    run_job(bucket_stack, breast_cancer_spec(JOB_ID))
+    bucket_stack.s3.put_object(Bucket=BUCKET, Key=f"jobs/{JOB_ID}/model/params.npy", Body=b"garbage")
+
+    with pytest.raises(ModelBucketError) as raised:
+        fetch_job(bucket_stack.services.state, JOB_ID, tmp_path / "fetched", s3_client=bucket_stack.s3)
+
+    message = str(raised.value)
+    assert message.startswith(f"jobs/{JOB_ID}/model/params.npy of the copy in s3://{BUCKET}/jobs/{JOB_ID}/ ")
+    assert "it was changed in the bucket after the job wrote it" in message
+    assert "baton-model-" not in message
 
 
 def test_download_rejects_uri_of_other_job(bucket_stack, tmp_path):
