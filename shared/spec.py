@@ -187,7 +187,9 @@ class DataSection:
                     "learning rate works alike whatever the targets' units. Without it the output bias starts at "
                     "the targets' mean, but targets with a spread far from 1 (such as 1e6) can make adam, "
                     "adagrad, clip_norm and mlp_regressor learn little or diverge. The penalty is rescaled so "
-                    "that the optimum stays that of the unscaled targets with the same model.alpha. Metrics, "
+                    "that the optimum stays that of the unscaled targets with the same model.alpha, so alpha "
+                    "still acts in the targets' units: for mlp_regressor on targets far below 1, lower it "
+                    "with them. Metrics, "
                     "training.target_validation_loss, the saved model and the export are in the targets' own "
                     "units.")
     stratify: bool | None = spec_field(
