@@ -350,8 +350,13 @@ def _echo_status_change(record, previous: str, endpoint_url: str) -> None:
 
 
 def _echo_continued(record, efs_root: Path) -> None:
-    """Print a line when ``baton run``'s own job goes on from an earlier run's files on EFS."""
+    """Print a line when ``baton run``'s own job goes on from an earlier run's files on EFS, or reuses its model."""
     first_round = record.first_round
+    if record.status == "SUCCEEDED" and record.round == first_round:
+        click.echo(f"job {record.job_id} had finished in an earlier run of its spec on the same data, so it is not "
+                   f"trained again: its model and the metrics of its {first_round} rounds are in "
+                   f"{efs_root / 'jobs' / record.job_id}. Add --fresh to train it again")
+        return
     click.echo(f"job {record.job_id} continues from round {first_round + 1}, where an earlier run of its spec "
                f"stopped; the metrics of its rounds 1 to {first_round} are in "
                f"{efs_root / 'jobs' / record.job_id / 'metrics'}")

@@ -367,6 +367,9 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
         raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status}; "
                                 "its round 0 does not start")
     manifest_digest = sha256_of_file(store.data_dir(spec.job_id) / "manifest.json")
+    if _finished_on_efs(store, spec.job_id, manifest_digest):
+        _finish_from_earlier_run(services, spec, rounds)
+        return
     first_round = continuation_round(store, spec.job_id, rounds, manifest_digest)
     if first_round > 0:
         summary = _continue_earlier_run(services, spec, first_round)
@@ -448,11 +451,7 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
     rounds_dir = job_dir / "rounds"
     if (job_dir / "model" / "model.json").exists() or not rounds_dir.is_dir():
         return 0
-    try:
-        run = store.read_json(job_dir / RUN_RECORD)
-    except (OSError, ValueError):
-        return 0
-    if not isinstance(run, dict) or run.get("manifest_sha256") != manifest_digest:
+    if not _same_run_data(store, job_id, manifest_digest):
         return 0
 
     def committed(round_index: int) -> bool:
@@ -469,6 +468,50 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
 
 def _object_problem(value: Any) -> str | None:
     return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not an object"
+
+
+def _same_run_data(store: EfsStore, job_id: str, manifest_digest: str) -> bool:
+    """Return whether the job's round folders and model were trained on the data of ``manifest_digest``."""
+    try:
+        run = store.read_json(store.job_dir(job_id) / RUN_RECORD)
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and run.get("manifest_sha256") == manifest_digest
+
+
+def _finished_on_efs(store: EfsStore, job_id: str, manifest_digest: str) -> bool:
+    """Return whether an earlier run of the job finished on this data: its ``model/model.json`` exists."""
+    return (store.model_dir(job_id) / "model.json").is_file() and _same_run_data(store, job_id, manifest_digest)
+
+
+def _finish_from_earlier_run(services: Services, spec: JobSpec, total_rounds: int) -> None:
+    """Record as SUCCEEDED a job whose earlier run finished on EFS, without training it again.
+
+    Training is deterministic, so the same spec on the same data would train the same
+    model. The model is copied to the models bucket, when the stack has one, as the
+    aggregator that finishes a job does, and the job item gets the earlier run's rounds,
+    stop reason and metrics.
+    """
+    store, job_id = services.store, spec.job_id
+    model_info = datasets.read_job_json(store, store.model_dir(job_id) / "model.json", problem_of=_model_info_problem)
+    rounds_done = int(model_info["rounds"])
+    summary = {CONTINUED_FROM: rounds_done, "stop_reason": model_info["stop_reason"],
+               **_backfill_round_metrics(services, spec, rounds_done)}
+    if services.settings.models_bucket:
+        summary["model_uri"] = upload_model(services.s3, services.settings.models_bucket, store, job_id)
+    if not services.state.start_job(job_id, total_rounds, first_round=rounds_done, summary=summary,
+                                    to_status="SUCCEEDED"):
+        raise StaleMessageError(f"job {job_id} is no longer PREPARING; it is not recorded as finished")
+    logger.warning("job had finished in an earlier run; its model is reused", extra={
+        "job_id": job_id, "rounds": rounds_done, "stop_reason": model_info["stop_reason"]})
+
+
+def _model_info_problem(model_info: Any) -> str | None:
+    if not isinstance(model_info, dict):
+        return f"contains a JSON {type(model_info).__name__}, not the object a model description is"
+    if not isinstance(model_info.get("rounds"), int) or model_info["rounds"] < 1:
+        return "has no positive whole number of rounds"
+    return None if isinstance(model_info.get("stop_reason"), str) else "has no stop_reason"
 
 
 def _metrics_problem(metrics: Any) -> str | None:
@@ -490,23 +533,31 @@ def job_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 def _continue_earlier_run(services: Services, spec: JobSpec, first_round: int) -> dict[str, Any]:
     """Put an earlier run's metrics of the rounds before ``first_round`` into the table; return the job summary.
 
-    The round items get their metrics from the metrics files, so ``baton fetch``, ``plot``
-    and ``watch`` show the whole job. The summary, for the job item, contains
-    ``first_round`` and the running cost, epoch and losses of the round before it.
+    The summary, for the job item, contains ``first_round`` and the running cost, epoch
+    and losses of the round before it.
+    """
+    return {CONTINUED_FROM: first_round, **_backfill_round_metrics(services, spec, first_round)}
+
+
+def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int) -> dict[str, Any]:
+    """Store an earlier run's metrics files of rounds ``0 .. rounds_done - 1`` on their round items.
+
+    So ``baton fetch``, ``plot`` and ``watch`` show the whole job. Returns the job summary
+    of the last of those rounds, whose metrics file must be intact.
     """
     store, state, job_id = services.store, services.state, spec.job_id
     skipped = []
-    for round_index in range(first_round - 1):
+    for round_index in range(rounds_done - 1):
         try:
             state.put_round_metrics(job_id, round_index, store.read_json(store.metrics_path(job_id, round_index)))
         except (OSError, ValueError):
             # Moved or damaged since that run; the round only lacks its metrics in the table.
             skipped.append(round_number(round_index))
-    metrics = datasets.read_job_json(store, store.metrics_path(job_id, first_round - 1), problem_of=_metrics_problem)
-    state.put_round_metrics(job_id, first_round - 1, metrics)
-    logger.warning("job goes on from an earlier run's files", extra={
-        "job_id": job_id, "round": first_round, "rounds_without_metrics_in_table": skipped})
-    return {CONTINUED_FROM: first_round, **job_summary(metrics)}
+    metrics = datasets.read_job_json(store, store.metrics_path(job_id, rounds_done - 1), problem_of=_metrics_problem)
+    state.put_round_metrics(job_id, rounds_done - 1, metrics)
+    logger.warning("an earlier run's metrics were stored in the table", extra={
+        "job_id": job_id, "rounds": rounds_done, "rounds_without_metrics_in_table": skipped})
+    return job_summary(metrics)
 
 
 EARLIER_RUNS_FOLDER = "earlier-runs"

@@ -278,16 +278,17 @@ class StateStore:
         return JobRecord.from_item(item), True
 
     def start_job(self, job_id: str, total_rounds: int, first_round: int = 0,
-                  summary: dict[str, Any] | None = None) -> bool:
+                  summary: dict[str, Any] | None = None, to_status: str = RUNNING) -> bool:
         """Move the job from PREPARING to RUNNING at ``first_round``; False if it had already moved.
 
         ``first_round`` is above 0 when the job goes on from an earlier run's files, and
         ``summary`` then sets the job item's fields that the aggregator keeps, such as
-        ``cost_usd``.
+        ``cost_usd``. ``to_status`` SUCCEEDED records a job whose earlier run had
+        finished, at the round it finished.
         """
         names = {"#status": "status", "#round": "round"}
         values = {
-            ":running": {"S": RUNNING},
+            ":running": {"S": to_status},
             ":preparing": {"S": PREPARING},
             ":total": {"N": str(total_rounds)},
             ":round": {"N": str(first_round)},

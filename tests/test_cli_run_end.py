@@ -230,6 +230,18 @@ def test_rerun_goes_on_after_ctrl_c(tmp_path, start_run):
     assert "job host SUCCEEDED after 40 rounds" in output
 
 
+def test_rerun_of_finished_job_reuses_model(tmp_path, start_run):
+    spec_file = write_spec(tmp_path, "host", 3)
+    assert start_run(spec_file).finish()[0] == 0
+
+    exit_status, output = start_run(spec_file).finish()
+
+    assert exit_status == 0, output
+    assert "job host had finished in an earlier run of its spec on the same data, so it is not trained again" in output
+    assert "job host SUCCEEDED after 3 rounds" in output
+    assert not [line for line in output.splitlines() if line.startswith("round ")]
+
+
 def test_closed_output_pipe_reported(tmp_path):
     # As `baton run ... | head -4` runs it: the reader closes stdout after a few lines.
     command = run_command(write_spec(tmp_path, "host", ENDLESS_ROUNDS), tmp_path / "baton")

@@ -92,16 +92,26 @@ def test_crash_before_model_written_stops_again(inprocess_stack, efs_root):
     np.testing.assert_array_equal(final_params(efs_root, "stopped-early"), model)
 
 
-def test_finished_run_trains_again(inprocess_stack, efs_root):
+def test_finished_run_is_reused(inprocess_stack, efs_root):
     spec = breast_cancer_spec("finished", training={"max_rounds": 4})
     assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    model = final_params(efs_root, "finished")
     lose_table(inprocess_stack, "finished")
+    deliveries_before = len(inprocess_stack.deliveries)
 
     record = run_job(inprocess_stack, spec)
 
     assert record.status == SUCCEEDED, record.error
-    assert record.first_round == 0
-    assert (efs_root / "jobs" / "finished" / "earlier-runs" / "1" / "model" / "params.npy").is_file()
+    assert record.round == 4
+    assert record.first_round == 4
+    assert record.attributes["stop_reason"] == "max_rounds"
+    # No task was sent: the model of the earlier run is the job's model.
+    rerun_queues = {delivery.queue for delivery in inprocess_stack.deliveries[deliveries_before:]}
+    assert rerun_queues == {"JobsQueue"}
+    np.testing.assert_array_equal(final_params(efs_root, "finished"), model)
+    assert not (efs_root / "jobs" / "finished" / "earlier-runs").exists()
+    rounds = inprocess_stack.services.state.list_round_metrics("finished")
+    assert [entry["round"] for entry in rounds] == [1, 2, 3, 4]
 
 
 def test_continuation_round_needs_committed_rounds(inprocess_stack, efs_root):

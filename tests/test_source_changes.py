@@ -117,6 +117,9 @@ def test_rerun_sets_earlier_run_aside(inprocess_stack, efs_root):
     first_metrics = sorted(path.name for path in (job_dir / "metrics").iterdir())
     first = final_params(efs_root, "rerun-aside")
     forget_job(inprocess_stack, "rerun-aside")
+    # Without the run record, as an earlier version of Baton left its files, the finished
+    # run cannot be tied to the data, so the job is trained again.
+    (job_dir / "run.json").unlink()
     inprocess_stack.submit(spec)
 
     # The starter's delivery alone: it prepares and starts round 0, and no round is aggregated yet.
@@ -137,6 +140,7 @@ def test_earlier_runs_file_fails_rerun(inprocess_stack, efs_root):
     spec = breast_cancer_spec("rerun-blocked")
     assert run_job(inprocess_stack, spec).status == SUCCEEDED
     forget_job(inprocess_stack, "rerun-blocked")
+    (efs_root / "jobs" / "rerun-blocked" / "run.json").unlink()
     (efs_root / "jobs" / "rerun-blocked" / "earlier-runs").write_text("not a folder")
 
     record = run_job(inprocess_stack, spec)
