@@ -57,7 +57,8 @@ from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_
                               write_reduced_slice, write_worker_result)
 from shared.source_files import FIX
 from shared.spec import JobSpec, derive_job_id, load_job_message, parse_job_spec
-from shared.state import CONTINUED_FROM, PREPARATION_ATTEMPT, RUNNING, JobRecord, StateStore, can_record_job
+from shared.state import (CONTINUED_FROM, PREPARATION_ATTEMPT, RUNNING, SUCCEEDED, JobRecord, StateStore,
+                          can_record_job)
 from shared.target_scaling import params_in_target_units
 from shared.training import (Reduction, RoundUpdate, StoppingState, build_model, build_model_for_preparation,
                              build_optimizer, check_model_fits, check_stopping, check_validation_finite,
@@ -372,7 +373,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
         return
     first_round = continuation_round(store, spec.job_id, rounds, manifest_digest)
     if first_round > 0:
-        summary = _continue_earlier_run(services, spec, first_round)
+        summary = {CONTINUED_FROM: first_round, **_backfill_round_metrics(services, spec, first_round)}
         _start_rounds(services, spec, rounds, first_round, summary)
         return
     params = mode.initial_params(
@@ -466,10 +467,6 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
     return committed_rounds[-2] if len(committed_rounds) >= 2 else 0
 
 
-def _object_problem(value: Any) -> str | None:
-    return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not an object"
-
-
 def _same_run_data(store: EfsStore, job_id: str, manifest_digest: str) -> bool:
     """Return whether the job's round folders and model were trained on the data of ``manifest_digest``."""
     try:
@@ -500,7 +497,7 @@ def _finish_from_earlier_run(services: Services, spec: JobSpec, total_rounds: in
     if services.settings.models_bucket:
         summary["model_uri"] = upload_model(services.s3, services.settings.models_bucket, store, job_id)
     if not services.state.start_job(job_id, total_rounds, first_round=rounds_done, summary=summary,
-                                    to_status="SUCCEEDED"):
+                                    to_status=SUCCEEDED):
         raise StaleMessageError(f"job {job_id} is no longer PREPARING; it is not recorded as finished")
     logger.warning("job had finished in an earlier run; its model is reused", extra={
         "job_id": job_id, "rounds": rounds_done, "stop_reason": model_info["stop_reason"]})
@@ -512,6 +509,10 @@ def _model_info_problem(model_info: Any) -> str | None:
     if not isinstance(model_info.get("rounds"), int) or model_info["rounds"] < 1:
         return "has no positive whole number of rounds"
     return None if isinstance(model_info.get("stop_reason"), str) else "has no stop_reason"
+
+
+def _object_problem(value: Any) -> str | None:
+    return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not an object"
 
 
 def _metrics_problem(metrics: Any) -> str | None:
@@ -528,15 +529,6 @@ def job_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         if name in metrics:
             summary[name] = metrics[name]
     return summary
-
-
-def _continue_earlier_run(services: Services, spec: JobSpec, first_round: int) -> dict[str, Any]:
-    """Put an earlier run's metrics of the rounds before ``first_round`` into the table; return the job summary.
-
-    The summary, for the job item, contains ``first_round`` and the running cost, epoch
-    and losses of the round before it.
-    """
-    return {CONTINUED_FROM: first_round, **_backfill_round_metrics(services, spec, first_round)}
 
 
 def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int) -> dict[str, Any]:
