@@ -7,7 +7,6 @@ leaves them, while the EFS folder stays.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 
@@ -40,11 +39,6 @@ def run_until_round(stack, job_id: str, round_index: int) -> None:
             return
         if not any(stack.step(queue) for queue in ("JobsQueue", "TasksQueue", "AggregateQueue")):
             raise AssertionError(f"job {job_id} ended before round {round_index}")
-
-
-def metrics_files(efs_root, job_id: str) -> dict[str, dict]:
-    folder = efs_root / "jobs" / job_id / "metrics"
-    return {path.name: json.loads(path.read_text()) for path in folder.iterdir()}
 
 
 def test_interrupted_job_goes_on_to_same_weights(inprocess_stack, efs_root):
