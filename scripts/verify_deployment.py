@@ -168,7 +168,7 @@ def check_functions(check: Checker, lambda_client, iam, service: str, stage: str
         s3_actions = {action for statement in statements for action in _as_list(statement["Action"])
                       if action.startswith("s3:")}
         may_read_data = function == "starter" and bool(params["dataBucket"])
-        may_write_models = function == "aggregator" and bool(params["modelsBucket"])
+        may_write_models = function in ("starter", "aggregator") and bool(params["modelsBucket"])
         expected_s3 = set()
         if may_read_data:
             expected_s3.add("s3:GetObject")

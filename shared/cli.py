@@ -357,9 +357,9 @@ def _echo_continued(record, efs_root: Path) -> None:
                    f"trained again: its model and the metrics of its {first_round} rounds are in "
                    f"{efs_root / 'jobs' / record.job_id}. Add --fresh to train it again")
         return
+    done = "round 1" if first_round == 1 else f"rounds 1 to {first_round}"
     click.echo(f"job {record.job_id} continues from round {first_round + 1}, where an earlier run of its spec "
-               f"stopped; the metrics of its rounds 1 to {first_round} are in "
-               f"{efs_root / 'jobs' / record.job_id / 'metrics'}")
+               f"stopped; the metrics of its {done} are in {efs_root / 'jobs' / record.job_id / 'metrics'}")
 
 
 def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float,
@@ -423,18 +423,19 @@ def _after_failure(record, efs_root: Path) -> str:
     failed in preparation, or whose data changed, already names its fix, and so does the
     error of a diverged job, which a rerun would only repeat.
     """
-    from shared.efs import EfsStore, sha256_of_file
-    from shared.errors import DIVERGED_WORDS
-    from shared.service import continuation_round
+    from shared.efs import EfsStore
+    from shared.errors import BatonError, DIVERGED_WORDS
+    from shared.service import continuation_round, run_identity
+    from shared.spec import parse_job_spec
 
     if record.status != "FAILED" or record.total_rounds == 0 or DIVERGED_WORDS in (record.error or ""):
         return ""
     store = EfsStore(efs_root)
     try:
-        digest = sha256_of_file(store.data_dir(record.job_id) / "manifest.json")
-    except OSError:
+        identity = run_identity(store, parse_job_spec(json.loads(record.spec_json)))
+    except (BatonError, OSError, ValueError):
         return ""
-    first_round = continuation_round(store, record.job_id, record.total_rounds, digest)
+    first_round = continuation_round(store, record.job_id, record.total_rounds, identity)
     if first_round == 0:
         return ""
     return (f". Its files remain in {store.job_dir(record.job_id)}; once the cause is fixed, running the same "

@@ -20,13 +20,12 @@ that messages and DynamoDB keys use. Metrics files are named by the round number
     rounds/<r>/reduced-<k>.npy     slice k of the round's summed vectors and the round's sums of
                                    the small arrays, when training.reducers > 1
     metrics/<r + 1>.json           metrics of round r, never pruned
-    run.json                       the manifest digest that the round folders were trained on
+    run.json                       the spec and data identity the round folders were trained on
     model/params.npy, model.json   the final model
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -110,11 +109,6 @@ def encode_npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
     return buffer.getvalue()
-
-
-def sha256_of_file(path: Path) -> str:
-    """Return the SHA-256 of a small file's bytes, as hexadecimal text."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def json_preview(value: Any, max_chars: int = 60) -> str:

@@ -115,8 +115,9 @@ def upload_model(s3_client, bucket: str, store: EfsStore, job_id: str) -> str:
             raise ModelBucketError(
                 f"could not copy the final model of job {job_id} to s3://{bucket}/{key} ({code}): check that "
                 f"MODELS_BUCKET ('{bucket}') names the bucket the stack created from params.modelsBucket and that "
-                f"the aggregator's role may write it. The model is on EFS under jobs/{job_id}/model/; after the "
-                f"fix, `baton resume {job_id}` finishes the job again and copies it") from None
+                f"the roles of the aggregator and the starter may write it. The model is on EFS under "
+                f"jobs/{job_id}/model/; after the fix, `baton resume {job_id}` finishes the job again and copies "
+                "it") from None
         uploaded += len(listing) if name == BUNDLE_LISTING else (job_dir / name).stat().st_size
     logger.info("model copied to S3", extra={"job_id": job_id, "model_uri": model_uri(bucket, job_id),
                                               "bytes": uploaded})

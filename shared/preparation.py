@@ -44,6 +44,7 @@ whole by one invocation; store large sources uncompressed on EFS.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -233,6 +234,21 @@ def _recorded_sources(files: PreparationFiles) -> list[dict]:
     if not files.layout.exists():
         return []
     return files.store.read_json(files.layout).get("sources", [])
+
+
+def data_identity(store: EfsStore, job_id: str) -> str:
+    """Return a SHA-256 that changes when the job's prepared data could differ.
+
+    It covers the data manifest and the identity of each source file that the layout step
+    recorded: size, modification time, inode, and an ``s3://`` object's ETag. Each file is
+    named by its path in the spec, not on EFS, so moving the EFS root keeps the identity.
+    Counts alone, as in the manifest, miss a file edited to the same shape.
+    """
+    files = PreparationFiles(store, job_id)
+    sources = [{key: value for key, value in record.items() if key != "path"} for record in _recorded_sources(files)]
+    digest = hashlib.sha256(files.manifest.read_bytes())
+    digest.update(json.dumps(sources, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _exceeds_one_part(parts: list[dict], part_bytes: int) -> bool:

@@ -45,13 +45,14 @@ from shared import cost
 from shared import data as datasets
 from shared import faults
 from shared.config import Settings
-from shared.efs import EfsStore, sha256_of_file
+from shared.efs import EfsStore
 from shared.metrics import publish_round_metrics
 from shared.errors import (DataError, EfsNotWritableError, InvalidMessageError, JobConflictError, JobSpecError,
                            PermanentError, StaleMessageError)
 from shared.model_bucket import upload_model
 from shared.optim import state_arrays, state_from_arrays
-from shared.preparation import PreparationStep, StaleStepError, begin_attempt, record_sent, run_preparation
+from shared.preparation import (PreparationStep, StaleStepError, begin_attempt, data_identity, record_sent,
+                                run_preparation)
 from shared.queues import AggregateMessage, QueueClient, TaskMessage, body_object
 from shared.reduction import (check_reducers, read_reduced_round, reduce_worker_results, slice_bounds,
                               write_reduced_slice, write_worker_result)
@@ -367,11 +368,11 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
         # Cancelled while the data was prepared: round 0 does not start.
         raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status}; "
                                 "its round 0 does not start")
-    manifest_digest = sha256_of_file(store.data_dir(spec.job_id) / "manifest.json")
-    if _finished_on_efs(store, spec.job_id, manifest_digest):
+    identity = run_identity(store, spec)
+    if _finished_on_efs(store, spec.job_id, identity):
         _finish_from_earlier_run(services, spec, rounds)
         return
-    first_round = continuation_round(store, spec.job_id, rounds, manifest_digest)
+    first_round = continuation_round(store, spec.job_id, rounds, identity)
     if first_round > 0:
         summary = {CONTINUED_FROM: first_round, **_backfill_round_metrics(services, spec, first_round)}
         _start_rounds(services, spec, rounds, first_round, summary)
@@ -381,7 +382,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     _set_aside_earlier_run(store, spec.job_id)
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
     # After the round 0 state: a run whose record is missing has nothing to go on from.
-    store.write_json(store.job_dir(spec.job_id) / RUN_RECORD, {"manifest_sha256": manifest_digest})
+    store.write_json(store.job_dir(spec.job_id) / RUN_RECORD, identity)
     _start_rounds(services, spec, rounds, 0, {})
 
 
@@ -412,11 +413,17 @@ def _start_rounds(services: Services, spec: JobSpec, total_rounds: int, first_ro
                                       "n_workers": spec.training.n_workers})
 
 
-# The file in a job's folder that ties its round folders to the data they were trained on.
+# The file in a job's folder that ties its round folders and model to the spec and the
+# data they were trained on.
 RUN_RECORD = "run.json"
 
 
-def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest_digest: str) -> int:
+def run_identity(store: EfsStore, spec: JobSpec) -> dict[str, str]:
+    """Return what ``run.json`` records of a run: the spec's fingerprint and the prepared data's identity."""
+    return {"data_sha256": data_identity(store, spec.job_id), "spec_fingerprint": spec.fingerprint()}
+
+
+def continuation_round(store: EfsStore, job_id: str, total_rounds: int, identity: dict[str, str]) -> int:
     """Return the round from which the job goes on with an earlier, unfinished run's files.
 
     An unfinished run's files stay on EFS when its job item is gone, as after a local
@@ -429,7 +436,8 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
 
     The job goes on from the committed round before the last one, so the last committed
     round is aggregated again. Its aggregation may have decided to stop the job and then
-    crashed before the model was written, and only the model records that decision.
+    crashed before the model was written, and only the model records that decision. A
+    round whose files do not load is passed over for the one before it.
 
     Parameters
     ----------
@@ -437,9 +445,9 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
     job_id : str
     total_rounds : int
         The job's round limit; round folders beyond it do not count.
-    manifest_digest : str
-        SHA-256 of the job's data manifest now. The earlier run's rounds count only if it
-        trained on the same data, which its run record (``run.json``) shows.
+    identity : dict
+        The spec's fingerprint and the data's identity now (:func:`run_identity`). The
+        earlier run's rounds count only if its run record (``run.json``) is the same.
 
     Returns
     -------
@@ -452,7 +460,7 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
     rounds_dir = job_dir / "rounds"
     if (job_dir / "model" / "model.json").exists() or not rounds_dir.is_dir():
         return 0
-    if not _same_run_data(store, job_id, manifest_digest):
+    if not _same_run(store, job_id, identity):
         return 0
 
     def committed(round_index: int) -> bool:
@@ -464,21 +472,38 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, manifest
     committed_rounds = sorted(index for index in indexes if 1 <= index <= total_rounds and committed(index))
     # Any committed round before the last will do: the rounds from there are aggregated
     # again, and each takes the same decisions as before.
-    return committed_rounds[-2] if len(committed_rounds) >= 2 else 0
+    for round_index in reversed(committed_rounds[:-1]):
+        if _round_files_load(store, job_id, round_index):
+            return round_index
+    return 0
 
 
-def _same_run_data(store: EfsStore, job_id: str, manifest_digest: str) -> bool:
-    """Return whether the job's round folders and model were trained on the data of ``manifest_digest``."""
+def _round_files_load(store: EfsStore, job_id: str, round_index: int) -> bool:
+    """Return whether a committed round's state, stopping state and previous metrics can be read."""
+    try:
+        read_round_state(store, job_id, round_index)
+        for path in (store.round_dir(job_id, round_index) / "stopping.json", store.metrics_path(job_id, round_index - 1)):
+            if not isinstance(store.read_json(path), dict):
+                return False
+    except (DataError, OSError, ValueError):
+        return False
+    return True
+
+
+def _same_run(store: EfsStore, job_id: str, identity: dict[str, str]) -> bool:
+    """Return whether the job's round folders and model were trained on this spec and data."""
     try:
         run = store.read_json(store.job_dir(job_id) / RUN_RECORD)
     except (OSError, ValueError):
         return False
-    return isinstance(run, dict) and run.get("manifest_sha256") == manifest_digest
+    return run == identity
 
 
-def _finished_on_efs(store: EfsStore, job_id: str, manifest_digest: str) -> bool:
-    """Return whether an earlier run of the job finished on this data: its ``model/model.json`` exists."""
-    return (store.model_dir(job_id) / "model.json").is_file() and _same_run_data(store, job_id, manifest_digest)
+def _finished_on_efs(store: EfsStore, job_id: str, identity: dict[str, str]) -> bool:
+    """Return whether an earlier run of the job finished on this spec and data, leaving its whole model."""
+    model_dir = store.model_dir(job_id)
+    return ((model_dir / "model.json").is_file() and (model_dir / "params.npy").is_file()
+            and _same_run(store, job_id, identity))
 
 
 def _finish_from_earlier_run(services: Services, spec: JobSpec, total_rounds: int) -> None:
@@ -490,10 +515,16 @@ def _finish_from_earlier_run(services: Services, spec: JobSpec, total_rounds: in
     stop reason and metrics.
     """
     store, job_id = services.store, spec.job_id
-    model_info = datasets.read_job_json(store, store.model_dir(job_id) / "model.json", problem_of=_model_info_problem)
+    model_info_path = store.model_dir(job_id) / "model.json"
+    model_info = datasets.read_job_json(store, model_info_path, problem_of=_model_info_problem)
     rounds_done = int(model_info["rounds"])
+    if rounds_done > total_rounds:
+        raise DataError(f"file '{model_info_path.relative_to(store.root)}' records {rounds_done} rounds, but the job "
+                        f"has at most {total_rounds}, so it was changed after the job wrote it; {FIX}")
     summary = {CONTINUED_FROM: rounds_done, "stop_reason": model_info["stop_reason"],
-               **_backfill_round_metrics(services, spec, rounds_done)}
+               **_backfill_round_metrics(services, spec, rounds_done, model_info["final_metrics"])}
+    # The model now belongs to this run: `baton fetch` copies no model older than spec.json.
+    os.utime(model_info_path)
     if services.settings.models_bucket:
         summary["model_uri"] = upload_model(services.s3, services.settings.models_bucket, store, job_id)
     if not services.state.start_job(job_id, total_rounds, first_round=rounds_done, summary=summary,
@@ -508,6 +539,8 @@ def _model_info_problem(model_info: Any) -> str | None:
         return f"contains a JSON {type(model_info).__name__}, not the object a model description is"
     if not isinstance(model_info.get("rounds"), int) or model_info["rounds"] < 1:
         return "has no positive whole number of rounds"
+    if not isinstance(model_info.get("final_metrics"), dict):
+        return "has no final_metrics object"
     return None if isinstance(model_info.get("stop_reason"), str) else "has no stop_reason"
 
 
@@ -531,12 +564,16 @@ def job_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int) -> dict[str, Any]:
+def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int,
+                            final_metrics: dict | None = None) -> dict[str, Any]:
     """Store an earlier run's metrics files of rounds ``0 .. rounds_done - 1`` on their round items.
 
     So ``baton fetch``, ``plot`` and ``watch`` show the whole job. Returns the job summary
-    of the last of those rounds, whose metrics file must be intact.
+    of the last of those rounds. Its metrics file must be intact, unless it is missing
+    and ``final_metrics``, a finished model's copy of those metrics, is given.
     """
+    # NOTE: one UpdateItem per round in one invocation, about 3 ms each on moto's server.
+    # So a job of hundreds of thousands of rounds may need the starter's whole timeout here.
     store, state, job_id = services.store, services.state, spec.job_id
     skipped = []
     for round_index in range(rounds_done - 1):
@@ -545,7 +582,11 @@ def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int)
         except (OSError, ValueError):
             # Moved or damaged since that run; the round only lacks its metrics in the table.
             skipped.append(round_number(round_index))
-    metrics = datasets.read_job_json(store, store.metrics_path(job_id, rounds_done - 1), problem_of=_metrics_problem)
+    last_path = store.metrics_path(job_id, rounds_done - 1)
+    if final_metrics is not None and not last_path.is_file():
+        metrics = final_metrics
+    else:
+        metrics = datasets.read_job_json(store, last_path, problem_of=_metrics_problem)
     state.put_round_metrics(job_id, rounds_done - 1, metrics)
     logger.warning("an earlier run's metrics were stored in the table", extra={
         "job_id": job_id, "rounds": rounds_done, "rounds_without_metrics_in_table": skipped})

@@ -13,9 +13,10 @@ from dataclasses import replace
 import numpy as np
 
 from shared import control
-from shared.efs import sha256_of_file
 from shared.handlers import set_services
-from shared.service import Services, continuation_round
+from shared.monitor import model_predates_spec
+from shared.service import Services, continuation_round, run_identity
+from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, final_params, forget_job, run_job
 
@@ -39,6 +40,18 @@ def run_until_round(stack, job_id: str, round_index: int) -> None:
             return
         if not any(stack.step(queue) for queue in ("JobsQueue", "TasksQueue", "AggregateQueue")):
             raise AssertionError(f"job {job_id} ended before round {round_index}")
+
+
+def resume_after_data_change(stack, spec: dict, edit) -> None:
+    """Lose the table, change the data with ``edit(lines)``, see the rerun fail, and resume the job."""
+    job_id = spec["job_id"]
+    lose_table(stack, job_id)
+    path = stack.services.store.root / "datasets" / "breast_cancer.csv"
+    path.write_text("".join(edit(path.read_text().splitlines(keepends=True))))
+    assert run_job(stack, spec).status == FAILED
+
+    control.resume_job(stack.services.state, stack.services.queues, job_id)
+    stack.run()
 
 
 def test_interrupted_job_goes_on_to_same_weights(inprocess_stack, efs_root):
@@ -106,6 +119,8 @@ def test_finished_run_is_reused(inprocess_stack, efs_root):
     assert not (efs_root / "jobs" / "finished" / "earlier-runs").exists()
     rounds = inprocess_stack.services.state.list_round_metrics("finished")
     assert [entry["round"] for entry in rounds] == [1, 2, 3, 4]
+    # The rerun rewrote spec.json; the reused model still counts as this run's for fetch.
+    assert not model_predates_spec(inprocess_stack.services.store, "finished")
 
 
 def test_continuation_round_needs_committed_rounds(inprocess_stack, efs_root):
@@ -113,7 +128,7 @@ def test_continuation_round_needs_committed_rounds(inprocess_stack, efs_root):
     inprocess_stack.submit(spec)
     run_until_round(inprocess_stack, "partial", 5)
     store = inprocess_stack.services.store
-    digest = sha256_of_file(store.data_dir("partial") / "manifest.json")
+    digest = run_identity(store, parse_job_spec(spec))
     assert continuation_round(store, "partial", N_ROUNDS, digest) == 4
 
     # Without round 5's stopping state, round 5 is not committed, so the job goes on from 3.
@@ -131,7 +146,7 @@ def test_continuation_round_needs_committed_rounds(inprocess_stack, efs_root):
     assert continuation_round(store, "partial", 1, digest) == 0
 
     # Rounds trained on other data: a fresh start.
-    assert continuation_round(store, "partial", N_ROUNDS, "0" * 64) == 0
+    assert continuation_round(store, "partial", N_ROUNDS, {**digest, "data_sha256": "0" * 64}) == 0
 
 
 def test_changed_data_starts_over(inprocess_stack, efs_root):
@@ -140,13 +155,8 @@ def test_changed_data_starts_over(inprocess_stack, efs_root):
     spec = breast_cancer_spec("changed-data", training={"max_rounds": N_ROUNDS})
     inprocess_stack.submit(spec)
     run_until_round(inprocess_stack, "changed-data", 7)
-    lose_table(inprocess_stack, "changed-data")
-    path = efs_root / "datasets" / "breast_cancer.csv"
-    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-40]))
-    assert run_job(inprocess_stack, spec).status == FAILED
 
-    control.resume_job(inprocess_stack.services.state, inprocess_stack.services.queues, "changed-data")
-    inprocess_stack.run()
+    resume_after_data_change(inprocess_stack, spec, lambda lines: lines[:-40])
 
     record = inprocess_stack.services.state.get_job("changed-data")
     assert record.status == SUCCEEDED, record.error
@@ -196,7 +206,11 @@ def test_fresh_start_ignores_saved_progress(inprocess_stack, efs_root):
                                   final_params(efs_root, "progress-reference"))
 
 
-def test_damaged_stopping_state_fails_once(inprocess_stack, efs_root):
+def test_damaged_round_passed_over(inprocess_stack, efs_root):
+    # Round 4 would be the round to go on from, but its stopping state is damaged, so the
+    # job goes on from round 3 and still ends with the uninterrupted run's weights.
+    reference = breast_cancer_spec("undamaged", training={"max_rounds": N_ROUNDS})
+    assert run_job(inprocess_stack, reference).status == SUCCEEDED
     spec = breast_cancer_spec("damaged-stopping", training={"max_rounds": N_ROUNDS})
     inprocess_stack.submit(spec)
     run_until_round(inprocess_stack, "damaged-stopping", 5)
@@ -205,10 +219,9 @@ def test_damaged_stopping_state_fails_once(inprocess_stack, efs_root):
 
     record = run_job(inprocess_stack, spec)
 
-    assert record.status == FAILED
-    assert "file 'jobs/damaged-stopping/rounds/4/stopping.json' is damaged" in record.error
-    retried = [delivery for delivery in inprocess_stack.deliveries if delivery.failed]
-    assert retried == []
+    assert record.status == SUCCEEDED, record.error
+    assert record.first_round == 3
+    np.testing.assert_array_equal(final_params(efs_root, "damaged-stopping"), final_params(efs_root, "undamaged"))
 
 
 def test_damaged_earlier_spec_names_file(inprocess_stack, efs_root):
@@ -224,3 +237,31 @@ def test_damaged_earlier_spec_names_file(inprocess_stack, efs_root):
     assert record.status == FAILED
     assert "file 'jobs/damaged-spec/spec.json' of an earlier run of job 'damaged-spec' is not valid JSON" in record.error
     assert "Write this spec into it" in record.error
+
+
+def test_edited_data_not_reused(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("edited-data", training={"max_rounds": 4})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+
+    # Same rows and columns, one value changed: the manifest's counts stay the same.
+    resume_after_data_change(inprocess_stack, spec, lambda lines: [lines[0], "97" + lines[1][2:], *lines[2:]])
+
+    record = inprocess_stack.services.state.get_job("edited-data")
+    assert record.status == SUCCEEDED, record.error
+    assert record.first_round == 0
+    assert (efs_root / "jobs" / "edited-data" / "earlier-runs" / "1" / "model" / "params.npy").is_file()
+
+
+def test_other_spec_not_reused(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("other-spec", training={"max_rounds": 4})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    lose_table(inprocess_stack, "other-spec")
+    # Without spec.json nothing shows the earlier spec but run.json.
+    (efs_root / "jobs" / "other-spec" / "spec.json").unlink()
+    other = breast_cancer_spec("other-spec", optimizer={"learning_rate": 0.05}, training={"max_rounds": 4})
+
+    record = run_job(inprocess_stack, other)
+
+    assert record.status == SUCCEEDED, record.error
+    assert record.first_round == 0
+    assert (efs_root / "jobs" / "other-spec" / "earlier-runs" / "1" / "model" / "params.npy").is_file()

@@ -14,6 +14,7 @@ import pytest
 
 import tests.inprocess as inprocess
 from shared.local.stack import load_serverless_config
+from tests.baton_jobs import forget_job
 from tests.test_cost import breast_cancer_spec
 
 ROLE_OF_QUEUE = {"JobsQueue": "StarterRole", "TasksQueue": "WorkerRole", "AggregateQueue": "AggregatorRole"}
@@ -91,7 +92,15 @@ def test_handler_calls_allowed_by_roles(inprocess_stack, recorded_calls):
     run_watchdog(inprocess_stack.services)
     current["role"] = None
 
+    # The same spec again after the table was lost: the starter records the job finished
+    # from its model on EFS and copies that model to the bucket.
+    forget_job(inprocess_stack, "iam-checked")
+    inprocess_stack.submit(breast_cancer_spec("iam-checked", reducers=3))
+    inprocess_stack.run()
+    assert inprocess_stack.services.state.get_job("iam-checked").first_round > 0
+
     assert ("AggregatorRole", "s3:PutObject") in calls
+    assert ("StarterRole", "s3:PutObject") in calls
     roles_seen = {role for role, _ in calls}
     assert roles_seen == {"StarterRole", "WorkerRole", "AggregatorRole", "WatchdogRole"}
     for role, action in sorted(calls):

@@ -478,12 +478,14 @@ def test_buckets_reached_only_by_their_function(raw_config, resources):
                 condition, statement, otherwise = statement["Fn::If"]
                 assert otherwise == {"Ref": "AWS::NoValue"}, logical_id
             if any(str(action).startswith("s3:") for action in _as_list(statement["Action"])):
-                s3_statements[logical_id] = (condition, _as_list(statement["Action"]), statement["Resource"])
+                index = sum(1 for role, _ in s3_statements if role == logical_id)
+                s3_statements[(logical_id, index)] = (condition, _as_list(statement["Action"]), statement["Resource"])
+    models = ("HasModelsBucket", ["s3:PutObject"], {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelsBucketName}/jobs/*"})
     assert s3_statements == {
-        "StarterRole": ("HasDataBucket", ["s3:GetObject"],
-                        {"Fn::Sub": "arn:${AWS::Partition}:s3:::${DataBucketName}/*"}),
-        "AggregatorRole": ("HasModelsBucket", ["s3:PutObject"],
-                           {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelsBucketName}/jobs/*"}),
+        ("StarterRole", 0): ("HasDataBucket", ["s3:GetObject"],
+                             {"Fn::Sub": "arn:${AWS::Partition}:s3:::${DataBucketName}/*"}),
+        ("StarterRole", 1): models,
+        ("AggregatorRole", 0): models,
     }
 
 
