@@ -369,7 +369,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
         raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status}; "
                                 "its round 0 does not start")
     identity = run_identity(store, spec)
-    if _finished_on_efs(store, spec.job_id, identity):
+    if _finished_on_efs(store, spec.job_id, identity, model.n_params):
         _finish_from_earlier_run(services, spec, rounds)
         return
     first_round = continuation_round(store, spec.job_id, rounds, identity)
@@ -452,13 +452,13 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, identity
     Returns
     -------
     int
-        The 0-based round to go on from, or 0 for a fresh start: no files, a run that
-        finished (``model/model.json`` exists), a run on other data (a preparation started
-        over after the data changed), or only round 0 committed.
+        The 0-based round to go on from, or 0 for a fresh start: no files, a run of
+        another spec or on other data, or only round 0 committed. A finished run whose
+        model is whole is reused before this is asked; one whose model is not goes on
+        from its rounds like an unfinished run, and writes the model again.
     """
-    job_dir = store.job_dir(job_id)
-    rounds_dir = job_dir / "rounds"
-    if (job_dir / "model" / "model.json").exists() or not rounds_dir.is_dir():
+    rounds_dir = store.job_dir(job_id) / "rounds"
+    if not rounds_dir.is_dir():
         return 0
     if not _same_run(store, job_id, identity):
         return 0
@@ -499,11 +499,23 @@ def _same_run(store: EfsStore, job_id: str, identity: dict[str, str]) -> bool:
     return run == identity
 
 
-def _finished_on_efs(store: EfsStore, job_id: str, identity: dict[str, str]) -> bool:
-    """Return whether an earlier run of the job finished on this spec and data, leaving its whole model."""
+def _finished_on_efs(store: EfsStore, job_id: str, identity: dict[str, str], n_params: int) -> bool:
+    """Return whether an earlier run of the job finished on this spec and data, leaving its whole model.
+
+    The model's parameters must load as ``n_params`` finite values, and its description
+    must name as many rounds as its final metrics.
+    """
     model_dir = store.model_dir(job_id)
-    return ((model_dir / "model.json").is_file() and (model_dir / "params.npy").is_file()
-            and _same_run(store, job_id, identity))
+    if not ((model_dir / "model.json").is_file() and _same_run(store, job_id, identity)):
+        return False
+    try:
+        params = store.read_npy(model_dir / "params.npy")
+        model_info = store.read_json(model_dir / "model.json")
+    except (OSError, ValueError, EOFError):
+        return False
+    return (params.shape == (n_params,) and bool(np.isfinite(params).all())
+            and _model_info_problem(model_info) is None
+            and model_info["final_metrics"].get("round") == model_info["rounds"])
 
 
 def _finish_from_earlier_run(services: Services, spec: JobSpec, total_rounds: int) -> None:

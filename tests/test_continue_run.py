@@ -265,3 +265,33 @@ def test_other_spec_not_reused(inprocess_stack, efs_root):
     assert record.status == SUCCEEDED, record.error
     assert record.first_round == 0
     assert (efs_root / "jobs" / "other-spec" / "earlier-runs" / "1" / "model" / "params.npy").is_file()
+
+
+def test_damaged_model_trained_again(inprocess_stack, efs_root):
+    # An emptied params.npy is not reused: the job goes on from its rounds and writes the
+    # same model again.
+    spec = breast_cancer_spec("emptied-model", training={"max_rounds": 6})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    model = final_params(efs_root, "emptied-model")
+    lose_table(inprocess_stack, "emptied-model")
+    (efs_root / "jobs" / "emptied-model" / "model" / "params.npy").write_bytes(b"")
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    assert 0 < record.first_round < 6
+    np.testing.assert_array_equal(final_params(efs_root, "emptied-model"), model)
+
+
+def test_model_info_round_mismatch_not_reused(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("edited-rounds", training={"max_rounds": 6})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    lose_table(inprocess_stack, "edited-rounds")
+    model_info_path = efs_root / "jobs" / "edited-rounds" / "model" / "model.json"
+    model_info_path.write_text(model_info_path.read_text().replace('"rounds": 6', '"rounds": 3'))
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    assert record.round == 6
+    assert record.first_round < 6

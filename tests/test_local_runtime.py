@@ -281,6 +281,11 @@ def test_import_keeps_identity_of_unchanged_copy(tmp_path):
     stack.import_data(source, "datasets/data.csv")
     assert target.stat().st_ino == first_inode, "an unchanged file was copied again"
 
+    # A touched source, with the same bytes, keeps the copy and its identity too.
+    os.utime(source, (source.stat().st_atime + 60, source.stat().st_mtime + 60))
+    stack.import_data(source, "datasets/data.csv")
+    assert target.stat().st_ino == first_inode, "a touched, unchanged file was copied again"
+
     with source.open("a") as stream:
         stream.write("\n")
     stack.import_data(source, "datasets/data.csv")

@@ -179,7 +179,11 @@ def _reject_links_to(real_target: Path) -> Callable[[str, list[str]], list[str]]
 
 
 def _is_current_copy(source: str | os.PathLike, target: str | os.PathLike) -> bool:
-    """Return whether the regular file ``target`` is ``source`` or has its size, modification time and bytes."""
+    """Return whether the regular file ``target`` is ``source`` or has its size and bytes.
+
+    The modification time does not count: a ``touch`` of the source must not replace an
+    identical copy, whose new inode would make the job's prepared data look changed.
+    """
     try:
         source_status, target_status = os.stat(source), os.stat(target, follow_symlinks=False)
     except FileNotFoundError:
@@ -188,9 +192,7 @@ def _is_current_copy(source: str | os.PathLike, target: str | os.PathLike) -> bo
         return False
     if os.path.samestat(source_status, target_status):
         return True
-    return (source_status.st_size == target_status.st_size
-            and source_status.st_mtime_ns == target_status.st_mtime_ns
-            and filecmp.cmp(source, target, shallow=False))
+    return source_status.st_size == target_status.st_size and filecmp.cmp(source, target, shallow=False)
 
 
 def _replace_file(source: str | os.PathLike, target: str | os.PathLike) -> str | os.PathLike:
