@@ -454,8 +454,8 @@ def continuation_round(store: EfsStore, job_id: str, total_rounds: int, identity
     int
         The 0-based round to go on from, or 0 for a fresh start: no files, a run of
         another spec or on other data, or only round 0 committed. A finished run whose
-        model is whole is reused before this is asked; one whose model is not goes on
-        from its rounds like an unfinished run, and writes the model again.
+        model is whole is reused before this is asked. A finished run whose model is
+        damaged goes on from its rounds like an unfinished run, and writes the model again.
     """
     rounds_dir = store.job_dir(job_id) / "rounds"
     if not rounds_dir.is_dir():
