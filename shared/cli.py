@@ -822,8 +822,9 @@ def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region
 
     state = _state_store(stage, endpoint_url, region)
     with tempfile.TemporaryDirectory(prefix="baton-export-") as temporary:
-        efs_root = download_finished_model(state, _s3_client(endpoint_url, region), job_id, Path(temporary))
-        with bucket_copy_errors(efs_root, state.get_job(job_id).attributes["model_uri"], job_id):
+        efs_root = Path(temporary)
+        uri = download_finished_model(state, _s3_client(endpoint_url, region), job_id, efs_root)
+        with bucket_copy_errors(efs_root, uri, job_id):
             return export_estimator(efs_root, job_id, output_file)
 
 # Controlling jobs: pause, resume, cancel ------------------------------------------------------

@@ -461,10 +461,11 @@ def damaged_spec_remedy(job_id: str) -> str:
             "--dry-run` with the options the job was sent with prints it")
 
 
-def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root: Path) -> Path:
+def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root: Path) -> str:
     """Download a SUCCEEDED job's model bundle from its stack's models bucket into ``efs_root``.
 
-    Returns ``efs_root``, which then reads like the stack's EFS for ``baton export``.
+    ``efs_root`` then reads like the stack's EFS for ``baton export``. Returns the
+    bundle's ``s3://`` prefix, the job item's ``model_uri``.
 
     Raises
     ------
@@ -486,7 +487,7 @@ def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root:
                          f"jobs/{job_id}/ out of EFS with DataSync and pass that copy's root as --efs-root "
                          "(docs/deployment.md), or set params.modelsBucket, deploy, and train the job again")
     download_model(s3_client, uri, job_id, efs_root)
-    return efs_root
+    return uri
 
 
 def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResult:

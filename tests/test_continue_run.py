@@ -30,6 +30,12 @@ def lose_table(stack, job_id: str) -> None:
         stack.sqs.purge_queue(QueueUrl=url)
 
 
+def finish_then_lose_table(stack, spec: dict) -> None:
+    """Run ``spec`` to success, then lose the job's table items and queued messages."""
+    assert run_job(stack, spec).status == SUCCEEDED
+    lose_table(stack, spec["job_id"])
+
+
 def run_until_round(stack, job_id: str, round_index: int) -> None:
     """Deliver messages until the job's item reaches ``round_index``, then one worker task more."""
     while True:
@@ -101,9 +107,8 @@ def test_crash_before_model_written_stops_again(inprocess_stack, efs_root):
 
 def test_finished_run_is_reused(inprocess_stack, efs_root):
     spec = breast_cancer_spec("finished", training={"max_rounds": 4})
-    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    finish_then_lose_table(inprocess_stack, spec)
     model = final_params(efs_root, "finished")
-    lose_table(inprocess_stack, "finished")
     deliveries_before = len(inprocess_stack.deliveries)
 
     record = run_job(inprocess_stack, spec)
@@ -253,9 +258,7 @@ def test_edited_data_not_reused(inprocess_stack, efs_root):
 
 
 def test_other_spec_not_reused(inprocess_stack, efs_root):
-    spec = breast_cancer_spec("other-spec", training={"max_rounds": 4})
-    assert run_job(inprocess_stack, spec).status == SUCCEEDED
-    lose_table(inprocess_stack, "other-spec")
+    finish_then_lose_table(inprocess_stack, breast_cancer_spec("other-spec", training={"max_rounds": 4}))
     # Without spec.json nothing shows the earlier spec but run.json.
     (efs_root / "jobs" / "other-spec" / "spec.json").unlink()
     other = breast_cancer_spec("other-spec", optimizer={"learning_rate": 0.05}, training={"max_rounds": 4})
@@ -271,9 +274,8 @@ def test_damaged_model_trained_again(inprocess_stack, efs_root):
     # An emptied params.npy is not reused: the job goes on from its rounds and writes the
     # same model again.
     spec = breast_cancer_spec("emptied-model", training={"max_rounds": 6})
-    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    finish_then_lose_table(inprocess_stack, spec)
     model = final_params(efs_root, "emptied-model")
-    lose_table(inprocess_stack, "emptied-model")
     (efs_root / "jobs" / "emptied-model" / "model" / "params.npy").write_bytes(b"")
 
     record = run_job(inprocess_stack, spec)
@@ -285,8 +287,7 @@ def test_damaged_model_trained_again(inprocess_stack, efs_root):
 
 def test_model_info_round_mismatch_not_reused(inprocess_stack, efs_root):
     spec = breast_cancer_spec("edited-rounds", training={"max_rounds": 6})
-    assert run_job(inprocess_stack, spec).status == SUCCEEDED
-    lose_table(inprocess_stack, "edited-rounds")
+    finish_then_lose_table(inprocess_stack, spec)
     model_info_path = efs_root / "jobs" / "edited-rounds" / "model" / "model.json"
     model_info_path.write_text(model_info_path.read_text().replace('"rounds": 6', '"rounds": 3'))
 
