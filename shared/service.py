@@ -584,14 +584,16 @@ def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int,
     of the last of those rounds. Its metrics file must be intact, unless it is missing
     and ``final_metrics``, a finished model's copy of those metrics, is given.
     """
-    # NOTE: one UpdateItem per round in one invocation, about 3 ms each on moto's server.
-    # So a job of hundreds of thousands of rounds may need the starter's whole timeout here.
-    store, state, job_id = services.store, services.state, spec.job_id
-    skipped = []
+    store, job_id = services.store, spec.job_id
+    metrics_by_round, skipped = {}, []
     for round_index in range(rounds_done - 1):
         try:
-            state.put_round_metrics(job_id, round_index, store.read_json(store.metrics_path(job_id, round_index)))
+            round_metrics = store.read_json(store.metrics_path(job_id, round_index))
         except (OSError, ValueError):
+            round_metrics = None
+        if isinstance(round_metrics, dict):
+            metrics_by_round[round_index] = round_metrics
+        else:
             # Moved or damaged since that run; the round only lacks its metrics in the table.
             skipped.append(round_number(round_index))
     last_path = store.metrics_path(job_id, rounds_done - 1)
@@ -599,7 +601,8 @@ def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int,
         metrics = final_metrics
     else:
         metrics = datasets.read_job_json(store, last_path, problem_of=_metrics_problem)
-    state.put_round_metrics(job_id, rounds_done - 1, metrics)
+    metrics_by_round[rounds_done - 1] = metrics
+    services.state.put_earlier_round_metrics(job_id, metrics_by_round)
     logger.warning("an earlier run's metrics were stored in the table", extra={
         "job_id": job_id, "rounds": rounds_done, "rounds_without_metrics_in_table": skipped})
     return job_summary(metrics)

@@ -170,6 +170,12 @@ def _round_usage(item: dict) -> dict[str, float]:
     return {name: float(_from_attribute(item[name])) for name in item if name.startswith(("worker_", "reducer_"))}
 
 
+# DynamoDB's largest BatchWriteItem. Items it leaves unprocessed are sent again, up to 5
+# attempts in all, after waits of 0.05, 0.1, 0.2 and 0.4 s.
+BATCH_WRITE_LIMIT = 25
+BATCH_WRITE_ATTEMPTS = 5
+BATCH_WRITE_BACKOFF_SECONDS = 0.05
+
 # A round item stores the round's metrics in one map attribute (``put_round_metrics``).
 # A single SET clause took moto's server about half the time of fourteen (measured on the
 # local stack), and on DynamoDB the item costs the same either way.
@@ -426,6 +432,37 @@ class StateStore:
             ExpressionAttributeNames={"#metrics": METRICS_ATTRIBUTE},
             ExpressionAttributeValues={":metrics": {"M": {name: _to_attribute(value) for name, value in metrics.items()}}},
         )
+
+    def put_earlier_round_metrics(self, job_id: str, metrics_by_round: dict[int, dict[str, Any]]) -> None:
+        """Write round items holding only the given metrics, for rounds an earlier run trained.
+
+        For a job that goes on from an earlier run's files after the table lost it: those
+        rounds have no items, so each is written whole, up to 25 in one BatchWriteItem
+        request. An item already there is replaced, losing its sets and usage.
+
+        Raises
+        ------
+        RuntimeError
+            If DynamoDB still leaves items unprocessed after a few attempts, as under
+            lasting throttling. Writing them again is harmless, so the caller's message
+            may be retried.
+        """
+        requests = [{"PutRequest": {"Item": {
+            **_round_key(job_id, round_index),
+            METRICS_ATTRIBUTE: {"M": {name: _to_attribute(value) for name, value in metrics.items()}},
+        }}} for round_index, metrics in sorted(metrics_by_round.items())]
+        for start in range(0, len(requests), BATCH_WRITE_LIMIT):
+            pending = requests[start:start + BATCH_WRITE_LIMIT]
+            for attempt in range(BATCH_WRITE_ATTEMPTS):
+                if attempt:
+                    time.sleep(BATCH_WRITE_BACKOFF_SECONDS * 2 ** (attempt - 1))
+                response = self.client.batch_write_item(RequestItems={self.table_name: pending})
+                pending = response.get("UnprocessedItems", {}).get(self.table_name, [])
+                if not pending:
+                    break
+            else:
+                raise RuntimeError(f"DynamoDB left {len(pending)} round items of job {job_id} unprocessed after "
+                                   f"{BATCH_WRITE_ATTEMPTS} attempts; the message is retried")
 
     def list_round_metrics(self, job_id: str, first_round: int = 0) -> list[dict[str, Any]]:
         """Return the metrics of every aggregated round from the 0-based index ``first_round`` on, in round order.

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from shared import control
 from shared.handlers import set_services
@@ -296,3 +297,56 @@ def test_model_info_round_mismatch_not_reused(inprocess_stack, efs_root):
     assert record.status == SUCCEEDED, record.error
     assert record.round == 6
     assert record.first_round < 6
+
+
+class HalfProcessingClient:
+    """A DynamoDB client whose every other BatchWriteItem writes the first half of its items
+    and returns the rest as unprocessed, as DynamoDB does under throttling."""
+
+    def __init__(self, client):
+        self.client = client
+        self.batch_sizes: list[int] = []
+
+    def batch_write_item(self, RequestItems):
+        (table, requests), = RequestItems.items()
+        self.batch_sizes.append(len(requests))
+        kept = len(requests) // 2 if len(self.batch_sizes) % 2 else len(requests)
+        self.client.batch_write_item(RequestItems={table: requests[:kept]})
+        return {"UnprocessedItems": {table: requests[kept:]} if kept < len(requests) else {}}
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_long_run_metrics_written_in_batches(inprocess_stack, efs_root, monkeypatch):
+    spec = breast_cancer_spec("many-rounds", training={"max_rounds": 60, "max_epochs": 100})
+    finish_then_lose_table(inprocess_stack, spec)
+    state = inprocess_stack.services.state
+    throttled = HalfProcessingClient(state.client)
+    monkeypatch.setattr(state, "client", throttled)
+    monkeypatch.setattr("shared.state.BATCH_WRITE_BACKOFF_SECONDS", 0.0)
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    rounds = state.list_round_metrics("many-rounds")
+    assert [entry["round"] for entry in rounds] == list(range(1, 61))
+    assert rounds == [inprocess_stack.services.store.read_json(
+        inprocess_stack.services.store.metrics_path("many-rounds", index)) for index in range(60)]
+    # Rounds 0-24, 25-49 and 50-59, each half written, then the rest sent again.
+    assert throttled.batch_sizes == [25, 13, 25, 13, 10, 5]
+
+
+def test_lasting_throttling_fails_the_rerun(inprocess_stack, efs_root, monkeypatch):
+    spec = breast_cancer_spec("throttled", training={"max_rounds": 30})
+    finish_then_lose_table(inprocess_stack, spec)
+    state = inprocess_stack.services.state
+
+    def leave_everything(RequestItems):
+        return {"UnprocessedItems": RequestItems}
+
+    monkeypatch.setattr(state.client, "batch_write_item", leave_everything)
+    monkeypatch.setattr("shared.state.BATCH_WRITE_BACKOFF_SECONDS", 0.0)
+
+    with pytest.raises(RuntimeError, match="left 25 round items of job throttled unprocessed after 5 attempts"):
+        state.put_earlier_round_metrics("throttled", {index: {"round": index + 1} for index in range(30)})
