@@ -20,7 +20,7 @@ The figures are estimates and undercount slightly:
 
 - Lambda bills from the start of the handler (and, for cold starts, the init phase); the
   functions measure from the start of their step, so the SQS batch handling, logging and
-  init time are missing. Continuation invocations of a worker are not counted.
+  init time are missing.
 - The SQS pollers of the event source mappings receive even while the queues are idle
   (long polling, billed per request); only the receives that return a message are counted.
 - CloudWatch Logs ingestion, CloudWatch metrics, the SQS interface endpoint's hourly
@@ -170,7 +170,7 @@ class RequestCounts:
 
 
 def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: int = 1024,
-                         reducers: int = 1) -> RequestCounts:
+                         reducers: int = 1, continuations: int = 0) -> RequestCounts:
     """Count the requests one round makes, from the message flow in shared/service.py.
 
     Parameters
@@ -188,6 +188,11 @@ def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: 
         deleted (2 SQS), reads the job item, the done set and the reduced set, and records
         its slice (a write); the last one sends the aggregate message (1 SQS), and the
         aggregator also reads the reduced set.
+    continuations : int, default=0
+        Invocations after the first of the round's workers and aggregator, which carried
+        on work that an earlier invocation saved. Each sends its continuation message,
+        which is received and deleted (3 SQS), reads the job item and the round item, and
+        stamps the round item with its progress (a write).
 
     Notes
     -----
@@ -219,10 +224,16 @@ def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: 
         reducer_reads = reducers * (job_read + 2 * round_read) + round_read
         reducer_writes = reducers * round_write
 
+    if continuations < 0:
+        raise ValueError(f"continuations must be at least 0, got {continuations}")
+    continuation_sqs = 3 * continuations
+    continuation_reads = continuations * (job_read + round_read)
+    continuation_writes = continuations * round_write
+
     return RequestCounts(
-        sqs_requests=worker_sqs + aggregator_sqs + reducer_sqs,
-        dynamodb_read_units=worker_reads + aggregator_reads + reducer_reads,
-        dynamodb_write_units=worker_writes + aggregator_writes + reducer_writes,
+        sqs_requests=worker_sqs + aggregator_sqs + reducer_sqs + continuation_sqs,
+        dynamodb_read_units=worker_reads + aggregator_reads + reducer_reads + continuation_reads,
+        dynamodb_write_units=worker_writes + aggregator_writes + reducer_writes + continuation_writes,
     )
 
 
@@ -341,7 +352,7 @@ def stored_job_bytes(store, job_id: str, round_index: int, round_folder_bytes: i
 
 def account_round(store, record, usage_totals: dict[str, float], round_index: int, batch_size: int, n_features: int,
                   validation_bytes: int, aggregate_seconds: float, prices: PriceTable = PRICES,
-                  reducers: int = 1) -> dict[str, float]:
+                  reducers: int = 1, aggregate_continuations: int = 0) -> dict[str, float]:
     """Measure and price round ``round_index`` of a job, for the aggregator's metrics.
 
     Parameters
@@ -352,23 +363,26 @@ def account_round(store, record, usage_totals: dict[str, float], round_index: in
         ``updated_at`` marks the start of the round and its ``cost_usd`` the total so far.
     usage_totals : dict of str to float
         The usage the round's workers and reducers added to its round item
-        (``StateStore.get_round_usage``).
+        (``StateStore.get_round_usage``): their seconds and GB-seconds, and the workers'
+        continuation invocations.
     round_index : int
     batch_size, n_features : int
         For the bytes each worker reads from its shard, counted as dense float64 rows.
     validation_bytes : int
         Bytes of the validation rows the aggregator read.
     aggregate_seconds : float
-        The aggregator's own time in this round.
+        The aggregator's own time in this round, over all its invocations.
     reducers : int, default=1
         ``training.reducers``; the reducers' time is in ``usage_totals``.
+    aggregate_continuations : int, default=0
+        The aggregator's invocations in this round after its first.
 
     Returns
     -------
     dict
-        ``round_seconds``, ``worker_seconds``, ``efs_bytes_read``, ``efs_bytes_written``,
-        ``cost_usd`` (this round) and ``total_cost_usd`` (the job so far, this round
-        included).
+        ``round_seconds``, ``worker_seconds``, ``lambda_invocations``, ``efs_bytes_read``,
+        ``efs_bytes_written``, ``cost_usd`` (this round) and ``total_cost_usd`` (the job
+        so far, this round included).
     """
     job_id, n_workers = record.job_id, record.n_workers
     now = time.time()
@@ -390,11 +404,14 @@ def account_round(store, record, usage_totals: dict[str, float], round_index: in
                   + reduced_bytes)
     bytes_written = result_bytes + next_state_bytes + reduced_bytes
 
-    requests = count_round_requests(n_workers, job_item_bytes=len(record.spec_json) + 512, reducers=reducers)
+    continuations = int(usage_totals.get("worker_continuations", 0)) + aggregate_continuations
+    requests = count_round_requests(n_workers, job_item_bytes=len(record.spec_json) + 512, reducers=reducers,
+                                    continuations=continuations)
+    invocations = n_workers + 1 + (reducers if reducers > 1 else 0) + continuations
     usage = RoundUsage(
         architecture=lambda_architecture(),
         lambda_gb_seconds=worker_gb_seconds + reducer_gb_seconds + gb_seconds(aggregate_seconds),
-        lambda_requests=n_workers + 1 + (reducers if reducers > 1 else 0),
+        lambda_requests=invocations,
         sqs_requests=requests.sqs_requests,
         dynamodb_read_units=requests.dynamodb_read_units,
         dynamodb_write_units=requests.dynamodb_write_units,
@@ -409,6 +426,7 @@ def account_round(store, record, usage_totals: dict[str, float], round_index: in
     return {
         "round_seconds": round_seconds,
         "worker_seconds": usage_totals.get("worker_seconds", 0.0),
+        "lambda_invocations": invocations,
         "efs_bytes_read": bytes_read,
         "efs_bytes_written": bytes_written,
         "cost_usd": round_cost,

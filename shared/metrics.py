@@ -29,6 +29,7 @@ ROUND_METRICS: dict[str, tuple[str, MetricUnit]] = {
     "round_seconds": ("RoundDuration", MetricUnit.Seconds),
     "worker_seconds": ("WorkerComputeTime", MetricUnit.Seconds),
     "aggregate_seconds": ("AggregateDuration", MetricUnit.Seconds),
+    "lambda_invocations": ("LambdaInvocations", MetricUnit.Count),
     "train_loss": ("TrainLoss", MetricUnit.NoUnit),
     "validation_loss": ("ValidationLoss", MetricUnit.NoUnit),
     "validation_accuracy": ("ValidationAccuracy", MetricUnit.NoUnit),

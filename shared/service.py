@@ -740,15 +740,18 @@ def _chain_position(saved_next: int, saved_writer: str, continuation: int | None
 
 
 def _load_worker_progress(store: EfsStore, path: Path, continuation: int | None,
-                          message_id: str) -> tuple[dict[str, np.ndarray] | None, int]:
-    """Return the saved progress (None to begin afresh) and this link's number."""
+                          message_id: str) -> tuple[dict[str, np.ndarray] | None, int, float]:
+    """Return the saved progress (None to begin afresh), this link's number, and the
+    seconds the earlier links of the chain took."""
     if not path.exists():
-        return None, continuation or 0
+        return None, continuation or 0, 0.0
     arrays = store.read_arrays(path)
     link = _chain_position(int(arrays.pop("_next")), str(arrays.pop("_writer")), continuation, message_id)
     if link is None:
         raise StaleMessageError(f"continuation {continuation} is a duplicate of an earlier link; dropped")
-    return arrays, link
+    # Absent from progress files that an earlier version of Baton wrote.
+    earlier_seconds = float(arrays.pop("_seconds", 0.0))
+    return arrays, link, earlier_seconds
 
 
 def send_round_complete(state: StateStore, queues: QueueClient, job_id: str, round_index: int,
@@ -845,7 +848,8 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     mode = get_training_mode(spec, model)
 
     progress_path = _progress_path(store, job_id, round_index, worker)
-    progress, link = _load_worker_progress(store, progress_path, task.get("continuation"), message_id)
+    progress, link, earlier_seconds = _load_worker_progress(store, progress_path, task.get("continuation"),
+                                                            message_id)
     if progress is None:
         progress = mode.begin(spec, manifest, model, params, shard, round_index, worker)
 
@@ -853,7 +857,9 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     finished = False
     while not finished:
         if budget.exhausted():
-            store.write_arrays(progress_path, {**progress, "_next": np.int64(link + 1), "_writer": np.str_(message_id)})
+            spent = earlier_seconds + time.monotonic() - task_started
+            store.write_arrays(progress_path, {**progress, "_next": np.int64(link + 1), "_writer": np.str_(message_id),
+                                               "_seconds": np.float64(spent)})
             faults.maybe_fail("worker.after_progress", **ids)
             services.queues.send_task(job_id, round_index, worker, continuation=link + 1)
             services.state.record_progress(job_id, round_index)
@@ -866,9 +872,11 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     write_worker_result(store, job_id, round_index, worker, mode, result)
     faults.maybe_fail("worker.after_write", **ids)
 
-    # The worker's time, for the round's cost estimate (shared/cost.py).
-    task_seconds = time.monotonic() - task_started
-    usage = {"worker_seconds": task_seconds, "worker_gb_seconds": cost.gb_seconds(task_seconds)}
+    # The worker's time over every link of its chain, and the links after the first, for
+    # the round's cost estimate (shared/cost.py).
+    task_seconds = earlier_seconds + time.monotonic() - task_started
+    usage = {"worker_seconds": task_seconds, "worker_gb_seconds": cost.gb_seconds(task_seconds),
+             "worker_continuations": link}
     newly_added, done = services.state.record_worker_done(job_id, round_index, worker, usage)
     faults.maybe_fail("worker.after_record", **ids)
 
@@ -955,15 +963,18 @@ def _store_saved_metrics(services: Services, job_id: str, round_index: int) -> N
     logger.info("stored the metrics of an advanced round from EFS", extra=ids)
 
 
-def _load_aggregate_progress(store: EfsStore, path: Path, continuation: int | None, message_id: str) -> tuple[dict, int]:
-    """Return the aggregator's saved progress of a round (empty to begin) and this link's number."""
+def _load_aggregate_progress(store: EfsStore, path: Path, continuation: int | None,
+                             message_id: str) -> tuple[dict, int, float]:
+    """Return the aggregator's saved progress of a round (empty to begin), this link's
+    number, and the seconds the earlier links of the chain took."""
     if not path.exists():
-        return {}, continuation or 0
+        return {}, continuation or 0, 0.0
     saved = store.read_json(path)
     link = _chain_position(saved.pop("next"), saved.pop("writer"), continuation, message_id)
     if link is None:
         raise StaleMessageError(f"aggregate continuation {continuation} is a duplicate of an earlier link; dropped")
-    return saved, link
+    # Absent from progress files that an earlier version of Baton wrote.
+    return saved, link, float(saved.pop("seconds", 0.0))
 
 
 def _combine_metrics(partials: list[dict]) -> dict[str, float]:
@@ -1015,14 +1026,16 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     next_round = round_index + 1
 
     progress_path = _progress_path(store, job_id, round_index, None)
-    progress, link = _load_aggregate_progress(store, progress_path, message.get("continuation"), message_id)
+    progress, link, earlier_seconds = _load_aggregate_progress(store, progress_path, message.get("continuation"),
+                                                               message_id)
     validation = context.load_validation(store, job_id)
     n_chunks = 0 if validation is None else -(-validation.n_rows // VALIDATION_CHUNK_ROWS)
     progress.setdefault("partials", [])
     budget = InvocationBudget(remaining_millis, services.settings)
 
     def continue_later() -> None:
-        store.write_json(progress_path, {**progress, "next": link + 1, "writer": message_id})
+        store.write_json(progress_path, {**progress, "next": link + 1, "writer": message_id,
+                                         "seconds": earlier_seconds + time.monotonic() - started})
         faults.maybe_fail("aggregator.after_progress", **ids)
         services.queues.send_aggregate(job_id, round_index, continuation=link + 1)
         state.record_progress(job_id, round_index)
@@ -1056,11 +1069,12 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
 
     # Step 3: commit the round.
     metrics = _round_metrics(mode, spec, manifest, round_index, progress)
-    metrics["aggregate_seconds"] = time.monotonic() - started
+    metrics["aggregate_seconds"] = earlier_seconds + time.monotonic() - started
     metrics.update(cost.account_round(
         store, record, usage_totals, round_index, spec.training.batch_size, manifest["n_features"],
         validation_bytes=0 if validation is None else cost.array_bytes(validation.X),
-        aggregate_seconds=metrics["aggregate_seconds"], reducers=spec.training.reducers))
+        aggregate_seconds=metrics["aggregate_seconds"], reducers=spec.training.reducers,
+        aggregate_continuations=link))
     store.write_json(store.metrics_path(job_id, round_index), metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -65,6 +66,17 @@ def test_unknown_architecture_rejected():
 ])
 def test_round_requests_counted(n_workers, job_item_bytes, expected):
     assert cost.count_round_requests(n_workers, job_item_bytes) == expected
+
+
+def test_continuations_add_requests():
+    plain = cost.count_round_requests(4, 3000)
+    continued = cost.count_round_requests(4, 3000, continuations=5)
+
+    # Each continuation: send, receive and delete its message (3 SQS), read the job item
+    # (3,000 bytes: 1 unit) and the round item (1 unit), and stamp the round item (1 unit).
+    assert continued.sqs_requests == plain.sqs_requests + 15
+    assert continued.dynamodb_read_units == plain.dynamodb_read_units + 10
+    assert continued.dynamodb_write_units == plain.dynamodb_write_units + 5
 
 
 def test_round_requests_reject_zero_workers():
@@ -152,3 +164,38 @@ def test_stored_bytes_track_folder_walk(inprocess_stack, efs_root):
     # Metrics files and round folders differ by a few bytes each; the rest is exact.
     assert estimated == pytest.approx(walked, rel=0.05)
     assert estimated > cost.folder_bytes(store.data_dir("stored"))
+
+
+# Each step of a worker's local training takes at least this long in the test below.
+STEP_SECONDS = 0.05
+
+
+def test_continued_steps_billed_in_full(inprocess_stack, monkeypatch):
+    from dataclasses import replace
+
+    from shared.handlers import set_services
+    from shared.service import Services
+    from shared.training import ModelAveraging
+
+    original_advance = ModelAveraging.advance
+
+    def advance_slowly(self, *args):
+        time.sleep(STEP_SECONDS)
+        return original_advance(self, *args)
+
+    monkeypatch.setattr(ModelAveraging, "advance", advance_slowly)
+    settings = replace(inprocess_stack.settings, max_steps_per_invocation=1)
+    inprocess_stack.services = Services(settings, dynamodb=inprocess_stack.dynamodb, sqs=inprocess_stack.sqs)
+    set_services(inprocess_stack.services)
+    inprocess_stack.submit(breast_cancer_spec("continued", mode="model_average", local_steps=3, max_rounds=2))
+    inprocess_stack.run()
+
+    state = inprocess_stack.services.state
+    assert state.get_job("continued").status == SUCCEEDED
+    for round_index, metrics in enumerate(state.list_round_metrics("continued")):
+        usage = state.get_round_usage("continued", round_index)
+        # One step per invocation: each of the 2 workers takes 3 invocations.
+        assert usage["worker_continuations"] == 2 * 2
+        assert metrics["worker_seconds"] >= 2 * 3 * STEP_SECONDS
+        # Combine, one validation chunk and the commit: the aggregator takes 3 invocations.
+        assert metrics["lambda_invocations"] == 2 * 3 + 3
