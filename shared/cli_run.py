@@ -334,8 +334,13 @@ def last_round_on_efs(efs_root: Path, job_id: str, since: float) -> int | None:
     The starter writes the job's spec.json each time it starts the job, so a spec older
     than ``since`` means that no starter of this stack has started the job. A run that
     goes on from an unfinished earlier run keeps that run's metrics files, so they count.
-    An earlier run that finished (its ``model/model.json`` exists) is trained again, so
-    its metrics files, older than the spec, do not count.
+    When an earlier run finished (its ``model/model.json`` exists), its metrics files count
+    only if written since the spec. On the same spec and data the job reuses that model
+    and stops no round short, while on other data those files move aside when round 0
+    starts, and until then they are not this run's.
+
+    NOTE: when that model is damaged, the job goes on from the earlier run's rounds, and
+    their metrics files, older than the spec, are still left out here.
     """
     store = EfsStore(efs_root)
     try:

@@ -1194,15 +1194,23 @@ def load_validation(store: EfsStore, job_id: str, manifest: dict) -> Shard | Non
 
 
 def load_training_sample(store: EfsStore, job_id: str, manifest: dict, max_rows: int) -> Any:
-    """Return up to ``max_rows`` training rows taken evenly from every shard, in float64.
+    """Return up to ``max_rows`` training rows, at least one per non-empty shard, taken evenly from every shard, in float64.
 
     Each shard contributes rows in proportion to its size, picked at evenly spaced
     positions, so the sample is deterministic and reads no shard whole.
     """
     total = sum(manifest["shard_rows"])
+    takes = [min(rows, max(1, round(max_rows * rows / total))) if rows else 0 for rows in manifest["shard_rows"]]
+    # Rounding up may go past max_rows by a row per shard: take those from the last shards.
+    excess = sum(takes) - max_rows
+    for worker in reversed(range(len(takes))):
+        if excess <= 0:
+            break
+        cut = min(excess, takes[worker] - 1)
+        takes[worker] -= cut
+        excess -= cut
     parts = []
-    for worker, rows in enumerate(manifest["shard_rows"]):
-        take = min(rows, max(1, round(max_rows * rows / total))) if rows else 0
+    for worker, (rows, take) in enumerate(zip(manifest["shard_rows"], takes)):
         if take == 0:
             continue
         shard = load_shard(store, job_id, manifest, worker)

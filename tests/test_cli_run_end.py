@@ -413,7 +413,7 @@ def test_last_round_skips_earlier_run(tmp_path):
     efs_root = tmp_path / "efs"
     metrics_dir = efs_root / "jobs" / "rerun" / "metrics"
     metrics_dir.mkdir(parents=True)
-    # The earlier run finished, so this run trains the job again and its metrics do not count.
+    # The earlier run finished, and this run is preparing other data, so its metrics do not count.
     (efs_root / "jobs" / "rerun" / "model").mkdir()
     (efs_root / "jobs" / "rerun" / "model" / "model.json").write_text("{}")
     spec_path = efs_root / "jobs" / "rerun" / "spec.json"

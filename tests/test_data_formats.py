@@ -272,6 +272,20 @@ def test_stratified_shards_keep_class_shares(inprocess_stack, efs_root):
     assert manifest["class_counts"][1] == sum(positives)
 
 
+@pytest.mark.parametrize("max_rows", [2, 7, 50, 10_000])
+def test_training_sample_capped(inprocess_stack, efs_root, max_rows):
+    spec = breast_cancer_spec("sampled", data={"validation_fraction": 0.2}, training={"n_workers": 3, "max_rounds": 1})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    store = EfsStore(efs_root)
+    manifest = store.read_json(store.data_dir("sampled") / "manifest.json")
+
+    sample = datasets.load_training_sample(store, "sampled", manifest, max_rows)
+
+    # Each of the 3 shards gives at least one row, and rounds its share to whole rows.
+    assert sample.shape[0] <= max(max_rows, 3)
+    assert sample.shape[0] >= min(max_rows, sum(manifest["shard_rows"])) - 3
+
+
 def test_split_rows_stratified_balance():
     labels = np.repeat([0, 1, 2], [500, 120, 30])
     shards, validation = datasets.split_rows(len(labels), 5, 65, seed=3, labels=labels)
