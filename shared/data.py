@@ -1194,10 +1194,11 @@ def load_validation(store: EfsStore, job_id: str, manifest: dict) -> Shard | Non
 
 
 def load_training_sample(store: EfsStore, job_id: str, manifest: dict, max_rows: int) -> Any:
-    """Return up to ``max_rows`` training rows, at least one per non-empty shard, taken evenly from every shard, in float64.
+    """Return up to ``max_rows`` training rows taken evenly from every shard, in float64.
 
-    Each shard contributes rows in proportion to its size, picked at evenly spaced
-    positions, so the sample is deterministic and reads no shard whole.
+    Each shard contributes rows in proportion to its size, and at least one row,
+    picked at evenly spaced positions, so the sample is deterministic and reads no
+    shard whole.
     """
     total = sum(manifest["shard_rows"])
     takes = [min(rows, max(1, round(max_rows * rows / total))) if rows else 0 for rows in manifest["shard_rows"]]
