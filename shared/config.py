@@ -29,6 +29,9 @@ from shared.errors import BatonError
 DEFAULT_KEEP_CHECKPOINTS = 3
 MIN_KEEP_CHECKPOINTS = 2
 
+# Days DynamoDB keeps the items of a job after it ended (JOB_RETENTION_DAYS).
+DEFAULT_JOB_RETENTION_DAYS = 90
+
 # Must match custom.maxReceiveCount in serverless.yml: the receive on which a failure
 # sends the message to its dead-letter queue.
 DEFAULT_MAX_RECEIVE_COUNT = 5
@@ -167,6 +170,11 @@ class Settings:
         S3 bucket that receives a copy of every finished job's model
         (shared/model_bucket.py), for users outside the stack's VPC. Empty keeps models
         on EFS only.
+    job_retention_days : int
+        Days that DynamoDB keeps a job's items: a finished, failed or cancelled job's item
+        from the watchdog's first run after the job ended, and each round item from the
+        round's aggregation. DynamoDB's time to live then deletes them; the job's files on
+        EFS stay. 0 keeps them forever.
     """
 
     efs_root: str = "/mnt/efs"
@@ -182,6 +190,7 @@ class Settings:
     stall_seconds: float = 900.0
     watchdog_max_attempts: int = 3
     models_bucket: str = ""
+    job_retention_days: int = DEFAULT_JOB_RETENTION_DAYS
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints < MIN_KEEP_CHECKPOINTS:
@@ -207,9 +216,18 @@ class Settings:
             raise BatonError(f"invalid MODELS_BUCKET {self.models_bucket!r}: an S3 bucket name has 3 to 63 "
                              "lower-case letters, digits, dots and hyphens; set params.modelsBucket in "
                              "serverless.yml to such a name, or leave it empty to keep models on EFS only")
+        if self.job_retention_days < 0:
+            raise BatonError(f"invalid JOB_RETENTION_DAYS {self.job_retention_days}: it must be a number of days, "
+                             f"or 0 to keep job items forever; set params.jobRetentionDays in serverless.yml, or "
+                             f"unset it to use {DEFAULT_JOB_RETENTION_DAYS}")
         if self.watchdog_max_attempts < 0:
             raise BatonError(f"invalid WATCHDOG_MAX_ATTEMPTS {self.watchdog_max_attempts}: it must be 0 (fail a "
                              "stalled job at once) or more; unset it to use 3")
+
+    @property
+    def job_retention_seconds(self) -> float | None:
+        """Return how long DynamoDB keeps a job's items, in seconds, or None to keep them forever."""
+        return self.job_retention_days * 86400.0 if self.job_retention_days else None
 
     def data_roots(self) -> tuple[str, ...]:
         """Return the folders of ``allowed_data_roots``, without empty entries or slashes at the ends.

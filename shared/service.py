@@ -105,7 +105,8 @@ class Services:
 
     @cached_property
     def state(self) -> StateStore:
-        return StateStore(self._dynamodb or boto3.client("dynamodb"), self.settings.state_table_name)
+        return StateStore(self._dynamodb or boto3.client("dynamodb"), self.settings.state_table_name,
+                          retention_seconds=self.settings.job_retention_seconds)
 
     @cached_property
     def queues(self) -> QueueClient:

@@ -7,12 +7,19 @@ Items, all under the partition key ``pk = "JOB#<job_id>"``:
     ``total_rounds``, ``fingerprint`` (hash of the spec), ``spec`` (its JSON), ``error``,
     ``last_error`` (the latest handler error that SQS will retry, see
     :meth:`StateStore.record_last_error`), the latest metrics, ``watchdog_attempts``
-    (re-sends the watchdog made in the current round), and timestamps.
+    (re-sends the watchdog made in the current round), timestamps, and once the job ended,
+    ``expires_at``.
 ``sk = "ROUND#<r, 8 digits>"``
     Round ``r``: ``done``, the number set of workers whose result is on EFS, ``reduced``,
     the number set of reducers whose slice of the sums is on EFS (only when
     ``training.reducers`` > 1), ``updated_at`` (the last recorded progress: a worker or
-    reducer done, or a continuation), and, once the round is aggregated, its metrics.
+    reducer done, or a continuation), and, once the round is aggregated, its metrics and
+    ``expires_at``.
+
+``expires_at`` is the table's time to live attribute: DynamoDB deletes an item within
+days of that time (seconds since the epoch). It is set only when the stack keeps job
+items for a limited time (``JOB_RETENTION_DAYS``), and removed from a job item that a
+resume makes live again.
 
 Job statuses::
 
@@ -216,6 +223,10 @@ class RoundState:
                    has_metrics=METRICS_ATTRIBUTE in item or LEGACY_METRICS_MARKER in item)
 
 
+# The table's time to live attribute (serverless.yml, StateTable).
+EXPIRES_AT = "expires_at"
+
+
 class StateStore:
     """Job and round state in DynamoDB.
 
@@ -223,11 +234,19 @@ class StateStore:
     ----------
     client : botocore DynamoDB client
     table_name : str
+    retention_seconds : float, optional
+        How long after a round's aggregation, or a job's end, DynamoDB keeps its item.
+        None keeps items forever.
     """
 
-    def __init__(self, client, table_name: str):
+    def __init__(self, client, table_name: str, retention_seconds: float | None = None):
         self.client = client
         self.table_name = table_name
+        self.retention_seconds = retention_seconds
+
+    def _expiry(self, since: float) -> dict:
+        """Return the ``expires_at`` attribute value for an item whose retention starts at ``since``."""
+        return {"N": str(int(since + self.retention_seconds))}
 
     def get_job(self, job_id: str) -> JobRecord | None:
         """Return the job's item read consistently, or None if there is none."""
@@ -425,12 +444,17 @@ class StateStore:
 
     def put_round_metrics(self, job_id: str, round_index: int, metrics: dict[str, float]) -> None:
         """Store round ``round_index``'s metrics on its round item; repeating it is harmless."""
+        expression = "SET #metrics = :metrics"
+        values = {":metrics": {"M": {name: _to_attribute(value) for name, value in metrics.items()}}}
+        if self.retention_seconds is not None:
+            expression += f", {EXPIRES_AT} = :expires"
+            values[":expires"] = self._expiry(time.time())
         self.client.update_item(
             TableName=self.table_name,
             Key=_round_key(job_id, round_index),
-            UpdateExpression="SET #metrics = :metrics",
+            UpdateExpression=expression,
             ExpressionAttributeNames={"#metrics": METRICS_ATTRIBUTE},
-            ExpressionAttributeValues={":metrics": {"M": {name: _to_attribute(value) for name, value in metrics.items()}}},
+            ExpressionAttributeValues=values,
         )
 
     def put_earlier_round_metrics(self, job_id: str, metrics_by_round: dict[int, dict[str, Any]]) -> None:
@@ -447,9 +471,11 @@ class StateStore:
             lasting throttling. Writing them again is harmless, so the caller's message
             may be retried.
         """
+        expiry = {} if self.retention_seconds is None else {EXPIRES_AT: self._expiry(time.time())}
         requests = [{"PutRequest": {"Item": {
             **_round_key(job_id, round_index),
             METRICS_ATTRIBUTE: {"M": {name: _to_attribute(value) for name, value in metrics.items()}},
+            **expiry,
         }}} for round_index, metrics in sorted(metrics_by_round.items())]
         for start in range(0, len(requests), BATCH_WRITE_LIMIT):
             pending = requests[start:start + BATCH_WRITE_LIMIT]
@@ -626,10 +652,13 @@ class StateStore:
         for index, status in enumerate(from_statuses):
             values[f":from{index}"] = {"S": status}
         expression = "SET #status = :to, updated_at = :now, status_changed_at = :now, watchdog_attempts = :zero"
+        removed = [] if to_status in TERMINAL_STATUSES else [EXPIRES_AT]
         if clear_error:
             # The handler errors recorded before the job failed or paused belong to the old run.
-            expression += " REMOVE #error, last_error"
+            removed += ["#error", "last_error"]
             names["#error"] = "error"
+        if removed:
+            expression += " REMOVE " + ", ".join(removed)
         if new_preparation:
             expression += f" ADD {PREPARATION_ATTEMPT} :one"
             values[":one"] = {"N": "1"}
@@ -640,6 +669,37 @@ class StateStore:
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
         )
+
+    def expire_ended_job(self, job_id: str, ended_at: float) -> bool:
+        """Give an ended job's item, and the item of the round it ended in, their ``expires_at``.
+
+        Only a job in one of TERMINAL_STATUSES without ``expires_at`` gets one, so a job
+        resumed in the meantime is left alone. Returns False in that case, or when the
+        store keeps items forever. The earlier rounds got theirs with their metrics.
+        """
+        if self.retention_seconds is None:
+            return False
+        expires = self._expiry(ended_at)
+        terminal = ", ".join(NOT_TERMINAL_VALUES)
+        try:
+            response = self.client.update_item(
+                TableName=self.table_name,
+                Key=_job_key(job_id),
+                UpdateExpression=f"SET {EXPIRES_AT} = :expires",
+                ConditionExpression=f"#status IN ({terminal}) AND attribute_not_exists({EXPIRES_AT})",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues={":expires": expires, **NOT_TERMINAL_VALUES},
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return False
+            raise
+        last_round = JobRecord.from_item(response["Attributes"]).round
+        # The round item exists only if a worker or the aggregator wrote it.
+        self._update_if(_round_key(job_id, last_round), UpdateExpression=f"SET {EXPIRES_AT} = :expires",
+                        ConditionExpression="attribute_exists(pk)", ExpressionAttributeValues={":expires": expires})
+        return True
 
     def list_jobs(self) -> list[JobRecord]:
         """Return every job item. Scans the table, so meant for the CLI, not for handlers."""

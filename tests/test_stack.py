@@ -356,6 +356,13 @@ def test_state_table_is_recoverable(resources):
     assert properties["SSESpecification"]["SSEEnabled"] is True
 
 
+def test_state_table_expires_items(resources):
+    from shared.state import EXPIRES_AT
+
+    properties = resources["StateTable"]["Properties"]
+    assert properties["TimeToLiveSpecification"] == {"AttributeName": EXPIRES_AT, "Enabled": True}
+
+
 def test_package_excludes_local_only_code(config):
     patterns = config["package"]["patterns"]
     assert patterns[0] == "!**", "the package must start from nothing and add only what Lambda runs"

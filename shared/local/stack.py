@@ -287,4 +287,7 @@ def create_stack(definition: StackDefinition, sqs, dynamodb) -> dict[str, str]:
             )
         except dynamodb.exceptions.ResourceInUseException:
             pass
+        time_to_live = properties.get("TimeToLiveSpecification")
+        if time_to_live:
+            dynamodb.update_time_to_live(TableName=properties["TableName"], TimeToLiveSpecification=time_to_live)
     return urls
