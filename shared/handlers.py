@@ -91,7 +91,7 @@ def silent_end_text(function_name: str) -> str:
 
 def _record_last_error(services: Services, function_name: str, record: SQSRecord, ids: dict[str, Any],
                        receive_count: int, error_type: str, error_text: str,
-                       unless_recorded_since: int | None = None) -> bool:
+                       unless_recorded_since: int | None = None, first_received_at: float = 0.0) -> bool:
     """Store an error of receive ``receive_count`` as the job's ``last_error``; return whether it was stored.
 
     A failure to store it is logged, not raised: it must not replace the step's error,
@@ -111,7 +111,7 @@ def _record_last_error(services: Services, function_name: str, record: SQSRecord
         if isinstance(value, int) and not isinstance(value, bool):
             last_error[key] = value
     try:
-        stored = services.state.record_last_error(ids["job_id"], last_error, unless_recorded_since)
+        stored = services.state.record_last_error(ids["job_id"], last_error, unless_recorded_since, first_received_at)
     except Exception as record_error:
         logger.warning("could not record the error on the job item",
                        extra={"record_error": f"{type(record_error).__name__}: {record_error}"})
@@ -128,6 +128,10 @@ def _record_silent_receive(services: Services, function_name: str, record: SQSRe
     Every retried error is stored when it happens. So when the previous receive of a message
     left no error on the job item, it ended in a way no handler can catch: a timeout, an
     out-of-memory kill, a crash of the process or a throttle.
+
+    The job item stores one error, so an error of another message recorded since this
+    message was first received may have replaced this message's own. Then nothing is
+    recorded, because the previous receive may have reported an error after all.
     """
     previous = receive_count - 1
     job_id = _job_of_failure(services, record, ids["job_id"], failure_job_id)
@@ -135,8 +139,9 @@ def _record_silent_receive(services: Services, function_name: str, record: SQSRe
         return
     ids = {**ids, "job_id": job_id}
     text = silent_end_text(function_name)
+    first_received_at = int(record.attributes.approximate_first_receive_timestamp or 0) / 1000.0
     if _record_last_error(services, function_name, record, ids, previous, "NoErrorReported", text,
-                          unless_recorded_since=previous):
+                          unless_recorded_since=previous, first_received_at=first_received_at):
         logger.warning("the previous receive of this message ended without reporting an error; recorded it as "
                        "the job's last_error", extra={"receive_count": receive_count})
 

@@ -555,7 +555,8 @@ class StateStore:
             },
         )
 
-    def record_last_error(self, job_id: str, last_error: dict[str, Any], unless_recorded_since: int | None = None) -> bool:
+    def record_last_error(self, job_id: str, last_error: dict[str, Any], unless_recorded_since: int | None = None,
+                          first_received_at: float = 0.0) -> bool:
         """Store ``last_error`` as the job item's ``last_error`` map, without changing the status.
 
         Handlers call this on a failed receive that SQS will retry, so the error is on the
@@ -570,7 +571,12 @@ class StateStore:
             ``receive_count``, ``error_type``, ``error`` and ``recorded_at``.
         unless_recorded_since : int, optional
             Keep an error already stored for the same ``message_id`` from this receive or
-            a later one: then nothing is written.
+            a later one, and an error of another message recorded at or after
+            ``first_received_at``, which may have replaced this message's own: then
+            nothing is written.
+        first_received_at : float, default=0.0
+            When SQS first delivered the message (seconds since the epoch); 0 when unknown,
+            which keeps every error of another message.
 
         Returns
         -------
@@ -584,10 +590,12 @@ class StateStore:
             **NOT_TERMINAL_VALUES,
         }
         if unless_recorded_since is not None:
-            condition += (" AND (attribute_not_exists(last_error) OR last_error.message_id <> :message_id"
-                          " OR last_error.receive_count < :since)")
+            condition += (" AND (attribute_not_exists(last_error)"
+                          " OR (last_error.message_id = :message_id AND last_error.receive_count < :since)"
+                          " OR (last_error.message_id <> :message_id AND last_error.recorded_at < :first_received))")
             values[":message_id"] = _to_attribute(last_error["message_id"])
             values[":since"] = _to_attribute(unless_recorded_since)
+            values[":first_received"] = _to_attribute(float(first_received_at))
         return self._update_if(
             _job_key(job_id),
             UpdateExpression="SET last_error = :last_error",

@@ -42,7 +42,9 @@ def sqs_event(messages: list[dict], queue_name: str) -> dict:
         "receiptHandle": message["ReceiptHandle"],
         "body": message["Body"],
         "attributes": {"ApproximateReceiveCount": message.get("Attributes", {}).get("ApproximateReceiveCount", "1"),
-                       "SentTimestamp": "0", "SenderId": "test", "ApproximateFirstReceiveTimestamp": "0"},
+                       "SentTimestamp": "0", "SenderId": "test",
+                       "ApproximateFirstReceiveTimestamp": message.get("Attributes", {}).get(
+                           "ApproximateFirstReceiveTimestamp", "0")},
         "messageAttributes": {},
         "md5OfBody": message.get("MD5OfBody", ""),
         "eventSource": "aws:sqs",

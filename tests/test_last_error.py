@@ -348,3 +348,51 @@ def test_silent_receive_after_recorded_error(inprocess_stack, monkeypatch, tmp_p
     assert last_error["message_id"] == message_id
     assert last_error["error_type"] == "NoErrorReported"
     assert last_error["receive_count"] == 2
+
+
+def fail_first_tasks(monkeypatch, tmp_path, times: int) -> None:
+    """Make the first ``times`` task deliveries raise, whichever workers they are for."""
+    rule = {"step": "worker.before_read", "kind": "raise", "times": times}
+    monkeypatch.setenv("BATON_FAULTS_ENABLED", "true")
+    monkeypatch.setenv("BATON_FAULTS", json.dumps([rule]))
+    monkeypatch.setenv("BATON_FAULTS_DIR", str(tmp_path / "faults"))
+
+
+# Seconds a failed task stays invisible in the two tests below: long enough for the steps
+# between a failure and its retry.
+RETRY_DELAY_SECONDS = 2
+
+
+def test_other_error_not_taken_for_silence(inprocess_stack, monkeypatch, tmp_path):
+    fail_first_tasks(monkeypatch, tmp_path, times=2)
+    start_job(inprocess_stack, n_workers=2)
+    inprocess_stack.retry_delay_seconds = RETRY_DELAY_SECONDS
+    first = inprocess_stack.step("TasksQueue")
+    second = inprocess_stack.step("TasksQueue")
+    assert first.failed and second.failed
+
+    time.sleep(RETRY_DELAY_SECONDS + 0.2)
+    assert deliver_tasks(inprocess_stack) == []
+
+    # The first task's retry finds the second task's error, recorded after the first task
+    # was first received, so its own error may have been replaced: it keeps that error.
+    last_error = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]
+    assert last_error["error_type"] == FAULT_TYPE
+    assert last_error["worker"] == second.body["worker"]
+
+
+def test_silence_after_other_error_recorded(inprocess_stack, monkeypatch, tmp_path):
+    fail_first_tasks(monkeypatch, tmp_path, times=1)
+    start_job(inprocess_stack, n_workers=2)
+    inprocess_stack.retry_delay_seconds = RETRY_DELAY_SECONDS
+    assert inprocess_stack.step("TasksQueue").failed
+    # The other task is first received after that error was recorded, and ends silently.
+    time.sleep(0.01)
+    message_id = lose_one_receive(inprocess_stack)
+
+    time.sleep(RETRY_DELAY_SECONDS + 0.2)
+    assert deliver_tasks(inprocess_stack) == []
+
+    last_error = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]
+    assert last_error["message_id"] == message_id
+    assert last_error["error_type"] == "NoErrorReported"
