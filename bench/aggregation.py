@@ -59,6 +59,8 @@ def last_level_cache_bytes() -> int:
 def write_results(store: EfsStore, n_workers: int, n_params: int) -> None:
     """Write ``n_workers`` gradient-averaging results of ``n_params`` values with Baton's writer."""
     vector = np.random.default_rng(0).standard_normal(n_params)
+    # The aggregator creates a round's folder when it writes the round's state.
+    store.round_dir(JOB_ID, 0).mkdir(parents=True, exist_ok=True)
     for worker in range(n_workers):
         vector[0] = worker
         write_worker_result(store, JOB_ID, 0, worker, MODE, {

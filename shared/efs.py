@@ -72,13 +72,15 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     write_buffers_atomic(path, [payload])
 
 
-def write_buffers_atomic(path: Path, buffers: Sequence[bytes | memoryview]) -> None:
+def write_buffers_atomic(path: Path, buffers: Sequence[bytes | memoryview], create_folder: bool = True) -> None:
     """Write the concatenation of ``buffers`` to ``path`` through a temporary file and a rename.
 
     The buffers are written one after the other, so a large array need not be copied into
-    one ``bytes`` object first.
+    one ``bytes`` object first. With ``create_folder`` False a missing folder raises
+    FileNotFoundError instead of being created.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         with open(temporary, "wb") as handle:

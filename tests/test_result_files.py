@@ -14,7 +14,7 @@ import pytest
 
 from shared import reduction, training
 from shared.efs import EfsStore
-from shared.errors import ResultFileError
+from shared.errors import ResultFileError, StaleMessageError
 from shared.reduction import (read_reduced_round, read_worker_result, reduce_worker_results, vector_header,
                               write_reduced_slice, write_worker_result)
 from shared.state import FAILED
@@ -29,6 +29,16 @@ def gradient_result(value: float, n_params: int = 10) -> dict[str, np.ndarray]:
     return {"grad_sum": np.full(n_params, value), "loss_sum": np.float64(value), "n_samples": np.int64(3)}
 
 
+def store_with_rounds(root: Path, job_ids: tuple[str, ...] = ("job", "other-job"), rounds: int = 5) -> EfsStore:
+    """Return a store whose jobs have their first ``rounds`` round folders, as the aggregator
+    leaves them before a worker writes its result there."""
+    store = EfsStore(root)
+    for job_id in job_ids:
+        for round_index in range(rounds):
+            store.round_dir(job_id, round_index).mkdir(parents=True, exist_ok=True)
+    return store
+
+
 @pytest.fixture(params=[0, 10**9], ids=["mapped", "read-whole"])
 def read_path(request, monkeypatch):
     monkeypatch.setattr(reduction, "READ_WHOLE_MAX_BYTES", request.param)
@@ -36,7 +46,7 @@ def read_path(request, monkeypatch):
 
 
 def test_result_file_is_one_npy(tmp_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     write_worker_result(store, "job", 4, 2, GRADIENT, gradient_result(1.5))
 
     assert sorted(os.listdir(store.round_dir("job", 4))) == ["result-2.npy"]
@@ -45,8 +55,18 @@ def test_result_file_is_one_npy(tmp_path):
     np.testing.assert_array_equal(np.load(store.result_path("job", 4, 2), mmap_mode="r"), np.full(10, 1.5))
 
 
+def test_result_for_pruned_round_dropped(tmp_path):
+    store = store_with_rounds(tmp_path, rounds=2)
+
+    with pytest.raises(StaleMessageError, match=r"round 3 of job job is over: its folder '.*rounds/2' was pruned"):
+        write_worker_result(store, "job", 2, 1, GRADIENT, gradient_result(1.0))
+
+    # No folder is made again for a round that is over.
+    assert not store.round_dir("job", 2).exists()
+
+
 def test_result_file_round_trip(tmp_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     vector = np.random.default_rng(0).standard_normal(10) * 1e-300
     write_worker_result(store, "job", 0, 1, GRADIENT, {"grad_sum": vector, "loss_sum": np.float64(0.1),
                                                        "n_samples": np.int64(7)})
@@ -61,14 +81,14 @@ def test_result_file_round_trip(tmp_path):
 
 
 def test_result_paths_match_result_path(tmp_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
 
     assert [Path(path) for path in store.result_paths("job", 3, 4)] == [store.result_path("job", 3, worker)
                                                                          for worker in range(4)]
 
 
 def test_same_result_same_bytes(tmp_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(2.0))
     first = store.result_path("job", 0, 0).read_bytes()
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(2.0))
@@ -77,7 +97,7 @@ def test_same_result_same_bytes(tmp_path):
 
 
 def test_vector_of_wrong_length_rejected(tmp_path, read_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0, n_params=10))
 
     with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' does not hold 12 "
@@ -96,11 +116,10 @@ def test_vector_of_wrong_length_rejected(tmp_path, read_path):
                     r"round 1 \(folder rounds/0\), worker 0"),
 ])
 def test_file_of_other_round_rejected(tmp_path, read_path, written, problem):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     job_id, round_index, worker = written
     write_worker_result(store, job_id, round_index, worker, GRADIENT, gradient_result(1.0))
     # The file of another job, round or worker, moved to where worker 0's file of the first round (index 0) belongs.
-    store.round_dir("job", 0).mkdir(parents=True, exist_ok=True)
     os.replace(store.result_path(job_id, round_index, worker), store.result_path("job", 0, 0))
 
     with pytest.raises(ResultFileError, match=problem):
@@ -108,7 +127,7 @@ def test_file_of_other_round_rejected(tmp_path, read_path, written, problem):
 
 
 def test_file_cut_short_rejected(tmp_path, read_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0))
     path = store.result_path("job", 0, 0)
     payload = path.read_bytes()
@@ -131,8 +150,7 @@ def test_file_cut_short_rejected(tmp_path, read_path):
 
 @pytest.mark.parametrize("start, stop", [(0, 10), (4, 10)])
 def test_empty_file_rejected(tmp_path, read_path, start, stop):
-    store = EfsStore(tmp_path)
-    store.round_dir("job", 0).mkdir(parents=True)
+    store = store_with_rounds(tmp_path)
     store.result_path("job", 0, 0).write_bytes(b"")
 
     with pytest.raises(ResultFileError, match=r"result file 'jobs/job/rounds/0/result-0.npy' does not hold 10 "
@@ -141,8 +159,7 @@ def test_empty_file_rejected(tmp_path, read_path, start, stop):
 
 
 def test_foreign_bytes_rejected(tmp_path, read_path):
-    store = EfsStore(tmp_path)
-    store.round_dir("job", 0).mkdir(parents=True)
+    store = store_with_rounds(tmp_path)
     store.result_path("job", 0, 0).write_bytes(b"PK\x03\x04" + bytes(200))
 
     with pytest.raises(ResultFileError, match=r"does not hold 10 float64 values \(it does not start with a .npy "
@@ -152,7 +169,7 @@ def test_foreign_bytes_rejected(tmp_path, read_path):
 
 @pytest.mark.parametrize("extra", [b"x", b" ", b"{}"])
 def test_bytes_after_trailer_rejected(tmp_path, read_path, extra):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0))
     path = store.result_path("job", 0, 0)
     path.write_bytes(path.read_bytes() + extra)
@@ -163,7 +180,7 @@ def test_bytes_after_trailer_rejected(tmp_path, read_path, extra):
 
 def test_slice_of_foreign_file_rejected(tmp_path, read_path):
     # A reducer reads one slice of each file, but checks the header and trailer of the whole file.
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     write_worker_result(store, "job", 0, 0, GRADIENT, gradient_result(1.0, n_params=1000))
     write_worker_result(store, "job", 0, 1, GRADIENT, gradient_result(1.0, n_params=1000))
     os.replace(store.result_path("job", 0, 1), store.result_path("job", 0, 0))
@@ -175,7 +192,7 @@ def test_slice_of_foreign_file_rejected(tmp_path, read_path):
 
 def test_file_without_trailer_rejected(tmp_path, read_path):
     # The layout of earlier versions: the vector alone, with its small arrays in a .json beside it.
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     store.write_npy(store.result_path("job", 0, 0), np.ones(10))
 
     with pytest.raises(ResultFileError, match="no valid trailer.*earlier version of Baton"):
@@ -188,7 +205,7 @@ def test_long_trailer_read_whole(tmp_path, read_path):
     rng = np.random.default_rng(1)
     results = [{"sums": rng.standard_normal((n_clusters, n_features)), "counts": rng.random(n_clusters) * 1e5,
                 "inertia": rng.random(1), "n_samples": np.int64(50)} for _ in range(3)]
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     for worker, arrays in enumerate(results):
         write_worker_result(store, "job", 0, worker, KMEANS, arrays)
     assert store.result_path("job", 0, 0).stat().st_size > 8 * n_clusters * n_features + 3 * reduction.TRAILER_READ_BYTES
@@ -242,7 +259,7 @@ def test_reduction_equals_running_sum(tmp_path, monkeypatch, read_path, mode_nam
         vector[:1001] = -0.0
         rows = np.int64(0 if worker in skipped else 3 + worker)
         results.append({mode.vector_name: vector, "loss_sum": np.float64(worker), "n_samples": rows})
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     for worker, arrays in enumerate(results):
         write_worker_result(store, "job", 0, worker, mode, arrays)
 
@@ -256,7 +273,7 @@ def test_reduction_equals_running_sum(tmp_path, monkeypatch, read_path, mode_nam
 
 def test_short_reads_continue(tmp_path, monkeypatch):
     # preadv may return fewer bytes than requested before the end of a file (NFS may).
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     vector = np.arange(5000, dtype=np.float64)
     write_worker_result(store, "job", 0, 0, GRADIENT, {"grad_sum": vector, "loss_sum": np.float64(2.5),
                                                        "n_samples": np.int64(9)})
@@ -277,7 +294,7 @@ def test_short_reads_continue(tmp_path, monkeypatch):
 
 
 def test_reduced_slices_joined(tmp_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     scalars = {"loss_sum": np.float64(4.0), "n_samples": np.int64(12)}
     write_reduced_slice(store, "job", 2, 0, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
     write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([3.0, 4.0, 5.0]), scalars=scalars))
@@ -290,7 +307,7 @@ def test_reduced_slices_joined(tmp_path):
 
 
 def test_reduced_slice_of_other_slice_rejected(tmp_path):
-    store = EfsStore(tmp_path)
+    store = store_with_rounds(tmp_path)
     scalars = {"loss_sum": np.float64(4.0), "n_samples": np.int64(12)}
     write_reduced_slice(store, "job", 2, 1, Reduction(vector=np.array([1.0, 2.0]), scalars=scalars))
     write_reduced_slice(store, "job", 2, 0, Reduction(vector=np.array([3.0, 4.0]), scalars=scalars))

@@ -293,6 +293,7 @@ def test_file_reduction_equals_in_memory(tmp_path, monkeypatch, mode_name, read_
     n_workers, n_params = 5, 40_000
     results = random_results(mode_name, n_workers, n_params, seed=3)
     store = EfsStore(tmp_path)
+    store.round_dir("job", 0).mkdir(parents=True)
     for worker, arrays in enumerate(results):
         write_worker_result(store, "job", 0, worker, mode, arrays)
 
