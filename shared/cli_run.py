@@ -110,6 +110,11 @@ def hold_local_dir(local_dir: Path, spec_file: Path | None, has_spec_options: bo
     ``spec_file`` and ``has_spec_options`` only shape the ``baton submit`` command that
     the error suggests.
     """
+    for name in ("efs", "logs"):
+        folder = local_dir / name
+        if folder.exists() and not folder.is_dir():
+            raise click.ClickException(f"{folder} is a file, but baton run keeps the local stack's {name} folder "
+                                       f"there; move the file away, or pass another --local-dir")
     lock = LocalDirLock(local_dir)
     try:
         lock.acquire()

@@ -548,6 +548,19 @@ def test_cli_run_fresh_keeps_files_outside_efs(tmp_path):
     assert (elsewhere / "kept" / "model.npy").read_bytes() == b"trained"
 
 
+@pytest.mark.parametrize("name", ["efs", "logs"])
+def test_cli_run_rejects_file_for_folder(tmp_path, name):
+    (tmp_path / "baton").mkdir()
+    (tmp_path / "baton" / name).write_text("not a folder")
+
+    result = CliRunner().invoke(main, ["run", "--local-dir", str(tmp_path / "baton"), "examples/a9a.json"])
+
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'baton' / name} is a file, but baton run keeps the local stack's {name} folder there" \
+        in result.output
+    assert "Traceback" not in result.output
+
+
 def test_cli_run_accepts_null_training_section(tmp_path):
     # A null section validates like a missing one, so `run` must not trip over it either.
     result = CliRunner().invoke(main, [
