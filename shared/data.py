@@ -679,13 +679,13 @@ def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delim
     """
     source = source or str(path)
     lines = decode_text(read_text_bytes(path, source), source).split("\n")
-    names = _split_header(lines[skip_rows], delimiter) if header and skip_rows < len(lines) else None
+    names = split_header(lines[skip_rows], delimiter) if header and skip_rows < len(lines) else None
     data_lines = lines[skip_rows + (1 if header else 0):]
     text = "\n".join(data_lines)
     if names is not None:
         n_columns, reference = len(names), "the header"
     else:
-        n_columns, reference = _count_columns(text, delimiter), "the first row"
+        n_columns, reference = count_columns(text, delimiter), "the first row"
     label_index = resolve_label_column(label_column, names, n_columns, source)
     X, y = parse_csv_text(text, delimiter, label_index, n_columns, source,
                           first_line_number=len(lines) - len(data_lines) + 1, reference=reference)
@@ -694,7 +694,7 @@ def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delim
     return X, y
 
 
-def _split_header(line: str, delimiter: str) -> list[str]:
+def split_header(line: str, delimiter: str) -> list[str]:
     """Return the column names of a header line; a name in double quotes may contain the delimiter."""
     line = line.rstrip("\r\n")
     separator = csv_delimiter(delimiter)
@@ -704,7 +704,8 @@ def _split_header(line: str, delimiter: str) -> list[str]:
     return next(csv.reader([line], delimiter=separator, quotechar='"', skipinitialspace=True), [])
 
 
-def _count_columns(text: str, delimiter: str) -> int:
+def count_columns(text: str, delimiter: str) -> int:
+    """Return the number of columns in the first non-blank line of ``text``, 0 if there is none."""
     for line in text.splitlines():
         if line.strip():
             return len(line.strip().split(csv_delimiter(delimiter)))
@@ -763,6 +764,21 @@ def check_npy_header(handle, array_name: str, save_example: str = NPY_SAVE_EXAMP
     return shape, dtype
 
 
+def load_npy_table(path: Path, source: str) -> np.ndarray:
+    """Memory-map a ``.npy`` file that must contain a 2-D matrix of features and labels.
+
+    Raises
+    ------
+    DataError
+        If the array is not 2-D with at least two columns, or :func:`load_npy` rejects it.
+    """
+    table = load_npy(path, source)
+    if table.ndim != 2 or table.shape[1] < 2:
+        raise DataError(f"'{source}' contains an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
+                        "with the labels in data.label_column, or use format 'npz' with arrays X and y")
+    return table
+
+
 def read_npy_rows(path: Path, label_column: int, start: int = 0, stop: int | None = None,
                   source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read rows ``start:stop`` of a 2-D ``.npy`` matrix whose column ``label_column`` holds the labels.
@@ -770,10 +786,7 @@ def read_npy_rows(path: Path, label_column: int, start: int = 0, stop: int | Non
     The file is memory-mapped, so only the requested rows are read.
     """
     source = source or str(path)
-    table = load_npy(path, source)
-    if table.ndim != 2 or table.shape[1] < 2:
-        raise DataError(f"'{source}' contains an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
-                        "with the labels in data.label_column, or use format 'npz' with arrays X and y")
+    table = load_npy_table(path, source)
     label_index = resolve_label_column(label_column, None, table.shape[1], source)
     rows = np.asarray(table[start:stop], dtype=np.float64)
     return np.delete(rows, label_index, axis=1).astype(np.float32), rows[:, label_index].copy()

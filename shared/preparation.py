@@ -388,7 +388,8 @@ def copy_from_s3(uri: str, target: Path, s3_client=None, environ=None) -> Path:
             with open(temporary, "wb") as handle:
                 shutil.copyfileobj(response["Body"], handle, 1 << 20)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if efs.FSYNC:
+                    os.fsync(handle.fileno())
         os.replace(temporary, target)
     finally:
         if temporary.exists():
@@ -487,7 +488,7 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
     if data.format == "npz":
         return [{**base, "kind": "whole"}]
     if data.format == "npy":
-        n_rows, n_columns = _npy_shape(path, source)
+        n_rows, n_columns = datasets.load_npy_table(path, source).shape
         rows_per_part = max(1, data.part_bytes // max(1, n_columns * 8))
         return [{**base, "kind": "rows", "start": start, "stop": min(start + rows_per_part, n_rows),
                  "bytes": (min(start + rows_per_part, n_rows) - start) * n_columns * 8}
@@ -503,14 +504,6 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
     return [{**base, **csv_layout, "kind": "text", "start": bounds[index], "stop": bounds[index + 1],
              "bytes": bounds[index + 1] - bounds[index]}
             for index in range(n_parts)]
-
-
-def _npy_shape(path: Path, source: str) -> tuple[int, int]:
-    table = datasets.load_npy(path, source)
-    if table.ndim != 2 or table.shape[1] < 2:
-        raise DataError(f"'{source}' contains an array of shape {table.shape}; format 'npy' expects a 2-D matrix "
-                        "with the labels in data.label_column")
-    return table.shape
 
 
 def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
@@ -530,8 +523,8 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]
 
-    names = datasets._split_header(header, data.delimiter) if header is not None else None
-    n_columns = len(names) if names is not None else len(first_row.strip().split(datasets.csv_delimiter(data.delimiter)))
+    names = datasets.split_header(header, data.delimiter) if header is not None else None
+    n_columns = len(names) if names is not None else datasets.count_columns(first_row, data.delimiter)
     if n_columns < 2:
         raise DataError(f"'{source}' has {n_columns} column(s), but a CSV data set needs features and a label "
                         "column; check data.delimiter")
@@ -558,7 +551,7 @@ def _csv_header(spec: JobSpec, path: Path, source: str) -> list[str]:
     """Return the column names in the header line of a CSV file that :func:`_csv_layout` has checked."""
     line_number = spec.data.skip_rows + 1
     raw = _read_first_lines(path, source, line_number)[-1]
-    return datasets._split_header(datasets.decode_text(raw, source, line_number), spec.data.delimiter)
+    return datasets.split_header(datasets.decode_text(raw, source, line_number), spec.data.delimiter)
 
 
 # Parse ---------------------------------------------------------------------------------
@@ -813,11 +806,15 @@ def _create_npy_once(path: Path, dtype, shape: tuple) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
-    if efs.FSYNC:
-        array.flush()
-    del array
-    os.replace(temporary, path)
+    try:
+        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
+        if efs.FSYNC:
+            array.flush()
+        del array
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def _create_partial_files(files, target, n_workers, n_rows, nnz, n_features, y_dtype) -> None:

@@ -226,6 +226,8 @@ CASES = [
      "npy-text", ["'datasets/text.npy'", "not a .npy array", "format 'csv'"]),
     ("npy-truncated", json.dumps(spec("npy-short", data={"path": "datasets/truncated.npy", "format": "npy"})),
      "npy-short", ["'datasets/truncated.npy'", "truncated", "copy or save it again"]),
+    ("npy-one-column", json.dumps(spec("npy-vector", data={"path": "datasets/vector.npy", "format": "npy"})),
+     "npy-vector", ["'datasets/vector.npy'", "array of shape (10,)", "2-D matrix", "format 'npz' with arrays X and y"]),
     ("npz-without-x-and-y", json.dumps(spec("npz-names", data={"path": "datasets/named.npz", "format": "npz"})),
      "npz-names", ["'datasets/named.npz'", "no array named X or y", "features, labels", "numpy.savez"]),
     ("npz-python-objects", json.dumps(spec("npz-objects", data={"path": "datasets/objects.npz", "format": "npz"})),
@@ -338,6 +340,7 @@ def write_malformed_files(datasets):
     table = np.arange(40, dtype=np.float64).reshape(10, 4) % 2
     np.save(datasets / "objects.npy", table.astype(object), allow_pickle=True)
     np.save(datasets / "strings.npy", table.astype(str))
+    np.save(datasets / "vector.npy", table[:, 0])
     (datasets / "text.npy").write_text("1,2,0\n2,3,1\n")
     np.save(datasets / "truncated.npy", table)
     whole = (datasets / "truncated.npy").read_bytes()
