@@ -17,15 +17,14 @@ import numpy as np
 from shared import cost
 from shared import data as datasets
 from shared import faults
-from shared.continuation import InvocationBudget, load_aggregate_progress
+from shared.continuation import ChainLink, InvocationBudget
 from shared.efs import EfsStore
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.metrics import publish_round_metrics
 from shared.model_bucket import upload_model
 from shared.queues import AggregateMessage
 from shared.reduction import read_reduced_round, reduce_worker_results, slice_bounds, write_reduced_slice
-from shared.round_files import (object_problem, read_round_state, round_progress_path, write_final_model,
-                                write_round_state)
+from shared.round_files import object_problem, read_round_state, write_final_model, write_round_state
 from shared.services import Services
 from shared.spec import JobSpec
 from shared.state import RUNNING, JobRecord, job_item_fields
@@ -156,21 +155,12 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     mode = get_training_mode(spec, model)
     next_round = round_index + 1
 
-    progress_path = round_progress_path(store, job_id, round_index, None)
-    progress, link, earlier_seconds = load_aggregate_progress(store, progress_path, message.get("continuation"),
-                                                               message_id)
+    link = ChainLink(store, job_id, round_index, None, message.get("continuation"), message_id)
+    progress = {} if link.progress is None else link.progress
     validation = context.load_validation(store, job_id)
     n_chunks = 0 if validation is None else -(-validation.n_rows // VALIDATION_CHUNK_ROWS)
     progress.setdefault("partials", [])
     budget = InvocationBudget(remaining_millis, services.settings)
-
-    def continue_later() -> None:
-        store.write_json(progress_path, {**progress, "next": link + 1, "writer": message_id,
-                                         "seconds": earlier_seconds + time.monotonic() - started})
-        faults.maybe_fail("aggregator.after_progress", **ids)
-        services.queues.send_aggregate(job_id, round_index, continuation=link + 1)
-        state.record_progress(job_id, round_index)
-        logger.info("aggregation continues", extra={**ids, "continuation": link + 1, "steps": budget.steps})
 
     # Step 1: combine the results into the next round's state. A later invocation of the
     # same round reads that state back from EFS instead.
@@ -186,7 +176,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     # Step 2: evaluate the new parameters on the validation rows, one chunk per step.
     while len(progress["partials"]) < n_chunks:
         if budget.exhausted():
-            continue_later()
+            link.continue_later(services, progress, started, budget.steps)
             return None
         if new_params is None:
             new_params, _ = read_round_state(store, job_id, next_round)
@@ -195,17 +185,17 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         budget.count_step()
 
     if budget.exhausted():
-        continue_later()
+        link.continue_later(services, progress, started, budget.steps)
         return None
 
     # Step 3: commit the round.
     metrics = _round_metrics(mode, spec, manifest, round_index, progress)
-    metrics["aggregate_seconds"] = earlier_seconds + time.monotonic() - started
+    metrics["aggregate_seconds"] = link.total_seconds(started)
     metrics.update(cost.account_round(
         store, record, usage_totals, round_index, spec.training.batch_size, manifest["n_features"],
         validation_bytes=0 if validation is None else cost.array_bytes(validation.X),
         aggregate_seconds=metrics["aggregate_seconds"], reducers=spec.training.reducers,
-        aggregate_continuations=link))
+        aggregate_continuations=link.number))
     store.write_json(store.metrics_path(job_id, round_index), metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
 
@@ -240,7 +230,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         # metrics from EFS (_check_aggregate_is_current).
         state.put_round_metrics(job_id, round_index, metrics)
         store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
-    logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link, **summary})
+    logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link.number, **summary})
     return metrics
 
 

@@ -19,14 +19,20 @@ progress is on EFS.
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+import time
 from typing import Callable
 
 import numpy as np
 
+from shared import faults
 from shared.config import Settings
 from shared.efs import EfsStore
 from shared.errors import StaleMessageError
+from shared.round_files import round_progress_path
+from shared.services import Services
+
+logger = logging.getLogger(__name__)
 
 
 class InvocationBudget:
@@ -77,30 +83,92 @@ def _chain_position(saved_next: int, saved_writer: str, continuation: int | None
     return continuation
 
 
-def load_worker_progress(store: EfsStore, path: Path, continuation: int | None,
-                          message_id: str) -> tuple[dict[str, np.ndarray] | None, int, float]:
-    """Return the saved progress (None to begin afresh), this link's number, and the
-    seconds the earlier links of the chain took."""
-    if not path.exists():
-        return None, continuation or 0, 0.0
-    arrays = store.read_arrays(path)
-    link = _chain_position(int(arrays.pop("_next")), str(arrays.pop("_writer")), continuation, message_id)
-    if link is None:
-        raise StaleMessageError(f"continuation {continuation} is a duplicate of an earlier link; dropped")
-    # Absent from progress files that an earlier version of Baton wrote.
-    earlier_seconds = float(arrays.pop("_seconds", 0.0))
-    return arrays, link, earlier_seconds
+class ChainLink:
+    """One invocation's place in the continuation chain of a worker's or the aggregator's share of a round.
 
+    A worker's progress file is ``progress-<w>.npz``: the training mode's arrays and the
+    chain fields ``_next``, ``_writer`` and ``_seconds``. The aggregator's is
+    ``aggregate-progress.json``: its progress and the fields ``next``, ``writer`` and
+    ``seconds``. ``seconds`` is the time that the links before the next one took.
 
-def load_aggregate_progress(store: EfsStore, path: Path, continuation: int | None,
-                             message_id: str) -> tuple[dict, int, float]:
-    """Return the aggregator's saved progress of a round (empty to begin), this link's
-    number, and the seconds the earlier links of the chain took."""
-    if not path.exists():
-        return {}, continuation or 0, 0.0
-    saved = store.read_json(path)
-    link = _chain_position(saved.pop("next"), saved.pop("writer"), continuation, message_id)
-    if link is None:
-        raise StaleMessageError(f"aggregate continuation {continuation} is a duplicate of an earlier link; dropped")
-    # Absent from progress files that an earlier version of Baton wrote.
-    return saved, link, float(saved.pop("seconds", 0.0))
+    Parameters
+    ----------
+    store : EfsStore
+    job_id : str
+    round_index : int
+    worker : int or None
+        The worker, or None for the aggregator.
+    continuation : int or None
+        The message's ``continuation``; None for a message that starts or re-sends a chain.
+    message_id : str
+        The SQS message id, saved as the writer of the next progress file.
+
+    Attributes
+    ----------
+    number : int
+        This link's position in the chain; 0 when no link saved progress yet.
+    progress : dict or None
+        The progress that the earlier links saved, without the chain fields, or None.
+    earlier_seconds : float
+        The seconds the earlier links of the chain took.
+
+    Raises
+    ------
+    StaleMessageError
+        If the message is a duplicate of an earlier link.
+    """
+
+    def __init__(self, store: EfsStore, job_id: str, round_index: int, worker: int | None,
+                 continuation: int | None, message_id: str):
+        self.store, self.job_id, self.round_index, self.worker = store, job_id, round_index, worker
+        self.message_id = message_id
+        self.path = round_progress_path(store, job_id, round_index, worker)
+        self.number, self.progress, self.earlier_seconds = continuation or 0, None, 0.0
+        if not self.path.exists():
+            return
+
+        if worker is None:
+            saved = store.read_json(self.path)
+            saved_next, saved_writer = saved.pop("next"), saved.pop("writer")
+        else:
+            saved = store.read_arrays(self.path)
+            saved_next, saved_writer = int(saved.pop("_next")), str(saved.pop("_writer"))
+        number = _chain_position(saved_next, saved_writer, continuation, message_id)
+        if number is None:
+            kind = "continuation" if worker is not None else "aggregate continuation"
+            raise StaleMessageError(f"{kind} {continuation} is a duplicate of an earlier link; dropped")
+
+        # Absent from progress files that an earlier version of Baton wrote.
+        earlier_seconds = saved.pop("seconds" if worker is None else "_seconds", 0.0)
+        self.number, self.progress, self.earlier_seconds = number, saved, float(earlier_seconds)
+
+    def total_seconds(self, started: float) -> float:
+        """Return the chain's seconds so far: the earlier links' and this one's since ``started`` (monotonic)."""
+        return self.earlier_seconds + time.monotonic() - started
+
+    def continue_later(self, services: Services, progress: dict, started: float, steps: int) -> None:
+        """Save ``progress`` for the next link, send the next link's message and record the round's progress.
+
+        The progress is saved before the message is sent, so the next link always finds it.
+        A crash between the save and the send leaves no message for the next link, so the
+        retry of this message continues from the saved progress and sends it.
+        """
+        following = self.number + 1
+        seconds = self.total_seconds(started)
+        ids = {"job_id": self.job_id, "round": self.round_index}
+        if self.worker is None:
+            self.store.write_json(self.path, {**progress, "next": following, "writer": self.message_id,
+                                              "seconds": seconds})
+            faults.maybe_fail("aggregator.after_progress", **ids)
+            services.queues.send_aggregate(self.job_id, self.round_index, continuation=following)
+            event = "aggregation continues"
+        else:
+            ids["worker"] = self.worker
+            self.store.write_arrays(self.path, {**progress, "_next": np.int64(following),
+                                                "_writer": np.str_(self.message_id), "_seconds": np.float64(seconds)})
+            faults.maybe_fail("worker.after_progress", **ids)
+            services.queues.send_task(self.job_id, self.round_index, self.worker, continuation=following)
+            event = "task continues"
+
+        services.state.record_progress(self.job_id, self.round_index)
+        logger.info(event, extra={**ids, "continuation": following, "steps": steps})

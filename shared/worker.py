@@ -16,11 +16,11 @@ import numpy as np
 from shared import cost
 from shared import data as datasets
 from shared import faults
-from shared.continuation import InvocationBudget, load_worker_progress
+from shared.continuation import ChainLink, InvocationBudget
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.queues import QueueClient, TaskMessage
 from shared.reduction import write_worker_result
-from shared.round_files import read_round_state, round_progress_path
+from shared.round_files import read_round_state
 from shared.services import Services
 from shared.state import RUNNING, StateStore
 from shared.training import build_model, get_training_mode
@@ -100,9 +100,8 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     model = build_model(spec, manifest)
     mode = get_training_mode(spec, model)
 
-    progress_path = round_progress_path(store, job_id, round_index, worker)
-    progress, link, earlier_seconds = load_worker_progress(store, progress_path, task.get("continuation"),
-                                                            message_id)
+    link = ChainLink(store, job_id, round_index, worker, task.get("continuation"), message_id)
+    progress = link.progress
     if progress is None:
         progress = mode.begin(spec, manifest, model, params, shard, round_index, worker)
 
@@ -110,13 +109,7 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     finished = False
     while not finished:
         if budget.exhausted():
-            spent = earlier_seconds + time.monotonic() - task_started
-            store.write_arrays(progress_path, {**progress, "_next": np.int64(link + 1), "_writer": np.str_(message_id),
-                                               "_seconds": np.float64(spent)})
-            faults.maybe_fail("worker.after_progress", **ids)
-            services.queues.send_task(job_id, round_index, worker, continuation=link + 1)
-            services.state.record_progress(job_id, round_index)
-            logger.info("task continues", extra={**ids, "continuation": link + 1, "steps": budget.steps})
+            link.continue_later(services, progress, task_started, budget.steps)
             return None
         progress, finished = mode.advance(spec, manifest, model, params, shard, round_index, worker, progress)
         budget.count_step()
@@ -127,9 +120,9 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
 
     # The worker's time over every link of its chain, and the links after the first, for
     # the round's cost estimate (shared/cost.py).
-    task_seconds = earlier_seconds + time.monotonic() - task_started
+    task_seconds = link.total_seconds(task_started)
     usage = {"worker_seconds": task_seconds, "worker_gb_seconds": cost.gb_seconds(task_seconds),
-             "worker_continuations": link}
+             "worker_continuations": link.number}
     newly_added, done = services.state.record_worker_done(job_id, round_index, worker, usage)
     faults.maybe_fail("worker.after_record", **ids)
 
@@ -139,7 +132,7 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     if len(done) == record.n_workers:
         send_round_complete(services.state, services.queues, job_id, round_index, spec.training.reducers)
     logger.info("task done", extra={**ids, "newly_recorded": newly_added, "workers_done": len(done),
-                                    "continuations": link})
+                                    "continuations": link.number})
     return result
 
 
