@@ -144,7 +144,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     """
     job_id, round_index = message["job_id"], message["round"]
     ids = {"job_id": job_id, "round": round_index}
-    store, state = services.store, services.state
+    store = services.store
     record, usage_totals = _check_aggregate_is_current(services, job_id, round_index)
     faults.maybe_fail("aggregator.before_read", **ids)
 
@@ -188,7 +188,8 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         link.continue_later(services, progress, started, budget.steps)
         return None
 
-    # Step 3: commit the round.
+    # Step 3: commit the round. Write its metrics file and stopping state, then finish the job or
+    # start the next round.
     metrics = _round_metrics(mode, spec, manifest, round_index, progress)
     metrics["aggregate_seconds"] = link.total_seconds(started)
     metrics.update(cost.account_round(
@@ -199,30 +200,51 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     store.write_json(store.metrics_path(job_id, round_index), metrics)
     faults.maybe_fail("aggregator.after_metrics", **ids)
 
-    stop_reason = _stop_reason(store, spec, record, job_id, round_index, metrics)
+    stop_rule = _write_stopping_state(store, spec, job_id, round_index, metrics)
+    stop_reason = _stop_reason(spec, record, round_index, metrics, stop_rule)
     summary = job_item_fields(metrics)
     publish_round_metrics(job_id, round_index, metrics)
 
     if stop_reason is not None:
         if new_params is None:
             new_params, _ = read_round_state(store, job_id, next_round)
-        write_final_model(services, job_id, model, new_params, next_round, metrics, stop_reason)
-        if services.settings.models_bucket:
-            summary["model_uri"] = upload_model(services.s3, services.settings.models_bucket, store, job_id)
-        faults.maybe_fail("aggregator.before_finish", **ids)
-        # Pruned before the finish, so a finished job keeps as many round folders as a
-        # running one even when this delivery stops here. Its retry reads only rounds r
-        # and r + 1, which stay.
-        store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
-        # Before the finish: messages of a finished job are dropped, so no retry would
-        # store the metrics afterwards.
-        state.put_round_metrics(job_id, round_index, metrics)
-        if state.finish_job(job_id, round_index, {**summary, "stop_reason": stop_reason}):
-            logger.info("job succeeded", extra={**ids, **summary})
+        _finish_with_model(services, job_id, round_index, model, new_params, metrics, summary, stop_reason)
         return metrics
 
+    advanced = _start_next_round(services, record, round_index, metrics, summary)
+    logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link.number, **summary})
+    return metrics
+
+
+def _finish_with_model(services: Services, job_id: str, round_index: int, model, params: np.ndarray, metrics: dict,
+                       summary: dict, stop_reason: str) -> None:
+    """Write the final model of a job that stops after ``round_index``, and record the job as SUCCEEDED.
+
+    The model is also copied to the models bucket when the stack has one.
+    """
+    ids = {"job_id": job_id, "round": round_index}
+    store, state, next_round = services.store, services.state, round_index + 1
+    write_final_model(services, job_id, model, params, next_round, metrics, stop_reason)
+    if services.settings.models_bucket:
+        summary["model_uri"] = upload_model(services.s3, services.settings.models_bucket, store, job_id)
+    faults.maybe_fail("aggregator.before_finish", **ids)
+    # Pruned before the finish, so a finished job keeps as many round folders as a
+    # running one even when this delivery stops here. Its retry reads only rounds r
+    # and r + 1, which stay.
+    store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
+    # Before the finish: messages of a finished job are dropped, so no retry would
+    # store the metrics afterwards.
+    state.put_round_metrics(job_id, round_index, metrics)
+    if state.finish_job(job_id, round_index, {**summary, "stop_reason": stop_reason}):
+        logger.info("job succeeded", extra={**ids, **summary})
+
+
+def _start_next_round(services: Services, record: JobRecord, round_index: int, metrics: dict, summary: dict) -> bool:
+    """Advance the job past ``round_index``, send the next round's tasks, and return whether this call advanced it."""
+    job_id, next_round = record.job_id, round_index + 1
+    store, state = services.store, services.state
     advanced = state.advance_round(job_id, round_index, summary)
-    faults.maybe_fail("aggregator.after_advance", **ids)
+    faults.maybe_fail("aggregator.after_advance", job_id=job_id, round=round_index)
     if advanced:
         services.queues.send_tasks(job_id, next_round, list(range(record.n_workers)))
         # After the send, so the next round's workers do not wait for it. A retry of a
@@ -230,8 +252,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
         # metrics from EFS (_check_aggregate_is_current).
         state.put_round_metrics(job_id, round_index, metrics)
         store.prune_rounds(job_id, next_round, services.settings.keep_checkpoints)
-    logger.info("round aggregated", extra={**ids, "advanced": advanced, "continuations": link.number, **summary})
-    return metrics
+    return advanced
 
 
 def _combine_round(store: EfsStore, spec: JobSpec, record: JobRecord, mode, model, optimizer,
@@ -278,20 +299,30 @@ def _round_metrics(mode, spec: JobSpec, manifest: dict, round_index: int, progre
     return metrics
 
 
-def _stop_reason(store: EfsStore, spec: JobSpec, record: JobRecord, job_id: str, round_index: int,
-                 metrics: dict) -> str | None:
-    """Return why the job stops after this round, or None when it goes on.
+def _write_stopping_state(store: EfsStore, spec: JobSpec, job_id: str, round_index: int, metrics: dict) -> str | None:
+    """Apply a round's metrics to the spec's stopping rules, and store the new stopping state for the next round.
 
-    The reasons are a stopping rule of the spec (``target_loss``, ``target_accuracy``,
-    ``early_stopping``), the round limit (``max_rounds`` or ``max_epochs``, whichever set
-    it) and ``budget``. The stopping state (best validation loss and its round) is stored
-    in the round folders, so a retried or resumed aggregation reads the same history.
+    Returns the stopping rule that fired (``target_loss``, ``target_accuracy``,
+    ``early_stopping``), or None. The stopping state (best validation loss and its round)
+    is stored in the round folders, so a retried or resumed aggregation reads the same
+    history.
     """
     stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
     previous = StoppingState.from_dict(datasets.read_job_json(store, stopping_path, problem_of=object_problem)
                                        if stopping_path.exists() else None)
     stopping, stop_rule = check_stopping(spec, metrics, previous)
     store.write_json(store.round_dir(job_id, round_index + 1) / "stopping.json", stopping.to_dict())
+    return stop_rule
+
+
+def _stop_reason(spec: JobSpec, record: JobRecord, round_index: int, metrics: dict,
+                 stop_rule: str | None) -> str | None:
+    """Return why the job stops after this round, or None when it goes on.
+
+    The reasons are ``stop_rule``, the stopping rule of the spec that fired
+    (:func:`_write_stopping_state`), the round limit (``max_rounds`` or ``max_epochs``,
+    whichever set it) and ``budget``.
+    """
     if stop_rule is not None:
         return stop_rule
     if round_index + 1 >= record.total_rounds:
