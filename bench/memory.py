@@ -2,7 +2,7 @@
 
 Each measurement starts a fresh Python process (``python -m bench.memory --worker``) that
 runs the steps of a worker task that touch data, in the order ``run_task`` runs them
-(shared/service.py): read the spec and manifest, memory-map the shard with
+(shared/worker.py): read the spec and manifest, memory-map the shard with
 :func:`shared.data.load_shard`, read the round's weights, compute the training mode's
 result over the whole batch, and write the result file. The process then reports its
 peak resident set. The queue and table calls of a task are left out, because they hold
@@ -66,7 +66,7 @@ def run_worker(efs_root: Path, job_id: str) -> None:
     from shared.data import load_shard
     from shared.efs import EfsStore
     from shared.reduction import write_worker_result
-    from shared.service import read_round_state
+    from shared.round_files import read_round_state
     from shared.spec import parse_job_spec
     from shared.training import build_model, get_training_mode
 
@@ -85,8 +85,8 @@ def run_worker(efs_root: Path, job_id: str) -> None:
 def run_baseline() -> None:
     """Import what a worker imports and print the peak RSS in bytes, with no data read."""
     import shared.data  # noqa: F401
-    import shared.service  # noqa: F401
     import shared.training  # noqa: F401
+    import shared.worker  # noqa: F401
 
     print(json.dumps({"max_rss_bytes": _max_rss_bytes()}))
 
@@ -167,7 +167,7 @@ def measure(quick: bool) -> Section:
 What runs: a fresh Python process per shard (`python -m bench.memory --worker`) reads the
 spec and manifest, memory-maps its shard with `load_shard`, reads the round's weights,
 computes logistic regression's gradient-averaging result over its batch and writes the
-result file, as a worker task does (shared/service.py, `run_task`, without the queue and
+result file, as a worker task does (shared/worker.py, `run_task`, without the queue and
 table calls). The figure is the median peak resident set of {repeats} such processes per shard:
 `VmHWM` from /proc/self/status, because `ru_maxrss` also counted the benchmark parent's
 peak from before the exec (1623 MiB for every shard once the kernel section had run). The shards repeat the rows of higgs_7k (dense,

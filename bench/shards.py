@@ -20,7 +20,7 @@ from bench.common import DATASETS, stage_file
 from shared.data import prepare_data, shard_folder
 from shared.efs import EfsStore
 from shared.sampling import initial_params_rng
-from shared.service import write_round_state
+from shared.round_files import write_round_state
 from shared.spec import parse_job_spec
 from shared.training import build_model, build_optimizer
 

@@ -2,7 +2,7 @@
 
 from shared.handlers import sqs_handler
 from shared.queues import parse_aggregate
-from shared.service import handle_aggregate_message
+from shared.aggregation import handle_aggregate_message
 
 handler = sqs_handler(
     "aggregator",

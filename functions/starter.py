@@ -3,8 +3,9 @@
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from shared.handlers import sqs_handler
-from shared.service import Services, start_job, starter_failure_job_id
+from shared.services import Services
 from shared.spec import derive_job_id
+from shared.starter import start_job, starter_failure_job_id
 
 
 def _failure_job_id(services: Services, record: SQSRecord, job_id: str) -> str:

@@ -2,7 +2,7 @@
 
 from shared.handlers import sqs_handler
 from shared.queues import parse_task
-from shared.service import run_task
+from shared.worker import run_task
 
 handler = sqs_handler(
     "worker",

@@ -425,7 +425,7 @@ def _after_failure(record, efs_root: Path) -> str:
     """
     from shared.efs import EfsStore
     from shared.errors import BatonError, DIVERGED_WORDS
-    from shared.service import continuation_round, run_identity
+    from shared.earlier_runs import continuation_round, run_identity
     from shared.spec import parse_job_spec
 
     if record.status != "FAILED" or record.total_rounds == 0 or DIVERGED_WORDS in (record.error or ""):

@@ -22,11 +22,13 @@ import time
 from shared import faults
 from shared.errors import DIVERGED_WORDS, BatonError
 from shared.queues import QueueClient, body_object
-from shared.service import Services, send_round_complete, starter_failure_job_id
+from shared.services import Services
 from shared.spec import derive_job_id
+from shared.starter import starter_failure_job_id
 from shared.state import (CANCELLED, EXPIRES_AT, FAILED, PAUSED, PREPARING, RUNNING, TERMINAL_STATUSES, JobRecord,
                           StateStore, can_record_job, describe_last_error)
 from shared.training import round_number
+from shared.worker import send_round_complete
 
 logger = logging.getLogger(__name__)
 

@@ -171,7 +171,7 @@ class RequestCounts:
 
 def count_round_requests(n_workers: int, job_item_bytes: int, round_item_bytes: int = 1024,
                          reducers: int = 1, continuations: int = 0) -> RequestCounts:
-    """Count the requests one round makes, from the message flow in shared/service.py.
+    """Count the requests one round makes, from the message flow in shared/worker.py and aggregation.py.
 
     Parameters
     ----------

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from shared.config import efs_fsync_enabled
-from shared.errors import BatonError, DamagedFileError, DataError
+from shared.errors import BatonError, DamagedFileError, DataError, EfsNotWritableError
 
 # The folder under the root where Baton keeps every job's state; never read as data.
 JOBS_FOLDER = "jobs"
@@ -329,3 +329,23 @@ class EfsStore:
                 shutil.rmtree(entry, ignore_errors=True)
                 pruned.append(int(entry.name))
         return sorted(pruned)
+
+
+def check_efs_writable(root: Path) -> None:
+    """Write and delete a probe file under ``root``, so a bad mount fails on first use.
+
+    Raises
+    ------
+    EfsNotWritableError
+        If the folder is missing or this process cannot create a file in it.
+    """
+    probe = root / f".write-check-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise EfsNotWritableError(
+            f"EFS root '{root}' is not writable by uid {os.getuid()} gid {os.getgid()} ({error.strerror}); "
+            "the access point's RootDirectory.CreationInfo OwnerUid/OwnerGid must equal its PosixUser Uid/Gid "
+            "(EfsAccessPoint in serverless.yml), or chown the folder to that user; locally, check EFS_ROOT") from error

@@ -7,7 +7,8 @@ Off unless the process environment sets ``BATON_FAULTS_ENABLED=true``
 
     [{"step": "worker.after_write", "kind": "raise", "times": 1, "round": 2, "worker": 1}]
 
-Step faults fire inside :mod:`shared.service` at the points listed in :data:`STEPS`:
+Step faults fire inside the steps (:mod:`shared.starter`, :mod:`shared.worker`,
+:mod:`shared.aggregation`) at the points listed in :data:`STEPS`:
 
 ``raise``
     An exception that the handler reports as a failed record.

@@ -39,7 +39,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from shared.config import DEFAULT_MAX_RECEIVE_COUNT  # noqa: F401
 from shared.errors import BatonError, InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
 from shared.queues import body_object
-from shared.service import Services
+from shared.services import Services
 from shared.spec import derive_job_id
 from shared.state import can_record_job
 

@@ -12,7 +12,7 @@ aggregate      ``{"job_id", "round", "reduce"}``             aggregator, as redu
 =============  ==========================================  =====================
 
 A task or aggregate message may also carry ``"continuation": n`` (n >= 1): the n-th link
-of a chain of invocations that share one round's work (see :mod:`shared.service`). A
+of a chain of invocations that share one round's work (see :mod:`shared.continuation`). A
 reduce message (``"reduce": k``, 0 <= k < ``training.reducers``) asks for slice k of the
 round's sums; it never carries a continuation.
 """

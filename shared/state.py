@@ -173,6 +173,15 @@ def describe_last_error(last_error: dict[str, Any]) -> str:
             f"{last_error.get('error_type', 'Exception')}: {last_error.get('error', '')}")
 
 
+def job_item_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Return the fields of a round's metrics that the job item keeps: epoch, losses, cost so far."""
+    summary = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"], "cost_usd": metrics["total_cost_usd"]}
+    for name in ("validation_loss", "validation_accuracy", "validation_r2"):
+        if name in metrics:
+            summary[name] = metrics[name]
+    return summary
+
+
 def _round_usage(item: dict) -> dict[str, float]:
     return {name: float(_from_attribute(item[name])) for name in item if name.startswith(("worker_", "reducer_"))}
 

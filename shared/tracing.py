@@ -11,7 +11,8 @@ When it is on, :func:`install` wraps the methods that do I/O or maths, from outs
 ==============  ===========================================================================
 phase           what is wrapped
 ==============  ===========================================================================
-``step``        ``service.run_task`` and ``service.aggregate_round``, the step of one record
+``step``        ``worker.run_task``, ``aggregation.aggregate_round`` and
+                ``aggregation.reduce_slice``, the step of one record
 ``efs_read``    ``EfsStore`` reads, ``data.load_shard``/``load_validation``, the size scans
                 of ``cost.py``
 ``efs_write``   ``EfsStore`` writes and ``prune_rounds``
@@ -168,7 +169,7 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
     ``run_task`` and ``aggregate_round`` when they are imported.
     """
     global _tracer
-    from shared import cost, data, reduction, service
+    from shared import aggregation, cost, data, reduction, worker
     from shared.efs import EfsStore
     from shared.models.base import Model
     from shared.queues import QueueClient
@@ -177,11 +178,11 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
 
     _tracer = Tracer(Path(trace_dir) / f"{function}-{os.getpid()}.jsonl", function)
 
-    for name in ("run_task", "aggregate_round", "reduce_slice"):
-        original = getattr(service, name)
+    for module, name in ((worker, "run_task"), (aggregation, "aggregate_round"), (aggregation, "reduce_slice")):
+        original = getattr(module, name)
         if not getattr(original, "__baton_traced__", False):
-            _patched.append((service, name, original))
-            setattr(service, name, _traced_step(original, name, _message_ids))
+            _patched.append((module, name, original))
+            setattr(module, name, _traced_step(original, name, _message_ids))
     for name in ("read_json", "read_arrays", "read_npy"):
         _wrap_attribute(EfsStore, name, "efs_read")
     for name in ("write_json", "write_arrays", "write_npy", "prune_rounds"):

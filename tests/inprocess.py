@@ -18,7 +18,7 @@ from functions import aggregator, starter, worker
 from shared.config import Settings
 from shared.handlers import set_services
 from shared.local.stack import create_stack, load_stack_definition
-from shared.service import Services
+from shared.services import Services
 
 HANDLERS = {"JobsQueue": starter.handler, "TasksQueue": worker.handler, "AggregateQueue": aggregator.handler}
 

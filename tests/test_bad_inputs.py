@@ -30,7 +30,7 @@ from shared.errors import BatonError
 from shared.handlers import logger as handler_logger
 from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
-from shared.service import Services
+from shared.services import Services
 from shared.spec import derive_job_id
 from tests.reliability_support import A9A_TRAIN, BREAST_CANCER_CSV, write_a9a_subset
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from shared import control
+from shared.earlier_runs import continuation_round, run_identity
 from shared.handlers import set_services
 from shared.monitor import model_predates_spec
-from shared.service import Services, continuation_round, run_identity
+from shared.services import Services
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, final_params, forget_job, run_job

@@ -174,7 +174,7 @@ def test_continued_steps_billed_in_full(inprocess_stack, monkeypatch):
     from dataclasses import replace
 
     from shared.handlers import set_services
-    from shared.service import Services
+    from shared.services import Services
     from shared.training import ModelAveraging
 
     original_advance = ModelAveraging.advance

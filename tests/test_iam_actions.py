@@ -45,7 +45,7 @@ def recorded_calls(inprocess_stack, monkeypatch):
     import boto3
 
     from shared.handlers import set_services
-    from shared.service import Services
+    from shared.services import Services
 
     calls: set[tuple[str, str]] = set()
     current = {"role": None}

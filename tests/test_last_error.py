@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from shared.cli import main
 from shared.control import drain_dead_letters, resume_job, run_watchdog
 from shared.handlers import set_services, sqs_handler
-from shared.service import Services
+from shared.services import Services
 from shared.state import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from tests.inprocess import FakeContext, sqs_event
 

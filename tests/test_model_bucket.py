@@ -20,7 +20,7 @@ from shared.export import export_estimator, load_trained_model
 from shared.handlers import set_services
 from shared.model_bucket import BUNDLE_FILES, ModelBucketError, download_model, model_uri
 from shared.monitor import download_finished_model, fetch_job
-from shared.service import Services
+from shared.services import Services
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, forget_job, run_job
 

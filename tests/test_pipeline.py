@@ -12,7 +12,7 @@ import pytest
 
 from shared.handlers import set_services
 from shared.reference import train_reference
-from shared.service import Services
+from shared.services import Services
 from shared.spec import parse_job_spec
 from shared.state import CANCELLED, FAILED, PREPARING, RUNNING, SUCCEEDED, _from_attribute
 from tests.baton_jobs import california_housing, california_spec, run_job, write_csv

@@ -13,12 +13,11 @@ import pytest
 from moto import mock_aws
 
 from shared.config import Settings
-from shared.efs import EfsStore
+from shared.efs import EfsStore, check_efs_writable
 from shared.errors import BatonError, EfsNotWritableError, InvalidMessageError
 from shared.handlers import sqs_handler
 from shared.local.stack import SERVERLESS_FILE, create_stack, load_stack_definition, parse_rate
 from shared.queues import MAX_MESSAGE_BYTES, MAX_MESSAGE_INTEGER, QueueClient, parse_task
-from shared.service import check_efs_writable
 from shared.state import StateStore
 
 

@@ -11,7 +11,7 @@ from shared import control
 from shared.config import Settings
 from shared.errors import BatonError
 from shared.handlers import set_services
-from shared.service import Services
+from shared.services import Services
 from shared.state import EXPIRES_AT, RUNNING, SUCCEEDED, _job_key, _round_key
 from tests.baton_jobs import breast_cancer_spec, run_job
 

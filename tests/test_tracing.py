@@ -6,7 +6,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from shared import efs, service, tracing
+from shared import aggregation, efs, tracing, worker
 from shared.efs import EfsStore
 from shared.local.session import LocalStack
 from shared.state import SUCCEEDED, StateStore
@@ -34,15 +34,19 @@ def test_tracing_off_without_variable():
 
 
 def test_install_wraps_and_uninstall_restores(tmp_path):
-    original_read, original_step = EfsStore.read_json, service.run_task
+    original_read, original_step = EfsStore.read_json, worker.run_task
+    original_aggregate = aggregation.aggregate_round
     tracing.install("worker", tmp_path / "trace")
     try:
         assert EfsStore.read_json is not original_read
-        assert service.run_task is not original_step
+        assert worker.run_task is not original_step
+        # handle_aggregate_message looks the step up in its module, so the wrapper is what it calls.
+        assert aggregation.aggregate_round is not original_aggregate
     finally:
         tracing.uninstall()
     assert EfsStore.read_json is original_read
-    assert service.run_task is original_step
+    assert worker.run_task is original_step
+    assert aggregation.aggregate_round is original_aggregate
     assert tracing.active_tracer() is None
 
 

@@ -1,0 +1,104 @@
+"""The files of a round and of the final model that the steps write and read back on EFS.
+
+A round's folder contains its starting state (``state.npz``) and the progress files of
+continued workers and aggregators. The ``*_problem`` functions are the ``problem_of``
+checks of :func:`shared.data.read_job_json` for the JSON files that the steps read back.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.efs import EfsStore
+from shared.errors import DataError
+from shared.optim import state_arrays, state_from_arrays
+from shared.services import Services
+from shared.source_files import FIX
+from shared.target_scaling import params_in_target_units
+
+
+def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np.ndarray, dict]:
+    """Return the parameters and optimizer state stored for the start of ``round_index``.
+
+    Raises
+    ------
+    DataError
+        If the state file is not a whole ``.npz`` archive with the parameters. Baton writes
+        it atomically, so only a change by something else leaves it so, and a retry cannot help.
+    """
+    path = store.state_path(job_id, round_index)
+    try:
+        arrays = store.read_arrays(path)
+        arrays["params"]
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise DataError(f"round state file '{path.relative_to(store.root)}' is damaged ({type(error).__name__}: "
+                        f"{error}): Baton writes it whole, so it was changed after it was written, and the job "
+                        f"cannot go on from it; {FIX}") from None
+    return arrays["params"], state_from_arrays(arrays)
+
+
+def write_round_state(store: EfsStore, job_id: str, round_index: int, params: np.ndarray, optimizer_state: dict) -> None:
+    """Store the parameters and optimizer state for the start of ``round_index``."""
+    arrays = {"params": params, **state_arrays(optimizer_state)}
+    store.write_arrays(store.state_path(job_id, round_index), arrays)
+
+
+def round_progress_path(store: EfsStore, job_id: str, round_index: int, worker: int | None) -> Path:
+    """Return the path of a worker's progress file in a round, or the aggregator's when ``worker`` is None."""
+    name = "aggregate-progress.json" if worker is None else f"progress-{worker}.npz"
+    return store.round_dir(job_id, round_index) / name
+
+
+def write_final_model(services: Services, job_id: str, model, params: np.ndarray, rounds_done: int, metrics: dict,
+                      stop_reason: str) -> None:
+    """Store the final parameters and a JSON description of the model on EFS.
+
+    The parameters are stored in the targets' own units, also when the job trained on
+    standardised targets (:func:`~shared.target_scaling.params_in_target_units`). When the
+    data was standardised, the training statistics are copied beside the
+    parameters (``model/standardize.npz``), so the model folder alone predicts from raw
+    features: ``(x - mean) / scale``, without ``- mean`` when ``centered`` is false.
+    """
+    store = services.store
+    context = services.job_context(job_id)
+    model_dir = store.model_dir(job_id)
+    store.write_npy(model_dir / "params.npy", params_in_target_units(model, context.manifest, params))
+    statistics_path = store.data_dir(job_id) / "standardize.npz"
+    standardized = statistics_path.exists()
+    if standardized:
+        store.write_arrays(model_dir / "standardize.npz", store.read_arrays(statistics_path))
+    store.write_json(model_dir / "model.json", {
+        "job_id": job_id,
+        "model": context.spec.to_dict()["model"],
+        "n_features": model.n_features,
+        "classes": context.manifest["classes"],
+        "standardized": standardized,
+        "rounds": rounds_done,
+        "stop_reason": stop_reason,
+        "final_metrics": metrics,
+    })
+
+
+def model_info_problem(model_info: Any) -> str | None:
+    if not isinstance(model_info, dict):
+        return f"contains a JSON {type(model_info).__name__}, not the object a model description is"
+    if not isinstance(model_info.get("rounds"), int) or model_info["rounds"] < 1:
+        return "has no positive whole number of rounds"
+    if not isinstance(model_info.get("final_metrics"), dict):
+        return "has no final_metrics object"
+    return None if isinstance(model_info.get("stop_reason"), str) else "has no stop_reason"
+
+
+def object_problem(value: Any) -> str | None:
+    return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not an object"
+
+
+def metrics_problem(metrics: Any) -> str | None:
+    if not isinstance(metrics, dict):
+        return f"contains a JSON {type(metrics).__name__}, not the object a metrics file is"
+    missing = [name for name in ("epoch", "train_loss", "total_cost_usd") if name not in metrics]
+    return f"has no {', '.join(missing)}" if missing else None

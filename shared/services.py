@@ -1,0 +1,93 @@
+"""The adapters and the per-job cache that every step shares.
+
+:class:`Services` builds the EFS store, the DynamoDB state store, the SQS queues and the
+S3 client on first use, so tests and the local runtime can pass their own clients.
+:class:`JobContext` keeps one job's spec, manifest and open shards in a warm process.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import boto3
+
+from shared import data as datasets
+from shared.config import Settings
+from shared.efs import EfsStore, check_efs_writable
+from shared.queues import QueueClient
+from shared.spec import JobSpec, parse_job_spec
+from shared.state import StateStore
+from shared.training import manifest_problem
+
+
+@dataclass
+class JobContext:
+    """The spec, data manifest and open shards of one job, cached by a warm process."""
+
+    spec: JobSpec
+    manifest: dict
+    shards: dict
+    # The memory-mapped validation rows, once an aggregator has opened them.
+    validation: "datasets.Shard | None" = None
+    validation_loaded: bool = False
+
+    def load_validation(self, store: EfsStore, job_id: str) -> "datasets.Shard | None":
+        """Return the job's validation rows (None without any), opening them on first use."""
+        if not self.validation_loaded:
+            self.validation = datasets.load_validation(store, job_id, self.manifest)
+            self.validation_loaded = True
+        return self.validation
+
+
+class Services:
+    """The adapters a step needs, built lazily so tests and the local runtime can aim them."""
+
+    def __init__(self, settings: Settings | None = None, dynamodb=None, sqs=None, s3=None):
+        self.settings = settings or Settings.from_env()
+        self._dynamodb = dynamodb
+        self._sqs = sqs
+        self._s3 = s3
+        self._jobs: OrderedDict[str, JobContext] = OrderedDict()
+
+    @cached_property
+    def store(self) -> EfsStore:
+        store = EfsStore(self.settings.efs_root, self.settings.data_roots())
+        check_efs_writable(store.root)
+        return store
+
+    @cached_property
+    def state(self) -> StateStore:
+        return StateStore(self._dynamodb or boto3.client("dynamodb"), self.settings.state_table_name,
+                          retention_seconds=self.settings.job_retention_seconds)
+
+    @cached_property
+    def queues(self) -> QueueClient:
+        return QueueClient(self._sqs or boto3.client("sqs"), self.settings)
+
+    @cached_property
+    def s3(self):
+        return self._s3 or boto3.client("s3")
+
+    def job_context(self, job_id: str) -> JobContext:
+        """Return the cached spec and manifest of ``job_id``, reading them from EFS once."""
+        if job_id in self._jobs:
+            self._jobs.move_to_end(job_id)
+            return self._jobs[job_id]
+        spec = parse_job_spec(datasets.read_job_json(self.store, self.store.spec_path(job_id)))
+        manifest = datasets.read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json",
+                                          problem_of=_manifest_problem)
+        context = JobContext(spec=spec, manifest=manifest, shards={})
+        self._jobs[job_id] = context
+        # A warm process may serve many jobs; keep only a few memory maps open.
+        while len(self._jobs) > 4:
+            self._jobs.popitem(last=False)
+        return context
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"contains a JSON {type(manifest).__name__}, not the object a data manifest is"
+    return manifest_problem(manifest)
