@@ -77,7 +77,7 @@ def start_job(services: Services, body: str, message_id: str) -> str:
         raise StaleMessageError(f"job {spec.job_id} is already {record.status}")
 
     store = services.store
-    _check_job_dir_under_root(store, spec.job_id)
+    _check_job_dir_usable(store, spec.job_id)
     _check_no_foreign_files(store, spec)
     store.write_json(store.spec_path(spec.job_id), spec.to_dict())
     # A resume of a job that failed in preparation counts a new attempt, which starts over.
@@ -89,12 +89,21 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     return spec.job_id
 
 
-def _check_job_dir_under_root(store: EfsStore, job_id: str) -> None:
-    """Raise :class:`DataError` if the job's folder is a symbolic link that leads outside the EFS root."""
-    if not store.is_under_root(store.job_dir(job_id)):
+def _check_job_dir_usable(store: EfsStore, job_id: str) -> None:
+    """Raise :class:`DataError` if the job's folder leads outside the EFS root, or a file is in its place.
+
+    Either would fail every retry of the job message in the same way, so the job fails at once.
+    """
+    job_dir = store.job_dir(job_id)
+    if not store.is_under_root(job_dir):
         raise DataError(f"job_id '{job_id}': the folder jobs/{job_id} on EFS leads outside the EFS root through a "
                         "symbolic link, and Baton writes only under the EFS root; remove the link or choose another "
                         "job_id")
+    for folder in (job_dir.parent, job_dir):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"job_id '{job_id}': '{folder.relative_to(store.root)}' on EFS is a file, but Baton keeps "
+                            f"the job's files in a folder of that name; move the file away, then run "
+                            f"`baton resume {job_id}`")
 
 
 def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:

@@ -123,6 +123,8 @@ CASES = [
      "reads-jobs", ["'data.path': 'jobs/other-job/data.csv'", "state of every job", "outside jobs/"]),
     ("job-folder-link-outside", json.dumps(spec("linked-job")), "linked-job",
      ["job_id 'linked-job'", "jobs/linked-job", "outside the EFS root", "choose another job_id"]),
+    ("job-folder-is-a-file", json.dumps(spec("file-job")), "file-job",
+     ["job_id 'file-job'", "'jobs/file-job' on EFS is a file", "move the file away", "baton resume file-job"]),
     ("missing-file", json.dumps(spec("file-missing", data=csv_data("datasets/nope.csv"))), "file-missing",
      ["not found", "nope.csv", "data.path"]),
     ("data-path-folder", json.dumps(spec("path-folder", data=csv_data("datasets"))), "path-folder",
@@ -310,6 +312,7 @@ def write_links_outside(efs_root):
     (efs_root / "jobs" / "other-job").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(BREAST_CANCER_CSV, efs_root / "jobs" / "other-job" / "data.csv")
     (efs_root / "jobs" / "linked-job").symlink_to(outside, target_is_directory=True)
+    (efs_root / "jobs" / "file-job").write_text("not a folder")
     # A link that stays under the root is allowed.
     (efs_root / "datasets" / "alias.csv").symlink_to(efs_root / "datasets" / "breast_cancer.csv")
     # Links under the root that lead nowhere: to a missing file, and round a loop.
