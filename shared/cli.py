@@ -888,6 +888,11 @@ def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     _run_control(lambda: cancel_job(state, job_id))
 
 
+# Exit status of `baton plan --deadline` when no configuration finishes in time. It differs
+# from click's 1 (error) and 2 (usage error), so that a script can tell the cases apart.
+PLAN_DEADLINE_MISSED_EXIT = 3
+
+
 @main.command()
 @click.option("--workers", type=int, default=None,
               help="Workers (training.n_workers). Required unless --deadline is given. With --deadline, every "
@@ -918,7 +923,8 @@ def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None
               help="Lambda architecture, for the price.")
 @click.option("--deadline", default=None, metavar="DURATION",
               help="Recommend the cheapest workers x memory that finishes within this time, e.g. 90m or 2h. "
-                   "Without --workers, every candidate keeps --batch-size rows per worker.")
+                   "Without --workers, every candidate keeps --batch-size rows per worker. Exits with status "
+                   f"{PLAN_DEADLINE_MISSED_EXIT} when no configuration meets it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: int, features: int, density: float,
          data_bytes: int | None, batch_size: int, epochs: float | None, rounds: int | None, params: int | None,
@@ -932,6 +938,10 @@ def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: i
     --batch-size rows per worker, and the plan printed is the recommended one. The
     model and every figure it assumes are described in docs/planner.md. Nothing is
     sent to AWS.
+
+    Exits with status 3 when no configuration meets --deadline, after printing the
+    plan and the fastest configuration, so that a script can tell. Errors in the
+    options exit with status 2.
     """
     from shared import planner
 
@@ -960,6 +970,8 @@ def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: i
     except planner.PlanError as error:
         raise click.BadParameter(error.problem, param_hint=error.option) from None
     _print_plan(job_plan, recommendation, as_json, recommended_plan=workers is None)
+    if recommendation is not None and not recommendation.met:
+        sys.exit(PLAN_DEADLINE_MISSED_EXIT)
 
 
 def _print_plan(job_plan, recommendation, as_json: bool, recommended_plan: bool) -> None:
