@@ -411,7 +411,9 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
               "validation_accuracy": "validation_accuracy", "validation_r2": "validation_r2"}
     for name, label in labels.items():
         if name in summary:
-            click.echo(f"  {label:<24} {summary[name]:.5f}")
+            value = summary[name]
+            text = f"{value:.5f}" if name == "validation_accuracy" else _loss_text(value, 5)
+            click.echo(f"  {label:<24} {text}{_loss_note(record) if name.endswith('loss') else ''}")
     click.echo(f"  {'model':<24} {efs_root / 'jobs' / job_id / 'model'}")
     return None
 
@@ -570,19 +572,21 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
     """List the jobs in a stack's state table, oldest first."""
     from datetime import datetime, timezone
 
+    from shared.monitor import format_cost
+
     jobs = _state_store(stage, endpoint_url, region).list_jobs()
     if status_filter is not None:
         jobs = [job for job in jobs if job.status == status_filter.upper()]
     if not jobs:
         click.echo("no jobs")
         return
-    click.echo(f"{'JOB ID':<32} {'STATUS':<10} {'ROUNDS DONE':>13} {'COST USD':>10} {'VAL LOSS':>9}  CREATED (UTC)")
+    click.echo(f"{'JOB ID':<32} {'STATUS':<10} {'ROUNDS DONE':>13} {'COST USD':>12} {'VAL LOSS':>9}  CREATED (UTC)")
     for job in jobs:
         attributes = job.attributes
         created = datetime.fromtimestamp(float(attributes.get("created_at", 0)), tz=timezone.utc)
         validation_loss = attributes.get("validation_loss")
         click.echo(f"{job.job_id:<32} {job.status:<10} {f'{job.round}/{job.total_rounds}':>13} "
-                   f"{float(attributes.get('cost_usd', 0.0)):>10.4f} "
+                   f"{format_cost(float(attributes.get('cost_usd', 0.0))):>12} "
                    f"{'-' if validation_loss is None else _loss_text(validation_loss, 4):>9}  "
                    f"{created:%Y-%m-%d %H:%M:%S}")
 
@@ -592,7 +596,11 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
 @_stack_options
 @click.option("--json", "as_json", is_flag=True, help="Print the job item as JSON.")
 def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None, as_json: bool) -> None:
-    """Show the state of JOB_ID: status, round, latest metrics and estimated cost."""
+    """Show the state of JOB_ID: status, round, latest metrics and estimated cost.
+
+    A regression model's losses are half the mean squared error, in the target's squared units.
+    """
+    from shared.cli_run import rounds_done_text
     from shared.monitor import job_summary
 
     record = _require_job(_state_store(stage, endpoint_url, region), job_id)
@@ -600,17 +608,50 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
         return
-    click.echo(f"job {job_id}: {record.status}, {record.round} of {record.total_rounds} rounds done, "
-               f"{record.n_workers} workers")
-    for key in ("stop_reason", "error", "epoch", "train_loss", "validation_loss", "validation_accuracy", "cost_usd"):
+    click.echo(f"job {job_id}: {record.status}, {rounds_done_text(record)}, {record.n_workers} workers")
+    loss_note = _loss_note(record)
+    for key in STATUS_KEYS:
         if summary.get(key) is not None:
-            value = summary[key]
-            click.echo(f"  {key:<20} {value:.6g}" if isinstance(value, float) else f"  {key:<20} {value}")
+            click.echo(f"  {key:<20} {_status_value(key, summary[key], loss_note)}")
     # Before the job ends, last_error shows that messages are being retried, and why. A
     # FAILED job's error quotes it where it applies, and --json shows it in every status.
     last_error = summary.get("last_error")
     if isinstance(last_error, dict) and record.status not in TERMINAL_STATUSES:
         click.echo(f"  {'last_error':<20} {_last_error_line(last_error)}")
+
+
+# The job item's fields that `baton status` prints, in this order.
+STATUS_KEYS = ("stop_reason", "error", "epoch", "train_loss", "validation_loss", "validation_accuracy",
+               "validation_r2", "cost_usd")
+
+
+def _status_value(key: str, value: object, loss_note: str) -> str:
+    """Return a field of the job item as `baton status` prints it: numbers rounded, large losses in scientific notation."""
+    from shared.monitor import format_cost
+
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    number = float(value)
+    if key == "cost_usd":
+        return format_cost(number)
+    if key == "epoch":
+        return f"{number:.3f}"
+    if key == "validation_accuracy":
+        return f"{number:.5f}"
+    if key in ("train_loss", "validation_loss"):
+        return _loss_text(number, 5) + loss_note
+    return _loss_text(number, 5)
+
+
+def _loss_note(record) -> str:
+    """Return what a regression job's losses are, to print after them, or an empty text for other models."""
+    from shared.models import get_model_class
+
+    try:
+        task = get_model_class(json.loads(record.spec_json)["model"]["name"]).task
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return " (half the mean squared error)" if task == "regression" else ""
 
 
 def _last_error_line(last_error: dict) -> str:
@@ -650,11 +691,14 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                            timeout_seconds=timeout_seconds)
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
+    from shared.monitor import format_cost
+
     cost_usd = float(record.attributes.get("cost_usd", 0.0))
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error or 'no error recorded'}")
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds "
-               f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost ${cost_usd:.4f})")
+               f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost "
+               f"${format_cost(cost_usd)})")
 
 
 def _given(*names: str) -> bool:
@@ -842,13 +886,14 @@ def _control_clients(stage: str, endpoint_url: str | None, region: str | None):
 
 
 def _run_control(action: Callable[[], object]) -> None:
+    from shared.cli_run import rounds_done_text
     from shared.control import JobControlError
 
     try:
         record = action()
     except JobControlError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"job {record.job_id} is now {record.status}, {record.round} of {record.total_rounds} rounds done")
+    click.echo(f"job {record.job_id} is now {record.status}, {rounds_done_text(record)}")
 
 
 @main.command()

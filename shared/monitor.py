@@ -159,8 +159,16 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
         postfix["left"] = str(left)
         if "s/round" in postfix and record.status not in TERMINAL_STATUSES:
             postfix["eta"] = format_duration(float(postfix["s/round"]) * left)
-    postfix["cost"] = f"${float(record.attributes.get('cost_usd', 0.0)):.6f}"
+    postfix["cost"] = f"${format_cost(float(record.attributes.get('cost_usd', 0.0)))}"
     return postfix
+
+
+def format_cost(usd: float) -> str:
+    """Return a cost in US dollars with six decimals, as ``baton list``, ``status`` and ``watch`` show it.
+
+    Six decimals show the cost of a short job, which can be a few millionths of a dollar.
+    """
+    return f"{usd:.6f}"
 
 
 def format_duration(seconds: float) -> str:

@@ -448,6 +448,49 @@ def test_list_and_status_show_job(finished_job):
     assert json.loads(as_json.output)["cost_usd"] > 0
 
 
+def test_status_of_job_failed_in_preparation(finished_job):
+    state = finished_job["stack"].state
+    state.create_job("failed-early", "e" * 64, json.dumps({"model": {"name": "kmeans"}}), 2)
+    state.fail_job("failed-early", "data file 'datasets/none.csv' not found")
+
+    shown = CliRunner().invoke(main, ["status", "failed-early", *finished_job["arguments"]])
+
+    assert shown.exit_code == 0, shown.output
+    assert "job failed-early: FAILED, no rounds done, 2 workers" in shown.output
+    assert "0 of 0 rounds" not in shown.output
+
+
+def test_status_formats_large_loss_and_cost(finished_job):
+    state = finished_job["stack"].state
+    state.create_job("regression", "d" * 64, json.dumps({"model": {"name": "linear_regression"}}), 2)
+    state.start_job("regression", 10)
+    state.advance_round("regression", 0, {"epoch": 0.25, "train_loss": 2018483233.99856, "validation_loss": 1359.25,
+                                          "validation_r2": 0.54, "cost_usd": 1.84157e-05})
+
+    shown = CliRunner().invoke(main, ["status", "regression", *finished_job["arguments"]])
+    listed = CliRunner().invoke(main, ["list", *finished_job["arguments"]])
+    # The module's other tests expect no RUNNING job in the table.
+    state.finish_job("regression", 1, {})
+
+    assert shown.exit_code == 0, shown.output
+    assert "train_loss           2.0185e+09 (half the mean squared error)" in shown.output
+    assert "validation_loss      1359.25000 (half the mean squared error)" in shown.output
+    assert "validation_r2        0.54000" in shown.output
+    assert "epoch                0.250" in shown.output
+    assert "cost_usd             0.000018" in shown.output
+    assert "e-05" not in shown.output
+    regression_row = next(line for line in listed.output.splitlines() if line.startswith("regression "))
+    assert " 0.000018 " in regression_row
+
+
+def test_status_of_classifier_has_no_loss_note(finished_job):
+    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+
+    assert shown.exit_code == 0, shown.output
+    assert "train_loss" in shown.output
+    assert "mean squared error" not in shown.output
+
+
 def test_status_needs_no_aws_settings_locally(finished_job, monkeypatch, tmp_path):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_PROFILE"):
