@@ -681,14 +681,15 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     """Show a live progress bar of JOB_ID until it succeeds, fails or is cancelled.
 
     The bar shows the round, epoch, training loss, validation metric, seconds per round,
-    rounds left and the estimated cost so far. Exits with status 1 unless the job
-    succeeds.
+    rounds left and the estimated cost so far. When stderr is not a terminal, such as
+    with 2>FILE, watch writes those fields as one line per round instead. Exits with
+    status 1 unless the job succeeds.
     """
     from shared.monitor import JobNotFoundError, watch_job
 
     try:
         record = watch_job(_state_store(stage, endpoint_url, region), job_id, interval_seconds=interval_seconds,
-                           timeout_seconds=timeout_seconds)
+                           timeout_seconds=timeout_seconds, stack_arguments=_stack_arguments(stage, endpoint_url, region))
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
     from shared.monitor import format_cost

@@ -185,10 +185,14 @@ WATCH_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elap
 
 def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, timeout_seconds: float | None = None,
               stream: TextIO | None = None, wait_for_job_seconds: float = 60.0,
-              sleep: Callable[[float], None] = time.sleep) -> JobRecord:
-    """Show a live progress bar of a job until it reaches a terminal status.
+              sleep: Callable[[float], None] = time.sleep, stack_arguments: str = "") -> JobRecord:
+    """Show the progress of a job until it reaches a terminal status.
 
-    Polls the job item and the new round items every ``interval_seconds``. Returns the
+    Polls the job item and the new round items every ``interval_seconds``. On a terminal
+    the progress is a live bar. On another stream, such as a file or a pipe, it is one
+    line per round, the bar's fields as ``name=value``, so that a log stays readable.
+    ``stack_arguments`` are the options that aim a baton command at the job's stack,
+    each after a space, for the command that the note on a paused job names. Returns the
     final record.
 
     Raises
@@ -198,8 +202,7 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
     TimeoutError
         If the job is still running after ``timeout_seconds``.
     """
-    from tqdm import tqdm
-
+    output = stream or sys.stderr
     follower = RoundFollower(store, job_id)
     started = time.monotonic()
     if timeout_seconds is not None:
@@ -209,7 +212,7 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
     if record is None:
         # A job just sent has no item until the starter runs, so watch waits for it.
         print(f"waiting up to {wait_for_job_seconds:.0f} s for job '{job_id}' to appear in table {store.table_name}",
-              file=stream or sys.stderr, flush=True)
+              file=output, flush=True)
     while record is None:
         if time.monotonic() - started > wait_for_job_seconds:
             raise JobNotFoundError(f"no job '{job_id}' in table {store.table_name} after {wait_for_job_seconds:.0f} s; "
@@ -217,21 +220,16 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
         sleep(interval_seconds)
         record, _ = follower.poll()
 
-    bar = tqdm(total=record.total_rounds or None, initial=len(follower.rounds), desc=job_id, unit="round",
-               file=stream, dynamic_ncols=True, bar_format=WATCH_BAR_FORMAT)
+    progress = _ProgressBar(job_id, record, follower.rounds, stream) if _is_terminal(output) \
+        else _ProgressLines(job_id, output)
     paused_noted = False
     try:
         while True:
             if record.status == PAUSED and not paused_noted:
-                bar.write(f"job '{job_id}' is PAUSED: watch goes on until it ends; `baton resume {job_id}` "
-                          "continues it, Ctrl-C stops watching", file=stream)
+                progress.note(f"job '{job_id}' is PAUSED: watch goes on until it ends; `baton resume "
+                              f"{job_id}{stack_arguments}` continues it, Ctrl-C stops watching")
             paused_noted = record.status == PAUSED
-            if record.total_rounds and bar.total != record.total_rounds:
-                # The starter sets total_rounds when the job leaves PREPARING.
-                bar.total = record.total_rounds
-            bar.n = len(follower.rounds)
-            bar.set_postfix(progress_postfix(record, follower.rounds), refresh=False)
-            bar.refresh()
+            progress.show(record, follower.rounds)
             if record.status in TERMINAL_STATUSES:
                 return record
             if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
@@ -240,7 +238,77 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
             polled, _ = follower.poll()
             record = polled or record
     finally:
-        bar.close()
+        progress.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    """Return whether ``stream`` is a terminal, which a live bar can redraw in place."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        # A stream without isatty, or a closed one.
+        return False
+
+
+class _ProgressBar:
+    """The live tqdm bar of ``baton watch`` on a terminal."""
+
+    def __init__(self, job_id: str, record: JobRecord, rounds: list[dict[str, Any]], stream: TextIO | None):
+        from tqdm import tqdm
+
+        self.stream = stream
+        self.bar = tqdm(total=record.total_rounds or None, initial=len(rounds), desc=job_id, unit="round",
+                        file=stream, dynamic_ncols=True, bar_format=WATCH_BAR_FORMAT)
+
+    def note(self, text: str) -> None:
+        self.bar.write(text, file=self.stream)
+
+    def show(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
+        if record.total_rounds and self.bar.total != record.total_rounds:
+            # The starter sets total_rounds when the job leaves PREPARING.
+            self.bar.total = record.total_rounds
+        self.bar.n = len(rounds)
+        self.bar.set_postfix(progress_postfix(record, rounds), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _ProgressLines:
+    """The progress of ``baton watch`` on a stream that is not a terminal: one line per round.
+
+    The first line shows the last round done when watch started. A line without a new
+    round is written only when the job's status changes.
+    """
+
+    def __init__(self, job_id: str, stream: TextIO):
+        self.job_id = job_id
+        self.stream = stream
+        self.rounds_shown: int | None = None
+        self.status_shown: str | None = None
+
+    def note(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def show(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
+        if self.rounds_shown is None:
+            self._write(record, rounds)
+            return
+        # The fields other than the round's own, such as the status and cost, are the job's latest.
+        for count in range(self.rounds_shown + 1, len(rounds) + 1):
+            self._write(record, rounds[:count])
+        if record.status != self.status_shown:
+            self._write(record, rounds)
+
+    def _write(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
+        total = record.total_rounds or "?"
+        fields = ", ".join(f"{name}={value}" for name, value in progress_postfix(record, rounds).items())
+        print(f"{self.job_id}: {len(rounds)}/{total} rounds, {fields}", file=self.stream, flush=True)
+        self.rounds_shown, self.status_shown = len(rounds), record.status
+
+    def close(self) -> None:
+        pass
 
 
 # Fetch -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ commands read DynamoDB through an endpoint exactly as they would read AWS.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -633,6 +634,71 @@ def test_watch_notes_paused_job_once(finished_job):
     assert record.status == "CANCELLED"
     assert stream.getvalue().count("job 'paused-watch' is PAUSED") == 1
     assert "`baton resume paused-watch` continues it" in stream.getvalue()
+
+
+class TerminalStream(io.StringIO):
+    """A text stream that reports itself as a terminal, as the live bar needs."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def watch_growing_job(state, job_id: str, stream, rounds: int = 3, **options):
+    """Watch a job whose rounds the table gains one per poll, until it succeeds; return the final record."""
+    from shared.monitor import watch_job
+
+    state.create_job(job_id, "c" * 64, "{}", 2)
+    state.start_job(job_id, rounds)
+
+    def sleep(seconds):
+        record = state.get_job(job_id)
+        state.put_round_metrics(job_id, record.round, {"round": record.round + 1, "epoch": 0.5 * (record.round + 1),
+                                                       "train_loss": 0.7, "round_seconds": 2.0})
+        if record.round + 1 == rounds:
+            state.finish_job(job_id, record.round, {"stop_reason": "max_rounds"})
+        else:
+            state.advance_round(job_id, record.round, {"train_loss": 0.7})
+
+    return watch_job(state, job_id, stream=stream, sleep=sleep, **options)
+
+
+def test_watch_writes_lines_when_not_terminal(finished_job):
+    stream = io.StringIO()
+
+    record = watch_growing_job(finished_job["stack"].state, "watched-lines", stream)
+
+    assert record.status == "SUCCEEDED"
+    assert "\r" not in stream.getvalue()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"watched-lines: {count}/3 rounds" for count in range(4)]
+    assert "round=3" in lines[-1]
+    assert "status=SUCCEEDED" in lines[-1]
+
+
+def test_watch_draws_bar_on_terminal(finished_job):
+    stream = TerminalStream()
+
+    watch_growing_job(finished_job["stack"].state, "watched-bar", stream)
+
+    assert "\r" in stream.getvalue()
+    assert "3/3" in stream.getvalue()
+
+
+def test_watch_pause_note_names_stack(finished_job):
+    from shared.control import cancel_job, pause_job
+    from shared.monitor import watch_job
+
+    state = finished_job["stack"].state
+    state.create_job("paused-stack", "b" * 64, "{}", 2)
+    state.start_job("paused-stack", 3)
+    pause_job(state, "paused-stack")
+    stream = io.StringIO()
+
+    watch_job(state, "paused-stack", stream=stream, sleep=lambda seconds: cancel_job(state, "paused-stack"),
+              stack_arguments=" --stage local --endpoint-url http://127.0.0.1:5")
+
+    assert "`baton resume paused-stack --stage local --endpoint-url http://127.0.0.1:5` continues it" \
+        in stream.getvalue()
 
 
 def test_watch_estimate_uses_round_times():
