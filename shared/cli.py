@@ -776,7 +776,12 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                    "from instead of the table; works after `baton run` has ended.")
 def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output: str | None,
          width_inches: float, height_inches: float, dpi: int, efs_root: Path | None) -> None:
-    """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
+    """Plot JOB_ID's loss and validation metric against round and training time into a PNG file.
+
+    The training time is the sum of the rounds' times, so it leaves out the time the job
+    was paused and the time between two runs of it. kmeans jobs show the validation
+    inertia where classifiers show the accuracy and regression models the r2.
+    """
     from shared.errors import DamagedFileError
     from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
 

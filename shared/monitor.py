@@ -633,8 +633,20 @@ def _copy_model(efs_root: Path, job_id: str, output_dir: Path) -> list[Path]:
 # Plot --------------------------------------------------------------------------------------
 
 
-def wall_seconds(rounds: list[dict[str, Any]]) -> list[float]:
-    """Return the elapsed seconds at the end of each round: the running sum of ``round_seconds``."""
+# Round-item keys that the lower panels of a plot show, first match wins. The loss panels
+# above already show validation_loss, so it is not among them.
+PLOTTED_METRICS = ("validation_accuracy", "validation_r2", "validation_inertia")
+# Label of the time axis. round_seconds starts when the job item last changed, so the sum
+# leaves out the time a job was paused and the time between two runs of it.
+TRAINING_TIME_LABEL = "training time (s), pauses left out"
+
+
+def training_seconds(rounds: list[dict[str, Any]]) -> list[float]:
+    """Return the training time at the end of each round: the running sum of ``round_seconds``.
+
+    A round's time starts when the job item last changed, a resume included, so the sum
+    leaves out pauses and the time between two runs of the job. It is not wall time.
+    """
     elapsed, total = [], 0.0
     for entry in rounds:
         total += float(entry.get("round_seconds", 0.0))
@@ -644,11 +656,34 @@ def wall_seconds(rounds: list[dict[str, Any]]) -> list[float]:
 
 def plot_job(rounds: list[dict[str, Any]], path: Path, title: str, width_inches: float = 12.0,
              height_inches: float = 8.0, dpi: int = 100) -> Path:
-    """Draw loss and the validation metric against round and wall time into a PNG file.
+    """Draw loss and the validation metric against round and training time into a PNG file.
 
-    The figure is ``width_inches * dpi`` by ``height_inches * dpi`` pixels, in four
-    panels: training and validation loss, then the validation metric, each against the
-    round number (left) and the elapsed time (right).
+    The figure is ``width_inches * dpi`` by ``height_inches * dpi`` pixels, in the panels
+    that :func:`job_figure` draws.
+
+    Raises
+    ------
+    ValueError
+        If ``rounds`` is empty: there is nothing to plot yet.
+    """
+    import matplotlib.pyplot as plt
+
+    figure = job_figure(rounds, title, width_inches, height_inches, dpi)
+    try:
+        # Not bbox_inches="tight", which would change the pixel size.
+        figure.savefig(path, format="png", dpi=dpi)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def job_figure(rounds: list[dict[str, Any]], title: str, width_inches: float = 12.0, height_inches: float = 8.0,
+               dpi: int = 100):
+    """Return a matplotlib figure of four panels: loss, then the validation metric, against round and training time.
+
+    The round panels are on the left and the training time panels
+    (:func:`training_seconds`) on the right. The validation metric is the first of
+    :data:`PLOTTED_METRICS` that the rounds contain. The caller closes the figure.
 
     Raises
     ------
@@ -662,14 +697,15 @@ def plot_job(rounds: list[dict[str, Any]], path: Path, title: str, width_inches:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     round_numbers = [entry["round"] for entry in rounds]
-    elapsed = wall_seconds(rounds)
-    metric_name = next((name for name in VALIDATION_METRICS[:-1] if any(name in entry for entry in rounds)), None)
+    elapsed = training_seconds(rounds)
+    metric_name = next((name for name in PLOTTED_METRICS if any(name in entry for entry in rounds)), None)
 
     figure, axes = plt.subplots(2, 2, figsize=(width_inches, height_inches), dpi=dpi, sharey="row")
     try:
-        for column, (x_values, x_label) in enumerate(((round_numbers, "round"), (elapsed, "wall time (s)"))):
+        for column, (x_values, x_label) in enumerate(((round_numbers, "round"), (elapsed, TRAINING_TIME_LABEL))):
             loss_axes, metric_axes = axes[0][column], axes[1][column]
             loss_axes.plot(x_values, [entry.get("train_loss") for entry in rounds], label="train loss")
             if any("validation_loss" in entry for entry in rounds):
@@ -687,11 +723,14 @@ def plot_job(rounds: list[dict[str, Any]], path: Path, title: str, width_inches:
                                  transform=metric_axes.transAxes)
             metric_axes.set_xlabel(x_label)
             metric_axes.grid(True, alpha=0.3)
+            if column == 0:
+                # Rounds are whole numbers, so the axis has no ticks such as 1.5 between them.
+                for round_axes in (loss_axes, metric_axes):
+                    round_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
         figure.suptitle(title)
-        # Not bbox_inches="tight", which would change the pixel size.
         figure.tight_layout()
-        figure.savefig(path, format="png", dpi=dpi)
-    finally:
+    except Exception:
         plt.close(figure)
-    return path
+        raise
+    return figure

@@ -369,6 +369,53 @@ def test_fetch_names_damaged_spec(finished_job, tmp_path):
     assert f"replace it with the job's spec: while the job's stack runs, `baton fetch {JOB_ID}`" in result.output
 
 
+def plotted_figure(rounds):
+    """Return the axes of the figure `baton plot` draws for ``rounds``, drawn so that their ticks are set."""
+    import matplotlib.pyplot as plt
+
+    from shared.monitor import job_figure
+
+    figure = job_figure(rounds, "job")
+    figure.canvas.draw()
+    axes = figure.axes
+    plt.close(figure)
+    return axes
+
+
+def test_plot_round_axis_has_whole_numbers():
+    rounds = [{"round": number, "train_loss": 1.0 / number, "round_seconds": 3.0} for number in (1, 2, 3)]
+
+    axes = plotted_figure(rounds)
+
+    for round_axes in (axes[0], axes[2]):
+        assert round_axes.get_xlabel() == "round"
+        ticks = [tick for tick in round_axes.get_xticks() if 1 <= tick <= 3]
+        assert ticks, "the round axis has no ticks within its rounds"
+        assert all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_plot_time_axis_says_pauses_left_out():
+    rounds = [{"round": 1, "train_loss": 0.5, "round_seconds": 3.0}]
+
+    axes = plotted_figure(rounds)
+
+    assert axes[1].get_xlabel() == "training time (s), pauses left out"
+    assert axes[3].get_xlabel() == "training time (s), pauses left out"
+
+
+def test_plot_kmeans_shows_validation_inertia():
+    rounds = [{"round": number, "train_loss": 9.0 - number, "validation_loss": 9.5 - number,
+               "validation_inertia": 950.0 - 100 * number, "round_seconds": 1.0} for number in (1, 2)]
+
+    axes = plotted_figure(rounds)
+
+    for metric_axes in (axes[2], axes[3]):
+        assert len(metric_axes.lines) == 1
+        assert list(metric_axes.lines[0].get_ydata()) == [850.0, 750.0]
+        assert not metric_axes.texts, "the panel says there is no validation metric"
+    assert axes[2].get_ylabel() == "validation inertia"
+
+
 def test_plot_output_folder_created_or_named(finished_job, tmp_path):
     efs = ["--efs-root", str(finished_job["efs_root"])]
     nested = tmp_path / "new" / "folder" / "curves.png"
