@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -99,12 +100,49 @@ def _aws_error_message(error: Exception, stage: str | None = None, queue_url: st
     return None
 
 
+# baton commands that read or change a stack, and so need the stack options of the command
+# whose message names them.
+STACK_COMMANDS = ("status", "watch", "list", "fetch", "plot", "export", "pause", "resume", "cancel")
+# A baton command with arguments in backticks, as messages name one: `baton status JOB`.
+QUOTED_BATON_COMMAND = re.compile(r"`baton (?P<command>[a-z]+)(?P<arguments> [^`]+)`")
+# Options that already aim a quoted command at a stack or at an EFS folder.
+AIMING_OPTIONS = ("--stage", "--endpoint-url", "--region", "--efs-root", "--local-dir", "--queue-url")
+
+
+def with_stack_options(text: str, stack_arguments: str) -> str:
+    """Add ``stack_arguments`` to each baton command in backticks in ``text`` that reads or changes a stack.
+
+    Messages from the modules below the CLI name commands such as `baton resume JOB`
+    without options, because only the command line tells which stack the user reached.
+    A command that already has a stack or EFS option is left as it is.
+    """
+    if not stack_arguments:
+        return text
+
+    def add_options(match: re.Match) -> str:
+        arguments = match.group("arguments")
+        if match.group("command") not in STACK_COMMANDS or any(option in arguments for option in AIMING_OPTIONS):
+            return match.group(0)
+        return f"`baton {match.group('command')}{arguments}{stack_arguments}`"
+
+    return QUOTED_BATON_COMMAND.sub(add_options, text)
+
+
 class BatonGroup(click.Group):
-    """A command group that turns common AWS client errors into one-line messages."""
+    """A command group that turns common AWS client errors into one-line messages.
+
+    An error of a command given stack options gets those options in each baton command
+    that it names (:func:`with_stack_options`).
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError:
+            raise
+        except click.ClickException as error:
+            error.message = with_stack_options(error.message, ctx.meta.get(STACK_ARGUMENTS_META_KEY, ""))
+            raise
         except Exception as error:
             # Context.meta is shared by the group's context and the command's.
             message = _aws_error_message(error, ctx.meta.get(STAGE_META_KEY), ctx.meta.get(QUEUE_URL_META_KEY))
@@ -121,6 +159,8 @@ def main() -> None:
 
 STAGE_META_KEY = "baton.stage"
 QUEUE_URL_META_KEY = "baton.queue_url"
+# The stack options of the command, as _stack_arguments returns them.
+STACK_ARGUMENTS_META_KEY = "baton.stack_arguments"
 # Serverless Framework stage names: letters, digits and hyphens.
 STAGE_PATTERN = re.compile(r"[A-Za-z0-9-]{1,32}")
 # AWS region names such as us-east-1, eu-central-2 or us-gov-west-1.
@@ -180,9 +220,22 @@ def _check_region(context: click.Context, parameter: click.Parameter, region: st
 
 
 def _stack_options(command: Callable) -> Callable:
-    """Add the options that select a stack: --stage, --endpoint-url and --region."""
+    """Add the options that select a stack: --stage, --endpoint-url and --region.
+
+    The command's context records them for :class:`BatonGroup`, as
+    :func:`_stack_arguments` writes them.
+    """
+
+    run_command = command
+
+    @functools.wraps(run_command)
+    def recording_stack(*args, **kwargs):
+        stack_arguments = _stack_arguments(kwargs["stage"], kwargs["endpoint_url"], kwargs["region"])
+        click.get_current_context().meta[STACK_ARGUMENTS_META_KEY] = stack_arguments
+        return run_command(*args, **kwargs)
+
     command = click.option("--region", default=None, callback=_check_region,
-                           help="AWS region of the stack; defaults to the standard AWS configuration.")(command)
+                           help="AWS region of the stack; defaults to the standard AWS configuration.")(recording_stack)
     command = click.option("--endpoint-url", default=None, metavar="URL", callback=_check_endpoint_url,
                            help="Send AWS requests to this endpoint instead, such as the local stack's moto "
                                 "server (printed by `baton run`).")(command)
@@ -610,9 +663,11 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
         return
     click.echo(f"job {job_id}: {record.status}, {rounds_done_text(record)}, {record.n_workers} workers")
     loss_note = _loss_note(record)
+    stack_arguments = _stack_arguments(stage, endpoint_url, region)
     for key in STATUS_KEYS:
         if summary.get(key) is not None:
-            click.echo(f"  {key:<20} {_status_value(key, summary[key], loss_note)}")
+            value = _status_value(key, summary[key], loss_note)
+            click.echo(f"  {key:<20} {with_stack_options(value, stack_arguments)}")
     # Before the job ends, last_error shows that messages are being retried, and why. A
     # FAILED job's error quotes it where it applies, and --json shows it in every status.
     last_error = summary.get("last_error")
@@ -757,7 +812,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     for path in result.written:
         click.echo(str(path))
     for note in result.notes:
-        click.echo(note, err=True)
+        click.echo(with_stack_options(note, _stack_arguments(stage, endpoint_url, region)), err=True)
 
 
 @main.command()
@@ -868,14 +923,32 @@ def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region
     import tempfile
 
     from shared.export import export_estimator
-    from shared.monitor import bucket_copy_errors, download_finished_model
+    from shared.monitor import ModelNotInBucketError, bucket_copy_errors, download_finished_model
 
     state = _state_store(stage, endpoint_url, region)
     with tempfile.TemporaryDirectory(prefix="baton-export-") as temporary:
         efs_root = Path(temporary)
-        uri = download_finished_model(state, _s3_client(endpoint_url, region), job_id, efs_root)
+        try:
+            uri = download_finished_model(state, _s3_client(endpoint_url, region), job_id, efs_root)
+        except ModelNotInBucketError:
+            if not _is_local_stack(stage, endpoint_url):
+                raise
+            # The local stack's EFS is a folder on this machine, which export reads without the stack.
+            raise ModelNotInBucketError(
+                f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket, as the local stack of "
+                f"`baton run` does. Export it from that run's EFS folder without --stage and --endpoint-url: `baton export "
+                f"{job_id} --efs-root <local folder>/efs --output {output_file}`, where <local folder> is the "
+                f"--local-dir of that `baton run` ({DEFAULT_LOCAL_DIR} by default)") from None
         with bucket_copy_errors(efs_root, uri, job_id):
             return export_estimator(efs_root, job_id, output_file)
+
+
+def _is_local_stack(stage: str, endpoint_url: str | None) -> bool:
+    """Return whether the options aim at the local stack of `baton run`: its stage, or an endpoint on this machine."""
+    from shared.monitor import LOOPBACK_HOSTS
+
+    return stage == LOCAL_STAGE or (endpoint_url is not None and urlsplit(endpoint_url).hostname in LOOPBACK_HOSTS)
+
 
 # Controlling jobs: pause, resume, cancel ------------------------------------------------------
 # Each is a conditional status change in DynamoDB (shared/control.py); resume also sends

@@ -53,6 +53,10 @@ class JobNotFoundError(BatonError):
     """No job item with the requested id exists in the table."""
 
 
+class ModelNotInBucketError(BatonError):
+    """A job SUCCEEDED, but its stack copied its model to no models bucket, so the model is on EFS alone."""
+
+
 def make_state_store(stage: str, endpoint_url: str | None = None, region: str | None = None) -> StateStore:
     """Return a state store for ``stage``, through the standard AWS credential chain.
 
@@ -548,7 +552,9 @@ def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root:
     JobNotFoundError
         If the job does not exist.
     BatonError
-        If the job has not succeeded, or its item records no copy of the model in S3.
+        If the job has not succeeded.
+    ModelNotInBucketError
+        If the job's item records no copy of the model in S3.
     ModelBucketError
         If the download fails.
     """
@@ -558,7 +564,7 @@ def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root:
                          f"SUCCEEDED; `baton status {job_id}` shows where it is")
     uri = record.attributes.get("model_uri")
     if not uri:
-        raise BatonError(f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket "
+        raise ModelNotInBucketError(f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket "
                          "(params.modelsBucket in serverless.yml was empty when the job finished). Copy "
                          f"jobs/{job_id}/ out of EFS with DataSync and pass that copy's root as --efs-root "
                          "(docs/deployment.md), or set params.modelsBucket, deploy, and train the job again")

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main
+from shared.errors import DIVERGED_WORDS
 
 JOB_ID = "watched"
 N_ROUNDS = 8
@@ -131,6 +132,71 @@ def test_export_rejects_stack_with_efs_root(finished_job, tmp_path):
     assert not (tmp_path / "model.joblib").exists()
 
 
+def test_local_export_hint_names_efs_root(finished_job, tmp_path):
+    state = finished_job["stack"].state
+    state.create_job("no-bucket-copy", "a" * 64, "{}", 2)
+    state.start_job("no-bucket-copy", 1)
+    state.finish_job("no-bucket-copy", 0, {"stop_reason": "max_rounds"})
+    output = tmp_path / "model.joblib"
+
+    result = CliRunner().invoke(main, ["export", "no-bucket-copy", *finished_job["arguments"], "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert f"`baton export no-bucket-copy --efs-root <local folder>/efs --output {output}`" in result.output
+    assert "DataSync" not in result.output
+    assert not output.exists()
+
+
+def test_hints_carry_stack_options(finished_job, tmp_path):
+    from shared.control import pause_job
+
+    state = finished_job["stack"].state
+    arguments = finished_job["arguments"]
+    stack = " ".join(arguments)
+    state.create_job("paused-hints", "9" * 64, "{}", 2)
+    state.start_job("paused-hints", 5)
+    pause_job(state, "paused-hints")
+    state.create_job("failed-hints", "8" * 64, "{}", 2)
+    state.start_job("failed-hints", 5)
+    state.fail_job("failed-hints", "worker failed; fix the cause, then run `baton resume failed-hints`")
+    state.create_job("diverged-hints", "7" * 64, "{}", 2)
+    state.start_job("diverged-hints", 5)
+    state.fail_job("diverged-hints", f"round 2: {DIVERGED_WORDS} (training loss nan)")
+
+    exported = CliRunner().invoke(main, ["export", "paused-hints", *arguments, "--output", str(tmp_path / "m.joblib")])
+    shown = CliRunner().invoke(main, ["status", "failed-hints", *arguments])
+    fetched = CliRunner().invoke(main, ["fetch", "failed-hints", *arguments, "--output", str(tmp_path / "fetched")])
+    watched = CliRunner().invoke(main, ["watch", "failed-hints", *arguments, "--interval", "0.2"])
+    resumed = CliRunner().invoke(main, ["resume", "diverged-hints", *arguments])
+
+    assert exported.exit_code == 1, exported.output
+    assert f"`baton status paused-hints {stack}` shows where it is" in exported.output
+    assert shown.exit_code == 0, shown.output
+    assert f"`baton resume failed-hints {stack}`" in shown.output
+    assert fetched.exit_code == 0, fetched.output
+    assert f"`baton status failed-hints {stack}`" in fetched.output
+    assert f"run `baton resume failed-hints {stack}`" in fetched.output
+    assert watched.exit_code == 1, watched.output
+    assert f"`baton resume failed-hints {stack}`" in watched.output
+    assert resumed.exit_code == 1, resumed.output
+    assert f"`baton status diverged-hints {stack}` shows it" in resumed.output
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("`baton status j1` shows it", "`baton status j1 --stage local` shows it"),
+    ("run `baton resume j1`, then `baton fetch j1`", "run `baton resume j1 --stage local`, then `baton fetch j1 --stage local`"),
+    ("`baton resume j1 --stage other` continues it", "`baton resume j1 --stage other` continues it"),
+    ("`baton export j1 --efs-root .baton/efs --output m.joblib`", "`baton export j1 --efs-root .baton/efs --output m.joblib`"),
+    ("`baton run spec.json --local-dir .baton` goes on", "`baton run spec.json --local-dir .baton` goes on"),
+    ("`baton fetch` and `baton plot` read EFS", "`baton fetch` and `baton plot` read EFS"),
+], ids=["status", "two-commands", "aimed-already", "efs-root", "run", "no-arguments"])
+def test_with_stack_options(text, expected):
+    from shared.cli import with_stack_options
+
+    assert with_stack_options(text, " --stage local") == expected
+    assert with_stack_options(text, "") == text
+
+
 def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     # A job without a model: this one fails on its missing data file, and a running job
     # takes the same path. Its metrics are saved and the missing model is a note.
@@ -147,7 +213,7 @@ def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     assert json.loads((output / "job.json").read_text())["status"] == "FAILED"
     assert (output / "metrics.csv").is_file()
     assert "no model: job 'no-model' FAILED, and a job writes its model only when it succeeds" in result.stderr
-    assert "`baton resume no-model`" in result.stderr
+    assert f"`baton resume no-model {' '.join(finished_job['arguments'])}`" in result.stderr
     assert not (output / "model").exists()
 
     without_efs = CliRunner().invoke(main, ["fetch", "no-model", *finished_job["arguments"], "--output",
