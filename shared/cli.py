@@ -1005,7 +1005,14 @@ def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 @click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
-    """Cancel JOB_ID for good. Its files stay on EFS; a cancelled job cannot be resumed."""
+    """Cancel JOB_ID. A cancelled job cannot be resumed, and its files stay on EFS.
+
+    On a deployed stack the job id stays taken, so train the spec again under a new job
+    id. On the local runtime, running the same spec again with `baton run` is a new
+    submission, because each `baton run` starts a new table that has no record of the
+    cancel: the job goes on from its files on EFS, and `baton run --fresh` trains it
+    from round 0 instead.
+    """
     from shared.control import cancel_job
 
     state, _ = _control_clients(stage, endpoint_url, region)

@@ -132,6 +132,18 @@ def test_export_rejects_stack_with_efs_root(finished_job, tmp_path):
     assert not (tmp_path / "model.joblib").exists()
 
 
+def test_cancel_help_says_rerun_goes_on():
+    result = CliRunner().invoke(main, ["cancel", "--help"])
+    text = " ".join(result.output.split())
+
+    assert result.exit_code == 0, result.output
+    assert "A cancelled job cannot be resumed" in text
+    assert "for good" not in text
+    assert "running the same spec again with `baton run` is a new submission" in text
+    assert "the job goes on from its files on EFS" in text
+    assert "`baton run --fresh` trains it from round 0" in text
+
+
 def test_local_export_hint_names_efs_root(finished_job, tmp_path):
     state = finished_job["stack"].state
     state.create_job("no-bucket-copy", "a" * 64, "{}", 2)
