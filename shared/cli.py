@@ -681,7 +681,7 @@ STATUS_KEYS = ("stop_reason", "error", "epoch", "train_loss", "validation_loss",
 
 
 def _status_value(key: str, value: object, loss_note: str) -> str:
-    """Return a field of the job item as `baton status` prints it: numbers rounded, large losses in scientific notation."""
+    """Return a field of the job item as `baton status` prints it, with large losses in scientific notation."""
     from shared.monitor import format_cost
 
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -744,7 +744,8 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
 
     try:
         record = watch_job(_state_store(stage, endpoint_url, region), job_id, interval_seconds=interval_seconds,
-                           timeout_seconds=timeout_seconds, stack_arguments=_stack_arguments(stage, endpoint_url, region))
+                           timeout_seconds=timeout_seconds,
+                           stack_arguments=_stack_arguments(stage, endpoint_url, region))
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
     from shared.monitor import format_cost
@@ -935,10 +936,10 @@ def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region
                 raise
             # The local stack's EFS is a folder on this machine, which export reads without the stack.
             raise ModelNotInBucketError(
-                f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket, as the local stack of "
-                f"`baton run` does. Export it from that run's EFS folder without --stage and --endpoint-url: `baton export "
-                f"{job_id} --efs-root <local folder>/efs --output {output_file}`, where <local folder> is the "
-                f"--local-dir of that `baton run` ({DEFAULT_LOCAL_DIR} by default)") from None
+                f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket, as the local stack "
+                f"of `baton run` does. Export it from that run's EFS folder without --stage and --endpoint-url: "
+                f"`baton export {job_id} --efs-root <local folder>/efs --output {output_file}`, where <local folder> "
+                f"is the --local-dir of that `baton run` ({DEFAULT_LOCAL_DIR} by default)") from None
         with bucket_copy_errors(efs_root, uri, job_id):
             return export_estimator(efs_root, job_id, output_file)
 

@@ -196,9 +196,11 @@ def test_hints_carry_stack_options(finished_job, tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("`baton status j1` shows it", "`baton status j1 --stage local` shows it"),
-    ("run `baton resume j1`, then `baton fetch j1`", "run `baton resume j1 --stage local`, then `baton fetch j1 --stage local`"),
+    ("run `baton resume j1`, then `baton fetch j1`",
+     "run `baton resume j1 --stage local`, then `baton fetch j1 --stage local`"),
     ("`baton resume j1 --stage other` continues it", "`baton resume j1 --stage other` continues it"),
-    ("`baton export j1 --efs-root .baton/efs --output m.joblib`", "`baton export j1 --efs-root .baton/efs --output m.joblib`"),
+    ("`baton export j1 --efs-root .baton/efs --output m.joblib`",
+     "`baton export j1 --efs-root .baton/efs --output m.joblib`"),
     ("`baton run spec.json --local-dir .baton` goes on", "`baton run spec.json --local-dir .baton` goes on"),
     ("`baton fetch` and `baton plot` read EFS", "`baton fetch` and `baton plot` read EFS"),
 ], ids=["status", "two-commands", "aimed-already", "efs-root", "run", "no-arguments"])

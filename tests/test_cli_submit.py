@@ -270,7 +270,9 @@ def test_spec_error_from_file_names_file(tmp_path):
 
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_no_spec_file_or_options_explained(command, tmp_path):
-    result = CliRunner().invoke(main, [command] + (["--local-dir", str(tmp_path / "baton")] if command == "run" else []))
+    local_dir = ["--local-dir", str(tmp_path / "baton")] if command == "run" else []
+
+    result = CliRunner().invoke(main, [command, *local_dir])
 
     assert result.exit_code == 2, result.output
     assert "missing SPEC_FILE and spec options" in result.output

@@ -349,8 +349,8 @@ class Model(ABC):
         """Raise :class:`DataError` if the distinct training labels do not fit this model."""
         if self.task == "binary" and len(classes) != 2:
             if _has_fractional_labels(classes):
-                advice = (f"some are not whole numbers, so if the label is a continuous target, use {REGRESSION_MODELS}, "
-                          "else check data.label_column")
+                advice = ("some are not whole numbers, so if the label is a continuous target, use "
+                          f"{REGRESSION_MODELS}, else check data.label_column")
             elif len(classes) > 2:
                 advice = "use a multiclass model or relabel the data"
             else:
