@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -99,12 +100,49 @@ def _aws_error_message(error: Exception, stage: str | None = None, queue_url: st
     return None
 
 
+# baton commands that read or change a stack, and so need the stack options of the command
+# whose message names them.
+STACK_COMMANDS = ("status", "watch", "list", "fetch", "plot", "export", "pause", "resume", "cancel")
+# A baton command with arguments in backticks, as messages name one: `baton status JOB`.
+QUOTED_BATON_COMMAND = re.compile(r"`baton (?P<command>[a-z]+)(?P<arguments> [^`]+)`")
+# Options that already aim a quoted command at a stack or at an EFS folder.
+AIMING_OPTIONS = ("--stage", "--endpoint-url", "--region", "--efs-root", "--local-dir", "--queue-url")
+
+
+def with_stack_options(text: str, stack_arguments: str) -> str:
+    """Add ``stack_arguments`` to each baton command in backticks in ``text`` that reads or changes a stack.
+
+    Messages from the modules below the CLI name commands such as `baton resume JOB`
+    without options, because only the command line tells which stack the user reached.
+    A command that already has a stack or EFS option is left as it is.
+    """
+    if not stack_arguments:
+        return text
+
+    def add_options(match: re.Match) -> str:
+        arguments = match.group("arguments")
+        if match.group("command") not in STACK_COMMANDS or any(option in arguments for option in AIMING_OPTIONS):
+            return match.group(0)
+        return f"`baton {match.group('command')}{arguments}{stack_arguments}`"
+
+    return QUOTED_BATON_COMMAND.sub(add_options, text)
+
+
 class BatonGroup(click.Group):
-    """A command group that turns common AWS client errors into one-line messages."""
+    """A command group that turns common AWS client errors into one-line messages.
+
+    An error of a command given stack options gets those options in each baton command
+    that it names (:func:`with_stack_options`).
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError:
+            raise
+        except click.ClickException as error:
+            error.message = with_stack_options(error.message, ctx.meta.get(STACK_ARGUMENTS_META_KEY, ""))
+            raise
         except Exception as error:
             # Context.meta is shared by the group's context and the command's.
             message = _aws_error_message(error, ctx.meta.get(STAGE_META_KEY), ctx.meta.get(QUEUE_URL_META_KEY))
@@ -121,6 +159,8 @@ def main() -> None:
 
 STAGE_META_KEY = "baton.stage"
 QUEUE_URL_META_KEY = "baton.queue_url"
+# The stack options of the command, as _stack_arguments returns them.
+STACK_ARGUMENTS_META_KEY = "baton.stack_arguments"
 # Serverless Framework stage names: letters, digits and hyphens.
 STAGE_PATTERN = re.compile(r"[A-Za-z0-9-]{1,32}")
 # AWS region names such as us-east-1, eu-central-2 or us-gov-west-1.
@@ -180,9 +220,22 @@ def _check_region(context: click.Context, parameter: click.Parameter, region: st
 
 
 def _stack_options(command: Callable) -> Callable:
-    """Add the options that select a stack: --stage, --endpoint-url and --region."""
+    """Add the options that select a stack: --stage, --endpoint-url and --region.
+
+    The command's context records them for :class:`BatonGroup`, as
+    :func:`_stack_arguments` writes them.
+    """
+
+    run_command = command
+
+    @functools.wraps(run_command)
+    def recording_stack(*args, **kwargs):
+        stack_arguments = _stack_arguments(kwargs["stage"], kwargs["endpoint_url"], kwargs["region"])
+        click.get_current_context().meta[STACK_ARGUMENTS_META_KEY] = stack_arguments
+        return run_command(*args, **kwargs)
+
     command = click.option("--region", default=None, callback=_check_region,
-                           help="AWS region of the stack; defaults to the standard AWS configuration.")(command)
+                           help="AWS region of the stack; defaults to the standard AWS configuration.")(recording_stack)
     command = click.option("--endpoint-url", default=None, metavar="URL", callback=_check_endpoint_url,
                            help="Send AWS requests to this endpoint instead, such as the local stack's moto "
                                 "server (printed by `baton run`).")(command)
@@ -411,7 +464,9 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
               "validation_accuracy": "validation_accuracy", "validation_r2": "validation_r2"}
     for name, label in labels.items():
         if name in summary:
-            click.echo(f"  {label:<24} {summary[name]:.5f}")
+            value = summary[name]
+            text = f"{value:.5f}" if name == "validation_accuracy" else _loss_text(value, 5)
+            click.echo(f"  {label:<24} {text}{_loss_note(record) if name.endswith('loss') else ''}")
     click.echo(f"  {'model':<24} {efs_root / 'jobs' / job_id / 'model'}")
     return None
 
@@ -570,19 +625,21 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
     """List the jobs in a stack's state table, oldest first."""
     from datetime import datetime, timezone
 
+    from shared.monitor import format_cost
+
     jobs = _state_store(stage, endpoint_url, region).list_jobs()
     if status_filter is not None:
         jobs = [job for job in jobs if job.status == status_filter.upper()]
     if not jobs:
         click.echo("no jobs")
         return
-    click.echo(f"{'JOB ID':<32} {'STATUS':<10} {'ROUNDS DONE':>13} {'COST USD':>10} {'VAL LOSS':>9}  CREATED (UTC)")
+    click.echo(f"{'JOB ID':<32} {'STATUS':<10} {'ROUNDS DONE':>13} {'COST USD':>12} {'VAL LOSS':>9}  CREATED (UTC)")
     for job in jobs:
         attributes = job.attributes
         created = datetime.fromtimestamp(float(attributes.get("created_at", 0)), tz=timezone.utc)
         validation_loss = attributes.get("validation_loss")
         click.echo(f"{job.job_id:<32} {job.status:<10} {f'{job.round}/{job.total_rounds}':>13} "
-                   f"{float(attributes.get('cost_usd', 0.0)):>10.4f} "
+                   f"{format_cost(float(attributes.get('cost_usd', 0.0))):>12} "
                    f"{'-' if validation_loss is None else _loss_text(validation_loss, 4):>9}  "
                    f"{created:%Y-%m-%d %H:%M:%S}")
 
@@ -592,7 +649,11 @@ def list_jobs(stage: str, endpoint_url: str | None, region: str | None, status_f
 @_stack_options
 @click.option("--json", "as_json", is_flag=True, help="Print the job item as JSON.")
 def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None, as_json: bool) -> None:
-    """Show the state of JOB_ID: status, round, latest metrics and estimated cost."""
+    """Show the state of JOB_ID: status, round, latest metrics and estimated cost.
+
+    A regression model's losses are half the mean squared error, in the target's squared units.
+    """
+    from shared.cli_run import rounds_done_text
     from shared.monitor import job_summary
 
     record = _require_job(_state_store(stage, endpoint_url, region), job_id)
@@ -600,17 +661,52 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
         return
-    click.echo(f"job {job_id}: {record.status}, {record.round} of {record.total_rounds} rounds done, "
-               f"{record.n_workers} workers")
-    for key in ("stop_reason", "error", "epoch", "train_loss", "validation_loss", "validation_accuracy", "cost_usd"):
+    click.echo(f"job {job_id}: {record.status}, {rounds_done_text(record)}, {record.n_workers} workers")
+    loss_note = _loss_note(record)
+    stack_arguments = _stack_arguments(stage, endpoint_url, region)
+    for key in STATUS_KEYS:
         if summary.get(key) is not None:
-            value = summary[key]
-            click.echo(f"  {key:<20} {value:.6g}" if isinstance(value, float) else f"  {key:<20} {value}")
+            value = _status_value(key, summary[key], loss_note)
+            click.echo(f"  {key:<20} {with_stack_options(value, stack_arguments)}")
     # Before the job ends, last_error shows that messages are being retried, and why. A
     # FAILED job's error quotes it where it applies, and --json shows it in every status.
     last_error = summary.get("last_error")
     if isinstance(last_error, dict) and record.status not in TERMINAL_STATUSES:
         click.echo(f"  {'last_error':<20} {_last_error_line(last_error)}")
+
+
+# The job item's fields that `baton status` prints, in this order.
+STATUS_KEYS = ("stop_reason", "error", "epoch", "train_loss", "validation_loss", "validation_accuracy",
+               "validation_r2", "cost_usd")
+
+
+def _status_value(key: str, value: object, loss_note: str) -> str:
+    """Return a field of the job item as `baton status` prints it, with large losses in scientific notation."""
+    from shared.monitor import format_cost
+
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    number = float(value)
+    if key == "cost_usd":
+        return format_cost(number)
+    if key == "epoch":
+        return f"{number:.3f}"
+    if key == "validation_accuracy":
+        return f"{number:.5f}"
+    if key in ("train_loss", "validation_loss"):
+        return _loss_text(number, 5) + loss_note
+    return _loss_text(number, 5)
+
+
+def _loss_note(record) -> str:
+    """Return what a regression job's losses are, to print after them, or an empty text for other models."""
+    from shared.models import get_model_class
+
+    try:
+        task = get_model_class(json.loads(record.spec_json)["model"]["name"]).task
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return " (half the mean squared error)" if task == "regression" else ""
 
 
 def _last_error_line(last_error: dict) -> str:
@@ -640,21 +736,26 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     """Show a live progress bar of JOB_ID until it succeeds, fails or is cancelled.
 
     The bar shows the round, epoch, training loss, validation metric, seconds per round,
-    rounds left and the estimated cost so far. Exits with status 1 unless the job
-    succeeds.
+    rounds left and the estimated cost so far. When stderr is not a terminal, such as
+    with 2>FILE, watch writes those fields as one line per round instead. Exits with
+    status 1 unless the job succeeds.
     """
     from shared.monitor import JobNotFoundError, watch_job
 
     try:
         record = watch_job(_state_store(stage, endpoint_url, region), job_id, interval_seconds=interval_seconds,
-                           timeout_seconds=timeout_seconds)
+                           timeout_seconds=timeout_seconds,
+                           stack_arguments=_stack_arguments(stage, endpoint_url, region))
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
+    from shared.monitor import format_cost
+
     cost_usd = float(record.attributes.get("cost_usd", 0.0))
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error or 'no error recorded'}")
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds "
-               f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost ${cost_usd:.4f})")
+               f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost "
+               f"${format_cost(cost_usd)})")
 
 
 def _given(*names: str) -> bool:
@@ -712,7 +813,7 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     for path in result.written:
         click.echo(str(path))
     for note in result.notes:
-        click.echo(note, err=True)
+        click.echo(with_stack_options(note, _stack_arguments(stage, endpoint_url, region)), err=True)
 
 
 @main.command()
@@ -731,7 +832,12 @@ def fetch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                    "from instead of the table; works after `baton run` has ended.")
 def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output: str | None,
          width_inches: float, height_inches: float, dpi: int, efs_root: Path | None) -> None:
-    """Plot JOB_ID's loss and validation metric against round and wall time into a PNG file."""
+    """Plot JOB_ID's loss and validation metric against round and training time into a PNG file.
+
+    The training time is the sum of the rounds' times, so it leaves out the time the job
+    was paused and the time between two runs of it. kmeans jobs show the validation
+    inertia where classifiers show the accuracy and regression models the r2.
+    """
     from shared.errors import DamagedFileError
     from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
 
@@ -818,14 +924,32 @@ def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region
     import tempfile
 
     from shared.export import export_estimator
-    from shared.monitor import bucket_copy_errors, download_finished_model
+    from shared.monitor import ModelNotInBucketError, bucket_copy_errors, download_finished_model
 
     state = _state_store(stage, endpoint_url, region)
     with tempfile.TemporaryDirectory(prefix="baton-export-") as temporary:
         efs_root = Path(temporary)
-        uri = download_finished_model(state, _s3_client(endpoint_url, region), job_id, efs_root)
+        try:
+            uri = download_finished_model(state, _s3_client(endpoint_url, region), job_id, efs_root)
+        except ModelNotInBucketError:
+            if not _is_local_stack(stage, endpoint_url):
+                raise
+            # The local stack's EFS is a folder on this machine, which export reads without the stack.
+            raise ModelNotInBucketError(
+                f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket, as the local stack "
+                f"of `baton run` does. Export it from that run's EFS folder without --stage and --endpoint-url: "
+                f"`baton export {job_id} --efs-root <local folder>/efs --output {output_file}`, where <local folder> "
+                f"is the --local-dir of that `baton run` ({DEFAULT_LOCAL_DIR} by default)") from None
         with bucket_copy_errors(efs_root, uri, job_id):
             return export_estimator(efs_root, job_id, output_file)
+
+
+def _is_local_stack(stage: str, endpoint_url: str | None) -> bool:
+    """Return whether the options aim at the local stack of `baton run`: its stage, or an endpoint on this machine."""
+    from shared.monitor import LOOPBACK_HOSTS
+
+    return stage == LOCAL_STAGE or (endpoint_url is not None and urlsplit(endpoint_url).hostname in LOOPBACK_HOSTS)
+
 
 # Controlling jobs: pause, resume, cancel ------------------------------------------------------
 # Each is a conditional status change in DynamoDB (shared/control.py); resume also sends
@@ -842,13 +966,14 @@ def _control_clients(stage: str, endpoint_url: str | None, region: str | None):
 
 
 def _run_control(action: Callable[[], object]) -> None:
+    from shared.cli_run import rounds_done_text
     from shared.control import JobControlError
 
     try:
         record = action()
     except JobControlError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"job {record.job_id} is now {record.status}, {record.round} of {record.total_rounds} rounds done")
+    click.echo(f"job {record.job_id} is now {record.status}, {rounds_done_text(record)}")
 
 
 @main.command()
@@ -881,11 +1006,23 @@ def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 @click.argument("job_id", callback=check_job_id_argument)
 @_stack_options
 def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None) -> None:
-    """Cancel JOB_ID for good. Its files stay on EFS; a cancelled job cannot be resumed."""
+    """Cancel JOB_ID. A cancelled job cannot be resumed, and its files stay on EFS.
+
+    On a deployed stack the job id stays taken, so train the spec again under a new job
+    id. On the local runtime, running the same spec again with `baton run` is a new
+    submission, because each `baton run` starts a new table that has no record of the
+    cancel: the job goes on from its files on EFS, and `baton run --fresh` trains it
+    from round 0 instead.
+    """
     from shared.control import cancel_job
 
     state, _ = _control_clients(stage, endpoint_url, region)
     _run_control(lambda: cancel_job(state, job_id))
+
+
+# Exit status of `baton plan --deadline` when no configuration finishes in time. It differs
+# from click's 1 (error) and 2 (usage error), so that a script can tell the cases apart.
+PLAN_DEADLINE_MISSED_EXIT = 3
 
 
 @main.command()
@@ -918,7 +1055,8 @@ def cancel(job_id: str, stage: str, endpoint_url: str | None, region: str | None
               help="Lambda architecture, for the price.")
 @click.option("--deadline", default=None, metavar="DURATION",
               help="Recommend the cheapest workers x memory that finishes within this time, e.g. 90m or 2h. "
-                   "Without --workers, every candidate keeps --batch-size rows per worker.")
+                   "Without --workers, every candidate keeps --batch-size rows per worker. Exits with status "
+                   f"{PLAN_DEADLINE_MISSED_EXIT} when no configuration meets it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: int, features: int, density: float,
          data_bytes: int | None, batch_size: int, epochs: float | None, rounds: int | None, params: int | None,
@@ -932,6 +1070,10 @@ def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: i
     --batch-size rows per worker, and the plan printed is the recommended one. The
     model and every figure it assumes are described in docs/planner.md. Nothing is
     sent to AWS.
+
+    Exits with status 3 when no configuration meets --deadline, after printing the
+    plan and the fastest configuration, so that a script can tell. Errors in the
+    options exit with status 2.
     """
     from shared import planner
 
@@ -960,6 +1102,8 @@ def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: i
     except planner.PlanError as error:
         raise click.BadParameter(error.problem, param_hint=error.option) from None
     _print_plan(job_plan, recommendation, as_json, recommended_plan=workers is None)
+    if recommendation is not None and not recommendation.met:
+        sys.exit(PLAN_DEADLINE_MISSED_EXIT)
 
 
 def _print_plan(job_plan, recommendation, as_json: bool, recommended_plan: bool) -> None:

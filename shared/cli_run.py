@@ -158,9 +158,13 @@ def local_dir_busy_message(local_dir: Path, holder: LockHolder, spec_file: Path 
 # Lines about jobs --------------------------------------------------------------------------
 
 
-def _rounds_done(record: JobRecord) -> str:
+def rounds_done_text(record: JobRecord) -> str:
+    """Return how far a job is, such as "12 of 96 rounds done", for a line about it."""
     if record.status == PREPARING:
         return "preparing its data"
+    if record.total_rounds == 0:
+        # The starter sets total_rounds when it ends the preparation, so the job ended before that.
+        return "no rounds done"
     return f"{record.round} of {record.total_rounds} rounds done"
 
 
@@ -189,7 +193,7 @@ def stops_with_stack_line(records: list[JobRecord], jobs_dir: Path) -> str:
     A stopped stack takes its queues and table along, so a job cannot be resumed, only
     run again on its saved spec, which goes on from its last completed round with the prepared data.
     """
-    names = ", ".join(f"{record.job_id} ({record.status}, {_rounds_done(record)})" for record in records)
+    names = ", ".join(f"{record.job_id} ({record.status}, {rounds_done_text(record)})" for record in records)
     local_dir = jobs_dir.parent.parent
     if len(records) == 1:
         job_dir = jobs_dir / records[0].job_id
@@ -240,7 +244,7 @@ def wait_for_other_jobs(stack: LocalStack, job_id: str, efs_root: Path, timeout_
                 if record.status != PAUSED and record.job_id in unfinished:
                     unfinished.remove(record.job_id)
             if update.started:
-                names = ", ".join(f"{record.job_id} ({_rounds_done(record)})" for record in update.started)
+                names = ", ".join(f"{record.job_id} ({rounds_done_text(record)})" for record in update.started)
                 if announced:
                     click.echo(f"waiting for these jobs too: {names}")
                 else:

@@ -248,14 +248,40 @@ def _default_job_id(spec_file: Path | None) -> str:
     return f"{stem or 'job'}-{int(time.time())}"
 
 
-def _spec_error_message(error: JobSpecError, spec: dict, spec_file: Path | None) -> str:
-    """Return the validation message followed by the options that change the field."""
+def _keys_overlap(key: str, other: str) -> bool:
+    """Return whether dotted keys ``key`` and ``other`` name the same field, or one contains the other."""
+    return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
+
+
+def _setting_option(key: str, overrides: list[tuple[str, str, Any]]) -> str | None:
+    """Return the last option of ``overrides`` that wrote field ``key``, a section above it or a key below it.
+
+    The option is returned as typed before its value, such as ``--n-workers`` or
+    ``--set training.n_workers``, or None when the spec file alone gave the field.
+    """
+    for option, override_key, _ in reversed(overrides):
+        if _keys_overlap(key, override_key):
+            return f"--set {override_key}" if option == "--set" else option
+    return None
+
+
+def _spec_error_message(error: JobSpecError, spec: dict, spec_file: Path | None,
+                        overrides: list[tuple[str, str, Any]]) -> str:
+    """Return the validation message followed by what to change: the option that set the field, or else its sources."""
     # An element path such as model.hidden_layer_sizes[1] is fixed by setting the whole list.
     key = re.sub(r"\[\d+\]$", "", error.field)
+    # The options are applied after the file, so the value that failed is the option's.
+    unknown = key != "job_id" and key not in SECTIONS and _declared_field(key) is None
+    option = _setting_option(key, overrides)
+    if option == f"--set {key}" and unknown:
+        return f"{error}\nTo fix it, correct the field name in {option} or drop that option. Nothing was sent."
+    if option is not None:
+        return f"{error}\nTo fix it, change the value of {option} or drop that option. Nothing was sent."
     if key in REQUIRED_FIELDS and key not in spec:
         key = REQUIRED_FIELDS[key]
+        unknown = False
     # The message of an unknown field already lists the valid ones, and <root> is the whole spec.
-    if key != "job_id" and key not in SECTIONS and _declared_field(key) is None:
+    if unknown:
         return f"{error}\nNothing was sent."
 
     options = [f"{shortcut.option} {shortcut.metavar}" for shortcut in SPEC_SHORTCUTS if shortcut.key == key]
@@ -310,6 +336,8 @@ def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) ->
 
     Raises
     ------
+    click.UsageError
+        If neither a file nor an override is given.
     click.ClickException
         If the file is not a JSON object, the message to send (:func:`encode_job_message`)
         is over :data:`MAX_SPEC_BYTES`, or the resulting spec is invalid. The message names
@@ -317,6 +345,12 @@ def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) ->
     click.BadParameter
         If an override leads into a value that is not an object, naming its option.
     """
+    if spec_file is None and not overrides:
+        command = f"baton {click.get_current_context().info_name}"
+        raise click.UsageError(f"missing SPEC_FILE and spec options: give a spec file, spec options (--model, --data "
+                               f"and the others that --help lists), or both, such as `{command} examples/a9a.json` "
+                               f"or `{command} --model logistic_regression --data datasets/a9a/a9a --format libsvm`. "
+                               "Nothing was sent.")
     spec = {} if spec_file is None else _read_spec_file(spec_file)
     for option, key, value in overrides:
         try:
@@ -333,5 +367,5 @@ def build_spec(spec_file: Path | None, overrides: list[tuple[str, str, Any]]) ->
         parse_job_spec(spec)
         load_job_message(encode_job_message(spec))
     except JobSpecError as error:
-        raise click.ClickException(_spec_error_message(error, spec, spec_file)) from None
+        raise click.ClickException(_spec_error_message(error, spec, spec_file, overrides)) from None
     return spec

@@ -53,6 +53,10 @@ class JobNotFoundError(BatonError):
     """No job item with the requested id exists in the table."""
 
 
+class ModelNotInBucketError(BatonError):
+    """A job SUCCEEDED, but its stack copied its model to no models bucket, so the model is on EFS alone."""
+
+
 def make_state_store(stage: str, endpoint_url: str | None = None, region: str | None = None) -> StateStore:
     """Return a state store for ``stage``, through the standard AWS credential chain.
 
@@ -159,8 +163,16 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
         postfix["left"] = str(left)
         if "s/round" in postfix and record.status not in TERMINAL_STATUSES:
             postfix["eta"] = format_duration(float(postfix["s/round"]) * left)
-    postfix["cost"] = f"${float(record.attributes.get('cost_usd', 0.0)):.6f}"
+    postfix["cost"] = f"${format_cost(float(record.attributes.get('cost_usd', 0.0)))}"
     return postfix
+
+
+def format_cost(usd: float) -> str:
+    """Return a cost in US dollars with six decimals, as ``baton list``, ``status`` and ``watch`` show it.
+
+    Six decimals show the cost of a short job, which can be a few millionths of a dollar.
+    """
+    return f"{usd:.6f}"
 
 
 def format_duration(seconds: float) -> str:
@@ -177,10 +189,14 @@ WATCH_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elap
 
 def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, timeout_seconds: float | None = None,
               stream: TextIO | None = None, wait_for_job_seconds: float = 60.0,
-              sleep: Callable[[float], None] = time.sleep) -> JobRecord:
-    """Show a live progress bar of a job until it reaches a terminal status.
+              sleep: Callable[[float], None] = time.sleep, stack_arguments: str = "") -> JobRecord:
+    """Show the progress of a job until it reaches a terminal status.
 
-    Polls the job item and the new round items every ``interval_seconds``. Returns the
+    Polls the job item and the new round items every ``interval_seconds``. On a terminal
+    the progress is a live bar. On another stream, such as a file or a pipe, it is one
+    line per round, the bar's fields as ``name=value``, so that a log stays readable.
+    ``stack_arguments`` are the options that aim a baton command at the job's stack,
+    each after a space, for the command that the note on a paused job names. Returns the
     final record.
 
     Raises
@@ -190,8 +206,7 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
     TimeoutError
         If the job is still running after ``timeout_seconds``.
     """
-    from tqdm import tqdm
-
+    output = stream or sys.stderr
     follower = RoundFollower(store, job_id)
     started = time.monotonic()
     if timeout_seconds is not None:
@@ -201,7 +216,7 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
     if record is None:
         # A job just sent has no item until the starter runs, so watch waits for it.
         print(f"waiting up to {wait_for_job_seconds:.0f} s for job '{job_id}' to appear in table {store.table_name}",
-              file=stream or sys.stderr, flush=True)
+              file=output, flush=True)
     while record is None:
         if time.monotonic() - started > wait_for_job_seconds:
             raise JobNotFoundError(f"no job '{job_id}' in table {store.table_name} after {wait_for_job_seconds:.0f} s; "
@@ -209,21 +224,16 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
         sleep(interval_seconds)
         record, _ = follower.poll()
 
-    bar = tqdm(total=record.total_rounds or None, initial=len(follower.rounds), desc=job_id, unit="round",
-               file=stream, dynamic_ncols=True, bar_format=WATCH_BAR_FORMAT)
+    progress = _ProgressBar(job_id, record, follower.rounds, stream) if _is_terminal(output) \
+        else _ProgressLines(job_id, output)
     paused_noted = False
     try:
         while True:
             if record.status == PAUSED and not paused_noted:
-                bar.write(f"job '{job_id}' is PAUSED: watch goes on until it ends; `baton resume {job_id}` "
-                          "continues it, Ctrl-C stops watching", file=stream)
+                progress.note(f"job '{job_id}' is PAUSED: watch goes on until it ends; `baton resume "
+                              f"{job_id}{stack_arguments}` continues it, Ctrl-C stops watching")
             paused_noted = record.status == PAUSED
-            if record.total_rounds and bar.total != record.total_rounds:
-                # The starter sets total_rounds when the job leaves PREPARING.
-                bar.total = record.total_rounds
-            bar.n = len(follower.rounds)
-            bar.set_postfix(progress_postfix(record, follower.rounds), refresh=False)
-            bar.refresh()
+            progress.show(record, follower.rounds)
             if record.status in TERMINAL_STATUSES:
                 return record
             if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
@@ -232,7 +242,77 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
             polled, _ = follower.poll()
             record = polled or record
     finally:
-        bar.close()
+        progress.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    """Return whether ``stream`` is a terminal, which a live bar can redraw in place."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        # A stream without isatty, or a closed one.
+        return False
+
+
+class _ProgressBar:
+    """The live tqdm bar of ``baton watch`` on a terminal."""
+
+    def __init__(self, job_id: str, record: JobRecord, rounds: list[dict[str, Any]], stream: TextIO | None):
+        from tqdm import tqdm
+
+        self.stream = stream
+        self.bar = tqdm(total=record.total_rounds or None, initial=len(rounds), desc=job_id, unit="round",
+                        file=stream, dynamic_ncols=True, bar_format=WATCH_BAR_FORMAT)
+
+    def note(self, text: str) -> None:
+        self.bar.write(text, file=self.stream)
+
+    def show(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
+        if record.total_rounds and self.bar.total != record.total_rounds:
+            # The starter sets total_rounds when the job leaves PREPARING.
+            self.bar.total = record.total_rounds
+        self.bar.n = len(rounds)
+        self.bar.set_postfix(progress_postfix(record, rounds), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _ProgressLines:
+    """The progress of ``baton watch`` on a stream that is not a terminal: one line per round.
+
+    The first line shows the last round done when watch started. A line without a new
+    round is written only when the job's status changes.
+    """
+
+    def __init__(self, job_id: str, stream: TextIO):
+        self.job_id = job_id
+        self.stream = stream
+        self.rounds_shown: int | None = None
+        self.status_shown: str | None = None
+
+    def note(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def show(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
+        if self.rounds_shown is None:
+            self._write(record, rounds)
+            return
+        # The fields other than the round's own, such as the status and cost, are the job's latest.
+        for count in range(self.rounds_shown + 1, len(rounds) + 1):
+            self._write(record, rounds[:count])
+        if record.status != self.status_shown:
+            self._write(record, rounds)
+
+    def _write(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
+        total = record.total_rounds or "?"
+        fields = ", ".join(f"{name}={value}" for name, value in progress_postfix(record, rounds).items())
+        print(f"{self.job_id}: {len(rounds)}/{total} rounds, {fields}", file=self.stream, flush=True)
+        self.rounds_shown, self.status_shown = len(rounds), record.status
+
+    def close(self) -> None:
+        pass
 
 
 # Fetch -------------------------------------------------------------------------------------
@@ -472,7 +552,9 @@ def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root:
     JobNotFoundError
         If the job does not exist.
     BatonError
-        If the job has not succeeded, or its item records no copy of the model in S3.
+        If the job has not succeeded.
+    ModelNotInBucketError
+        If the job's item records no copy of the model in S3.
     ModelBucketError
         If the download fails.
     """
@@ -482,7 +564,7 @@ def download_finished_model(store: StateStore, s3_client, job_id: str, efs_root:
                          f"SUCCEEDED; `baton status {job_id}` shows where it is")
     uri = record.attributes.get("model_uri")
     if not uri:
-        raise BatonError(f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket "
+        raise ModelNotInBucketError(f"job '{job_id}' SUCCEEDED, but its stack copied its model to no S3 bucket "
                          "(params.modelsBucket in serverless.yml was empty when the job finished). Copy "
                          f"jobs/{job_id}/ out of EFS with DataSync and pass that copy's root as --efs-root "
                          "(docs/deployment.md), or set params.modelsBucket, deploy, and train the job again")
@@ -557,8 +639,20 @@ def _copy_model(efs_root: Path, job_id: str, output_dir: Path) -> list[Path]:
 # Plot --------------------------------------------------------------------------------------
 
 
-def wall_seconds(rounds: list[dict[str, Any]]) -> list[float]:
-    """Return the elapsed seconds at the end of each round: the running sum of ``round_seconds``."""
+# Round-item keys that the lower panels of a plot show, first match wins. The loss panels
+# above already show validation_loss, so it is not among them.
+PLOTTED_METRICS = ("validation_accuracy", "validation_r2", "validation_inertia")
+# Label of the time axis. round_seconds starts when the job item last changed, so the sum
+# leaves out the time a job was paused and the time between two runs of it.
+TRAINING_TIME_LABEL = "training time (s), pauses left out"
+
+
+def training_seconds(rounds: list[dict[str, Any]]) -> list[float]:
+    """Return the training time at the end of each round: the running sum of ``round_seconds``.
+
+    A round's time starts when the job item last changed, a resume included, so the sum
+    leaves out pauses and the time between two runs of the job. It is not wall time.
+    """
     elapsed, total = [], 0.0
     for entry in rounds:
         total += float(entry.get("round_seconds", 0.0))
@@ -568,11 +662,34 @@ def wall_seconds(rounds: list[dict[str, Any]]) -> list[float]:
 
 def plot_job(rounds: list[dict[str, Any]], path: Path, title: str, width_inches: float = 12.0,
              height_inches: float = 8.0, dpi: int = 100) -> Path:
-    """Draw loss and the validation metric against round and wall time into a PNG file.
+    """Draw loss and the validation metric against round and training time into a PNG file.
 
-    The figure is ``width_inches * dpi`` by ``height_inches * dpi`` pixels, in four
-    panels: training and validation loss, then the validation metric, each against the
-    round number (left) and the elapsed time (right).
+    The figure is ``width_inches * dpi`` by ``height_inches * dpi`` pixels, in the panels
+    that :func:`job_figure` draws.
+
+    Raises
+    ------
+    ValueError
+        If ``rounds`` is empty: there is nothing to plot yet.
+    """
+    import matplotlib.pyplot as plt
+
+    figure = job_figure(rounds, title, width_inches, height_inches, dpi)
+    try:
+        # Not bbox_inches="tight", which would change the pixel size.
+        figure.savefig(path, format="png", dpi=dpi)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def job_figure(rounds: list[dict[str, Any]], title: str, width_inches: float = 12.0, height_inches: float = 8.0,
+               dpi: int = 100):
+    """Return a matplotlib figure of four panels: loss, then the validation metric, against round and training time.
+
+    The round panels are on the left and the training time panels
+    (:func:`training_seconds`) on the right. The validation metric is the first of
+    :data:`PLOTTED_METRICS` that the rounds contain. The caller closes the figure.
 
     Raises
     ------
@@ -586,14 +703,15 @@ def plot_job(rounds: list[dict[str, Any]], path: Path, title: str, width_inches:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     round_numbers = [entry["round"] for entry in rounds]
-    elapsed = wall_seconds(rounds)
-    metric_name = next((name for name in VALIDATION_METRICS[:-1] if any(name in entry for entry in rounds)), None)
+    elapsed = training_seconds(rounds)
+    metric_name = next((name for name in PLOTTED_METRICS if any(name in entry for entry in rounds)), None)
 
     figure, axes = plt.subplots(2, 2, figsize=(width_inches, height_inches), dpi=dpi, sharey="row")
     try:
-        for column, (x_values, x_label) in enumerate(((round_numbers, "round"), (elapsed, "wall time (s)"))):
+        for column, (x_values, x_label) in enumerate(((round_numbers, "round"), (elapsed, TRAINING_TIME_LABEL))):
             loss_axes, metric_axes = axes[0][column], axes[1][column]
             loss_axes.plot(x_values, [entry.get("train_loss") for entry in rounds], label="train loss")
             if any("validation_loss" in entry for entry in rounds):
@@ -611,11 +729,14 @@ def plot_job(rounds: list[dict[str, Any]], path: Path, title: str, width_inches:
                                  transform=metric_axes.transAxes)
             metric_axes.set_xlabel(x_label)
             metric_axes.grid(True, alpha=0.3)
+            if column == 0:
+                # Rounds are whole numbers, so the axis has no ticks such as 1.5 between them.
+                for round_axes in (loss_axes, metric_axes):
+                    round_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
         figure.suptitle(title)
-        # Not bbox_inches="tight", which would change the pixel size.
         figure.tight_layout()
-        figure.savefig(path, format="png", dpi=dpi)
-    finally:
+    except Exception:
         plt.close(figure)
-    return path
+        raise
+    return figure

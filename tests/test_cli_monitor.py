@@ -6,6 +6,7 @@ commands read DynamoDB through an endpoint exactly as they would read AWS.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main
+from shared.errors import DIVERGED_WORDS
 
 JOB_ID = "watched"
 N_ROUNDS = 8
@@ -130,6 +132,85 @@ def test_export_rejects_stack_with_efs_root(finished_job, tmp_path):
     assert not (tmp_path / "model.joblib").exists()
 
 
+def test_cancel_help_says_rerun_goes_on():
+    result = CliRunner().invoke(main, ["cancel", "--help"])
+    text = " ".join(result.output.split())
+
+    assert result.exit_code == 0, result.output
+    assert "A cancelled job cannot be resumed" in text
+    assert "for good" not in text
+    assert "running the same spec again with `baton run` is a new submission" in text
+    assert "the job goes on from its files on EFS" in text
+    assert "`baton run --fresh` trains it from round 0" in text
+
+
+def test_local_export_hint_names_efs_root(finished_job, tmp_path):
+    state = finished_job["stack"].state
+    state.create_job("no-bucket-copy", "a" * 64, "{}", 2)
+    state.start_job("no-bucket-copy", 1)
+    state.finish_job("no-bucket-copy", 0, {"stop_reason": "max_rounds"})
+    output = tmp_path / "model.joblib"
+
+    result = CliRunner().invoke(main, ["export", "no-bucket-copy", *finished_job["arguments"], "--output", str(output)])
+
+    assert result.exit_code == 1, result.output
+    assert f"`baton export no-bucket-copy --efs-root <local folder>/efs --output {output}`" in result.output
+    assert "DataSync" not in result.output
+    assert not output.exists()
+
+
+def test_hints_carry_stack_options(finished_job, tmp_path):
+    from shared.control import pause_job
+
+    state = finished_job["stack"].state
+    arguments = finished_job["arguments"]
+    stack = " ".join(arguments)
+    state.create_job("paused-hints", "9" * 64, "{}", 2)
+    state.start_job("paused-hints", 5)
+    pause_job(state, "paused-hints")
+    state.create_job("failed-hints", "8" * 64, "{}", 2)
+    state.start_job("failed-hints", 5)
+    state.fail_job("failed-hints", "worker failed; fix the cause, then run `baton resume failed-hints`")
+    state.create_job("diverged-hints", "7" * 64, "{}", 2)
+    state.start_job("diverged-hints", 5)
+    state.fail_job("diverged-hints", f"round 2: {DIVERGED_WORDS} (training loss nan)")
+
+    exported = CliRunner().invoke(main, ["export", "paused-hints", *arguments, "--output", str(tmp_path / "m.joblib")])
+    shown = CliRunner().invoke(main, ["status", "failed-hints", *arguments])
+    fetched = CliRunner().invoke(main, ["fetch", "failed-hints", *arguments, "--output", str(tmp_path / "fetched")])
+    watched = CliRunner().invoke(main, ["watch", "failed-hints", *arguments, "--interval", "0.2"])
+    resumed = CliRunner().invoke(main, ["resume", "diverged-hints", *arguments])
+
+    assert exported.exit_code == 1, exported.output
+    assert f"`baton status paused-hints {stack}` shows where it is" in exported.output
+    assert shown.exit_code == 0, shown.output
+    assert f"`baton resume failed-hints {stack}`" in shown.output
+    assert fetched.exit_code == 0, fetched.output
+    assert f"`baton status failed-hints {stack}`" in fetched.output
+    assert f"run `baton resume failed-hints {stack}`" in fetched.output
+    assert watched.exit_code == 1, watched.output
+    assert f"`baton resume failed-hints {stack}`" in watched.output
+    assert resumed.exit_code == 1, resumed.output
+    assert f"`baton status diverged-hints {stack}` shows it" in resumed.output
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("`baton status j1` shows it", "`baton status j1 --stage local` shows it"),
+    ("run `baton resume j1`, then `baton fetch j1`",
+     "run `baton resume j1 --stage local`, then `baton fetch j1 --stage local`"),
+    ("`baton resume j1 --stage other` continues it", "`baton resume j1 --stage other` continues it"),
+    ("`baton export j1 --efs-root .baton/efs --output m.joblib`",
+     "`baton export j1 --efs-root .baton/efs --output m.joblib`"),
+    ("`baton run spec.json --local-dir .baton` goes on", "`baton run spec.json --local-dir .baton` goes on"),
+    ("`baton fetch` and `baton plot` read EFS", "`baton fetch` and `baton plot` read EFS"),
+], ids=["status", "two-commands", "aimed-already", "efs-root", "run", "no-arguments"])
+def test_with_stack_options(text, expected):
+    from shared.cli import with_stack_options
+
+    assert with_stack_options(text, " --stage local") == expected
+    assert with_stack_options(text, "") == text
+
+
 def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     # A job without a model: this one fails on its missing data file, and a running job
     # takes the same path. Its metrics are saved and the missing model is a note.
@@ -146,7 +227,7 @@ def test_fetch_unfinished_job_skips_model(finished_job, tmp_path):
     assert json.loads((output / "job.json").read_text())["status"] == "FAILED"
     assert (output / "metrics.csv").is_file()
     assert "no model: job 'no-model' FAILED, and a job writes its model only when it succeeds" in result.stderr
-    assert "`baton resume no-model`" in result.stderr
+    assert f"`baton resume no-model {' '.join(finished_job['arguments'])}`" in result.stderr
     assert not (output / "model").exists()
 
     without_efs = CliRunner().invoke(main, ["fetch", "no-model", *finished_job["arguments"], "--output",
@@ -368,6 +449,53 @@ def test_fetch_names_damaged_spec(finished_job, tmp_path):
     assert f"replace it with the job's spec: while the job's stack runs, `baton fetch {JOB_ID}`" in result.output
 
 
+def plotted_figure(rounds):
+    """Return the axes of the figure `baton plot` draws for ``rounds``, drawn so that their ticks are set."""
+    import matplotlib.pyplot as plt
+
+    from shared.monitor import job_figure
+
+    figure = job_figure(rounds, "job")
+    figure.canvas.draw()
+    axes = figure.axes
+    plt.close(figure)
+    return axes
+
+
+def test_plot_round_axis_has_whole_numbers():
+    rounds = [{"round": number, "train_loss": 1.0 / number, "round_seconds": 3.0} for number in (1, 2, 3)]
+
+    axes = plotted_figure(rounds)
+
+    for round_axes in (axes[0], axes[2]):
+        assert round_axes.get_xlabel() == "round"
+        ticks = [tick for tick in round_axes.get_xticks() if 1 <= tick <= 3]
+        assert ticks, "the round axis has no ticks within its rounds"
+        assert all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_plot_time_axis_says_pauses_left_out():
+    rounds = [{"round": 1, "train_loss": 0.5, "round_seconds": 3.0}]
+
+    axes = plotted_figure(rounds)
+
+    assert axes[1].get_xlabel() == "training time (s), pauses left out"
+    assert axes[3].get_xlabel() == "training time (s), pauses left out"
+
+
+def test_plot_kmeans_shows_validation_inertia():
+    rounds = [{"round": number, "train_loss": 9.0 - number, "validation_loss": 9.5 - number,
+               "validation_inertia": 950.0 - 100 * number, "round_seconds": 1.0} for number in (1, 2)]
+
+    axes = plotted_figure(rounds)
+
+    for metric_axes in (axes[2], axes[3]):
+        assert len(metric_axes.lines) == 1
+        assert list(metric_axes.lines[0].get_ydata()) == [850.0, 750.0]
+        assert not metric_axes.texts, "the panel says there is no validation metric"
+    assert axes[2].get_ylabel() == "validation inertia"
+
+
 def test_plot_output_folder_created_or_named(finished_job, tmp_path):
     efs = ["--efs-root", str(finished_job["efs_root"])]
     nested = tmp_path / "new" / "folder" / "curves.png"
@@ -446,6 +574,49 @@ def test_list_and_status_show_job(finished_job):
 
     as_json = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"], "--json"])
     assert json.loads(as_json.output)["cost_usd"] > 0
+
+
+def test_status_of_job_failed_in_preparation(finished_job):
+    state = finished_job["stack"].state
+    state.create_job("failed-early", "e" * 64, json.dumps({"model": {"name": "kmeans"}}), 2)
+    state.fail_job("failed-early", "data file 'datasets/none.csv' not found")
+
+    shown = CliRunner().invoke(main, ["status", "failed-early", *finished_job["arguments"]])
+
+    assert shown.exit_code == 0, shown.output
+    assert "job failed-early: FAILED, no rounds done, 2 workers" in shown.output
+    assert "0 of 0 rounds" not in shown.output
+
+
+def test_status_formats_large_loss_and_cost(finished_job):
+    state = finished_job["stack"].state
+    state.create_job("regression", "d" * 64, json.dumps({"model": {"name": "linear_regression"}}), 2)
+    state.start_job("regression", 10)
+    state.advance_round("regression", 0, {"epoch": 0.25, "train_loss": 2018483233.99856, "validation_loss": 1359.25,
+                                          "validation_r2": 0.54, "cost_usd": 1.84157e-05})
+
+    shown = CliRunner().invoke(main, ["status", "regression", *finished_job["arguments"]])
+    listed = CliRunner().invoke(main, ["list", *finished_job["arguments"]])
+    # The module's other tests expect no RUNNING job in the table.
+    state.finish_job("regression", 1, {})
+
+    assert shown.exit_code == 0, shown.output
+    assert "train_loss           2.0185e+09 (half the mean squared error)" in shown.output
+    assert "validation_loss      1359.25000 (half the mean squared error)" in shown.output
+    assert "validation_r2        0.54000" in shown.output
+    assert "epoch                0.250" in shown.output
+    assert "cost_usd             0.000018" in shown.output
+    assert "e-05" not in shown.output
+    regression_row = next(line for line in listed.output.splitlines() if line.startswith("regression "))
+    assert " 0.000018 " in regression_row
+
+
+def test_status_of_classifier_has_no_loss_note(finished_job):
+    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+
+    assert shown.exit_code == 0, shown.output
+    assert "train_loss" in shown.output
+    assert "mean squared error" not in shown.output
 
 
 def test_status_needs_no_aws_settings_locally(finished_job, monkeypatch, tmp_path):
@@ -590,6 +761,71 @@ def test_watch_notes_paused_job_once(finished_job):
     assert record.status == "CANCELLED"
     assert stream.getvalue().count("job 'paused-watch' is PAUSED") == 1
     assert "`baton resume paused-watch` continues it" in stream.getvalue()
+
+
+class TerminalStream(io.StringIO):
+    """A text stream that reports itself as a terminal, as the live bar needs."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def watch_growing_job(state, job_id: str, stream, rounds: int = 3, **options):
+    """Watch a job whose rounds the table gains one per poll, until it succeeds; return the final record."""
+    from shared.monitor import watch_job
+
+    state.create_job(job_id, "c" * 64, "{}", 2)
+    state.start_job(job_id, rounds)
+
+    def sleep(seconds):
+        record = state.get_job(job_id)
+        state.put_round_metrics(job_id, record.round, {"round": record.round + 1, "epoch": 0.5 * (record.round + 1),
+                                                       "train_loss": 0.7, "round_seconds": 2.0})
+        if record.round + 1 == rounds:
+            state.finish_job(job_id, record.round, {"stop_reason": "max_rounds"})
+        else:
+            state.advance_round(job_id, record.round, {"train_loss": 0.7})
+
+    return watch_job(state, job_id, stream=stream, sleep=sleep, **options)
+
+
+def test_watch_writes_lines_when_not_terminal(finished_job):
+    stream = io.StringIO()
+
+    record = watch_growing_job(finished_job["stack"].state, "watched-lines", stream)
+
+    assert record.status == "SUCCEEDED"
+    assert "\r" not in stream.getvalue()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"watched-lines: {count}/3 rounds" for count in range(4)]
+    assert "round=3" in lines[-1]
+    assert "status=SUCCEEDED" in lines[-1]
+
+
+def test_watch_draws_bar_on_terminal(finished_job):
+    stream = TerminalStream()
+
+    watch_growing_job(finished_job["stack"].state, "watched-bar", stream)
+
+    assert "\r" in stream.getvalue()
+    assert "3/3" in stream.getvalue()
+
+
+def test_watch_pause_note_names_stack(finished_job):
+    from shared.control import cancel_job, pause_job
+    from shared.monitor import watch_job
+
+    state = finished_job["stack"].state
+    state.create_job("paused-stack", "b" * 64, "{}", 2)
+    state.start_job("paused-stack", 3)
+    pause_job(state, "paused-stack")
+    stream = io.StringIO()
+
+    watch_job(state, "paused-stack", stream=stream, sleep=lambda seconds: cancel_job(state, "paused-stack"),
+              stack_arguments=" --stage local --endpoint-url http://127.0.0.1:5")
+
+    assert "`baton resume paused-stack --stage local --endpoint-url http://127.0.0.1:5` continues it" \
+        in stream.getvalue()
 
 
 def test_watch_estimate_uses_round_times():

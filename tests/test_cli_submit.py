@@ -193,39 +193,40 @@ def test_shortcut_into_non_object_names_option(jobs_queue, tmp_path):
 
 @pytest.mark.parametrize("arguments, words", [
     ([str(A9A_SPEC_FILE), "--n-workers", "0"],
-     ["'training.n_workers': got 0; must be at least 1", "--n-workers N or --set training.n_workers=VALUE",
-      str(A9A_SPEC_FILE)]),
+     ["'training.n_workers': got 0; must be at least 1", "change the value of --n-workers or drop that option"]),
     ([str(A9A_SPEC_FILE), "--set", "optimizer.learning_rate=fast"],
-     ["'optimizer.learning_rate': expected a number, got 'fast'", "--learning-rate RATE"]),
+     ["'optimizer.learning_rate': expected a number, got 'fast'",
+      "change the value of --set optimizer.learning_rate or drop that option"]),
     ([str(A9A_SPEC_FILE), "--set", "training.n_worker=8"],
-     ["'training.n_worker': unknown field; valid fields are n_workers"]),
+     ["'training.n_worker': unknown field; valid fields are n_workers",
+      "correct the field name in --set training.n_worker or drop that option"]),
     ([str(A9A_SPEC_FILE), "--set", "model.hidden_layer_sizes=[64, 0]"],
-     ["'model.hidden_layer_sizes[1]': got 0", "--set model.hidden_layer_sizes=VALUE"]),
+     ["'model.hidden_layer_sizes[1]': got 0", "change the value of --set model.hidden_layer_sizes"]),
     (["--data", "datasets/a9a/a9a"],
      ["'model': missing required section", "pass --model NAME or --set model.name=VALUE"]),
     (["--model", "logistic_regression"],
      ["'data': missing required section", "pass --data PATH or --set data.path=VALUE"]),
     (["--model", "logistic_regression", "--data", "../outside"], ["'..' is not allowed"]),
     ([str(A9A_SPEC_FILE), "--set", "training.n_workers=2.0", "--set", "training.seed=7.0"],
-     ["'training.n_workers': expected an integer, got 2.0; write 2", "--n-workers N"]),
+     ["'training.n_workers': expected an integer, got 2.0; write 2", "--set training.n_workers or drop"]),
     ([str(A9A_SPEC_FILE), "--n-workers", "4.0"], ["'training.n_workers': expected an integer, got 4.0; write 4"]),
     ([str(A9A_SPEC_FILE), "--set", "training.seed=1e30"], ["'training.seed': got 1e30; must be at most 4294967295"]),
     ([str(A9A_SPEC_FILE), "--set", "training.n_workers=1e300"],
      ["'training.n_workers': got 1e300; must be at most 1000"]),
     ([str(A9A_SPEC_FILE), "--set", "training.max_epochs=Infinity"],
-     ["'training.max_epochs': got Infinity; must be at most 10000", "--epochs EPOCHS"]),
+     ["'training.max_epochs': got Infinity; must be at most 10000", "--set training.max_epochs or drop"]),
     ([str(A9A_SPEC_FILE), "--learning-rate", "inf"], ["'optimizer.learning_rate': got inf; must be at most 1000.0"]),
     ([str(A9A_SPEC_FILE), "--set", "training.n_workers=" + "1" * 5000],
      ["'training.n_workers': got 11111111111111111111... (5000 digits); must be at most 1000"]),
     (["--model", "kmeans", "--data", "datasets/x", "--set", "training.n_workers.x=1"], ["'training.n_workers': expected an integer, got {\"x\": 1}"]),
     ([str(A9A_SPEC_FILE), "--set", "model=1"], ["'model': expected an object, got 1"]),
     (["--model", "kmeans", "--data", "jobs/other/x"],
-     ["'data.path': 'jobs/other/x' names a file in jobs/", "outside jobs/", "--data PATH"]),
+     ["'data.path': 'jobs/other/x' names a file in jobs/", "outside jobs/", "change the value of --data"]),
     ([str(A9A_SPEC_FILE), "--validation-data", "jobs/other/x"], ["'data.validation_path': 'jobs/other/x' names"]),
     ([str(A9A_SPEC_FILE), "--set", "data.validation_path=null", "--set", "data.validation_fraction=0",
       "--set", "training.target_validation_loss=0.3"],
      ["'training.target_validation_loss': stops on the validation rows, but there are none",
-      "--set training.target_validation_loss=VALUE"]),
+      "change the value of --set training.target_validation_loss"]),
 ], ids=["workers-zero", "rate-word", "unknown-field", "list-element", "no-model", "no-data", "dot-dot",
         "set-whole-floats", "option-whole-float", "seed-exponent", "workers-exponent", "epochs-infinity",
         "rate-inf", "workers-5000-digits", "into-integer", "section-number", "data-in-jobs",
@@ -239,6 +240,45 @@ def test_invalid_spec_sends_nothing(jobs_queue, arguments, words):
         assert word in result.output
     assert "Nothing was sent." in result.output
     assert received_specs(jobs_queue) == []
+
+
+@pytest.mark.parametrize("arguments, option", [
+    (["--set", "model.hidden_layer_sizes=[10]"], "--set model.hidden_layer_sizes"),
+    (["--set", "training.n_workers=0"], "--set training.n_workers"),
+    (["--n-workers", "0"], "--n-workers"),
+    (["--set", "training.n_workers=0", "--n-workers", "4"], "--set training.n_workers"),
+    (["--set", 'training={"n_workers": 0}'], "--set training"),
+], ids=["set-field", "set-range", "shortcut", "set-after-shortcut", "set-section"])
+def test_spec_error_names_option_not_file(arguments, option):
+    result = submit(str(A9A_SPEC_FILE), "--dry-run", *arguments)
+
+    assert result.exit_code == 1, result.output
+    assert f"To fix it, change the value of {option} or drop that option." in result.output
+    assert f"edit {A9A_SPEC_FILE}" not in result.output
+
+
+def test_spec_error_from_file_names_file(tmp_path):
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text('{"model": {"name": "kmeans"}, "data": {"path": "d.npz", "format": "npz"}, '
+                         '"training": {"n_workers": 0}}')
+
+    result = submit(str(spec_file), "--dry-run", "--batch-size", "8")
+
+    assert result.exit_code == 1, result.output
+    assert f"To fix it, edit {spec_file} or pass --n-workers N or --set training.n_workers=VALUE." in result.output
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_no_spec_file_or_options_explained(command, tmp_path):
+    local_dir = ["--local-dir", str(tmp_path / "baton")] if command == "run" else []
+
+    result = CliRunner().invoke(main, [command, *local_dir])
+
+    assert result.exit_code == 2, result.output
+    assert "missing SPEC_FILE and spec options" in result.output
+    assert f"`baton {command} examples/a9a.json`" in result.output
+    assert "missing required section" not in result.output
+    assert not (tmp_path / "baton").exists()
 
 
 def test_invalid_spec_message_is_short(jobs_queue):

@@ -56,6 +56,11 @@ def local_efs(tmp_path: Path) -> Path:
 
 def invoke_local(function: str, event_path: Path, endpoint: str, efs_root: Path) -> dict:
     """Run `serverless invoke local` and return the handler's JSON result."""
+    return invoke_local_with_logs(function, event_path, endpoint, efs_root)[0]
+
+
+def invoke_local_with_logs(function: str, event_path: Path, endpoint: str, efs_root: Path) -> tuple[dict, str]:
+    """Run `serverless invoke local`; return the handler's JSON result and the output before it, its log lines."""
     venv_bin = Path(sys.executable).parent
     environment = {
         **os.environ,
@@ -81,7 +86,7 @@ def invoke_local(function: str, event_path: Path, endpoint: str, efs_root: Path)
     lines = completed.stdout.splitlines()
     starts = [index for index, line in enumerate(lines) if line == "{"]
     assert starts, f"no JSON result in the output of {function}:\n{completed.stdout}"
-    return json.loads("\n".join(lines[starts[-1]:]))
+    return json.loads("\n".join(lines[starts[-1]:])), "\n".join(lines[:starts[-1]])
 
 
 def worker_event(tmp_path: Path, worker: int) -> Path:
@@ -133,3 +138,22 @@ def test_every_function_runs_its_sample_event(dev_stack, moto_endpoint, local_ef
     result = invoke_local("watchdog", EVENTS_DIR / "watchdog.json", moto_endpoint, local_efs)
     assert isinstance(result, dict)
     assert dev_stack.get_job(JOB_ID).status == RUNNING, "the watchdog must leave a healthy job alone"
+
+
+def test_early_aggregator_drops_message(dev_stack, moto_endpoint, local_efs):
+    # moto keeps its tables per process, so the job of the test above may still be there.
+    items = dev_stack.client.query(TableName=dev_stack.table_name, KeyConditionExpression="pk = :pk",
+                                   ExpressionAttributeValues={":pk": {"S": f"JOB#{JOB_ID}"}})["Items"]
+    for item in items:
+        dev_stack.client.delete_item(TableName=dev_stack.table_name, Key={"pk": item["pk"], "sk": item["sk"]})
+    # Only worker 0 of round 0 runs, so the round is not ready to aggregate.
+    assert invoke_local("starter", EVENTS_DIR / "starter.json", moto_endpoint, local_efs) == {"batchItemFailures": []}
+    assert invoke_local("worker", EVENTS_DIR / "worker.json", moto_endpoint, local_efs) == {"batchItemFailures": []}
+
+    result, logs = invoke_local_with_logs("aggregator", EVENTS_DIR / "aggregator.json", moto_endpoint, local_efs)
+
+    assert result == {"batchItemFailures": []}, "the early message must be deleted, not retried"
+    assert "dropped stale message" in logs
+    assert "which has 1 of 2 results" in logs
+    assert "Traceback" not in logs
+    assert dev_stack.get_job(JOB_ID).round == 0

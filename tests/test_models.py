@@ -979,6 +979,25 @@ def test_check_classes_rejects_wrong_label_counts():
         get_model_class("mlp_classifier")(n_features=1).check_classes(np.array([0]))
 
 
+def test_binary_check_suggests_regression_for_real_labels():
+    classes = np.unique(np.linspace(0.0, 20.0, 15903))
+
+    with pytest.raises(DataError, match="found 15,903") as raised:
+        get_model_class("logistic_regression")(n_features=1).check_classes(classes)
+
+    assert "use linear_regression or mlp_regressor" in str(raised.value)
+    assert "multiclass" not in str(raised.value)
+
+
+@pytest.mark.parametrize("classes, advice", [
+    (np.array([0.0, 1.0, 2.0]), "use a multiclass model"),
+    (np.array([1.0]), "check data.label_column and that the training rows contain both classes"),
+], ids=["three-whole", "one-label"])
+def test_binary_check_advice_per_label_count(classes, advice):
+    with pytest.raises(DataError, match=advice):
+        get_model_class("linear_svm")(n_features=1).check_classes(classes)
+
+
 def test_predict_returns_encoded_targets():
     X, y = load_breast_cancer()
     for name in ("logistic_regression", "linear_svm", "softmax_regression", "mlp_classifier"):

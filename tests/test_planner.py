@@ -309,8 +309,23 @@ def test_cli_plan_workers_deadline_keeps_global_batch():
 def test_cli_plan_unmet_deadline():
     result = run_cli(*BASE_ARGS, "--deadline", "1s")
 
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     assert "none meets the deadline" in result.output
+
+
+def test_cli_plan_unmet_deadline_json():
+    args = [arg for arg in BASE_ARGS if arg not in ("--workers", "4")]
+    result = run_cli(*args, "--deadline", "1s", "--json")
+
+    assert result.exit_code == 3, result.output
+    assert json.loads(result.output)["recommendation"]["met"] is False
+
+
+def test_cli_plan_help_names_exit_status():
+    result = run_cli("plan", "--help")
+
+    assert result.exit_code == 0, result.output
+    assert "Exits with status 3 when no configuration meets --deadline" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("option, value, expected", [
@@ -474,6 +489,6 @@ def test_cli_plan_without_fitting_candidate_prints_no_plan():
     result = run_cli("plan", "--rows", "2000000000", "--features", "1000", "--batch-size", "1000000",
                      "--epochs", "0.01", "--deadline", "1h")
 
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     assert "no configuration fits" in result.output
     assert "Plan of the" not in result.output

@@ -36,6 +36,17 @@ MAX_CLASSES = 1000
 LABELS_SHOWN = 10
 
 
+# The models to suggest for a continuous target given to a classifier.
+REGRESSION_MODELS = "linear_regression or mlp_regressor"
+
+
+def _has_fractional_labels(classes: np.ndarray) -> bool:
+    """Return whether some label is a number that is not whole, as the values of a continuous target are."""
+    if not np.issubdtype(classes.dtype, np.floating):
+        return False
+    return bool(np.any(classes != np.round(classes)))
+
+
 def _preview_labels(classes: np.ndarray) -> str:
     """Return the first labels of ``classes`` for a message, with the count of the others."""
     first_labels = classes[:LABELS_SHOWN].tolist()
@@ -337,17 +348,22 @@ class Model(ABC):
     def check_classes(self, classes: np.ndarray) -> None:
         """Raise :class:`DataError` if the distinct training labels do not fit this model."""
         if self.task == "binary" and len(classes) != 2:
-            raise DataError(
-                f"model '{self.name}' needs exactly 2 distinct labels, found {len(classes)}: "
-                f"{_preview_labels(classes)}; use a multiclass model or relabel the data"
-            )
+            if _has_fractional_labels(classes):
+                advice = ("some are not whole numbers, so if the label is a continuous target, use "
+                          f"{REGRESSION_MODELS}, else check data.label_column")
+            elif len(classes) > 2:
+                advice = "use a multiclass model or relabel the data"
+            else:
+                advice = "check data.label_column and that the training rows contain both classes"
+            raise DataError(f"model '{self.name}' needs exactly 2 distinct labels, found {len(classes):,}: "
+                            f"{_preview_labels(classes)}; {advice}")
         if self.task == "multiclass" and len(classes) < 2:
             raise DataError(f"model '{self.name}' needs at least 2 distinct labels, found {classes.tolist()}")
         if self.task == "multiclass" and len(classes) > MAX_CLASSES:
             raise DataError(
                 f"model '{self.name}' found {len(classes):,} distinct labels {_preview_labels(classes)}, more than "
                 f"the {MAX_CLASSES:,} classes a classifier takes; if the label is a continuous target, use "
-                "linear_regression or mlp_regressor, else check data.label_column")
+                f"{REGRESSION_MODELS}, else check data.label_column")
 
     # Input checks shared by the subclasses.
 
