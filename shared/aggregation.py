@@ -107,15 +107,43 @@ def _store_saved_metrics(services: Services, job_id: str, round_index: int) -> N
     logger.info("stored the metrics of an advanced round from EFS", extra=ids)
 
 
+# Validation metrics that are sums over the rows, which chunks add up instead of averaging.
+SUM_METRICS = ("inertia",)
+
+
 def _combine_metrics(partials: list[dict]) -> dict[str, float]:
-    """Return validation metrics from per-chunk metrics, weighting each chunk by its rows."""
+    """Return validation metrics from per-chunk metrics, as one pass over all the rows gives them.
+
+    Mean metrics (loss, accuracy, mse) are weighted by each chunk's rows and sums
+    (:data:`SUM_METRICS`) are added. ``r2`` is computed again from the chunks' residual
+    and total sums of squares, the latter combined around the mean of all the targets.
+    """
     if len(partials) == 1:
         return dict(partials[0]["metrics"])
     total_rows = sum(partial["rows"] for partial in partials)
-    # NOTE: a row-weighted mean is exact for mean metrics (loss, accuracy) but only an
-    # approximation of r2 when the validation set spans several chunks.
     names = partials[0]["metrics"].keys()
-    return {name: sum(partial["metrics"][name] * partial["rows"] for partial in partials) / total_rows for name in names}
+    combined = {name: sum(partial["metrics"][name] * partial["rows"] for partial in partials) / total_rows
+                for name in names}
+    for name in SUM_METRICS:
+        if name in names:
+            combined[name] = sum(partial["metrics"][name] for partial in partials)
+    # Progress files written by an earlier version of Baton lack the target statistics,
+    # and then r2 stays the row-weighted mean of the chunks' values.
+    if "r2" in names and all("target_mean" in partial for partial in partials):
+        combined["r2"] = _combined_r2(partials, total_rows)
+    return combined
+
+
+def _combined_r2(partials: list[dict], total_rows: int) -> float:
+    """Return ``1 - SS_res / SS_tot`` over every chunk, from each chunk's mse and target statistics."""
+    residual_sum_of_squares = sum(partial["metrics"]["mse"] * partial["rows"] for partial in partials)
+    target_mean = sum(partial["target_mean"] * partial["rows"] for partial in partials) / total_rows
+    total_sum_of_squares = sum(partial["target_sum_of_squares"]
+                               + partial["rows"] * (partial["target_mean"] - target_mean) ** 2
+                               for partial in partials)
+    if total_sum_of_squares > 0.0:
+        return 1.0 - residual_sum_of_squares / total_sum_of_squares
+    return 1.0 if residual_sum_of_squares == 0.0 else 0.0
 
 
 def aggregate_round(services: Services, message: AggregateMessage, message_id: str = "",
@@ -273,8 +301,15 @@ def _validation_chunk(model, params: np.ndarray, validation: "datasets.Shard", c
     """Return the metrics of ``params`` on validation chunk ``chunk`` and its row count, as progress stores them."""
     start = chunk * VALIDATION_CHUNK_ROWS
     stop = min(start + VALIDATION_CHUNK_ROWS, validation.n_rows)
-    chunk_metrics = model.metrics(params, validation.rows(slice(start, stop)), np.asarray(validation.y[start:stop]))
-    return {"rows": stop - start, "metrics": {name: float(value) for name, value in chunk_metrics.items()}}
+    targets = np.asarray(validation.y[start:stop])
+    chunk_metrics = model.metrics(params, validation.rows(slice(start, stop)), targets)
+    partial = {"rows": stop - start, "metrics": {name: float(value) for name, value in chunk_metrics.items()}}
+    if "r2" in chunk_metrics:
+        # What _combined_r2 needs to compute r2 over all the chunks exactly.
+        targets = targets.astype(np.float64)
+        partial["target_mean"] = float(targets.mean())
+        partial["target_sum_of_squares"] = float(np.sum((targets - partial["target_mean"]) ** 2))
+    return partial
 
 
 def _round_metrics(mode, spec: JobSpec, manifest: dict, round_index: int, progress: dict) -> dict:

@@ -473,3 +473,22 @@ def test_stopping_rules():
     assert state == StoppingState.from_dict({"best_validation_loss": 0.5, "best_round": 1})
     _, reason = check_stopping(spec, {"round": 4, "validation_loss": 0.4, "validation_accuracy": 0.95}, state)
     assert reason == "target_accuracy"
+
+
+@pytest.mark.parametrize("model", [{"name": "linear_regression", "penalty": "l2"}, {"name": "kmeans", "n_clusters": 3}])
+def test_validation_chunks_give_whole_metrics(inprocess_stack, efs_root, model, monkeypatch):
+    # breast_cancer keeps 20 % of its 569 rows for validation, so chunks of 25 rows split it in 5.
+    data = {"validation_fraction": 0.2}
+    spec = breast_cancer_spec("whole", model=model, data=data, training={"max_rounds": 3})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    monkeypatch.setattr("shared.aggregation.VALIDATION_CHUNK_ROWS", 25)
+    spec = breast_cancer_spec("chunked", model=model, data=data, training={"max_rounds": 3})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+
+    whole = inprocess_stack.services.state.list_round_metrics("whole")
+    chunked = inprocess_stack.services.state.list_round_metrics("chunked")
+    names = ["validation_r2", "validation_mse", "validation_loss"] if model["name"] != "kmeans" else \
+        ["validation_inertia", "validation_loss"]
+    for whole_round, chunked_round in zip(whole, chunked):
+        for name in names:
+            assert chunked_round[name] == pytest.approx(whole_round[name], rel=1e-12), name
