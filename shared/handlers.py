@@ -34,6 +34,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from botocore.exceptions import ClientError
 
 # Re-exported, because serverless.yml and tests/test_stack.py name the handlers' receive count here.
 from shared.config import DEFAULT_MAX_RECEIVE_COUNT  # noqa: F401
@@ -162,6 +163,28 @@ def _job_of_failure(services: Services, record: SQSRecord, job_id: str,
         return None
 
 
+def missing_stack_resource(error: Exception, settings) -> str | None:
+    """Return what to do about a DynamoDB table or SQS queue of the stack that does not exist, or None.
+
+    Such an error comes from a function run against a stage that was never deployed (as
+    with ``serverless invoke local --stage``), or whose table or queue names in the
+    environment are wrong.
+    """
+    if not isinstance(error, ClientError):
+        return None
+    code = error.response.get("Error", {}).get("Code", "")
+    if code == "ResourceNotFoundException":
+        return (f"DynamoDB table '{settings.state_table_name}' not found ({error.operation_name}); deploy the stack "
+                "of this stage first (`npx serverless deploy --stage STAGE`), or set STATE_TABLE_NAME to its table")
+    if code in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+        queues = ", ".join(f"'{name}'" for name in (settings.jobs_queue_name, settings.tasks_queue_name,
+                                                     settings.aggregate_queue_name))
+        return (f"an SQS queue of the stack was not found ({error.operation_name}; the queues are {queues}); "
+                "deploy the stack of this stage first, or set JOBS_QUEUE_NAME, TASKS_QUEUE_NAME and "
+                "AGGREGATE_QUEUE_NAME to its queues")
+    return None
+
+
 @dataclass(frozen=True)
 class Invocation:
     """The Lambda invocation running a step: its message id and remaining time."""
@@ -241,6 +264,12 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
             if job_id is not None:
                 services.state.fail_job(job_id, str(error))
         except Exception as error:
+            missing = missing_stack_resource(error, services.settings)
+            if missing is not None:
+                # Without the table no job can record the error, so the log line and the
+                # raised error are where it shows.
+                logger.error("stack resource not found; the message will be retried", extra={"error": missing})
+                raise BatonError(missing) from error
             logger.exception("record failed; it will be retried", extra={"receive_count": receive_count})
             if job_id is not None:
                 job_id = _job_of_failure(services, record, job_id, failure_job_id)

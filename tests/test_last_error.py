@@ -18,7 +18,9 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from click.testing import CliRunner
 
 from shared.cli import main
+from functions.worker import handler as worker_handler
 from shared.control import drain_dead_letters, resume_job, run_watchdog
+from shared.errors import BatonError
 from shared.handlers import set_services, sqs_handler
 from shared.services import Services
 from shared.state import CANCELLED, FAILED, RUNNING, SUCCEEDED
@@ -396,3 +398,22 @@ def test_silence_after_other_error_recorded(inprocess_stack, monkeypatch, tmp_pa
     last_error = inprocess_stack.services.state.get_job(JOB_ID).attributes["last_error"]
     assert last_error["message_id"] == message_id
     assert last_error["error_type"] == "NoErrorReported"
+
+
+def test_missing_table_named(inprocess_stack):
+    broken = Services(replace(inprocess_stack.settings, state_table_name="baton-nostack-state"),
+                      dynamodb=inprocess_stack.dynamodb, sqs=inprocess_stack.sqs)
+    event = sqs_event([{"MessageId": "msg-1", "ReceiptHandle": "handle-1",
+                        "Body": json.dumps({"job_id": JOB_ID, "round": 0, "worker": 0}),
+                        "Attributes": {"ApproximateReceiveCount": "1"}}], "tasks")
+    set_services(broken)
+    try:
+        with pytest.raises(BatchProcessingError) as raised:
+            worker_handler(event, FakeContext())
+    finally:
+        set_services(inprocess_stack.services)
+
+    (error,) = [value for _, value, _ in raised.value.child_exceptions]
+    assert isinstance(error, BatonError)
+    assert "DynamoDB table 'baton-nostack-state' not found (BatchGetItem)" in str(error)
+    assert "npx serverless deploy --stage STAGE" in str(error)
