@@ -102,7 +102,8 @@ def _check_class_weight(path: str, value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = spec_field(help="Model to train.", choices=tuple(MODELS))
+    name: str = spec_field(help="Model to train. docs/operations.md lists the loss each model reports, under "
+                                "\"What a round records\".", choices=tuple(MODELS))
     alpha: float = spec_field(0.0, help="Penalty strength on the weights (never the biases).", minimum=0.0)
     penalty: str = spec_field("l2", help="Linear and softmax models: penalty on the weights.", choices=PENALTIES)
     l1_ratio: float = spec_field(0.15, help="Share of the L1 term for penalty 'elasticnet'.", minimum=0.0, maximum=1.0)
