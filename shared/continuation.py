@@ -1,7 +1,7 @@
 """Continuation chains: a worker's or aggregator's share of a round over several invocations.
 
 A worker or aggregator does its share as a sequence of bounded steps. Before each step
-after the first it asks its InvocationBudget whether time is running out; if so it saves
+after the first it checks its InvocationBudget for the time left. When that runs low, it saves
 its progress atomically on EFS and sends a continuation message naming the next link of
 the chain. Timeline of one link::
 
@@ -27,16 +27,17 @@ import numpy as np
 
 from shared import faults
 from shared.config import Settings
-from shared.efs import EfsStore
+from shared.efs import EfsStore, stale_if_round_pruned
 from shared.errors import StaleMessageError
 from shared.round_files import round_progress_path
 from shared.services import Services
+from shared.training import round_number
 
 logger = logging.getLogger(__name__)
 
 
 class InvocationBudget:
-    """Decides when an invocation should stop and continue in a new one.
+    """The time and steps an invocation has left, which decide when it saves its progress and continues.
 
     Parameters
     ----------
@@ -156,16 +157,20 @@ class ChainLink:
         following = self.number + 1
         seconds = self.total_seconds(started)
         ids = {"job_id": self.job_id, "round": self.round_index}
+        round_label = f"round {round_number(self.round_index)} of job {self.job_id}"
         if self.worker is None:
-            self.store.write_json(self.path, {**progress, "next": following, "writer": self.message_id,
-                                              "seconds": seconds})
+            with stale_if_round_pruned(self.path.parent, round_label):
+                self.store.write_json(self.path, {**progress, "next": following, "writer": self.message_id,
+                                                  "seconds": seconds}, create_folder=False)
             faults.maybe_fail("aggregator.after_progress", **ids)
             services.queues.send_aggregate(self.job_id, self.round_index, continuation=following)
             event = "aggregation continues"
         else:
             ids["worker"] = self.worker
-            self.store.write_arrays(self.path, {**progress, "_next": np.int64(following),
-                                                "_writer": np.str_(self.message_id), "_seconds": np.float64(seconds)})
+            with stale_if_round_pruned(self.path.parent, round_label):
+                self.store.write_arrays(self.path, {**progress, "_next": np.int64(following),
+                                                    "_writer": np.str_(self.message_id),
+                                                    "_seconds": np.float64(seconds)}, create_folder=False)
             faults.maybe_fail("worker.after_progress", **ids)
             services.queues.send_task(self.job_id, self.round_index, self.worker, continuation=following)
             event = "task continues"

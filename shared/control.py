@@ -228,6 +228,10 @@ def _dead_letter_job_id(message: dict) -> str | None:
     return derive_job_id(message["MessageId"]) if isinstance(body, dict) else None
 
 
+# Ended jobs that one watchdog run gives an expiry: two conditional writes each.
+MAX_EXPIRIES_PER_RUN = 200
+
+
 def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]:
     """Drain the dead-letter queues, re-send the messages of stalled rounds, and give
     ended jobs their time to live.
@@ -240,12 +244,8 @@ def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]
 
     # NOTE: list_jobs scans the whole table. Ended jobs leave it after JOB_RETENTION_DAYS,
     # but a stack that keeps them forever pays a growing scan every run.
-    for record in state.list_jobs():
-        if record.status in TERMINAL_STATUSES:
-            if EXPIRES_AT not in record.attributes and state.expire_ended_job(
-                    record.job_id, float(record.attributes.get("updated_at", now))):
-                counts["expiring"] += 1
-            continue
+    records = state.list_jobs()
+    for record in records:
         if record.status != RUNNING:
             continue
         last_progress = max(float(record.attributes.get("updated_at", 0)),
@@ -273,4 +273,17 @@ def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]
         counts["resent"] += 1
         logger.warning("stalled round re-sent", extra={**ids, "attempt": attempts, "sent": sent,
                                                         "stalled_seconds": round(now - last_progress, 1)})
+
+    # After the stalled rounds, and a bounded number per run, so that a backlog of ended
+    # jobs (the first runs after retention is switched on) cannot delay the re-sends or
+    # run into the watchdog's timeout.
+    unexpired = [record for record in records
+                 if record.status in TERMINAL_STATUSES and EXPIRES_AT not in record.attributes]
+    if state.retention_seconds is not None:
+        for record in unexpired[:MAX_EXPIRIES_PER_RUN]:
+            if state.expire_ended_job(record.job_id, float(record.attributes.get("updated_at", now))):
+                counts["expiring"] += 1
+        if len(unexpired) > MAX_EXPIRIES_PER_RUN:
+            logger.info("ended jobs left without an expiry until the next run",
+                        extra={"jobs_left": len(unexpired) - MAX_EXPIRIES_PER_RUN})
     return counts

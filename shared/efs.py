@@ -32,14 +32,15 @@ import os
 import shutil
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shared.config import efs_fsync_enabled
-from shared.errors import BatonError, DamagedFileError, DataError, EfsNotWritableError
+from shared.errors import BatonError, DamagedFileError, DataError, EfsNotWritableError, StaleMessageError
 
 # The folder under the root where Baton keeps every job's state; never read as data.
 JOBS_FOLDER = "jobs"
@@ -67,9 +68,28 @@ except BatonError:
     FSYNC = True
 
 
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
+def write_bytes_atomic(path: Path, payload: bytes, create_folder: bool = True) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename."""
-    write_buffers_atomic(path, [payload])
+    write_buffers_atomic(path, [payload], create_folder)
+
+
+@contextmanager
+def stale_if_round_pruned(round_dir: Path, round_label: str) -> Iterator[None]:
+    """Turn a write into ``round_dir`` that fails because the folder is gone into a StaleMessageError.
+
+    Workers, reducers and continuations write into their round's folder without creating
+    it (``create_folder=False``). The aggregator wrote the round's state there before it
+    sent their messages, so a missing folder was pruned and the round is over. Creating
+    it again would leave it behind for good once the job has finished. ``round_label``
+    names the round in the message, such as "round 3 of job a9a".
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        if round_dir.is_dir():
+            raise
+        raise StaleMessageError(f"{round_label} is over: its folder '{round_dir}' was pruned; nothing is "
+                                "written") from None
 
 
 def write_buffers_atomic(path: Path, buffers: Sequence[bytes | memoryview], create_folder: bool = True) -> None:
@@ -227,8 +247,8 @@ class EfsStore:
 
     # Reads and writes --------------------------------------------------------------------
 
-    def write_json(self, path: Path, value: Any) -> None:
-        write_bytes_atomic(path, json.dumps(value, sort_keys=True, indent=1).encode())
+    def write_json(self, path: Path, value: Any, create_folder: bool = True) -> None:
+        write_bytes_atomic(path, json.dumps(value, sort_keys=True, indent=1).encode(), create_folder)
 
     def read_json(self, path: Path) -> Any:
         with open(path, "rb") as handle:
@@ -292,8 +312,8 @@ class EfsStore:
             raise self.damaged_file_error(path, f"is not a valid {kind} ({type(error).__name__}: {error})",
                                           remedy) from None
 
-    def write_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
-        write_bytes_atomic(path, encode_arrays(arrays))
+    def write_arrays(self, path: Path, arrays: dict[str, np.ndarray], create_folder: bool = True) -> None:
+        write_bytes_atomic(path, encode_arrays(arrays), create_folder)
 
     def read_arrays(self, path: Path) -> dict[str, np.ndarray]:
         # Read the whole file first so no descriptor stays open behind a lazy NpzFile.

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.efs import EfsStore, write_buffers_atomic
-from shared.errors import JobSpecError, ResultFileError, StaleMessageError
+from shared.efs import EfsStore, stale_if_round_pruned, write_buffers_atomic
+from shared.errors import JobSpecError, ResultFileError
 from shared.training import (Reduction, TrainingMode, accumulate_vectors, add_scaled_vector, round_number,
                              split_result)
 
@@ -122,17 +122,9 @@ def _write_result_file(path: Path, identity: dict, vector: np.ndarray, scalars: 
     arrays = {name: {"dtype": np.asarray(value).dtype.str, "shape": list(np.shape(value)),
                      "values": np.ravel(value).tolist()} for name, value in scalars.items()}
     trailer = json.dumps({**identity, "arrays": arrays}, sort_keys=True, separators=(",", ":")).encode()
-    try:
+    with stale_if_round_pruned(path.parent, f"round {round_number(identity['round'])} of job {identity['job_id']}"):
         write_buffers_atomic(path, [vector_header(len(vector)), memoryview(vector).cast("B"), trailer],
                              create_folder=False)
-    except FileNotFoundError:
-        if path.parent.is_dir():
-            raise
-        # The aggregator wrote the round's state there before sending its messages, so a
-        # missing folder was pruned and the round is over. Creating it again would leave
-        # it behind for good once the job has finished.
-        raise StaleMessageError(f"round {round_number(identity['round'])} of job {identity['job_id']} is over: its "
-                                f"folder '{path.parent}' was pruned; the result is not written") from None
 
 
 # Reading -----------------------------------------------------------------------------------

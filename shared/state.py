@@ -313,7 +313,8 @@ class StateStore:
 
     def start_job(self, job_id: str, total_rounds: int, first_round: int = 0,
                   summary: dict[str, Any] | None = None, to_status: str = RUNNING) -> bool:
-        """Move the job from PREPARING to RUNNING at ``first_round``; False if it had already moved.
+        """Move the job from PREPARING to ``to_status`` (RUNNING by default) at ``first_round``;
+        False if it had already moved.
 
         ``first_round`` is above 0 when the job goes on from an earlier run's files, and
         ``summary`` then sets the job item's fields that the aggregator keeps, such as
@@ -322,13 +323,13 @@ class StateStore:
         """
         names = {"#status": "status", "#round": "round"}
         values = {
-            ":running": {"S": to_status},
+            ":to": {"S": to_status},
             ":preparing": {"S": PREPARING},
             ":total": {"N": str(total_rounds)},
             ":round": {"N": str(first_round)},
             ":now": {"N": repr(time.time())},
         }
-        assignments = ["#status = :running", "total_rounds = :total", "#round = :round", "updated_at = :now"]
+        assignments = ["#status = :to", "total_rounds = :total", "#round = :round", "updated_at = :now"]
         for index, (name, value) in enumerate((summary or {}).items()):
             names[f"#s{index}"] = name
             values[f":s{index}"] = _to_attribute(value)

@@ -37,7 +37,10 @@ class RecordingState:
 
 @pytest.fixture
 def store(tmp_path):
-    return EfsStore(tmp_path / "efs")
+    """A store with the round's folder, as the aggregator leaves it when it writes the round's state."""
+    store = EfsStore(tmp_path / "efs")
+    store.round_dir(JOB_ID, ROUND).mkdir(parents=True)
+    return store
 
 
 @pytest.fixture
@@ -124,3 +127,15 @@ def test_progress_without_seconds_loads(store):
     assert link.number == 1
     assert link.earlier_seconds == 0.0
     assert set(link.progress) == {"x"}
+
+
+@pytest.mark.parametrize("worker", [0, None], ids=["worker", "aggregator"])
+def test_pruned_round_not_made_again(store, services, worker):
+    link = ChainLink(store, JOB_ID, ROUND, worker, None, "message-a")
+    store.round_dir(JOB_ID, ROUND).rmdir()
+
+    with pytest.raises(StaleMessageError, match=r"round 4 of job chain-job is over: its folder '.*rounds/3' was pruned"):
+        link.continue_later(services, {"x": np.float64(1.0)}, time.monotonic(), steps=1)
+
+    assert not store.round_dir(JOB_ID, ROUND).exists()
+    assert services.queues.sent == []

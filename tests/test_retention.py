@@ -123,3 +123,15 @@ def test_retention_setting_read(raw, days):
 def test_negative_retention_rejected():
     with pytest.raises(BatonError, match="invalid JOB_RETENTION_DAYS -1: it must be a number of days, or 0"):
         Settings.from_env(environ={"JOB_RETENTION_DAYS": "-1"})
+
+
+def test_expiries_bounded_per_run(inprocess_stack, monkeypatch):
+    for job_id in ("first", "second", "third"):
+        assert run_job(inprocess_stack, breast_cancer_spec(job_id)).status == SUCCEEDED
+    monkeypatch.setattr(control, "MAX_EXPIRIES_PER_RUN", 2)
+
+    assert control.run_watchdog(inprocess_stack.services)["expiring"] == 2
+    assert control.run_watchdog(inprocess_stack.services)["expiring"] == 1
+    assert control.run_watchdog(inprocess_stack.services)["expiring"] == 0
+    for job_id in ("first", "second", "third"):
+        assert expires_at(inprocess_stack, _job_key(job_id)) is not None
