@@ -89,18 +89,18 @@ def prepared_split(efs_root: Path, job_id: str):
     """Return the job's training rows, validation rows, manifest, spec and final parameters."""
     import scipy.sparse as sp
 
-    from shared import data as datasets
     from shared.efs import EfsStore
+    from shared.shards import load_shard, load_validation
     from shared.spec import parse_job_spec
 
     store = EfsStore(efs_root)
     spec = parse_job_spec(store.read_json(store.spec_path(job_id)))
     manifest = store.read_json(store.data_dir(job_id) / "manifest.json")
-    shards = [datasets.load_shard(store, job_id, manifest, worker) for worker in range(spec.training.n_workers)]
+    shards = [load_shard(store, job_id, manifest, worker) for worker in range(spec.training.n_workers)]
     stack = sp.vstack if manifest["sparse"] else np.concatenate
     X_train = stack([shard.X for shard in shards]).astype(np.float64)
     y_train = np.concatenate([np.asarray(shard.y) for shard in shards])
-    validation = datasets.load_validation(store, job_id, manifest)
+    validation = load_validation(store, job_id, manifest)
     X_test = validation.X.astype(np.float64) if manifest["sparse"] else np.asarray(validation.X, dtype=np.float64)
     params = store.read_npy(store.model_dir(job_id) / "params.npy", mmap=False)
     return spec, manifest, X_train, y_train, X_test, np.asarray(validation.y), params

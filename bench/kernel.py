@@ -3,7 +3,7 @@
 Baton's figure times what a warm worker process runs for one task once the shard is open:
 the training mode's ``begin``, ``advance`` until done, and ``finish``
 (:meth:`shared.training.TrainingMode.worker_result`), on a shard opened with
-:func:`shared.data.load_shard`, memory-mapped, as the worker opens it. Two references are
+:func:`shared.shards.load_shard`, memory-mapped, as the worker opens it. Two references are
 measured in the same run:
 
 - bare numpy: the same logistic-regression gradient on the same memory-mapped arrays,
@@ -27,10 +27,10 @@ import scipy.sparse as sp
 
 from bench.common import Goal, Section, markdown_table, median_seconds
 from bench.shards import A9A, HIGGS, SourceSet, prepare_source, shard_bytes, tile_job
-from shared.data import load_shard
 from shared.efs import EfsStore
 from shared.spec import parse_job_spec
 from shared.sampling import batch_indices, rounds_per_epoch
+from shared.shards import load_shard
 from shared.training import GRADIENT_CHUNK_ROWS, build_model, get_training_mode
 
 # Shard rows: the spec's largest batch_size, so that a whole-shard batch is a valid job.

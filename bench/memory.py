@@ -3,7 +3,7 @@
 Each measurement starts a fresh Python process (``python -m bench.memory --worker``) that
 runs the steps of a worker task that touch data, in the order ``run_task`` runs them
 (shared/worker.py): read the spec and manifest, memory-map the shard with
-:func:`shared.data.load_shard`, read the round's weights, compute the training mode's
+:func:`shared.shards.load_shard`, read the round's weights, compute the training mode's
 result over the whole batch, and write the result file. The process then reports its
 peak resident set. The queue and table calls of a task are left out, because they hold
 no data.
@@ -63,10 +63,10 @@ QUICK_CASES = [
 
 def run_worker(efs_root: Path, job_id: str) -> None:
     """Run the data steps of worker 0's task in round 0 of ``job_id``; print the peak RSS in bytes."""
-    from shared.data import load_shard
     from shared.efs import EfsStore
     from shared.reduction import write_worker_result
     from shared.round_files import read_round_state
+    from shared.shards import load_shard
     from shared.spec import parse_job_spec
     from shared.training import build_model, get_training_mode
 
@@ -84,7 +84,7 @@ def run_worker(efs_root: Path, job_id: str) -> None:
 
 def run_baseline() -> None:
     """Import what a worker imports and print the peak RSS in bytes, with no data read."""
-    import shared.data  # noqa: F401
+    import shared.shards  # noqa: F401
     import shared.training  # noqa: F401
     import shared.worker  # noqa: F401
 

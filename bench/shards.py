@@ -1,11 +1,11 @@
 """Worker shards of a chosen size, built from real data sets, for the kernel and memory benchmarks.
 
-A small real data set is prepared by Baton's own preparation (:func:`shared.data.prepare_data`)
+A small real data set is prepared by Baton's own preparation (:func:`shared.preparation.prepare_data`)
 into a one-worker job. Its shard's rows are then repeated until the shard reaches the
 requested row count, and written to a new job in the same on-EFS layout: ``X.npy``
 (float32) or the CSR triplet ``X-data.npy``, ``X-indices.npy``, ``X-indptr.npy``, plus
 ``y.npy``, the manifest, the spec and the round 0 state. Workers then load the new shard
-with :func:`shared.data.load_shard`, memory-mapped, as they load any other.
+with :func:`shared.shards.load_shard`, memory-mapped, as they load any other.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import DATASETS, stage_file
-from shared.data import prepare_data, shard_folder
 from shared.efs import EfsStore
+from shared.preparation import prepare_data
 from shared.sampling import initial_params_rng
 from shared.round_files import write_round_state
+from shared.shards import shard_folder
 from shared.spec import parse_job_spec
 from shared.training import build_model, build_optimizer
 

@@ -1,4 +1,4 @@
-"""Files on the shared file system: the job folder layout and atomic writes.
+"""Files on the shared file system: the job folder layout, atomic writes and checked JSON reads.
 
 Every write goes to a temporary name in the destination folder, is flushed and fsynced,
 then renamed over the final name. A reader therefore sees either the old file or the whole
@@ -41,6 +41,7 @@ import numpy as np
 
 from shared.config import efs_fsync_enabled
 from shared.errors import BatonError, DamagedFileError, DataError, EfsNotWritableError, StaleMessageError
+from shared.source_files import FIX
 
 # The folder under the root where Baton keeps every job's state; never read as data.
 JOBS_FOLDER = "jobs"
@@ -349,6 +350,43 @@ class EfsStore:
                 shutil.rmtree(entry, ignore_errors=True)
                 pruned.append(int(entry.name))
         return sorted(pruned)
+
+
+def relative_efs_path(store: EfsStore, path: Path) -> Path:
+    """Return the name of ``path`` in messages: relative to the EFS root when under it, else ``path`` itself."""
+    return path.relative_to(store.root) if store.is_under_root(path) else path
+
+
+def read_job_json(store: EfsStore, path: Path, problem_of: Callable[[Any], str | None] | None = None) -> Any:
+    """Read a JSON file that Baton wrote for a job (its spec or data manifest).
+
+    Parameters
+    ----------
+    store : EfsStore
+    path : Path
+    problem_of : callable, optional
+        Returns what makes the parsed value unusable, as text that follows the file's name
+        (such as 'has no "n_features" field'), or None when it is usable.
+
+    Raises
+    ------
+    DataError
+        If the file is not valid JSON, or ``problem_of`` finds a problem. Baton writes
+        these files whole, so a retry would read the same bytes.
+    """
+    try:
+        value = store.read_json(path)
+    except ValueError as error:
+        raise _changed_job_file_error(store, path, f"is damaged ({type(error).__name__}: {error})") from None
+    problem = None if problem_of is None else problem_of(value)
+    if problem is not None:
+        raise _changed_job_file_error(store, path, problem)
+    return value
+
+
+def _changed_job_file_error(store: EfsStore, path: Path, problem: str) -> DataError:
+    return DataError(f"file '{relative_efs_path(store, path)}' {problem}: Baton writes it whole, so it was changed "
+                     f"after it was written, and the job cannot go on from it; {FIX}")
 
 
 def check_efs_writable(root: Path) -> None:

@@ -40,6 +40,7 @@ from shared.errors import BatonError, DamagedFileError, DataError, JobSpecError
 from shared.models import Model
 from shared.monitor import damaged_spec_remedy
 from shared.spec import JobSpec, parse_job_spec
+from shared.standardization import standardize_rows
 from shared.target_scaling import target_scaling
 from shared.training import build_model, class_weights, manifest_problem
 
@@ -69,8 +70,6 @@ class TrainedModel:
 
     def predict(self, X) -> np.ndarray:
         """Return Baton's predictions for raw feature rows: class labels, values or cluster indices."""
-        from shared.data import standardize_rows
-
         if self.scaling is not None:
             X = standardize_rows(X, *self.scaling)
         predicted = self.model.predict(self.params, X)

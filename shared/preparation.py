@@ -58,11 +58,19 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from shared import data as datasets
 from shared import efs, source_files
-from shared.efs import EfsStore
+from shared.efs import EfsStore, read_job_json
 from shared.errors import DataError, InvalidMessageError
+from shared.formats.delimited import (check_same_features, count_columns, parse_csv_text, resolve_label_column,
+                                      split_header)
+from shared.formats.files import (COMPRESSED_SUFFIXES, check_data_file, check_finite, decode_text, open_binary,
+                                  read_error, read_text_bytes)
+from shared.formats.libsvm import parse_libsvm_text
+from shared.formats.npy import load_npy_table, read_npy_rows, read_npz
+from shared.sampling import split_rows
+from shared.shards import VALIDATION, check_shards_present, shard_folder
 from shared.spec import S3_URI_PATTERN, VALIDATION_STOP_FIELDS, JobSpec
+from shared.standardization import standardization_scale, standardize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +202,8 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
         # shards are reused unchecked.
         source_files.check_reusable(_recorded_sources(files), spec.job_id,
                                     lambda uri: s3_object_etag(uri, s3_client))
-        manifest = datasets.read_job_json(store, files.manifest)
-        datasets.check_shards_present(store, spec.job_id, manifest)
+        manifest = read_job_json(store, files.manifest)
+        check_shards_present(store, spec.job_id, manifest)
         return PreparationOutcome(manifest=manifest)
 
     recorded = _read_progress(files)
@@ -227,6 +235,24 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
         # No progress is recorded inside one invocation: a redelivery starts over, and
         # every step writes the same bytes again.
         step = following
+
+
+def prepare_data(store: EfsStore, spec: JobSpec, model, s3_client=None) -> dict:
+    """Read the job's data, split it into shards and store them on EFS, all in this process.
+
+    Runs every step of the preparation in order. The starter instead runs one step per
+    invocation when the sources contain more than ``data.part_bytes`` together. A repeated
+    call returns the existing manifest without reading the source again, once it has
+    checked that no source changed since (:func:`shared.source_files.check_reusable`).
+
+    Returns
+    -------
+    manifest : dict
+        ``n_features``, ``classes``, ``class_counts``, ``sparse``, ``shard_rows`` (one
+        count per worker), ``validation_rows`` and ``standardized``.
+    """
+    outcome = run_preparation(store, spec, model, step=None, one_step_per_invocation=False, s3_client=s3_client)
+    return outcome.manifest
 
 
 def _recorded_sources(files: PreparationFiles) -> list[dict]:
@@ -463,7 +489,7 @@ def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
     parts, records, local_paths = [], [], {}
     for role, path in sources:
         local = local_paths[role] = _source_path(files, role, path, s3_client)
-        datasets.check_data_file(local, path, source_files.FIELDS[role])
+        check_data_file(local, path, source_files.FIELDS[role])
         # Recorded before the file is read, so a change while the parts are cut is caught
         # by the next step's check.
         etag = copied_etag(local) if path.startswith("s3://") else None
@@ -471,7 +497,7 @@ def _layout(files: PreparationFiles, spec: JobSpec, s3_client) -> None:
         parts.extend(_cut_parts(spec, role, local, source=path))
     if spec.data.format == "csv" and spec.data.header and "validation" in local_paths:
         headers = [_csv_header(spec, local_paths[role], path) for role, path in sources]
-        datasets.check_same_features(*headers, spec.data.label_column, spec.data.path, spec.data.validation_path)
+        check_same_features(*headers, spec.data.label_column, spec.data.path, spec.data.validation_path)
     files.store.write_json(files.layout, {"parts": parts, "sources": records})
 
 
@@ -483,12 +509,12 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
     data = spec.data
     source = source or str(path)
     base = {"role": role, "path": str(path), "source": source}
-    compressed = path.suffix in datasets.COMPRESSED_SUFFIXES
+    compressed = path.suffix in COMPRESSED_SUFFIXES
 
     if data.format == "npz":
         return [{**base, "kind": "whole"}]
     if data.format == "npy":
-        n_rows, n_columns = datasets.load_npy_table(path, source).shape
+        n_rows, n_columns = load_npy_table(path, source).shape
         rows_per_part = max(1, data.part_bytes // max(1, n_columns * 8))
         return [{**base, "kind": "rows", "start": start, "stop": min(start + rows_per_part, n_rows),
                  "bytes": (min(start + rows_per_part, n_rows) - start) * n_columns * 8}
@@ -519,39 +545,39 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
         skipped = f" after its {skip_lines} skipped and header lines" if skip_lines else ""
         raise DataError(f"'{source}' has no data rows{skipped}: line {skip_lines + 1} is empty or missing; check "
                         "that the file was copied whole, and data.skip_rows and data.header")
-    lines = [datasets.decode_text(raw, source, number) for number, raw in enumerate(raw_lines, start=1)]
+    lines = [decode_text(raw, source, number) for number, raw in enumerate(raw_lines, start=1)]
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]
 
-    names = datasets.split_header(header, data.delimiter) if header is not None else None
-    n_columns = len(names) if names is not None else datasets.count_columns(first_row, data.delimiter)
+    names = split_header(header, data.delimiter) if header is not None else None
+    n_columns = len(names) if names is not None else count_columns(first_row, data.delimiter)
     if n_columns < 2:
         raise DataError(f"'{source}' has {n_columns} column(s), but a CSV data set needs features and a label "
                         "column; check data.delimiter")
     data_start = 0
-    if path.suffix not in datasets.COMPRESSED_SUFFIXES:
+    if path.suffix not in COMPRESSED_SUFFIXES:
         with open(path, "rb") as handle:
             for _ in range(skip_lines):
                 handle.readline()
             data_start = handle.tell()
-    label_index = datasets.resolve_label_column(data.label_column, names, n_columns, source)
+    label_index = resolve_label_column(data.label_column, names, n_columns, source)
     return {"data_start": data_start, "skip_lines": skip_lines, "n_columns": n_columns, "label_index": label_index}
 
 
 def _read_first_lines(path: Path, source: str, count: int) -> list[bytes]:
     """Return the first ``count`` lines of ``path``, decompressed, as bytes (empty past its end)."""
     try:
-        with datasets.open_binary(path, source) as handle:
+        with open_binary(path, source) as handle:
             return [handle.readline() for _ in range(count)]
     except (OSError, EOFError) as error:
-        raise datasets.read_error(path, source, error) from None
+        raise read_error(path, source, error) from None
 
 
 def _csv_header(spec: JobSpec, path: Path, source: str) -> list[str]:
     """Return the column names in the header line of a CSV file that :func:`_csv_layout` has checked."""
     line_number = spec.data.skip_rows + 1
     raw = _read_first_lines(path, source, line_number)[-1]
-    return datasets.split_header(datasets.decode_text(raw, source, line_number), spec.data.delimiter)
+    return split_header(decode_text(raw, source, line_number), spec.data.delimiter)
 
 
 # Parse ---------------------------------------------------------------------------------
@@ -604,9 +630,9 @@ def read_part(spec: JobSpec, part: dict, first_line_number: int | None = None) -
     source = part.get("source", part["path"])
 
     if data.format == "npz":
-        return PartRows(*datasets.read_npz(path, source), n_lines=0)
+        return PartRows(*read_npz(path, source), n_lines=0)
     if data.format == "npy":
-        return PartRows(*datasets.read_npy_rows(path, data.label_column, part["start"], part["stop"], source), n_lines=0)
+        return PartRows(*read_npy_rows(path, data.label_column, part["start"], part["stop"], source), n_lines=0)
 
     skipped = part.get("skip_lines", 0)
     if first_line_number is None:
@@ -614,16 +640,16 @@ def read_part(spec: JobSpec, part: dict, first_line_number: int | None = None) -
     if part["kind"] == "text":
         raw = _read_text_range(path, part["start"], part["stop"], part.get("data_start", 0))
     else:
-        raw = _skip_lines(datasets.read_text_bytes(path, source), skipped)
-    text = datasets.decode_text(raw, source, first_line_number)
+        raw = _skip_lines(read_text_bytes(path, source), skipped)
+    text = decode_text(raw, source, first_line_number)
     n_lines = raw.count(b"\n")
 
     if data.format == "libsvm":
-        X, y = datasets.parse_libsvm_text(text, source, first_line_number)
+        X, y = parse_libsvm_text(text, source, first_line_number)
         return PartRows(X, y, n_lines)
     reference = "the header" if data.header else f"the first row (line {skipped + 1})"
-    X, y = datasets.parse_csv_text(text, data.delimiter, part["label_index"], part["n_columns"], source,
-                                   first_line_number, reference)
+    X, y = parse_csv_text(text, data.delimiter, part["label_index"], part["n_columns"], source,
+                          first_line_number, reference)
     return PartRows(X, y, n_lines)
 
 
@@ -640,7 +666,7 @@ def _parse(files: PreparationFiles, spec: JobSpec, index: int) -> None:
         first_line = previous.get("first_line", 1) + previous.get("n_lines", 0)
         first_row = previous.get("first_row", 0) + previous["n_rows"]
     X, y, n_lines = read_part(spec, part, first_line)
-    datasets.check_finite(X, y, part.get("source", part["path"]), first_row)
+    check_finite(X, y, part.get("source", part["path"]), first_row)
 
     folder = files.part(index)
     store = files.store
@@ -710,8 +736,8 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
         raise DataError(f"training.n_workers is {n_workers} but only {n_train - validation_rows} training rows "
                         "remain; use fewer workers or more data")
     stratify = spec.data.stratify if spec.data.stratify is not None else classes is not None
-    shards, validation = datasets.split_rows(n_train, n_workers, validation_rows, spec.training.seed,
-                                             labels=y[:n_train] if stratify else None)
+    shards, validation = split_rows(n_train, n_workers, validation_rows, spec.training.seed,
+                                    labels=y[:n_train] if stratify else None)
 
     # Destination n_workers is the validation set; rows of a validation file all go there.
     destination = np.full(n_total, n_workers, dtype=np.int32)
@@ -762,12 +788,12 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
 def _target_scale(training_y: np.ndarray) -> float:
     """Return the standard deviation of the training targets, or 1.0 for a constant target.
 
-    The constant rule is that of the features (:func:`shared.data.standardization_scale`),
+    The constant rule is that of the features (:func:`shared.standardization.standardization_scale`),
     so a constant target is centred but not divided by a rounding error.
     """
     mean = np.mean(training_y)
     variance = np.mean((training_y - mean) ** 2)
-    return float(datasets.standardization_scale(np.array([variance]), np.array([mean]), float(len(training_y)))[0])
+    return float(standardization_scale(np.array([variance]), np.array([mean]), float(len(training_y)))[0])
 
 
 def _check_widths(spec: JobSpec, parts: list[dict], metas: list[dict]) -> int:
@@ -795,7 +821,7 @@ def _check_widths(spec: JobSpec, parts: list[dict], metas: list[dict]) -> int:
 
 
 def _partial_paths(files: PreparationFiles, target: int, n_workers: int) -> dict[str, Path]:
-    folder = datasets.shard_folder(files.store, files.job_id, datasets.VALIDATION if target == n_workers else target)
+    folder = shard_folder(files.store, files.job_id, VALIDATION if target == n_workers else target)
     names = ("X-data", "X-indices", "X-indptr", "X", "y")
     return {name: folder / f"{name}.npy{PARTIAL_SUFFIX}" for name in names}
 
@@ -897,7 +923,7 @@ def _scaling(files: PreparationFiles, split: dict) -> tuple[np.ndarray | None, n
     if split["n_stats_blocks"] == 0:
         return None
     stats = files.store.read_arrays(files.stats(split["n_stats_blocks"] - 1))
-    scale = datasets.standardization_scale(stats["m2"] / float(stats["count"]), stats["mean"], float(stats["count"]))
+    scale = standardization_scale(stats["m2"] / float(stats["count"]), stats["mean"], float(stats["count"]))
     return (None if split["sparse"] else stats["mean"]), scale
 
 
@@ -941,7 +967,7 @@ def _apply_scaling(X, mean: np.ndarray | None, scale: np.ndarray):
         # and so move the data offsets computed in the split step.
         data = X.data.astype(np.float64) / scale[X.indices]
         return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
-    return datasets.standardize_rows(X, mean, scale)
+    return standardize_rows(X, mean, scale)
 
 
 def _write_slice(path: Path, where: slice, values: np.ndarray) -> None:

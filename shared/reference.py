@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data import load_shard, load_training_sample
 from shared.efs import EfsStore
 from shared.sampling import batch_indices, rounds_per_epoch, total_rounds
+from shared.shards import load_shard, load_training_sample
 from shared.spec import JobSpec
 from shared.target_scaling import loss_in_target_units, params_in_target_units, target_scaling
 from shared.training import GRADIENT_CHUNK_ROWS, build_model, build_optimizer, get_training_mode

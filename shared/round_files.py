@@ -2,7 +2,7 @@
 
 A round's folder contains its starting state (``state.npz``) and the progress files of
 continued workers and aggregators. The ``*_problem`` functions are the ``problem_of``
-checks of :func:`shared.data.read_job_json` for the JSON files that the steps read back.
+checks of :func:`shared.efs.read_job_json` for the JSON files that the steps read back.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Which rows a worker trains on in a given round, and how many rounds a job runs.
+"""Which rows each worker's shard contains, which of them it trains on in a round, and how many rounds run.
 
-Worker ``w`` walks through its shard one epoch at a time, in an order drawn from
-``(seed, worker, epoch)``. Round ``r`` falls in epoch ``r // rounds_per_epoch`` and takes the
-slice of that epoch's order at position ``r % rounds_per_epoch``. The batch therefore
-depends only on the seed, the round and the worker, so a retried or duplicated task draws
-exactly the same rows.
+:func:`split_rows` deals a job's rows out to the workers' shards and the validation rows,
+in an order drawn from the spec's seed. Within its shard, worker ``w`` then walks through
+the rows one epoch at a time, in an order drawn from ``(seed, worker, epoch)``. Round
+``r`` falls in epoch ``r // rounds_per_epoch`` and takes the slice of that epoch's order
+at position ``r % rounds_per_epoch``. The batch therefore depends only on the seed, the
+round and the worker, so a retried or duplicated task draws exactly the same rows.
 """
 
 from __future__ import annotations
@@ -35,6 +36,48 @@ def initial_params_rng(seed: int) -> np.random.Generator:
 def data_split_rng(seed: int) -> np.random.Generator:
     """Return the random generator that orders the rows before they are split into shards and validation."""
     return np.random.default_rng([seed, DATA_SPLIT_STREAM])
+
+
+def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int,
+               labels: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Split row indices, shuffled with ``seed``, into worker shards and a held-out part.
+
+    Returns the sorted row indices of each shard (sizes differ by at most one) and of the
+    validation part, which is empty when ``validation_rows`` is 0.
+
+    Without ``labels`` the first ``validation_rows`` of a seeded permutation are held out
+    and the rest is cut into ``n_workers`` contiguous pieces. With ``labels`` (encoded
+    classes) the split is stratified. Rows are ordered by their rank within their class
+    divided by the class size, so every prefix of that order holds each class in
+    proportion, and the held-out part is such a prefix. The remaining rows are dealt out
+    class by class, round-robin over the workers, each class starting where the previous
+    one stopped, so each shard's count of a class is within one of every other shard's,
+    and so are the shard sizes.
+    """
+    order = data_split_rng(seed).permutation(n_rows)
+    if labels is None:
+        validation = np.sort(order[:validation_rows])
+        shards = [np.sort(part) for part in np.array_split(order[validation_rows:], n_workers)]
+        return shards, validation
+
+    labels = np.asarray(labels, dtype=np.int64)[order]
+    counts = np.bincount(labels)
+    # Rank of each row among the rows of its class, in permutation order.
+    by_class = np.argsort(labels, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    ranks = np.empty(n_rows, dtype=np.int64)
+    ranks[by_class] = np.arange(n_rows) - np.repeat(starts, counts)
+    spread = (ranks + 0.5) / counts[labels]
+    stratified = order[np.argsort(spread, kind="stable")]
+
+    validation = np.sort(stratified[:validation_rows])
+    rest = stratified[validation_rows:]
+    # A stable sort by class keeps each class's rows in permutation order.
+    row_labels = np.empty_like(labels)
+    row_labels[order] = labels
+    rest = rest[np.argsort(row_labels[rest], kind="stable")]
+    shards = [np.sort(rest[worker::n_workers]) for worker in range(n_workers)]
+    return shards, validation
 
 
 def rounds_per_epoch(shard_rows: list[int], batch_size: int) -> int:

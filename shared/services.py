@@ -14,9 +14,9 @@ from typing import Any
 
 import boto3
 
-from shared import data as datasets
+from shared import shards
 from shared.config import Settings
-from shared.efs import EfsStore, check_efs_writable
+from shared.efs import EfsStore, check_efs_writable, read_job_json
 from shared.queues import QueueClient
 from shared.spec import JobSpec, parse_job_spec
 from shared.state import StateStore
@@ -31,13 +31,13 @@ class JobContext:
     manifest: dict
     shards: dict
     # The memory-mapped validation rows, once an aggregator has opened them.
-    validation: "datasets.Shard | None" = None
+    validation: "shards.Shard | None" = None
     validation_loaded: bool = False
 
-    def load_validation(self, store: EfsStore, job_id: str) -> "datasets.Shard | None":
+    def load_validation(self, store: EfsStore, job_id: str) -> "shards.Shard | None":
         """Return the job's validation rows (None without any), opening them on first use."""
         if not self.validation_loaded:
-            self.validation = datasets.load_validation(store, job_id, self.manifest)
+            self.validation = shards.load_validation(store, job_id, self.manifest)
             self.validation_loaded = True
         return self.validation
 
@@ -76,9 +76,9 @@ class Services:
         if job_id in self._jobs:
             self._jobs.move_to_end(job_id)
             return self._jobs[job_id]
-        spec = parse_job_spec(datasets.read_job_json(self.store, self.store.spec_path(job_id)))
-        manifest = datasets.read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json",
-                                          problem_of=_manifest_problem)
+        spec = parse_job_spec(read_job_json(self.store, self.store.spec_path(job_id)))
+        manifest = read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json",
+                                 problem_of=_manifest_problem)
         context = JobContext(spec=spec, manifest=manifest, shards={})
         self._jobs[job_id] = context
         # A warm process may serve many jobs; keep only a few memory maps open.

@@ -10,11 +10,10 @@ import logging
 import os
 from typing import Any
 
-from shared import data as datasets
-from shared import faults
+from shared import faults, shards
 from shared.earlier_runs import (RUN_RECORD, continuation_round, finished_on_efs, run_identity,
                                  set_aside_earlier_run)
-from shared.efs import EfsStore
+from shared.efs import EfsStore, read_job_json
 from shared.errors import DataError, JobConflictError, JobSpecError, PermanentError, StaleMessageError
 from shared.model_bucket import upload_model
 from shared.preparation import PreparationStep, StaleStepError, begin_attempt, record_sent, run_preparation
@@ -53,7 +52,7 @@ def start_job(services: Services, body: str, message_id: str) -> str:
         if record is None or record.status != "PREPARING":
             raise StaleMessageError(f"preparation message for job {job_id}, which is "
                                     f"{'missing' if record is None else record.status}")
-        spec = parse_job_spec(datasets.read_job_json(services.store, services.store.spec_path(job_id)))
+        spec = parse_job_spec(read_job_json(services.store, services.store.spec_path(job_id)))
         _prepare_and_start(services, spec, PreparationStep.from_message(step_message))
         return job_id
 
@@ -233,7 +232,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
         _start_rounds(services, spec, rounds, first_round, summary)
         return
     params = mode.initial_params(
-        spec, manifest, model, lambda max_rows: datasets.load_training_sample(store, spec.job_id, manifest, max_rows))
+        spec, manifest, model, lambda max_rows: shards.load_training_sample(store, spec.job_id, manifest, max_rows))
     set_aside_earlier_run(store, spec.job_id)
     write_round_state(store, spec.job_id, 0, params, optimizer.init_state(params))
     # After the round 0 state: a run whose record is missing has nothing to go on from.
@@ -278,7 +277,7 @@ def _finish_from_earlier_run(services: Services, spec: JobSpec, total_rounds: in
     """
     store, job_id = services.store, spec.job_id
     model_info_path = store.model_dir(job_id) / "model.json"
-    model_info = datasets.read_job_json(store, model_info_path, problem_of=model_info_problem)
+    model_info = read_job_json(store, model_info_path, problem_of=model_info_problem)
     rounds_done = int(model_info["rounds"])
     if rounds_done > total_rounds:
         raise DataError(f"file '{model_info_path.relative_to(store.root)}' records {rounds_done} rounds, but the job "
@@ -320,7 +319,7 @@ def _backfill_round_metrics(services: Services, spec: JobSpec, rounds_done: int,
     if final_metrics is not None and not last_path.is_file():
         metrics = final_metrics
     else:
-        metrics = datasets.read_job_json(store, last_path, problem_of=metrics_problem)
+        metrics = read_job_json(store, last_path, problem_of=metrics_problem)
     metrics_by_round[rounds_done - 1] = metrics
     services.state.put_earlier_round_metrics(job_id, metrics_by_round)
     logger.warning("an earlier run's metrics were stored in the table", extra={

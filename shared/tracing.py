@@ -169,7 +169,7 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
     ``run_task`` and ``aggregate_round`` when they are imported.
     """
     global _tracer
-    from shared import aggregation, cost, data, reduction, worker
+    from shared import aggregation, cost, reduction, shards, worker
     from shared.efs import EfsStore
     from shared.models.base import Model
     from shared.queues import QueueClient
@@ -187,7 +187,7 @@ def install(function: str, trace_dir: str | os.PathLike) -> Tracer:
         _wrap_attribute(EfsStore, name, "efs_read")
     for name in ("write_json", "write_arrays", "write_npy", "prune_rounds"):
         _wrap_attribute(EfsStore, name, "efs_write")
-    for module, names in ((data, ("load_shard", "load_validation")), (cost, ("file_bytes", "folder_bytes"))):
+    for module, names in ((shards, ("load_shard", "load_validation")), (cost, ("file_bytes", "folder_bytes"))):
         for name in names:
             _wrap_attribute(module, name, "efs_read")
     for name, member in list(vars(StateStore).items()):

@@ -424,7 +424,7 @@ class TrainingMode(ABC):
         model : Model
         params : ndarray of shape (n_params,)
             The parameters stored in the round's state file. Not modified.
-        shard : shared.data.Shard
+        shard : shared.shards.Shard
             The worker's memory-mapped training rows.
         round_index : int
             The round, from 0.

@@ -14,8 +14,7 @@ from typing import Callable
 import numpy as np
 
 from shared import cost
-from shared import data as datasets
-from shared import faults
+from shared import faults, shards
 from shared.continuation import ChainLink, InvocationBudget
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.queues import QueueClient, TaskMessage
@@ -94,7 +93,7 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
         return None
 
     if worker not in context.shards:
-        context.shards[worker] = datasets.load_shard(store, job_id, manifest, worker)
+        context.shards[worker] = shards.load_shard(store, job_id, manifest, worker)
     shard = context.shards[worker]
     params, _ = read_round_state(store, job_id, round_index)
     model = build_model(spec, manifest)

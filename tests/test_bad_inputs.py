@@ -23,10 +23,10 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from moto import mock_aws
 
 from functions import starter
-from shared import data as datasets_module
 from shared.config import Settings
 from shared.control import drain_dead_letters, pause_job
 from shared.errors import BatonError
+from shared.formats.npy import load_npy, read_npz
 from shared.handlers import logger as handler_logger
 from shared.handlers import get_services, set_services
 from shared.local.stack import create_stack, load_stack_definition
@@ -374,7 +374,7 @@ def test_npy_structured_error_is_short(tmp_path):
     write_breast_cancer_variants(tmp_path)
 
     with pytest.raises(BatonError) as raised:
-        datasets_module.load_npy(tmp_path / "records.npy", "datasets/records.npy")
+        load_npy(tmp_path / "records.npy", "datasets/records.npy")
     assert "f3" not in str(raised.value), "the error lists every field of the dtype"
 
 
@@ -382,7 +382,7 @@ def test_npz_text_labels_advise_savez(tmp_path):
     write_breast_cancer_variants(tmp_path)
 
     with pytest.raises(BatonError) as raised:
-        datasets_module.read_npz(tmp_path / "text-labels.npz", "datasets/text-labels.npz")
+        read_npz(tmp_path / "text-labels.npz", "datasets/text-labels.npz")
     assert "numpy.save(" not in str(raised.value), "the advice for a .npz names numpy.save"
 
 
@@ -569,7 +569,7 @@ def test_unreadable_data_file_fails_once(stack, monkeypatch):
     # the file is unreadable, as it does for the functions' user when its mode is 000.
     unreadable = Path(stack.settings.efs_root) / "datasets" / "breast_cancer.csv"
     real_access = os.access
-    monkeypatch.setattr("shared.data.os.access",
+    monkeypatch.setattr("shared.formats.files.os.access",
                         lambda path, mode: False if Path(path) == unreadable else real_access(path, mode))
 
     response = deliver(json.dumps(spec("unreadable")), "3c3c3c3c-4d4d-5e5e-6f6f-707070707070")

@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from shared import data as datasets
 from shared.efs import EfsStore
+from shared.errors import DataError
+from shared.formats.delimited import read_csv
+from shared.formats.files import decode_text
+from shared.formats.libsvm import read_libsvm
 from shared.preparation import ALLOWED_S3_BUCKETS_VARIABLE, _combine_stats, _empty_stats, layout_summary
+from shared.sampling import split_rows
+from shared.shards import load_shard, load_training_sample, load_validation
 from shared.spec import parse_job_spec
+from shared.standardization import standardization_scale, standardize_rows
 from tests.conftest import A9A_DIR
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, forget_job, run_job
@@ -110,7 +116,7 @@ def test_text_parts_cover_every_line(tmp_path, part_bytes):
     parts = _cut_parts(spec, "train", path)
     labels = np.concatenate([read_part(spec, part)[1] for part in parts])
 
-    whole_X, whole_y = datasets.read_libsvm(path)
+    whole_X, whole_y = read_libsvm(path)
     assert len(parts) > 1
     np.testing.assert_array_equal(labels, whole_y)
     assert len(whole_y) == 1999
@@ -202,9 +208,9 @@ def test_standardize_uses_training_rows_only(inprocess_stack, efs_root):
 
     store = EfsStore(efs_root)
     manifest = store.read_json(store.data_dir("scaled") / "manifest.json")
-    training_X = np.concatenate([np.asarray(datasets.load_shard(store, "scaled", manifest, worker).X, dtype=np.float64)
+    training_X = np.concatenate([np.asarray(load_shard(store, "scaled", manifest, worker).X, dtype=np.float64)
                                  for worker in range(3)])
-    validation_X = np.asarray(datasets.load_validation(store, "scaled", manifest).X, dtype=np.float64)
+    validation_X = np.asarray(load_validation(store, "scaled", manifest).X, dtype=np.float64)
 
     np.testing.assert_allclose(training_X.mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(training_X.std(axis=0), 1.0, atol=1e-5)
@@ -235,7 +241,7 @@ def test_standardize_leaves_constant_columns_unscaled():
     variance = np.array([1.0, 0.0, 1e-22, 1e-9])
     mean = np.array([0.0, 0.1, 1e6, 1e6])
 
-    scale = datasets.standardization_scale(variance, mean, 5000.0)
+    scale = standardization_scale(variance, mean, 5000.0)
 
     np.testing.assert_array_equal(scale, [1.0, 1.0, 1.0, np.sqrt(1e-9)])
 
@@ -264,8 +270,8 @@ def test_stratified_shards_keep_class_shares(inprocess_stack, efs_root):
 
     store = EfsStore(efs_root)
     manifest = store.read_json(store.data_dir("strata") / "manifest.json")
-    positives = [int(np.sum(datasets.load_shard(store, "strata", manifest, worker).y)) for worker in range(4)]
-    validation_y = np.asarray(datasets.load_validation(store, "strata", manifest).y)
+    positives = [int(np.sum(load_shard(store, "strata", manifest, worker).y)) for worker in range(4)]
+    validation_y = np.asarray(load_validation(store, "strata", manifest).y)
 
     assert max(positives) - min(positives) <= 1
     assert abs(validation_y.mean() - 357 / 569) < 0.01
@@ -279,7 +285,7 @@ def test_training_sample_capped(inprocess_stack, efs_root, max_rows):
     store = EfsStore(efs_root)
     manifest = store.read_json(store.data_dir("sampled") / "manifest.json")
 
-    sample = datasets.load_training_sample(store, "sampled", manifest, max_rows)
+    sample = load_training_sample(store, "sampled", manifest, max_rows)
 
     # Each of the 3 shards gives at least one row, and rounds its share to whole rows.
     assert sample.shape[0] <= max(max_rows, 3)
@@ -288,7 +294,7 @@ def test_training_sample_capped(inprocess_stack, efs_root, max_rows):
 
 def test_split_rows_stratified_balance():
     labels = np.repeat([0, 1, 2], [500, 120, 30])
-    shards, validation = datasets.split_rows(len(labels), 5, 65, seed=3, labels=labels)
+    shards, validation = split_rows(len(labels), 5, 65, seed=3, labels=labels)
 
     assert sorted(np.concatenate([*shards, validation]).tolist()) == list(range(len(labels)))
     for cls, count in enumerate((500, 120, 30)):
@@ -364,7 +370,7 @@ def test_bad_data_uri_rejected(path):
 def test_sparse_non_finite_row_found_without_densifying():
     import scipy.sparse as sp
 
-    from shared.data import check_finite
+    from shared.formats.files import check_finite
     from shared.errors import DataError
 
     X = sp.csr_matrix(np.array([[1, 0, 2], [0, 0, 0], [0, np.inf, 1]], dtype=np.float32))
@@ -407,7 +413,7 @@ def assert_same_parse(parsed, expected) -> None:
 
 
 def test_libsvm_fast_parse_equals_checked():
-    from shared.data import _parse_libsvm_checked, _parse_plain_libsvm
+    from shared.formats.libsvm import _parse_libsvm_checked, _parse_plain_libsvm
 
     lines = generated_libsvm_lines()
 
@@ -416,10 +422,10 @@ def test_libsvm_fast_parse_equals_checked():
 
 @pytest.mark.parametrize("block_bytes", [16, 1000, 4 * 1024 * 1024])
 def test_libsvm_ascii_parse_equals_checked(monkeypatch, block_bytes):
-    from shared import data
-    from shared.data import _parse_ascii_libsvm, _parse_libsvm_checked
+    from shared.formats import libsvm
+    from shared.formats.libsvm import _parse_ascii_libsvm, _parse_libsvm_checked
 
-    monkeypatch.setattr(data, "ASCII_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(libsvm, "ASCII_BLOCK_BYTES", block_bytes)
     lines = generated_libsvm_lines()
 
     assert_same_parse(_parse_ascii_libsvm("\n".join(lines)), _parse_libsvm_checked(lines, "generated", 1))
@@ -427,7 +433,7 @@ def test_libsvm_ascii_parse_equals_checked(monkeypatch, block_bytes):
 
 
 def test_libsvm_ascii_parse_equals_lines_on_a9a():
-    from shared.data import _parse_ascii_libsvm, parse_libsvm_lines
+    from shared.formats.libsvm import _parse_ascii_libsvm, parse_libsvm_lines
 
     text = (A9A_DIR / "a9a").read_text()
 
@@ -435,11 +441,11 @@ def test_libsvm_ascii_parse_equals_lines_on_a9a():
 
 
 def test_libsvm_ascii_parse_leaves_long_lines(monkeypatch):
-    from shared import data
-    from shared.data import _parse_ascii_libsvm
+    from shared.formats import libsvm
+    from shared.formats.libsvm import _parse_ascii_libsvm
 
-    monkeypatch.setattr(data, "ASCII_BLOCK_BYTES", 16)
-    monkeypatch.setattr(data, "LONG_BLOCK_BYTES", 64)
+    monkeypatch.setattr(libsvm, "ASCII_BLOCK_BYTES", 16)
+    monkeypatch.setattr(libsvm, "LONG_BLOCK_BYTES", 64)
     short_rows = "1 1:0.5\n-1 2:1\n" * 10
     long_row = "1 " + " ".join(f"{index}:1" for index in range(1, 40)) + "\n"
 
@@ -456,7 +462,7 @@ def test_libsvm_ascii_parse_leaves_long_lines(monkeypatch):
     ("\u0661 3:0.5", "label '\u0661' is not a number"),
 ])
 def test_libsvm_underscore_in_number_rejected(line, words):
-    from shared.data import parse_libsvm_text
+    from shared.formats.libsvm import parse_libsvm_text
     from shared.errors import DataError
 
     with pytest.raises(DataError, match=f"malformed libsvm line 2 in 'typo.svm': {words}"):
@@ -464,7 +470,7 @@ def test_libsvm_underscore_in_number_rejected(line, words):
 
 
 def test_libsvm_ascii_parse_of_empty_text():
-    from shared.data import _parse_ascii_libsvm
+    from shared.formats.libsvm import _parse_ascii_libsvm
 
     X, labels = _parse_ascii_libsvm(" \n\n")
 
@@ -479,7 +485,7 @@ def test_libsvm_ascii_parse_of_empty_text():
     "1 1:0x10", "1 1:1_0", "1_0 1:1", "1 1_0:1",
 ])
 def test_libsvm_fast_parse_leaves_odd_lines(line):
-    from shared.data import _parse_ascii_libsvm, _parse_plain_libsvm
+    from shared.formats.libsvm import _parse_ascii_libsvm, _parse_plain_libsvm
 
     assert _parse_plain_libsvm(["1 1:0.5 2:1", line, "-1 4:2"]) is None
     assert _parse_ascii_libsvm("\n".join(["1 1:0.5 2:1", line, "-1 4:2"])) is None
@@ -490,15 +496,15 @@ def test_libsvm_with_byte_order_mark_reads_as_without(tmp_path):
     plain.write_bytes(b"1 3:0.5 7:2\n-1 2:1\n")
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
 
-    X_plain, y_plain = datasets.read_libsvm(plain)[:2]
-    X_marked, y_marked = datasets.read_libsvm(marked)[:2]
+    X_plain, y_plain = read_libsvm(plain)[:2]
+    X_marked, y_marked = read_libsvm(marked)[:2]
 
     assert (X_plain != X_marked).nnz == 0
     np.testing.assert_array_equal(y_plain, y_marked)
 
 
 def test_byte_order_mark_kept_after_first_line():
-    text = datasets.decode_text(b"\xef\xbb\xbf1 3:1\n", "later part", first_line_number=40)
+    text = decode_text(b"\xef\xbb\xbf1 3:1\n", "later part", first_line_number=40)
 
     assert text.startswith("\ufeff")
 
@@ -507,8 +513,8 @@ def test_csv_read_as_libsvm_points_at_format(tmp_path):
     path = tmp_path / "table.csv"
     path.write_text("569,30,1.5\n570,31,2.5\n")
 
-    with pytest.raises(datasets.DataError) as raised:
-        datasets.read_libsvm(path, source="table.csv")
+    with pytest.raises(DataError) as raised:
+        read_libsvm(path, source="table.csv")
 
     message = str(raised.value)
     assert "line 1 in 'table.csv'" in message
@@ -516,7 +522,7 @@ def test_csv_read_as_libsvm_points_at_format(tmp_path):
 
 
 def test_csv_quoted_numbers_read():
-    from shared.data import parse_csv_text
+    from shared.formats.delimited import parse_csv_text
 
     quoted_X, quoted_y = parse_csv_text('"0.5","1"\n"-2e3",0\n', ",", 1, None, "quoted.csv")
     plain_X, plain_y = parse_csv_text("0.5,1\n-2e3,0\n", ",", 1, None, "quoted.csv")
@@ -530,7 +536,7 @@ def test_csv_quoted_numbers_read():
     ('1,0\n"a",1\n', "line 2 of 'quoted.csv', column 1 is '\"a\"', which is not a number"),
 ])
 def test_csv_bad_quoted_value_named(text, words):
-    from shared.data import parse_csv_text
+    from shared.formats.delimited import parse_csv_text
     from shared.errors import DataError
 
     with pytest.raises(DataError) as raised:
@@ -543,8 +549,8 @@ def test_sparse_scaling_applies_to_dense_rows():
     rows = np.array([[2.0, 0.0], [0.0, 6.0]])
     scale = np.array([2.0, 3.0])
 
-    dense = datasets.standardize_rows(rows, None, scale)
-    sparse = datasets.standardize_rows(sp.csr_matrix(rows), None, scale)
+    dense = standardize_rows(rows, None, scale)
+    sparse = standardize_rows(sp.csr_matrix(rows), None, scale)
 
     np.testing.assert_array_equal(dense, [[1.0, 0.0], [0.0, 2.0]])
     np.testing.assert_array_equal(sparse.toarray(), dense)
@@ -554,7 +560,7 @@ def test_csv_quoted_header_name_keeps_delimiter(tmp_path):
     path = tmp_path / "named.csv"
     path.write_text('a,"b,c",target\n1,2,0\n3,4,1\n')
 
-    X, y = datasets.read_csv(path, label_column="target", header=True)
+    X, y = read_csv(path, label_column="target", header=True)
 
     np.testing.assert_array_equal(X, [[1.0, 2.0], [3.0, 4.0]])
     np.testing.assert_array_equal(y, [0.0, 1.0])

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import mean_squared_error, r2_score
 
-from shared import data as datasets
 from shared.cli import main
 from shared.export import load_trained_model
+from shared.formats.delimited import read_csv
 from shared.state import SUCCEEDED
 from tests.baton_jobs import (breast_cancer_spec, california_housing, california_spec, run_job, write_csv,
                               write_diabetes)
@@ -46,7 +46,7 @@ print(json.dumps(out))
 
 
 def test_exported_estimators_predict_like_baton(inprocess_stack, efs_root, tmp_path):
-    X_raw, _ = datasets.read_csv(efs_root / "datasets" / "breast_cancer.csv", skip_rows=1)
+    X_raw, _ = read_csv(efs_root / "datasets" / "breast_cancer.csv", skip_rows=1)
     X_test = np.asarray(X_raw[::3], dtype=np.float64)
     np.save(tmp_path / "X.npy", X_test)
 
@@ -339,7 +339,7 @@ def test_standardize_target_damaged_params_remedy(inprocess_stack, efs_root, tmp
 def test_export_remedies_restore_model(finished_root, tmp_path):
     root = copy_finished_job(finished_root, tmp_path)
     job_dir = root / "jobs" / FINISHED_JOB
-    X_raw, _ = datasets.read_csv(BREAST_CANCER_CSV, skip_rows=1)
+    X_raw, _ = read_csv(BREAST_CANCER_CSV, skip_rows=1)
     X = np.asarray(X_raw, dtype=np.float64)
     expected = load_trained_model(finished_root, FINISHED_JOB).predict(X)
     np.save(job_dir / "model" / "params.npy", np.full(N_PARAMS, np.nan))

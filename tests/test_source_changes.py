@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from shared import data as datasets
+from shared import shards
 from shared.cli import main
 from shared.efs import EfsStore
 from shared.errors import DataError
@@ -256,7 +256,7 @@ def test_sparse_shard_values_checked(tmp_path, indices, indptr, words):
     manifest = {"sparse": True, "n_features": 8, "classes": [-1.0, 1.0]}
 
     with pytest.raises(DataError, match="prepared shard file 'shard/" + words.replace("(", "\\(").replace(")", "\\)")):
-        datasets._read_matrix(store, folder, manifest, rows=3)
+        shards._read_matrix(store, folder, manifest, rows=3)
 
 
 def test_damaged_sparse_shard_named(tmp_path):
@@ -272,7 +272,7 @@ def test_damaged_sparse_shard_named(tmp_path):
 
     with pytest.raises(DataError, match=r"prepared shard file 'shard/X-indptr.npy' does not fit its shard: "
                                         r"row pointers of shape \(4,\), values of shape \(4,\)"):
-        datasets._read_matrix(store, folder, manifest, rows=3)
+        shards._read_matrix(store, folder, manifest, rows=3)
 
 
 def test_cli_rerun_checks_changed_file(tmp_path):
@@ -384,8 +384,8 @@ def test_column_index_checked_on_read(tmp_path, bad_index, selection):
     write_sparse_shard(tmp_path / "shard", [0, 1, 2, 3])
     write_sparse_shard(tmp_path / "damaged", [0, 1, bad_index, bad_index])
     manifest = {"sparse": True, "n_features": 8, "classes": [-1.0, 1.0]}
-    intact = datasets._read_matrix(store, tmp_path / "shard", manifest, rows=3)
-    damaged = datasets._read_matrix(store, tmp_path / "damaged", manifest, rows=3)
+    intact = shards._read_matrix(store, tmp_path / "shard", manifest, rows=3)
+    damaged = shards._read_matrix(store, tmp_path / "damaged", manifest, rows=3)
 
     assert intact.rows(selection, dtype=np.float64).dtype == np.float64
     with pytest.raises(DataError, match=r"prepared shard file 'damaged/X-indices.npy' contains a column index "

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from shared import data as datasets
 from shared.control import JobControlError, resume_job
 from shared.efs import EfsStore, encode_arrays
 from shared.errors import DivergenceError
 from shared.models import get_model_class
 from shared.sampling import batch_indices, initial_params_rng, rounds_per_epoch
+from shared.shards import load_shard, load_training_sample, load_validation
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
 from shared.training import (
@@ -59,7 +59,7 @@ def load_job_inputs(efs_root, raw_spec):
     spec = parse_job_spec(raw_spec)
     store = EfsStore(efs_root)
     manifest = store.read_json(store.data_dir(spec.job_id) / "manifest.json")
-    shards = [datasets.load_shard(store, spec.job_id, manifest, worker) for worker in range(spec.training.n_workers)]
+    shards = [load_shard(store, spec.job_id, manifest, worker) for worker in range(spec.training.n_workers)]
     return spec, manifest, build_model(spec, manifest), shards
 
 
@@ -85,7 +85,7 @@ def reference_training(efs_root, raw_spec) -> np.ndarray:
 
     if model.training_mode == "statistics":
         store = EfsStore(efs_root)
-        sample = datasets.load_training_sample(store, spec.job_id, manifest, KMEANS_INIT_SAMPLE_ROWS)
+        sample = load_training_sample(store, spec.job_id, manifest, KMEANS_INIT_SAMPLE_ROWS)
         params = model.init_params_from_data(sample, initial_params_rng(training.seed))
         X_all = np.concatenate([np.asarray(shard.X, dtype=np.float64) for shard in shards])
         for _ in range(int(np.ceil(training.max_epochs))):
@@ -233,7 +233,7 @@ def test_regression_starts_at_target_mean(inprocess_stack, efs_root, model):
 
     record = inprocess_stack.services.state.get_job("offset")
     manifest = store.read_json(store.data_dir("offset") / "manifest.json")
-    training_y = np.concatenate([np.asarray(datasets.load_shard(store, "offset", manifest, worker).y)
+    training_y = np.concatenate([np.asarray(load_shard(store, "offset", manifest, worker).y)
                                  for worker in range(2)])
     assert record.status == SUCCEEDED, record.error
     assert manifest["target_mean"] == pytest.approx(training_y.mean(), rel=1e-15)
@@ -257,9 +257,9 @@ def start_diabetes_job(stack, efs_root, job_id: str, **data) -> tuple[EfsStore, 
 def test_standardize_target_statistics_and_start(inprocess_stack, efs_root):
     store, manifest, start = start_diabetes_job(inprocess_stack, efs_root, "diabetes-scaled",
                                                 standardize_target=True)
-    training_y = np.concatenate([np.asarray(datasets.load_shard(store, "diabetes-scaled", manifest, worker).y)
+    training_y = np.concatenate([np.asarray(load_shard(store, "diabetes-scaled", manifest, worker).y)
                                  for worker in range(2)])
-    validation_y = np.asarray(datasets.load_validation(store, "diabetes-scaled", manifest).y)
+    validation_y = np.asarray(load_validation(store, "diabetes-scaled", manifest).y)
 
     # The statistics of the training shards only, and the shards keep the targets as read.
     assert len(training_y) == 354

@@ -16,11 +16,12 @@ import scipy.sparse as sp
 from scipy.special import expit
 
 from shared import training
-from shared.data import load_shard, parse_libsvm_lines, shard_folder
 from shared.efs import EfsStore
+from shared.formats.libsvm import parse_libsvm_lines
 from shared.models import get_model_class
 from shared.models._losses import logistic_loss
 from shared.sampling import batch_indices, rounds_per_epoch, take_rows
+from shared.shards import load_shard, shard_folder
 from shared.spec import parse_job_spec
 
 TESTS_DATA = Path(__file__).parent / "data"

@@ -1,0 +1,252 @@
+"""Parsing delimited numeric text, such as CSV, into float32 features and float64 labels.
+
+``numpy.loadtxt`` reads the rows. When it fails, :func:`find_csv_problem` finds the line
+and column at fault, so that the error names them. Header lines are split here too, and
+the label column is found by its index or by its name in the header.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import DataError
+from shared.formats.files import decode_text, read_text_bytes
+
+
+def csv_delimiter(delimiter: str) -> str | None:
+    """Return the ``numpy.loadtxt`` delimiter for a ``data.delimiter`` setting."""
+    return None if delimiter == "whitespace" else delimiter
+
+
+def _split_fields(line: str, delimiter: str) -> list[str]:
+    """Return the fields of one CSV line as ``numpy.loadtxt`` splits them; none for an empty line."""
+    content = line.rstrip("\r")
+    separator = csv_delimiter(delimiter)
+    if separator is None:
+        return content.split()
+    return content.split(separator) if content else []
+
+
+def _is_number(field: str) -> bool:
+    # A number may stand in double quotes, as spreadsheets write it; numpy.loadtxt reads
+    # it with quotechar='"'. Its text then runs from the opening to the closing quote.
+    unquoted = field.rstrip()
+    if unquoted.startswith('"') and unquoted.endswith('"') and len(unquoted) >= 2:
+        field = unquoted[1:-1]
+    # float() also accepts digit separators ("1_000") and any Unicode digit or space
+    # ("٢٠.٢٩", full-width "２０"), which numpy.loadtxt rejects.
+    if "_" in field or not field.isascii():
+        return False
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
+def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int | None, source: str,
+                     first_line_number: int = 1, reference: str = "the first row") -> DataError | None:
+    """Return the error for the first line of ``text`` that ``numpy.loadtxt`` cannot read, or None.
+
+    A line is wrong when its column count differs from ``n_columns`` (from the first line
+    with fields when None), or when a field is not a number. ``reference`` names where
+    ``n_columns`` came from, such as ``"the header"``.
+    """
+    expected = n_columns
+    for offset, line in enumerate(text.split("\n")):
+        fields = _split_fields(line, delimiter)
+        if not fields:
+            continue
+        line_number = first_line_number + offset
+        if expected is None:
+            expected = len(fields)
+        if len(fields) != expected and len(fields) <= label_index:
+            return DataError(f"line {line_number} of '{source}' has {len(fields)} columns, so it has no column "
+                             f"{label_index + 1} for the label (data.label_column); every row needs {expected} "
+                             "columns, so fix or remove that line")
+        if len(fields) != expected:
+            return DataError(f"line {line_number} of '{source}' has {len(fields)} columns but {reference} has "
+                             f"{expected}; every row needs the same columns, so fix or remove that line, or check "
+                             "data.delimiter")
+        for column, field in enumerate(fields, start=1):
+            if not field.strip() and column == len(fields) and column > 1:
+                return DataError(f"line {line_number} of '{source}' ends with the delimiter {delimiter!r}, so "
+                                 f"its last column ({column}) is empty; remove the delimiter at the end of each line "
+                                 "that has one too many, or write the missing value")
+            if not _is_number(field):
+                problem = "is empty" if not field.strip() else f"is {field.strip()!r}, which is not a number"
+                if field.strip() and not field.isascii():
+                    problem += " (only ASCII digits 0-9 are read)"
+                return DataError(f"line {line_number} of '{source}', column {column} {problem}; CSV data must be "
+                                 "numeric, so encode or remove that value, or check data.delimiter, data.header "
+                                 "and data.skip_rows")
+    return None
+
+
+def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int | None, source: str,
+                   first_line_number: int = 1, reference: str = "the first row") -> tuple[np.ndarray, np.ndarray]:
+    """Parse numeric delimited text (no header) into float32 features and float64 labels.
+
+    ``label_index`` is a non-negative column index. ``n_columns``, when given, is the
+    width every row must have, and ``reference`` names where it came from. The first line
+    of ``text`` is line ``first_line_number`` of ``source``.
+    """
+    if not text.strip():
+        width = 0 if n_columns is None else n_columns - 1
+        return np.zeros((0, width), dtype=np.float32), np.zeros(0, dtype=np.float64)
+    try:
+        table = np.loadtxt(io.StringIO(text, newline=None), delimiter=csv_delimiter(delimiter), ndmin=2,
+                           dtype=np.float64, comments=None, quotechar='"')
+    except ValueError as error:
+        problem = find_csv_problem(text, delimiter, label_index, n_columns, source, first_line_number, reference)
+        # NOTE: numpy's own message is the fallback for a line that the check above accepts.
+        raise problem or DataError(f"'{source}' could not be read as numeric CSV ({error}); check data.delimiter, "
+                                   "data.header and data.skip_rows") from None
+    if n_columns is not None and table.shape[1] != n_columns:
+        raise find_csv_problem(text, delimiter, label_index, n_columns, source, first_line_number, reference) or \
+            DataError(f"'{source}' has rows of {table.shape[1]} columns where {n_columns} are expected")
+    if not 0 <= label_index < table.shape[1] or table.shape[1] < 2:
+        raise DataError(f"data.label_column points at column {label_index} but '{source}' has "
+                        f"{table.shape[1]} columns")
+    y = table[:, label_index].copy()
+    X = np.delete(table, label_index, axis=1).astype(np.float32)
+    return X, y
+
+
+def _header_names(header: list[str] | None) -> list[str]:
+    return [name.strip().strip('"') for name in header or []]
+
+
+def _join_numbers(numbers: list[int]) -> str:
+    """Return ``[2, 5, 9]`` as ``"2, 5 and 9"``."""
+    texts = [str(number) for number in numbers]
+    return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} and {texts[-1]}"
+
+
+def resolve_label_column(label_column: int | str, header: list[str] | None, n_columns: int, source: str) -> int:
+    """Return the non-negative index of the label column, given by index or by header name.
+
+    Raises
+    ------
+    DataError
+        If the header does not contain the name or gives it to more than one column, or
+        if the index is out of range.
+    """
+    if isinstance(label_column, str):
+        names = _header_names(header)
+        if label_column not in names:
+            raise DataError(f"data.label_column is {label_column!r} but the header of '{source}' names the "
+                            f"columns {names}; use one of those names")
+        indices = [index for index, name in enumerate(names) if name == label_column]
+        if len(indices) > 1:
+            raise DataError(f"data.label_column is {label_column!r}, but the header of '{source}' gives that name "
+                            f"to columns {_join_numbers([index + 1 for index in indices])} (counting from 1), so "
+                            "the label column is ambiguous. Rename the other columns in the header, or set "
+                            "data.label_column to the label column's index counting from 0 "
+                            f"({_join_numbers(indices).replace(' and ', ' or ')})")
+        return indices[0]
+    if not -n_columns <= label_column < n_columns:
+        raise DataError(f"data.label_column is {label_column} but '{source}' has {n_columns} columns")
+    return label_column % n_columns
+
+
+def _feature_columns(header: list[str], label_column: int | str, source: str) -> list[tuple[int, str]]:
+    """Return the column number (counting from 1) and name of each feature column in ``header``."""
+    names = _header_names(header)
+    label_index = resolve_label_column(label_column, header, len(names), source)
+    return [(index + 1, name) for index, name in enumerate(names) if index != label_index]
+
+
+def check_same_features(train_header: list[str], validation_header: list[str], label_column: int | str,
+                        train_source: str, validation_source: str) -> None:
+    """Raise unless the validation file's header names the training file's features in the same order.
+
+    The features of both files are read by position, so a validation file whose columns
+    come in another order would be scored on the wrong features. The label column is left
+    out of the comparison and, when ``label_column`` is a name, may be at another position.
+
+    Raises
+    ------
+    DataError
+        Naming both files and the first feature column that differs.
+    """
+    train_features = _feature_columns(train_header, label_column, train_source)
+    validation_features = _feature_columns(validation_header, label_column, validation_source)
+    pairs = itertools.zip_longest(train_features, validation_features)
+    for position, (train_column, validation_column) in enumerate(pairs, start=1):
+        if train_column is not None and validation_column is not None and train_column[1] == validation_column[1]:
+            continue
+        in_train, in_validation = (f"{column[1]!r} (column {column[0]})" if column else "missing"
+                                   for column in (train_column, validation_column))
+        raise DataError(f"the header of validation file '{validation_source}' does not match the header of "
+                        f"training file '{train_source}': feature column {position}, not counting the label column, is "
+                        f"{in_validation} in the validation file but {in_train} in the training file. Baton "
+                        "reads the features by position, so reorder the validation file's columns to the training "
+                        "file's order, or write the same header names if the columns already match")
+
+
+def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delimiter: str = ",",
+             header: bool = False, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a numeric delimited text file into a dense feature matrix and a label vector.
+
+    Only the tests call this. They read a whole file with it, where the preparation
+    parses a file in parts (:func:`shared.preparation.read_part`).
+
+    Parameters
+    ----------
+    path : Path
+        Text file, optionally ``.gz`` or ``.bz2``.
+    label_column : int or str, default=-1
+        Index of the label column (negative counts from the end), or its name in the header.
+    skip_rows : int, default=0
+        Lines to skip before the header or the first row.
+    delimiter : str, default=","
+        Field separator, or ``"whitespace"`` for runs of spaces and tabs.
+    header : bool, default=False
+        Whether the first line after ``skip_rows`` names the columns.
+    source : str, optional
+        The file's name in error messages, as the spec gives it; ``path`` when None.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features), float32
+    y : ndarray of shape (n_samples,), float64
+    """
+    source = source or str(path)
+    lines = decode_text(read_text_bytes(path, source), source).split("\n")
+    names = split_header(lines[skip_rows], delimiter) if header and skip_rows < len(lines) else None
+    data_lines = lines[skip_rows + (1 if header else 0):]
+    text = "\n".join(data_lines)
+    if names is not None:
+        n_columns, reference = len(names), "the header"
+    else:
+        n_columns, reference = count_columns(text, delimiter), "the first row"
+    label_index = resolve_label_column(label_column, names, n_columns, source)
+    X, y = parse_csv_text(text, delimiter, label_index, n_columns, source,
+                          first_line_number=len(lines) - len(data_lines) + 1, reference=reference)
+    if len(y) == 0:
+        raise DataError(f"data file '{source}' has no rows; check that it is the right file and not empty")
+    return X, y
+
+
+def split_header(line: str, delimiter: str) -> list[str]:
+    """Return the column names of a header line; a name in double quotes may contain the delimiter."""
+    line = line.rstrip("\r\n")
+    separator = csv_delimiter(delimiter)
+    if separator is None:
+        # Runs of spaces and tabs separate the names, as one space between quoted names.
+        line, separator = " ".join(line.split()), " "
+    return next(csv.reader([line], delimiter=separator, quotechar='"', skipinitialspace=True), [])
+
+
+def count_columns(text: str, delimiter: str) -> int:
+    """Return the number of columns in the first non-blank line of ``text``, 0 if there is none."""
+    for line in text.splitlines():
+        if line.strip():
+            return len(line.strip().split(csv_delimiter(delimiter)))
+    return 0
