@@ -1,4 +1,4 @@
-"""How ``baton run`` holds its folder and ends: the lock, other jobs, stop signals, a lost server.
+"""The ``baton run`` flow: start a local stack, send the job, follow it, and end in order.
 
 ``baton run`` owns a local stack (:class:`shared.local.session.LocalStack`) while it runs,
 and other baton commands may send more jobs to that stack. When its own job has ended it
@@ -14,19 +14,27 @@ Only one ``baton run`` at a time uses a local folder (:mod:`shared.local.folder_
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
+import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
 import click
 
+from shared.config import Settings
+from shared.earlier_runs import continuation_round, run_identity
 from shared.efs import EfsStore
+from shared.errors import DIVERGED_WORDS, BatonError, JobSpecError
 from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDirLock, LockHolder
 from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
+from shared.monitor import format_round, loss_text, regression_loss_note
+from shared.spec import check_relative_path, parse_job_spec
 from shared.state import PAUSED, PREPARING, SUCCEEDED, TERMINAL_STATUSES, JobRecord
 
 # SIGHUP comes when the terminal that runs baton run closes, or its SSH session drops.
@@ -153,6 +161,221 @@ def local_dir_busy_message(local_dir: Path, holder: LockHolder, spec_file: Path 
         where = f"whose lock file {local_dir / LOCK_FILE_NAME} could not be read"
     return (f"the local folder {local_dir} is in use by another baton run ({holder_pid}), {where}. Wait for it to "
             f"end, send this job to its stack with {submit}, or pass another --local-dir. Nothing was changed")
+
+
+# Running the job on a local stack ----------------------------------------------------------
+
+
+def check_local_settings() -> None:
+    """Reject an ALLOWED_DATA_ROOTS in the environment that every handler of the local stack would reject."""
+    try:
+        Settings.from_env().data_roots()
+    except BatonError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def delete_local_job(efs_root: Path, job_id: str) -> None:
+    """Delete the job's folder under the local EFS root, for ``baton run --fresh``.
+
+    Refuses when a symbolic link on the way leads outside the EFS root, so that --fresh
+    never deletes files elsewhere on the machine.
+    """
+    store = EfsStore(efs_root)
+    job_dir = store.job_dir(job_id)
+    if job_dir.is_symlink() or not store.is_under_root(job_dir):
+        raise click.ClickException(f"--fresh did not delete {job_dir}: it is a symbolic link or leads outside the "
+                                   f"EFS folder {efs_root} through one; remove the link, then run again")
+    shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], worker_lanes: int | None,
+                       timeout_seconds: float, lock: LocalDirLock) -> int:
+    """Start a local stack, send ``spec`` to it and follow the jobs on it; return the exit status.
+
+    ``lock`` is the local folder's :class:`shared.local.folder_lock.LocalDirLock`. The
+    stack's processes inherit it, and it records the stack's endpoint URL.
+    """
+    job_id = spec["job_id"]
+    efs_root = local_dir / "efs"
+    training = spec.get("training")
+    n_workers = training.get("n_workers", 4) if isinstance(training, dict) else 4
+    lanes = worker_lanes or min(int(n_workers), 16)
+    stack = LocalStack(efs_root, concurrency={"worker": lanes}, inherited_fds=(lock.fd,))
+    sent = False
+    # Ids of the jobs on the stack that have not ended, as far as this command has read.
+    # The line printed when moto's server exits names them.
+    unfinished: list[str] = []
+    failure: click.ClickException | None = None
+    interrupt: StopSignal | None = None
+    output_closed = False
+    started_at = time.time()
+    # SIGTERM (from `timeout`, a CI runner or systemd) and SIGHUP (a closed terminal) stop
+    # the stack as Ctrl-C does, so none leaves the moto server and containers behind.
+    with StopSignalHandlers() as signals:
+        try:
+            stack.start()
+            lock.record(stack.endpoint_url)
+            _import_local_data(stack, imports)
+            click.echo(f"local stack on {stack.endpoint_url}; EFS root {efs_root}; logs in {local_dir / 'logs'}")
+            click.echo("while this runs, other baton commands reach it with: "
+                       f"--stage local --endpoint-url {stack.endpoint_url}")
+            stack.submit(spec)
+            sent = True
+            unfinished.append(job_id)
+            click.echo(f"job {job_id} sent with {n_workers} workers")
+            failure = _follow_local_jobs(stack, job_id, efs_root, timeout_seconds, unfinished)
+        except StopSignal as signal_received:
+            interrupt = signal_received
+            signals.ignore()
+            stack.stop_handlers()
+            # After SIGHUP from a closed terminal, writing to stderr fails too (EIO).
+            with contextlib.suppress(OSError):
+                report_interrupt(stack, job_id, sent, efs_root)
+        except BrokenPipeError:
+            if not redirect_stdout_if_closed():
+                raise
+            # The reader of stdout has gone, as `head` does once it has its lines, so stop as on a signal.
+            output_closed = True
+            signals.ignore()
+            stack.stop_handlers()
+            with contextlib.suppress(OSError):
+                report_interrupt(stack, job_id, sent, efs_root, reason="output pipe closed", outcome_shown=False)
+        except ServerExitedError as error:
+            signals.ignore()
+            stack.stop_handlers()
+            failure = click.ClickException(server_exit_line(error, job_id, sent, unfinished, local_dir, started_at))
+            failure.show()
+        finally:
+            signals.ignore()
+            stack.stop()
+
+    if interrupt is not None:
+        return interrupt.exit_code
+    if output_closed:
+        return 1
+    if failure is not None:
+        return failure.exit_code
+    return 0
+
+
+def _import_local_data(stack, imports: tuple[str, ...]) -> None:
+    """Copy each ``--import SOURCE:DEST`` into the stack's EFS folder, rejecting a bad mapping."""
+    for mapping in imports:
+        # The last colon separates them, so a SOURCE may contain colons (DEST is a plain EFS path).
+        source, separator, destination = mapping.rpartition(":")
+        if not separator or not source or not destination:
+            raise click.BadParameter(f"expected SOURCE:DEST with neither part empty, got {mapping!r}",
+                                     param_hint="--import")
+        if not Path(source).exists():
+            raise click.BadParameter(f"source {source!r} does not exist (in {mapping!r}, the last ':' separates "
+                                     "SOURCE from DEST)", param_hint="--import")
+        try:
+            destination = check_relative_path("--import DEST", destination)
+        except JobSpecError as error:
+            raise click.BadParameter(error.problem, param_hint="--import") from None
+        try:
+            stack.import_data(source, destination)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--import") from None
+
+
+def _echo_status_change(record, previous: str, endpoint_url: str) -> None:
+    """Print a line when ``baton run``'s own job is paused, or resumed after a pause."""
+    if record.status == "PAUSED":
+        click.echo(f"job {record.job_id} is PAUSED after {record.round} of {record.total_rounds} rounds; "
+                   f"`baton resume {record.job_id} --stage local --endpoint-url {endpoint_url}` continues it, and "
+                   "baton run waits for it up to --timeout")
+    elif previous == "PAUSED":
+        # No round number: the job may be rounds ahead of the round lines printed so far.
+        click.echo(f"job {record.job_id} resumed")
+
+
+def _echo_continued(record, efs_root: Path) -> None:
+    """Print a line when ``baton run``'s own job goes on from an earlier run's files on EFS, or reuses its model."""
+    first_round = record.first_round
+    if record.status == "SUCCEEDED" and record.round == first_round:
+        click.echo(f"job {record.job_id} had finished in an earlier run of its spec on the same data, so it is not "
+                   f"trained again: its model and the metrics of its {first_round} rounds are in "
+                   f"{efs_root / 'jobs' / record.job_id}. Add --fresh to train it again")
+        return
+    done = "round 1" if first_round == 1 else f"rounds 1 to {first_round}"
+    click.echo(f"job {record.job_id} continues from round {first_round + 1}, where an earlier run of its spec "
+               f"stopped; the metrics of its {done} are in {efs_root / 'jobs' / record.job_id / 'metrics'}")
+
+
+def _follow_local_jobs(stack, job_id: str, efs_root: Path, timeout_seconds: float,
+                       unfinished: list[str]) -> click.ClickException | None:
+    """Print the rounds and the summary of ``job_id``, then wait for the stack's other jobs.
+
+    Returns the error to exit with when ``job_id`` did not succeed, after it has been
+    printed. The wait for ``job_id`` and the wait for the other jobs share
+    ``timeout_seconds``. Each job that ends is removed from ``unfinished``, and each other
+    job seen running is added.
+    """
+    started = time.monotonic()
+    try:
+        record = stack.wait(job_id, timeout_seconds=timeout_seconds, on_round=lambda m: click.echo(format_round(m)),
+                            on_status=lambda changed, previous: _echo_status_change(changed, previous,
+                                                                                    stack.endpoint_url),
+                            on_continued=lambda continued: _echo_continued(continued, efs_root))
+    except TimeoutError:
+        record = stack.get_job(job_id)
+        # A job that ended between the last poll and this read is reported as ended.
+        if record is None or record.status not in TERMINAL_STATUSES:
+            report_jobs_left(stack, job_id, efs_root, "other jobs")
+            raise click.ClickException(own_job_timeout_line(record, job_id, timeout_seconds, efs_root.parent,
+                                                            stack.endpoint_url)) from None
+    unfinished.remove(job_id)
+    failure = _report_local_job(record, efs_root, time.monotonic() - started)
+    if failure is not None:
+        failure.show()
+    wait_for_other_jobs(stack, job_id, efs_root, timeout_seconds - (time.monotonic() - started), unfinished)
+    return failure
+
+
+def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickException | None:
+    """Print the summary of a local job that succeeded; return the error to report for one that did not."""
+    job_id = record.job_id
+    click.echo("")
+    if record.status == "CANCELLED":
+        return click.ClickException(f"job {job_id} was cancelled after {record.round} of {record.total_rounds} "
+                                    f"rounds; its files remain in {efs_root / 'jobs' / job_id}")
+    if record.status != "SUCCEEDED":
+        return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}")
+    summary = record.attributes
+    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
+               f"(stop reason {summary.get('stop_reason', 'unknown')})")
+    # The training loss is the mean over the last round's batches, while validation uses every held-out row.
+    labels = {"train_loss": "train_loss (last round)", "validation_loss": "validation_loss",
+              "validation_accuracy": "validation_accuracy", "validation_r2": "validation_r2"}
+    for name, label in labels.items():
+        if name in summary:
+            value = summary[name]
+            text = f"{value:.5f}" if name == "validation_accuracy" else loss_text(value, 5)
+            click.echo(f"  {label:<24} {text}{regression_loss_note(record) if name.endswith('loss') else ''}")
+    click.echo(f"  {'model':<24} {efs_root / 'jobs' / job_id / 'model'}")
+    return None
+
+
+def _after_failure(record, efs_root: Path) -> str:
+    """Return what to do after ``baton run``'s own job failed, as a sentence to append to its error.
+
+    Only a job whose rounds a rerun would go on from gets one. The error of a job that
+    failed in preparation, or whose data changed, already names its fix, and so does the
+    error of a diverged job, which a rerun would only repeat.
+    """
+    if record.status != "FAILED" or record.total_rounds == 0 or DIVERGED_WORDS in (record.error or ""):
+        return ""
+    store = EfsStore(efs_root)
+    try:
+        identity = run_identity(store, parse_job_spec(json.loads(record.spec_json)))
+    except (BatonError, OSError, ValueError):
+        return ""
+    first_round = continuation_round(store, record.job_id, record.total_rounds, identity)
+    if first_round == 0:
+        return ""
+    return (f". Its files remain in {store.job_dir(record.job_id)}; once the cause is fixed, running the same "
+            f"command again goes on from round {first_round + 1}")
 
 
 # Lines about jobs --------------------------------------------------------------------------

@@ -182,6 +182,37 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minute:02d}:{second:02d}" if hours else f"{minute}:{second:02d}"
 
 
+def loss_text(value: float, decimals: int) -> str:
+    """Return a loss with ``decimals`` decimals, or in scientific notation once it is too large to read so."""
+    # Compared after rounding, so that 999999.99996 does not print as a seven-digit number.
+    return f"{value:.{decimals}f}" if abs(round(value, decimals)) < 1e6 else f"{value:.{decimals - 1}e}"
+
+
+def regression_loss_note(record: JobRecord) -> str:
+    """Return what a regression job's losses are, to print after them, or an empty text for other models."""
+    from shared.models import get_model_class
+
+    try:
+        task = get_model_class(json.loads(record.spec_json)["model"]["name"]).task
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return " (half the mean squared error)" if task == "regression" else ""
+
+
+def format_round(metrics: dict) -> str:
+    """Return one round's metrics item as the line that ``baton run`` prints for it."""
+    parts = [f"round {metrics['round']:>5}", f"epoch {metrics['epoch']:7.3f}",
+             f"train loss {loss_text(metrics['train_loss'], 5)}"]
+    if "validation_loss" in metrics:
+        parts.append(f"val loss {loss_text(metrics['validation_loss'], 5)}")
+    if "validation_accuracy" in metrics:
+        parts.append(f"val acc {metrics['validation_accuracy']:.4f}")
+    if "validation_r2" in metrics:
+        # A diverging regression reaches r2 values far below zero.
+        parts.append(f"val r2 {loss_text(metrics['validation_r2'], 4)}")
+    return "  ".join(parts)
+
+
 # tqdm's own estimate divides the rounds done by the time since watch started, so it grows
 # while a job is paused: the bar shows the elapsed time only, and the postfix the estimate.
 WATCH_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"

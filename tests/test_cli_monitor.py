@@ -205,7 +205,7 @@ def test_hints_carry_stack_options(finished_job, tmp_path):
     ("`baton fetch` and `baton plot` read EFS", "`baton fetch` and `baton plot` read EFS"),
 ], ids=["status", "two-commands", "aimed-already", "efs-root", "run", "no-arguments"])
 def test_with_stack_options(text, expected):
-    from shared.cli import with_stack_options
+    from shared.cli_stack import with_stack_options
 
     assert with_stack_options(text, " --stage local") == expected
     assert with_stack_options(text, "") == text
@@ -679,7 +679,7 @@ def test_round_numbers_agree_everywhere(finished_job, tmp_path):
     """Round n is round n in `watch`, the run output, the fetched CSV and the metrics files."""
     import csv
 
-    from shared.cli import _format_round
+    from shared.monitor import format_round
 
     output = tmp_path / "fetched"
     fetched = CliRunner().invoke(main, ["fetch", JOB_ID, *finished_job["arguments"], "--output", str(output)])
@@ -694,22 +694,40 @@ def test_round_numbers_agree_everywhere(finished_job, tmp_path):
         on_efs = json.loads((metrics_dir / f"{number}.json").read_text())
         assert on_efs["round"] == number
     first = json.loads((metrics_dir / "1.json").read_text())
-    assert _format_round(first).startswith("round     1  ")
+    assert format_round(first).startswith("round     1  ")
 
     shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
     assert f"{csv_rounds[-1]} of {N_ROUNDS} rounds done" in shown.output
 
 
 def test_huge_losses_in_scientific_notation():
-    from shared.cli import _format_round, _loss_text
+    from shared.monitor import format_round, loss_text
 
-    line = _format_round({"round": 4, "epoch": 0.5, "train_loss": 8.3e106, "validation_loss": 1.0927809935e133,
-                          "validation_r2": -2.39e203})
+    line = format_round({"round": 4, "epoch": 0.5, "train_loss": 8.3e106, "validation_loss": 1.0927809935e133,
+                         "validation_r2": -2.39e203})
 
     assert "train loss 8.3000e+106  val loss 1.0928e+133  val r2 -2.390e+203" in line
-    assert _loss_text(999999.99996, 4) == "1.000e+06"
-    assert _loss_text(0.32395, 5) == "0.32395"
-    assert _loss_text(1.0927809935e133, 4) == "1.093e+133"
+    assert loss_text(999999.99996, 4) == "1.000e+06"
+    assert loss_text(0.32395, 5) == "0.32395"
+    assert loss_text(1.0927809935e133, 4) == "1.093e+133"
+
+
+@pytest.mark.parametrize("module", ["cli_run", "cli_stack", "cli_spec", "monitor"])
+def test_cli_helpers_never_import_cli(module):
+    # shared.cli imports these modules, so an import back, even inside a function, would be a cycle.
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "shared" / f"{module}.py").read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+
+    assert imported, f"no imports found in shared/{module}.py"
+    assert "shared.cli" not in imported
 
 
 def test_watch_says_it_waits_for_job(finished_job):

@@ -452,7 +452,7 @@ def test_last_round_counts_continued_run(tmp_path):
 def test_status_change_lines(capsys):
     from types import SimpleNamespace
 
-    from shared.cli import _echo_status_change
+    from shared.cli_run import _echo_status_change
 
     paused = SimpleNamespace(job_id="p1", status="PAUSED", round=4, total_rounds=10)
     running = SimpleNamespace(job_id="p1", status="RUNNING", round=7, total_rounds=10)

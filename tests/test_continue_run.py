@@ -174,7 +174,7 @@ def test_changed_data_starts_over(inprocess_stack, efs_root):
 
 
 def test_failure_line_names_next_round(inprocess_stack, efs_root):
-    from shared.cli import _after_failure
+    from shared.cli_run import _after_failure
 
     spec = breast_cancer_spec("failed-local", training={"max_rounds": N_ROUNDS})
     inprocess_stack.submit(spec)

@@ -195,7 +195,7 @@ def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
 
 
 def test_import_source_with_colon(tmp_path):
-    from shared.cli import _import_local_data
+    from shared.cli_run import _import_local_data
 
     source = tmp_path / "runs:2026" / "rows.csv"
     source.parent.mkdir()
