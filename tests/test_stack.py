@@ -368,8 +368,55 @@ def test_package_excludes_local_only_code(config):
     assert patterns[0] == "!**", "the package must start from nothing and add only what Lambda runs"
     for included in ("functions/**", "shared/**"):
         assert included in patterns
-    for excluded in ("!shared/local/**", "!shared/cli.py"):
+    for excluded in ("!shared/local/**", "!shared/cli*.py", "!shared/monitor.py", "!shared/planner.py",
+                     "!shared/export.py"):
         assert excluded in patterns
+
+
+def handler_source_files() -> set[str]:
+    """Return the project files the handlers may import, import statements inside functions included."""
+    import ast
+
+    def module_file(name: str) -> Path | None:
+        path = REPO_ROOT.joinpath(*name.split("."))
+        for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    pending = list((REPO_ROOT / "functions").glob("*.py"))
+    reached: set[Path] = set()
+    while pending:
+        path = pending.pop()
+        if path in reached:
+            continue
+        reached.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # "from shared import cost" names a module; "from shared.x import y" a module and a name.
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                if name.split(".")[0] in ("shared", "functions"):
+                    # Each package on the way is imported too, so its __init__.py must be there.
+                    for depth in range(1, name.count(".") + 2):
+                        found = module_file(".".join(name.split(".")[:depth]))
+                        if found is not None:
+                            pending.append(found)
+    return {path.relative_to(REPO_ROOT).as_posix() for path in reached}
+
+
+def test_package_keeps_what_handlers_import(config):
+    from fnmatch import fnmatchcase
+
+    excluded = [pattern[1:] for pattern in config["package"]["patterns"][1:] if pattern.startswith("!")]
+    needed = handler_source_files()
+    assert "shared/worker.py" in needed and "shared/aggregation.py" in needed
+    for path in sorted(needed):
+        assert not any(fnmatchcase(path, pattern) for pattern in excluded), \
+            f"{path} is imported by a handler but left out of the Lambda package"
 
 
 def test_requirements_plugin_settings(config):
