@@ -413,7 +413,8 @@ def test_package_keeps_what_handlers_import(config):
 
     excluded = [pattern[1:] for pattern in config["package"]["patterns"][1:] if pattern.startswith("!")]
     needed = handler_source_files()
-    assert "shared/worker.py" in needed and "shared/aggregation.py" in needed
+    assert "shared/worker.py" in needed
+    assert "shared/aggregation.py" in needed
     for path in sorted(needed):
         assert not any(fnmatchcase(path, pattern) for pattern in excluded), \
             f"{path} is imported by a handler but left out of the Lambda package"
