@@ -38,7 +38,7 @@ from shared.config import stack_resource_name
 from shared.efs import EfsStore, json_preview
 from shared.errors import DIVERGED_WORDS, BatonError, DamagedFileError
 from shared.model_bucket import ModelBucketError, download_model
-from shared.state import CANCELLED, FAILED, PAUSED, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
+from shared.state import CANCELLED, FAILED, PAUSED, RUNNING, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -142,8 +142,10 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
     """Return the fields a progress bar shows after the bar, from the job and its rounds.
 
     ``s/round`` is the mean ``round_seconds`` of the last ``recent`` rounds, and ``eta``
-    that mean times the rounds left. A round's time starts when the job last moved on,
-    resume included, so a pause does not stretch the estimate.
+    that mean times the rounds left, for a RUNNING job only. A round's time starts when the
+    job last moved on, resume included, so a pause does not stretch the estimate. ``cost``
+    is the total through the last of ``rounds``, so a line for an earlier round shows
+    that round's total.
     """
     postfix: dict[str, str] = {"status": record.status}
     if rounds:
@@ -161,9 +163,11 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
     if record.total_rounds:
         left = max(0, record.total_rounds - len(rounds))
         postfix["left"] = str(left)
-        if "s/round" in postfix and record.status not in TERMINAL_STATUSES:
+        if "s/round" in postfix and record.status == RUNNING:
             postfix["eta"] = format_duration(float(postfix["s/round"]) * left)
-    postfix["cost"] = f"${format_cost(float(record.attributes.get('cost_usd', 0.0)))}"
+    cost_usd = rounds[-1]["total_cost_usd"] if rounds and "total_cost_usd" in rounds[-1] else \
+        record.attributes.get("cost_usd", 0.0)
+    postfix["cost"] = f"${format_cost(float(cost_usd))}"
     return postfix
 
 
@@ -330,7 +334,7 @@ class _ProgressLines:
         if self.rounds_shown is None:
             self._write(record, rounds)
             return
-        # The fields other than the round's own, such as the status and cost, are the job's latest.
+        # The status is the job's latest; the round's fields and cost are those of that round.
         for count in range(self.rounds_shown + 1, len(rounds) + 1):
             self._write(record, rounds[:count])
         if record.status != self.status_shown:

@@ -655,6 +655,20 @@ def test_list_rejects_unknown_status(finished_job):
     assert "'DONE' is not one of" in result.output
 
 
+def test_watch_line_cost_is_rounds_own():
+    from shared.monitor import progress_postfix
+    from shared.state import JobRecord
+
+    record = JobRecord(job_id=JOB_ID, status="RUNNING", round=3, n_workers=2, total_rounds=10, fingerprint="",
+                       spec_json="{}", error=None, attributes={"cost_usd": 0.003})
+    rounds = [{"round": 1, "total_cost_usd": 0.001}, {"round": 2, "total_cost_usd": 0.002},
+              {"round": 3, "total_cost_usd": 0.003}]
+
+    assert progress_postfix(record, rounds[:2])["cost"] == "$0.002000"
+    assert progress_postfix(record, rounds)["cost"] == "$0.003000"
+    assert progress_postfix(record, [])["cost"] == "$0.003000"
+
+
 def test_watch_counts_rounds_from_one(finished_job):
     from shared.monitor import progress_postfix
 
@@ -858,7 +872,8 @@ def test_watch_estimate_uses_round_times():
 
     # 50 s per round over the last rounds, 100 rounds left.
     assert progress_postfix(record("RUNNING"), rounds)["eta"] == "1:23:20"
-    assert progress_postfix(record("PAUSED"), rounds)["eta"] == "1:23:20"
+    # A paused job makes no progress, so it has no time left to estimate.
+    assert "eta" not in progress_postfix(record("PAUSED"), rounds)
     assert "eta" not in progress_postfix(record("CANCELLED"), rounds)
     assert format_duration(59.6) == "1:00"
     assert format_duration(3600) == "1:00:00"
