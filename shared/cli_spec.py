@@ -23,8 +23,8 @@ import click
 
 from shared.errors import JobSpecError
 from shared.json_numbers import read_number_text
-from shared.spec import (JOB_ID_PATTERN, MAX_SPEC_BYTES, SECTIONS, SHRINK_SPEC_ADVICE, decode_spec_json,
-                         encode_job_message, load_job_message, message_bytes, parse_job_spec)
+from shared.spec import (JOB_ID_PATTERN, MAX_SPEC_BYTES, NOT_APPLICABLE_WORDS, SECTIONS, SHRINK_SPEC_ADVICE,
+                         decode_spec_json, encode_job_message, load_job_message, message_bytes, parse_job_spec)
 from shared.spec_overrides import SpecOverrideError, apply_overrides, parse_override
 
 
@@ -283,6 +283,14 @@ def _spec_error_message(error: JobSpecError, spec: dict, spec_file: Path | None,
     # The message of an unknown field already lists the valid ones, and <root> is the whole spec.
     if unknown:
         return f"{error}\nNothing was sent."
+    if NOT_APPLICABLE_WORDS in str(error):
+        # The field is valid for another model or optimizer, which an option may have replaced.
+        section = key.split(".")[0]
+        fix = f"remove {key} from {spec_file}" if spec_file is not None else f"leave {key} out"
+        chooser = _setting_option(f"{section}.name", overrides)
+        if chooser is not None:
+            fix += f", or drop {chooser}, which chose that {section}"
+        return f"{error}\nTo fix it, {fix}. Nothing was sent."
 
     options = [f"{shortcut.option} {shortcut.metavar}" for shortcut in SPEC_SHORTCUTS if shortcut.key == key]
     options.append(f"--set {key}=VALUE")

@@ -100,6 +100,11 @@ def _check_class_weight(path: str, value: Any) -> Any:
     return checked
 
 
+# The words of the error for a field that the chosen model never reads; the CLI looks for
+# them to suggest removing the field instead of setting another value.
+NOT_APPLICABLE_WORDS = "does not apply to"
+
+
 @dataclass(frozen=True)
 class ModelSection:
     name: str = spec_field(help="Model to train. docs/operations.md lists the loss each model reports, under "
@@ -493,8 +498,8 @@ def _check_combinations(sections: dict[str, Any]) -> None:
                 and getattr(model, spec_field_.name) != spec_field_.default:
             default = list(spec_field_.default) if isinstance(spec_field_.default, tuple) else spec_field_.default
             raise JobSpecError(f"model.{spec_field_.name}",
-                               f"does not apply to model '{model.name}', which reads {', '.join(read)}; remove it "
-                               f"(or set it to its default, {json.dumps(default)})")
+                               f"{NOT_APPLICABLE_WORDS} model '{model.name}', which reads {', '.join(read)}; "
+                               f"remove it (or set it to its default, {json.dumps(default)})")
     if training.target_validation_accuracy is not None and model_class.task not in ("binary", "multiclass"):
         raise JobSpecError("training.target_validation_accuracy",
                            f"model '{model.name}' reports no accuracy; use target_validation_loss instead")

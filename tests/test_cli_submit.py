@@ -268,6 +268,15 @@ def test_spec_error_from_file_names_file(tmp_path):
     assert f"To fix it, edit {spec_file} or pass --n-workers N or --set training.n_workers=VALUE." in result.output
 
 
+def test_field_of_other_model_names_choosing_option():
+    result = submit(str(A9A_SPEC_FILE), "--dry-run", "--model", "kmeans")
+
+    assert result.exit_code == 1, result.output
+    assert "'model.alpha': does not apply to model 'kmeans'" in result.output
+    assert f"To fix it, remove model.alpha from {A9A_SPEC_FILE}, or drop --model, which chose that model." \
+        in result.output
+
+
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_no_spec_file_or_options_explained(command, tmp_path):
     local_dir = ["--local-dir", str(tmp_path / "baton")] if command == "run" else []
