@@ -100,8 +100,8 @@ def _check_class_weight(path: str, value: Any) -> Any:
     return checked
 
 
-# The words of the error for a field that the chosen model never reads; the CLI looks for
-# them to suggest removing the field instead of setting another value.
+# The words of the error for a field that the chosen model never reads. The CLI looks for
+# them, so it suggests removing the field instead of setting another value.
 NOT_APPLICABLE_WORDS = "does not apply to"
 
 
