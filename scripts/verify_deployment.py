@@ -40,7 +40,7 @@ QUEUE_OF_FUNCTION = {"starter": "jobs", "worker": "tasks", "aggregator": "aggreg
 SEND_TARGETS = {"starter": {"tasks", "jobs"}, "worker": {"aggregate", "tasks"}, "aggregator": {"tasks", "aggregate"},
                 "watchdog": {"tasks", "aggregate"}}
 DYNAMODB_ACTIONS = {
-    "starter": {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"},
+    "starter": {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:BatchWriteItem"},
     "worker": {"dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"},
     "aggregator": {"dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"},
     "watchdog": {"dynamodb:Scan", "dynamodb:GetItem", "dynamodb:UpdateItem"},

@@ -105,3 +105,18 @@ def test_handler_calls_allowed_by_roles(inprocess_stack, recorded_calls):
     assert roles_seen == {"StarterRole", "WorkerRole", "AggregatorRole", "WatchdogRole"}
     for role, action in sorted(calls):
         assert action in role_actions(role), f"{role} calls {action}, which serverless.yml does not allow"
+
+
+@pytest.mark.parametrize("function", ["starter", "worker", "aggregator", "watchdog"])
+def test_deploy_rehearsal_expects_roles_actions(function):
+    import importlib.util
+
+    from tests.test_stack import REPO_ROOT
+
+    # scripts/ is not a package: load the rehearsal's checker from its file.
+    loader = importlib.util.spec_from_file_location("verify_deployment", REPO_ROOT / "scripts" / "verify_deployment.py")
+    verify_deployment = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(verify_deployment)
+
+    granted = {action for action in role_actions(f"{function.capitalize()}Role") if action.startswith("dynamodb:")}
+    assert verify_deployment.DYNAMODB_ACTIONS[function] == granted
