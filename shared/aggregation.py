@@ -17,13 +17,13 @@ import numpy as np
 from shared import cost
 from shared import faults
 from shared.continuation import ChainLink, InvocationBudget
-from shared.efs import EfsStore, read_job_json
+from shared.efs import EfsStore, not_an_object_problem, read_job_json
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.metrics import publish_round_metrics
 from shared.model_bucket import upload_model
 from shared.queues import AggregateMessage
 from shared.reduction import read_reduced_round, reduce_worker_results, slice_bounds, write_reduced_slice
-from shared.round_files import object_problem, read_round_state, write_final_model, write_round_state
+from shared.round_files import read_round_state, write_final_model, write_round_state
 from shared.services import Services
 from shared.shards import Shard
 from shared.spec import JobSpec
@@ -343,7 +343,7 @@ def _write_stopping_state(store: EfsStore, spec: JobSpec, job_id: str, round_ind
     history.
     """
     stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
-    previous = StoppingState.from_dict(read_job_json(store, stopping_path, problem_of=object_problem)
+    previous = StoppingState.from_dict(read_job_json(store, stopping_path, problem_of=not_an_object_problem)
                                        if stopping_path.exists() else None)
     stopping, stop_rule = check_stopping(spec, metrics, previous)
     store.write_json(store.round_dir(job_id, round_index + 1) / "stopping.json", stopping.to_dict())

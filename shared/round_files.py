@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.efs import EfsStore
+from shared.efs import EfsStore, not_an_object_problem
 from shared.errors import DataError
 from shared.optim import state_arrays, state_from_arrays
 from shared.services import Services
@@ -85,7 +85,7 @@ def write_final_model(services: Services, job_id: str, model, params: np.ndarray
 
 def model_info_problem(model_info: Any) -> str | None:
     if not isinstance(model_info, dict):
-        return f"contains a JSON {type(model_info).__name__}, not the object a model description is"
+        return not_an_object_problem(model_info, "the object a model description is")
     if not isinstance(model_info.get("rounds"), int) or model_info["rounds"] < 1:
         return "has no positive whole number of rounds"
     if not isinstance(model_info.get("final_metrics"), dict):
@@ -93,12 +93,8 @@ def model_info_problem(model_info: Any) -> str | None:
     return None if isinstance(model_info.get("stop_reason"), str) else "has no stop_reason"
 
 
-def object_problem(value: Any) -> str | None:
-    return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not an object"
-
-
 def metrics_problem(metrics: Any) -> str | None:
     if not isinstance(metrics, dict):
-        return f"contains a JSON {type(metrics).__name__}, not the object a metrics file is"
+        return not_an_object_problem(metrics, "the object a metrics file is")
     missing = [name for name in ("epoch", "train_loss", "total_cost_usd") if name not in metrics]
     return f"has no {', '.join(missing)}" if missing else None

@@ -16,7 +16,7 @@ import boto3
 
 from shared import shards
 from shared.config import Settings
-from shared.efs import EfsStore, check_efs_writable, read_job_json
+from shared.efs import EfsStore, check_efs_writable, not_an_object_problem, read_job_json
 from shared.queues import QueueClient
 from shared.spec import JobSpec, parse_job_spec
 from shared.state import StateStore
@@ -89,5 +89,5 @@ class Services:
 
 def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
-        return f"contains a JSON {type(manifest).__name__}, not the object a data manifest is"
+        return not_an_object_problem(manifest, "the object a data manifest is")
     return manifest_problem(manifest)
