@@ -436,8 +436,25 @@ def reduce_slice(services: Services, message: AggregateMessage, message_id: str 
 
 
 def handle_aggregate_message(services: Services, message: AggregateMessage, message_id: str = "",
-                             remaining_millis: Callable[[], int] | None = None):
-    """Run a message of the aggregate queue: a reduce message or an aggregate message."""
+                             remaining_millis: Callable[[], int] | None = None) -> dict | Reduction | None:
+    """Run a message of the aggregate queue: a reduce message or an aggregate message.
+
+    Parameters
+    ----------
+    services : Services
+    message : AggregateMessage
+        A message with ``reduce`` goes to :func:`reduce_slice`, any other to
+        :func:`aggregate_round`.
+    message_id : str
+        The SQS message id, which continuation chains save as the writer of their progress.
+    remaining_millis : callable, optional
+        Returns the invocation's remaining time; passed to :func:`aggregate_round`.
+
+    Returns
+    -------
+    dict, Reduction or None
+        What the step returned: the round's metrics, the reduced slice, or None.
+    """
     if "reduce" in message:
         return reduce_slice(services, message, message_id)
     return aggregate_round(services, message, message_id, remaining_millis)

@@ -62,6 +62,21 @@ def write_final_model(services: Services, job_id: str, model, params: np.ndarray
     data was standardised, the training statistics are copied beside the
     parameters (``model/standardize.npz``), so the model folder alone predicts from raw
     features: ``(x - mean) / scale``, without ``- mean`` when ``centered`` is false.
+
+    Parameters
+    ----------
+    services : Services
+    job_id : str
+    model : Model
+        The job's model, which describes itself in ``model.json``.
+    params : ndarray of shape (n_params,)
+        The parameters after the last round, in the units the job trained in.
+    rounds_done : int
+        The rounds aggregated, the last one included.
+    metrics : dict
+        The last round's metrics, stored as ``final_metrics``.
+    stop_reason : str
+        The stopping rule that ended the job, such as ``max_epochs``.
     """
     store = services.store
     context = services.job_context(job_id)
