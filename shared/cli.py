@@ -314,6 +314,8 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     from shared.monitor import format_cost
 
     cost_usd = float(record.attributes.get("cost_usd", 0.0))
+    if record.status == "CANCELLED":
+        raise click.ClickException(f"job {job_id} was cancelled after {record.round} rounds")
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error or 'no error recorded'}")
     click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds "

@@ -44,8 +44,9 @@ class JobControlError(BatonError):
 def _require_job(state: StateStore, job_id: str) -> JobRecord:
     record = state.get_job(job_id)
     if record is None:
-        raise JobControlError(f"no job '{job_id}' in table {state.table_name}; check the job id and --stage, or for a "
-                              "job sent moments ago wait a few seconds, until the starter has recorded it")
+        raise JobControlError(f"no job '{job_id}' in table {state.table_name}; check the job id, --stage and "
+                              "--endpoint-url, or for a job sent moments ago wait a few seconds, until the starter "
+                              "has recorded it")
     return record
 
 

@@ -263,6 +263,19 @@ def test_fetch_copies_model_of_late_cancel(finished_job, tmp_path):
     assert "was CANCELLED while its last round was aggregated" in result.stderr
 
 
+def test_watch_of_cancelled_job_says_so(finished_job):
+    stack = finished_job["stack"]
+    stack.submit({**breast_cancer_spec(), "job_id": "watched-cancel"})
+    assert stack.wait("watched-cancel", timeout_seconds=120).status == "SUCCEEDED"
+    cancel_finished_job(stack, "watched-cancel")
+
+    result = CliRunner().invoke(main, ["watch", "watched-cancel", *finished_job["arguments"]])
+
+    assert result.exit_code == 1
+    assert f"job watched-cancel was cancelled after {N_ROUNDS - 1} rounds" in result.output
+    assert "no error recorded" not in result.output
+
+
 def test_fetch_skips_earlier_runs_model_of_cancelled_job(finished_job, tmp_path):
     # The model folder predates the spec file, as an earlier run's does until the new run
     # starts round 0 and sets it aside.
