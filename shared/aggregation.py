@@ -150,9 +150,10 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
                     remaining_millis: Callable[[], int] | None = None) -> dict | None:
     """Combine a complete round, update the weights, and start the next round or finish.
 
-    The work runs as steps that each leave a checkpoint on EFS: combining the results
-    (writes the next round's state), evaluating each chunk of validation rows, and the
-    commit (the metrics file, then the advance and the next tasks, or the finish). Between
+    The work runs as steps that each leave a checkpoint on EFS. Combining the results
+    writes the next round's state. Each chunk of validation rows is evaluated in a step
+    of its own. The commit writes the metrics file, then advances the round and sends
+    the next tasks, or finishes the job. Between
     steps the aggregator may save its progress and continue in a new invocation.
 
     Parameters

@@ -209,7 +209,7 @@ def with_stack_options(text: str, stack_arguments: str) -> str:
     """Add ``stack_arguments`` to each baton command in backticks in ``text`` that reads or changes a stack.
 
     Messages from the modules below the CLI name commands such as `baton resume JOB`
-    without options, because only the command line tells which stack the user reached.
+    without options, because only the command line shows which stack the user reached.
     A command that already has a stack or EFS option is left as it is.
     """
     if not stack_arguments:

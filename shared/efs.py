@@ -384,12 +384,12 @@ def read_job_json(store: EfsStore, path: Path, problem_of: Callable[[Any], str |
     return value
 
 
-def not_an_object_problem(value: Any, what: str = "an object") -> str | None:
+def not_an_object_problem(value: Any, expected: str = "an object") -> str | None:
     """Return the problem of a JSON value that should be an object, for :func:`read_job_json`, or None.
 
-    ``what`` names the expected object in the text, such as "the object a metrics file is".
+    ``expected`` names the object in the text, such as "the object a metrics file is".
     """
-    return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not {what}"
+    return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not {expected}"
 
 
 def _changed_job_file_error(store: EfsStore, path: Path, problem: str) -> DataError:

@@ -48,7 +48,7 @@ def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int,
     Without ``labels`` the first ``validation_rows`` of a seeded permutation are held out
     and the rest is cut into ``n_workers`` contiguous pieces. With ``labels`` (encoded
     classes) the split is stratified. Rows are ordered by their rank within their class
-    divided by the class size, so every prefix of that order holds each class in
+    divided by the class size, so every prefix of that order contains each class in
     proportion, and the held-out part is such a prefix. The remaining rows are dealt out
     class by class, round-robin over the workers, each class starting where the previous
     one stopped, so each shard's count of a class is within one of every other shard's,

@@ -176,15 +176,15 @@ def test_hints_carry_stack_options(finished_job, tmp_path):
     state.fail_job("diverged-hints", f"round 2: {DIVERGED_WORDS} (training loss nan)")
 
     exported = CliRunner().invoke(main, ["export", "paused-hints", *arguments, "--output", str(tmp_path / "m.joblib")])
-    shown = CliRunner().invoke(main, ["status", "failed-hints", *arguments])
+    status_result = CliRunner().invoke(main, ["status", "failed-hints", *arguments])
     fetched = CliRunner().invoke(main, ["fetch", "failed-hints", *arguments, "--output", str(tmp_path / "fetched")])
     watched = CliRunner().invoke(main, ["watch", "failed-hints", *arguments, "--interval", "0.2"])
     resumed = CliRunner().invoke(main, ["resume", "diverged-hints", *arguments])
 
     assert exported.exit_code == 1, exported.output
     assert f"`baton status paused-hints {stack}` shows where it is" in exported.output
-    assert shown.exit_code == 0, shown.output
-    assert f"`baton resume failed-hints {stack}`" in shown.output
+    assert status_result.exit_code == 0, status_result.output
+    assert f"`baton resume failed-hints {stack}`" in status_result.output
     assert fetched.exit_code == 0, fetched.output
     assert f"`baton status failed-hints {stack}`" in fetched.output
     assert f"run `baton resume failed-hints {stack}`" in fetched.output
@@ -580,10 +580,10 @@ def test_list_and_status_show_job(finished_job):
     assert JOB_ID in listed.output
     assert f"{N_ROUNDS}/{N_ROUNDS}" in listed.output
 
-    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
-    assert shown.exit_code == 0, shown.output
-    assert f"job {JOB_ID}: SUCCEEDED, {N_ROUNDS} of {N_ROUNDS} rounds done" in shown.output
-    assert "cost_usd" in shown.output
+    status_result = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+    assert status_result.exit_code == 0, status_result.output
+    assert f"job {JOB_ID}: SUCCEEDED, {N_ROUNDS} of {N_ROUNDS} rounds done" in status_result.output
+    assert "cost_usd" in status_result.output
 
     as_json = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"], "--json"])
     assert json.loads(as_json.output)["cost_usd"] > 0
@@ -594,11 +594,11 @@ def test_status_of_job_failed_in_preparation(finished_job):
     state.create_job("failed-early", "e" * 64, json.dumps({"model": {"name": "kmeans"}}), 2)
     state.fail_job("failed-early", "data file 'datasets/none.csv' not found")
 
-    shown = CliRunner().invoke(main, ["status", "failed-early", *finished_job["arguments"]])
+    status_result = CliRunner().invoke(main, ["status", "failed-early", *finished_job["arguments"]])
 
-    assert shown.exit_code == 0, shown.output
-    assert "job failed-early: FAILED, no rounds done, 2 workers" in shown.output
-    assert "0 of 0 rounds" not in shown.output
+    assert status_result.exit_code == 0, status_result.output
+    assert "job failed-early: FAILED, no rounds done, 2 workers" in status_result.output
+    assert "0 of 0 rounds" not in status_result.output
 
 
 def test_status_formats_large_loss_and_cost(finished_job):
@@ -608,28 +608,28 @@ def test_status_formats_large_loss_and_cost(finished_job):
     state.advance_round("regression", 0, {"epoch": 0.25, "train_loss": 2018483233.99856, "validation_loss": 1359.25,
                                           "validation_r2": 0.54, "cost_usd": 1.84157e-05})
 
-    shown = CliRunner().invoke(main, ["status", "regression", *finished_job["arguments"]])
+    status_result = CliRunner().invoke(main, ["status", "regression", *finished_job["arguments"]])
     listed = CliRunner().invoke(main, ["list", *finished_job["arguments"]])
     # The module's other tests expect no RUNNING job in the table.
     state.finish_job("regression", 1, {})
 
-    assert shown.exit_code == 0, shown.output
-    assert "train_loss           2.0185e+09 (half the mean squared error)" in shown.output
-    assert "validation_loss      1359.25000 (half the mean squared error)" in shown.output
-    assert "validation_r2        0.54000" in shown.output
-    assert "epoch                0.250" in shown.output
-    assert "cost_usd             0.000018" in shown.output
-    assert "e-05" not in shown.output
+    assert status_result.exit_code == 0, status_result.output
+    assert "train_loss           2.0185e+09 (half the mean squared error)" in status_result.output
+    assert "validation_loss      1359.25000 (half the mean squared error)" in status_result.output
+    assert "validation_r2        0.54000" in status_result.output
+    assert "epoch                0.250" in status_result.output
+    assert "cost_usd             0.000018" in status_result.output
+    assert "e-05" not in status_result.output
     regression_row = next(line for line in listed.output.splitlines() if line.startswith("regression "))
     assert " 0.000018 " in regression_row
 
 
 def test_status_of_classifier_has_no_loss_note(finished_job):
-    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+    status_result = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
 
-    assert shown.exit_code == 0, shown.output
-    assert "train_loss" in shown.output
-    assert "mean squared error" not in shown.output
+    assert status_result.exit_code == 0, status_result.output
+    assert "train_loss" in status_result.output
+    assert "mean squared error" not in status_result.output
 
 
 def test_status_needs_no_aws_settings_locally(finished_job, monkeypatch, tmp_path):
@@ -723,8 +723,8 @@ def test_round_numbers_agree_everywhere(finished_job, tmp_path):
     first = json.loads((metrics_dir / "1.json").read_text())
     assert format_round(first).startswith("round     1  ")
 
-    shown = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
-    assert f"{csv_rounds[-1]} of {N_ROUNDS} rounds done" in shown.output
+    status_result = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+    assert f"{csv_rounds[-1]} of {N_ROUNDS} rounds done" in status_result.output
 
 
 def test_huge_losses_in_scientific_notation():

@@ -50,6 +50,19 @@ def run_until_round(stack, job_id: str, round_index: int) -> None:
             raise AssertionError(f"job {job_id} ended before round {round_index}")
 
 
+def run_reference_then_interrupt(stack, reference_id: str, job_id: str, round_index: int) -> dict:
+    """Run an uninterrupted reference job, then the same spec as ``job_id`` until ``round_index``, and lose the table.
+
+    Returns the interrupted job's spec, to send again.
+    """
+    assert run_job(stack, breast_cancer_spec(reference_id, training={"max_rounds": N_ROUNDS})).status == SUCCEEDED
+    spec = breast_cancer_spec(job_id, training={"max_rounds": N_ROUNDS})
+    stack.submit(spec)
+    run_until_round(stack, job_id, round_index)
+    lose_table(stack, job_id)
+    return spec
+
+
 def resume_after_data_change(stack, spec: dict, edit) -> None:
     """Lose the table, change the data with ``edit(lines)``, see the rerun fail, and resume the job."""
     job_id = spec["job_id"]
@@ -63,12 +76,7 @@ def resume_after_data_change(stack, spec: dict, edit) -> None:
 
 
 def test_interrupted_job_goes_on_to_same_weights(inprocess_stack, efs_root):
-    uninterrupted = breast_cancer_spec("uninterrupted", training={"max_rounds": N_ROUNDS})
-    assert run_job(inprocess_stack, uninterrupted).status == SUCCEEDED
-    spec = breast_cancer_spec("interrupted", training={"max_rounds": N_ROUNDS})
-    inprocess_stack.submit(spec)
-    run_until_round(inprocess_stack, "interrupted", 7)
-    lose_table(inprocess_stack, "interrupted")
+    spec = run_reference_then_interrupt(inprocess_stack, "uninterrupted", "interrupted", 7)
 
     record = run_job(inprocess_stack, spec)
 
@@ -216,12 +224,7 @@ def test_fresh_start_ignores_saved_progress(inprocess_stack, efs_root):
 def test_damaged_round_passed_over(inprocess_stack, efs_root):
     # Round 4 would be the round to go on from, but its stopping state is damaged, so the
     # job goes on from round 3 and still ends with the uninterrupted run's weights.
-    reference = breast_cancer_spec("undamaged", training={"max_rounds": N_ROUNDS})
-    assert run_job(inprocess_stack, reference).status == SUCCEEDED
-    spec = breast_cancer_spec("damaged-stopping", training={"max_rounds": N_ROUNDS})
-    inprocess_stack.submit(spec)
-    run_until_round(inprocess_stack, "damaged-stopping", 5)
-    lose_table(inprocess_stack, "damaged-stopping")
+    spec = run_reference_then_interrupt(inprocess_stack, "undamaged", "damaged-stopping", 5)
     (inprocess_stack.services.store.round_dir("damaged-stopping", 4) / "stopping.json").write_text("{bad")
 
     record = run_job(inprocess_stack, spec)
@@ -311,9 +314,9 @@ class HalfProcessingClient:
     def batch_write_item(self, RequestItems):
         (table, requests), = RequestItems.items()
         self.batch_sizes.append(len(requests))
-        kept = len(requests) // 2 if len(self.batch_sizes) % 2 else len(requests)
-        self.client.batch_write_item(RequestItems={table: requests[:kept]})
-        return {"UnprocessedItems": {table: requests[kept:]} if kept < len(requests) else {}}
+        written = len(requests) // 2 if len(self.batch_sizes) % 2 else len(requests)
+        self.client.batch_write_item(RequestItems={table: requests[:written]})
+        return {"UnprocessedItems": {table: requests[written:]} if written < len(requests) else {}}
 
     def __getattr__(self, name):
         return getattr(self.client, name)

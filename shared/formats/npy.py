@@ -84,7 +84,7 @@ def load_npy_table(path: Path, source: str) -> np.ndarray:
 
 def read_npy_rows(path: Path, label_column: int, start: int = 0, stop: int | None = None,
                   source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read rows ``start:stop`` of a 2-D ``.npy`` matrix whose column ``label_column`` holds the labels.
+    """Read rows ``start:stop`` of a 2-D ``.npy`` matrix whose column ``label_column`` contains the labels.
 
     The file is memory-mapped, so only the requested rows are read.
     """
