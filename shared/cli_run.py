@@ -354,7 +354,16 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
             text = f"{value:.5f}" if name == "validation_accuracy" else loss_text(value, 5)
             click.echo(f"  {label:<24} {text}{regression_loss_note(record) if name.endswith('loss') else ''}")
     click.echo(f"  {'model':<24} {efs_root / 'jobs' / job_id / 'model'}")
+    if summary.get("validation_r2", 0.0) < 0.0:
+        click.echo(NEGATIVE_R2_HINT)
     return None
+
+
+# Printed under a finished regression job whose model predicts the held-out targets worse
+# than their mean does, which unscaled features or targets usually cause.
+NEGATIVE_R2_HINT = ("note: validation_r2 is below 0, so the model predicts the held-out targets worse than their "
+                    "mean would; features or targets of very different scales are the usual cause, so try "
+                    "data.standardize true and data.standardize_target true, or a smaller learning rate")
 
 
 def _after_failure(record, efs_root: Path) -> str:

@@ -464,3 +464,20 @@ def test_status_change_lines(capsys):
     assert lines[0].startswith("job p1 is PAUSED after 4 of 10 rounds")
     assert "`baton resume p1 --stage local --endpoint-url http://127.0.0.1:5000`" in lines[0]
     assert lines[1] == "job p1 resumed"
+
+
+@pytest.mark.parametrize("r2, hinted", [(-282354.0, True), (0.54, False)])
+def test_negative_r2_summary_hints_scaling(tmp_path, capsys, r2, hinted):
+    from shared.cli_run import _report_local_job
+
+    spec = {"model": {"name": "linear_regression"}}
+    record = JobRecord(job_id="unscaled", status="SUCCEEDED", round=40, n_workers=2, total_rounds=40,
+                       fingerprint="", spec_json=json.dumps(spec), error=None,
+                       attributes={"stop_reason": "max_rounds", "train_loss": 1.0e9, "validation_loss": 1.2e9,
+                                   "validation_r2": r2})
+
+    assert _report_local_job(record, tmp_path, elapsed=3.0) is None
+
+    output = capsys.readouterr().out
+    assert ("validation_r2 is below 0" in output) is hinted
+    assert ("data.standardize true and data.standardize_target true" in output) is hinted
