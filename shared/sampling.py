@@ -50,9 +50,9 @@ def split_rows(n_rows: int, n_workers: int, validation_rows: int, seed: int,
     classes) the split is stratified. Rows are ordered by their rank within their class
     divided by the class size, so every prefix of that order contains each class in
     proportion, and the held-out part is such a prefix. The remaining rows are dealt out
-    class by class, round-robin over the workers, each class starting where the previous
-    one stopped, so each shard's count of a class is within one of every other shard's,
-    and so are the shard sizes.
+    class by class, round-robin over the workers. Each class starts at the worker where
+    the previous one stopped. So each shard's count of a class is within one of every
+    other shard's, and so are the shard sizes.
     """
     order = data_split_rng(seed).permutation(n_rows)
     if labels is None:

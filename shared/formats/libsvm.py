@@ -24,7 +24,7 @@ from shared.formats.files import decode_text, read_text_bytes
 MAX_FEATURE_INDEX = np.iinfo(np.int32).max
 
 
-def _parse_number(text: str, what: str) -> float:
+def _parse_number(text: str, field_name: str) -> float:
     # Python's float() reads "1_0" as 10 and Arabic-Indic or full-width digits as digits.
     # LIBSVM's own reader rejects both, and so does Baton.
     try:
@@ -32,7 +32,7 @@ def _parse_number(text: str, what: str) -> float:
             raise ValueError(text)
         return float(text)
     except ValueError:
-        raise ValueError(f"{what} {text!r} is not a number") from None
+        raise ValueError(f"{field_name} {text!r} is not a number") from None
 
 
 def parse_libsvm_text(text: str, source: str, first_line_number: int = 1) -> tuple[sp.csr_matrix, np.ndarray]:
