@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from shared.local.stack import load_serverless_config  # noqa: E402
+from shared.state import ITEM_TYPE, JOBS_INDEX  # noqa: E402
 
 FUNCTIONS = ("starter", "worker", "aggregator", "watchdog")
 # The queue that triggers each function; the watchdog runs on a schedule instead.
@@ -39,11 +40,12 @@ QUEUE_OF_FUNCTION = {"starter": "jobs", "worker": "tasks", "aggregator": "aggreg
 # The queues each function's role may send to (continuations included).
 SEND_TARGETS = {"starter": {"tasks", "jobs"}, "worker": {"aggregate", "tasks"}, "aggregator": {"tasks", "aggregate"},
                 "watchdog": {"tasks", "aggregate"}}
+# DynamoDB actions on the table and its jobs index together: only the watchdog queries the index.
 DYNAMODB_ACTIONS = {
     "starter": {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:BatchWriteItem"},
     "worker": {"dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"},
     "aggregator": {"dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"},
-    "watchdog": {"dynamodb:Scan", "dynamodb:GetItem", "dynamodb:UpdateItem"},
+    "watchdog": {"dynamodb:Query", "dynamodb:GetItem", "dynamodb:UpdateItem"},
 }
 
 
@@ -108,6 +110,13 @@ def check_table(check: Checker, dynamodb, table_name: str) -> str:
     check.equal(f"{table_name} billing mode", table.get("BillingModeSummary", {}).get("BillingMode"), "PAY_PER_REQUEST")
     check.equal(f"{table_name} key schema", sorted((key["AttributeName"], key["KeyType"]) for key in table["KeySchema"]),
                 [("pk", "HASH"), ("sk", "RANGE")])
+    indexes = {index["IndexName"]: index for index in table.get("GlobalSecondaryIndexes", [])}
+    jobs_index = indexes.get(JOBS_INDEX, {})
+    check.equal(f"{table_name} index {JOBS_INDEX} key schema",
+                [(key["AttributeName"], key["KeyType"]) for key in jobs_index.get("KeySchema", [])],
+                [(ITEM_TYPE, "HASH"), ("created_at", "RANGE")])
+    check.equal(f"{table_name} index {JOBS_INDEX} projection",
+                jobs_index.get("Projection", {}).get("ProjectionType"), "ALL")
     return table["TableArn"]
 
 
@@ -164,7 +173,10 @@ def check_functions(check: Checker, lambda_client, iam, service: str, stage: str
         for short_name, arn in queue_arns.items():
             may_send = "sqs:SendMessage" in _actions_on(statements, arn)
             check.equal(f"{name} role may send to {short_name}", may_send, short_name in SEND_TARGETS[function])
-        check.equal(f"{name} role DynamoDB actions", _actions_on(statements, table_arn), DYNAMODB_ACTIONS[function])
+        index_actions = _actions_on(statements, f"{table_arn}/index/{JOBS_INDEX}")
+        check.equal(f"{name} role DynamoDB actions", _actions_on(statements, table_arn) | index_actions,
+                    DYNAMODB_ACTIONS[function])
+        check.equal(f"{name} role may query the jobs index", "dynamodb:Query" in index_actions, function == "watchdog")
         s3_actions = {action for statement in statements for action in _as_list(statement["Action"])
                       if action.startswith("s3:")}
         may_read_data = function == "starter" and bool(params["dataBucket"])

@@ -38,7 +38,8 @@ from shared.config import stack_resource_name
 from shared.efs import EfsStore, json_preview
 from shared.errors import DIVERGED_WORDS, BatonError, DamagedFileError
 from shared.model_bucket import ModelBucketError, download_model
-from shared.state import CANCELLED, FAILED, PAUSED, RUNNING, SUCCEEDED, TERMINAL_STATUSES, JobRecord, StateStore
+from shared.state import (CANCELLED, FAILED, ITEM_TYPE, PAUSED, RUNNING, SUCCEEDED, TERMINAL_STATUSES, JobRecord,
+                          StateStore)
 
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -46,7 +47,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Round-item keys shown as "the" validation metric, first match wins.
 VALIDATION_METRICS = ("validation_accuracy", "validation_r2", "validation_loss")
 # Job-item keys that describe the job itself; everything else is a progress field.
-HIDDEN_JOB_KEYS = ("pk", "sk", "spec")
+HIDDEN_JOB_KEYS = ("pk", "sk", ITEM_TYPE, "spec")
 
 
 class JobNotFoundError(BatonError):

@@ -8,7 +8,9 @@ Items, all under the partition key ``pk = "JOB#<job_id>"``:
     ``last_error`` (the latest handler error that SQS will retry, see
     :meth:`StateStore.record_last_error`), the latest metrics, ``watchdog_attempts``
     (re-sends the watchdog made in the current round), timestamps, and once the job ended,
-    ``expires_at``.
+    ``expires_at``. Its ``item_type = "JOB"`` and ``created_at`` key the sparse global
+    secondary index ``jobs-by-creation``, which lists job items only, oldest first, so
+    :meth:`StateStore.list_jobs` never reads round items.
 ``sk = "ROUND#<r, 8 digits>"``
     Round ``r``: ``done``, the number set of workers whose result is on EFS, ``reduced``,
     the number set of reducers whose slice of the sums is on EFS (only when
@@ -63,6 +65,12 @@ NOT_TERMINAL = "NOT #status IN (" + ", ".join(f":terminal{index}" for index in r
 NOT_TERMINAL_VALUES = {f":terminal{index}": {"S": status} for index, status in enumerate(TERMINAL_STATUSES)}
 JOB_STATUSES = (PREPARING, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
 
+
+# The global secondary index of job items (serverless.yml's StateTable), and its partition
+# key: only job items carry that attribute.
+JOBS_INDEX = "jobs-by-creation"
+ITEM_TYPE = "item_type"
+JOB_ITEM_TYPE = "JOB"
 
 # DynamoDB rejects a partition key longer than this, in UTF-8 bytes.
 MAX_PARTITION_KEY_BYTES = 2048
@@ -283,6 +291,7 @@ class StateStore:
         now = time.time()
         item = {
             **_job_key(job_id),
+            ITEM_TYPE: {"S": JOB_ITEM_TYPE},
             "status": {"S": PREPARING},
             "round": {"N": "0"},
             "n_workers": {"N": str(n_workers)},
@@ -553,7 +562,8 @@ class StateStore:
             _job_key(job_id),
             UpdateExpression=(
                 "SET #status = :failed, #error = :message, updated_at = :now, "
-                "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero)"),
+                "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero), "
+                f"{ITEM_TYPE} = :job_item"),
             ConditionExpression=f"attribute_not_exists(#status) OR {NOT_TERMINAL}",
             ExpressionAttributeNames={"#status": "status", "#error": "error", "#round": "round"},
             ExpressionAttributeValues={
@@ -562,6 +572,7 @@ class StateStore:
                 ":message": {"S": message},
                 ":now": {"N": repr(time.time())},
                 ":zero": {"N": "0"},
+                ":job_item": {"S": JOB_ITEM_TYPE},
             },
         )
 
@@ -720,17 +731,25 @@ class StateStore:
         return True
 
     def list_jobs(self) -> list[JobRecord]:
-        """Return every job item. Scans the table, so meant for the CLI, not for handlers."""
+        """Return every job item, oldest first.
+
+        Reads the ``jobs-by-creation`` index, so the cost grows with the number of jobs, not
+        of rounds. The index is eventually consistent: a job created or changed in the last
+        second may be missing or show its previous state, so a caller that acts on a record
+        does it with a conditional write.
+        """
         jobs = []
-        paginator = self.client.get_paginator("scan")
+        paginator = self.client.get_paginator("query")
         pages = paginator.paginate(
             TableName=self.table_name,
-            FilterExpression="sk = :job",
-            ExpressionAttributeValues={":job": {"S": "JOB"}},
+            IndexName=JOBS_INDEX,
+            KeyConditionExpression="#item_type = :job_item",
+            ExpressionAttributeNames={"#item_type": ITEM_TYPE},
+            ExpressionAttributeValues={":job_item": {"S": JOB_ITEM_TYPE}},
         )
         for page in pages:
             jobs.extend(JobRecord.from_item(item) for item in page["Items"])
-        return sorted(jobs, key=lambda job: job.attributes.get("created_at", 0))
+        return jobs
 
     def _update_if(self, key: dict, **request: Any) -> bool:
         """Run one conditional UpdateItem on ``key``; return False when its condition fails."""

@@ -279,11 +279,13 @@ def create_stack(definition: StackDefinition, sqs, dynamodb) -> dict[str, str]:
             continue
         properties = resource["Properties"]
         try:
+            indexes = properties.get("GlobalSecondaryIndexes")
             dynamodb.create_table(
                 TableName=properties["TableName"],
                 AttributeDefinitions=properties["AttributeDefinitions"],
                 KeySchema=properties["KeySchema"],
                 BillingMode=properties.get("BillingMode", "PAY_PER_REQUEST"),
+                **({"GlobalSecondaryIndexes": indexes} if indexes else {}),
             )
         except dynamodb.exceptions.ResourceInUseException:
             pass
