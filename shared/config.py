@@ -36,6 +36,10 @@ DEFAULT_JOB_RETENTION_DAYS = 90
 # sends the message to its dead-letter queue.
 DEFAULT_MAX_RECEIVE_COUNT = 5
 
+# Lambda's smallest and largest memory settings, in MB; no deployment can go beyond them.
+LAMBDA_MIN_MEMORY_MB = 128
+LAMBDA_MAX_MEMORY_MB = 10_240
+
 # The service name of serverless.yml, which starts the name of every queue and table.
 SERVICE_NAME = "baton"
 
@@ -175,6 +179,10 @@ class Settings:
         from the watchdog's first run after the job ended, and each round item from the
         round's aggregation. DynamoDB's time to live then deletes them; the job's files on
         EFS stay. 0 keeps them forever.
+    worker_memory_mb, aggregator_memory_mb : int
+        The memory of the stack's worker and aggregator functions, in MB (serverless.yml
+        passes params.workerMemory and params.aggregatorMemory). The starter rejects a
+        model whose arrays would not fit in either. Unset, they are Lambda's largest.
     """
 
     efs_root: str = "/mnt/efs"
@@ -191,6 +199,8 @@ class Settings:
     watchdog_max_attempts: int = 3
     models_bucket: str = ""
     job_retention_days: int = DEFAULT_JOB_RETENTION_DAYS
+    worker_memory_mb: int = LAMBDA_MAX_MEMORY_MB
+    aggregator_memory_mb: int = LAMBDA_MAX_MEMORY_MB
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints < MIN_KEEP_CHECKPOINTS:
@@ -220,6 +230,12 @@ class Settings:
             raise BatonError(f"invalid JOB_RETENTION_DAYS {self.job_retention_days}: it must be a number of days, "
                              f"or 0 to keep job items forever; set params.jobRetentionDays in serverless.yml, or "
                              f"unset it to use {DEFAULT_JOB_RETENTION_DAYS}")
+        for name, value in (("WORKER_MEMORY_MB", self.worker_memory_mb),
+                            ("AGGREGATOR_MEMORY_MB", self.aggregator_memory_mb)):
+            if not LAMBDA_MIN_MEMORY_MB <= value <= LAMBDA_MAX_MEMORY_MB:
+                raise BatonError(f"invalid {name} {value}: Lambda memory is {LAMBDA_MIN_MEMORY_MB} to "
+                                 f"{LAMBDA_MAX_MEMORY_MB} MB; set the function's memory parameter in serverless.yml "
+                                 "in that range, or unset the variable")
         if self.watchdog_max_attempts < 0:
             raise BatonError(f"invalid WATCHDOG_MAX_ATTEMPTS {self.watchdog_max_attempts}: it must be 0 (fail a "
                              "stalled job at once) or more; unset it to use 3")

@@ -210,9 +210,7 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     faults.maybe_fail("starter.prepared", job_id=spec.job_id)
 
     model = build_model(spec, manifest)
-    # NOTE: this checks against Lambda's largest memory, not the stack's setting, so a
-    # model between the two still runs out of memory in the functions and dead-letters.
-    check_model_fits(model)
+    check_model_fits(model, services.settings.worker_memory_mb, services.settings.aggregator_memory_mb)
     check_reducers(spec.training.reducers, model.n_params)
     optimizer = build_optimizer(spec)
     mode = get_training_mode(spec, model)

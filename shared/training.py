@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.config import LAMBDA_MAX_MEMORY_MB
 from shared.efs import json_preview
 from shared.errors import DIVERGED_WORDS, DataError, DivergenceError, JobSpecError
 from shared.models import Model, compute_class_weights, get_model_class
@@ -124,30 +125,46 @@ def build_model_for_preparation(spec: JobSpec) -> Model:
     return build_model(spec, {"n_features": 1, "classes": None})
 
 
-# Lambda's largest memory setting, in MB; no deployment can give a function more.
-LAMBDA_MAX_MEMORY_MB = 10_240
-
 # The maximum number of parameter-sized float64 arrays a function keeps at once: the
 # weights, up to two optimizer slots (Adam), a worker's gradient or the aggregator's
 # running sum, the new weights and one temporary of the step.
 PARAMETER_COPIES = 6
 
+# Memory a function needs besides the parameter arrays, in MB: the imports alone take
+# 70 MiB (bench/memory.py), and the rest covers the rows of a batch and the buffers of
+# reads and writes.
+RUNTIME_RESERVE_MB = 150
 
-def check_model_fits(model: Model, memory_mb: int = LAMBDA_MAX_MEMORY_MB) -> None:
-    """Reject a model whose parameter arrays alone would not fit in ``memory_mb`` MB.
+
+def check_model_fits(model: Model, worker_memory_mb: int = LAMBDA_MAX_MEMORY_MB,
+                     aggregator_memory_mb: int = LAMBDA_MAX_MEMORY_MB) -> None:
+    """Reject a model whose parameter arrays would not fit in the worker or aggregator function.
+
+    Parameters
+    ----------
+    model : Model
+    worker_memory_mb, aggregator_memory_mb : int, default=LAMBDA_MAX_MEMORY_MB
+        The stack's memory settings of the two functions (:class:`shared.config.Settings`).
 
     Raises
     ------
     JobSpecError
-        Naming the model's size and what to shrink.
+        Naming the model's size, the memory that is short, and what to raise or shrink.
     """
-    needed = model.n_params * 8 * PARAMETER_COPIES
-    if needed > memory_mb * 2**20:
-        field = "model.hidden_layer_sizes" if hasattr(model, "hidden_layer_sizes") else "model"
-        raise JobSpecError(field, f"the model has {model.n_params:,} parameters, so its weights, optimizer "
-                                  f"state and gradients need about {needed / 2**30:,.1f} GiB, more than the "
-                                  f"{memory_mb:,} MB a Lambda function can have; use fewer or smaller hidden "
-                                  "layers, or fewer features or classes")
+    needed_mb = model.n_params * 8 * PARAMETER_COPIES / 2**20 + RUNTIME_RESERVE_MB
+    field = "model.hidden_layer_sizes" if hasattr(model, "hidden_layer_sizes") else "model"
+    shrink = "use fewer or smaller hidden layers, or fewer features or classes"
+    size = (f"the model has {model.n_params:,} parameters, so its weights, optimizer state and gradients need "
+            f"about {needed_mb - RUNTIME_RESERVE_MB:,.0f} MB, plus {RUNTIME_RESERVE_MB} MB for the runtime")
+    if needed_mb > LAMBDA_MAX_MEMORY_MB:
+        raise JobSpecError(field, f"{size}, more than the {LAMBDA_MAX_MEMORY_MB:,} MB a Lambda function can have; "
+                                  f"{shrink}")
+    for function, memory_mb in (("worker", worker_memory_mb), ("aggregator", aggregator_memory_mb)):
+        if needed_mb > memory_mb:
+            raise JobSpecError(field, f"{size}, more than the {memory_mb:,} MB of the stack's {function} function; "
+                                      f"set params.{function}Memory in serverless.yml to at least "
+                                      f"{math.ceil(needed_mb):,} and deploy again, or {shrink}")
+
 
 def build_optimizer(spec: JobSpec) -> Optimizer:
     """Return the optimizer a job uses."""

@@ -164,6 +164,8 @@ def test_for_stage_ignores_environment(monkeypatch):
     ("CONTINUATION_MARGIN_SECONDS", "-30", "invalid CONTINUATION_MARGIN_SECONDS -30.0"),
     ("MAX_STEPS_PER_INVOCATION", "-4", "invalid MAX_STEPS_PER_INVOCATION -4: it must be 0 (no bound) or more"),
     ("WATCHDOG_MAX_ATTEMPTS", "-1", "invalid WATCHDOG_MAX_ATTEMPTS -1"),
+    ("WORKER_MEMORY_MB", "64", "invalid WORKER_MEMORY_MB 64: Lambda memory is 128 to 10240 MB"),
+    ("AGGREGATOR_MEMORY_MB", "20000", "invalid AGGREGATOR_MEMORY_MB 20000: Lambda memory is 128 to 10240 MB"),
 ])
 def test_out_of_range_setting_rejected(variable, raw, words):
     with pytest.raises(BatonError) as raised:
@@ -190,3 +192,13 @@ def test_watchdog_logs_invalid_setting(monkeypatch):
 
     assert logged[0][0] == "invalid function configuration; the watchdog did not run"
     assert logged[0][1]["error"].startswith("invalid STALL_SECONDS -1.0")
+
+
+def test_stack_settings_carry_function_memory():
+    from shared.local.stack import load_serverless_config, load_stack_definition
+
+    params = load_serverless_config()["params"]
+    settings = load_stack_definition(stage="prod").settings("/tmp/efs")
+
+    assert settings.worker_memory_mb == params["prod"]["workerMemory"]
+    assert settings.aggregator_memory_mb == params["default"]["aggregatorMemory"]

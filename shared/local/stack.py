@@ -151,9 +151,13 @@ class StackDefinition:
         return self.resources["StateTable"]["Properties"]["TableName"]
 
     def settings(self, efs_root: str) -> Settings:
-        """Return handler settings for this stack with EFS at ``efs_root``."""
+        """Return handler settings for this stack with EFS at ``efs_root``.
+
+        They come from the functions' environment in serverless.yml, as the local
+        runtime's handlers read them, and never from this process's environment.
+        """
         return Settings.from_env(
-            environ={},
+            environ=self.environment,
             efs_root=efs_root,
             jobs_queue_name=self.queue_name("JobsQueue"),
             tasks_queue_name=self.queue_name("TasksQueue"),
