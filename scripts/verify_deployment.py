@@ -301,8 +301,7 @@ def main() -> int:
         "STATE_TABLE_NAME": f"{service}-{stage}-state",
         "BATON_ALLOWED_S3_BUCKETS": params["dataBucket"],
         "MODELS_BUCKET": params["modelsBucket"],
-        "WORKER_MEMORY_MB": params["workerMemory"],
-        "AGGREGATOR_MEMORY_MB": params["aggregatorMemory"],
+        "FUNCTION_MEMORY_MB": f"worker={params['workerMemory']},aggregator={params['aggregatorMemory']}",
     }
 
     check = Checker()

@@ -44,6 +44,9 @@ LAMBDA_MAX_MEMORY_MB = 10_240
 SERVICE_NAME = "baton"
 
 FAULTS_ENABLED_VARIABLE = "BATON_FAULTS_ENABLED"
+# serverless.yml's memory settings of the worker and aggregator functions, such as
+# "worker=1769,aggregator=3008"; see :func:`function_memory_variables`.
+FUNCTION_MEMORY_VARIABLE = "FUNCTION_MEMORY_MB"
 EFS_FSYNC_VARIABLE = "BATON_EFS_FSYNC"
 
 _TRUE_TEXTS = ("1", "true", "yes")
@@ -108,6 +111,29 @@ def parse_setting(name: str, type_name: str, raw: str, default: bool | int | flo
     else:
         raise TypeError(f"setting {name} has type {type_name!r}, which parse_setting does not handle")
     raise BatonError(f"invalid {name} {raw!r}: expected {expected}; {fix}")
+
+
+def function_memory_variables(raw: str) -> dict[str, str]:
+    """Split ``FUNCTION_MEMORY_MB`` into the variables of its functions.
+
+    ``"worker=1769,aggregator=3008"`` gives ``{"WORKER_MEMORY_MB": "1769",
+    "AGGREGATOR_MEMORY_MB": "3008"}``, which :meth:`Settings.from_env` then reads as
+    ``worker_memory_mb`` and ``aggregator_memory_mb``.
+
+    Raises
+    ------
+    BatonError
+        If an entry is not ``function=megabytes`` for the worker or the aggregator.
+    """
+    variables = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        function, _, megabytes = entry.partition("=")
+        if function.strip() not in ("worker", "aggregator") or not megabytes.strip():
+            raise BatonError(f"invalid entry {entry!r} in {FUNCTION_MEMORY_VARIABLE} {raw!r}: expected worker=MB or "
+                             "aggregator=MB, such as worker=1769,aggregator=1769, as serverless.yml's provider "
+                             "environment sets it")
+        variables[f"{function.strip().upper()}_MEMORY_MB"] = megabytes.strip()
+    return variables
 
 
 def _read_switch(name: str, default: bool, environ: Mapping[str, str] | None) -> bool:
@@ -180,9 +206,11 @@ class Settings:
         round's aggregation. DynamoDB's time to live then deletes them; the job's files on
         EFS stay. 0 keeps them forever.
     worker_memory_mb, aggregator_memory_mb : int
-        The memory of the stack's worker and aggregator functions, in MB (serverless.yml
-        passes params.workerMemory and params.aggregatorMemory). The starter rejects a
-        model whose arrays would not fit in either. Unset, they are Lambda's largest.
+        The memory of the stack's worker and aggregator functions, in MB, read from
+        ``WORKER_MEMORY_MB`` and ``AGGREGATOR_MEMORY_MB`` or from the
+        ``FUNCTION_MEMORY_MB`` that serverless.yml sets from params.workerMemory and
+        params.aggregatorMemory. The starter rejects a model whose arrays would not fit
+        in either. Unset, they are Lambda's largest.
     """
 
     efs_root: str = "/mnt/efs"
@@ -309,6 +337,8 @@ class Settings:
             variable, its value and the fix.
         """
         environ = os.environ if environ is None else environ
+        if FUNCTION_MEMORY_VARIABLE in environ:
+            environ = {**function_memory_variables(environ[FUNCTION_MEMORY_VARIABLE]), **environ}
         faults_enabled(environ)
         efs_fsync_enabled(environ)
         values = {}

@@ -202,3 +202,12 @@ def test_stack_settings_carry_function_memory():
 
     assert settings.worker_memory_mb == params["prod"]["workerMemory"]
     assert settings.aggregator_memory_mb == params["default"]["aggregatorMemory"]
+
+
+@pytest.mark.parametrize("raw", ["worker=1769,gpu=4096", "worker", "worker=,aggregator=1769"])
+def test_function_memory_entry_rejected(raw):
+    with pytest.raises(BatonError) as raised:
+        Settings.from_env(environ={"FUNCTION_MEMORY_MB": raw})
+
+    assert "in FUNCTION_MEMORY_MB" in str(raised.value)
+    assert "expected worker=MB or aggregator=MB" in str(raised.value)
