@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench check-stack clean
+.PHONY: demo test lint bench check-stack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
+
+# Static checks: pyflakes and bugbear through ruff (settings in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check shared functions scripts bench tests
 
 # Measure speed and memory; rewrites docs/benchmarks.md.
 bench: $(STAMP)

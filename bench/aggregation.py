@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def measure_speedup(store: EfsStore, n_workers: int, n_params: int, reducer_coun
                 part = reduce_worker_results(store, JOB_ID, 0, n_workers, MODE, n_params,
                                              *slice_bounds(n_params, reducers, index))
                 write_reduced_slice(store, JOB_ID, 0, index, part)
-            gather = median_seconds(lambda: read_reduced_round(store, JOB_ID, 0, reducers, n_params), repeats)
+            gather = median_seconds(partial(read_reduced_round, store, JOB_ID, 0, reducers, n_params), repeats)
         phase = reducer + gather
         single = phase if single is None else single
         rows.append([reducers, f"{n_workers * (stop - start) * 8 / MEGABYTE:,.0f} MB", f"{reducer * 1000:,.1f} ms",

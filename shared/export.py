@@ -29,7 +29,6 @@ no step for the targets.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -630,7 +630,7 @@ def fetch_local_job(efs_root: Path, job_id: str, output_dir: Path) -> FetchResul
         check_model_files(efs_root, job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     result = FetchResult(written=_write_spec_and_metrics(spec, rounds, output_dir))
-    result.notes.append(f"job.json not written: the job's status is stored only in the stack's table, which this "
+    result.notes.append("job.json not written: the job's status is stored only in the stack's table, which this "
                         "fetch did not read; pass --stage and --endpoint-url while the stack runs to save it")
 
     if model_dir.is_dir() and model_predates_spec(store, job_id):

@@ -120,7 +120,8 @@ def _check_no_foreign_files(store: EfsStore, spec: JobSpec) -> None:
     except ValueError as error:
         raise DataError(f"file '{path.relative_to(store.root)}' of an earlier run of job '{spec.job_id}' is not valid "
                         f"JSON ({error}), so Baton cannot tell whether that run had this spec. Write this spec into it "
-                        "if the earlier run had it, so that the job goes on from its rounds, or choose a new job_id")
+                        "if the earlier run had it, so that the job goes on from its rounds, or choose a new job_id"
+                        ) from error
     try:
         same = parse_job_spec(earlier).fingerprint() == spec.fingerprint()
     except PermanentError:

@@ -49,14 +49,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 TRACE_DIR_VARIABLE = "BATON_TRACE_DIR"
 
 # Phases of a round's critical path, in report order; sums over them equal the round time.
 BREAKDOWN_PHASES = ("compute", "efs_read", "efs_write", "state", "dispatch", "aggregation", "other")
 
-_ids: contextvars.ContextVar[dict] = contextvars.ContextVar("baton_trace_ids", default={})
+_ids: contextvars.ContextVar[Mapping] = contextvars.ContextVar("baton_trace_ids", default=MappingProxyType({}))
 _local = threading.local()
 _tracer: "Tracer | None" = None
 # (owner, attribute, original) of every wrapped attribute, so that uninstall() can undo it.

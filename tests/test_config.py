@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
 from shared import faults
 from shared.config import (DEFAULT_MAX_RECEIVE_COUNT, Settings, efs_fsync_enabled, faults_enabled,
@@ -102,7 +103,8 @@ def test_handler_logs_invalid_setting(monkeypatch):
                           "md5OfBody": "", "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:0:q",
                           "awsRegion": "us-east-1"}]}
 
-    with pytest.raises(Exception):
+    # Every record of the batch failed, so Powertools raises instead of returning them.
+    with pytest.raises(BatchProcessingError):
         handler(event, None)
 
     messages = [message for message, _ in logged]

@@ -51,7 +51,7 @@ def test_exported_estimators_predict_like_baton(inprocess_stack, efs_root, tmp_p
     np.save(tmp_path / "X.npy", X_test)
 
     paths, expected, names = {}, {}, {}
-    for case, (model, data, estimator_name) in EXPORT_CASES.items():
+    for case, (model, data, _) in EXPORT_CASES.items():
         # The network regressor diverges at the other cases' learning rate of 0.5.
         optimizer = {"learning_rate": 0.1} if case == "mlp-regressor" else None
         spec = breast_cancer_spec(f"export-{case}", model=model, optimizer=optimizer, data=data,

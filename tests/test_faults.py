@@ -9,7 +9,6 @@ worker process and the others read its results.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import boto3

@@ -193,6 +193,7 @@ def test_early_aggregate_message_resends_reduces(inprocess_stack):
 
 def test_reduce_message_for_single_aggregator_dropped(inprocess_stack):
     reference = run_job(inprocess_stack, mode_spec("gradient_average", "single-reference", 1))
+    assert reference.status == SUCCEEDED, reference.error
     inprocess_stack.submit(mode_spec("gradient_average", "single", 1))
     while inprocess_stack.step("JobsQueue") is not None or inprocess_stack.step("TasksQueue") is not None:
         pass

@@ -278,7 +278,7 @@ def create_stack(definition: StackDefinition, sqs, dynamodb) -> dict[str, str]:
         urls[logical_id] = url
         arns[logical_id] = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
 
-    for logical_id, resource in definition.resources.items():
+    for resource in definition.resources.values():
         if resource["Type"] != "AWS::DynamoDB::Table":
             continue
         properties = resource["Properties"]
