@@ -39,6 +39,7 @@ from botocore.exceptions import ClientError
 # Re-exported, because serverless.yml and tests/test_stack.py name the handlers' receive count here.
 from shared.config import DEFAULT_MAX_RECEIVE_COUNT  # noqa: F401
 from shared.errors import BatonError, InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
+from shared.json_numbers import shown
 from shared.queues import body_object
 from shared.services import Services
 from shared.spec import derive_job_id
@@ -208,7 +209,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         docstring describes.
     unnamed_job_id : callable, optional
         ``unnamed_job_id(message_id)`` returns the job id that ``step`` gives a message
-        whose ``job_id`` is missing or unusable as a DynamoDB key
+        whose ``job_id`` is missing or not of the job id form
         (:func:`shared.state.can_record_job`). Without it, the handler takes the message's
         ``job_id`` as it is.
     failure_job_id : callable, optional
@@ -236,10 +237,13 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
                 "function": function_name, "message_id": record.message_id, **ids, "error": str(error)})
             raise
         if unnamed_job_id is not None and not can_record_job(ids.get("job_id")):
-            # A job id too long for a DynamoDB key counts as unusable, because recording its
-            # failure under it would fail on every retry. So does an empty one, whose item
-            # would have the bare key JOB#.
+            # A job id of another form (empty, too long for a DynamoDB key, with spaces)
+            # would give an item that the CLI cannot name, or none at all: the failure goes
+            # under the id derived from the message id, and the log keeps the given one.
+            given_job_id = ids.get("job_id")
             ids["job_id"] = unnamed_job_id(record.message_id)
+            if given_job_id is not None:
+                ids["given_job_id"] = shown(given_job_id)
         logger.append_keys(function=function_name, message_id=record.message_id, **ids)
         job_id = ids.get("job_id")
         remaining_millis = getattr(context, "get_remaining_time_in_millis", None)

@@ -48,6 +48,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from shared.errors import JobConflictError
+from shared.spec import JOB_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,25 @@ JOBS_INDEX = "jobs-by-creation"
 ITEM_TYPE = "item_type"
 JOB_ITEM_TYPE = "JOB"
 
-# DynamoDB rejects a partition key longer than this, in UTF-8 bytes.
-MAX_PARTITION_KEY_BYTES = 2048
+# Characters of a failure message kept as the job's ``error``. A message names a value and
+# a fix in far fewer; one that quotes a whole input (a header of 20,000 column names) would
+# otherwise push the job item past DynamoDB's 400 KB limit, and the failure would not be
+# recorded at all.
+MAX_ERROR_CHARS = 4000
+
+
+def shorten_error(message: str, max_chars: int = MAX_ERROR_CHARS) -> str:
+    """Return ``message`` cut to ``max_chars`` characters, keeping its start and its end.
+
+    The start names what failed and on which value, and the end usually gives the fix, so
+    the middle is replaced by a note of how many characters were left out.
+    """
+    if len(message) <= max_chars:
+        return message
+    note = f" [... {len(message) - max_chars:,} characters left out ...] "
+    room = max_chars - len(note)
+    tail = room // 4
+    return message[:room - tail] + note + message[len(message) - tail:]
 
 
 def _partition_key(job_id: str) -> str:
@@ -86,13 +104,13 @@ def _job_key(job_id: str) -> dict:
 
 
 def can_record_job(job_id: object) -> bool:
-    """Return whether the table can hold an item for ``job_id``, valid or not.
+    """Return whether a failure may be recorded under ``job_id``: a string of the job id form.
 
-    A rejected spec's failure is recorded under the job id it gives, so that id may break
-    the job id rules, but it must be a string whose key fits DynamoDB's size limit. It
-    must not be empty either, because that item's key would be the bare prefix ``JOB#``.
+    A rejected spec whose id breaks the form (empty, too long, with spaces or ``/``) has
+    its failure recorded under ``job-<message id>`` instead, so every job item has an id
+    that ``baton status`` and the other commands accept, and a key that fits DynamoDB's.
     """
-    return isinstance(job_id, str) and job_id != "" and len(_partition_key(job_id).encode()) <= MAX_PARTITION_KEY_BYTES
+    return isinstance(job_id, str) and JOB_ID_PATTERN.match(job_id) is not None
 
 
 def _round_key(job_id: str, round_index: int) -> dict:
@@ -569,7 +587,7 @@ class StateStore:
             ExpressionAttributeValues={
                 **NOT_TERMINAL_VALUES,
                 ":failed": {"S": FAILED},
-                ":message": {"S": message},
+                ":message": {"S": shorten_error(message)},
                 ":now": {"N": repr(time.time())},
                 ":zero": {"N": "0"},
                 ":job_item": {"S": JOB_ITEM_TYPE},

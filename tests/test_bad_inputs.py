@@ -99,11 +99,14 @@ CASES = [
     ("oversized-message", OVERSIZED_BODY, "too-big",
      [f"the message body is {len(OVERSIZED_BODY):,} bytes", "over Baton's limit of 65,536 bytes (64 KiB)",
       "compact JSON", "leave out fields that keep their default value"]),
-    ("job-id-dot-dot", json.dumps(spec("../escape")), "../escape", ["job_id", "'../escape'"]),
-    ("job-id-too-long", json.dumps(spec("j" * 65)), "j" * 65, ["job_id", "64"]),
-    # An empty id would put the failure under the bare key JOB#, so it goes under the message's id.
+    # An id of another form than the job id rules allow goes under the message's id, which
+    # `baton status` accepts, and the error quotes the given one.
+    ("job-id-dot-dot", json.dumps(spec("../escape")), None, ["job_id", "'../escape'"]),
+    ("job-id-too-long", json.dumps(spec("j" * 65)), None, ["job_id", "64"]),
+    ("job-id-with-space", json.dumps(spec("bad id!")), None, ["job_id", "got 'bad id!'", "letters, digits"]),
+    # An empty id would put the failure under the bare key JOB#.
     ("job-id-empty", json.dumps(spec("")), None, ["job_id", "is empty", "leave job_id out"]),
-    # DynamoDB keys hold at most 2048 bytes, so this failure goes under the message's id.
+    # DynamoDB keys hold at most 2048 bytes.
     ("job-id-beyond-key-limit", json.dumps(spec("j" * 3000)), None, ["job_id", "64"]),
     ("data-path-dot-dot", json.dumps(spec("path-escape", data=csv_data("../outside.csv"))), "path-escape",
      ["data.path", "'..'"]),
@@ -622,7 +625,7 @@ def test_outside_file_left_untouched(stack):
     assert after == before, "the starter wrote through the job folder's link"
 
 
-@pytest.mark.parametrize("job_id", ["", "j" * 3000], ids=["empty", "beyond-key-limit"])
+@pytest.mark.parametrize("job_id", ["", "j" * 3000, "bad id!"], ids=["empty", "beyond-key-limit", "space"])
 def test_dead_lettered_job_without_usable_id(stack, job_id):
     # The watchdog names the job as the starter does: after the message id, which SQS keeps.
     url = stack.queues.url(f"{stack.settings.jobs_queue_name}-dlq")
@@ -635,6 +638,7 @@ def test_dead_lettered_job_without_usable_id(stack, job_id):
     assert record.status == "FAILED"
     assert "dead-letter queue" in record.error
     assert stack.state.get_job("") is None
+    assert stack.state.list_jobs() == [record]
 
 
 def test_conflict_with_paused_job_names_resume(stack):

@@ -417,3 +417,19 @@ def test_missing_table_named(inprocess_stack):
     assert isinstance(error, BatonError)
     assert "DynamoDB table 'baton-nostack-state' not found (BatchGetItem)" in str(error)
     assert "npx serverless deploy --stage STAGE" in str(error)
+
+
+def test_failure_message_beyond_item_limit_is_shortened(inprocess_stack):
+    from shared.state import MAX_ERROR_CHARS
+
+    # A message that quotes a whole input, over DynamoDB's 400 KB item limit.
+    message = "data file 'wide.csv' has no column 'lable'; its columns are " + "c, " * 300_000 + "use one of them"
+    state = inprocess_stack.services.state
+
+    assert state.fail_job("wide-header", message)
+
+    error = state.get_job("wide-header").error
+    assert len(error) == MAX_ERROR_CHARS
+    assert error.startswith("data file 'wide.csv' has no column 'lable'")
+    assert error.endswith("c, use one of them")
+    assert f"[... {len(message) - MAX_ERROR_CHARS:,} characters left out ...]" in error

@@ -127,3 +127,45 @@ def test_invalid_expression_rejected_every_time(server_client):
     clauses = "SET #a = :value SET #a = :value"
     assert validation_message(server_client, {"#a": "note"}, clauses) == validation_message(
         server_client, {"#a": "note"}, clauses)
+
+
+def test_concurrent_receives_never_share_message(monkeypatch):
+    import threading
+    import time
+
+    import moto.sqs.models
+
+    from shared.local.moto_server import serialized_receive
+
+    mark_received = moto.sqs.models.Message.mark_received
+
+    def slow_mark_received(self, *args, **kwargs):
+        # Widen the gap between moto's visibility check and the mark, where two receives race.
+        time.sleep(0.005)
+        return mark_received(self, *args, **kwargs)
+
+    monkeypatch.setattr(moto.sqs.models.Message, "mark_received", slow_mark_received)
+    monkeypatch.setattr(moto.sqs.models.SQSBackend, "receive_message",
+                        serialized_receive(moto.sqs.models.SQSBackend.receive_message))
+    received: list[str] = []
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        url = sqs.create_queue(QueueName="race", Attributes={"VisibilityTimeout": "600"})["QueueUrl"]
+        for index in range(40):
+            sqs.send_message(QueueUrl=url, MessageBody=str(index))
+
+        def receive_until_empty():
+            while True:
+                messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1).get("Messages", [])
+                if not messages:
+                    return
+                received.append(messages[0]["MessageId"])
+
+        threads = [threading.Thread(target=receive_until_empty) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    assert len(received) == 40
+    assert len(set(received)) == 40

@@ -3,8 +3,14 @@
 moto 5.2 applies an UpdateItem as read, modify, write without a lock, so two workers
 adding themselves to a round's done set at the same moment could lose one of the adds,
 and the round would never complete. DynamoDB itself applies each update atomically. This
-server serialises DynamoDB requests to restore that guarantee; SQS requests, including
-long polls, still run concurrently.
+server serialises DynamoDB requests to restore that guarantee.
+
+moto's ReceiveMessage has the same kind of race: two receives at the same moment can both
+find a message visible and both take it, although its visibility timeout is far from over
+(seen about once in 800 messages with 16 threads). The handler then sees a second receive
+of a message that is still running, and records a timeout that never happened as the
+job's last error. Each pass of a receive over the queue now runs under one lock; the wait
+of a long poll between passes runs outside it, so long polls still run concurrently.
 
 A round of a small job is mostly requests to this server (bench/rounds.py measures them),
 and one server process runs them all under one interpreter lock, so the server's CPU time
@@ -39,6 +45,7 @@ import functools
 import pickle
 import sys
 import threading
+import time
 from typing import Callable, Iterable
 
 import moto.backends
@@ -78,6 +85,35 @@ class SerialDynamoDbMiddleware:
         with self.lock:
             # Consume the response inside the lock, so the update is complete on return.
             return list(self.app(environ, start_response))
+
+
+def serialized_receive(receive: Callable) -> Callable:
+    """Wrap moto's ``SQSBackend.receive_message`` so that no two receives take the same message.
+
+    Each pass over the queue (moto's own receive with no wait) runs under one lock. A long
+    poll that finds nothing waits for a new message outside the lock, for at most a second
+    at a time as moto does, until its wait time is over.
+    """
+    lock = threading.Lock()
+
+    @functools.wraps(receive)
+    def receive_message(self, queue_name, count, wait_seconds_timeout, visibility_timeout,
+                        message_attribute_names=None):
+        polling_end = time.time() + wait_seconds_timeout
+        while True:
+            with lock:
+                messages = receive(self, queue_name, count, 0, visibility_timeout, message_attribute_names)
+            if messages or time.time() >= polling_end:
+                return messages
+            self.get_queue(queue_name).wait_for_messages(1)
+
+    return receive_message
+
+
+def _serialize_sqs_receives() -> None:
+    backend = moto.sqs.models.SQSBackend
+    if not getattr(backend.receive_message, "__wrapped__", None):
+        backend.receive_message = serialized_receive(backend.receive_message)
 
 
 def _cache_module_list() -> None:
@@ -232,6 +268,7 @@ def build_app() -> Callable:
     _cache_update_expressions()
     _copy_plain_attribute_values()
     _speed_up_update_validation()
+    _serialize_sqs_receives()
     return SerialDynamoDbMiddleware(DomainDispatcherApplication(create_backend_app))
 
 
