@@ -847,6 +847,35 @@ def test_watch_writes_lines_when_not_terminal(finished_job):
     assert "status=SUCCEEDED" in lines[-1]
 
 
+def test_watch_catch_up_lines_omit_status(finished_job):
+    from shared.monitor import watch_job
+
+    state = finished_job["stack"].state
+    state.create_job("caught-up", "d" * 64, "{}", 2)
+    state.start_job("caught-up", 4)
+
+    def finish_all_rounds(seconds):
+        # The job runs its last 3 rounds and succeeds between two polls.
+        for index in range(1, 4):
+            state.put_round_metrics("caught-up", index, {"round": index + 1, "epoch": 1.0, "train_loss": 0.5})
+            if index == 3:
+                state.finish_job("caught-up", index, {"stop_reason": "max_rounds"})
+            else:
+                state.advance_round("caught-up", index, {"train_loss": 0.5})
+
+    state.put_round_metrics("caught-up", 0, {"round": 1, "epoch": 0.25, "train_loss": 0.7})
+    state.advance_round("caught-up", 0, {"train_loss": 0.7})
+    stream = io.StringIO()
+
+    watch_job(state, "caught-up", stream=stream, sleep=finish_all_rounds)
+
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"caught-up: {count}/4 rounds" for count in range(1, 5)]
+    assert "status=RUNNING" in lines[0]
+    assert all("status=" not in line for line in lines[1:3]), "an earlier round shows the final status"
+    assert "status=SUCCEEDED" in lines[3]
+
+
 def test_watch_draws_bar_on_terminal(finished_job):
     stream = TerminalStream()
 
