@@ -311,14 +311,14 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                            stack_arguments=format_stack_arguments(stage, endpoint_url, region))
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
-    from shared.monitor import format_cost
+    from shared.monitor import count_rounds, format_cost
 
     cost_usd = float(record.attributes.get("cost_usd", 0.0))
     if record.status == "CANCELLED":
-        raise click.ClickException(f"job {job_id} was cancelled after {record.round} rounds")
+        raise click.ClickException(f"job {job_id} was cancelled after {count_rounds(record.round)}")
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error or 'no error recorded'}")
-    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds "
+    click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} "
                f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost "
                f"${format_cost(cost_usd)})")
 
@@ -393,7 +393,7 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
     inertia where classifiers show the accuracy and regression models the r2.
     """
     from shared.errors import DamagedFileError
-    from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
+    from shared.monitor import JobNotFoundError, count_rounds, plot_job, read_metrics_files
 
     # The output is checked first, so a typo in it costs no read of the table.
     output_path = checked_output_path(output, Path(f"{job_id}.png"), "curves.png")
@@ -406,12 +406,12 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
             rounds = read_metrics_files(efs_root, job_id)
         except (JobNotFoundError, DamagedFileError) as error:
             raise click.ClickException(str(error)) from None
-        title = f"{job_id} ({len(rounds)} rounds)"
+        title = f"{job_id} ({count_rounds(len(rounds))})"
     else:
         state = state_store(stage, endpoint_url, region)
         record = require_job(state, job_id)
         rounds = state.list_round_metrics(job_id)
-        title = f"{job_id} ({record.status}, {len(rounds)} rounds)"
+        title = f"{job_id} ({record.status}, {count_rounds(len(rounds))})"
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         plot_job(rounds, output_path, title=title, width_inches=width_inches, height_inches=height_inches, dpi=dpi)

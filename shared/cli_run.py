@@ -33,7 +33,7 @@ from shared.efs import EfsStore
 from shared.errors import DIVERGED_WORDS, BatonError, JobSpecError
 from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDirLock, LockHolder
 from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
-from shared.monitor import format_round, loss_text, regression_loss_note
+from shared.monitor import count_rounds, format_round, loss_text, regression_loss_note
 from shared.spec import check_relative_path, parse_job_spec
 from shared.state import PAUSED, PREPARING, SUCCEEDED, TERMINAL_STATUSES, JobRecord
 
@@ -295,7 +295,7 @@ def _echo_continued(record, efs_root: Path) -> None:
     first_round = record.first_round
     if record.status == "SUCCEEDED" and record.round == first_round:
         click.echo(f"job {record.job_id} had finished in an earlier run of its spec on the same data, so it is not "
-                   f"trained again: its model and the metrics of its {first_round} rounds are in "
+                   f"trained again: its model and the metrics of its {count_rounds(first_round)} are in "
                    f"{efs_root / 'jobs' / record.job_id}. Add --fresh to train it again")
         return
     done = "round 1" if first_round == 1 else f"rounds 1 to {first_round}"
@@ -343,7 +343,7 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
     if record.status != "SUCCEEDED":
         return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}")
     summary = record.attributes
-    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
+    click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
     # The training loss is the mean over the last round's batches, while validation uses every held-out row.
     labels = {"train_loss": "train_loss (last round)", "validation_loss": "validation_loss",
@@ -411,7 +411,7 @@ def _stopped_at(record: JobRecord) -> str:
 def job_outcome_line(record: JobRecord) -> str:
     """Return one line on a job that has left PREPARING and RUNNING: status, rounds, stop reason or error."""
     if record.status == SUCCEEDED:
-        return (f"job {record.job_id} SUCCEEDED after {record.round} rounds "
+        return (f"job {record.job_id} SUCCEEDED after {count_rounds(record.round)} "
                 f"(stop reason {record.attributes.get('stop_reason', 'unknown')})")
     line = f"job {record.job_id} {record.status} {_stopped_at(record)}"
     if record.error:

@@ -172,6 +172,11 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
     return postfix
 
 
+def count_rounds(count: int) -> str:
+    """Return a number of rounds for a line of output: "1 round" or "12 rounds"."""
+    return f"{count} round" if count == 1 else f"{count} rounds"
+
+
 def format_cost(usd: float) -> str:
     """Return a cost in US dollars with six decimals, as ``baton list``, ``status`` and ``watch`` show it.
 

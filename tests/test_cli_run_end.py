@@ -481,3 +481,15 @@ def test_negative_r2_summary_hints_scaling(tmp_path, capsys, r2, hinted):
     output = capsys.readouterr().out
     assert ("validation_r2 is below 0" in output) is hinted
     assert ("data.standardize true and data.standardize_target true" in output) is hinted
+
+
+def test_one_round_named_singular(tmp_path, capsys):
+    from shared.cli_run import _report_local_job, job_outcome_line
+
+    record = JobRecord(job_id="short", status="SUCCEEDED", round=1, n_workers=2, total_rounds=1, fingerprint="",
+                       spec_json="{}", error=None, attributes={"stop_reason": "max_rounds"})
+
+    assert job_outcome_line(record) == "job short SUCCEEDED after 1 round (stop reason max_rounds)"
+    assert _report_local_job(record, tmp_path, elapsed=3.0) is None
+    assert "job short SUCCEEDED after 1 round in 3.0 s" in capsys.readouterr().out
+
