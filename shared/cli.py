@@ -21,15 +21,14 @@ from click.core import ParameterSource
 
 from shared.cli_spec import (FiniteFloatRange, build_spec, check_job_id_argument, checked_output_path, writing_output,
                               spec_options)
-from shared.cli_stack import (LOCAL_STAGE, QUEUE_URL_META_KEY, STACK_ARGUMENTS_META_KEY, STAGE_META_KEY,
-                              aws_error_message, check_local_endpoint, check_url, format_stack_arguments,
-                              options_given, require_job, s3_client, stack_option_given, stack_options, state_store,
+from shared.cli_stack import (DEFAULT_LOCAL_DIR, JOB_ID_META_KEY, LOCAL_STAGE, QUEUE_URL_META_KEY,
+                              STACK_ARGUMENTS_META_KEY, STACK_OPTION_GIVEN_META_KEY, STAGE_META_KEY, aws_error_message,
+                              check_local_endpoint, check_url, format_stack_arguments, options_given,
+                              require_job, s3_client, stack_option_given, stack_options, state_store,
                               with_stack_options)
 from shared.config import Settings, stack_resource_name
 from shared.spec import encode_job_message
 from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
-
-DEFAULT_LOCAL_DIR = Path(".baton")
 
 
 class BatonGroup(click.Group):
@@ -49,7 +48,9 @@ class BatonGroup(click.Group):
             raise
         except Exception as error:
             # Context.meta is shared by the group's context and the command's.
-            message = aws_error_message(error, ctx.meta.get(STAGE_META_KEY), ctx.meta.get(QUEUE_URL_META_KEY))
+            message = aws_error_message(error, ctx.meta.get(STAGE_META_KEY), ctx.meta.get(QUEUE_URL_META_KEY),
+                                        ctx.invoked_subcommand, ctx.meta.get(JOB_ID_META_KEY),
+                                        ctx.meta.get(STACK_OPTION_GIVEN_META_KEY, True))
             if message is None:
                 raise
             raise click.ClickException(message) from None

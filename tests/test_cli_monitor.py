@@ -919,3 +919,48 @@ def test_watch_estimate_uses_round_times():
     assert "eta" not in progress_postfix(record("CANCELLED"), rounds)
     assert format_duration(59.6) == "1:00"
     assert format_duration(3600) == "1:00:00"
+
+
+@pytest.fixture
+def no_aws_region(tmp_path, monkeypatch):
+    """A working folder with no AWS region in the environment or in an AWS config file."""
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("command, after_run", [
+    (["status", "demo-job"], "`baton fetch demo-job --efs-root .baton/efs` and `baton plot demo-job --efs-root "
+                             ".baton/efs` read the job's files"),
+    (["fetch", "demo-job"], "pass --efs-root .baton/efs alone"),
+    (["plot", "demo-job"], "pass --efs-root .baton/efs alone"),
+    (["list"], "`baton fetch JOB_ID --efs-root .baton/efs` reads a job's files"),
+])
+def test_missing_region_names_local_folder(no_aws_region, command, after_run):
+    (no_aws_region / ".baton" / "efs" / "jobs" / "demo-job").mkdir(parents=True)
+
+    result = CliRunner().invoke(main, command)
+
+    assert result.exit_code == 1
+    assert f"without --stage or --endpoint-url `baton {command[0]}` reads the stack of stage 'dev'" in result.output
+    assert "pass --stage local --endpoint-url URL, with the URL it prints" in result.output
+    assert f"once it has ended, {after_run}" in result.output
+    assert "For a stack on AWS, pass --region or set AWS_DEFAULT_REGION" in result.output
+
+
+@pytest.mark.parametrize("command", [["status", "other-job"], ["status", "demo-job", "--stage", "prod"]])
+def test_missing_region_without_local_job(no_aws_region, command):
+    # The local folder contains another job, or the command aims at a named stage.
+    (no_aws_region / ".baton" / "efs" / "jobs" / "demo-job").mkdir(parents=True)
+
+    result = CliRunner().invoke(main, command)
+
+    assert result.exit_code == 1
+    assert "Error: no AWS region is configured; pass --region or set AWS_DEFAULT_REGION" in result.output
+    assert "--stage local" not in result.output
