@@ -30,7 +30,7 @@ import click
 from shared.config import Settings
 from shared.earlier_runs import continuation_round, run_identity
 from shared.efs import EfsStore
-from shared.errors import DIVERGED_WORDS, BatonError, JobSpecError
+from shared.errors import DATA_FILE_NOT_FOUND, DIVERGED_WORDS, BatonError, JobSpecError
 from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDirLock, LockHolder
 from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
 from shared.monitor import count_rounds, format_round, loss_text, regression_loss_note
@@ -341,7 +341,8 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
         return click.ClickException(f"job {job_id} was cancelled after {record.round} of {record.total_rounds} "
                                     f"rounds; its files remain in {efs_root / 'jobs' / job_id}")
     if record.status != "SUCCEEDED":
-        return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}")
+        return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}"
+                                    f"{_missing_data_hint(record, efs_root)}")
     summary = record.attributes
     click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
@@ -364,6 +365,31 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
 NEGATIVE_R2_HINT = ("note: validation_r2 is below 0, so the model predicts the held-out targets worse than their "
                     "mean would; features or targets of very different scales are the usual cause, so try "
                     "data.standardize true and data.standardize_target true, or a smaller learning rate")
+
+
+def _missing_data_hint(record, efs_root: Path) -> str:
+    """Return where the missing data file of ``baton run``'s own job belongs, as a sentence to append to its error.
+
+    The handlers' message names the file as the spec does, because it also reaches users of
+    a deployed stack. Only here is it known that EFS is the local folder ``efs_root``, and
+    that ``baton run --import`` copies a file into it.
+    """
+    if record.status != "FAILED" or not (record.error or "").startswith(DATA_FILE_NOT_FOUND):
+        return ""
+    try:
+        data = json.loads(record.spec_json or "{}").get("data")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    for field in ("path", "validation_path"):
+        path = data.get(field)
+        if (isinstance(path, str) and not path.startswith("s3://") and f"'{path}'" in record.error
+                and not os.path.lexists(efs_root / path)):
+            return (f". This local stack's EFS is the folder {efs_root}, so data.{field} names {efs_root / path}: "
+                    f"copy the file there, or add --import SOURCE:{path} to the baton run command, which copies "
+                    "the file SOURCE there before the job starts")
+    return ""
 
 
 def _after_failure(record, efs_root: Path) -> str:

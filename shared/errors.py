@@ -7,6 +7,11 @@ transient and the message goes back to its queue.
 """
 
 
+# The start of the error of a data file that does not exist. ``baton run`` looks for it in
+# its own job's error, to name the file's place in the local EFS folder.
+DATA_FILE_NOT_FOUND = "data file not found"
+
+
 class BatonError(Exception):
     """Base class of every error Baton raises on purpose."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from shared.errors import DataError
+from shared.errors import DATA_FILE_NOT_FOUND, DataError
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2")
 
@@ -40,10 +40,10 @@ def check_data_file(path: Path, source: str, field: str) -> None:
         Naming the file, what it is instead, and what to do.
     """
     if path.is_symlink() and not path.exists():
-        raise DataError(f"data file not found: '{source}' is a symbolic link to a missing file, or one of a loop of "
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}' is a symbolic link to a missing file, or one of a loop of "
                         f"links; check {field} and point the link at the file on EFS, or copy the file there")
     if not path.exists():
-        raise DataError(f"data file not found: '{source}'; check {field} and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check {field} and that the file was copied onto EFS")
     if path.is_dir():
         raise DataError(f"{field} '{source}' is a folder, not a file; name one data file in {field}")
     if not path.is_file():
@@ -58,7 +58,7 @@ def check_data_file(path: Path, source: str, field: str) -> None:
 def open_binary(path: Path, source: str) -> io.BufferedIOBase:
     """Open a data file for reading bytes, decompressing a ``.gz`` or ``.bz2`` file as it is read."""
     if not path.is_file():
-        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     if path.suffix == ".bz2":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import DataError
+from shared.errors import DATA_FILE_NOT_FOUND, DataError
 from shared.formats.delimited import resolve_label_column
 
 
@@ -99,7 +99,7 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
     """Read arrays ``X`` (2-D) and ``y`` (1-D) from a ``.npz`` archive."""
     source = source or str(path)
     if not path.is_file():
-        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     if not zipfile.is_zipfile(path):
         raise DataError(f"'{source}' is not a .npz archive because it is not a zip file; save the features and "
                         "labels with numpy.savez(path, X=features, y=labels), or use format 'npy' for one matrix")
@@ -128,7 +128,7 @@ def load_npy(path: Path, source: str | None = None) -> np.ndarray:
     """Memory-map a ``.npy`` file after checking that it is a complete array of numbers."""
     source = source or str(path)
     if not path.is_file():
-        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     with open(path, "rb") as handle:
         shape, dtype = check_npy_header(handle, f"'{source}'")
         data_offset = handle.tell()
