@@ -259,12 +259,24 @@ CASES = [
     ("csv-full-width-digits", json.dumps(spec("csv-wide-digits", data=csv_data(
         "datasets/full-width-digits.csv", skip_rows=1))), "csv-wide-digits",
      ["line 3 of 'datasets/full-width-digits.csv'", "column 2", "'７５'", "not a number"]),
+    # A 100,000-character token: the message quotes its start and counts the rest.
+    ("libsvm-long-token", json.dumps(spec("libsvm-long-token", data=libsvm_data("datasets/long-token.libsvm"))),
+     "libsvm-long-token", ["malformed libsvm line 1 in 'datasets/long-token.libsvm': label 'xxxxxxxxxx",
+                           "'... (100,000 characters) is not a number"]),
+    ("csv-label-name-in-wide-header", json.dumps(spec("csv-wide-header", data=csv_data(
+        "datasets/wide-header.csv", header=True, label_column="lable"))), "csv-wide-header",
+     ["data.label_column is 'lable' but the header of 'datasets/wide-header.csv' names 3,001 columns "
+      "['some_long_feature_name_0', 'some_long_feature_name_1', ", "... and 2,991 more]; use one of those names"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
 # that contains one was passed through instead of written for the user.
 FOREIGN_PHRASES = ["usecols", "allow_pickle", "pickled", "float64 at row", "could not convert", "invalid literal",
                    "(bytes ", "of the part"]
+
+# The longest error a case may give. Values and lists quoted from a data file are cut, so
+# that no file makes an error too long to read or to store.
+MAX_ERROR_CHARS = 1000
 
 # The first line of the file outside the EFS root: no error may quote it.
 OUTSIDE_LINE = "root:x:0:0:root:/root:/bin/bash"
@@ -297,6 +309,7 @@ def write_data_files(efs_root):
     write_malformed_files(datasets)
     write_named_csv_files(datasets)
     write_breast_cancer_variants(datasets)
+    write_format_mixups(datasets)
     os.mkfifo(datasets / "pipe.csv")
     (datasets / "empty.csv").write_text("")
     (datasets / "header-only.csv").write_text("a,b,label\n")
@@ -373,6 +386,14 @@ def write_breast_cancer_variants(datasets):
     np.save(datasets / "records.npy", np.rec.fromarrays(table.T))
     names = np.where(table[:, -1] == 1, "benign", "malignant")
     np.savez(datasets / "text-labels.npz", X=table[:, :-1], y=names)
+
+
+def write_format_mixups(datasets):
+    """Write files of unusual values: a libsvm token and a header too long to quote."""
+    (datasets / "long-token.libsvm").write_text("x" * 100_000 + " 1:0.5\n1 1:1\n")
+    header = ",".join(f"some_long_feature_name_{index}" for index in range(3000)) + ",label\n"
+    rows = "".join(",".join(["0.5"] * 3000) + f",{label}\n" for label in (0, 1, 0))
+    (datasets / "wide-header.csv").write_text(header + rows)
 
 
 def test_npy_structured_error_is_short(tmp_path):
@@ -495,6 +516,7 @@ def test_bad_input_fails_job_once(stack, handler_log, body, job_id, words):
         assert word in record.error
     for phrase in FOREIGN_PHRASES:
         assert phrase not in record.error
+    assert len(record.error) <= MAX_ERROR_CHARS, "a quoted value or list in the error is not cut short"
     assert stack.settings.efs_root not in record.error, "name the file as the spec gives it"
     assert "root:x" not in record.error, "an error quoted a file outside the EFS root"
     failures = [line for line in log_lines(handler_log.getvalue()) if line.get("message") == "job failed"]

@@ -564,3 +564,35 @@ def test_csv_quoted_header_name_keeps_delimiter(tmp_path):
 
     np.testing.assert_array_equal(X, [[1.0, 2.0], [3.0, 4.0]])
     np.testing.assert_array_equal(y, [0.0, 1.0])
+
+
+LONG_TEXT = "y" * 100_000
+
+
+@pytest.mark.parametrize("line, words", [
+    (f"{LONG_TEXT} 1:2", "label 'yyyyyyyyyy"),
+    (f"1 {LONG_TEXT}", "'... (100,000 characters) is not an <index>:<value> pair"),
+    (f"1 {LONG_TEXT}:2", "feature index 'yyyyyyyyyy"),
+    (f"1 3:{LONG_TEXT}", "value of feature 3 'yyyyyyyyyy"),
+])
+def test_libsvm_long_token_quoted_short(line, words):
+    from shared.formats.libsvm import parse_libsvm_text
+
+    with pytest.raises(DataError) as raised:
+        parse_libsvm_text("1 1:2\n" + line + "\n", "long.svm")
+
+    message = str(raised.value)
+    assert words in message
+    assert "(100,000 characters)" in message
+    assert len(message) < 400
+
+
+def test_csv_long_field_quoted_short():
+    from shared.formats.delimited import parse_csv_text
+
+    with pytest.raises(DataError) as raised:
+        parse_csv_text(f"1,0\n{LONG_TEXT},1\n", ",", 1, None, "long.csv")
+
+    assert "column 1 is 'yyyyyyyyyy" in str(raised.value)
+    assert len(str(raised.value)) < 400
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import DataError
+from shared.errors import DataError, preview_list, quote_value
 from shared.formats.files import decode_text, read_text_bytes
 
 
@@ -79,7 +79,7 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
                                  f"its last column ({column}) is empty; remove the delimiter at the end of each line "
                                  "that has one too many, or write the missing value")
             if not _is_number(field):
-                problem = "is empty" if not field.strip() else f"is {field.strip()!r}, which is not a number"
+                problem = "is empty" if not field.strip() else f"is {quote_value(field.strip())}, which is not a number"
                 if field.strip() and not field.isascii():
                     problem += " (only ASCII digits 0-9 are read)"
                 return DataError(f"line {line_number} of '{source}', column {column} {problem}; CSV data must be "
@@ -118,8 +118,17 @@ def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int |
     return X, y
 
 
+# Header names that an error lists before it counts the rest.
+HEADER_NAMES_SHOWN = 10
+
+
 def _header_names(header: list[str] | None) -> list[str]:
     return [name.strip().strip('"') for name in header or []]
+
+
+def _preview_names(names: list[str]) -> str:
+    """Return the first header names for a message, each cut to a short quote, with the count of the others."""
+    return preview_list(names, HEADER_NAMES_SHOWN, quote_value)
 
 
 def _join_numbers(numbers: list[int]) -> str:
@@ -140,8 +149,8 @@ def resolve_label_column(label_column: int | str, header: list[str] | None, n_co
     if isinstance(label_column, str):
         names = _header_names(header)
         if label_column not in names:
-            raise DataError(f"data.label_column is {label_column!r} but the header of '{source}' names the "
-                            f"columns {names}; use one of those names")
+            raise DataError(f"data.label_column is {label_column!r} but the header of '{source}' names "
+                            f"{len(names):,} columns {_preview_names(names)}; use one of those names")
         indices = [index for index, name in enumerate(names) if name == label_column]
         if len(indices) > 1:
             raise DataError(f"data.label_column is {label_column!r}, but the header of '{source}' gives that name "
@@ -181,7 +190,7 @@ def check_same_features(train_header: list[str], validation_header: list[str], l
     for position, (train_column, validation_column) in enumerate(pairs, start=1):
         if train_column is not None and validation_column is not None and train_column[1] == validation_column[1]:
             continue
-        in_train, in_validation = (f"{column[1]!r} (column {column[0]})" if column else "missing"
+        in_train, in_validation = (f"{quote_value(column[1])} (column {column[0]})" if column else "missing"
                                    for column in (train_column, validation_column))
         raise DataError(f"the header of validation file '{validation_source}' does not match the header of "
                         f"training file '{train_source}': feature column {position}, not counting the label column, is "

@@ -26,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from shared.errors import DataError, JobSpecError
+from shared.errors import DataError, JobSpecError, preview_list
 
 # A classifier's distinct training labels are capped: thousands of them usually mean a
 # continuous target was given to a classifier.
@@ -49,10 +49,7 @@ def _has_fractional_labels(classes: np.ndarray) -> bool:
 
 def _preview_labels(classes: np.ndarray) -> str:
     """Return the first labels of ``classes`` for a message, with the count of the others."""
-    first_labels = classes[:LABELS_SHOWN].tolist()
-    if len(classes) <= LABELS_SHOWN:
-        return str(first_labels)
-    return f"{str(first_labels)[:-1]}, ... and {len(classes) - LABELS_SHOWN:,} more]"
+    return preview_list(classes.tolist(), LABELS_SHOWN)
 
 
 class Model(ABC):
