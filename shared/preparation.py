@@ -63,8 +63,9 @@ from shared.efs import EfsStore, read_job_json
 from shared.errors import DataError, InvalidMessageError
 from shared.formats.delimited import (check_same_features, count_columns, parse_csv_text, resolve_label_column,
                                       split_header)
-from shared.formats.files import (COMPRESSED_SUFFIXES, check_data_file, check_finite, decode_text, open_binary,
-                                  read_error, read_text_bytes)
+from shared.formats.files import (COMPRESSED_SUFFIXES, check_data_file, check_finite, check_text_format,
+                                  decode_text, detect_format, open_binary, read_error, read_text_bytes,
+                                  wrong_format_error)
 from shared.formats.libsvm import parse_libsvm_text
 from shared.formats.npy import load_npy_table, read_npy_rows, read_npz
 from shared.sampling import split_rows
@@ -520,7 +521,8 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
                  "bytes": (min(start + rows_per_part, n_rows) - start) * n_columns * 8}
                 for start in range(0, max(n_rows, 1), rows_per_part)]
 
-    csv_layout = _csv_layout(spec, path, source) if data.format == "csv" else {}
+    check_text_format(path, source, data.format)
+    csv_layout = _csv_layout(spec, path, source, validation=role == "validation") if data.format == "csv" else {}
     if compressed:
         return [{**base, **csv_layout, "kind": "whole"}]
     data_start = csv_layout.get("data_start", 0)
@@ -532,11 +534,12 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
             for index in range(n_parts)]
 
 
-def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
+def _csv_layout(spec: JobSpec, path: Path, source: str, validation: bool = False) -> dict:
     """Return where the data rows of a CSV file start, its column count and its label column index.
 
     ``data_start`` is a byte offset, used for uncompressed files; ``skip_lines`` is the
     number of lines before the data, used for compressed ones and for line numbers.
+    ``validation`` True names the file as the validation file in messages.
     """
     data = spec.data
     skip_lines = data.skip_rows + (1 if data.header else 0)
@@ -549,6 +552,10 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]
 
+    # Read as CSV, a libsvm row fails on its column count or on its '<index>:<value>' fields,
+    # and those errors would point at data.delimiter rather than data.format.
+    if detect_format(first_row.encode()) == "libsvm":
+        raise wrong_format_error(source, "csv", "libsvm")
     names = split_header(header, data.delimiter) if header is not None else None
     n_columns = len(names) if names is not None else count_columns(first_row, data.delimiter)
     if n_columns < 2:
@@ -560,7 +567,7 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
             for _ in range(skip_lines):
                 handle.readline()
             data_start = handle.tell()
-    label_index = resolve_label_column(data.label_column, names, n_columns, source)
+    label_index = resolve_label_column(data.label_column, names, n_columns, source, validation)
     return {"data_start": data_start, "skip_lines": skip_lines, "n_columns": n_columns, "label_index": label_index}
 
 

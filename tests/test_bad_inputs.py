@@ -230,7 +230,7 @@ CASES = [
      "npy-records", ["'datasets/records.npy'", "a structured dtype of 31 fields (f0 float64, f1 float64, f2 float64, "
                      "...)", "not plain numbers", "structured_to_unstructured"]),
     ("npy-not-an-array", json.dumps(spec("npy-text", data={"path": "datasets/text.npy", "format": "npy"})),
-     "npy-text", ["'datasets/text.npy'", "not a .npy array", "format 'csv'"]),
+     "npy-text", ["'datasets/text.npy' is text, not a .npy matrix", "set data.format to csv", "numpy.save"]),
     ("npy-truncated", json.dumps(spec("npy-short", data={"path": "datasets/truncated.npy", "format": "npy"})),
      "npy-short", ["'datasets/truncated.npy'", "truncated", "copy or save it again"]),
     ("npy-one-column", json.dumps(spec("npy-vector", data={"path": "datasets/vector.npy", "format": "npy"})),
@@ -244,7 +244,7 @@ CASES = [
      "npz-text-labels", ["array y in 'datasets/text-labels.npz'", "dtype <U9", "not numbers",
                          "numpy.savez(path, X=features.astype(numpy.float64), y=labels.astype(numpy.float64))"]),
     ("npz-not-a-zip", json.dumps(spec("npz-text", data={"path": "datasets/text.npz", "format": "npz"})),
-     "npz-text", ["'datasets/text.npz'", "not a .npz archive", "numpy.savez"]),
+     "npz-text", ["'datasets/text.npz' is text, not a .npz archive", "set data.format to csv", "numpy.savez"]),
     ("csv-trailing-delimiter", json.dumps(spec("csv-trailing-comma", data=csv_data(
         "datasets/trailing-comma.csv", skip_rows=1))), "csv-trailing-comma",
      ["line 2 of 'datasets/trailing-comma.csv' ends with the delimiter ',', so its last column (32) is empty",
@@ -267,6 +267,43 @@ CASES = [
         "datasets/wide-header.csv", header=True, label_column="lable"))), "csv-wide-header",
      ["data.label_column is 'lable' but the header of 'datasets/wide-header.csv' names 3,001 columns "
       "['some_long_feature_name_0', 'some_long_feature_name_1', ", "... and 2,991 more]; use one of those names"]),
+    ("npz-read-as-npy", json.dumps(spec("npz-as-npy", data={"path": "datasets/table.npz", "format": "npy"})),
+     "npz-as-npy", ["'datasets/table.npz' is a zip archive, as numpy.savez writes a .npz file, not a .npy matrix "
+                    "(data.format npy)", "set data.format to npz"]),
+    ("npy-read-as-libsvm", json.dumps(spec("npy-as-libsvm", data={"path": "datasets/table.npy"})), "npy-as-libsvm",
+     ["'datasets/table.npy' is a NumPy .npy file", "not libsvm text (data.format libsvm, the default)",
+      "set data.format to npy"]),
+    ("npy-read-as-csv", json.dumps(spec("npy-as-csv", data=csv_data("datasets/table.npy"))), "npy-as-csv",
+     ["'datasets/table.npy' is a NumPy .npy file", "not delimited text (data.format csv)", "set data.format to npy"]),
+    ("npy-read-as-npz", json.dumps(spec("npy-as-npz", data={"path": "datasets/table.npy", "format": "npz"})),
+     "npy-as-npz", ["'datasets/table.npy' is a NumPy .npy file", "not a .npz archive (data.format npz)",
+                    "set data.format to npy"]),
+    ("gzip-npy-read-as-csv", json.dumps(spec("gzip-npy-as-csv", data=csv_data("datasets/table.npy.gz"))),
+     "gzip-npy-as-csv", ["'datasets/table.npy.gz' is a NumPy .npy file", "set data.format to npy"]),
+    ("libsvm-read-as-csv", json.dumps(spec("libsvm-as-csv", data=csv_data("datasets/a9a-300"))), "libsvm-as-csv",
+     ["'datasets/a9a-300' looks like libsvm text", "not delimited text (data.format csv)",
+      "set data.format to libsvm"]),
+    ("libsvm-read-as-npy", json.dumps(spec("libsvm-as-npy", data={"path": "datasets/a9a-300", "format": "npy"})),
+     "libsvm-as-npy", ["'datasets/a9a-300' looks like libsvm text", "not a .npy matrix (data.format npy)",
+                       "set data.format to libsvm"]),
+    ("libsvm-validation-read-as-csv", json.dumps(spec("libsvm-validation-as-csv", data=csv_data(
+        "datasets/breast_cancer.csv", skip_rows=1, validation_path="datasets/a9a.t"))), "libsvm-validation-as-csv",
+     ["'datasets/a9a.t' looks like libsvm text", "set data.format to libsvm"]),
+    ("csv-validation-without-header", json.dumps(spec("csv-validation-no-header", data=csv_data(
+        "datasets/named-train.csv", header=True, label_column="diagnosis",
+        validation_path="datasets/named-no-header.csv"))), "csv-validation-no-header",
+     ["data.label_column is 'diagnosis' but the header of validation file 'datasets/named-no-header.csv' names 31 "
+      "columns", "these are numbers, so the validation file (data.validation_path) seems to have no header line",
+      "add a header line like the training file's to the validation file"]),
+    ("csv-validation-without-header-by-index", json.dumps(spec("csv-validation-no-header-index", data=csv_data(
+        "datasets/named-train.csv", header=True, validation_path="datasets/named-no-header.csv"))),
+     "csv-validation-no-header-index",
+     ["the header of validation file 'datasets/named-no-header.csv' does not match the header of training file",
+      "The validation file's header names [", "seems to have no header line"]),
+    ("csv-training-without-header", json.dumps(spec("csv-no-header", data=csv_data(
+        "datasets/named-no-header.csv", header=True, label_column="diagnosis"))), "csv-no-header",
+     ["the header of 'datasets/named-no-header.csv' names 31 columns", "these are numbers, so the file seems to "
+      "have no header line: set data.header false"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
@@ -389,7 +426,12 @@ def write_breast_cancer_variants(datasets):
 
 
 def write_format_mixups(datasets):
-    """Write files of unusual values: a libsvm token and a header too long to quote."""
+    """Write breast_cancer as .npy and .npz files, files of unusual values, and a header too long to quote."""
+    table = np.loadtxt(BREAST_CANCER_CSV, delimiter=",", skiprows=1)
+    np.save(datasets / "table.npy", table)
+    with gzip.open(datasets / "table.npy.gz", "wb") as handle:
+        handle.write((datasets / "table.npy").read_bytes())
+    np.savez(datasets / "table.npz", X=table[:, :-1], y=table[:, -1])
     (datasets / "long-token.libsvm").write_text("x" * 100_000 + " 1:0.5\n1 1:1\n")
     header = ",".join(f"some_long_feature_name_{index}" for index in range(3000)) + ",label\n"
     rows = "".join(",".join(["0.5"] * 3000) + f",{label}\n" for label in (0, 1, 0))
@@ -427,6 +469,7 @@ def write_named_csv_files(datasets):
     swapped = [1, 0, *range(2, table.shape[1])]
     write("named-swapped.csv", [names[1], names[0], *names[2:], "diagnosis"], table[400:, swapped])
     write("named-short.csv", [*names[:-1], "diagnosis"], np.column_stack([features[400:, :-1], labels[400:]]))
+    np.savetxt(datasets / "named-no-header.csv", table[400:], delimiter=",", fmt="%.6g")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import numpy as np
 
 from shared.errors import DATA_FILE_NOT_FOUND, DataError
 from shared.formats.delimited import resolve_label_column
+from shared.formats.files import HEAD_BYTES, detect_format, wrong_format_error
 
 
 # dtype kinds Baton reads: booleans, signed and unsigned integers, floating point.
@@ -101,6 +102,10 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
     if not path.is_file():
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            detected = detect_format(handle.read(HEAD_BYTES))
+        if detected is not None and detected != "npz":
+            raise wrong_format_error(source, "npz", detected)
         raise DataError(f"'{source}' is not a .npz archive because it is not a zip file; save the features and "
                         "labels with numpy.savez(path, X=features, y=labels), or use format 'npy' for one matrix")
     try:
@@ -130,6 +135,10 @@ def load_npy(path: Path, source: str | None = None) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     with open(path, "rb") as handle:
+        detected = detect_format(handle.read(HEAD_BYTES))
+        if detected is not None and detected != "npy":
+            raise wrong_format_error(source, "npy", detected)
+        handle.seek(0)
         shape, dtype = check_npy_header(handle, f"'{source}'")
         data_offset = handle.tell()
     expected_bytes = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
