@@ -168,7 +168,8 @@ CASES = [
         "datasets/four-columns.csv", validation_path="datasets/three-columns.csv"))), "columns-mismatch",
      ["feature columns", "three-columns.csv"]),
     ("csv-label-column-out-of-range", json.dumps(spec("label-column", data={**GOOD_CSV, "label_column": 40})),
-     "label-column", ["label_column", "40"]),
+     "label-column", ["data.label_column is 40 but 'datasets/breast_cancer.csv' has 31 columns",
+                      "an index from 0 to 30, or from -31 to -1 to count from the last column"]),
     ("libsvm-validation-index-too-high", json.dumps(spec("libsvm-validation-index", data=libsvm_data(
         "datasets/a9a-300", n_features=117, validation_path="datasets/a9a.t"))), "libsvm-validation-index",
      ["'datasets/a9a.t' uses feature index 122", "data.n_features is 117"]),
@@ -304,6 +305,12 @@ CASES = [
         "datasets/named-no-header.csv", header=True, label_column="diagnosis"))), "csv-no-header",
      ["the header of 'datasets/named-no-header.csv' names 31 columns", "these are numbers, so the file seems to "
       "have no header line: set data.header false"]),
+    ("npz-complex-features", json.dumps(spec("npz-complex", data={"path": "datasets/complex.npz", "format": "npz"})),
+     "npz-complex", ["array X in 'datasets/complex.npz' contains complex numbers (dtype complex128)",
+                     "numpy.real"]),
+    ("npy-label-column-out-of-range", json.dumps(spec("npy-label-column", data={
+        "path": "datasets/table.npy", "format": "npy", "label_column": -32})), "npy-label-column",
+     ["data.label_column is -32 but 'datasets/table.npy' has 31 columns", "from 0 to 30"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
@@ -432,6 +439,7 @@ def write_format_mixups(datasets):
     with gzip.open(datasets / "table.npy.gz", "wb") as handle:
         handle.write((datasets / "table.npy").read_bytes())
     np.savez(datasets / "table.npz", X=table[:, :-1], y=table[:, -1])
+    np.savez(datasets / "complex.npz", X=table[:, :-1] + 1j, y=table[:, -1])
     (datasets / "long-token.libsvm").write_text("x" * 100_000 + " 1:0.5\n1 1:1\n")
     header = ",".join(f"some_long_feature_name_{index}" for index in range(3000)) + ",label\n"
     rows = "".join(",".join(["0.5"] * 3000) + f",{label}\n" for label in (0, 1, 0))

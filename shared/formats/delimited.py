@@ -181,7 +181,9 @@ def resolve_label_column(label_column: int | str, header: list[str] | None, n_co
                             f"({_join_numbers(indices).replace(' and ', ' or ')})")
         return indices[0]
     if not -n_columns <= label_column < n_columns:
-        raise DataError(f"data.label_column is {label_column} but {file_name} has {n_columns} columns")
+        raise DataError(f"data.label_column is {label_column} but {file_name} has {n_columns} columns, so give an "
+                        f"index from 0 to {n_columns - 1}, or from -{n_columns} to -1 to count from the last column "
+                        "(-1, the default, is the last column)")
     return label_column % n_columns
 
 

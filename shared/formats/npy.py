@@ -62,6 +62,10 @@ def check_npy_header(handle, array_name: str, save_example: str = NPY_SAVE_EXAMP
     if dtype.names is not None:
         raise DataError(f"{array_name} contains records of {_describe_dtype(dtype)}, not plain numbers; save a "
                         "numeric matrix instead, for example with numpy.lib.recfunctions.structured_to_unstructured")
+    if dtype.kind == "c":
+        raise DataError(f"{array_name} contains complex numbers ({_describe_dtype(dtype)}), which Baton does not "
+                        "train on; save the real part (numpy.real), the magnitude (numpy.abs) or both as separate "
+                        f"real columns, for example {save_example}")
     if dtype.kind not in NUMERIC_KINDS:
         raise DataError(f"{array_name} contains values of {_describe_dtype(dtype)}, not numbers; save a plain "
                         f"numeric array, for example {save_example}")
