@@ -727,7 +727,13 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
     if model.task in ("binary", "multiclass"):
         classes = np.unique(y_raw[:n_train])
         model.check_classes(classes)
-    y = model.encode_targets(y_raw, classes)
+    if spec.data.validation_path is None:
+        y = model.encode_targets(y_raw, classes)
+    else:
+        # Encoded apart, so that a label the training rows lack is named with its row in the validation file.
+        y = np.concatenate([model.encode_targets(y_raw[:n_train], classes),
+                            model.encode_targets(y_raw[n_train:], classes,
+                                                 f"validation file '{spec.data.validation_path}'")])
 
     n_workers = spec.training.n_workers
     validation_rows = 0 if spec.data.validation_path is not None \

@@ -152,7 +152,8 @@ CASES = [
     ("validation-class-unseen", json.dumps(spec("unseen-class", model={"name": "softmax_regression"},
                                                 data=csv_data("datasets/two-classes.csv",
                                                               validation_path="datasets/three-classes.csv"))),
-     "unseen-class", ["label 2.0 is not one of the training classes [0.0, 1.0]", "same labels"]),
+     "unseen-class", ["label 2.0 in data row 3 of validation file 'datasets/three-classes.csv' is not one of the "
+                      "training classes [0.0, 1.0]", "same labels"]),
     ("labels-misfit-model", json.dumps(spec("labels-three", data=csv_data("datasets/three-classes.csv"))),
      "labels-three", ["class"]),
     ("nan-feature", json.dumps(spec("feature-nan", data=csv_data("datasets/nan.csv"))), "feature-nan",

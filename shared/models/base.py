@@ -320,12 +320,14 @@ class Model(ABC):
         """
         raise NotImplementedError(f"model '{self.name}' is trained by gradients; use an optimizer step instead")
 
-    def encode_targets(self, y_raw: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
+    def encode_targets(self, y_raw: np.ndarray, classes: np.ndarray | None, source: str | None = None) -> np.ndarray:
         """Map raw labels to the model's encoding.
 
         Classifiers map each label to its index in ``classes``, which must be sorted as
         :func:`numpy.unique` returns them. Regressors return the
         targets as float64. Clustering models ignore targets and return zeros.
+        ``source`` names the file that ``y_raw`` comes from in messages, such as
+        ``"validation file 'data/test.csv'"``.
         """
         if self.task == "regression":
             return np.asarray(y_raw, dtype=np.float64)
@@ -336,10 +338,12 @@ class Model(ABC):
         found = positions < len(classes)
         found[found] = classes[positions[found]] == y_raw[found]
         if not found.all():
-            label = y_raw[np.flatnonzero(~found)[0]].item()
+            row = int(np.flatnonzero(~found)[0])
+            where = f"data row {row + 1}" + (f" of {source}" if source else "")
             raise DataError(
-                f"label {label!r} is not one of the training classes {_preview_labels(classes)}; "
-                "check that the validation file uses the same labels as the training file")
+                f"label {y_raw[row].item()!r} in {where} is not one of the training classes "
+                f"{_preview_labels(classes)}; check that the validation file uses the same labels as the training "
+                "file, or remove the rows with other labels")
         return positions.astype(np.int64)
 
     def check_classes(self, classes: np.ndarray) -> None:
