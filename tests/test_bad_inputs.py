@@ -312,6 +312,10 @@ CASES = [
     ("npy-label-column-out-of-range", json.dumps(spec("npy-label-column", data={
         "path": "datasets/table.npy", "format": "npy", "label_column": -32})), "npy-label-column",
      ["data.label_column is -32 but 'datasets/table.npy' has 31 columns", "from 0 to 30"]),
+    # Whole-number prices: too many labels for any classifier, so the error names the regression models.
+    ("prices-for-binary-model", json.dumps(spec("prices-binary", data=csv_data("datasets/prices.csv"))),
+     "prices-binary", ["needs exactly 2 distinct labels, found 1,200", "more than the 1,000 classes",
+                       "use linear_regression or mlp_regressor"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error

@@ -38,6 +38,8 @@ LABELS_SHOWN = 10
 
 # The models to suggest for a continuous target given to a classifier.
 REGRESSION_MODELS = "linear_regression or mlp_regressor"
+# The models to suggest for more than 2 classes given to a binary classifier.
+MULTICLASS_MODELS = "softmax_regression or mlp_classifier"
 
 
 def _has_fractional_labels(classes: np.ndarray) -> bool:
@@ -352,8 +354,12 @@ class Model(ABC):
             if _has_fractional_labels(classes):
                 advice = ("some are not whole numbers, so if the label is a continuous target, use "
                           f"{REGRESSION_MODELS}, else check data.label_column")
+            elif len(classes) > MAX_CLASSES:
+                advice = (f"that is more than the {MAX_CLASSES:,} classes any classifier takes, so if the label is a "
+                          f"continuous target, such as a price or a count, use {REGRESSION_MODELS}, else check "
+                          "data.label_column")
             elif len(classes) > 2:
-                advice = "use a multiclass model or relabel the data"
+                advice = f"use a multiclass model ({MULTICLASS_MODELS}) or relabel the data"
             else:
                 advice = "check data.label_column and that the training rows contain both classes"
             raise DataError(f"model '{self.name}' needs exactly 2 distinct labels, found {len(classes):,}: "
