@@ -72,6 +72,8 @@ from shared.sampling import split_rows
 from shared.shards import VALIDATION, check_shards_present, shard_folder
 from shared.spec import S3_URI_PATTERN, VALIDATION_STOP_FIELDS, JobSpec
 from shared.standardization import standardization_scale, standardize_rows
+from shared.target_scaling import MAX_SCALED_TARGET_MAGNITUDE
+from shared.training import MAX_WEIGHT_MAGNITUDE
 
 logger = logging.getLogger(__name__)
 
@@ -734,6 +736,8 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
         y = np.concatenate([model.encode_targets(y_raw[:n_train], classes),
                             model.encode_targets(y_raw[n_train:], classes,
                                                  f"validation file '{spec.data.validation_path}'")])
+    if model.task == "regression":
+        _check_target_magnitude(spec, y, n_train)
 
     n_workers = spec.training.n_workers
     validation_rows = 0 if spec.data.validation_path is not None \
@@ -796,6 +800,41 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
         "n_train_rows": n_train,
         "n_stats_blocks": n_blocks,
     })
+
+
+def _check_target_magnitude(spec: JobSpec, y: np.ndarray, n_train: int) -> None:
+    """Raise :class:`DataError` if a regression target is too large to train on or to report in its own units.
+
+    Without ``data.standardize_target``, the output bias starts at the targets' mean and
+    the weights grow to the targets' scale, and weights above :data:`MAX_WEIGHT_MAGNITUDE`
+    count as divergence. With it, the model trains on standardised targets, but the losses
+    are reported in the targets' squared units (:data:`MAX_SCALED_TARGET_MAGNITUDE`). Either
+    way such a job would fail in round 1 as diverged, and a smaller learning rate would not help.
+    ``y`` contains the training file's ``n_train`` rows, then the validation file's.
+    """
+    if len(y) == 0:
+        return
+    magnitudes = np.abs(y)
+    row = int(np.argmax(magnitudes))
+    largest = float(magnitudes[row])
+    scaled = spec.data.standardize_target
+    limit = MAX_SCALED_TARGET_MAGNITUDE if scaled else MAX_WEIGHT_MAGNITUDE
+    if largest <= limit:
+        return
+    if row < n_train:
+        where = f"data row {row + 1} of '{spec.data.path}'"
+    else:
+        where = f"data row {row - n_train + 1} of validation file '{spec.data.validation_path}'"
+    divisor = f"1e{math.floor(math.log10(largest))}"
+    if scaled:
+        fix = (f"the losses and metrics are reported in the targets' squared units, which overflow float64 for "
+               f"such targets, so divide the targets by a power of ten, such as {divisor}, before training")
+    else:
+        fix = (f"set data.standardize_target true, which trains on targets up to {MAX_SCALED_TARGET_MAGNITUDE:g} "
+               f"in magnitude, or divide the targets by a power of ten, such as {divisor}")
+    raise DataError(f"the regression targets are too large: the largest in magnitude is {largest:.4g}, in {where}, "
+                    f"above the {limit:g} that Baton trains on "
+                    f"{'with' if scaled else 'without'} data.standardize_target; {fix}")
 
 
 def _target_scale(training_y: np.ndarray) -> float:

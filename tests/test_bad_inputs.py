@@ -316,6 +316,16 @@ CASES = [
     ("prices-for-binary-model", json.dumps(spec("prices-binary", data=csv_data("datasets/prices.csv"))),
      "prices-binary", ["needs exactly 2 distinct labels, found 1,200", "more than the 1,000 classes",
                        "use linear_regression or mlp_regressor"]),
+    ("regression-targets-too-large", json.dumps(spec("targets-huge", model={"name": "linear_regression"}, data={
+        "path": "datasets/huge-targets.npz", "format": "npz", "standardize_target": True})), "targets-huge",
+     ["the regression targets are too large: the largest in magnitude is 2.811e+161, in data row 213 of "
+      "'datasets/huge-targets.npz', above the 1e+150 that Baton trains on with data.standardize_target",
+      "divide the targets by a power of ten, such as 1e161"]),
+    ("regression-targets-too-large-unscaled", json.dumps(spec("targets-large", model={"name": "linear_regression"},
+                                                              data={"path": "datasets/large-targets.npz",
+                                                                    "format": "npz"})), "targets-large",
+     ["the largest in magnitude is 2.811e+121, in data row 213 of 'datasets/large-targets.npz', above the 1e+100 "
+      "that Baton trains on without data.standardize_target", "set data.standardize_target true"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
@@ -323,8 +333,8 @@ CASES = [
 FOREIGN_PHRASES = ["usecols", "allow_pickle", "pickled", "float64 at row", "could not convert", "invalid literal",
                    "(bytes ", "of the part"]
 
-# The longest error a case may give. Values and lists quoted from a data file are cut, so
-# that no file makes an error too long to read or to store.
+# The maximum length of a case's error. Values and lists quoted from a data file are cut,
+# so that no file makes an error too long to read or to store.
 MAX_ERROR_CHARS = 1000
 
 # The first line of the file outside the EFS root: no error may quote it.
@@ -445,6 +455,9 @@ def write_format_mixups(datasets):
         handle.write((datasets / "table.npy").read_bytes())
     np.savez(datasets / "table.npz", X=table[:, :-1], y=table[:, -1])
     np.savez(datasets / "complex.npz", X=table[:, :-1] + 1j, y=table[:, -1])
+    # The first column, a radius of at most 28.11 in row 213, as a regression target.
+    np.savez(datasets / "huge-targets.npz", X=table[:, 1:-1], y=table[:, 0] * 1e160)
+    np.savez(datasets / "large-targets.npz", X=table[:, 1:-1], y=table[:, 0] * 1e120)
     (datasets / "long-token.libsvm").write_text("x" * 100_000 + " 1:0.5\n1 1:1\n")
     header = ",".join(f"some_long_feature_name_{index}" for index in range(3000)) + ",label\n"
     rows = "".join(",".join(["0.5"] * 3000) + f",{label}\n" for label in (0, 1, 0))
