@@ -628,7 +628,7 @@ def test_detect_format_ignores_cut_last_line():
 def test_npz_named_csv_gets_format_hint(tmp_path):
     from shared.formats.npy import load_npy
 
-    # The extension says CSV, but the content is a zip archive, so the message goes by the content.
+    # The file name ends in .csv, but the content is a zip archive, and the message follows the content.
     np.savez(tmp_path / "table.npz", X=np.zeros((2, 2)), y=np.zeros(2))
     (tmp_path / "table.npz").rename(tmp_path / "table.csv")
 
