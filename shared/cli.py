@@ -21,15 +21,14 @@ from click.core import ParameterSource
 
 from shared.cli_spec import (FiniteFloatRange, build_spec, check_job_id_argument, checked_output_path, writing_output,
                               spec_options)
-from shared.cli_stack import (LOCAL_STAGE, QUEUE_URL_META_KEY, STACK_ARGUMENTS_META_KEY, STAGE_META_KEY,
-                              aws_error_message, check_local_endpoint, check_url, format_stack_arguments,
-                              options_given, require_job, s3_client, stack_option_given, stack_options, state_store,
+from shared.cli_stack import (DEFAULT_LOCAL_DIR, JOB_ID_META_KEY, LOCAL_STAGE, QUEUE_URL_META_KEY,
+                              STACK_ARGUMENTS_META_KEY, STACK_OPTION_GIVEN_META_KEY, STAGE_META_KEY, aws_error_message,
+                              check_local_endpoint, check_url, format_stack_arguments, options_given,
+                              require_job, s3_client, stack_option_given, stack_options, state_store,
                               with_stack_options)
 from shared.config import Settings, stack_resource_name
 from shared.spec import encode_job_message
 from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
-
-DEFAULT_LOCAL_DIR = Path(".baton")
 
 
 class BatonGroup(click.Group):
@@ -49,7 +48,9 @@ class BatonGroup(click.Group):
             raise
         except Exception as error:
             # Context.meta is shared by the group's context and the command's.
-            message = aws_error_message(error, ctx.meta.get(STAGE_META_KEY), ctx.meta.get(QUEUE_URL_META_KEY))
+            message = aws_error_message(error, ctx.meta.get(STAGE_META_KEY), ctx.meta.get(QUEUE_URL_META_KEY),
+                                        ctx.invoked_subcommand, ctx.meta.get(JOB_ID_META_KEY),
+                                        ctx.meta.get(STACK_OPTION_GIVEN_META_KEY, True))
             if message is None:
                 raise
             raise click.ClickException(message) from None
@@ -311,14 +312,14 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                            stack_arguments=format_stack_arguments(stage, endpoint_url, region))
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
-    from shared.monitor import format_cost
+    from shared.monitor import count_rounds, format_cost
 
     cost_usd = float(record.attributes.get("cost_usd", 0.0))
     if record.status == "CANCELLED":
-        raise click.ClickException(f"job {job_id} was cancelled after {record.round} rounds")
+        raise click.ClickException(f"job {job_id} was cancelled after {count_rounds(record.round)}")
     if record.status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {record.status}: {record.error or 'no error recorded'}")
-    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds "
+    click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} "
                f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost "
                f"${format_cost(cost_usd)})")
 
@@ -393,7 +394,7 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
     inertia where classifiers show the accuracy and regression models the r2.
     """
     from shared.errors import DamagedFileError
-    from shared.monitor import JobNotFoundError, plot_job, read_metrics_files
+    from shared.monitor import JobNotFoundError, count_rounds, plot_job, read_metrics_files
 
     # The output is checked first, so a typo in it costs no read of the table.
     output_path = checked_output_path(output, Path(f"{job_id}.png"), "curves.png")
@@ -406,12 +407,12 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
             rounds = read_metrics_files(efs_root, job_id)
         except (JobNotFoundError, DamagedFileError) as error:
             raise click.ClickException(str(error)) from None
-        title = f"{job_id} ({len(rounds)} rounds)"
+        title = f"{job_id} ({count_rounds(len(rounds))})"
     else:
         state = state_store(stage, endpoint_url, region)
         record = require_job(state, job_id)
         rounds = state.list_round_metrics(job_id)
-        title = f"{job_id} ({record.status}, {len(rounds)} rounds)"
+        title = f"{job_id} ({record.status}, {count_rounds(len(rounds))})"
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         plot_job(rounds, output_path, title=title, width_inches=width_inches, height_inches=height_inches, dpi=dpi)

@@ -30,10 +30,10 @@ import click
 from shared.config import Settings
 from shared.earlier_runs import continuation_round, run_identity
 from shared.efs import EfsStore
-from shared.errors import DIVERGED_WORDS, BatonError, JobSpecError
+from shared.errors import DATA_FILE_NOT_FOUND, DIVERGED_WORDS, BatonError, JobSpecError
 from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDirLock, LockHolder
 from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
-from shared.monitor import format_round, loss_text, regression_loss_note
+from shared.monitor import count_rounds, format_round, loss_text, regression_loss_note
 from shared.spec import check_relative_path, parse_job_spec
 from shared.state import PAUSED, PREPARING, SUCCEEDED, TERMINAL_STATUSES, JobRecord
 
@@ -295,7 +295,7 @@ def _echo_continued(record, efs_root: Path) -> None:
     first_round = record.first_round
     if record.status == "SUCCEEDED" and record.round == first_round:
         click.echo(f"job {record.job_id} had finished in an earlier run of its spec on the same data, so it is not "
-                   f"trained again: its model and the metrics of its {first_round} rounds are in "
+                   f"trained again: its model and the metrics of its {count_rounds(first_round)} are in "
                    f"{efs_root / 'jobs' / record.job_id}. Add --fresh to train it again")
         return
     done = "round 1" if first_round == 1 else f"rounds 1 to {first_round}"
@@ -341,9 +341,10 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
         return click.ClickException(f"job {job_id} was cancelled after {record.round} of {record.total_rounds} "
                                     f"rounds; its files remain in {efs_root / 'jobs' / job_id}")
     if record.status != "SUCCEEDED":
-        return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}")
+        return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}"
+                                    f"{_missing_data_hint(record, efs_root)}")
     summary = record.attributes
-    click.echo(f"job {job_id} SUCCEEDED after {record.round} rounds in {elapsed:.1f} s "
+    click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
     # The training loss is the mean over the last round's batches, while validation uses every held-out row.
     labels = {"train_loss": "train_loss (last round)", "validation_loss": "validation_loss",
@@ -364,6 +365,31 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
 NEGATIVE_R2_HINT = ("note: validation_r2 is below 0, so the model predicts the held-out targets worse than their "
                     "mean would; features or targets of very different scales are the usual cause, so try "
                     "data.standardize true and data.standardize_target true, or a smaller learning rate")
+
+
+def _missing_data_hint(record, efs_root: Path) -> str:
+    """Return where the missing data file of ``baton run``'s own job belongs, as a sentence to append to its error.
+
+    The handlers' message names the file as the spec does, because it also reaches users of
+    a deployed stack. Only here is it known that EFS is the local folder ``efs_root``, and
+    that ``baton run --import`` copies a file into it.
+    """
+    if record.status != "FAILED" or not (record.error or "").startswith(DATA_FILE_NOT_FOUND):
+        return ""
+    try:
+        data = json.loads(record.spec_json or "{}").get("data")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    for field in ("path", "validation_path"):
+        path = data.get(field)
+        if (isinstance(path, str) and not path.startswith("s3://") and f"'{path}'" in record.error
+                and not os.path.lexists(efs_root / path)):
+            return (f". This local stack's EFS is the folder {efs_root}, so data.{field} names {efs_root / path}: "
+                    f"copy the file there, or add --import SOURCE:{path} to the baton run command, which copies "
+                    "the file SOURCE there before the job starts")
+    return ""
 
 
 def _after_failure(record, efs_root: Path) -> str:
@@ -411,7 +437,7 @@ def _stopped_at(record: JobRecord) -> str:
 def job_outcome_line(record: JobRecord) -> str:
     """Return one line on a job that has left PREPARING and RUNNING: status, rounds, stop reason or error."""
     if record.status == SUCCEEDED:
-        return (f"job {record.job_id} SUCCEEDED after {record.round} rounds "
+        return (f"job {record.job_id} SUCCEEDED after {count_rounds(record.round)} "
                 f"(stop reason {record.attributes.get('stop_reason', 'unknown')})")
     line = f"job {record.job_id} {record.status} {_stopped_at(record)}"
     if record.error:

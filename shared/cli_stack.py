@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -25,6 +26,11 @@ STAGE_META_KEY = "baton.stage"
 QUEUE_URL_META_KEY = "baton.queue_url"
 # The stack options of the command, as format_stack_arguments returns them.
 STACK_ARGUMENTS_META_KEY = "baton.stack_arguments"
+# Whether the command line gave --stage, --endpoint-url or --region, and the command's JOB_ID.
+STACK_OPTION_GIVEN_META_KEY = "baton.stack_option_given"
+JOB_ID_META_KEY = "baton.job_id"
+# The folder of `baton run` by default (its --local-dir), with the local stack's EFS root in efs/.
+DEFAULT_LOCAL_DIR = Path(".baton")
 # Serverless Framework stage names: letters, digits and hyphens.
 STAGE_PATTERN = re.compile(r"[A-Za-z0-9-]{1,32}")
 # AWS region names such as us-east-1, eu-central-2 or us-gov-west-1.
@@ -98,7 +104,10 @@ def stack_options(command: Callable) -> Callable:
     @functools.wraps(run_command)
     def recording_stack(*args, **kwargs):
         stack_arguments = format_stack_arguments(kwargs["stage"], kwargs["endpoint_url"], kwargs["region"])
-        click.get_current_context().meta[STACK_ARGUMENTS_META_KEY] = stack_arguments
+        meta = click.get_current_context().meta
+        meta[STACK_ARGUMENTS_META_KEY] = stack_arguments
+        meta[STACK_OPTION_GIVEN_META_KEY] = stack_option_given()
+        meta[JOB_ID_META_KEY] = kwargs.get("job_id")
         return run_command(*args, **kwargs)
 
     command = click.option("--region", default=None, callback=_check_region,
@@ -162,16 +171,20 @@ def require_job(state, job_id: str):
 # Error messages ----------------------------------------------------------------------------
 
 
-def aws_error_message(error: Exception, stage: str | None = None, queue_url: str | None = None) -> str | None:
+def aws_error_message(error: Exception, stage: str | None = None, queue_url: str | None = None,
+                      command: str | None = None, job_id: str | None = None,
+                      has_stack_options: bool = True) -> str | None:
     """Return a one-line explanation of a common AWS client error, or None for other errors.
 
     ``stage`` is the command's --stage and ``queue_url`` its --queue-url, so that a missing
-    table or queue is named.
+    table or queue is named. ``command``, ``job_id`` and ``has_stack_options`` describe the
+    command line, for :func:`local_stack_hint`.
     """
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
 
     if isinstance(error, NoRegionError):
-        return "no AWS region is configured; pass --region or set AWS_DEFAULT_REGION"
+        return (local_stack_hint(command, job_id, has_stack_options)
+                or "no AWS region is configured; pass --region or set AWS_DEFAULT_REGION")
     if isinstance(error, NoCredentialsError):
         return ("no AWS credentials were found; configure them (aws configure, AWS_PROFILE), or for a local "
                 "stack set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to any value")
@@ -194,6 +207,43 @@ def aws_error_message(error: Exception, stage: str | None = None, queue_url: str
                     "and --region")
         return f"AWS request failed: {code}: {error.response.get('Error', {}).get('Message', '')}"
     return None
+
+
+def local_stack_hint(command: str | None, job_id: str | None, has_stack_options: bool,
+                     local_dir: Path = DEFAULT_LOCAL_DIR) -> str:
+    """Return the message for a missing AWS region when the user likely meant `baton run`'s local stack, else "".
+
+    Without stack options a command reads the stage 'dev' on AWS, so after only `baton
+    run` (or `make demo`) the missing region is the first error. When the default local
+    folder contains the job, or any job for `baton list`, the message names the options
+    that reach it instead of pointing at AWS alone.
+    """
+    jobs_dir = local_dir / "efs" / "jobs"
+    if has_stack_options or command not in STACK_COMMANDS:
+        return ""
+    if job_id is not None:
+        if not (jobs_dir / job_id).is_dir():
+            return ""
+        found = f"job {job_id} has files in {local_dir / 'efs'}, the EFS folder of `baton run`"
+    else:
+        try:
+            if not any(entry.is_dir() for entry in jobs_dir.iterdir()):
+                return ""
+        except OSError:
+            return ""
+        found = f"{local_dir / 'efs'}, the EFS folder of `baton run`, contains jobs"
+    efs_option = f"--efs-root {local_dir / 'efs'}"
+    if command in ("fetch", "plot"):
+        after_run = f"pass {efs_option} alone"
+    elif job_id is not None:
+        after_run = (f"`baton fetch {job_id} {efs_option}` and `baton plot {job_id} {efs_option}` read the job's "
+                     "files")
+    else:
+        after_run = f"`baton fetch JOB_ID {efs_option}` reads a job's files"
+    return (f"no AWS region is configured, and without --stage or --endpoint-url `baton {command}` reads the stack "
+            f"of stage 'dev' on AWS. But {found}: while that `baton run` runs, pass --stage local --endpoint-url "
+            f"URL, with the URL it prints; once it has ended, {after_run}. For a stack on AWS, pass --region or set "
+            "AWS_DEFAULT_REGION")
 
 
 # baton commands that read or change a stack, and so need the stack options of the command

@@ -1,10 +1,37 @@
-"""Exceptions raised by Baton.
+"""Exceptions raised by Baton, and the helpers that quote data values in their messages.
 
 Every error derives from :class:`BatonError`. The split that matters to a handler is
 whether a retry can help: :class:`PermanentError` and its subclasses mean the input is
 wrong, so the job is marked failed and the message is dropped; anything else is treated as
 transient and the message goes back to its queue.
 """
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# The start of the error of a data file that does not exist. ``baton run`` looks for it in
+# its own job's error, to name the file's place in the local EFS folder.
+DATA_FILE_NOT_FOUND = "data file not found"
+
+# Characters of one value from a data file, such as a token or a header name, that a message
+# quotes. The rest is counted instead, so that a long value keeps its message short enough to
+# store in the job's item.
+MAX_QUOTED_CHARS = 40
+
+
+def quote_value(text: str, max_chars: int = MAX_QUOTED_CHARS) -> str:
+    """Return ``text`` quoted as ``repr`` quotes it, cut after ``max_chars`` characters with its length added."""
+    if len(text) <= max_chars:
+        return repr(text)
+    return f"{text[:max_chars]!r}... ({len(text):,} characters)"
+
+
+def preview_list(items: Sequence[Any], max_items: int, format_item: Callable[[Any], str] = repr) -> str:
+    """Return the first ``max_items`` of ``items`` as a Python list for a message, with the count of the others."""
+    listed = ", ".join(format_item(item) for item in items[:max_items])
+    if len(items) <= max_items:
+        return f"[{listed}]"
+    return f"[{listed}, ... and {len(items) - max_items:,} more]"
 
 
 class BatonError(Exception):

@@ -172,6 +172,11 @@ def progress_postfix(record: JobRecord, rounds: list[dict[str, Any]], recent: in
     return postfix
 
 
+def count_rounds(count: int) -> str:
+    """Return a number of rounds for a line of output: "1 round" or "12 rounds"."""
+    return f"{count} round" if count == 1 else f"{count} rounds"
+
+
 def format_cost(usd: float) -> str:
     """Return a cost in US dollars with six decimals, as ``baton list``, ``status`` and ``watch`` show it.
 
@@ -335,17 +340,23 @@ class _ProgressLines:
         if self.rounds_shown is None:
             self._write(record, rounds)
             return
-        # The status is the job's latest; the round's fields and cost are those of that round.
-        for count in range(self.rounds_shown + 1, len(rounds) + 1):
-            self._write(record, rounds[:count])
-        if record.status != self.status_shown:
+        # Each round that ended since the last poll gets a line with its own fields and cost.
+        # The status is the job's latest, so only the line of the latest round shows it.
+        for count in range(self.rounds_shown + 1, len(rounds)):
+            self._write(record, rounds[:count], with_status=False)
+        if len(rounds) > self.rounds_shown or record.status != self.status_shown:
             self._write(record, rounds)
 
-    def _write(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
+    def _write(self, record: JobRecord, rounds: list[dict[str, Any]], with_status: bool = True) -> None:
         total = record.total_rounds or "?"
-        fields = ", ".join(f"{name}={value}" for name, value in progress_postfix(record, rounds).items())
+        postfix = progress_postfix(record, rounds)
+        if not with_status:
+            del postfix["status"]
+        fields = ", ".join(f"{name}={value}" for name, value in postfix.items())
         print(f"{self.job_id}: {len(rounds)}/{total} rounds, {fields}", file=self.stream, flush=True)
-        self.rounds_shown, self.status_shown = len(rounds), record.status
+        self.rounds_shown = len(rounds)
+        if with_status:
+            self.status_shown = record.status
 
     def close(self) -> None:
         pass

@@ -1344,7 +1344,9 @@ def parse_duration(text: str) -> float:
     except ValueError:
         raise PlanError("--deadline", f"cannot read {text!r} as a duration; use seconds or a unit, such as 90m or 2h") \
             from None
-    if not math.isfinite(seconds) or seconds <= 0:
+    if not math.isfinite(seconds):
+        raise PlanError("--deadline", f"{text!r} is not a finite duration; pass a time such as 90m or 2h")
+    if seconds <= 0:
         raise PlanError("--deadline", f"must be greater than 0, got {text!r}; pass a time such as 90m or 2h")
     return seconds
 

@@ -63,14 +63,17 @@ from shared.efs import EfsStore, read_job_json
 from shared.errors import DataError, InvalidMessageError
 from shared.formats.delimited import (check_same_features, count_columns, parse_csv_text, resolve_label_column,
                                       split_header)
-from shared.formats.files import (COMPRESSED_SUFFIXES, check_data_file, check_finite, decode_text, open_binary,
-                                  read_error, read_text_bytes)
+from shared.formats.files import (COMPRESSED_SUFFIXES, check_data_file, check_finite, check_text_format,
+                                  decode_text, detect_format, open_binary, read_error, read_text_bytes,
+                                  wrong_format_error)
 from shared.formats.libsvm import parse_libsvm_text
 from shared.formats.npy import load_npy_table, read_npy_rows, read_npz
 from shared.sampling import split_rows
 from shared.shards import VALIDATION, check_shards_present, shard_folder
 from shared.spec import S3_URI_PATTERN, VALIDATION_STOP_FIELDS, JobSpec
 from shared.standardization import standardization_scale, standardize_rows
+from shared.target_scaling import MAX_SCALED_TARGET_MAGNITUDE
+from shared.training import MAX_WEIGHT_MAGNITUDE
 
 logger = logging.getLogger(__name__)
 
@@ -520,7 +523,8 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
                  "bytes": (min(start + rows_per_part, n_rows) - start) * n_columns * 8}
                 for start in range(0, max(n_rows, 1), rows_per_part)]
 
-    csv_layout = _csv_layout(spec, path, source) if data.format == "csv" else {}
+    check_text_format(path, source, data.format)
+    csv_layout = _csv_layout(spec, path, source, validation=role == "validation") if data.format == "csv" else {}
     if compressed:
         return [{**base, **csv_layout, "kind": "whole"}]
     data_start = csv_layout.get("data_start", 0)
@@ -532,11 +536,12 @@ def _cut_parts(spec: JobSpec, role: str, path: Path, source: str | None = None) 
             for index in range(n_parts)]
 
 
-def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
+def _csv_layout(spec: JobSpec, path: Path, source: str, validation: bool = False) -> dict:
     """Return where the data rows of a CSV file start, its column count and its label column index.
 
     ``data_start`` is a byte offset, used for uncompressed files; ``skip_lines`` is the
     number of lines before the data, used for compressed ones and for line numbers.
+    ``validation`` True names the file as the validation file in messages.
     """
     data = spec.data
     skip_lines = data.skip_rows + (1 if data.header else 0)
@@ -549,6 +554,10 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
     header = lines[data.skip_rows] if data.header else None
     first_row = lines[skip_lines]
 
+    # Read as CSV, a libsvm row fails on its column count or on its '<index>:<value>' fields,
+    # and those errors would point at data.delimiter rather than data.format.
+    if detect_format(first_row.encode()) == "libsvm":
+        raise wrong_format_error(source, "csv", "libsvm")
     names = split_header(header, data.delimiter) if header is not None else None
     n_columns = len(names) if names is not None else count_columns(first_row, data.delimiter)
     if n_columns < 2:
@@ -560,7 +569,7 @@ def _csv_layout(spec: JobSpec, path: Path, source: str) -> dict:
             for _ in range(skip_lines):
                 handle.readline()
             data_start = handle.tell()
-    label_index = resolve_label_column(data.label_column, names, n_columns, source)
+    label_index = resolve_label_column(data.label_column, names, n_columns, source, validation)
     return {"data_start": data_start, "skip_lines": skip_lines, "n_columns": n_columns, "label_index": label_index}
 
 
@@ -720,7 +729,15 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
     if model.task in ("binary", "multiclass"):
         classes = np.unique(y_raw[:n_train])
         model.check_classes(classes)
-    y = model.encode_targets(y_raw, classes)
+    if spec.data.validation_path is None:
+        y = model.encode_targets(y_raw, classes)
+    else:
+        # Encoded apart, so that a label the training rows lack is named with its row in the validation file.
+        y = np.concatenate([model.encode_targets(y_raw[:n_train], classes),
+                            model.encode_targets(y_raw[n_train:], classes,
+                                                 f"validation file '{spec.data.validation_path}'")])
+    if model.task == "regression":
+        _check_target_magnitude(spec, y, n_train)
 
     n_workers = spec.training.n_workers
     validation_rows = 0 if spec.data.validation_path is not None \
@@ -783,6 +800,41 @@ def _split(files: PreparationFiles, spec: JobSpec, model) -> None:
         "n_train_rows": n_train,
         "n_stats_blocks": n_blocks,
     })
+
+
+def _check_target_magnitude(spec: JobSpec, y: np.ndarray, n_train: int) -> None:
+    """Raise :class:`DataError` if a regression target is too large to train on or to report in its own units.
+
+    Without ``data.standardize_target``, the output bias starts at the targets' mean and
+    the weights grow to the targets' scale, and weights above :data:`MAX_WEIGHT_MAGNITUDE`
+    count as divergence. With it, the model trains on standardised targets, but the losses
+    are reported in the targets' squared units (:data:`MAX_SCALED_TARGET_MAGNITUDE`). Either
+    way such a job would fail in round 1 as diverged, and a smaller learning rate would not help.
+    ``y`` contains the training file's ``n_train`` rows, then the validation file's.
+    """
+    if len(y) == 0:
+        return
+    magnitudes = np.abs(y)
+    row = int(np.argmax(magnitudes))
+    largest = float(magnitudes[row])
+    scaled = spec.data.standardize_target
+    limit = MAX_SCALED_TARGET_MAGNITUDE if scaled else MAX_WEIGHT_MAGNITUDE
+    if largest <= limit:
+        return
+    if row < n_train:
+        where = f"data row {row + 1} of '{spec.data.path}'"
+    else:
+        where = f"data row {row - n_train + 1} of validation file '{spec.data.validation_path}'"
+    divisor = f"1e{math.floor(math.log10(largest))}"
+    if scaled:
+        fix = (f"the losses and metrics are reported in the targets' squared units, which overflow float64 for "
+               f"such targets, so divide the targets by a power of ten, such as {divisor}, before training")
+    else:
+        fix = (f"set data.standardize_target true, which trains on targets up to {MAX_SCALED_TARGET_MAGNITUDE:g} "
+               f"in magnitude, or divide the targets by a power of ten, such as {divisor}")
+    raise DataError(f"the regression targets are too large: the largest in magnitude is {largest:.4g}, in {where}, "
+                    f"above the {limit:g} that Baton trains on "
+                    f"{'with' if scaled else 'without'} data.standardize_target; {fix}")
 
 
 def _target_scale(training_y: np.ndarray) -> float:

@@ -22,6 +22,12 @@ import numpy as np
 
 from shared.models import Model
 
+# The losses and metrics of a job with scaled targets are reported in the targets' squared
+# units, so a target's square must stay finite in float64, whose maximum is about 1.8e308.
+# Targets up to 1e150 in magnitude have squares up to 1e300, so sums of them over up to 1e8
+# rows stay finite too. The preparation rejects larger targets.
+MAX_SCALED_TARGET_MAGNITUDE = 1e150
+
 
 @dataclass(frozen=True)
 class TargetScaling:

@@ -155,7 +155,8 @@ CASES = [
     ("validation-class-unseen", json.dumps(spec("unseen-class", model={"name": "softmax_regression"},
                                                 data=csv_data("datasets/two-classes.csv",
                                                               validation_path="datasets/three-classes.csv"))),
-     "unseen-class", ["label 2.0 is not one of the training classes [0.0, 1.0]", "same labels"]),
+     "unseen-class", ["label 2.0 in data row 3 of validation file 'datasets/three-classes.csv' is not one of the "
+                      "training classes [0.0, 1.0]", "same labels"]),
     ("labels-misfit-model", json.dumps(spec("labels-three", data=csv_data("datasets/three-classes.csv"))),
      "labels-three", ["class"]),
     ("nan-feature", json.dumps(spec("feature-nan", data=csv_data("datasets/nan.csv"))), "feature-nan",
@@ -171,7 +172,8 @@ CASES = [
         "datasets/four-columns.csv", validation_path="datasets/three-columns.csv"))), "columns-mismatch",
      ["feature columns", "three-columns.csv"]),
     ("csv-label-column-out-of-range", json.dumps(spec("label-column", data={**GOOD_CSV, "label_column": 40})),
-     "label-column", ["label_column", "40"]),
+     "label-column", ["data.label_column is 40 but 'datasets/breast_cancer.csv' has 31 columns",
+                      "an index from 0 to 30, or from -31 to -1 to count from the last column"]),
     ("libsvm-validation-index-too-high", json.dumps(spec("libsvm-validation-index", data=libsvm_data(
         "datasets/a9a-300", n_features=117, validation_path="datasets/a9a.t"))), "libsvm-validation-index",
      ["'datasets/a9a.t' uses feature index 122", "data.n_features is 117"]),
@@ -233,7 +235,7 @@ CASES = [
      "npy-records", ["'datasets/records.npy'", "a structured dtype of 31 fields (f0 float64, f1 float64, f2 float64, "
                      "...)", "not plain numbers", "structured_to_unstructured"]),
     ("npy-not-an-array", json.dumps(spec("npy-text", data={"path": "datasets/text.npy", "format": "npy"})),
-     "npy-text", ["'datasets/text.npy'", "not a .npy array", "format 'csv'"]),
+     "npy-text", ["'datasets/text.npy' is text, not a .npy matrix", "set data.format to csv", "numpy.save"]),
     ("npy-truncated", json.dumps(spec("npy-short", data={"path": "datasets/truncated.npy", "format": "npy"})),
      "npy-short", ["'datasets/truncated.npy'", "truncated", "copy or save it again"]),
     ("npy-one-column", json.dumps(spec("npy-vector", data={"path": "datasets/vector.npy", "format": "npy"})),
@@ -247,7 +249,7 @@ CASES = [
      "npz-text-labels", ["array y in 'datasets/text-labels.npz'", "dtype <U9", "not numbers",
                          "numpy.savez(path, X=features.astype(numpy.float64), y=labels.astype(numpy.float64))"]),
     ("npz-not-a-zip", json.dumps(spec("npz-text", data={"path": "datasets/text.npz", "format": "npz"})),
-     "npz-text", ["'datasets/text.npz'", "not a .npz archive", "numpy.savez"]),
+     "npz-text", ["'datasets/text.npz' is text, not a .npz archive", "set data.format to csv", "numpy.savez"]),
     ("csv-trailing-delimiter", json.dumps(spec("csv-trailing-comma", data=csv_data(
         "datasets/trailing-comma.csv", skip_rows=1))), "csv-trailing-comma",
      ["line 2 of 'datasets/trailing-comma.csv' ends with the delimiter ',', so its last column (32) is empty",
@@ -262,12 +264,81 @@ CASES = [
     ("csv-full-width-digits", json.dumps(spec("csv-wide-digits", data=csv_data(
         "datasets/full-width-digits.csv", skip_rows=1))), "csv-wide-digits",
      ["line 3 of 'datasets/full-width-digits.csv'", "column 2", "'７５'", "not a number"]),
+    # A 100,000-character token: the message quotes its start and counts the rest.
+    ("libsvm-long-token", json.dumps(spec("libsvm-long-token", data=libsvm_data("datasets/long-token.libsvm"))),
+     "libsvm-long-token", ["malformed libsvm line 1 in 'datasets/long-token.libsvm': label 'xxxxxxxxxx",
+                           "'... (100,000 characters) is not a number"]),
+    ("csv-label-name-in-wide-header", json.dumps(spec("csv-wide-header", data=csv_data(
+        "datasets/wide-header.csv", header=True, label_column="lable"))), "csv-wide-header",
+     ["data.label_column is 'lable' but the header of 'datasets/wide-header.csv' names 3,001 columns "
+      "['some_long_feature_name_0', 'some_long_feature_name_1', ", "... and 2,991 more]; use one of those names"]),
+    ("npz-read-as-npy", json.dumps(spec("npz-as-npy", data={"path": "datasets/table.npz", "format": "npy"})),
+     "npz-as-npy", ["'datasets/table.npz' is a zip archive, as numpy.savez writes a .npz file, not a .npy matrix "
+                    "(data.format npy)", "set data.format to npz"]),
+    ("npy-read-as-libsvm", json.dumps(spec("npy-as-libsvm", data={"path": "datasets/table.npy"})), "npy-as-libsvm",
+     ["'datasets/table.npy' is a NumPy .npy file", "not libsvm text (data.format libsvm, the default)",
+      "set data.format to npy"]),
+    ("npy-read-as-csv", json.dumps(spec("npy-as-csv", data=csv_data("datasets/table.npy"))), "npy-as-csv",
+     ["'datasets/table.npy' is a NumPy .npy file", "not delimited text (data.format csv)", "set data.format to npy"]),
+    ("npy-read-as-npz", json.dumps(spec("npy-as-npz", data={"path": "datasets/table.npy", "format": "npz"})),
+     "npy-as-npz", ["'datasets/table.npy' is a NumPy .npy file", "not a .npz archive (data.format npz)",
+                    "set data.format to npy"]),
+    ("gzip-npy-read-as-csv", json.dumps(spec("gzip-npy-as-csv", data=csv_data("datasets/table.npy.gz"))),
+     "gzip-npy-as-csv", ["'datasets/table.npy.gz' is a NumPy .npy file", "set data.format to npy"]),
+    ("libsvm-read-as-csv", json.dumps(spec("libsvm-as-csv", data=csv_data("datasets/a9a-300"))), "libsvm-as-csv",
+     ["'datasets/a9a-300' looks like libsvm text", "not delimited text (data.format csv)",
+      "set data.format to libsvm"]),
+    ("libsvm-read-as-npy", json.dumps(spec("libsvm-as-npy", data={"path": "datasets/a9a-300", "format": "npy"})),
+     "libsvm-as-npy", ["'datasets/a9a-300' looks like libsvm text", "not a .npy matrix (data.format npy)",
+                       "set data.format to libsvm"]),
+    ("libsvm-validation-read-as-csv", json.dumps(spec("libsvm-validation-as-csv", data=csv_data(
+        "datasets/breast_cancer.csv", skip_rows=1, validation_path="datasets/a9a.t"))), "libsvm-validation-as-csv",
+     ["'datasets/a9a.t' looks like libsvm text", "set data.format to libsvm"]),
+    ("csv-validation-without-header", json.dumps(spec("csv-validation-no-header", data=csv_data(
+        "datasets/named-train.csv", header=True, label_column="diagnosis",
+        validation_path="datasets/named-no-header.csv"))), "csv-validation-no-header",
+     ["data.label_column is 'diagnosis' but the header of validation file 'datasets/named-no-header.csv' names 31 "
+      "columns", "these are numbers, so the validation file (data.validation_path) seems to have no header line",
+      "add a header line like the training file's to the validation file"]),
+    ("csv-validation-without-header-by-index", json.dumps(spec("csv-validation-no-header-index", data=csv_data(
+        "datasets/named-train.csv", header=True, validation_path="datasets/named-no-header.csv"))),
+     "csv-validation-no-header-index",
+     ["the header of validation file 'datasets/named-no-header.csv' does not match the header of training file",
+      "The validation file's header names [", "seems to have no header line"]),
+    ("csv-training-without-header", json.dumps(spec("csv-no-header", data=csv_data(
+        "datasets/named-no-header.csv", header=True, label_column="diagnosis"))), "csv-no-header",
+     ["the header of 'datasets/named-no-header.csv' names 31 columns", "these are numbers, so the file seems to "
+      "have no header line: set data.header false"]),
+    ("npz-complex-features", json.dumps(spec("npz-complex", data={"path": "datasets/complex.npz", "format": "npz"})),
+     "npz-complex", ["array X in 'datasets/complex.npz' contains complex numbers (dtype complex128)",
+                     "numpy.real"]),
+    ("npy-label-column-out-of-range", json.dumps(spec("npy-label-column", data={
+        "path": "datasets/table.npy", "format": "npy", "label_column": -32})), "npy-label-column",
+     ["data.label_column is -32 but 'datasets/table.npy' has 31 columns", "from 0 to 30"]),
+    # Whole-number prices: too many labels for any classifier, so the error names the regression models.
+    ("prices-for-binary-model", json.dumps(spec("prices-binary", data=csv_data("datasets/prices.csv"))),
+     "prices-binary", ["needs exactly 2 distinct labels, found 1,200", "more than the 1,000 classes",
+                       "use linear_regression or mlp_regressor"]),
+    ("regression-targets-too-large", json.dumps(spec("targets-huge", model={"name": "linear_regression"}, data={
+        "path": "datasets/huge-targets.npz", "format": "npz", "standardize_target": True})), "targets-huge",
+     ["the regression targets are too large: the largest in magnitude is 2.811e+161, in data row 213 of "
+      "'datasets/huge-targets.npz', above the 1e+150 that Baton trains on with data.standardize_target",
+      "divide the targets by a power of ten, such as 1e161"]),
+    ("regression-targets-too-large-unscaled", json.dumps(spec("targets-large", model={"name": "linear_regression"},
+                                                              data={"path": "datasets/large-targets.npz",
+                                                                    "format": "npz"})), "targets-large",
+     ["the largest in magnitude is 2.811e+121, in data row 213 of 'datasets/large-targets.npz', above the 1e+100 "
+      "that Baton trains on without data.standardize_target", "set data.standardize_target true"]),
 ]
 
 # Phrases of numpy's and Python's own messages, and of the preparation's parts: an error
 # that contains one was passed through instead of written for the user.
 FOREIGN_PHRASES = ["usecols", "allow_pickle", "pickled", "float64 at row", "could not convert", "invalid literal",
                    "(bytes ", "of the part"]
+
+# The maximum length of a case's error. Values and lists quoted from a data file are cut,
+# so that no file makes an error too long to read or to store.
+MAX_ERROR_CHARS = 1000
 
 # The first line of the file outside the EFS root: no error may quote it.
 OUTSIDE_LINE = "root:x:0:0:root:/root:/bin/bash"
@@ -300,6 +371,7 @@ def write_data_files(efs_root):
     write_malformed_files(datasets)
     write_named_csv_files(datasets)
     write_breast_cancer_variants(datasets)
+    write_format_mixups(datasets)
     os.mkfifo(datasets / "pipe.csv")
     (datasets / "empty.csv").write_text("")
     (datasets / "header-only.csv").write_text("a,b,label\n")
@@ -378,6 +450,23 @@ def write_breast_cancer_variants(datasets):
     np.savez(datasets / "text-labels.npz", X=table[:, :-1], y=names)
 
 
+def write_format_mixups(datasets):
+    """Write breast_cancer as .npy and .npz files, files of unusual values, and a header too long to quote."""
+    table = np.loadtxt(BREAST_CANCER_CSV, delimiter=",", skiprows=1)
+    np.save(datasets / "table.npy", table)
+    with gzip.open(datasets / "table.npy.gz", "wb") as handle:
+        handle.write((datasets / "table.npy").read_bytes())
+    np.savez(datasets / "table.npz", X=table[:, :-1], y=table[:, -1])
+    np.savez(datasets / "complex.npz", X=table[:, :-1] + 1j, y=table[:, -1])
+    # The first column, a radius of at most 28.11 in row 213, as a regression target.
+    np.savez(datasets / "huge-targets.npz", X=table[:, 1:-1], y=table[:, 0] * 1e160)
+    np.savez(datasets / "large-targets.npz", X=table[:, 1:-1], y=table[:, 0] * 1e120)
+    (datasets / "long-token.libsvm").write_text("x" * 100_000 + " 1:0.5\n1 1:1\n")
+    header = ",".join(f"some_long_feature_name_{index}" for index in range(3000)) + ",label\n"
+    rows = "".join(",".join(["0.5"] * 3000) + f",{label}\n" for label in (0, 1, 0))
+    (datasets / "wide-header.csv").write_text(header + rows)
+
+
 def test_npy_structured_error_is_short(tmp_path):
     write_breast_cancer_variants(tmp_path)
 
@@ -409,6 +498,7 @@ def write_named_csv_files(datasets):
     swapped = [1, 0, *range(2, table.shape[1])]
     write("named-swapped.csv", [names[1], names[0], *names[2:], "diagnosis"], table[400:, swapped])
     write("named-short.csv", [*names[:-1], "diagnosis"], np.column_stack([features[400:, :-1], labels[400:]]))
+    np.savetxt(datasets / "named-no-header.csv", table[400:], delimiter=",", fmt="%.6g")
 
 
 @pytest.fixture
@@ -498,6 +588,7 @@ def test_bad_input_fails_job_once(stack, handler_log, body, job_id, words):
         assert word in record.error
     for phrase in FOREIGN_PHRASES:
         assert phrase not in record.error
+    assert len(record.error) <= MAX_ERROR_CHARS, "a quoted value or list in the error is not cut short"
     assert stack.settings.efs_root not in record.error, "name the file as the spec gives it"
     assert "root:x" not in record.error, "an error quoted a file outside the EFS root"
     failures = [line for line in log_lines(handler_log.getvalue()) if line.get("message") == "job failed"]

@@ -847,6 +847,35 @@ def test_watch_writes_lines_when_not_terminal(finished_job):
     assert "status=SUCCEEDED" in lines[-1]
 
 
+def test_watch_catch_up_lines_omit_status(finished_job):
+    from shared.monitor import watch_job
+
+    state = finished_job["stack"].state
+    state.create_job("caught-up", "d" * 64, "{}", 2)
+    state.start_job("caught-up", 4)
+
+    def finish_all_rounds(seconds):
+        # The job runs its last 3 rounds and succeeds between two polls.
+        for index in range(1, 4):
+            state.put_round_metrics("caught-up", index, {"round": index + 1, "epoch": 1.0, "train_loss": 0.5})
+            if index == 3:
+                state.finish_job("caught-up", index, {"stop_reason": "max_rounds"})
+            else:
+                state.advance_round("caught-up", index, {"train_loss": 0.5})
+
+    state.put_round_metrics("caught-up", 0, {"round": 1, "epoch": 0.25, "train_loss": 0.7})
+    state.advance_round("caught-up", 0, {"train_loss": 0.7})
+    stream = io.StringIO()
+
+    watch_job(state, "caught-up", stream=stream, sleep=finish_all_rounds)
+
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"caught-up: {count}/4 rounds" for count in range(1, 5)]
+    assert "status=RUNNING" in lines[0]
+    assert all("status=" not in line for line in lines[1:3]), "an earlier round shows the final status"
+    assert "status=SUCCEEDED" in lines[3]
+
+
 def test_watch_draws_bar_on_terminal(finished_job):
     stream = TerminalStream()
 
@@ -890,3 +919,48 @@ def test_watch_estimate_uses_round_times():
     assert "eta" not in progress_postfix(record("CANCELLED"), rounds)
     assert format_duration(59.6) == "1:00"
     assert format_duration(3600) == "1:00:00"
+
+
+@pytest.fixture
+def no_aws_region(tmp_path, monkeypatch):
+    """A working folder with no AWS region in the environment or in an AWS config file."""
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("command, after_run", [
+    (["status", "demo-job"], "`baton fetch demo-job --efs-root .baton/efs` and `baton plot demo-job --efs-root "
+                             ".baton/efs` read the job's files"),
+    (["fetch", "demo-job"], "pass --efs-root .baton/efs alone"),
+    (["plot", "demo-job"], "pass --efs-root .baton/efs alone"),
+    (["list"], "`baton fetch JOB_ID --efs-root .baton/efs` reads a job's files"),
+])
+def test_missing_region_names_local_folder(no_aws_region, command, after_run):
+    (no_aws_region / ".baton" / "efs" / "jobs" / "demo-job").mkdir(parents=True)
+
+    result = CliRunner().invoke(main, command)
+
+    assert result.exit_code == 1
+    assert f"without --stage or --endpoint-url `baton {command[0]}` reads the stack of stage 'dev'" in result.output
+    assert "pass --stage local --endpoint-url URL, with the URL it prints" in result.output
+    assert f"once it has ended, {after_run}" in result.output
+    assert "For a stack on AWS, pass --region or set AWS_DEFAULT_REGION" in result.output
+
+
+@pytest.mark.parametrize("command", [["status", "other-job"], ["status", "demo-job", "--stage", "prod"]])
+def test_missing_region_without_local_job(no_aws_region, command):
+    # The local folder contains another job, or the command aims at a named stage.
+    (no_aws_region / ".baton" / "efs" / "jobs" / "demo-job").mkdir(parents=True)
+
+    result = CliRunner().invoke(main, command)
+
+    assert result.exit_code == 1
+    assert "Error: no AWS region is configured; pass --region or set AWS_DEFAULT_REGION" in result.output
+    assert "--stage local" not in result.output

@@ -481,3 +481,48 @@ def test_negative_r2_summary_hints_scaling(tmp_path, capsys, r2, hinted):
     output = capsys.readouterr().out
     assert ("validation_r2 is below 0" in output) is hinted
     assert ("data.standardize true and data.standardize_target true" in output) is hinted
+
+
+def test_one_round_named_singular(tmp_path, capsys):
+    from shared.cli_run import _report_local_job, job_outcome_line
+
+    record = JobRecord(job_id="short", status="SUCCEEDED", round=1, n_workers=2, total_rounds=1, fingerprint="",
+                       spec_json="{}", error=None, attributes={"stop_reason": "max_rounds"})
+
+    assert job_outcome_line(record) == "job short SUCCEEDED after 1 round (stop reason max_rounds)"
+    assert _report_local_job(record, tmp_path, elapsed=3.0) is None
+    assert "job short SUCCEEDED after 1 round in 3.0 s" in capsys.readouterr().out
+
+
+def failed_on_missing_file(field: str, path: str) -> JobRecord:
+    spec = {"data": {"path": "datasets/train.csv", field: path}}
+    error = (f"data file not found: '{path}'; check data.{field} and that the file was copied onto EFS")
+    return JobRecord(job_id="missing", status="FAILED", round=0, n_workers=2, total_rounds=0, fingerprint="",
+                     spec_json=json.dumps(spec), error=error, attributes={})
+
+
+@pytest.mark.parametrize("field", ["path", "validation_path"])
+def test_missing_data_names_local_file(tmp_path, field):
+    from shared.cli_run import _report_local_job
+
+    efs_root = tmp_path / "efs"
+
+    failure = _report_local_job(failed_on_missing_file(field, "datasets/casp/CASP.csv"), efs_root, elapsed=1.0)
+
+    message = failure.format_message()
+    assert message.startswith("job missing FAILED: data file not found: 'datasets/casp/CASP.csv'")
+    assert f"data.{field} names {efs_root / 'datasets' / 'casp' / 'CASP.csv'}" in message
+    assert "add --import SOURCE:datasets/casp/CASP.csv to the baton run command" in message
+
+
+def test_missing_data_hint_skips_present_file(tmp_path):
+    from shared.cli_run import _report_local_job
+
+    efs_root = tmp_path / "efs"
+    # A link to a missing file: the path exists on the local EFS, so copying onto it is not the fix.
+    (efs_root / "datasets").mkdir(parents=True)
+    (efs_root / "datasets" / "link.csv").symlink_to(tmp_path / "gone.csv")
+
+    failure = _report_local_job(failed_on_missing_file("path", "datasets/link.csv"), efs_root, elapsed=1.0)
+
+    assert "--import" not in failure.format_message()

@@ -564,3 +564,76 @@ def test_csv_quoted_header_name_keeps_delimiter(tmp_path):
 
     np.testing.assert_array_equal(X, [[1.0, 2.0], [3.0, 4.0]])
     np.testing.assert_array_equal(y, [0.0, 1.0])
+
+
+LONG_TEXT = "y" * 100_000
+
+
+@pytest.mark.parametrize("line, words", [
+    (f"{LONG_TEXT} 1:2", "label 'yyyyyyyyyy"),
+    (f"1 {LONG_TEXT}", "'... (100,000 characters) is not an <index>:<value> pair"),
+    (f"1 {LONG_TEXT}:2", "feature index 'yyyyyyyyyy"),
+    (f"1 3:{LONG_TEXT}", "value of feature 3 'yyyyyyyyyy"),
+])
+def test_libsvm_long_token_quoted_short(line, words):
+    from shared.formats.libsvm import parse_libsvm_text
+
+    with pytest.raises(DataError) as raised:
+        parse_libsvm_text("1 1:2\n" + line + "\n", "long.svm")
+
+    message = str(raised.value)
+    assert words in message
+    assert "(100,000 characters)" in message
+    assert len(message) < 400
+
+
+def test_csv_long_field_quoted_short():
+    from shared.formats.delimited import parse_csv_text
+
+    with pytest.raises(DataError) as raised:
+        parse_csv_text(f"1,0\n{LONG_TEXT},1\n", ",", 1, None, "long.csv")
+
+    assert "column 1 is 'yyyyyyyyyy" in str(raised.value)
+    assert len(str(raised.value)) < 400
+
+
+@pytest.mark.parametrize("head, detected", [
+    (b"\x93NUMPY\x01\x00v\x00{'descr': '<f8'", "npy"),
+    (b"PK\x03\x04\x14\x00\x00\x00", "npz"),
+    (b"PK\x05\x06" + b"\x00" * 18, "npz"),
+    (b"# exported\n\n+1 3:0.5 11:1 qid:2\n", "libsvm"),
+    (b"-1 5:1e-3\n", "libsvm"),
+    (b"PKG,price\n1,2\n", "text"),
+    (b"1,2:30,0\n", "text"),
+    (b"1 2 3\n", "text"),
+    (b"a:b 1:2\n", "text"),
+    (b"\x00\x01\x02", None),
+    (b"\xff\xfe1\x00,\x00", None),
+])
+def test_detect_format_from_content(head, detected):
+    from shared.formats.files import detect_format
+
+    assert detect_format(head) == detected
+
+
+def test_detect_format_ignores_cut_last_line():
+    from shared.formats.files import HEAD_BYTES, detect_format
+
+    # A first row longer than the head: its start looks like libsvm, but the row is not known whole.
+    head = ("1 " + " ".join(f"{index}:1" for index in range(1, 2000)))[:HEAD_BYTES].encode()
+
+    assert detect_format(head) == "text"
+
+
+def test_npz_named_csv_gets_format_hint(tmp_path):
+    from shared.formats.npy import load_npy
+
+    # The file name ends in .csv, but the content is a zip archive, and the message follows the content.
+    np.savez(tmp_path / "table.npz", X=np.zeros((2, 2)), y=np.zeros(2))
+    (tmp_path / "table.npz").rename(tmp_path / "table.csv")
+
+    with pytest.raises(DataError) as raised:
+        load_npy(tmp_path / "table.csv", "datasets/table.csv")
+
+    assert "'datasets/table.csv' is a zip archive" in str(raised.value)
+    assert "set data.format to npz" in str(raised.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from itertools import islice
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from shared.errors import DataError, JobSpecError
 from shared.models import MODELS, compute_class_weights, get_model_class
+from shared.models.base import MAX_CLASSES
 from shared.optim import build_optimizer
 
 TESTS_DATA = Path(__file__).parent / "data"
@@ -990,12 +992,18 @@ def test_binary_check_suggests_regression_for_real_labels():
 
 
 @pytest.mark.parametrize("classes, advice", [
-    (np.array([0.0, 1.0, 2.0]), "use a multiclass model"),
+    (np.array([0.0, 1.0, 2.0]), "use a multiclass model (softmax_regression or mlp_classifier)"),
     (np.array([1.0]), "check data.label_column and that the training rows contain both classes"),
-], ids=["three-whole", "one-label"])
+    # Whole-number prices: more labels than a multiclass model takes, so only regression fits.
+    (np.arange(14999.0, 14999.0 + 3842 * 25, 25), "if the label is a continuous target, such as a price or a "
+                                                  "count, use linear_regression or mlp_regressor"),
+], ids=["three-whole", "one-label", "many-whole"])
 def test_binary_check_advice_per_label_count(classes, advice):
-    with pytest.raises(DataError, match=advice):
+    with pytest.raises(DataError, match=re.escape(advice)) as raised:
         get_model_class("linear_svm")(n_features=1).check_classes(classes)
+
+    if len(classes) > MAX_CLASSES:
+        assert "multiclass" not in str(raised.value), "a multiclass model takes no more than MAX_CLASSES labels"
 
 
 def test_predict_returns_encoded_targets():

@@ -203,6 +203,20 @@ def test_parse_duration_units(text, seconds):
     assert planner.parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize("text, words", [
+    ("1e400h", "'1e400h' is not a finite duration"),
+    ("nan", "'nan' is not a finite duration"),
+    ("inf", "'inf' is not a finite duration"),
+    ("0m", "must be greater than 0, got '0m'"),
+    ("-2h", "must be greater than 0, got '-2h'"),
+])
+def test_parse_duration_rejects_value(text, words):
+    with pytest.raises(planner.PlanError) as raised:
+        planner.parse_duration(text)
+
+    assert words in str(raised.value)
+
+
 def test_scaling_table_matches_docs():
     page = DOCS_PAGE.read_text(encoding="utf-8")
 

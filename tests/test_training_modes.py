@@ -340,6 +340,21 @@ def test_standardize_target_ignores_units(inprocess_stack, efs_root, case):
     assert metrics[1e-6, False]["validation_r2"] < original_r2 - 0.05
 
 
+def test_scaled_targets_near_limit_train(inprocess_stack, efs_root):
+    # Targets up to about 5e145, below the 1e150 that the preparation accepts with
+    # data.standardize_target: the job trains as on the targets in dollars.
+    names, table = california_housing(target_factor=1e140)
+    path = write_csv(efs_root, "datasets/california-1e140.csv", names, table)
+    spec = california_spec("near-limit", path, {"name": "linear_regression"}, {"name": "momentum"},
+                           data={"standardize_target": True})
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    metrics = inprocess_stack.services.state.list_round_metrics("near-limit")[-1]
+    assert metrics["validation_r2"] > 0.6
+
+
 # Linear jobs whose optimum and path do not change with data.standardize_target.
 EQUIVALENT_CASES = {
     "ridge": ({"name": "linear_regression", "alpha": 0.01}, {"name": "momentum", "learning_rate": 0.05}, {}),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import DataError
+from shared.errors import DataError, preview_list, quote_value
 from shared.formats.files import decode_text, read_text_bytes
 
 
@@ -79,7 +79,7 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
                                  f"its last column ({column}) is empty; remove the delimiter at the end of each line "
                                  "that has one too many, or write the missing value")
             if not _is_number(field):
-                problem = "is empty" if not field.strip() else f"is {field.strip()!r}, which is not a number"
+                problem = "is empty" if not field.strip() else f"is {quote_value(field.strip())}, which is not a number"
                 if field.strip() and not field.isascii():
                     problem += " (only ASCII digits 0-9 are read)"
                 return DataError(f"line {line_number} of '{source}', column {column} {problem}; CSV data must be "
@@ -118,8 +118,33 @@ def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int |
     return X, y
 
 
+# Header names that an error lists before it counts the rest.
+LISTED_HEADER_NAMES = 10
+
+
 def _header_names(header: list[str] | None) -> list[str]:
     return [name.strip().strip('"') for name in header or []]
+
+
+def _preview_names(names: list[str]) -> str:
+    """Return the first header names for a message, each cut to a short quote, with the count of the others."""
+    return preview_list(names, LISTED_HEADER_NAMES, quote_value)
+
+
+def _looks_like_data_row(names: list[str]) -> bool:
+    """Return whether every name read from a header line is a number, as in a data row."""
+    return bool(names) and all(_is_number(name) for name in names)
+
+
+def _missing_header_hint(validation: bool) -> str:
+    """Return the advice for a header line whose names are all numbers, so that the file likely has no header."""
+    if validation:
+        return ("; these are numbers, so the validation file (data.validation_path) seems to have no header line. "
+                "data.header true reads the first line of the training file and of the validation file as a "
+                "header, so add a header line like the training file's to the validation file, or remove the "
+                "training file's header and set data.header false")
+    return ("; these are numbers, so the file seems to have no header line: set data.header false and give "
+            "data.label_column as a column index counting from 0, or add a header line")
 
 
 def _join_numbers(numbers: list[int]) -> str:
@@ -128,8 +153,11 @@ def _join_numbers(numbers: list[int]) -> str:
     return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} and {texts[-1]}"
 
 
-def resolve_label_column(label_column: int | str, header: list[str] | None, n_columns: int, source: str) -> int:
+def resolve_label_column(label_column: int | str, header: list[str] | None, n_columns: int, source: str,
+                         validation: bool = False) -> int:
     """Return the non-negative index of the label column, given by index or by header name.
+
+    ``validation`` True names ``source`` as the validation file in messages.
 
     Raises
     ------
@@ -137,28 +165,33 @@ def resolve_label_column(label_column: int | str, header: list[str] | None, n_co
         If the header does not contain the name or gives it to more than one column, or
         if the index is out of range.
     """
+    file_name = f"validation file '{source}'" if validation else f"'{source}'"
     if isinstance(label_column, str):
         names = _header_names(header)
         if label_column not in names:
-            raise DataError(f"data.label_column is {label_column!r} but the header of '{source}' names the "
-                            f"columns {names}; use one of those names")
+            hint = _missing_header_hint(validation) if _looks_like_data_row(names) else "; use one of those names"
+            raise DataError(f"data.label_column is {label_column!r} but the header of {file_name} names "
+                            f"{len(names):,} columns {_preview_names(names)}{hint}")
         indices = [index for index, name in enumerate(names) if name == label_column]
         if len(indices) > 1:
-            raise DataError(f"data.label_column is {label_column!r}, but the header of '{source}' gives that name "
+            raise DataError(f"data.label_column is {label_column!r}, but the header of {file_name} gives that name "
                             f"to columns {_join_numbers([index + 1 for index in indices])} (counting from 1), so "
                             "the label column is ambiguous. Rename the other columns in the header, or set "
                             "data.label_column to the label column's index counting from 0 "
                             f"({_join_numbers(indices).replace(' and ', ' or ')})")
         return indices[0]
     if not -n_columns <= label_column < n_columns:
-        raise DataError(f"data.label_column is {label_column} but '{source}' has {n_columns} columns")
+        raise DataError(f"data.label_column is {label_column} but {file_name} has {n_columns} columns, so give an "
+                        f"index from 0 to {n_columns - 1}, or from -{n_columns} to -1 to count from the last column "
+                        "(-1, the default, is the last column)")
     return label_column % n_columns
 
 
-def _feature_columns(header: list[str], label_column: int | str, source: str) -> list[tuple[int, str]]:
+def _feature_columns(header: list[str], label_column: int | str, source: str,
+                     validation: bool = False) -> list[tuple[int, str]]:
     """Return the column number (counting from 1) and name of each feature column in ``header``."""
     names = _header_names(header)
-    label_index = resolve_label_column(label_column, header, len(names), source)
+    label_index = resolve_label_column(label_column, header, len(names), source, validation)
     return [(index + 1, name) for index, name in enumerate(names) if index != label_index]
 
 
@@ -176,18 +209,22 @@ def check_same_features(train_header: list[str], validation_header: list[str], l
         Naming both files and the first feature column that differs.
     """
     train_features = _feature_columns(train_header, label_column, train_source)
-    validation_features = _feature_columns(validation_header, label_column, validation_source)
+    validation_features = _feature_columns(validation_header, label_column, validation_source, validation=True)
     pairs = itertools.zip_longest(train_features, validation_features)
     for position, (train_column, validation_column) in enumerate(pairs, start=1):
         if train_column is not None and validation_column is not None and train_column[1] == validation_column[1]:
             continue
-        in_train, in_validation = (f"{column[1]!r} (column {column[0]})" if column else "missing"
+        in_train, in_validation = (f"{quote_value(column[1])} (column {column[0]})" if column else "missing"
                                    for column in (train_column, validation_column))
-        raise DataError(f"the header of validation file '{validation_source}' does not match the header of "
-                        f"training file '{train_source}': feature column {position}, not counting the label column, is "
-                        f"{in_validation} in the validation file but {in_train} in the training file. Baton "
-                        "reads the features by position, so reorder the validation file's columns to the training "
-                        "file's order, or write the same header names if the columns already match")
+        message = (f"the header of validation file '{validation_source}' does not match the header of "
+                   f"training file '{train_source}': feature column {position}, not counting the label column, is "
+                   f"{in_validation} in the validation file but {in_train} in the training file")
+        validation_names = _header_names(validation_header)
+        if _looks_like_data_row(validation_names):
+            raise DataError(f"{message}. The validation file's header names {_preview_names(validation_names)}"
+                            f"{_missing_header_hint(validation=True)}")
+        raise DataError(f"{message}. Baton reads the features by position, so reorder the validation file's columns "
+                        "to the training file's order, or write the same header names if the columns already match")
 
 
 def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delimiter: str = ",",

@@ -2,7 +2,9 @@
 
 A ``.gz`` or ``.bz2`` file is decompressed as it is read, and text is decoded as UTF-8,
 with errors that name the line and the byte. :func:`check_finite` rejects parsed rows
-with a NaN or infinite value, whichever format they came from.
+with a NaN or infinite value, whichever format they came from. :func:`detect_format`
+reads the format from a file's first bytes, so that a file read with the wrong
+``data.format`` gets an error that names the right one.
 """
 
 from __future__ import annotations
@@ -17,9 +19,23 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from shared.errors import DataError
+from shared.efs import NPY_SIGNATURE
+from shared.errors import DATA_FILE_NOT_FOUND, DataError
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2")
+
+# The first bytes of a zip archive, such as a .npz file: a member's local header, or the
+# end record of an archive without members.
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+# Bytes from the start of a file that detect_format reads.
+HEAD_BYTES = 4096
+# Descriptions of the input each data.format reads, for the errors on a file of another format.
+FORMAT_DESCRIPTIONS = {
+    "libsvm": "libsvm text (data.format libsvm, the default)",
+    "csv": "delimited text (data.format csv)",
+    "npy": "a .npy matrix (data.format npy)",
+    "npz": "a .npz archive (data.format npz)",
+}
 
 
 def check_data_file(path: Path, source: str, field: str) -> None:
@@ -40,10 +56,10 @@ def check_data_file(path: Path, source: str, field: str) -> None:
         Naming the file, what it is instead, and what to do.
     """
     if path.is_symlink() and not path.exists():
-        raise DataError(f"data file not found: '{source}' is a symbolic link to a missing file, or one of a loop of "
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}' is a symbolic link to a missing file, or one of a loop of "
                         f"links; check {field} and point the link at the file on EFS, or copy the file there")
     if not path.exists():
-        raise DataError(f"data file not found: '{source}'; check {field} and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check {field} and that the file was copied onto EFS")
     if path.is_dir():
         raise DataError(f"{field} '{source}' is a folder, not a file; name one data file in {field}")
     if not path.is_file():
@@ -58,12 +74,97 @@ def check_data_file(path: Path, source: str, field: str) -> None:
 def open_binary(path: Path, source: str) -> io.BufferedIOBase:
     """Open a data file for reading bytes, decompressing a ``.gz`` or ``.bz2`` file as it is read."""
     if not path.is_file():
-        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     if path.suffix == ".bz2":
         return bz2.open(path, "rb")
     return open(path, "rb")
+
+
+def read_head(path: Path, source: str, n_bytes: int = HEAD_BYTES) -> bytes:
+    """Return the first ``n_bytes`` bytes of a data file, decompressed."""
+    try:
+        with open_binary(path, source) as handle:
+            return handle.read(n_bytes)
+    except (OSError, EOFError) as error:
+        raise read_error(path, source, error) from None
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_libsvm_row(line: str) -> bool:
+    """Return whether ``line`` is a label followed by at least one ``<index>:<value>`` pair."""
+    tokens = line.split("#", 1)[0].split()
+    pairs = [token.partition(":") for token in tokens[1:] if not token.startswith("qid:")]
+    return (len(tokens) >= 2 and _parses_as_float(tokens[0]) and bool(pairs)
+            and all(separator and index.isdigit() and _parses_as_float(value) for index, separator, value in pairs))
+
+
+def detect_format(head: bytes) -> str | None:
+    """Return the data format that the first bytes of a file show, or None when they show none.
+
+    Returns "npy" for numpy's .npy header, "npz" for a zip archive, "libsvm" for text whose
+    first row is ``<label> <index>:<value> ...``, "text" for other UTF-8 text, and None for
+    other bytes. The content decides, not the file name, so that a file saved under the
+    wrong extension is still named correctly.
+    """
+    if head.startswith(NPY_SIGNATURE):
+        return "npy"
+    if head.startswith(ZIP_SIGNATURES):
+        return "npz"
+    if b"\0" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # A character cut at the end of the head is not an error in the file.
+        if error.start < len(head) - 3:
+            return None
+        text = head[:error.start].decode("utf-8")
+    lines = text.splitlines()
+    if len(head) == HEAD_BYTES:
+        # The last line may be cut short.
+        lines = lines[:-1]
+    rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if rows and _is_libsvm_row(rows[0]):
+        return "libsvm"
+    return "text"
+
+
+def wrong_format_error(source: str, data_format: str, detected: str) -> DataError:
+    """Return the error for a data file whose content shows the format ``detected`` while ``data_format`` is set.
+
+    ``detected`` is a return value of :func:`detect_format` other than None.
+    """
+    expected = FORMAT_DESCRIPTIONS[data_format]
+    if detected == "npy":
+        return DataError(f"'{source}' is a NumPy .npy file, because it starts with numpy's .npy header, not "
+                         f"{expected}; set data.format to npy, which reads a 2-D matrix with the labels in "
+                         "data.label_column")
+    if detected == "npz":
+        return DataError(f"'{source}' is a zip archive, as numpy.savez writes a .npz file, not {expected}; set "
+                         "data.format to npz if it contains arrays X and y, or else extract the data file from it")
+    if detected == "libsvm":
+        return DataError(f"'{source}' looks like libsvm text, because its first row is '<label> <index>:<value> "
+                         f"...', not {expected}; set data.format to libsvm")
+    save = {"npy": "a .npy matrix, save one with numpy.save", "npz": "a .npz archive, save arrays X and y with "
+            "numpy.savez"}.get(data_format)
+    return DataError(f"'{source}' is text, not {expected}; set data.format to csv for delimited text such as CSV"
+                     + (f", or, if the file should be {save}" if save else ""))
+
+
+def check_text_format(path: Path, source: str, data_format: str) -> None:
+    """Raise :func:`wrong_format_error` if a file read as text (libsvm or csv) starts as a .npy file or a zip archive."""
+    detected = detect_format(read_head(path, source))
+    if detected in ("npy", "npz"):
+        raise wrong_format_error(source, data_format, detected)
 
 
 def read_text_bytes(path: Path, source: str) -> bytes:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from shared.errors import DataError
+from shared.errors import DataError, quote_value
 from shared.formats.files import decode_text, read_text_bytes
 
 
@@ -32,7 +32,7 @@ def _parse_number(text: str, field_name: str) -> float:
             raise ValueError(text)
         return float(text)
     except ValueError:
-        raise ValueError(f"{field_name} {text!r} is not a number") from None
+        raise ValueError(f"{field_name} {quote_value(text)} is not a number") from None
 
 
 def parse_libsvm_text(text: str, source: str, first_line_number: int = 1) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -283,13 +283,13 @@ def _parse_libsvm_checked(lines: list[str], source: str, first_line_number: int)
                     continue
                 index_text, separator, value_text = token.partition(":")
                 if not separator:
-                    raise ValueError(f"{token!r} is not an <index>:<value> pair")
+                    raise ValueError(f"{quote_value(token)} is not an <index>:<value> pair")
                 try:
                     if "_" in index_text or not index_text.isascii():
                         raise ValueError(index_text)
                     index = int(index_text)
                 except ValueError:
-                    raise ValueError(f"feature index {index_text!r} is not an integer") from None
+                    raise ValueError(f"feature index {quote_value(index_text)} is not an integer") from None
                 if index < 1:
                     raise ValueError(f"feature index {index} is not valid because libsvm indices start at 1")
                 if index > MAX_FEATURE_INDEX:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import DataError
+from shared.errors import DATA_FILE_NOT_FOUND, DataError
 from shared.formats.delimited import resolve_label_column
+from shared.formats.files import HEAD_BYTES, detect_format, wrong_format_error
 
 
 # dtype kinds Baton reads: booleans, signed and unsigned integers, floating point.
@@ -61,6 +62,10 @@ def check_npy_header(handle, array_name: str, save_example: str = NPY_SAVE_EXAMP
     if dtype.names is not None:
         raise DataError(f"{array_name} contains records of {_describe_dtype(dtype)}, not plain numbers; save a "
                         "numeric matrix instead, for example with numpy.lib.recfunctions.structured_to_unstructured")
+    if dtype.kind == "c":
+        raise DataError(f"{array_name} contains complex numbers ({_describe_dtype(dtype)}), which Baton does not "
+                        "train on; save the real part (numpy.real), the magnitude (numpy.abs) or both as separate "
+                        f"real columns, for example {save_example}")
     if dtype.kind not in NUMERIC_KINDS:
         raise DataError(f"{array_name} contains values of {_describe_dtype(dtype)}, not numbers; save a plain "
                         f"numeric array, for example {save_example}")
@@ -99,8 +104,12 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
     """Read arrays ``X`` (2-D) and ``y`` (1-D) from a ``.npz`` archive."""
     source = source or str(path)
     if not path.is_file():
-        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            detected = detect_format(handle.read(HEAD_BYTES))
+        if detected is not None and detected != "npz":
+            raise wrong_format_error(source, "npz", detected)
         raise DataError(f"'{source}' is not a .npz archive because it is not a zip file; save the features and "
                         "labels with numpy.savez(path, X=features, y=labels), or use format 'npy' for one matrix")
     try:
@@ -128,8 +137,12 @@ def load_npy(path: Path, source: str | None = None) -> np.ndarray:
     """Memory-map a ``.npy`` file after checking that it is a complete array of numbers."""
     source = source or str(path)
     if not path.is_file():
-        raise DataError(f"data file not found: '{source}'; check data.path and that the file was copied onto EFS")
+        raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     with open(path, "rb") as handle:
+        detected = detect_format(handle.read(HEAD_BYTES))
+        if detected is not None and detected != "npy":
+            raise wrong_format_error(source, "npy", detected)
+        handle.seek(0)
         shape, dtype = check_npy_header(handle, f"'{source}'")
         data_offset = handle.tell()
     expected_bytes = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -26,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from shared.errors import DataError, JobSpecError
+from shared.errors import DataError, JobSpecError, preview_list
 
 # A classifier's distinct training labels are capped: thousands of them usually mean a
 # continuous target was given to a classifier.
@@ -38,6 +38,8 @@ LABELS_SHOWN = 10
 
 # The models to suggest for a continuous target given to a classifier.
 REGRESSION_MODELS = "linear_regression or mlp_regressor"
+# The models to suggest for more than 2 classes given to a binary classifier.
+MULTICLASS_MODELS = "softmax_regression or mlp_classifier"
 
 
 def _has_fractional_labels(classes: np.ndarray) -> bool:
@@ -49,10 +51,7 @@ def _has_fractional_labels(classes: np.ndarray) -> bool:
 
 def _preview_labels(classes: np.ndarray) -> str:
     """Return the first labels of ``classes`` for a message, with the count of the others."""
-    first_labels = classes[:LABELS_SHOWN].tolist()
-    if len(classes) <= LABELS_SHOWN:
-        return str(first_labels)
-    return f"{str(first_labels)[:-1]}, ... and {len(classes) - LABELS_SHOWN:,} more]"
+    return preview_list(classes.tolist(), LABELS_SHOWN)
 
 
 class Model(ABC):
@@ -323,12 +322,14 @@ class Model(ABC):
         """
         raise NotImplementedError(f"model '{self.name}' is trained by gradients; use an optimizer step instead")
 
-    def encode_targets(self, y_raw: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
+    def encode_targets(self, y_raw: np.ndarray, classes: np.ndarray | None, source: str | None = None) -> np.ndarray:
         """Map raw labels to the model's encoding.
 
         Classifiers map each label to its index in ``classes``, which must be sorted as
         :func:`numpy.unique` returns them. Regressors return the
         targets as float64. Clustering models ignore targets and return zeros.
+        ``source`` names the file that ``y_raw`` comes from in messages, such as
+        ``"validation file 'data/test.csv'"``.
         """
         if self.task == "regression":
             return np.asarray(y_raw, dtype=np.float64)
@@ -339,10 +340,12 @@ class Model(ABC):
         found = positions < len(classes)
         found[found] = classes[positions[found]] == y_raw[found]
         if not found.all():
-            label = y_raw[np.flatnonzero(~found)[0]].item()
+            row = int(np.flatnonzero(~found)[0])
+            where = f"data row {row + 1}" + (f" of {source}" if source else "")
             raise DataError(
-                f"label {label!r} is not one of the training classes {_preview_labels(classes)}; "
-                "check that the validation file uses the same labels as the training file")
+                f"label {y_raw[row].item()!r} in {where} is not one of the training classes "
+                f"{_preview_labels(classes)}; check that the validation file uses the same labels as the training "
+                "file, or remove the rows with other labels")
         return positions.astype(np.int64)
 
     def check_classes(self, classes: np.ndarray) -> None:
@@ -351,8 +354,12 @@ class Model(ABC):
             if _has_fractional_labels(classes):
                 advice = ("some are not whole numbers, so if the label is a continuous target, use "
                           f"{REGRESSION_MODELS}, else check data.label_column")
+            elif len(classes) > MAX_CLASSES:
+                advice = (f"that is more than the {MAX_CLASSES:,} classes any classifier takes, so if the label is a "
+                          f"continuous target, such as a price or a count, use {REGRESSION_MODELS}, else check "
+                          "data.label_column")
             elif len(classes) > 2:
-                advice = "use a multiclass model or relabel the data"
+                advice = f"use a multiclass model ({MULTICLASS_MODELS}) or relabel the data"
             else:
                 advice = "check data.label_column and that the training rows contain both classes"
             raise DataError(f"model '{self.name}' needs exactly 2 distinct labels, found {len(classes):,}: "
