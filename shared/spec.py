@@ -444,7 +444,12 @@ def check_optimizer_value(name: str, value: Any) -> Any:
 
 def check_relative_path(field_path: str, value: str) -> str:
     """Return ``value`` normalised if it stays inside its root; raise :class:`JobSpecError` if not."""
-    if value.startswith("/") or "\\" in value or "\x00" in value:
+    if "\x00" in value:
+        raise JobSpecError(field_path, f"got {shown(value)}, which contains a NUL byte (\\x00) at character "
+                                       f"{value.index(chr(0)) + 1}; remove it")
+    if "\\" in value:
+        raise JobSpecError(field_path, f"got {shown(value)}; separate folders with '/', not '\\'")
+    if value.startswith("/"):
         raise JobSpecError(field_path, f"got {value!r}; use a path relative to the EFS root, without a leading '/'")
     parts = value.split("/")
     if ".." in parts:

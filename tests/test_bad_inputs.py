@@ -112,6 +112,10 @@ CASES = [
      ["data.path", "'..'"]),
     ("data-path-absolute", json.dumps(spec("path-absolute", data=csv_data("/etc/passwd"))), "path-absolute",
      ["data.path", "relative"]),
+    ("data-path-nul-byte", json.dumps(spec("path-nul", data=csv_data("datasets/a\x00b.csv"))), "path-nul",
+     ["data.path", "NUL byte", "at character 11", "remove it"]),
+    ("data-path-backslash", json.dumps(spec("path-backslash", data=csv_data("datasets\\a.csv"))), "path-backslash",
+     ["data.path", "separate folders with '/'"]),
     ("validation-path-dot-dot", json.dumps(spec("val-escape", data={**GOOD_CSV, "validation_path": "a/../../b"})),
      "val-escape", ["validation_path", "'..'"]),
     # Each link leads to a file or folder next to the EFS root, outside it.
