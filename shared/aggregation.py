@@ -17,7 +17,7 @@ import numpy as np
 from shared import cost
 from shared import faults
 from shared.continuation import ChainLink, InvocationBudget
-from shared.efs import EfsStore, not_an_object_problem, read_job_json
+from shared.efs import EfsStore, changed_job_file_error, not_an_object_problem, read_job_json
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.metrics import publish_round_metrics
 from shared.model_bucket import upload_model
@@ -344,8 +344,16 @@ def _write_stopping_state(store: EfsStore, spec: JobSpec, job_id: str, round_ind
     history.
     """
     stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
-    previous = StoppingState.from_dict(read_job_json(store, stopping_path, problem_of=not_an_object_problem)
-                                       if stopping_path.exists() else None)
+    if stopping_path.exists():
+        history = read_job_json(store, stopping_path, problem_of=not_an_object_problem)
+    elif round_index > 0:
+        # Every aggregation writes the next round's stopping state, so only round 0 starts
+        # without one. Read as no history, a deleted file would restart early stopping's count.
+        raise changed_job_file_error(store, stopping_path, "is missing, though the previous round's aggregation "
+                                                           "wrote it")
+    else:
+        history = None
+    previous = StoppingState.from_dict(history)
     stopping, stop_rule = check_stopping(spec, metrics, previous)
     store.write_json(store.round_dir(job_id, round_index + 1) / "stopping.json", stopping.to_dict())
     return stop_rule

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from typing import Callable
 
 import numpy as np
 
 from shared import faults
 from shared.config import Settings
-from shared.efs import EfsStore, stale_if_round_pruned
-from shared.errors import StaleMessageError
+from shared.efs import EfsStore, relative_efs_path, stale_if_round_pruned
+from shared.errors import DataError, StaleMessageError
 from shared.round_files import round_progress_path
 from shared.services import Services
 from shared.training import round_number
@@ -128,12 +129,20 @@ class ChainLink:
         if not self.path.exists():
             return
 
-        if worker is None:
-            saved = store.read_json(self.path)
-            saved_next, saved_writer = saved.pop("next"), saved.pop("writer")
-        else:
-            saved = store.read_arrays(self.path)
-            saved_next, saved_writer = int(saved.pop("_next")), str(saved.pop("_writer"))
+        try:
+            if worker is None:
+                saved = store.read_json(self.path)
+                saved_next, saved_writer = saved.pop("next"), saved.pop("writer")
+            else:
+                saved = store.read_arrays(self.path)
+                saved_next, saved_writer = int(saved.pop("_next")), str(saved.pop("_writer"))
+        except (ValueError, TypeError, KeyError, AttributeError, EOFError, zipfile.BadZipFile) as error:
+            # The file is written atomically, so something else changed it. Without it the
+            # chain computes its share of the round again from the start, to the same bytes.
+            share = "aggregation" if worker is None else f"worker {worker}'s share"
+            raise DataError(f"progress file '{relative_efs_path(store, self.path)}' is damaged "
+                            f"({type(error).__name__}: {error}); delete it and run `baton resume {job_id}`, and the "
+                            f"{share} of that round is computed again from its start, with the same result") from None
         number = _chain_position(saved_next, saved_writer, continuation, message_id)
         if number is None:
             kind = "continuation" if worker is not None else "aggregate continuation"

@@ -377,10 +377,10 @@ def read_job_json(store: EfsStore, path: Path, problem_of: Callable[[Any], str |
     try:
         value = store.read_json(path)
     except ValueError as error:
-        raise _changed_job_file_error(store, path, f"is damaged ({type(error).__name__}: {error})") from None
+        raise changed_job_file_error(store, path, f"is damaged ({type(error).__name__}: {error})") from None
     problem = None if problem_of is None else problem_of(value)
     if problem is not None:
-        raise _changed_job_file_error(store, path, problem)
+        raise changed_job_file_error(store, path, problem)
     return value
 
 
@@ -392,7 +392,11 @@ def not_an_object_problem(value: Any, expected: str = "an object") -> str | None
     return None if isinstance(value, dict) else f"contains a JSON {type(value).__name__}, not {expected}"
 
 
-def _changed_job_file_error(store: EfsStore, path: Path, problem: str) -> DataError:
+def changed_job_file_error(store: EfsStore, path: Path, problem: str) -> DataError:
+    """Return the error for a file that Baton wrote whole for a job and something else changed since.
+
+    ``problem`` follows the file's name, such as "is missing" or "is damaged (...)".
+    """
     return DataError(f"file '{relative_efs_path(store, path)}' {problem}: Baton writes it whole, so it was changed "
                      f"after it was written, and the job cannot go on from it; {FIX}")
 

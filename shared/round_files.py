@@ -27,18 +27,27 @@ def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np
     Raises
     ------
     DataError
-        If the state file is not a whole ``.npz`` archive with the parameters. Baton writes
-        it atomically, so only a change by something else leaves it so, and a retry cannot help.
+        If the state file is not a whole ``.npz`` archive with the parameters, or if a
+        parameter is NaN or infinite. Baton writes it atomically, and only after checking
+        that every parameter is finite, so only a change by something else leaves it so,
+        and a retry cannot help.
     """
     path = store.state_path(job_id, round_index)
     try:
         arrays = store.read_arrays(path)
-        arrays["params"]
+        params = arrays["params"]
     except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise DataError(f"round state file '{path.relative_to(store.root)}' is damaged ({type(error).__name__}: "
-                        f"{error}): Baton writes it whole, so it was changed after it was written, and the job "
-                        f"cannot go on from it; {FIX}") from None
-    return arrays["params"], state_from_arrays(arrays)
+        raise _damaged_state_error(store, path, f"{type(error).__name__}: {error}") from None
+    if not np.isfinite(params).all():
+        # Diverged weights stop the job before they are written, so these were changed on EFS.
+        raise _damaged_state_error(store, path, f"{np.count_nonzero(~np.isfinite(params)):,} of its "
+                                                f"{params.size:,} parameters are NaN or infinite")
+    return params, state_from_arrays(arrays)
+
+
+def _damaged_state_error(store: EfsStore, path: Path, reason: str) -> DataError:
+    return DataError(f"round state file '{path.relative_to(store.root)}' is damaged ({reason}): Baton writes it "
+                     f"whole, so it was changed after it was written, and the job cannot go on from it; {FIX}")
 
 
 def write_round_state(store: EfsStore, job_id: str, round_index: int, params: np.ndarray, optimizer_state: dict) -> None:

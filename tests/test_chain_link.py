@@ -139,3 +139,20 @@ def test_pruned_round_not_made_again(store, services, worker):
 
     assert not store.round_dir(JOB_ID, ROUND).exists()
     assert services.queues.sent == []
+
+
+@pytest.mark.parametrize("worker, damage", [(0, b"not a zip archive"), (None, b"{\"next\": 2"), (None, b"[1, 2]")],
+                         ids=["worker-garbage", "aggregator-cut", "aggregator-not-object"])
+def test_damaged_progress_names_file_and_fix(store, services, worker, damage):
+    from shared.errors import DataError
+
+    save_link(store, services, worker, None, "message-a", 1.0)
+    link_path = ChainLink(store, JOB_ID, ROUND, worker, 1, "message-c").path
+    link_path.write_bytes(damage)
+
+    with pytest.raises(DataError) as raised:
+        ChainLink(store, JOB_ID, ROUND, worker, 1, "message-c")
+
+    message = str(raised.value)
+    assert f"progress file 'jobs/{JOB_ID}/rounds/{ROUND}/{link_path.name}' is damaged" in message
+    assert f"delete it and run `baton resume {JOB_ID}`" in message

@@ -177,3 +177,13 @@ def test_killed_script_leaves_no_process(tmp_path):
 
 def result_pids(result: dict) -> list[int]:
     return [pid for pid, _ in result["processes"]]
+
+
+def test_local_watchdog_runs_every_few_seconds(tmp_path):
+    from shared.local.session import LOCAL_WATCHDOG_SECONDS, LocalStack
+
+    # A failed record is received again after a second here, so a dead-lettered job must
+    # not wait for the deployed 5-minute rate before the watchdog's drain marks it FAILED.
+    assert LocalStack(tmp_path / "efs").schedule_seconds == {"watchdog": LOCAL_WATCHDOG_SECONDS}
+    assert LOCAL_WATCHDOG_SECONDS <= 10
+    assert LocalStack(tmp_path / "efs", schedule_seconds={"watchdog": 2}).schedule_seconds == {"watchdog": 2}

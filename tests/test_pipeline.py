@@ -554,3 +554,45 @@ def test_duplicate_job_message_does_not_multiply_messages(inprocess_stack, efs_r
     # 8 rounds of 3 tasks and one aggregate each, plus at most two rounds' worth of copies.
     assert tasks <= 8 * 3 + 2 * 3, f"{tasks} task deliveries"
     assert aggregates <= 8 + 2 * 3, f"{aggregates} aggregate deliveries"
+
+
+def run_until_round(stack, job_id: str, round_index: int) -> None:
+    """Deliver messages until ``job_id`` is RUNNING at ``round_index`` with its tasks not yet run."""
+    state = stack.services.state
+    while state.get_job(job_id) is None or state.get_job(job_id).round < round_index:
+        assert any(stack.step(queue) is not None for queue in ("JobsQueue", "AggregateQueue", "TasksQueue"))
+
+
+def test_deleted_stopping_state_fails_job(inprocess_stack, efs_root):
+    # Read as no history, the missing file would restart early stopping's count and change the result.
+    inprocess_stack.submit(a9a_spec(max_rounds=12, early_stopping_patience=6))
+    run_until_round(inprocess_stack, "a9a-small", 3)
+    (efs_root / "jobs" / "a9a-small" / "rounds" / "3" / "stopping.json").unlink()
+
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == FAILED
+    assert "file 'jobs/a9a-small/rounds/3/stopping.json' is missing" in record.error
+    assert record.round == 3
+
+
+def test_non_finite_round_state_is_damaged_not_diverged(inprocess_stack, efs_root):
+    from shared.efs import EfsStore
+    from shared.errors import DIVERGED_WORDS
+    from shared.round_files import read_round_state, write_round_state
+
+    inprocess_stack.submit(a9a_spec(max_rounds=6))
+    run_until_round(inprocess_stack, "a9a-small", 2)
+    store = EfsStore(efs_root)
+    params, optimizer_state = read_round_state(store, "a9a-small", 2)
+    params[5] = np.nan
+    write_round_state(store, "a9a-small", 2, params, optimizer_state)
+
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("a9a-small")
+    assert record.status == FAILED
+    assert "round state file 'jobs/a9a-small/rounds/2/state.npz' is damaged" in record.error
+    assert "1 of its 124 parameters are NaN or infinite" in record.error
+    assert DIVERGED_WORDS not in record.error

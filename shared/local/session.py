@@ -97,6 +97,12 @@ class JobsUpdate:
 # sockets close a moment before the kernel reports the process as exited.
 SERVER_EXIT_WAIT_SECONDS = 2.0
 
+# The watchdog's interval in the local runtime. A failed record comes back after
+# retry_delay_seconds here, not after the deployed queues' visibility timeout, so a message
+# reaches its dead-letter queue within seconds. At the deployed rate of 5 minutes, its job
+# would show RUNNING that long before the watchdog's drain marks it FAILED.
+LOCAL_WATCHDOG_SECONDS = 10.0
+
 
 class ServerExitedError(RuntimeError):
     """moto's server of a :class:`LocalStack` exited while the stack was running.
@@ -236,8 +242,9 @@ class LocalStack:
     retry_delay_seconds : float, default=1.0
         Delay before a failed record is received again.
     schedule_seconds : dict of str to float, optional
-        Interval overrides for scheduled functions, such as ``{"watchdog": 2}``; by
-        default they run at their serverless.yml rate.
+        Interval overrides for scheduled functions, such as ``{"watchdog": 2}``. By
+        default the watchdog runs every :data:`LOCAL_WATCHDOG_SECONDS`, and any other
+        scheduled function at its serverless.yml rate.
     trace_dir : str or Path, optional
         Folder for the containers' phase timings (:mod:`shared.tracing`); tracing is off
         when None.
@@ -259,7 +266,7 @@ class LocalStack:
         self.extra_environment = extra_environment or {}
         self.endpoint_url = endpoint_url
         self.retry_delay_seconds = retry_delay_seconds
-        self.schedule_seconds = schedule_seconds
+        self.schedule_seconds = {"watchdog": LOCAL_WATCHDOG_SECONDS, **(schedule_seconds or {})}
         self.trace_dir = None if trace_dir is None else Path(trace_dir).resolve()
         self.inherited_fds = tuple(inherited_fds)
         self.server_log_path = self.efs_root.parent / "logs" / "moto.log"
