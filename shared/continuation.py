@@ -125,8 +125,11 @@ class ChainLink:
         self.store, self.job_id, self.round_index, self.worker = store, job_id, round_index, worker
         self.message_id = message_id
         self.path = round_progress_path(store, job_id, round_index, worker)
-        self.number, self.progress, self.earlier_seconds = continuation or 0, None, 0.0
+        self.number, self.progress, self.earlier_seconds = 0, None, 0.0
         if not self.path.exists():
+            # Every link saves its progress before it sends the next one, so a continuation
+            # without a progress file starts the chain again, as link 0. Its number would
+            # otherwise count, unchecked, in the round's invocations and cost.
             return
 
         try:

@@ -156,3 +156,13 @@ def test_damaged_progress_names_file_and_fix(store, services, worker, damage):
     message = str(raised.value)
     assert f"progress file 'jobs/{JOB_ID}/rounds/{ROUND}/{link_path.name}' is damaged" in message
     assert f"delete it and run `baton resume {JOB_ID}`" in message
+
+
+@pytest.mark.parametrize("worker", [0, None], ids=["worker", "aggregator"])
+def test_continuation_without_progress_starts_chain(store, worker):
+    # A continuation number that no saved progress backs (a forged or stray message) is not
+    # counted: the link runs as the chain's first, from the start of the share.
+    link = ChainLink(store, JOB_ID, ROUND, worker, 10**9, "message-x")
+
+    assert link.number == 0
+    assert link.progress is None
