@@ -20,9 +20,10 @@ progress is on EFS.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zipfile
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -85,6 +86,20 @@ def _chain_position(saved_next: int, saved_writer: str, continuation: int | None
     return continuation
 
 
+def _chain_fields(saved_next: Any, saved_writer: Any, seconds: Any) -> tuple[int, str, float]:
+    """Return a progress file's next link, writer and seconds, checked; raise ValueError if one is not valid."""
+    next_link = np.asarray(saved_next)
+    if next_link.shape != () or next_link.dtype.kind not in "iu" or next_link < 1:
+        raise ValueError(f"the next link is {saved_next!r}, not a whole number of 1 or more")
+    writer = np.asarray(saved_writer)
+    if writer.shape != () or writer.dtype.kind != "U":
+        raise ValueError(f"the writer is {saved_writer!r}, not a message id")
+    chain_seconds = np.asarray(seconds)
+    if chain_seconds.shape != () or chain_seconds.dtype.kind not in "iuf" or not 0 <= chain_seconds < math.inf:
+        raise ValueError(f"the chain's seconds are {seconds!r}, not a finite number of 0 or more")
+    return int(next_link), str(writer), float(chain_seconds)
+
+
 class ChainLink:
     """One invocation's place in the continuation chain of a worker's or the aggregator's share of a round.
 
@@ -136,10 +151,15 @@ class ChainLink:
             if worker is None:
                 saved = store.read_json(self.path)
                 saved_next, saved_writer = saved.pop("next"), saved.pop("writer")
+                # Absent from progress files that an earlier version of Baton wrote.
+                earlier_seconds = saved.pop("seconds", 0.0)
             else:
                 saved = store.read_arrays(self.path)
-                saved_next, saved_writer = int(saved.pop("_next")), str(saved.pop("_writer"))
-        except (ValueError, TypeError, KeyError, AttributeError, EOFError, zipfile.BadZipFile) as error:
+                saved_next, saved_writer = saved.pop("_next"), saved.pop("_writer")
+                earlier_seconds = saved.pop("_seconds", 0.0)
+            saved_next, saved_writer, earlier_seconds = _chain_fields(saved_next, saved_writer, earlier_seconds)
+        except (ValueError, TypeError, KeyError, AttributeError, EOFError, IsADirectoryError,
+                zipfile.BadZipFile) as error:
             # The file is written atomically, so something else changed it. Without it the
             # chain computes its share of the round again from the start, to the same bytes.
             share = "aggregation" if worker is None else f"worker {worker}'s share"
@@ -150,10 +170,7 @@ class ChainLink:
         if number is None:
             kind = "continuation" if worker is not None else "aggregate continuation"
             raise StaleMessageError(f"{kind} {continuation} is a duplicate of an earlier link; dropped")
-
-        # Absent from progress files that an earlier version of Baton wrote.
-        earlier_seconds = saved.pop("seconds" if worker is None else "_seconds", 0.0)
-        self.number, self.progress, self.earlier_seconds = number, saved, float(earlier_seconds)
+        self.number, self.progress, self.earlier_seconds = number, saved, earlier_seconds
 
     def total_seconds(self, started: float) -> float:
         """Return the chain's seconds so far: the earlier links' and this one's since ``started`` (monotonic)."""

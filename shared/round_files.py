@@ -28,7 +28,7 @@ def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np
     ------
     DataError
         If the state file is not a whole ``.npz`` archive with the parameters, or if a
-        parameter is NaN or infinite. Baton writes it atomically, and only after checking
+        parameter or an optimizer slot is NaN or infinite. Baton writes it atomically, and only after checking
         that every parameter is finite, so only a change by something else leaves it so,
         and a retry cannot help.
     """
@@ -38,10 +38,12 @@ def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np
         params = arrays["params"]
     except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise _damaged_state_error(store, path, f"{type(error).__name__}: {error}") from None
-    if not np.isfinite(params).all():
+    for name, values in arrays.items():
         # Diverged weights stop the job before they are written, so these were changed on EFS.
-        raise _damaged_state_error(store, path, f"{np.count_nonzero(~np.isfinite(params)):,} of its "
-                                                f"{params.size:,} parameters are NaN or infinite")
+        bad = np.count_nonzero(~np.isfinite(values)) if values.dtype.kind == "f" else 0
+        if bad:
+            raise _damaged_state_error(store, path, f"{bad:,} of the {values.size:,} values of its array '{name}' "
+                                                    f"{'is' if bad == 1 else 'are'} NaN or infinite")
     return params, state_from_arrays(arrays)
 
 

@@ -74,7 +74,7 @@ ITEM_TYPE = "item_type"
 JOB_ITEM_TYPE = "JOB"
 
 # Characters of a failure message kept as the job's ``error``. A message names a value and
-# a fix in far fewer; one that quotes a whole input (a header of 20,000 column names) would
+# a fix in far fewer. One that quotes a whole input (a header of 20,000 column names) would
 # otherwise push the job item past DynamoDB's 400 KB limit, and the failure would not be
 # recorded at all.
 MAX_ERROR_CHARS = 4000
@@ -88,8 +88,13 @@ def shorten_error(message: str, max_chars: int = MAX_ERROR_CHARS) -> str:
     """
     if len(message) <= max_chars:
         return message
-    note = f" [... {len(message) - max_chars:,} characters left out ...] "
-    room = max_chars - len(note)
+    left_out = len(message) - max_chars
+    while True:
+        note = f" [... {left_out:,} characters left out ...] "
+        room = max_chars - len(note)
+        if len(message) - room == left_out:
+            break
+        left_out = len(message) - room
     tail = room // 4
     return message[:room - tail] + note + message[len(message) - tail:]
 
@@ -695,10 +700,12 @@ class StateStore:
         the starter prepare the data again from the first step.
         """
         names = {"#status": "status"}
-        values = {":to": {"S": to_status}, ":now": {"N": repr(time.time())}, ":zero": {"N": "0"}}
+        values = {":to": {"S": to_status}, ":now": {"N": repr(time.time())}, ":zero": {"N": "0"},
+                  ":job_item": {"S": JOB_ITEM_TYPE}}
         for index, status in enumerate(from_statuses):
             values[f":from{index}"] = {"S": status}
-        expression = "SET #status = :to, updated_at = :now, status_changed_at = :now, watchdog_attempts = :zero"
+        expression = (f"SET #status = :to, updated_at = :now, status_changed_at = :now, watchdog_attempts = :zero, "
+                      f"{ITEM_TYPE} = :job_item")
         removed = [] if to_status in TERMINAL_STATUSES else [EXPIRES_AT]
         if clear_error:
             # The handler errors recorded before the job failed or paused belong to the old run.
@@ -783,7 +790,8 @@ class StateStore:
         names = {"#status": "status", "#round": "round"}
         values = {":running": {"S": RUNNING}, ":from_round": {"N": str(from_round)}}
         assignments = []
-        for index, (name, value) in enumerate({**sets, "updated_at": time.time()}.items()):
+        # item_type also puts a job created before the jobs index into it, at its next round.
+        for index, (name, value) in enumerate({**sets, "updated_at": time.time(), ITEM_TYPE: JOB_ITEM_TYPE}.items()):
             names[f"#s{index}"] = name
             values[f":s{index}"] = _to_attribute(value)
             assignments.append(f"#s{index} = :s{index}")

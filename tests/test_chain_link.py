@@ -166,3 +166,27 @@ def test_continuation_without_progress_starts_chain(store, worker):
 
     assert link.number == 0
     assert link.progress is None
+
+
+@pytest.mark.parametrize("field, value", [("next", "1"), ("next", None), ("writer", 7), ("seconds", "abc"),
+                                          ("seconds", float("nan")), ("seconds", [1])])
+def test_damaged_aggregate_progress_field(store, services, field, value):
+    from shared.errors import DataError
+
+    save_link(store, services, None, None, "message-a", 1.0)
+    path = store.round_dir(JOB_ID, ROUND) / "aggregate-progress.json"
+    saved = json.loads(path.read_text())
+    saved[field] = value
+    path.write_text(json.dumps(saved))
+
+    with pytest.raises(DataError, match="aggregate-progress.json' is damaged"):
+        ChainLink(store, JOB_ID, ROUND, None, 1, "message-c")
+
+
+def test_progress_path_that_is_folder(store):
+    from shared.errors import DataError
+
+    (store.round_dir(JOB_ID, ROUND) / "progress-0.npz").mkdir()
+
+    with pytest.raises(DataError, match="progress-0.npz' is damaged"):
+        ChainLink(store, JOB_ID, ROUND, 0, 1, "message-c")

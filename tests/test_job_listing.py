@@ -87,3 +87,18 @@ def test_watchdog_resends_stalled_round_without_scanning(inprocess_stack):
     assert ("Query", JOBS_INDEX) in [(operation, request.get("IndexName")) for operation, request in calls]
     inprocess_stack.run()
     assert state.get_job("stalled").status == SUCCEEDED
+
+
+def test_job_item_without_type_enters_index_at_advance(inprocess_stack):
+    # A job item written before the index existed has no item_type until its next round.
+    state = inprocess_stack.services.state
+    inprocess_stack.submit(breast_cancer_spec("older"))
+    while state.get_job("older") is None or state.get_job("older").status != RUNNING:
+        assert inprocess_stack.step("JobsQueue") is not None
+    state.client.update_item(TableName=state.table_name, Key=_job_key("older"), UpdateExpression=f"REMOVE {ITEM_TYPE}")
+    assert state.list_jobs() == []
+
+    while state.get_job("older").round == 0:
+        assert any(inprocess_stack.step(queue) is not None for queue in ("TasksQueue", "AggregateQueue"))
+
+    assert [job.job_id for job in state.list_jobs()] == ["older"]

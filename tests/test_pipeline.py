@@ -594,5 +594,5 @@ def test_non_finite_round_state_is_damaged_not_diverged(inprocess_stack, efs_roo
     record = inprocess_stack.services.state.get_job("a9a-small")
     assert record.status == FAILED
     assert "round state file 'jobs/a9a-small/rounds/2/state.npz' is damaged" in record.error
-    assert "1 of its 124 parameters are NaN or infinite" in record.error
+    assert "1 of the 124 values of its array 'params' is NaN or infinite" in record.error
     assert DIVERGED_WORDS not in record.error
