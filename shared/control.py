@@ -243,8 +243,8 @@ def run_watchdog(services: Services, now: float | None = None) -> dict[str, int]
     settings, state = services.settings, services.state
     counts = {"dead_letters": drain_dead_letters(services), "resent": 0, "failed": 0, "expiring": 0}
 
-    # The jobs index holds job items only. A record there may lag the table by a moment:
-    # the conditional writes below act only on a job still running at the record's round.
+    # The jobs index contains job items only. A record there may lag the table by a moment,
+    # so the conditional writes below act only on a job still running at the record's round.
     records = state.list_jobs()
     for record in records:
         if record.status != RUNNING:

@@ -238,8 +238,8 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
             raise
         if unnamed_job_id is not None and not can_record_job(ids.get("job_id")):
             # A job id of another form (empty, too long for a DynamoDB key, with spaces)
-            # would give an item that the CLI cannot name, or none at all: the failure goes
-            # under the id derived from the message id, and the log keeps the given one.
+            # would give an item that the CLI cannot name, or none at all. So the failure
+            # goes under the id derived from the message id, and the log keeps the given one.
             given_job_id = ids.get("job_id")
             ids["job_id"] = unnamed_job_id(record.message_id)
             if given_job_id is not None:
