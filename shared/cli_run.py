@@ -279,7 +279,7 @@ def _import_local_data(stack, imports: tuple[str, ...]) -> None:
             raise click.BadParameter(str(error), param_hint="--import") from None
 
 
-def _echo_status_change(record, previous: str, endpoint_url: str) -> None:
+def _echo_status_change(record, previous: str | None, endpoint_url: str) -> None:
     """Print a line when ``baton run``'s own job is paused, or resumed after a pause."""
     if record.status == "PAUSED":
         click.echo(f"job {record.job_id} is PAUSED after {record.round} of {record.total_rounds} rounds; "

@@ -187,3 +187,28 @@ def test_local_watchdog_runs_every_few_seconds(tmp_path):
     assert LocalStack(tmp_path / "efs").schedule_seconds == {"watchdog": LOCAL_WATCHDOG_SECONDS}
     assert LOCAL_WATCHDOG_SECONDS <= 10
     assert LocalStack(tmp_path / "efs", schedule_seconds={"watchdog": 2}).schedule_seconds == {"watchdog": 2}
+
+
+def test_follow_announces_job_first_seen_paused(tmp_path):
+    import boto3
+    from moto import mock_aws
+
+    from shared.local.session import LocalStack
+    from shared.local.stack import create_stack
+    from shared.state import PAUSED, PREPARING, StateStore
+
+    stack = LocalStack(tmp_path / "efs")
+    announced = []
+    with mock_aws():
+        dynamodb = boto3.client("dynamodb", region_name="us-east-1")
+        create_stack(stack.definition, boto3.client("sqs", region_name="us-east-1"), dynamodb)
+        stack.state = StateStore(dynamodb, stack.definition.table_name())
+        # Paused before baton run's first poll of it, as a quick `baton pause` on a loaded machine does.
+        stack.state.create_job("quick", "fingerprint", "{}", n_workers=1)
+        assert stack.state.set_status("quick", PAUSED, (PREPARING,))
+
+        with pytest.raises(TimeoutError):
+            list(stack.follow("quick", poll_seconds=0.05, timeout_seconds=0.2,
+                              on_status=lambda record, previous: announced.append((record.status, previous))))
+
+    assert announced == [(PAUSED, None)]

@@ -52,7 +52,7 @@ from shared.local.processes import python_module_command, stop_process
 from shared.local.runtime import LocalRuntime
 from shared.local.stack import StackDefinition, create_stack, load_stack_definition
 from shared.spec import encode_job_message
-from shared.state import PREPARING, RUNNING, TERMINAL_STATUSES, JobRecord, StateStore
+from shared.state import PAUSED, PREPARING, RUNNING, TERMINAL_STATUSES, JobRecord, StateStore
 from shared.tracing import TRACE_DIR_VARIABLE
 
 logger = logging.getLogger(__name__)
@@ -462,12 +462,13 @@ class LocalStack:
         return response["MessageId"]
 
     def follow(self, job_id: str, poll_seconds: float = 0.1, timeout_seconds: float = 3600,
-               on_status: Callable[[JobRecord, str], None] | None = None,
+               on_status: Callable[[JobRecord, str | None], None] | None = None,
                on_continued: Callable[[JobRecord], None] | None = None) -> Iterator[dict | JobRecord]:
         """Yield each round's metrics as the job records them, then the final job record.
 
         ``on_status(record, previous_status)`` is called each time the job's status
-        changes to another status that is not final, such as from RUNNING to PAUSED.
+        changes to another status that is not final, such as from RUNNING to PAUSED, and
+        with ``previous_status`` None when the first poll that finds the job finds it PAUSED.
         A job that goes on from an earlier run's files (``continued_from`` on its item)
         yields only the rounds from there, after one call of ``on_continued(record)``.
 
@@ -494,7 +495,8 @@ class LocalStack:
                 if on_continued is not None:
                     on_continued(record)
             if record is not None and record.status != status and record.status not in TERMINAL_STATUSES:
-                if status is not None and on_status is not None:
+                # A job paused before the first poll that found it is announced too.
+                if on_status is not None and (status is not None or record.status == PAUSED):
                     on_status(record, status)
                 status = record.status
             # The job item's round is the index of the round running, which is also the
@@ -577,7 +579,7 @@ class LocalStack:
             time.sleep(poll_seconds)
 
     def wait(self, job_id: str, timeout_seconds: float = 3600, on_round: Callable[[dict], None] | None = None,
-             on_status: Callable[[JobRecord, str], None] | None = None,
+             on_status: Callable[[JobRecord, str | None], None] | None = None,
              on_continued: Callable[[JobRecord], None] | None = None) -> JobRecord:
         """Block until the job succeeds or fails; return its final record.
 
