@@ -48,6 +48,8 @@ def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np
 
 
 def _damaged_state_error(store: EfsStore, path: Path, reason: str) -> DataError:
+    # NOTE: the previous round's folder is kept, but `baton resume` reads this file again, so
+    # only a local `baton run` of the same spec (which goes on from an earlier round) recovers.
     return DataError(f"round state file '{path.relative_to(store.root)}' is damaged ({reason}): Baton writes it "
                      f"whole, so it was changed after it was written, and the job cannot go on from it; {FIX}")
 

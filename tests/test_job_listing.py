@@ -70,7 +70,7 @@ def test_round_items_stay_out_of_index(inprocess_stack):
     assert len(everything) > 6, "the job should have left round items in the table"
 
 
-def test_watchdog_resends_stalled_round_without_scanning(inprocess_stack):
+def test_watchdog_resends_without_scanning(inprocess_stack):
     state = inprocess_stack.services.state
     inprocess_stack.submit(breast_cancer_spec("stalled"))
     while state.get_job("stalled") is None or state.get_job("stalled").status != RUNNING:
@@ -89,7 +89,7 @@ def test_watchdog_resends_stalled_round_without_scanning(inprocess_stack):
     assert state.get_job("stalled").status == SUCCEEDED
 
 
-def test_job_item_without_type_enters_index_at_advance(inprocess_stack):
+def test_untyped_job_enters_index_at_advance(inprocess_stack):
     # A job item written before the index existed has no item_type until its next round.
     state = inprocess_stack.services.state
     inprocess_stack.submit(breast_cancer_spec("older"))

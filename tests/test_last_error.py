@@ -420,7 +420,7 @@ def test_missing_table_named(inprocess_stack):
     assert "npx serverless deploy --stage STAGE" in str(error)
 
 
-def test_failure_message_beyond_item_limit_is_shortened(inprocess_stack):
+def test_long_failure_message_shortened(inprocess_stack):
     from shared.state import MAX_ERROR_CHARS
 
     # A message that quotes a whole input, over DynamoDB's 400 KB item limit.

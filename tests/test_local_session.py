@@ -179,7 +179,7 @@ def result_pids(result: dict) -> list[int]:
     return [pid for pid, _ in result["processes"]]
 
 
-def test_local_watchdog_runs_every_few_seconds(tmp_path):
+def test_local_watchdog_interval_short(tmp_path):
     from shared.local.session import LOCAL_WATCHDOG_SECONDS, LocalStack
 
     # A failed record is received again after a second here, so a dead-lettered job must
@@ -189,7 +189,7 @@ def test_local_watchdog_runs_every_few_seconds(tmp_path):
     assert LocalStack(tmp_path / "efs", schedule_seconds={"watchdog": 2}).schedule_seconds == {"watchdog": 2}
 
 
-def test_follow_announces_job_first_seen_paused(tmp_path):
+def test_follow_announces_first_seen_pause(tmp_path):
     import boto3
     from moto import mock_aws
 

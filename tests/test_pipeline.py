@@ -577,7 +577,7 @@ def test_deleted_stopping_state_fails_job(inprocess_stack, efs_root):
     assert record.round == 3
 
 
-def test_non_finite_round_state_is_damaged_not_diverged(inprocess_stack, efs_root):
+def test_non_finite_state_reported_damaged(inprocess_stack, efs_root):
     from shared.efs import EfsStore
     from shared.errors import DIVERGED_WORDS
     from shared.round_files import read_round_state, write_round_state

@@ -28,6 +28,8 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2")
 # end record of an archive without members.
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # Bytes from the start of a file that detect_format reads.
+# NOTE: a first row longer than this is cut, so a libsvm file with such rows is detected as
+# plain text, and its wrong-format error suggests csv instead of libsvm.
 HEAD_BYTES = 4096
 # Descriptions of the input each data.format reads, for the errors on a file of another format.
 FORMAT_DESCRIPTIONS = {
