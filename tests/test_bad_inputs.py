@@ -34,6 +34,9 @@ from shared.services import Services
 from shared.spec import derive_job_id
 from tests.reliability_support import A9A_TRAIN, BREAST_CANCER_CSV, write_a9a_subset
 
+# Rows of MNIST pixels divided by 255 in libsvm text. The first row is 4,494 bytes long.
+MNIST_WIDE_LIBSVM = Path(__file__).parent / "data" / "mnist_wide.libsvm"
+
 GOOD_CSV = {"path": "datasets/breast_cancer.csv", "format": "csv", "skip_rows": 1}
 
 
@@ -295,6 +298,16 @@ CASES = [
     ("libsvm-read-as-npy", json.dumps(spec("libsvm-as-npy", data={"path": "datasets/a9a-300", "format": "npy"})),
      "libsvm-as-npy", ["'datasets/a9a-300' looks like libsvm text", "not a .npy matrix (data.format npy)",
                        "set data.format to libsvm"]),
+    # The '#' comment line before the rows leaves no row that reads as CSV.
+    ("commented-libsvm-read-as-csv", json.dumps(spec("commented-libsvm-as-csv", data=csv_data(
+        "datasets/a9a-commented"))), "commented-libsvm-as-csv",
+     ["'datasets/a9a-commented' looks like libsvm text", "not delimited text (data.format csv)",
+      "set data.format to libsvm"]),
+    # Its first row is 4,494 bytes long, so a head of 4,096 bytes would cut it.
+    ("wide-libsvm-read-as-npy", json.dumps(spec("wide-libsvm-as-npy", data={
+        "path": "datasets/mnist_wide.libsvm", "format": "npy"})), "wide-libsvm-as-npy",
+     ["'datasets/mnist_wide.libsvm' looks like libsvm text", "not a .npy matrix (data.format npy)",
+      "set data.format to libsvm"]),
     ("libsvm-validation-read-as-csv", json.dumps(spec("libsvm-validation-as-csv", data=csv_data(
         "datasets/breast_cancer.csv", skip_rows=1, validation_path="datasets/a9a.t"))), "libsvm-validation-as-csv",
      ["'datasets/a9a.t' looks like libsvm text", "set data.format to libsvm"]),
@@ -466,6 +479,9 @@ def write_format_mixups(datasets):
     np.savez(datasets / "huge-targets.npz", X=table[:, 1:-1], y=table[:, 0] * 1e160)
     np.savez(datasets / "large-targets.npz", X=table[:, 1:-1], y=table[:, 0] * 1e120)
     (datasets / "long-token.libsvm").write_text("x" * 100_000 + " 1:0.5\n1 1:1\n")
+    # libsvm files that open with a '#' comment line, or with a row of 4,494 bytes.
+    (datasets / "a9a-commented").write_text("# a9a (UCI Adult), 300 rows\n" + (datasets / "a9a-300").read_text())
+    shutil.copyfile(MNIST_WIDE_LIBSVM, datasets / "mnist_wide.libsvm")
     header = ",".join(f"some_long_feature_name_{index}" for index in range(3000)) + ",label\n"
     rows = "".join(",".join(["0.5"] * 3000) + f",{label}\n" for label in (0, 1, 0))
     (datasets / "wide-header.csv").write_text(header + rows)

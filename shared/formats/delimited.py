@@ -1,8 +1,13 @@
 """Parsing delimited numeric text, such as CSV, into float32 features and float64 labels.
 
 ``numpy.loadtxt`` reads the rows. When it fails, :func:`find_csv_problem` finds the line
-and column at fault, so that the error names them. Header lines are split here too, and
-the label column is found by its index or by its name in the header.
+and column at fault, so that the error names them. :func:`read_csv_layout` finds the
+header and the first data row past the skipped and blank lines, and the label column by
+its index or by its name in the header.
+
+A blank line, empty or of whitespace only, is passed over wherever it is: before the
+header, before the first data row and between rows. Line numbers in messages count every
+line of the file, blank ones included.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from shared.errors import DataError, preview_list, quote_value
-from shared.formats.files import decode_text, read_text_bytes
+from shared.formats.files import (HEAD_BYTES, decode_text, detect_format, read_text_bytes,
+                                  wrong_format_error)
 
 
 def csv_delimiter(delimiter: str) -> str | None:
@@ -54,14 +62,14 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
     """Return the error for the first line of ``text`` that ``numpy.loadtxt`` cannot read, or None.
 
     A line is wrong when its column count differs from ``n_columns`` (from the first line
-    with fields when None), or when a field is not a number. ``reference`` names where
+    that is not blank when None), or when a field is not a number. ``reference`` names where
     ``n_columns`` came from, such as ``"the header"``.
     """
     expected = n_columns
     for offset, line in enumerate(text.split("\n")):
-        fields = _split_fields(line, delimiter)
-        if not fields:
+        if not line.strip():
             continue
+        fields = _split_fields(line, delimiter)
         line_number = first_line_number + offset
         if expected is None:
             expected = len(fields)
@@ -88,6 +96,31 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
     return None
 
 
+# A line of whitespace only, up to its line end.
+_WHITESPACE_LINE = re.compile(r"^[^\S\n]+$", re.MULTILINE)
+
+
+def _read_table(text: str, delimiter: str) -> np.ndarray:
+    return np.loadtxt(io.StringIO(text, newline=None), delimiter=csv_delimiter(delimiter), ndmin=2,
+                      dtype=np.float64, comments=None, quotechar='"')
+
+
+def _read_table_past_blank_lines(text: str, delimiter: str) -> np.ndarray:
+    """Read ``text`` with ``numpy.loadtxt``, passing over lines of whitespace as over empty lines.
+
+    ``numpy.loadtxt`` passes over empty lines, but it reads a line of spaces as one empty
+    field. Only when it fails are such lines emptied, which keeps the line count, and the
+    text read again, so that clean text is read once.
+    """
+    try:
+        return _read_table(text, delimiter)
+    except ValueError:
+        emptied = _WHITESPACE_LINE.sub("", text)
+        if emptied == text:
+            raise
+    return _read_table(emptied, delimiter)
+
+
 def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int | None, source: str,
                    first_line_number: int = 1, reference: str = "the first row") -> tuple[np.ndarray, np.ndarray]:
     """Parse numeric delimited text (no header) into float32 features and float64 labels.
@@ -100,8 +133,7 @@ def parse_csv_text(text: str, delimiter: str, label_index: int, n_columns: int |
         width = 0 if n_columns is None else n_columns - 1
         return np.zeros((0, width), dtype=np.float32), np.zeros(0, dtype=np.float64)
     try:
-        table = np.loadtxt(io.StringIO(text, newline=None), delimiter=csv_delimiter(delimiter), ndmin=2,
-                           dtype=np.float64, comments=None, quotechar='"')
+        table = _read_table_past_blank_lines(text, delimiter)
     except ValueError as error:
         problem = find_csv_problem(text, delimiter, label_index, n_columns, source, first_line_number, reference)
         # NOTE: numpy's own message is the fallback for a line that the check above accepts.
@@ -227,6 +259,143 @@ def check_same_features(train_header: list[str], validation_header: list[str], l
                         "to the training file's order, or write the same header names if the columns already match")
 
 
+class CsvLayout(NamedTuple):
+    """The start of a CSV file's data rows, and their columns.
+
+    Attributes
+    ----------
+    names : list of str or None
+        The column names in the header line, or None without ``data.header``.
+    skip_lines : int
+        The lines before the first data row: the skipped lines, the header line and the
+        blank lines around it. The first data row is line ``skip_lines + 1``.
+    data_start : int
+        The byte offset of the first data row in the file, decompressed.
+    n_columns : int
+        The number of columns, from the header or else from the first data row.
+    label_index : int
+        The index of the label column, counting from 0.
+    """
+
+    names: list[str] | None
+    skip_lines: int
+    data_start: int
+    n_columns: int
+    label_index: int
+
+
+class _LineReader:
+    """A reader of a binary file's lines, one at a time and decoded, that counts lines and bytes."""
+
+    def __init__(self, handle: io.BufferedIOBase, source: str):
+        self.handle = handle
+        self.source = source
+        self.n_lines = 0
+        self.line_start = 0
+        self.n_bytes = 0
+
+    def read_line(self) -> str | None:
+        """Return the next line, with its line end, or None at the end of the file."""
+        raw = self.handle.readline()
+        if not raw:
+            return None
+        self.n_lines += 1
+        self.line_start = self.n_bytes
+        self.n_bytes += len(raw)
+        return decode_text(raw, self.source, self.n_lines)
+
+    def read_content_line(self) -> str | None:
+        """Return the next line that is not blank, or None if the file ends first."""
+        while (line := self.read_line()) is not None:
+            if line.strip():
+                return line
+        return None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
+def _no_data_rows_error(file_name: str, n_lines: int, n_skipped: int, header_line: int | None) -> DataError:
+    """Return the error for a CSV file that ends before its first data row."""
+    if n_lines == 0:
+        return DataError(f"{file_name} has no data rows because it is empty; check that the file was copied whole and "
+                         "that the path names the right file")
+    passed = [_plural(n_skipped, "skipped line") + " (data.skip_rows)"] if n_skipped else []
+    if header_line is not None:
+        passed.append(f"the header line (line {header_line})")
+    n_blank = n_lines - n_skipped - (header_line is not None)
+    if n_blank:
+        passed.append(_plural(n_blank, "blank line"))
+    listed = passed[0] if len(passed) == 1 else f"{', '.join(passed[:-1])} and {passed[-1]}"
+    return DataError(f"{file_name} has no data rows: it ends at line {n_lines:,}, after {listed}; check that the "
+                     "file was copied whole, and data.skip_rows and data.header")
+
+
+def read_csv_layout(handle: io.BufferedIOBase, source: str, skip_rows: int = 0, header: bool = False,
+                    delimiter: str = ",", label_column: int | str = -1, validation: bool = False) -> CsvLayout:
+    """Read a CSV file up to its first data row; return where the rows start and their columns.
+
+    The first ``skip_rows`` lines are skipped, whatever they contain. Blank lines after them
+    are passed over, before the header line when ``header`` is true and before the first
+    data row.
+
+    NOTE: :func:`shared.preparation._csv_layout` does not call this yet. It finds the first
+    data row itself and rejects a blank line where this function passes over it.
+
+    Parameters
+    ----------
+    handle : binary file
+        The file, decompressed, read from its start. It is read up to :data:`HEAD_BYTES`
+        bytes past the first data row.
+    source : str
+        The path as the spec gives it, for messages.
+    skip_rows, header, delimiter, label_column
+        The job spec's ``data.skip_rows``, ``data.header``, ``data.delimiter`` and
+        ``data.label_column``.
+    validation : bool, default=False
+        Whether ``source`` is the validation file, for messages.
+
+    Returns
+    -------
+    CsvLayout
+
+    Raises
+    ------
+    DataError
+        If the file ends before a data row, if its first data row starts libsvm text, if
+        it has fewer than two columns, or if the label column is not one of them.
+    """
+    file_name = f"validation file '{source}'" if validation else f"'{source}'"
+    reader = _LineReader(handle, source)
+    for _ in range(skip_rows):
+        if reader.read_line() is None:
+            break
+    n_skipped = reader.n_lines
+    header_text = reader.read_content_line() if header else None
+    header_line = reader.n_lines if header_text is not None else None
+    first_row = reader.read_content_line()
+    if first_row is None:
+        raise _no_data_rows_error(file_name, reader.n_lines, n_skipped, header_line)
+    row_line, data_start = reader.n_lines, reader.line_start
+
+    # Read as CSV, a libsvm row fails on its column count or on its '<index>:<value>' fields,
+    # and those errors would point at data.delimiter rather than data.format. The lines after
+    # the first row decide when it is a '#' comment.
+    following = handle.read(HEAD_BYTES + 1)
+    if detect_format(first_row.encode() + following[:HEAD_BYTES], cut=len(following) > HEAD_BYTES) == "libsvm":
+        raise wrong_format_error(source, "csv", "libsvm")
+
+    names = split_header(header_text, delimiter) if header_text is not None else None
+    n_columns = len(names) if names is not None else count_columns(first_row, delimiter)
+    if n_columns < 2:
+        where = f"the header (line {header_line})" if names is not None else f"the first row (line {row_line})"
+        raise DataError(f"{file_name} has {n_columns} column(s) in {where}, but a CSV data set needs features and a "
+                        "label column; check data.delimiter")
+    label_index = resolve_label_column(label_column, names, n_columns, source, validation)
+    return CsvLayout(names, row_line - 1, data_start, n_columns, label_index)
+
+
 def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delimiter: str = ",",
              header: bool = False, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Parse a numeric delimited text file into a dense feature matrix and a label vector.
@@ -245,7 +414,7 @@ def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delim
     delimiter : str, default=","
         Field separator, or ``"whitespace"`` for runs of spaces and tabs.
     header : bool, default=False
-        Whether the first line after ``skip_rows`` names the columns.
+        Whether the first line after ``skip_rows`` that is not blank names the columns.
     source : str, optional
         The file's name in error messages, as the spec gives it; ``path`` when None.
 
@@ -255,20 +424,12 @@ def read_csv(path: Path, label_column: int | str = -1, skip_rows: int = 0, delim
     y : ndarray of shape (n_samples,), float64
     """
     source = source or str(path)
-    lines = decode_text(read_text_bytes(path, source), source).split("\n")
-    names = split_header(lines[skip_rows], delimiter) if header and skip_rows < len(lines) else None
-    data_lines = lines[skip_rows + (1 if header else 0):]
-    text = "\n".join(data_lines)
-    if names is not None:
-        n_columns, reference = len(names), "the header"
-    else:
-        n_columns, reference = count_columns(text, delimiter), "the first row"
-    label_index = resolve_label_column(label_column, names, n_columns, source)
-    X, y = parse_csv_text(text, delimiter, label_index, n_columns, source,
-                          first_line_number=len(lines) - len(data_lines) + 1, reference=reference)
-    if len(y) == 0:
-        raise DataError(f"data file '{source}' has no rows; check that it is the right file and not empty")
-    return X, y
+    raw = read_text_bytes(path, source)
+    layout = read_csv_layout(io.BytesIO(raw), source, skip_rows, header, delimiter, label_column)
+    first_line_number = layout.skip_lines + 1
+    reference = "the header" if header else f"the first row (line {first_line_number})"
+    text = decode_text(raw[layout.data_start:], source, first_line_number)
+    return parse_csv_text(text, delimiter, layout.label_index, layout.n_columns, source, first_line_number, reference)
 
 
 def split_header(line: str, delimiter: str) -> list[str]:

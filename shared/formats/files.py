@@ -27,10 +27,10 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2")
 # The first bytes of a zip archive, such as a .npz file: a member's local header, or the
 # end record of an archive without members.
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
-# Bytes from the start of a file that detect_format reads.
-# NOTE: a first row longer than this is cut, so a libsvm file with such rows is detected as
-# plain text, and its wrong-format error suggests csv instead of libsvm.
-HEAD_BYTES = 4096
+# Bytes from the start of a file that detect_stream_format reads. A first row cut at this
+# size is judged by its complete tokens. A file whose comment and blank lines fill all of
+# these bytes shows no row, so it is detected as plain text.
+HEAD_BYTES = 64 * 1024
 # Descriptions of the input each data.format reads, for the errors on a file of another format.
 FORMAT_DESCRIPTIONS = {
     "libsvm": "libsvm text (data.format libsvm, the default)",
@@ -84,15 +84,6 @@ def open_binary(path: Path, source: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def read_head(path: Path, source: str, n_bytes: int = HEAD_BYTES) -> bytes:
-    """Return the first ``n_bytes`` bytes of a data file, decompressed."""
-    try:
-        with open_binary(path, source) as handle:
-            return handle.read(n_bytes)
-    except (OSError, EOFError) as error:
-        raise read_error(path, source, error) from None
-
-
 def _parses_as_float(text: str) -> bool:
     try:
         float(text)
@@ -109,13 +100,18 @@ def _is_libsvm_row(line: str) -> bool:
             and all(separator and index.isdigit() and _parses_as_float(value) for index, separator, value in pairs))
 
 
-def detect_format(head: bytes) -> str | None:
+def detect_format(head: bytes, cut: bool = False) -> str | None:
     """Return the data format that the first bytes of a file show, or None when they show none.
 
     Returns "npy" for numpy's .npy header, "npz" for a zip archive, "libsvm" for text whose
     first row is ``<label> <index>:<value> ...``, "text" for other UTF-8 text, and None for
     other bytes. The content decides, not the file name, so that a file saved under the
-    wrong extension is still named correctly.
+    wrong extension is still named correctly. Blank lines, ``#`` comments and a UTF-8 byte
+    order mark before the first row are passed over.
+
+    ``cut`` True means that the file goes on after ``head``. Unless ``head`` ends with a
+    line end, its last line may then stop inside a token, so that line is judged by the
+    tokens before its last one.
     """
     if head.startswith(NPY_SIGNATURE):
         return "npy"
@@ -127,17 +123,22 @@ def detect_format(head: bytes) -> str | None:
         text = head.decode("utf-8")
     except UnicodeDecodeError as error:
         # A character cut at the end of the head is not an error in the file.
-        if error.start < len(head) - 3:
+        if not cut or error.start < len(head) - 3:
             return None
         text = head[:error.start].decode("utf-8")
-    lines = text.splitlines()
-    if len(head) == HEAD_BYTES:
-        # The last line may be cut short.
-        lines = lines[:-1]
+    lines = text.removeprefix("\ufeff").splitlines()
+    if cut and lines and not text.endswith(("\n", "\r")):
+        lines[-1] = lines[-1].rsplit(maxsplit=1)[0] if len(lines[-1].split()) > 1 else ""
     rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if rows and _is_libsvm_row(rows[0]):
         return "libsvm"
     return "text"
+
+
+def detect_stream_format(handle: io.BufferedIOBase) -> str | None:
+    """Return :func:`detect_format` of the next :data:`HEAD_BYTES` bytes that ``handle`` reads."""
+    head = handle.read(HEAD_BYTES + 1)
+    return detect_format(head[:HEAD_BYTES], cut=len(head) > HEAD_BYTES)
 
 
 def wrong_format_error(source: str, data_format: str, detected: str) -> DataError:
@@ -163,9 +164,19 @@ def wrong_format_error(source: str, data_format: str, detected: str) -> DataErro
 
 
 def check_text_format(path: Path, source: str, data_format: str) -> None:
-    """Raise :func:`wrong_format_error` if a file read as text (libsvm or csv) starts as a .npy file or a zip archive."""
-    detected = detect_format(read_head(path, source))
-    if detected in ("npy", "npz"):
+    """Raise :func:`wrong_format_error` if a file read as text starts as another format.
+
+    A file read as libsvm or csv may not start as a .npy file or a zip archive, and a file
+    read as csv may not start with a libsvm row. Read as CSV, such a row would fail on its
+    column count or its ``<index>:<value>`` fields, and that error would point at
+    ``data.delimiter`` rather than ``data.format``.
+    """
+    try:
+        with open_binary(path, source) as handle:
+            detected = detect_stream_format(handle)
+    except (OSError, EOFError) as error:
+        raise read_error(path, source, error) from None
+    if detected in ("npy", "npz") or (data_format == "csv" and detected == "libsvm"):
         raise wrong_format_error(source, data_format, detected)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from shared.errors import DATA_FILE_NOT_FOUND, DataError
 from shared.formats.delimited import resolve_label_column
-from shared.formats.files import HEAD_BYTES, detect_format, wrong_format_error
+from shared.formats.files import detect_stream_format, wrong_format_error
 
 
 # dtype kinds Baton reads: booleans, signed and unsigned integers, floating point.
@@ -107,7 +107,7 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as handle:
-            detected = detect_format(handle.read(HEAD_BYTES))
+            detected = detect_stream_format(handle)
         if detected is not None and detected != "npz":
             raise wrong_format_error(source, "npz", detected)
         raise DataError(f"'{source}' is not a .npz archive because it is not a zip file; save the features and "
@@ -139,7 +139,7 @@ def load_npy(path: Path, source: str | None = None) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     with open(path, "rb") as handle:
-        detected = detect_format(handle.read(HEAD_BYTES))
+        detected = detect_stream_format(handle)
         if detected is not None and detected != "npy":
             raise wrong_format_error(source, "npy", detected)
         handle.seek(0)
