@@ -61,11 +61,9 @@ import scipy.sparse as sp
 from shared import efs, source_files
 from shared.efs import EfsStore, read_job_json
 from shared.errors import DataError, InvalidMessageError
-from shared.formats.delimited import (check_same_features, count_columns, parse_csv_text, resolve_label_column,
-                                      split_header)
+from shared.formats.delimited import CsvLayout, check_same_features, parse_csv_text, read_csv_layout
 from shared.formats.files import (COMPRESSED_SUFFIXES, check_data_file, check_finite, check_text_format,
-                                  decode_text, detect_format, open_binary, read_error, read_text_bytes,
-                                  wrong_format_error)
+                                  decode_text, open_binary, read_error, read_text_bytes)
 from shared.formats.libsvm import parse_libsvm_text
 from shared.formats.npy import load_npy_table, read_npy_rows, read_npz
 from shared.sampling import split_rows
@@ -540,53 +538,28 @@ def _csv_layout(spec: JobSpec, path: Path, source: str, validation: bool = False
     """Return where the data rows of a CSV file start, its column count and its label column index.
 
     ``data_start`` is a byte offset, used for uncompressed files; ``skip_lines`` is the
-    number of lines before the data, used for compressed ones and for line numbers.
-    ``validation`` True names the file as the validation file in messages.
+    number of lines before the data, blank lines included, used for compressed ones and
+    for line numbers. ``validation`` True names the file as the validation file in messages.
     """
+    layout = _read_csv_layout(spec, path, source, validation)
+    data_start = 0 if path.suffix in COMPRESSED_SUFFIXES else layout.data_start
+    return {"data_start": data_start, "skip_lines": layout.skip_lines, "n_columns": layout.n_columns,
+            "label_index": layout.label_index}
+
+
+def _read_csv_layout(spec: JobSpec, path: Path, source: str, validation: bool = False) -> CsvLayout:
     data = spec.data
-    skip_lines = data.skip_rows + (1 if data.header else 0)
-    raw_lines = _read_first_lines(path, source, skip_lines + 1)
-    if not raw_lines[-1].strip():
-        skipped = f" after its {skip_lines} skipped and header lines" if skip_lines else ""
-        raise DataError(f"'{source}' has no data rows{skipped}: line {skip_lines + 1} is empty or missing; check "
-                        "that the file was copied whole, and data.skip_rows and data.header")
-    lines = [decode_text(raw, source, number) for number, raw in enumerate(raw_lines, start=1)]
-    header = lines[data.skip_rows] if data.header else None
-    first_row = lines[skip_lines]
-
-    # Read as CSV, a libsvm row fails on its column count or on its '<index>:<value>' fields,
-    # and those errors would point at data.delimiter rather than data.format.
-    if detect_format(first_row.encode()) == "libsvm":
-        raise wrong_format_error(source, "csv", "libsvm")
-    names = split_header(header, data.delimiter) if header is not None else None
-    n_columns = len(names) if names is not None else count_columns(first_row, data.delimiter)
-    if n_columns < 2:
-        raise DataError(f"'{source}' has {n_columns} column(s), but a CSV data set needs features and a label "
-                        "column; check data.delimiter")
-    data_start = 0
-    if path.suffix not in COMPRESSED_SUFFIXES:
-        with open(path, "rb") as handle:
-            for _ in range(skip_lines):
-                handle.readline()
-            data_start = handle.tell()
-    label_index = resolve_label_column(data.label_column, names, n_columns, source, validation)
-    return {"data_start": data_start, "skip_lines": skip_lines, "n_columns": n_columns, "label_index": label_index}
-
-
-def _read_first_lines(path: Path, source: str, count: int) -> list[bytes]:
-    """Return the first ``count`` lines of ``path``, decompressed, as bytes (empty past its end)."""
     try:
         with open_binary(path, source) as handle:
-            return [handle.readline() for _ in range(count)]
+            return read_csv_layout(handle, source, data.skip_rows, data.header, data.delimiter, data.label_column,
+                                   validation)
     except (OSError, EOFError) as error:
         raise read_error(path, source, error) from None
 
 
 def _csv_header(spec: JobSpec, path: Path, source: str) -> list[str]:
     """Return the column names in the header line of a CSV file that :func:`_csv_layout` has checked."""
-    line_number = spec.data.skip_rows + 1
-    raw = _read_first_lines(path, source, line_number)[-1]
-    return split_header(decode_text(raw, source, line_number), spec.data.delimiter)
+    return _read_csv_layout(spec, path, source).names
 
 
 # Parse ---------------------------------------------------------------------------------

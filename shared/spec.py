@@ -176,11 +176,13 @@ class DataSection:
         -1, help="csv and npy: index of the label column (negative counts from the end), or for csv with "
                  "header=true its name, which only one column of the header may have. Labels are numbers: "
                  "class labels such as 0/1 or 1..k, or regression targets, so map text labels to numbers first.")
-    header: bool = spec_field(False, help="csv: the first line after skip_rows names the columns. The header of "
+    header: bool = spec_field(False, help="csv: the first line after skip_rows that is not blank names the columns. "
+                                          "The header of "
                                           "data.validation_path must name the same feature columns in the same "
                                           "order, because features are read by position. The label column may "
                                           "sit elsewhere when label_column is a name.")
-    skip_rows: int = spec_field(0, help="csv: lines to skip before the header or the first row.", minimum=0)
+    skip_rows: int = spec_field(0, help="csv: lines to skip before the header or the first row, blank lines "
+                                        "included. Blank lines after them are passed over.", minimum=0)
     delimiter: str = spec_field(",", help="csv: field separator; 'whitespace' means any run of spaces and tabs.",
                                 choices=(",", ";", "\t", " ", "whitespace"))
     standardize: bool = spec_field(

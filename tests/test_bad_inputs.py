@@ -146,9 +146,10 @@ CASES = [
     ("link-loop", json.dumps(spec("link-loop", data=csv_data("datasets/loop-a.csv"))), "link-loop",
      ["not found", "'datasets/loop-a.csv' is a symbolic link", "loop of links"]),
     ("empty-csv", json.dumps(spec("csv-empty", data=csv_data("datasets/empty.csv"))), "csv-empty",
-     ["'datasets/empty.csv' has no data rows", "line 1 is empty or missing", "copied whole"]),
+     ["'datasets/empty.csv' has no data rows because it is empty", "copied whole"]),
     ("header-only-csv", json.dumps(spec("csv-header-only", data=csv_data("datasets/header-only.csv", header=True))),
-     "csv-header-only", ["'datasets/header-only.csv' has no data rows after its 1 skipped and header lines"]),
+     "csv-header-only", ["'datasets/header-only.csv' has no data rows: it ends at line 1, after the header line "
+                         "(line 1)", "copied whole"]),
     ("empty-file", json.dumps(spec("file-empty", data=libsvm_data("datasets/empty.libsvm"))), "file-empty",
      ["empty.libsvm", "no rows"]),
     ("corrupt-libsvm-line", json.dumps(spec("libsvm-corrupt", data=libsvm_data("datasets/corrupt.libsvm"))),
@@ -229,6 +230,10 @@ CASES = [
     ("csv-error-in-later-part", json.dumps(spec("csv-late-error", data=csv_data(
         "datasets/large.csv", skip_rows=1, part_bytes=4096))), "csv-late-error",
      ["line 902 of 'datasets/large.csv'", "column 1", "is empty"]),
+    # Blank lines before and after the header: the line numbers still count them.
+    ("csv-error-after-blank-lines", json.dumps(spec("csv-blank-lines-error", data=csv_data(
+        "datasets/large-blank-lines.csv", header=True, part_bytes=4096))), "csv-blank-lines-error",
+     ["line 905 of 'datasets/large-blank-lines.csv'", "column 1", "is empty"]),
     ("libsvm-error-in-later-part", json.dumps(spec("libsvm-late-error", data=libsvm_data(
         "datasets/large.libsvm", part_bytes=4096))), "libsvm-late-error",
      ["malformed libsvm line 700 in 'datasets/large.libsvm'", "'x'", "not a number"]),
@@ -430,6 +435,7 @@ def write_malformed_files(datasets):
     csv_lines = ["x,y,label", *rows]
     csv_lines[901] = ",5,1"  # line 902, after the header
     (datasets / "large.csv").write_text("\n".join(csv_lines) + "\n")
+    (datasets / "large-blank-lines.csv").write_text("\n\r\n" + "\n".join(csv_lines).replace("\n", "\n  \n", 1) + "\n")
     libsvm_lines = [f"{index % 2} 1:{index % 97} 2:{index % 89}" for index in range(1000)]
     libsvm_lines[699] = "1 1:x 2:3"  # line 700
     (datasets / "large.libsvm").write_text("\n".join(libsvm_lines) + "\n")

@@ -46,6 +46,8 @@ def write_formats(efs_root):
     table = np.column_stack([y, X])
     header = ",".join(["diagnosis", *names])
     np.savetxt(efs_root / "datasets" / "named.csv", table, delimiter=",", header=header, comments="", fmt="%.6g")
+    named = (efs_root / "datasets" / "named.csv").read_text()
+    (efs_root / "datasets" / "blank-lines.csv").write_text("\n \n" + named.replace("\n", "\r\n\r\n", 1) + "\n")
     np.savetxt(efs_root / "datasets" / "spaced.txt", table, delimiter="   ", fmt="%.6g")
     np.save(efs_root / "datasets" / "table.npy", np.loadtxt(efs_root / "datasets" / "named.csv", delimiter=",",
                                                               skiprows=1))
@@ -55,6 +57,7 @@ def write_formats(efs_root):
 
 FORMAT_CASES = {
     "csv_by_name": {"path": "datasets/named.csv", "format": "csv", "header": True, "label_column": "diagnosis"},
+    "blank_lines": {"path": "datasets/blank-lines.csv", "format": "csv", "header": True, "label_column": "diagnosis"},
     "whitespace": {"path": "datasets/spaced.txt", "format": "csv", "delimiter": "whitespace", "label_column": 0},
     "npy": {"path": "datasets/table.npy", "format": "npy", "label_column": 0},
     "npz": {"path": "datasets/table.npz", "format": "npz"},
@@ -87,9 +90,12 @@ def test_validation_label_column_may_move(inprocess_stack, efs_root):
     for name, (header, table) in files.items():
         np.savetxt(efs_root / "datasets" / name, table, delimiter=",", header=",".join(header), comments="",
                    fmt="%.6g")
+    # Blank lines before the header, which the header check passes over as the preparation does.
+    last = (efs_root / "datasets" / "validation-last.csv").read_text()
+    (efs_root / "datasets" / "validation-blank.csv").write_text("\n\n" + last)
 
     prepared = {}
-    for case in ("first", "last"):
+    for case in ("first", "last", "blank"):
         data = {"path": "datasets/train.csv", "skip_rows": 0, "header": True, "label_column": "diagnosis",
                 "validation_path": f"datasets/validation-{case}.csv"}
         record = run_job(inprocess_stack, breast_cancer_spec(f"label-{case}", data=data, training={"max_rounds": 1}))
@@ -97,6 +103,7 @@ def test_validation_label_column_may_move(inprocess_stack, efs_root):
         prepared[case] = data_files(efs_root, f"label-{case}")
 
     assert prepared["last"] == prepared["first"]
+    assert prepared["blank"] == prepared["first"]
 
 
 def test_label_name_needs_header():
@@ -830,7 +837,7 @@ def test_csv_whitespace_line_among_rows_skipped():
 
 
 def text_variants(clean: bytes) -> dict[str, bytes]:
-    """Return ``clean`` with CRLF line ends, a byte order mark, a blank line at the end, or no final line end."""
+    """Return ``clean`` with CRLF line ends, a byte order mark, blank lines first or last, or no final line end."""
     crlf = clean.replace(b"\n", b"\r\n")
     return {
         "crlf": crlf,
@@ -838,6 +845,7 @@ def text_variants(clean: bytes) -> dict[str, bytes]:
         "trailing-blank-line": clean + b"\n",
         "all-three": codecs.BOM_UTF8 + crlf + b"\r\n",
         "no-final-newline": clean.rstrip(b"\n"),
+        "leading-blank-lines": b"\n  \r\n" + clean,
     }
 
 

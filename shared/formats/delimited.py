@@ -340,9 +340,6 @@ def read_csv_layout(handle: io.BufferedIOBase, source: str, skip_rows: int = 0, 
     are passed over, before the header line when ``header`` is true and before the first
     data row.
 
-    NOTE: :func:`shared.preparation._csv_layout` does not call this yet. It finds the first
-    data row itself and rejects a blank line where this function passes over it.
-
     Parameters
     ----------
     handle : binary file
