@@ -38,7 +38,7 @@ FUNCTIONS = ("starter", "worker", "aggregator", "watchdog")
 # The queue that triggers each function; the watchdog runs on a schedule instead.
 QUEUE_OF_FUNCTION = {"starter": "jobs", "worker": "tasks", "aggregator": "aggregate", "watchdog": None}
 # The queues each function's role may send to (continuations included).
-SEND_TARGETS = {"starter": {"tasks", "jobs"}, "worker": {"aggregate", "tasks"}, "aggregator": {"tasks", "aggregate"},
+SEND_TARGETS = {"starter": {"tasks", "jobs", "aggregate"}, "worker": {"aggregate", "tasks"}, "aggregator": {"tasks", "aggregate"},
                 "watchdog": {"tasks", "aggregate"}}
 # DynamoDB actions on the table and its jobs index together: only the watchdog queries the index.
 DYNAMODB_ACTIONS = {

@@ -25,6 +25,10 @@ aggregate_round
     in worker order, or concatenate the reduced slices -> write round r+1 state and the
     metrics file -> advance the round (conditional) -> send round r+1 tasks -> store the
     round's metrics in DynamoDB; or store the metrics and finish the job
+repair (starter, after ``baton resume``; ``shared.repair``)
+    check the pending repair -> prepare the shards again from unchanged sources, or clear
+    the rounds from the latest intact round state on -> PREPARING to RUNNING at that round
+    (conditional) -> send what the round is missing
 
 Rounds here are 0-based indexes, as in messages, DynamoDB keys and EFS folders. What a
 user reads (job errors, metrics records) carries ``round_number(index)``, which counts

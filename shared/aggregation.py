@@ -178,7 +178,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
     faults.maybe_fail("aggregator.before_read", **ids)
 
     started = time.monotonic()
-    context = services.job_context(job_id)
+    context = services.job_context(job_id, data_version=record.preparation_attempt)
     spec, manifest = context.spec, context.manifest
     model, optimizer = build_model(spec, manifest), build_optimizer(spec)
     mode = get_training_mode(spec, model)

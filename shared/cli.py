@@ -549,7 +549,10 @@ def resume(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     """Resume the PAUSED or FAILED job JOB_ID from its current round.
 
     Fix the cause of a failure first. A job that failed before its first round is
-    prepared again from its stored spec.
+    prepared again from its stored spec. A job that failed on a deleted, damaged or
+    replaced shard file has its shards prepared again from its unchanged data source. One
+    that failed on a damaged round state goes back to the latest intact one. The job is
+    PREPARING until the starter has made that repair.
     """
     from shared.control import resume_job
 

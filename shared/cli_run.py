@@ -30,7 +30,8 @@ import click
 from shared.config import Settings
 from shared.earlier_runs import continuation_round, run_identity
 from shared.efs import EfsStore
-from shared.errors import DATA_FILE_NOT_FOUND, DIVERGED_WORDS, BatonError, JobSpecError
+from shared.errors import (DATA_FILE_NOT_FOUND, DIVERGED_WORDS, BatonError, DamagedRoundStateError, DamagedShardError,
+                           JobSpecError)
 from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDirLock, LockHolder
 from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
 from shared.monitor import count_rounds, format_round, loss_text, regression_loss_note
@@ -409,6 +410,11 @@ def _after_failure(record, efs_root: Path) -> str:
     first_round = continuation_round(store, record.job_id, record.total_rounds, identity)
     if first_round == 0:
         return ""
+    if record.repair is not None:
+        # The error names `baton resume`, which needs the stack that stops with this command.
+        return (f". This stack stops with baton run, so instead of `baton resume`, run the same command again: "
+                f"it makes the same repair from the files in {store.job_dir(record.job_id)} and goes on from round "
+                f"{first_round + 1}")
     return (f". Its files remain in {store.job_dir(record.job_id)}; once the cause is fixed, running the same "
             f"command again goes on from round {first_round + 1}")
 
@@ -418,6 +424,11 @@ def _after_failure(record, efs_root: Path) -> str:
 
 def rounds_done_text(record: JobRecord) -> str:
     """Return how far a job is, such as "12 of 96 rounds done", for a line about it."""
+    if record.status == PREPARING and record.repair == DamagedShardError.repair:
+        return f"preparing its shards again, {record.round} of {record.total_rounds} rounds done"
+    if record.status == PREPARING and record.repair == DamagedRoundStateError.repair:
+        return (f"going back to the latest intact round state, {record.round} of {record.total_rounds} rounds "
+                "done so far")
     if record.status == PREPARING:
         return "preparing its data"
     if record.total_rounds == 0:

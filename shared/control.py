@@ -3,7 +3,10 @@
 Every command is a conditional status change in DynamoDB followed, for resume, by
 re-sending what the job's current round still needs. Nothing on EFS is deleted, so a
 resumed job continues from the state file of its current round, which the aggregator wrote
-before it advanced the round.
+before it advanced the round. A job that failed on a missing, damaged or replaced shard
+file, or on a damaged round state, is repaired first. The resume sends the starter, which
+has the file system, a message to prepare the shards again or to go back to an earlier
+round (:mod:`shared.repair`).
 
 The watchdog runs on a schedule. It turns messages found in the dead-letter queues into
 job failures, and re-sends the missing messages of a RUNNING round that recorded no
@@ -19,7 +22,7 @@ import json
 import logging
 import time
 
-from shared import faults
+from shared import faults, repair
 from shared.errors import DIVERGED_WORDS, BatonError
 from shared.queues import QueueClient, body_object
 from shared.services import Services
@@ -28,7 +31,7 @@ from shared.starter import starter_failure_job_id
 from shared.state import (CANCELLED, EXPIRES_AT, FAILED, PAUSED, PREPARING, RUNNING, TERMINAL_STATUSES, JobRecord,
                           StateStore, can_record_job, describe_last_error)
 from shared.training import round_number
-from shared.worker import send_round_complete
+from shared.worker import kick_round
 
 logger = logging.getLogger(__name__)
 
@@ -82,33 +85,15 @@ def cancel_job(state: StateStore, job_id: str) -> JobRecord:
     return _require_job(state, job_id)
 
 
-def kick_round(state: StateStore, queues: QueueClient, record: JobRecord) -> str:
-    """Re-send what the job's current round is missing; return what was sent.
-
-    Workers not yet recorded get a task without a continuation number, so each adopts the
-    progress it saved on EFS. When every worker is recorded, the reduce messages of the
-    slices not yet reduced are sent (with ``training.reducers`` > 1), or else the
-    aggregate message. Duplicates of any of them are dropped by the handlers.
-    """
-    done = set(state.get_done_workers(record.job_id, record.round))
-    missing = [worker for worker in range(record.n_workers) if worker not in done]
-    if not missing:
-        return send_round_complete(state, queues, record.job_id, record.round, _reducers(record))
-    queues.send_tasks(record.job_id, record.round, missing)
-    return f"tasks for workers {missing}"
-
-
-def _reducers(record: JobRecord) -> int:
-    """Return the job's ``training.reducers``; 1 for a spec stored before the field existed."""
-    return int(json.loads(record.spec_json).get("training", {}).get("reducers", 1))
-
-
 def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord:
     """Resume a PAUSED or FAILED job from its current round.
 
     A job that failed before its first round (for example on a missing data file or a
     malformed line) is prepared again from its stored spec, from the first step, so fix
-    the cause first.
+    the cause first. A job that failed on a file that the starter repairs (a shard file,
+    a round state) becomes PREPARING while the starter repairs it, and then RUNNING; a
+    resume of a job in that repair sends its repair message again, which the starter
+    makes once.
 
     Raises
     ------
@@ -116,6 +101,12 @@ def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord
         If the job does not exist, is not PAUSED or FAILED, or has no stored spec.
     """
     record = _require_job(state, job_id)
+    if record.status == PREPARING and record.repair is not None:
+        # The repair's message may have been lost between the status change and the send.
+        queues.send_job(repair.RepairMessage(job_id, record.repair, record.repair_attempt).to_body())
+        logger.info("repair message sent again", extra={"job_id": job_id, "repair": record.repair,
+                                                        "attempt": record.repair_attempt})
+        return record
     if record.status == FAILED and record.total_rounds == 0:
         spec = json.loads(record.spec_json)
         if not spec:
@@ -134,10 +125,28 @@ def resume_job(state: StateStore, queues: QueueClient, job_id: str) -> JobRecord
         raise JobControlError(f"job '{job_id}' failed because training diverged, and a resume would take the same "
                               "steps again; send the spec again under a new job id with the change its error "
                               f"suggests (`baton status {job_id}` shows it)")
+    if record.status == FAILED and record.repair is not None:
+        return _start_repair(state, queues, record)
     if not state.set_status(job_id, RUNNING, (record.status,), clear_error=True):
         raise JobControlError(f"job '{job_id}' changed status while resuming; check it and retry")
     sent = kick_round(state, queues, record)
     logger.info("job resumed", extra={"job_id": job_id, "round": record.round, "sent": sent})
+    return _require_job(state, job_id)
+
+
+def _start_repair(state: StateStore, queues: QueueClient, record: JobRecord) -> JobRecord:
+    """Move a FAILED job with a pending repair to PREPARING, and send the starter its repair message.
+
+    The conditional move counts a new repair attempt, so of two concurrent resumes only
+    one starts a repair.
+    """
+    job_id, kind = record.job_id, record.repair
+    attempt = state.begin_repair(job_id, kind, new_preparation=kind == repair.SHARDS)
+    if attempt is None:
+        raise JobControlError(f"job '{job_id}' changed status while resuming; check it and retry")
+    queues.send_job(repair.RepairMessage(job_id, kind, attempt).to_body())
+    logger.info("job repair started", extra={"job_id": job_id, "round": record.round, "repair": kind,
+                                             "attempt": attempt})
     return _require_job(state, job_id)
 
 

@@ -11,7 +11,7 @@ that messages and DynamoDB keys use. Metrics files are named by the round number
 ``r + 1`` that the CLI and the job's errors show::
 
     spec.json                      the validated job spec
-    data/manifest.json             shapes, classes and shard sizes; written last
+    data/manifest.json             shapes, classes, shard sizes and shard file identities; written last
     data/shard-<w>/X*.npy, y.npy   one memory-mappable shard per worker
     data/validation/X*.npy, y.npy  held-out rows
     rounds/<r>/state.npz           parameters and optimizer state at the start of round r

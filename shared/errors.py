@@ -71,6 +71,36 @@ class DataError(PermanentError):
     """A data set is missing, empty, malformed or does not fit the model."""
 
 
+class RepairableDataError(DataError):
+    """A file of a started job was changed on EFS in a way that ``baton resume`` repairs.
+
+    The handler stores :attr:`repair` on the failed job's item, and a resume of the job
+    sends the starter a repair message of that kind (:mod:`shared.repair`).
+    """
+
+    repair: str = ""
+
+
+class DamagedShardError(RepairableDataError):
+    """A prepared shard file is missing, damaged or replaced since the job's preparation.
+
+    ``baton resume`` prepares the job's shards again from its data source, if that source
+    is unchanged, and goes on from the job's current round.
+    """
+
+    repair = "shards"
+
+
+class DamagedRoundStateError(RepairableDataError):
+    """A round's state file (``rounds/<r>/state.npz``) was changed after the aggregator wrote it.
+
+    ``baton resume`` goes back to the latest round whose state file is intact and trains
+    the rounds from there again.
+    """
+
+    repair = "round_state"
+
+
 # The start of every DivergenceError message, before the round number. Commands look for it
 # in a failed job's error.
 DIVERGED_WORDS = "training diverged in round"

@@ -38,7 +38,8 @@ from botocore.exceptions import ClientError
 
 # Re-exported, because serverless.yml and tests/test_stack.py name the handlers' receive count here.
 from shared.config import DEFAULT_MAX_RECEIVE_COUNT  # noqa: F401
-from shared.errors import BatonError, InvalidMessageError, JobConflictError, PermanentError, StaleMessageError
+from shared.errors import (BatonError, InvalidMessageError, JobConflictError, PermanentError, RepairableDataError,
+                           StaleMessageError)
 from shared.json_numbers import shown
 from shared.queues import body_object
 from shared.services import Services
@@ -266,7 +267,9 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         except PermanentError as error:
             logger.error("job failed", extra={"error": str(error), "error_type": type(error).__name__})
             if job_id is not None:
-                services.state.fail_job(job_id, str(error))
+                # A repairable error leaves the job its repair, which `baton resume` makes.
+                repair = error.repair if isinstance(error, RepairableDataError) else None
+                services.state.fail_job(job_id, str(error), repair=repair)
         except Exception as error:
             missing = missing_stack_resource(error, services.settings)
             if missing is not None:

@@ -60,14 +60,14 @@ import scipy.sparse as sp
 
 from shared import efs, source_files
 from shared.efs import EfsStore, read_job_json
-from shared.errors import DataError, InvalidMessageError
+from shared.errors import DamagedShardError, DataError, InvalidMessageError
 from shared.formats.delimited import CsvLayout, check_same_features, parse_csv_text, read_csv_layout
 from shared.formats.files import (COMPRESSED_SUFFIXES, check_data_file, check_finite, check_text_format,
                                   decode_text, open_binary, read_error, read_text_bytes)
 from shared.formats.libsvm import parse_libsvm_text
 from shared.formats.npy import load_npy_table, read_npy_rows, read_npz
 from shared.sampling import split_rows
-from shared.shards import VALIDATION, check_shards_present, shard_folder
+from shared.shards import VALIDATION, check_shards_intact, record_shard_files, shard_folder
 from shared.spec import S3_URI_PATTERN, VALIDATION_STOP_FIELDS, JobSpec
 from shared.standardization import standardization_scale, standardize_rows
 from shared.target_scaling import MAX_SCALED_TARGET_MAGNITUDE
@@ -164,7 +164,7 @@ class PreparationFiles:
 
 def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep | None,
                     one_step_per_invocation: bool = True, s3_client=None,
-                    continue_saved: bool = False) -> PreparationOutcome:
+                    continue_saved: bool = False, rebuild_damaged_shards: bool = False) -> PreparationOutcome:
     """Run preparation steps from ``step`` (None: from the start, for a new job message).
 
     Parameters
@@ -184,6 +184,10 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
         With ``step`` None, carry on from the step recorded on EFS instead of dropping the
         job message. For a job whose state item is new, so that no step message of the
         recorded progress can still be queued.
+    rebuild_damaged_shards : bool, default=False
+        With ``step`` None, prepare the data again when the shards of an earlier
+        preparation are missing or replaced, and its sources are unchanged. For a job
+        whose state item is new, so that none of its workers has the shards open.
 
     Returns
     -------
@@ -199,13 +203,16 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
     """
     files = PreparationFiles(store, spec.job_id)
     if files.manifest.exists():
-        # NOTE: data prepared before sources were recorded has none in its layout, so its
-        # shards are reused unchecked.
-        source_files.check_reusable(_recorded_sources(files), spec.job_id,
-                                    lambda uri: s3_object_etag(uri, s3_client))
-        manifest = read_job_json(store, files.manifest)
-        check_shards_present(store, spec.job_id, manifest)
-        return PreparationOutcome(manifest=manifest)
+        try:
+            return PreparationOutcome(manifest=_reusable_manifest(files, spec, s3_client))
+        except DamagedShardError as error:
+            if not (rebuild_damaged_shards and step is None):
+                raise
+            # The sources passed their check, so the steps write the same shards again, and
+            # the rounds of the earlier run go on from them.
+            logger.warning("prepared shards are damaged; preparing the data again",
+                           extra={"job_id": spec.job_id, "error": str(error)})
+            _remove_prepared_data(files, keep_source_copies=True)
 
     recorded = _read_progress(files)
     if step is None:
@@ -225,6 +232,10 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
                            "recorded; retrying")
 
     while True:
+        if files.manifest.exists():
+            # A twin delivery of the job message finished the preparation meanwhile. Going
+            # on would write its shard files again, under other inodes than the manifest records.
+            return PreparationOutcome(manifest=_reusable_manifest(files, spec, s3_client))
         _run_step(files, spec, model, step, s3_client)
         following = _next_step(files, spec, step)
         if following is None:
@@ -236,6 +247,23 @@ def run_preparation(store: EfsStore, spec: JobSpec, model, step: PreparationStep
         # No progress is recorded inside one invocation: a redelivery starts over, and
         # every step writes the same bytes again.
         step = following
+
+
+def _reusable_manifest(files: PreparationFiles, spec: JobSpec, s3_client) -> dict:
+    """Return the manifest of data prepared earlier, once its sources and shard files are checked.
+
+    Raises
+    ------
+    DataError
+        If a source changed since its shards were prepared (:func:`shared.source_files.check_reusable`),
+        or a shard file is missing or replaced (:class:`~shared.errors.DamagedShardError`).
+    """
+    # NOTE: data prepared before sources were recorded has none in its layout, so its
+    # shards are reused unchecked.
+    source_files.check_reusable(_recorded_sources(files), spec.job_id, lambda uri: s3_object_etag(uri, s3_client))
+    manifest = read_job_json(files.store, files.manifest)
+    check_shards_intact(files.store, spec.job_id, manifest)
+    return manifest
 
 
 def prepare_data(store: EfsStore, spec: JobSpec, model, s3_client=None) -> dict:
@@ -256,6 +284,11 @@ def prepare_data(store: EfsStore, spec: JobSpec, model, s3_client=None) -> dict:
     return outcome.manifest
 
 
+def recorded_sources(store: EfsStore, job_id: str) -> list[dict]:
+    """Return the source records of the job's layout step, or an empty list without a layout."""
+    return _recorded_sources(PreparationFiles(store, job_id))
+
+
 def _recorded_sources(files: PreparationFiles) -> list[dict]:
     """Return the source records of the layout step, which stay after the preparation ends."""
     if not files.layout.exists():
@@ -269,11 +302,17 @@ def data_identity(store: EfsStore, job_id: str) -> str:
     It covers the data manifest and the identity of each source file that the layout step
     recorded: size, modification time, inode, and an ``s3://`` object's ETag. Each file is
     named by its path in the spec, not on EFS, so moving the EFS root keeps the identity.
-    Counts alone, as in the manifest, miss a file edited to the same shape.
+    Counts alone, as in the manifest, miss a file edited to the same shape. The identities
+    of the shard files (``shard_files``) are left out, because shards prepared again from
+    the same source are the same data in new files.
     """
     files = PreparationFiles(store, job_id)
     sources = [{key: value for key, value in record.items() if key != "path"} for record in _recorded_sources(files)]
-    digest = hashlib.sha256(files.manifest.read_bytes())
+    manifest = store.read_json(files.manifest)
+    manifest.pop("shard_files", None)
+    # Encoded as EfsStore.write_json writes, so a manifest without shard_files (one written
+    # before they were recorded) hashes to its file's bytes, as earlier releases hashed it.
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, indent=1).encode())
     digest.update(json.dumps(sources, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -288,12 +327,14 @@ def _exceeds_one_part(parts: list[dict], part_bytes: int) -> bool:
     return sum(part.get("bytes", part_bytes) for part in parts) > part_bytes
 
 
-def begin_attempt(store: EfsStore, job_id: str, attempt: int) -> None:
+def begin_attempt(store: EfsStore, job_id: str, attempt: int, keep_source_copies: bool = False) -> None:
     """Start preparation attempt ``attempt`` of a resumed job: remove the earlier attempt's files once.
 
     The attempt is recorded in ``jobs/<id>/preparation-attempt.json`` after the removal, so
     a redelivered job message of the same attempt keeps the progress it finds. Attempt 0,
-    a job never resumed, has nothing to remove.
+    a job never resumed, has nothing to remove. ``keep_source_copies`` keeps the copies of
+    ``s3://`` sources (``prepare/sources/``), whose ETags the caller has checked, so that
+    the layout step records the same identities as before.
     """
     marker = store.job_dir(job_id) / "preparation-attempt.json"
     recorded = store.read_json(marker)["attempt"] if marker.exists() else 0
@@ -301,11 +342,24 @@ def begin_attempt(store: EfsStore, job_id: str, attempt: int) -> None:
         return
     # NOTE: two deliveries of one resume's message that both pass this check remove files
     # twice, and the second removal can break the preparation the first one started.
-    files = PreparationFiles(store, job_id)
-    shutil.rmtree(files.root, ignore_errors=True)
-    shutil.rmtree(store.data_dir(job_id), ignore_errors=True)
+    _remove_prepared_data(PreparationFiles(store, job_id), keep_source_copies)
     store.write_json(marker, {"attempt": attempt})
     logger.info("preparation starts again", extra={"job_id": job_id, "attempt": attempt})
+
+
+def _remove_prepared_data(files: PreparationFiles, keep_source_copies: bool) -> None:
+    """Remove the job's ``prepare/`` and ``data/`` folders; with ``keep_source_copies``, not ``prepare/sources/``."""
+    if keep_source_copies and files.root.is_dir():
+        for entry in files.root.iterdir():
+            if entry.name == "sources":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(files.root, ignore_errors=True)
+    shutil.rmtree(files.store.data_dir(files.job_id), ignore_errors=True)
 
 
 def record_sent(store: EfsStore, job_id: str, step: PreparationStep) -> None:
@@ -1009,6 +1063,13 @@ def _finalize(files: PreparationFiles, spec: JobSpec) -> None:
     store = files.store
     split = store.read_json(files.split)
     n_workers = len(split["destination_rows"]) - 1
+    if files.manifest.exists():
+        # A twin delivery finished first: its shard files are the ones the manifest
+        # records, so this delivery's own partial files go.
+        for target in range(n_workers + 1):
+            for path in _partial_paths(files, target, n_workers).values():
+                path.unlink(missing_ok=True)
+        return
     for target in range(n_workers + 1):
         for path in _partial_paths(files, target, n_workers).values():
             final = path.with_name(path.name[:-len(PARTIAL_SUFFIX)])
@@ -1036,6 +1097,9 @@ def _finalize(files: PreparationFiles, spec: JobSpec) -> None:
         "validation_rows": int(split["destination_rows"][n_workers]),
         "standardized": scaling is not None,
     }
+    # Each shard file's size, modification time and inode, which a worker compares with the
+    # file it loads, so a shard replaced by another of the same shape is noticed.
+    manifest["shard_files"] = record_shard_files(store, spec.job_id, manifest)
     store.write_json(files.manifest, manifest)
     logger.info("prepared data", extra={"job_id": spec.job_id, "n_rows": split["n_train_rows"],
                                         "n_features": manifest["n_features"]})

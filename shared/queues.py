@@ -2,19 +2,23 @@
 
 Every message is a small JSON object; arrays always live on EFS.
 
-=============  ==========================================  =====================
-queue          body                                        consumer
-=============  ==========================================  =====================
-jobs           the job spec                                starter
-tasks          ``{"job_id", "round", "worker"}``             worker
-aggregate      ``{"job_id", "round"}``                       aggregator
-aggregate      ``{"job_id", "round", "reduce"}``             aggregator, as reducer
-=============  ==========================================  =====================
+=============  =============================================  ======================
+queue          body                                           consumer
+=============  =============================================  ======================
+jobs           the job spec                                   starter
+jobs           ``{"job_id", "prepare": {"step", "index"}}``   starter
+jobs           ``{"job_id", "repair": {"kind", "attempt"}}``  starter
+tasks          ``{"job_id", "round", "worker"}``              worker
+aggregate      ``{"job_id", "round"}``                        aggregator
+aggregate      ``{"job_id", "round", "reduce"}``              aggregator, as reducer
+=============  =============================================  ======================
 
 A task or aggregate message may also carry ``"continuation": n`` (n >= 1): the n-th link
 of a chain of invocations that share one round's work (see :mod:`shared.continuation`). A
 reduce message (``"reduce": k``, 0 <= k < ``training.reducers``) asks for slice k of the
-round's sums; it never carries a continuation.
+round's sums; it never carries a continuation. A ``prepare`` message is one step of a
+preparation (:mod:`shared.preparation`), and a ``repair`` message the repair that a
+resume asks for (:mod:`shared.repair`).
 """
 
 from __future__ import annotations

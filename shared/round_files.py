@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 
 from shared.efs import EfsStore, not_an_object_problem
-from shared.errors import DataError
+from shared.errors import DamagedRoundStateError
 from shared.optim import state_arrays, state_from_arrays
 from shared.services import Services
-from shared.source_files import FIX
 from shared.target_scaling import params_in_target_units
 
 
@@ -26,32 +25,32 @@ def read_round_state(store: EfsStore, job_id: str, round_index: int) -> tuple[np
 
     Raises
     ------
-    DataError
+    DamagedRoundStateError
         If the state file is not a whole ``.npz`` archive with the parameters, or if a
         parameter or an optimizer slot is NaN or infinite. Baton writes it atomically, and only after checking
         that every parameter is finite, so only a change by something else leaves it so,
-        and a retry cannot help.
+        and a retry cannot help. ``baton resume`` goes back to an earlier round.
     """
     path = store.state_path(job_id, round_index)
     try:
         arrays = store.read_arrays(path)
         params = arrays["params"]
     except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise _damaged_state_error(store, path, f"{type(error).__name__}: {error}") from None
+        raise _damaged_state_error(store, path, f"{type(error).__name__}: {error}", job_id) from None
     for name, values in arrays.items():
         # Diverged weights stop the job before they are written, so these were changed on EFS.
         bad = np.count_nonzero(~np.isfinite(values)) if values.dtype.kind == "f" else 0
         if bad:
             raise _damaged_state_error(store, path, f"{bad:,} of the {values.size:,} values of its array '{name}' "
-                                                    f"{'is' if bad == 1 else 'are'} NaN or infinite")
+                                                    f"{'is' if bad == 1 else 'are'} NaN or infinite", job_id)
     return params, state_from_arrays(arrays)
 
 
-def _damaged_state_error(store: EfsStore, path: Path, reason: str) -> DataError:
-    # NOTE: the previous round's folder is kept, but `baton resume` reads this file again, so
-    # only a local `baton run` of the same spec (which goes on from an earlier round) recovers.
-    return DataError(f"round state file '{path.relative_to(store.root)}' is damaged ({reason}): Baton writes it "
-                     f"whole, so it was changed after it was written, and the job cannot go on from it; {FIX}")
+def _damaged_state_error(store: EfsStore, path: Path, reason: str, job_id: str) -> DamagedRoundStateError:
+    return DamagedRoundStateError(
+        f"round state file '{path.relative_to(store.root)}' is damaged ({reason}): Baton writes it whole, so it was "
+        f"changed after it was written, and the job cannot go on from it; run `baton resume {job_id}`: it goes back "
+        "to the latest earlier round whose state file is intact and trains from there again, to the same weights")
 
 
 def write_round_state(store: EfsStore, job_id: str, round_index: int, params: np.ndarray, optimizer_state: dict) -> None:

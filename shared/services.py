@@ -33,6 +33,8 @@ class JobContext:
     # The memory-mapped validation rows, once an aggregator has opened them.
     validation: "shards.Shard | None" = None
     validation_loaded: bool = False
+    # The job's preparation_attempt when the context was read; None when the caller gave none.
+    data_version: int | None = None
 
     def load_validation(self, store: EfsStore, job_id: str) -> "shards.Shard | None":
         """Return the job's validation rows (None without any), opening them on first use."""
@@ -71,15 +73,24 @@ class Services:
     def s3(self):
         return self._s3 or boto3.client("s3")
 
-    def job_context(self, job_id: str) -> JobContext:
-        """Return the cached spec and manifest of ``job_id``, reading them from EFS once."""
+    def job_context(self, job_id: str, data_version: int | None = None) -> JobContext:
+        """Return the cached spec and manifest of ``job_id``, reading them from EFS once.
+
+        ``data_version`` is the job item's ``preparation_attempt``. A context cached under
+        another one is read again, with none of its shards: a resume that prepared the
+        shards again replaced their files, and a cached memory map would still show the
+        old, damaged file.
+        """
         if job_id in self._jobs:
-            self._jobs.move_to_end(job_id)
-            return self._jobs[job_id]
+            cached = self._jobs[job_id]
+            if data_version is None or cached.data_version == data_version:
+                self._jobs.move_to_end(job_id)
+                return cached
+            del self._jobs[job_id]
         spec = parse_job_spec(read_job_json(self.store, self.store.spec_path(job_id)))
         manifest = read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json",
                                  problem_of=_manifest_problem)
-        context = JobContext(spec=spec, manifest=manifest, shards={})
+        context = JobContext(spec=spec, manifest=manifest, shards={}, data_version=data_version)
         self._jobs[job_id] = context
         # A warm process may serve many jobs; keep only a few memory maps open.
         while len(self._jobs) > 4:

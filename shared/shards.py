@@ -3,9 +3,11 @@
 Each shard folder contains ``y.npy`` and either ``X.npy`` (dense data) or the three CSR
 arrays ``X-data.npy``, ``X-indices.npy`` and ``X-indptr.npy`` (sparse data). Features
 are stored as float32 to halve what a worker reads from EFS, and models accumulate in
-float64. :mod:`shared.preparation` writes the shards. Loading one checks its files'
-shapes, labels and row pointers against the data manifest, so that a file damaged after
-the preparation fails the job with the file's name.
+float64. :mod:`shared.preparation` writes the shards and records each file's size,
+modification time and inode number in the data manifest (``shard_files``). Loading a
+shard checks its files against that record, and their shapes, labels and row pointers
+against the manifest, so that a file changed after the preparation fails the job with the
+file's name. ``baton resume`` then prepares the shards again (:mod:`shared.repair`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from shared.efs import EfsStore, relative_efs_path
-from shared.errors import DataError
+from shared.errors import DamagedShardError
 from shared.formats.npy import check_npy_header
 from shared.sampling import take_rows
-from shared.source_files import FIX
+from shared.source_files import describe_identity_change, file_identity
 
 VALIDATION = "validation"
 
@@ -43,6 +45,8 @@ class Shard:
     y: np.ndarray
     # The EFS name of a sparse shard's column index file, for messages.
     indices_file: str = "X-indices.npy"
+    # The job the shard belongs to, named in the fix of an error; None leaves the id out.
+    job_id: str | None = None
 
     @property
     def n_rows(self) -> int:
@@ -60,7 +64,7 @@ class Shard:
 
         Raises
         ------
-        DataError
+        DamagedShardError
             If a sparse row contains a column index outside the shard's width, which scipy
             would follow outside its arrays.
         """
@@ -74,7 +78,8 @@ class Shard:
         indices = chunk.indices
         # Read as unsigned, a negative index is larger than any width: one pass finds both.
         if indices.size and np.maximum.reduce(indices.view(_UNSIGNED[indices.itemsize])) >= chunk.shape[1]:
-            raise _changed_shard_error(self.indices_file, f"contains a column index outside 0 to {chunk.shape[1] - 1}")
+            raise _changed_shard_error(self.indices_file, f"contains a column index outside 0 to {chunk.shape[1] - 1}",
+                                       self.job_id)
         return chunk
 
 
@@ -89,30 +94,83 @@ def _shard_file_names(manifest: dict) -> list[str]:
     return ["y.npy", *matrix]
 
 
-def _missing_shard_error(store: EfsStore, path: Path) -> DataError:
-    return DataError(f"prepared shard file '{relative_efs_path(store, path)}' is missing: the job's prepared data on "
-                     f"EFS was deleted or moved after its preparation, and Baton does not rebuild the shards of a "
-                     f"started job; {FIX}")
+def _shard_destinations(manifest: dict) -> list[int | str]:
+    """Return the destinations that have shard folders: every worker, then the validation rows if any."""
+    return [*range(len(manifest["shard_rows"])), *([VALIDATION] if manifest["validation_rows"] else [])]
 
 
-def _damaged_shard_error(store: EfsStore, path: Path, problem: str) -> DataError:
-    return _changed_shard_error(str(relative_efs_path(store, path)), problem)
+def _repair_fix(job_id: str | None) -> str:
+    """Return the fix that every shard error ends with."""
+    command = f"`baton resume {job_id}`" if job_id else "`baton resume` with the job's id"
+    return (f"run {command}: it prepares the shards again from the job's data source, which must be unchanged, "
+            "and the job goes on from its last completed round")
 
 
-def _changed_shard_error(efs_name: str, problem: str) -> DataError:
-    return DataError(f"prepared shard file '{efs_name}' {problem}: Baton writes each shard file whole, so it was "
-                     f"changed after the job's preparation, and Baton does not rebuild the shards of a started job; "
-                     f"{FIX}")
+def _missing_shard_error(store: EfsStore, path: Path, job_id: str | None) -> DamagedShardError:
+    return DamagedShardError(f"prepared shard file '{relative_efs_path(store, path)}' is missing: the job's prepared "
+                             f"data on EFS was deleted or moved after its preparation; {_repair_fix(job_id)}")
 
 
-def check_shards_present(store: EfsStore, job_id: str, manifest: dict) -> None:
-    """Raise :class:`DataError` naming the first prepared shard file that is missing."""
-    destinations = [*range(len(manifest["shard_rows"])), *([VALIDATION] if manifest["validation_rows"] else [])]
-    for destination in destinations:
+def _damaged_shard_error(store: EfsStore, path: Path, problem: str, job_id: str | None) -> DamagedShardError:
+    return _changed_shard_error(str(relative_efs_path(store, path)), problem, job_id)
+
+
+def _changed_shard_error(efs_name: str, problem: str, job_id: str | None) -> DamagedShardError:
+    return DamagedShardError(f"prepared shard file '{efs_name}' {problem}: Baton writes each shard file whole, so it "
+                             f"was changed after the job's preparation; {_repair_fix(job_id)}")
+
+
+def shard_file_key(folder: Path, name: str) -> str:
+    """Return the key of a shard file in the manifest's ``shard_files``: its shard folder and name."""
+    return f"{folder.name}/{name}"
+
+
+def record_shard_files(store: EfsStore, job_id: str, manifest: dict) -> dict[str, dict]:
+    """Return the identity of every shard file of a prepared job, for the manifest's ``shard_files``.
+
+    One ``stat`` call per file: its size, modification time in nanoseconds and inode
+    number, which :func:`load_shard` compares with the file it finds.
+    """
+    identities = {}
+    for destination in _shard_destinations(manifest):
+        folder = shard_folder(store, job_id, destination)
+        for name in _shard_file_names(manifest):
+            identity = file_identity(folder / name)
+            if identity is None:
+                raise _missing_shard_error(store, folder / name, job_id)
+            identities[shard_file_key(folder, name)] = identity
+    return identities
+
+
+def _check_identity(store: EfsStore, path: Path, manifest: dict, job_id: str | None) -> None:
+    """Raise :class:`DamagedShardError` if the file at ``path`` is not the one the manifest recorded.
+
+    A manifest written before ``shard_files`` existed records no identities, and then
+    nothing is checked.
+    """
+    recorded = (manifest.get("shard_files") or {}).get(shard_file_key(path.parent, path.name))
+    if recorded is None:
+        return
+    current = file_identity(path)
+    if current is None:
+        raise _missing_shard_error(store, path, job_id)
+    change = describe_identity_change(recorded, current)
+    if change is not None:
+        raise _damaged_shard_error(store, path, f"is not the file the preparation wrote: {change}", job_id)
+
+
+def check_shards_intact(store: EfsStore, job_id: str, manifest: dict) -> None:
+    """Raise :class:`DamagedShardError` naming the first prepared shard file that is missing or replaced.
+
+    A file is replaced when its size, modification time or inode number differs from the
+    manifest's record of it. The check costs one ``stat`` call per file and reads no data.
+    """
+    for destination in _shard_destinations(manifest):
         folder = shard_folder(store, job_id, destination)
         for name in _shard_file_names(manifest):
             if not (folder / name).is_file():
-                raise _missing_shard_error(store, folder / name)
+                raise _missing_shard_error(store, folder / name, job_id)
+            _check_identity(store, folder / name, manifest, job_id)
 
 
 # Values read at a time by :func:`_value_range`: 8 MiB of int64, so the check adds little to a
@@ -146,7 +204,8 @@ def _value_range(path: Path) -> tuple[float, float, bool] | None:
     return smallest, largest, finite
 
 
-def _check_shard_values(store: EfsStore, folder: Path, manifest: dict, indptr: np.ndarray | None) -> None:
+def _check_shard_values(store: EfsStore, folder: Path, manifest: dict, indptr: np.ndarray | None,
+                        job_id: str | None) -> None:
     """Raise unless the labels fit the manifest's classes and the row pointers rise row by row.
 
     Shapes alone let through a label that a changed file puts out of range, which trains on
@@ -160,26 +219,30 @@ def _check_shard_values(store: EfsStore, folder: Path, manifest: dict, indptr: n
         if smallest < 0 or largest >= len(classes) or smallest != int(smallest) or largest != int(largest):
             raise _damaged_shard_error(store, folder / "y.npy", f"holds class codes from {smallest:g} to {largest:g}, "
                                                                 f"but the job has {len(classes)} classes (codes 0 to "
-                                                                f"{len(classes) - 1})")
+                                                                f"{len(classes) - 1})", job_id)
     elif labels is not None and not labels[2]:
-        raise _damaged_shard_error(store, folder / "y.npy", "holds a NaN or infinite label")
+        raise _damaged_shard_error(store, folder / "y.npy", "holds a NaN or infinite label", job_id)
     if indptr is None:
         return
     if indptr.size and (int(indptr[0]) != 0 or bool(np.any(np.diff(indptr) < 0))):
         raise _damaged_shard_error(store, folder / "X-indptr.npy", "holds row pointers that do not start at 0 and "
-                                                                   "rise row by row")
+                                                                   "rise row by row", job_id)
     # The column indices are most of a sparse shard, and a worker reads only its batches'
     # pages of them, so Shard.rows checks them as it reads them.
 
 
-def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Shard:
-    """Memory-map the arrays in ``folder``, checking their shapes against the manifest and ``rows``.
+def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int, job_id: str | None = None) -> Shard:
+    """Memory-map the arrays in ``folder``, checking them against the manifest and ``rows``.
+
+    Each file's shape must fit the others, and, once the shapes and values pass, the file
+    must be the one the preparation wrote, by the identity that the manifest records (when
+    it records one). The shape checks come first for their more precise messages.
 
     Raises
     ------
-    DataError
-        If a file is missing, unreadable, not a ``.npy`` array, or of a shape that does not
-        fit the others, naming the file.
+    DamagedShardError
+        If a file is missing, replaced, unreadable, not a ``.npy`` array, or of a shape
+        that does not fit the others, naming the file and, in the fix, ``job_id``.
     """
     arrays = {}
     for name in _shard_file_names(manifest):
@@ -189,19 +252,18 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Sh
             # pages, without copying; indexing one skips numpy.memmap's Python-level __getitem__.
             arrays[name] = np.asarray(store.read_npy(path))
         except FileNotFoundError:
-            raise _missing_shard_error(store, path) from None
+            raise _missing_shard_error(store, path, job_id) from None
         except PermissionError:
-            raise _damaged_shard_error(store, path, "cannot be read by this function (permission denied)") from None
+            raise _damaged_shard_error(store, path, "cannot be read by this function (permission denied)",
+                                       job_id) from None
         except (ValueError, EOFError) as error:
             # Other OSErrors, such as an I/O error of the file system, may pass: they are retried.
-            raise _damaged_shard_error(store, path, f"is damaged ({type(error).__name__}: {error})") from None
+            raise _damaged_shard_error(store, path, f"is damaged ({type(error).__name__}: {error})", job_id) from None
 
-    # NOTE: a shard file replaced by another of the same shape and valid values is read
-    # as it is. Hashing it would read the whole shard on each cold start.
     y = arrays["y.npy"]
     if y.shape != (rows,):
         raise _damaged_shard_error(store, folder / "y.npy", f"holds labels of shape {y.shape} where the manifest "
-                                                              f"records {rows} rows")
+                                                              f"records {rows} rows", job_id)
     if manifest["sparse"]:
         data, indices, indptr = arrays["X-data.npy"], arrays["X-indices.npy"], arrays["X-indptr.npy"]
         values = int(indptr[-1]) if indptr.shape == (rows + 1,) else None
@@ -209,30 +271,48 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int) -> Sh
             raise _damaged_shard_error(store, folder / "X-indptr.npy",
                                        f"does not fit its shard: row pointers of shape {indptr.shape}, values of "
                                        f"shape {data.shape} and column indices of shape {indices.shape}, for {rows} "
-                                       "rows")
-        _check_shard_values(store, folder, manifest, indptr)
+                                       "rows", job_id)
+        _check_shard_values(store, folder, manifest, indptr, job_id)
+        _check_identities(store, folder, manifest, job_id)
         X = sp.csr_matrix((data, indices, indptr), shape=(rows, manifest["n_features"]), copy=False)
-        return Shard(X=X, y=y, indices_file=str(relative_efs_path(store, folder / "X-indices.npy")))
+        return Shard(X=X, y=y, indices_file=str(relative_efs_path(store, folder / "X-indices.npy")), job_id=job_id)
 
     X = arrays["X.npy"]
     if X.shape != (rows, manifest["n_features"]):
         raise _damaged_shard_error(store, folder / "X.npy", f"holds a matrix of shape {X.shape} where the "
                                                             f"manifest records {rows} rows of "
-                                                            f"{manifest['n_features']} features")
-    _check_shard_values(store, folder, manifest, None)
-    return Shard(X=X, y=y)
+                                                            f"{manifest['n_features']} features", job_id)
+    _check_shard_values(store, folder, manifest, None, job_id)
+    _check_identities(store, folder, manifest, job_id)
+    return Shard(X=X, y=y, job_id=job_id)
+
+
+def _check_identities(store: EfsStore, folder: Path, manifest: dict, job_id: str | None) -> None:
+    """Raise :class:`DamagedShardError` if a file in ``folder`` is not the one the preparation wrote.
+
+    One ``stat`` call per file, after the files are mapped. A file replaced before its
+    mapping is found here. One that a rename replaces afterwards is not read, because the
+    mapping keeps the file it opened.
+    """
+    # NOTE: a file rewritten in place at the same size with its old modification time put
+    # back keeps its identity and is read as it is: hashing it would read the whole shard
+    # on each cold start. The column indices are still checked as a batch reads them.
+    for name in _shard_file_names(manifest):
+        _check_identity(store, folder / name, manifest, job_id)
 
 
 def load_shard(store: EfsStore, job_id: str, manifest: dict, worker: int) -> Shard:
-    """Memory-map worker ``worker``'s shard."""
-    return _read_matrix(store, shard_folder(store, job_id, worker), manifest, rows=manifest["shard_rows"][worker])
+    """Memory-map worker ``worker``'s shard, checked as :func:`_read_matrix` describes."""
+    return _read_matrix(store, shard_folder(store, job_id, worker), manifest, rows=manifest["shard_rows"][worker],
+                        job_id=job_id)
 
 
 def load_validation(store: EfsStore, job_id: str, manifest: dict) -> Shard | None:
     """Memory-map the validation rows, or return None if the job has none."""
     if manifest["validation_rows"] == 0:
         return None
-    return _read_matrix(store, shard_folder(store, job_id, VALIDATION), manifest, rows=manifest["validation_rows"])
+    return _read_matrix(store, shard_folder(store, job_id, VALIDATION), manifest, rows=manifest["validation_rows"],
+                        job_id=job_id)
 
 
 def load_training_sample(store: EfsStore, job_id: str, manifest: dict, max_rows: int) -> Any:

@@ -55,16 +55,23 @@ def source_record(role: str, source: str, path: Path, etag: str | None = None) -
 
 def describe_file_change(record: dict) -> str | None:
     """Return what changed in the file of ``record`` since it was recorded, or None."""
+    return describe_identity_change(record, file_identity(Path(record["path"])))
+
+
+def describe_identity_change(recorded: dict, current: dict | None) -> str | None:
+    """Return how ``current``, a file's identity now (None: the file is missing), differs from ``recorded``, or None.
+
+    Both are identities as :func:`file_identity` returns them.
+    """
     # NOTE: a file rewritten in place at the same size, with its old modification time put
     # back (cp -p onto it, touch -r), keeps its identity and passes this check.
-    current = file_identity(Path(record["path"]))
     if current is None:
         return "it is missing now"
-    if current["inode"] != record["inode"]:
-        return f"another file replaced it (inode {record['inode']}, now {current['inode']})"
-    if current["size"] != record["size"]:
-        return f"its size changed from {record['size']:,} to {current['size']:,} bytes"
-    if current["mtime_ns"] != record["mtime_ns"]:
+    if current["inode"] != recorded["inode"]:
+        return f"another file replaced it (inode {recorded['inode']}, now {current['inode']})"
+    if current["size"] != recorded["size"]:
+        return f"its size changed from {recorded['size']:,} to {current['size']:,} bytes"
+    if current["mtime_ns"] != recorded["mtime_ns"]:
         return "it was modified (its modification time changed)"
     return None
 
@@ -102,12 +109,28 @@ def check_reusable(records: list[dict], job_id: str, s3_etag=None) -> None:
     DataError
         Naming the file, the spec field, the change and the fix.
     """
+    changed = find_source_change(records, s3_etag)
+    if changed is not None:
+        record, change = changed
+        raise DataError(f"{describe_source(record)} changed after job '{job_id}' prepared its shards from it: "
+                        f"{change}. The shards no longer match the file, so {FIX}, to prepare the data again")
+
+
+def find_source_change(records: list[dict], s3_etag=None) -> tuple[dict, str] | None:
+    """Return the first source of ``records`` that changed since it was recorded, with what changed; None if none did.
+
+    ``records`` and ``s3_etag`` are those of :func:`check_reusable`.
+    """
     for record in records:
         change = _describe_object_change(record, s3_etag) if "etag" in record else describe_file_change(record)
         if change is not None:
-            raise DataError(f"data file '{record['source']}' ({FIELDS[record['role']]}) changed after job "
-                            f"'{job_id}' prepared its shards from it: {change}. The shards no longer match the "
-                            f"file, so {FIX}, to prepare the data again")
+            return record, change
+    return None
+
+
+def describe_source(record: dict) -> str:
+    """Return how messages name the source of ``record``: its path in the spec and its spec field."""
+    return f"data file '{record['source']}' ({FIELDS[record['role']]})"
 
 
 def _describe_object_change(record: dict, s3_etag) -> str | None:

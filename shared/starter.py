@@ -1,7 +1,9 @@
 """The starter's step: validate a job message, prepare its data and start its first round.
 
 A job whose earlier run left files on EFS finishes from that run's model or goes on from
-its rounds (:mod:`shared.earlier_runs`).
+its rounds (:mod:`shared.earlier_runs`). The starter also makes the repairs that
+``baton resume`` asks for (:mod:`shared.repair`): it prepares a job's shards again, or
+takes the job back to an earlier round.
 """
 
 from __future__ import annotations
@@ -10,21 +12,22 @@ import logging
 import os
 from typing import Any
 
-from shared import faults, shards
+from shared import faults, repair, shards
 from shared.earlier_runs import (RUN_RECORD, continuation_round, finished_on_efs, run_identity,
                                  set_aside_earlier_run)
 from shared.efs import EfsStore, read_job_json
 from shared.errors import DataError, JobConflictError, JobSpecError, PermanentError, StaleMessageError
 from shared.model_bucket import upload_model
-from shared.preparation import PreparationStep, StaleStepError, begin_attempt, record_sent, run_preparation
+from shared.preparation import (PreparationStep, StaleStepError, begin_attempt, record_sent, run_preparation,
+                                s3_object_etag)
 from shared.queues import body_object
 from shared.reduction import check_reducers
 from shared.round_files import metrics_problem, model_info_problem, write_round_state
 from shared.services import Services
 from shared.source_files import FIX
 from shared.spec import JobSpec, derive_job_id, load_job_message, parse_job_spec
-from shared.state import (CONTINUED_FROM, PREPARATION_ATTEMPT, RUNNING, SUCCEEDED, JobRecord, can_record_job,
-                          job_item_fields)
+from shared.state import (CONTINUED_FROM, PREPARATION_ATTEMPT, PREPARING, RUNNING, SUCCEEDED, JobRecord,
+                          can_record_job, job_item_fields)
 from shared.training import (build_model, build_model_for_preparation, build_optimizer, check_model_fits,
                              get_training_mode, round_number)
 
@@ -38,13 +41,20 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     message id, which stays the same across redeliveries. A message
     ``{"job_id", "prepare": {...}}`` is one step of a preparation split over several
     invocations (see :mod:`shared.preparation`); the step that completes the data
-    starts round 0.
+    starts round 0. A message ``{"job_id", "repair": {...}}`` makes the repair that
+    ``baton resume`` asked for (:func:`_run_repair`).
 
     Raises
     ------
     JobSpecError, DataError, JobConflictError
         Permanent: the caller marks the job failed and drops the message.
     """
+    repair_body = _repair_message(body)
+    if repair_body is not None:
+        message = repair.RepairMessage.from_body(repair_body)
+        _run_repair(services, message)
+        return message.job_id
+
     step_message = _preparation_step_message(body)
     if step_message is not None:
         job_id = step_message["job_id"]
@@ -74,6 +84,10 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     if record.status != "PREPARING":
         # A redelivered job message for a job that is already running or finished.
         raise StaleMessageError(f"job {spec.job_id} is already {record.status}")
+    if record.repair is not None:
+        # Its preparation would remove the data before the repair checks the sources.
+        raise StaleMessageError(f"job {spec.job_id} is PREPARING for its {record.repair} repair, which its own "
+                                "message carries; dropping a redelivered job message")
 
     store = services.store
     _check_job_dir_usable(store, spec.job_id)
@@ -83,8 +97,9 @@ def start_job(services: Services, body: str, message_id: str) -> str:
     begin_attempt(store, spec.job_id, int(record.attributes.get(PREPARATION_ATTEMPT, 0)))
     # A job item created now, beside preparation progress on EFS, means the state table is
     # newer than the files, as after a new local stack or a redeployed stack. The step
-    # messages of that progress went with the old queues, so this message carries it on.
-    _prepare_and_start(services, spec, None, continue_saved=created)
+    # messages of that progress went with the old queues, so this message carries it on,
+    # and it prepares the shards again if they were deleted or replaced meanwhile.
+    _prepare_and_start(services, spec, None, continue_saved=created, rebuild_damaged_shards=created)
     return spec.job_id
 
 
@@ -149,8 +164,8 @@ def starter_failure_job_id(services: Services, body: str, message_id: str, job_i
     spec. That job must not be touched, so the failure goes under ``job-<message id>``,
     as a conflict does. Reads the job item once, so call it on failures only.
     """
-    if _preparation_step_message(body) is not None:
-        # A step of a preparation already under way belongs to the job that sent it.
+    if _preparation_step_message(body) is not None or _repair_message(body) is not None:
+        # A step of a preparation already under way, or a repair, belongs to the job that sent it.
         return job_id
     existing = _job_created_from_spec(services, job_id)
     if existing is None:
@@ -189,15 +204,57 @@ def _preparation_step_message(body: str) -> dict | None:
     return None
 
 
+def _repair_message(body: str) -> dict | None:
+    """Return the decoded body if it is a repair message, else None.
+
+    A repair message has the fields ``job_id`` and ``repair`` only, so a job spec with a
+    stray ``repair`` field is rejected as a spec, naming the field.
+    """
+    message = body_object(body)
+    if message is not None and set(message) == {"job_id", "repair"} and isinstance(message["job_id"], str):
+        return message
+    return None
+
+
+def _run_repair(services: Services, message: repair.RepairMessage) -> None:
+    """Make the repair that ``message`` names, if it is still the job's pending repair.
+
+    A shards repair checks the sources before it removes the prepared data. Then it
+    prepares the data again in as many steps as a new job would, and the step that
+    completes the data ends the repair (:func:`_prepare_and_start`). A round_state repair
+    ends here.
+
+    Raises
+    ------
+    DataError
+        If the repair cannot be made: a source changed, or no round state is intact.
+    StaleMessageError
+        If the message's repair is not the job's pending one.
+    """
+    store = services.store
+    record = repair.current_repair(services.state, services.queues, message)
+    spec = parse_job_spec(read_job_json(store, store.spec_path(message.job_id)))
+    if message.kind == repair.ROUND_STATE:
+        repair.rewind_to_intact_round(services, spec, record)
+        return
+    repair.check_sources_unchanged(store, spec.job_id, lambda uri: s3_object_etag(uri, services.s3))
+    # The copies of s3:// sources stay, as their ETags were just checked: a new copy would
+    # have another inode, and so another data identity than run.json records.
+    begin_attempt(store, spec.job_id, record.preparation_attempt, keep_source_copies=True)
+    _prepare_and_start(services, spec, None)
+
+
 def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep | None,
-                       continue_saved: bool = False) -> None:
+                       continue_saved: bool = False, rebuild_damaged_shards: bool = False) -> None:
     """Run preparation from ``step``; once the data is ready, write round 0 and send its tasks.
 
-    ``continue_saved`` is passed on to :func:`~shared.preparation.run_preparation`.
+    ``continue_saved`` and ``rebuild_damaged_shards`` are passed on to
+    :func:`~shared.preparation.run_preparation`.
     """
     store = services.store
     try:
-        outcome = run_preparation(store, spec, build_model_for_preparation(spec), step, continue_saved=continue_saved)
+        outcome = run_preparation(store, spec, build_model_for_preparation(spec), step, continue_saved=continue_saved,
+                                  rebuild_damaged_shards=rebuild_damaged_shards)
     except StaleStepError as error:
         raise StaleMessageError(str(error)) from None
     if outcome.manifest is None:
@@ -217,10 +274,17 @@ def _prepare_and_start(services: Services, spec: JobSpec, step: PreparationStep 
     mode = get_training_mode(spec, model)
     rounds = mode.total_rounds(spec, manifest)
     record = services.state.get_job(spec.job_id)
-    if record is None or record.status != "PREPARING":
+    if record is None or record.status != PREPARING:
         # Cancelled while the data was prepared: round 0 does not start.
         raise StaleMessageError(f"job {spec.job_id} is {'missing' if record is None else record.status}; "
                                 "its round 0 does not start")
+    if record.repair == repair.SHARDS:
+        # The data was prepared again for a job that has trained rounds: it goes on from its round.
+        repair.finish_shard_rebuild(services, spec, record)
+        return
+    if record.repair is not None:
+        raise StaleMessageError(f"job {spec.job_id} is PREPARING for its {record.repair} repair; a preparation "
+                                "message does not start it")
     identity = run_identity(store, spec)
     if finished_on_efs(store, spec.job_id, identity, model.n_params):
         _finish_from_earlier_run(services, spec, rounds)

@@ -8,7 +8,9 @@ Items, all under the partition key ``pk = "JOB#<job_id>"``:
     ``last_error`` (the latest handler error that SQS will retry, see
     :meth:`StateStore.record_last_error`), the latest metrics, ``watchdog_attempts``
     (re-sends the watchdog made in the current round), timestamps, and once the job ended,
-    ``expires_at``. Its ``item_type = "JOB"`` and ``created_at`` key the sparse global
+    ``expires_at``. A job that failed on a file that ``baton resume`` repairs has
+    ``repair`` (the kind of repair, kept until the repair ends), and a resume counts
+    ``repair_attempt`` (see :mod:`shared.repair`). Its ``item_type = "JOB"`` and ``created_at`` key the sparse global
     secondary index ``jobs-by-creation``, which lists job items only, oldest first, so
     :meth:`StateStore.list_jobs` never reads round items.
 ``sk = "ROUND#<r, 8 digits>"``
@@ -30,6 +32,7 @@ Job statuses::
         │           v  │ resume
         │         PAUSED
         └───────────┴──────> FAILED ──(resume)──> RUNNING, or PREPARING if it never ran
+                                                  or has a repair to make first
     any status but SUCCEEDED ──(cancel)──> CANCELLED
 
 Every state change is a conditional write, so at-least-once delivery cannot double-count
@@ -160,6 +163,13 @@ def _from_attribute(attribute: dict) -> Any:
 PREPARATION_ATTEMPT = "preparation_attempt"
 # The job item's round from which a job went on with an earlier run's files on EFS.
 CONTINUED_FROM = "continued_from"
+# The job item's pending repair: the ``repair`` of the RepairableDataError that failed the
+# job, kept while the job is PREPARING for the repair and removed when it runs again.
+REPAIR = "repair"
+# The job item's count of repairs started by a resume, which names each repair's messages.
+REPAIR_ATTEMPT = "repair_attempt"
+# The job item's count of rounds trained again after a rewind to an earlier round state.
+ROUNDS_RERUN = "rounds_rerun"
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,19 @@ class JobRecord:
     def first_round(self) -> int:
         """Return the round the job started at: 0, or above 0 when it went on from an earlier run's files."""
         return int(self.attributes.get(CONTINUED_FROM, 0))
+
+    @property
+    def repair(self) -> str | None:
+        """Return the kind of repair the job waits for or is making (``shards``, ``round_state``), or None."""
+        return self.attributes.get(REPAIR)
+
+    @property
+    def repair_attempt(self) -> int:
+        return int(self.attributes.get(REPAIR_ATTEMPT, 0))
+
+    @property
+    def preparation_attempt(self) -> int:
+        return int(self.attributes.get(PREPARATION_ATTEMPT, 0))
 
 
 def describe_last_error(last_error: dict[str, Any]) -> str:
@@ -519,6 +542,28 @@ class StateStore:
             METRICS_ATTRIBUTE: {"M": {name: _to_attribute(value) for name, value in metrics.items()}},
             **expiry,
         }}} for round_index, metrics in sorted(metrics_by_round.items())]
+        self._batch_write(job_id, requests)
+
+    def delete_round_items(self, job_id: str, round_indexes: range) -> None:
+        """Delete the items of rounds ``round_indexes``: done and reduced sets, usage and metrics.
+
+        For a job rewound to an earlier round, whose later rounds run again from nothing.
+        A missing item is no error, so a repeated call is harmless.
+
+        Raises
+        ------
+        RuntimeError
+            As :meth:`put_earlier_round_metrics` does.
+        """
+        self._batch_write(job_id, [{"DeleteRequest": {"Key": _round_key(job_id, round_index)}}
+                                   for round_index in round_indexes])
+
+    def _batch_write(self, job_id: str, requests: list[dict]) -> None:
+        """Send round item ``requests`` (PutRequest, DeleteRequest) in BatchWriteItem calls.
+
+        Items that DynamoDB leaves unprocessed are sent again, up to
+        :data:`BATCH_WRITE_ATTEMPTS` attempts in all.
+        """
         for start in range(0, len(requests), BATCH_WRITE_LIMIT):
             pending = requests[start:start + BATCH_WRITE_LIMIT]
             for attempt in range(BATCH_WRITE_ATTEMPTS):
@@ -575,28 +620,35 @@ class StateStore:
         return self._conditional_job_update(
             job_id, from_round, sets={"status": SUCCEEDED, "round": from_round + 1, **summary})
 
-    def fail_job(self, job_id: str, message: str) -> bool:
+    def fail_job(self, job_id: str, message: str, repair: str | None = None) -> bool:
         """Mark the job FAILED with ``message`` unless it already finished.
 
         Creates the item when the job never got one, for example when its spec was
         rejected. Returns False if the job had already succeeded, failed or been cancelled.
+        ``repair`` sets the job's pending repair, which ``baton resume`` makes. Without it a
+        pending repair is kept, so a repair that fails on a transient error is made again
+        by the next resume.
         """
+        expression = ("SET #status = :failed, #error = :message, updated_at = :now, "
+                      "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero), "
+                      f"{ITEM_TYPE} = :job_item")
+        values = {
+            **NOT_TERMINAL_VALUES,
+            ":failed": {"S": FAILED},
+            ":message": {"S": shorten_error(message)},
+            ":now": {"N": repr(time.time())},
+            ":zero": {"N": "0"},
+            ":job_item": {"S": JOB_ITEM_TYPE},
+        }
+        if repair is not None:
+            expression += f", {REPAIR} = :repair"
+            values[":repair"] = {"S": repair}
         return self._update_if(
             _job_key(job_id),
-            UpdateExpression=(
-                "SET #status = :failed, #error = :message, updated_at = :now, "
-                "created_at = if_not_exists(created_at, :now), #round = if_not_exists(#round, :zero), "
-                f"{ITEM_TYPE} = :job_item"),
+            UpdateExpression=expression,
             ConditionExpression=f"attribute_not_exists(#status) OR {NOT_TERMINAL}",
             ExpressionAttributeNames={"#status": "status", "#error": "error", "#round": "round"},
-            ExpressionAttributeValues={
-                **NOT_TERMINAL_VALUES,
-                ":failed": {"S": FAILED},
-                ":message": {"S": shorten_error(message)},
-                ":now": {"N": repr(time.time())},
-                ":zero": {"N": "0"},
-                ":job_item": {"S": JOB_ITEM_TYPE},
-            },
+            ExpressionAttributeValues=values,
         )
 
     def record_last_error(self, job_id: str, last_error: dict[str, Any], unless_recorded_since: int | None = None,
@@ -697,7 +749,8 @@ class StateStore:
         Returns False when the job does not exist or is in another status. Pause, cancel and
         resume are built on this, so a command racing a round's end cannot undo a finish.
         ``new_preparation`` also adds one to the job's ``preparation_attempt``, which makes
-        the starter prepare the data again from the first step.
+        the starter prepare the data again from the first step. ``clear_error`` also
+        removes a pending ``repair``, which belongs to the old run too.
         """
         names = {"#status": "status"}
         values = {":to": {"S": to_status}, ":now": {"N": repr(time.time())}, ":zero": {"N": "0"},
@@ -709,7 +762,7 @@ class StateStore:
         removed = [] if to_status in TERMINAL_STATUSES else [EXPIRES_AT]
         if clear_error:
             # The handler errors recorded before the job failed or paused belong to the old run.
-            removed += ["#error", "last_error"]
+            removed += ["#error", "last_error", REPAIR]
             names["#error"] = "error"
         if removed:
             expression += " REMOVE " + ", ".join(removed)
@@ -720,6 +773,80 @@ class StateStore:
             _job_key(job_id),
             UpdateExpression=expression,
             ConditionExpression=f"#status IN ({', '.join(f':from{i}' for i in range(len(from_statuses)))})",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
+
+    def begin_repair(self, job_id: str, repair: str, new_preparation: bool) -> int | None:
+        """Move a FAILED job whose pending repair is ``repair`` to PREPARING, and count a repair attempt.
+
+        The error and ``last_error`` go, as on any resume, and the pending repair stays
+        until :meth:`end_repair`. ``new_preparation`` also adds one to
+        ``preparation_attempt``, so the starter removes the job's prepared data once.
+
+        Returns the new ``repair_attempt``, or None when the job is not FAILED with that
+        pending repair, as after a concurrent resume or cancel.
+        """
+        expression = (f"SET #status = :preparing, updated_at = :now, status_changed_at = :now, "
+                      f"watchdog_attempts = :zero REMOVE #error, last_error, {EXPIRES_AT} "
+                      f"ADD {REPAIR_ATTEMPT} :one")
+        if new_preparation:
+            expression += f", {PREPARATION_ATTEMPT} :one"
+        try:
+            response = self.client.update_item(
+                TableName=self.table_name,
+                Key=_job_key(job_id),
+                UpdateExpression=expression,
+                ConditionExpression=f"#status = :failed AND {REPAIR} = :repair",
+                ExpressionAttributeNames={"#status": "status", "#error": "error"},
+                ExpressionAttributeValues={
+                    ":preparing": {"S": PREPARING}, ":failed": {"S": FAILED}, ":repair": {"S": repair},
+                    ":now": {"N": repr(time.time())}, ":zero": {"N": "0"}, ":one": {"N": "1"},
+                },
+                ReturnValues="UPDATED_NEW",
+            )
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return None
+            raise
+        return int(response["Attributes"][REPAIR_ATTEMPT]["N"])
+
+    def end_repair(self, job_id: str, repair: str, attempt: int, from_round: int, to_round: int,
+                   summary: dict[str, Any] | None = None, removed: tuple[str, ...] = ()) -> bool:
+        """Move a job from its repair back to RUNNING at ``to_round``; False if it had already moved.
+
+        Only the repair attempt ``attempt`` of kind ``repair`` of a PREPARING job at round
+        ``from_round`` ends here, so a repeated or late repair message cannot move the
+        job's round twice. ``to_round`` below ``from_round`` rewinds the job, which counts
+        the rounds to train again in ``rounds_rerun``. ``summary`` sets the job item's
+        fields that the aggregator keeps, and ``removed`` names fields to remove.
+        """
+        names = {"#status": "status", "#round": "round"}
+        values = {
+            ":running": {"S": RUNNING}, ":preparing": {"S": PREPARING}, ":repair": {"S": repair},
+            ":attempt": {"N": str(attempt)}, ":from_round": {"N": str(from_round)}, ":to_round": {"N": str(to_round)},
+            ":now": {"N": repr(time.time())}, ":zero": {"N": "0"},
+        }
+        assignments = ["#status = :running", "#round = :to_round", "updated_at = :now", "watchdog_attempts = :zero"]
+        for index, (name, value) in enumerate((summary or {}).items()):
+            names[f"#s{index}"] = name
+            values[f":s{index}"] = _to_attribute(value)
+            assignments.append(f"#s{index} = :s{index}")
+        removals = [REPAIR]
+        for index, name in enumerate(removed):
+            names[f"#r{index}"] = name
+            removals.append(f"#r{index}")
+        expression = "SET " + ", ".join(assignments) + " REMOVE " + ", ".join(removals)
+        if to_round < from_round:
+            expression += f" ADD {ROUNDS_RERUN} :rerun"
+            values[":rerun"] = {"N": str(from_round - to_round)}
+        return self._update_if(
+            _job_key(job_id),
+            UpdateExpression=expression,
+            # Each part names what a stale message could otherwise undo: another status (a
+            # cancel), another repair or attempt (a later resume), another round (a rewind done).
+            ConditionExpression=(f"#status = :preparing AND {REPAIR} = :repair AND {REPAIR_ATTEMPT} = :attempt "
+                                 "AND #round = :from_round"),
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
         )

@@ -84,11 +84,22 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_file_identity_map(value) -> bool:
+    """Return whether ``value`` maps names to file identities (integer ``size``, ``mtime_ns`` and ``inode``)."""
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and isinstance(identity, dict)
+        and all(isinstance(identity.get(field), int) and not isinstance(identity.get(field), bool)
+                for field in ("size", "mtime_ns", "inode"))
+        for name, identity in value.items())
+
+
 # Manifest fields that may be missing, because manifests written by earlier releases lack them.
 OPTIONAL_MANIFEST_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
     "target_mean": ("null or a finite number", lambda value: value is None or _is_finite_number(value)),
     "target_scale": ("null or a finite number above 0",
                      lambda value: value is None or (_is_finite_number(value) and value > 0)),
+    "shard_files": ("null or an object that maps each shard file to its integer size, mtime_ns and inode",
+                    lambda value: value is None or _is_file_identity_map(value)),
 }
 
 

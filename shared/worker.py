@@ -2,11 +2,13 @@
 
 :func:`send_round_complete` sends what a complete round needs next. The worker that
 completes the round calls it, and so do the aggregator and the watchdog when they find
-that message missing.
+that message missing. :func:`kick_round` re-sends whatever the current round is missing,
+for a resume, a repair and the watchdog.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Callable
@@ -21,7 +23,7 @@ from shared.queues import QueueClient, TaskMessage
 from shared.reduction import write_worker_result
 from shared.round_files import read_round_state
 from shared.services import Services
-from shared.state import RUNNING, StateStore
+from shared.state import RUNNING, JobRecord, StateStore
 from shared.training import build_model, get_training_mode
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
 
     # The result is on EFS before the worker is recorded, so a recorded worker is done.
     # Its aggregate message may not have been sent, though: send it again.
-    context = services.job_context(job_id)
+    context = services.job_context(job_id, data_version=record.preparation_attempt)
     spec, manifest, store = context.spec, context.manifest, services.store
     if worker in done:
         if len(done) == record.n_workers:
@@ -151,3 +153,24 @@ def send_round_complete(state: StateStore, queues: QueueClient, job_id: str, rou
             return f"reduce messages for slices {missing}"
     queues.send_aggregate(job_id, round_index)
     return "aggregate"
+
+
+def kick_round(state: StateStore, queues: QueueClient, record: JobRecord) -> str:
+    """Re-send what the job's current round is missing; return what was sent.
+
+    Workers not yet recorded get a task without a continuation number, so each adopts the
+    progress it saved on EFS. When every worker is recorded, the reduce messages of the
+    slices not yet reduced are sent (with ``training.reducers`` > 1), or else the
+    aggregate message. Duplicates of any of them are dropped by the handlers.
+    """
+    done = set(state.get_done_workers(record.job_id, record.round))
+    missing = [worker for worker in range(record.n_workers) if worker not in done]
+    if not missing:
+        return send_round_complete(state, queues, record.job_id, record.round, _reducers(record))
+    queues.send_tasks(record.job_id, record.round, missing)
+    return f"tasks for workers {missing}"
+
+
+def _reducers(record: JobRecord) -> int:
+    """Return the job's ``training.reducers``; 1 for a spec stored before the field existed."""
+    return int(json.loads(record.spec_json).get("training", {}).get("reducers", 1))

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.handlers import set_services
 from shared.models import MODELS
+from shared.services import Services
 from tests.inprocess import HANDLERS, FakeContext, InProcessStack, sqs_event
 from tests.test_models import DATASETS_DIR
 
@@ -41,6 +43,28 @@ def run_job(stack: InProcessStack, spec: dict):
     stack.submit(spec)
     stack.run()
     return stack.services.state.get_job(spec["job_id"])
+
+
+def run_to_round(stack: InProcessStack, job_id: str, round_index: int) -> None:
+    """Deliver messages until the job's item reaches ``round_index``, whose tasks are then queued."""
+    while True:
+        record = stack.services.state.get_job(job_id)
+        if record is not None and record.round >= round_index:
+            return
+        if not any(stack.step(queue) for queue in ("JobsQueue", "TasksQueue", "AggregateQueue")):
+            raise AssertionError(f"job {job_id} ended before round {round_index}")
+
+
+def use_services(stack: InProcessStack, services: Services) -> Services:
+    """Let the handlers run with ``services``, as the Lambda containers holding them would."""
+    stack.services = services
+    set_services(services)
+    return services
+
+
+def cold_start(stack: InProcessStack) -> Services:
+    """Give the handlers new services with nothing cached, as new Lambda containers have."""
+    return use_services(stack, Services(stack.settings, dynamodb=stack.dynamodb, sqs=stack.sqs))
 
 
 def forget_job(stack: InProcessStack, job_id: str) -> None:

@@ -20,7 +20,7 @@ from shared.monitor import model_predates_spec
 from shared.services import Services
 from shared.spec import parse_job_spec
 from shared.state import FAILED, SUCCEEDED
-from tests.baton_jobs import breast_cancer_spec, final_params, forget_job, run_job
+from tests.baton_jobs import breast_cancer_spec, cold_start, final_params, forget_job, run_job
 
 N_ROUNDS = 12
 
@@ -90,6 +90,21 @@ def test_interrupted_job_goes_on_to_same_weights(inprocess_stack, efs_root):
     assert [entry["round"] for entry in rounds] == list(range(1, N_ROUNDS + 1))
     assert [entry["train_loss"] for entry in rounds] == [
         entry["train_loss"] for entry in inprocess_stack.services.state.list_round_metrics("uninterrupted")]
+
+
+def test_deleted_shard_prepared_again_then_goes_on(inprocess_stack, efs_root):
+    # The data source is unchanged, so the shards are prepared again to the same bytes and
+    # the job still goes on from its rounds.
+    spec = run_reference_then_interrupt(inprocess_stack, "shard-kept", "shard-deleted", 7)
+    shutil.rmtree(efs_root / "jobs" / "shard-deleted" / "data" / "shard-2")
+    # The new stack's workers map the shards that the rerun prepares.
+    cold_start(inprocess_stack)
+
+    record = run_job(inprocess_stack, spec)
+
+    assert record.status == SUCCEEDED, record.error
+    assert record.first_round == 6
+    np.testing.assert_array_equal(final_params(efs_root, "shard-deleted"), final_params(efs_root, "shard-kept"))
 
 
 def test_crash_before_model_written_stops_again(inprocess_stack, efs_root):
@@ -197,6 +212,9 @@ def test_failure_line_names_next_round(inprocess_stack, efs_root):
     assert str(efs_root / "jobs" / "failed-local") in line
     assert _after_failure(diverged, efs_root) == ""
     assert _after_failure(replace(failed, total_rounds=0), efs_root) == ""
+    damaged = replace(failed, attributes={**failed.attributes, "repair": "round_state"})
+    assert "instead of `baton resume`, run the same command again" in _after_failure(damaged, efs_root)
+    assert _after_failure(damaged, efs_root).endswith("goes on from round 7")
 
 
 def test_fresh_start_ignores_saved_progress(inprocess_stack, efs_root):

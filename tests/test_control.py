@@ -181,3 +181,28 @@ def test_resume_restarts_failed_preparation(stack):
     record = wait_all(stack, ["prepare-again"], timeout_seconds=120)["prepare-again"]
     assert record.status == "SUCCEEDED", record.error
     assert params_digest(stack.efs_root, "prepare-again") == params_digest(stack.efs_root, "reference")
+
+
+def test_resume_goes_back_past_damaged_state(stack):
+    stack.submit(a9a_spec("state-damaged", stack.data_path, **SPEC))
+    wait_for_round(stack, "state-damaged", 3)
+    assert cli(stack, "pause", "state-damaged").exit_code == 0
+    # A round being aggregated when the pause landed ends without advancing.
+    time.sleep(1.5)
+    held_round = stack.state.get_job("state-damaged").round
+    state_file = stack.efs_root / "jobs" / "state-damaged" / "rounds" / str(held_round) / "state.npz"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+
+    assert cli(stack, "resume", "state-damaged").exit_code == 0
+    record = wait_all(stack, ["state-damaged"], timeout_seconds=60)["state-damaged"]
+    assert record.status == "FAILED"
+    assert f"round state file 'jobs/state-damaged/rounds/{held_round}/state.npz' is damaged" in record.error
+    assert "run `baton resume state-damaged`" in record.error
+
+    repaired = cli(stack, "resume", "state-damaged")
+    assert repaired.exit_code == 0, repaired.output
+    assert "is now PREPARING, going back to the latest intact round state" in repaired.output
+    record = wait_all(stack, ["state-damaged"], timeout_seconds=120)["state-damaged"]
+    assert record.status == "SUCCEEDED", record.error
+    assert record.attributes["rounds_rerun"] == 1
+    assert params_digest(stack.efs_root, "state-damaged") == params_digest(stack.efs_root, "reference")

@@ -6,6 +6,8 @@ import codecs
 import gzip
 import hashlib
 import io
+import json
+import shutil
 import uuid
 
 import boto3
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from shared.control import resume_job
 from shared.efs import EfsStore
 from shared.errors import DataError
 from shared.formats.delimited import read_csv
@@ -25,13 +28,27 @@ from shared.spec import parse_job_spec
 from shared.standardization import standardization_scale, standardize_rows
 from tests.conftest import A9A_DIR, BREAST_CANCER_CSV, PROJECT_ROOT
 from shared.state import FAILED, SUCCEEDED
-from tests.baton_jobs import breast_cancer_spec, forget_job, run_job
+from tests.baton_jobs import breast_cancer_spec, cold_start, final_params, forget_job, run_job, run_to_round
 
 
 def data_files(efs_root, job_id: str) -> dict[str, str]:
+    """Return the sha256 of each prepared data file of a job, by its path in the job's data folder.
+
+    The manifest counts without its record of the shard files' inodes and modification
+    times, which differ between any two preparations.
+    """
     folder = efs_root / "jobs" / job_id / "data"
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        content = path.read_bytes()
+        if path.name == "manifest.json":
+            manifest = json.loads(content)
+            manifest.pop("shard_files")
+            content = json.dumps(manifest, sort_keys=True).encode()
+        digests[str(path.relative_to(folder))] = hashlib.sha256(content).hexdigest()
+    return digests
 
 
 def load_breast_cancer(efs_root):
@@ -351,6 +368,36 @@ def test_s3_source_checked_before_reuse(inprocess_stack, efs_root, s3_bucket):
     assert f"data file 's3://{s3_bucket}/sets/breast_cancer.csv' (data.path) changed after job 's3-rerun'" \
         in record.error
     assert "its ETag changed from" in record.error
+
+
+@pytest.mark.parametrize("overwritten", [False, True], ids=["unchanged", "overwritten"])
+def test_s3_shards_rebuilt_on_resume(inprocess_stack, efs_root, s3_bucket, overwritten):
+    # The copy of the object on EFS stays while the shards are prepared again, so the data
+    # identity of the job's rounds holds. An overwritten object makes the rebuild fail.
+    data = {"path": f"s3://{s3_bucket}/sets/breast_cancer.csv"}
+    assert run_job(inprocess_stack, breast_cancer_spec("s3-reference", data=data)).status == SUCCEEDED
+    inprocess_stack.submit(breast_cancer_spec("s3-rebuilt", data=data))
+    run_to_round(inprocess_stack, "s3-rebuilt", 3)
+    shutil.rmtree(efs_root / "jobs" / "s3-rebuilt" / "data" / "shard-1")
+    cold_start(inprocess_stack)
+    inprocess_stack.run()
+    assert inprocess_stack.services.state.get_job("s3-rebuilt").repair == "shards"
+    if overwritten:
+        lines = (efs_root / "datasets" / "breast_cancer.csv").read_text().splitlines(keepends=True)
+        boto3.client("s3", region_name="us-east-1").put_object(Bucket=s3_bucket, Key="sets/breast_cancer.csv",
+                                                               Body="".join(lines[:-1]).encode())
+
+    resume_job(inprocess_stack.services.state, inprocess_stack.services.queues, "s3-rebuilt")
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("s3-rebuilt")
+    if overwritten:
+        assert record.status == FAILED
+        assert f"data file 's3://{s3_bucket}/sets/breast_cancer.csv' (data.path) changed after" in record.error
+        assert "its ETag changed from" in record.error
+    else:
+        assert record.status == SUCCEEDED, record.error
+        assert final_params(efs_root, "s3-rebuilt").tobytes() == final_params(efs_root, "s3-reference").tobytes()
 
 
 def test_s3_bucket_not_allowed(inprocess_stack, s3_bucket, monkeypatch):

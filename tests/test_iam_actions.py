@@ -8,13 +8,14 @@ local test and fail with AccessDenied on AWS.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
 
 import tests.inprocess as inprocess
 from shared.local.stack import load_serverless_config
-from tests.baton_jobs import forget_job
+from tests.baton_jobs import forget_job, run_to_round
 from tests.test_cost import breast_cancer_spec
 
 ROLE_OF_QUEUE = {"JobsQueue": "StarterRole", "TasksQueue": "WorkerRole", "AggregateQueue": "AggregatorRole"}
@@ -120,3 +121,35 @@ def test_deploy_rehearsal_expects_roles_actions(function):
 
     granted = {action for action in role_actions(f"{function.capitalize()}Role") if action.startswith("dynamodb:")}
     assert verify_deployment.DYNAMODB_ACTIONS[function] == granted
+
+
+def test_repair_calls_allowed_by_roles(inprocess_stack, efs_root, recorded_calls):
+    from shared.control import resume_job
+    from shared.handlers import set_services
+    from shared.services import Services
+
+    calls, _ = recorded_calls
+    services = inprocess_stack.services
+
+    def fail_then_resume(job_id: str, damage) -> None:
+        inprocess_stack.submit(breast_cancer_spec(job_id, reducers=3))
+        run_to_round(inprocess_stack, job_id, 2)
+        damage(efs_root / "jobs" / job_id)
+        # New containers, which load the shards again; the recording clients stay.
+        inprocess_stack.services = Services(services.settings, dynamodb=inprocess_stack.dynamodb,
+                                            sqs=inprocess_stack.sqs, s3=services.s3)
+        set_services(inprocess_stack.services)
+        inprocess_stack.run()
+        assert inprocess_stack.services.state.get_job(job_id).status == "FAILED"
+        resume_job(inprocess_stack.services.state, inprocess_stack.services.queues, job_id)
+        inprocess_stack.run()
+        assert inprocess_stack.services.state.get_job(job_id).status == "SUCCEEDED"
+
+    # The validation rows fail the aggregation of a round whose workers and reducers are all
+    # recorded, so the starter ends the shards repair with the round's aggregate message.
+    fail_then_resume("iam-shards", lambda job_dir: shutil.rmtree(job_dir / "data" / "validation"))
+    fail_then_resume("iam-rewind", lambda job_dir: (job_dir / "rounds" / "2" / "state.npz").write_bytes(b"PK"))
+
+    assert ("StarterRole", "dynamodb:BatchWriteItem") in calls
+    for role, action in sorted(calls):
+        assert action in role_actions(role), f"{role} calls {action}, which serverless.yml does not allow"

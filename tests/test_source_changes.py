@@ -169,17 +169,34 @@ def test_changed_source_not_reused(inprocess_stack, efs_root):
     assert "baton run --fresh" in record.error
 
 
-def test_deleted_shard_not_reused(inprocess_stack, efs_root):
+def test_deleted_shard_prepared_again_on_rerun(inprocess_stack, efs_root):
+    # The source is unchanged, so the rerun prepares the shards again and reuses the model.
     spec = breast_cancer_spec("rerun-deleted-shard")
     assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    first = final_params(efs_root, "rerun-deleted-shard")
     forget_job(inprocess_stack, "rerun-deleted-shard")
     shutil.rmtree(efs_root / "jobs" / "rerun-deleted-shard" / "data" / "shard-1")
 
     record = run_job(inprocess_stack, spec)
 
+    assert record.status == SUCCEEDED, record.error
+    assert record.first_round == record.round
+    assert (efs_root / "jobs" / "rerun-deleted-shard" / "data" / "shard-1" / "y.npy").is_file()
+    assert final_params(efs_root, "rerun-deleted-shard").tobytes() == first.tobytes()
+
+
+def test_deleted_shard_with_changed_source_fails_rerun(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("rerun-both-changed")
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    forget_job(inprocess_stack, "rerun-both-changed")
+    shutil.rmtree(efs_root / "jobs" / "rerun-both-changed" / "data" / "shard-1")
+    append_row(efs_root / "datasets" / "breast_cancer.csv")
+
+    record = run_job(inprocess_stack, spec)
+
     assert record.status == FAILED
-    assert "prepared shard file 'jobs/rerun-deleted-shard/data/shard-1/y.npy' is missing" in record.error
-    assert "baton run --fresh" in record.error
+    assert "changed after job 'rerun-both-changed' prepared its shards" in record.error
+    assert not (efs_root / "jobs" / "rerun-both-changed" / "data" / "shard-1").exists()
 
 
 def test_shard_deleted_mid_job_fails_once(inprocess_stack, efs_root):
@@ -190,16 +207,23 @@ def test_shard_deleted_mid_job_fails_once(inprocess_stack, efs_root):
     inprocess_stack.run()
 
     assert_failed_once(inprocess_stack, "deleted-shard",
-                       ["prepared shard file 'jobs/deleted-shard/data/shard-1/y.npy' is missing"])
+                       ["prepared shard file 'jobs/deleted-shard/data/shard-1/y.npy' is missing"], repair="shards")
 
 
-def assert_failed_once(stack, job_id: str, words: list[str]) -> None:
-    """Assert that the job failed with every one of ``words`` in its error, and no delivery was retried."""
+def assert_failed_once(stack, job_id: str, words: list[str], repair: str | None = None) -> None:
+    """Assert that the job failed with every one of ``words`` in its error, and no delivery was retried.
+
+    The error names the fix: `baton resume` when the job has a ``repair`` pending, else a new job_id.
+    """
     record = stack.services.state.get_job(job_id)
     assert record.status == FAILED
     for word in words:
         assert word in record.error
-    assert "new job_id" in record.error
+    assert record.repair == repair
+    if repair is None:
+        assert "new job_id" in record.error
+    else:
+        assert f"run `baton resume {job_id}`" in record.error
     assert not any(delivery.failed for delivery in stack.deliveries), "a permanent error is not retried"
 
 
@@ -238,7 +262,7 @@ def test_damaged_shard_fails_once(inprocess_stack, efs_root, file_name, damage, 
 
     assert_failed_once(inprocess_stack, "damaged-shard",
                        [f"prepared shard file 'jobs/damaged-shard/data/shard-1/{file_name}",
-                        "changed after the job's preparation", *words])
+                        "changed after the job's preparation", *words], repair="shards")
 
 
 @pytest.mark.parametrize("indices, indptr, words", [
@@ -337,7 +361,8 @@ def test_damaged_round_state_fails_once(inprocess_stack, efs_root):
     inprocess_stack.run()
 
     assert_failed_once(inprocess_stack, "damaged-state",
-                       ["round state file 'jobs/damaged-state/rounds/0/state.npz' is damaged (BadZipFile"])
+                       ["round state file 'jobs/damaged-state/rounds/0/state.npz' is damaged (BadZipFile"],
+                       repair="round_state")
 
 
 @pytest.mark.parametrize("file_name", ["data/manifest.json", "spec.json"])
@@ -402,15 +427,19 @@ def test_damaged_column_index_fails_job(inprocess_stack, efs_root, folder):
     inprocess_stack.submit(spec)
     inprocess_stack.step("JobsQueue")
     indices_file = efs_root / "jobs" / job_id / "data" / folder / "X-indices.npy"
+    status = indices_file.stat()
     indices = np.load(indices_file)
     indices[::7] = 5000
     np.save(indices_file, indices)
+    # Rewritten in place at the same size, with its modification time put back, the file
+    # keeps the identity the manifest records. So the indices are checked as they are read.
+    os.utime(indices_file, ns=(status.st_atime_ns, status.st_mtime_ns))
 
     inprocess_stack.run()
 
     assert_failed_once(inprocess_stack, job_id,
                        [f"prepared shard file 'jobs/{job_id}/data/{folder}/X-indices.npy' contains a column index "
-                        "outside 0 to 122"])
+                        "outside 0 to 122"], repair="shards")
 
 
 def test_validation_fraction_rounding_to_no_rows_fails(inprocess_stack):
