@@ -9,6 +9,7 @@ imports this module.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -92,13 +93,16 @@ def run(spec_file: Path | None, local_dir: Path, imports: tuple[str, ...], worke
     One baton run at a time uses a local folder: a second one on the same --local-dir
     is rejected before it changes any file.
     """
-    from shared.cli_run import check_local_settings, delete_local_job, hold_local_dir, run_on_local_stack
+    from shared.cli_run import (check_local_data_paths, check_local_job_folder, check_local_settings,
+                                delete_local_job, hold_local_dir, run_on_local_stack)
 
     spec = build_spec(spec_file, overrides)
     check_local_settings()
+    check_local_data_paths(spec, local_dir / "efs")
     with hold_local_dir(local_dir, spec_file, bool(overrides)) as lock:
         if fresh:
             delete_local_job(local_dir / "efs", spec["job_id"])
+        check_local_job_folder(local_dir / "efs", spec)
         exit_status = run_on_local_stack(spec, local_dir, imports, worker_lanes, timeout_seconds, lock)
     if exit_status != 0:
         sys.exit(exit_status)
@@ -229,7 +233,7 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     A regression model's losses are half the mean squared error, in the target's squared units.
     """
     from shared.cli_run import rounds_done_text
-    from shared.monitor import job_summary, regression_loss_note
+    from shared.monitor import bucket_not_allowed_remedy, job_summary, regression_loss_note
 
     record = require_job(state_store(stage, endpoint_url, region), job_id)
     summary = job_summary(record)
@@ -242,6 +246,8 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
     for key in STATUS_KEYS:
         if summary.get(key) is not None:
             value = _status_value(key, summary[key], loss_note)
+            if key == "error":
+                value += bucket_not_allowed_remedy(value, job_id, _is_local_stack(stage, endpoint_url))
             click.echo(f"  {key:<20} {with_stack_options(value, stack_arguments)}")
     # Before the job ends, last_error shows that messages are being retried, and why. A
     # FAILED job's error quotes it where it applies, and --json shows it in every status.
@@ -299,10 +305,11 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
           timeout_seconds: float | None) -> None:
     """Show a live progress bar of JOB_ID until it succeeds, fails or is cancelled.
 
-    The bar shows the round, epoch, training loss, validation metric, seconds per round,
-    rounds left and the estimated cost so far. When stderr is not a terminal, such as
-    with 2>FILE, watch writes those fields as one line per round instead. Exits with
-    status 1 unless the job succeeds.
+    The bar shows the rounds done of the total, epoch, training loss, validation metric,
+    seconds per round, time left and the estimated cost so far, with fewer fields on a
+    narrow terminal. When stderr is not a terminal, such as with 2>FILE, or reports 0
+    columns, watch writes the fields as one line per round instead (COLUMNS=N in the
+    environment sets the width). Exits with status 1 unless the job succeeds.
     """
     from shared.monitor import JobNotFoundError, watch_job
 
@@ -312,16 +319,43 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
                            stack_arguments=format_stack_arguments(stage, endpoint_url, region))
     except (JobNotFoundError, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
-    from shared.monitor import count_rounds, format_cost
+    from shared.monitor import bucket_not_allowed_remedy, count_rounds, format_cost
 
     cost_usd = float(record.attributes.get("cost_usd", 0.0))
     if record.status == "CANCELLED":
         raise click.ClickException(f"job {job_id} was cancelled after {count_rounds(record.round)}")
     if record.status != "SUCCEEDED":
-        raise click.ClickException(f"job {job_id} {record.status}: {record.error or 'no error recorded'}")
+        error = record.error or "no error recorded"
+        raise click.ClickException(f"job {job_id} {record.status}: {error}"
+                                   f"{bucket_not_allowed_remedy(error, job_id, _is_local_stack(stage, endpoint_url))}")
     click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} "
                f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost "
                f"${format_cost(cost_usd)})")
+
+
+# The packages that only some commands import, by top-level module: the package to install
+# and the extra of pyproject.toml that installs it.
+OPTIONAL_PACKAGES = {"sklearn": ("scikit-learn", "export"), "joblib": ("joblib", "export"),
+                     "matplotlib": ("matplotlib", "plot")}
+
+
+def require_optional_packages(command: str, modules: tuple[str, ...]) -> None:
+    """Import ``modules``, or raise a one-line error naming the package that ``command`` needs and its extra.
+
+    Called before a command reads anything, so a missing package costs no read or download.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            # The missing module may be another optional one, such as joblib under sklearn.
+            missing = (error.name or "").partition(".")[0]
+            if missing not in OPTIONAL_PACKAGES:
+                raise
+            package, extra = OPTIONAL_PACKAGES[missing]
+            raise click.ClickException(
+                f"baton {command} needs {package}, which is not installed ({error}); install the '{extra}' extra "
+                f"with `pip install -e '.[{extra}]'` in the Baton checkout, or run `pip install {package}`") from None
 
 
 def _reads_efs_alone(efs_root: Path | None) -> bool:
@@ -396,6 +430,7 @@ def plot(job_id: str, stage: str, endpoint_url: str | None, region: str | None, 
     from shared.errors import DamagedFileError
     from shared.monitor import JobNotFoundError, count_rounds, plot_job, read_metrics_files
 
+    require_optional_packages("plot", ("matplotlib",))
     # The output is checked first, so a typo in it costs no read of the table.
     output_path = checked_output_path(output, Path(f"{job_id}.png"), "curves.png")
     if output_path.suffix.lower() != ".png":
@@ -440,7 +475,7 @@ EXPORT_SUFFIXES = (".joblib", ".pkl", ".pickle")
                    ".pkl or .pickle.")
 def export_command(job_id: str, stage: str, endpoint_url: str | None, region: str | None, local_dir: Path,
                    efs_root: Path | None, output: str) -> None:
-    """Save the final model of JOB_ID as a fitted scikit-learn estimator.
+    """Save the final model of JOB_ID as a fitted scikit-learn estimator, and print the file's path.
 
     Load it with joblib.load(OUTPUT); it predicts from raw features as Baton does.
     Without --stage, --endpoint-url and --region, the job is read from its files in an
@@ -449,6 +484,8 @@ def export_command(job_id: str, stage: str, endpoint_url: str | None, region: st
     (params.modelsBucket in serverless.yml), where the job's item points.
     """
     from shared.errors import BatonError
+
+    require_optional_packages("export", ("sklearn", "joblib"))
     from shared.export import export_estimator
 
     output_file = checked_output_path(output, Path(output), "model.joblib")
@@ -470,8 +507,17 @@ def export_command(job_id: str, stage: str, endpoint_url: str | None, region: st
                 estimator, path = export_estimator(efs_root or local_dir / "efs", job_id, output_file)
     except BatonError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(json.dumps({"job_id": job_id, "estimator": type(estimator).__name__, "output": str(path)},
-                          ensure_ascii=False))
+    # The path alone on stdout, as fetch and plot print what they wrote; what it contains goes to stderr.
+    click.echo(str(path))
+    click.echo(f"note: {path} contains a fitted {_describe_estimator(estimator)}; load it with joblib.load", err=True)
+
+
+def _describe_estimator(estimator) -> str:
+    """Return an estimator's class name, with its steps' class names for a scikit-learn Pipeline."""
+    steps = getattr(estimator, "steps", None)
+    if not steps:
+        return type(estimator).__name__
+    return f"{type(estimator).__name__}({', '.join(type(step).__name__ for _, step in steps)})"
 
 
 def _export_from_stack(job_id: str, stage: str, endpoint_url: str | None, region: str | None, output_file: Path):

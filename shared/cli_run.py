@@ -34,7 +34,7 @@ from shared.errors import (DATA_FILE_NOT_FOUND, DIVERGED_WORDS, BatonError, Dama
                            JobSpecError)
 from shared.local.folder_lock import LOCK_FILE_NAME, LocalDirBusyError, LocalDirLock, LockHolder
 from shared.local.session import ACTIVE_STATUSES, LocalStack, ServerExitedError
-from shared.monitor import count_rounds, format_round, loss_text, regression_loss_note
+from shared.monitor import count_rounds, format_round, loss_text, read_metrics_files, regression_loss_note
 from shared.spec import check_relative_path, parse_job_spec
 from shared.state import PAUSED, PREPARING, SUCCEEDED, TERMINAL_STATUSES, JobRecord
 
@@ -173,6 +173,56 @@ def check_local_settings() -> None:
         Settings.from_env().data_roots()
     except BatonError as error:
         raise click.ClickException(str(error)) from None
+
+
+# The spec option that sets each data path field, for the command a message suggests.
+DATA_PATH_OPTIONS = {"path": "--data", "validation_path": "--validation-data"}
+
+
+def check_local_data_paths(spec: dict, efs_root: Path) -> None:
+    """Reject an ``s3://`` data path before the local stack starts, because its functions cannot read one.
+
+    The local stack's S3 is moto's, which starts empty with each ``baton run`` and stops
+    with it, and serverless.yml's empty ``dataBucket`` gives its functions no allowed
+    bucket. So a local job reads its data from the EFS folder, where ``--import`` copies it.
+    """
+    data = spec.get("data")
+    if not isinstance(data, dict):
+        return
+    for field, option in DATA_PATH_OPTIONS.items():
+        uri = data.get(field)
+        if not (isinstance(uri, str) and uri.startswith("s3://")):
+            continue
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        raise click.ClickException(
+            f"data.{field} {uri} is an S3 object, but the local stack of baton run reads data only from its EFS "
+            f"folder {efs_root}, because its S3 is an empty moto server. Copy the object to this machine, for example "
+            f"with `aws s3 cp {uri} {name}`, then pass --import {name}:datasets/{name} {option} datasets/{name}. "
+            "Nothing was started")
+
+
+def check_local_job_folder(efs_root: Path, spec: dict) -> None:
+    """Reject a spec whose job id's local folder contains the files of a job with another spec.
+
+    The starter rejects such a job too, but only once the stack has started, and it names
+    the folder by its absolute path. A spec file there that is not JSON is left to the
+    starter, whose message explains how to repair it.
+    """
+    job_id = spec["job_id"]
+    store = EfsStore(efs_root)
+    try:
+        earlier = json.loads(store.spec_path(job_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    try:
+        same = parse_job_spec(earlier).fingerprint() == parse_job_spec(spec).fingerprint()
+    except BatonError:
+        same = False
+    if not same:
+        raise click.ClickException(
+            f"EFS already contains files of an earlier job '{job_id}' with a different spec in "
+            f"'{store.job_dir(job_id)}'; choose a new job_id with --job-id, or delete that folder if it is no longer "
+            "needed, which `baton run --fresh` does. Nothing was started")
 
 
 def delete_local_job(efs_root: Path, job_id: str) -> None:
@@ -344,12 +394,24 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
     if record.status != "SUCCEEDED":
         return click.ClickException(f"job {job_id} {record.status}: {record.error}{_after_failure(record, efs_root)}"
                                     f"{_missing_data_hint(record, efs_root)}")
-    summary = record.attributes
+    summary = dict(record.attributes)
     click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} in {elapsed:.1f} s "
                f"(stop reason {summary.get('stop_reason', 'unknown')})")
-    # The training loss is the mean over the last round's batches, while validation uses every held-out row.
-    labels = {"train_loss": "train_loss (last round)", "validation_loss": "validation_loss",
-              "validation_accuracy": "validation_accuracy", "validation_r2": "validation_r2"}
+    try:
+        rounds = read_metrics_files(efs_root, job_id)
+    except BatonError:
+        rounds = []
+    train_label = "train_loss (last round)"
+    epoch_loss = last_epoch_train_loss(rounds)
+    if epoch_loss is not None:
+        train_label, summary["train_loss"] = epoch_loss
+    # The job item leaves out a kmeans job's inertia, so it comes from the last round's metrics.
+    if rounds and "validation_inertia" in rounds[-1]:
+        summary["validation_inertia"] = rounds[-1]["validation_inertia"]
+    # Validation uses every held-out row, at the end of the last round.
+    labels = {"train_loss": train_label, "validation_loss": "validation_loss",
+              "validation_accuracy": "validation_accuracy", "validation_r2": "validation_r2",
+              "validation_inertia": "validation_inertia"}
     for name, label in labels.items():
         if name in summary:
             value = summary[name]
@@ -359,6 +421,25 @@ def _report_local_job(record, efs_root: Path, elapsed: float) -> click.ClickExce
     if summary.get("validation_r2", 0.0) < 0.0:
         click.echo(NEGATIVE_R2_HINT)
     return None
+
+
+def last_epoch_train_loss(rounds: list[dict]) -> tuple[str, float] | None:
+    """Return a label and the training loss over the last epoch of a job's ``rounds``, for its summary.
+
+    ``rounds`` are the job's metrics, in round order. The loss is the mean of the last
+    epoch's round losses, each weighted by the rows its round trained on. The last round
+    of an epoch trains on the rows that the epoch's full batches left, which can be a
+    handful, so its loss alone is noisy. A job shorter than one epoch gets the mean over
+    all its rounds. Returns None when ``rounds`` is empty or lacks a round's epoch or rows.
+    """
+    if not rounds or any("epoch" not in entry or not entry.get("n_samples") for entry in rounds):
+        return None
+    last_epoch = rounds[-1]["epoch"]
+    # Epoch counts at the end of an epoch are whole numbers exactly, so that round is left out.
+    window = [entry for entry in rounds if entry["epoch"] > last_epoch - 1 + 1e-9]
+    rows = sum(entry["n_samples"] for entry in window)
+    loss = sum(entry["train_loss"] * entry["n_samples"] for entry in window) / rows
+    return ("train_loss (last epoch)" if last_epoch >= 1 else "train_loss (all rounds)"), loss
 
 
 # Printed under a finished regression job whose model predicts the held-out targets worse

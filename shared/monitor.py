@@ -44,8 +44,9 @@ from shared.state import (CANCELLED, FAILED, ITEM_TYPE, PAUSED, RUNNING, SUCCEED
 # Hosts of an endpoint on this machine, such as the local stack's moto server.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-# Round-item keys shown as "the" validation metric, first match wins.
-VALIDATION_METRICS = ("validation_accuracy", "validation_r2", "validation_loss")
+# Round-item keys shown as "the" validation metric, first match wins. A kmeans job has the
+# inertia, while its loss is that inertia divided by the rows.
+VALIDATION_METRICS = ("validation_accuracy", "validation_r2", "validation_inertia", "validation_loss")
 # Job-item keys that describe the job itself; everything else is a progress field.
 HIDDEN_JOB_KEYS = ("pk", "sk", ITEM_TYPE, "spec")
 
@@ -105,6 +106,29 @@ def validation_metric(entry: dict[str, Any]) -> tuple[str, float] | None:
         if isinstance(entry.get(name), (int, float)):
             return name, float(entry[name])
     return None
+
+
+def bucket_not_allowed_remedy(error: str, job_id: str, local_stack: bool) -> str:
+    """Return how to allow the S3 bucket of a job whose preparation rejected it, as a sentence to append to its error.
+
+    The handlers' message names ``BATON_ALLOWED_S3_BUCKETS``, the functions' variable.
+    Only here is it known where the job ran: a deployed stack sets the variable from its
+    ``dataBucket`` stage parameter, which also grants the starter ``s3:GetObject`` on the
+    bucket, and the local stack's S3 is an empty moto server. Returns an empty text for
+    another error.
+    """
+    # Imported here: the preparation imports numpy and the data formats, which most commands do not need.
+    from shared.preparation import ALLOWED_S3_BUCKETS_VARIABLE
+
+    if f"which is not allowed; add it to {ALLOWED_S3_BUCKETS_VARIABLE}" not in error:
+        return ""
+    if local_stack:
+        return (". The local stack of baton run allows no bucket, and its S3 is an empty moto server, so a local "
+                "job reads its data from the EFS folder: `baton run SPEC --import FILE:datasets/NAME --data "
+                "datasets/NAME` copies the file FILE there")
+    return (f". On a deployed stack, {ALLOWED_S3_BUCKETS_VARIABLE} is the dataBucket stage parameter, which also "
+            "lets the starter read the bucket: deploy again with --param \"dataBucket=<bucket>\" (or set "
+            f"params.dataBucket in serverless.yml), then `baton resume {job_id}` prepares the job again")
 
 
 def job_summary(record: JobRecord) -> dict[str, Any]:
@@ -220,12 +244,10 @@ def format_round(metrics: dict) -> str:
     if "validation_r2" in metrics:
         # A diverging regression reaches r2 values far below zero.
         parts.append(f"val r2 {loss_text(metrics['validation_r2'], 4)}")
+    if "validation_inertia" in metrics:
+        # A kmeans job's metric: the sum of squared distances, which grows with the rows.
+        parts.append(f"val inertia {loss_text(metrics['validation_inertia'], 5)}")
     return "  ".join(parts)
-
-
-# tqdm's own estimate divides the rounds done by the time since watch started, so it grows
-# while a job is paused: the bar shows the elapsed time only, and the postfix the estimate.
-WATCH_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
 def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, timeout_seconds: float | None = None,
@@ -234,8 +256,9 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
     """Show the progress of a job until it reaches a terminal status.
 
     Polls the job item and the new round items every ``interval_seconds``. On a terminal
-    the progress is a live bar. On another stream, such as a file or a pipe, it is one
-    line per round, the bar's fields as ``name=value``, so that a log stays readable.
+    of known width the progress is a live bar (:func:`progress_bar_line`). On another
+    stream, such as a file or a pipe, or a terminal that reports 0 columns, it is one line
+    per round, the fields as ``name=value``, so that a log stays readable.
     ``stack_arguments`` are the options that aim a baton command at the job's stack,
     each after a space, for the command that the note on a paused job names. Returns the
     final record.
@@ -265,8 +288,9 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
         sleep(interval_seconds)
         record, _ = follower.poll()
 
-    progress = _ProgressBar(job_id, record, follower.rounds, stream) if _is_terminal(output) \
-        else _ProgressLines(job_id, output)
+    # A terminal of unknown width, such as a pseudo-terminal that reports 0 columns, gets the lines.
+    columns = terminal_columns(output) if _is_terminal(output) else 0
+    progress = _ProgressBar(job_id, output, columns) if columns > 0 else _ProgressLines(job_id, output)
     paused_noted = False
     try:
         while True:
@@ -295,29 +319,146 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
+# The live bar of `baton watch` ---------------------------------------------------------------
+
+# Labels of the headline validation metrics in the live bar, as `baton run`'s round lines write them.
+BAR_METRIC_LABELS = {"validation_accuracy": "val acc", "validation_r2": "val r2",
+                     "validation_inertia": "val inertia", "validation_loss": "val loss"}
+# Parts of the live bar, in the order they are left out when the terminal is too narrow for
+# all of them. The rounds done, and a status other than RUNNING, always stay.
+BAR_DROP_ORDER = ("job_id", "bar", "s/round", "epoch", "cost", "eta", "metric", "train_loss")
+# Minimum cells of the bar itself. A narrower terminal gets the fields without a bar.
+MIN_BAR_CELLS = 8
+# Characters that fill a bar cell by eighths, and the plain ones for a stream that cannot
+# encode them.
+UNICODE_BAR_CHARACTERS = " ▏▎▍▌▋▊▉█"
+ASCII_BAR_CHARACTERS = " #"
+
+
+def progress_bar_fields(record: JobRecord, rounds: list[dict[str, Any]], recent: int = 10) -> dict[str, str]:
+    """Return the texts of the live bar's fields, by field name, in the order the bar shows them.
+
+    The values are those of :func:`progress_postfix`, each with a short label: "train" for
+    the training loss, and the validation metric's label of ``baton run``'s round lines.
+    ``status`` is there only while the job is not RUNNING, and the rounds left are in
+    ``rounds`` ("197/320") and ``eta``.
+    """
+    postfix = progress_postfix(record, rounds, recent)
+    fields = {"rounds": f"{len(rounds)}/{record.total_rounds or '?'}"}
+    if record.status != RUNNING:
+        fields["status"] = record.status
+    if rounds:
+        fields["epoch"] = f"epoch {postfix['epoch']}"
+        # "train", not "train loss", leaves room for every field at 80 columns.
+        fields["train_loss"] = f"train {postfix['train_loss']}"
+        metric = validation_metric(rounds[-1])
+        if metric is not None:
+            fields["metric"] = f"{BAR_METRIC_LABELS[metric[0]]} {metric[1]:.4g}"
+    if "s/round" in postfix:
+        fields["s/round"] = f"{postfix['s/round']} s/round"
+    if "eta" in postfix:
+        fields["eta"] = f"eta {postfix['eta']}"
+    fields["cost"] = postfix["cost"]
+    return fields
+
+
+def progress_bar_line(job_id: str, record: JobRecord, rounds: list[dict[str, Any]], columns: int,
+                      bar_characters: str = UNICODE_BAR_CHARACTERS) -> str:
+    """Return the live bar's line for a terminal ``columns`` wide, at most ``columns - 1`` characters.
+
+    The last column stays free, because a terminal may wrap a line that fills it. When not
+    everything fits, the parts of :data:`BAR_DROP_ORDER` are left out in that order, and the
+    bar grows to fill what the fields leave. A terminal too narrow even for the rounds done
+    gets the line cut at its width.
+    """
+    width = max(columns - 1, 1)
+    fields = progress_bar_fields(record, rounds)
+    kept = {"job_id", "bar", *fields}
+    for dropped in (None, *BAR_DROP_ORDER):
+        kept.discard(dropped)
+        texts = [text for name, text in fields.items() if name in kept]
+        if "job_id" in kept:
+            texts.insert(0, f"{job_id}:")
+        room = width - len(" ".join(texts))
+        if "bar" in kept:
+            # Two ends of the bar, and the space after it.
+            cells = room - 3
+            if cells < MIN_BAR_CELLS:
+                continue
+            position = 1 if "job_id" in kept else 0
+            texts.insert(position, _bar_text(len(rounds), record.total_rounds, cells, bar_characters))
+        elif room < 0:
+            continue
+        return " ".join(texts)
+    return " ".join(text for name, text in fields.items() if name in kept)[:width]
+
+
+def _bar_text(done: int, total: int, cells: int, characters: str) -> str:
+    """Return a bar of ``cells`` cells between two ends, filled for ``done`` of ``total`` rounds."""
+    steps = len(characters) - 1
+    filled = 0 if not total else min(cells * steps, done * cells * steps // total)
+    full, part = divmod(filled, steps)
+    text = characters[-1] * full + (characters[part] if part else "")
+    return "|" + text.ljust(cells) + "|"
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """Return the width of the terminal behind ``stream`` in columns, or 0 when it is not known.
+
+    A positive ``COLUMNS`` in the environment wins, as in :func:`shutil.get_terminal_size`,
+    so a terminal that reports 0 columns, such as a pseudo-terminal whose size was never
+    set, can still get a bar.
+    """
+    with contextlib.suppress(ValueError):
+        columns = int(os.environ.get("COLUMNS", ""))
+        if columns > 0:
+            return columns
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        # A stream without a file descriptor, a closed one, or one that is no terminal.
+        return 0
+
+
 class _ProgressBar:
-    """The live tqdm bar of ``baton watch`` on a terminal."""
+    """The live bar of ``baton watch`` on a terminal: one line, drawn again in place after each poll.
 
-    def __init__(self, job_id: str, record: JobRecord, rounds: list[dict[str, Any]], stream: TextIO | None):
-        from tqdm import tqdm
+    Each drawing starts with a carriage return and pads with spaces over the rest of the
+    previous line, so it needs no terminal control sequences. The width is read again on
+    each drawing, so a resized terminal gets a line of its new width.
+    """
 
+    def __init__(self, job_id: str, stream: TextIO, columns: int):
+        self.job_id = job_id
         self.stream = stream
-        self.bar = tqdm(total=record.total_rounds or None, initial=len(rounds), desc=job_id, unit="round",
-                        file=stream, dynamic_ncols=True, bar_format=WATCH_BAR_FORMAT)
+        self.columns = columns
+        self.line = ""
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        try:
+            UNICODE_BAR_CHARACTERS.encode(encoding)
+            self.bar_characters = UNICODE_BAR_CHARACTERS
+        except (UnicodeEncodeError, LookupError):
+            self.bar_characters = ASCII_BAR_CHARACTERS
 
     def note(self, text: str) -> None:
-        self.bar.write(text, file=self.stream)
+        # The note goes over the bar's line, and the bar follows on the next.
+        self.stream.write("\r" + text.ljust(len(self.line)) + "\n")
+        self._draw(self.line)
 
     def show(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
-        if record.total_rounds and self.bar.total != record.total_rounds:
-            # The starter sets total_rounds when the job leaves PREPARING.
-            self.bar.total = record.total_rounds
-        self.bar.n = len(rounds)
-        self.bar.set_postfix(progress_postfix(record, rounds), refresh=False)
-        self.bar.refresh()
+        # A terminal that reports 0 columns after a resize keeps the width it had.
+        self.columns = terminal_columns(self.stream) or self.columns
+        self._draw(progress_bar_line(self.job_id, record, rounds, self.columns, self.bar_characters))
+
+    def _draw(self, line: str) -> None:
+        self.stream.write("\r" + line.ljust(len(self.line)))
+        self.stream.flush()
+        self.line = line
 
     def close(self) -> None:
-        self.bar.close()
+        if self.line:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 class _ProgressLines:

@@ -284,7 +284,33 @@ def _batch_settings(spec: JobSpec, manifest: dict) -> _BatchSettings:
 MAX_WEIGHT_MAGNITUDE = 1e100
 
 
-def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> None:
+# How to train a diverged job again. A resume would take the same steps, and a job id on
+# EFS keeps the spec it was first trained with, so the changed spec needs a new job.
+NEW_JOB_REMEDY = ("then train the changed spec as a new job: under a new job_id (--job-id), or with `baton run "
+                  "--fresh`, which deletes this job's local files first")
+
+
+def divergence_remedy(spec: JobSpec | None, regression: bool = False) -> str:
+    """Return the changes that usually stop a divergence, most likely first, and how to train the job again.
+
+    A regression model trains on targets in their own units unless ``data.standardize_target``
+    is set. Targets of a large spread make its steps far too large at any usual learning
+    rate, so that setting comes first when the spec lacks it. ``spec`` None (where only the
+    round's metrics are known) suggests it for a ``regression`` model whose spec may lack it.
+    """
+    step_size = "lower optimizer.learning_rate (or set optimizer.clip_norm)"
+    if spec is not None:
+        regression = get_model_class(spec.model.name).task == "regression"
+    if regression and spec is None:
+        return (f"unless the spec sets data.standardize_target, set it to true, so that the model trains on targets "
+                f"of unit spread; if the job still diverges, {step_size}; {NEW_JOB_REMEDY}")
+    if regression and not spec.data.standardize_target:
+        return (f"set data.standardize_target to true, which the spec leaves false, so that the model trains on "
+                f"targets of unit spread; if the job still diverges, {step_size}; {NEW_JOB_REMEDY}")
+    return f"{step_size}; {NEW_JOB_REMEDY}"
+
+
+def _check_finite(round_index: int, train_loss: float, params: np.ndarray, spec: JobSpec) -> None:
     with np.errstate(invalid="ignore"):
         too_large = not np.all(np.abs(params) <= MAX_WEIGHT_MAGNITUDE)
     if not math.isfinite(train_loss) or too_large:
@@ -296,23 +322,23 @@ def _check_finite(round_index: int, train_loss: float, params: np.ndarray) -> No
         raise DivergenceError(
             f"{DIVERGED_WORDS} {round_number(round_index)}: the loss or a weight became NaN, infinite "
             f"or above {MAX_WEIGHT_MAGNITUDE:g} in magnitude "
-            f"(training loss {train_loss!r}); lower optimizer.learning_rate (or set optimizer.clip_norm) "
-            f"and start a new job{first_round_hint}")
+            f"(training loss {train_loss!r}); {divergence_remedy(spec)}{first_round_hint}")
 
 
-def check_validation_finite(round_index: int, metrics: dict[str, float]) -> None:
+def check_validation_finite(round_index: int, metrics: dict[str, float], spec: JobSpec | None = None) -> None:
     """Raise :class:`DivergenceError` if a validation metric of the round is NaN or infinite.
 
     A model whose weights stay below :data:`MAX_WEIGHT_MAGNITUDE` can still overflow its
     validation loss, as a multilayer perceptron's outputs grow with the product of its
-    layers' weights.
+    layers' weights. Without ``spec``, a round with a ``validation_r2`` counts as one of a
+    regression model for the message's remedy.
     """
     for name, value in metrics.items():
         if name.startswith("validation_") and not math.isfinite(value):
             raise DivergenceError(
                 f"{DIVERGED_WORDS} {round_number(round_index)}: {name} became {value!r} while the "
-                f"training loss was {metrics['train_loss']!r}; lower optimizer.learning_rate (or set "
-                "optimizer.clip_norm) and start a new job")
+                f"training loss was {metrics['train_loss']!r}; "
+                f"{divergence_remedy(spec, regression='validation_r2' in metrics)}")
 
 
 @dataclass(frozen=True)
@@ -642,7 +668,7 @@ class GradientAveraging(TrainingMode):
 
         new_params, new_state = optimizer.step(params, grad, optimizer_state, round_index)
         new_params = model.proximal(new_params, optimizer.learning_rate_at(round_index))
-        _check_finite(round_index, train_loss, new_params)
+        _check_finite(round_index, train_loss, new_params, spec)
         return RoundUpdate(params=new_params, optimizer_state=new_state, train_loss=train_loss, n_samples=n_samples)
 
 
@@ -748,7 +774,7 @@ class ModelAveraging(TrainingMode):
             new_params = reduction.vector / n_samples
         penalty, _ = model.penalty_grad(new_params) if np.all(np.isfinite(new_params)) else (math.inf, None)
         train_loss = loss_in_target_units(model, float(reduction.scalars["loss_sum"]) / n_samples + penalty)
-        _check_finite(round_index, train_loss, new_params)
+        _check_finite(round_index, train_loss, new_params, spec)
         return RoundUpdate(params=new_params, optimizer_state=optimizer_state, train_loss=train_loss,
                            n_samples=n_samples)
 
@@ -816,7 +842,7 @@ class StatisticsMode(TrainingMode):
         totals = {"sums": reduction.vector.reshape(len(counts), -1), "counts": counts}
         new_params = model.combine_statistics([totals], params)
         train_loss = float(reduction.scalars["inertia"][0]) / n_samples
-        _check_finite(round_index, train_loss, new_params)
+        _check_finite(round_index, train_loss, new_params, spec)
         return RoundUpdate(params=new_params, optimizer_state=optimizer_state, train_loss=train_loss,
                            n_samples=n_samples)
 

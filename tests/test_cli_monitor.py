@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_watch_follows_job_to_success(finished_job):
     assert watched.exit_code == 0, watched.output
     assert f"job {JOB_ID} SUCCEEDED after {N_ROUNDS} rounds" in watched.output
     assert "stop reason max_rounds" in watched.output
-    # tqdm's bar: the rounds done and the postfix fields.
+    # The line-per-round output (CliRunner is no terminal): the rounds done and the fields.
     assert f"{N_ROUNDS}/{N_ROUNDS}" in watched.output
     for field in ("epoch=", "train_loss=", "accuracy=", "s/round=", "left=0", "cost=$"):
         assert field in watched.output, field
@@ -192,6 +193,43 @@ def test_hints_carry_stack_options(finished_job, tmp_path):
     assert f"`baton resume failed-hints {stack}`" in watched.output
     assert resumed.exit_code == 1, resumed.output
     assert f"`baton status diverged-hints {stack}` shows it" in resumed.output
+
+
+def bucket_not_allowed_error(tmp_path) -> str:
+    """Return the error that the preparation raises for a data path in a bucket that is not allowed."""
+    from shared.errors import DataError
+    from shared.preparation import copy_from_s3
+
+    with pytest.raises(DataError) as raised:
+        copy_from_s3("s3://mybucket/a9a", tmp_path / "a9a", environ={})
+    return str(raised.value)
+
+
+def test_bucket_remedy_for_deployed_stack(tmp_path):
+    from shared.monitor import bucket_not_allowed_remedy
+
+    remedy = bucket_not_allowed_remedy(bucket_not_allowed_error(tmp_path), "s3test", local_stack=False)
+
+    assert "BATON_ALLOWED_S3_BUCKETS is the dataBucket stage parameter" in remedy
+    assert 'deploy again with --param "dataBucket=<bucket>"' in remedy
+    assert "`baton resume s3test` prepares the job again" in remedy
+    assert bucket_not_allowed_remedy("data file not found: 'a9a'", "s3test", local_stack=False) == ""
+
+
+def test_status_names_local_fix_for_s3_bucket(finished_job, tmp_path):
+    state = finished_job["stack"].state
+    state.create_job("s3-bucket", "6" * 64, "{}", 2)
+    state.fail_job("s3-bucket", bucket_not_allowed_error(tmp_path))
+
+    status_result = CliRunner().invoke(main, ["status", "s3-bucket", *finished_job["arguments"]])
+    watched = CliRunner().invoke(main, ["watch", "s3-bucket", *finished_job["arguments"], "--interval", "0.2"])
+
+    assert status_result.exit_code == 0, status_result.output
+    for output in (status_result.output, watched.output):
+        assert "which is not allowed; add it to BATON_ALLOWED_S3_BUCKETS (allowed now: none). The local stack of " \
+               "baton run allows no bucket" in output
+        assert "--import FILE:datasets/NAME --data datasets/NAME" in output
+        assert "dataBucket" not in output
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -473,6 +511,44 @@ def plotted_figure(rounds):
     axes = figure.axes
     plt.close(figure)
     return axes
+
+
+@pytest.mark.parametrize("command, module, words", [
+    (["export", JOB_ID, "--output", "m.joblib"], "sklearn", "baton export needs scikit-learn"),
+    (["export", JOB_ID, "--output", "m.joblib"], "joblib", "baton export needs joblib"),
+    (["plot", JOB_ID, "--output", "curves.png"], "matplotlib", "baton plot needs matplotlib"),
+])
+def test_missing_optional_package_names_extra(tmp_path, monkeypatch, command, module, words):
+    from shared.cli import OPTIONAL_PACKAGES
+
+    monkeypatch.chdir(tmp_path)
+    # None in sys.modules makes an import of the module fail, as when it is not installed.
+    monkeypatch.setitem(sys.modules, module, None)
+
+    result = CliRunner().invoke(main, [*command, "--efs-root", str(tmp_path)])
+
+    extra = OPTIONAL_PACKAGES[module][1]
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {words}, which is not installed")
+    assert f"install the '{extra}' extra with `pip install -e '.[{extra}]'`" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_optional_packages_in_their_extras():
+    import tomllib
+
+    from shared.cli import OPTIONAL_PACKAGES
+    from tests.conftest import PROJECT_ROOT
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    lambda_requirements = [line for line in (PROJECT_ROOT / "requirements-lambda.txt").read_text().splitlines()
+                           if line.strip() and not line.startswith("#")]
+    extras = project["optional-dependencies"]
+    for package, extra in OPTIONAL_PACKAGES.values():
+        assert any(requirement.startswith(f"{package}>=") for requirement in extras[extra]), (package, extra)
+        for requirement in project["dependencies"] + lambda_requirements:
+            assert not requirement.startswith(package), requirement
+    assert "baton[export,plot]" in extras["dev"], "the tests need both extras"
 
 
 def test_plot_round_axis_has_whole_numbers():
@@ -876,13 +952,171 @@ def test_watch_catch_up_lines_omit_status(finished_job):
     assert "status=SUCCEEDED" in lines[3]
 
 
-def test_watch_draws_bar_on_terminal(finished_job):
+def test_watch_draws_bar_on_terminal(finished_job, monkeypatch):
+    # A StringIO has no terminal size, so COLUMNS gives it one.
+    monkeypatch.setenv("COLUMNS", "80")
     stream = TerminalStream()
 
     watch_growing_job(finished_job["stack"].state, "watched-bar", stream)
 
     assert "\r" in stream.getvalue()
     assert "3/3" in stream.getvalue()
+
+
+def open_terminal(columns: int):
+    """Open a pseudo-terminal that reports ``columns`` columns; return its controller fd and a stream on it."""
+    import fcntl
+    import pty
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    # Without output processing, the controller reads "\n" as written, not as "\r\n".
+    attributes = termios.tcgetattr(terminal)
+    attributes[1] &= ~termios.OPOST
+    termios.tcsetattr(terminal, termios.TCSANOW, attributes)
+    return controller, open(terminal, "w", encoding="utf-8")
+
+
+def read_terminal(controller: int) -> str:
+    """Return what was written to the pseudo-terminal of ``controller`` so far."""
+    import select
+
+    chunks = []
+    while select.select([controller], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8")
+
+
+def drawn_lines(output: str) -> list[str]:
+    """Return each line a terminal showed in turn: the text between carriage returns and newlines."""
+    return [line.rstrip(" ") for line in output.replace("\n", "\r").split("\r") if line.strip()]
+
+
+def test_watch_bar_fits_80_column_terminal(finished_job, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    controller, stream = open_terminal(80)
+    try:
+        watch_growing_job(finished_job["stack"].state, "watched-80-columns", stream)
+        stream.flush()
+        output = read_terminal(controller)
+    finally:
+        stream.close()
+        os.close(controller)
+
+    assert "\r" in output, "a terminal of 80 columns got no live bar"
+    lines = drawn_lines(output)
+    assert all(len(line) <= 79 for line in lines), max(lines, key=len)
+    assert lines[-1].startswith("|"), "the bar has room at 80 columns when the fields are short"
+    for text in ("3/3", "SUCCEEDED", "epoch 1.50", "train 0.7", "2.00 s/round", "$0.000000"):
+        assert text in lines[-1], text
+    assert "round=" not in output, "the bar repeats the rounds done"
+
+
+def test_watch_zero_column_terminal_writes_lines(finished_job, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    controller, stream = open_terminal(0)
+    try:
+        watch_growing_job(finished_job["stack"].state, "watched-0-columns", stream)
+        stream.flush()
+        output = read_terminal(controller)
+    finally:
+        stream.close()
+        os.close(controller)
+
+    assert "\r" not in output
+    lines = output.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"watched-0-columns: {count}/3 rounds" for count in range(4)]
+
+
+def a9a_like_progress(status: str = "RUNNING"):
+    """Return a job record and the rounds of a job 197 rounds into 320, with an a9a job's figures."""
+    from shared.state import JobRecord
+
+    record = JobRecord(job_id="a9a-logistic", status=status, round=197, n_workers=4, total_rounds=320,
+                       fingerprint="", spec_json="{}", error=None, attributes={"cost_usd": 0.012345})
+    rounds = [{"round": index + 1, "epoch": (index + 1) / 32, "train_loss": 0.33117, "validation_loss": 0.32395,
+               "validation_accuracy": 0.85124, "round_seconds": 0.15, "total_cost_usd": 0.012345}
+              for index in range(197)]
+    return record, rounds
+
+
+# Every field that users watch for, as the bar writes them for a9a_like_progress().
+BAR_FIELDS = ("197/320", "epoch 6.16", "train 0.3312", "val acc 0.8512", "0.15 s/round", "eta 0:18", "$0.012345")
+
+
+def test_bar_line_fits_every_field_at_80():
+    from shared.monitor import progress_bar_line
+
+    record, rounds = a9a_like_progress()
+
+    line = progress_bar_line("a9a-logistic", record, rounds, 80)
+
+    assert len(line) <= 79, line
+    for text in BAR_FIELDS:
+        assert text in line, text
+    assert "round=" not in line
+
+
+def test_bar_line_wide_adds_bar_and_job_id():
+    from shared.monitor import progress_bar_line
+
+    record, rounds = a9a_like_progress()
+
+    line = progress_bar_line("a9a-logistic", record, rounds, 120)
+
+    assert len(line) == 119, line
+    assert line.startswith("a9a-logistic: |█")
+    for text in BAR_FIELDS:
+        assert text in line, text
+
+
+def test_bar_line_ascii_bar():
+    from shared.monitor import ASCII_BAR_CHARACTERS, progress_bar_line
+
+    record, rounds = a9a_like_progress()
+
+    line = progress_bar_line("a9a-logistic", record, rounds, 100, ASCII_BAR_CHARACTERS)
+
+    bar = line.split("|")[1]
+    assert set(bar) == {"#", " "}
+    assert bar.count("#") == len(bar) * 197 // 320
+
+
+@pytest.mark.parametrize("columns, kept, left_out", [
+    (60, ("197/320", "train 0.3312", "val acc 0.8512", "eta 0:18", "$0.012345"), ("s/round", "epoch")),
+    (50, ("197/320", "train 0.3312", "val acc 0.8512", "eta 0:18"), ("$", "epoch")),
+    (30, ("197/320", "train 0.3312"), ("val acc", "eta")),
+    (12, ("197/320",), ("train",)),
+])
+def test_bar_line_narrow_terminal_drops_fields(columns, kept, left_out):
+    from shared.monitor import progress_bar_line
+
+    record, rounds = a9a_like_progress()
+
+    line = progress_bar_line("a9a-logistic", record, rounds, columns)
+
+    assert len(line) <= columns - 1, line
+    for text in kept:
+        assert text in line, text
+    for text in left_out:
+        assert text not in line, text
+
+
+def test_bar_line_keeps_status_and_cuts_at_width():
+    from shared.monitor import progress_bar_line
+
+    record, rounds = a9a_like_progress("PAUSED")
+
+    assert progress_bar_line("a9a-logistic", record, rounds, 20) == "197/320 PAUSED"
+    assert progress_bar_line("a9a-logistic", record, rounds, 6) == "197/3"
+    assert progress_bar_line("a9a-logistic", record, rounds, 1) == "1"
 
 
 def test_watch_pause_note_names_stack(finished_job):

@@ -526,3 +526,114 @@ def test_missing_data_hint_skips_present_file(tmp_path):
     failure = _report_local_job(failed_on_missing_file("path", "datasets/link.csv"), efs_root, elapsed=1.0)
 
     assert "--import" not in failure.format_message()
+
+
+@pytest.mark.parametrize("option, field", [("--data", "path"), ("--validation-data", "validation_path")])
+def test_run_rejects_s3_data_before_stack(tmp_path, option, field):
+    spec_file = write_spec(tmp_path, "from-s3", max_rounds=2)
+
+    result = CliRunner().invoke(main, ["run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
+                                       option, "s3://mybucket/a9a/a9a"])
+
+    assert result.exit_code == 1, result.output
+    assert f"data.{field} s3://mybucket/a9a/a9a is an S3 object" in result.output
+    assert f"reads data only from its EFS folder {tmp_path / 'baton' / 'efs'}" in result.output
+    assert f"`aws s3 cp s3://mybucket/a9a/a9a a9a`, then pass --import a9a:datasets/a9a {option} datasets/a9a" \
+        in result.output
+    assert "BATON_ALLOWED_S3_BUCKETS" not in result.output
+    assert not (tmp_path / "baton").exists(), "the check comes before the local folder is used"
+
+
+def write_earlier_spec(efs_root: Path, spec_file: Path) -> None:
+    """Write the spec in ``spec_file`` where the starter keeps the spec of the job it names."""
+    spec = json.loads(spec_file.read_text())
+    job_dir = efs_root / "jobs" / spec["job_id"]
+    job_dir.mkdir(parents=True)
+    (job_dir / "spec.json").write_text(json.dumps(spec))
+
+
+def test_run_rejects_changed_spec_before_stack(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec_file = write_spec(tmp_path, "changed", max_rounds=2)
+    write_earlier_spec(tmp_path / ".baton" / "efs", spec_file)
+
+    result = CliRunner().invoke(main, ["run", str(spec_file), "--n-workers", "8"])
+
+    assert result.exit_code == 1, result.output
+    assert ("EFS already contains files of an earlier job 'changed' with a different spec in "
+            "'.baton/efs/jobs/changed'; choose a new job_id with --job-id") in result.output
+    assert "`baton run --fresh`" in result.output
+    assert "local stack on" not in result.output, "the stack started before the check"
+
+
+def test_job_folder_check_passes_same_spec(tmp_path):
+    from shared.cli_run import check_local_job_folder
+
+    spec_file = write_spec(tmp_path, "unchanged", max_rounds=2)
+    spec = json.loads(spec_file.read_text())
+
+    check_local_job_folder(tmp_path / "efs", spec)
+    write_earlier_spec(tmp_path / "efs", spec_file)
+    check_local_job_folder(tmp_path / "efs", spec)
+
+
+def write_metrics_files(efs_root: Path, job_id: str, rounds: list[dict]) -> None:
+    """Write a job's spec and one metrics file per round, as the starter and the aggregator write them."""
+    metrics_dir = efs_root / "jobs" / job_id / "metrics"
+    metrics_dir.mkdir(parents=True)
+    (efs_root / "jobs" / job_id / "spec.json").write_text("{}")
+    for entry in rounds:
+        (metrics_dir / f"{entry['round']}.json").write_text(json.dumps(entry))
+
+
+def succeeded(job_id: str, model: str, attributes: dict) -> JobRecord:
+    return JobRecord(job_id=job_id, status="SUCCEEDED", round=24, n_workers=2, total_rounds=24, fingerprint="",
+                     spec_json=json.dumps({"model": {"name": model}}), error=None,
+                     attributes={"stop_reason": "max_epochs", **attributes})
+
+
+def test_summary_train_loss_over_last_epoch(tmp_path, capsys):
+    from shared.cli_run import _report_local_job
+
+    # 12 rounds an epoch, of 32 rows but the last of each epoch, which trains on the 2 rows left.
+    rounds = [{"round": number, "epoch": number / 12, "n_samples": 2 if number % 12 == 0 else 32,
+               "train_loss": 5000.0 if number % 12 == 0 else 1000.0 + number} for number in range(1, 25)]
+    write_metrics_files(tmp_path / "efs", "diabetes", rounds)
+    last_epoch = rounds[12:]
+    expected = sum(entry["train_loss"] * entry["n_samples"] for entry in last_epoch) / sum(
+        entry["n_samples"] for entry in last_epoch)
+
+    _report_local_job(succeeded("diabetes", "mlp_regressor", {"train_loss": 5000.0, "validation_r2": 0.5}),
+                      tmp_path / "efs", elapsed=2.0)
+
+    output = capsys.readouterr().out
+    assert f"  train_loss (last epoch)  {expected:.5f} (half the mean squared error)" in output
+    assert "5000.00000" not in output, "the summary shows the loss of the epoch's 2 leftover rows"
+
+
+def test_summary_of_short_job_covers_all_rounds(tmp_path, capsys):
+    from shared.cli_run import _report_local_job
+
+    rounds = [{"round": number, "epoch": number / 32, "n_samples": 64, "train_loss": float(number)}
+              for number in range(1, 5)]
+    write_metrics_files(tmp_path / "efs", "short", rounds)
+
+    _report_local_job(succeeded("short", "logistic_regression", {"train_loss": 4.0}), tmp_path / "efs", elapsed=1.0)
+
+    assert "  train_loss (all rounds)  2.50000\n" in capsys.readouterr().out
+
+
+def test_kmeans_output_shows_validation_inertia(tmp_path, capsys):
+    from shared.cli_run import _report_local_job
+    from shared.monitor import format_round
+
+    rounds = [{"round": number, "epoch": float(number), "n_samples": 1347, "train_loss": 40.0 - number,
+               "validation_loss": 41.0 - number, "validation_inertia": 450 * (41.0 - number)}
+              for number in range(1, 4)]
+    write_metrics_files(tmp_path / "efs", "clusters", rounds)
+
+    _report_local_job(succeeded("clusters", "kmeans", {"train_loss": 37.0, "validation_loss": 38.0}),
+                      tmp_path / "efs", elapsed=1.0)
+
+    assert format_round(rounds[-1]).endswith("val loss 38.00000  val inertia 17100.00000")
+    assert "  validation_inertia       17100.00000\n" in capsys.readouterr().out

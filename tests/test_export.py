@@ -63,7 +63,9 @@ def test_exported_estimators_predict_like_baton(inprocess_stack, efs_root, tmp_p
         result = CliRunner().invoke(main, ["export", spec["job_id"], "--efs-root", str(efs_root),
                                            "--output", str(output)])
         assert result.exit_code == 0, result.output
-        names[case] = json.loads(result.output)["estimator"]
+        assert result.stdout == f"{output}\n", "export prints the path it wrote, as fetch and plot do"
+        assert "contains a fitted Pipeline(StandardScaler, " in result.stderr, case
+        names[case] = type(joblib.load(output)).__name__
         paths[case] = str(output)
         expected[case] = load_trained_model(efs_root, spec["job_id"]).predict(X_test)
         # fetch checks the whole model folder of every kind of model before copying it.
@@ -365,7 +367,9 @@ def test_export_without_scaling_is_plain_estimator(inprocess_stack, efs_root, tm
                                         str(tmp_path / "fetched")])
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["estimator"] == "LogisticRegression"
+    assert result.stdout == f"{tmp_path / 'plain.joblib'}\n"
+    assert "contains a fitted LogisticRegression; load it with joblib.load" in result.stderr
+    assert type(joblib.load(tmp_path / "plain.joblib")).__name__ == "LogisticRegression"
     assert fetched.exit_code == 0, fetched.output
     assert not (tmp_path / "fetched" / "model" / "standardize.npz").exists()
     model_dir = efs_root / "jobs" / "plain-export" / "model"

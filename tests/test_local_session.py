@@ -212,3 +212,36 @@ def test_follow_announces_first_seen_pause(tmp_path):
                               on_status=lambda record, previous: announced.append((record.status, previous))))
 
     assert announced == [(PAUSED, None)]
+
+
+def test_follow_yields_rounds_before_pause(tmp_path):
+    import boto3
+    from moto import mock_aws
+
+    from shared.efs import EfsStore
+    from shared.local.session import LocalStack
+    from shared.local.stack import create_stack
+    from shared.state import PAUSED, RUNNING, StateStore
+
+    stack = LocalStack(tmp_path / "efs")
+    files = EfsStore(tmp_path / "efs")
+    events = []
+    with mock_aws():
+        dynamodb = boto3.client("dynamodb", region_name="us-east-1")
+        create_stack(stack.definition, boto3.client("sqs", region_name="us-east-1"), dynamodb)
+        stack.state = StateStore(dynamodb, stack.definition.table_name())
+        stack.state.create_job("paused-after-3", "fingerprint", "{}", n_workers=1)
+        stack.state.start_job("paused-after-3", 5)
+        for index in range(3):
+            files.metrics_path("paused-after-3", index).parent.mkdir(parents=True, exist_ok=True)
+            files.metrics_path("paused-after-3", index).write_text(json.dumps({"round": index + 1}))
+            assert stack.state.advance_round("paused-after-3", index, {"train_loss": 0.5})
+        # Paused after round 3, before baton run's first poll, so one poll finds both.
+        assert stack.state.set_status("paused-after-3", PAUSED, (RUNNING,))
+
+        with pytest.raises(TimeoutError):
+            for metrics in stack.follow("paused-after-3", poll_seconds=0.05, timeout_seconds=0.2,
+                                        on_status=lambda record, previous: events.append(record.status)):
+                events.append(metrics["round"])
+
+    assert events == [1, 2, 3, PAUSED], "the pause line comes before the lines of the rounds it counts"

@@ -39,9 +39,29 @@ def test_every_field_has_help():
             assert field.metadata["help"], field.name
 
 
-def test_example_specs_parse():
-    for path in sorted((PROJECT_ROOT / "examples").glob("*.json")):
-        parse_job_spec(json.loads(path.read_text()))
+EXAMPLE_SPECS = sorted((PROJECT_ROOT / "examples").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_SPECS, ids=[path.name for path in EXAMPLE_SPECS])
+def test_example_specs_parse(path):
+    from click.testing import CliRunner
+
+    from shared.cli import main
+
+    spec = parse_job_spec(json.loads(path.read_text()))
+    # As `baton run` and `baton submit` check a spec file before they start or send anything.
+    checked = CliRunner().invoke(main, ["submit", str(path), "--dry-run"])
+
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.output)["job_id"] == spec.job_id
+    assert not spec.data.path.startswith("s3://"), "baton run reads data only from its EFS folder"
+    assert f"`{path.name}`" in (PROJECT_ROOT / "examples" / "README.md").read_text(), "examples/README.md skips it"
+
+
+def test_example_job_ids_unique():
+    job_ids = [json.loads(path.read_text())["job_id"] for path in EXAMPLE_SPECS]
+
+    assert len(set(job_ids)) == len(job_ids), "two examples share a job id, so one's files block the other's run"
 
 
 def test_hidden_layer_sizes_list():

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from shared.control import JobControlError, resume_job
 from shared.efs import EfsStore, encode_arrays
-from shared.errors import DivergenceError
+from shared.errors import DIVERGED_WORDS, DivergenceError
 from shared.models import get_model_class
 from shared.sampling import batch_indices, initial_params_rng, rounds_per_epoch
 from shared.shards import load_shard, load_training_sample, load_validation
@@ -472,6 +472,46 @@ def test_divergence_hint_in_first_round(round_index, hinted):
 
     assert "lower optimizer.learning_rate" in str(raised.value)
     assert ("as this is round 1, also check for huge values in the features or labels" in str(raised.value)) == hinted
+
+
+@pytest.mark.parametrize("model, data, target_hint", [
+    ({"name": "mlp_regressor", "hidden_layer_sizes": [4]}, {}, True),
+    ({"name": "linear_regression", "alpha": 0.0}, {"standardize_target": True}, False),
+    ({"name": "logistic_regression", "alpha": 1e-4}, {}, False),
+])
+def test_divergence_remedy_names_target_scaling(model, data, target_hint):
+    spec = parse_job_spec(breast_cancer_spec("overflow", model=model, data=data,
+                                             training={"mode": "model_average", "local_steps": 2}))
+    built = build_model(spec, {"n_features": 2, "classes": None if "regress" in model["name"] else [0.0, 1.0]})
+    params = np.zeros(built.n_params)
+    results = [{"params": params, "loss_sum": np.float64(np.inf), "n_samples": np.int64(4)}]
+
+    with pytest.raises(DivergenceError) as raised:
+        ModelAveraging().combine(spec, built, build_optimizer(spec), params, {}, results, 7)
+
+    message = str(raised.value)
+    assert message.startswith(DIVERGED_WORDS)
+    assert ("; set data.standardize_target to true, which the spec leaves false" in message) == target_hint
+    if target_hint:
+        assert message.index("standardize_target") < message.index("lower optimizer.learning_rate")
+    assert "new job_id (--job-id), or with `baton run --fresh`" in message
+
+
+@pytest.mark.parametrize("metrics, target_hint", [
+    ({"train_loss": 1.0, "validation_loss": np.inf, "validation_r2": -np.inf}, True),
+    ({"train_loss": 1.0, "validation_loss": np.inf, "validation_accuracy": 0.5}, False),
+])
+def test_validation_divergence_remedy(metrics, target_hint):
+    from shared.training import check_validation_finite
+
+    with pytest.raises(DivergenceError) as raised:
+        check_validation_finite(4, metrics)
+
+    message = str(raised.value)
+    assert message.startswith(f"{DIVERGED_WORDS} 5: validation_loss became inf")
+    assert ("unless the spec sets data.standardize_target, set it to true" in message) == target_hint
+    assert "lower optimizer.learning_rate" in message
+    assert "`baton run --fresh`" in message
 
 
 def test_stopping_rules():

@@ -469,6 +469,7 @@ class LocalStack:
         ``on_status(record, previous_status)`` is called each time the job's status
         changes to another status that is not final, such as from RUNNING to PAUSED, and
         with ``previous_status`` None when the first poll that finds the job finds it PAUSED.
+        It is called after the metrics of the rounds that ``record`` counts are yielded.
         A job that goes on from an earlier run's files (``continued_from`` on its item)
         yields only the rounds from there, after one call of ``on_continued(record)``.
 
@@ -494,11 +495,6 @@ class LocalStack:
                 next_round = max(next_round, first_round)
                 if on_continued is not None:
                     on_continued(record)
-            if record is not None and record.status != status and record.status not in TERMINAL_STATUSES:
-                # A job paused before the first poll that found it is announced too.
-                if on_status is not None and (status is not None or record.status == PAUSED):
-                    on_status(record, status)
-                status = record.status
             # The job item's round is the index of the round running, which is also the
             # number of rounds whose metrics are written.
             rounds_done = 0 if record is None else record.round
@@ -508,6 +504,12 @@ class LocalStack:
                     break
                 yield json.loads(path.read_text())
                 next_round += 1
+            # After the rounds, so that a line on a pause follows the lines of the rounds it counts.
+            if record is not None and record.status != status and record.status not in TERMINAL_STATUSES:
+                # A job paused before the first poll that found it is announced too.
+                if on_status is not None and (status is not None or record.status == PAUSED):
+                    on_status(record, status)
+                status = record.status
             if record is not None and record.status in TERMINAL_STATUSES:
                 yield record
                 return
