@@ -19,9 +19,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
-# Static checks: pyflakes and bugbear through ruff (settings in pyproject.toml).
+# Static checks: pyflakes and bugbear through ruff, then the type checker mypy on the
+# folders its settings list (both configured in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check shared functions scripts bench tests
+	$(BIN)/mypy
 
 # Measure speed and memory; rewrites docs/benchmarks.md.
 bench: $(STAMP)
@@ -33,4 +35,4 @@ check-stack:
 	bash scripts/check-stack.sh
 
 clean:
-	rm -rf $(VENV) .baton .serverless
+	rm -rf $(VENV) .baton .serverless .mypy_cache

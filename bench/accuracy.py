@@ -31,6 +31,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.common import stage_file  # noqa: E402  (needs PROJECT_ROOT on sys.path)
+
+if TYPE_CHECKING:
+    from shared.state import JobRecord
 
 DATASETS = ["a9a", "w8a", "ijcnn1", "higgs_7k", "skin_nonskin", "breast_cancer", "digits", "mnist_5k",
             "mnist_test10k", "california_housing", "casp", "diabetes"]
@@ -78,7 +82,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * n_dimensions).reshape(shape)
 
 
-def run_job(stack, spec: dict) -> tuple[object, float]:
+def run_job(stack, spec: dict) -> tuple[JobRecord, float]:
     started = time.monotonic()
     stack.submit(spec)
     stack.run(max_steps=10_000_000)
@@ -101,6 +105,7 @@ def prepared_split(efs_root: Path, job_id: str):
     X_train = stack([shard.X for shard in shards]).astype(np.float64)
     y_train = np.concatenate([np.asarray(shard.y) for shard in shards])
     validation = load_validation(store, job_id, manifest)
+    assert validation is not None  # every example spec sets validation_path or validation_fraction
     X_test = validation.X.astype(np.float64) if manifest["sparse"] else np.asarray(validation.X, dtype=np.float64)
     params = store.read_npy(store.model_dir(job_id) / "params.npy", mmap=False)
     return spec, manifest, X_train, y_train, X_test, np.asarray(validation.y), params

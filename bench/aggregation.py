@@ -65,7 +65,8 @@ def write_results(store: EfsStore, n_workers: int, n_params: int) -> None:
     for worker in range(n_workers):
         vector[0] = worker
         write_worker_result(store, JOB_ID, 0, worker, MODE, {
-            "grad_sum": vector, "loss_sum": np.float64(worker), "n_samples": np.int64(128)})
+            "grad_sum": vector, "loss_sum": np.array(worker, dtype=np.float64),
+            "n_samples": np.array(128, dtype=np.int64)})
 
 
 def copy_seconds(total_bytes: int, repeats: int) -> float:
@@ -143,8 +144,15 @@ def measure(quick: bool) -> Section:
     reducer_counts = QUICK_REDUCER_COUNTS if quick else REDUCER_COUNTS
     repeats = 3 if quick else 7
 
-    rows, skipped, ratios = [], [], {}
-    largest = None
+    rows: list[list[object]] = []
+    skipped: list[tuple[int, int]] = []
+    ratios: dict[int, list[tuple[float, int, float]]] = {}
+    largest: tuple[int, int, int] | None = None
+    # The scatter-reduce speed-up runs on the largest model size that has a cell, while its
+    # result files exist. Larger sizes may have none on a machine with little memory.
+    sizes_with_cells = [megabytes for megabytes in model_megabytes
+                        if min(workers) * megabytes * MEGABYTE <= max_total_bytes()]
+    speedup_rows: list[list[object]] = []
     with tempfile.TemporaryDirectory(prefix="baton-bench-aggregation-") as folder:
         store = EfsStore(Path(folder))
         overhead = per_worker_overhead(store, max(workers), repeats)
@@ -169,9 +177,13 @@ def measure(quick: bool) -> Section:
                              f"{total_bytes / reduction / 1e9:.2f} GB/s", f"{total_bytes / copy / 1e9:.2f} GB/s",
                              f"{ratio:.2f}", f"{min(share, 1.0):.0%}"])
                 largest = (n_workers, megabytes, n_params)
-            if megabytes == model_megabytes[-1]:
-                speedup_rows = measure_speedup(store, largest[0], largest[2], reducer_counts, repeats)
+            if megabytes == sizes_with_cells[-1]:
+                speedup_rows = measure_speedup(store, max(fitting), n_params, reducer_counts, repeats)
             shutil.rmtree(store.job_dir(JOB_ID))
+    if largest is None:
+        raise RuntimeError(f"no cell of the aggregation grid fits in {max_total_bytes():,} bytes, "
+                           f"{MAX_MEMORY_SHARE:.0%} of this machine's memory; run the benchmark on a machine with "
+                           "more memory")
 
     goals = []
     for megabytes, cells in ratios.items():

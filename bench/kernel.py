@@ -28,9 +28,10 @@ import scipy.sparse as sp
 from bench.common import Goal, Section, markdown_table, median_seconds
 from bench.shards import A9A, HIGGS, SourceSet, prepare_source, shard_bytes, tile_job
 from shared.efs import EfsStore
-from shared.spec import parse_job_spec
+from shared.models import Model
+from shared.spec import JobSpec, parse_job_spec
 from shared.sampling import batch_indices, rounds_per_epoch
-from shared.shards import load_shard
+from shared.shards import Shard, load_shard
 from shared.training import GRADIENT_CHUNK_ROWS, build_model, get_training_mode
 
 # Shard rows: the spec's largest batch_size, so that a whole-shard batch is a valid job.
@@ -47,10 +48,10 @@ BANDWIDTH_GOAL = 0.6
 class Job:
     """An opened one-shard job: what a warm worker keeps between tasks."""
 
-    spec: object
+    spec: JobSpec
     manifest: dict
-    model: object
-    shard: object
+    model: Model
+    shard: Shard
     params: np.ndarray
 
 

@@ -60,6 +60,7 @@ def measure_invocation_overhead(stack: LocalStack, count: int) -> float:
     any AWS call, and reads the invocation times the worker lanes record: the event
     through the pipe, the batch processing and its log line, and the response back.
     """
+    assert stack.runtime is not None  # the stack has started
     lanes = stack.runtime.lanes["worker"]
     before = len(lanes.invocations)
     for index in range(count):
@@ -141,6 +142,7 @@ def run_case(work_dir: Path, workers: int, batch_size: int, rounds: int, profile
         if profile.invocation_overhead_seconds == 0.0:
             overhead = measure_invocation_overhead(stack, count=workers + (10 if quick else 30))
             profile = replace(profile, invocation_overhead_seconds=overhead)
+        assert stack.endpoint_url is not None  # the started stack's moto server
         request_seconds, service_seconds = planner.measure_request_seconds(stack.endpoint_url, quick=quick)
         profile = replace(profile, request_seconds=request_seconds, request_service_seconds=service_seconds)
         stack.import_data(A9A_FOLDER, "datasets/a9a")

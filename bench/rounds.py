@@ -61,6 +61,7 @@ def run_traced(stack: LocalStack, spec: dict) -> tuple[list[tracing.RoundBreakdo
         raise RuntimeError(f"benchmark job {spec['job_id']} ended {record.status}: {record.error}")
     # The containers write their spans after replying to the lane; give the last ones a moment.
     time.sleep(0.5)
+    assert stack.trace_dir is not None  # the caller builds the stack with a trace folder
     spans = [span for span in tracing.read_spans(stack.trace_dir) if span.get("job_id") == spec["job_id"]]
     return tracing.round_breakdown(spans, spec["job_id"]), spans, seconds
 

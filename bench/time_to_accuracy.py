@@ -21,6 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ MAX_SGD_EPOCHS = 100
 # and 2, although only seed 7 runs here. a9a and skin_nonskin average models that each take
 # one local epoch per round. higgs_7k's shards contain about 1,750 rows, so its batch of 2,048
 # makes each round one full-batch Nesterov step.
-JOB_SPECS = {
+JOB_SPECS: dict[str, dict[str, Any]] = {
     "a9a": {
         "model": {"name": "logistic_regression", "alpha": 1e-5},
         "optimizer": {"name": "momentum", "learning_rate": 0.5, "momentum": 0.9},
@@ -70,9 +71,10 @@ JOB_SPECS = {
 class Split:
     """Training and test rows of one data set, as scikit-learn fits and scores them."""
 
-    X_train: object
+    # Dense arrays, or CSR matrices for a9a.
+    X_train: Any
     y_train: np.ndarray
-    X_test: object
+    X_test: Any
     y_test: np.ndarray
     note: str
 
@@ -94,7 +96,8 @@ def load_split(name: str, efs_root: Path) -> Split:
     if name == "higgs_7k":
         for file in ("binary.train", "binary.test"):
             stage_file(source / file, target / file)
-        train, test = np.loadtxt(source / "binary.train"), np.loadtxt(source / "binary.test")
+        train: np.ndarray = np.loadtxt(source / "binary.train")
+        test: np.ndarray = np.loadtxt(source / "binary.test")
         scaler = StandardScaler().fit(train[:, 1:])
         return Split(scaler.transform(train[:, 1:]), train[:, 0], scaler.transform(test[:, 1:]), test[:, 0],
                      "binary.test (500 rows)")

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
-from typing import Callable
+from typing import Callable, TypeGuard
 
 import click
 from click.core import ParameterSource
@@ -29,7 +29,7 @@ from shared.cli_stack import (DEFAULT_LOCAL_DIR, JOB_ID_META_KEY, LOCAL_STAGE, Q
                               with_stack_options)
 from shared.config import Settings, stack_resource_name
 from shared.spec import encode_job_message
-from shared.state import JOB_STATUSES, TERMINAL_STATUSES, describe_last_error
+from shared.state import JOB_STATUSES, TERMINAL_STATUSES, JobRecord, describe_last_error
 
 
 class BatonGroup(click.Group):
@@ -45,7 +45,9 @@ class BatonGroup(click.Group):
         except click.UsageError:
             raise
         except click.ClickException as error:
-            error.message = with_stack_options(error.message, ctx.meta.get(STACK_ARGUMENTS_META_KEY, ""))
+            # Changed in place, so the exception keeps its class and exit code. click's stubs mark it Final.
+            error.message = with_stack_options(  # type: ignore[misc]
+                error.message, ctx.meta.get(STACK_ARGUMENTS_META_KEY, ""))
             raise
         except Exception as error:
             # Context.meta is shared by the group's context and the command's.
@@ -133,7 +135,7 @@ def submit(spec_file: Path | None, stage: str, endpoint_url: str | None, region:
 
     if queue_url is None:
         check_local_endpoint(stage, endpoint_url)
-    table_stage = stage
+    table_stage: str | None = stage
     if queue_url is not None:
         click.get_current_context().meta[QUEUE_URL_META_KEY] = queue_url
         if queue_url.rstrip("/").endswith("-dlq"):
@@ -325,9 +327,9 @@ def watch(job_id: str, stage: str, endpoint_url: str | None, region: str | None,
     if record.status == "CANCELLED":
         raise click.ClickException(f"job {job_id} was cancelled after {count_rounds(record.round)}")
     if record.status != "SUCCEEDED":
-        error = record.error or "no error recorded"
-        raise click.ClickException(f"job {job_id} {record.status}: {error}"
-                                   f"{bucket_not_allowed_remedy(error, job_id, _is_local_stack(stage, endpoint_url))}")
+        reason = record.error or "no error recorded"
+        raise click.ClickException(f"job {job_id} {record.status}: {reason}"
+                                   f"{bucket_not_allowed_remedy(reason, job_id, _is_local_stack(stage, endpoint_url))}")
     click.echo(f"job {job_id} SUCCEEDED after {count_rounds(record.round)} "
                f"(stop reason {record.attributes.get('stop_reason', 'unknown')}, estimated cost "
                f"${format_cost(cost_usd)})")
@@ -358,7 +360,7 @@ def require_optional_packages(command: str, modules: tuple[str, ...]) -> None:
                 f"with `pip install -e '.[{extra}]'` in the Baton checkout, or run `pip install {package}`") from None
 
 
-def _reads_efs_alone(efs_root: Path | None) -> bool:
+def _reads_efs_alone(efs_root: Path | None) -> TypeGuard[Path]:
     """Return whether a command given ``--efs-root`` and no stack option reads the EFS folder alone."""
     return efs_root is not None and not stack_option_given()
 
@@ -566,7 +568,7 @@ def _control_clients(stage: str, endpoint_url: str | None, region: str | None):
     return state, QueueClient(aws_client("sqs", endpoint_url=endpoint_url, region=region), settings)
 
 
-def _run_control(action: Callable[[], object]) -> None:
+def _run_control(action: Callable[[], JobRecord]) -> None:
     from shared.cli_run import rounds_done_text
     from shared.control import JobControlError
 
@@ -699,9 +701,11 @@ def plan(workers: int | None, memory_mb: int, aggregator_memory_mb: int, rows: i
         if deadline is not None:
             recommendation = planner.recommend(workload, deployment, planner.parse_duration(deadline),
                                                fixed_batch="global" if workers is not None else "per-worker")
+        job_plan: planner.JobPlan | None
         if workers is not None:
             job_plan = planner.plan_job(workload, deployment)
         else:
+            assert recommendation is not None  # without --workers, --deadline is required above
             job_plan = recommendation.best or recommendation.fastest
     except planner.PlanError as error:
         raise click.BadParameter(error.problem, param_hint=error.option) from None

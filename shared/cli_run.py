@@ -23,7 +23,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -80,7 +81,8 @@ class StopSignalHandlers:
     """
 
     def __enter__(self) -> "StopSignalHandlers":
-        self._previous: dict[int, object] = {}
+        # Handlers as signal.getsignal returns them: a function, or SIG_DFL or SIG_IGN.
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int] = {}
         if threading.current_thread() is not threading.main_thread():
             return self
         for number in STOP_SIGNALS:
@@ -251,6 +253,7 @@ def run_on_local_stack(spec: dict, local_dir: Path, imports: tuple[str, ...], wo
     training = spec.get("training")
     n_workers = training.get("n_workers", 4) if isinstance(training, dict) else 4
     lanes = worker_lanes or min(int(n_workers), 16)
+    assert lock.fd is not None  # the caller holds the lock
     stack = LocalStack(efs_root, concurrency={"worker": lanes}, inherited_fds=(lock.fd,))
     sent = False
     # Ids of the jobs on the stack that have not ended, as far as this command has read.

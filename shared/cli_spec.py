@@ -15,6 +15,7 @@ import functools
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -95,9 +96,11 @@ def _declared_field(key: str) -> Field | None:
 
 def _shortcut_option(shortcut: SpecShortcut) -> Callable:
     """Return the click option for ``shortcut``, with the help and choices its spec field declares."""
-    metadata = {"help": "", "choices": None}
+    metadata: Mapping[str, Any] = {"help": "", "choices": None}
     if "." in shortcut.key:
-        metadata = _declared_field(shortcut.key).metadata
+        declared = _declared_field(shortcut.key)
+        assert declared is not None, f"shortcut {shortcut.option} sets {shortcut.key}, which no spec section declares"
+        metadata = declared.metadata
     help_text = f"{shortcut.help or metadata['help']} Sets {shortcut.key}."
     if metadata["choices"] is not None:
         # click lists the choices in place of a metavar.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Mapping
 
 from shared.errors import BatonError
@@ -349,5 +349,8 @@ class Settings:
             env_name = field.name.upper()
             raw = environ.get(env_name)
             if raw is not None:
+                # The __future__ import makes field.type the annotation's text, and every field has a default.
+                assert isinstance(field.type, str)
+                assert field.default is not MISSING
                 values[field.name] = parse_setting(env_name, field.type, raw, field.default)
         return cls(**values)

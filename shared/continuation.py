@@ -197,9 +197,10 @@ class ChainLink:
         else:
             ids["worker"] = self.worker
             with stale_if_round_pruned(self.path.parent, round_label):
-                self.store.write_arrays(self.path, {**progress, "_next": np.int64(following),
-                                                    "_writer": np.str_(self.message_id),
-                                                    "_seconds": np.float64(seconds)}, create_folder=False)
+                self.store.write_arrays(self.path, {**progress, "_next": np.array(following, dtype=np.int64),
+                                                    "_writer": np.array(self.message_id, dtype=np.str_),
+                                                    "_seconds": np.array(seconds, dtype=np.float64)},
+                                        create_folder=False)
             faults.maybe_fail("worker.after_progress", **ids)
             services.queues.send_task(self.job_id, self.round_index, self.worker, continuation=following)
             event = "task continues"

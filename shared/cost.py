@@ -286,7 +286,8 @@ def folder_file_sizes(path: Path) -> tuple[dict[str, int], int]:
     the folder's total. Subfolders count in the total only. A missing folder gives
     ``({}, 0)``.
     """
-    sizes, total = {}, 0
+    sizes: dict[str, int] = {}
+    total = 0
     try:
         entries = list(os.scandir(path))
     except FileNotFoundError:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared import models
 from shared.efs import EfsStore
 from shared.errors import BatonError, DamagedFileError, DataError, JobSpecError
 from shared.models import Model
@@ -72,7 +73,11 @@ class TrainedModel:
         if self.scaling is not None:
             X = standardize_rows(X, *self.scaling)
         predicted = self.model.predict(self.params, X)
-        return self.classes[predicted] if self.model.task in ("binary", "multiclass") else predicted
+        if self.model.task not in ("binary", "multiclass"):
+            return predicted
+        classes = self.classes
+        assert classes is not None  # the manifest of a classifier's job lists its classes
+        return classes[predicted]
 
 
 def load_trained_model(efs_root: str | Path, job_id: str) -> TrainedModel:
@@ -289,10 +294,11 @@ def build_estimator(trained: TrainedModel):
     }
     estimator = builders[trained.spec.model.name](trained)
     estimator.n_features_in_ = trained.model.n_features
-    weights = class_weights(trained.spec, trained.manifest) if trained.classes is not None else None
-    if weights is not None and "class_weight" in estimator.get_params():
+    classes = trained.classes
+    weights = class_weights(trained.spec, trained.manifest) if classes is not None else None
+    if classes is not None and weights is not None and "class_weight" in estimator.get_params():
         # The weights Baton trained with, by label, so a refit weighs each class the same way.
-        estimator.set_params(class_weight={label.item(): float(weight) for label, weight in zip(trained.classes, weights)})
+        estimator.set_params(class_weight={label.item(): float(weight) for label, weight in zip(classes, weights)})
     if trained.scaling is None:
         return estimator
 
@@ -343,7 +349,9 @@ def _softmax_regression(trained: TrainedModel):
     share = _l1_share(trained)
     estimator = LogisticRegression(C=_inverse_regularisation(trained), l1_ratio=share,
                                    solver="saga" if share > 0 else "lbfgs", max_iter=1000)
-    weights, biases = trained.model.unpack(trained.params)
+    model = trained.model
+    assert isinstance(model, models.SoftmaxRegression)  # the builder is chosen by the model's name
+    weights, biases = model.unpack(trained.params)
     if weights.shape[1] == 2:
         # scikit-learn keeps one score for two classes; the softmax of two scores only
         # depends on their difference.
@@ -385,7 +393,9 @@ def _mlp(trained: TrainedModel):
     from sklearn.preprocessing import LabelBinarizer
 
     section = trained.spec.model
-    layers = [(weights.copy(), biases.copy()) for weights, biases in trained.model.unpack(trained.params)]
+    model = trained.model
+    assert isinstance(model, (models.MLPClassifier, models.MLPRegressor))  # the builder is chosen by the model's name
+    layers = [(weights.copy(), biases.copy()) for weights, biases in model.unpack(trained.params)]
     # scikit-learn divides its L2 term by the row count; Baton does not.
     options = {"hidden_layer_sizes": tuple(section.hidden_layer_sizes), "activation": section.activation,
                "alpha": section.alpha * trained.n_training_rows}
@@ -394,10 +404,12 @@ def _mlp(trained: TrainedModel):
         estimator = MLPRegressor(**options)
         estimator.out_activation_ = "identity"
     else:
+        classes = trained.classes
+        assert classes is not None  # the manifest of a classifier's job lists its classes
         estimator = MLPClassifier(**options)
-        estimator.classes_ = trained.classes
-        estimator._label_binarizer = LabelBinarizer().fit(trained.classes)
-        if len(trained.classes) == 2:
+        estimator.classes_ = classes
+        estimator._label_binarizer = LabelBinarizer().fit(classes)
+        if len(classes) == 2:
             weights, biases = layers[-1]
             layers[-1] = ((weights[:, 1] - weights[:, 0])[:, np.newaxis], biases[1:] - biases[:1])
             estimator.out_activation_ = "logistic"
@@ -414,8 +426,10 @@ def _mlp(trained: TrainedModel):
 def _kmeans(trained: TrainedModel):
     from sklearn.cluster import KMeans
 
+    model = trained.model
+    assert isinstance(model, models.KMeans)  # the builder is chosen by the model's name
     estimator = KMeans(n_clusters=trained.spec.model.n_clusters, n_init=1)
-    estimator.cluster_centers_ = trained.model.centroids(trained.params).copy()
+    estimator.cluster_centers_ = model.centroids(trained.params).copy()
     estimator._n_threads = 1
     return estimator
 

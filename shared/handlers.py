@@ -33,6 +33,7 @@ from typing import Any, Callable
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.exceptions import ClientError
 
@@ -292,7 +293,7 @@ def sqs_handler(function_name: str, step: Callable[[Services, SQSRecord, Invocat
         finally:
             logger.remove_keys(["function", "message_id", "job_id", "round", "worker", "reduce"])
 
-    def handler(event: dict, context: Any) -> dict:
+    def handler(event: dict, context: Any) -> PartialItemFailureResponse:
         processor = BatchProcessor(event_type=EventType.SQS)
         return process_partial_response(event=event, record_handler=lambda record: run_record(record, context),
                                         processor=processor, context=context)

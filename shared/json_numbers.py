@@ -26,9 +26,10 @@ class _TypedNumber:
     """A number with the text it was read from; mixed into ``int`` or ``float``, named by ``plain_type``."""
 
     plain_type: type
+    text: str
 
     def __new__(cls, value, text: str):
-        number = super().__new__(cls, value)
+        number = super().__new__(cls, value)  # type: ignore[call-arg]  # super() is int or float in a subclass
         number.text = text
         return number
 

@@ -588,14 +588,15 @@ def _fetch_job(store: StateStore, record: JobRecord, output_dir: Path, efs_root:
     rounds = store.list_round_metrics(job_id)
     cancelled_with_model = record.status == CANCELLED and efs_root is not None and _model_of_last_round(
         EfsStore(efs_root), record)
-    copy_model = (record.status == SUCCEEDED or cancelled_with_model) and efs_root is not None
-    if copy_model:
-        model_dir = EfsStore(efs_root).model_dir(job_id)
+    # The EFS folder the model is copied from, or None when no model is copied.
+    model_root = efs_root if record.status == SUCCEEDED or cancelled_with_model else None
+    if model_root is not None:
+        model_dir = EfsStore(model_root).model_dir(job_id)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"job '{job_id}' SUCCEEDED but {model_dir} does not exist; check --efs-root, "
                                     "which is <local-dir>/efs (.baton/efs by default) for `baton run`")
         # Checked before anything is written, so a damaged model leaves no partial output.
-        check_model_files(efs_root, job_id)
+        check_model_files(model_root, job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     result = FetchResult()
 
@@ -604,8 +605,8 @@ def _fetch_job(store: StateStore, record: JobRecord, output_dir: Path, efs_root:
     result.written.append(job_path)
     result.written += _write_spec_and_metrics(json.loads(record.spec_json), rounds, output_dir)
 
-    if copy_model:
-        result.written += _copy_model(efs_root, job_id, output_dir)
+    if model_root is not None:
+        result.written += _copy_model(model_root, job_id, output_dir)
         if cancelled_with_model:
             result.notes.append(f"job '{job_id}' was CANCELLED while its last round was aggregated, after it wrote "
                                 "its model; that model, trained for every round, is copied")

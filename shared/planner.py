@@ -403,6 +403,7 @@ def total_rounds(workload: Workload, workers: int) -> int:
     """Return the rounds the job runs: from ``rounds``, else from ``epochs``."""
     if workload.rounds is not None:
         return workload.rounds
+    assert workload.epochs is not None  # check_workload rejects a workload with neither
     return max(1, math.ceil(workload.epochs * rounds_per_epoch(workload, workers)))
 
 
@@ -854,7 +855,7 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
         credits = aws.efs_bursting_initial_credit_bytes
         burst_rounds = 0.0
         new_schedule = []
-        baseline_round = estimate(False, 1, baseline_rate)
+        baseline_round = estimate(False, 1, baseline_rate)  # type: ignore[possibly-undefined]  # set above in bursting mode
         for round_estimate, count, cold, epoch_index in schedule:
             lasting = rounds_until_credits_run_out(round_estimate, baseline_rate, credits)
             at_burst = count if lasting >= count else math.floor(lasting)
@@ -868,7 +869,8 @@ def plan_job(workload: Workload, deployment: Deployment, profile: ComputeProfile
             if count - at_burst:
                 new_schedule.append((estimate(cold, epoch_index, baseline_rate), count - at_burst, cold, epoch_index))
         schedule = new_schedule
-        burst = BurstSummary(burst_bytes_per_second=burst_rate, baseline_bytes_per_second=baseline_rate,
+        burst = BurstSummary(burst_bytes_per_second=burst_rate,  # type: ignore[possibly-undefined]  # as above
+                             baseline_bytes_per_second=baseline_rate,
                              initial_credit_bytes=aws.efs_bursting_initial_credit_bytes,
                              rounds_at_burst=int(burst_rounds), rounds_at_baseline=rounds - int(burst_rounds))
         if burst.rounds_at_baseline:

@@ -36,6 +36,7 @@ import json
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +124,9 @@ def _write_result_file(path: Path, identity: dict, vector: np.ndarray, scalars: 
                      "values": np.ravel(value).tolist()} for name, value in scalars.items()}
     trailer = json.dumps({**identity, "arrays": arrays}, sort_keys=True, separators=(",", ":")).encode()
     with stale_if_round_pruned(path.parent, f"round {round_number(identity['round'])} of job {identity['job_id']}"):
-        write_buffers_atomic(path, [vector_header(len(vector)), memoryview(vector).cast("B"), trailer],
-                             create_folder=False)
+        # ndarray has the buffer protocol, but numpy's stubs declare it for Python 3.12 and later only.
+        vector_bytes = memoryview(vector).cast("B")  # type: ignore[arg-type]
+        write_buffers_atomic(path, [vector_header(len(vector)), vector_bytes, trailer], create_folder=False)
 
 
 # Reading -----------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def _fix_hint() -> str:
 
 def _read_until_end(fd: int, offset: int) -> bytes:
     """Return the bytes of ``fd`` from ``offset`` to the end of the file."""
-    parts = []
+    parts: list[bytes] = []
     while True:
         part = os.pread(fd, TRAILER_READ_BYTES, offset)
         if not part:
@@ -185,7 +187,7 @@ def _read_into(fd: int, buffers: list[memoryview], minimum: int) -> int:
     return total
 
 
-def _decode_trailer(payload: bytes) -> dict | None:
+def _decode_trailer(payload: bytes) -> Any:
     """Return the JSON value of a trailer, or None when ``payload`` is not one whole JSON value.
 
     ``raw_decode`` skips the whitespace handling of ``json.loads``, which took about as long
@@ -200,11 +202,11 @@ def _decode_trailer(payload: bytes) -> dict | None:
     return decoded if end == len(text) else None
 
 
-def _trailer_arrays(path: str | os.PathLike, root: str | os.PathLike, decoded: dict | None, length: int,
+def _trailer_arrays(path: str | os.PathLike, root: str | os.PathLike, decoded: Any, length: int,
                     expected: dict) -> dict[str, np.ndarray]:
     """Return the small arrays of a decoded trailer after checking its identity against ``expected``.
 
-    ``decoded`` is the trailer's JSON object from :func:`_decode_trailer`, and ``length`` the
+    ``decoded`` is the trailer's JSON value from :func:`_decode_trailer`, and ``length`` the
     trailer's length in bytes, for the error message.
 
     Raises
@@ -280,7 +282,9 @@ def _read_file_into(path: str | os.PathLike, root: str | os.PathLike, header: by
     fd = os.open(path, os.O_RDONLY)
     try:
         # At least one byte of the trailer, so that a file cut short inside its vector shows.
-        count = _read_into(fd, [memoryview(found), memoryview(out).cast("B"), memoryview(trailer)], vector_end + 1)
+        # ndarray has the buffer protocol, but numpy's stubs declare it for Python 3.12 and later only.
+        out_bytes = memoryview(out).cast("B")  # type: ignore[arg-type]
+        count = _read_into(fd, [memoryview(found), out_bytes, memoryview(trailer)], vector_end + 1)
         _check_header(path, root, bytes(found[:count]), header, len(out))
         _check_length(path, root, count, vector_end, len(out))
         payload = bytes(trailer[:count - vector_end])
@@ -311,6 +315,7 @@ def _map_file_slice(path: str | os.PathLike, root: str | os.PathLike, header: by
     """
     vector_end = len(header) + 8 * n_values
     fd = os.open(path, os.O_RDONLY)
+    mapped: mmap.mmap | bytes
     try:
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except ValueError:
@@ -415,4 +420,5 @@ def read_reduced_round(store: EfsStore, job_id: str, round_index: int, reducers:
                                         vector_header(stop - start), vector[start:stop],
                                         {"job_id": job_id, "round": int(round_index), "slice": slice_index})
         scalars = slice_scalars if scalars is None else scalars
+    assert scalars is not None  # the callers pass reducers > 1
     return Reduction(vector=vector, scalars=scalars)

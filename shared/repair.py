@@ -278,13 +278,16 @@ def _end_repair(services: Services, record: JobRecord, to_round: int, summary: d
         repaired it. After a twin's repair the round's tasks are sent again, and workers
         drop the duplicates.
     """
-    state, job_id = services.state, record.job_id
-    ids = {"job_id": job_id, "repair": record.repair, "attempt": record.repair_attempt}
-    if not state.end_repair(job_id, record.repair, record.repair_attempt, record.round, to_round, summary, removed):
-        current_repair(state, services.queues, RepairMessage(job_id, record.repair, record.repair_attempt))
+    state, job_id, kind = services.state, record.job_id, record.repair
+    assert kind is not None, "only a job with a pending repair gets here"
+    ids = {"job_id": job_id, "repair": kind, "attempt": record.repair_attempt}
+    if not state.end_repair(job_id, kind, record.repair_attempt, record.round, to_round, summary, removed):
+        current_repair(state, services.queues, RepairMessage(job_id, kind, record.repair_attempt))
         raise StaleMessageError(f"repair {record.repair_attempt} of job {job_id} is still pending, but its round "
                                 "moved; dropped")
     running = state.get_job(job_id)
+    if running is None:
+        raise StaleMessageError(f"job {job_id} was deleted from the state table while its repair ended; dropped")
     sent = kick_round(state, services.queues, running)
     logger.warning("job repaired; it runs again", extra={**ids, "from_round": record.round, "round": to_round,
                                                          "sent": sent})

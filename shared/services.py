@@ -18,6 +18,7 @@ from shared import shards
 from shared.config import Settings
 from shared.efs import EfsStore, check_efs_writable, not_an_object_problem, read_job_json
 from shared.queues import QueueClient
+from shared.shards import Shard
 from shared.spec import JobSpec, parse_job_spec
 from shared.state import StateStore
 from shared.training import manifest_problem
@@ -31,12 +32,12 @@ class JobContext:
     manifest: dict
     shards: dict
     # The memory-mapped validation rows, once an aggregator has opened them.
-    validation: "shards.Shard | None" = None
+    validation: Shard | None = None
     validation_loaded: bool = False
     # The job's preparation_attempt when the context was read; None when the caller gave none.
     data_version: int | None = None
 
-    def load_validation(self, store: EfsStore, job_id: str) -> "shards.Shard | None":
+    def load_validation(self, store: EfsStore, job_id: str) -> Shard | None:
         """Return the job's validation rows (None without any), opening them on first use."""
         if not self.validation_loaded:
             self.validation = shards.load_validation(store, job_id, self.manifest)

@@ -16,6 +16,7 @@ import posixpath
 import re
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from shared import json_numbers
@@ -88,6 +89,7 @@ def _check_class_weight(path: str, value: Any) -> Any:
                 or (isinstance(weight, float) and math.isnan(weight)) or abs(weight) > sys.float_info.max \
                 or weight < 0:
             raise JobSpecError(path, f"class {label!r} has weight {shown(weight)}; expected a finite number >= 0")
+        same_class: float | str
         try:
             same_class = float(label)
         except ValueError:
@@ -296,7 +298,7 @@ def _integer_fix(value: float) -> str:
     return f"write {math.floor(value)} or {math.ceil(value)}"
 
 
-def _check_number(path: str, expected: str, meta: dict, value: Any) -> int | float:
+def _check_number(path: str, expected: str, meta: Mapping[str, Any], value: Any) -> int | float:
     """Return ``value`` as an int or a float within the field's range, or raise showing it as typed."""
     kind = "an integer" if expected == "int" else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -322,7 +324,7 @@ def _check_number(path: str, expected: str, meta: dict, value: Any) -> int | flo
     return float(value)
 
 
-def _check_range(path: str, meta: dict, value: int | float) -> None:
+def _check_range(path: str, meta: Mapping[str, Any], value: int | float) -> None:
     minimum, maximum = meta["minimum"], meta["maximum"]
     if minimum is not None:
         if meta["exclusive_minimum"] and not value > minimum:
@@ -336,7 +338,7 @@ def _check_range(path: str, meta: dict, value: int | float) -> None:
             raise JobSpecError(path, f"got {shown(value)}; must be at most {maximum}")
 
 
-def _check_list(path: str, element_type: str, meta: dict, value: Any) -> tuple:
+def _check_list(path: str, element_type: str, meta: Mapping[str, Any], value: Any) -> tuple:
     if not isinstance(value, (list, tuple)):
         raise JobSpecError(path, f"expected a list of {element_type} values, got {shown(value)}")
     if meta["min_length"] is not None and len(value) < meta["min_length"]:
@@ -350,7 +352,7 @@ def _check_list(path: str, element_type: str, meta: dict, value: Any) -> tuple:
     return tuple(checked)
 
 
-def _check_value(section: str, name: str, annotation: str, meta: dict, value: Any) -> Any:
+def _check_value(section: str, name: str, annotation: str, meta: Mapping[str, Any], value: Any) -> Any:
     path = f"{section}.{name}"
     if value is None:
         if meta["nullable"]:
@@ -402,6 +404,8 @@ def _parse_section(section: str, cls: type, raw: Any):
                 raise JobSpecError(f"{section}.{name}", "missing required field")
             values[name] = declared.default
             continue
+        # The __future__ import makes declared.type the annotation's text.
+        assert isinstance(declared.type, str)
         values[name] = _check_value(section, name, declared.type, declared.metadata, raw[name])
     return cls(**values)
 
@@ -598,7 +602,11 @@ def _object_noting_repeats(pairs: list[tuple[str, Any]]) -> dict:
         return decoded
     seen: set[str] = set()
     noted = _RepeatedKeys(decoded)
-    noted.repeated = [key for key, _ in pairs if key in seen or seen.add(key)]
+    noted.repeated = []
+    for key, _ in pairs:
+        if key in seen:
+            noted.repeated.append(key)
+        seen.add(key)
     return noted
 
 

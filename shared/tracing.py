@@ -120,7 +120,7 @@ def _timed(phase: str, function: Callable, name: str) -> Callable:
             tracer.record(phase, name, start, time.monotonic())
             _local.depth = 0
 
-    wrapper.__baton_traced__ = True
+    wrapper.__baton_traced__ = True  # type: ignore[attr-defined]  # a function attribute, checked before wrapping
     return wrapper
 
 
@@ -140,7 +140,7 @@ def _traced_step(function: Callable, name: str, ids_of: Callable[[Any], dict]) -
             tracer.record("step", name, start, time.monotonic())
             _ids.reset(token)
 
-    wrapper.__baton_traced__ = True
+    wrapper.__baton_traced__ = True  # type: ignore[attr-defined]  # a function attribute, checked before wrapping
     return wrapper
 
 
@@ -153,7 +153,7 @@ def _wrap_attribute(owner: Any, attribute: str, phase: str) -> None:
     setattr(owner, attribute, _timed(phase, original, label))
 
 
-def _all_subclasses(base: type) -> Iterable[type]:
+def _all_subclasses(base: type[Any]) -> Iterable[type[Any]]:
     for subclass in base.__subclasses__():
         yield subclass
         yield from _all_subclasses(subclass)
@@ -251,7 +251,7 @@ def flush() -> None:
 
 def read_spans(trace_dir: str | os.PathLike) -> list[dict]:
     """Return every span stored under ``trace_dir``, sorted by start time."""
-    spans = []
+    spans: list[dict] = []
     for path in sorted(Path(trace_dir).glob("*.jsonl")):
         with open(path) as handle:
             spans.extend(json.loads(line) for line in handle if line.strip())
@@ -336,11 +336,11 @@ def round_breakdown(spans: list[dict], job_id: str) -> list[RoundBreakdown]:
         previous_send = aggregations[round_index - 1][1]
         round_start = previous_send["end"]
         aggregation, tasks_sent = aggregations[round_index]
-        completing = [(step, send_in(step, "send_aggregate")) for step in steps
+        task_steps = [(step, send_in(step, "send_aggregate")) for step in steps
                       if step["name"] == "run_task" and step.get("round") == round_index]
         # A worker may start before the aggregator's send call has returned, so compare
         # with the send's start.
-        completing = [(step, sent) for step, sent in completing
+        completing = [(step, sent) for step, sent in task_steps
                       if sent is not None and step["start"] >= previous_send["start"]]
         if not completing:
             continue

@@ -18,7 +18,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def _is_count_list(value) -> bool:
 
 
 # Each field the data preparation writes to data/manifest.json: what it must be, and its check.
-MANIFEST_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
+MANIFEST_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "n_features": ("a positive integer", lambda value: _is_count(value) and value > 0),
     "classes": ("null or a list of at least 2 class labels",
                 lambda value: value is None or (isinstance(value, list) and len(value) >= 2)),
@@ -94,7 +94,7 @@ def _is_file_identity_map(value) -> bool:
 
 
 # Manifest fields that may be missing, because manifests written by earlier releases lack them.
-OPTIONAL_MANIFEST_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
+OPTIONAL_MANIFEST_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "target_mean": ("null or a finite number", lambda value: value is None or _is_finite_number(value)),
     "target_scale": ("null or a finite number above 0",
                      lambda value: value is None or (_is_finite_number(value) and value > 0)),
@@ -202,9 +202,10 @@ def class_weights(spec: JobSpec, manifest: dict) -> np.ndarray | None:
         return None
     classes = manifest["classes"]
     counts = np.asarray(manifest["class_counts"], dtype=np.int64)
-    if setting == "balanced":
+    if isinstance(setting, str):
+        # The spec accepts one string, "balanced".
         y_encoded = np.repeat(np.arange(len(classes)), counts)
-        return compute_class_weights(y_encoded, len(classes), "balanced")
+        return compute_class_weights(y_encoded, len(classes), setting)
 
     by_index = {}
     for label, weight in setting.items():
@@ -304,7 +305,7 @@ def divergence_remedy(spec: JobSpec | None, regression: bool = False) -> str:
     if regression and spec is None:
         return (f"unless the spec sets data.standardize_target, set it to true, so that the model trains on targets "
                 f"of unit spread; if the job still diverges, {step_size}; {NEW_JOB_REMEDY}")
-    if regression and not spec.data.standardize_target:
+    if regression and spec is not None and not spec.data.standardize_target:
         return (f"set data.standardize_target to true, which the spec leaves false, so that the model trains on "
                 f"targets of unit spread; if the job still diverges, {step_size}; {NEW_JOB_REMEDY}")
     return f"{step_size}; {NEW_JOB_REMEDY}"
@@ -416,6 +417,7 @@ def add_scaled_vector(total: np.ndarray, factor: float | None, vector: np.ndarra
     if factor == 1.0:
         weighted = vector
     else:
+        assert scratch is not None  # the caller passes one whenever a factor is not 1.0
         weighted = scratch[:len(total)]
         np.multiply(vector, factor, out=weighted)
     if first:

@@ -43,3 +43,18 @@ def test_large_figures_have_no_exponent():
     row = format_goal(Goal("worker peak RSS", 1102.4, 1294.41, higher_is_better=False, unit=" MiB"))
     assert row[1] == "1,102 MiB"
     assert row[2] == "<= 1,294 MiB"
+
+
+def test_aggregation_speedup_skips_oversized_models(monkeypatch):
+    # A machine whose memory share fits 4 results of 1 MB but no cell of 2 MB. The
+    # scatter-reduce speed-up is then measured on the 1 MB cell, the largest that ran.
+    from bench import aggregation
+
+    monkeypatch.setattr(aggregation, "QUICK_MODEL_MEGABYTES", (1, 2))
+    monkeypatch.setattr(aggregation, "max_total_bytes", lambda: 5 * aggregation.MEGABYTE)
+
+    section = aggregation.measure(quick=True)
+
+    assert "N = 4, d = 1 MB" in section.body
+    assert "N = 4 with 2 MB" in section.body
+    assert "| 2 | 2 MB |" in section.body

@@ -31,7 +31,7 @@ LISTED_DTYPE_FIELDS = 3
 
 def _describe_dtype(dtype: np.dtype) -> str:
     """Return ``dtype`` for a message, with the first fields of a structured dtype and the count of all."""
-    if dtype.names is None:
+    if dtype.names is None or dtype.fields is None:
         return f"dtype {dtype}"
     listed = ", ".join(f"{name} {dtype.fields[name][0]}" for name in dtype.names[:LISTED_DTYPE_FIELDS])
     more = ", ..." if len(dtype.names) > LISTED_DTYPE_FIELDS else ""

@@ -21,6 +21,7 @@ half a second after its parent process is gone.
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 import time
 import traceback
@@ -79,8 +80,9 @@ def serve(connection: Connection) -> None:
 def main(argv: list[str]) -> None:
     descriptor, parent_pid = int(argv[0]), int(argv[1])
     # stdout and stderr are the function's log file. Line buffering writes each log line as it is made.
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
+    for stream in (sys.stdout, sys.stderr):
+        assert isinstance(stream, io.TextIOWrapper)  # as Python opens a file given as stdout or stderr
+        stream.reconfigure(line_buffering=True)
     exit_when_orphaned(parent_pid)
     serve(Connection(descriptor))
 

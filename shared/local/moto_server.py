@@ -46,7 +46,7 @@ import pickle
 import sys
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import moto.backends
 import moto.core.responses
@@ -113,7 +113,7 @@ def serialized_receive(receive: Callable) -> Callable:
 def _serialize_sqs_receives() -> None:
     backend = moto.sqs.models.SQSBackend
     if not getattr(backend.receive_message, "__wrapped__", None):
-        backend.receive_message = serialized_receive(backend.receive_message)
+        backend.receive_message = serialized_receive(backend.receive_message)  # type: ignore[method-assign]  # patches moto
 
 
 def _cache_module_list() -> None:
@@ -130,10 +130,10 @@ def _cache_name_conversions() -> None:
     """
     method_names = functools.lru_cache(maxsize=None)(
         lambda clazz: tuple(moto.core.utils.method_names_from_class(clazz)))
-    moto.core.responses.method_names_from_class = method_names
+    moto.core.responses.method_names_from_class = method_names  # type: ignore[assignment]  # patch: a cached copy
     to_underscores = functools.lru_cache(maxsize=4096)(moto.core.utils.camelcase_to_underscores)
     for module in (moto.core.responses, moto.sqs.models):
-        module.camelcase_to_underscores = to_underscores
+        module.camelcase_to_underscores = to_underscores  # type: ignore[attr-defined]  # patch of an imported name
 
 
 def _cache_update_expressions() -> None:
@@ -144,7 +144,8 @@ def _cache_update_expressions() -> None:
     response layer only reads it. So one tree per expression string can serve every
     request. Baton sends a handful of distinct expressions.
     """
-    parser = moto.dynamodb.parsing.expressions.UpdateExpressionParser
+    # mypy types moto.dynamodb.parsing.expressions as a bare module, so it finds no attribute in it.
+    parser = moto.dynamodb.parsing.expressions.UpdateExpressionParser  # type: ignore[attr-defined]
     parser.make = staticmethod(functools.lru_cache(maxsize=256)(parser.make))
 
 
@@ -211,14 +212,15 @@ def _speed_up_update_validation() -> None:
         checked.add(self._baton_check_key)
         return node
 
-    validator_class.__init__ = init
-    validator_class.validate = validate
+    validator_class.__init__ = init  # type: ignore[method-assign]  # patches moto
+    validator_class.validate = validate  # type: ignore[method-assign]  # patches moto
 
 
 # AttributeValue members whose wire form is the value moto stores: strings, lists of
 # strings, booleans, and maps and lists of attribute values. Binary members (B, BS) are
 # absent because moto stores them as bytes that the serializer base64-encodes.
-_PLAIN_ATTRIBUTE_TYPES = {"S": str, "N": str, "SS": list, "NS": list, "BOOL": bool, "NULL": bool, "M": dict, "L": list}
+_PLAIN_ATTRIBUTE_TYPES: dict[str, type[Any]] = {"S": str, "N": str, "SS": list, "NS": list, "BOOL": bool, "NULL": bool,
+                                                 "M": dict, "L": list}
 
 
 def _is_plain_attribute_value(value: object) -> bool:
@@ -258,7 +260,7 @@ def _copy_plain_attribute_values() -> None:
             return
         walk_structure(self, serialized, value, shape, key)
 
-    serializer._serialize_type_structure = serialize_structure
+    serializer._serialize_type_structure = serialize_structure  # type: ignore[method-assign]  # patches moto
 
 
 def build_app() -> Callable:
@@ -278,7 +280,7 @@ def main(argv: list[str]) -> None:
         exit_when_orphaned(int(argv[1]))
     server = wsgi.Server(("127.0.0.1", port), build_app(), numthreads=SERVER_THREADS)
     # Keep every idle connection open, because each container and lane keeps a few for its clients.
-    server.keep_alive_conn_limit = None
+    server.keep_alive_conn_limit = None  # type: ignore[assignment]  # cheroot documents None as no limit
     try:
         server.start()
     finally:

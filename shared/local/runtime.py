@@ -256,7 +256,7 @@ class LocalRuntime:
             raise RuntimeStoppingError(f"the runtime is stopping; stopped the new {definition.name} container")
 
         # Wait for the imports, which Lambda counts as the init phase, not the invocation.
-        problem = f"did not import its handler within {CONTAINER_START_TIMEOUT_SECONDS} s"
+        problem: str | None = f"did not import its handler within {CONTAINER_START_TIMEOUT_SECONDS} s"
         try:
             container.connection.send({"handler": definition.handler, "function": function})
             ready = (container.connection.poll(CONTAINER_START_TIMEOUT_SECONDS)
@@ -340,6 +340,8 @@ class LocalRuntime:
         messages, or concurrent receives could take one each, and the rule would never
         find the round's messages together in one lane.
         """
+        # Only the lanes of a function with a queue receive; a scheduled function's lane has none.
+        assert lanes.queue_url is not None
         if not reorder:
             return self._receive_once(lanes.queue_url, min(lanes.definition.batch_size, 10), self.poll_wait_seconds)
         with lanes.receive_lock:
@@ -364,6 +366,7 @@ class LocalRuntime:
         fails the batch as a crash during the invocation does: every record is retried
         after ``retry_delay_seconds``, and the next batch starts a fresh container.
         """
+        assert lanes.queue_url is not None
         started = time.monotonic()
         if container is None or not container.is_alive():
             try:
@@ -510,6 +513,7 @@ class LocalRuntime:
         return f"exited with code {exit_code}"
 
     def _record(self, lanes: FunctionLanes, message: dict) -> dict:
+        assert lanes.queue_url is not None
         attributes = message.get("Attributes", {})
         return {
             "messageId": message["MessageId"],

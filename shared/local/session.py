@@ -489,10 +489,9 @@ class LocalStack:
             self.check_server()
             with self._server_requests():
                 record = self.state.get_job(job_id)
-            first_round = 0 if record is None else record.first_round
-            if first_round > 0 and not continued:
+            if record is not None and record.first_round > 0 and not continued:
                 continued = True
-                next_round = max(next_round, first_round)
+                next_round = max(next_round, record.first_round)
                 if on_continued is not None:
                     on_continued(record)
             # The job item's round is the index of the round running, which is also the

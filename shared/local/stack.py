@@ -39,6 +39,8 @@ def _construct_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dic
     elif isinstance(node, yaml.SequenceNode):
         value = loader.construct_sequence(node, deep=True)
     else:
+        # PyYAML has three node kinds: scalar, sequence and mapping.
+        assert isinstance(node, yaml.MappingNode)
         value = loader.construct_mapping(node, deep=True)
     key = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
     return {key: value}

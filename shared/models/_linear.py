@@ -85,6 +85,7 @@ class LinearModel(Model):
         X = self._check_X(X)
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
         losses, residuals = self._losses_from_scores(self._scores(params, X), y, with_grad=True)
+        assert residuals is not None  # with_grad=True returns the derivative
         if sample_weight is not None:
             losses *= sample_weight
             # Residuals with one column per class take their row's weight in every column.

@@ -335,6 +335,9 @@ class Model(ABC):
             return np.asarray(y_raw, dtype=np.float64)
         if self.task == "clustering":
             return np.zeros(len(y_raw), dtype=np.int64)
+        if classes is None:
+            raise ValueError(f"model '{self.name}' is a classifier and needs the training classes to encode labels; "
+                            "pass classes, as numpy.unique returns them")
         y_raw = np.asarray(y_raw)
         positions = np.searchsorted(classes, y_raw)
         found = positions < len(classes)

@@ -29,6 +29,7 @@ class LogisticRegression(LinearModel):
         losses, sigmoid_of_negated = logistic_loss(signs * scores, with_grad=with_grad)
         if not with_grad:
             return losses, None
+        assert sigmoid_of_negated is not None  # logistic_loss computes it when with_grad is True
         # d/dz log(1 + exp(-s z)) = -s * sigmoid(-s z).
         scores_grad = np.multiply(sigmoid_of_negated, np.negative(signs, out=signs), out=sigmoid_of_negated)
         return losses, scores_grad

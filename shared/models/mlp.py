@@ -131,6 +131,7 @@ class _MultiLayerPerceptron(Model):
         activations = self._forward(params, X)
         outputs = activations[-1]
         losses, scores_grad = self._losses_from_scores(self._format_outputs(outputs), y, with_grad=True)
+        assert scores_grad is not None  # with_grad=True returns the derivative
         # The regressor's scores are its single output column, so the reshape adds that column back.
         delta = scores_grad.reshape(outputs.shape)
         if sample_weight is not None:
