@@ -330,7 +330,7 @@ def _round_metrics(mode, spec: JobSpec, manifest: dict, round_index: int, progre
     if progress["partials"]:
         for name, value in _combine_metrics(progress["partials"]).items():
             metrics[f"validation_{name}"] = value
-        check_validation_finite(round_index, metrics)
+        check_validation_finite(round_index, metrics, spec)
     metrics["loss"] = metrics.get("validation_loss", progress["train_loss"])
     return metrics
 

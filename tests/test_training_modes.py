@@ -514,6 +514,23 @@ def test_validation_divergence_remedy(metrics, target_hint):
     assert "`baton run --fresh`" in message
 
 
+@pytest.mark.parametrize("standardize_target, target_hint", [(False, True), (True, False)])
+def test_validation_divergence_reads_spec(standardize_target, target_hint):
+    from shared.training import check_validation_finite
+
+    spec = parse_job_spec(breast_cancer_spec("overflow", model={"name": "linear_regression", "penalty": "l2"},
+                                             data={"standardize_target": standardize_target}))
+    metrics = {"train_loss": 1.0, "validation_loss": np.inf, "validation_r2": -np.inf}
+
+    with pytest.raises(DivergenceError) as raised:
+        check_validation_finite(4, metrics, spec)
+
+    message = str(raised.value)
+    assert ("set data.standardize_target to true, which the spec leaves false" in message) == target_hint
+    assert "unless the spec sets data.standardize_target" not in message
+    assert "lower optimizer.learning_rate" in message
+
+
 def test_stopping_rules():
     spec = parse_job_spec(breast_cancer_spec("stops", training={"target_validation_accuracy": 0.9,
                                                                  "early_stopping_patience": 2}))
