@@ -331,11 +331,11 @@ BAR_METRIC_LABELS = {"validation_accuracy": "val acc", "validation_r2": "val r2"
 BAR_DROP_ORDER = ("job_id", "bar", "s/round", "epoch", "cost", "eta", "metric", "train_loss")
 # Minimum cells of the bar itself. A narrower terminal gets the fields without a bar.
 MIN_BAR_CELLS = 8
-# The job id, as tqdm's description, and the bar, which tqdm fills with cells up to the
-# line's width. tqdm leaves out "{desc}: " when the description is empty. The format has no
-# {elapsed}, {rate} or {remaining}: tqdm's rate divides the rounds seen by the time since
-# watch started, so a pause stretches its estimate. The fields follow the bar, and their
-# eta comes from the rounds' own times (progress_postfix).
+# The start of tqdm's bar_format, with the job id as tqdm's description and then the bar,
+# whose cells tqdm fits to the rest of the line. tqdm leaves out "{desc}: " when the
+# description is empty. The format has no {elapsed}, {rate} or {remaining}, because tqdm
+# counts them from the start of watch, so a pause would stretch its estimate. The eta field
+# after the bar comes from the rounds' own times (progress_postfix).
 BAR_PREFIX_FORMAT = "{desc}: |{bar}| "
 
 
@@ -414,7 +414,7 @@ def progress_bar_line(job_id: str, record: JobRecord, rounds: list[dict[str, Any
 
 
 def _line_width(columns: int) -> int:
-    """Return the characters that a line of the live bar may have on a terminal ``columns`` wide."""
+    """Return the maximum length of a line of the live bar on a terminal ``columns`` wide."""
     return max(columns - 1, 1)
 
 
