@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 from urllib.parse import urlsplit
 
+from tqdm import tqdm
+
 from shared.config import stack_resource_name
 from shared.efs import EfsStore, json_preview
 from shared.errors import DIVERGED_WORDS, BatonError, DamagedFileError
@@ -256,7 +258,7 @@ def watch_job(store: StateStore, job_id: str, interval_seconds: float = 2.0, tim
     """Show the progress of a job until it reaches a terminal status.
 
     Polls the job item and the new round items every ``interval_seconds``. On a terminal
-    of known width the progress is a live bar (:func:`progress_bar_line`). On another
+    of known width the progress is a live tqdm bar (:func:`progress_bar_line`). On another
     stream, such as a file or a pipe, or a terminal that reports 0 columns, it is one line
     per round, the fields as ``name=value``, so that a log stays readable.
     ``stack_arguments`` are the options that aim a baton command at the job's stack,
@@ -329,10 +331,12 @@ BAR_METRIC_LABELS = {"validation_accuracy": "val acc", "validation_r2": "val r2"
 BAR_DROP_ORDER = ("job_id", "bar", "s/round", "epoch", "cost", "eta", "metric", "train_loss")
 # Minimum cells of the bar itself. A narrower terminal gets the fields without a bar.
 MIN_BAR_CELLS = 8
-# Characters that fill a bar cell by eighths, and the plain ones for a stream that cannot
-# encode them.
-UNICODE_BAR_CHARACTERS = " ▏▎▍▌▋▊▉█"
-ASCII_BAR_CHARACTERS = " #"
+# The start of tqdm's bar_format, with the job id as tqdm's description and then the bar,
+# whose cells tqdm fits to the rest of the line. tqdm leaves out "{desc}: " when the
+# description is empty. The format has no {elapsed}, {rate} or {remaining}, because tqdm
+# counts them from the start of watch, so a pause would stretch its estimate. The eta field
+# after the bar comes from the rounds' own times (progress_postfix).
+BAR_PREFIX_FORMAT = "{desc}: |{bar}| "
 
 
 def progress_bar_fields(record: JobRecord, rounds: list[dict[str, Any]], recent: int = 10) -> dict[str, str]:
@@ -362,44 +366,56 @@ def progress_bar_fields(record: JobRecord, rounds: list[dict[str, Any]], recent:
     return fields
 
 
-def progress_bar_line(job_id: str, record: JobRecord, rounds: list[dict[str, Any]], columns: int,
-                      bar_characters: str = UNICODE_BAR_CHARACTERS) -> str:
-    """Return the live bar's line for a terminal ``columns`` wide, at most ``columns - 1`` characters.
+def progress_bar_format(job_id: str, record: JobRecord, rounds: list[dict[str, Any]], columns: int) -> tuple[str, str]:
+    """Return tqdm's description and ``bar_format`` for the live bar on a terminal ``columns`` wide.
 
-    The last column stays free, because a terminal may wrap a line that fills it. When not
-    everything fits, the parts of :data:`BAR_DROP_ORDER` are left out in that order, and the
-    bar grows to fill what the fields leave. A terminal too narrow even for the rounds done
-    gets the line cut at its width.
+    The line is at most ``columns - 1`` characters, because a terminal may wrap a line
+    that fills its last column. When not everything fits, the parts of
+    :data:`BAR_DROP_ORDER` are left out in that order. The bar stays while it gets at least
+    :data:`MIN_BAR_CELLS` cells, and tqdm fills the room that the fields leave with cells.
+    A terminal too narrow even for the rounds done gets a format that tqdm cuts at the width.
     """
-    width = max(columns - 1, 1)
+    width = _line_width(columns)
     fields = progress_bar_fields(record, rounds)
     kept = {"job_id", "bar", *fields}
     for dropped in (None, *BAR_DROP_ORDER):
         kept.discard(dropped)
-        texts = [text for name, text in fields.items() if name in kept]
-        if "job_id" in kept:
-            texts.insert(0, f"{job_id}:")
-        room = width - len(" ".join(texts))
-        if "bar" in kept:
-            # Two ends of the bar, and the space after it.
-            cells = room - 3
-            if cells < MIN_BAR_CELLS:
-                continue
-            position = 1 if "job_id" in kept else 0
-            texts.insert(position, _bar_text(len(rounds), record.total_rounds, cells, bar_characters))
-        elif room < 0:
+        text = _fields_template(fields, kept)
+        if "bar" not in kept:
+            if len(text) <= width:
+                break
             continue
-        return " ".join(texts)
-    return " ".join(text for name, text in fields.items() if name in kept)[:width]
+        description = job_id if "job_id" in kept else ""
+        # The bar's two ends and the space after it, and ": " after a description.
+        cells = width - len(text) - len("|| ") - (len(description) + 2 if description else 0)
+        if cells >= MIN_BAR_CELLS:
+            return description, BAR_PREFIX_FORMAT + text
+    # Only the fields that always stay are left, which tqdm cuts at the width if need be.
+    return "", _fields_template(fields, kept)
 
 
-def _bar_text(done: int, total: int, cells: int, characters: str) -> str:
-    """Return a bar of ``cells`` cells between two ends, filled for ``done`` of ``total`` rounds."""
-    steps = len(characters) - 1
-    filled = 0 if not total else min(cells * steps, done * cells * steps // total)
-    full, part = divmod(filled, steps)
-    text = characters[-1] * full + (characters[part] if part else "")
-    return "|" + text.ljust(cells) + "|"
+def _fields_template(fields: dict[str, str], kept: set[str]) -> str:
+    """Return the ``kept`` fields as a str.format template of the live bar, one space between each."""
+    text = " ".join(text for name, text in fields.items() if name in kept)
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def progress_bar_line(job_id: str, record: JobRecord, rounds: list[dict[str, Any]], columns: int,
+                      ascii_cells: bool = False) -> str:
+    """Return the line that the live bar draws on a terminal ``columns`` wide.
+
+    tqdm formats it from :func:`progress_bar_format`, as the live bar's tqdm instance does.
+    ``ascii_cells`` selects tqdm's ASCII bar cells, which the live bar uses on a stream whose
+    encoding has no unicode block characters.
+    """
+    description, bar_format = progress_bar_format(job_id, record, rounds, columns)
+    return tqdm.format_meter(len(rounds), record.total_rounds, 0.0, ncols=_line_width(columns),
+                             prefix=description, bar_format=bar_format, ascii=ascii_cells)
+
+
+def _line_width(columns: int) -> int:
+    """Return the maximum length of a line of the live bar on a terminal ``columns`` wide."""
+    return max(columns - 1, 1)
 
 
 def terminal_columns(stream: TextIO) -> int:
@@ -421,44 +437,48 @@ def terminal_columns(stream: TextIO) -> int:
 
 
 class _ProgressBar:
-    """The live bar of ``baton watch`` on a terminal: one line, drawn again in place after each poll.
+    """The live bar of ``baton watch`` on a terminal: a tqdm bar, drawn again in place after each poll.
 
-    Each drawing starts with a carriage return and pads with spaces over the rest of the
-    previous line, so it needs no terminal control sequences. The width is read again on
-    each drawing, so a resized terminal gets a line of its new width.
+    Each poll reads the terminal's width again, chooses the fields that fit it
+    (:func:`progress_bar_format`) and hands tqdm the width, so a resized terminal gets a
+    line of its new width. tqdm draws the bar cells, redraws the line over the previous
+    one, and picks unicode or ASCII cells from the stream's encoding. Its own
+    ``dynamic_ncols`` is not used, because it reads the terminal alone and ignores ``COLUMNS``.
     """
 
     def __init__(self, job_id: str, stream: TextIO, columns: int):
         self.job_id = job_id
         self.stream = stream
         self.columns = columns
-        self.line = ""
-        encoding = getattr(stream, "encoding", None) or "ascii"
-        try:
-            UNICODE_BAR_CHARACTERS.encode(encoding)
-            self.bar_characters = UNICODE_BAR_CHARACTERS
-        except (UnicodeEncodeError, LookupError):
-            self.bar_characters = ASCII_BAR_CHARACTERS
+        # Made on the first poll, which gives the total rounds and the first format.
+        self.bar: tqdm | None = None
 
     def note(self, text: str) -> None:
-        # The note goes over the bar's line, and the bar follows on the next.
-        self.stream.write("\r" + text.ljust(len(self.line)) + "\n")
-        self._draw(self.line)
+        # tqdm clears the bar's line, writes the note there, and draws the bar again below it.
+        tqdm.write(text, file=self.stream)
 
     def show(self, record: JobRecord, rounds: list[dict[str, Any]]) -> None:
         # A terminal that reports 0 columns after a resize keeps the width it had.
         self.columns = terminal_columns(self.stream) or self.columns
-        self._draw(progress_bar_line(self.job_id, record, rounds, self.columns, self.bar_characters))
-
-    def _draw(self, line: str) -> None:
-        self.stream.write("\r" + line.ljust(len(self.line)))
-        self.stream.flush()
-        self.line = line
+        description, bar_format = progress_bar_format(self.job_id, record, rounds, self.columns)
+        if self.bar is None:
+            # Drawn at once, as a tqdm bar is when it is made.
+            self.bar = tqdm(total=record.total_rounds, initial=len(rounds), desc=description, bar_format=bar_format,
+                            ncols=_line_width(self.columns), file=self.stream, leave=True)
+            return
+        # The starter sets total_rounds when the job leaves PREPARING. tqdm draws no
+        # filled cells while the total is 0.
+        self.bar.total = record.total_rounds
+        self.bar.n = len(rounds)
+        self.bar.set_description_str(description, refresh=False)
+        self.bar.bar_format = bar_format
+        self.bar.ncols = _line_width(self.columns)
+        self.bar.refresh()
 
     def close(self) -> None:
-        if self.line:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            # Draws the last line once more and ends it with a newline.
+            self.bar.close()
 
 
 class _ProgressLines:
