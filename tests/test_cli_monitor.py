@@ -994,6 +994,18 @@ def read_terminal(controller: int) -> str:
     return b"".join(chunks).decode("utf-8")
 
 
+def watch_on_terminal(finished_job, job_id: str, columns: int) -> str:
+    """Watch a growing job on a pseudo-terminal of ``columns`` columns; return what the terminal showed."""
+    controller, stream = open_terminal(columns)
+    try:
+        watch_growing_job(finished_job["stack"].state, job_id, stream)
+        stream.flush()
+        return read_terminal(controller)
+    finally:
+        stream.close()
+        os.close(controller)
+
+
 def drawn_lines(output: str) -> list[str]:
     """Return each line a terminal showed in turn: the text between carriage returns and newlines."""
     return [line.rstrip(" ") for line in output.replace("\n", "\r").split("\r") if line.strip()]
@@ -1001,14 +1013,7 @@ def drawn_lines(output: str) -> list[str]:
 
 def test_watch_bar_fits_80_column_terminal(finished_job, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
-    controller, stream = open_terminal(80)
-    try:
-        watch_growing_job(finished_job["stack"].state, "watched-80-columns", stream)
-        stream.flush()
-        output = read_terminal(controller)
-    finally:
-        stream.close()
-        os.close(controller)
+    output = watch_on_terminal(finished_job, "watched-80-columns", 80)
 
     assert "\r" in output, "a terminal of 80 columns got no live bar"
     lines = drawn_lines(output)
@@ -1021,14 +1026,7 @@ def test_watch_bar_fits_80_column_terminal(finished_job, monkeypatch):
 
 def test_watch_wide_terminal_draws_tqdm_bar(finished_job, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
-    controller, stream = open_terminal(120)
-    try:
-        watch_growing_job(finished_job["stack"].state, "watched-wide", stream)
-        stream.flush()
-        output = read_terminal(controller)
-    finally:
-        stream.close()
-        os.close(controller)
+    output = watch_on_terminal(finished_job, "watched-wide", 120)
 
     lines = drawn_lines(output)
     assert all(len(line) <= 119 for line in lines), max(lines, key=len)
@@ -1041,14 +1039,7 @@ def test_watch_wide_terminal_draws_tqdm_bar(finished_job, monkeypatch):
 
 def test_watch_zero_column_terminal_writes_lines(finished_job, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
-    controller, stream = open_terminal(0)
-    try:
-        watch_growing_job(finished_job["stack"].state, "watched-0-columns", stream)
-        stream.flush()
-        output = read_terminal(controller)
-    finally:
-        stream.close()
-        os.close(controller)
+    output = watch_on_terminal(finished_job, "watched-0-columns", 0)
 
     assert "\r" not in output
     lines = output.splitlines()
