@@ -320,7 +320,7 @@ def _import_local_data(stack, imports: tuple[str, ...]) -> None:
         if not separator or not source or not destination:
             raise click.BadParameter(f"expected SOURCE:DEST with neither part empty, got {mapping!r}",
                                      param_hint="--import")
-        if not Path(source).exists():
+        if not Path(source).exists() and not Path(source).is_symlink():
             raise click.BadParameter(f"source {source!r} does not exist (in {mapping!r}, the last ':' separates "
                                      "SOURCE from DEST)", param_hint="--import")
         try:

@@ -36,6 +36,8 @@ S3_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(\S+)$")
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Baton's limit on a jobs-queue message body, in UTF-8 bytes, below SQS's own maximum message size.
 MAX_SPEC_BYTES = 64 * 1024
+# The longest file or folder name, in bytes, that Linux file systems (ext4, NFS and so EFS) accept.
+MAX_NAME_BYTES = 255
 SHRINK_SPEC_ADVICE = ("leave out fields that keep their default value (docs/job-spec.md gives each default) and "
                       "shorten the longest lists and strings")
 
@@ -460,6 +462,12 @@ def check_relative_path(field_path: str, value: str) -> str:
     parts = value.split("/")
     if ".." in parts:
         raise JobSpecError(field_path, f"got {value!r}; '..' is not allowed, the path must stay under the EFS root")
+    for part in parts:
+        size = len(part.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            raise JobSpecError(field_path, f"got a file or folder name of {size} bytes ({shown(part)}); Linux and "
+                                           f"EFS allow at most {MAX_NAME_BYTES} bytes in one name, so rename the "
+                                           "file or folder to a shorter name and give that name")
     return posixpath.normpath(value)
 
 

@@ -119,6 +119,12 @@ CASES = [
      ["data.path", "NUL byte", "at character 11", "remove it"]),
     ("data-path-backslash", json.dumps(spec("path-backslash", data=csv_data("datasets\\a.csv"))), "path-backslash",
      ["data.path", "separate folders with '/'"]),
+    # Linux and EFS allow at most 255 bytes in one file or folder name.
+    ("data-path-name-too-long", json.dumps(spec("path-long", data=csv_data("datasets/" + "a" * 300 + ".csv"))),
+     "path-long", ["data.path", "name of 304 bytes", "at most 255 bytes", "rename the file"]),
+    ("validation-path-name-too-long",
+     json.dumps(spec("val-long", data={**GOOD_CSV, "validation_path": "datasets/" + "b" * 256})),
+     "val-long", ["data.validation_path", "name of 256 bytes", "at most 255 bytes"]),
     ("validation-path-dot-dot", json.dumps(spec("val-escape", data={**GOOD_CSV, "validation_path": "a/../../b"})),
      "val-escape", ["validation_path", "'..'"]),
     # Each link leads to a file or folder next to the EFS root, outside it.
@@ -927,3 +933,27 @@ def test_redelivered_conflict_spares_running_job(stack):
     assert response["batchItemFailures"] == []
     assert "last_error" not in stack.state.get_job("running-job").attributes
     assert stack.state.get_job(derive_job_id(message_id)).status == "FAILED"
+
+
+def test_overlong_path_is_permanent(tmp_path):
+    from shared.formats.files import check_data_file
+
+    # Each name is within the 255-byte limit, but the whole path is beyond Linux's 4,096.
+    long_path = tmp_path.joinpath(*["d" * 250] * 20, "data.csv")
+
+    with pytest.raises(BatonError, match="data.validation_path '.*' is too long for the file system.*at most 255"):
+        check_data_file(long_path, "x/data.csv", "data.validation_path")
+
+
+def test_long_s3_key_gets_short_copy_name(tmp_path):
+    from shared.efs import EfsStore
+    from shared.preparation import PreparationFiles
+
+    files = PreparationFiles(EfsStore(tmp_path), "long-key")
+    uri = "s3://bucket/data/" + "k" * 300 + ".csv.gz"
+
+    copy = files.source_copy("validation", uri)
+
+    assert len(copy.name.encode()) <= 255
+    assert copy.name.endswith(".csv.gz")
+    assert files.source_copy("train", "s3://bucket/a.csv").name == "train-a.csv"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import errno
 import gzip
 import io
 import os
@@ -57,7 +58,17 @@ def check_data_file(path: Path, source: str, field: str) -> None:
     DataError
         Naming the file, what it is instead, and what to do.
     """
-    if path.is_symlink() and not path.exists():
+    try:
+        dangling = path.is_symlink() and not path.exists()
+    except OSError as error:
+        # pathlib passes over a missing file and a link loop, but not a name or path
+        # that is too long. Retrying cannot make it shorter, so the error is permanent.
+        if error.errno == errno.ENAMETOOLONG:
+            raise DataError(f"{field} '{source}' is too long for the file system: a file or folder name may have "
+                            "at most 255 bytes, and the whole path on EFS at most 4,095; rename the file or folders "
+                            f"to shorter names and give the new path in {field}") from None
+        raise
+    if dangling:
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}' is a symbolic link to a missing file, or one of a loop of "
                         f"links; check {field} and point the link at the file on EFS, or copy the file there")
     if not path.exists():
