@@ -957,3 +957,45 @@ def test_long_s3_key_gets_short_copy_name(tmp_path):
     assert len(copy.name.encode()) <= 255
     assert copy.name.endswith(".csv.gz")
     assert files.source_copy("train", "s3://bucket/a.csv").name == "train-a.csv"
+
+
+def _csv_rows(n_rows: int) -> list[str]:
+    return [f"{row}.5,{row % 3}.25,{row % 2}" for row in range(n_rows)]
+
+
+@pytest.mark.parametrize("name, text, delimiter, words", [
+    # The first row's count must include the empty last column that numpy.loadtxt reads.
+    ("tabs.csv", "".join(line.replace(",", "\t") + "\t\n" for line in _csv_rows(6)), "\t",
+     ["line 1 of 'tabs.csv' ends with the delimiter '\\t', so its last column (4) is empty"]),
+    ("spaces.csv", "".join(line.replace(",", " ") + " \n" for line in _csv_rows(6)), " ",
+     ["line 1 of 'spaces.csv' ends with the delimiter ' ', so its last column (4) is empty"]),
+    # Old Mac line ends: CR alone ends a line in the check as in numpy.loadtxt.
+    ("cr.csv", "\r".join(_csv_rows(8)[:5] + ["1.5,oops,1"] + _csv_rows(3)) + "\r", ",",
+     ["line 6 of 'cr.csv', column 2 is 'oops', which is not a number"]),
+    ("thousands.csv", "\n".join(_csv_rows(3) + ['"1,001.5",2,1'] + _csv_rows(2)) + "\n", ",",
+     ["line 4 of 'thousands.csv', column 1 is '\"1,001.5\"', which is not a number",
+      "(remove the thousands separator ',')"]),
+])
+def test_csv_error_names_real_problem(tmp_path, name, text, delimiter, words):
+    from shared.formats.delimited import read_csv
+
+    path = tmp_path / name
+    path.write_bytes(text.encode())
+
+    with pytest.raises(BatonError) as raised:
+        read_csv(path, delimiter=delimiter, source=name)
+    for word in words:
+        assert word in str(raised.value)
+    assert "columns but the first row" not in str(raised.value)
+
+
+def test_csv_quoted_numbers_still_read(tmp_path):
+    from shared.formats.delimited import read_csv
+
+    path = tmp_path / "quoted.csv"
+    path.write_text('"1.5","2",1\n"3","4.25",0\n')
+
+    X, y = read_csv(path)
+
+    assert X.tolist() == [[1.5, 2.0], [3.0, 4.25]]
+    assert y.tolist() == [1.0, 0.0]
