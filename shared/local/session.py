@@ -211,7 +211,7 @@ def check_import_source(source: Path) -> None:
                          "shell's <(...) gives a named pipe); write the data to a file first and import that file")
     # Each folder is visited with the real paths of the folders that lead to it, so that a
     # link back to one of them is found before the copy would follow it.
-    pending = [(os.fspath(source), (os.path.realpath(source),))]
+    pending: list[tuple[str, tuple[str, ...]]] = [(os.fspath(source), (os.path.realpath(source),))]
     while pending:
         folder, chain = pending.pop()
         with os.scandir(folder) as entries:
