@@ -300,12 +300,27 @@ def _integer_fix(value: float) -> str:
     return f"write {math.floor(value)} or {math.ceil(value)}"
 
 
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _unquote_hint(value: Any, is_json_value: Callable[[str], bool]) -> str:
+    """Return "; write 4 without quotes" for a string such as "4" whose text is the JSON value expected, else ""."""
+    if isinstance(value, str) and value.strip() and is_json_value(value.strip()):
+        return f"; write {value.strip()} without quotes"
+    return ""
+
+
 def _check_number(path: str, expected: str, meta: Mapping[str, Any], value: Any) -> int | float:
     """Return ``value`` as an int or a float within the field's range, or raise showing it as typed."""
     kind = "an integer" if expected == "int" else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or (isinstance(value, float) and math.isnan(value)):
-        raise JobSpecError(path, f"expected {kind}, got {shown(value)}")
+        raise JobSpecError(path, f"expected {kind}, got {shown(value)}{_unquote_hint(value, _parses_as_number)}")
     # Python compares ints and floats exactly, so a huge integer or an infinity gets the
     # range's message before any conversion.
     _check_range(path, meta, value)
@@ -370,7 +385,8 @@ def _check_value(section: str, name: str, annotation: str, meta: Mapping[str, An
         value = _check_number(path, expected, meta, value)
     elif expected == "bool":
         if not isinstance(value, bool):
-            raise JobSpecError(path, f"expected true or false, got {shown(value)}")
+            raise JobSpecError(path, f"expected true or false, got {shown(value)}"
+                                     f"{_unquote_hint(value, lambda text: text in ('true', 'false'))}")
     elif expected == "str":
         if not isinstance(value, str) or not value:
             raise JobSpecError(path, f"expected a non-empty string, got {shown(value)}")
