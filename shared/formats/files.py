@@ -174,6 +174,42 @@ def wrong_format_error(source: str, data_format: str, detected: str) -> DataErro
                      + (f", or, if the file should be {save}" if save else ""))
 
 
+# The first bytes of a file compressed by each tool, and the suffix that makes Baton
+# decompress it as it reads (None: Baton does not read that compression).
+COMPRESSION_SIGNATURES = (
+    ("gzip", (b"\x1f\x8b",), ".gz", "gunzip"),
+    # "BZh", the block size digit, then the magic of a block or of the end of the stream.
+    ("bzip2", tuple(b"BZh" + str(level).encode() + magic for level in range(1, 10)
+                    for magic in (b"1AY&SY", b"\x17rE8P\x90")), ".bz2", "bunzip2"),
+    ("xz", (b"\xfd7zXZ\x00",), None, "xz -d"),
+    ("zstd", (b"\x28\xb5\x2f\xfd",), None, "zstd -d"),
+)
+
+
+def check_not_compressed(path: Path, source: str, text_format: bool) -> None:
+    """Raise :class:`DataError` if ``path`` is compressed in a way its reader will not undo.
+
+    ``text_format`` True means libsvm or CSV, whose reader decompresses a gzip file named
+    ``.gz`` and a bzip2 file named ``.bz2``. The .npy and .npz readers decompress nothing.
+    Without this check, such a file fails as text that is not UTF-8 or as a file without
+    the .npy header, which does not say that it is compressed.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    for tool, signatures, suffix, decompress in COMPRESSION_SIGNATURES:
+        if not head.startswith(signatures):
+            continue
+        if text_format and suffix is not None and path.suffix == suffix:
+            return
+        if not text_format:
+            fix = f"decompress it ({decompress}), because format npy and npz files are read as they are"
+        elif suffix is None:
+            fix = f"decompress it ({decompress}), or compress it with gzip and name it .gz"
+        else:
+            fix = f"rename it to end in {suffix}, so that Baton decompresses it as it reads, or decompress it"
+        raise DataError(f"'{source}' is {tool}-compressed; {fix}")
+
+
 def check_text_format(path: Path, source: str, data_format: str) -> None:
     """Raise :func:`wrong_format_error` if a file read as text starts as another format.
 
@@ -183,6 +219,7 @@ def check_text_format(path: Path, source: str, data_format: str) -> None:
     ``data.delimiter`` rather than ``data.format``.
     """
     try:
+        check_not_compressed(path, source, text_format=True)
         with open_binary(path, source) as handle:
             detected = detect_stream_format(handle)
     except (OSError, EOFError) as error:
