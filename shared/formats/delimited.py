@@ -328,7 +328,12 @@ class CsvLayout(NamedTuple):
 
 
 class _LineReader:
-    """A reader of a binary file's lines, one at a time and decoded, that counts lines and bytes."""
+    """A reader of a binary file's lines, one at a time and decoded, that counts lines and bytes.
+
+    NOTE: lines end at LF only here, so a file with CR-only line ends is one line to this
+    reader. Without data.header and data.skip_rows such a file still reads, but with them
+    the header or the skipped line takes the whole file.
+    """
 
     def __init__(self, handle: io.BufferedIOBase, source: str):
         self.handle = handle
