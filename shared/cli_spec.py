@@ -238,7 +238,7 @@ def _read_spec_file(spec_file: Path) -> dict:
 
 
 # A comment (// or /* */) that starts a line or follows a space, and a comma before a closing
-# bracket or brace. Editors for JavaScript and JSON5 accept both; JSON does not.
+# bracket or brace. JavaScript and JSON5 allow both, but JSON does not.
 _JSON_COMMENT = re.compile(r"(^|\s)(//|/\*)", re.MULTILINE)
 _TRAILING_COMMA = re.compile(r",\s*[}\]]")
 

@@ -36,7 +36,7 @@ S3_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(\S+)$")
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Baton's limit on a jobs-queue message body, in UTF-8 bytes, below SQS's own maximum message size.
 MAX_SPEC_BYTES = 64 * 1024
-# The longest file or folder name, in bytes, that Linux file systems (ext4, NFS and so EFS) accept.
+# The maximum length in bytes of one file or folder name on Linux file systems (ext4, NFS) and on EFS.
 MAX_NAME_BYTES = 255
 SHRINK_SPEC_ADVICE = ("leave out fields that keep their default value (docs/job-spec.md gives each default) and "
                       "shorten the longest lists and strings")

@@ -195,7 +195,7 @@ def _special_file_kind(path: str | os.PathLike) -> str:
 
 
 def check_import_source(source: Path) -> None:
-    """Raise ``ValueError`` if ``source`` holds anything an import cannot copy as data.
+    """Raise ``ValueError`` if ``source`` contains anything an import cannot copy as data.
 
     That is a named pipe, socket or device, a symbolic link to a missing file, or a link
     that leads back to a folder it is in, which would make the copy endless. The whole
