@@ -320,7 +320,7 @@ def _import_local_data(stack, imports: tuple[str, ...]) -> None:
         if not separator or not source or not destination:
             raise click.BadParameter(f"expected SOURCE:DEST with neither part empty, got {mapping!r}",
                                      param_hint="--import")
-        if not Path(source).exists():
+        if not Path(source).exists() and not Path(source).is_symlink():
             raise click.BadParameter(f"source {source!r} does not exist (in {mapping!r}, the last ':' separates "
                                      "SOURCE from DEST)", param_hint="--import")
         try:
@@ -480,25 +480,33 @@ def _missing_data_hint(record, efs_root: Path) -> str:
 def _after_failure(record, efs_root: Path) -> str:
     """Return what to do after ``baton run``'s own job failed, as a sentence to append to its error.
 
-    Only a job whose rounds a rerun would go on from gets one. The error of a job that
-    failed in preparation, or whose data changed, already names its fix, and so does the
-    error of a diverged job, which a rerun would only repeat.
+    A job whose rounds a rerun would go on from gets one. So does a job whose error says
+    to run ``baton resume``, such as a dead-lettered message in round 1, because the stack
+    that command needs stops with ``baton run``. The error of a job that failed in
+    preparation, or whose data changed, already names its fix, and so does the error of a
+    diverged job, which a rerun would only repeat.
     """
-    if record.status != "FAILED" or record.total_rounds == 0 or DIVERGED_WORDS in (record.error or ""):
+    if record.status != "FAILED" or DIVERGED_WORDS in (record.error or ""):
         return ""
+    names_resume = "`baton resume" in (record.error or "")
     store = EfsStore(efs_root)
-    try:
-        identity = run_identity(store, parse_job_spec(json.loads(record.spec_json)))
-    except (BatonError, OSError, ValueError):
-        return ""
-    first_round = continuation_round(store, record.job_id, record.total_rounds, identity)
+    first_round = 0
+    if record.total_rounds > 0:
+        try:
+            identity = run_identity(store, parse_job_spec(json.loads(record.spec_json)))
+            first_round = continuation_round(store, record.job_id, record.total_rounds, identity)
+        except (BatonError, OSError, ValueError):
+            first_round = 0
+    instead = "This stack stops with baton run, so instead of `baton resume`, run the same command again"
     if first_round == 0:
-        return ""
+        return f". {instead} once the cause is fixed" if names_resume else ""
     if record.repair is not None:
         # The error names `baton resume`, which needs the stack that stops with this command.
-        return (f". This stack stops with baton run, so instead of `baton resume`, run the same command again: "
-                f"it makes the same repair from the files in {store.job_dir(record.job_id)} and goes on from round "
-                f"{first_round + 1}")
+        return (f". {instead}: it makes the same repair from the files in {store.job_dir(record.job_id)} and goes "
+                f"on from round {first_round + 1}")
+    if names_resume:
+        return (f". {instead} once the cause is fixed: it goes on from round {first_round + 1} with the files in "
+                f"{store.job_dir(record.job_id)}")
     return (f". Its files remain in {store.job_dir(record.job_id)}; once the cause is fixed, running the same "
             f"command again goes on from round {first_round + 1}")
 

@@ -231,10 +231,25 @@ def _read_spec_file(spec_file: Path) -> dict:
     except JobSpecError as error:
         raise click.ClickException(f"{spec_file}: {error}") from None
     except (ValueError, RecursionError) as error:
-        raise click.ClickException(f"{spec_file} is not a valid JSON file: {error}") from None
+        raise click.ClickException(f"{spec_file} is not a valid JSON file: {error}{_json_syntax_hint(text)}") from None
     if not isinstance(spec, dict):
         raise click.ClickException(f"{spec_file} contains a JSON {type(spec).__name__}, but a job spec is a JSON object")
     return spec
+
+
+# A comment (// or /* */) that starts a line or follows a space, and a comma before a closing
+# bracket or brace. JavaScript and JSON5 allow both, but JSON does not.
+_JSON_COMMENT = re.compile(r"(^|\s)(//|/\*)", re.MULTILINE)
+_TRAILING_COMMA = re.compile(r",\s*[}\]]")
+
+
+def _json_syntax_hint(text: str) -> str:
+    """Return a hint for comments or trailing commas in a spec file that is not valid JSON, or ""."""
+    found = [name for name, pattern in (("comments", _JSON_COMMENT), ("a comma after the last item", _TRAILING_COMMA))
+             if pattern.search(text)]
+    if not found:
+        return ""
+    return f"; the file seems to contain {' and '.join(found)}, which JSON does not allow, so remove them"
 
 
 def _not_utf8_message(spec_file: Path, raw: bytes, error: UnicodeDecodeError) -> str:

@@ -179,10 +179,9 @@ def drain_dead_letters(services: Services) -> int:
                     logger.info("dead-lettered message predates the job's resume; deleted",
                                 extra={"job_id": job_id, "queue": queue_name})
                 elif job_id is not None:
-                    receive_count = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
                     newly_failed = state.fail_job(
-                        job_id, f"a {queue_name} message ({message['MessageId']}) reached the dead-letter queue after "
-                                f"{receive_count} receives; "
+                        job_id, f"a {queue_name} message ({message['MessageId']}) reached the dead-letter queue"
+                                f"{_handler_receives_text(message, settings.max_receive_count)}; "
                                 f"{_dead_letter_cause(record, message['MessageId'], function_name)}; "
                                 f"fix the cause, then run `baton resume {job_id}`")
                     logger.error("dead-lettered message", extra={"job_id": job_id, "queue": queue_name,
@@ -194,6 +193,23 @@ def drain_dead_letters(services: Services) -> int:
                 sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
                 handled += 1
     return handled
+
+
+def _handler_receives_text(message: dict, max_receive_count: int) -> str:
+    """Return " after N receives", N being how often the handler received a dead-lettered ``message``.
+
+    The message's ``ApproximateReceiveCount`` includes this drain's own receive, and on AWS
+    those of earlier drains that failed before deleting it. SQS moves a message after
+    ``maxReceiveCount`` receives, so the count is capped there. Returns "" when the count
+    is missing or shows no handler receive (a message sent to the dead-letter queue directly).
+    """
+    try:
+        handler_receives = min(int(message.get("Attributes", {})["ApproximateReceiveCount"]) - 1, max_receive_count)
+    except (KeyError, ValueError):
+        return ""
+    if handler_receives < 1:
+        return ""
+    return f" after {handler_receives} receive{'' if handler_receives == 1 else 's'}"
 
 
 def _dead_letter_cause(record: JobRecord | None, message_id: str, function_name: str) -> str:

@@ -156,7 +156,17 @@ class PreparationFiles:
         return self.root / "stats" / f"{block}.npz"
 
     def source_copy(self, role: str, uri: str) -> Path:
-        return self.root / "sources" / f"{role}-{uri.rsplit('/', 1)[-1]}"
+        """Return the path that the ``s3://`` object ``uri`` is copied to.
+
+        An S3 key's last part may be longer than the 255 bytes a file name may have, so a
+        long one is replaced by a hash of the URI, keeping the suffixes (such as
+        ``.csv.gz``) that the readers go by.
+        """
+        name = f"{role}-{uri.rsplit('/', 1)[-1]}"
+        if len(name.encode("utf-8", "surrogatepass")) > 255:
+            suffixes = "".join(suffix for suffix in Path(name).suffixes[-2:] if len(suffix) <= 16)
+            name = f"{role}-{hashlib.sha256(uri.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}{suffixes}"
+        return self.root / "sources" / name
 
 
 # Driver --------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ S3_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(\S+)$")
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Baton's limit on a jobs-queue message body, in UTF-8 bytes, below SQS's own maximum message size.
 MAX_SPEC_BYTES = 64 * 1024
+# The maximum length in bytes of one file or folder name on Linux file systems (ext4, NFS) and on EFS.
+MAX_NAME_BYTES = 255
 SHRINK_SPEC_ADVICE = ("leave out fields that keep their default value (docs/job-spec.md gives each default) and "
                       "shorten the longest lists and strings")
 
@@ -298,12 +300,27 @@ def _integer_fix(value: float) -> str:
     return f"write {math.floor(value)} or {math.ceil(value)}"
 
 
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _unquote_hint(value: Any, is_json_value: Callable[[str], bool]) -> str:
+    """Return "; write 4 without quotes" for a string such as "4" whose text is the JSON value expected, else ""."""
+    if isinstance(value, str) and value.strip() and is_json_value(value.strip()):
+        return f"; write {value.strip()} without quotes"
+    return ""
+
+
 def _check_number(path: str, expected: str, meta: Mapping[str, Any], value: Any) -> int | float:
     """Return ``value`` as an int or a float within the field's range, or raise showing it as typed."""
     kind = "an integer" if expected == "int" else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or (isinstance(value, float) and math.isnan(value)):
-        raise JobSpecError(path, f"expected {kind}, got {shown(value)}")
+        raise JobSpecError(path, f"expected {kind}, got {shown(value)}{_unquote_hint(value, _parses_as_number)}")
     # Python compares ints and floats exactly, so a huge integer or an infinity gets the
     # range's message before any conversion.
     _check_range(path, meta, value)
@@ -368,7 +385,8 @@ def _check_value(section: str, name: str, annotation: str, meta: Mapping[str, An
         value = _check_number(path, expected, meta, value)
     elif expected == "bool":
         if not isinstance(value, bool):
-            raise JobSpecError(path, f"expected true or false, got {shown(value)}")
+            raise JobSpecError(path, f"expected true or false, got {shown(value)}"
+                                     f"{_unquote_hint(value, lambda text: text in ('true', 'false'))}")
     elif expected == "str":
         if not isinstance(value, str) or not value:
             raise JobSpecError(path, f"expected a non-empty string, got {shown(value)}")
@@ -460,6 +478,12 @@ def check_relative_path(field_path: str, value: str) -> str:
     parts = value.split("/")
     if ".." in parts:
         raise JobSpecError(field_path, f"got {value!r}; '..' is not allowed, the path must stay under the EFS root")
+    for part in parts:
+        size = len(part.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            raise JobSpecError(field_path, f"got a file or folder name of {size} bytes ({shown(part)}); Linux and "
+                                           f"EFS allow at most {MAX_NAME_BYTES} bytes in one name, so rename the "
+                                           "file or folder to a shorter name and give that name")
     return posixpath.normpath(value)
 
 

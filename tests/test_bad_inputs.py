@@ -119,6 +119,12 @@ CASES = [
      ["data.path", "NUL byte", "at character 11", "remove it"]),
     ("data-path-backslash", json.dumps(spec("path-backslash", data=csv_data("datasets\\a.csv"))), "path-backslash",
      ["data.path", "separate folders with '/'"]),
+    # Linux and EFS allow at most 255 bytes in one file or folder name.
+    ("data-path-name-too-long", json.dumps(spec("path-long", data=csv_data("datasets/" + "a" * 300 + ".csv"))),
+     "path-long", ["data.path", "name of 304 bytes", "at most 255 bytes", "rename the file"]),
+    ("validation-path-name-too-long",
+     json.dumps(spec("val-long", data={**GOOD_CSV, "validation_path": "datasets/" + "b" * 256})),
+     "val-long", ["data.validation_path", "name of 256 bytes", "at most 255 bytes"]),
     ("validation-path-dot-dot", json.dumps(spec("val-escape", data={**GOOD_CSV, "validation_path": "a/../../b"})),
      "val-escape", ["validation_path", "'..'"]),
     # Each link leads to a file or folder next to the EFS root, outside it.
@@ -927,3 +933,69 @@ def test_redelivered_conflict_spares_running_job(stack):
     assert response["batchItemFailures"] == []
     assert "last_error" not in stack.state.get_job("running-job").attributes
     assert stack.state.get_job(derive_job_id(message_id)).status == "FAILED"
+
+
+def test_overlong_path_is_permanent(tmp_path):
+    from shared.formats.files import check_data_file
+
+    # Each name is within the 255-byte limit, but the whole path is beyond Linux's 4,096.
+    long_path = tmp_path.joinpath(*["d" * 250] * 20, "data.csv")
+
+    with pytest.raises(BatonError, match="data.validation_path '.*' is too long for the file system.*at most 255"):
+        check_data_file(long_path, "x/data.csv", "data.validation_path")
+
+
+def test_long_s3_key_gets_short_copy_name(tmp_path):
+    from shared.efs import EfsStore
+    from shared.preparation import PreparationFiles
+
+    files = PreparationFiles(EfsStore(tmp_path), "long-key")
+    uri = "s3://bucket/data/" + "k" * 300 + ".csv.gz"
+
+    copy = files.source_copy("validation", uri)
+
+    assert len(copy.name.encode()) <= 255
+    assert copy.name.endswith(".csv.gz")
+    assert files.source_copy("train", "s3://bucket/a.csv").name == "train-a.csv"
+
+
+def _csv_rows(n_rows: int) -> list[str]:
+    return [f"{row}.5,{row % 3}.25,{row % 2}" for row in range(n_rows)]
+
+
+@pytest.mark.parametrize("name, text, delimiter, words", [
+    # The first row's count must include the empty last column that numpy.loadtxt reads.
+    ("tabs.csv", "".join(line.replace(",", "\t") + "\t\n" for line in _csv_rows(6)), "\t",
+     ["line 1 of 'tabs.csv' ends with the delimiter '\\t', so its last column (4) is empty"]),
+    ("spaces.csv", "".join(line.replace(",", " ") + " \n" for line in _csv_rows(6)), " ",
+     ["line 1 of 'spaces.csv' ends with the delimiter ' ', so its last column (4) is empty"]),
+    # Old Mac line ends: CR alone ends a line in the check as in numpy.loadtxt.
+    ("cr.csv", "\r".join(_csv_rows(8)[:5] + ["1.5,oops,1"] + _csv_rows(3)) + "\r", ",",
+     ["line 6 of 'cr.csv', column 2 is 'oops', which is not a number"]),
+    ("thousands.csv", "\n".join(_csv_rows(3) + ['"1,001.5",2,1'] + _csv_rows(2)) + "\n", ",",
+     ["line 4 of 'thousands.csv', column 1 is '\"1,001.5\"', which is not a number",
+      "(remove the thousands separator ',')"]),
+])
+def test_csv_error_names_real_problem(tmp_path, name, text, delimiter, words):
+    from shared.formats.delimited import read_csv
+
+    path = tmp_path / name
+    path.write_bytes(text.encode())
+
+    with pytest.raises(BatonError) as raised:
+        read_csv(path, delimiter=delimiter, source=name)
+    for word in words:
+        assert word in str(raised.value)
+    assert "columns but the first row" not in str(raised.value)
+
+
+def test_csv_quoted_numbers_still_read(tmp_path):
+    from shared.formats.delimited import read_csv
+
+    path = tmp_path / "quoted.csv"
+    path.write_text('"1.5","2",1\n"3","4.25",0\n')
+
+    X, y = read_csv(path)
+
+    assert X.tolist() == [[1.5, 2.0], [3.0, 4.25]]
+    assert y.tolist() == [1.0, 0.0]

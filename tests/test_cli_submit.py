@@ -350,7 +350,11 @@ def test_run_rejects_spec_as_submit_does(tmp_path):
                                                     "save the spec file as UTF-8"]),
     (b'{"optimizer": {"learning_rate": 0.1, "name": "sgd", "learning_rate": 10}}',
      ["job.json: invalid job spec field 'optimizer.learning_rate'", "more than once", "keep one"]),
-], ids=["truncated-json", "json-list", "utf-16", "latin-1", "repeated-key"])
+    (b'{\n  // the model\n  "model": {"name": "kmeans"}\n}',
+     ["job.json is not a valid JSON file", "seems to contain comments, which JSON does not allow"]),
+    (b'{"model": {"name": "kmeans"},\n "data": {"path": "s3://b/x"},}',
+     ["job.json is not a valid JSON file", "seems to contain a comma after the last item, which JSON does not allow"]),
+], ids=["truncated-json", "json-list", "utf-16", "latin-1", "repeated-key", "comment", "trailing-comma"])
 def test_unreadable_file_sends_nothing(jobs_queue, tmp_path, content, words):
     spec_file = tmp_path / "job.json"
     spec_file.write_bytes(content)

@@ -217,6 +217,25 @@ def test_failure_line_names_next_round(inprocess_stack, efs_root):
     assert _after_failure(damaged, efs_root).endswith("goes on from round 7")
 
 
+def test_dead_letter_failure_names_rerun(inprocess_stack, efs_root):
+    from shared.cli_run import _after_failure
+
+    spec = breast_cancer_spec("dead-local", training={"max_rounds": N_ROUNDS})
+    inprocess_stack.submit(spec)
+    run_until_round(inprocess_stack, "dead-local", 7)
+    record = inprocess_stack.services.state.get_job("dead-local")
+    error = ("a baton-local-tasks message (m) reached the dead-letter queue after 5 receives; fix the cause, then "
+             "run `baton resume dead-local`")
+    in_first_round = replace(record, status="FAILED", error=error, round=0, total_rounds=0)
+    later = replace(record, status="FAILED", error=error)
+
+    assert _after_failure(in_first_round, efs_root) == (". This stack stops with baton run, so instead of "
+                                                        "`baton resume`, run the same command again once the cause "
+                                                        "is fixed")
+    assert "instead of `baton resume`, run the same command again" in _after_failure(later, efs_root)
+    assert "goes on from round 7" in _after_failure(later, efs_root)
+
+
 def test_fresh_start_ignores_saved_progress(inprocess_stack, efs_root):
     # One step per invocation, so the aggregator of round 0 saves its progress on EFS. The
     # run is lost after round 0, and the fresh start must not adopt that progress.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import shutil
 import uuid
 
@@ -526,6 +528,22 @@ def test_libsvm_underscore_in_number_rejected(line, words):
         parse_libsvm_text("1 1:2\n" + line + "\n", "typo.svm")
 
 
+@pytest.mark.parametrize("text, hinted", [
+    ("1.0,0.5,2\n", True),
+    ("0.869\t-0.635\t0.226\n", True),
+    ("1 0.5 2\n", True),
+    ("1 3:1 x\n", False),
+])
+def test_libsvm_error_names_format_for_delimited(text, hinted):
+    from shared.formats.libsvm import parse_libsvm_text
+    from shared.errors import DataError
+
+    with pytest.raises(DataError) as raised:
+        parse_libsvm_text(text, "table.txt")
+
+    assert ("set it to csv or npy if the file is not libsvm" in str(raised.value)) == hinted
+
+
 def test_libsvm_ascii_parse_of_empty_text():
     from shared.formats.libsvm import _parse_ascii_libsvm
 
@@ -946,3 +964,46 @@ def test_text_variants_parse_as_clean(tmp_path, data_format, variant):
         for X, y in (read_whole(path), read_in_parts(path, data, width)):
             np.testing.assert_array_equal(X, X_clean)
             np.testing.assert_array_equal(y, y_clean)
+
+
+@pytest.mark.parametrize("name, compress, data_format, words", [
+    ("rows.csv", gzip.compress, "csv", "'rows.csv' is gzip-compressed; rename it to end in .gz"),
+    ("rows.csv.gz.bak", gzip.compress, "libsvm", "is gzip-compressed; rename it to end in .gz"),
+    ("rows.txt", bz2.compress, "csv", "'rows.txt' is bzip2-compressed; rename it to end in .bz2"),
+    ("rows.csv.xz", lzma.compress, "csv", "'rows.csv.xz' is xz-compressed; decompress it (xz -d), or compress it "
+                                          "with gzip"),
+    ("rows.csv.gz", lzma.compress, "csv", "'rows.csv.gz' is xz-compressed"),
+])
+def test_compressed_text_without_suffix_named(tmp_path, name, compress, data_format, words):
+    from shared.errors import DataError
+    from shared.formats.files import check_text_format
+
+    path = tmp_path / name
+    path.write_bytes(compress(b"1,0.5,2\n0,1.5,3\n"))
+
+    with pytest.raises(DataError) as raised:
+        check_text_format(path, name, data_format)
+
+    assert words in str(raised.value)
+
+
+def test_compressed_text_with_suffix_passes(tmp_path):
+    from shared.formats.files import check_text_format
+
+    for name, compress in (("rows.csv.gz", gzip.compress), ("rows.csv.bz2", bz2.compress)):
+        path = tmp_path / name
+        path.write_bytes(compress(b"1,0.5,2\n0,1.5,3\n"))
+        check_text_format(path, name, "csv")
+
+
+def test_gzipped_npy_named(tmp_path):
+    from shared.errors import DataError
+    from shared.formats.npy import load_npy
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones((3, 2)))
+    path = tmp_path / "table.npy.gz"
+    path.write_bytes(gzip.compress(buffer.getvalue()))
+
+    with pytest.raises(DataError, match=r"'table.npy.gz' is gzip-compressed; decompress it \(gunzip\)"):
+        load_npy(path, "table.npy.gz")

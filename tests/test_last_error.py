@@ -199,6 +199,8 @@ def test_dead_letter_quotes_error_of_same_message(inprocess_stack, failing_worke
     record = stack.services.state.get_job(JOB_ID)
     assert record.status == FAILED
     assert f"a {stack.settings.tasks_queue_name} message ({message_id}) reached the dead-letter queue" in record.error
+    # Five receives by the worker; the drain's own receive is not counted.
+    assert "reached the dead-letter queue after 5 receives;" in record.error
     assert f"its last recorded error was: worker failed on message {message_id} (receive 4): " in record.error
     assert f"{FAULT_TYPE}: {FAULT_TEXT}" in record.error
 

@@ -181,6 +181,7 @@ def test_cli_run_names_job_without_id(tmp_path, file_name, max_rounds, expected_
     ("/no/such:folder:datasets/x", "source '/no/such:folder' does not exist (in '/no/such:folder:datasets/x', the "
                                    "last ':' separates SOURCE from DEST)"),
     (":datasets/x", "neither part empty"),
+    (f"{A9A_DIR}:datasets/{'x' * 256}", "at most 255 bytes in one name"),
 ])
 def test_cli_run_rejects_bad_import(tmp_path, mapping, words):
     spec_file = tmp_path / "job.json"
@@ -394,6 +395,70 @@ def test_import_rejects_folder_holding_destination(tmp_path):
     with pytest.raises(ValueError, match="contains the destination .* so the copy would copy itself over and over"):
         LocalStack(efs_root).import_data(project, "datasets/project")
     assert not (efs_root / "datasets" / "project").exists()
+
+
+def test_import_rejects_named_pipe(tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    efs_root = tmp_path / "efs"
+
+    with pytest.raises(ValueError, match="is a named pipe, not a file or folder .* write the data to a file first"):
+        LocalStack(efs_root).import_data(pipe, "datasets/data.csv")
+    assert not (efs_root / "datasets" / "data.csv").exists()
+
+
+@pytest.mark.parametrize("make_entry, words", [
+    (lambda folder: os.mkfifo(folder / "pipe"), "contains '.*pipe', a named pipe, which cannot be copied"),
+    (lambda folder: (folder / "self").symlink_to(folder), "contains a symbolic link loop at '.*self'"),
+    (lambda folder: (folder / "inner" / "up").symlink_to(".."), "contains a symbolic link loop at '.*up'"),
+    (lambda folder: (folder / "gone").symlink_to(folder / "missing"), "'.*gone', a symbolic link to a missing file"),
+])
+def test_import_rejects_folder_it_cannot_copy(tmp_path, make_entry, words):
+    source = tmp_path / "source"
+    (source / "inner").mkdir(parents=True)
+    (source / "rows.csv").write_text("1,0\n")
+    make_entry(source)
+    efs_root = tmp_path / "efs"
+
+    with pytest.raises(ValueError, match=words):
+        LocalStack(efs_root).import_data(source, "datasets/copy")
+    assert not (efs_root / "datasets" / "copy").exists()
+
+
+def test_failed_folder_import_leaves_nothing(tmp_path, monkeypatch):
+    from shared.local import session
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("a.csv", "b.csv"):
+        (source / name).write_text("1,0\n")
+    real_replace = session._replace_file
+
+    def fail_on_second(file_source, target):
+        if str(file_source).endswith("b.csv"):
+            raise PermissionError(13, "Permission denied", str(file_source))
+        return real_replace(file_source, target)
+
+    monkeypatch.setattr(session, "_replace_file", fail_on_second)
+    efs_root = tmp_path / "efs"
+
+    with pytest.raises(ValueError, match="cannot copy import source .*b.csv.*Permission denied"):
+        LocalStack(efs_root).import_data(source, "datasets/copy")
+    assert list((efs_root / "datasets").iterdir()) == []
+
+
+def test_cli_run_rejects_piped_import(tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(a9a_spec("piped")))
+
+    result = CliRunner().invoke(main, ["run", str(spec_file), "--local-dir", str(tmp_path / "baton"),
+                                       "--import", f"{pipe}:datasets/a9a/a9a"])
+
+    assert result.exit_code != 0
+    assert "is a named pipe" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_cli_status_explains_missing_table(local_stack):

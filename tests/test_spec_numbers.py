@@ -88,6 +88,10 @@ def test_huge_class_weight_rejected():
     ('"training": {"n_workers": true}}', "expected an integer, got true"),
     ('"training": {"n_workers": {"x": 1}}}', 'expected an integer, got {"x": 1}'),
     ('"training": {"n_workers": [1, 2]}}', "expected an integer, got [1, 2]"),
+    ('"training": {"n_workers": "4"}}', "expected an integer, got '4'; write 4 without quotes"),
+    ('"optimizer": {"name": "sgd", "learning_rate": "0.1"}}',
+     "expected a number, got '0.1'; write 0.1 without quotes"),
+    ('"training": {"local_epoch": "true"}}', "expected true or false, got 'true'; write true without quotes"),
     ('"training": 1}', "'training': expected an object, got 1"),
     ('"training": "fast"}', "'training': expected an object, got 'fast'"),
 ])

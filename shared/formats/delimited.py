@@ -31,13 +31,54 @@ def csv_delimiter(delimiter: str) -> str | None:
     return None if delimiter == "whitespace" else delimiter
 
 
+def _split_lines(text: str) -> list[str]:
+    """Return the lines of ``text`` as ``numpy.loadtxt`` reads them: ended by LF, CR LF or CR alone."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _split_fields(line: str, delimiter: str) -> list[str]:
-    """Return the fields of one CSV line as ``numpy.loadtxt`` splits them; none for an empty line."""
-    content = line.rstrip("\r")
+    """Return the fields of one CSV line as ``numpy.loadtxt`` splits them; none for an empty line.
+
+    A field in double quotes may contain the delimiter, as in ``"1,001.5"``, because
+    ``numpy.loadtxt`` reads with ``quotechar='"'``.
+    """
+    content = line.rstrip("\r\n")
     separator = csv_delimiter(delimiter)
     if separator is None:
         return content.split()
-    return content.split(separator) if content else []
+    if not content:
+        return []
+    if '"' not in content:
+        return content.split(separator)
+    return _split_quoted(content, separator)
+
+
+def _split_quoted(content: str, separator: str) -> list[str]:
+    """Split ``content`` at ``separator`` except inside a field that opens and closes with a double quote.
+
+    The quotes stay on the field, for the messages. A quote that is not closed is
+    taken as text, so that the message names the field where it starts.
+    """
+    fields = []
+    start = 0
+    while True:
+        end = content.find(separator, start)
+        if content.startswith('"', start):
+            close = content.find('"', start + 1)
+            # A doubled quote inside the field is a quote character, not the end.
+            while close != -1 and content.startswith('""', close):
+                close = content.find('"', close + 2)
+            if close != -1:
+                end = content.find(separator, close + 1)
+        if end == -1:
+            fields.append(content[start:])
+            return fields
+        fields.append(content[start:end])
+        start = end + len(separator)
+
+
+# A number written with commas between groups of three digits, as spreadsheets export it.
+_THOUSANDS_SEPARATED = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$")
 
 
 def _is_number(field: str) -> bool:
@@ -66,7 +107,7 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
     ``n_columns`` came from, such as ``"the header"``.
     """
     expected = n_columns
-    for offset, line in enumerate(text.split("\n")):
+    for offset, line in enumerate(_split_lines(text)):
         if not line.strip():
             continue
         fields = _split_fields(line, delimiter)
@@ -90,6 +131,8 @@ def find_csv_problem(text: str, delimiter: str, label_index: int, n_columns: int
                 problem = "is empty" if not field.strip() else f"is {quote_value(field.strip())}, which is not a number"
                 if field.strip() and not field.isascii():
                     problem += " (only ASCII digits 0-9 are read)"
+                if _THOUSANDS_SEPARATED.match(field.strip().strip('"')):
+                    problem += " (remove the thousands separator ',')"
                 return DataError(f"line {line_number} of '{source}', column {column} {problem}; CSV data must be "
                                  "numeric, so encode or remove that value, or check data.delimiter, data.header "
                                  "and data.skip_rows")
@@ -285,7 +328,12 @@ class CsvLayout(NamedTuple):
 
 
 class _LineReader:
-    """A reader of a binary file's lines, one at a time and decoded, that counts lines and bytes."""
+    """A reader of a binary file's lines, one at a time and decoded, that counts lines and bytes.
+
+    NOTE: lines end at LF only here, so a file with CR-only line ends is one line to this
+    reader. Without data.header and data.skip_rows such a file still reads, but with them
+    the header or the skipped line takes the whole file.
+    """
 
     def __init__(self, handle: io.BufferedIOBase, source: str):
         self.handle = handle
@@ -441,7 +489,7 @@ def split_header(line: str, delimiter: str) -> list[str]:
 
 def count_columns(text: str, delimiter: str) -> int:
     """Return the number of columns in the first non-blank line of ``text``, 0 if there is none."""
-    for line in text.splitlines():
+    for line in _split_lines(text):
         if line.strip():
-            return len(line.strip().split(csv_delimiter(delimiter)))
+            return len(_split_fields(line, delimiter))
     return 0

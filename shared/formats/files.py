@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import errno
 import gzip
 import io
 import os
@@ -57,7 +58,17 @@ def check_data_file(path: Path, source: str, field: str) -> None:
     DataError
         Naming the file, what it is instead, and what to do.
     """
-    if path.is_symlink() and not path.exists():
+    try:
+        dangling = path.is_symlink() and not path.exists()
+    except OSError as error:
+        # pathlib passes over a missing file and a link loop, but not a name or path
+        # that is too long. Retrying cannot make it shorter, so the error is permanent.
+        if error.errno == errno.ENAMETOOLONG:
+            raise DataError(f"{field} '{source}' is too long for the file system: a file or folder name may have "
+                            "at most 255 bytes, and the whole path on EFS at most 4,095; rename the file or folders "
+                            f"to shorter names and give the new path in {field}") from None
+        raise
+    if dangling:
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}' is a symbolic link to a missing file, or one of a loop of "
                         f"links; check {field} and point the link at the file on EFS, or copy the file there")
     if not path.exists():
@@ -163,6 +174,42 @@ def wrong_format_error(source: str, data_format: str, detected: str) -> DataErro
                      + (f", or, if the file should be {save}" if save else ""))
 
 
+# The first bytes of a file compressed by each tool, and the suffix that makes Baton
+# decompress it as it reads (None: Baton does not read that compression).
+COMPRESSION_SIGNATURES = (
+    ("gzip", (b"\x1f\x8b",), ".gz", "gunzip"),
+    # "BZh", the block size digit, then the magic of a block or of the end of the stream.
+    ("bzip2", tuple(b"BZh" + str(level).encode() + magic for level in range(1, 10)
+                    for magic in (b"1AY&SY", b"\x17rE8P\x90")), ".bz2", "bunzip2"),
+    ("xz", (b"\xfd7zXZ\x00",), None, "xz -d"),
+    ("zstd", (b"\x28\xb5\x2f\xfd",), None, "zstd -d"),
+)
+
+
+def check_not_compressed(path: Path, source: str, text_format: bool) -> None:
+    """Raise :class:`DataError` if ``path`` is compressed in a way its reader will not undo.
+
+    ``text_format`` True means libsvm or CSV, whose reader decompresses a gzip file named
+    ``.gz`` and a bzip2 file named ``.bz2``. The .npy and .npz readers decompress nothing.
+    Without this check, such a file fails as text that is not UTF-8 or as a file without
+    the .npy header, which does not say that it is compressed.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    for tool, signatures, suffix, decompress in COMPRESSION_SIGNATURES:
+        if not head.startswith(signatures):
+            continue
+        if text_format and suffix is not None and path.suffix == suffix:
+            return
+        if not text_format:
+            fix = f"decompress it ({decompress}), because format npy and npz files are read as they are"
+        elif suffix is None:
+            fix = f"decompress it ({decompress}), or compress it with gzip and name it .gz"
+        else:
+            fix = f"rename it to end in {suffix}, so that Baton decompresses it as it reads, or decompress it"
+        raise DataError(f"'{source}' is {tool}-compressed; {fix}")
+
+
 def check_text_format(path: Path, source: str, data_format: str) -> None:
     """Raise :func:`wrong_format_error` if a file read as text starts as another format.
 
@@ -172,6 +219,7 @@ def check_text_format(path: Path, source: str, data_format: str) -> None:
     ``data.delimiter`` rather than ``data.format``.
     """
     try:
+        check_not_compressed(path, source, text_format=True)
         with open_binary(path, source) as handle:
             detected = detect_stream_format(handle)
     except (OSError, EOFError) as error:

@@ -263,6 +263,15 @@ def _ascii_numbers(block: bytes, chars: np.ndarray, starts: np.ndarray, ends: np
     return numbers
 
 
+def _looks_delimited(line: str, content: str) -> bool:
+    """Return whether a malformed libsvm line looks like delimited text, such as CSV or tab-separated values.
+
+    That is a line with a comma, or a line of several tokens and no ``:`` at all, as a
+    row of numbers separated by tabs or spaces is.
+    """
+    return "," in line or (":" not in content and len(content.split()) > 1)
+
+
 def _parse_libsvm_checked(lines: list[str], source: str, first_line_number: int) -> tuple[sp.csr_matrix, np.ndarray]:
     """Parse libsvm lines one token at a time, naming the first malformed line."""
     labels: list[float] = []
@@ -304,7 +313,7 @@ def _parse_libsvm_checked(lines: list[str], source: str, first_line_number: int)
                 f"malformed libsvm line {line_number} in '{source}': {error}; "
                 "expected '<label> <index>:<value> ...' with increasing 1-based indices"
                 + (" (data.format is libsvm, the default; set it to csv or npy if the file is not libsvm)"
-                   if "," in line else "")
+                   if _looks_delimited(line, content) else "")
             ) from None
         indptr.append(len(indices))
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from shared.errors import DATA_FILE_NOT_FOUND, DataError
 from shared.formats.delimited import resolve_label_column
-from shared.formats.files import detect_stream_format, wrong_format_error
+from shared.formats.files import check_not_compressed, detect_stream_format, wrong_format_error
 
 
 # dtype kinds Baton reads: booleans, signed and unsigned integers, floating point.
@@ -106,6 +106,7 @@ def read_npz(path: Path, source: str | None = None) -> tuple[np.ndarray, np.ndar
     if not path.is_file():
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
     if not zipfile.is_zipfile(path):
+        check_not_compressed(path, source, text_format=False)
         with open(path, "rb") as handle:
             detected = detect_stream_format(handle)
         if detected is not None and detected != "npz":
@@ -138,6 +139,7 @@ def load_npy(path: Path, source: str | None = None) -> np.ndarray:
     source = source or str(path)
     if not path.is_file():
         raise DataError(f"{DATA_FILE_NOT_FOUND}: '{source}'; check data.path and that the file was copied onto EFS")
+    check_not_compressed(path, source, text_format=False)
     with open(path, "rb") as handle:
         detected = detect_stream_format(handle)
         if detected is not None and detected != "npy":

@@ -184,6 +184,85 @@ def _reject_links_to(real_target: Path) -> Callable[[str, list[str]], list[str]]
     return check
 
 
+def _special_file_kind(path: str | os.PathLike) -> str:
+    """Return what the existing path ``path`` is, when it is neither a regular file nor a folder."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def check_import_source(source: Path) -> None:
+    """Raise ``ValueError`` if ``source`` contains anything an import cannot copy as data.
+
+    That is a named pipe, socket or device, a symbolic link to a missing file, or a link
+    that leads back to a folder it is in, which would make the copy endless. The whole
+    source is checked before anything is copied, so a rejected import leaves no partial copy.
+    """
+    if source.is_symlink() and not source.exists():
+        raise ValueError(f"import source '{source}' is a symbolic link to a missing file, or one of a loop of links; "
+                         "point the link at the data or import the data itself")
+    if source.is_file():
+        return
+    if not source.is_dir():
+        raise ValueError(f"import source '{source}' is {_special_file_kind(source)}, not a file or folder (the "
+                         "shell's <(...) gives a named pipe); write the data to a file first and import that file")
+    # Each folder is visited with the real paths of the folders that lead to it, so that a
+    # link back to one of them is found before the copy would follow it.
+    pending: list[tuple[str, tuple[str, ...]]] = [(os.fspath(source), (os.path.realpath(source),))]
+    while pending:
+        folder, chain = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    real = os.path.realpath(entry.path)
+                    if real in chain:
+                        raise ValueError(f"import source '{source}' contains a symbolic link loop at '{entry.path}', "
+                                         f"which leads back to '{real}'; remove the link or import another folder")
+                    pending.append((entry.path, chain + (real,)))
+                elif entry.is_file():
+                    continue
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    raise ValueError(f"import source '{source}' contains '{entry.path}', a symbolic link to a "
+                                     "missing file or one of a loop of links; remove or fix the link")
+                else:
+                    raise ValueError(f"import source '{source}' contains '{entry.path}', "
+                                     f"{_special_file_kind(entry.path)}, which cannot be copied as data; remove "
+                                     "it from the folder or import the files one by one")
+
+
+def _copy_folder(source: Path, target: Path, real_target: Path) -> None:
+    """Copy the folder ``source`` to ``target``, each file through :func:`_replace_file`.
+
+    A new ``target`` is first copied to a temporary folder beside it, renamed to ``target``
+    once complete, so a failed copy leaves nothing at ``target``. Into an existing folder
+    the files are copied one at a time, and a failed copy leaves the files copied so far.
+    """
+    ignore = _reject_links_to(real_target)
+    if target.exists():
+        shutil.copytree(source, target, dirs_exist_ok=True, ignore=ignore, copy_function=_replace_file)
+        return
+    temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name[:50]}.", suffix=".import"))
+    try:
+        shutil.copytree(source, temporary, dirs_exist_ok=True, ignore=ignore, copy_function=_replace_file)
+        shutil.copystat(source, temporary)
+        os.rename(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _first_copy_error(error: OSError | shutil.Error) -> str:
+    """Return a one-line description of a failed copy; ``shutil.Error`` collects one per file."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+        source, _, problem = error.args[0][0]
+        count = len(error.args[0])
+        return f"{source}: {problem}" + (f" (and {count - 1} more files)" if count > 1 else "")
+    return str(error)
+
+
 def _is_current_copy(source: str | os.PathLike, target: str | os.PathLike) -> bool:
     """Return whether the regular file ``target`` is ``source`` or has its size and bytes.
 
@@ -212,7 +291,7 @@ def _replace_file(source: str | os.PathLike, target: str | os.PathLike) -> str |
     if _is_current_copy(source, target):
         return target
     descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(target),
-                                             prefix=f".{os.path.basename(target)}.", suffix=".import")
+                                             prefix=f".{os.path.basename(target)[:50]}.", suffix=".import")
     os.close(descriptor)
     try:
         shutil.copy2(source, temporary)
@@ -421,6 +500,7 @@ class LocalStack:
             ``source`` and ``destination`` is a folder and the other a file.
         """
         source, target = Path(source), self.efs_root / destination
+        check_import_source(source)
         # A link at the destination itself is replaced, not followed, so only its folder is resolved.
         real_source, real_target = Path(os.path.realpath(source)), Path(os.path.realpath(target.parent)) / target.name
         if source.is_dir() and (real_target == real_source or real_source in real_target.parents):
@@ -447,11 +527,14 @@ class LocalStack:
             kinds = ("folder", "file") if source.is_dir() else ("file", "folder")
             raise ValueError(f"import source '{source}' is a {kinds[0]}, but destination '{destination}' is a "
                              f"{kinds[1]}; remove {target} or choose another destination")
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True, ignore=_reject_links_to(real_target),
-                            copy_function=_replace_file)
-        else:
-            _replace_file(source, target)
+        try:
+            if source.is_dir():
+                _copy_folder(source, target, real_target)
+            else:
+                _replace_file(source, target)
+        except (OSError, shutil.Error) as error:
+            raise ValueError(f"cannot copy import source '{source}' to '{destination}': {_first_copy_error(error)}; "
+                             "fix the source or choose another destination") from None
         return target
 
     def submit(self, spec: dict | str) -> str:
