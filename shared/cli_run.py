@@ -480,7 +480,7 @@ def _missing_data_hint(record, efs_root: Path) -> str:
 def _after_failure(record, efs_root: Path) -> str:
     """Return what to do after ``baton run``'s own job failed, as a sentence to append to its error.
 
-    A job whose rounds a rerun would go on from gets one. So does a job whose error says
+    A job whose rounds a rerun would go on from gets one. So does a job whose error advises
     to run ``baton resume``, such as a dead-lettered message in round 1, because the stack
     that command needs stops with ``baton run``. The error of a job that failed in
     preparation, or whose data changed, already names its fix, and so does the error of a

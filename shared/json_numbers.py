@@ -22,6 +22,15 @@ SHOWN_TEXT_CHARACTERS = 60
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
+def parses_as_float(text: str) -> bool:
+    """Return whether Python's ``float`` reads ``text`` as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class _TypedNumber:
     """A number with the text it was read from; mixed into ``int`` or ``float``, named by ``plain_type``."""
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from shared import json_numbers
 from shared.efs import JOBS_FOLDER, JOBS_FOLDER_DATA_PROBLEM
 from shared.errors import JobSpecError
-from shared.json_numbers import OversizedInteger, shown
+from shared.json_numbers import OversizedInteger, parses_as_float, shown
 from shared.models import MODELS
 from shared.models._penalty import L1_METHODS, PENALTIES
 from shared.models.mlp import ACTIVATIONS
@@ -300,14 +300,6 @@ def _integer_fix(value: float) -> str:
     return f"write {math.floor(value)} or {math.ceil(value)}"
 
 
-def _parses_as_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _unquote_hint(value: Any, is_json_value: Callable[[str], bool]) -> str:
     """Return "; write 4 without quotes" for a string such as "4" whose text is the JSON value expected, else ""."""
     if isinstance(value, str) and value.strip() and is_json_value(value.strip()):
@@ -320,7 +312,7 @@ def _check_number(path: str, expected: str, meta: Mapping[str, Any], value: Any)
     kind = "an integer" if expected == "int" else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or (isinstance(value, float) and math.isnan(value)):
-        raise JobSpecError(path, f"expected {kind}, got {shown(value)}{_unquote_hint(value, _parses_as_number)}")
+        raise JobSpecError(path, f"expected {kind}, got {shown(value)}{_unquote_hint(value, parses_as_float)}")
     # Python compares ints and floats exactly, so a huge integer or an infinity gets the
     # range's message before any conversion.
     _check_range(path, meta, value)

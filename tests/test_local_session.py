@@ -8,6 +8,7 @@ exit without ``stop()``, after a failed ``start()``, and after the script is kil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -189,20 +190,29 @@ def test_local_watchdog_interval_short(tmp_path):
     assert LocalStack(tmp_path / "efs", schedule_seconds={"watchdog": 2}).schedule_seconds == {"watchdog": 2}
 
 
-def test_follow_announces_first_seen_pause(tmp_path):
+@contextlib.contextmanager
+def mocked_local_stack(efs_root: Path):
+    """Yield a LocalStack whose queues and table live in moto's in-process mock, with no containers."""
     import boto3
     from moto import mock_aws
 
     from shared.local.session import LocalStack
     from shared.local.stack import create_stack
-    from shared.state import PAUSED, PREPARING, StateStore
+    from shared.state import StateStore
 
-    stack = LocalStack(tmp_path / "efs")
-    announced = []
+    stack = LocalStack(efs_root)
     with mock_aws():
         dynamodb = boto3.client("dynamodb", region_name="us-east-1")
         create_stack(stack.definition, boto3.client("sqs", region_name="us-east-1"), dynamodb)
         stack.state = StateStore(dynamodb, stack.definition.table_name())
+        yield stack
+
+
+def test_follow_announces_first_seen_pause(tmp_path):
+    from shared.state import PAUSED, PREPARING
+
+    announced = []
+    with mocked_local_stack(tmp_path / "efs") as stack:
         # Paused before baton run's first poll of it, as a quick `baton pause` on a loaded machine does.
         stack.state.create_job("quick", "fingerprint", "{}", n_workers=1)
         assert stack.state.set_status("quick", PAUSED, (PREPARING,))
@@ -215,21 +225,12 @@ def test_follow_announces_first_seen_pause(tmp_path):
 
 
 def test_follow_yields_rounds_before_pause(tmp_path):
-    import boto3
-    from moto import mock_aws
-
     from shared.efs import EfsStore
-    from shared.local.session import LocalStack
-    from shared.local.stack import create_stack
-    from shared.state import PAUSED, RUNNING, StateStore
+    from shared.state import PAUSED, RUNNING
 
-    stack = LocalStack(tmp_path / "efs")
     files = EfsStore(tmp_path / "efs")
     events = []
-    with mock_aws():
-        dynamodb = boto3.client("dynamodb", region_name="us-east-1")
-        create_stack(stack.definition, boto3.client("sqs", region_name="us-east-1"), dynamodb)
-        stack.state = StateStore(dynamodb, stack.definition.table_name())
+    with mocked_local_stack(tmp_path / "efs") as stack:
         stack.state.create_job("paused-after-3", "fingerprint", "{}", n_workers=1)
         stack.state.start_job("paused-after-3", 5)
         for index in range(3):

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from shared.efs import NPY_SIGNATURE
 from shared.errors import DATA_FILE_NOT_FOUND, DataError
+from shared.json_numbers import parses_as_float
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2")
 
@@ -95,20 +96,12 @@ def open_binary(path: Path, source: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def _parses_as_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_libsvm_row(line: str) -> bool:
     """Return whether ``line`` is a label followed by at least one ``<index>:<value>`` pair."""
     tokens = line.split("#", 1)[0].split()
     pairs = [token.partition(":") for token in tokens[1:] if not token.startswith("qid:")]
-    return (len(tokens) >= 2 and _parses_as_float(tokens[0]) and bool(pairs)
-            and all(separator and index.isdigit() and _parses_as_float(value) for index, separator, value in pairs))
+    return (len(tokens) >= 2 and parses_as_float(tokens[0]) and bool(pairs)
+            and all(separator and index.isdigit() and parses_as_float(value) for index, separator, value in pairs))
 
 
 def detect_format(head: bytes, cut: bool = False) -> str | None:
