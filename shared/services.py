@@ -113,7 +113,7 @@ def read_manifest(store: EfsStore, job_id: str) -> dict:
     try:
         manifest = store.read_json(path)
     except FileNotFoundError:
-        problem = "is missing: the job's prepared data on EFS was deleted or moved after its preparation"
+        problem = "is missing"
     except ValueError as error:
         problem = f"is damaged ({type(error).__name__}: {error})"
     else:
@@ -121,8 +121,9 @@ def read_manifest(store: EfsStore, job_id: str) -> dict:
         if field_problem is None:
             return manifest
         problem = field_problem
-    raise DamagedShardError(f"data manifest '{path.relative_to(store.root)}' {problem}; run `baton resume {job_id}`: "
-                            "it prepares the data again from the job's data source, which must be unchanged, and "
+    raise DamagedShardError(f"data manifest '{path.relative_to(store.root)}' {problem}: the preparation writes it "
+                            f"whole, so something else removed or changed it; run `baton resume {job_id}`: it "
+                            "prepares the data again from the job's data source, which must be unchanged, and "
                             "the job goes on from its last completed round")
 
 

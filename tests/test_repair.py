@@ -271,7 +271,7 @@ def truncate_manifest(job_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, problem", [
-    (delete_data, "is missing: the job's prepared data on EFS was deleted"),
+    (delete_data, "is missing: the preparation writes it whole"),
     (truncate_manifest, "is damaged (JSONDecodeError"),
 ], ids=["deleted-data", "truncated-manifest"])
 def test_lost_manifest_rebuilt_on_resume(inprocess_stack, efs_root, reference, damage, problem):
