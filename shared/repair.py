@@ -256,13 +256,20 @@ def _end_repair(services: Services, record: JobRecord, to_round: int, summary: d
     ------
     StaleMessageError
         If the job left its repair meanwhile, because it was cancelled or a twin delivery
-        repaired it. After a twin's repair the round's tasks are sent again, and workers
+        repaired it. A job cancelled during a rewind gets ``to_round`` as its round, so
+        that it agrees with the metrics and round items the rewind removed. After a twin's repair the round's tasks are sent again, and workers
         drop the duplicates.
     """
     state, job_id, kind = services.state, record.job_id, record.repair
     assert kind is not None, "only a job with a pending repair gets here"
     ids = {"job_id": job_id, "repair": kind, "attempt": record.repair_attempt}
     if not state.end_repair(job_id, kind, record.repair_attempt, record.round, to_round, summary, removed):
+        # NOTE: a retry after a crash between the deletions and this write finds the job
+        # CANCELLED in current_repair and is dropped, so that job keeps its later round.
+        if to_round < record.round and state.rewind_cancelled_job(job_id, kind, record.repair_attempt, record.round,
+                                                                   to_round, summary, removed):
+            raise StaleMessageError(f"job {job_id} was cancelled during its rewind; its round is set back to "
+                                    f"{to_round}, where its metrics now end; dropped")
         current_repair(state, services.queues, RepairMessage(job_id, kind, record.repair_attempt))
         raise StaleMessageError(f"repair {record.repair_attempt} of job {job_id} is still pending, but its round "
                                 "moved; dropped")

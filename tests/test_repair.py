@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import control, preparation, shards
+from shared import control, preparation, repair, shards
 from shared.control import JobControlError
 from shared.efs import EfsStore
 from shared.errors import DamagedShardError
@@ -393,6 +393,28 @@ def test_no_intact_state_refuses_rewind(inprocess_stack, efs_root):
     assert "Baton keeps the folders of the last 3 rounds (KEEP_CHECKPOINTS)" in record.error
     assert record.repair == "round_state"
     assert record.round == 4
+
+
+def test_cancel_during_rewind_sets_round_back(inprocess_stack, efs_root, monkeypatch):
+    fail_at_round(inprocess_stack, efs_root, "cancel-rewind", 4, truncate_states(4, 3))
+    resume(inprocess_stack, "cancel-rewind")
+    clear_rounds_from = repair.clear_rounds_from
+
+    def clear_then_cancel(store, job_id, first_round):
+        # The cancel lands after the rewind removed the metrics of rounds 2 and later.
+        clear_rounds_from(store, job_id, first_round)
+        control.cancel_job(inprocess_stack.services.state, job_id)
+
+    monkeypatch.setattr(repair, "clear_rounds_from", clear_then_cancel)
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("cancel-rewind")
+    assert record.status == CANCELLED
+    assert record.round == 2
+    assert "rounds_rerun" not in record.attributes
+    assert [entry["round"] for entry in inprocess_stack.services.state.list_round_metrics("cancel-rewind")] == [1, 2]
+    assert sorted(path.name for path in (efs_root / "jobs" / "cancel-rewind" / "metrics").iterdir()) == \
+        ["1.json", "2.json"]
 
 
 def test_repeated_rewind_rewinds_once(inprocess_stack, efs_root, reference):
