@@ -17,13 +17,14 @@ import numpy as np
 from shared import cost
 from shared import faults
 from shared.continuation import ChainLink, InvocationBudget
-from shared.efs import EfsStore, changed_job_file_error, not_an_object_problem, read_job_json
+from shared.efs import EfsStore
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.metrics import publish_round_metrics
 from shared.model_bucket import upload_model
 from shared.queues import AggregateMessage
 from shared.reduction import read_reduced_round, reduce_worker_results, slice_bounds, write_reduced_slice
-from shared.round_files import read_round_state, write_final_model, write_round_state
+from shared.round_files import (read_round_state, read_stopping_history, state_shapes, write_final_model,
+                                write_round_state)
 from shared.services import Services
 from shared.shards import Shard
 from shared.spec import JobSpec
@@ -208,7 +209,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
             link.continue_later(services, progress, started, budget.steps)
             return None
         if new_params is None:
-            new_params, _ = read_round_state(store, job_id, next_round)
+            new_params, _ = read_round_state(store, job_id, next_round, state_shapes(model.n_params, optimizer))
         progress["partials"].append(_validation_chunk(model, params_in_target_units(model, manifest, new_params),
                                                       validation, len(progress["partials"])))
         budget.count_step()
@@ -236,7 +237,7 @@ def aggregate_round(services: Services, message: AggregateMessage, message_id: s
 
     if stop_reason is not None:
         if new_params is None:
-            new_params, _ = read_round_state(store, job_id, next_round)
+            new_params, _ = read_round_state(store, job_id, next_round, state_shapes(model.n_params, optimizer))
         _finish_with_model(services, job_id, round_index, model, new_params, metrics, summary, stop_reason)
         return metrics
 
@@ -288,7 +289,7 @@ def _combine_round(store: EfsStore, spec: JobSpec, record: JobRecord, mode, mode
                    round_index: int) -> RoundUpdate:
     """Return the next parameters and optimizer state from the round's worker results, or its reduced slices."""
     job_id = spec.job_id
-    params, optimizer_state = read_round_state(store, job_id, round_index)
+    params, optimizer_state = read_round_state(store, job_id, round_index, state_shapes(model.n_params, optimizer))
     reducers = spec.training.reducers
     if reducers > 1:
         reduction = read_reduced_round(store, job_id, round_index, reducers, model.n_params)
@@ -343,16 +344,7 @@ def _write_stopping_state(store: EfsStore, spec: JobSpec, job_id: str, round_ind
     is stored in the round folders, so a retried or resumed aggregation reads the same
     history.
     """
-    stopping_path = store.round_dir(job_id, round_index) / "stopping.json"
-    if stopping_path.exists():
-        history = read_job_json(store, stopping_path, problem_of=not_an_object_problem)
-    elif round_index > 0:
-        # Every aggregation writes the next round's stopping state, so only round 0 starts
-        # without one. Read as no history, a deleted file would restart early stopping's count.
-        raise changed_job_file_error(store, stopping_path, "is missing, though the previous round's aggregation "
-                                                           "wrote it")
-    else:
-        history = None
+    history = read_stopping_history(store, job_id, round_index)
     previous = StoppingState.from_dict(history)
     stopping, stop_rule = check_stopping(spec, metrics, previous)
     store.write_json(store.round_dir(job_id, round_index + 1) / "stopping.json", stopping.to_dict())

@@ -260,7 +260,7 @@ def status(job_id: str, stage: str, endpoint_url: str | None, region: str | None
 
 # The job item's fields that `baton status` prints, in this order.
 STATUS_KEYS = ("stop_reason", "error", "epoch", "train_loss", "validation_loss", "validation_accuracy",
-               "validation_r2", "cost_usd")
+               "validation_r2", "cost_usd", "rounds_rerun")
 
 
 def _status_value(key: str, value: object, loss_note: str) -> str:
@@ -272,6 +272,8 @@ def _status_value(key: str, value: object, loss_note: str) -> str:
     number = float(value)
     if key == "cost_usd":
         return format_cost(number)
+    if key == "rounds_rerun":
+        return f"{value} (trained again after a resume went back to an earlier round; cost_usd counts both runs)"
     if key == "epoch":
         return f"{number:.3f}"
     if key == "validation_accuracy":

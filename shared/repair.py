@@ -34,17 +34,17 @@ from typing import Any, Callable
 
 from shared import source_files
 from shared.earlier_runs import RUN_RECORD, run_identity
-from shared.efs import EfsStore, not_an_object_problem, read_job_json
+from shared.efs import EfsStore, read_job_json
 from shared.errors import (DamagedRoundStateError, DamagedShardError, DataError, InvalidMessageError,
                            StaleMessageError)
 from shared.preparation import recorded_sources
 from shared.queues import QueueClient
-from shared.round_files import metrics_problem, read_round_state
+from shared.round_files import metrics_problem, round_start_problem, state_shapes
 from shared.services import Services
 from shared.source_files import FIX
 from shared.spec import JobSpec
 from shared.state import PREPARING, RUNNING, JobRecord, StateStore, job_item_fields
-from shared.training import build_model
+from shared.training import build_model, build_optimizer
 from shared.worker import kick_round
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ def rewind_to_intact_round(services: Services, spec: JobSpec, record: JobRecord)
         and stopping state.
     """
     store, job_id = services.store, spec.job_id
-    n_params = build_model(spec, services.job_context(job_id).manifest).n_params
-    target = find_intact_round(store, job_id, record.round, n_params, services.settings.keep_checkpoints)
+    shapes = state_shapes(build_model(spec, services.job_context(job_id).manifest).n_params, build_optimizer(spec))
+    target = find_intact_round(store, job_id, record.round, shapes, services.settings.keep_checkpoints)
     clear_rounds_from(store, job_id, target)
     # Round record.round + 1 too: an aggregation of the current round may have stored its
     # sets or metrics before the damaged state stopped it.
@@ -168,11 +168,13 @@ def rewind_to_intact_round(services: Services, spec: JobSpec, record: JobRecord)
     _end_repair(services, record, target, summary, removed)
 
 
-def find_intact_round(store: EfsStore, job_id: str, current_round: int, n_params: int, keep_checkpoints: int) -> int:
+def find_intact_round(store: EfsStore, job_id: str, current_round: int, shapes: dict[str, tuple[int, ...]],
+                      keep_checkpoints: int) -> int:
     """Return the latest round, at or before ``current_round``, whose folder can start the round again.
 
-    Its state file must hold ``n_params`` finite parameters, and a round after the first
-    needs its ``stopping.json``, which its aggregation reads.
+    Its state file must pass the checks of :func:`~shared.round_files.read_round_state` for
+    the job's ``shapes`` (:func:`~shared.round_files.state_shapes`), and a round after the
+    first needs the ``stopping.json`` that its aggregation reads.
 
     Raises
     ------
@@ -184,7 +186,7 @@ def find_intact_round(store: EfsStore, job_id: str, current_round: int, n_params
         if rounds_dir.is_dir() else []
     problems = []
     for round_index in sorted((index for index in kept_rounds if index <= current_round), reverse=True):
-        problem = _round_start_problem(store, job_id, round_index, n_params)
+        problem = round_start_problem(store, job_id, round_index, shapes)
         if problem is None:
             return round_index
         problems.append(f"'rounds/{round_index}': {problem}")
@@ -192,27 +194,6 @@ def find_intact_round(store: EfsStore, job_id: str, current_round: int, n_params
     raise DataError(f"job '{job_id}' has no intact round state to go back to ({found}). Baton keeps the folders of "
                     f"the last {keep_checkpoints} rounds (KEEP_CHECKPOINTS), so the rounds before them cannot be "
                     f"trained from again; {FIX}")
-
-
-def _round_start_problem(store: EfsStore, job_id: str, round_index: int, n_params: int) -> str | None:
-    """Return why round ``round_index`` cannot start again from its folder, or None if it can."""
-    try:
-        params, _ = read_round_state(store, job_id, round_index)
-    except DamagedRoundStateError:
-        return "its state.npz is damaged"
-    except FileNotFoundError:
-        return "its state.npz is missing"
-    if params.shape != (n_params,):
-        return f"its state.npz holds parameters of shape {params.shape}, not the model's ({n_params},)"
-    if round_index == 0:
-        return None
-    try:
-        read_job_json(store, store.round_dir(job_id, round_index) / "stopping.json", problem_of=not_an_object_problem)
-    except FileNotFoundError:
-        return "its stopping.json is missing"
-    except DataError:
-        return "its stopping.json is damaged"
-    return None
 
 
 def _is_round_output(name: str) -> bool:
@@ -275,13 +256,20 @@ def _end_repair(services: Services, record: JobRecord, to_round: int, summary: d
     ------
     StaleMessageError
         If the job left its repair meanwhile, because it was cancelled or a twin delivery
-        repaired it. After a twin's repair the round's tasks are sent again, and workers
+        repaired it. A job cancelled during a rewind gets ``to_round`` as its round, so
+        that it agrees with the metrics and round items the rewind removed. After a twin's repair the round's tasks are sent again, and workers
         drop the duplicates.
     """
     state, job_id, kind = services.state, record.job_id, record.repair
     assert kind is not None, "only a job with a pending repair gets here"
     ids = {"job_id": job_id, "repair": kind, "attempt": record.repair_attempt}
     if not state.end_repair(job_id, kind, record.repair_attempt, record.round, to_round, summary, removed):
+        # NOTE: a retry after a crash between the deletions and this write finds the job
+        # CANCELLED in current_repair and is dropped, so that job keeps its later round.
+        if to_round < record.round and state.rewind_cancelled_job(job_id, kind, record.repair_attempt, record.round,
+                                                                   to_round, summary, removed):
+            raise StaleMessageError(f"job {job_id} was cancelled during its rewind; its round is set back to "
+                                    f"{to_round}, where its metrics now end; dropped")
         current_repair(state, services.queues, RepairMessage(job_id, kind, record.repair_attempt))
         raise StaleMessageError(f"repair {record.repair_attempt} of job {job_id} is still pending, but its round "
                                 "moved; dropped")

@@ -17,6 +17,7 @@ import boto3
 from shared import shards
 from shared.config import Settings
 from shared.efs import EfsStore, check_efs_writable, not_an_object_problem, read_job_json
+from shared.errors import DamagedShardError
 from shared.queues import QueueClient
 from shared.shards import Shard
 from shared.spec import JobSpec, parse_job_spec
@@ -89,14 +90,41 @@ class Services:
                 return cached
             del self._jobs[job_id]
         spec = parse_job_spec(read_job_json(self.store, self.store.spec_path(job_id)))
-        manifest = read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json",
-                                 problem_of=_manifest_problem)
+        manifest = read_manifest(self.store, job_id)
         context = JobContext(spec=spec, manifest=manifest, shards={}, data_version=data_version)
         self._jobs[job_id] = context
         # A warm process may serve many jobs; keep only a few memory maps open.
         while len(self._jobs) > 4:
             self._jobs.popitem(last=False)
         return context
+
+
+def read_manifest(store: EfsStore, job_id: str) -> dict:
+    """Return the job's data manifest (``data/manifest.json``), which its preparation wrote last.
+
+    Raises
+    ------
+    DamagedShardError
+        If the file is missing, is not valid JSON or lacks a field, so that ``baton resume``
+        prepares the data again. The preparation writes the file whole, so something else
+        removed or changed it, and a retry would read the same bytes.
+    """
+    path = store.data_dir(job_id) / "manifest.json"
+    try:
+        manifest = store.read_json(path)
+    except FileNotFoundError:
+        problem = "is missing"
+    except ValueError as error:
+        problem = f"is damaged ({type(error).__name__}: {error})"
+    else:
+        field_problem = _manifest_problem(manifest)
+        if field_problem is None:
+            return manifest
+        problem = field_problem
+    raise DamagedShardError(f"data manifest '{path.relative_to(store.root)}' {problem}: the preparation writes it "
+                            f"whole, so something else removed or changed it; run `baton resume {job_id}`: it "
+                            "prepares the data again from the job's data source, which must be unchanged, and "
+                            "the job goes on from its last completed round")
 
 
 def _manifest_problem(manifest: Any) -> str | None:

@@ -107,6 +107,18 @@ def _partition_key(job_id: str) -> str:
     return f"JOB#{job_id}"
 
 
+def _add_summary_update(names: dict[str, str], values: dict[str, Any], assignments: list[str], removals: list[str],
+                        summary: dict[str, Any] | None, removed: tuple[str, ...]) -> None:
+    """Add to an UpdateItem request the job item fields that ``summary`` sets and the ones ``removed`` names."""
+    for index, (name, value) in enumerate((summary or {}).items()):
+        names[f"#s{index}"] = name
+        values[f":s{index}"] = _to_attribute(value)
+        assignments.append(f"#s{index} = :s{index}")
+    for index, name in enumerate(removed):
+        names[f"#r{index}"] = name
+        removals.append(f"#r{index}")
+
+
 def _job_key(job_id: str) -> dict:
     return {"pk": {"S": _partition_key(job_id)}, "sk": {"S": "JOB"}}
 
@@ -828,14 +840,8 @@ class StateStore:
             ":now": {"N": repr(time.time())}, ":zero": {"N": "0"},
         }
         assignments = ["#status = :running", "#round = :to_round", "updated_at = :now", "watchdog_attempts = :zero"]
-        for index, (name, value) in enumerate((summary or {}).items()):
-            names[f"#s{index}"] = name
-            values[f":s{index}"] = _to_attribute(value)
-            assignments.append(f"#s{index} = :s{index}")
         removals = [REPAIR]
-        for index, name in enumerate(removed):
-            names[f"#r{index}"] = name
-            removals.append(f"#r{index}")
+        _add_summary_update(names, values, assignments, removals, summary, removed)
         expression = "SET " + ", ".join(assignments) + " REMOVE " + ", ".join(removals)
         if to_round < from_round:
             expression += f" ADD {ROUNDS_RERUN} :rerun"
@@ -846,6 +852,34 @@ class StateStore:
             # Each part names what a stale message could otherwise undo: another status (a
             # cancel), another repair or attempt (a later resume), another round (a rewind done).
             ConditionExpression=(f"#status = :preparing AND {REPAIR} = :repair AND {REPAIR_ATTEMPT} = :attempt "
+                                 "AND #round = :from_round"),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
+
+    def rewind_cancelled_job(self, job_id: str, repair: str, attempt: int, from_round: int, to_round: int,
+                             summary: dict[str, Any] | None = None, removed: tuple[str, ...] = ()) -> bool:
+        """Set the round of a job cancelled during its rewind back to ``to_round``; False if it was not so.
+
+        The rewind removed the metrics and round items of rounds ``to_round`` and later
+        before the cancel landed, so the job item then agrees with the history that is
+        left. Only a CANCELLED job that still has repair attempt ``attempt`` of kind
+        ``repair`` pending at round ``from_round`` changes. ``rounds_rerun`` does not,
+        because no round ran again.
+        """
+        names = {"#status": "status", "#round": "round"}
+        values = {
+            ":cancelled": {"S": CANCELLED}, ":repair": {"S": repair}, ":attempt": {"N": str(attempt)},
+            ":from_round": {"N": str(from_round)}, ":to_round": {"N": str(to_round)}, ":now": {"N": repr(time.time())},
+        }
+        assignments = ["#round = :to_round", "updated_at = :now"]
+        removals: list[str] = []
+        _add_summary_update(names, values, assignments, removals, summary, removed)
+        expression = "SET " + ", ".join(assignments) + (" REMOVE " + ", ".join(removals) if removals else "")
+        return self._update_if(
+            _job_key(job_id),
+            UpdateExpression=expression,
+            ConditionExpression=(f"#status = :cancelled AND {REPAIR} = :repair AND {REPAIR_ATTEMPT} = :attempt "
                                  "AND #round = :from_round"),
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,

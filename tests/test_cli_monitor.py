@@ -700,6 +700,26 @@ def test_status_formats_large_loss_and_cost(finished_job):
     assert " 0.000018 " in regression_row
 
 
+def test_status_shows_rounds_rerun(finished_job):
+    state = finished_job["stack"].state
+    state.create_job("rewound", "f" * 64, json.dumps({"model": {"name": "logistic_regression"}}), 2)
+    state.start_job("rewound", 10, first_round=4)
+    state.fail_job("rewound", "round state file 'jobs/rewound/rounds/4/state.npz' is missing", repair="round_state")
+    attempt = state.begin_repair("rewound", "round_state", new_preparation=False)
+    assert attempt == 1
+    assert state.end_repair("rewound", "round_state", attempt, 4, 2)
+
+    status_result = CliRunner().invoke(main, ["status", "rewound", *finished_job["arguments"]])
+    plain = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
+    # The module's other tests expect no RUNNING job in the table.
+    state.finish_job("rewound", 2, {})
+
+    assert status_result.exit_code == 0, status_result.output
+    assert "job rewound: RUNNING, 2 of 10 rounds done" in status_result.output
+    assert "rounds_rerun         2 (trained again after a resume went back" in status_result.output
+    assert "rounds_rerun" not in plain.output
+
+
 def test_status_of_classifier_has_no_loss_note(finished_job):
     status_result = CliRunner().invoke(main, ["status", JOB_ID, *finished_job["arguments"]])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import control, preparation, shards
+from shared import control, preparation, repair, shards
 from shared.control import JobControlError
 from shared.efs import EfsStore
 from shared.errors import DamagedShardError
@@ -58,9 +58,9 @@ def flip_labels_keeping_size_and_time(path: Path) -> None:
     os.replace(replacement, path)
 
 
-def fail_at_round(stack, efs_root: Path, job_id: str, round_index: int, damage) -> None:
+def fail_at_round(stack, efs_root: Path, job_id: str, round_index: int, damage, spec: dict | None = None) -> None:
     """Run the job to ``round_index``, apply ``damage(job_dir)`` with cold containers, and run until it fails."""
-    stack.submit(spec_for(job_id))
+    stack.submit(spec_for(job_id) if spec is None else {**spec, "job_id": job_id})
     run_to_round(stack, job_id, round_index)
     damage(efs_root / "jobs" / job_id)
     cold_start(stack)
@@ -89,7 +89,8 @@ def reference(inprocess_stack, efs_root):
     return final_params(efs_root, "fault-free")
 
 
-def assert_same_result(stack, efs_root: Path, job_id: str, reference: np.ndarray) -> None:
+def assert_same_result(stack, efs_root: Path, job_id: str, reference: np.ndarray,
+                       reference_job: str = "fault-free") -> None:
     """Assert the job succeeded with the reference's bytes, and its history has each round once."""
     record = stack.services.state.get_job(job_id)
     assert record.status == SUCCEEDED, record.error
@@ -99,7 +100,7 @@ def assert_same_result(stack, efs_root: Path, job_id: str, reference: np.ndarray
     rounds = stack.services.state.list_round_metrics(job_id)
     assert [entry["round"] for entry in rounds] == list(range(1, N_ROUNDS + 1))
     assert [entry["train_loss"] for entry in rounds] == [
-        entry["train_loss"] for entry in stack.services.state.list_round_metrics("fault-free")]
+        entry["train_loss"] for entry in stack.services.state.list_round_metrics(reference_job)]
 
 
 # Shards ----------------------------------------------------------------------------------
@@ -260,6 +261,33 @@ def test_identities_left_out_of_data_identity(inprocess_stack, efs_root):
     assert data_identity(store, "identity") == before
 
 
+def delete_data(job_dir: Path) -> None:
+    shutil.rmtree(job_dir / "data")
+
+
+def truncate_manifest(job_dir: Path) -> None:
+    path = job_dir / "data" / "manifest.json"
+    path.write_bytes(path.read_bytes()[:20])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (delete_data, "is missing: the preparation writes it whole"),
+    (truncate_manifest, "is damaged (JSONDecodeError"),
+], ids=["deleted-data", "truncated-manifest"])
+def test_lost_manifest_rebuilt_on_resume(inprocess_stack, efs_root, reference, damage, problem):
+    fail_at_round(inprocess_stack, efs_root, "no-data", 3, damage)
+    failed = inprocess_stack.services.state.get_job("no-data")
+    assert f"data manifest 'jobs/no-data/data/manifest.json' {problem}" in failed.error
+    assert failed.repair == "shards"
+
+    resumed = resume(inprocess_stack, "no-data")
+    assert resumed.status == PREPARING
+    inprocess_stack.run()
+
+    assert_same_result(inprocess_stack, efs_root, "no-data", reference)
+    assert inprocess_stack.services.state.get_job("no-data").attributes.get("rounds_rerun", 0) == 0
+
+
 # Round state -----------------------------------------------------------------------------
 
 
@@ -293,6 +321,64 @@ def test_damaged_state_rewinds_to_intact_round(inprocess_stack, efs_root, refere
     assert record.attributes["cost_usd"] == history[-1]["total_cost_usd"]
 
 
+def remove_state(job_dir: Path) -> None:
+    (job_dir / "rounds" / "4" / "state.npz").unlink()
+
+
+def rewrite_state(change):
+    """Return a damage that rewrites round 4's state file with ``change(arrays)``, as a whole archive."""
+    def damage(job_dir: Path) -> None:
+        path = job_dir / "rounds" / "4" / "state.npz"
+        with np.load(path) as archive:
+            arrays = change({name: archive[name] for name in archive.files})
+        np.savez(path, **arrays)
+    return damage
+
+
+def break_stopping_state(job_dir: Path) -> None:
+    (job_dir / "rounds" / "4" / "stopping.json").write_text('{"best_loss": ')
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (remove_state, "state.npz' is missing"),
+    (rewrite_state(lambda arrays: {**arrays, "params": arrays["params"][:-1]}),
+     "state.npz' is damaged (its array 'params' has shape (30,), not the model's (31,))"),
+    (rewrite_state(lambda arrays: {**arrays, "params": arrays["params"].astype(np.int64)}),
+     "state.npz' is damaged (its array 'params' has type int64, not a float type)"),
+    (break_stopping_state, "stopping.json' is damaged (JSONDecodeError"),
+], ids=["missing-state", "short-params", "integer-params", "damaged-stopping"])
+def test_damaged_round_file_rewinds(inprocess_stack, efs_root, reference, damage, problem):
+    # Each of these failed the job with a plain error and no repair, so every resume failed again.
+    fail_at_round(inprocess_stack, efs_root, "rewound", 4, damage)
+    failed = inprocess_stack.services.state.get_job("rewound")
+    assert f"round state file 'jobs/rewound/rounds/4/{problem}" in failed.error
+    assert "run `baton resume rewound`" in failed.error
+    assert failed.repair == "round_state"
+
+    resume(inprocess_stack, "rewound")
+    inprocess_stack.run()
+
+    assert_same_result(inprocess_stack, efs_root, "rewound", reference)
+    assert inprocess_stack.services.state.get_job("rewound").attributes["rounds_rerun"] == 1
+
+
+def test_state_without_optimizer_slot_rewinds(inprocess_stack, efs_root):
+    spec = breast_cancer_spec("momentum-ref", optimizer={"name": "momentum", "learning_rate": 0.1, "momentum": 0.9},
+                              training={"max_rounds": N_ROUNDS})
+    assert run_job(inprocess_stack, spec).status == SUCCEEDED
+    fail_at_round(inprocess_stack, efs_root, "no-slot", 4, rewrite_state(lambda arrays: {"params": arrays["params"]}),
+                  spec=spec)
+    failed = inprocess_stack.services.state.get_job("no-slot")
+    assert ("round state file 'jobs/no-slot/rounds/4/state.npz' is damaged (it has no array 'optimizer.velocity')"
+            in failed.error)
+    assert failed.repair == "round_state"
+
+    resume(inprocess_stack, "no-slot")
+    inprocess_stack.run()
+
+    assert_same_result(inprocess_stack, efs_root, "no-slot", final_params(efs_root, "momentum-ref"), "momentum-ref")
+
+
 def test_no_intact_state_refuses_rewind(inprocess_stack, efs_root):
     fail_at_round(inprocess_stack, efs_root, "all-damaged", 4, truncate_states(4, 3, 2))
 
@@ -301,11 +387,34 @@ def test_no_intact_state_refuses_rewind(inprocess_stack, efs_root):
 
     record = inprocess_stack.services.state.get_job("all-damaged")
     assert record.status == FAILED
-    assert ("job 'all-damaged' has no intact round state to go back to ('rounds/4': its state.npz is damaged; "
-            "'rounds/3': its state.npz is damaged; 'rounds/2': its state.npz is damaged)") in record.error
+    assert ("job 'all-damaged' has no intact round state to go back to ('rounds/4': its state.npz is damaged "
+            "(BadZipFile: File is not a zip file); 'rounds/3': its state.npz is damaged (BadZipFile: File is not a zip "
+            "file); 'rounds/2': its state.npz is damaged (BadZipFile: File is not a zip file))") in record.error
     assert "Baton keeps the folders of the last 3 rounds (KEEP_CHECKPOINTS)" in record.error
     assert record.repair == "round_state"
     assert record.round == 4
+
+
+def test_cancel_during_rewind_sets_round_back(inprocess_stack, efs_root, monkeypatch):
+    fail_at_round(inprocess_stack, efs_root, "cancel-rewind", 4, truncate_states(4, 3))
+    resume(inprocess_stack, "cancel-rewind")
+    clear_rounds_from = repair.clear_rounds_from
+
+    def clear_then_cancel(store, job_id, first_round):
+        # The cancel lands after the rewind removed the metrics of rounds 2 and later.
+        clear_rounds_from(store, job_id, first_round)
+        control.cancel_job(inprocess_stack.services.state, job_id)
+
+    monkeypatch.setattr(repair, "clear_rounds_from", clear_then_cancel)
+    inprocess_stack.run()
+
+    record = inprocess_stack.services.state.get_job("cancel-rewind")
+    assert record.status == CANCELLED
+    assert record.round == 2
+    assert "rounds_rerun" not in record.attributes
+    assert [entry["round"] for entry in inprocess_stack.services.state.list_round_metrics("cancel-rewind")] == [1, 2]
+    assert sorted(path.name for path in (efs_root / "jobs" / "cancel-rewind" / "metrics").iterdir()) == \
+        ["1.json", "2.json"]
 
 
 def test_repeated_rewind_rewinds_once(inprocess_stack, efs_root, reference):

@@ -365,8 +365,8 @@ def test_damaged_round_state_fails_once(inprocess_stack, efs_root):
                        repair="round_state")
 
 
-@pytest.mark.parametrize("file_name", ["data/manifest.json", "spec.json"])
-def test_damaged_job_file_fails_once(inprocess_stack, efs_root, file_name):
+@pytest.mark.parametrize("file_name, repair", [("data/manifest.json", "shards"), ("spec.json", None)])
+def test_damaged_job_file_fails_once(inprocess_stack, efs_root, file_name, repair):
     inprocess_stack.submit(breast_cancer_spec("damaged-file"))
     inprocess_stack.step("JobsQueue")
     (efs_root / "jobs" / "damaged-file" / file_name).write_text("{")
@@ -374,7 +374,7 @@ def test_damaged_job_file_fails_once(inprocess_stack, efs_root, file_name):
     inprocess_stack.run()
 
     assert_failed_once(inprocess_stack, "damaged-file",
-                       [f"file 'jobs/damaged-file/{file_name}' is damaged (JSONDecodeError"])
+                       [f"'jobs/damaged-file/{file_name}' is damaged (JSONDecodeError"], repair=repair)
 
 
 @pytest.mark.parametrize("content, words", [
@@ -389,7 +389,7 @@ def test_invalid_manifest_fails_once(inprocess_stack, efs_root, content, words):
     inprocess_stack.run()
 
     assert_failed_once(inprocess_stack, "invalid-manifest",
-                       [f"file 'jobs/invalid-manifest/data/manifest.json' {words}", "changed after it was written"])
+                       [f"data manifest 'jobs/invalid-manifest/data/manifest.json' {words}"], repair="shards")
 
 
 def write_sparse_shard(folder: Path, indices: list[int]) -> None:
