@@ -31,8 +31,10 @@ def state_shapes(n_params: int, optimizer: Optimizer) -> dict[str, tuple[int, ..
     These are the parameters and the optimizer's slots, as the starter writes them for
     round 0 and every aggregation for the next round.
     """
-    slots = state_arrays(optimizer.init_state(np.zeros(n_params)))
-    return {"params": (n_params,), **{name: np.shape(value) for name, value in slots.items()}}
+    # Every optimizer's slots have the parameters' shape, so a one-parameter state names
+    # them without allocating the model's size.
+    slots = state_arrays(optimizer.init_state(np.zeros(1)))
+    return {"params": (n_params,), **{name: (n_params,) for name in slots}}
 
 
 def _stored_state_shapes(store: EfsStore, job_id: str) -> dict[str, tuple[int, ...]]:

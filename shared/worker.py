@@ -21,10 +21,10 @@ from shared.continuation import ChainLink, InvocationBudget
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.queues import QueueClient, TaskMessage
 from shared.reduction import write_worker_result
-from shared.round_files import read_round_state
+from shared.round_files import read_round_state, state_shapes
 from shared.services import Services
 from shared.state import RUNNING, JobRecord, StateStore
-from shared.training import build_model, get_training_mode
+from shared.training import build_model, build_optimizer, get_training_mode
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
     if worker not in context.shards:
         context.shards[worker] = shards.load_shard(store, job_id, manifest, worker)
     shard = context.shards[worker]
-    params, _ = read_round_state(store, job_id, round_index)
     model = build_model(spec, manifest)
+    params, _ = read_round_state(store, job_id, round_index, state_shapes(model.n_params, build_optimizer(spec)))
     mode = get_training_mode(spec, model)
 
     link = ChainLink(store, job_id, round_index, worker, task.get("continuation"), message_id)

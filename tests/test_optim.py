@@ -363,3 +363,14 @@ def test_ranges_match_job_spec(section, valid):
 
     assert spec_accepts is valid
     assert optimizer_accepts is valid
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_state_shapes_match_initial_state(name):
+    from shared.optim import state_arrays
+    from shared.round_files import state_shapes
+
+    optimizer = build_optimizer(name, learning_rate=0.1)
+    initial = state_arrays(optimizer.init_state(np.zeros(7)))
+
+    assert state_shapes(7, optimizer) == {"params": (7,), **{key: value.shape for key, value in initial.items()}}
