@@ -17,6 +17,7 @@ import boto3
 from shared import shards
 from shared.config import Settings
 from shared.efs import EfsStore, check_efs_writable, not_an_object_problem, read_job_json
+from shared.errors import DamagedShardError
 from shared.queues import QueueClient
 from shared.shards import Shard
 from shared.spec import JobSpec, parse_job_spec
@@ -37,11 +38,45 @@ class JobContext:
     # The job's preparation_attempt when the context was read; None when the caller gave none.
     data_version: int | None = None
 
+    def load_shard(self, store: EfsStore, job_id: str, worker: int) -> Shard:
+        """Return worker ``worker``'s shard, mapping it on first use and checking its files on every call.
+
+        The training statistics are checked too. A failed check drops the mapping, so the
+        process maps the files again once ``baton resume`` has prepared them again.
+
+        Raises
+        ------
+        DamagedShardError
+            If a shard file or the statistics file is missing or not the one the
+            preparation wrote (:func:`shared.shards.check_shard_unchanged`).
+        """
+        if worker in self.shards:
+            try:
+                shards.check_shard_unchanged(store, job_id, self.manifest, worker)
+            except DamagedShardError:
+                del self.shards[worker]
+                raise
+        else:
+            self.shards[worker] = shards.load_shard(store, job_id, self.manifest, worker)
+        shards.check_statistics_file(store, job_id, self.manifest)
+        return self.shards[worker]
+
     def load_validation(self, store: EfsStore, job_id: str) -> Shard | None:
-        """Return the job's validation rows (None without any), opening them on first use."""
+        """Return the job's validation rows (None without any), opening them on first use.
+
+        Every later call checks the mapped files and the training statistics, as
+        :meth:`load_shard` does, and drops the mapping when a check fails.
+        """
         if not self.validation_loaded:
             self.validation = shards.load_validation(store, job_id, self.manifest)
             self.validation_loaded = True
+        elif self.validation is not None:
+            try:
+                shards.check_shard_unchanged(store, job_id, self.manifest, shards.VALIDATION)
+            except DamagedShardError:
+                self.validation, self.validation_loaded = None, False
+                raise
+        shards.check_statistics_file(store, job_id, self.manifest)
         return self.validation
 
 
