@@ -100,7 +100,7 @@ def write_final_model(services: Services, job_id: str, model, params: np.ndarray
     store = services.store
     context = services.job_context(job_id)
     model_dir = store.model_dir(job_id)
-    # The manifest, not the file's presence, says whether the model needs the statistics:
+    # The manifest, not the file's presence, decides whether the model needs the statistics:
     # a statistics file deleted or replaced since the preparation fails the job before
     # anything is written, and `baton resume` prepares it again.
     standardized = bool(context.manifest["standardized"])
