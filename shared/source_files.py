@@ -28,10 +28,10 @@ FIX = "re-submit the spec under a new job_id, or for a local job run `baton run 
 def file_identity(path: Path, include_ctime: bool = False) -> dict | None:
     """Return the size, ``mtime_ns`` and inode of ``path``, or None if it does not exist.
 
-    ``include_ctime`` adds the inode change time (``ctime_ns``). No system call sets it to a
-    chosen time, so it changes with every write, also when ``touch`` or ``os.utime`` then restores
-    the modification time. A ``chmod`` or a new hard link changes it too, so only files
-    that Baton alone writes (the prepared shards) record it.
+    ``include_ctime`` adds the inode change time (``ctime_ns``). No system call sets it to
+    a chosen time, so it changes with every write, also when ``touch`` or ``os.utime``
+    then restores the modification time. A ``chmod`` or a new hard link changes it too, so
+    only files that Baton alone writes (the prepared shards and statistics) record it.
     """
     try:
         status = os.stat(path)
