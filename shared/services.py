@@ -20,6 +20,7 @@ from shared.efs import EfsStore, check_efs_writable, not_an_object_problem, read
 from shared.errors import DamagedShardError
 from shared.queues import QueueClient
 from shared.shards import Shard
+from shared.source_files import file_identity
 from shared.spec import JobSpec, parse_job_spec
 from shared.state import StateStore
 from shared.training import manifest_problem
@@ -37,6 +38,8 @@ class JobContext:
     validation_loaded: bool = False
     # The job's preparation_attempt when the context was read; None when the caller gave none.
     data_version: int | None = None
+    # The identities of spec.json and data/manifest.json before they were read (shared.source_files.file_identity).
+    file_identities: tuple = ()
 
     def load_shard(self, store: EfsStore, job_id: str, worker: int) -> Shard:
         """Return worker ``worker``'s shard, mapping it on first use and checking its files on every call.
@@ -115,18 +118,24 @@ class Services:
         ``data_version`` is the job item's ``preparation_attempt``. A context cached under
         another one is read again, with none of its shards: a resume that prepared the
         shards again replaced their files, and a cached memory map would still show the
-        old, damaged file.
+        old, damaged file. So is a context whose ``spec.json`` or ``data/manifest.json`` is
+        no longer the file it was read from (one ``stat`` call each), as when the job's folder
+        was deleted and a spec was sent again under the same id: the cached shards and
+        manifest would be the deleted job's.
         """
+        identities = (file_identity(self.store.spec_path(job_id), include_ctime=True),
+                      file_identity(self.store.data_dir(job_id) / "manifest.json", include_ctime=True))
         if job_id in self._jobs:
             cached = self._jobs[job_id]
-            if data_version is None or cached.data_version == data_version:
+            if (data_version is None or cached.data_version == data_version) and cached.file_identities == identities:
                 self._jobs.move_to_end(job_id)
                 return cached
             del self._jobs[job_id]
         spec = parse_job_spec(read_job_json(self.store, self.store.spec_path(job_id)))
         manifest = read_job_json(self.store, self.store.data_dir(job_id) / "manifest.json",
                                  problem_of=_manifest_problem)
-        context = JobContext(spec=spec, manifest=manifest, shards={}, data_version=data_version)
+        context = JobContext(spec=spec, manifest=manifest, shards={}, data_version=data_version,
+                             file_identities=identities)
         self._jobs[job_id] = context
         # A warm process may serve many jobs; keep only a few memory maps open.
         while len(self._jobs) > 4:
