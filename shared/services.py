@@ -118,10 +118,10 @@ class Services:
         ``data_version`` is the job item's ``preparation_attempt``. A context cached under
         another one is read again, with none of its shards: a resume that prepared the
         shards again replaced their files, and a cached memory map would still show the
-        old, damaged file. So is a context whose ``spec.json`` or ``data/manifest.json`` is
-        no longer the file it was read from (one ``stat`` call each), as when the job's folder
-        was deleted and a spec was sent again under the same id: the cached shards and
-        manifest would be the deleted job's.
+        old, damaged file. A context is read again, too, when its ``spec.json`` or
+        ``data/manifest.json`` is no longer the file it was read from (one ``stat`` call
+        each). That happens when the job's folder was deleted and a spec was sent again
+        under the same id, and then the cached shards and manifest are the deleted job's.
         """
         identities = (file_identity(self.store.spec_path(job_id), include_ctime=True),
                       file_identity(self.store.data_dir(job_id) / "manifest.json", include_ctime=True))
