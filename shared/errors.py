@@ -82,7 +82,7 @@ class RepairableDataError(DataError):
 
 
 class DamagedShardError(RepairableDataError):
-    """A prepared shard file is missing, damaged or replaced since the job's preparation.
+    """A prepared shard file, or the training statistics file, is missing, damaged or replaced since the preparation.
 
     ``baton resume`` prepares the job's shards again from its data source, if that source
     is unchanged, and goes on from the job's current round.

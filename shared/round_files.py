@@ -19,6 +19,7 @@ from shared.optim import Optimizer, state_arrays, state_from_arrays
 from shared.services import Services, read_manifest
 from shared.spec import parse_job_spec
 from shared.training import build_model, build_optimizer
+from shared.shards import STATISTICS, check_statistics_file, statistics_path
 from shared.target_scaling import params_in_target_units
 
 
@@ -182,15 +183,25 @@ def write_final_model(services: Services, job_id: str, model, params: np.ndarray
         The last round's metrics, stored as ``final_metrics``.
     stop_reason : str
         The stopping rule that ended the job, such as ``max_epochs``.
+
+    Raises
+    ------
+    DamagedShardError
+        If the manifest records standardised data and ``data/standardize.npz`` is missing
+        or not the file the preparation wrote.
     """
     store = services.store
     context = services.job_context(job_id)
     model_dir = store.model_dir(job_id)
-    store.write_npy(model_dir / "params.npy", params_in_target_units(model, context.manifest, params))
-    statistics_path = store.data_dir(job_id) / "standardize.npz"
-    standardized = statistics_path.exists()
+    # The manifest, not the file's presence, decides whether the model needs the statistics:
+    # a statistics file deleted or replaced since the preparation fails the job before
+    # anything is written, and `baton resume` prepares it again.
+    standardized = bool(context.manifest["standardized"])
     if standardized:
-        store.write_arrays(model_dir / "standardize.npz", store.read_arrays(statistics_path))
+        check_statistics_file(store, job_id, context.manifest)
+    store.write_npy(model_dir / "params.npy", params_in_target_units(model, context.manifest, params))
+    if standardized:
+        store.write_arrays(model_dir / STATISTICS, store.read_arrays(statistics_path(store, job_id)))
     store.write_json(model_dir / "model.json", {
         "job_id": job_id,
         "model": context.spec.to_dict()["model"],

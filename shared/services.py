@@ -20,6 +20,7 @@ from shared.efs import EfsStore, check_efs_writable, not_an_object_problem, read
 from shared.errors import DamagedShardError
 from shared.queues import QueueClient
 from shared.shards import Shard
+from shared.source_files import file_identity
 from shared.spec import JobSpec, parse_job_spec
 from shared.state import StateStore
 from shared.training import manifest_problem
@@ -37,12 +38,48 @@ class JobContext:
     validation_loaded: bool = False
     # The job's preparation_attempt when the context was read; None when the caller gave none.
     data_version: int | None = None
+    # The identities of spec.json and data/manifest.json before they were read (shared.source_files.file_identity).
+    file_identities: tuple = ()
+
+    def load_shard(self, store: EfsStore, job_id: str, worker: int) -> Shard:
+        """Return worker ``worker``'s shard, mapping it on first use and checking its files on every call.
+
+        The training statistics are checked too. A failed check drops the mapping, so the
+        process maps the files again once ``baton resume`` has prepared them again.
+
+        Raises
+        ------
+        DamagedShardError
+            If a shard file or the statistics file is missing or not the one the
+            preparation wrote (:func:`shared.shards.check_shard_unchanged`).
+        """
+        if worker in self.shards:
+            try:
+                shards.check_shard_unchanged(store, job_id, self.manifest, worker)
+            except DamagedShardError:
+                del self.shards[worker]
+                raise
+        else:
+            self.shards[worker] = shards.load_shard(store, job_id, self.manifest, worker)
+        shards.check_statistics_file(store, job_id, self.manifest)
+        return self.shards[worker]
 
     def load_validation(self, store: EfsStore, job_id: str) -> Shard | None:
-        """Return the job's validation rows (None without any), opening them on first use."""
+        """Return the job's validation rows (None without any), opening them on first use.
+
+        Every later call checks the mapped files and the training statistics, as
+        :meth:`load_shard` does, and drops the mapping when a check fails.
+        """
         if not self.validation_loaded:
             self.validation = shards.load_validation(store, job_id, self.manifest)
             self.validation_loaded = True
+        elif self.validation is not None:
+            try:
+                shards.check_shard_unchanged(store, job_id, self.manifest, shards.VALIDATION)
+            except DamagedShardError:
+                self.validation, self.validation_loaded = None, False
+                raise
+        shards.check_statistics_file(store, job_id, self.manifest)
         return self.validation
 
 
@@ -81,17 +118,23 @@ class Services:
         ``data_version`` is the job item's ``preparation_attempt``. A context cached under
         another one is read again, with none of its shards: a resume that prepared the
         shards again replaced their files, and a cached memory map would still show the
-        old, damaged file.
+        old, damaged file. A context is read again, too, when its ``spec.json`` or
+        ``data/manifest.json`` is no longer the file it was read from (one ``stat`` call
+        each). That happens when the job's folder was deleted and a spec was sent again
+        under the same id, and then the cached shards and manifest are the deleted job's.
         """
+        identities = (file_identity(self.store.spec_path(job_id), include_ctime=True),
+                      file_identity(self.store.data_dir(job_id) / "manifest.json", include_ctime=True))
         if job_id in self._jobs:
             cached = self._jobs[job_id]
-            if data_version is None or cached.data_version == data_version:
+            if (data_version is None or cached.data_version == data_version) and cached.file_identities == identities:
                 self._jobs.move_to_end(job_id)
                 return cached
             del self._jobs[job_id]
         spec = parse_job_spec(read_job_json(self.store, self.store.spec_path(job_id)))
         manifest = read_manifest(self.store, job_id)
-        context = JobContext(spec=spec, manifest=manifest, shards={}, data_version=data_version)
+        context = JobContext(spec=spec, manifest=manifest, shards={}, data_version=data_version,
+                             file_identities=identities)
         self._jobs[job_id] = context
         # A warm process may serve many jobs; keep only a few memory maps open.
         while len(self._jobs) > 4:

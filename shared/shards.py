@@ -4,10 +4,13 @@ Each shard folder contains ``y.npy`` and either ``X.npy`` (dense data) or the th
 arrays ``X-data.npy``, ``X-indices.npy`` and ``X-indptr.npy`` (sparse data). Features
 are stored as float32 to halve what a worker reads from EFS, and models accumulate in
 float64. :mod:`shared.preparation` writes the shards and records each file's size,
-modification time and inode number in the data manifest (``shard_files``). Loading a
-shard checks its files against that record, and their shapes, labels and row pointers
-against the manifest, so that a file changed after the preparation fails the job with the
-file's name. ``baton resume`` then prepares the shards again (:mod:`shared.repair`).
+modification time, inode change time and inode number in the data manifest
+(``shard_files``), and those of the training statistics (``standardize.npz``) when the
+data is standardised. Loading a shard checks its files against that record, and their
+shapes, labels and row pointers against the manifest. A warm worker or aggregator checks
+the record again on every task, before it reads the rows it has mapped. So a file changed
+after the preparation fails the job with the file's name before a round trains on it, and
+``baton resume`` then prepares the shards again (:mod:`shared.repair`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from shared.sampling import take_rows
 from shared.source_files import describe_identity_change, file_identity
 
 VALIDATION = "validation"
+# The training rows' mean and scale of each feature, in the data folder, when the data is standardised.
+STATISTICS = "standardize.npz"
 
 
 # The unsigned integer type of each size of column index.
@@ -94,6 +99,11 @@ def _shard_file_names(manifest: dict) -> list[str]:
     return ["y.npy", *matrix]
 
 
+def statistics_path(store: EfsStore, job_id: str) -> Path:
+    """Return the path of the job's training statistics, which exist when its manifest records ``standardized``."""
+    return store.data_dir(job_id) / STATISTICS
+
+
 def _shard_destinations(manifest: dict) -> list[int | str]:
     """Return the destinations that have shard folders: every worker, then the validation rows if any."""
     return [*range(len(manifest["shard_rows"])), *([VALIDATION] if manifest["validation_rows"] else [])]
@@ -106,9 +116,15 @@ def _repair_fix(job_id: str | None) -> str:
             "and the job goes on from its last completed round")
 
 
+def _file_kind(efs_name: str) -> str:
+    """Return how messages name a prepared file: the statistics file or a shard file."""
+    return "statistics file" if efs_name.endswith(f"data/{STATISTICS}") else "shard file"
+
+
 def _missing_shard_error(store: EfsStore, path: Path, job_id: str | None) -> DamagedShardError:
-    return DamagedShardError(f"prepared shard file '{relative_efs_path(store, path)}' is missing: the job's prepared "
-                             f"data on EFS was deleted or moved after its preparation; {_repair_fix(job_id)}")
+    efs_name = str(relative_efs_path(store, path))
+    return DamagedShardError(f"prepared {_file_kind(efs_name)} '{efs_name}' is missing: the job's prepared data on EFS "
+                             f"was deleted or moved after its preparation; {_repair_fix(job_id)}")
 
 
 def _damaged_shard_error(store: EfsStore, path: Path, problem: str, job_id: str | None) -> DamagedShardError:
@@ -116,8 +132,8 @@ def _damaged_shard_error(store: EfsStore, path: Path, problem: str, job_id: str 
 
 
 def _changed_shard_error(efs_name: str, problem: str, job_id: str | None) -> DamagedShardError:
-    return DamagedShardError(f"prepared shard file '{efs_name}' {problem}: Baton writes each shard file whole, so it "
-                             f"was changed after the job's preparation; {_repair_fix(job_id)}")
+    return DamagedShardError(f"prepared {_file_kind(efs_name)} '{efs_name}' {problem}: Baton writes each prepared "
+                             f"file whole, so it was changed after the job's preparation; {_repair_fix(job_id)}")
 
 
 def shard_file_key(folder: Path, name: str) -> str:
@@ -128,17 +144,21 @@ def shard_file_key(folder: Path, name: str) -> str:
 def record_shard_files(store: EfsStore, job_id: str, manifest: dict) -> dict[str, dict]:
     """Return the identity of every shard file of a prepared job, for the manifest's ``shard_files``.
 
-    One ``stat`` call per file: its size, modification time in nanoseconds and inode
-    number, which :func:`load_shard` compares with the file it finds.
+    One ``stat`` call per file: its size, modification time and inode change time in
+    nanoseconds, and its inode number, which :func:`load_shard` and
+    :func:`check_shard_unchanged` compare with the file they find. The training statistics
+    (``data/standardize.npz``) are recorded too when the manifest records ``standardized``.
     """
+    paths = [shard_folder(store, job_id, destination) / name
+             for destination in _shard_destinations(manifest) for name in _shard_file_names(manifest)]
+    if manifest.get("standardized"):
+        paths.append(statistics_path(store, job_id))
     identities = {}
-    for destination in _shard_destinations(manifest):
-        folder = shard_folder(store, job_id, destination)
-        for name in _shard_file_names(manifest):
-            identity = file_identity(folder / name)
-            if identity is None:
-                raise _missing_shard_error(store, folder / name, job_id)
-            identities[shard_file_key(folder, name)] = identity
+    for path in paths:
+        identity = file_identity(path, include_ctime=True)
+        if identity is None:
+            raise _missing_shard_error(store, path, job_id)
+        identities[shard_file_key(path.parent, path.name)] = identity
     return identities
 
 
@@ -151,7 +171,7 @@ def _check_identity(store: EfsStore, path: Path, manifest: dict, job_id: str | N
     recorded = (manifest.get("shard_files") or {}).get(shard_file_key(path.parent, path.name))
     if recorded is None:
         return
-    current = file_identity(path)
+    current = file_identity(path, include_ctime=True)
     if current is None:
         raise _missing_shard_error(store, path, job_id)
     change = describe_identity_change(recorded, current)
@@ -160,10 +180,12 @@ def _check_identity(store: EfsStore, path: Path, manifest: dict, job_id: str | N
 
 
 def check_shards_intact(store: EfsStore, job_id: str, manifest: dict) -> None:
-    """Raise :class:`DamagedShardError` naming the first prepared shard file that is missing or replaced.
+    """Raise :class:`DamagedShardError` naming the first prepared file that is missing or replaced.
 
-    A file is replaced when its size, modification time or inode number differs from the
-    manifest's record of it. The check costs one ``stat`` call per file and reads no data.
+    The prepared files are the shard files and, when the manifest records
+    ``standardized``, the training statistics. A file is replaced when its size,
+    modification time, inode change time or inode number differs from the manifest's
+    record of it. The check costs one ``stat`` call per file and reads no data.
     """
     for destination in _shard_destinations(manifest):
         folder = shard_folder(store, job_id, destination)
@@ -171,6 +193,34 @@ def check_shards_intact(store: EfsStore, job_id: str, manifest: dict) -> None:
             if not (folder / name).is_file():
                 raise _missing_shard_error(store, folder / name, job_id)
             _check_identity(store, folder / name, manifest, job_id)
+    check_statistics_file(store, job_id, manifest)
+
+
+def check_statistics_file(store: EfsStore, job_id: str, manifest: dict) -> None:
+    """Raise :class:`DamagedShardError` if the job's training statistics are missing or replaced.
+
+    Nothing is checked when the manifest does not record ``standardized``. A manifest
+    written before the statistics' identity was recorded is checked for the file only.
+    """
+    if not manifest.get("standardized"):
+        return
+    path = statistics_path(store, job_id)
+    if not path.is_file():
+        raise _missing_shard_error(store, path, job_id)
+    _check_identity(store, path, manifest, job_id)
+
+
+def check_shard_unchanged(store: EfsStore, job_id: str, manifest: dict, destination: int | str) -> None:
+    """Raise :class:`DamagedShardError` if a file of a mapped shard is no longer the one the preparation wrote.
+
+    A warm process calls this on every task for a shard it mapped in an earlier one. A
+    read-only memory map shares the page cache, so it shows a write to the file in place
+    (``numpy.save`` over it, or a write through another memory map). Such a write changes
+    the file's modification and inode change times, which one ``stat`` call per file reads.
+    """
+    # NOTE: a write that lands after this check, while the task reads its rows, is found
+    # only by the next task, after this one has used the changed rows.
+    _check_identities(store, shard_folder(store, job_id, destination), manifest, job_id)
 
 
 # Values read at a time by :func:`_value_range`: 8 MiB of int64, so the check adds little to a
@@ -290,13 +340,16 @@ def _read_matrix(store: EfsStore, folder: Path, manifest: dict, rows: int, job_i
 def _check_identities(store: EfsStore, folder: Path, manifest: dict, job_id: str | None) -> None:
     """Raise :class:`DamagedShardError` if a file in ``folder`` is not the one the preparation wrote.
 
-    One ``stat`` call per file, after the files are mapped. A file replaced before its
-    mapping is found here. One that a rename replaces afterwards is not read, because the
-    mapping keeps the file it opened.
+    One ``stat`` call per file. A file replaced before its mapping is found here. One that
+    a rename replaces afterwards is not read, because the mapping keeps the file it opened.
+    A write in place after the mapping is found by :func:`check_shard_unchanged` on the
+    next task. A write with the old modification time put back (``touch -d``) still
+    changes the inode change time, which the identity records.
     """
-    # NOTE: a file rewritten in place at the same size with its old modification time put
-    # back keeps its identity and is read as it is: hashing it would read the whole shard
-    # on each cold start. The column indices are still checked as a batch reads them.
+    # NOTE: a manifest written before ctime_ns was recorded has no inode change time, so a
+    # file rewritten in place at the same size with its old modification time put back
+    # keeps its identity. Hashing the files instead would read the whole shard on each cold
+    # start. The column indices are still checked as a batch reads them.
     for name in _shard_file_names(manifest):
         _check_identity(store, folder / name, manifest, job_id)
 

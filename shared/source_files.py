@@ -25,13 +25,22 @@ FIELDS = {"train": "data.path", "validation": "data.validation_path"}
 FIX = "re-submit the spec under a new job_id, or for a local job run `baton run --fresh`"
 
 
-def file_identity(path: Path) -> dict | None:
-    """Return the size, ``mtime_ns`` and inode of ``path``, or None if it does not exist."""
+def file_identity(path: Path, include_ctime: bool = False) -> dict | None:
+    """Return the size, ``mtime_ns`` and inode of ``path``, or None if it does not exist.
+
+    ``include_ctime`` adds the inode change time (``ctime_ns``). No system call sets it to
+    a chosen time, so it changes with every write, also when ``touch`` or ``os.utime``
+    then restores the modification time. A ``chmod`` or a new hard link changes it too, so
+    only files that Baton alone writes (the prepared shards and statistics) record it.
+    """
     try:
         status = os.stat(path)
     except FileNotFoundError:
         return None
-    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "inode": status.st_ino}
+    identity = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "inode": status.st_ino}
+    if include_ctime:
+        identity["ctime_ns"] = status.st_ctime_ns
+    return identity
 
 
 def source_record(role: str, source: str, path: Path, etag: str | None = None) -> dict:
@@ -61,10 +70,11 @@ def describe_file_change(record: dict) -> str | None:
 def describe_identity_change(recorded: dict, current: dict | None) -> str | None:
     """Return how ``current``, a file's identity now (None: the file is missing), differs from ``recorded``, or None.
 
-    Both are identities as :func:`file_identity` returns them.
+    Both are identities as :func:`file_identity` returns them. The change times are
+    compared only when ``recorded`` has one, so records written without it still pass.
     """
-    # NOTE: a file rewritten in place at the same size, with its old modification time put
-    # back (cp -p onto it, touch -r), keeps its identity and passes this check.
+    # NOTE: without a recorded ctime_ns, a file rewritten in place at the same size, with
+    # its old modification time put back (cp -p onto it, touch -r), passes this check.
     if current is None:
         return "it is missing now"
     if current["inode"] != recorded["inode"]:
@@ -73,6 +83,9 @@ def describe_identity_change(recorded: dict, current: dict | None) -> str | None
         return f"its size changed from {recorded['size']:,} to {current['size']:,} bytes"
     if current["mtime_ns"] != recorded["mtime_ns"]:
         return "it was modified (its modification time changed)"
+    if "ctime_ns" in recorded and current.get("ctime_ns") != recorded["ctime_ns"]:
+        return ("it was modified or its mode changed (its inode change time changed, although its modification "
+                "time is the recorded one)")
     return None
 
 

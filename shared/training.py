@@ -85,12 +85,20 @@ def _is_finite_number(value) -> bool:
 
 
 def _is_file_identity_map(value) -> bool:
-    """Return whether ``value`` maps names to file identities (integer ``size``, ``mtime_ns`` and ``inode``)."""
+    """Return whether ``value`` maps names to file identities.
+
+    An identity has an integer ``size``, ``mtime_ns`` and ``inode``, and may have an
+    integer ``ctime_ns``, which manifests of earlier releases lack.
+    """
     return isinstance(value, dict) and all(
         isinstance(name, str) and isinstance(identity, dict)
-        and all(isinstance(identity.get(field), int) and not isinstance(identity.get(field), bool)
-                for field in ("size", "mtime_ns", "inode"))
+        and all(_is_integer(identity.get(field)) for field in ("size", "mtime_ns", "inode"))
+        and ("ctime_ns" not in identity or _is_integer(identity["ctime_ns"]))
         for name, identity in value.items())
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # Manifest fields that may be missing, because manifests written by earlier releases lack them.
@@ -98,7 +106,8 @@ OPTIONAL_MANIFEST_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "target_mean": ("null or a finite number", lambda value: value is None or _is_finite_number(value)),
     "target_scale": ("null or a finite number above 0",
                      lambda value: value is None or (_is_finite_number(value) and value > 0)),
-    "shard_files": ("null or an object that maps each shard file to its integer size, mtime_ns and inode",
+    "shard_files": ("null or an object that maps each prepared file to its integer size, mtime_ns, inode and optional "
+                    "ctime_ns",
                     lambda value: value is None or _is_file_identity_map(value)),
 }
 

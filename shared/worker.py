@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from shared import cost
-from shared import faults, shards
+from shared import faults
 from shared.continuation import ChainLink, InvocationBudget
 from shared.errors import InvalidMessageError, StaleMessageError
 from shared.queues import QueueClient, TaskMessage
@@ -94,9 +94,9 @@ def run_task(services: Services, task: TaskMessage, message_id: str = "",
         logger.info("task already recorded", extra={**ids, "workers_done": len(done)})
         return None
 
-    if worker not in context.shards:
-        context.shards[worker] = shards.load_shard(store, job_id, manifest, worker)
-    shard = context.shards[worker]
+    # Checked on every task, also when this warm process mapped the shard earlier, so that
+    # no round trains on a file changed since the preparation.
+    shard = context.load_shard(store, job_id, worker)
     model = build_model(spec, manifest)
     params, _ = read_round_state(store, job_id, round_index, state_shapes(model.n_params, build_optimizer(spec)))
     mode = get_training_mode(spec, model)

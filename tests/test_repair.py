@@ -10,6 +10,7 @@ no intact round state, makes the repair refuse with the reason, and nothing is l
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,9 +24,10 @@ from shared.efs import EfsStore
 from shared.errors import DamagedShardError
 from shared.preparation import PARTIAL_SUFFIX, PreparationFiles, data_identity, prepare_data
 from shared.repair import RepairMessage
+from shared.round_files import write_final_model
 from shared.spec import parse_job_spec
 from shared.state import CANCELLED, FAILED, PREPARING, RUNNING, SUCCEEDED
-from shared.training import build_model_for_preparation
+from shared.training import build_model, build_model_for_preparation, manifest_problem
 from tests.baton_jobs import breast_cancer_spec, cold_start, final_params, run_job, run_to_round, use_services
 
 N_ROUNDS = 8
@@ -56,6 +58,27 @@ def flip_labels_keeping_size_and_time(path: Path) -> None:
     assert replacement.stat().st_size == status.st_size
     os.utime(replacement, ns=(status.st_atime_ns, status.st_mtime_ns))
     os.replace(replacement, path)
+
+
+def rewrite_rows_reversed(path: Path) -> None:
+    """Rewrite a shard file's rows in reverse order through ``numpy.save``: same inode and size, new mtime."""
+    np.save(path, np.load(path)[::-1].copy())
+
+
+def rewrite_through_memory_map(path: Path) -> None:
+    """Reverse a shard file's rows through a read-write memory map of it, as a tool editing it in place would."""
+    array = np.load(path, mmap_mode="r+")
+    array[:] = array[::-1].copy()
+    array.flush()
+    del array
+
+
+def rewrite_keeping_mtime(path: Path) -> None:
+    """Rewrite a shard file's rows in place, then put its old modification time back, as ``touch -d`` does."""
+    status = path.stat()
+    rewrite_rows_reversed(path)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert path.stat().st_mtime_ns == status.st_mtime_ns
 
 
 def fail_at_round(stack, efs_root: Path, job_id: str, round_index: int, damage, spec: dict | None = None) -> None:
@@ -159,6 +182,84 @@ def test_warm_worker_reloads_rebuilt_shards(inprocess_stack, efs_root, reference
     assert_same_result(inprocess_stack, efs_root, "warm", reference)
 
 
+@pytest.mark.parametrize("target, rewrite, change", [
+    ("shard-1/X.npy", rewrite_rows_reversed, "it was modified (its modification time changed)"),
+    ("shard-1/X.npy", rewrite_through_memory_map, "it was modified (its modification time changed)"),
+    ("shard-1/X.npy", rewrite_keeping_mtime, "it was modified or its mode changed (its inode change time changed"),
+    ("validation/y.npy", flip_labels_in_place, "it was modified (its modification time changed)"),
+], ids=["numpy-save", "memory-map", "mtime-restored", "validation"])
+def test_warm_rewrite_detected_before_training(inprocess_stack, efs_root, reference, target, rewrite, change):
+    # The warm services keep every shard mapped, and a read-only memory map shows a write
+    # in place. Each task checks the files again, so no round trains on the new bytes.
+    inprocess_stack.submit(spec_for("warm-rewrite"))
+    run_to_round(inprocess_stack, "warm-rewrite", 3)
+    context = inprocess_stack.services.job_context("warm-rewrite")
+    assert 1 in context.shards
+    assert context.validation is not None
+    rewrite(efs_root / "jobs" / "warm-rewrite" / "data" / target)
+    inprocess_stack.run()
+
+    failed = inprocess_stack.services.state.get_job("warm-rewrite")
+    assert failed.status == FAILED, failed.error
+    assert failed.round == 3
+    assert (f"prepared shard file 'jobs/warm-rewrite/data/{target}' is not the file the preparation wrote: {change}"
+            in failed.error)
+    assert failed.repair == "shards"
+    if target.startswith("shard-1"):
+        assert 1 not in context.shards, "the stale mapping is dropped"
+    else:
+        assert not context.validation_loaded, "the stale mapping is dropped"
+
+    resume(inprocess_stack, "warm-rewrite")
+    inprocess_stack.run()
+
+    assert_same_result(inprocess_stack, efs_root, "warm-rewrite", reference)
+
+
+def delete_statistics(job_dir: Path) -> None:
+    (job_dir / "data" / "standardize.npz").unlink()
+
+
+def double_statistics_scale(job_dir: Path) -> None:
+    path = job_dir / "data" / "standardize.npz"
+    arrays = dict(np.load(path))
+    np.savez(path, **{**arrays, "scale": arrays["scale"] * 2})
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (delete_statistics, "is missing"),
+    (double_statistics_scale, "is not the file the preparation wrote"),
+], ids=["deleted", "replaced"])
+def test_statistics_file_rebuilt_on_resume(inprocess_stack, efs_root, reference, damage, problem):
+    fail_at_round(inprocess_stack, efs_root, "statistics", 3, damage)
+    failed = inprocess_stack.services.state.get_job("statistics")
+    assert f"prepared statistics file 'jobs/statistics/data/standardize.npz' {problem}" in failed.error
+    assert failed.repair == "shards"
+
+    resume(inprocess_stack, "statistics")
+    inprocess_stack.run()
+
+    assert_same_result(inprocess_stack, efs_root, "statistics", reference)
+    model_dir = efs_root / "jobs" / "statistics" / "model"
+    assert json.loads((model_dir / "model.json").read_text())["standardized"] is True
+    assert (model_dir / "standardize.npz").read_bytes() == \
+        (efs_root / "jobs" / "fault-free" / "model" / "standardize.npz").read_bytes()
+
+
+def test_final_model_requires_recorded_statistics(inprocess_stack, efs_root):
+    assert run_job(inprocess_stack, spec_for("final")).status == SUCCEEDED
+    services = inprocess_stack.services
+    context = services.job_context("final")
+    model = build_model(context.spec, context.manifest)
+    (efs_root / "jobs" / "final" / "data" / "standardize.npz").unlink()
+    (efs_root / "jobs" / "final" / "model" / "params.npy").unlink()
+
+    with pytest.raises(DamagedShardError, match=r"prepared statistics file 'jobs/final/data/standardize.npz' is "
+                                                r"missing.*run `baton resume final`"):
+        write_final_model(services, "final", model, np.zeros(model.n_params), N_ROUNDS, {}, "max_rounds")
+    assert not (efs_root / "jobs" / "final" / "model" / "params.npy").exists(), "nothing is written"
+
+
 def test_changed_source_refuses_rebuild(inprocess_stack, efs_root):
     fail_at_round(inprocess_stack, efs_root, "source-changed", 3, delete_shard)
     source = efs_root / "datasets" / "breast_cancer.csv"
@@ -245,6 +346,28 @@ def test_manifest_without_identities_loads(tmp_path):
     with pytest.raises(DamagedShardError, match=r"prepared shard file 'jobs/old/data/shard-0/y.npy' is not the file "
                                                 r"the preparation wrote: it was modified"):
         shards.load_shard(store, "old", recorded, 0)
+
+
+def test_identities_without_ctime_load(tmp_path):
+    store = EfsStore(tmp_path)
+    folder = tmp_path / "jobs" / "old" / "data" / "shard-0"
+    folder.mkdir(parents=True)
+    np.save(folder / "y.npy", np.array([0, 1, 0]))
+    np.save(folder / "X.npy", np.ones((3, 2), dtype=np.float32))
+    manifest = {"sparse": False, "n_features": 2, "classes": [0, 1], "class_counts": [2, 1], "shard_rows": [3],
+                "validation_rows": 0, "standardized": False}
+    identities = shards.record_shard_files(store, "old", manifest)
+    assert all("ctime_ns" in identity for identity in identities.values())
+    without_ctime = {key: {field: value for field, value in identity.items() if field != "ctime_ns"}
+                     for key, identity in identities.items()}
+    rewrite_keeping_mtime(folder / "y.npy")
+
+    # A manifest of an earlier release, without ctime_ns, is valid and loads as it did.
+    assert manifest_problem({**manifest, "shard_files": without_ctime}) is None
+    assert shards.load_shard(store, "old", {**manifest, "shard_files": without_ctime}, 0).y.tolist() == [0, 1, 0]
+    with pytest.raises(DamagedShardError, match=r"'jobs/old/data/shard-0/y.npy' is not the file the preparation "
+                                                r"wrote: it was modified or its mode changed"):
+        shards.load_shard(store, "old", {**manifest, "shard_files": identities}, 0)
 
 
 def test_identities_left_out_of_data_identity(inprocess_stack, efs_root):
