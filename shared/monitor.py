@@ -377,26 +377,26 @@ def progress_bar_format(job_id: str, record: JobRecord, rounds: list[dict[str, A
     """
     width = _line_width(columns)
     fields = progress_bar_fields(record, rounds)
-    kept = {"job_id", "bar", *fields}
+    shown_parts = {"job_id", "bar", *fields}
     for dropped in (None, *BAR_DROP_ORDER):
-        kept.discard(dropped)
-        text = _fields_template(fields, kept)
-        if "bar" not in kept:
+        shown_parts.discard(dropped)
+        text = _fields_template(fields, shown_parts)
+        if "bar" not in shown_parts:
             if len(text) <= width:
                 break
             continue
-        description = job_id if "job_id" in kept else ""
+        description = job_id if "job_id" in shown_parts else ""
         # The bar's two ends and the space after it, and ": " after a description.
         cells = width - len(text) - len("|| ") - (len(description) + 2 if description else 0)
         if cells >= MIN_BAR_CELLS:
             return description, BAR_PREFIX_FORMAT + text
     # Only the fields that always stay are left, which tqdm cuts at the width if need be.
-    return "", _fields_template(fields, kept)
+    return "", _fields_template(fields, shown_parts)
 
 
-def _fields_template(fields: dict[str, str], kept: set[str]) -> str:
-    """Return the ``kept`` fields as a str.format template of the live bar, one space between each."""
-    text = " ".join(text for name, text in fields.items() if name in kept)
+def _fields_template(fields: dict[str, str], shown_parts: set[str]) -> str:
+    """Return the ``shown_parts`` fields as a str.format template of the live bar, one space between each."""
+    text = " ".join(text for name, text in fields.items() if name in shown_parts)
     return text.replace("{", "{{").replace("}", "}}")
 
 

@@ -27,7 +27,7 @@ MISSING = "is missing"
 
 
 def state_shapes(n_params: int, optimizer: Optimizer) -> dict[str, tuple[int, ...]]:
-    """Return the shape of each array that a round state file of the job holds, by its name in the file.
+    """Return the shape of each array that a round state file of the job contains, by its name in the file.
 
     These are the parameters and the optimizer's slots, as the starter writes them for
     round 0 and every aggregation for the next round.
